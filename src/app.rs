@@ -1,0 +1,337 @@
+//! Start-up and shutdown: builds every component from a validated [`Config`], binds the
+//! listener, and spawns every long-lived task in one place, each stopped by one cancellation
+//! token and awaited on shutdown. Knows nothing about requests.
+//!
+//! # Start-up
+//! The socket is bound first so `/healthz` answers at once. Postgres may not be reachable yet
+//! (a sidecar often starts before its database is): the schema task retries the migration
+//! and the catalog load with backoff, `/readyz` says why it is not ready, and document
+//! requests get 503 with `Retry-After` until it is.
+//!
+//! # Shutdown
+//! Stop accepting; let in-flight requests finish within `server.shutdown_grace`; wait for
+//! spawned writes (their commit is acknowledged only once caches are updated); stop the
+//! background tasks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::db::{pg_config, Db};
+use crate::http::ApiError;
+use crate::l1::L1;
+use crate::l2::L2;
+use crate::redact::{redact_url, Secrets};
+use crate::resource::Catalog;
+use crate::schema::{load_catalog, migrate, SchemaError};
+use crate::telemetry::{metrics_handle, L1_BYTES, L1_ENTRIES};
+use crate::tiers::{jitter, Tiers};
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub instance: String,
+    pub tiers: Tiers,
+    pub metrics: PrometheusHandle,
+    pub secrets: Secrets,
+    /// Writes run as tracked tasks, so shutdown can wait for them.
+    pub writes: TaskTracker,
+    /// Set once the schema task has migrated and loaded the resources.
+    catalog: OnceLock<Arc<Catalog>>,
+    /// Why the catalog is not loaded yet, for `/readyz` and 503s.
+    not_ready: Mutex<String>,
+}
+
+/// A running instance.
+pub struct App {
+    state: Arc<AppState>,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Why the instance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up {what}: {message}")]
+    Setup { what: &'static str, message: String },
+}
+
+/// Why a migration run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("cannot connect to postgres")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+}
+
+impl AppState {
+    /// The resources, once the schema is ready.
+    ///
+    /// # Errors
+    /// [`ApiError::Starting`] with the reason it is not.
+    pub fn catalog(&self) -> Result<Arc<Catalog>, ApiError> {
+        match self.catalog.get() {
+            Some(c) => Ok(c.clone()),
+            None => Err(ApiError::Starting(
+                self.not_ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )),
+        }
+    }
+}
+
+impl App {
+    /// Builds the components, binds the listener and spawns the tasks.
+    ///
+    /// # Errors
+    /// The listen address cannot be bound.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let config = Arc::new(config);
+        let secrets = Secrets::new(&config.postgres.url, &config.redis.url);
+        let setup = |what| {
+            move |e: &dyn std::fmt::Display| StartError::Setup {
+                what,
+                message: e.to_string(),
+            }
+        };
+        let db = Db::new(&config.postgres).map_err(|e| setup("postgres")(&e))?;
+        let l2 = L2::new(&config.redis).map_err(|e| setup("redis")(&e))?;
+        let l1 = config.cache.l1.then(|| L1::new(config.cache.l1_max_bytes));
+        let tiers = Tiers::new(l1, l2.clone(), db, config.redis.repair_queue_max);
+
+        let addr = &config.server.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        if !local.ip().is_loopback() {
+            tracing::warn!(addr = %local, "listening on a non-loopback address: anyone who can reach it can read and write documents");
+        }
+
+        let state = Arc::new(AppState {
+            instance: config.instance_name(),
+            config: config.clone(),
+            tiers: tiers.clone(),
+            metrics: metrics_handle(),
+            secrets,
+            writes: TaskTracker::new(),
+            catalog: OnceLock::new(),
+            not_ready: Mutex::new("connecting to postgres".into()),
+        });
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(crate::http::serve(
+            listener,
+            state.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(schema_task(state.clone(), shutdown.clone()));
+        tasks.spawn(tiers.repairs().clone().run(l2, shutdown.clone()));
+        tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
+        tasks.close();
+
+        tracing::info!(
+            addr = %local,
+            instance = %state.instance,
+            postgres = %redact_url(&config.postgres.url),
+            redis = %redact_url(&config.redis.url),
+            "syncar listening"
+        );
+        Ok(App {
+            state,
+            addr: local,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Waits until the schema is loaded and documents can be served.
+    ///
+    /// # Errors
+    /// The last reason it was not ready, once `timeout` passed.
+    pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match self.state.catalog() {
+                Ok(_) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.to_string()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Stops gracefully: see the module docs.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+        self.state.writes.close();
+        self.state.writes.wait().await;
+        tracing::info!("syncar stopped");
+    }
+
+    /// Runs until SIGTERM or Ctrl-C, then shuts down.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}
+
+/// Runs the migration once, on a connection of its own.
+///
+/// # Errors
+/// Postgres unreachable, or the schema cannot serve the configuration.
+pub async fn run_migration(config: &Config) -> Result<Vec<String>, MigrateError> {
+    with_connection(config, |mut client| async move {
+        migrate(&mut client, config)
+            .await
+            .map_err(MigrateError::from)
+    })
+    .await
+}
+
+async fn with_connection<T, F, Fut>(config: &Config, f: F) -> Result<T, MigrateError>
+where
+    F: FnOnce(tokio_postgres::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, MigrateError>>,
+{
+    let pg = pg_config(&config.postgres)
+        .map_err(|e| MigrateError::Schema(SchemaError::Invalid(format!("postgres.url: {e}"))))?;
+    let (client, connection) = pg.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    let driver = tokio::spawn(connection);
+    let result = f(client).await;
+    // The client was moved into `f` and dropped there, which ends the connection.
+    let _ = driver.await;
+    result
+}
+
+/// Migrates (unless disabled) and loads the catalog, retrying with backoff until it works.
+async fn schema_task(state: Arc<AppState>, shutdown: CancellationToken) {
+    let config = state.config.clone();
+    let mut backoff = Duration::from_millis(100);
+    let mut last_error = String::new();
+    loop {
+        let attempt = with_connection(&config, |mut client| {
+            let config = config.clone();
+            async move {
+                let changes = if config.postgres.migrate_on_start {
+                    migrate(&mut client, &config).await?
+                } else {
+                    Vec::new()
+                };
+                let catalog = load_catalog(&client, &config).await?;
+                Ok((changes, catalog))
+            }
+        });
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match result {
+            Ok((changes, catalog)) => {
+                for change in &changes {
+                    tracing::info!(change = %change, "migrated");
+                }
+                let _ = state.catalog.set(Arc::new(catalog));
+                tracing::info!("schema ready; serving documents");
+                return;
+            }
+            Err(e) => {
+                let message = state.secrets.scrub(&error_chain(&e));
+                if message != last_error {
+                    tracing::warn!(error = %message, "schema not ready; retrying");
+                    last_error = message.clone();
+                }
+                *state.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = message;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The exporter starts no task of its own: keep its histograms fresh and publish L1's size.
+async fn upkeep_task(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state.metrics.run_upkeep();
+        if let Some(l1) = state.tiers.l1() {
+            metrics::gauge!(L1_ENTRIES).set(l1.entry_count() as f64);
+            metrics::gauge!(L1_BYTES).set(l1.weighted_size() as f64);
+        }
+    }
+}
+
+/// `error: cause: cause`, for one-line logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,644 @@
+//! Configuration: the TOML file, environment overrides, defaults and validation. Everything is
+//! checked here, and every problem reported at once, before any socket is bound. Knows nothing
+//! about what the values are used for.
+//!
+//! `config/syncar.toml` documents every key with its default; keep the two in step.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variables that override keys of the file.
+pub const ENV_CONFIG: &str = "SYNCAR_CONFIG";
+pub const ENV_LISTEN: &str = "SYNCAR_LISTEN";
+pub const ENV_POSTGRES_URL: &str = "SYNCAR_POSTGRES_URL";
+pub const ENV_REDIS_URL: &str = "SYNCAR_REDIS_URL";
+pub const ENV_INSTANCE: &str = "SYNCAR_INSTANCE";
+pub const ENV_LOG_FORMAT: &str = "SYNCAR_LOG_FORMAT";
+pub const ENV_LOG_LEVEL: &str = "SYNCAR_LOG";
+
+/// The name of the built-in resource backed by `syncar_kv`.
+pub const KV_RESOURCE: &str = "kv";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This instance's name in logs and metrics (`SYNCAR_INSTANCE`). Defaults to the hostname.
+    pub instance: Option<String>,
+    pub server: ServerConfig,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub cache: CacheConfig,
+    pub log: LogConfig,
+    /// Tables served as resources, besides the built-in `kv`.
+    #[serde(rename = "resource")]
+    pub resources: Vec<ResourceConfig>,
+    /// Environment overrides that could not be applied, reported by `validate`.
+    #[serde(skip)]
+    env_problems: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address of the HTTP API (`SYNCAR_LISTEN`). Loopback by default: the app is a neighbour.
+    pub listen: String,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// Longest key accepted, in bytes after percent-decoding; longer ones get 414. Keys travel
+    /// in NOTIFY payloads, which Postgres limits to 8000 bytes.
+    pub max_key_bytes: usize,
+    /// How long a client may take to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Deadline for one request, from headers read to response; past it the client gets 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// How long shutdown waits for in-flight requests before closing connections anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL or key=value string (`SYNCAR_POSTGRES_URL`). Never logged with its password.
+    pub url: String,
+    /// Schema holding syncar's own objects: the version sequence, trigger functions, `syncar_kv`.
+    pub schema: String,
+    /// Connections in the pool.
+    pub pool_size: usize,
+    /// Timeout for opening a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait for a free pooled connection before answering 503.
+    #[serde(with = "humantime_serde")]
+    pub pool_timeout: Duration,
+    /// Server-side `statement_timeout` on every pooled connection.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// Run the migration at start (`syncar serve`). Off: the schema must already be installed.
+    pub migrate_on_start: bool,
+    /// `Retry-After` sent with a 503 when Postgres is unavailable.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Connection URL (`SYNCAR_REDIS_URL`). Never logged with its password.
+    pub url: String,
+    /// Prefix of every key syncar writes; one prefix per deployment sharing a Redis.
+    pub key_prefix: String,
+    /// Deadline for one Redis command; past it the command counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Timeout for opening a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// After a failure, how long reads skip Redis before trying it again.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Keys remembered for repair after Redis failed following a commit. Past it, the whole
+    /// key prefix is dropped from Redis once it answers again.
+    pub repair_queue_max: usize,
+}
+
+/// Cache settings for every resource; each `[[resource]]` may override the TTLs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Use the in-process cache (L1). Off: every read goes to Redis first.
+    pub l1: bool,
+    /// Upper bound of L1, in bytes of keys and documents.
+    pub l1_max_bytes: u64,
+    #[serde(flatten)]
+    pub ttl: TtlConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtlConfig {
+    /// Lifetime of a document in L1.
+    #[serde(with = "humantime_serde")]
+    pub l1_ttl: Duration,
+    /// Lifetime of a document in Redis.
+    #[serde(with = "humantime_serde")]
+    pub l2_ttl: Duration,
+    /// Lifetime of a cached "not found", in both tiers.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Lifetime of a tombstone (left by a delete or an invalidation). Must outlive any load,
+    /// so it is checked to exceed `postgres.statement_timeout` and `redis.timeout`.
+    #[serde(with = "humantime_serde")]
+    pub tombstone_ttl: Duration,
+    /// Random spread of every TTL, as a fraction (0.1: +-10%), so entries written together do
+    /// not expire together.
+    pub ttl_jitter: f64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    /// Name in the URL: `/v1/{name}/{key}`. Lowercase letters, digits, `_` and `-`.
+    pub name: String,
+    /// The table holding the documents.
+    pub table: String,
+    /// The table's schema.
+    #[serde(default = "default_schema")]
+    pub schema: String,
+    /// The key column: text, varchar, smallint, integer or bigint, with a unique index.
+    pub key: String,
+    /// The version column, added by the migration when absent.
+    #[serde(default = "default_version_column")]
+    pub version_column: String,
+    #[serde(default, with = "humantime_serde")]
+    pub l1_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub l2_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub negative_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub tombstone_ttl: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json` (`SYNCAR_LOG_FORMAT`).
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `syncar=debug,info` (`SYNCAR_LOG`).
+    pub level: String,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7070".into(),
+            max_body_bytes: 1024 * 1024,
+            max_key_bytes: 512,
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: "postgres://syncar@127.0.0.1:5432/syncar".into(),
+            schema: default_schema(),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(2),
+            pool_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(5),
+            migrate_on_start: true,
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "syncar:".into(),
+            timeout: Duration::from_millis(250),
+            connect_timeout: Duration::from_millis(500),
+            retry_interval: Duration::from_secs(1),
+            repair_queue_max: 100_000,
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            l1: true,
+            l1_max_bytes: 256 * 1024 * 1024,
+            ttl: TtlConfig::default(),
+        }
+    }
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        TtlConfig {
+            l1_ttl: Duration::from_secs(30),
+            l2_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(5),
+            tombstone_ttl: Duration::from_secs(30),
+            ttl_jitter: 0.1,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[allow(clippy::derivable_impls)] // spelled out so the defaults read in one place
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance: None,
+            server: ServerConfig::default(),
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
+            cache: CacheConfig::default(),
+            log: LogConfig::default(),
+            resources: Vec::new(),
+            env_problems: Vec::new(),
+        }
+    }
+}
+
+fn default_schema() -> String {
+    "public".into()
+}
+
+fn default_version_column() -> String {
+    "version".into()
+}
+
+impl Config {
+    /// Loads the file (if any), applies the environment, and validates the result.
+    ///
+    /// `path` wins over `SYNCAR_CONFIG`; with neither, the defaults are used.
+    ///
+    /// # Errors
+    /// Every problem found, at once.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env_path = std::env::var_os(ENV_CONFIG).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path);
+        let mut config = match &path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Config::parse(&text).map_err(|message| ConfigError::Parse {
+                    path: path.clone(),
+                    message,
+                })?
+            }
+            None => Config::default(),
+        };
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; unknown keys are errors.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies the `SYNCAR_*` overrides, reading variables through `var`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = var(ENV_LISTEN) {
+            self.server.listen = v;
+        }
+        if let Some(v) = var(ENV_POSTGRES_URL) {
+            self.postgres.url = v;
+        }
+        if let Some(v) = var(ENV_REDIS_URL) {
+            self.redis.url = v;
+        }
+        if let Some(v) = var(ENV_INSTANCE) {
+            self.instance = Some(v);
+        }
+        if let Some(v) = var(ENV_LOG_LEVEL) {
+            self.log.level = v;
+        }
+        if let Some(v) = var(ENV_LOG_FORMAT) {
+            match v.as_str() {
+                "json" => self.log.format = LogFormat::Json,
+                "text" => self.log.format = LogFormat::Text,
+                _ => self.env_problems.push(format!(
+                    "{ENV_LOG_FORMAT}: {v:?} is neither \"text\" nor \"json\""
+                )),
+            }
+        }
+    }
+
+    /// Checks every rule and returns all violations, each naming its key.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with one line per problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = self.env_problems.clone();
+        let mut bad = |key: &str, msg: String| problems.push(format!("{key}: {msg}"));
+
+        if let Some(instance) = &self.instance {
+            if instance.is_empty() || instance.len() > 128 {
+                bad("instance", "must be 1 to 128 characters".into());
+            }
+        }
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "server.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:7070",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes", "must be positive".into());
+        }
+        if !(1..=4096).contains(&self.server.max_key_bytes) {
+            bad(
+                "server.max_key_bytes",
+                "must be between 1 and 4096 (keys travel in NOTIFY payloads, limited to 8000 bytes)"
+                    .into(),
+            );
+        }
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.request_timeout", self.server.request_timeout),
+            ("postgres.connect_timeout", self.postgres.connect_timeout),
+            ("postgres.pool_timeout", self.postgres.pool_timeout),
+            (
+                "postgres.statement_timeout",
+                self.postgres.statement_timeout,
+            ),
+            ("redis.timeout", self.redis.timeout),
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.retry_interval", self.redis.retry_interval),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be positive".into());
+            }
+        }
+        if let Err(e) = self.postgres.url.parse::<tokio_postgres::Config>() {
+            bad(
+                "postgres.url",
+                format!("not a Postgres connection string: {e}"),
+            );
+        }
+        if !is_identifier(&self.postgres.schema) {
+            bad("postgres.schema", "must be a plain identifier".into());
+        }
+        if self.postgres.pool_size == 0 {
+            bad("postgres.pool_size", "must be positive".into());
+        }
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis.url.as_str()) {
+            bad("redis.url", format!("not a Redis URL: {e}"));
+        }
+        if self.redis.key_prefix.is_empty() {
+            bad(
+                "redis.key_prefix",
+                "must not be empty (it keeps syncar's keys apart from others)".into(),
+            );
+        }
+        if self.cache.l1_max_bytes == 0 {
+            bad("cache.l1_max_bytes", "must be positive".into());
+        }
+        self.check_ttls("cache", &self.cache.ttl, &mut bad);
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let at = format!("resource[{i}]");
+            if !is_resource_name(&r.name) {
+                bad(
+                    &format!("{at}.name"),
+                    format!(
+                        "{:?} must be 1 to 63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
+                        r.name
+                    ),
+                );
+            } else if r.name == KV_RESOURCE {
+                bad(
+                    &format!("{at}.name"),
+                    "\"kv\" is the built-in resource".into(),
+                );
+            } else if !seen.insert(r.name.as_str()) {
+                bad(
+                    &format!("{at}.name"),
+                    format!("{:?} is configured twice", r.name),
+                );
+            }
+            for (field, value) in [
+                ("table", &r.table),
+                ("schema", &r.schema),
+                ("key", &r.key),
+                ("version_column", &r.version_column),
+            ] {
+                if value.is_empty() || value.len() > 63 || value.contains('\u{0}') {
+                    bad(
+                        &format!("{at}.{field}"),
+                        "must be a Postgres identifier of 1 to 63 bytes".into(),
+                    );
+                }
+            }
+            if r.key == r.version_column {
+                bad(
+                    &format!("{at}.version_column"),
+                    "must differ from the key column".into(),
+                );
+            }
+            let ttl = self.ttl_for(r);
+            self.check_ttls(&at, &ttl, &mut bad);
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The TTLs of a configured resource: its own where set, the `[cache]` ones otherwise.
+    pub fn ttl_for(&self, r: &ResourceConfig) -> TtlConfig {
+        let d = &self.cache.ttl;
+        TtlConfig {
+            l1_ttl: r.l1_ttl.unwrap_or(d.l1_ttl),
+            l2_ttl: r.l2_ttl.unwrap_or(d.l2_ttl),
+            negative_ttl: r.negative_ttl.unwrap_or(d.negative_ttl),
+            tombstone_ttl: r.tombstone_ttl.unwrap_or(d.tombstone_ttl),
+            ttl_jitter: d.ttl_jitter,
+        }
+    }
+
+    /// The instance name: configured, or the hostname.
+    pub fn instance_name(&self) -> String {
+        if let Some(name) = &self.instance {
+            return name.clone();
+        }
+        std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "syncar".into())
+    }
+
+    fn check_ttls(&self, at: &str, ttl: &TtlConfig, bad: &mut impl FnMut(&str, String)) {
+        for (key, d) in [
+            ("l1_ttl", ttl.l1_ttl),
+            ("l2_ttl", ttl.l2_ttl),
+            ("negative_ttl", ttl.negative_ttl),
+            ("tombstone_ttl", ttl.tombstone_ttl),
+        ] {
+            if d < Duration::from_millis(1) {
+                bad(&format!("{at}.{key}"), "must be at least 1ms".into());
+            }
+        }
+        if !(0.0..=0.5).contains(&ttl.ttl_jitter) {
+            bad(
+                &format!("{at}.ttl_jitter"),
+                "must be between 0.0 and 0.5".into(),
+            );
+        }
+        let longest_load = self.postgres.statement_timeout + self.redis.timeout;
+        if ttl.tombstone_ttl <= longest_load {
+            bad(
+                &format!("{at}.tombstone_ttl"),
+                format!(
+                    "must exceed postgres.statement_timeout + redis.timeout ({}), the longest a load can take, or a slow load could land after its tombstone expired",
+                    humantime::format_duration(longest_load)
+                ),
+            );
+        }
+    }
+}
+
+/// A plain lowercase SQL identifier (used for syncar's own schema name).
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}
+
+/// A resource name: safe in URLs, Redis keys (no `:`) and NOTIFY payloads.
+pub fn is_resource_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+        && s.len() <= 63
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_documented_file() {
+        Config::default().validate().unwrap();
+        let text = include_str!("../config/syncar.toml");
+        let documented = Config::parse(text).expect("config/syncar.toml parses");
+        documented.validate().unwrap();
+        assert_eq!(documented.server.listen, ServerConfig::default().listen);
+        assert_eq!(documented.cache.ttl, TtlConfig::default());
+        assert_eq!(
+            documented.redis.key_prefix,
+            RedisConfig::default().key_prefix
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let text = r#"
+            [server]
+            listen = "not an address"
+            max_key_bytes = 0
+            [postgres]
+            url = "postgres://u@h:notaport/db"
+            [cache]
+            ttl_jitter = 2.0
+            tombstone_ttl = "1s"
+            [[resource]]
+            name = "Bad Name"
+            table = "t"
+            key = "id"
+            [[resource]]
+            name = "kv"
+            table = "t"
+            key = "v"
+            version_column = "v"
+        "#;
+        let config = Config::parse(text).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        for needle in [
+            "server.listen",
+            "server.max_key_bytes",
+            "postgres.url",
+            "cache.ttl_jitter",
+            "cache.tombstone_ttl",
+            "resource[0].name",
+            "resource[1].name",
+            "resource[1].version_column",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::parse("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::default();
+        config.apply_env(|name| match name {
+            ENV_LISTEN => Some("127.0.0.1:9999".into()),
+            ENV_REDIS_URL => Some("redis://127.0.0.1:1".into()),
+            ENV_INSTANCE => Some("pod-7".into()),
+            ENV_LOG_FORMAT => Some("yaml".into()),
+            _ => None,
+        });
+        assert_eq!(config.server.listen, "127.0.0.1:9999");
+        assert_eq!(config.redis.url, "redis://127.0.0.1:1");
+        assert_eq!(config.instance_name(), "pod-7");
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("SYNCAR_LOG_FORMAT"), "{err}");
+    }
+}

@@ -1,0 +1,308 @@
+//! Postgres as the source of truth: the pool, document reads and writes, and the one place
+//! Postgres errors are classified. Knows nothing about caches.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::NoTls;
+
+use crate::config::PostgresConfig;
+use crate::model::Version;
+use crate::resource::{KeyParam, Param, Precondition, Resource};
+use crate::schema::VERSION_SEQUENCE;
+
+/// A failed Postgres call, classified for the client. Cloneable, so one load's error can be
+/// shared by every reader waiting on it.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum DbError {
+    /// Postgres cannot be reached or is overloaded: retry later (503).
+    #[error("postgres unavailable: {0}")]
+    Unavailable(String),
+    /// The document does not fit the table: wrong type, constraint, bad value (422).
+    #[error("{0}")]
+    Rejected(String),
+    /// Another row already holds a unique value this document has (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Anything else: a bug or a schema changed under us (500).
+    #[error("postgres error: {0}")]
+    Internal(String),
+}
+
+/// A committed write.
+#[derive(Clone, Debug)]
+pub struct Written {
+    pub version: Version,
+    /// The document as Postgres stores and renders it.
+    pub doc: Bytes,
+    pub created: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum WriteOutcome {
+    Written(Written),
+    PreconditionFailed,
+}
+
+#[derive(Clone, Debug)]
+pub enum DeleteOutcome {
+    /// Deleted; `version` is the fresh version the delete took (its tombstone's).
+    Deleted {
+        version: Version,
+    },
+    NotFound,
+    PreconditionFailed,
+}
+
+/// The pooled connection to Postgres.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    schema: String,
+}
+
+impl Db {
+    /// Builds the pool; connections open lazily, so Postgres may still be down.
+    ///
+    /// # Errors
+    /// Only an unusable URL, which config validation already rules out.
+    pub fn new(config: &PostgresConfig) -> Result<Self, DbError> {
+        let pg = pg_config(config)?;
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(config.pool_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .recycle_timeout(Some(config.connect_timeout))
+            .build()
+            .map_err(|e| DbError::Internal(e.to_string()))?;
+        Ok(Db {
+            pool,
+            schema: config.schema.clone(),
+        })
+    }
+
+    /// Reads one document: its version and canonical JSON, or `None` when absent.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn get(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+    ) -> Result<Option<(Version, Bytes)>, DbError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(resource.get_sql())
+            .await
+            .map_err(classify)?;
+        let row = client
+            .query_opt(&stmt, &[key_param(key)])
+            .await
+            .map_err(classify)?;
+        Ok(row.map(|row| {
+            let doc: String = row.get(1);
+            (Version(row.get(0)), Bytes::from(doc))
+        }))
+    }
+
+    /// Writes one document in its own transaction; returns once it is committed.
+    ///
+    /// # Errors
+    /// A classified [`DbError`]; [`DbError::Rejected`] carries Postgres' reason.
+    pub async fn put(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        body: serde_json::Value,
+        pre: Precondition,
+    ) -> Result<WriteOutcome, DbError> {
+        let (doc, write) = resource
+            .prepare_write(key, body, pre)
+            .map_err(DbError::Rejected)?;
+        let version = match pre {
+            Precondition::Version(v) => v,
+            _ => 0,
+        };
+        let params: Vec<&(dyn ToSql + Sync)> = write
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Key => key_param(key),
+                Param::Doc => &doc as &(dyn ToSql + Sync),
+                Param::Version => &version as &(dyn ToSql + Sync),
+            })
+            .collect();
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
+        let row = client.query_opt(&stmt, &params).await.map_err(classify)?;
+        Ok(match row {
+            Some(row) => {
+                let doc: String = row.get(1);
+                WriteOutcome::Written(Written {
+                    version: Version(row.get(0)),
+                    doc: Bytes::from(doc),
+                    created: row.get(2),
+                })
+            }
+            None => WriteOutcome::PreconditionFailed,
+        })
+    }
+
+    /// Deletes one document; returns once it is committed, with the delete's own version.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn delete(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        pre: Precondition,
+    ) -> Result<DeleteOutcome, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        let version;
+        let deleted = match pre {
+            Precondition::Version(v) => {
+                version = v;
+                let stmt = tx
+                    .prepare_cached(&resource.delete_sql(true))
+                    .await
+                    .map_err(classify)?;
+                tx.query_opt(&stmt, &[key_param(key), &version])
+                    .await
+                    .map_err(classify)?
+            }
+            _ => {
+                let stmt = tx
+                    .prepare_cached(&resource.delete_sql(false))
+                    .await
+                    .map_err(classify)?;
+                tx.query_opt(&stmt, &[key_param(key)])
+                    .await
+                    .map_err(classify)?
+            }
+        };
+        if deleted.is_none() {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(match pre {
+                Precondition::None => DeleteOutcome::NotFound,
+                _ => DeleteOutcome::PreconditionFailed,
+            });
+        }
+        // The notify trigger took the delete's version with nextval() in this session, after
+        // the row was gone: currval() is that version.
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT currval('{}.{VERSION_SEQUENCE}')",
+                self.schema
+            ))
+            .await
+            .map_err(classify)?;
+        let tombstone: i64 = tx.query_one(&stmt, &[]).await.map_err(classify)?.get(0);
+        tx.commit().await.map_err(classify)?;
+        Ok(DeleteOutcome::Deleted {
+            version: Version(tombstone),
+        })
+    }
+
+    /// `SELECT 1` through the pool, for `/readyz`.
+    ///
+    /// # Errors
+    /// Why Postgres cannot be used.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.pool.get().await.map_err(|e| {
+            metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")
+                .increment(1);
+            match e {
+                deadpool_postgres::PoolError::Backend(e) => classify(e),
+                other => DbError::Unavailable(other.to_string()),
+            }
+        })
+    }
+}
+
+/// The driver configuration: timeouts, keepalives and a server-side statement timeout, so no
+/// call can hang forever.
+///
+/// # Errors
+/// An unparsable URL.
+pub fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, DbError> {
+    let mut pg: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::Internal(e.to_string()))?;
+    pg.connect_timeout(config.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(2))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(10));
+    if pg.get_application_name().is_none() {
+        pg.application_name("syncar");
+    }
+    let ms = config.statement_timeout.as_millis();
+    let options = match pg.get_options() {
+        Some(existing) => format!("{existing} -c statement_timeout={ms}"),
+        None => format!("-c statement_timeout={ms}"),
+    };
+    pg.options(&options);
+    Ok(pg)
+}
+
+fn key_param(key: &KeyParam) -> &(dyn ToSql + Sync) {
+    match key {
+        KeyParam::Text(s) => s,
+        KeyParam::Int(i) => i,
+    }
+}
+
+/// The one place a Postgres error gets its meaning for clients.
+pub fn classify(e: tokio_postgres::Error) -> DbError {
+    let class = |c: &str| {
+        metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => c.to_string()).increment(1)
+    };
+    let Some(db) = e.as_db_error() else {
+        class("unavailable");
+        return DbError::Unavailable(e.to_string());
+    };
+    let code = db.code();
+    let sqlstate = code.code();
+    let reason = match db.detail() {
+        Some(detail) => format!("{} ({detail})", db.message()),
+        None => db.message().to_string(),
+    };
+    if *code == SqlState::UNIQUE_VIOLATION {
+        class("rejected");
+        DbError::Conflict(reason)
+    } else if sqlstate.starts_with("22") || sqlstate.starts_with("23") {
+        class("rejected");
+        DbError::Rejected(reason)
+    } else if sqlstate.starts_with("08")
+        || sqlstate.starts_with("53")
+        || sqlstate.starts_with("57")
+        || sqlstate.starts_with("40")
+    {
+        class("unavailable");
+        DbError::Unavailable(reason)
+    } else {
+        class("internal");
+        DbError::Internal(format!("{reason} [{sqlstate}]"))
+    }
+}

@@ -1,0 +1,230 @@
+//! L1: the in-process moka cache of one instance, bounded in bytes, with per-entry TTLs and
+//! versioned, per-key atomic updates. Knows nothing about where documents come from.
+//!
+//! # Concurrent calls on the same key
+//! Every change goes through [`L1::offer`], which runs inside moka's per-key
+//! `and_compute_with`: the compare ("is the offered copy newer than what is there, tombstone
+//! included?") and the insert happen under one key lock. moka's `get_with` would insert a
+//! loaded value even if an invalidation ran during the load; here a fill that loaded version
+//! 41 while 42's tombstone landed finds the tombstone and is refused.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::future::Cache;
+use moka::ops::compute::Op;
+use moka::Expiry;
+
+use crate::model::{CacheKey, Cached, Rank};
+
+/// What [`L1::offer`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Offer {
+    /// The copy is now in the cache.
+    Applied,
+    /// The cache held a copy of this rank or newer, which stays.
+    Refused(Rank),
+}
+
+#[derive(Clone)]
+pub struct L1 {
+    cache: Cache<CacheKey, Entry>,
+}
+
+/// A cached copy and how long it may live from its insertion.
+#[derive(Clone, Debug)]
+struct Entry {
+    cached: Arc<Cached>,
+    ttl: Duration,
+}
+
+struct PerEntryTtl;
+
+impl Expiry<CacheKey, Entry> for PerEntryTtl {
+    fn expire_after_create(&self, _: &CacheKey, e: &Entry, _: Instant) -> Option<Duration> {
+        Some(e.ttl)
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &CacheKey,
+        e: &Entry,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(e.ttl)
+    }
+}
+
+impl L1 {
+    /// An empty cache holding at most about `max_bytes` of keys and documents.
+    pub fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|k: &CacheKey, e: &Entry| {
+                let doc = e.cached.doc().map_or(0, |d| d.len());
+                // 64: the entry's own bookkeeping, roughly.
+                u32::try_from(k.as_str().len() + doc + 64).unwrap_or(u32::MAX)
+            })
+            .expire_after(PerEntryTtl)
+            .build();
+        L1 { cache }
+    }
+
+    /// The copy held for `key`, tombstones included (callers decide what is servable).
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
+        self.cache.get(key).await.map(|e| e.cached)
+    }
+
+    /// Puts `copy` in the cache for `ttl` if it is newer than what is there.
+    ///
+    /// # Concurrency
+    /// Atomic per key with every other `offer` and `remove` of the same key.
+    pub async fn offer(&self, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
+        let mut refused = None;
+        self.cache
+            .entry_by_ref(key)
+            .and_compute_with(|current| {
+                let op = match current {
+                    Some(entry) if !copy.supersedes(&entry.value().cached) => {
+                        refused = Some(entry.value().cached.rank());
+                        Op::Nop
+                    }
+                    _ => Op::Put(Entry {
+                        cached: Arc::new(copy),
+                        ttl,
+                    }),
+                };
+                std::future::ready(op)
+            })
+            .await;
+        match refused {
+            Some(rank) => Offer::Refused(rank),
+            None => Offer::Applied,
+        }
+    }
+
+    /// Drops every entry (lazily: counts catch up after [`L1::run_pending_tasks`]).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
+    /// Runs moka's deferred maintenance, so counts and sizes are exact.
+    pub async fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks().await;
+    }
+
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.cache.weighted_size()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Version;
+    use bytes::Bytes;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn value(v: i64) -> Cached {
+        Cached::value(Version(v), Bytes::from(format!("{{\"v\":{v}}}")))
+    }
+
+    #[tokio::test]
+    async fn a_fill_never_replaces_a_newer_copy() {
+        let l1 = L1::new(1 << 20);
+        let k = CacheKey::new("kv", "a");
+        assert_eq!(l1.offer(&k, value(2), TTL).await, Offer::Applied);
+        assert!(matches!(
+            l1.offer(&k, value(1), TTL).await,
+            Offer::Refused(_)
+        ));
+        assert!(matches!(
+            l1.offer(&k, value(2), TTL).await,
+            Offer::Refused(_)
+        ));
+        assert_eq!(l1.offer(&k, value(3), TTL).await, Offer::Applied);
+        assert_eq!(*l1.get(&k).await.unwrap(), value(3));
+    }
+
+    /// The race behind Meta's "Cache made consistent": a reader loads 41, 42 commits and its
+    /// invalidation lands, then the reader's fill arrives. The interleaving is forced with
+    /// channels: the load is held until the invalidation has been applied.
+    #[tokio::test]
+    async fn a_slow_fill_cannot_land_under_a_newer_tombstone() {
+        let l1 = L1::new(1 << 20);
+        let k = CacheKey::new("kv", "race");
+        l1.offer(&k, value(40), TTL).await;
+        l1.clear(); // expired: the next read misses
+
+        let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let reader = {
+            let (l1, k) = (l1.clone(), k.clone());
+            tokio::spawn(async move {
+                assert!(l1.get(&k).await.is_none(), "miss");
+                let loaded = value(41); // what the slow load read
+                loaded_tx.send(()).unwrap();
+                go_rx.await.unwrap();
+                l1.offer(&k, loaded, TTL).await
+            })
+        };
+        loaded_rx.await.unwrap();
+        // Version 42 commits elsewhere; its invalidation arrives while the load is in flight.
+        assert_eq!(
+            l1.offer(&k, Cached::invalidated(Version(42)), TTL).await,
+            Offer::Applied
+        );
+        go_tx.send(()).unwrap();
+        let outcome = reader.await.unwrap();
+        assert_eq!(
+            outcome,
+            Offer::Refused(Rank {
+                version: Version(42),
+                known: false
+            })
+        );
+        let held = l1.get(&k).await.unwrap();
+        assert!(
+            !held.is_servable(),
+            "the tombstone stays: reads go below L1"
+        );
+        // The copy the tombstone waits for is accepted.
+        assert_eq!(l1.offer(&k, value(42), TTL).await, Offer::Applied);
+    }
+
+    #[tokio::test]
+    async fn entries_expire_after_their_own_ttl() {
+        let l1 = L1::new(1 << 20);
+        let short = CacheKey::new("kv", "short");
+        let long = CacheKey::new("kv", "long");
+        l1.offer(&short, value(1), Duration::from_millis(50)).await;
+        l1.offer(&long, value(1), TTL).await;
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(l1.get(&short).await.is_none());
+        assert!(l1.get(&long).await.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_cache_is_bounded_in_bytes() {
+        let l1 = L1::new(64 * 1024);
+        let doc = Bytes::from(vec![b'x'; 1024]);
+        for i in 0..1000 {
+            let k = CacheKey::new("kv", &i.to_string());
+            l1.offer(&k, Cached::value(Version(i), doc.clone()), TTL)
+                .await;
+        }
+        l1.run_pending_tasks().await;
+        assert!(
+            l1.weighted_size() <= 64 * 1024,
+            "{} bytes",
+            l1.weighted_size()
+        );
+        assert!(l1.entry_count() < 100, "{} entries", l1.entry_count());
+    }
+}

@@ -1,0 +1,309 @@
+//! L2: Redis, shared by every instance. Entries carry their version; every write goes through
+//! one Lua script that applies a copy only when it is newer, so a slow reader's late fill can
+//! never bring old data back. Knows nothing about Postgres.
+//!
+//! # Encoding
+//! One string per key, `{version}:{kind}:{document}`, where kind is `v` (value), `a` (absent:
+//! deleted at that version, or never seen at version 0) or `i` (tombstone left by an
+//! invalidation). Versions are compared as decimal strings inside the script, exactly, with
+//! no float rounding.
+//!
+//! # Failures
+//! Every command has a deadline. After a failure, reads skip Redis for
+//! `redis.retry_interval` (a breaker), so an outage costs one timeout, not one per request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::{socket2, TcpSettings};
+use redis::{AsyncCommands, IntoConnectionInfo, Script};
+
+use crate::config::RedisConfig;
+use crate::model::{CacheKey, Cached, State, Version};
+use crate::telemetry::REDIS_ERRORS;
+
+/// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
+/// there. Returns 1 when applied, 0 when refused.
+const OFFER_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local sep = string.find(cur, ':', 1, true)
+  if sep then
+    local cv = string.sub(cur, 1, sep - 1)
+    local nv = ARGV[1]
+    local cmp
+    if #cv ~= #nv then
+      cmp = (#nv > #cv) and 1 or -1
+    elseif nv == cv then
+      cmp = 0
+    else
+      cmp = (nv > cv) and 1 or -1
+    end
+    if cmp < 0 then return 0 end
+    if cmp == 0 then
+      local ck = string.sub(cur, sep + 1, sep + 1)
+      -- at one version, a real copy beats a tombstone, and nothing beats a real copy
+      if ck ~= 'i' or ARGV[2] == 'i' then return 0 end
+    end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
+return 1
+";
+
+/// A failed Redis command.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum L2Error {
+    #[error("redis skipped after a recent failure")]
+    Skipped,
+    #[error("redis command timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Redis(String),
+    #[error("redis holds an unreadable entry for {0}")]
+    Corrupt(String),
+}
+
+#[derive(Clone)]
+pub struct L2 {
+    conn: ConnectionManager,
+    prefix: Arc<str>,
+    timeout: Duration,
+    retry_interval: Duration,
+    script: Arc<Script>,
+    /// Milliseconds since `epoch` until which reads skip Redis; 0 when healthy.
+    skip_until: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl L2 {
+    /// Builds the connection manager; it connects lazily and reconnects in the background, so
+    /// Redis may still be down.
+    ///
+    /// # Errors
+    /// An unusable URL, which config validation already rules out.
+    pub fn new(config: &RedisConfig) -> Result<Self, L2Error> {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(2));
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| L2Error::Redis(e.to_string()))?
+            .set_tcp_settings(
+                TcpSettings::default()
+                    .set_nodelay(true)
+                    .set_keepalive(keepalive)
+                    .set_user_timeout(Duration::from_secs(10)),
+            );
+        let client = redis::Client::open(info).map_err(|e| L2Error::Redis(e.to_string()))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| L2Error::Redis(e.to_string()))?;
+        Ok(L2 {
+            conn,
+            prefix: config.key_prefix.as_str().into(),
+            timeout: config.timeout,
+            retry_interval: config.retry_interval,
+            script: Arc::new(Script::new(OFFER_SCRIPT)),
+            skip_until: Arc::new(AtomicU64::new(0)),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Whether reads should try Redis now (no failure within `retry_interval`).
+    pub fn available(&self) -> bool {
+        let until = self.skip_until.load(Ordering::Relaxed);
+        until == 0 || self.now_ms() >= until
+    }
+
+    /// The copy Redis holds for `key`, tombstones included.
+    ///
+    /// # Errors
+    /// [`L2Error::Skipped`] while the breaker is open, or the command's failure.
+    pub async fn get(&self, key: &CacheKey) -> Result<Option<Cached>, L2Error> {
+        if !self.available() {
+            return Err(L2Error::Skipped);
+        }
+        let mut conn = self.conn.clone();
+        let redis_key = self.redis_key(key);
+        let raw: Option<Vec<u8>> = self.run("get", conn.get(&redis_key)).await?;
+        raw.map(|raw| decode(&raw).ok_or_else(|| L2Error::Corrupt(key.to_string())))
+            .transpose()
+    }
+
+    /// Stores `copy` for `ttl` unless Redis holds a copy of the same rank or newer.
+    /// Returns whether it was applied.
+    ///
+    /// Tries Redis even while reads skip it: writes are how it gets repaired.
+    ///
+    /// # Errors
+    /// The command's failure; the caller decides whether to queue a repair.
+    pub async fn offer(
+        &self,
+        key: &CacheKey,
+        copy: &Cached,
+        ttl: Duration,
+    ) -> Result<bool, L2Error> {
+        let mut conn = self.conn.clone();
+        let (kind, doc): (&str, &[u8]) = match &copy.state {
+            State::Value(doc) => ("v", doc),
+            State::Absent => ("a", b""),
+            State::Invalidated => ("i", b""),
+        };
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(self.redis_key(key))
+            .arg(copy.version.0)
+            .arg(kind)
+            .arg(doc)
+            .arg(ttl_ms);
+        let applied: i64 = self
+            .run("offer", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(applied == 1)
+    }
+
+    /// `PING`, for `/readyz` and to probe recovery.
+    ///
+    /// # Errors
+    /// Why Redis cannot be used.
+    pub async fn ping(&self) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .run("ping", redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes every key under this instance's prefix (SCAN + UNLINK), for when too many
+    /// repairs were lost to track them one by one. Returns how many keys it removed.
+    ///
+    /// # Errors
+    /// The first failing command.
+    pub async fn flush_prefix(&self) -> Result<u64, L2Error> {
+        let mut conn = self.conn.clone();
+        let pattern = format!("{}*", escape_glob(&self.prefix));
+        let mut cursor: u64 = 0;
+        let mut removed = 0;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = self
+                .run(
+                    "flush",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?;
+            if !keys.is_empty() {
+                let n: u64 = self
+                    .run(
+                        "flush",
+                        redis::cmd("UNLINK").arg(&keys).query_async(&mut conn),
+                    )
+                    .await?;
+                removed += n;
+            }
+            if next == 0 {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The Redis key of a cache key.
+    pub fn redis_key(&self, key: &CacheKey) -> String {
+        format!("{}{}", self.prefix, key.as_str())
+    }
+
+    async fn run<T>(
+        &self,
+        op: &'static str,
+        cmd: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, L2Error> {
+        let result = match tokio::time::timeout(self.timeout, cmd).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(L2Error::Redis(e.to_string())),
+            Err(_) => Err(L2Error::Timeout(self.timeout)),
+        };
+        match &result {
+            Ok(_) => {
+                if self.skip_until.load(Ordering::Relaxed) != 0 {
+                    self.skip_until.store(0, Ordering::Relaxed);
+                }
+            }
+            Err(_) => {
+                metrics::counter!(REDIS_ERRORS, "op" => op).increment(1);
+                let until = self.now_ms() + self.retry_interval.as_millis() as u64;
+                self.skip_until.store(until.max(1), Ordering::Relaxed);
+            }
+        }
+        result
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Parses `{version}:{kind}:{document}`.
+fn decode(raw: &[u8]) -> Option<Cached> {
+    let sep = raw.iter().position(|&b| b == b':')?;
+    let version: i64 = std::str::from_utf8(&raw[..sep]).ok()?.parse().ok()?;
+    let rest = &raw[sep + 1..];
+    let (kind, doc) = (rest.first()?, rest.get(2..).unwrap_or_default());
+    let version = Version(version);
+    match kind {
+        b'v' => Some(Cached::value(version, Bytes::copy_from_slice(doc))),
+        b'a' => Some(Cached::absent(version)),
+        b'i' => Some(Cached::invalidated(version)),
+        _ => None,
+    }
+}
+
+/// Escapes Redis glob characters in a literal prefix.
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_decode() {
+        assert_eq!(
+            decode(b"42:v:{\"a\":1}"),
+            Some(Cached::value(Version(42), Bytes::from_static(b"{\"a\":1}")))
+        );
+        assert_eq!(decode(b"7:a:"), Some(Cached::absent(Version(7))));
+        assert_eq!(decode(b"9:i:"), Some(Cached::invalidated(Version(9))));
+        assert_eq!(decode(b"nonsense"), None);
+        assert_eq!(decode(b"1:z:"), None);
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(escape_glob("a*b?[c]"), "a\\*b\\?\\[c\\]");
+    }
+}

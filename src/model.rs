@@ -1,0 +1,180 @@
+//! Domain types shared by every tier: versions, cache keys, cached documents and how two
+//! copies of one key rank against each other. Knows nothing about where copies are stored.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+/// A version from the single Postgres sequence `syncar_version_seq`.
+///
+/// Every copy of a document (L1 entry, L2 entry, message, tombstone) carries the version it
+/// was read at. Versions of one key rise in commit order because row locks serialize its
+/// writers; clocks never decide anything.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version(pub i64);
+
+impl Version {
+    /// The version of "this key has never been seen": older than every real version, so any
+    /// write beats a cached absence read before it.
+    pub const NONE: Version = Version(0);
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The tier that answered a read, reported to clients as `X-Cache`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Tier {
+    L1,
+    L2,
+    Db,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::L1 => "l1",
+            Tier::L2 => "l2",
+            Tier::Db => "db",
+        }
+    }
+}
+
+/// The identity of one document in the caches: `resource:key`.
+///
+/// Resource names cannot contain `:`, so the first `:` separates the two. The same string,
+/// behind the configured prefix, is the Redis key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey(Box<str>);
+
+impl CacheKey {
+    pub fn new(resource: &str, key: &str) -> Self {
+        let mut s = String::with_capacity(resource.len() + 1 + key.len());
+        s.push_str(resource);
+        s.push(':');
+        s.push_str(key);
+        CacheKey(s.into_boxed_str())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn resource(&self) -> &str {
+        self.0.split_once(':').map(|(r, _)| r).unwrap_or(&self.0)
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a tier knows about one key, at one version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    /// The document, as Postgres renders it (canonical JSON text).
+    Value(Bytes),
+    /// The key does not exist: deleted at this version, or never seen ([`Version::NONE`]).
+    Absent,
+    /// A tombstone left by an invalidation: some version at least this one exists, but this
+    /// tier does not hold it. Never served; it only stops older fills from landing.
+    Invalidated,
+}
+
+/// One copy of a key's state with the version it was read at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cached {
+    pub version: Version,
+    pub state: State,
+}
+
+impl Cached {
+    pub fn value(version: Version, doc: Bytes) -> Self {
+        Cached {
+            version,
+            state: State::Value(doc),
+        }
+    }
+
+    pub fn absent(version: Version) -> Self {
+        Cached {
+            version,
+            state: State::Absent,
+        }
+    }
+
+    pub fn invalidated(version: Version) -> Self {
+        Cached {
+            version,
+            state: State::Invalidated,
+        }
+    }
+
+    /// Whether a read may answer from this copy (a tombstone never answers).
+    pub fn is_servable(&self) -> bool {
+        !matches!(self.state, State::Invalidated)
+    }
+
+    /// The order in which copies of one key replace each other.
+    ///
+    /// Higher versions win. At equal versions a real copy (a value or an absence) beats a
+    /// tombstone: the tombstone for version N only says "N exists", and the copy of N is what
+    /// it was waiting for.
+    pub fn rank(&self) -> Rank {
+        Rank {
+            version: self.version,
+            known: self.is_servable(),
+        }
+    }
+
+    /// Whether this copy may replace `current`.
+    pub fn supersedes(&self, current: &Cached) -> bool {
+        self.rank() > current.rank()
+    }
+
+    pub fn doc(&self) -> Option<&Bytes> {
+        match &self.state {
+            State::Value(doc) => Some(doc),
+            _ => None,
+        }
+    }
+}
+
+/// See [`Cached::rank`].
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank {
+    pub version: Version,
+    /// `false` for a tombstone.
+    pub known: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_versions_win_and_copies_beat_tombstones_of_their_version() {
+        let v = |n| Cached::value(Version(n), Bytes::from_static(b"1"));
+        assert!(v(2).supersedes(&v(1)));
+        assert!(!v(1).supersedes(&v(2)));
+        assert!(!v(1).supersedes(&v(1)));
+        assert!(v(5).supersedes(&Cached::invalidated(Version(5))));
+        assert!(!v(4).supersedes(&Cached::invalidated(Version(5))));
+        assert!(!Cached::invalidated(Version(5)).supersedes(&v(5)));
+        assert!(Cached::invalidated(Version(6)).supersedes(&v(5)));
+        assert!(!Cached::absent(Version::NONE).supersedes(&Cached::invalidated(Version(1))));
+        assert!(v(1).supersedes(&Cached::absent(Version::NONE)));
+    }
+
+    #[test]
+    fn cache_key_splits_at_first_colon() {
+        let k = CacheKey::new("users", "a:b");
+        assert_eq!(k.as_str(), "users:a:b");
+        assert_eq!(k.resource(), "users");
+    }
+}

@@ -1,0 +1,504 @@
+//! Resources: what a `/v1/{resource}/...` name maps to in Postgres, and the SQL that reads and
+//! writes its documents. Identifiers come only from the configuration and the catalog and are
+//! always quoted; keys and bodies are always bind parameters. Runs no query itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::config::TtlConfig;
+
+/// The resources this instance serves, resolved against the live schema.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    resources: HashMap<String, Arc<Resource>>,
+}
+
+impl Catalog {
+    pub fn new(resources: impl IntoIterator<Item = Resource>) -> Self {
+        Catalog {
+            resources: resources
+                .into_iter()
+                .map(|r| (r.name.clone(), Arc::new(r)))
+                .collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
+        self.resources.get(name)
+    }
+}
+
+/// One resource: a table, its key and version columns, and how documents map to rows.
+#[derive(Debug)]
+pub struct Resource {
+    pub name: String,
+    pub ttl: TtlConfig,
+    pub shape: Shape,
+    /// `"schema"."table"`, quoted.
+    table: String,
+    key: Column,
+    key_type: KeyType,
+    version: Column,
+    /// `SELECT version, document` by key.
+    get_sql: String,
+}
+
+/// How a document maps to a row.
+#[derive(Debug)]
+pub enum Shape {
+    /// The built-in `kv`: the document is the `value` jsonb column, whatever JSON it holds.
+    Kv,
+    /// A configured table: the document is the row as a JSON object without the version
+    /// column. `columns` are the ones a write may set; `readonly` the generated and
+    /// identity-always ones, which documents show and writes silently skip.
+    Table {
+        columns: Vec<Column>,
+        readonly: Vec<String>,
+    },
+}
+
+/// A column name, raw and quoted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub quoted: String,
+}
+
+/// The kind of key column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyType {
+    /// text or varchar
+    Text,
+    /// smallint, integer or bigint
+    Int,
+}
+
+/// A client's key, checked against the key column's kind, ready to bind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyParam {
+    Text(String),
+    Int(i64),
+}
+
+/// Conditions on a write, from `If-Match` / `If-None-Match`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precondition {
+    None,
+    /// `If-Match: "N"`: only if the current version is N.
+    Version(i64),
+    /// `If-Match: *`: only if the document exists.
+    Exists,
+    /// `If-None-Match: *`: only if the document does not exist.
+    Absent,
+}
+
+/// A prepared write: the SQL text and which parameters it binds, in order.
+#[derive(Debug)]
+pub struct WriteSql {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Param {
+    Key,
+    Doc,
+    Version,
+}
+
+impl Column {
+    pub fn new(name: &str) -> Self {
+        Column {
+            name: name.to_string(),
+            quoted: quote_ident(name),
+        }
+    }
+}
+
+impl Resource {
+    /// The built-in `kv` resource on `schema.syncar_kv`.
+    pub fn kv(schema: &str, ttl: TtlConfig) -> Self {
+        Resource::build(
+            crate::config::KV_RESOURCE.into(),
+            ttl,
+            Shape::Kv,
+            schema,
+            "syncar_kv",
+            Column::new("key"),
+            KeyType::Text,
+            Column::new("version"),
+        )
+    }
+
+    /// A configured table. `columns` are the writable columns, key included; `readonly` the
+    /// generated and identity-always ones.
+    #[allow(clippy::too_many_arguments)] // each is one fact from the catalog
+    pub fn table(
+        name: String,
+        ttl: TtlConfig,
+        schema: &str,
+        table: &str,
+        key: Column,
+        key_type: KeyType,
+        version: Column,
+        columns: Vec<Column>,
+        readonly: Vec<String>,
+    ) -> Self {
+        Resource::build(
+            name,
+            ttl,
+            Shape::Table { columns, readonly },
+            schema,
+            table,
+            key,
+            key_type,
+            version,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        name: String,
+        ttl: TtlConfig,
+        shape: Shape,
+        schema: &str,
+        table: &str,
+        key: Column,
+        key_type: KeyType,
+        version: Column,
+    ) -> Self {
+        let mut r = Resource {
+            name,
+            ttl,
+            shape,
+            table: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            key,
+            key_type,
+            version,
+            get_sql: String::new(),
+        };
+        r.get_sql = format!(
+            "SELECT t.{ver}, {doc} FROM {table} AS t WHERE t.{key} = $1::{kt}",
+            ver = r.version.quoted,
+            doc = r.doc_expr(),
+            table = r.table,
+            key = r.key.quoted,
+            kt = r.key_sql_type(),
+        );
+        r
+    }
+
+    /// Checks a client's key against the key column's kind.
+    ///
+    /// # Errors
+    /// A message for the client when an integer key is not an integer.
+    pub fn parse_key(&self, key: &str) -> Result<KeyParam, String> {
+        match self.key_type {
+            KeyType::Text => Ok(KeyParam::Text(key.to_string())),
+            KeyType::Int => key.parse::<i64>().map(KeyParam::Int).map_err(|_| {
+                format!(
+                    "resource {:?} has integer keys; {key:?} is not one",
+                    self.name
+                )
+            }),
+        }
+    }
+
+    /// `SELECT version, document` by key (`$1`).
+    pub fn get_sql(&self) -> &str {
+        &self.get_sql
+    }
+
+    /// `DELETE` by key (`$1`), and version (`$2`) when conditional, returning the old version.
+    pub fn delete_sql(&self, if_version: bool) -> String {
+        let mut sql = format!(
+            "DELETE FROM {table} AS t WHERE t.{key} = $1::{kt}",
+            table = self.table,
+            key = self.key.quoted,
+            kt = self.key_sql_type(),
+        );
+        if if_version {
+            sql.push_str(&format!(" AND t.{} = $2::int8", self.version.quoted));
+        }
+        sql.push_str(&format!(" RETURNING t.{}", self.version.quoted));
+        sql
+    }
+
+    /// Turns a client's body into the JSON bound as the document, and the SQL that writes it.
+    ///
+    /// For a table, the body must be an object whose fields are columns; the version column
+    /// and generated columns are dropped (so a document read can be written back); the key
+    /// column is set from the URL and must agree with the body if present there. A PUT
+    /// replaces the whole row: columns not in the body take their default (NULL without one).
+    ///
+    /// # Errors
+    /// A message for the client (422) when the body does not fit the table.
+    pub fn prepare_write(
+        &self,
+        key: &KeyParam,
+        body: Value,
+        pre: Precondition,
+    ) -> Result<(Value, WriteSql), String> {
+        match &self.shape {
+            Shape::Kv => Ok((body, self.kv_write_sql(pre))),
+            Shape::Table { columns, readonly } => {
+                let Value::Object(fields) = body else {
+                    return Err(format!("a {:?} document must be a JSON object", self.name));
+                };
+                let (doc, set) = self.table_doc(columns, readonly, key, fields)?;
+                Ok((Value::Object(doc), self.table_write_sql(columns, &set, pre)))
+            }
+        }
+    }
+
+    fn table_doc<'c>(
+        &self,
+        columns: &'c [Column],
+        readonly: &[String],
+        key: &KeyParam,
+        fields: Map<String, Value>,
+    ) -> Result<(Map<String, Value>, Vec<&'c Column>), String> {
+        let key_json = match key {
+            KeyParam::Text(s) => Value::String(s.clone()),
+            KeyParam::Int(i) => Value::from(*i),
+        };
+        let mut doc = Map::new();
+        for (name, value) in fields {
+            if name == self.key.name {
+                let agrees = match (key, &value) {
+                    (KeyParam::Int(i), Value::Number(n)) => n.as_i64() == Some(*i),
+                    (KeyParam::Text(s), Value::String(v)) => s == v,
+                    _ => false,
+                };
+                if !agrees {
+                    return Err(format!(
+                        "key column {:?} is {value} in the body but {key_json} in the URL",
+                        self.key.name
+                    ));
+                }
+            } else if columns.iter().any(|c| c.name == name) {
+                doc.insert(name, value);
+            } else if name != self.version.name && !readonly.contains(&name) {
+                return Err(format!(
+                    "{name:?} is not a column of resource {:?}",
+                    self.name
+                ));
+            }
+        }
+        doc.insert(self.key.name.clone(), key_json);
+        let set = columns
+            .iter()
+            .filter(|c| doc.contains_key(&c.name))
+            .collect();
+        Ok((doc, set))
+    }
+
+    fn kv_write_sql(&self, pre: Precondition) -> WriteSql {
+        use Param::*;
+        let ret = self.returning();
+        let (t, k, kt) = (&self.table, &self.key.quoted, self.key_sql_type());
+        let ver = &self.version.quoted;
+        match pre {
+            Precondition::None => WriteSql {
+                sql: format!(
+                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::jsonb) \
+                     ON CONFLICT ({k}) DO UPDATE SET value = EXCLUDED.value RETURNING {ret}, (t.xmax = 0)"
+                ),
+                params: vec![Key, Doc],
+            },
+            Precondition::Absent => WriteSql {
+                sql: format!(
+                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::jsonb) \
+                     ON CONFLICT ({k}) DO NOTHING RETURNING {ret}, true"
+                ),
+                params: vec![Key, Doc],
+            },
+            Precondition::Exists => WriteSql {
+                sql: format!(
+                    "UPDATE {t} AS t SET value = $2::jsonb WHERE t.{k} = $1::{kt} RETURNING {ret}, false"
+                ),
+                params: vec![Key, Doc],
+            },
+            Precondition::Version(_) => WriteSql {
+                sql: format!(
+                    "UPDATE {t} AS t SET value = $2::jsonb WHERE t.{k} = $1::{kt} AND t.{ver} = $3::int8 \
+                     RETURNING {ret}, false"
+                ),
+                params: vec![Key, Doc, Version],
+            },
+        }
+    }
+
+    /// PUT replaces the whole row: columns in `set` take the body's values, every other
+    /// writable column its default (NULL when it has none).
+    fn table_write_sql(&self, columns: &[Column], set: &[&Column], pre: Precondition) -> WriteSql {
+        use Param::*;
+        let ret = self.returning();
+        let (t, k, kt) = (&self.table, &self.key.quoted, self.key_sql_type());
+        let ver = &self.version.quoted;
+        let given = join(set.iter().map(|c| c.quoted.clone()));
+        let is_key = |c: &&Column| c.name == self.key.name;
+        let given_non_key: Vec<&Column> = set.iter().copied().filter(|c| !is_key(c)).collect();
+        let absent: Vec<&Column> = columns
+            .iter()
+            .filter(|c| !is_key(c) && !set.iter().any(|s| s.name == c.name))
+            .collect();
+        let all_non_key: Vec<&Column> = columns.iter().filter(|c| !is_key(c)).collect();
+        let source = format!("jsonb_populate_record(NULL::{t}, $1::jsonb)");
+        let insert = format!("INSERT INTO {t} AS t ({given}) SELECT {given} FROM {source}");
+        // EXCLUDED is the proposed row, defaults included: it replaces every column. A row
+        // with no column besides its key is still rewritten, so it takes a new version.
+        let upsert_set = if all_non_key.is_empty() {
+            format!("{k} = EXCLUDED.{k}")
+        } else {
+            let cols = join(all_non_key.iter().map(|c| c.quoted.clone()));
+            let excluded = join(all_non_key.iter().map(|c| format!("EXCLUDED.{}", c.quoted)));
+            format!("({cols}) = ROW({excluded})")
+        };
+        let mut assignments = Vec::new();
+        if !given_non_key.is_empty() {
+            let cols = join(given_non_key.iter().map(|c| c.quoted.clone()));
+            assignments.push(format!("({cols}) = (SELECT {cols} FROM {source})"));
+        }
+        assignments.extend(absent.iter().map(|c| format!("{} = DEFAULT", c.quoted)));
+        if assignments.is_empty() {
+            assignments.push(format!("{k} = t.{k}"));
+        }
+        let update_set = assignments.join(", ");
+        // The UPDATE forms bind the document only when they read from it.
+        let doc_params = |rest: &[Param]| {
+            let mut p = if given_non_key.is_empty() {
+                vec![]
+            } else {
+                vec![Doc]
+            };
+            p.extend_from_slice(rest);
+            p
+        };
+        let (key_at, ver_at) = if given_non_key.is_empty() {
+            (1, 2)
+        } else {
+            (2, 3)
+        };
+        match pre {
+            Precondition::None => WriteSql {
+                sql: format!(
+                    "{insert} ON CONFLICT ({k}) DO UPDATE SET {upsert_set} RETURNING {ret}, (t.xmax = 0)"
+                ),
+                params: vec![Doc],
+            },
+            Precondition::Absent => WriteSql {
+                sql: format!("{insert} ON CONFLICT ({k}) DO NOTHING RETURNING {ret}, true"),
+                params: vec![Doc],
+            },
+            Precondition::Exists => WriteSql {
+                sql: format!(
+                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} RETURNING {ret}, false"
+                ),
+                params: doc_params(&[Key]),
+            },
+            Precondition::Version(_) => WriteSql {
+                sql: format!(
+                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} \
+                     AND t.{ver} = ${ver_at}::int8 RETURNING {ret}, false"
+                ),
+                params: doc_params(&[Key, Version]),
+            },
+        }
+    }
+
+    /// `version, document` of the written row.
+    fn returning(&self) -> String {
+        format!("t.{}, {}", self.version.quoted, self.doc_expr())
+    }
+
+    /// The document as canonical JSON text, as every tier stores it.
+    fn doc_expr(&self) -> String {
+        match self.shape {
+            Shape::Kv => "t.value::text".into(),
+            Shape::Table { .. } => format!(
+                "(to_jsonb(t) - {})::text",
+                quote_literal(&self.version.name)
+            ),
+        }
+    }
+
+    fn key_sql_type(&self) -> &'static str {
+        match self.key_type {
+            KeyType::Text => "text",
+            KeyType::Int => "int8",
+        }
+    }
+}
+
+fn join(items: impl Iterator<Item = String>) -> String {
+    items.collect::<Vec<_>>().join(", ")
+}
+
+/// A Postgres identifier, quoted: `a"b` becomes `"a""b"`.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A Postgres string literal (standard_conforming_strings on): `it's` becomes `'it''s'`.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn users() -> Resource {
+        Resource::table(
+            "users".into(),
+            TtlConfig::default(),
+            "public",
+            "users",
+            Column::new("id"),
+            KeyType::Int,
+            Column::new("version"),
+            vec![Column::new("id"), Column::new("name"), Column::new("age")],
+            vec!["created".into()],
+        )
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn table_documents_take_their_key_from_the_url() {
+        let r = users();
+        let key = r.parse_key("7").unwrap();
+        let (doc, sql) = r
+            .prepare_write(
+                &key,
+                serde_json::json!({"name": "ann", "version": 3, "created": "x"}),
+                Precondition::None,
+            )
+            .unwrap();
+        assert_eq!(doc, serde_json::json!({"id": 7, "name": "ann"}));
+        assert!(
+            sql.sql.contains(r#"("id", "name")"#),
+            "only the given columns are written: {}",
+            sql.sql
+        );
+        assert_eq!(sql.params, vec![Param::Doc]);
+    }
+
+    #[test]
+    fn table_documents_are_checked_against_columns_and_key() {
+        let r = users();
+        let key = r.parse_key("7").unwrap();
+        let err = |body| r.prepare_write(&key, body, Precondition::None).unwrap_err();
+        assert!(err(serde_json::json!([1])).contains("JSON object"));
+        assert!(err(serde_json::json!({"nope": 1})).contains("not a column"));
+        assert!(err(serde_json::json!({"id": 8})).contains("in the URL"));
+        assert!(r.parse_key("x").unwrap_err().contains("integer keys"));
+    }
+}

@@ -1,0 +1,492 @@
+//! The Postgres side of versioning: `syncar migrate` (the sequence, version columns, triggers
+//! and the `kv` table) and the catalog lookups that turn configured resources into
+//! [`Resource`]s. Knows nothing about caches.
+//!
+//! # Idempotence
+//! Every step looks before it changes anything, so a second run reports no change and takes
+//! no lock beyond the migration's own advisory lock. Concurrent instances starting together
+//! serialize on that lock.
+
+use tokio_postgres::GenericClient;
+
+use crate::config::{Config, ResourceConfig, KV_RESOURCE};
+use crate::resource::{quote_ident, quote_literal, Catalog, Column, KeyType, Resource};
+
+/// The channel the notify trigger sends on. Payloads are JSON:
+/// `{"resource", "key", "version", "op": "put"|"delete"|"flush", "ts_us"}`. `flush` (with a
+/// null key) replaces a payload that would exceed Postgres' 8000-byte limit: drop the whole
+/// resource. `ts_us` is the trigger's wall clock in microseconds, as close to commit as SQL
+/// gets.
+pub const NOTIFY_CHANNEL: &str = "syncar_invalidations";
+/// The one sequence every version comes from.
+pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
+const STAMP_FUNCTION: &str = "syncar_stamp_version";
+const NOTIFY_FUNCTION: &str = "syncar_notify";
+const SEND_FUNCTION: &str = "syncar_send";
+const STAMP_TRIGGER: &str = "syncar_stamp_version";
+const NOTIFY_TRIGGER: &str = "syncar_notify";
+/// Key of the advisory lock held while migrating ("syncar" in ASCII).
+const MIGRATION_LOCK: i64 = 0x73796e636172;
+
+/// A schema that cannot serve the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("postgres error while {doing}")]
+    Postgres {
+        doing: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "the schema is not migrated ({0}); run `syncar migrate` or set postgres.migrate_on_start"
+    )]
+    NotMigrated(String),
+}
+
+/// A table as the catalog describes it.
+struct TableInfo {
+    oid: u32,
+    columns: Vec<ColumnInfo>,
+    /// Whether the key column has a unique index of its own (ON CONFLICT needs one).
+    unique_key: bool,
+}
+
+struct ColumnInfo {
+    num: i16,
+    name: String,
+    type_oid: u32,
+    type_name: String,
+    /// Generated or identity-always: shown in documents, never written.
+    readonly: bool,
+}
+
+const TEXT_OID: u32 = 25;
+const VARCHAR_OID: u32 = 1043;
+const INT2_OID: u32 = 21;
+const INT4_OID: u32 = 23;
+const INT8_OID: u32 = 20;
+
+/// Installs or repairs everything versioning needs, in one transaction.
+///
+/// Returns what it changed, one line per change; empty when the schema was up to date.
+///
+/// # Errors
+/// A configured table or column that does not exist or has the wrong type, or Postgres
+/// failing.
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg("starting the migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg("taking the migration lock"))?;
+    let schema = &config.postgres.schema;
+    let s = quote_ident(schema);
+    let mut changes = Vec::new();
+
+    let has_schema: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[schema],
+        )
+        .await
+        .map_err(pg("looking up the schema"))?
+        .get(0);
+    if !has_schema {
+        tx.batch_execute(&format!("CREATE SCHEMA {s}"))
+            .await
+            .map_err(pg("creating the schema"))?;
+        changes.push(format!("created schema {schema}"));
+    }
+
+    if table_oid(&tx, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_none()
+    {
+        tx.batch_execute(&format!("CREATE SEQUENCE {s}.{VERSION_SEQUENCE}"))
+            .await
+            .map_err(pg("creating the version sequence"))?;
+        changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
+    }
+
+    for (name, signature, body) in functions(schema) {
+        let current: Option<String> = tx
+            .query_opt(
+                "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND p.proname = $2",
+                &[schema, &name],
+            )
+            .await
+            .map_err(pg("looking up trigger functions"))?
+            .map(|row| row.get(0));
+        if current.as_deref() != Some(body.as_str()) {
+            tx.batch_execute(&format!(
+                "CREATE OR REPLACE FUNCTION {s}.{name}{signature} LANGUAGE plpgsql AS {}",
+                dollar_quote(&body)
+            ))
+            .await
+            .map_err(pg("creating trigger functions"))?;
+            let verb = if current.is_some() {
+                "updated"
+            } else {
+                "created"
+            };
+            changes.push(format!("{verb} function {schema}.{name}()"));
+        }
+    }
+
+    if table_oid(&tx, schema, "syncar_kv", "r").await?.is_none() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
+        ))
+        .await
+        .map_err(pg("creating the kv table"))?;
+        changes.push(format!("created table {schema}.syncar_kv"));
+    }
+
+    let kv = ResourceConfig {
+        name: KV_RESOURCE.into(),
+        table: "syncar_kv".into(),
+        schema: schema.clone(),
+        key: "key".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    };
+    for r in std::iter::once(&kv).chain(&config.resources) {
+        let info = describe_table(&tx, r).await?;
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        match info.columns.iter().find(|c| c.name == r.version_column) {
+            Some(c) if c.type_oid == INT8_OID => {}
+            Some(c) => return Err(SchemaError::Invalid(format!(
+                "resource {:?}: column {:?} of table {} is {}, but a version column must be bigint",
+                r.name, r.version_column, qualified, c.type_name
+            ))),
+            None => {
+                // A volatile default gives every existing row its own version.
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {qualified} ADD COLUMN {} bigint NOT NULL DEFAULT nextval({})",
+                    quote_ident(&r.version_column),
+                    quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+                ))
+                .await
+                .map_err(pg("adding a version column"))?;
+                changes.push(format!(
+                    "added column {} to table {qualified}",
+                    r.version_column
+                ));
+            }
+        }
+        key_column(&info, r)?;
+        for (trigger, function, timing, args) in [
+            (
+                STAMP_TRIGGER,
+                STAMP_FUNCTION,
+                "BEFORE INSERT OR UPDATE",
+                vec![r.version_column.as_str()],
+            ),
+            (
+                NOTIFY_TRIGGER,
+                NOTIFY_FUNCTION,
+                "AFTER INSERT OR UPDATE OR DELETE",
+                vec![r.name.as_str(), r.key.as_str(), r.version_column.as_str()],
+            ),
+        ] {
+            let current: Option<Vec<u8>> = tx
+                .query_opt(
+                    "SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2",
+                    &[&info.oid, &trigger],
+                )
+                .await
+                .map_err(pg("looking up triggers"))?
+                .map(|row| row.get(0));
+            let wanted: Vec<u8> = args
+                .iter()
+                .flat_map(|a| a.bytes().chain(std::iter::once(0)))
+                .collect();
+            if current.as_deref() != Some(wanted.as_slice()) {
+                let args_sql = args
+                    .iter()
+                    .map(|a| quote_literal(a))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                tx.batch_execute(&format!(
+                    "CREATE OR REPLACE TRIGGER {trigger} {timing} ON {qualified} \
+                     FOR EACH ROW EXECUTE FUNCTION {s}.{function}({args_sql})"
+                ))
+                .await
+                .map_err(pg("creating triggers"))?;
+                changes.push(format!("installed trigger {trigger} on {qualified}"));
+            }
+        }
+    }
+    tx.commit().await.map_err(pg("committing the migration"))?;
+    Ok(changes)
+}
+
+/// Resolves the configured resources (and `kv`) against the live schema.
+///
+/// # Errors
+/// [`SchemaError::NotMigrated`] when syncar's objects are missing; [`SchemaError::Invalid`]
+/// when a configured table does not fit.
+pub async fn load_catalog(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Catalog, SchemaError> {
+    let schema = &config.postgres.schema;
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    if table_oid(client, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_none()
+    {
+        return Err(SchemaError::NotMigrated(format!(
+            "sequence {schema}.{VERSION_SEQUENCE} is missing"
+        )));
+    }
+    let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
+    for r in &config.resources {
+        let info = describe_table(client, r).await?;
+        let installed: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1 AND tgname = ANY($2)",
+                &[&info.oid, &vec![STAMP_TRIGGER, NOTIFY_TRIGGER]],
+            )
+            .await
+            .map_err(pg("looking up triggers"))?
+            .get(0);
+        if installed != 2 || !info.columns.iter().any(|c| c.name == r.version_column) {
+            return Err(SchemaError::NotMigrated(format!(
+                "table {}.{} lacks its version column or triggers",
+                r.schema, r.table
+            )));
+        }
+        let key_type = key_column(&info, r)?;
+        let columns = info
+            .columns
+            .iter()
+            .filter(|c| c.name != r.version_column && (!c.readonly || c.name == r.key))
+            .map(|c| Column::new(&c.name))
+            .collect();
+        let readonly = info
+            .columns
+            .iter()
+            .filter(|c| c.readonly && c.name != r.key)
+            .map(|c| c.name.clone())
+            .collect();
+        resources.push(Resource::table(
+            r.name.clone(),
+            config.ttl_for(r),
+            &r.schema,
+            &r.table,
+            Column::new(&r.key),
+            key_type,
+            Column::new(&r.version_column),
+            columns,
+            readonly,
+        ));
+    }
+    Ok(Catalog::new(resources))
+}
+
+/// Checks the key column: a supported type with a unique index of its own.
+fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType, SchemaError> {
+    let Some(col) = info.columns.iter().find(|c| c.name == r.key) else {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} has no column {:?}",
+            r.name, r.schema, r.table, r.key
+        )));
+    };
+    let key_type = match col.type_oid {
+        TEXT_OID | VARCHAR_OID => KeyType::Text,
+        INT2_OID | INT4_OID | INT8_OID => KeyType::Int,
+        _ => {
+            return Err(SchemaError::Invalid(format!(
+                "resource {:?}: key column {:?} is {}; supported are text, varchar, smallint, integer and bigint",
+                r.name, r.key, col.type_name
+            )))
+        }
+    };
+    if !info.unique_key {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: key column {:?} of {}.{} needs a unique index (or primary key) of its own",
+            r.name, r.key, r.schema, r.table
+        )));
+    }
+    Ok(key_type)
+}
+
+async fn table_oid(
+    client: &impl GenericClient,
+    schema: &str,
+    name: &str,
+    kind: &str,
+) -> Result<Option<u32>, SchemaError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind::text = ANY(string_to_array($3, ','))",
+            &[&schema, &name, &kind.replace('r', "r,p")],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up tables",
+            source,
+        })?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+async fn describe_table(
+    client: &impl GenericClient,
+    r: &ResourceConfig,
+) -> Result<TableInfo, SchemaError> {
+    let pg = |source| SchemaError::Postgres {
+        doing: "describing a table",
+        source,
+    };
+    let Some(oid) = table_oid(client, &r.schema, &r.table, "r").await? else {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} does not exist",
+            r.name, r.schema, r.table
+        )));
+    };
+    let rows = client
+        .query(
+            "SELECT a.attnum, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), \
+                    (a.attgenerated::text <> '' OR a.attidentity::text = 'a') \
+             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(pg)?;
+    let columns: Vec<ColumnInfo> = rows
+        .iter()
+        .map(|row| ColumnInfo {
+            num: row.get(0),
+            name: row.get(1),
+            type_oid: row.get(2),
+            type_name: row.get(3),
+            readonly: row.get(4),
+        })
+        .collect();
+    let key_num = columns.iter().find(|c| c.name == r.key).map(|c| c.num);
+    let unique_key = match key_num {
+        Some(num) => client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique \
+                 AND i.indnkeyatts = 1 AND i.indkey[0] = $2 AND i.indpred IS NULL AND i.indexprs IS NULL)",
+                &[&oid, &num],
+            )
+            .await
+            .map_err(pg)?
+            .get(0),
+        None => false,
+    };
+    Ok(TableInfo {
+        oid,
+        columns,
+        unique_key,
+    })
+}
+
+/// BEFORE INSERT OR UPDATE: every row written, by anyone, takes a new version.
+/// `TG_ARGV[0]` names the version column.
+fn stamp_function_body(schema: &str) -> String {
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    format!(
+        r#"
+BEGIN
+  IF TG_ARGV[0] = 'version' THEN
+    NEW.version := nextval({seq});
+  ELSE
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], nextval({seq})));
+  END IF;
+  RETURN NEW;
+END
+"#
+    )
+}
+
+/// AFTER INSERT OR UPDATE OR DELETE: tell every instance which key changed, at which version.
+/// A delete takes a fresh version for its tombstone; an update that moves a row to another
+/// key also announces the old key as deleted. `TG_ARGV`: resource, key column, version column.
+fn notify_function_body(schema: &str) -> String {
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    format!(
+        r#"
+DECLARE
+  new_row jsonb;
+  old_row jsonb;
+  ts bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    old_row := to_jsonb(OLD);
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    new_row := to_jsonb(NEW);
+  END IF;
+  IF old_row IS NOT NULL AND (new_row IS NULL OR new_row -> TG_ARGV[1] IS DISTINCT FROM old_row -> TG_ARGV[1]) THEN
+    PERFORM {schema_q}.{SEND_FUNCTION}(TG_ARGV[0], old_row ->> TG_ARGV[1], nextval({seq}), 'delete', ts);
+  END IF;
+  IF new_row IS NOT NULL THEN
+    PERFORM {schema_q}.{SEND_FUNCTION}(TG_ARGV[0], new_row ->> TG_ARGV[1], (new_row ->> TG_ARGV[2])::bigint, 'put', ts);
+  END IF;
+  RETURN NULL;
+END
+"#,
+        schema_q = quote_ident(schema),
+    )
+}
+
+/// Sends one notification, replacing an oversized payload with a resource-wide `flush`.
+fn send_function_body() -> String {
+    let channel = quote_literal(NOTIFY_CHANNEL);
+    format!(
+        r#"
+DECLARE
+  payload text := json_build_object('resource', resource, 'key', key, 'version', version, 'op', op, 'ts_us', ts)::text;
+BEGIN
+  IF octet_length(payload) > 7900 THEN
+    payload := json_build_object('resource', resource, 'key', NULL, 'version', version, 'op', 'flush', 'ts_us', ts)::text;
+  END IF;
+  PERFORM pg_notify({channel}, payload);
+END
+"#
+    )
+}
+
+/// syncar's functions: name, signature, body. The send helper comes first: the notify
+/// trigger calls it.
+fn functions(schema: &str) -> [(&'static str, &'static str, String); 3] {
+    [
+        (
+            SEND_FUNCTION,
+            "(resource text, key text, version bigint, op text, ts bigint) RETURNS void",
+            send_function_body(),
+        ),
+        (
+            STAMP_FUNCTION,
+            "() RETURNS trigger",
+            stamp_function_body(schema),
+        ),
+        (
+            NOTIFY_FUNCTION,
+            "() RETURNS trigger",
+            notify_function_body(schema),
+        ),
+    ]
+}
+
+fn dollar_quote(body: &str) -> String {
+    assert!(!body.contains("$fn$"), "function bodies never contain $fn$");
+    format!("$fn${body}$fn$")
+}

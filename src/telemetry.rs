@@ -1,0 +1,105 @@
+//! Logs and metrics: the subscriber, the Prometheus recorder, and the name of every metric in
+//! one place. Knows nothing about what is measured.
+//!
+//! Labels never hold a cache key: a label value per key would grow the registry without bound.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Requests by `route`, `method` and `status`.
+pub const HTTP_REQUESTS: &str = "syncar_http_requests_total";
+/// Request latency by `route`, in seconds.
+pub const HTTP_DURATION: &str = "syncar_http_request_duration_seconds";
+/// Reads answered, by `tier` (`l1`, `l2`, `db`).
+pub const CACHE_HITS: &str = "syncar_cache_hits_total";
+/// Reads a tier could not answer, by `tier` (`l1`, `l2`).
+pub const CACHE_MISSES: &str = "syncar_cache_misses_total";
+/// Fills refused because the tier already held a newer version or tombstone, by `tier`.
+pub const FILLS_REJECTED: &str = "syncar_fills_rejected_total";
+/// Failed Redis commands, by `op` (`get`, `offer`, `ping`, `flush`).
+pub const REDIS_ERRORS: &str = "syncar_redis_errors_total";
+/// Writes committed in Postgres whose Redis update failed and was queued for repair.
+pub const L2_WRITE_FAILURES: &str = "syncar_l2_write_failures_after_commit_total";
+/// Queued Redis repairs, by `result` (`applied`, `failed`, `overflow_flush`).
+pub const L2_REPAIRS: &str = "syncar_l2_repairs_total";
+/// Keys waiting for a Redis repair.
+pub const L2_REPAIR_QUEUE: &str = "syncar_l2_repair_queue";
+/// Entries and weighted bytes in L1.
+pub const L1_ENTRIES: &str = "syncar_l1_entries";
+pub const L1_BYTES: &str = "syncar_l1_bytes";
+/// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
+pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
+
+/// Latency buckets, in seconds: a local L1 hit is tens of microseconds, a Postgres write
+/// milliseconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global Prometheus recorder once per process and returns its handle.
+///
+/// Several apps in one process (the tests) share it. The caller runs
+/// [`PrometheusHandle::run_upkeep`] periodically: the recorder starts no task of its own.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed already; then metrics go there.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics stays empty");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route, method and status");
+    describe_histogram!(
+        HTTP_DURATION,
+        Unit::Seconds,
+        "HTTP request latency by route"
+    );
+    describe_counter!(CACHE_HITS, "reads answered, by tier");
+    describe_counter!(CACHE_MISSES, "reads a tier could not answer, by tier");
+    describe_counter!(
+        FILLS_REJECTED,
+        "fills refused because the tier held a newer version or tombstone"
+    );
+    describe_counter!(REDIS_ERRORS, "failed Redis commands by operation");
+    describe_counter!(
+        L2_WRITE_FAILURES,
+        "writes committed in Postgres whose Redis update failed"
+    );
+    describe_counter!(L2_REPAIRS, "Redis repairs by result");
+    describe_gauge!(L2_REPAIR_QUEUE, "keys waiting for a Redis repair");
+    describe_gauge!(L1_ENTRIES, "entries in L1");
+    describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
+    describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+}
+
+/// Installs the tracing subscriber: human-readable text or one JSON object per line.
+///
+/// Does nothing if a subscriber is already installed (tests start several apps).
+pub fn init_logging(config: &LogConfig) {
+    let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

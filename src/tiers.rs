@@ -1,0 +1,406 @@
+//! The three tiers working as one: read-through (L1, then Redis, then Postgres, filling on the
+//! way back), write-through (Postgres commit first, then Redis, then L1) and the repair of
+//! Redis entries a failed write left behind. Knows nothing about HTTP.
+//!
+//! # Invariants
+//! - A write is acknowledged only after Postgres committed it.
+//! - No tier ever replaces a copy with an older one: L1 compares under its per-key lock, Redis
+//!   inside its Lua script.
+//! - A read that finds L1 knows of a newer version than the copy it loaded goes down a tier
+//!   instead of returning the older copy.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
+use crate::l1::{Offer, L1};
+use crate::l2::{L2Error, L2};
+use crate::model::{CacheKey, Cached, State, Tier, Version};
+use crate::resource::{KeyParam, Precondition, Resource};
+use crate::single_flight::SingleFlight;
+use crate::telemetry::{
+    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L2_REPAIRS, L2_REPAIR_QUEUE, L2_WRITE_FAILURES,
+};
+
+/// A servable copy and the tier that answered.
+#[derive(Clone, Debug)]
+pub struct ReadResult {
+    pub cached: Cached,
+    pub tier: Tier,
+}
+
+#[derive(Clone)]
+pub struct Tiers {
+    l1: Option<L1>,
+    l2: L2,
+    db: Db,
+    flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
+    repairs: Arc<Repairs>,
+}
+
+/// Redis entries to fix once Redis answers again: writes committed in Postgres whose Redis
+/// update failed. Each is the versioned tombstone (or absence) of that write, so applying it
+/// late is safe: the script refuses it if Redis already holds something newer.
+pub struct Repairs {
+    pending: Mutex<HashMap<CacheKey, (Cached, Duration)>>,
+    max: usize,
+    /// More failures than `max`: individual keys were lost, the whole prefix is dropped once
+    /// Redis is back.
+    overflowed: AtomicBool,
+    wake: Notify,
+}
+
+impl Tiers {
+    pub fn new(l1: Option<L1>, l2: L2, db: Db, repair_queue_max: usize) -> Self {
+        Tiers {
+            l1,
+            l2,
+            db,
+            flights: Arc::new(SingleFlight::default()),
+            repairs: Arc::new(Repairs {
+                pending: Mutex::new(HashMap::new()),
+                max: repair_queue_max,
+                overflowed: AtomicBool::new(false),
+                wake: Notify::new(),
+            }),
+        }
+    }
+
+    pub fn l1(&self) -> Option<&L1> {
+        self.l1.as_ref()
+    }
+
+    pub fn l2(&self) -> &L2 {
+        &self.l2
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    pub fn repairs(&self) -> &Arc<Repairs> {
+        &self.repairs
+    }
+
+    /// Reads one document through the tiers.
+    ///
+    /// # Concurrency
+    /// Concurrent misses of one key share one load (see [`SingleFlight`]).
+    ///
+    /// # Errors
+    /// Only when Postgres had to be asked and failed; Redis failures fall through to Postgres.
+    pub async fn get(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+    ) -> Result<ReadResult, DbError> {
+        if let Some(l1) = &self.l1 {
+            if let Some(copy) = l1.get(ck).await {
+                if copy.is_servable() {
+                    metrics::counter!(CACHE_HITS, "tier" => "l1").increment(1);
+                    return Ok(ReadResult {
+                        cached: (*copy).clone(),
+                        tier: Tier::L1,
+                    });
+                }
+            }
+            metrics::counter!(CACHE_MISSES, "tier" => "l1").increment(1);
+        }
+        self.flights.run(ck, self.load(resource, key, ck)).await
+    }
+
+    /// Loads from Redis, else Postgres, filling the tiers above.
+    async fn load(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+    ) -> Result<ReadResult, DbError> {
+        match self.l2.get(ck).await {
+            Ok(Some(copy)) if copy.is_servable() => match self.fill_l1(resource, ck, &copy).await {
+                Some(Offer::Refused(known)) if known.version > copy.version => {
+                    // L1 knows Redis is behind: go to the source.
+                    metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                }
+                _ => {
+                    metrics::counter!(CACHE_HITS, "tier" => "l2").increment(1);
+                    return Ok(ReadResult {
+                        cached: copy,
+                        tier: Tier::L2,
+                    });
+                }
+            },
+            Ok(_) | Err(L2Error::Skipped) => {
+                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+            }
+            Err(e) => {
+                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
+            }
+        }
+
+        let copy = match self.db.get(resource, key).await? {
+            Some((version, doc)) => Cached::value(version, doc),
+            None => Cached::absent(Version::NONE),
+        };
+        metrics::counter!(CACHE_HITS, "tier" => "db").increment(1);
+        if self.l2.available() {
+            match self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    metrics::counter!(FILLS_REJECTED, "tier" => "l2").increment(1);
+                }
+                Err(e) => {
+                    tracing::debug!(resource = %resource.name, error = %e, "redis fill failed")
+                }
+            }
+        }
+        // Postgres is the truth as of this read: answer with it even if L1 refuses the fill
+        // because a newer write landed meanwhile.
+        self.fill_l1(resource, ck, &copy).await;
+        Ok(ReadResult {
+            cached: copy,
+            tier: Tier::Db,
+        })
+    }
+
+    /// Offers a copy to L1 (if enabled), counting refusals.
+    async fn fill_l1(&self, resource: &Resource, ck: &CacheKey, copy: &Cached) -> Option<Offer> {
+        let l1 = self.l1.as_ref()?;
+        let offer = l1.offer(ck, copy.clone(), l1_ttl(resource, copy)).await;
+        if matches!(offer, Offer::Refused(_)) {
+            metrics::counter!(FILLS_REJECTED, "tier" => "l1").increment(1);
+        }
+        Some(offer)
+    }
+
+    /// Writes one document: Postgres (acknowledged at commit), then Redis, then L1.
+    ///
+    /// Run it to completion (spawned): a write abandoned between commit and cache updates
+    /// would leave Redis behind until its repair.
+    ///
+    /// # Errors
+    /// Postgres' failure; nothing was committed.
+    pub async fn put(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+        body: serde_json::Value,
+        pre: Precondition,
+    ) -> Result<WriteOutcome, DbError> {
+        let outcome = self.db.put(resource, key, body, pre).await?;
+        if let WriteOutcome::Written(w) = &outcome {
+            self.settle(resource, ck, Cached::value(w.version, w.doc.clone()))
+                .await;
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes one document: Postgres (acknowledged at commit), then a versioned absence in
+    /// Redis and L1 that refuses any older fill still in flight.
+    ///
+    /// # Errors
+    /// Postgres' failure; nothing was committed.
+    pub async fn delete(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+        pre: Precondition,
+    ) -> Result<DeleteOutcome, DbError> {
+        let outcome = self.db.delete(resource, key, pre).await?;
+        if let DeleteOutcome::Deleted { version } = outcome {
+            self.settle(resource, ck, Cached::absent(version)).await;
+        }
+        Ok(outcome)
+    }
+
+    /// Brings Redis and L1 up to a committed copy. A Redis failure is queued for repair, never
+    /// returned: the write is committed and is acknowledged.
+    async fn settle(&self, resource: &Resource, ck: &CacheKey, copy: Cached) {
+        let result = if self.l2.available() {
+            self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await
+        } else {
+            Err(L2Error::Skipped)
+        };
+        if let Err(e) = result {
+            metrics::counter!(L2_WRITE_FAILURES).increment(1);
+            tracing::warn!(resource = %resource.name, version = %copy.version, error = %e,
+                "redis update failed after commit; queued for repair");
+            let repair = match copy.state {
+                State::Value(_) => Cached::invalidated(copy.version),
+                _ => copy.clone(),
+            };
+            self.repairs
+                .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
+        }
+        if let Some(l1) = &self.l1 {
+            l1.offer(ck, copy.clone(), l1_ttl(resource, &copy)).await;
+        }
+    }
+}
+
+impl Repairs {
+    /// Remembers a repair, keeping the newer one if the key is already queued.
+    pub fn push(&self, key: CacheKey, copy: Cached, ttl: Duration) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match pending.get(&key) {
+            Some((queued, _)) if !copy.supersedes(queued) => {}
+            Some(_) => {
+                pending.insert(key, (copy, ttl));
+            }
+            None if pending.len() >= self.max => {
+                if !self.overflowed.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        max = self.max,
+                        "redis repair queue full; the key prefix will be dropped from redis once it answers"
+                    );
+                }
+            }
+            None => {
+                pending.insert(key, (copy, ttl));
+            }
+        }
+        metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
+        self.wake.notify_one();
+    }
+
+    /// Keys waiting for repair.
+    pub fn len(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The repair loop: applies queued repairs whenever Redis answers, backing off with jitter
+    /// while it does not. Returns when `shutdown` is cancelled.
+    pub async fn run(self: Arc<Self>, l2: L2, shutdown: CancellationToken) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            if self.is_empty() && !self.overflowed.load(Ordering::Relaxed) {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                }
+            }
+            if self.drain(&l2).await {
+                backoff = MIN_BACKOFF;
+                continue;
+            }
+            let pause = jitter(backoff, 0.5);
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Applies everything queued; false at the first Redis failure. A key leaves the queue
+    /// only once its repair is applied (and no newer one was queued meanwhile).
+    async fn drain(&self, l2: &L2) -> bool {
+        let batch: Vec<_> = {
+            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            pending
+                .iter()
+                .map(|(k, (c, ttl))| (k.clone(), c.clone(), *ttl))
+                .collect()
+        };
+        for (key, copy, ttl) in batch {
+            if let Err(e) = l2.offer(&key, &copy, ttl).await {
+                metrics::counter!(L2_REPAIRS, "result" => "failed").increment(1);
+                tracing::debug!(error = %e, "redis repair failed; retrying later");
+                return false;
+            }
+            metrics::counter!(L2_REPAIRS, "result" => "applied").increment(1);
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.get(&key).is_some_and(|(queued, _)| *queued == copy) {
+                pending.remove(&key);
+            }
+            metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
+        }
+        if self.overflowed.load(Ordering::Relaxed) {
+            match l2.flush_prefix().await {
+                Ok(removed) => {
+                    self.overflowed.store(false, Ordering::Relaxed);
+                    metrics::counter!(L2_REPAIRS, "result" => "overflow_flush").increment(1);
+                    tracing::warn!(
+                        removed,
+                        "dropped the key prefix from redis after repair overflow"
+                    );
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "redis prefix flush failed; retrying later");
+                    return false;
+                }
+            }
+        }
+        metrics::gauge!(L2_REPAIR_QUEUE).set(self.len() as f64);
+        true
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// How long a copy lives in L1.
+fn l1_ttl(resource: &Resource, copy: &Cached) -> Duration {
+    let t = &resource.ttl;
+    jitter(
+        match (&copy.state, copy.version) {
+            (State::Value(_), _) => t.l1_ttl,
+            (State::Absent, Version::NONE) => t.negative_ttl,
+            _ => t.tombstone_ttl,
+        },
+        t.ttl_jitter,
+    )
+}
+
+/// How long a copy lives in Redis.
+fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
+    let t = &resource.ttl;
+    jitter(
+        match (&copy.state, copy.version) {
+            (State::Value(_), _) => t.l2_ttl,
+            (State::Absent, Version::NONE) => t.negative_ttl,
+            _ => t.tombstone_ttl,
+        },
+        t.ttl_jitter,
+    )
+}
+
+/// `d` spread uniformly by +-`fraction`, so entries written together expire apart.
+pub fn jitter(d: Duration, fraction: f64) -> Duration {
+    if fraction <= 0.0 {
+        return d;
+    }
+    let factor = 1.0 + fraction * (fastrand::f64() * 2.0 - 1.0);
+    d.mul_f64(factor.max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_its_fraction() {
+        let base = Duration::from_secs(10);
+        for _ in 0..1000 {
+            let d = jitter(base, 0.1);
+            assert!(
+                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
+                "{d:?}"
+            );
+        }
+        assert_eq!(jitter(base, 0.0), base);
+    }
+}

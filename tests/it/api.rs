@@ -1,0 +1,506 @@
+//! The HTTP API, as an app next to syncar uses it, against real Postgres and Redis.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{eventually, request, Env, Proxy, RedisServer};
+
+#[tokio::test]
+async fn a_put_is_read_back_from_l1_with_its_etag() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+
+    let put = a.put("/v1/kv/a", r#"{"x":1}"#).await;
+    assert_eq!(put.status, 201, "{put:?}");
+    let version = put.json()["version"].as_i64().unwrap();
+    assert_eq!(put.etag_version(), version);
+
+    let get = a.get("/v1/kv/a").await;
+    assert_eq!(get.status, 200);
+    assert_eq!(get.header("x-cache"), Some("l1"));
+    assert_eq!(get.etag_version(), version);
+    assert_eq!(get.header("content-type"), Some("application/json"));
+    assert_eq!(get.json(), json!({"x": 1}));
+
+    let replaced = a.put("/v1/kv/a", r#"{"x":2}"#).await;
+    assert_eq!(replaced.status, 200);
+    assert!(replaced.etag_version() > version, "versions rise");
+
+    let head = request(a.addr(), "HEAD", "/v1/kv/a", &[], None).await;
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty());
+
+    let cached = request(
+        a.addr(),
+        "GET",
+        "/v1/kv/a",
+        &[("if-none-match", &format!("\"{}\"", replaced.etag_version()))],
+        None,
+    )
+    .await;
+    assert_eq!(cached.status, 304);
+}
+
+#[tokio::test]
+async fn a_write_lands_in_all_three_tiers_with_one_version() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let put = a.put("/v1/kv/doc", r#"{"b": [1, 2], "a": "z"}"#).await;
+    assert_eq!(put.status, 201);
+    let v = put.etag_version();
+
+    let row = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT version, value::text FROM syncar_kv WHERE key = 'doc'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (db_version, db_doc): (i64, String) = (row.get(0), row.get(1));
+    assert_eq!(db_version, v);
+
+    let redis = env.redis_entry("kv", "doc").await.expect("in redis");
+    assert_eq!(redis, format!("{v}:v:{db_doc}"));
+
+    let l1 = a
+        .state()
+        .tiers
+        .l1()
+        .unwrap()
+        .get(&syncar::model::CacheKey::new("kv", "doc"))
+        .await
+        .expect("in L1");
+    assert_eq!(l1.version.0, v);
+    assert_eq!(l1.doc().unwrap().as_ref(), db_doc.as_bytes());
+
+    // Every tier serves Postgres' rendering, so one ETag means one byte sequence.
+    assert_eq!(a.get("/v1/kv/doc").await.body.as_ref(), db_doc.as_bytes());
+}
+
+#[tokio::test]
+async fn after_a_restart_the_first_read_comes_from_redis_then_l1() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let v = a.put("/v1/kv/a", r#"{"x":1}"#).await.etag_version();
+    a.shutdown().await;
+
+    let b = env.start(|_| {}).await;
+    let first = b.get("/v1/kv/a").await;
+    assert_eq!(first.header("x-cache"), Some("l2"));
+    assert_eq!(first.etag_version(), v);
+    let second = b.get("/v1/kv/a").await;
+    assert_eq!(second.header("x-cache"), Some("l1"));
+    assert_eq!(second.etag_version(), v);
+}
+
+#[tokio::test]
+async fn a_plain_sql_write_takes_a_version_and_is_seen_once_the_ttls_pass() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| {
+            c.cache.ttl.l1_ttl = Duration::from_millis(200);
+            c.cache.ttl.l2_ttl = Duration::from_millis(400);
+            c.cache.ttl.ttl_jitter = 0.0;
+        })
+        .await;
+    let v1 = a.put("/v1/kv/k", r#""one""#).await.etag_version();
+    assert_eq!(a.get("/v1/kv/k").await.header("x-cache"), Some("l1"));
+
+    // Another service writes with plain SQL and never mentions the version.
+    let pg = env.pg().await;
+    pg.execute(
+        "UPDATE syncar_kv SET value = '\"two\"' WHERE key = 'k'",
+        &[],
+    )
+    .await
+    .unwrap();
+    let v2: i64 = pg
+        .query_one("SELECT version FROM syncar_kv WHERE key = 'k'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v2 > v1, "the trigger stamped a newer version");
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) VALUES ('fresh', '3')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let seen = eventually(
+        Duration::from_secs(5),
+        "the SQL update to be served",
+        || async {
+            let r = a.get("/v1/kv/k").await;
+            (r.etag_version() == v2).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(seen.json(), json!("two"));
+    let fresh = a.get("/v1/kv/fresh").await;
+    assert_eq!(fresh.status, 200);
+    assert_eq!(fresh.json(), json!(3));
+}
+
+#[tokio::test]
+async fn deletes_leave_a_served_absence_and_honour_if_match() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let v = a.put("/v1/kv/gone", "1").await.etag_version();
+
+    let wrong = format!("\"{}\"", v + 1000);
+    let stale = request(
+        a.addr(),
+        "DELETE",
+        "/v1/kv/gone",
+        &[("if-match", &wrong)],
+        None,
+    )
+    .await;
+    assert_eq!(stale.status, 412);
+    assert_eq!(stale.code(), "precondition_failed");
+
+    let tag = format!("\"{v}\"");
+    let del = request(
+        a.addr(),
+        "DELETE",
+        "/v1/kv/gone",
+        &[("if-match", &tag)],
+        None,
+    )
+    .await;
+    assert_eq!(del.status, 204);
+    assert!(del.etag_version() > v, "a delete takes a fresh version");
+
+    let get = a.get("/v1/kv/gone").await;
+    assert_eq!(get.status, 404);
+    assert_eq!(get.code(), "not_found");
+    assert_eq!(get.header("x-cache"), Some("l1"));
+    let redis = env.redis_entry("kv", "gone").await.unwrap();
+    assert_eq!(redis, format!("{}:a:", del.etag_version()));
+
+    assert_eq!(a.delete("/v1/kv/gone").await.status, 404);
+    let again = a.put("/v1/kv/gone", "2").await;
+    assert_eq!(again.status, 201);
+    assert!(again.etag_version() > del.etag_version());
+    assert_eq!(a.get("/v1/kv/gone").await.json(), json!(2));
+}
+
+#[tokio::test]
+async fn conditional_puts() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let put = |headers: Vec<(&'static str, String)>, body: &'static str| {
+        let addr = a.addr();
+        async move {
+            let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            request(addr, "PUT", "/v1/kv/c", &h, Some(body.as_bytes())).await
+        }
+    };
+    let must_exist = put(vec![("if-match", "*".into())], "0").await;
+    assert_eq!(must_exist.status, 412, "If-Match: * on an absent document");
+
+    let created = put(vec![("if-none-match", "*".into())], "1").await;
+    assert_eq!(created.status, 201);
+    let v1 = created.etag_version();
+    assert_eq!(
+        put(vec![("if-none-match", "*".into())], "1").await.status,
+        412
+    );
+
+    let ok = put(vec![("if-match", format!("\"{v1}\""))], "2").await;
+    assert_eq!(ok.status, 200);
+    let lost = put(vec![("if-match", format!("\"{v1}\""))], "3").await;
+    assert_eq!(lost.status, 412, "a lost update is refused");
+    assert_eq!(put(vec![("if-match", "*".into())], "4").await.status, 200);
+    assert_eq!(a.get("/v1/kv/c").await.json(), json!(4));
+
+    let bad = put(vec![("if-match", "v1".into())], "5").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.code(), "invalid_header");
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| {
+            c.server.max_body_bytes = 1024;
+            c.server.max_key_bytes = 16;
+        })
+        .await;
+    // method, path, body, status, error code
+    type Case<'a> = (&'a str, &'a str, Option<&'a [u8]>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("GET", "/v1/nope/a", None, 404, "unknown_resource"),
+        ("GET", "/v2/kv/a", None, 404, "no_route"),
+        ("GET", "/v1/kv", None, 404, "no_route"),
+        ("PUT", "/v1/kv/a", Some(b"{not json"), 400, "malformed_json"),
+        ("PUT", "/v1/kv/a", Some(b""), 400, "malformed_json"),
+        (
+            "PUT",
+            "/v1/kv/a",
+            Some(&[b'1'; 2000]),
+            413,
+            "body_too_large",
+        ),
+        ("GET", "/v1/kv/0123456789abcdefg", None, 414, "key_too_long"),
+        ("GET", "/v1/kv/%ff", None, 400, "invalid_key"),
+        ("GET", "/v1/kv/", None, 400, "invalid_key"),
+        ("POST", "/v1/kv/a", Some(b"1"), 405, "method_not_allowed"),
+        ("DELETE", "/healthz", None, 405, "method_not_allowed"),
+        (
+            "PUT",
+            "/v1/kv/a",
+            Some("\"\\u0000\"".as_bytes()),
+            422,
+            "invalid_document",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let r = request(a.addr(), method, path, &[], body).await;
+        assert_eq!(r.status, status, "{method} {path}: {r:?}");
+        assert_eq!(r.code(), code, "{method} {path}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{method} {path} explains itself"
+        );
+    }
+    let r = request(a.addr(), "POST", "/v1/kv/a", &[], None).await;
+    assert_eq!(r.header("allow"), Some("GET, HEAD, PUT, DELETE"));
+    // Still serving after all that.
+    assert_eq!(a.put("/v1/kv/a", "1").await.status, 201);
+}
+
+#[tokio::test]
+async fn absence_is_cached_briefly_and_a_write_replaces_it() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let first = a.get("/v1/kv/missing").await;
+    assert_eq!(first.status, 404);
+    assert_eq!(first.header("x-cache"), Some("db"));
+    let second = a.get("/v1/kv/missing").await;
+    assert_eq!(second.status, 404);
+    assert_eq!(second.header("x-cache"), Some("l1"));
+    assert_eq!(
+        env.redis_entry("kv", "missing").await.as_deref(),
+        Some("0:a:")
+    );
+
+    assert_eq!(a.put("/v1/kv/missing", "1").await.status, 201);
+    let now = a.get("/v1/kv/missing").await;
+    assert_eq!(now.status, 200);
+    assert_eq!(now.header("x-cache"), Some("l1"));
+}
+
+#[tokio::test]
+async fn keys_reach_sql_only_as_bind_parameters() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let evil = "x'; DROP TABLE syncar_kv; --";
+    let path = format!("/v1/kv/{}", evil.replace(' ', "%20").replace('\'', "%27"));
+    assert_eq!(a.put(&path, "1").await.status, 201);
+    let r = a.get(&path).await;
+    assert_eq!(r.status, 200);
+    let stored: String = env
+        .pg()
+        .await
+        .query_one("SELECT key FROM syncar_kv", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, evil);
+    // Keys may hold slashes and any UTF-8.
+    assert_eq!(a.put("/v1/kv/a/b/%C3%A9", "2").await.status, 201);
+    assert_eq!(a.get("/v1/kv/a%2Fb%2F%C3%A9").await.json(), json!(2));
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let h = a.get("/healthz").await;
+    assert_eq!(h.status, 200);
+    let r = a.get("/readyz").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = r.json();
+    assert_eq!(body["ready"], true);
+    for dep in ["postgres", "redis", "schema"] {
+        assert_eq!(body["checks"][dep]["ok"], true, "{dep}");
+    }
+    a.put("/v1/kv/m", "1").await;
+    a.get("/v1/kv/m").await;
+    let m = a.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8_lossy(&m.body);
+    for needle in [
+        "syncar_http_requests_total{",
+        "route=\"document\"",
+        "syncar_cache_hits_total{tier=\"l1\"}",
+        "syncar_http_request_duration_seconds_bucket{",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from /metrics");
+    }
+}
+
+/// Redis down: reads fall through to Postgres, writes are still acknowledged, and the Redis
+/// entries those writes could not update are repaired once Redis is back.
+#[tokio::test]
+async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired() {
+    let env = Env::new().await;
+    let redis = RedisServer::start();
+    let a = env
+        .start(|c| {
+            c.redis.url = redis.url();
+            c.redis.retry_interval = Duration::from_millis(200);
+        })
+        .await;
+    let v_old = a.put("/v1/kv/w", "1").await.etag_version();
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO syncar_kv (key, value) VALUES ('cold', '7')",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    redis.kill();
+    let cold = a.get("/v1/kv/cold").await;
+    assert_eq!(cold.status, 200, "{cold:?}");
+    assert_eq!(cold.header("x-cache"), Some("db"));
+    assert_eq!(cold.json(), json!(7));
+
+    let put = a.put("/v1/kv/w", "2").await;
+    assert_eq!(put.status, 200, "acknowledged with Redis down: {put:?}");
+    let v_new = put.etag_version();
+    assert!(v_new > v_old);
+    let row: i64 = env
+        .pg()
+        .await
+        .query_one("SELECT version FROM syncar_kv WHERE key = 'w'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(row, v_new, "committed");
+    assert_eq!(a.get("/v1/kv/w").await.json(), json!(2));
+    let ready = a.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["checks"]["redis"]["ok"], false);
+    assert!(
+        !a.state().tiers.repairs().is_empty(),
+        "the missed Redis update is queued"
+    );
+
+    redis.restart();
+    let repairs = a.state().tiers.repairs().clone();
+    eventually(Duration::from_secs(10), "the repair queue to drain", || {
+        let repairs = repairs.clone();
+        async move { repairs.is_empty().then_some(()) }
+    })
+    .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let entry: Option<String> = redis::cmd("GET")
+        .arg(format!("{}kv:w", env.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        entry,
+        Some(format!("{v_new}:i:")),
+        "a tombstone of the missed version keeps older fills out"
+    );
+    eventually(Duration::from_secs(5), "readiness to return", || async {
+        (a.get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+}
+
+/// Postgres unreachable: cached documents are still served, misses and writes get 503 with
+/// Retry-After, and everything works again once it is back.
+#[tokio::test]
+async fn with_postgres_unreachable_misses_and_writes_get_503() {
+    let env = Env::new().await;
+    let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(pg_addr).await;
+    let url = env.pg_url.replace(
+        &format!(":{}/", pg_addr.port()),
+        &format!(":{}/", proxy.addr.port()),
+    );
+    let a = env
+        .start(|c| {
+            c.postgres.url = url;
+            c.postgres.connect_timeout = Duration::from_millis(300);
+            c.postgres.pool_timeout = Duration::from_millis(300);
+            c.postgres.retry_after = Duration::from_secs(3);
+        })
+        .await;
+    assert_eq!(a.put("/v1/kv/hot", "1").await.status, 201);
+
+    proxy.cut();
+    let hit = a.get("/v1/kv/hot").await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-cache"), Some("l1"));
+
+    let miss = a.get("/v1/kv/cold").await;
+    assert_eq!(miss.status, 503, "{miss:?}");
+    assert_eq!(miss.code(), "unavailable");
+    assert_eq!(miss.header("retry-after"), Some("3"));
+    let write = a.put("/v1/kv/hot", "2").await;
+    assert_eq!(write.status, 503);
+    assert_eq!(
+        a.get("/v1/kv/hot").await.json(),
+        json!(1),
+        "nothing changed"
+    );
+
+    proxy.restore();
+    let back = eventually(
+        Duration::from_secs(10),
+        "postgres to be usable again",
+        || async {
+            let r = a.put("/v1/kv/hot", "3").await;
+            (r.status == 200).then_some(r)
+        },
+    )
+    .await;
+    assert!(back.etag_version() > hit.etag_version());
+}
+
+#[tokio::test]
+async fn document_requests_wait_for_the_schema_with_503() {
+    let env = Env::new().await;
+    let mut config = env.config();
+    config.postgres.url = format!(
+        "postgres://postgres:hunter2-secret@127.0.0.1:{}/x",
+        crate::support::free_port()
+    );
+    let app = syncar::App::start(config).await.unwrap();
+    let r = request(app.addr(), "GET", "/v1/kv/a", &[], None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.code(), "starting");
+    assert!(r.header("retry-after").is_some());
+    assert_eq!(
+        request(app.addr(), "GET", "/healthz", &[], None)
+            .await
+            .status,
+        200
+    );
+    let ready = request(app.addr(), "GET", "/readyz", &[], None).await;
+    assert_eq!(ready.status, 503);
+    let text = String::from_utf8_lossy(&ready.body).to_string();
+    assert!(!text.contains("hunter2-secret"), "password leaked: {text}");
+    assert_eq!(ready.json()["checks"]["postgres"]["ok"], false);
+    app.shutdown().await;
+}

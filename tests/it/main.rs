@@ -1,0 +1,8 @@
+//! Integration tests: one binary, so the servers start once. See `support` for how.
+
+mod api;
+mod cli;
+mod schema;
+mod support;
+mod tables;
+mod tiers;

@@ -1,0 +1,192 @@
+//! The migration and the triggers it installs, observed from plain SQL.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use syncar::schema::NOTIFY_CHANNEL;
+
+use crate::support::Env;
+
+#[tokio::test]
+async fn the_migration_is_idempotent() {
+    let env = Env::new().await;
+    let config = env.config();
+    let first = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        first.iter().any(|c| c.contains("syncar_version_seq")),
+        "{first:?}"
+    );
+    assert!(first.iter().any(|c| c.contains("syncar_kv")), "{first:?}");
+    let second = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        second.is_empty(),
+        "a second run changes nothing: {second:?}"
+    );
+}
+
+/// Listens on the notify channel on a connection of its own, and collects payloads.
+async fn listen(
+    env: &Env,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<Value>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(&env.pg_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(msg)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let _ = tx.send(serde_json::from_str(n.payload()).unwrap());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a notification")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_write_by_anyone_is_stamped_and_announced() {
+    let env = Env::new().await;
+    syncar::app::run_migration(&env.config()).await.unwrap();
+    let (_listener, mut rx) = listen(&env).await;
+    let pg = env.pg().await;
+
+    let v1: i64 = pg
+        .query_one(
+            "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let n = next(&mut rx).await;
+    assert_eq!(n["resource"], "kv");
+    assert_eq!(n["key"], "a");
+    assert_eq!(n["version"], v1);
+    assert_eq!(n["op"], "put");
+    assert!(n["ts_us"].as_i64().unwrap() > 1_600_000_000_000_000, "{n}");
+
+    // A writer that sets the version itself is overruled.
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2', version = 1 WHERE key = 'a' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v2 > v1);
+    assert_eq!(next(&mut rx).await["version"], v2);
+
+    // Moving a row to another key announces the old key as deleted.
+    pg.execute("UPDATE syncar_kv SET key = 'b' WHERE key = 'a'", &[])
+        .await
+        .unwrap();
+    let (x, y) = (next(&mut rx).await, next(&mut rx).await);
+    assert_eq!(
+        (x["key"].as_str(), x["op"].as_str()),
+        (Some("a"), Some("delete"))
+    );
+    assert_eq!(
+        (y["key"].as_str(), y["op"].as_str()),
+        (Some("b"), Some("put"))
+    );
+
+    pg.execute("DELETE FROM syncar_kv WHERE key = 'b'", &[])
+        .await
+        .unwrap();
+    let d = next(&mut rx).await;
+    assert_eq!(d["op"], "delete");
+    assert!(
+        d["version"].as_i64().unwrap() > y["version"].as_i64().unwrap(),
+        "a delete takes a fresh version"
+    );
+
+    // A rolled-back write announces nothing.
+    pg.batch_execute("BEGIN; INSERT INTO syncar_kv (key, value) VALUES ('r', '1'); ROLLBACK;")
+        .await
+        .unwrap();
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) VALUES ('after', '1')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut rx).await["key"], "after");
+}
+
+#[tokio::test]
+async fn an_oversized_key_announces_a_flush_instead_of_failing_the_writer() {
+    let env = Env::new().await;
+    syncar::app::run_migration(&env.config()).await.unwrap();
+    let (_listener, mut rx) = listen(&env).await;
+    let key = "k".repeat(9000);
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO syncar_kv (key, value) VALUES ($1, '1')",
+            &[&key],
+        )
+        .await
+        .expect("the write succeeds");
+    let n = next(&mut rx).await;
+    assert_eq!(n["op"], "flush");
+    assert_eq!(n["key"], Value::Null);
+    assert_eq!(n["resource"], "kv");
+}
+
+#[tokio::test]
+async fn a_custom_version_column_is_stamped_too() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE items (sku text PRIMARY KEY, qty int NOT NULL)")
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config.resources.push(syncar::config::ResourceConfig {
+        name: "items".into(),
+        table: "items".into(),
+        schema: "public".into(),
+        key: "sku".into(),
+        version_column: "row_version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    });
+    syncar::app::run_migration(&config).await.unwrap();
+    let pg = env.pg().await;
+    let v: i64 = pg
+        .query_one(
+            "INSERT INTO items VALUES ('a', 1) RETURNING row_version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let w: i64 = pg
+        .query_one("UPDATE items SET qty = 2 RETURNING row_version", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(w > v && v > 0);
+    assert!(syncar::app::run_migration(&config)
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -1,0 +1,206 @@
+//! Configured resources on existing tables: versioning added by the migration, documents as
+//! rows, and Postgres checking the types.
+
+use serde_json::json;
+
+use crate::support::{request, Env};
+
+async fn users_env() -> Env {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE users (
+                id integer PRIMARY KEY,
+                name text NOT NULL,
+                age integer CHECK (age >= 0),
+                email text UNIQUE,
+                created timestamptz NOT NULL DEFAULT '2020-01-01T00:00:00Z',
+                name_upper text GENERATED ALWAYS AS (upper(name)) STORED
+             );
+             INSERT INTO users (id, name) VALUES (1, 'existing');",
+        )
+        .await
+        .unwrap();
+    env
+}
+
+fn users(c: &mut syncar::Config) {
+    c.resources.push(syncar::config::ResourceConfig {
+        name: "users".into(),
+        table: "users".into(),
+        schema: "public".into(),
+        key: "id".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    });
+}
+
+#[tokio::test]
+async fn rows_are_documents_with_versions() {
+    let env = users_env().await;
+    let a = env.start(users).await;
+
+    let existing = a.get("/v1/users/1").await;
+    assert_eq!(existing.status, 200, "{existing:?}");
+    assert!(
+        existing.etag_version() > 0,
+        "the migration versioned existing rows"
+    );
+    let doc = existing.json();
+    assert_eq!(doc["name"], "existing");
+    assert!(
+        doc.get("version").is_none(),
+        "the version column is not part of the document"
+    );
+
+    let put = a.put("/v1/users/2", r#"{"name":"ann","age":3}"#).await;
+    assert_eq!(put.status, 201, "{put:?}");
+    let got = a.get("/v1/users/2").await;
+    assert_eq!(got.etag_version(), put.etag_version());
+    assert_eq!(
+        got.json(),
+        json!({"id": 2, "name": "ann", "age": 3, "email": null,
+               "created": "2020-01-01T00:00:00+00:00", "name_upper": "ANN"})
+    );
+
+    // A document read can be written back (generated column and all).
+    let mut doc = got.json();
+    doc["age"] = json!(4);
+    let back = a.put("/v1/users/2", &doc.to_string()).await;
+    assert_eq!(back.status, 200, "{back:?}");
+    assert_eq!(a.get("/v1/users/2").await.json()["age"], 4);
+
+    // PUT replaces the row: absent columns take their default, on update as on insert.
+    let replaced = a.put("/v1/users/2", r#"{"name":"bo","email":"a@x"}"#).await;
+    assert_eq!(replaced.status, 200);
+    let now = a.get("/v1/users/2").await.json();
+    assert_eq!(
+        (now["age"].clone(), now["email"].clone()),
+        (json!(null), json!("a@x"))
+    );
+    let tag = format!("\"{}\"", replaced.etag_version());
+    let conditional = request(
+        a.addr(),
+        "PUT",
+        "/v1/users/2",
+        &[("if-match", &tag)],
+        Some(br#"{"name":"cy","age":5}"#),
+    )
+    .await;
+    assert_eq!(conditional.status, 200, "{conditional:?}");
+    let now = a.get("/v1/users/2").await.json();
+    assert_eq!(
+        (
+            now["name"].clone(),
+            now["age"].clone(),
+            now["email"].clone()
+        ),
+        (json!("cy"), json!(5), json!(null))
+    );
+    let touch = request(
+        a.addr(),
+        "PUT",
+        "/v1/users/2",
+        &[("if-match", "*")],
+        Some(b"{}"),
+    )
+    .await;
+    assert_eq!(
+        touch.status, 422,
+        "name is NOT NULL without a default: {touch:?}"
+    );
+
+    let del = a.delete("/v1/users/2").await;
+    assert_eq!(del.status, 204);
+    assert_eq!(a.get("/v1/users/2").await.status, 404);
+}
+
+#[tokio::test]
+async fn postgres_checks_the_types_and_constraints() {
+    let env = users_env().await;
+    let a = env.start(users).await;
+    for (body, why) in [
+        (
+            r#"{"name":"x","age":"old"}"#,
+            "invalid input syntax for type integer",
+        ),
+        (r#"{"age":3}"#, "null value in column \"name\""),
+        (r#"{"name":"x","age":-1}"#, "check constraint"),
+        (r#"{"name":"x","bogus":1}"#, "not a column"),
+        (r#"{"id":9,"name":"x"}"#, "in the URL"),
+        (r#"[1,2]"#, "JSON object"),
+    ] {
+        let r = a.put("/v1/users/3", body).await;
+        assert_eq!(r.status, 422, "{body}: {r:?}");
+        assert_eq!(r.code(), "invalid_document");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(why), "{body}: {message}");
+    }
+    assert_eq!(
+        a.put("/v1/users/4", r#"{"name":"a","email":"same"}"#)
+            .await
+            .status,
+        201
+    );
+    let dup = a.put("/v1/users/5", r#"{"name":"b","email":"same"}"#).await;
+    assert_eq!(dup.status, 409);
+    assert_eq!(dup.code(), "conflict");
+
+    let bad_key = a.get("/v1/users/abc").await;
+    assert_eq!(bad_key.status, 400);
+    assert_eq!(bad_key.code(), "invalid_key");
+    let injected = request(
+        a.addr(),
+        "GET",
+        "/v1/users/1%3B%20DROP%20TABLE%20users",
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(injected.status, 400);
+    assert_eq!(
+        a.get("/v1/users/1").await.status,
+        200,
+        "the table is still there"
+    );
+}
+
+#[tokio::test]
+async fn a_table_that_does_not_fit_is_reported_on_readyz() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE nokey (id integer, name text)")
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config.resources.push(syncar::config::ResourceConfig {
+        name: "nokey".into(),
+        table: "nokey".into(),
+        schema: "public".into(),
+        key: "id".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    });
+    let app = syncar::App::start(config).await.unwrap();
+    let err = app
+        .ready(std::time::Duration::from_millis(1500))
+        .await
+        .unwrap_err();
+    assert!(err.contains("unique index"), "{err}");
+    let ready = request(app.addr(), "GET", "/readyz", &[], None).await;
+    assert_eq!(ready.status, 503);
+    let schema = ready.json()["checks"]["schema"].clone();
+    assert!(
+        schema["error"].as_str().unwrap().contains("unique index"),
+        "{schema}"
+    );
+    app.shutdown().await;
+}

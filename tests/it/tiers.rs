@@ -1,0 +1,165 @@
+//! Versioned tiers against the real servers: the Redis script and the fill/invalidate race.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use syncar::config::RedisConfig;
+use syncar::l1::Offer;
+use syncar::l2::L2;
+use syncar::model::{CacheKey, Cached, Version};
+
+use crate::support::Env;
+
+const TTL: Duration = Duration::from_secs(60);
+
+fn value(v: i64) -> Cached {
+    Cached::value(Version(v), Bytes::from(format!("{{\"v\":{v}}}")))
+}
+
+fn l2(env: &Env) -> L2 {
+    L2::new(&RedisConfig {
+        url: env.redis_url.clone(),
+        key_prefix: env.prefix.clone(),
+        ..RedisConfig::default()
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_redis_script_applies_only_newer_copies() {
+    let env = Env::new().await;
+    let l2 = l2(&env);
+    let k = CacheKey::new("kv", "s");
+    assert!(l2.offer(&k, &value(5), TTL).await.unwrap());
+    assert!(
+        !l2.offer(&k, &value(4), TTL).await.unwrap(),
+        "older refused"
+    );
+    assert!(!l2.offer(&k, &value(5), TTL).await.unwrap(), "same refused");
+    assert_eq!(l2.get(&k).await.unwrap(), Some(value(5)));
+
+    // An invalidation's tombstone, then the late fill of the old version: refused.
+    assert!(l2
+        .offer(&k, &Cached::invalidated(Version(6)), TTL)
+        .await
+        .unwrap());
+    assert!(!l2.offer(&k, &value(5), TTL).await.unwrap());
+    assert!(
+        l2.offer(&k, &value(6), TTL).await.unwrap(),
+        "the awaited copy lands"
+    );
+    assert!(!l2
+        .offer(&k, &Cached::invalidated(Version(6)), TTL)
+        .await
+        .unwrap());
+
+    // A delete's tombstone refuses a slow reader's fill of the deleted version.
+    assert!(l2
+        .offer(&k, &Cached::absent(Version(7)), TTL)
+        .await
+        .unwrap());
+    assert!(!l2.offer(&k, &value(6), TTL).await.unwrap());
+    assert_eq!(l2.get(&k).await.unwrap(), Some(Cached::absent(Version(7))));
+
+    // Versions compare as numbers, not strings: 10 > 9, and exactly beyond 2^53.
+    let n = CacheKey::new("kv", "n");
+    assert!(l2.offer(&n, &value(10), TTL).await.unwrap());
+    assert!(!l2.offer(&n, &value(9), TTL).await.unwrap());
+    let big = 9_007_199_254_740_993; // 2^53 + 1: a float would round it to 2^53
+    assert!(l2.offer(&n, &value(big - 1), TTL).await.unwrap());
+    assert!(l2.offer(&n, &value(big), TTL).await.unwrap());
+    assert!(!l2.offer(&n, &value(big - 1), TTL).await.unwrap());
+
+    // Entries expire.
+    let e = CacheKey::new("kv", "e");
+    assert!(l2
+        .offer(&e, &value(1), Duration::from_millis(50))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(l2.get(&e).await.unwrap(), None);
+}
+
+/// The fill/invalidate race through the real tiers of one instance: a read loads version N
+/// from Postgres and is held; N+1 commits elsewhere and its invalidation reaches this
+/// instance; the held fill then arrives and is refused, and the next read serves N+1.
+#[tokio::test]
+async fn a_slow_load_cannot_undo_an_invalidation() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let b = env.start(|_| {}).await;
+    let v1 = a.put("/v1/kv/race", r#""old""#).await.etag_version();
+
+    let tiers = &b.state().tiers;
+    let catalog = b.state().catalog().unwrap();
+    let kv = catalog.get("kv").unwrap();
+    let key = kv.parse_key("race").unwrap();
+    let ck = CacheKey::new("kv", "race");
+
+    // The slow reader on B has loaded the old row...
+    let (version, doc) = tiers.db().get(kv, &key).await.unwrap().unwrap();
+    assert_eq!(version.0, v1);
+    let loaded = Cached::value(version, doc);
+
+    // ...while A commits a new version and B receives the invalidation.
+    let v2 = a.put("/v1/kv/race", r#""new""#).await.etag_version();
+    let l1 = tiers.l1().unwrap();
+    assert_eq!(
+        l1.offer(&ck, Cached::invalidated(Version(v2)), TTL).await,
+        Offer::Applied
+    );
+
+    // The held fill arrives last and is refused.
+    assert!(matches!(
+        l1.offer(&ck, loaded, TTL).await,
+        Offer::Refused(_)
+    ));
+    let read = b.get("/v1/kv/race").await;
+    assert_eq!(read.etag_version(), v2);
+    assert_eq!(read.json(), serde_json::json!("new"));
+    assert_eq!(
+        read.header("x-cache"),
+        Some("l2"),
+        "the tombstone sent the read below L1"
+    );
+    assert_eq!(b.get("/v1/kv/race").await.header("x-cache"), Some("l1"));
+}
+
+/// Redis behind L1's knowledge: when L1 holds a tombstone newer than Redis' copy, the read
+/// skips Redis' copy and goes to Postgres.
+#[tokio::test]
+async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let v1 = a.put("/v1/kv/k", "1").await.etag_version();
+    // Postgres moves on without Redis (a plain SQL write), and the invalidation reaches L1.
+    let v2: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        env.redis_entry("kv", "k").await.unwrap(),
+        format!("{v1}:v:1")
+    );
+    let ck = CacheKey::new("kv", "k");
+    a.state()
+        .tiers
+        .l1()
+        .unwrap()
+        .offer(&ck, Cached::invalidated(Version(v2)), TTL)
+        .await;
+    let read = a.get("/v1/kv/k").await;
+    assert_eq!(read.header("x-cache"), Some("db"));
+    assert_eq!(read.etag_version(), v2);
+    assert_eq!(
+        env.redis_entry("kv", "k").await.unwrap(),
+        format!("{v2}:v:2"),
+        "Redis repaired by the fill"
+    );
+}
