@@ -167,10 +167,12 @@ pub async fn migrate(
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         match info.columns.iter().find(|c| c.name == r.version_column) {
             Some(c) if c.type_oid == INT8_OID => {}
-            Some(c) => return Err(SchemaError::Invalid(format!(
+            Some(c) => {
+                return Err(SchemaError::Invalid(format!(
                 "resource {:?}: column {:?} of table {} is {}, but a version column must be bigint",
                 r.name, r.version_column, qualified, c.type_name
-            ))),
+            )))
+            }
             None => {
                 // A volatile default gives every existing row its own version.
                 tx.batch_execute(&format!(

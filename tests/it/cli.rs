@@ -109,6 +109,7 @@ fn passwords_never_reach_the_logs() {
             format!("redis://:rd-s3cret@127.0.0.1:{}", free_port()),
         )
         .env("SYNCAR_LOG", "debug")
+        .env("SYNCAR_LOG_FORMAT", "json")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -124,4 +125,12 @@ fn passwords_never_reach_the_logs() {
     assert!(logs.contains("syncar listening"), "{logs}");
     assert!(logs.contains("schema not ready"), "{logs}");
     assert!(!logs.contains("s3cret"), "a password leaked:\n{logs}");
+    for line in logs.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            event["level"].is_string() && event["message"].is_string(),
+            "{line}"
+        );
+    }
 }

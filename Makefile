@@ -1,0 +1,39 @@
+# syncar: two commands on a fresh machine.
+#   make run    local Postgres + Redis (installed if absent), migrate, serve on 127.0.0.1:7070
+#   make test   the whole test suite (real Postgres and Redis, started by the tests)
+
+SYNCAR_LISTEN ?= 127.0.0.1:7070
+DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
+
+.PHONY: run test lint fmt services-up services-down clean-run
+
+run: services-up
+	cargo build --release
+	@echo
+	@echo "syncar on http://$(SYNCAR_LISTEN); try, in another shell:"
+	@echo "  curl -i -X PUT http://$(SYNCAR_LISTEN)/v1/kv/a -d '{\"x\":1}'"
+	@echo "  curl -i http://$(SYNCAR_LISTEN)/v1/kv/a          # X-Cache: l1, the PUT's ETag"
+	@echo "  curl -i -X DELETE http://$(SYNCAR_LISTEN)/v1/kv/a"
+	@echo "  curl -s http://$(SYNCAR_LISTEN)/readyz; curl -s http://$(SYNCAR_LISTEN)/metrics | head"
+	@echo "Ctrl-C stops syncar; 'make services-down' stops Postgres and Redis."
+	@echo
+	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) ./target/release/syncar serve --config config/syncar.toml
+
+test:
+	cargo test
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt
+
+services-up:
+	scripts/dev-services.sh up
+
+services-down:
+	scripts/dev-services.sh down
+
+clean-run: services-down
+	rm -rf .run
