@@ -9,9 +9,10 @@
 //! requests get 503 with `Retry-After` until it is.
 //!
 //! # Shutdown
-//! Stop accepting; let in-flight requests finish within `server.shutdown_grace`; wait for
-//! spawned writes (their commit is acknowledged only once caches are updated); stop the
-//! background tasks.
+//! Stop accepting; let in-flight requests finish within `server.shutdown_grace`, then close
+//! the connections left; wait for spawned writes (their commit is acknowledged only once
+//! caches are updated); then stop the Redis repair loop, which makes a last attempt at what is
+//! queued.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -55,6 +56,9 @@ pub struct App {
     addr: SocketAddr,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Stops the tasks that must outlive in-flight writes (Redis repair), after them.
+    background: CancellationToken,
+    background_tasks: TaskTracker,
 }
 
 /// Why the instance could not start.
@@ -149,9 +153,16 @@ impl App {
             shutdown.clone(),
         ));
         tasks.spawn(schema_task(state.clone(), shutdown.clone()));
-        tasks.spawn(tiers.repairs().clone().run(l2, shutdown.clone()));
         tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
         tasks.close();
+        let background = CancellationToken::new();
+        let background_tasks = TaskTracker::new();
+        background_tasks.spawn(tiers.repairs().clone().run(
+            l2,
+            background.clone(),
+            config.server.shutdown_grace,
+        ));
+        background_tasks.close();
 
         tracing::info!(
             addr = %local,
@@ -165,6 +176,8 @@ impl App {
             addr: local,
             shutdown,
             tasks,
+            background,
+            background_tasks,
         })
     }
 
@@ -198,6 +211,8 @@ impl App {
         self.tasks.wait().await;
         self.state.writes.close();
         self.state.writes.wait().await;
+        self.background.cancel();
+        self.background_tasks.wait().await;
         tracing::info!("syncar stopped");
     }
 

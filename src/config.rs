@@ -131,8 +131,8 @@ pub struct TtlConfig {
     /// Lifetime of a cached "not found", in both tiers.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
-    /// Lifetime of a tombstone (left by a delete or an invalidation). Must outlive any load,
-    /// so it is checked to exceed `postgres.statement_timeout` and `redis.timeout`.
+    /// Lifetime of a tombstone (left by a delete or an invalidation). Never jittered. Must
+    /// outlive any load, so it is checked to exceed [`Config::longest_load`].
     #[serde(with = "humantime_serde")]
     pub tombstone_ttl: Duration,
     /// Random spread of every TTL, as a fraction (0.1: +-10%), so entries written together do
@@ -501,6 +501,14 @@ impl Config {
         }
     }
 
+    /// The longest a read's load can run: it is dropped with its request at
+    /// `request_timeout`, and its steps are each bounded.
+    pub fn longest_load(&self) -> Duration {
+        let steps =
+            self.postgres.pool_timeout + self.postgres.statement_timeout + self.redis.timeout * 2;
+        steps.min(self.server.request_timeout)
+    }
+
     /// The instance name: configured, or the hostname.
     pub fn instance_name(&self) -> String {
         if let Some(name) = &self.instance {
@@ -535,12 +543,12 @@ impl Config {
                 "must be between 0.0 and 0.5".into(),
             );
         }
-        let longest_load = self.postgres.statement_timeout + self.redis.timeout;
+        let longest_load = self.longest_load();
         if ttl.tombstone_ttl <= longest_load {
             bad(
                 &format!("{at}.tombstone_ttl"),
                 format!(
-                    "must exceed postgres.statement_timeout + redis.timeout ({}), the longest a load can take, or a slow load could land after its tombstone expired",
+                    "must exceed the longest a load can take ({}: the smaller of server.request_timeout and postgres.pool_timeout + postgres.statement_timeout + 2 x redis.timeout), or a slow load could land after its tombstone expired",
                     humantime::format_duration(longest_load)
                 ),
             );

@@ -11,7 +11,7 @@ use tokio_postgres::NoTls;
 
 use crate::config::PostgresConfig;
 use crate::model::Version;
-use crate::resource::{KeyParam, Param, Precondition, Resource};
+use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
 use crate::schema::VERSION_SEQUENCE;
 
 /// A failed Postgres call, classified for the client. Cloneable, so one load's error can be
@@ -144,8 +144,15 @@ impl Db {
             })
             .collect();
         let client = self.client().await?;
-        let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
-        let row = client.query_opt(&stmt, &params).await.map_err(classify)?;
+        let row = if matches!(resource.shape, Shape::Kv) {
+            let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
+            client.query_opt(&stmt, &params).await
+        } else {
+            // A table write's SQL depends on which columns the body has: an unnamed statement,
+            // so clients cannot grow the statement caches without bound.
+            client.query_opt(write.sql.as_str(), &params).await
+        }
+        .map_err(classify)?;
         Ok(match row {
             Some(row) => {
                 let doc: String = row.get(1);
@@ -204,8 +211,8 @@ impl Db {
         // the row was gone: currval() is that version.
         let stmt = tx
             .prepare_cached(&format!(
-                "SELECT currval('{}.{VERSION_SEQUENCE}')",
-                self.schema
+                "SELECT currval({})",
+                quote_literal(&format!("{}.{VERSION_SEQUENCE}", self.schema))
             ))
             .await
             .map_err(classify)?;

@@ -137,7 +137,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         .header_read_timeout(state.config.server.header_read_timeout)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -157,7 +160,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
             async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
@@ -171,6 +174,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
             tracing::warn!(grace = ?grace, "connections still open after the grace period; closing them");
         }
     }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 /// One request: route, answer, count.
@@ -287,7 +292,8 @@ async fn document(
         .clone();
     let key = decode_key(raw_key, state.config.server.max_key_bytes)?;
     let param = resource.parse_key(&key).map_err(ApiError::InvalidKey)?;
-    let ck = CacheKey::new(&resource.name, &key);
+    // From the parsed key: `07` and `7` name one row, so they must name one cache entry.
+    let ck = CacheKey::new(&resource.name, &param.to_string());
 
     match method {
         Method::GET | Method::HEAD => {

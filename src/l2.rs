@@ -76,6 +76,8 @@ pub struct L2 {
     script: Arc<Script>,
     /// Milliseconds since `epoch` until which reads skip Redis; 0 when healthy.
     skip_until: Arc<AtomicU64>,
+    /// Notified when a command succeeds after a failure: Redis is back.
+    recovered: Arc<tokio::sync::Notify>,
     epoch: Instant,
 }
 
@@ -115,6 +117,7 @@ impl L2 {
             retry_interval: config.retry_interval,
             script: Arc::new(Script::new(OFFER_SCRIPT)),
             skip_until: Arc::new(AtomicU64::new(0)),
+            recovered: Arc::new(tokio::sync::Notify::new()),
             epoch: Instant::now(),
         })
     }
@@ -224,6 +227,11 @@ impl L2 {
         }
     }
 
+    /// Completes when a command succeeds after a failure (one waiter at a time).
+    pub async fn recovered(&self) {
+        self.recovered.notified().await;
+    }
+
     /// The Redis key of a cache key.
     pub fn redis_key(&self, key: &CacheKey) -> String {
         format!("{}{}", self.prefix, key.as_str())
@@ -241,8 +249,8 @@ impl L2 {
         };
         match &result {
             Ok(_) => {
-                if self.skip_until.load(Ordering::Relaxed) != 0 {
-                    self.skip_until.store(0, Ordering::Relaxed);
+                if self.skip_until.swap(0, Ordering::Relaxed) != 0 {
+                    self.recovered.notify_one();
                 }
             }
             Err(_) => {

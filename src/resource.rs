@@ -82,6 +82,16 @@ pub enum KeyParam {
     Int(i64),
 }
 
+impl std::fmt::Display for KeyParam {
+    /// The canonical text of a key: what the notify trigger sends and the caches are keyed by.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyParam::Text(s) => f.write_str(s),
+            KeyParam::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
 /// Conditions on a write, from `If-Match` / `If-None-Match`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Precondition {
@@ -419,7 +429,7 @@ impl Resource {
         match self.shape {
             Shape::Kv => "t.value::text".into(),
             Shape::Table { .. } => format!(
-                "(to_jsonb(t) - {})::text",
+                "(to_jsonb(t.*) - {})::text",
                 quote_literal(&self.version.name)
             ),
         }

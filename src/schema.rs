@@ -215,6 +215,21 @@ pub async fn migrate(
                 .iter()
                 .flat_map(|a| a.bytes().chain(std::iter::once(0)))
                 .collect();
+            if current.is_none() && trigger == STAMP_TRIGGER {
+                // Adopting a table: versions already in it (an existing bigint column) must
+                // stay below every version the trigger hands out from now on.
+                tx.execute(
+                    &format!(
+                        "SELECT setval({seq}, greatest((SELECT last_value FROM {s}.{VERSION_SEQUENCE}), \
+                         (SELECT coalesce(max({col}), 0) FROM {qualified}), 1))",
+                        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+                        col = quote_ident(&r.version_column),
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(pg("aligning the version sequence"))?;
+            }
             if current.as_deref() != Some(wanted.as_slice()) {
                 let args_sql = args
                     .iter()

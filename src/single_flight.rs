@@ -45,6 +45,14 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         value
     }
 
+    /// Detaches the load in flight for `key`, if any: callers already waiting keep waiting for
+    /// it, later callers start a new load. Called when `key` changed, so that nobody who asks
+    /// after the change gets a result read before it.
+    pub fn forget(&self, key: &K) {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        map.remove(key);
+    }
+
     /// Callers currently waiting on (or running) the load of `key`. For tests.
     pub fn waiters(&self, key: &K) -> usize {
         let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
@@ -118,6 +126,30 @@ mod tests {
         assert_eq!(flight.waiters(&key), 0, "the finished load is forgotten");
         // A later call loads afresh.
         assert_eq!(flight.run(&key, async { 8 }).await, 8);
+    }
+
+    #[tokio::test]
+    async fn callers_after_forget_start_a_new_load() {
+        let flight = Arc::new(SingleFlight::<&'static str, u32>::default());
+        let release = Arc::new(tokio::sync::Notify::new());
+        let old = {
+            let (flight, release) = (flight.clone(), release.clone());
+            tokio::spawn(async move {
+                flight
+                    .run(&"k", async {
+                        release.notified().await;
+                        1
+                    })
+                    .await
+            })
+        };
+        while flight.waiters(&"k") < 1 {
+            tokio::task::yield_now().await;
+        }
+        flight.forget(&"k");
+        assert_eq!(flight.run(&"k", async { 2 }).await, 2, "a fresh load");
+        release.notify_one();
+        assert_eq!(old.await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -48,6 +48,8 @@ pub struct Tiers {
 /// late is safe: the script refuses it if Redis already holds something newer.
 pub struct Repairs {
     pending: Mutex<HashMap<CacheKey, (Cached, Duration)>>,
+    /// `pending.len()`, readable without the lock on every Redis read.
+    count: std::sync::atomic::AtomicUsize,
     max: usize,
     /// More failures than `max`: individual keys were lost, the whole prefix is dropped once
     /// Redis is back.
@@ -64,6 +66,7 @@ impl Tiers {
             flights: Arc::new(SingleFlight::default()),
             repairs: Arc::new(Repairs {
                 pending: Mutex::new(HashMap::new()),
+                count: std::sync::atomic::AtomicUsize::new(0),
                 max: repair_queue_max,
                 overflowed: AtomicBool::new(false),
                 wake: Notify::new(),
@@ -123,6 +126,10 @@ impl Tiers {
         ck: &CacheKey,
     ) -> Result<ReadResult, DbError> {
         match self.l2.get(ck).await {
+            Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
+                // A committed write of this key has not reached Redis yet.
+                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+            }
             Ok(Some(copy)) if copy.is_servable() => match self.fill_l1(resource, ck, &copy).await {
                 Some(Offer::Refused(known)) if known.version > copy.version => {
                     // L1 knows Redis is behind: go to the source.
@@ -150,20 +157,25 @@ impl Tiers {
             None => Cached::absent(Version::NONE),
         };
         metrics::counter!(CACHE_HITS, "tier" => "db").increment(1);
+        let mut newer_exists = false;
         if self.l2.available() {
             match self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await {
                 Ok(true) => {}
                 Ok(false) => {
                     metrics::counter!(FILLS_REJECTED, "tier" => "l2").increment(1);
+                    // Redis holds this version or a newer one: L1 must not hold an older.
+                    newer_exists = true;
                 }
                 Err(e) => {
                     tracing::debug!(resource = %resource.name, error = %e, "redis fill failed")
                 }
             }
         }
-        // Postgres is the truth as of this read: answer with it even if L1 refuses the fill
+        // Postgres is the truth as of this read: answer with it even if a tier refuses it
         // because a newer write landed meanwhile.
-        self.fill_l1(resource, ck, &copy).await;
+        if !newer_exists {
+            self.fill_l1(resource, ck, &copy).await;
+        }
         Ok(ReadResult {
             cached: copy,
             tier: Tier::Db,
@@ -225,6 +237,8 @@ impl Tiers {
     /// Brings Redis and L1 up to a committed copy. A Redis failure is queued for repair, never
     /// returned: the write is committed and is acknowledged.
     async fn settle(&self, resource: &Resource, ck: &CacheKey, copy: Cached) {
+        // A load in flight may have read before this commit: nobody asking from now on joins it.
+        self.flights.forget(ck);
         let result = if self.l2.available() {
             self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await
         } else {
@@ -268,13 +282,24 @@ impl Repairs {
                 pending.insert(key, (copy, ttl));
             }
         }
+        self.count.store(pending.len(), Ordering::Relaxed);
         metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
         self.wake.notify_one();
     }
 
     /// Keys waiting for repair.
     pub fn len(&self) -> usize {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether a repair newer than `version` is queued for `key`: Redis' copy is behind a
+    /// committed write.
+    pub fn pending_above(&self, key: &CacheKey, version: Version) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.get(key).is_some_and(|(c, _)| c.version > version)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -282,13 +307,14 @@ impl Repairs {
     }
 
     /// The repair loop: applies queued repairs whenever Redis answers, backing off with jitter
-    /// while it does not. Returns when `shutdown` is cancelled.
-    pub async fn run(self: Arc<Self>, l2: L2, shutdown: CancellationToken) {
+    /// while it does not, and waking at once when any Redis command succeeds again. On
+    /// `shutdown` it makes a last attempt, bounded by `final_drain`, and logs what is left.
+    pub async fn run(self: Arc<Self>, l2: L2, shutdown: CancellationToken, final_drain: Duration) {
         let mut backoff = MIN_BACKOFF;
         loop {
             if self.is_empty() && !self.overflowed.load(Ordering::Relaxed) {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => break,
                     _ = self.wake.notified() => {}
                 }
             }
@@ -299,8 +325,18 @@ impl Repairs {
             let pause = jitter(backoff, 0.5);
             backoff = (backoff * 2).min(MAX_BACKOFF);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(pause) => {}
+                _ = l2.recovered() => backoff = MIN_BACKOFF,
+            }
+        }
+        if !self.is_empty() {
+            let _ = tokio::time::timeout(final_drain, self.drain(&l2)).await;
+            if !self.is_empty() {
+                tracing::error!(
+                    keys = self.len(),
+                    "stopping with redis repairs not applied; those entries stay stale in redis until they expire"
+                );
             }
         }
     }
@@ -326,6 +362,7 @@ impl Repairs {
             if pending.get(&key).is_some_and(|(queued, _)| *queued == copy) {
                 pending.remove(&key);
             }
+            self.count.store(pending.len(), Ordering::Relaxed);
             metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
         }
         if self.overflowed.load(Ordering::Relaxed) {
@@ -352,30 +389,25 @@ impl Repairs {
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// How long a copy lives in L1.
+/// How long a copy lives in L1. Values and cached absences are jittered; tombstones are not,
+/// so none lives shorter than the configured `tombstone_ttl` the config check relies on.
 fn l1_ttl(resource: &Resource, copy: &Cached) -> Duration {
     let t = &resource.ttl;
-    jitter(
-        match (&copy.state, copy.version) {
-            (State::Value(_), _) => t.l1_ttl,
-            (State::Absent, Version::NONE) => t.negative_ttl,
-            _ => t.tombstone_ttl,
-        },
-        t.ttl_jitter,
-    )
+    match (&copy.state, copy.version) {
+        (State::Value(_), _) => jitter(t.l1_ttl, t.ttl_jitter),
+        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
+        _ => t.tombstone_ttl,
+    }
 }
 
-/// How long a copy lives in Redis.
+/// How long a copy lives in Redis; see [`l1_ttl`].
 fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
     let t = &resource.ttl;
-    jitter(
-        match (&copy.state, copy.version) {
-            (State::Value(_), _) => t.l2_ttl,
-            (State::Absent, Version::NONE) => t.negative_ttl,
-            _ => t.tombstone_ttl,
-        },
-        t.ttl_jitter,
-    )
+    match (&copy.state, copy.version) {
+        (State::Value(_), _) => jitter(t.l2_ttl, t.ttl_jitter),
+        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
+        _ => t.tombstone_ttl,
+    }
 }
 
 /// `d` spread uniformly by +-`fraction`, so entries written together expire apart.

@@ -23,6 +23,16 @@ async fn a_put_is_read_back_from_l1_with_its_etag() {
     assert_eq!(get.header("content-type"), Some("application/json"));
     assert_eq!(get.json(), json!({"x": 1}));
 
+    // Numbers beyond 64 bits and floats keep every digit.
+    let big = r#"{"n":18446744073709551617,"f":0.1000000000000000055511151231257827}"#;
+    assert_eq!(a.put("/v1/kv/big", big).await.status, 201);
+    let read = String::from_utf8(a.get("/v1/kv/big").await.body.to_vec()).unwrap();
+    assert!(read.contains("18446744073709551617"), "{read}");
+    assert!(
+        read.contains("0.1000000000000000055511151231257827"),
+        "{read}"
+    );
+
     let replaced = a.put("/v1/kv/a", r#"{"x":2}"#).await;
     assert_eq!(replaced.status, 200);
     assert!(replaced.etag_version() > version, "versions rise");

@@ -150,6 +150,43 @@ async fn an_oversized_key_announces_a_flush_instead_of_failing_the_writer() {
 }
 
 #[tokio::test]
+async fn an_adopted_version_column_keeps_versions_rising() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE docs (id bigint PRIMARY KEY, version bigint NOT NULL);
+             INSERT INTO docs VALUES (1, 5000000);",
+        )
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config.resources.push(syncar::config::ResourceConfig {
+        name: "docs".into(),
+        table: "docs".into(),
+        schema: "public".into(),
+        key: "id".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    });
+    syncar::app::run_migration(&config).await.unwrap();
+    let v: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "INSERT INTO docs (id, version) VALUES (2, 0) RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v > 5_000_000, "new versions stay above adopted ones: {v}");
+}
+
+#[tokio::test]
 async fn a_custom_version_column_is_stamped_too() {
     let env = Env::new().await;
     env.pg()

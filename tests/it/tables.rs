@@ -16,7 +16,8 @@ async fn users_env() -> Env {
                 age integer CHECK (age >= 0),
                 email text UNIQUE,
                 created timestamptz NOT NULL DEFAULT '2020-01-01T00:00:00Z',
-                name_upper text GENERATED ALWAYS AS (upper(name)) STORED
+                name_upper text GENERATED ALWAYS AS (upper(name)) STORED,
+                t text -- named like the alias syncar's SQL uses
              );
              INSERT INTO users (id, name) VALUES (1, 'existing');",
         )
@@ -64,8 +65,12 @@ async fn rows_are_documents_with_versions() {
     assert_eq!(
         got.json(),
         json!({"id": 2, "name": "ann", "age": 3, "email": null,
-               "created": "2020-01-01T00:00:00+00:00", "name_upper": "ANN"})
+               "created": "2020-01-01T00:00:00+00:00", "name_upper": "ANN", "t": null})
     );
+    // `2`, `02` and `+2` name one row, hence one cache entry.
+    let padded = a.get("/v1/users/02").await;
+    assert_eq!(padded.header("x-cache"), Some("l1"));
+    assert_eq!(padded.etag_version(), put.etag_version());
 
     // A document read can be written back (generated column and all).
     let mut doc = got.json();
