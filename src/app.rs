@@ -26,19 +26,26 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::db::{pg_config, Db};
+use crate::feed::{feed_id, Coherence};
 use crate::http::ApiError;
 use crate::l1::L1;
 use crate::l2::L2;
 use crate::redact::{redact_url, Secrets};
 use crate::resource::Catalog;
-use crate::schema::{load_catalog, migrate, SchemaError};
+use crate::schema::{load_catalog, migrate, prune_changes, SchemaError};
 use crate::telemetry::{metrics_handle, L1_BYTES, L1_ENTRIES};
 use crate::tiers::{jitter, Tiers};
 
 /// Everything a request handler needs.
 pub struct AppState {
     pub config: Arc<Config>,
+    /// The configured name (logs, metrics, `/readyz`).
     pub instance: String,
+    /// Unique per process: `{instance}-{feed_id}`, the sender of this instance's messages.
+    pub instance_id: String,
+    /// Random hex naming this process's heartbeat channels.
+    pub feed_id: String,
+    pub coherence: Arc<Coherence>,
     pub tiers: Tiers,
     pub metrics: PrometheusHandle,
     pub secrets: Secrets,
@@ -118,7 +125,22 @@ impl App {
         let db = Db::new(&config.postgres).map_err(|e| setup("postgres")(&e))?;
         let l2 = L2::new(&config.redis).map_err(|e| setup("redis")(&e))?;
         let l1 = config.cache.l1.then(|| L1::new(config.cache.l1_max_bytes));
-        let tiers = Tiers::new(l1, l2.clone(), db, config.redis.repair_queue_max);
+        let instance = config.instance_name();
+        let feed_id = feed_id();
+        let instance_id = format!("{instance}-{feed_id}");
+        let coherence = Arc::new(Coherence::new(
+            config.feeds.postgres,
+            config.feeds.redis,
+            config.feeds.trust_redis_when_postgres_feed_down,
+        ));
+        let tiers = Tiers::new(
+            l1,
+            l2.clone(),
+            db,
+            coherence.clone(),
+            &instance_id,
+            config.redis.repair_queue_max,
+        );
 
         let addr = &config.server.listen;
         let listener = TcpListener::bind(addr)
@@ -136,7 +158,10 @@ impl App {
         }
 
         let state = Arc::new(AppState {
-            instance: config.instance_name(),
+            instance,
+            instance_id,
+            feed_id,
+            coherence,
             config: config.clone(),
             tiers: tiers.clone(),
             metrics: metrics_handle(),
@@ -154,6 +179,13 @@ impl App {
         ));
         tasks.spawn(schema_task(state.clone(), shutdown.clone()));
         tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
+        if config.feeds.postgres {
+            tasks.spawn(crate::feed::postgres::run(state.clone(), shutdown.clone()));
+            tasks.spawn(prune_task(state.clone(), shutdown.clone()));
+        }
+        if config.feeds.redis {
+            tasks.spawn(crate::feed::redis::run(state.clone(), shutdown.clone()));
+        }
         tasks.close();
         let background = CancellationToken::new();
         let background_tasks = TaskTracker::new();
@@ -190,18 +222,22 @@ impl App {
         &self.state
     }
 
-    /// Waits until the schema is loaded and documents can be served.
+    /// Waits until the schema is loaded and every enabled feed is up.
     ///
     /// # Errors
     /// The last reason it was not ready, once `timeout` passed.
     pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            match self.state.catalog() {
-                Ok(_) => return Ok(()),
-                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e.to_string()),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            let status = match self.state.catalog() {
+                Ok(_) if self.state.coherence.all_up() => return Ok(()),
+                Ok(_) => "a feed is not up yet".to_string(),
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(status);
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -297,6 +333,29 @@ async fn schema_task(state: Arc<AppState>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Prunes the changes log now and then; one instance at a time does the work.
+async fn prune_task(state: Arc<AppState>, shutdown: CancellationToken) {
+    let retention = state.config.feeds.changes_retention;
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jitter(every, 0.2)) => {}
+        }
+        if state.catalog.get().is_none() {
+            continue;
+        }
+        let Ok(client) = state.tiers.db().raw_client().await else {
+            continue;
+        };
+        match prune_changes(&**client, &state.config.postgres.schema, retention).await {
+            Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "pruning the changes log failed"),
+        }
     }
 }
 

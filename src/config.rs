@@ -31,6 +31,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub cache: CacheConfig,
+    pub feeds: FeedsConfig,
     pub log: LogConfig,
     /// Tables served as resources, besides the built-in `kv`.
     #[serde(rename = "resource")]
@@ -84,6 +85,58 @@ pub struct PostgresConfig {
     /// `Retry-After` sent with a 503 when Postgres is unavailable.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Connection for the LISTEN feed, when it must differ from `url` (LISTEN does not work
+    /// through PgBouncer in transaction mode). Default: `url`.
+    pub listen_url: Option<String>,
+}
+
+/// The invalidation feeds that keep every instance's L1 coherent.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedsConfig {
+    /// Postgres LISTEN/NOTIFY: sees every write, plain SQL included, and repairs Redis.
+    pub postgres: bool,
+    /// Redis pub/sub: the fast path for writes made through syncar.
+    pub redis: bool,
+    /// How often each instance sends itself a heartbeat through each feed.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A feed whose own heartbeat has not come back for this long counts as down: L1 is
+    /// bypassed until it is back. This bounds staleness when a connection dies silently.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// While the Postgres feed is down, keep reading Redis (plain-SQL writes made meanwhile
+    /// are not repaired there). Only for deployments where every write goes through syncar.
+    pub trust_redis_when_postgres_feed_down: bool,
+    /// Report the instance unready (`/readyz` 503) while a feed is down. Reads stay correct
+    /// either way: L1 is bypassed.
+    pub unready_when_down: bool,
+    /// How long the changes log (`syncar_changes`) keeps entries, for replay after outages.
+    #[serde(with = "humantime_serde")]
+    pub changes_retention: Duration,
+    /// Replay starts this long before an outage began: longer than the longest transaction,
+    /// whose changes are logged with its start-side time.
+    #[serde(with = "humantime_serde")]
+    pub replay_margin: Duration,
+    /// Longest pause between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for FeedsConfig {
+    fn default() -> Self {
+        FeedsConfig {
+            postgres: true,
+            redis: true,
+            heartbeat_interval: Duration::from_millis(250),
+            lease: Duration::from_secs(1),
+            trust_redis_when_postgres_feed_down: false,
+            unready_when_down: false,
+            changes_retention: Duration::from_secs(15 * 60),
+            replay_margin: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -220,6 +273,7 @@ impl Default for PostgresConfig {
             statement_timeout: Duration::from_secs(5),
             migrate_on_start: true,
             retry_after: Duration::from_secs(1),
+            listen_url: None,
         }
     }
 }
@@ -277,6 +331,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             cache: CacheConfig::default(),
+            feeds: FeedsConfig::default(),
             log: LogConfig::default(),
             resources: Vec::new(),
             env_problems: Vec::new(),
@@ -409,6 +464,41 @@ impl Config {
             bad(
                 "postgres.url",
                 format!("not a Postgres connection string: {e}"),
+            );
+        }
+        if let Some(Err(e)) = self
+            .postgres
+            .listen_url
+            .as_ref()
+            .map(|u| u.parse::<tokio_postgres::Config>())
+        {
+            bad(
+                "postgres.listen_url",
+                format!("not a Postgres connection string: {e}"),
+            );
+        }
+        let f = &self.feeds;
+        for (key, d) in [
+            ("feeds.heartbeat_interval", f.heartbeat_interval),
+            ("feeds.lease", f.lease),
+            ("feeds.changes_retention", f.changes_retention),
+            ("feeds.max_backoff", f.max_backoff),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be positive".into());
+            }
+        }
+        if f.lease <= f.heartbeat_interval * 2 {
+            bad(
+                "feeds.lease",
+                "must exceed two heartbeat intervals, or one late heartbeat marks a feed down"
+                    .into(),
+            );
+        }
+        if f.changes_retention <= f.replay_margin {
+            bad(
+                "feeds.changes_retention",
+                "must exceed feeds.replay_margin".into(),
             );
         }
         if !is_identifier(&self.postgres.schema) {

@@ -233,6 +233,14 @@ impl Db {
         Ok(())
     }
 
+    /// A pooled connection for queries of other modules (the changes log).
+    ///
+    /// # Errors
+    /// Postgres unavailable.
+    pub async fn raw_client(&self) -> Result<deadpool_postgres::Object, DbError> {
+        self.client().await
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.pool.get().await.map_err(|e| {
             metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")

@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::db::{DbError, DeleteOutcome, WriteOutcome};
-use crate::model::{CacheKey, State};
+use crate::model::{CacheKey, State, Version};
 use crate::resource::Precondition;
 use crate::telemetry::{HTTP_DURATION, HTTP_REQUESTS};
+use crate::tiers::ReadOptions;
 
 const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
 const ALLOW_READ: &str = "GET, HEAD";
@@ -47,6 +48,8 @@ pub enum ApiError {
     InvalidKey(String),
     #[error("{0}")]
     InvalidHeader(String),
+    #[error("{0}")]
+    InvalidQuery(String),
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
     #[error("key exceeds {0} bytes")]
@@ -79,6 +82,7 @@ impl ApiError {
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid_key"),
             InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
+            InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             KeyTooLong(_) => (StatusCode::URI_TOO_LONG, "key_too_long"),
             Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_document"),
@@ -246,7 +250,16 @@ async fn readyz(state: &AppState) -> Response<Full<Bytes>> {
         Err(e) => json!({"ok": false, "error": state.secrets.scrub(&e.to_string())}),
     };
     let (pg, redis) = (check(pg), check(redis));
-    let ready = [&pg, &redis, &schema].iter().all(|c| c["ok"] == true);
+    let coherence = &state.coherence;
+    let feed = |f: &crate::feed::FeedState| {
+        json!({
+            "enabled": f.enabled(),
+            "up": f.is_up(),
+            "since_ms": f.since_ms(),
+        })
+    };
+    let feeds_ok = !state.config.feeds.unready_when_down || coherence.all_up();
+    let ready = [&pg, &redis, &schema].iter().all(|c| c["ok"] == true) && feeds_ok;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -258,6 +271,8 @@ async fn readyz(state: &AppState) -> Response<Full<Bytes>> {
             "ready": ready,
             "instance": state.instance,
             "checks": {"postgres": pg, "redis": redis, "schema": schema},
+            "feeds": {"postgres": feed(&coherence.postgres), "redis": feed(&coherence.redis)},
+            "l1_in_use": coherence.l1_usable(),
         }),
     )
 }
@@ -297,8 +312,10 @@ async fn document(
 
     match method {
         Method::GET | Method::HEAD => {
-            let read = state.tiers.get(&resource, &param, &ck).await?;
+            let options = read_options(req.uri().query())?;
+            let read = state.tiers.get(&resource, &param, &ck, options).await?;
             let x_cache = HeaderValue::from_static(read.tier.as_str());
+            let age = read.cached.age_secs();
             let State::Value(doc) = read.cached.state else {
                 let mut resp =
                     ApiError::NotFound(format!("{}/{key}", resource.name)).into_response(state);
@@ -328,6 +345,8 @@ async fn document(
             };
             resp.headers_mut().insert(header::ETAG, etag);
             resp.headers_mut().insert("x-cache", x_cache);
+            resp.headers_mut()
+                .insert(header::AGE, HeaderValue::from(age));
             Ok(resp)
         }
         Method::PUT => {
@@ -377,6 +396,47 @@ async fn document(
         }
         _ => Err(ApiError::MethodNotAllowed(ALLOW_DOC)),
     }
+}
+
+/// `min_version=N` and `consistency=strong|default`; anything else is an error, so a typo
+/// cannot silently weaken a read.
+///
+/// # Errors
+/// 400 for an unknown parameter or a bad value.
+pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
+    let mut options = ReadOptions::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "min_version" => {
+                let v: i64 = value.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                    ApiError::InvalidQuery(format!(
+                        "min_version must be a non-negative integer, not {value:?}"
+                    ))
+                })?;
+                options.min_version = Some(Version(v));
+            }
+            "consistency" => match value {
+                "strong" => options.strong = true,
+                "default" => options.strong = false,
+                _ => {
+                    return Err(ApiError::InvalidQuery(format!(
+                        "consistency must be strong or default, not {value:?}"
+                    )))
+                }
+            },
+            _ => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown query parameter {name:?}; known: min_version, consistency"
+                )))
+            }
+        }
+    }
+    Ok(options)
 }
 
 /// Percent-decodes and checks a key: UTF-8, not empty, no NUL, within the limit.
@@ -530,6 +590,25 @@ mod tests {
             decode_key(&"%41".repeat(200), 100),
             Err(ApiError::KeyTooLong(_))
         ));
+    }
+
+    #[test]
+    fn read_options_parse() {
+        assert_eq!(read_options(None).unwrap(), ReadOptions::default());
+        let o = read_options(Some("min_version=42&consistency=strong")).unwrap();
+        assert_eq!(o.min_version, Some(Version(42)));
+        assert!(o.strong);
+        for bad in [
+            "min_version=x",
+            "min_version=-1",
+            "consistency=eventual",
+            "min_verison=1",
+        ] {
+            assert!(
+                matches!(read_options(Some(bad)), Err(ApiError::InvalidQuery(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! loaded value even if an invalidation ran during the load; here a fill that loaded version
 //! 41 while 42's tombstone landed finds the tombstone and is refused.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,13 +30,26 @@ pub enum Offer {
 #[derive(Clone)]
 pub struct L1 {
     cache: Cache<CacheKey, Entry>,
+    /// Bumped by [`L1::clear`]. Entries of an older generation are never served, and a fill
+    /// started in an older generation never lands: a load that began before a flush cannot
+    /// bring back what the flush was for, whatever moka's lazy `invalidate_all` does.
+    generation: Arc<AtomicU64>,
 }
 
-/// A cached copy and how long it may live from its insertion.
+/// A cached copy, how long it may live from its insertion, and the generation it belongs to.
 #[derive(Clone, Debug)]
 struct Entry {
     cached: Arc<Cached>,
     ttl: Duration,
+    generation: u64,
+    filled: Instant,
+}
+
+/// A copy served from L1, with its age in L1.
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub cached: Arc<Cached>,
+    pub age: Duration,
 }
 
 struct PerEntryTtl;
@@ -68,31 +82,72 @@ impl L1 {
             })
             .expire_after(PerEntryTtl)
             .build();
-        L1 { cache }
+        L1 {
+            cache,
+            generation: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The current generation; capture it before loading, pass it to [`L1::offer_in`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The copy held for `key`, tombstones included (callers decide what is servable).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
-        self.cache.get(key).await.map(|e| e.cached)
+        self.hit(key).await.map(|h| h.cached)
+    }
+
+    /// The copy held for `key` with its age in L1.
+    pub async fn hit(&self, key: &CacheKey) -> Option<Hit> {
+        let entry = self.cache.get(key).await?;
+        (entry.generation == self.generation()).then(|| Hit {
+            cached: entry.cached,
+            age: entry.filled.elapsed(),
+        })
     }
 
     /// Puts `copy` in the cache for `ttl` if it is newer than what is there.
     ///
     /// # Concurrency
-    /// Atomic per key with every other `offer` and `remove` of the same key.
+    /// Atomic per key with every other `offer` of the same key.
     pub async fn offer(&self, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
+        self.offer_in(self.generation(), key, copy, ttl).await
+    }
+
+    /// [`L1::offer`] for a copy loaded in `generation`: refused if L1 was cleared since.
+    pub async fn offer_in(
+        &self,
+        generation: u64,
+        key: &CacheKey,
+        copy: Cached,
+        ttl: Duration,
+    ) -> Offer {
         let mut refused = None;
+        let current_generation = &self.generation;
         self.cache
             .entry_by_ref(key)
             .and_compute_with(|current| {
+                let now = current_generation.load(Ordering::SeqCst);
                 let op = match current {
-                    Some(entry) if !copy.supersedes(&entry.value().cached) => {
+                    _ if generation != now => {
+                        refused = Some(copy.rank());
+                        Op::Nop
+                    }
+                    Some(entry)
+                        if entry.value().generation == now
+                            && !copy.supersedes(&entry.value().cached) =>
+                    {
                         refused = Some(entry.value().cached.rank());
                         Op::Nop
                     }
                     _ => Op::Put(Entry {
                         cached: Arc::new(copy),
                         ttl,
+                        // Tagged with the loader's generation: if a clear slipped in since
+                        // the check above, the entry is already unservable.
+                        generation,
+                        filled: Instant::now(),
                     }),
                 };
                 std::future::ready(op)
@@ -104,8 +159,10 @@ impl L1 {
         }
     }
 
-    /// Drops every entry (lazily: counts catch up after [`L1::run_pending_tasks`]).
+    /// Empties the cache: nothing cached or loading before this call is served after it.
+    /// (moka frees the memory lazily; counts catch up after [`L1::run_pending_tasks`].)
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
     }
 
@@ -196,6 +253,24 @@ mod tests {
         );
         // The copy the tombstone waits for is accepted.
         assert_eq!(l1.offer(&k, value(42), TTL).await, Offer::Applied);
+    }
+
+    #[tokio::test]
+    async fn a_load_started_before_a_clear_never_lands() {
+        let l1 = L1::new(1 << 20);
+        let k = CacheKey::new("kv", "g");
+        let before = l1.generation();
+        l1.offer(&k, value(1), TTL).await;
+        l1.clear();
+        assert!(l1.get(&k).await.is_none(), "cleared");
+        assert!(matches!(
+            l1.offer_in(before, &k, value(2), TTL).await,
+            Offer::Refused(_)
+        ));
+        assert!(l1.get(&k).await.is_none());
+        // A fresh load lands, even over an older copy of the previous generation.
+        assert_eq!(l1.offer(&k, value(1), TTL).await, Offer::Applied);
+        assert_eq!(l1.get(&k).await.unwrap().version, Version(1));
     }
 
     #[tokio::test]

@@ -3,9 +3,9 @@
 //! never bring old data back. Knows nothing about Postgres.
 //!
 //! # Encoding
-//! One string per key, `{version}:{kind}:{document}`, where kind is `v` (value), `a` (absent:
-//! deleted at that version, or never seen at version 0) or `i` (tombstone left by an
-//! invalidation). Versions are compared as decimal strings inside the script, exactly, with
+//! One string per key, `{version}:{kind}:{at_ms}:{document}`, where kind is `v` (value), `a`
+//! (absent: deleted at that version, or never seen at version 0) or `i` (tombstone left by an
+//! invalidation), and `at_ms` is when the copy left Postgres (for `Age`). Versions are compared as decimal strings inside the script, exactly, with
 //! no float rounding.
 //!
 //! # Failures
@@ -26,8 +26,13 @@ use crate::model::{CacheKey, Cached, State, Version};
 use crate::telemetry::REDIS_ERRORS;
 
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
-/// there. Returns 1 when applied, 0 when refused.
+/// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` (one round
+/// trip for a write's Redis update and its invalidation message). Returns 1 when applied, 0
+/// when refused.
 const OFFER_SCRIPT: &str = r"
+if ARGV[6] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local sep = string.find(cur, ':', 1, true)
@@ -69,6 +74,7 @@ pub enum L2Error {
 
 #[derive(Clone)]
 pub struct L2 {
+    client: redis::Client,
     conn: ConnectionManager,
     prefix: Arc<str>,
     timeout: Duration,
@@ -103,6 +109,7 @@ impl L2 {
                     .set_user_timeout(Duration::from_secs(10)),
             );
         let client = redis::Client::open(info).map_err(|e| L2Error::Redis(e.to_string()))?;
+        let pubsub_client = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
             .set_connection_timeout(Some(config.connect_timeout))
@@ -111,6 +118,7 @@ impl L2 {
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| L2Error::Redis(e.to_string()))?;
         Ok(L2 {
+            client: pubsub_client,
             conn,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
@@ -156,20 +164,41 @@ impl L2 {
         copy: &Cached,
         ttl: Duration,
     ) -> Result<bool, L2Error> {
+        self.offer_and_publish(key, copy, ttl, "").await
+    }
+
+    /// [`L2::offer`], and publish `message` on the invalidation channel in the same round
+    /// trip (whether or not the copy was applied: other instances must hear of the write).
+    ///
+    /// # Errors
+    /// The command's failure: neither happened, or both did and the answer was lost.
+    pub async fn offer_and_publish(
+        &self,
+        key: &CacheKey,
+        copy: &Cached,
+        ttl: Duration,
+        message: &str,
+    ) -> Result<bool, L2Error> {
         let mut conn = self.conn.clone();
         let (kind, doc): (&str, &[u8]) = match &copy.state {
             State::Value(doc) => ("v", doc),
             State::Absent => ("a", b""),
             State::Invalidated => ("i", b""),
         };
+        let mut body = Vec::with_capacity(doc.len() + 16);
+        body.extend_from_slice(copy.at_ms.to_string().as_bytes());
+        body.push(b':');
+        body.extend_from_slice(doc);
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(self.redis_key(key))
             .arg(copy.version.0)
             .arg(kind)
-            .arg(doc)
-            .arg(ttl_ms);
+            .arg(body)
+            .arg(ttl_ms)
+            .arg(self.invalidation_channel())
+            .arg(message);
         let applied: i64 = self
             .run("offer", invocation.invoke_async(&mut conn))
             .await?;
@@ -194,8 +223,20 @@ impl L2 {
     /// # Errors
     /// The first failing command.
     pub async fn flush_prefix(&self) -> Result<u64, L2Error> {
+        self.flush_matching("").await
+    }
+
+    /// Deletes every entry of one resource.
+    ///
+    /// # Errors
+    /// The first failing command.
+    pub async fn flush_resource(&self, resource: &str) -> Result<u64, L2Error> {
+        self.flush_matching(&format!("{resource}:")).await
+    }
+
+    async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
         let mut conn = self.conn.clone();
-        let pattern = format!("{}*", escape_glob(&self.prefix));
+        let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
         let mut cursor: u64 = 0;
         let mut removed = 0;
         loop {
@@ -225,6 +266,34 @@ impl L2 {
             }
             cursor = next;
         }
+    }
+
+    /// Publishes `message` on `channel` (heartbeats).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn publish(&self, channel: &str, message: String) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .run(
+                "publish",
+                redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg(message)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The channel every instance of this prefix publishes its writes on.
+    pub fn invalidation_channel(&self) -> String {
+        format!("{}invalidations", self.prefix)
+    }
+
+    /// A client with the same address and TCP settings, for the pub/sub connection.
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     /// Completes when a command succeeds after a failure (one waiter at a time).
@@ -267,19 +336,22 @@ impl L2 {
     }
 }
 
-/// Parses `{version}:{kind}:{document}`.
+/// Parses `{version}:{kind}:{at_ms}:{document}`.
 fn decode(raw: &[u8]) -> Option<Cached> {
-    let sep = raw.iter().position(|&b| b == b':')?;
-    let version: i64 = std::str::from_utf8(&raw[..sep]).ok()?.parse().ok()?;
-    let rest = &raw[sep + 1..];
-    let (kind, doc) = (rest.first()?, rest.get(2..).unwrap_or_default());
+    let mut parts = raw.splitn(4, |&b| b == b':');
+    let version: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let kind = parts.next()?;
+    let at_ms: u64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;
+    let doc = parts.next()?;
     let version = Version(version);
-    match kind {
-        b'v' => Some(Cached::value(version, Bytes::copy_from_slice(doc))),
-        b'a' => Some(Cached::absent(version)),
-        b'i' => Some(Cached::invalidated(version)),
-        _ => None,
-    }
+    let mut copy = match kind {
+        b"v" => Cached::value(version, Bytes::copy_from_slice(doc)),
+        b"a" => Cached::absent(version),
+        b"i" => Cached::invalidated(version),
+        _ => return None,
+    };
+    copy.at_ms = at_ms;
+    Some(copy)
 }
 
 /// Escapes Redis glob characters in a literal prefix.
@@ -300,14 +372,17 @@ mod tests {
 
     #[test]
     fn entries_decode() {
+        let v = decode(b"42:v:1700000000000:{\"a\":1}").unwrap();
         assert_eq!(
-            decode(b"42:v:{\"a\":1}"),
-            Some(Cached::value(Version(42), Bytes::from_static(b"{\"a\":1}")))
+            v,
+            Cached::value(Version(42), Bytes::from_static(b"{\"a\":1}"))
         );
-        assert_eq!(decode(b"7:a:"), Some(Cached::absent(Version(7))));
-        assert_eq!(decode(b"9:i:"), Some(Cached::invalidated(Version(9))));
+        assert_eq!(v.at_ms, 1_700_000_000_000);
+        assert_eq!(decode(b"7:a:1:"), Some(Cached::absent(Version(7))));
+        assert_eq!(decode(b"9:i:1:"), Some(Cached::invalidated(Version(9))));
         assert_eq!(decode(b"nonsense"), None);
-        assert_eq!(decode(b"1:z:"), None);
+        assert_eq!(decode(b"1:z:1:"), None);
+        assert_eq!(decode(b"1:v:x:{}"), None);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!
 //! - [`http`]: the hyper server, routing, and the one error-to-status mapping.
 //! - [`tiers`]: read-through and write-through across the tiers, and Redis repair.
+//! - [`feed`]: coherence across instances: the Postgres LISTEN and Redis pub/sub feeds,
+//!   heartbeats, L1 bypass while a feed is down, replay of the changes log when it is back.
 //! - [`l1`]: the per-instance moka cache with versioned, per-key atomic updates.
 //! - [`l2`]: Redis, written only through a version-comparing Lua script.
 //! - [`db`]: Postgres, the source of truth.
@@ -20,6 +22,7 @@
 pub mod app;
 pub mod config;
 pub mod db;
+pub mod feed;
 pub mod http;
 pub mod l1;
 pub mod l2;

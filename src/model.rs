@@ -87,17 +87,31 @@ pub enum State {
 }
 
 /// One copy of a key's state with the version it was read at.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Two copies are equal when version and state are; `at_ms` is bookkeeping.
+#[derive(Clone, Debug)]
 pub struct Cached {
     pub version: Version,
     pub state: State,
+    /// When this copy was read from (or written to) Postgres, in Unix milliseconds: the origin
+    /// of the `Age` header. Travels with the copy through every tier.
+    pub at_ms: u64,
 }
+
+impl PartialEq for Cached {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.state == other.state
+    }
+}
+
+impl Eq for Cached {}
 
 impl Cached {
     pub fn value(version: Version, doc: Bytes) -> Self {
         Cached {
             version,
             state: State::Value(doc),
+            at_ms: now_ms(),
         }
     }
 
@@ -105,6 +119,7 @@ impl Cached {
         Cached {
             version,
             state: State::Absent,
+            at_ms: now_ms(),
         }
     }
 
@@ -112,7 +127,13 @@ impl Cached {
         Cached {
             version,
             state: State::Invalidated,
+            at_ms: now_ms(),
         }
+    }
+
+    /// Seconds since this copy left Postgres, for the `Age` header.
+    pub fn age_secs(&self) -> u64 {
+        now_ms().saturating_sub(self.at_ms) / 1000
     }
 
     /// Whether a read may answer from this copy (a tombstone never answers).
@@ -143,6 +164,13 @@ impl Cached {
             _ => None,
         }
     }
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// See [`Cached::rank`].

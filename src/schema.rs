@@ -23,6 +23,9 @@ pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
 const STAMP_FUNCTION: &str = "syncar_stamp_version";
 const NOTIFY_FUNCTION: &str = "syncar_notify";
 const SEND_FUNCTION: &str = "syncar_send";
+/// The changes log: every announced change, kept `feeds.changes_retention` for replay after an
+/// outage. `at` is the writer's clock when its trigger ran.
+pub const CHANGES_TABLE: &str = "syncar_changes";
 const STAMP_TRIGGER: &str = "syncar_stamp_version";
 const NOTIFY_TRIGGER: &str = "syncar_notify";
 /// Key of the advisory lock held while migrating ("syncar" in ASCII).
@@ -114,6 +117,18 @@ pub async fn migrate(
             .await
             .map_err(pg("creating the version sequence"))?;
         changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
+    }
+
+    if table_oid(&tx, schema, CHANGES_TABLE, "r").await?.is_none() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {s}.{CHANGES_TABLE} (\
+               at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+               version bigint NOT NULL, resource text NOT NULL, key text, op text NOT NULL); \
+             CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at)"
+        ))
+        .await
+        .map_err(pg("creating the changes log"))?;
+        changes.push(format!("created table {schema}.{CHANGES_TABLE}"));
     }
 
     for (name, signature, body) in functions(schema) {
@@ -464,9 +479,11 @@ END
     )
 }
 
-/// Sends one notification, replacing an oversized payload with a resource-wide `flush`.
-fn send_function_body() -> String {
+/// Logs one change and announces it, replacing an oversized payload with a resource-wide
+/// `flush`.
+fn send_function_body(schema: &str) -> String {
     let channel = quote_literal(NOTIFY_CHANNEL);
+    let log = format!("{}.{CHANGES_TABLE}", quote_ident(schema));
     format!(
         r#"
 DECLARE
@@ -474,6 +491,9 @@ DECLARE
 BEGIN
   IF octet_length(payload) > 7900 THEN
     payload := json_build_object('resource', resource, 'key', NULL, 'version', version, 'op', 'flush', 'ts_us', ts)::text;
+    INSERT INTO {log} (version, resource, key, op) VALUES (version, resource, NULL, 'flush');
+  ELSE
+    INSERT INTO {log} (version, resource, key, op) VALUES (version, resource, key, op);
   END IF;
   PERFORM pg_notify({channel}, payload);
 END
@@ -488,7 +508,7 @@ fn functions(schema: &str) -> [(&'static str, &'static str, String); 3] {
         (
             SEND_FUNCTION,
             "(resource text, key text, version bigint, op text, ts bigint) RETURNS void",
-            send_function_body(),
+            send_function_body(schema),
         ),
         (
             STAMP_FUNCTION,
@@ -506,4 +526,65 @@ fn functions(schema: &str) -> [(&'static str, &'static str, String); 3] {
 fn dollar_quote(body: &str) -> String {
     assert!(!body.contains("$fn$"), "function bodies never contain $fn$");
     format!("$fn${body}$fn$")
+}
+
+/// One entry of the changes log, newest per key.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub resource: String,
+    /// `None` for a resource-wide `flush`.
+    pub key: Option<String>,
+    pub version: i64,
+    pub op: String,
+}
+
+/// The newest logged change of every key changed within the last `ago`, by Postgres' clock
+/// (so the instance's own clock does not matter).
+///
+/// # Errors
+/// Postgres failing.
+pub async fn changes_since(
+    client: &impl GenericClient,
+    schema: &str,
+    ago: std::time::Duration,
+) -> Result<Vec<Change>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT DISTINCT ON (resource, key) resource, key, version, op FROM {}.{CHANGES_TABLE} \
+         WHERE at >= clock_timestamp() - make_interval(secs => $1) \
+         ORDER BY resource, key, version DESC",
+        quote_ident(schema)
+    );
+    let rows = client.query(&sql, &[&ago.as_secs_f64()]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Change {
+            resource: r.get(0),
+            key: r.get(1),
+            version: r.get(2),
+            op: r.get(3),
+        })
+        .collect())
+}
+
+/// Deletes log entries older than `retention`, unless another instance is doing it (a
+/// transaction-scoped advisory lock, taken in the same statement). Returns the rows deleted.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn prune_changes(
+    client: &impl GenericClient,
+    schema: &str,
+    retention: std::time::Duration,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            &format!(
+                "WITH lock AS (SELECT pg_try_advisory_xact_lock($1) AS held) \
+                 DELETE FROM {}.{CHANGES_TABLE} \
+                 WHERE (SELECT held FROM lock) AND at < clock_timestamp() - make_interval(secs => $2)",
+                quote_ident(schema)
+            ),
+            &[&(MIGRATION_LOCK + 1), &retention.as_secs_f64()],
+        )
+        .await
 }

@@ -31,6 +31,20 @@ pub const L2_REPAIR_QUEUE: &str = "syncar_l2_repair_queue";
 /// Entries and weighted bytes in L1.
 pub const L1_ENTRIES: &str = "syncar_l1_entries";
 pub const L1_BYTES: &str = "syncar_l1_bytes";
+/// Invalidation messages received, by `feed` (`postgres`, `redis`).
+pub const FEED_INVALIDATIONS: &str = "syncar_feed_invalidations_total";
+/// Messages that taught nothing new (a version already known), by `feed`.
+pub const FEED_DUPLICATES: &str = "syncar_feed_duplicates_total";
+/// Messages that could not be parsed, by `feed`.
+pub const FEED_MALFORMED: &str = "syncar_feed_malformed_total";
+/// 1 while a feed is up, by `feed`.
+pub const FEED_UP: &str = "syncar_feed_up";
+/// L1 emptied because a feed came back, by `feed`.
+pub const L1_FLUSHES: &str = "syncar_l1_flushes_total";
+/// Reads that skipped L1 because a feed was down.
+pub const L1_BYPASSED: &str = "syncar_l1_bypassed_reads_total";
+/// From the change's timestamp (the writer's clock) to its eviction here, by `feed`.
+pub const PROPAGATION_DELAY: &str = "syncar_invalidation_delay_seconds";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
 
@@ -88,6 +102,20 @@ fn describe() {
     describe_gauge!(L1_ENTRIES, "entries in L1");
     describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
     describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+    describe_counter!(
+        FEED_INVALIDATIONS,
+        "invalidation messages received, by feed"
+    );
+    describe_counter!(FEED_DUPLICATES, "messages that taught nothing new, by feed");
+    describe_counter!(FEED_MALFORMED, "messages that could not be parsed, by feed");
+    describe_gauge!(FEED_UP, "1 while a feed is up");
+    describe_counter!(L1_FLUSHES, "L1 emptied because a feed came back");
+    describe_counter!(L1_BYPASSED, "reads that skipped L1 because a feed was down");
+    describe_histogram!(
+        PROPAGATION_DELAY,
+        Unit::Seconds,
+        "from a change's timestamp to its eviction here"
+    );
 }
 
 /// Installs the tracing subscriber: human-readable text or one JSON object per line.

@@ -18,13 +18,16 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
+use crate::feed::{Coherence, Feed, Message, Op};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, L2};
-use crate::model::{CacheKey, Cached, State, Tier, Version};
-use crate::resource::{KeyParam, Precondition, Resource};
+use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
+use crate::resource::{Catalog, KeyParam, Precondition, Resource};
+use crate::schema::Change;
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
-    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L2_REPAIRS, L2_REPAIR_QUEUE, L2_WRITE_FAILURES,
+    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L2_REPAIRS, L2_REPAIR_QUEUE,
+    L2_WRITE_FAILURES,
 };
 
 /// A servable copy and the tier that answered.
@@ -34,11 +37,23 @@ pub struct ReadResult {
     pub tier: Tier,
 }
 
+/// How fresh a read must be (query parameters of a GET).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// `min_version=N`: copies older than N are skipped (read-your-writes across instances).
+    pub min_version: Option<Version>,
+    /// `consistency=strong`: read Postgres, refresh the tiers.
+    pub strong: bool,
+}
+
 #[derive(Clone)]
 pub struct Tiers {
     l1: Option<L1>,
     l2: L2,
     db: Db,
+    coherence: Arc<Coherence>,
+    /// Identifies this instance's messages on the Redis feed.
+    instance_id: Arc<str>,
     flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
     repairs: Arc<Repairs>,
 }
@@ -58,11 +73,20 @@ pub struct Repairs {
 }
 
 impl Tiers {
-    pub fn new(l1: Option<L1>, l2: L2, db: Db, repair_queue_max: usize) -> Self {
+    pub fn new(
+        l1: Option<L1>,
+        l2: L2,
+        db: Db,
+        coherence: Arc<Coherence>,
+        instance_id: &str,
+        repair_queue_max: usize,
+    ) -> Self {
         Tiers {
             l1,
             l2,
             db,
+            coherence,
+            instance_id: instance_id.into(),
             flights: Arc::new(SingleFlight::default()),
             repairs: Arc::new(Repairs {
                 pending: Mutex::new(HashMap::new()),
@@ -86,14 +110,31 @@ impl Tiers {
         &self.db
     }
 
+    pub fn coherence(&self) -> &Arc<Coherence> {
+        &self.coherence
+    }
+
     pub fn repairs(&self) -> &Arc<Repairs> {
         &self.repairs
+    }
+
+    /// L1, if enabled and usable now (every feed up), with its current generation.
+    fn usable_l1(&self) -> Option<(&L1, u64)> {
+        let l1 = self.l1.as_ref()?;
+        if self.coherence.l1_usable() {
+            Some((l1, l1.generation()))
+        } else {
+            metrics::counter!(L1_BYPASSED).increment(1);
+            None
+        }
     }
 
     /// Reads one document through the tiers.
     ///
     /// # Concurrency
-    /// Concurrent misses of one key share one load (see [`SingleFlight`]).
+    /// Concurrent misses of one key share one load (see [`SingleFlight`]); a write or an
+    /// invalidation of the key detaches the load in flight, so nobody asking afterwards gets
+    /// a result read before it.
     ///
     /// # Errors
     /// Only when Postgres had to be asked and failed; Redis failures fall through to Postgres.
@@ -102,10 +143,16 @@ impl Tiers {
         resource: &Resource,
         key: &KeyParam,
         ck: &CacheKey,
+        options: ReadOptions,
     ) -> Result<ReadResult, DbError> {
-        if let Some(l1) = &self.l1 {
+        let l1 = self.usable_l1();
+        if options.strong {
+            return self.load_db(resource, key, ck, l1.map(|(_, g)| g)).await;
+        }
+        let fresh_enough = |c: &Cached| options.min_version.is_none_or(|min| c.version >= min);
+        if let Some((l1, _)) = l1 {
             if let Some(copy) = l1.get(ck).await {
-                if copy.is_servable() {
+                if copy.is_servable() && fresh_enough(&copy) {
                     metrics::counter!(CACHE_HITS, "tier" => "l1").increment(1);
                     return Ok(ReadResult {
                         cached: (*copy).clone(),
@@ -115,34 +162,51 @@ impl Tiers {
             }
             metrics::counter!(CACHE_MISSES, "tier" => "l1").increment(1);
         }
-        self.flights.run(ck, self.load(resource, key, ck)).await
+        let generation = l1.map(|(_, g)| g);
+        let read = self
+            .flights
+            .run(ck, self.load(resource, key, ck, generation))
+            .await?;
+        if fresh_enough(&read.cached) {
+            return Ok(read);
+        }
+        // The shared load was older than this caller needs (it joined a load started before
+        // its write): Postgres has it.
+        self.load_db(resource, key, ck, generation).await
     }
 
-    /// Loads from Redis, else Postgres, filling the tiers above.
+    /// Loads from Redis, else Postgres, filling the tiers above. `generation` is L1's when the
+    /// read began, or `None` when L1 is not to be filled.
     async fn load(
         &self,
         resource: &Resource,
         key: &KeyParam,
         ck: &CacheKey,
+        generation: Option<u64>,
     ) -> Result<ReadResult, DbError> {
+        if !self.coherence.l2_trusted() {
+            return self.load_db(resource, key, ck, generation).await;
+        }
         match self.l2.get(ck).await {
             Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
                 // A committed write of this key has not reached Redis yet.
                 metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
             }
-            Ok(Some(copy)) if copy.is_servable() => match self.fill_l1(resource, ck, &copy).await {
-                Some(Offer::Refused(known)) if known.version > copy.version => {
-                    // L1 knows Redis is behind: go to the source.
-                    metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+            Ok(Some(copy)) if copy.is_servable() => {
+                match self.fill_l1(resource, ck, &copy, generation).await {
+                    Some(Offer::Refused(known)) if known.version > copy.version => {
+                        // L1 knows Redis is behind: go to the source.
+                        metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                    }
+                    _ => {
+                        metrics::counter!(CACHE_HITS, "tier" => "l2").increment(1);
+                        return Ok(ReadResult {
+                            cached: copy,
+                            tier: Tier::L2,
+                        });
+                    }
                 }
-                _ => {
-                    metrics::counter!(CACHE_HITS, "tier" => "l2").increment(1);
-                    return Ok(ReadResult {
-                        cached: copy,
-                        tier: Tier::L2,
-                    });
-                }
-            },
+            }
             Ok(_) | Err(L2Error::Skipped) => {
                 metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
             }
@@ -151,7 +215,17 @@ impl Tiers {
                 tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
             }
         }
+        self.load_db(resource, key, ck, generation).await
+    }
 
+    /// Reads Postgres and offers the result to Redis and L1.
+    async fn load_db(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+        generation: Option<u64>,
+    ) -> Result<ReadResult, DbError> {
         let copy = match self.db.get(resource, key).await? {
             Some((version, doc)) => Cached::value(version, doc),
             None => Cached::absent(Version::NONE),
@@ -174,7 +248,7 @@ impl Tiers {
         // Postgres is the truth as of this read: answer with it even if a tier refuses it
         // because a newer write landed meanwhile.
         if !newer_exists {
-            self.fill_l1(resource, ck, &copy).await;
+            self.fill_l1(resource, ck, &copy, generation).await;
         }
         Ok(ReadResult {
             cached: copy,
@@ -182,17 +256,27 @@ impl Tiers {
         })
     }
 
-    /// Offers a copy to L1 (if enabled), counting refusals.
-    async fn fill_l1(&self, resource: &Resource, ck: &CacheKey, copy: &Cached) -> Option<Offer> {
+    /// Offers a copy to L1 (if it is to be filled), counting refusals.
+    async fn fill_l1(
+        &self,
+        resource: &Resource,
+        ck: &CacheKey,
+        copy: &Cached,
+        generation: Option<u64>,
+    ) -> Option<Offer> {
         let l1 = self.l1.as_ref()?;
-        let offer = l1.offer(ck, copy.clone(), l1_ttl(resource, copy)).await;
+        let generation = generation?;
+        let offer = l1
+            .offer_in(generation, ck, copy.clone(), l1_ttl(resource, copy))
+            .await;
         if matches!(offer, Offer::Refused(_)) {
             metrics::counter!(FILLS_REJECTED, "tier" => "l1").increment(1);
         }
         Some(offer)
     }
 
-    /// Writes one document: Postgres (acknowledged at commit), then Redis, then L1.
+    /// Writes one document: Postgres (acknowledged at commit), then Redis (and the message
+    /// telling the other instances), then L1.
     ///
     /// Run it to completion (spawned): a write abandoned between commit and cache updates
     /// would leave Redis behind until its repair.
@@ -207,10 +291,11 @@ impl Tiers {
         body: serde_json::Value,
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
+        let generation = self.l1.as_ref().map(L1::generation);
         let outcome = self.db.put(resource, key, body, pre).await?;
         if let WriteOutcome::Written(w) = &outcome {
-            self.settle(resource, ck, Cached::value(w.version, w.doc.clone()))
-                .await;
+            let copy = Cached::value(w.version, w.doc.clone());
+            self.settle(resource, ck, copy, Op::Put, generation).await;
         }
         Ok(outcome)
     }
@@ -227,20 +312,52 @@ impl Tiers {
         ck: &CacheKey,
         pre: Precondition,
     ) -> Result<DeleteOutcome, DbError> {
+        let generation = self.l1.as_ref().map(L1::generation);
         let outcome = self.db.delete(resource, key, pre).await?;
         if let DeleteOutcome::Deleted { version } = outcome {
-            self.settle(resource, ck, Cached::absent(version)).await;
+            self.settle(
+                resource,
+                ck,
+                Cached::absent(version),
+                Op::Delete,
+                generation,
+            )
+            .await;
         }
         Ok(outcome)
     }
 
-    /// Brings Redis and L1 up to a committed copy. A Redis failure is queued for repair, never
-    /// returned: the write is committed and is acknowledged.
-    async fn settle(&self, resource: &Resource, ck: &CacheKey, copy: Cached) {
+    /// Brings Redis and L1 up to a committed copy and tells the other instances. A Redis
+    /// failure is queued for repair, never returned: the write is committed and is
+    /// acknowledged. (The Postgres feed tells the other instances in that case.)
+    async fn settle(
+        &self,
+        resource: &Resource,
+        ck: &CacheKey,
+        copy: Cached,
+        op: Op,
+        generation: Option<u64>,
+    ) {
         // A load in flight may have read before this commit: nobody asking from now on joins it.
         self.flights.forget(ck);
+        let message = if self.coherence.redis.enabled() {
+            let key = ck.as_str().split_once(':').map_or("", |(_, k)| k);
+            serde_json::to_string(&Message {
+                resource: resource.name.clone(),
+                key: Some(key.to_string()),
+                version: copy.version.0,
+                op,
+                ts_us: Some(now_ms() as i64 * 1000),
+                instance: Some(self.instance_id.to_string()),
+            })
+            .unwrap_or_default()
+        } else {
+            String::new()
+        };
         let result = if self.l2.available() {
-            self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await
+            self.l2
+                .offer_and_publish(ck, &copy, l2_ttl(resource, &copy), &message)
+                .await
         } else {
             Err(L2Error::Skipped)
         };
@@ -255,9 +372,76 @@ impl Tiers {
             self.repairs
                 .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
         }
-        if let Some(l1) = &self.l1 {
-            l1.offer(ck, copy.clone(), l1_ttl(resource, &copy)).await;
+        if let (Some(l1), Some(generation)) = (&self.l1, generation) {
+            l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
+                .await;
         }
+    }
+
+    /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
+    /// message's version in L1, and, from the Postgres feed, in Redis too, which repairs Redis
+    /// after writes that never went through syncar. Returns whether it taught anything new
+    /// (false for duplicates and for versions older than what is known: no-ops).
+    pub async fn apply(&self, catalog: &Catalog, message: &Message, feed: Feed) -> bool {
+        let Some(resource) = catalog.get(&message.resource) else {
+            return false; // not a resource of this instance
+        };
+        let copy = match message.op {
+            Op::Put => Cached::invalidated(Version(message.version)),
+            Op::Delete => Cached::absent(Version(message.version)),
+            Op::Flush => {
+                if let Some(l1) = &self.l1 {
+                    l1.clear();
+                }
+                if feed == Feed::Postgres {
+                    if let Err(e) = self.l2.flush_resource(&resource.name).await {
+                        tracing::warn!(resource = %resource.name, error = %e, "redis flush of a resource failed");
+                    }
+                }
+                return true;
+            }
+        };
+        let Some(key) = &message.key else {
+            return false;
+        };
+        let ck = CacheKey::new(&resource.name, key);
+        let mut fresh = false;
+        if let Some(l1) = &self.l1 {
+            fresh = l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)).await == Offer::Applied;
+        }
+        if feed == Feed::Postgres && self.l2.available() {
+            if let Ok(applied) = self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await {
+                fresh |= applied;
+            }
+        }
+        if fresh {
+            self.flights.forget(&ck);
+        }
+        fresh
+    }
+
+    /// Replays changes-log entries into Redis: every logged key gets a tombstone of its
+    /// newest logged version, which lands only where Redis holds something older.
+    ///
+    /// # Errors
+    /// The first Redis failure.
+    pub async fn replay(&self, catalog: &Catalog, changes: Vec<Change>) -> Result<(), L2Error> {
+        for change in changes {
+            let Some(resource) = catalog.get(&change.resource) else {
+                continue;
+            };
+            let copy = match (change.op.as_str(), &change.key) {
+                ("delete", Some(_)) => Cached::absent(Version(change.version)),
+                (_, Some(_)) => Cached::invalidated(Version(change.version)),
+                (_, None) => {
+                    self.l2.flush_resource(&resource.name).await?;
+                    continue;
+                }
+            };
+            let ck = CacheKey::new(&resource.name, change.key.as_deref().unwrap_or_default());
+            self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await?;
+        }
+        Ok(())
     }
 }
 

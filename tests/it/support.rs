@@ -351,14 +351,16 @@ impl Env {
             .expect("connect to the test redis")
     }
 
-    /// The raw Redis entry syncar keeps for `resource:key`.
+    /// The Redis entry syncar keeps for `resource:key`, as `{version}:{kind}:{document}`
+    /// (the `at_ms` field dropped).
     pub async fn redis_entry(&self, resource: &str, key: &str) -> Option<String> {
         let mut conn = self.redis().await;
-        redis::cmd("GET")
+        let raw: Option<String> = redis::cmd("GET")
             .arg(format!("{}{resource}:{key}", self.prefix))
             .query_async(&mut conn)
             .await
-            .unwrap()
+            .unwrap();
+        raw.map(|r| without_at(&r))
     }
 }
 
@@ -390,6 +392,13 @@ impl Instance {
     pub async fn shutdown(self) {
         self.app.shutdown().await;
     }
+}
+
+/// `{version}:{kind}:{at_ms}:{document}` without `at_ms`.
+pub fn without_at(raw: &str) -> String {
+    let parts: Vec<&str> = raw.splitn(4, ':').collect();
+    assert_eq!(parts.len(), 4, "unexpected redis entry {raw:?}");
+    format!("{}:{}:{}", parts[0], parts[1], parts[3])
 }
 
 /// A response, read whole.

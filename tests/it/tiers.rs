@@ -12,6 +12,11 @@ use crate::support::Env;
 
 const TTL: Duration = Duration::from_secs(60);
 
+fn no_feeds(c: &mut syncar::Config) {
+    c.feeds.postgres = false;
+    c.feeds.redis = false;
+}
+
 fn value(v: i64) -> Cached {
     Cached::value(Version(v), Bytes::from(format!("{{\"v\":{v}}}")))
 }
@@ -86,8 +91,9 @@ async fn the_redis_script_applies_only_newer_copies() {
 #[tokio::test]
 async fn a_slow_load_cannot_undo_an_invalidation() {
     let env = Env::new().await;
-    let a = env.start(|_| {}).await;
-    let b = env.start(|_| {}).await;
+    // Feeds off: the test delivers the invalidation itself, at the moment it chooses.
+    let a = env.start(no_feeds).await;
+    let b = env.start(no_feeds).await;
     let v1 = a.put("/v1/kv/race", r#""old""#).await.etag_version();
 
     let tiers = &b.state().tiers;
@@ -130,7 +136,7 @@ async fn a_slow_load_cannot_undo_an_invalidation() {
 #[tokio::test]
 async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
     let env = Env::new().await;
-    let a = env.start(|_| {}).await;
+    let a = env.start(no_feeds).await;
     let v1 = a.put("/v1/kv/k", "1").await.etag_version();
     // Postgres moves on without Redis (a plain SQL write), and the invalidation reaches L1.
     let v2: i64 = env
