@@ -245,10 +245,9 @@ impl Db {
         self.pool.get().await.map_err(|e| {
             metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")
                 .increment(1);
-            match e {
-                deadpool_postgres::PoolError::Backend(e) => classify(e),
-                other => DbError::Unavailable(other.to_string()),
-            }
+            // Whatever stops a connection from opening (refused, auth, database not
+            // accepting connections) means Postgres cannot serve us now.
+            DbError::Unavailable(e.to_string())
         })
     }
 }

@@ -28,7 +28,7 @@ use crate::telemetry::REDIS_ERRORS;
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
 /// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` (one round
 /// trip for a write's Redis update and its invalidation message). Returns 1 when applied, 0
-/// when refused.
+/// when Redis holds a newer version, 2 when it holds this version already.
 const OFFER_SCRIPT: &str = r"
 if ARGV[6] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])
@@ -51,13 +51,23 @@ if cur then
     if cmp == 0 then
       local ck = string.sub(cur, sep + 1, sep + 1)
       -- at one version, a real copy beats a tombstone, and nothing beats a real copy
-      if ck ~= 'i' or ARGV[2] == 'i' then return 0 end
+      if ck ~= 'i' or ARGV[2] == 'i' then return 2 end
     end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
 return 1
 ";
+
+/// What an offer to Redis did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stored {
+    Applied,
+    /// Redis holds this version already.
+    AlreadyHeld,
+    /// Redis holds a newer version.
+    Newer,
+}
 
 /// A failed Redis command.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -164,6 +174,19 @@ impl L2 {
         copy: &Cached,
         ttl: Duration,
     ) -> Result<bool, L2Error> {
+        Ok(self.offer_and_publish(key, copy, ttl, "").await? == Stored::Applied)
+    }
+
+    /// [`L2::offer`], telling why a copy was not applied.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn offer_checked(
+        &self,
+        key: &CacheKey,
+        copy: &Cached,
+        ttl: Duration,
+    ) -> Result<Stored, L2Error> {
         self.offer_and_publish(key, copy, ttl, "").await
     }
 
@@ -178,7 +201,7 @@ impl L2 {
         copy: &Cached,
         ttl: Duration,
         message: &str,
-    ) -> Result<bool, L2Error> {
+    ) -> Result<Stored, L2Error> {
         let mut conn = self.conn.clone();
         let (kind, doc): (&str, &[u8]) = match &copy.state {
             State::Value(doc) => ("v", doc),
@@ -199,10 +222,14 @@ impl L2 {
             .arg(ttl_ms)
             .arg(self.invalidation_channel())
             .arg(message);
-        let applied: i64 = self
+        let outcome: i64 = self
             .run("offer", invocation.invoke_async(&mut conn))
             .await?;
-        Ok(applied == 1)
+        Ok(match outcome {
+            1 => Stored::Applied,
+            2 => Stored::AlreadyHeld,
+            _ => Stored::Newer,
+        })
     }
 
     /// `PING`, for `/readyz` and to probe recovery.

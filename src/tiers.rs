@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
 use crate::feed::{Coherence, Feed, Message, Op};
 use crate::l1::{Offer, L1};
-use crate::l2::{L2Error, L2};
+use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
 use crate::resource::{Catalog, KeyParam, Precondition, Resource};
 use crate::schema::Change;
@@ -233,11 +233,15 @@ impl Tiers {
         metrics::counter!(CACHE_HITS, "tier" => "db").increment(1);
         let mut newer_exists = false;
         if self.l2.available() {
-            match self.l2.offer(ck, &copy, l2_ttl(resource, &copy)).await {
-                Ok(true) => {}
-                Ok(false) => {
+            match self
+                .l2
+                .offer_checked(ck, &copy, l2_ttl(resource, &copy))
+                .await
+            {
+                Ok(Stored::Applied | Stored::AlreadyHeld) => {}
+                Ok(Stored::Newer) => {
                     metrics::counter!(FILLS_REJECTED, "tier" => "l2").increment(1);
-                    // Redis holds this version or a newer one: L1 must not hold an older.
+                    // Redis holds a newer version: L1 must not take an older one.
                     newer_exists = true;
                 }
                 Err(e) => {
@@ -405,15 +409,18 @@ impl Tiers {
             return false;
         };
         let ck = CacheKey::new(&resource.name, key);
-        let mut fresh = false;
+        // New to this instance: judged by L1 when there is one, else by Redis.
+        let mut fresh = None;
         if let Some(l1) = &self.l1 {
-            fresh = l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)).await == Offer::Applied;
+            fresh =
+                Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)).await == Offer::Applied);
         }
         if feed == Feed::Postgres && self.l2.available() {
             if let Ok(applied) = self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await {
-                fresh |= applied;
+                fresh = fresh.or(Some(applied));
             }
         }
+        let fresh = fresh.unwrap_or(false);
         if fresh {
             self.flights.forget(&ck);
         }

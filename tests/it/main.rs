@@ -2,6 +2,7 @@
 
 mod api;
 mod cli;
+mod coherence;
 mod schema;
 mod support;
 mod tables;

@@ -392,6 +392,20 @@ impl Instance {
     pub async fn shutdown(self) {
         self.app.shutdown().await;
     }
+
+    pub async fn readyz(&self) -> serde_json::Value {
+        self.get("/readyz").await.json()
+    }
+
+    /// Waits until `feed` reports `up` (true or false), returning how long it took.
+    pub async fn feed_becomes(&self, feed: &str, up: bool, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        eventually(timeout, &format!("{feed} feed up={up}"), || async {
+            (self.readyz().await["feeds"][feed]["up"] == up).then_some(())
+        })
+        .await;
+        start.elapsed()
+    }
 }
 
 /// `{version}:{kind}:{at_ms}:{document}` without `at_ms`.
@@ -493,11 +507,12 @@ where
     }
 }
 
-/// A TCP proxy to `target` that can cut every connection and refuse new ones, to make a
-/// server unreachable without stopping it.
+/// A TCP proxy to `target` that can cut every connection and refuse new ones, or stop
+/// forwarding without closing anything (a half-open, silently dead connection).
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    blackhole: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -507,22 +522,28 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
+        let blackhole = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = {
-            let (cut, conns) = (cut.clone(), conns.clone());
+            let (cut, conns, blackhole) = (cut.clone(), conns.clone(), blackhole.clone());
             tokio::spawn(async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         continue;
                     };
                     if cut.load(Ordering::SeqCst) {
                         drop(inbound); // refused: closed at once
                         continue;
                     }
+                    let blackhole = blackhole.clone();
                     let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        if let Ok(outbound) = TcpStream::connect(target).await {
+                            let (ri, wi) = inbound.into_split();
+                            let (ro, wo) = outbound.into_split();
+                            tokio::join!(
+                                forward(ri, wo, blackhole.clone()),
+                                forward(ro, wi, blackhole)
+                            );
                         }
                     });
                     conns.lock().unwrap().push(task);
@@ -532,9 +553,15 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            blackhole,
             conns,
             accept,
         }
+    }
+
+    /// Stops forwarding in both directions, closing nothing: peers see silence, not an error.
+    pub fn blackhole(&self) {
+        self.blackhole.store(true, Ordering::SeqCst);
     }
 
     /// Closes every proxied connection and refuses new ones until [`Proxy::restore`].
@@ -545,8 +572,35 @@ impl Proxy {
         }
     }
 
+    /// Refuses new connections, leaving existing ones alone.
+    pub fn refuse_new(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Copies one direction until EOF; while blackholed, holds whatever it read and waits.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    blackhole: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if blackhole.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 

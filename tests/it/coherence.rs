@@ -1,0 +1,432 @@
+//! Coherence across instances: three syncar instances against the real Postgres and Redis,
+//! through writes, plain SQL, and feeds that die loudly or silently.
+
+use std::time::Duration;
+
+use serde_json::json;
+use syncar::feed::{Feed, Message, Op};
+use syncar::model::{CacheKey, Version};
+
+use crate::support::{eventually, request, Env, Instance, Proxy, RedisServer};
+
+/// How long a change may take to reach every instance in these tests: the product's window
+/// is about a second; the margin absorbs a loaded CI machine.
+const WINDOW: Duration = Duration::from_secs(5);
+
+async fn three(env: &Env, f: impl Fn(&mut syncar::Config)) -> [Instance; 3] {
+    [
+        env.start(&f).await,
+        env.start(&f).await,
+        env.start(&f).await,
+    ]
+}
+
+/// Polls `instance` until `path` answers with `version` (ETag), for at most `WINDOW`.
+async fn sees(instance: &Instance, path: &str, version: i64) {
+    eventually(WINDOW, &format!("{path} at version {version}"), || async {
+        let r = instance.get(path).await;
+        (r.status == 200 && r.etag_version() == version).then_some(())
+    })
+    .await;
+}
+
+async fn sees_absent(instance: &Instance, path: &str) {
+    eventually(WINDOW, &format!("{path} gone"), || async {
+        (instance.get(path).await.status == 404).then_some(())
+    })
+    .await;
+}
+
+/// The version of the Redis entry, whatever its kind.
+async fn redis_version(env: &Env, key: &str) -> Option<i64> {
+    env.redis_entry("kv", key)
+        .await
+        .map(|e| e.split(':').next().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_put_on_one_instance_reaches_the_others() {
+    let env = Env::new().await;
+    let [a, b, c] = three(&env, |_| {}).await;
+    let v1 = a.put("/v1/kv/k", r#""one""#).await.etag_version();
+    for i in [&b, &c] {
+        assert_eq!(i.get("/v1/kv/k").await.etag_version(), v1);
+        assert_eq!(i.get("/v1/kv/k").await.header("x-cache"), Some("l1"));
+    }
+    let v2 = a.put("/v1/kv/k", r#""two""#).await.etag_version();
+    for i in [&b, &c] {
+        sees(i, "/v1/kv/k", v2).await;
+        assert_eq!(i.get("/v1/kv/k").await.json(), json!("two"));
+    }
+    assert_eq!(a.delete("/v1/kv/k").await.status, 204);
+    for i in [&b, &c] {
+        sees_absent(i, "/v1/kv/k").await;
+    }
+}
+
+#[tokio::test]
+async fn plain_sql_writes_reach_every_instance_and_repair_redis() {
+    let env = Env::new().await;
+    let [a, b, c] = three(&env, |_| {}).await;
+    let v1 = a.put("/v1/kv/s", "1").await.etag_version();
+    for i in [&a, &b, &c] {
+        assert_eq!(i.get("/v1/kv/s").await.etag_version(), v1);
+    }
+    let pg = env.pg().await;
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in [&a, &b, &c] {
+        sees(i, "/v1/kv/s", v2).await;
+    }
+    assert!(
+        redis_version(&env, "s").await.unwrap() >= v2,
+        "Redis holds no older version"
+    );
+
+    pg.execute("DELETE FROM syncar_kv WHERE key = 's'", &[])
+        .await
+        .unwrap();
+    for i in [&a, &b, &c] {
+        sees_absent(i, "/v1/kv/s").await;
+    }
+    let entry = env.redis_entry("kv", "s").await.unwrap();
+    assert!(entry.contains(":a:"), "Redis holds the deletion: {entry}");
+}
+
+/// Every instance's LISTEN backend terminated at once, and kept from reconnecting while a
+/// plain-SQL write happens: nobody is told, yet nobody serves it stale, during or after.
+#[tokio::test]
+async fn terminated_listen_backends_mean_bypass_then_replay() {
+    let env = Env::new().await;
+    // The LISTEN connections go through a proxy that can refuse reconnections.
+    let pg_port = crate::support::servers().pg_port;
+    let proxy = Proxy::start(format!("127.0.0.1:{pg_port}").parse().unwrap()).await;
+    let listen = env
+        .pg_url
+        .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.addr.port()));
+    let [a, b, c] = three(&env, |c| c.postgres.listen_url = Some(listen.clone())).await;
+    let v1 = a.put("/v1/kv/t", "1").await.etag_version();
+    // `u` is cached in Redis and changed during the outage, but nobody reads it until after:
+    // only the replay can fix its Redis entry.
+    a.put("/v1/kv/u", "1").await;
+    for i in [&a, &b, &c] {
+        i.get("/v1/kv/t").await;
+        assert_eq!(i.get("/v1/kv/t").await.header("x-cache"), Some("l1"));
+    }
+    proxy.refuse_new();
+    let pg = env.pg().await;
+    let terminated: i64 = pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'syncar-listen'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(terminated, 3);
+    for i in [&a, &b, &c] {
+        i.feed_becomes("postgres", false, WINDOW).await;
+    }
+
+    // Written while nobody listens.
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 't' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v2 > v1);
+    let u2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'u' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in [&a, &b, &c] {
+        let r = i.get("/v1/kv/t").await;
+        assert_eq!(
+            r.etag_version(),
+            v2,
+            "bypassing L1 and Redis while the feed is down"
+        );
+        assert_eq!(r.header("x-cache"), Some("db"));
+    }
+
+    proxy.restore();
+    for i in [&a, &b, &c] {
+        i.feed_becomes("postgres", true, Duration::from_secs(20))
+            .await;
+    }
+    assert!(
+        redis_version(&env, "u").await.unwrap() >= u2,
+        "the replay repaired Redis"
+    );
+    assert_eq!(a.get("/v1/kv/u").await.etag_version(), u2);
+    for i in [&a, &b, &c] {
+        assert_eq!(i.get("/v1/kv/t").await.etag_version(), v2);
+        let again = i.get("/v1/kv/t").await;
+        assert_eq!(again.etag_version(), v2);
+        assert_eq!(again.header("x-cache"), Some("l1"), "L1 in use again");
+    }
+}
+
+/// Redis restarted (empty): feeds and L2 down, then back; a write made meanwhile is not
+/// served stale from L1 or Redis.
+#[tokio::test]
+async fn a_redis_restart_means_bypass_then_flush_and_replay() {
+    let env = Env::new().await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let [a, b, c] = three(&env, move |c| {
+        c.redis.url = url.clone();
+        c.redis.retry_interval = Duration::from_millis(200);
+    })
+    .await;
+    a.put("/v1/kv/r", "1").await;
+    for i in [&b, &c] {
+        i.get("/v1/kv/r").await;
+        assert_eq!(i.get("/v1/kv/r").await.header("x-cache"), Some("l1"));
+    }
+    redis.kill();
+    for i in [&a, &b, &c] {
+        i.feed_becomes("redis", false, WINDOW).await;
+    }
+    let v2 = a.put("/v1/kv/r", "2").await;
+    assert_eq!(v2.status, 200, "acknowledged with Redis down");
+    let v2 = v2.etag_version();
+    for i in [&b, &c] {
+        assert_eq!(i.get("/v1/kv/r").await.etag_version(), v2);
+    }
+    redis.restart();
+    for i in [&a, &b, &c] {
+        i.feed_becomes("redis", true, Duration::from_secs(20)).await;
+    }
+    for i in [&a, &b, &c] {
+        sees(i, "/v1/kv/r", v2).await;
+    }
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(format!("{}kv:r", env.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let version: i64 = raw.unwrap().split(':').next().unwrap().parse().unwrap();
+    assert!(version >= v2, "nothing older in the restarted Redis");
+}
+
+/// `CLIENT KILL TYPE pubsub`: every subscription dropped; each instance notices, comes back,
+/// and a write afterwards reaches everyone.
+#[tokio::test]
+async fn killed_subscriptions_come_back() {
+    let env = Env::new().await;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let [a, b, c] = three(&env, move |c| c.redis.url = url.clone()).await;
+    let before: Vec<u64> = futures_util::future::join_all([&a, &b, &c].map(|i| async move {
+        i.readyz().await["feeds"]["redis"]["since_ms"]
+            .as_u64()
+            .unwrap()
+    }))
+    .await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "pubsub"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 3, "one subscription per instance");
+    for (i, since) in [&a, &b, &c].iter().zip(before) {
+        eventually(WINDOW, "the feed to go down and come back", || async {
+            let f = i.readyz().await["feeds"]["redis"].clone();
+            (f["up"] == true && f["since_ms"].as_u64().unwrap() > since).then_some(())
+        })
+        .await;
+    }
+    let v = a.put("/v1/kv/p", "1").await.etag_version();
+    for i in [&b, &c] {
+        sees(i, "/v1/kv/p", v).await;
+    }
+}
+
+/// A LISTEN connection that goes silent without an error (a half-open socket) is caught by
+/// the heartbeat within the lease, and L1 is bypassed from then on.
+#[tokio::test]
+async fn a_silently_dead_feed_is_detected_by_the_heartbeat() {
+    let env = Env::new().await;
+    let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
+        .parse()
+        .unwrap();
+    let proxy = Proxy::start(pg_addr).await;
+    let listen = env.pg_url.replace(
+        &format!(":{}/", pg_addr.port()),
+        &format!(":{}/", proxy.addr.port()),
+    );
+    let a = env
+        .start(|c| c.postgres.listen_url = Some(listen.clone()))
+        .await;
+    a.put("/v1/kv/h", "1").await;
+    assert_eq!(a.get("/v1/kv/h").await.header("x-cache"), Some("l1"));
+    proxy.blackhole();
+    let took = a.feed_becomes("postgres", false, WINDOW).await;
+    eprintln!("silent feed death detected after {took:?} (lease 1s)");
+    let r = a.get("/v1/kv/h").await;
+    assert_ne!(r.header("x-cache"), Some("l1"), "L1 bypassed");
+    assert_eq!(a.readyz().await["l1_in_use"], false);
+}
+
+#[tokio::test]
+async fn terminated_pool_connections_are_replaced_invisibly() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    for i in 0..8 {
+        a.put(&format!("/v1/kv/p{i}"), "1").await;
+    }
+    let pg = env.pg().await;
+    let terminated: i64 = pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'syncar'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated > 0);
+    eventually(WINDOW, "the terminated backends to exit", || async {
+        let left: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = 'syncar'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    for i in 0..8 {
+        let w = a.put(&format!("/v1/kv/p{i}"), "2").await;
+        assert_eq!(w.status, 200, "{w:?}");
+        let r = request(
+            a.addr(),
+            "GET",
+            &format!("/v1/kv/p{i}?consistency=strong"),
+            &[],
+            None,
+        )
+        .await;
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn duplicates_and_older_versions_are_no_ops() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let v = a.put("/v1/kv/d", "1").await.etag_version();
+    let state = a.state();
+    let catalog = state.catalog().unwrap();
+    let message = |version: i64, op: Op| Message {
+        resource: "kv".into(),
+        key: Some("d".into()),
+        version,
+        op,
+        ts_us: None,
+        instance: None,
+    };
+    let tiers = &state.tiers;
+    assert!(
+        !tiers
+            .apply(&catalog, &message(v, Op::Put), Feed::Redis)
+            .await,
+        "its own write: known"
+    );
+    assert!(
+        tiers
+            .apply(&catalog, &message(v + 100, Op::Put), Feed::Redis)
+            .await,
+        "newer: applied"
+    );
+    assert!(
+        !tiers
+            .apply(&catalog, &message(v + 100, Op::Put), Feed::Postgres)
+            .await,
+        "duplicate"
+    );
+    assert!(
+        !tiers
+            .apply(&catalog, &message(v + 50, Op::Delete), Feed::Redis)
+            .await,
+        "older: ignored"
+    );
+    let held = tiers
+        .l1()
+        .unwrap()
+        .get(&CacheKey::new("kv", "d"))
+        .await
+        .unwrap();
+    assert_eq!(held.version, Version(v + 100));
+    assert!(!held.is_servable());
+    let unknown = Message {
+        resource: "nope".into(),
+        ..message(v + 200, Op::Put)
+    };
+    assert!(!tiers.apply(&catalog, &unknown, Feed::Redis).await);
+}
+
+#[tokio::test]
+async fn min_version_and_strong_reads() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    // A TTL-only instance: nothing tells it about A's writes, so its L1 goes stale.
+    let b = env
+        .start(|c| {
+            c.feeds.postgres = false;
+            c.feeds.redis = false;
+        })
+        .await;
+    let v1 = a.put("/v1/kv/m", "1").await.etag_version();
+    b.get("/v1/kv/m").await;
+    assert_eq!(b.get("/v1/kv/m").await.header("x-cache"), Some("l1"));
+    let v2 = a.put("/v1/kv/m", "2").await.etag_version();
+    let stale = b.get("/v1/kv/m").await;
+    assert_eq!(stale.etag_version(), v1, "what TTL-only caching does");
+    assert!(stale.header("age").is_some());
+
+    let ryw = b.get(&format!("/v1/kv/m?min_version={v2}")).await;
+    assert_eq!(ryw.etag_version(), v2, "read-your-writes across instances");
+    assert_ne!(ryw.header("x-cache"), Some("l1"));
+
+    let v3 = a.put("/v1/kv/m", "3").await.etag_version();
+    let strong = b.get("/v1/kv/m?consistency=strong").await;
+    assert_eq!(strong.etag_version(), v3);
+    assert_eq!(strong.header("x-cache"), Some("db"));
+    assert_eq!(strong.header("age"), Some("0"));
+    let refreshed = b.get("/v1/kv/m").await;
+    assert_eq!(refreshed.etag_version(), v3, "the strong read refreshed L1");
+    assert_eq!(refreshed.header("x-cache"), Some("l1"));
+
+    let bad = b.get("/v1/kv/m?consistency=eventual").await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.code(), "invalid_query");
+}
