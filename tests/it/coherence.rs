@@ -281,7 +281,10 @@ async fn a_silently_dead_feed_is_detected_by_the_heartbeat() {
         &format!(":{}/", proxy.addr.port()),
     );
     let a = env
-        .start(|c| c.postgres.listen_url = Some(listen.clone()))
+        .start(|c| {
+            c.postgres.listen_url = Some(listen.clone());
+            c.feeds.unready_when_down = true;
+        })
         .await;
     a.put("/v1/kv/h", "1").await;
     assert_eq!(a.get("/v1/kv/h").await.header("x-cache"), Some("l1"));
@@ -290,7 +293,9 @@ async fn a_silently_dead_feed_is_detected_by_the_heartbeat() {
     eprintln!("silent feed death detected after {took:?} (lease 1s)");
     let r = a.get("/v1/kv/h").await;
     assert_ne!(r.header("x-cache"), Some("l1"), "L1 bypassed");
-    assert_eq!(a.readyz().await["l1_in_use"], false);
+    let ready = a.get("/readyz").await;
+    assert_eq!(ready.status, 503, "unready_when_down");
+    assert_eq!(ready.json()["l1_in_use"], false);
 }
 
 #[tokio::test]

@@ -130,6 +130,39 @@ async fn every_write_by_anyone_is_stamped_and_announced() {
 }
 
 #[tokio::test]
+async fn every_change_is_logged_and_old_entries_are_pruned() {
+    let env = Env::new().await;
+    syncar::app::run_migration(&env.config()).await.unwrap();
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO syncar_kv (key, value) VALUES ('a', '1');
+         DELETE FROM syncar_kv WHERE key = 'a';
+         INSERT INTO syncar_changes (at, version, resource, key, op)
+           VALUES (now() - interval '1 hour', 1, 'kv', 'old', 'put');",
+    )
+    .await
+    .unwrap();
+    let recent = syncar::schema::changes_since(&pg, "public", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(recent.len(), 1, "newest entry per key: {recent:?}");
+    assert_eq!(
+        (recent[0].key.as_deref(), recent[0].op.as_str()),
+        (Some("a"), "delete")
+    );
+    let pruned = syncar::schema::prune_changes(&pg, "public", Duration::from_secs(900))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "only the entry past the retention");
+    let left: i64 = pg
+        .query_one("SELECT count(*) FROM syncar_changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 2);
+}
+
+#[tokio::test]
 async fn an_oversized_key_announces_a_flush_instead_of_failing_the_writer() {
     let env = Env::new().await;
     syncar::app::run_migration(&env.config()).await.unwrap();
