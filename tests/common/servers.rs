@@ -1,0 +1,267 @@
+//! Real Postgres and Redis servers on free ports, for the tests and the benchmarks: started
+//! once per process, stopped when it exits. Nothing here mocks a server; a missing binary
+//! fails with the package to install.
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The servers shared by every test of this binary.
+pub struct Servers {
+    pub pg_port: u16,
+    pub redis_port: u16,
+}
+
+static SERVERS: OnceLock<Servers> = OnceLock::new();
+/// What to stop when the test binary exits.
+static CLEANUP: Mutex<Vec<Cleanup>> = Mutex::new(Vec::new());
+
+enum Cleanup {
+    Postgres {
+        bin: PathBuf,
+        data: PathBuf,
+        root: PathBuf,
+    },
+    Kill(u32),
+}
+
+extern "C" fn stop_servers() {
+    let items = std::mem::take(&mut *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()));
+    for item in items {
+        match item {
+            Cleanup::Postgres { bin, data, root } => {
+                let _ = as_postgres(&bin.join("pg_ctl"))
+                    .args([
+                        "-D",
+                        &data.to_string_lossy(),
+                        "-m",
+                        "immediate",
+                        "-w",
+                        "stop",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+                let _ = std::fs::remove_dir_all(root);
+            }
+            Cleanup::Kill(pid) => unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            },
+        }
+    }
+}
+
+pub fn servers() -> &'static Servers {
+    SERVERS.get_or_init(|| {
+        // SAFETY: registering a plain extern "C" function with no captured state.
+        unsafe {
+            libc::atexit(stop_servers);
+        }
+        let pg_port = start_postgres();
+        let redis = RedisServer::start();
+        let redis_port = redis.port;
+        // Shared for the whole run: hand it to the exit hook instead of dropping it.
+        CLEANUP.lock().unwrap().push(Cleanup::Kill(
+            redis.child.lock().unwrap().as_ref().unwrap().id(),
+        ));
+        std::mem::forget(redis);
+        Servers {
+            pg_port,
+            redis_port,
+        }
+    })
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return dir;
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.retain(|d| d.join("initdb").exists());
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: install them with \
+             `apt-get install postgresql`, or set PG_BINDIR"
+        )
+    })
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Postgres refuses to run as root: run its tools as the `postgres` user then.
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn start_postgres() -> u16 {
+    let bin = pg_bindir();
+    let root = tempfile::Builder::new()
+        .prefix("syncar-test-pg-")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    let data = root.join("data");
+    if is_root() {
+        let status = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&root)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown of the test data dir failed");
+    }
+    let out = as_postgres(&bin.join("initdb"))
+        .args([
+            "-D",
+            &data.to_string_lossy(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ])
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for attempt in 0..5 {
+        let port = free_port();
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=400",
+            root.display()
+        );
+        let out = as_postgres(&bin.join("pg_ctl"))
+            .args(["-D", &data.to_string_lossy(), "-o", &opts, "-l"])
+            .arg(root.join("log"))
+            .args(["-w", "start"])
+            .output()
+            .expect("run pg_ctl");
+        if out.status.success() {
+            CLEANUP
+                .lock()
+                .unwrap()
+                .push(Cleanup::Postgres { bin, data, root });
+            return port;
+        }
+        eprintln!("postgres did not start on port {port} (attempt {attempt}); retrying");
+    }
+    let log = std::fs::read_to_string(root.join("log")).unwrap_or_default();
+    panic!("postgres would not start:\n{log}");
+}
+
+/// A redis-server of its own, stopped on drop; restartable on the same port.
+pub struct RedisServer {
+    pub port: u16,
+    child: Mutex<Option<Child>>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        for _ in 0..5 {
+            let port = free_port();
+            let server = RedisServer {
+                port,
+                child: Mutex::new(None),
+            };
+            if server.spawn() {
+                return server;
+            }
+        }
+        panic!("redis-server would not start");
+    }
+
+    fn spawn(&self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "redis-server not found ({e}): install it with `apt-get install redis-server`"
+                )
+            });
+        *self.child.lock().unwrap() = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"PING\r\n");
+                let mut buf = [0u8; 7];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    return true;
+                }
+            }
+            if let Some(Ok(Some(_))) = self.child.lock().unwrap().as_mut().map(|c| c.try_wait()) {
+                return false; // exited: port taken
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL); everything it held is gone.
+    pub fn kill(&self) {
+        if let Some(mut child) = self.child.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&self) {
+        self.kill();
+        assert!(
+            self.spawn(),
+            "redis-server did not restart on port {}",
+            self.port
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
