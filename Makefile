@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt services-up services-down clean-run
+.PHONY: run test lint fmt services-up services-down clean-run bench-stale
 
 run: services-up
 	cargo build --release
@@ -21,6 +21,11 @@ run: services-up
 
 test:
 	cargo test
+
+# Stale-read benchmark: its own Postgres, Redis and syncar processes; options after --, e.g.
+#   make bench-stale BENCH_ARGS="--modes full --phase-secs 4"
+bench-stale:
+	cargo bench --bench stale -- $(BENCH_ARGS)
 
 lint:
 	cargo fmt --check
