@@ -25,6 +25,7 @@ test:
 # Stale-read benchmark: its own Postgres, Redis and syncar processes; options after --, e.g.
 #   make bench-stale BENCH_ARGS="--modes full --phase-secs 4"
 bench-stale:
+	scripts/dev-services.sh install
 	cargo bench --bench stale -- $(BENCH_ARGS)
 
 lint:

@@ -5,6 +5,7 @@
 #   scripts/dev-services.sh up      install the Debian packages if absent, start both
 #   scripts/dev-services.sh down    stop both
 #   scripts/dev-services.sh env     print the SYNCAR_* variables pointing at them
+#   scripts/dev-services.sh install install the Debian packages if absent (for tests, benches)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -86,5 +87,6 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   env) env_vars ;;
-  *) echo "usage: $0 up|down|env" >&2; exit 2 ;;
+  install) install_packages ;;
+  *) echo "usage: $0 up|down|env|install" >&2; exit 2 ;;
 esac
