@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt services-up services-down clean-run bench-stale
+.PHONY: run test lint fmt services-up services-down clean-run bench-stale bench-hot
 
 run: services-up
 	cargo build --release
@@ -27,6 +27,13 @@ test:
 bench-stale:
 	scripts/dev-services.sh install
 	cargo bench --bench stale -- $(BENCH_ARGS)
+
+# Hot path: syncar's L1 and L2 hits against redis-benchmark and a Postgres select, PUT against
+# a plain upsert, and what the triggers cost plain-SQL writers (needs wrk, installed if absent).
+bench-hot:
+	scripts/dev-services.sh install
+	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
+	cargo bench --bench hot -- $(BENCH_ARGS)
 
 lint:
 	cargo fmt --check

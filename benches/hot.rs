@@ -1,0 +1,536 @@
+//! Hot-path benchmark: a cache hit through syncar against the alternatives a user has,
+//! measured side by side in one run on one machine, and what syncar's triggers cost every
+//! writer of a cached table.
+//!
+//! `make bench-hot` (or `cargo bench --bench hot -- [options]`) starts its own Postgres and
+//! Redis and two syncar processes of the release binary (one with L1, one without), then
+//! runs, at the same concurrency and payload:
+//! 1. `GET /v1/kv/{key}` from L1 (wrk);
+//! 2. the same from Redis, L1 disabled (wrk);
+//! 3. `redis-benchmark` GET against the same redis-server;
+//! 4. a primary-key select on Postgres (pgbench, custom script);
+//! 5. PUT through syncar against a plain upsert-and-commit (pgbench), both at the pool size;
+//! 6. plain-SQL UPDATE throughput with pgbench at 1, 8 and 32 clients, on a table with and
+//!    without syncar's triggers.
+//!
+//! Options (defaults in brackets): `--connections 50`, `--secs 5`, `--keys 1000`,
+//! `--value-bytes 200`, `--pool 16`. Needs `wrk` (Debian package `wrk`), `redis-benchmark`
+//! (`redis-tools`) and `pgbench` (`postgresql`).
+
+#[path = "../tests/common/servers.rs"]
+#[allow(dead_code)] // the tests use more of it
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Args {
+    connections: usize,
+    secs: u64,
+    keys: usize,
+    value_bytes: usize,
+    pool: usize,
+}
+
+impl Args {
+    fn parse() -> Args {
+        let mut a = Args {
+            connections: 50,
+            secs: 5,
+            keys: 1000,
+            value_bytes: 200,
+            pool: 16,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            if flag == "--bench" {
+                continue;
+            }
+            let mut v = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+            match flag.as_str() {
+                "--connections" => a.connections = v().parse().unwrap(),
+                "--secs" => a.secs = v().parse().unwrap(),
+                "--keys" => a.keys = v().parse().unwrap(),
+                "--value-bytes" => a.value_bytes = v().parse().unwrap(),
+                "--pool" => a.pool = v().parse().unwrap(),
+                other => panic!("unknown option {other}"),
+            }
+        }
+        a
+    }
+}
+
+/// Throughput and latency percentiles of one measurement.
+#[derive(Clone, Debug)]
+struct Figures {
+    name: String,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+}
+
+impl Figures {
+    fn json(&self) -> Value {
+        json!({"name": self.name, "rps": self.rps, "p50_ms": self.p50_ms,
+               "p99_ms": self.p99_ms, "p999_ms": self.p999_ms})
+    }
+}
+
+fn need(tool: &str, package: &str) -> PathBuf {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    found.unwrap_or_else(|| panic!("{tool} not found: install it with `apt-get install {package}`"))
+}
+
+fn pgbench() -> PathBuf {
+    let bindir = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_default();
+    let p = bindir.join("pgbench");
+    if p.exists() {
+        p
+    } else {
+        need("pgbench", "postgresql")
+    }
+}
+
+fn spawn_syncar(bin: &Path, config: &Path, port: u16, pg: &str, redis: &str) -> Child {
+    Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("SYNCAR_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SYNCAR_POSTGRES_URL", pg)
+        .env("SYNCAR_REDIS_URL", redis)
+        .env("SYNCAR_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start syncar")
+}
+
+fn wait_ready(port: u16) {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        if text.contains("\"ready\":true") && text.contains("\"l1_in_use\":true") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "syncar on {port} never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs wrk with a Lua script that picks random keys and prints the figures we need.
+#[allow(clippy::too_many_arguments)] // one run's settings, read at the call sites
+fn wrk(
+    name: &str,
+    port: u16,
+    method: &str,
+    body: &str,
+    keys: usize,
+    conns: usize,
+    secs: u64,
+    dir: &Path,
+) -> Figures {
+    let script = dir.join(format!("{}.lua", name.replace(' ', "_")));
+    std::fs::write(
+        &script,
+        format!(
+            r#"
+local body = [[{body}]]
+request = function()
+  local path = "/v1/kv/k" .. math.random(1, {keys})
+  if "{method}" == "PUT" then
+    return wrk.format("PUT", path, {{["Content-Type"] = "application/json"}}, body)
+  end
+  return wrk.format("GET", path)
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
+  io.write(string.format("RESULT %d %d %d %f %f %f\n", summary.requests, errors, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#
+        ),
+    )
+    .unwrap();
+    let out = Command::new(need("wrk", "wrk"))
+        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "-s"])
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .expect("run wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("RESULT"))
+        .unwrap_or_else(|| panic!("wrk printed no result:\n{text}"));
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(f[1], 0.0, "{name}: wrk saw {} errors", f[1]);
+    Figures {
+        name: name.into(),
+        rps: f[0] / (f[2] / 1e6),
+        p50_ms: f[3] / 1000.0,
+        p99_ms: f[4] / 1000.0,
+        p999_ms: f[5] / 1000.0,
+    }
+}
+
+fn redis_benchmark(port: u16, args: &Args) -> Figures {
+    let rb = need("redis-benchmark", "redis-tools");
+    let common = |test: &str, n: usize| {
+        Command::new(&rb)
+            .args(["-p", &port.to_string(), "-c", &args.connections.to_string()])
+            .args([
+                "-n",
+                &n.to_string(),
+                "-t",
+                test,
+                "-d",
+                &args.value_bytes.to_string(),
+            ])
+            .args(["-r", &args.keys.to_string()])
+            .output()
+            .expect("run redis-benchmark")
+    };
+    common("set", args.keys * 20);
+    // About as long as the other runs.
+    let out = common("get", 60_000 * args.secs as usize);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+    let rps: f64 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("throughput summary: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no throughput in redis-benchmark output:\n{text}"));
+    // "99.900% <= 1.903 milliseconds (cumulative count 19979)"
+    let dist: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (pct, rest) = l.trim().split_once("% <= ")?;
+            let ms = rest.split_whitespace().next()?;
+            Some((pct.parse().ok()?, ms.parse().ok()?))
+        })
+        .collect();
+    let at = |q: f64| {
+        dist.iter()
+            .find(|(p, _)| *p >= q)
+            .map_or(f64::NAN, |(_, ms)| *ms)
+    };
+    Figures {
+        name: "redis-benchmark GET".into(),
+        rps,
+        p50_ms: at(50.0),
+        p99_ms: at(99.0),
+        p999_ms: at(99.9),
+    }
+}
+
+/// pgbench with a custom script; percentiles from its per-transaction log.
+fn pgbench_run(
+    name: &str,
+    pg_port: u16,
+    db: &str,
+    script: &str,
+    clients: usize,
+    secs: u64,
+    dir: &Path,
+) -> Figures {
+    let file = dir.join(format!("{}.sql", name.replace(' ', "_")));
+    std::fs::write(&file, script).unwrap();
+    let logs = dir.join(format!("log_{}", name.replace(' ', "_")));
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).unwrap();
+    let out = Command::new(pgbench())
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &pg_port.to_string(),
+            "-U",
+            "postgres",
+            "-n",
+        ])
+        .args([
+            "-M",
+            "prepared",
+            "-c",
+            &clients.to_string(),
+            "-j",
+            &clients.min(2).to_string(),
+        ])
+        .args(["-T", &secs.to_string(), "-f"])
+        .arg(&file)
+        .args(["--log", "--log-prefix"])
+        .arg(logs.join("tx"))
+        .arg(db)
+        .output()
+        .expect("run pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgbench failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tps: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench output:\n{text}"));
+    let mut lat: Vec<f64> = Vec::new();
+    for entry in std::fs::read_dir(&logs).unwrap().flatten() {
+        let content = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        lat.extend(
+            content
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(2)?.parse::<f64>().ok()),
+        );
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        lat[((q * (lat.len() - 1) as f64).round() as usize).min(lat.len() - 1)] / 1000.0
+    };
+    Figures {
+        name: name.into(),
+        rps: tps,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
+    let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+        .join("bench-hot");
+    std::fs::create_dir_all(&out).unwrap();
+    need("wrk", "wrk");
+    need("redis-benchmark", "redis-tools");
+    pgbench();
+    let servers = servers::servers();
+    let redis = servers::RedisServer::start();
+    let db = format!("hot_{}", std::process::id());
+    let psql = |sql: &str, database: &str| {
+        let bindir = pgbench().parent().unwrap().to_path_buf();
+        let o = Command::new(bindir.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &servers.pg_port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-d", database, "-c", sql])
+            .output()
+            .expect("psql");
+        assert!(
+            o.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    psql(&format!("CREATE DATABASE {db}"), "postgres");
+    let pg_url = format!("postgres://postgres@127.0.0.1:{}/{db}", servers.pg_port);
+
+    let config = |name: &str, l1: bool| {
+        let p = out.join(format!("{name}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n[cache]\nl1 = {l1}\n[log]\nlevel = \"warn\"\n",
+                args.pool
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let (p1, p2) = (servers::free_port(), servers::free_port());
+    let mut with_l1 = spawn_syncar(&bin, &config("l1", true), p1, &pg_url, &redis.url());
+    let mut without_l1 = spawn_syncar(&bin, &config("l2", false), p2, &pg_url, &redis.url());
+    wait_ready(p1);
+    wait_ready(p2);
+
+    // A value of the configured size, as JSON.
+    let filler = "x".repeat(args.value_bytes.saturating_sub(12));
+    let body = format!("{{\"v\":\"{filler}\"}}");
+    eprintln!(
+        "hot-path benchmark: {} connections, {}-byte values, {} keys, {} s per run",
+        args.connections,
+        body.len(),
+        args.keys,
+        args.secs
+    );
+    psql(
+        &format!(
+            "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '{body}'::jsonb FROM generate_series(1, {}) i",
+            args.keys
+        ),
+        &db,
+    );
+    let (c, s) = (args.connections, args.secs);
+    // Warm both instances (L1 and Redis), then measure.
+    wrk("warm", p1, "GET", "", args.keys, c, 2, &out);
+    wrk("warm", p2, "GET", "", args.keys, c, 2, &out);
+    let mut reads = vec![
+        wrk("syncar GET, L1 hit", p1, "GET", "", args.keys, c, s, &out),
+        wrk(
+            "syncar GET, L2 (L1 off)",
+            p2,
+            "GET",
+            "",
+            args.keys,
+            c,
+            s,
+            &out,
+        ),
+        redis_benchmark(redis.port, &args),
+    ];
+    reads.push(pgbench_run(
+        "postgres PK select",
+        servers.pg_port,
+        &db,
+        &format!(
+            "\\set id random(1, {})\nSELECT value FROM syncar_kv WHERE key = 'k' || :id;\n",
+            args.keys
+        ),
+        c,
+        s,
+        &out,
+    ));
+    let writes = vec![
+        wrk("syncar PUT", p1, "PUT", &body, args.keys, args.pool, s, &out),
+        pgbench_run(
+            "postgres upsert+commit",
+            servers.pg_port,
+            &db,
+            &format!(
+                "\\set id random(1, {})\nINSERT INTO syncar_kv (key, value) VALUES ('k' || :id, '{body}') \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n",
+                args.keys
+            ),
+            args.pool,
+            s,
+            &out,
+        ),
+    ];
+    let _ = with_l1.kill();
+    let _ = without_l1.kill();
+    let _ = with_l1.wait();
+    let _ = without_l1.wait();
+
+    // What the triggers cost plain-SQL writers: the same table with and without them.
+    psql(
+        &format!(
+            "CREATE TABLE plain_kv (key text PRIMARY KEY, value jsonb NOT NULL); \
+             INSERT INTO plain_kv SELECT 'k' || i, '{body}'::jsonb FROM generate_series(1, {}) i",
+            args.keys
+        ),
+        &db,
+    );
+    let mut triggers = Vec::new();
+    for clients in [1, 8, 32] {
+        let update = |table: &str| {
+            format!(
+                "\\set id random(1, {})\nUPDATE {table} SET value = '{body}' WHERE key = 'k' || :id;\n",
+                args.keys
+            )
+        };
+        let without = pgbench_run(
+            &format!("update {clients} clients, no triggers"),
+            servers.pg_port,
+            &db,
+            &update("plain_kv"),
+            clients,
+            s,
+            &out,
+        );
+        let with = pgbench_run(
+            &format!("update {clients} clients, syncar triggers"),
+            servers.pg_port,
+            &db,
+            &update("syncar_kv"),
+            clients,
+            s,
+            &out,
+        );
+        triggers.push((clients, without, with));
+    }
+
+    println!();
+    println!(
+        "{:<30} {:>10} {:>9} {:>9} {:>9}",
+        "reads", "req/s", "p50 ms", "p99 ms", "p99.9 ms"
+    );
+    for f in reads.iter().chain(&writes) {
+        println!(
+            "{:<30} {:>10.0} {:>9.3} {:>9.3} {:>9.3}",
+            f.name, f.rps, f.p50_ms, f.p99_ms, f.p999_ms
+        );
+    }
+    let ratio = |a: &Figures, b: &Figures| a.rps / b.rps;
+    println!(
+        "\nratios: L1 hit / Redis GET throughput {:.2} (goal >= 1.2), p99 {:.2}x; L1 hit / Postgres select {:.2}; L2 / Redis {:.2}",
+        ratio(&reads[0], &reads[2]),
+        reads[0].p99_ms / reads[2].p99_ms,
+        ratio(&reads[0], &reads[3]),
+        ratio(&reads[1], &reads[2]),
+    );
+    println!(
+        "PUT / plain upsert latency: p50 {:.2}x, p99 {:.2}x (goal <= 1.2)",
+        writes[0].p50_ms / writes[1].p50_ms,
+        writes[0].p99_ms / writes[1].p99_ms
+    );
+    println!(
+        "\n{:<10} {:>14} {:>16} {:>8}",
+        "clients", "tps, no trig.", "tps, triggers", "loss"
+    );
+    let mut trigger_json = Vec::new();
+    for (clients, without, with) in &triggers {
+        let loss = 1.0 - with.rps / without.rps;
+        println!(
+            "{clients:<10} {:>14.0} {:>16.0} {:>7.1}%",
+            without.rps,
+            with.rps,
+            loss * 100.0
+        );
+        trigger_json.push(json!({"clients": clients, "without": without.json(), "with": with.json(), "loss": loss}));
+    }
+    let report = json!({
+        "reads": reads.iter().map(Figures::json).collect::<Vec<_>>(),
+        "writes": writes.iter().map(Figures::json).collect::<Vec<_>>(),
+        "triggers": trigger_json,
+    });
+    let path = out.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("\nwrote {}", path.display());
+}
