@@ -362,23 +362,29 @@ fn main() {
     psql(&format!("CREATE DATABASE {db}"), "postgres");
     let pg_url = format!("postgres://postgres@127.0.0.1:{}/{db}", servers.pg_port);
 
-    let config = |name: &str, l1: bool| {
+    let config = |name: &str, l1: bool, workers: usize| {
         let p = out.join(format!("{name}.toml"));
         std::fs::write(
             &p,
             format!(
-                "[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n[cache]\nl1 = {l1}\n[log]\nlevel = \"warn\"\n",
+                "[server]\nworker_threads = {workers}\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n[cache]\nl1 = {l1}\n[log]\nlevel = \"warn\"\n",
                 args.pool
             ),
         )
         .unwrap();
         p
     };
-    let (p1, p2) = (servers::free_port(), servers::free_port());
-    let mut with_l1 = spawn_syncar(&bin, &config("l1", true), p1, &pg_url, &redis.url());
-    let mut without_l1 = spawn_syncar(&bin, &config("l2", false), p2, &pg_url, &redis.url());
+    let (p1, p2, p3) = (
+        servers::free_port(),
+        servers::free_port(),
+        servers::free_port(),
+    );
+    let mut with_l1 = spawn_syncar(&bin, &config("l1", true, 2), p1, &pg_url, &redis.url());
+    let mut without_l1 = spawn_syncar(&bin, &config("l2", false, 2), p2, &pg_url, &redis.url());
+    let mut one_worker = spawn_syncar(&bin, &config("l1-1w", true, 1), p3, &pg_url, &redis.url());
     wait_ready(p1);
     wait_ready(p2);
+    wait_ready(p3);
 
     // A value of the configured size, as JSON.
     let filler = "x".repeat(args.value_bytes.saturating_sub(12));
@@ -401,6 +407,7 @@ fn main() {
     // Warm both instances (L1 and Redis), then measure.
     wrk("warm", p1, "GET", "", args.keys, c, 2, &out);
     wrk("warm", p2, "GET", "", args.keys, c, 2, &out);
+    wrk("warm", p3, "GET", "", args.keys, c, 2, &out);
     let mut reads = vec![
         wrk("syncar GET, L1 hit", p1, "GET", "", args.keys, c, s, &out),
         wrk(
@@ -443,10 +450,20 @@ fn main() {
             &out,
         ),
     ];
-    let _ = with_l1.kill();
-    let _ = without_l1.kill();
-    let _ = with_l1.wait();
-    let _ = without_l1.wait();
+    reads.push(wrk(
+        "syncar GET, L1 hit, 1 worker",
+        p3,
+        "GET",
+        "",
+        args.keys,
+        c,
+        s,
+        &out,
+    ));
+    for child in [&mut with_l1, &mut without_l1, &mut one_worker] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 
     // What the triggers cost plain-SQL writers: the same table with and without them.
     psql(
@@ -499,9 +516,11 @@ fn main() {
     }
     let ratio = |a: &Figures, b: &Figures| a.rps / b.rps;
     println!(
-        "\nratios: L1 hit / Redis GET throughput {:.2} (goal >= 1.2), p99 {:.2}x; L1 hit / Postgres select {:.2}; L2 / Redis {:.2}",
+        "\nratios: L1 hit / Redis GET throughput {:.2} (goal >= 1.2), p99 {:.2}x; with 1 worker {:.2}, p99 {:.2}x; L1 hit / Postgres select {:.2}; L2 / Redis {:.2}",
         ratio(&reads[0], &reads[2]),
         reads[0].p99_ms / reads[2].p99_ms,
+        ratio(&reads[4], &reads[2]),
+        reads[4].p99_ms / reads[2].p99_ms,
         ratio(&reads[0], &reads[3]),
         ratio(&reads[1], &reads[2]),
     );

@@ -48,6 +48,7 @@ pub struct AppState {
     pub coherence: Arc<Coherence>,
     pub tiers: Tiers,
     pub metrics: PrometheusHandle,
+    pub http_metrics: crate::http::HttpMetrics,
     pub secrets: Secrets,
     /// Writes run as tracked tasks, so shutdown can wait for them.
     pub writes: TaskTracker,
@@ -122,6 +123,8 @@ impl App {
                 message: e.to_string(),
             }
         };
+        // Installed first: metric handles registered before it would be no-ops.
+        let metrics = metrics_handle();
         let db = Db::new(&config.postgres).map_err(|e| setup("postgres")(&e))?;
         let l2 = L2::new(&config.redis).map_err(|e| setup("redis")(&e))?;
         let l1 = config.cache.l1.then(|| L1::new(config.cache.l1_max_bytes));
@@ -164,7 +167,8 @@ impl App {
             coherence,
             config: config.clone(),
             tiers: tiers.clone(),
-            metrics: metrics_handle(),
+            metrics,
+            http_metrics: crate::http::HttpMetrics::new(),
             secrets,
             writes: TaskTracker::new(),
             catalog: OnceLock::new(),

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight requests before closing connections anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Runtime worker threads; 0 means one per core. A sidecar shares its pod's CPUs with the
+    /// app: size it with `make bench-hot`, which measures 2 threads against 1.
+    pub worker_threads: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -258,6 +261,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            worker_threads: 2,
         }
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::db::{DbError, DeleteOutcome, WriteOutcome};
 use crate::model::{CacheKey, State, Version};
-use crate::resource::Precondition;
+use crate::resource::{KeyParam, Precondition};
 use crate::telemetry::{HTTP_DURATION, HTTP_REQUESTS};
 use crate::tiers::ReadOptions;
 
@@ -199,22 +199,75 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes
         ),
         "/metrics" => ("metrics", read_only(&method).map(|_| metrics(state))),
         p => match p.strip_prefix("/v1/") {
-            Some(rest) => {
-                let timeout = state.config.server.request_timeout;
-                let result = tokio::time::timeout(timeout, document(state, req, rest))
-                    .await
-                    .unwrap_or(Err(ApiError::Timeout(timeout)));
-                ("document", result)
-            }
+            Some(rest) => ("document", document(state, req, rest).await),
             None => ("other", Err(ApiError::NoRoute)),
         },
     };
     let resp = result.unwrap_or_else(|e| e.into_response(state));
-    metrics::counter!(HTTP_REQUESTS, "route" => route, "method" => method_label(&method),
-        "status" => resp.status().as_u16().to_string())
-    .increment(1);
-    metrics::histogram!(HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    state
+        .http_metrics
+        .record(route, &method, resp.status(), started.elapsed());
     resp
+}
+
+/// Request counters and latency histograms, each registered on first use and then kept:
+/// looking a metric up by its labels on every request costs more than the L1 hit it measures.
+pub struct HttpMetrics {
+    /// Indexed by route, method and status; see [`HttpMetrics::record`].
+    requests: Vec<std::sync::OnceLock<metrics::Counter>>,
+    durations: Vec<metrics::Histogram>,
+}
+
+const ROUTES: [&str; 5] = ["document", "healthz", "readyz", "metrics", "other"];
+const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "POST", "other"];
+const STATUSES: [u16; 16] = [
+    200, 201, 204, 304, 400, 404, 405, 409, 412, 413, 414, 422, 500, 503, 504, 0,
+];
+
+impl HttpMetrics {
+    pub fn new() -> Self {
+        let slots = ROUTES.len() * METHODS.len() * STATUSES.len();
+        HttpMetrics {
+            requests: (0..slots).map(|_| std::sync::OnceLock::new()).collect(),
+            durations: ROUTES
+                .iter()
+                .map(|route| metrics::histogram!(HTTP_DURATION, "route" => *route))
+                .collect(),
+        }
+    }
+
+    fn record(&self, route: &str, method: &Method, status: StatusCode, took: Duration) {
+        let r = ROUTES
+            .iter()
+            .position(|x| *x == route)
+            .unwrap_or(ROUTES.len() - 1);
+        let method = method_label(method);
+        let m = METHODS
+            .iter()
+            .position(|x| *x == method)
+            .unwrap_or(METHODS.len() - 1);
+        let s = STATUSES
+            .iter()
+            .position(|x| *x == status.as_u16())
+            .unwrap_or(STATUSES.len() - 1);
+        let slot = &self.requests[(r * METHODS.len() + m) * STATUSES.len() + s];
+        slot.get_or_init(|| {
+            let status = match STATUSES[s] {
+                0 => "other".to_string(),
+                code => code.to_string(),
+            };
+            metrics::counter!(HTTP_REQUESTS, "route" => ROUTES[r], "method" => METHODS[m],
+                "status" => status)
+        })
+        .increment(1);
+        self.durations[r].record(took.as_secs_f64());
+    }
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn read_only(method: &Method) -> Result<(), ApiError> {
@@ -308,12 +361,28 @@ async fn document(
     let key = decode_key(raw_key, state.config.server.max_key_bytes)?;
     let param = resource.parse_key(&key).map_err(ApiError::InvalidKey)?;
     // From the parsed key: `07` and `7` name one row, so they must name one cache entry.
-    let ck = CacheKey::new(&resource.name, &param.to_string());
+    let ck = match &param {
+        KeyParam::Text(text) => CacheKey::new(&resource.name, text),
+        KeyParam::Int(_) => CacheKey::new(&resource.name, &param.to_string()),
+    };
+    // Only what can wait on Postgres or Redis runs under the deadline (an L1 hit cannot).
+    let timeout = state.config.server.request_timeout;
+    let deadline = |e: tokio::time::error::Elapsed| {
+        let _ = e;
+        ApiError::Timeout(timeout)
+    };
 
     match method {
         Method::GET | Method::HEAD => {
             let options = read_options(req.uri().query())?;
-            let read = state.tiers.get(&resource, &param, &ck, options).await?;
+            let read = match state.tiers.l1_hit(&ck, options).await {
+                Some(hit) => hit,
+                None => {
+                    tokio::time::timeout(timeout, state.tiers.get(&resource, &param, &ck, options))
+                        .await
+                        .map_err(deadline)??
+                }
+            };
             let x_cache = HeaderValue::from_static(read.tier.as_str());
             let age = read.cached.age_secs();
             let State::Value(doc) = read.cached.state else {
@@ -351,14 +420,19 @@ async fn document(
         }
         Method::PUT => {
             let pre = write_precondition(req.headers(), true)?;
-            let body = read_json(req, state.config.server.max_body_bytes).await?;
+            let body =
+                tokio::time::timeout(timeout, read_json(req, state.config.server.max_body_bytes))
+                    .await
+                    .map_err(deadline)??;
             let tiers = state.tiers.clone();
-            // Spawned so a client hanging up cannot stop the write between commit and cache
-            // updates; the tracker lets shutdown wait for it.
-            let outcome = state
+            // Spawned so a client hanging up (or the deadline) cannot stop the write between
+            // commit and cache updates; the tracker lets shutdown wait for it.
+            let task = state
                 .writes
-                .spawn(async move { tiers.put(&resource, &param, &ck, body, pre).await })
+                .spawn(async move { tiers.put(&resource, &param, &ck, body, pre).await });
+            let outcome = tokio::time::timeout(timeout, task)
                 .await
+                .map_err(deadline)?
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
             match outcome {
                 WriteOutcome::Written(w) => {
@@ -378,10 +452,12 @@ async fn document(
             let pre = write_precondition(req.headers(), false)?;
             let tiers = state.tiers.clone();
             let name = format!("{}/{key}", resource.name);
-            let outcome = state
+            let task = state
                 .writes
-                .spawn(async move { tiers.delete(&resource, &param, &ck, pre).await })
+                .spawn(async move { tiers.delete(&resource, &param, &ck, pre).await });
+            let outcome = tokio::time::timeout(timeout, task)
                 .await
+                .map_err(deadline)?
                 .map_err(|e| ApiError::Internal(e.to_string()))??;
             match outcome {
                 DeleteOutcome::Deleted { version } => {

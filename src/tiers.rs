@@ -56,6 +56,30 @@ pub struct Tiers {
     instance_id: Arc<str>,
     flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
     repairs: Arc<Repairs>,
+    counters: Arc<Counters>,
+}
+
+/// Hot-path counters, registered once (a label lookup per read costs more than an L1 hit).
+struct Counters {
+    l1_hit: metrics::Counter,
+    l1_miss: metrics::Counter,
+    l2_hit: metrics::Counter,
+    l2_miss: metrics::Counter,
+    db_hit: metrics::Counter,
+    bypassed: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        Counters {
+            l1_hit: metrics::counter!(CACHE_HITS, "tier" => "l1"),
+            l1_miss: metrics::counter!(CACHE_MISSES, "tier" => "l1"),
+            l2_hit: metrics::counter!(CACHE_HITS, "tier" => "l2"),
+            l2_miss: metrics::counter!(CACHE_MISSES, "tier" => "l2"),
+            db_hit: metrics::counter!(CACHE_HITS, "tier" => "db"),
+            bypassed: metrics::counter!(L1_BYPASSED),
+        }
+    }
 }
 
 /// Redis entries to fix once Redis answers again: writes committed in Postgres whose Redis
@@ -95,6 +119,7 @@ impl Tiers {
                 overflowed: AtomicBool::new(false),
                 wake: Notify::new(),
             }),
+            counters: Arc::new(Counters::new()),
         }
     }
 
@@ -124,9 +149,27 @@ impl Tiers {
         if self.coherence.l1_usable() {
             Some((l1, l1.generation()))
         } else {
-            metrics::counter!(L1_BYPASSED).increment(1);
+            self.counters.bypassed.increment(1);
             None
         }
+    }
+
+    /// The L1 answer for a read, if L1 is usable and holds a servable copy fresh enough for
+    /// `options`; `None` means [`Tiers::get`] must run.
+    pub async fn l1_hit(&self, ck: &CacheKey, options: ReadOptions) -> Option<ReadResult> {
+        if options.strong || !self.coherence.l1_usable() {
+            return None;
+        }
+        let copy = self.l1.as_ref()?.get(ck).await?;
+        let fresh = options.min_version.is_none_or(|min| copy.version >= min);
+        if !copy.is_servable() || !fresh {
+            return None;
+        }
+        self.counters.l1_hit.increment(1);
+        Some(ReadResult {
+            cached: (*copy).clone(),
+            tier: Tier::L1,
+        })
     }
 
     /// Reads one document through the tiers.
@@ -153,14 +196,14 @@ impl Tiers {
         if let Some((l1, _)) = l1 {
             if let Some(copy) = l1.get(ck).await {
                 if copy.is_servable() && fresh_enough(&copy) {
-                    metrics::counter!(CACHE_HITS, "tier" => "l1").increment(1);
+                    self.counters.l1_hit.increment(1);
                     return Ok(ReadResult {
                         cached: (*copy).clone(),
                         tier: Tier::L1,
                     });
                 }
             }
-            metrics::counter!(CACHE_MISSES, "tier" => "l1").increment(1);
+            self.counters.l1_miss.increment(1);
         }
         let generation = l1.map(|(_, g)| g);
         let read = self
@@ -190,16 +233,16 @@ impl Tiers {
         match self.l2.get(ck).await {
             Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
                 // A committed write of this key has not reached Redis yet.
-                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                self.counters.l2_miss.increment(1);
             }
             Ok(Some(copy)) if copy.is_servable() => {
                 match self.fill_l1(resource, ck, &copy, generation).await {
                     Some(Offer::Refused(known)) if known.version > copy.version => {
                         // L1 knows Redis is behind: go to the source.
-                        metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                        self.counters.l2_miss.increment(1);
                     }
                     _ => {
-                        metrics::counter!(CACHE_HITS, "tier" => "l2").increment(1);
+                        self.counters.l2_hit.increment(1);
                         return Ok(ReadResult {
                             cached: copy,
                             tier: Tier::L2,
@@ -208,10 +251,10 @@ impl Tiers {
                 }
             }
             Ok(_) | Err(L2Error::Skipped) => {
-                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                self.counters.l2_miss.increment(1);
             }
             Err(e) => {
-                metrics::counter!(CACHE_MISSES, "tier" => "l2").increment(1);
+                self.counters.l2_miss.increment(1);
                 tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
             }
         }
@@ -230,7 +273,7 @@ impl Tiers {
             Some((version, doc)) => Cached::value(version, doc),
             None => Cached::absent(Version::NONE),
         };
-        metrics::counter!(CACHE_HITS, "tier" => "db").increment(1);
+        self.counters.db_hit.increment(1);
         let mut newer_exists = false;
         if self.l2.available() {
             match self
