@@ -50,6 +50,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub http_metrics: crate::http::HttpMetrics,
     pub secrets: Secrets,
+    /// Requests in flight; when none is left, requests are shed with 503.
+    pub inflight: tokio::sync::Semaphore,
     /// Writes run as tracked tasks, so shutdown can wait for them.
     pub writes: TaskTracker,
     /// Set once the schema task has migrated and loaded the resources.
@@ -116,7 +118,8 @@ impl App {
     /// The listen address cannot be bound.
     pub async fn start(config: Config) -> Result<App, StartError> {
         let config = Arc::new(config);
-        let secrets = Secrets::new(&config.postgres.url, &config.redis.url);
+        let secrets = Secrets::new(&config.postgres.url, &config.redis.url)
+            .with(config.server.auth_token.as_ref().map(|t| t.0.as_str()));
         let setup = |what| {
             move |e: &dyn std::fmt::Display| StartError::Setup {
                 what,
@@ -171,6 +174,7 @@ impl App {
             http_metrics: crate::http::HttpMetrics::new(),
             secrets,
             writes: TaskTracker::new(),
+            inflight: tokio::sync::Semaphore::new(config.server.max_concurrent_requests),
             catalog: OnceLock::new(),
             not_ready: Mutex::new("connecting to postgres".into()),
         });

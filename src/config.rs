@@ -18,6 +18,7 @@ pub const ENV_REDIS_URL: &str = "SYNCAR_REDIS_URL";
 pub const ENV_INSTANCE: &str = "SYNCAR_INSTANCE";
 pub const ENV_LOG_FORMAT: &str = "SYNCAR_LOG_FORMAT";
 pub const ENV_LOG_LEVEL: &str = "SYNCAR_LOG";
+pub const ENV_AUTH_TOKEN: &str = "SYNCAR_AUTH_TOKEN";
 
 /// The name of the built-in resource backed by `syncar_kv`.
 pub const KV_RESOURCE: &str = "kv";
@@ -63,6 +64,31 @@ pub struct ServerConfig {
     /// Runtime worker threads; 0 means one per core. A sidecar shares its pod's CPUs with the
     /// app: size it with `make bench-hot`, which measures 2 threads against 1.
     pub worker_threads: usize,
+    /// Largest request head (request line and headers), in bytes; larger gets 431. At least
+    /// 8192.
+    pub max_header_bytes: usize,
+    /// Requests handled at once; beyond it syncar answers 503 with `Retry-After` at once
+    /// (load shedding) instead of queueing without bound. `/healthz` is exempt.
+    pub max_concurrent_requests: usize,
+    /// File holding the bearer token every route but `/healthz` then requires
+    /// (`Authorization: Bearer ...`). `SYNCAR_AUTH_TOKEN` sets it directly. Never logged.
+    pub auth_token_file: Option<PathBuf>,
+    /// The token itself, from `SYNCAR_AUTH_TOKEN` or `auth_token_file`; never in the file.
+    #[serde(skip)]
+    pub auth_token: Option<Secret>,
+    /// Listen on a non-loopback address without a token. Off: syncar refuses to start, so a
+    /// misconfigured pod cannot expose every document to its network.
+    pub allow_unauthenticated_non_loopback: bool,
+}
+
+/// A secret value: shown as `***` in `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -91,6 +117,8 @@ pub struct PostgresConfig {
     /// Connection for the LISTEN feed, when it must differ from `url` (LISTEN does not work
     /// through PgBouncer in transaction mode). Default: `url`.
     pub listen_url: Option<String>,
+    /// File holding `url` (a mounted Secret), read at start; overrides `url`.
+    pub url_file: Option<PathBuf>,
 }
 
 /// The invalidation feeds that keep every instance's L1 coherent.
@@ -149,6 +177,8 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key syncar writes; one prefix per deployment sharing a Redis.
     pub key_prefix: String,
+    /// File holding `url` (a mounted Secret), read at start; overrides `url`.
+    pub url_file: Option<PathBuf>,
     /// Deadline for one Redis command; past it the command counts as failed.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -262,6 +292,11 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             worker_threads: 2,
+            max_header_bytes: 16 * 1024,
+            max_concurrent_requests: 1024,
+            auth_token_file: None,
+            auth_token: None,
+            allow_unauthenticated_non_loopback: false,
         }
     }
 }
@@ -278,6 +313,7 @@ impl Default for PostgresConfig {
             migrate_on_start: true,
             retry_after: Duration::from_secs(1),
             listen_url: None,
+            url_file: None,
         }
     }
 }
@@ -287,6 +323,7 @@ impl Default for RedisConfig {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "syncar:".into(),
+            url_file: None,
             timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_millis(500),
             retry_interval: Duration::from_secs(1),
@@ -375,6 +412,7 @@ impl Config {
             None => Config::default(),
         };
         config.apply_env(|name| std::env::var(name).ok());
+        config.read_secret_files();
         config.validate()?;
         Ok(config)
     }
@@ -384,8 +422,42 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    /// Reads `*_file` settings (mounted Secrets); a file that cannot be read is a problem
+    /// reported by `validate`.
+    pub fn read_secret_files(&mut self) {
+        let mut read = |key: &str, path: &Option<PathBuf>| -> Option<String> {
+            let path = path.as_ref()?;
+            match std::fs::read_to_string(path) {
+                Ok(text) => Some(text.trim().to_string()),
+                Err(e) => {
+                    self.env_problems
+                        .push(format!("{key}: cannot read {}: {e}", path.display()));
+                    None
+                }
+            }
+        };
+        let pg = read("postgres.url_file", &self.postgres.url_file.clone());
+        let redis = read("redis.url_file", &self.redis.url_file.clone());
+        let token = read(
+            "server.auth_token_file",
+            &self.server.auth_token_file.clone(),
+        );
+        if let Some(url) = pg {
+            self.postgres.url = url;
+        }
+        if let Some(url) = redis {
+            self.redis.url = url;
+        }
+        if let Some(token) = token {
+            self.server.auth_token = Some(Secret(token));
+        }
+    }
+
     /// Applies the `SYNCAR_*` overrides, reading variables through `var`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = var(ENV_AUTH_TOKEN) {
+            self.server.auth_token = Some(Secret(v));
+        }
         if let Some(v) = var(ENV_LISTEN) {
             self.server.listen = v;
         }
@@ -425,14 +497,41 @@ impl Config {
                 bad("instance", "must be 1 to 128 characters".into());
             }
         }
-        if self.server.listen.parse::<SocketAddr>().is_err() {
-            bad(
+        match self.server.listen.parse::<SocketAddr>() {
+            Err(_) => bad(
                 "server.listen",
                 format!(
                     "{:?} is not an address like 127.0.0.1:7070",
                     self.server.listen
                 ),
-            );
+            ),
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && self.server.auth_token.is_none()
+                    && !self.server.allow_unauthenticated_non_loopback =>
+            {
+                bad(
+                    "server.listen",
+                    format!(
+                        "{addr} is not a loopback address: set a token ({ENV_AUTH_TOKEN} or server.auth_token_file), or server.allow_unauthenticated_non_loopback = true"
+                    ),
+                )
+            }
+            Ok(_) => {}
+        }
+        if self
+            .server
+            .auth_token
+            .as_ref()
+            .is_some_and(|t| t.0.len() < 16)
+        {
+            bad("server.auth_token", "must be at least 16 characters".into());
+        }
+        if self.server.max_header_bytes < 8192 {
+            bad("server.max_header_bytes", "must be at least 8192".into());
+        }
+        if self.server.max_concurrent_requests == 0 {
+            bad("server.max_concurrent_requests", "must be positive".into());
         }
         if self.server.max_body_bytes == 0 {
             bad("server.max_body_bytes", "must be positive".into());
@@ -719,6 +818,42 @@ mod tests {
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }
+    }
+
+    #[test]
+    fn a_non_loopback_listener_needs_a_token_or_an_explicit_override() {
+        let mut config = Config::default();
+        config.server.listen = "0.0.0.0:7070".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        config.apply_env(|name| (name == ENV_AUTH_TOKEN).then(|| "0123456789abcdef".into()));
+        config.validate().unwrap();
+        assert_eq!(format!("{:?}", config.server.auth_token), "Some(***)");
+        let mut open = Config::default();
+        open.server.listen = "0.0.0.0:7070".into();
+        open.server.allow_unauthenticated_non_loopback = true;
+        open.validate().unwrap();
+    }
+
+    #[test]
+    fn secrets_are_read_from_files() {
+        let dir = std::env::temp_dir().join(format!("syncar-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pg"), "postgres://u:pw@db/x\n").unwrap();
+        std::fs::write(dir.join("token"), "  a-token-of-sixteen+  \n").unwrap();
+        let mut config = Config::default();
+        config.postgres.url_file = Some(dir.join("pg"));
+        config.server.auth_token_file = Some(dir.join("token"));
+        config.redis.url_file = Some(dir.join("missing"));
+        config.read_secret_files();
+        assert_eq!(config.postgres.url, "postgres://u:pw@db/x");
+        assert_eq!(
+            config.server.auth_token,
+            Some(Secret("a-token-of-sixteen+".into()))
+        );
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("redis.url_file"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

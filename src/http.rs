@@ -68,6 +68,10 @@ pub enum ApiError {
     Timeout(Duration),
     #[error("internal error")]
     Internal(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -92,6 +96,8 @@ impl ApiError {
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
             Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
         }
     }
 
@@ -113,6 +119,12 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Starting(_) => {
                 let secs = state.config.postgres.retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ApiError::Overloaded => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             _ => {}
         }
@@ -139,6 +151,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(state.config.server.header_read_timeout)
+        // Bounds the request head: hyper answers 431 past it.
+        .max_buf_size(state.config.server.max_header_bytes)
         .keep_alive(true);
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
@@ -187,6 +201,29 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Liveness stays answerable whatever the load and without credentials.
+    let guarded = path != "/healthz";
+    let _permit = if guarded {
+        match state.inflight.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let resp = ApiError::Overloaded.into_response(state);
+                state
+                    .http_metrics
+                    .record("other", &method, resp.status(), started.elapsed());
+                return resp;
+            }
+        }
+    } else {
+        None
+    };
+    if guarded && !authorized(state, req.headers()) {
+        let resp = ApiError::Unauthorized.into_response(state);
+        state
+            .http_metrics
+            .record("other", &method, resp.status(), started.elapsed());
+        return resp;
+    }
     let (route, result) = match path.as_str() {
         "/healthz" => ("healthz", read_only(&method).map(|_| healthz())),
         "/readyz" => (
@@ -220,8 +257,8 @@ pub struct HttpMetrics {
 
 const ROUTES: [&str; 5] = ["document", "healthz", "readyz", "metrics", "other"];
 const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "POST", "other"];
-const STATUSES: [u16; 16] = [
-    200, 201, 204, 304, 400, 404, 405, 409, 412, 413, 414, 422, 500, 503, 504, 0,
+const STATUSES: [u16; 17] = [
+    200, 201, 204, 304, 400, 401, 404, 405, 409, 412, 413, 414, 422, 500, 503, 504, 0,
 ];
 
 impl HttpMetrics {
@@ -268,6 +305,22 @@ impl Default for HttpMetrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// With a token configured, the request must carry it as `Authorization: Bearer <token>`,
+/// compared in constant time.
+fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.config.server.auth_token else {
+        return true;
+    };
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    use subtle::ConstantTimeEq;
+    given.ct_eq(token.0.as_bytes()).into()
 }
 
 fn read_only(method: &Method) -> Result<(), ApiError> {

@@ -34,6 +34,17 @@ impl Secrets {
         Secrets(Arc::new(found))
     }
 
+    /// Adds one more secret (the bearer token).
+    pub fn with(self, secret: Option<&str>) -> Self {
+        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+            return self;
+        };
+        let mut all = (*self.0).clone();
+        all.push(secret.to_string());
+        all.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Secrets(Arc::new(all))
+    }
+
     /// Replaces every secret in `text` with `***`.
     pub fn scrub(&self, text: &str) -> String {
         let mut out = text.to_string();

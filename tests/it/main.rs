@@ -3,6 +3,7 @@
 mod api;
 mod cli;
 mod coherence;
+mod hostile;
 mod schema;
 mod support;
 mod tables;

@@ -1,0 +1,212 @@
+//! Hostile input and hard stops: oversized heads, floods, missing credentials, and a SIGKILL
+//! in the middle of a write load.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::support::{eventually, free_port, request, Env};
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let big = "x".repeat(20 * 1024);
+    let addr = a.addr();
+    let status = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /v1/kv/a HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    assert_eq!(a.get("/healthz").await.status, 200, "still serving");
+}
+
+/// One request slot: while a slow client holds it, others are shed at once with 503 and
+/// Retry-After, `/healthz` still answers, and the slow request completes.
+#[tokio::test]
+async fn requests_beyond_the_limit_are_shed_not_queued() {
+    let env = Env::new().await;
+    let a = env.start(|c| c.server.max_concurrent_requests = 1).await;
+    let addr = a.addr();
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "PUT /v1/kv/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let shed = eventually(Duration::from_secs(5), "a request to be shed", || async {
+        let r = a.get("/v1/kv/other").await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(shed.code(), "overloaded");
+    assert_eq!(shed.header("retry-after"), Some("1"));
+    assert_eq!(a.get("/healthz").await.status, 200);
+
+    let answer = tokio::task::spawn_blocking(move || {
+        slow.write_all(b"7").unwrap();
+        let mut answer = String::new();
+        let _ = slow.read_to_string(&mut answer);
+        answer
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert_eq!(a.get("/v1/kv/slow").await.status, 200);
+}
+
+#[tokio::test]
+async fn a_token_guards_every_route_but_liveness() {
+    let env = Env::new().await;
+    let token = "s3cret-token-0123456789";
+    let a = env
+        .start(|c| c.server.auth_token = Some(syncar::config::Secret(token.into())))
+        .await;
+    let bearer = format!("Bearer {token}");
+    for path in ["/v1/kv/a", "/readyz", "/metrics"] {
+        let r = a.get(path).await;
+        assert_eq!(r.status, 401, "{path}");
+        assert_eq!(r.code(), "unauthorized");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let wrong = request(
+            a.addr(),
+            "GET",
+            path,
+            &[("authorization", "Bearer nope")],
+            None,
+        )
+        .await;
+        assert_eq!(wrong.status, 401, "{path}");
+    }
+    let put = request(
+        a.addr(),
+        "PUT",
+        "/v1/kv/a",
+        &[("authorization", &bearer)],
+        Some(b"1"),
+    )
+    .await;
+    assert_eq!(put.status, 201);
+    let get = request(
+        a.addr(),
+        "GET",
+        "/v1/kv/a",
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(get.status, 200);
+    assert_eq!(a.get("/healthz").await.status, 200, "probes need no token");
+}
+
+/// SIGKILL while writes are in flight: every write acknowledged before the kill is in
+/// Postgres with its value and version, and served after a restart.
+#[tokio::test]
+async fn a_killed_instance_loses_no_acknowledged_write() {
+    let env = Env::new().await;
+    let port = free_port();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_syncar"))
+            .arg("serve")
+            .env("SYNCAR_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SYNCAR_POSTGRES_URL", &env.pg_url)
+            .env("SYNCAR_REDIS_URL", &env.redis_url)
+            .env("SYNCAR_LOG", "error")
+            .env_remove("SYNCAR_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ready = || async {
+        eventually(Duration::from_secs(20), "syncar to be ready", || async {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => {
+                    (request(addr, "GET", "/readyz", &[], None).await.status == 200).then_some(())
+                }
+                Err(_) => None,
+            }
+        })
+        .await
+    };
+    let mut child = spawn();
+    ready().await;
+
+    let acked: Arc<Mutex<Vec<(String, i64, String)>>> = Arc::default();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let acked = acked.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("c{w}-{i}");
+                let value = format!("{{\"w\":{w},\"i\":{i}}}");
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    crate::support::try_request(
+                        addr,
+                        "PUT",
+                        &format!("/v1/kv/{key}"),
+                        value.as_bytes(),
+                    ),
+                )
+                .await;
+                match r {
+                    Ok(Some((201, version))) => acked.lock().unwrap().push((key, version, value)),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    eventually(
+        Duration::from_secs(20),
+        "writes to be acknowledged",
+        || async { (acked.lock().unwrap().len() >= 100).then_some(()) },
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 100);
+
+    let pg = env.pg().await;
+    for (key, version, value) in &acked {
+        let row = pg
+            .query_one(
+                "SELECT version, value::text FROM syncar_kv WHERE key = $1",
+                &[key],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged {key} missing: {e}"));
+        assert_eq!(row.get::<_, i64>(0), *version, "{key}");
+        let stored: serde_json::Value = serde_json::from_str(&row.get::<_, String>(1)).unwrap();
+        assert_eq!(
+            stored,
+            serde_json::from_str::<serde_json::Value>(value).unwrap()
+        );
+    }
+
+    let mut child = spawn();
+    ready().await;
+    for (key, version, _) in acked.iter().step_by(7) {
+        let r = request(addr, "GET", &format!("/v1/kv/{key}"), &[], None).await;
+        assert_eq!(r.etag_version(), *version, "{key} after the restart");
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    assert!(child.wait().unwrap().success());
+}
