@@ -49,6 +49,8 @@ pub struct AppState {
     pub tiers: Tiers,
     pub metrics: PrometheusHandle,
     pub http_metrics: crate::http::HttpMetrics,
+    /// The OpenAPI document served at `/openapi.json`, with this instance's resources.
+    pub openapi: bytes::Bytes,
     pub secrets: Secrets,
     /// Requests in flight; when none is left, requests are shed with 503.
     pub inflight: tokio::sync::Semaphore,
@@ -172,6 +174,11 @@ impl App {
             tiers: tiers.clone(),
             metrics,
             http_metrics: crate::http::HttpMetrics::new(),
+            openapi: crate::http::openapi_for(
+                &std::iter::once(crate::config::KV_RESOURCE.to_string())
+                    .chain(config.resources.iter().map(|r| r.name.clone()))
+                    .collect::<Vec<_>>(),
+            ),
             secrets,
             writes: TaskTracker::new(),
             inflight: tokio::sync::Semaphore::new(config.server.max_concurrent_requests),
@@ -187,9 +194,10 @@ impl App {
         ));
         tasks.spawn(schema_task(state.clone(), shutdown.clone()));
         tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
+        // The triggers log every change whatever the feeds: always prune.
+        tasks.spawn(prune_task(state.clone(), shutdown.clone()));
         if config.feeds.postgres {
             tasks.spawn(crate::feed::postgres::run(state.clone(), shutdown.clone()));
-            tasks.spawn(prune_task(state.clone(), shutdown.clone()));
         }
         if config.feeds.redis {
             tasks.spawn(crate::feed::redis::run(state.clone(), shutdown.clone()));

@@ -598,6 +598,22 @@ impl Config {
                     .into(),
             );
         }
+        let longest_l2 = self
+            .resources
+            .iter()
+            .map(|r| self.ttl_for(r).l2_ttl)
+            .chain(std::iter::once(self.cache.ttl.l2_ttl))
+            .max()
+            .unwrap_or_default();
+        if f.postgres && f.changes_retention < longest_l2 {
+            bad(
+                "feeds.changes_retention",
+                format!(
+                    "must be at least the longest l2_ttl ({}): at start-up the retained log is what repairs Redis entries written while no instance listened",
+                    humantime::format_duration(longest_l2)
+                ),
+            );
+        }
         if f.changes_retention <= f.replay_margin {
             bad(
                 "feeds.changes_retention",

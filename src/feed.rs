@@ -90,13 +90,32 @@ impl Message {
     }
 }
 
+/// Milliseconds on a monotonic clock private to this process (heartbeats carry it; a wall
+/// clock step cannot stretch or shrink a lease).
+pub fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
 /// Whether a feed is delivering, and since when.
+///
+/// # Concurrency
+/// Readers never wait for the feed's task: `is_up` compares the lease granted by the last
+/// heartbeat that came back with the clock, so a feed task stuck in a slow step cannot keep
+/// L1 in use past the lease.
 pub struct FeedState {
     feed: Feed,
     enabled: bool,
     up: AtomicBool,
-    /// Unix ms of the last change of `up` (or of start).
+    /// Unix ms of the last change of `up` (or of start), for `/readyz`.
     since_ms: AtomicU64,
+    /// [`mono_ms`] until which the last heartbeat that came back vouches for the feed: its
+    /// send time plus the lease.
+    valid_until: AtomicU64,
 }
 
 impl FeedState {
@@ -106,6 +125,7 @@ impl FeedState {
             enabled,
             up: AtomicBool::new(false),
             since_ms: AtomicU64::new(now_ms()),
+            valid_until: AtomicU64::new(0),
         };
         if enabled {
             metrics::gauge!(FEED_UP, "feed" => feed.as_str()).set(0.0);
@@ -118,7 +138,25 @@ impl FeedState {
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
+        self.up.load(Ordering::SeqCst) && mono_ms() < self.valid_until.load(Ordering::SeqCst)
+    }
+
+    /// A heartbeat sent at `sent` (a [`mono_ms`] value) came back: the feed delivered
+    /// everything sent before it, and is vouched for until `sent + lease`.
+    pub(crate) fn heartbeat_back(&self, sent: u64, lease: Duration) {
+        self.valid_until
+            .fetch_max(sent + lease.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// When the lease runs out ([`mono_ms`]).
+    pub(crate) fn valid_until(&self) -> u64 {
+        self.valid_until.load(Ordering::SeqCst)
+    }
+
+    /// Starts a new connection's lease: it has `lease` to get a heartbeat back.
+    pub(crate) fn grant(&self, lease: Duration) {
+        self.valid_until
+            .store(mono_ms() + lease.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn since_ms(&self) -> u64 {
@@ -194,25 +232,26 @@ impl Coherence {
 }
 
 /// A feed is back: repair Redis from the changes log since shortly before the outage began,
-/// empty L1, and only then mark the feed up. `down_since_ms` is `None` at start-up, when the
-/// outage (if any) is unknown: then the whole retained log is replayed.
+/// then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
+/// comes back, so every message queued meanwhile has been applied first.
+/// `last_good` is the [`mono_ms`] send time of the last heartbeat that came back before the
+/// outage, `None` at start-up, when the outage (if any) is unknown: then the whole retained
+/// log is replayed.
 ///
 /// # Errors
-/// The replay failed (Postgres or Redis); the feed stays down and the caller retries.
-pub async fn recover(
-    state: &AppState,
-    feed: Feed,
-    down_since_ms: Option<u64>,
-) -> Result<(), String> {
+/// The replay failed (Postgres or Redis), or the catalog is not loaded yet; the feed stays
+/// down and the caller retries.
+pub async fn recover(state: &AppState, feed: Feed, last_good: Option<u64>) -> Result<(), String> {
     let config = &state.config;
     let retention = config.feeds.changes_retention;
-    let ago = match down_since_ms {
+    let ago = match last_good {
         Some(since) => {
-            Duration::from_millis(now_ms().saturating_sub(since)) + config.feeds.replay_margin
+            Duration::from_millis(mono_ms().saturating_sub(since)) + config.feeds.replay_margin
         }
         None => retention,
     };
-    if let Ok(catalog) = state.catalog() {
+    let catalog = state.catalog().map_err(|e| e.to_string())?;
+    {
         let tiers = &state.tiers;
         if ago > retention {
             // The log no longer covers the outage: Redis cannot be repaired key by key.
@@ -244,7 +283,56 @@ pub async fn recover(
         l1.clear();
         metrics::counter!(L1_FLUSHES, "feed" => feed.as_str()).increment(1);
     }
-    state.coherence.state(feed).set_up();
+    Ok(())
+}
+
+/// The lease in milliseconds.
+pub(crate) fn lease_ms(state: &AppState) -> u64 {
+    state.config.feeds.lease.as_millis() as u64
+}
+
+/// Where a connection's session is on its way to being trusted.
+pub(crate) enum Phase {
+    /// Connected; waiting for the first heartbeat to prove delivery.
+    Connecting,
+    /// Replayed and flushed at this [`mono_ms`]; waiting for a heartbeat sent after it.
+    Recovered(u64),
+    Up,
+}
+
+/// Handles one heartbeat that came back; see [`Phase`]. `last_good` is the send time of the
+/// last heartbeat before this connection (for the replay window).
+pub(crate) async fn on_heartbeat(
+    state: &AppState,
+    feed: Feed,
+    phase: &mut Phase,
+    payload: &[u8],
+    last_good: Option<u64>,
+) -> Result<(), String> {
+    let lease = state.config.feeds.lease;
+    let Some(sent) = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|p| p.parse::<u64>().ok())
+    else {
+        return Ok(()); // not one of ours
+    };
+    let feed_state = state.coherence.state(feed);
+    match *phase {
+        Phase::Connecting => {
+            recover(state, feed, last_good).await?;
+            let done = mono_ms();
+            // The replay may have outlived the lease: give the next heartbeat its chance.
+            feed_state.grant(lease);
+            *phase = Phase::Recovered(done);
+        }
+        Phase::Recovered(done) if sent > done => {
+            feed_state.heartbeat_back(sent, lease);
+            feed_state.set_up();
+            *phase = Phase::Up;
+        }
+        Phase::Recovered(_) => {}
+        Phase::Up => feed_state.heartbeat_back(sent, lease),
+    }
     Ok(())
 }
 
@@ -252,21 +340,6 @@ pub async fn recover(
 /// Postgres channel name and a Redis key.
 pub fn feed_id() -> String {
     format!("{:016x}", fastrand::u64(..))
-}
-
-/// Heartbeat bookkeeping shared by both feeds.
-pub(crate) struct Heartbeat {
-    pub sent: u64,
-    pub last_seen: tokio::time::Instant,
-}
-
-impl Heartbeat {
-    pub fn new() -> Self {
-        Heartbeat {
-            sent: 0,
-            last_seen: tokio::time::Instant::now(),
-        }
-    }
 }
 
 /// Applies one message from a feed: parse, skip our own, evict, count.
@@ -330,10 +403,13 @@ mod tests {
 
     #[test]
     fn l1_is_used_only_while_every_enabled_feed_is_up() {
+        let lease = Duration::from_secs(60);
         let c = Coherence::new(true, true, false);
         assert!(!c.l1_usable() && !c.l2_trusted());
+        c.postgres.heartbeat_back(mono_ms(), lease);
         c.postgres.set_up();
         assert!(!c.l1_usable() && c.l2_trusted());
+        c.redis.heartbeat_back(mono_ms(), lease);
         c.redis.set_up();
         assert!(c.l1_usable());
         c.redis.set_down("test");
@@ -342,5 +418,20 @@ mod tests {
         assert!(ttl_only.l1_usable() && ttl_only.l2_trusted());
         let trusting = Coherence::new(true, false, true);
         assert!(!trusting.l1_usable() && trusting.l2_trusted());
+    }
+
+    /// Readers judge the lease themselves: a feed whose last heartbeat is older than the
+    /// lease is down even if its task never noticed (stuck in a slow step).
+    #[test]
+    fn an_expired_lease_means_down_without_the_feed_task() {
+        let c = Coherence::new(true, false, false);
+        std::thread::sleep(Duration::from_millis(30));
+        c.postgres
+            .heartbeat_back(mono_ms() - 25, Duration::from_millis(20));
+        c.postgres.set_up();
+        assert!(!c.postgres.is_up(), "lease ran out 5 ms ago");
+        c.postgres
+            .heartbeat_back(mono_ms(), Duration::from_secs(60));
+        assert!(c.postgres.is_up());
     }
 }

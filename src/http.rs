@@ -2,7 +2,7 @@
 //! that maps errors to statuses. Knows nothing about how the tiers keep coherence.
 //!
 //! Routes: `GET|HEAD|PUT|DELETE /v1/{resource}/{key}`, `GET /healthz`, `GET /readyz`,
-//! `GET /metrics`. The key is the rest of the path, percent-decoded, so it may contain `/`.
+//! `GET /metrics`, `GET /openapi.json` (the document in `docs/openapi.json`). The key is the rest of the path, percent-decoded, so it may contain `/`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -235,6 +235,7 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes
             .await,
         ),
         "/metrics" => ("metrics", read_only(&method).map(|_| metrics(state))),
+        "/openapi.json" => ("openapi", read_only(&method).map(|_| openapi(state))),
         p => match p.strip_prefix("/v1/") {
             Some(rest) => ("document", document(state, req, rest).await),
             None => ("other", Err(ApiError::NoRoute)),
@@ -255,7 +256,9 @@ pub struct HttpMetrics {
     durations: Vec<metrics::Histogram>,
 }
 
-const ROUTES: [&str; 5] = ["document", "healthz", "readyz", "metrics", "other"];
+const ROUTES: [&str; 6] = [
+    "document", "healthz", "readyz", "metrics", "openapi", "other",
+];
 const METHODS: [&str; 6] = ["GET", "HEAD", "PUT", "DELETE", "POST", "other"];
 const STATUSES: [u16; 17] = [
     200, 201, 204, 304, 400, 401, 404, 405, 409, 412, 413, 414, 422, 500, 503, 504, 0,
@@ -328,6 +331,30 @@ fn read_only(method: &Method) -> Result<(), ApiError> {
         Method::GET | Method::HEAD => Ok(()),
         _ => Err(ApiError::MethodNotAllowed(ALLOW_READ)),
     }
+}
+
+/// The OpenAPI 3 document of this API, kept in `docs/openapi.json`.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// The document as this instance serves it: the `resource` parameter lists the resources it
+/// actually has.
+pub fn openapi_for(resources: &[String]) -> Bytes {
+    let mut doc: serde_json::Value =
+        serde_json::from_str(OPENAPI).expect("docs/openapi.json is valid JSON");
+    if let Some(schema) = doc
+        .pointer_mut("/paths/~1v1~1{resource}~1{key}/parameters/0/schema")
+        .and_then(|s| s.as_object_mut())
+    {
+        schema.insert("enum".into(), json!(resources));
+    }
+    Bytes::from(doc.to_string())
+}
+
+fn openapi(state: &AppState) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(state.openapi.clone()));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
+    resp
 }
 
 fn healthz() -> Response<Full<Bytes>> {

@@ -111,8 +111,10 @@ impl L1 {
     ///
     /// # Concurrency
     /// Atomic per key with every other `offer` of the same key.
+    /// (Invalidations and writes use this: they belong to whatever generation is current
+    /// when they land, so a concurrent clear cannot refuse them.)
     pub async fn offer(&self, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
-        self.offer_in(self.generation(), key, copy, ttl).await
+        self.offer_at(None, key, copy, ttl).await
     }
 
     /// [`L1::offer`] for a copy loaded in `generation`: refused if L1 was cleared since.
@@ -123,20 +125,34 @@ impl L1 {
         copy: Cached,
         ttl: Duration,
     ) -> Offer {
+        self.offer_at(Some(generation), key, copy, ttl).await
+    }
+
+    /// Entries of an older generation are never served, but their versions are still facts:
+    /// an offer must rank above them too (at an equal rank it may re-tag them as current).
+    async fn offer_at(
+        &self,
+        generation: Option<u64>,
+        key: &CacheKey,
+        copy: Cached,
+        ttl: Duration,
+    ) -> Offer {
         let mut refused = None;
         let current_generation = &self.generation;
         self.cache
             .entry_by_ref(key)
             .and_compute_with(|current| {
                 let now = current_generation.load(Ordering::SeqCst);
+                let generation = generation.unwrap_or(now);
                 let op = match current {
                     _ if generation != now => {
                         refused = Some(copy.rank());
                         Op::Nop
                     }
                     Some(entry)
-                        if entry.value().generation == now
-                            && !copy.supersedes(&entry.value().cached) =>
+                        if entry.value().cached.supersedes(&copy)
+                            || (entry.value().generation == now
+                                && !copy.supersedes(&entry.value().cached)) =>
                     {
                         refused = Some(entry.value().cached.rank());
                         Op::Nop

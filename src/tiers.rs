@@ -458,16 +458,23 @@ impl Tiers {
             fresh =
                 Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)).await == Offer::Applied);
         }
-        if feed == Feed::Postgres && self.l2.available() {
-            if let Ok(applied) = self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await {
-                fresh = fresh.or(Some(applied));
+        // Whatever it taught L1, a load in flight may predate this change.
+        self.flights.forget(&ck);
+        if feed == Feed::Postgres {
+            let result = if self.l2.available() {
+                self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await
+            } else {
+                Err(L2Error::Skipped)
+            };
+            match result {
+                Ok(applied) => fresh = fresh.or(Some(applied)),
+                // Redis must still learn of it (a plain-SQL write has no other way there).
+                Err(_) => self
+                    .repairs
+                    .push(ck.clone(), copy.clone(), resource.ttl.tombstone_ttl),
             }
         }
-        let fresh = fresh.unwrap_or(false);
-        if fresh {
-            self.flights.forget(&ck);
-        }
-        fresh
+        fresh.unwrap_or(false)
     }
 
     /// Replays changes-log entries into Redis: every logged key gets a tombstone of its

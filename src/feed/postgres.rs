@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::{handle_message, recover, Feed, Heartbeat};
+use super::{handle_message, lease_ms, mono_ms, on_heartbeat, Feed, Phase};
 use crate::app::AppState;
 use crate::db::pg_config;
 use crate::schema::NOTIFY_CHANNEL;
@@ -26,16 +26,26 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     let feeds = &state.config.feeds;
     let heartbeat_channel = format!("syncar_hb_{}", state.feed_id);
     let mut backoff = Duration::from_millis(100);
-    let mut started = false;
+    // Send time of the last heartbeat that came back before an outage: the replay starts there.
+    let mut last_good: Option<u64> = None;
+    // The catalog says which resources exist; replays and messages need it.
+    while state.catalog().is_err() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
     let mut outage_logged = false;
     loop {
-        let result = session(&state, &heartbeat_channel, &shutdown, &mut started).await;
+        let result = session(&state, &heartbeat_channel, &shutdown, last_good).await;
         match result {
             Ok(()) => return,
             Err(reason) => {
                 let reason = state.secrets.scrub(&reason);
-                let was_up = state.coherence.postgres.set_down(&reason);
+                let feed = &state.coherence.postgres;
+                let was_up = feed.set_down(&reason);
                 if was_up {
+                    last_good = Some(feed.valid_until().saturating_sub(lease_ms(&state)));
                     backoff = Duration::from_millis(100);
                     outage_logged = true;
                 } else if !outage_logged {
@@ -62,7 +72,7 @@ async fn session(
     state: &AppState,
     heartbeat_channel: &str,
     shutdown: &CancellationToken,
-    started: &mut bool,
+    last_good: Option<u64>,
 ) -> Result<(), String> {
     let config = &state.config;
     let mut postgres = config.postgres.clone();
@@ -110,22 +120,21 @@ async fn session(
     .map_err(|_| "LISTEN timed out".to_string())?
     .map_err(|e| format!("LISTEN failed: {e}"))?;
 
-    let notify_heartbeat = format!("NOTIFY {heartbeat_channel}");
-    let down_since = (*started).then(|| state.coherence.postgres.since_ms());
-    let mut heartbeat = Heartbeat::new();
-    let mut recovered = false;
+    let feed_state = &state.coherence.postgres;
+    feed_state.grant(lease);
+    let mut phase = Phase::Connecting;
     let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
-                if heartbeat.last_seen.elapsed() > lease {
+                if mono_ms() > feed_state.valid_until() {
                     return Err(format!("heartbeat not back within {lease:?}"));
                 }
-                heartbeat.sent += 1;
                 // Bounded so a half-open socket cannot stall the loop; the lease decides.
-                let send = client.batch_execute(&notify_heartbeat);
+                let notify = format!("NOTIFY {heartbeat_channel}, '{}'", mono_ms());
+                let send = client.batch_execute(&notify);
                 if let Ok(Err(e)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
                     return Err(format!("heartbeat failed: {e}"));
                 }
@@ -135,12 +144,8 @@ async fn session(
                     return Err("listen connection closed".into());
                 };
                 if n.channel() == heartbeat_channel {
-                    heartbeat.last_seen = tokio::time::Instant::now();
-                    if !recovered {
-                        recover(state, Feed::Postgres, down_since).await?;
-                        recovered = true;
-                        *started = true;
-                    }
+                    on_heartbeat(state, Feed::Postgres, &mut phase, n.payload().as_bytes(), last_good)
+                        .await?;
                 } else {
                     handle_message(state, Feed::Postgres, n.payload().as_bytes()).await;
                 }

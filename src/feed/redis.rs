@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{handle_message, recover, Feed, Heartbeat};
+use super::{handle_message, lease_ms, mono_ms, on_heartbeat, Feed, Phase};
 use crate::app::AppState;
 use crate::tiers::jitter;
 
@@ -18,14 +18,24 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     let feeds = &state.config.feeds;
     let heartbeat_channel = format!("{}hb:{}", state.config.redis.key_prefix, state.feed_id);
     let mut backoff = Duration::from_millis(100);
-    let mut started = false;
+    // Send time of the last heartbeat that came back before an outage: the replay starts there.
+    let mut last_good: Option<u64> = None;
+    // The catalog says which resources exist; replays and messages need it.
+    while state.catalog().is_err() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
     let mut outage_logged = false;
     loop {
-        match session(&state, &heartbeat_channel, &shutdown, &mut started).await {
+        match session(&state, &heartbeat_channel, &shutdown, last_good).await {
             Ok(()) => return,
             Err(reason) => {
                 let reason = state.secrets.scrub(&reason);
-                if state.coherence.redis.set_down(&reason) {
+                let feed = &state.coherence.redis;
+                if feed.set_down(&reason) {
+                    last_good = Some(feed.valid_until().saturating_sub(lease_ms(&state)));
                     backoff = Duration::from_millis(100);
                     outage_logged = true;
                 } else if !outage_logged {
@@ -51,7 +61,7 @@ async fn session(
     state: &AppState,
     heartbeat_channel: &str,
     shutdown: &CancellationToken,
-    started: &mut bool,
+    last_good: Option<u64>,
 ) -> Result<(), String> {
     let config = &state.config;
     let l2 = state.tiers.l2();
@@ -70,33 +80,28 @@ async fn session(
     .map_err(|e| format!("SUBSCRIBE failed: {e}"))?;
     let mut messages = pubsub.into_on_message();
 
-    let down_since = (*started).then(|| state.coherence.redis.since_ms());
-    let mut heartbeat = Heartbeat::new();
-    let mut recovered = false;
+    let feed_state = &state.coherence.redis;
+    feed_state.grant(lease);
+    let mut phase = Phase::Connecting;
     let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
-                if heartbeat.last_seen.elapsed() > lease {
+                if mono_ms() > feed_state.valid_until() {
                     return Err(format!("heartbeat not back within {lease:?}"));
                 }
-                heartbeat.sent += 1;
                 // A failed publish shows up as a missing heartbeat; the lease decides.
-                let _ = l2.publish(heartbeat_channel, heartbeat.sent.to_string()).await;
+                let _ = l2.publish(heartbeat_channel, mono_ms().to_string()).await;
             }
             message = messages.next() => {
                 let Some(message) = message else {
                     return Err("subscription closed".into());
                 };
                 if message.get_channel_name() == heartbeat_channel {
-                    heartbeat.last_seen = tokio::time::Instant::now();
-                    if !recovered {
-                        recover(state, Feed::Redis, down_since).await?;
-                        recovered = true;
-                        *started = true;
-                    }
+                    let payload = message.get_payload_bytes();
+                    on_heartbeat(state, Feed::Redis, &mut phase, payload, last_good).await?;
                 } else {
                     handle_message(state, Feed::Redis, message.get_payload_bytes()).await;
                 }

@@ -517,3 +517,52 @@ async fn document_requests_wait_for_the_schema_with_503() {
     assert_eq!(ready.json()["checks"]["postgres"]["ok"], false);
     app.shutdown().await;
 }
+
+/// The served OpenAPI document and the server agree: every documented operation is routed,
+/// and every route's undocumented methods are refused.
+#[tokio::test]
+async fn the_openapi_document_matches_the_routes() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let served = a.get("/openapi.json").await;
+    assert_eq!(served.status, 200);
+    let doc = served.json();
+    assert_eq!(doc["openapi"], "3.0.3");
+    assert_eq!(
+        doc["paths"]["/v1/{resource}/{key}"]["parameters"][0]["schema"]["enum"],
+        serde_json::json!(["kv"]),
+        "the served document lists this instance's resources"
+    );
+    let paths = doc["paths"].as_object().unwrap();
+    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    documented.sort();
+    assert_eq!(
+        documented,
+        [
+            "/healthz",
+            "/metrics",
+            "/openapi.json",
+            "/readyz",
+            "/v1/{resource}/{key}"
+        ]
+    );
+    let all = ["GET", "HEAD", "PUT", "DELETE", "POST", "PATCH"];
+    for (path, ops) in paths {
+        let concrete = path
+            .replace("{resource}", "kv")
+            .replace("{key}", "doc-check");
+        for method in all {
+            let declared = ops.get(method.to_lowercase()).is_some();
+            let body: Option<&[u8]> = (method == "PUT").then_some(b"1");
+            let r = request(a.addr(), method, &concrete, &[], body).await;
+            if declared {
+                assert_ne!(r.status, 405, "{method} {path} is documented: {r:?}");
+                if r.status == 404 && method != "HEAD" {
+                    assert_eq!(r.code(), "not_found", "{method} {path} is routed");
+                }
+            } else {
+                assert_eq!(r.status, 405, "{method} {path} is not documented: {r:?}");
+            }
+        }
+    }
+}
