@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt services-up services-down clean-run bench-stale bench-hot
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot
 
 run: services-up
 	cargo build --release
@@ -34,6 +34,10 @@ bench-hot:
 	scripts/dev-services.sh install
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	cargo bench --bench hot -- $(BENCH_ARGS)
+
+# The HTTP API fuzzed by schemathesis (PyPI) from the served OpenAPI document.
+fuzz:
+	scripts/fuzz-api.sh
 
 lint:
 	cargo fmt --check

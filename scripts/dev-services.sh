@@ -9,7 +9,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-RUN_DIR="$PWD/.run"
+RUN_DIR="${SYNCAR_DEV_DIR:-$PWD/.run}"
 PG_PORT="${SYNCAR_DEV_PG_PORT:-55432}"
 REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-56379}"
 PG_DB=syncar
@@ -61,7 +61,7 @@ up() {
     "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1 ||
     as_pg "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE $PG_DB"
   if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
-    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$RUN_DIR" \
       --daemonize yes --pidfile "$RUN_DIR/redis.pid" --logfile "$RUN_DIR/redis.log" >/dev/null
     for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
   fi
