@@ -401,6 +401,22 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Arbitrary payloads (bytes, or JSON of any shape) parse or are refused; never panic.
+        #[test]
+        fn any_payload_parses_or_is_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                             version in proptest::num::i64::ANY,
+                                             key in proptest::option::of(".{0,40}"),
+                                             op in "put|delete|flush|[a-z]{0,6}") {
+            let _ = Message::parse(&bytes);
+            let json = serde_json::json!({"resource": "kv", "key": key, "version": version, "op": op});
+            if let Ok(m) = Message::parse(json.to_string().as_bytes()) {
+                proptest::prop_assert!(m.version >= 0);
+                proptest::prop_assert!(m.key.is_some() || m.op == Op::Flush);
+            }
+        }
+    }
+
     #[test]
     fn l1_is_used_only_while_every_enabled_feed_is_up() {
         let lease = Duration::from_secs(60);
@@ -425,6 +441,7 @@ mod tests {
     #[test]
     fn an_expired_lease_means_down_without_the_feed_task() {
         let c = Coherence::new(true, false, false);
+        let _ = mono_ms(); // start the clock
         std::thread::sleep(Duration::from_millis(30));
         c.postgres
             .heartbeat_back(mono_ms() - 25, Duration::from_millis(20));

@@ -725,6 +725,34 @@ fn method_label(method: &Method) -> &'static str {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Whatever a client puts in a path, key decoding answers Ok or a client error, and
+        /// an accepted key is within the limit and round-trips through percent-encoding.
+        #[test]
+        fn any_raw_key_decodes_or_is_refused(raw in ".{0,200}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..100)) {
+            let encoded: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+            for candidate in [raw.as_str(), encoded.as_str()] {
+                match decode_key(candidate, 64) {
+                    Ok(key) => {
+                        proptest::prop_assert!(!key.is_empty() && key.len() <= 64 && !key.contains('\0'));
+                    }
+                    Err(e) => {
+                        let (status, _) = e.status_and_code();
+                        proptest::prop_assert!(status.is_client_error());
+                    }
+                }
+            }
+        }
+
+        /// Query strings never panic and never yield a negative min_version.
+        #[test]
+        fn any_query_parses_or_is_refused(query in ".{0,100}") {
+            if let Ok(options) = read_options(Some(&query)) {
+                proptest::prop_assert!(options.min_version.is_none_or(|v| v.0 >= 0));
+            }
+        }
+    }
+
     #[test]
     fn keys_are_percent_decoded_and_checked() {
         assert_eq!(decode_key("a%2Fb%20c", 512).unwrap(), "a/b c");
