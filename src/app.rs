@@ -136,11 +136,16 @@ impl App {
         let instance = config.instance_name();
         let feed_id = feed_id();
         let instance_id = format!("{instance}-{feed_id}");
-        let coherence = Arc::new(Coherence::new(
-            config.feeds.postgres,
-            config.feeds.redis,
-            config.feeds.trust_redis_when_postgres_feed_down,
-        ));
+        let coherence = Arc::new(
+            Coherence::new(
+                config.feeds.postgres,
+                config.feeds.redis,
+                config.feeds.trust_redis_when_postgres_feed_down,
+            )
+            .serving_cached_while_postgres_unreachable(
+                config.feeds.serve_cached_while_postgres_unreachable,
+            ),
+        );
         let tiers = Tiers::new(
             l1,
             l2.clone(),

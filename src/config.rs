@@ -142,6 +142,10 @@ pub struct FeedsConfig {
     /// Report the instance unready (`/readyz` 503) while a feed is down. Reads stay correct
     /// either way: L1 is bypassed.
     pub unready_when_down: bool,
+    /// While Postgres cannot be reached at all (the feed cannot even connect), keep serving
+    /// L1 and Redis instead of bypassing them (no write can commit through syncar then).
+    /// Writers that still reach Postgres from elsewhere are then bounded only by the TTLs.
+    pub serve_cached_while_postgres_unreachable: bool,
     /// How long the changes log (`syncar_changes`) keeps entries, for replay after outages.
     #[serde(with = "humantime_serde")]
     pub changes_retention: Duration,
@@ -163,6 +167,7 @@ impl Default for FeedsConfig {
             lease: Duration::from_secs(1),
             trust_redis_when_postgres_feed_down: false,
             unready_when_down: false,
+            serve_cached_while_postgres_unreachable: false,
             changes_retention: Duration::from_secs(15 * 60),
             replay_margin: Duration::from_secs(10),
             max_backoff: Duration::from_secs(5),

@@ -193,6 +193,11 @@ pub struct Coherence {
     pub postgres: FeedState,
     pub redis: FeedState,
     trust_redis: bool,
+    /// `feeds.serve_cached_while_postgres_unreachable`.
+    serve_when_unreachable: bool,
+    /// The Postgres feed's last connection attempt failed: Postgres itself cannot be reached
+    /// from here (as opposed to a LISTEN connection lost while Postgres answers).
+    postgres_unreachable: AtomicBool,
 }
 
 impl Coherence {
@@ -201,7 +206,31 @@ impl Coherence {
             postgres: FeedState::new(Feed::Postgres, postgres),
             redis: FeedState::new(Feed::Redis, redis),
             trust_redis,
+            serve_when_unreachable: false,
+            postgres_unreachable: AtomicBool::new(false),
         }
+    }
+
+    /// See `feeds.serve_cached_while_postgres_unreachable`.
+    pub fn serving_cached_while_postgres_unreachable(mut self, on: bool) -> Self {
+        self.serve_when_unreachable = on;
+        self
+    }
+
+    /// Records whether the Postgres feed could connect at all.
+    pub(crate) fn set_postgres_unreachable(&self, unreachable: bool) {
+        self.postgres_unreachable
+            .store(unreachable, Ordering::SeqCst);
+    }
+
+    /// The Postgres feed is down because Postgres cannot be reached, and the configuration
+    /// says to keep serving cached copies then (no write can commit through syncar; writers
+    /// elsewhere that still reach Postgres are bounded only by the TTLs).
+    fn riding_out_postgres(&self) -> bool {
+        self.serve_when_unreachable
+            && self.postgres.enabled
+            && !self.postgres.is_up()
+            && self.postgres_unreachable.load(Ordering::SeqCst)
     }
 
     pub fn state(&self, feed: Feed) -> &FeedState {
@@ -214,20 +243,25 @@ impl Coherence {
     /// L1 may be read and filled: every enabled feed is up. With no feed at all (TTL-only
     /// mode) L1 is always used and only its TTL bounds staleness.
     pub fn l1_usable(&self) -> bool {
-        [&self.postgres, &self.redis]
-            .iter()
-            .all(|f| !f.enabled || f.is_up())
+        let postgres_ok =
+            !self.postgres.enabled || self.postgres.is_up() || self.riding_out_postgres();
+        postgres_ok && (!self.redis.enabled || self.redis.is_up())
     }
 
     /// Redis may be read: the Postgres feed (which repairs Redis after plain-SQL writes) is up,
     /// or not in use, or Redis is trusted regardless.
     pub fn l2_trusted(&self) -> bool {
-        self.trust_redis || !self.postgres.enabled || self.postgres.is_up()
+        self.trust_redis
+            || !self.postgres.enabled
+            || self.postgres.is_up()
+            || self.riding_out_postgres()
     }
 
     /// Every enabled feed is up.
     pub fn all_up(&self) -> bool {
-        self.l1_usable()
+        [&self.postgres, &self.redis]
+            .iter()
+            .all(|f| !f.enabled || f.is_up())
     }
 }
 

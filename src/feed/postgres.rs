@@ -84,8 +84,15 @@ async fn session(
     let (client, mut connection) =
         tokio::time::timeout(postgres.connect_timeout, pg.connect(NoTls))
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect failed: {e}"))?;
+            .map_err(|_| {
+                state.coherence.set_postgres_unreachable(true);
+                "connect timed out".to_string()
+            })?
+            .map_err(|e| {
+                state.coherence.set_postgres_unreachable(true);
+                format!("connect failed: {e}")
+            })?;
+    state.coherence.set_postgres_unreachable(false);
 
     // The connection is driven here; notifications go through a channel. The task ends with
     // the connection, and is aborted with this session.

@@ -566,3 +566,52 @@ async fn the_openapi_document_matches_the_routes() {
         }
     }
 }
+
+/// Postgres unreachable from this instance (pool and LISTEN alike): by default L1 is bypassed
+/// (a lost feed means no trusted cache), so even a cached key gets 503; with
+/// `feeds.serve_cached_while_postgres_unreachable` cached copies are served meanwhile.
+#[tokio::test]
+async fn with_postgres_gone_cached_copies_are_served_only_if_configured() {
+    for serve_cached in [false, true] {
+        let env = Env::new().await;
+        let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
+            .parse()
+            .unwrap();
+        let proxy = Proxy::start(pg_addr).await;
+        let url = env.pg_url.replace(
+            &format!(":{}/", pg_addr.port()),
+            &format!(":{}/", proxy.addr.port()),
+        );
+        let a = env
+            .start(|c| {
+                c.postgres.url = url.clone();
+                c.postgres.connect_timeout = Duration::from_millis(300);
+                c.postgres.pool_timeout = Duration::from_millis(300);
+                c.feeds.serve_cached_while_postgres_unreachable = serve_cached;
+            })
+            .await;
+        assert_eq!(a.put("/v1/kv/hot", "1").await.status, 201);
+        assert_eq!(a.get("/v1/kv/hot").await.header("x-cache"), Some("l1"));
+        proxy.cut();
+        a.feed_becomes("postgres", false, Duration::from_secs(5))
+            .await;
+        let hot = eventually(Duration::from_secs(5), "the unreachable state", || async {
+            let r = a.get("/v1/kv/hot").await;
+            (r.status == if serve_cached { 200 } else { 503 }).then_some(r)
+        })
+        .await;
+        if serve_cached {
+            assert_eq!(hot.header("x-cache"), Some("l1"));
+        }
+        assert_eq!(
+            a.get("/v1/kv/cold").await.status,
+            503,
+            "a miss needs Postgres"
+        );
+        assert_eq!(a.put("/v1/kv/hot", "2").await.status, 503);
+        proxy.restore();
+        a.feed_becomes("postgres", true, Duration::from_secs(20))
+            .await;
+        assert_eq!(a.put("/v1/kv/hot", "3").await.status, 200);
+    }
+}

@@ -210,3 +210,48 @@ async fn a_killed_instance_loses_no_acknowledged_write() {
     }
     assert!(child.wait().unwrap().success());
 }
+
+/// A slow Postgres (latency added by the fault proxy) costs a miss its deadline, never a hang;
+/// cached documents are still served; a reset connection is replaced. All recover.
+#[tokio::test]
+async fn slow_and_reset_postgres_connections() {
+    let env = Env::new().await;
+    let pg_port = crate::support::servers().pg_port;
+    let proxy = crate::support::Proxy::start(format!("127.0.0.1:{pg_port}").parse().unwrap()).await;
+    let url = env
+        .pg_url
+        .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.addr.port()));
+    let direct = env.pg_url.clone();
+    let a = env
+        .start(|c| {
+            c.postgres.url = url.clone();
+            c.postgres.listen_url = Some(direct.clone());
+            c.server.request_timeout = Duration::from_millis(700);
+        })
+        .await;
+    assert_eq!(a.put("/v1/kv/hot", "1").await.status, 201);
+
+    proxy.delay(Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let slow = a.get("/v1/kv/cold").await;
+    assert_eq!(slow.status, 504, "{slow:?}");
+    assert_eq!(slow.code(), "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the deadline"
+    );
+    assert_eq!(a.get("/v1/kv/hot").await.header("x-cache"), Some("l1"));
+
+    proxy.delay(Duration::ZERO);
+    proxy.reset();
+    let back = eventually(
+        Duration::from_secs(10),
+        "postgres to answer again",
+        || async {
+            let r = a.get("/v1/kv/cold2").await;
+            (r.status == 404).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(back.header("x-cache"), Some("db"));
+}

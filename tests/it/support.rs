@@ -281,12 +281,15 @@ where
     }
 }
 
-/// A TCP proxy to `target` that can cut every connection and refuse new ones, or stop
-/// forwarding without closing anything (a half-open, silently dead connection).
+/// A TCP proxy to `target` that can add latency, reset every connection, cut them and refuse
+/// new ones, or stop forwarding without closing anything (a half-open, silently dead
+/// connection).
 pub struct Proxy {
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
     blackhole: Arc<AtomicBool>,
+    /// Milliseconds added before forwarding each chunk, both ways.
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
 }
@@ -297,9 +300,11 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
         let blackhole = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = {
             let (cut, conns, blackhole) = (cut.clone(), conns.clone(), blackhole.clone());
+            let delay_ms = delay_ms.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((inbound, _)) = listener.accept().await else {
@@ -310,13 +315,17 @@ impl Proxy {
                         continue;
                     }
                     let blackhole = blackhole.clone();
+                    let delay = delay_ms.clone();
                     let task = tokio::spawn(async move {
+                        // Dropped sockets send RST, not FIN: `reset` means reset.
+                        let _ = inbound.set_zero_linger();
                         if let Ok(outbound) = TcpStream::connect(target).await {
+                            let _ = outbound.set_zero_linger();
                             let (ri, wi) = inbound.into_split();
                             let (ro, wo) = outbound.into_split();
                             tokio::join!(
-                                forward(ri, wo, blackhole.clone()),
-                                forward(ro, wi, blackhole)
+                                forward(ri, wo, blackhole.clone(), delay.clone()),
+                                forward(ro, wi, blackhole, delay)
                             );
                         }
                     });
@@ -328,8 +337,22 @@ impl Proxy {
             addr,
             cut,
             blackhole,
+            delay_ms,
             conns,
             accept,
+        }
+    }
+
+    /// Adds `delay` before every forwarded chunk, both ways (a slow server or link).
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Resets every proxied connection (RST) and keeps accepting new ones.
+    pub fn reset(&self) {
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
         }
     }
 
@@ -361,6 +384,7 @@ async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     blackhole: Arc<AtomicBool>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -371,6 +395,10 @@ async fn forward(
         };
         if blackhole.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
+        }
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
