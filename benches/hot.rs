@@ -502,6 +502,39 @@ fn main() {
         );
         triggers.push((clients, without, with));
     }
+    // The same with feeds.postgres_source = "changes_log": the triggers log, no NOTIFY.
+    let changes_config = out.join("changes_log.toml");
+    std::fs::write(
+        &changes_config,
+        "[feeds]\npostgres_source = \"changes_log\"\n",
+    )
+    .unwrap();
+    let migrated = Command::new(&bin)
+        .args(["migrate", "--config"])
+        .arg(&changes_config)
+        .env("SYNCAR_POSTGRES_URL", &pg_url)
+        .output()
+        .expect("syncar migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let mut changes_log = Vec::new();
+    for clients in [1, 8, 32] {
+        changes_log.push(pgbench_run(
+            &format!("update {clients} clients, changes_log triggers"),
+            servers.pg_port,
+            &db,
+            &format!(
+                "\\set id random(1, {})\nUPDATE syncar_kv SET value = '{body}' WHERE key = 'k' || :id;\n",
+                args.keys
+            ),
+            clients,
+            s,
+            &out,
+        ));
+    }
 
     println!();
     println!(
@@ -531,18 +564,24 @@ fn main() {
     );
     println!(
         "\n{:<10} {:>14} {:>16} {:>8}",
-        "clients", "tps, no trig.", "tps, triggers", "loss"
+        "clients", "tps, no trig.", "tps, notify", "loss"
     );
     let mut trigger_json = Vec::new();
-    for (clients, without, with) in &triggers {
+    for ((clients, without, with), logged) in triggers.iter().zip(&changes_log) {
         let loss = 1.0 - with.rps / without.rps;
+        let loss_log = 1.0 - logged.rps / without.rps;
         println!(
-            "{clients:<10} {:>14.0} {:>16.0} {:>7.1}%",
+            "{clients:<10} {:>14.0} {:>16.0} {:>7.1}%   changes_log: {:>6.0} tps, loss {:>5.1}%",
             without.rps,
             with.rps,
-            loss * 100.0
+            loss * 100.0,
+            logged.rps,
+            loss_log * 100.0
         );
-        trigger_json.push(json!({"clients": clients, "without": without.json(), "with": with.json(), "loss": loss}));
+        trigger_json.push(
+            json!({"clients": clients, "without": without.json(), "with": with.json(),
+            "loss": loss, "changes_log": logged.json(), "changes_log_loss": loss_log}),
+        );
     }
     let report = json!({
         "reads": reads.iter().map(Figures::json).collect::<Vec<_>>(),

@@ -202,7 +202,14 @@ impl App {
         // The triggers log every change whatever the feeds: always prune.
         tasks.spawn(prune_task(state.clone(), shutdown.clone()));
         if config.feeds.postgres {
-            tasks.spawn(crate::feed::postgres::run(state.clone(), shutdown.clone()));
+            match config.feeds.postgres_source {
+                crate::config::PostgresSource::Notify => {
+                    tasks.spawn(crate::feed::postgres::run(state.clone(), shutdown.clone()));
+                }
+                crate::config::PostgresSource::ChangesLog => {
+                    tasks.spawn(crate::feed::changes::run(state.clone(), shutdown.clone()));
+                }
+            }
         }
         if config.feeds.redis {
             tasks.spawn(crate::feed::redis::run(state.clone(), shutdown.clone()));

@@ -125,8 +125,16 @@ pub struct PostgresConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FeedsConfig {
-    /// Postgres LISTEN/NOTIFY: sees every write, plain SQL included, and repairs Redis.
+    /// The Postgres feed: sees every write, plain SQL included, and repairs Redis.
     pub postgres: bool,
+    /// How the Postgres feed learns of changes: `notify` (LISTEN/NOTIFY: immediate, but every
+    /// notifying commit takes a cluster-wide lock) or `changes_log` (polls `syncar_changes`
+    /// every `poll_interval`: no NOTIFY on the write path). Decides what the triggers do, so
+    /// every instance of a deployment must agree; the migration installs the matching ones.
+    pub postgres_source: PostgresSource,
+    /// How often the `changes_log` source polls.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
     /// Redis pub/sub: the fast path for writes made through syncar.
     pub redis: bool,
     /// How often each instance sends itself a heartbeat through each feed.
@@ -158,10 +166,20 @@ pub struct FeedsConfig {
     pub max_backoff: Duration,
 }
 
+/// See [`FeedsConfig::postgres_source`].
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PostgresSource {
+    Notify,
+    ChangesLog,
+}
+
 impl Default for FeedsConfig {
     fn default() -> Self {
         FeedsConfig {
             postgres: true,
+            postgres_source: PostgresSource::Notify,
+            poll_interval: Duration::from_millis(100),
             redis: true,
             heartbeat_interval: Duration::from_millis(250),
             lease: Duration::from_secs(1),
@@ -595,6 +613,15 @@ impl Config {
             if d.is_zero() {
                 bad(key, "must be positive".into());
             }
+        }
+        if f.poll_interval.is_zero() {
+            bad("feeds.poll_interval", "must be positive".into());
+        }
+        if f.postgres_source == PostgresSource::ChangesLog && f.lease <= f.poll_interval * 2 {
+            bad(
+                "feeds.lease",
+                "must exceed two poll intervals with the changes_log source".into(),
+            );
         }
         if f.lease <= f.heartbeat_interval * 2 {
             bad(

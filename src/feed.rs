@@ -11,6 +11,7 @@
 //! - when it is back: replay the changes log from shortly before the outage into Redis, empty
 //!   L1, and only then use L1 again.
 
+pub mod changes;
 pub mod postgres;
 pub mod redis;
 
@@ -174,7 +175,7 @@ impl FeedState {
         was_up
     }
 
-    fn set_up(&self) {
+    pub(crate) fn set_up(&self) {
         if !self.up.swap(true, Ordering::SeqCst) {
             let down_for = now_ms().saturating_sub(self.since_ms());
             self.since_ms.store(now_ms(), Ordering::SeqCst);
@@ -386,6 +387,11 @@ pub(crate) async fn handle_message(state: &AppState, feed: Feed, payload: &[u8])
             return;
         }
     };
+    handle_parsed(state, feed, message).await;
+}
+
+/// Applies one parsed message; see [`handle_message`].
+pub(crate) async fn handle_parsed(state: &AppState, feed: Feed, message: Message) {
     if feed == Feed::Redis && message.instance.as_deref() == Some(state.instance_id.as_str()) {
         return;
     }

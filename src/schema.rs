@@ -123,15 +123,18 @@ pub async fn migrate(
         tx.batch_execute(&format!(
             "CREATE TABLE {s}.{CHANGES_TABLE} (\
                at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+               xid bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint), \
                version bigint NOT NULL, resource text NOT NULL, key text, op text NOT NULL); \
-             CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at)"
+             CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at); \
+             CREATE INDEX {CHANGES_TABLE}_xid ON {s}.{CHANGES_TABLE} (xid)"
         ))
         .await
         .map_err(pg("creating the changes log"))?;
         changes.push(format!("created table {schema}.{CHANGES_TABLE}"));
     }
 
-    for (name, signature, body) in functions(schema) {
+    let notify = config.feeds.postgres_source == crate::config::PostgresSource::Notify;
+    for (name, signature, body) in functions(schema, notify) {
         let current: Option<String> = tx
             .query_opt(
                 "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
@@ -479,10 +482,15 @@ END
     )
 }
 
-/// Logs one change and announces it, replacing an oversized payload with a resource-wide
-/// `flush`.
-fn send_function_body(schema: &str) -> String {
+/// Logs one change and (with the `notify` source) announces it, replacing an oversized
+/// payload with a resource-wide `flush`.
+fn send_function_body(schema: &str, notify: bool) -> String {
     let channel = quote_literal(NOTIFY_CHANNEL);
+    let announce = if notify {
+        format!("PERFORM pg_notify({channel}, payload);")
+    } else {
+        "-- feeds.postgres_source = changes_log: instances poll the log".to_string()
+    };
     let log = format!("{}.{CHANGES_TABLE}", quote_ident(schema));
     format!(
         r#"
@@ -495,7 +503,7 @@ BEGIN
   ELSE
     INSERT INTO {log} (version, resource, key, op) VALUES (version, resource, key, op);
   END IF;
-  PERFORM pg_notify({channel}, payload);
+  {announce}
 END
 "#
     )
@@ -503,12 +511,12 @@ END
 
 /// syncar's functions: name, signature, body. The send helper comes first: the notify
 /// trigger calls it.
-fn functions(schema: &str) -> [(&'static str, &'static str, String); 3] {
+fn functions(schema: &str, notify: bool) -> [(&'static str, &'static str, String); 3] {
     [
         (
             SEND_FUNCTION,
             "(resource text, key text, version bigint, op text, ts bigint) RETURNS void",
-            send_function_body(schema),
+            send_function_body(schema, notify),
         ),
         (
             STAMP_FUNCTION,
@@ -587,4 +595,58 @@ pub async fn prune_changes(
             &[&(MIGRATION_LOCK + 1), &retention.as_secs_f64()],
         )
         .await
+}
+
+/// Changes of transactions with an id of `from_xid` or more, visible now, with the xmin of
+/// the same snapshot: every transaction below it has ended, so nothing with a smaller id can
+/// still appear. Polling from the last xmin therefore misses nothing, however commits are
+/// ordered; rows at or above it are read again next time (callers skip what they applied).
+///
+/// # Errors
+/// Postgres failing.
+pub async fn changes_from_xid(
+    client: &impl GenericClient,
+    schema: &str,
+    from_xid: i64,
+) -> Result<(i64, Vec<(i64, Change, i64)>), tokio_postgres::Error> {
+    let sql = format!(
+        "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
+         SELECT (SELECT xmin FROM s), c.xid, c.resource, c.key, c.version, c.op, \
+                (extract(epoch FROM c.at) * 1000000)::bigint \
+         FROM (SELECT 1) one LEFT JOIN {}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid",
+        quote_ident(schema)
+    );
+    let rows = client.query(&sql, &[&from_xid]).await?;
+    let xmin: i64 = rows.first().map_or(from_xid, |r| r.get(0));
+    let changes = rows
+        .iter()
+        .filter_map(|r| {
+            let xid: Option<i64> = r.get(1);
+            Some((
+                xid?,
+                Change {
+                    resource: r.get(2),
+                    key: r.get(3),
+                    version: r.get(4),
+                    op: r.get(5),
+                },
+                r.get::<_, Option<i64>>(6).unwrap_or_default(),
+            ))
+        })
+        .collect();
+    Ok((xmin, changes))
+}
+
+/// The xmin of a snapshot taken now: the starting point of a fresh poller.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn current_xmin(client: &impl GenericClient) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0))
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use syncar::config::PostgresSource;
 use syncar::feed::{Feed, Message, Op};
 use syncar::model::{CacheKey, Version};
 
@@ -46,8 +47,17 @@ async fn redis_version(env: &Env, key: &str) -> Option<i64> {
 
 #[tokio::test]
 async fn a_put_on_one_instance_reaches_the_others() {
+    put_reaches_the_others(PostgresSource::Notify).await;
+}
+
+#[tokio::test]
+async fn a_put_on_one_instance_reaches_the_others_with_the_changes_log() {
+    put_reaches_the_others(PostgresSource::ChangesLog).await;
+}
+
+async fn put_reaches_the_others(source: PostgresSource) {
     let env = Env::new().await;
-    let [a, b, c] = three(&env, |_| {}).await;
+    let [a, b, c] = three(&env, |c| c.feeds.postgres_source = source).await;
     let v1 = a.put("/v1/kv/k", r#""one""#).await.etag_version();
     for i in [&b, &c] {
         assert_eq!(i.get("/v1/kv/k").await.etag_version(), v1);
@@ -66,8 +76,17 @@ async fn a_put_on_one_instance_reaches_the_others() {
 
 #[tokio::test]
 async fn plain_sql_writes_reach_every_instance_and_repair_redis() {
+    plain_sql_reaches_everyone(PostgresSource::Notify).await;
+}
+
+#[tokio::test]
+async fn plain_sql_writes_reach_every_instance_and_repair_redis_with_the_changes_log() {
+    plain_sql_reaches_everyone(PostgresSource::ChangesLog).await;
+}
+
+async fn plain_sql_reaches_everyone(source: PostgresSource) {
     let env = Env::new().await;
-    let [a, b, c] = three(&env, |_| {}).await;
+    let [a, b, c] = three(&env, |c| c.feeds.postgres_source = source).await;
     let v1 = a.put("/v1/kv/s", "1").await.etag_version();
     for i in [&a, &b, &c] {
         assert_eq!(i.get("/v1/kv/s").await.etag_version(), v1);
@@ -103,6 +122,15 @@ async fn plain_sql_writes_reach_every_instance_and_repair_redis() {
 /// plain-SQL write happens: nobody is told, yet nobody serves it stale, during or after.
 #[tokio::test]
 async fn terminated_listen_backends_mean_bypass_then_replay() {
+    terminated_listeners(PostgresSource::Notify).await;
+}
+
+#[tokio::test]
+async fn terminated_listen_backends_mean_bypass_then_replay_with_the_changes_log() {
+    terminated_listeners(PostgresSource::ChangesLog).await;
+}
+
+async fn terminated_listeners(source: PostgresSource) {
     let env = Env::new().await;
     // The LISTEN connections go through a proxy that can refuse reconnections.
     let pg_port = crate::support::servers().pg_port;
@@ -110,7 +138,11 @@ async fn terminated_listen_backends_mean_bypass_then_replay() {
     let listen = env
         .pg_url
         .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.addr.port()));
-    let [a, b, c] = three(&env, |c| c.postgres.listen_url = Some(listen.clone())).await;
+    let [a, b, c] = three(&env, |c| {
+        c.postgres.listen_url = Some(listen.clone());
+        c.feeds.postgres_source = source;
+    })
+    .await;
     let v1 = a.put("/v1/kv/t", "1").await.etag_version();
     // `u` is cached in Redis and changed during the outage, but nobody reads it until after:
     // only the replay can fix its Redis entry.

@@ -1,0 +1,171 @@
+//! The Postgres feed without NOTIFY (`feeds.postgres_source = "changes_log"`): polls the
+//! changes log that the triggers write, on a connection of its own. Knows nothing about HTTP.
+//!
+//! NOTIFY makes every notifying commit take a cluster-wide lock; this source keeps the write
+//! path free of it, at the price of `poll_interval` of extra delay. Versions are taken before
+//! commit, so they are not in commit order; transaction ids are not either. The poller reads by
+//! transaction id from the `xmin` of its previous snapshot (every transaction below it has
+//! ended, so nothing can appear there later) and skips rows it has already applied.
+//! A successful poll is the heartbeat: the lease runs from the start of the last one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+use super::{handle_parsed, mono_ms, recover, Feed, Message, Op};
+use crate::app::AppState;
+use crate::db::pg_config;
+use crate::schema::{changes_from_xid, current_xmin};
+use crate::tiers::jitter;
+
+/// Where the poller is in the log: the low-water transaction id and what it has applied at or
+/// above it.
+#[derive(Default)]
+struct Cursor {
+    xid: Option<i64>,
+    applied: HashSet<(i64, i64)>,
+}
+
+/// Runs the poller until `shutdown`; failures mark the feed down and reconnect with backoff.
+pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
+    let feeds = &state.config.feeds;
+    let mut cursor = Cursor::default();
+    let mut backoff = Duration::from_millis(100);
+    let mut outage_logged = false;
+    while state.catalog().is_err() {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    loop {
+        match session(&state, &shutdown, &mut cursor).await {
+            Ok(()) => return,
+            Err(reason) => {
+                let reason = state.secrets.scrub(&reason);
+                if state.coherence.postgres.set_down(&reason) {
+                    backoff = Duration::from_millis(100);
+                    outage_logged = true;
+                } else if !outage_logged {
+                    tracing::warn!(feed = "postgres", reason = %reason, "changes-log poller not connected; retrying");
+                    outage_logged = true;
+                } else {
+                    tracing::debug!(feed = "postgres", reason = %reason, "poller retry failed");
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
+        }
+        backoff = (backoff * 2).min(feeds.max_backoff);
+        if state.coherence.postgres.is_up() {
+            outage_logged = false;
+        }
+    }
+}
+
+async fn session(
+    state: &AppState,
+    shutdown: &CancellationToken,
+    cursor: &mut Cursor,
+) -> Result<(), String> {
+    let config = &state.config;
+    let mut postgres = config.postgres.clone();
+    if let Some(url) = &config.postgres.listen_url {
+        postgres.url = url.clone();
+    }
+    let mut pg = pg_config(&postgres).map_err(|e| e.to_string())?;
+    pg.application_name("syncar-listen");
+    let connected = tokio::time::timeout(postgres.connect_timeout, pg.connect(NoTls)).await;
+    let (client, connection) = match connected {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            state.coherence.set_postgres_unreachable(true);
+            return Err(format!("connect failed: {e}"));
+        }
+        Err(_) => {
+            state.coherence.set_postgres_unreachable(true);
+            return Err("connect timed out".into());
+        }
+    };
+    state.coherence.set_postgres_unreachable(false);
+    let driver = tokio::spawn(connection);
+    let _driver = AbortOnDrop(driver);
+
+    let lease = config.feeds.lease;
+    let feed = &state.coherence.postgres;
+    feed.grant(lease);
+    let schema = &config.postgres.schema;
+    if cursor.xid.is_none() {
+        // First start: take the low-water mark before replaying, so nothing falls between.
+        let xmin = tokio::time::timeout(lease, current_xmin(&client))
+            .await
+            .map_err(|_| "snapshot timed out".to_string())?
+            .map_err(|e| format!("snapshot failed: {e}"))?;
+        recover(state, Feed::Postgres, None).await?;
+        feed.grant(lease);
+        cursor.xid = Some(xmin);
+    }
+    let mut up = false;
+    let mut tick = tokio::time::interval(config.feeds.poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if mono_ms() > feed.valid_until() {
+            return Err(format!("no successful poll within {lease:?}"));
+        }
+        let started = mono_ms();
+        let from = cursor.xid.unwrap_or_default();
+        let (xmin, rows) = tokio::time::timeout(lease, changes_from_xid(&client, schema, from))
+            .await
+            .map_err(|_| "poll timed out".to_string())?
+            .map_err(|e| format!("poll failed: {e}"))?;
+        for (xid, change, ts_us) in rows {
+            if !cursor.applied.insert((xid, change.version)) {
+                continue;
+            }
+            let op = match change.op.as_str() {
+                "delete" => Op::Delete,
+                "flush" => Op::Flush,
+                _ => Op::Put,
+            };
+            let message = Message {
+                resource: change.resource,
+                key: change.key,
+                version: change.version,
+                op,
+                ts_us: Some(ts_us),
+                instance: None,
+            };
+            handle_parsed(state, Feed::Postgres, message).await;
+        }
+        cursor.xid = Some(xmin);
+        cursor.applied.retain(|(xid, _)| *xid >= xmin);
+        feed.heartbeat_back(started, lease);
+        if !up {
+            // Everything since the outage began has just been applied: L1 can be trusted
+            // again once emptied of what it held before.
+            if let Some(l1) = state.tiers.l1() {
+                l1.clear();
+                metrics::counter!(crate::telemetry::L1_FLUSHES, "feed" => "postgres").increment(1);
+            }
+            feed.set_up();
+            up = true;
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
