@@ -238,8 +238,8 @@ pub async fn migrate(
                 // stay below every version the trigger hands out from now on.
                 tx.execute(
                     &format!(
-                        "SELECT setval({seq}, greatest((SELECT last_value FROM {s}.{VERSION_SEQUENCE}), \
-                         (SELECT coalesce(max({col}), 0) FROM {qualified}), 1))",
+                        "SELECT setval({seq}, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
+                         WHERE m >= (SELECT last_value FROM {s}.{VERSION_SEQUENCE})",
                         seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
                         col = quote_ident(&r.version_column),
                     ),
