@@ -20,12 +20,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::app::AppState;
 use crate::model::now_ms;
 use crate::schema::changes_since;
 use crate::telemetry::{
     FEED_DUPLICATES, FEED_INVALIDATIONS, FEED_MALFORMED, FEED_UP, L1_FLUSHES, PROPAGATION_DELAY,
 };
+use crate::tiers::jitter;
 
 /// The feeds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -321,9 +324,106 @@ pub async fn recover(state: &AppState, feed: Feed, last_good: Option<u64>) -> Re
     Ok(())
 }
 
-/// The lease in milliseconds.
-pub(crate) fn lease_ms(state: &AppState) -> u64 {
-    state.config.feeds.lease.as_millis() as u64
+/// What every feed loop does between its sessions: wait for the catalog before the first,
+/// and after a failed one mark the feed down (logged once per outage), remember where the
+/// outage began, and back off with jitter.
+pub(crate) struct Supervisor {
+    feed: Feed,
+    backoff: Duration,
+    logged: bool,
+    /// Send time ([`mono_ms`]) of the last heartbeat that came back before the outage: the
+    /// replay starts there. `None` until the feed has been up once.
+    pub last_good: Option<u64>,
+}
+
+impl Supervisor {
+    pub fn new(feed: Feed) -> Self {
+        Supervisor {
+            feed,
+            backoff: MIN_BACKOFF,
+            logged: false,
+            last_good: None,
+        }
+    }
+
+    /// Waits until the catalog is loaded (replays and messages need it). False on shutdown.
+    pub async fn wait_for_catalog(&self, state: &AppState, shutdown: &CancellationToken) -> bool {
+        while state.catalog().is_err() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        true
+    }
+
+    /// A session ended with `reason`. False on shutdown.
+    pub async fn failed(
+        &mut self,
+        state: &AppState,
+        reason: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let reason = state.secrets.scrub(reason);
+        let feed = state.coherence.state(self.feed);
+        if feed.set_down(&reason) {
+            // set_down logged the outage.
+            let lease = state.config.feeds.lease.as_millis() as u64;
+            self.last_good = Some(feed.valid_until().saturating_sub(lease));
+            self.backoff = MIN_BACKOFF;
+            self.logged = true;
+        } else if !self.logged {
+            tracing::warn!(feed = self.feed.as_str(), reason = %reason, "feed not connected; retrying");
+            self.logged = true;
+        } else {
+            tracing::debug!(feed = self.feed.as_str(), reason = %reason, "feed retry failed");
+        }
+        let pause = jitter(self.backoff, 0.5);
+        self.backoff = (self.backoff * 2).min(state.config.feeds.max_backoff);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
+        }
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Opens the feed's own Postgres connection (`postgres.listen_url`, else `url`), recording
+/// whether Postgres could be reached at all.
+pub(crate) async fn connect_postgres(
+    state: &AppState,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    String,
+> {
+    let mut postgres = state.config.postgres.clone();
+    if let Some(url) = &state.config.postgres.listen_url {
+        postgres.url = url.clone();
+    }
+    let mut pg = crate::db::pg_config(&postgres).map_err(|e| e.to_string())?;
+    pg.application_name("syncar-listen");
+    let connected =
+        tokio::time::timeout(postgres.connect_timeout, pg.connect(tokio_postgres::NoTls)).await;
+    let result = match connected {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(format!("connect failed: {e}")),
+        Err(_) => Err("connect timed out".to_string()),
+    };
+    state.coherence.set_postgres_unreachable(result.is_err());
+    result
+}
+
+/// Aborts a spawned task (a connection driver) when its session ends.
+pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Where a connection's session is on its way to being trusted.
@@ -481,12 +581,10 @@ mod tests {
     #[test]
     fn an_expired_lease_means_down_without_the_feed_task() {
         let c = Coherence::new(true, false, false);
-        let _ = mono_ms(); // start the clock
-        std::thread::sleep(Duration::from_millis(30));
-        c.postgres
-            .heartbeat_back(mono_ms() - 25, Duration::from_millis(20));
+        // A zero lease runs out the moment the heartbeat was sent.
+        c.postgres.heartbeat_back(mono_ms(), Duration::ZERO);
         c.postgres.set_up();
-        assert!(!c.postgres.is_up(), "lease ran out 5 ms ago");
+        assert!(!c.postgres.is_up(), "the lease ran out");
         c.postgres
             .heartbeat_back(mono_ms(), Duration::from_secs(60));
         assert!(c.postgres.is_up());

@@ -42,14 +42,6 @@ struct Entry {
     cached: Arc<Cached>,
     ttl: Duration,
     generation: u64,
-    filled: Instant,
-}
-
-/// A copy served from L1, with its age in L1.
-#[derive(Clone, Debug)]
-pub struct Hit {
-    pub cached: Arc<Cached>,
-    pub age: Duration,
 }
 
 struct PerEntryTtl;
@@ -95,16 +87,8 @@ impl L1 {
 
     /// The copy held for `key`, tombstones included (callers decide what is servable).
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
-        self.hit(key).await.map(|h| h.cached)
-    }
-
-    /// The copy held for `key` with its age in L1.
-    pub async fn hit(&self, key: &CacheKey) -> Option<Hit> {
         let entry = self.cache.get(key).await?;
-        (entry.generation == self.generation()).then(|| Hit {
-            cached: entry.cached,
-            age: entry.filled.elapsed(),
-        })
+        (entry.generation == self.generation()).then_some(entry.cached)
     }
 
     /// Puts `copy` in the cache for `ttl` if it is newer than what is there.
@@ -163,7 +147,6 @@ impl L1 {
                         // Tagged with the loader's generation: if a clear slipped in since
                         // the check above, the entry is already unservable.
                         generation,
-                        filled: Instant::now(),
                     }),
                 };
                 std::future::ready(op)

@@ -10,16 +10,14 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
-use super::{handle_parsed, mono_ms, recover, Feed, Message, Op};
+use super::{
+    connect_postgres, handle_parsed, mono_ms, recover, AbortOnDrop, Feed, Message, Op, Supervisor,
+};
 use crate::app::AppState;
-use crate::db::pg_config;
 use crate::schema::{changes_from_xid, current_xmin};
-use crate::tiers::jitter;
 
 /// Where the poller is in the log: the low-water transaction id and what it has applied at or
 /// above it.
@@ -31,39 +29,19 @@ struct Cursor {
 
 /// Runs the poller until `shutdown`; failures mark the feed down and reconnect with backoff.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let feeds = &state.config.feeds;
     let mut cursor = Cursor::default();
-    let mut backoff = Duration::from_millis(100);
-    let mut outage_logged = false;
-    while state.catalog().is_err() {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
+    let mut supervisor = Supervisor::new(Feed::Postgres);
+    if !supervisor.wait_for_catalog(&state, &shutdown).await {
+        return;
     }
     loop {
         match session(&state, &shutdown, &mut cursor).await {
             Ok(()) => return,
             Err(reason) => {
-                let reason = state.secrets.scrub(&reason);
-                if state.coherence.postgres.set_down(&reason) {
-                    backoff = Duration::from_millis(100);
-                    outage_logged = true;
-                } else if !outage_logged {
-                    tracing::warn!(feed = "postgres", reason = %reason, "changes-log poller not connected; retrying");
-                    outage_logged = true;
-                } else {
-                    tracing::debug!(feed = "postgres", reason = %reason, "poller retry failed");
+                if !supervisor.failed(&state, &reason, &shutdown).await {
+                    return;
                 }
             }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
-        }
-        backoff = (backoff * 2).min(feeds.max_backoff);
-        if state.coherence.postgres.is_up() {
-            outage_logged = false;
         }
     }
 }
@@ -74,25 +52,7 @@ async fn session(
     cursor: &mut Cursor,
 ) -> Result<(), String> {
     let config = &state.config;
-    let mut postgres = config.postgres.clone();
-    if let Some(url) = &config.postgres.listen_url {
-        postgres.url = url.clone();
-    }
-    let mut pg = pg_config(&postgres).map_err(|e| e.to_string())?;
-    pg.application_name("syncar-listen");
-    let connected = tokio::time::timeout(postgres.connect_timeout, pg.connect(NoTls)).await;
-    let (client, connection) = match connected {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            state.coherence.set_postgres_unreachable(true);
-            return Err(format!("connect failed: {e}"));
-        }
-        Err(_) => {
-            state.coherence.set_postgres_unreachable(true);
-            return Err("connect timed out".into());
-        }
-    };
-    state.coherence.set_postgres_unreachable(false);
+    let (client, connection) = connect_postgres(state).await?;
     let driver = tokio::spawn(connection);
     let _driver = AbortOnDrop(driver);
 
@@ -159,13 +119,5 @@ async fn session(
             feed.set_up();
             up = true;
         }
-    }
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -6,63 +6,35 @@
 //! this feed also repairs Redis after writes that never went through syncar.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use super::{handle_message, lease_ms, mono_ms, on_heartbeat, Feed, Phase};
+use super::{
+    connect_postgres, handle_message, mono_ms, on_heartbeat, AbortOnDrop, Feed, Phase, Supervisor,
+};
 use crate::app::AppState;
-use crate::db::pg_config;
 use crate::schema::NOTIFY_CHANNEL;
-use crate::tiers::jitter;
 
 /// Runs the feed until `shutdown`: connect, LISTEN, apply notifications, and on any failure
 /// (including a heartbeat that stopped coming back) mark the feed down and reconnect with
 /// jittered backoff.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let feeds = &state.config.feeds;
     let heartbeat_channel = format!("syncar_hb_{}", state.feed_id);
-    let mut backoff = Duration::from_millis(100);
-    // Send time of the last heartbeat that came back before an outage: the replay starts there.
-    let mut last_good: Option<u64> = None;
-    // The catalog says which resources exist; replays and messages need it.
-    while state.catalog().is_err() {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
+    let mut supervisor = Supervisor::new(Feed::Postgres);
+    if !supervisor.wait_for_catalog(&state, &shutdown).await {
+        return;
     }
-    let mut outage_logged = false;
     loop {
-        let result = session(&state, &heartbeat_channel, &shutdown, last_good).await;
-        match result {
+        match session(&state, &heartbeat_channel, &shutdown, supervisor.last_good).await {
             Ok(()) => return,
             Err(reason) => {
-                let reason = state.secrets.scrub(&reason);
-                let feed = &state.coherence.postgres;
-                let was_up = feed.set_down(&reason);
-                if was_up {
-                    last_good = Some(feed.valid_until().saturating_sub(lease_ms(&state)));
-                    backoff = Duration::from_millis(100);
-                    outage_logged = true;
-                } else if !outage_logged {
-                    tracing::warn!(feed = "postgres", reason = %reason, "feed not connected; retrying");
-                    outage_logged = true;
-                } else {
-                    tracing::debug!(feed = "postgres", reason = %reason, "feed retry failed");
+                if !supervisor.failed(&state, &reason, &shutdown).await {
+                    return;
                 }
             }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
-        }
-        backoff = (backoff * 2).min(feeds.max_backoff);
-        if state.coherence.postgres.is_up() {
-            outage_logged = false;
         }
     }
 }
@@ -75,24 +47,7 @@ async fn session(
     last_good: Option<u64>,
 ) -> Result<(), String> {
     let config = &state.config;
-    let mut postgres = config.postgres.clone();
-    if let Some(url) = &config.postgres.listen_url {
-        postgres.url = url.clone();
-    }
-    let mut pg = pg_config(&postgres).map_err(|e| e.to_string())?;
-    pg.application_name("syncar-listen");
-    let (client, mut connection) =
-        tokio::time::timeout(postgres.connect_timeout, pg.connect(NoTls))
-            .await
-            .map_err(|_| {
-                state.coherence.set_postgres_unreachable(true);
-                "connect timed out".to_string()
-            })?
-            .map_err(|e| {
-                state.coherence.set_postgres_unreachable(true);
-                format!("connect failed: {e}")
-            })?;
-    state.coherence.set_postgres_unreachable(false);
+    let (client, mut connection) = connect_postgres(state).await?;
 
     // The connection is driven here; notifications go through a channel. The task ends with
     // the connection, and is aborted with this session.
@@ -158,13 +113,5 @@ async fn session(
                 }
             }
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

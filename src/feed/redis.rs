@@ -4,55 +4,28 @@
 //! back on the subscription. Knows nothing about HTTP.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{handle_message, lease_ms, mono_ms, on_heartbeat, Feed, Phase};
+use super::{handle_message, mono_ms, on_heartbeat, Feed, Phase, Supervisor};
 use crate::app::AppState;
-use crate::tiers::jitter;
 
 /// Runs the feed until `shutdown`; see the Postgres feed for the shape.
 pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
-    let feeds = &state.config.feeds;
     let heartbeat_channel = format!("{}hb:{}", state.config.redis.key_prefix, state.feed_id);
-    let mut backoff = Duration::from_millis(100);
-    // Send time of the last heartbeat that came back before an outage: the replay starts there.
-    let mut last_good: Option<u64> = None;
-    // The catalog says which resources exist; replays and messages need it.
-    while state.catalog().is_err() {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
+    let mut supervisor = Supervisor::new(Feed::Redis);
+    if !supervisor.wait_for_catalog(&state, &shutdown).await {
+        return;
     }
-    let mut outage_logged = false;
     loop {
-        match session(&state, &heartbeat_channel, &shutdown, last_good).await {
+        match session(&state, &heartbeat_channel, &shutdown, supervisor.last_good).await {
             Ok(()) => return,
             Err(reason) => {
-                let reason = state.secrets.scrub(&reason);
-                let feed = &state.coherence.redis;
-                if feed.set_down(&reason) {
-                    last_good = Some(feed.valid_until().saturating_sub(lease_ms(&state)));
-                    backoff = Duration::from_millis(100);
-                    outage_logged = true;
-                } else if !outage_logged {
-                    tracing::warn!(feed = "redis", reason = %reason, "feed not connected; retrying");
-                    outage_logged = true;
-                } else {
-                    tracing::debug!(feed = "redis", reason = %reason, "feed retry failed");
+                if !supervisor.failed(&state, &reason, &shutdown).await {
+                    return;
                 }
             }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
-        }
-        backoff = (backoff * 2).min(feeds.max_backoff);
-        if state.coherence.redis.is_up() {
-            outage_logged = false;
         }
     }
 }

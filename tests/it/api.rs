@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{eventually, request, Env, Proxy, RedisServer};
+use crate::support::{eventually, request, Env, RedisServer};
 
 #[tokio::test]
 async fn a_put_is_read_back_from_l1_with_its_etag() {
@@ -440,14 +440,7 @@ async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired
 #[tokio::test]
 async fn with_postgres_unreachable_misses_and_writes_get_503() {
     let env = Env::new().await;
-    let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(pg_addr).await;
-    let url = env.pg_url.replace(
-        &format!(":{}/", pg_addr.port()),
-        &format!(":{}/", proxy.addr.port()),
-    );
+    let (proxy, url) = env.pg_proxy().await;
     let direct = env.pg_url.clone();
     let a = env
         .start(|c| {
@@ -574,14 +567,7 @@ async fn the_openapi_document_matches_the_routes() {
 async fn with_postgres_gone_cached_copies_are_served_only_if_configured() {
     for serve_cached in [false, true] {
         let env = Env::new().await;
-        let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
-            .parse()
-            .unwrap();
-        let proxy = Proxy::start(pg_addr).await;
-        let url = env.pg_url.replace(
-            &format!(":{}/", pg_addr.port()),
-            &format!(":{}/", proxy.addr.port()),
-        );
+        let (proxy, url) = env.pg_proxy().await;
         let a = env
             .start(|c| {
                 c.postgres.url = url.clone();

@@ -114,8 +114,24 @@ fn passwords_never_reach_the_logs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Let it log its start and a few failed connection attempts, then stop it.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Wait until a connection attempt has failed (and been logged), then stop it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut answer = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut answer);
+        }
+        if answer.contains("cannot connect") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed attempt reported: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }

@@ -8,7 +8,7 @@ use syncar::config::PostgresSource;
 use syncar::feed::{Feed, Message, Op};
 use syncar::model::{CacheKey, Version};
 
-use crate::support::{eventually, request, Env, Instance, Proxy, RedisServer};
+use crate::support::{eventually, request, Env, Instance, RedisServer};
 
 /// How long a change may take to reach every instance in these tests: the product's window
 /// is about a second; the margin absorbs a loaded CI machine.
@@ -133,11 +133,7 @@ async fn terminated_listen_backends_mean_bypass_then_replay_with_the_changes_log
 async fn terminated_listeners(source: PostgresSource) {
     let env = Env::new().await;
     // The LISTEN connections go through a proxy that can refuse reconnections.
-    let pg_port = crate::support::servers().pg_port;
-    let proxy = Proxy::start(format!("127.0.0.1:{pg_port}").parse().unwrap()).await;
-    let listen = env
-        .pg_url
-        .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.addr.port()));
+    let (proxy, listen) = env.pg_proxy().await;
     let [a, b, c] = three(&env, |c| {
         c.postgres.listen_url = Some(listen.clone());
         c.feeds.postgres_source = source;
@@ -304,14 +300,7 @@ async fn killed_subscriptions_come_back() {
 #[tokio::test]
 async fn a_silently_dead_feed_is_detected_by_the_heartbeat() {
     let env = Env::new().await;
-    let pg_addr = format!("127.0.0.1:{}", crate::support::servers().pg_port)
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(pg_addr).await;
-    let listen = env.pg_url.replace(
-        &format!(":{}/", pg_addr.port()),
-        &format!(":{}/", proxy.addr.port()),
-    );
+    let (proxy, listen) = env.pg_proxy().await;
     let a = env
         .start(|c| {
             c.postgres.listen_url = Some(listen.clone());

@@ -216,11 +216,7 @@ async fn a_killed_instance_loses_no_acknowledged_write() {
 #[tokio::test]
 async fn slow_and_reset_postgres_connections() {
     let env = Env::new().await;
-    let pg_port = crate::support::servers().pg_port;
-    let proxy = crate::support::Proxy::start(format!("127.0.0.1:{pg_port}").parse().unwrap()).await;
-    let url = env
-        .pg_url
-        .replace(&format!(":{pg_port}/"), &format!(":{}/", proxy.addr.port()));
+    let (proxy, url) = env.pg_proxy().await;
     let direct = env.pg_url.clone();
     let a = env
         .start(|c| {

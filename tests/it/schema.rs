@@ -194,17 +194,9 @@ async fn an_adopted_version_column_keeps_versions_rising() {
         .await
         .unwrap();
     let mut config = env.config();
-    config.resources.push(syncar::config::ResourceConfig {
-        name: "docs".into(),
-        table: "docs".into(),
-        schema: "public".into(),
-        key: "id".into(),
-        version_column: "version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    });
+    config
+        .resources
+        .push(crate::support::resource("docs", "id", "version"));
     syncar::app::run_migration(&config).await.unwrap();
     let v: i64 = env
         .pg()
@@ -228,17 +220,9 @@ async fn a_custom_version_column_is_stamped_too() {
         .await
         .unwrap();
     let mut config = env.config();
-    config.resources.push(syncar::config::ResourceConfig {
-        name: "items".into(),
-        table: "items".into(),
-        schema: "public".into(),
-        key: "sku".into(),
-        version_column: "row_version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    });
+    config
+        .resources
+        .push(crate::support::resource("items", "sku", "row_version"));
     syncar::app::run_migration(&config).await.unwrap();
     let pg = env.pg().await;
     let v: i64 = pg

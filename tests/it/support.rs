@@ -80,6 +80,16 @@ impl Env {
         Instance { app }
     }
 
+    /// A fault proxy in front of the test Postgres, and this env's database URL through it.
+    pub async fn pg_proxy(&self) -> (Proxy, String) {
+        let port = servers().pg_port;
+        let proxy = Proxy::start(format!("127.0.0.1:{port}").parse().unwrap()).await;
+        let url = self
+            .pg_url
+            .replace(&format!(":{port}/"), &format!(":{}/", proxy.addr.port()));
+        (proxy, url)
+    }
+
     pub async fn pg(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
             .await
@@ -150,6 +160,21 @@ impl Instance {
         })
         .await;
         start.elapsed()
+    }
+}
+
+/// A `[[resource]]` on `public.{table}` with the default TTLs.
+pub fn resource(table: &str, key: &str, version_column: &str) -> syncar::config::ResourceConfig {
+    syncar::config::ResourceConfig {
+        name: table.into(),
+        table: table.into(),
+        schema: "public".into(),
+        key: key.into(),
+        version_column: version_column.into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
     }
 }
 

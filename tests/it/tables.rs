@@ -27,17 +27,8 @@ async fn users_env() -> Env {
 }
 
 fn users(c: &mut syncar::Config) {
-    c.resources.push(syncar::config::ResourceConfig {
-        name: "users".into(),
-        table: "users".into(),
-        schema: "public".into(),
-        key: "id".into(),
-        version_column: "version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    });
+    c.resources
+        .push(crate::support::resource("users", "id", "version"));
 }
 
 #[tokio::test]
@@ -183,17 +174,9 @@ async fn a_table_that_does_not_fit_is_reported_on_readyz() {
         .await
         .unwrap();
     let mut config = env.config();
-    config.resources.push(syncar::config::ResourceConfig {
-        name: "nokey".into(),
-        table: "nokey".into(),
-        schema: "public".into(),
-        key: "id".into(),
-        version_column: "version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    });
+    config
+        .resources
+        .push(crate::support::resource("nokey", "id", "version"));
     let app = syncar::App::start(config).await.unwrap();
     let err = app
         .ready(std::time::Duration::from_millis(1500))
