@@ -457,11 +457,12 @@ async fn document(
             let options = read_options(req.uri().query())?;
             let read = match state.tiers.l1_hit(&ck, options).await {
                 Some(hit) => hit,
-                None => {
-                    tokio::time::timeout(timeout, state.tiers.get(&resource, &param, &ck, options))
-                        .await
-                        .map_err(deadline)??
-                }
+                None => tokio::time::timeout(
+                    timeout,
+                    state.tiers.get_below_l1(&resource, &param, &ck, options),
+                )
+                .await
+                .map_err(deadline)??,
             };
             let x_cache = HeaderValue::from_static(read.tier.as_str());
             let age = read.cached.age_secs();

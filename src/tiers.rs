@@ -143,11 +143,11 @@ impl Tiers {
         &self.repairs
     }
 
-    /// L1, if enabled and usable now (every feed up), with its current generation.
-    fn usable_l1(&self) -> Option<(&L1, u64)> {
+    /// L1's current generation, if L1 is enabled and usable now (every feed up).
+    fn usable_l1(&self) -> Option<u64> {
         let l1 = self.l1.as_ref()?;
         if self.coherence.l1_usable() {
-            Some((l1, l1.generation()))
+            Some(l1.generation())
         } else {
             self.counters.bypassed.increment(1);
             None
@@ -155,7 +155,7 @@ impl Tiers {
     }
 
     /// The L1 answer for a read, if L1 is usable and holds a servable copy fresh enough for
-    /// `options`; `None` means [`Tiers::get`] must run.
+    /// `options`; `None` means [`Tiers::get_below_l1`] must run.
     pub async fn l1_hit(&self, ck: &CacheKey, options: ReadOptions) -> Option<ReadResult> {
         if options.strong || !self.coherence.l1_usable() {
             return None;
@@ -188,29 +188,39 @@ impl Tiers {
         ck: &CacheKey,
         options: ReadOptions,
     ) -> Result<ReadResult, DbError> {
-        let l1 = self.usable_l1();
-        if options.strong {
-            return self.load_db(resource, key, ck, l1.map(|(_, g)| g)).await;
+        match self.l1_hit(ck, options).await {
+            Some(hit) => Ok(hit),
+            None => self.get_below_l1(resource, key, ck, options).await,
         }
-        let fresh_enough = |c: &Cached| options.min_version.is_none_or(|min| c.version >= min);
-        if let Some((l1, _)) = l1 {
-            if let Some(copy) = l1.get(ck).await {
-                if copy.is_servable() && fresh_enough(&copy) {
-                    self.counters.l1_hit.increment(1);
-                    return Ok(ReadResult {
-                        cached: (*copy).clone(),
-                        tier: Tier::L1,
-                    });
-                }
-            }
+    }
+
+    /// The rest of [`Tiers::get`] once [`Tiers::l1_hit`] found nothing: what may wait on Redis
+    /// and Postgres (the HTTP layer puts only this part under the request deadline).
+    ///
+    /// # Errors
+    /// As [`Tiers::get`].
+    pub async fn get_below_l1(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        ck: &CacheKey,
+        options: ReadOptions,
+    ) -> Result<ReadResult, DbError> {
+        let generation = self.usable_l1();
+        if options.strong {
+            return self.load_db(resource, key, ck, generation).await;
+        }
+        if generation.is_some() {
             self.counters.l1_miss.increment(1);
         }
-        let generation = l1.map(|(_, g)| g);
         let read = self
             .flights
             .run(ck, self.load(resource, key, ck, generation))
             .await?;
-        if fresh_enough(&read.cached) {
+        if options
+            .min_version
+            .is_none_or(|min| read.cached.version >= min)
+        {
             return Ok(read);
         }
         // The shared load was older than this caller needs (it joined a load started before
