@@ -929,87 +929,86 @@ const COLORS: [plotters::style::RGBColor; 4] = [
     plotters::style::RGBColor(40, 150, 70),
 ];
 
-/// CDF of staleness age among stale reads, per mode, log x.
+/// CDF of staleness age among stale reads, per mode.
 fn chart_staleness(results: &[ModeResult], path: &std::path::Path) {
-    use plotters::prelude::*;
-    let root = SVGBackend::new(path, (820, 480)).into_drawing_area();
-    root.fill(&WHITE).unwrap();
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Staleness age of stale reads (CDF)", ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d((0.01f64..60_000.0).log_scale(), 0.0f64..1.0)
-        .unwrap();
-    chart
-        .configure_mesh()
-        .x_desc("age (ms): read start minus ack of the first newer version")
-        .y_desc("fraction of stale reads")
-        .draw()
-        .unwrap();
-    for (i, r) in results.iter().enumerate() {
-        let n = r.ages_ms.len();
-        if n == 0 {
-            continue;
-        }
-        let step = (n / 400).max(1);
-        let points: Vec<(f64, f64)> = r
-            .ages_ms
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| j % step == 0 || *j == n - 1)
-            .map(|(j, a)| (a.max(0.01), (j + 1) as f64 / n as f64))
-            .collect();
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .unwrap()
-            .label(format!("{} ({} stale reads)", r.mode.name(), n))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .unwrap();
-    root.present().unwrap();
+    let series = results
+        .iter()
+        .map(|r| {
+            let n = r.ages_ms.len();
+            let step = (n / 400).max(1);
+            let points = r
+                .ages_ms
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| j % step == 0 || *j + 1 == n)
+                .map(|(j, a)| (*a, (j + 1) as f64 / n as f64))
+                .collect();
+            (format!("{} ({n} stale reads)", r.mode.name()), points)
+        })
+        .collect();
+    cdf_chart(
+        path,
+        "Staleness age of stale reads (CDF)",
+        "age (ms): read start minus ack of the first newer version",
+        "fraction of stale reads",
+        60_000.0,
+        series,
+    );
 }
 
 /// CDF of commit-to-eviction delay per mode (from the instances' histograms).
 fn chart_coherence(results: &[ModeResult], path: &std::path::Path) {
+    let series = results
+        .iter()
+        .map(|r| (r.mode.name().to_string(), r.coherence_cdf.clone()))
+        .collect();
+    cdf_chart(
+        path,
+        "Time to coherence: commit to eviction (CDF)",
+        "delay (ms), bucket upper bounds",
+        "fraction of invalidations",
+        10_000.0,
+        series,
+    );
+}
+
+/// One line per mode (colour by position; empty series drawn as nothing), log x in ms.
+fn cdf_chart(
+    path: &std::path::Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    x_max: f64,
+    series: Vec<(String, Vec<(f64, f64)>)>,
+) {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (820, 480)).into_drawing_area();
     root.fill(&WHITE).unwrap();
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Time to coherence: commit to eviction (CDF)",
-            ("sans-serif", 20),
-        )
+        .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d((0.01f64..10_000.0).log_scale(), 0.0f64..1.0)
+        .build_cartesian_2d((0.01f64..x_max).log_scale(), 0.0f64..1.0)
         .unwrap();
     chart
         .configure_mesh()
-        .x_desc("delay (ms), bucket upper bounds")
-        .y_desc("fraction of invalidations")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()
         .unwrap();
-    for (i, r) in results.iter().enumerate() {
-        if r.coherence_cdf.is_empty() {
+    for (i, (label, points)) in series.into_iter().enumerate() {
+        if points.is_empty() {
             continue;
         }
         let color = COLORS[i % COLORS.len()];
         chart
             .draw_series(LineSeries::new(
-                r.coherence_cdf.iter().map(|(x, y)| (x.max(0.01), *y)),
+                points.into_iter().map(|(x, y)| (x.max(0.01), y)),
                 color.stroke_width(2),
             ))
             .unwrap()
-            .label(r.mode.name())
+            .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     chart
