@@ -10,8 +10,8 @@
 //! 3. `redis-benchmark` GET against the same redis-server;
 //! 4. a primary-key select on Postgres (pgbench, custom script);
 //! 5. PUT through syncar against a plain upsert-and-commit (pgbench), both at the pool size;
-//! 6. plain-SQL UPDATE throughput with pgbench at 1, 8 and 32 clients, on a table with and
-//!    without syncar's triggers.
+//! 6. plain-SQL UPDATE throughput with pgbench at 1, 8 and 32 clients, on a table without
+//!    triggers and with syncar's, for each `feeds.postgres_source` (`changes_log`, `notify`).
 //!
 //! Options (defaults in brackets): `--connections 50`, `--secs 5`, `--keys 1000`,
 //! `--value-bytes 200`, `--pool 16`. Needs `wrk` (Debian package `wrk`), `redis-benchmark`
@@ -474,66 +474,48 @@ fn main() {
         ),
         &db,
     );
+    // Each source's triggers in turn (the migration rewrites them), interleaved with the plain
+    // table at every client count so that drifts of the machine hit all three alike.
+    let migrate = |source: &str| {
+        let path = out.join(format!("{source}.toml"));
+        std::fs::write(&path, format!("[feeds]\npostgres_source = \"{source}\"\n")).unwrap();
+        let migrated = Command::new(&bin)
+            .args(["migrate", "--config"])
+            .arg(&path)
+            .env("SYNCAR_POSTGRES_URL", &pg_url)
+            .output()
+            .expect("syncar migrate");
+        assert!(
+            migrated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+    };
+    let update = |table: &str| {
+        format!(
+            "\\set id random(1, {})\nUPDATE {table} SET value = '{body}' WHERE key = 'k' || :id;\n",
+            args.keys
+        )
+    };
     let mut triggers = Vec::new();
     for clients in [1, 8, 32] {
-        let update = |table: &str| {
-            format!(
-                "\\set id random(1, {})\nUPDATE {table} SET value = '{body}' WHERE key = 'k' || :id;\n",
-                args.keys
+        let run = |name: &str, table: &str| {
+            pgbench_run(
+                &format!("update {clients} clients, {name}"),
+                servers.pg_port,
+                &db,
+                &update(table),
+                clients,
+                s,
+                &out,
             )
         };
-        let without = pgbench_run(
-            &format!("update {clients} clients, no triggers"),
-            servers.pg_port,
-            &db,
-            &update("plain_kv"),
-            clients,
-            s,
-            &out,
-        );
-        let with = pgbench_run(
-            &format!("update {clients} clients, syncar triggers"),
-            servers.pg_port,
-            &db,
-            &update("syncar_kv"),
-            clients,
-            s,
-            &out,
-        );
-        triggers.push((clients, without, with));
-    }
-    // The same with feeds.postgres_source = "changes_log": the triggers log, no NOTIFY.
-    let changes_config = out.join("changes_log.toml");
-    std::fs::write(
-        &changes_config,
-        "[feeds]\npostgres_source = \"changes_log\"\n",
-    )
-    .unwrap();
-    let migrated = Command::new(&bin)
-        .args(["migrate", "--config"])
-        .arg(&changes_config)
-        .env("SYNCAR_POSTGRES_URL", &pg_url)
-        .output()
-        .expect("syncar migrate");
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
-    let mut changes_log = Vec::new();
-    for clients in [1, 8, 32] {
-        changes_log.push(pgbench_run(
-            &format!("update {clients} clients, changes_log triggers"),
-            servers.pg_port,
-            &db,
-            &format!(
-                "\\set id random(1, {})\nUPDATE syncar_kv SET value = '{body}' WHERE key = 'k' || :id;\n",
-                args.keys
-            ),
-            clients,
-            s,
-            &out,
-        ));
+        let without = run("no triggers", "plain_kv");
+        migrate("changes_log");
+        let logged = run("changes_log triggers", "syncar_kv");
+        migrate("notify");
+        let notified = run("notify triggers", "syncar_kv");
+        triggers.push((clients, without, logged, notified));
     }
 
     println!();
@@ -563,26 +545,27 @@ fn main() {
         writes[0].p99_ms / writes[1].p99_ms
     );
     println!(
-        "\n{:<10} {:>14} {:>16} {:>8}",
-        "clients", "tps, no trig.", "tps, notify", "loss"
+        "\n{:<10} {:>14} {:>18} {:>8} {:>14} {:>8}",
+        "clients", "tps, no trig.", "tps, changes_log", "loss", "tps, notify", "loss"
     );
     let mut trigger_json = Vec::new();
-    for ((clients, without, with), logged) in triggers.iter().zip(&changes_log) {
-        let loss = 1.0 - with.rps / without.rps;
-        let loss_log = 1.0 - logged.rps / without.rps;
+    for (clients, without, logged, notified) in &triggers {
+        let loss = |with: &Figures| 1.0 - with.rps / without.rps;
         println!(
-            "{clients:<10} {:>14.0} {:>16.0} {:>7.1}%   changes_log: {:>6.0} tps, loss {:>5.1}%",
+            "{clients:<10} {:>14.0} {:>18.0} {:>7.1}% {:>14.0} {:>7.1}%",
             without.rps,
-            with.rps,
-            loss * 100.0,
             logged.rps,
-            loss_log * 100.0
+            loss(logged) * 100.0,
+            notified.rps,
+            loss(notified) * 100.0,
         );
-        trigger_json.push(
-            json!({"clients": clients, "without": without.json(), "with": with.json(),
-            "loss": loss, "changes_log": logged.json(), "changes_log_loss": loss_log}),
-        );
+        trigger_json.push(json!({
+            "clients": clients, "without": without.json(),
+            "changes_log": logged.json(), "changes_log_loss": loss(logged),
+            "notify": notified.json(), "notify_loss": loss(notified),
+        }));
     }
+    println!("(threshold for mitigation: 10% loss at 32 clients)");
     let report = json!({
         "reads": reads.iter().map(Figures::json).collect::<Vec<_>>(),
         "writes": writes.iter().map(Figures::json).collect::<Vec<_>>(),

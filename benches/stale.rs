@@ -2,7 +2,8 @@
 //! one already acknowledged, per mode and per fault.
 //!
 //! `make bench-stale` (or `cargo bench --bench stale -- [options]`) starts its own Postgres and
-//! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`)
+//! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`,
+//! and `full-notify`: `full` with `feeds.postgres_source = "notify"`)
 //! N syncar processes of the release binary, and runs a workload through phases: steady churn,
 //! then each fault followed by recovery (Redis pub/sub connections killed, LISTEN backends
 //! terminated, Redis restarted, one instance SIGKILLed and restarted). It prints a table,
@@ -40,6 +41,8 @@ enum Mode {
     RedisFeedOnly,
     PostgresFeedOnly,
     Full,
+    /// `full` with `feeds.postgres_source = "notify"` instead of the default `changes_log`.
+    FullNotify,
 }
 
 impl Mode {
@@ -49,6 +52,7 @@ impl Mode {
             Mode::RedisFeedOnly => "redis-feed-only",
             Mode::PostgresFeedOnly => "postgres-feed-only",
             Mode::Full => "full",
+            Mode::FullNotify => "full-notify",
         }
     }
 
@@ -57,7 +61,15 @@ impl Mode {
             Mode::TtlOnly => (false, false),
             Mode::RedisFeedOnly => (false, true),
             Mode::PostgresFeedOnly => (true, false),
-            Mode::Full => (true, true),
+            Mode::Full | Mode::FullNotify => (true, true),
+        }
+    }
+
+    fn postgres_source(self) -> &'static str {
+        if self == Mode::FullNotify {
+            "notify"
+        } else {
+            "changes_log"
         }
     }
 
@@ -67,6 +79,7 @@ impl Mode {
             "redis-feed-only" => Mode::RedisFeedOnly,
             "postgres-feed-only" => Mode::PostgresFeedOnly,
             "full" => Mode::Full,
+            "full-notify" => Mode::FullNotify,
             other => panic!("unknown mode {other:?}"),
         }
     }
@@ -110,6 +123,7 @@ impl Args {
                 Mode::RedisFeedOnly,
                 Mode::PostgresFeedOnly,
                 Mode::Full,
+                Mode::FullNotify,
             ],
             zipf: 1.0,
         };
@@ -393,7 +407,9 @@ async fn run_mode(
         &config,
         format!(
             "[postgres]\npool_size = 8\n[redis]\nkey_prefix = \"{db}:\"\n\
-             [feeds]\npostgres = {pg_feed}\nredis = {redis_feed}\n[log]\nlevel = \"warn\"\n"
+             [feeds]\npostgres = {pg_feed}\nredis = {redis_feed}\npostgres_source = \"{source}\"\n\
+             [log]\nlevel = \"warn\"\n",
+            source = mode.postgres_source(),
         ),
     )
     .unwrap();
@@ -907,14 +923,18 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
         out.join("staleness.svg").display(),
         out.join("coherence.svg").display()
     );
-    for r in results.iter().filter(|r| r.mode == Mode::Full) {
+    for r in results
+        .iter()
+        .filter(|r| matches!(r.mode, Mode::Full | Mode::FullNotify))
+    {
         let over_1s: u64 = r
             .phases
             .iter()
             .map(|p| p["stale_reads_over_1s"].as_u64().unwrap())
             .sum();
         println!(
-            "goal (full mode): keys stale at the audit = {} (want 0), reads stale by more than 1 s = {} (want 0): {}",
+            "goal ({}): keys stale at the audit = {} (want 0), reads stale by more than 1 s = {} (want 0): {}",
+            r.mode.name(),
             r.audit_stale_keys,
             over_1s,
             if r.audit_stale_keys == 0 && over_1s == 0 { "MET" } else { "NOT MET" }
@@ -922,11 +942,12 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
     }
 }
 
-const COLORS: [plotters::style::RGBColor; 4] = [
+const COLORS: [plotters::style::RGBColor; 5] = [
     plotters::style::RGBColor(200, 60, 60),
     plotters::style::RGBColor(230, 150, 30),
     plotters::style::RGBColor(60, 120, 200),
     plotters::style::RGBColor(40, 150, 70),
+    plotters::style::RGBColor(130, 70, 170),
 ];
 
 /// CDF of staleness age among stale reads, per mode.

@@ -20,9 +20,9 @@ use crate::resource::{quote_ident, quote_literal, Catalog, Column, KeyType, Reso
 pub const NOTIFY_CHANNEL: &str = "syncar_invalidations";
 /// The one sequence every version comes from.
 pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
-const STAMP_FUNCTION: &str = "syncar_stamp_version";
-const NOTIFY_FUNCTION: &str = "syncar_notify";
-const SEND_FUNCTION: &str = "syncar_send";
+/// Generic trigger functions of earlier releases, replaced by per-resource ones and dropped
+/// by the migration once no trigger uses them.
+const LEGACY_FUNCTIONS: [&str; 3] = ["syncar_notify", "syncar_stamp_version", "syncar_send"];
 /// The changes log: every announced change, kept `feeds.changes_retention` for replay after an
 /// outage. `at` is the writer's clock when its trigger ran.
 pub const CHANGES_TABLE: &str = "syncar_changes";
@@ -134,32 +134,6 @@ pub async fn migrate(
     }
 
     let notify = config.feeds.postgres_source == crate::config::PostgresSource::Notify;
-    for (name, signature, body) in functions(schema, notify) {
-        let current: Option<String> = tx
-            .query_opt(
-                "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-                 WHERE n.nspname = $1 AND p.proname = $2",
-                &[schema, &name],
-            )
-            .await
-            .map_err(pg("looking up trigger functions"))?
-            .map(|row| row.get(0));
-        if current.as_deref() != Some(body.as_str()) {
-            tx.batch_execute(&format!(
-                "CREATE OR REPLACE FUNCTION {s}.{name}{signature} LANGUAGE plpgsql AS {}",
-                dollar_quote(&body)
-            ))
-            .await
-            .map_err(pg("creating trigger functions"))?;
-            let verb = if current.is_some() {
-                "updated"
-            } else {
-                "created"
-            };
-            changes.push(format!("{verb} function {schema}.{name}()"));
-        }
-    }
-
     if table_oid(&tx, schema, "syncar_kv", "r").await?.is_none() {
         tx.batch_execute(&format!(
             "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
@@ -207,32 +181,34 @@ pub async fn migrate(
             }
         }
         key_column(&info, r)?;
-        for (trigger, function, timing, args) in [
+        let functions = [
             (
                 STAMP_TRIGGER,
-                STAMP_FUNCTION,
                 "BEFORE INSERT OR UPDATE",
-                vec![r.version_column.as_str()],
+                function_name("syncar_stamp", &r.name),
+                stamp_function_body(schema, r),
             ),
             (
                 NOTIFY_TRIGGER,
-                NOTIFY_FUNCTION,
                 "AFTER INSERT OR UPDATE OR DELETE",
-                vec![r.name.as_str(), r.key.as_str(), r.version_column.as_str()],
+                function_name("syncar_announce", &r.name),
+                announce_function_body(schema, r, notify),
             ),
-        ] {
-            let current: Option<Vec<u8>> = tx
+        ];
+        for (trigger, timing, function, body) in functions {
+            if install_function(&tx, schema, &function, &body).await? {
+                changes.push(format!("installed function {schema}.{function}()"));
+            }
+            let current: Option<(String, String, Vec<u8>)> = tx
                 .query_opt(
-                    "SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2",
+                    "SELECT n.nspname::text, p.proname::text, t.tgargs FROM pg_trigger t \
+                     JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE t.tgrelid = $1 AND t.tgname = $2",
                     &[&info.oid, &trigger],
                 )
                 .await
                 .map_err(pg("looking up triggers"))?
-                .map(|row| row.get(0));
-            let wanted: Vec<u8> = args
-                .iter()
-                .flat_map(|a| a.bytes().chain(std::iter::once(0)))
-                .collect();
+                .map(|row| (row.get(0), row.get(1), row.get(2)));
             if current.is_none() && trigger == STAMP_TRIGGER {
                 // Adopting a table: versions already in it (an existing bigint column) must
                 // stay below every version the trigger hands out from now on.
@@ -248,20 +224,37 @@ pub async fn migrate(
                 .await
                 .map_err(pg("aligning the version sequence"))?;
             }
-            if current.as_deref() != Some(wanted.as_slice()) {
-                let args_sql = args
-                    .iter()
-                    .map(|a| quote_literal(a))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+            let wanted = (schema.clone(), function.clone(), Vec::new());
+            if current.as_ref() != Some(&wanted) {
                 tx.batch_execute(&format!(
                     "CREATE OR REPLACE TRIGGER {trigger} {timing} ON {qualified} \
-                     FOR EACH ROW EXECUTE FUNCTION {s}.{function}({args_sql})"
+                     FOR EACH ROW EXECUTE FUNCTION {s}.{}()",
+                    quote_ident(&function)
                 ))
                 .await
                 .map_err(pg("creating triggers"))?;
                 changes.push(format!("installed trigger {trigger} on {qualified}"));
             }
+        }
+    }
+    for legacy in LEGACY_FUNCTIONS {
+        // Dropped only once unused: a table no longer configured may still call one.
+        let unused: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND p.proname = $2) AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+                 JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND (p.proname = $2 OR ($2 = 'syncar_send' AND p.proname = 'syncar_notify')))",
+                &[schema, &legacy],
+            )
+            .await
+            .map_err(pg("looking up old trigger functions"))?
+            .get(0);
+        if unused {
+            tx.batch_execute(&format!("DROP FUNCTION {s}.{legacy}"))
+                .await
+                .map_err(pg("dropping old trigger functions"))?;
+            changes.push(format!("dropped function {schema}.{legacy}()"));
         }
     }
     tx.commit().await.map_err(pg("committing the migration"))?;
@@ -433,102 +426,145 @@ async fn describe_table(
     })
 }
 
+/// The name of one of a resource's trigger functions: `{prefix}_{resource}`, shortened with a
+/// hash of the resource's name where that would pass Postgres' 63-byte limit.
+fn function_name(prefix: &str, resource: &str) -> String {
+    let name = format!("{prefix}_{resource}");
+    if name.len() <= 63 {
+        return name;
+    }
+    // FNV-1a: stable across releases and platforms, unlike std's hasher.
+    let hash = resource.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    // Resource names are ASCII, so any byte index is a char boundary.
+    format!("{}_{hash:08x}", &name[..63 - 9])
+}
+
+/// Creates or replaces a trigger function unless its body is already `body`. Returns whether
+/// it changed anything.
+async fn install_function(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    name: &str,
+    body: &str,
+) -> Result<bool, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let current: Option<String> = tx
+        .query_opt(
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = $2",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(pg("looking up trigger functions"))?
+        .map(|row| row.get(0));
+    if current.as_deref() == Some(body) {
+        return Ok(false);
+    }
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}",
+        quote_ident(schema),
+        quote_ident(name),
+        dollar_quote(body)
+    ))
+    .await
+    .map_err(pg("creating trigger functions"))?;
+    Ok(true)
+}
+
+// The trigger functions are generated per resource, with the resource's own column names in
+// them: generic ones taking names as arguments had to go through `to_jsonb` of the whole row,
+// and cost plain-SQL writers about twice as much (BENCHMARKS.md, "What the triggers cost").
+
 /// BEFORE INSERT OR UPDATE: every row written, by anyone, takes a new version.
-/// `TG_ARGV[0]` names the version column.
-fn stamp_function_body(schema: &str) -> String {
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+fn stamp_function_body(schema: &str, r: &ResourceConfig) -> String {
     format!(
-        r#"
+        "
 BEGIN
-  IF TG_ARGV[0] = 'version' THEN
-    NEW.version := nextval({seq});
-  ELSE
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], nextval({seq})));
-  END IF;
+  NEW.{col} := nextval({seq});
   RETURN NEW;
 END
-"#
+",
+        col = quote_ident(&r.version_column),
+        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
     )
 }
 
-/// AFTER INSERT OR UPDATE OR DELETE: tell every instance which key changed, at which version.
-/// A delete takes a fresh version for its tombstone; an update that moves a row to another
-/// key also announces the old key as deleted. `TG_ARGV`: resource, key column, version column.
-fn notify_function_body(schema: &str) -> String {
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+/// AFTER INSERT OR UPDATE OR DELETE: log which key changed, at which version, and with the
+/// `notify` source announce it. A delete takes a fresh version for its tombstone; an update
+/// that moves a row to another key also announces the old key as deleted.
+fn announce_function_body(schema: &str, r: &ResourceConfig, notify: bool) -> String {
+    let key = quote_ident(&r.key);
     format!(
-        r#"
+        "
 DECLARE
-  new_row jsonb;
-  old_row jsonb;
-  ts bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+  v bigint;
+  payload text;
 BEGIN
-  IF TG_OP <> 'INSERT' THEN
-    old_row := to_jsonb(OLD);
+  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.{key} IS DISTINCT FROM NEW.{key}) THEN
+    v := nextval({seq});
+{delete}
   END IF;
   IF TG_OP <> 'DELETE' THEN
-    new_row := to_jsonb(NEW);
-  END IF;
-  IF old_row IS NOT NULL AND (new_row IS NULL OR new_row -> TG_ARGV[1] IS DISTINCT FROM old_row -> TG_ARGV[1]) THEN
-    PERFORM {schema_q}.{SEND_FUNCTION}(TG_ARGV[0], old_row ->> TG_ARGV[1], nextval({seq}), 'delete', ts);
-  END IF;
-  IF new_row IS NOT NULL THEN
-    PERFORM {schema_q}.{SEND_FUNCTION}(TG_ARGV[0], new_row ->> TG_ARGV[1], (new_row ->> TG_ARGV[2])::bigint, 'put', ts);
+{put}
   END IF;
   RETURN NULL;
 END
-"#,
-        schema_q = quote_ident(schema),
+",
+        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+        delete = send(schema, r, notify, &format!("OLD.{key}::text"), "v", "delete"),
+        put = send(
+            schema,
+            r,
+            notify,
+            &format!("NEW.{key}::text"),
+            &format!("NEW.{}", quote_ident(&r.version_column)),
+            "put"
+        ),
     )
 }
 
-/// Logs one change and (with the `notify` source) announces it, replacing an oversized
-/// payload with a resource-wide `flush`.
-fn send_function_body(schema: &str, notify: bool) -> String {
-    let channel = quote_literal(NOTIFY_CHANNEL);
-    let announce = if notify {
-        format!("PERFORM pg_notify({channel}, payload);")
-    } else {
-        "-- feeds.postgres_source = changes_log: instances poll the log".to_string()
-    };
+/// The statements logging (and with `notify` announcing) one change. A NOTIFY payload that
+/// would pass Postgres' 8000-byte limit becomes a resource-wide `flush` instead of failing
+/// the writer's transaction; the log has no such limit.
+fn send(
+    schema: &str,
+    r: &ResourceConfig,
+    notify: bool,
+    key: &str,
+    version: &str,
+    op: &str,
+) -> String {
     let log = format!("{}.{CHANGES_TABLE}", quote_ident(schema));
+    let resource = quote_literal(&r.name);
+    let insert = |key: &str, op: &str| {
+        format!("INSERT INTO {log} (version, resource, key, op) VALUES ({version}, {resource}, {key}, '{op}');")
+    };
+    if !notify {
+        return format!("    {}", insert(key, op));
+    }
+    let payload = |key: &str, op: &str| {
+        format!(
+            "json_build_object('resource', {resource}, 'key', {key}, 'version', {version}, 'op', '{op}', \
+             'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text"
+        )
+    };
+    let channel = quote_literal(NOTIFY_CHANNEL);
     format!(
-        r#"
-DECLARE
-  payload text := json_build_object('resource', resource, 'key', key, 'version', version, 'op', op, 'ts_us', ts)::text;
-BEGIN
-  IF octet_length(payload) > 7900 THEN
-    payload := json_build_object('resource', resource, 'key', NULL, 'version', version, 'op', 'flush', 'ts_us', ts)::text;
-    INSERT INTO {log} (version, resource, key, op) VALUES (version, resource, NULL, 'flush');
-  ELSE
-    INSERT INTO {log} (version, resource, key, op) VALUES (version, resource, key, op);
-  END IF;
-  {announce}
-END
-"#
+        "    payload := {};
+    IF octet_length(payload) <= 7900 THEN
+      {}
+    ELSE
+      payload := {};
+      {}
+    END IF;
+    PERFORM pg_notify({channel}, payload);",
+        payload(key, op),
+        insert(key, op),
+        payload("NULL", "flush"),
+        insert("NULL", "flush"),
     )
-}
-
-/// syncar's functions: name, signature, body. The send helper comes first: the notify
-/// trigger calls it.
-fn functions(schema: &str, notify: bool) -> [(&'static str, &'static str, String); 3] {
-    [
-        (
-            SEND_FUNCTION,
-            "(resource text, key text, version bigint, op text, ts bigint) RETURNS void",
-            send_function_body(schema, notify),
-        ),
-        (
-            STAMP_FUNCTION,
-            "() RETURNS trigger",
-            stamp_function_body(schema),
-        ),
-        (
-            NOTIFY_FUNCTION,
-            "() RETURNS trigger",
-            notify_function_body(schema),
-        ),
-    ]
 }
 
 fn dollar_quote(body: &str) -> String {
@@ -649,4 +685,23 @@ pub async fn current_xmin(client: &impl GenericClient) -> Result<i64, tokio_post
         )
         .await?
         .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::function_name;
+
+    #[test]
+    fn function_names_fit_postgres_limit_and_stay_distinct() {
+        assert_eq!(function_name("syncar_stamp", "users"), "syncar_stamp_users");
+        let long = "a".repeat(63);
+        let longer = format!("{long}b");
+        let (x, y) = (
+            function_name("syncar_announce", &long),
+            function_name("syncar_announce", &longer),
+        );
+        assert!(x.len() <= 63 && y.len() <= 63, "{x} {y}");
+        assert_ne!(x, y);
+        assert_eq!(x, function_name("syncar_announce", &long), "stable");
+    }
 }

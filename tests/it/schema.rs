@@ -25,6 +25,13 @@ async fn the_migration_is_idempotent() {
     );
 }
 
+/// The test config with the `notify` source, whose triggers NOTIFY every change.
+fn notify_config(env: &Env) -> syncar::config::Config {
+    let mut config = env.config();
+    config.feeds.postgres_source = syncar::config::PostgresSource::Notify;
+    config
+}
+
 /// Listens on the notify channel on a connection of its own, and collects payloads.
 async fn listen(
     env: &Env,
@@ -61,7 +68,7 @@ async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
 #[tokio::test]
 async fn every_write_by_anyone_is_stamped_and_announced() {
     let env = Env::new().await;
-    syncar::app::run_migration(&env.config()).await.unwrap();
+    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
     let (_listener, mut rx) = listen(&env).await;
     let pg = env.pg().await;
 
@@ -165,7 +172,7 @@ async fn every_change_is_logged_and_old_entries_are_pruned() {
 #[tokio::test]
 async fn an_oversized_key_announces_a_flush_instead_of_failing_the_writer() {
     let env = Env::new().await;
-    syncar::app::run_migration(&env.config()).await.unwrap();
+    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
     let (_listener, mut rx) = listen(&env).await;
     let key = "k".repeat(9000);
     env.pg()
@@ -243,4 +250,128 @@ async fn a_custom_version_column_is_stamped_too() {
         .await
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test]
+async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unused() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    // What a database migrated by an earlier release holds: generic functions taking column
+    // names as arguments, on syncar_kv and on a table no longer configured.
+    pg.batch_execute(
+        "CREATE FUNCTION syncar_send(resource text, key text, version bigint, op text, ts bigint)
+           RETURNS void LANGUAGE sql AS 'SELECT';
+         CREATE FUNCTION syncar_stamp_version() RETURNS trigger LANGUAGE plpgsql
+           AS 'BEGIN RETURN NEW; END';
+         CREATE FUNCTION syncar_notify() RETURNS trigger LANGUAGE plpgsql
+           AS 'BEGIN RETURN NULL; END';
+         CREATE TABLE syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL);
+         CREATE TRIGGER syncar_stamp_version BEFORE INSERT OR UPDATE ON syncar_kv
+           FOR EACH ROW EXECUTE FUNCTION syncar_stamp_version('version');
+         CREATE TRIGGER syncar_notify AFTER INSERT OR UPDATE OR DELETE ON syncar_kv
+           FOR EACH ROW EXECUTE FUNCTION syncar_notify('kv', 'key', 'version');
+         CREATE TABLE leftover (id int PRIMARY KEY);
+         CREATE TRIGGER syncar_notify AFTER INSERT OR UPDATE OR DELETE ON leftover
+           FOR EACH ROW EXECUTE FUNCTION syncar_notify('leftover', 'id', 'version');",
+    )
+    .await
+    .unwrap();
+    let functions = || async {
+        let rows = env
+            .pg()
+            .await
+            .query(
+                "SELECT proname::text FROM pg_proc WHERE proname LIKE 'syncar%' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap();
+        rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
+    };
+
+    let changes = syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    assert!(
+        changes.contains(&"dropped function public.syncar_stamp_version()".to_string()),
+        "{changes:?}"
+    );
+    assert_eq!(
+        functions().await,
+        [
+            "syncar_announce_kv",
+            "syncar_notify",
+            "syncar_send",
+            "syncar_stamp_kv"
+        ],
+        "the functions `leftover` still calls stay"
+    );
+    let (_listener, mut rx) = listen(&env).await;
+    let v: i64 = pg
+        .query_one(
+            "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(v > 0, "stamped by the new trigger");
+    assert_eq!(next(&mut rx).await["version"], v, "announced by the new one");
+
+    pg.batch_execute("DROP TABLE leftover").await.unwrap();
+    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    assert_eq!(
+        functions().await,
+        ["syncar_announce_kv", "syncar_stamp_kv"]
+    );
+}
+
+#[tokio::test]
+async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
+    let env = Env::new().await;
+    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    let changes = syncar::app::run_migration(&env.config()).await.unwrap();
+    assert_eq!(
+        changes,
+        ["installed function public.syncar_announce_kv()"],
+        "switching the source rewrites the announcing function only"
+    );
+    let (_listener, mut rx) = listen(&env).await;
+    let pg = env.pg().await;
+    let key = "k".repeat(9000);
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) VALUES ($1, '1'), ('b', '2')",
+        &[&key],
+    )
+    .await
+    .unwrap();
+    pg.execute("UPDATE syncar_kv SET key = 'c' WHERE key = 'b'", &[])
+        .await
+        .unwrap();
+    // Notifications arrive in commit order: the marker comes first only if the writes above
+    // sent none.
+    pg.execute(
+        &format!("SELECT pg_notify('{NOTIFY_CHANNEL}', '{{\"marker\": true}}')"),
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(next(&mut rx).await["marker"], true);
+    let rows = pg
+        .query(
+            "SELECT left(key, 3), op FROM syncar_changes ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let logged: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let pair = |k: &str, op: &str| (k.to_string(), op.to_string());
+    assert_eq!(
+        logged,
+        [
+            pair("kkk", "put"),
+            pair("b", "put"),
+            pair("c", "put"),
+            pair("b", "delete"),
+        ],
+        "a long key is logged whole: the log has no payload limit"
+    );
 }
