@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory
 
 run: services-up
 	cargo build --release
@@ -34,6 +34,15 @@ bench-hot:
 	scripts/dev-services.sh install
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	cargo bench --bench hot -- $(BENCH_ARGS)
+
+# criterion microbenchmarks of the in-process pieces: L1 lookup, routing and parsing,
+# invalidation parsing (no servers needed).
+bench-micro:
+	cargo bench --bench micro -- $(BENCH_ARGS)
+
+# Resident memory of L1 with 1 million 200-byte documents, and the overhead per entry.
+bench-memory:
+	cargo bench --bench memory -- $(BENCH_ARGS)
 
 # The HTTP API fuzzed by schemathesis (PyPI) from the served OpenAPI document.
 fuzz:

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::AppState;
 use crate::db::{DbError, DeleteOutcome, WriteOutcome};
 use crate::model::{CacheKey, State, Version};
-use crate::resource::{KeyParam, Precondition};
+use crate::resource::{Catalog, KeyParam, Precondition, Resource};
 use crate::telemetry::{HTTP_DURATION, HTTP_REQUESTS};
 use crate::tiers::ReadOptions;
 
@@ -419,6 +419,41 @@ fn metrics(state: &AppState) -> Response<Full<Bytes>> {
     resp
 }
 
+/// What a document path names.
+pub struct Target {
+    pub resource: Arc<Resource>,
+    /// Percent-decoded.
+    pub key: String,
+    /// The key as the bind parameter of the key column's type.
+    pub param: KeyParam,
+    pub ck: CacheKey,
+}
+
+/// Resolves `{resource}/{key}` (the path after `/v1/`) against the catalog.
+///
+/// # Errors
+/// 404 for no such route or resource, 400 for a malformed key, 414 for a long one.
+pub fn target(catalog: &Catalog, rest: &str, max_key_bytes: usize) -> Result<Target, ApiError> {
+    let (name, raw_key) = rest.split_once('/').ok_or(ApiError::NoRoute)?;
+    let resource = catalog
+        .get(name)
+        .ok_or_else(|| ApiError::UnknownResource(name.to_string()))?
+        .clone();
+    let key = decode_key(raw_key, max_key_bytes)?;
+    let param = resource.parse_key(&key).map_err(ApiError::InvalidKey)?;
+    // From the parsed key: `07` and `7` name one row, so they must name one cache entry.
+    let ck = match &param {
+        KeyParam::Text(text) => CacheKey::new(&resource.name, text),
+        KeyParam::Int(_) => CacheKey::new(&resource.name, &param.to_string()),
+    };
+    Ok(Target {
+        resource,
+        key,
+        param,
+        ck,
+    })
+}
+
 /// `/v1/{resource}/{key}`.
 async fn document(
     state: &AppState,
@@ -432,19 +467,16 @@ async fn document(
     ) {
         return Err(ApiError::MethodNotAllowed(ALLOW_DOC));
     }
-    let (name, raw_key) = rest.split_once('/').ok_or(ApiError::NoRoute)?;
-    let catalog = state.catalog()?;
-    let resource = catalog
-        .get(name)
-        .ok_or_else(|| ApiError::UnknownResource(name.to_string()))?
-        .clone();
-    let key = decode_key(raw_key, state.config.server.max_key_bytes)?;
-    let param = resource.parse_key(&key).map_err(ApiError::InvalidKey)?;
-    // From the parsed key: `07` and `7` name one row, so they must name one cache entry.
-    let ck = match &param {
-        KeyParam::Text(text) => CacheKey::new(&resource.name, text),
-        KeyParam::Int(_) => CacheKey::new(&resource.name, &param.to_string()),
-    };
+    let Target {
+        resource,
+        key,
+        param,
+        ck,
+    } = target(
+        state.catalog()?.as_ref(),
+        rest,
+        state.config.server.max_key_bytes,
+    )?;
     // Only what can wait on Postgres or Redis runs under the deadline (an L1 hit cannot).
     let timeout = state.config.server.request_timeout;
     let deadline = |e: tokio::time::error::Elapsed| {

@@ -513,7 +513,14 @@ BEGIN
 END
 ",
         seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
-        delete = send(schema, r, notify, &format!("OLD.{key}::text"), "v", "delete"),
+        delete = send(
+            schema,
+            r,
+            notify,
+            &format!("OLD.{key}::text"),
+            "v",
+            "delete"
+        ),
         put = send(
             schema,
             r,

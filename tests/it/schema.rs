@@ -68,7 +68,9 @@ async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
 #[tokio::test]
 async fn every_write_by_anyone_is_stamped_and_announced() {
     let env = Env::new().await;
-    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    syncar::app::run_migration(&notify_config(&env))
+        .await
+        .unwrap();
     let (_listener, mut rx) = listen(&env).await;
     let pg = env.pg().await;
 
@@ -172,7 +174,9 @@ async fn every_change_is_logged_and_old_entries_are_pruned() {
 #[tokio::test]
 async fn an_oversized_key_announces_a_flush_instead_of_failing_the_writer() {
     let env = Env::new().await;
-    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    syncar::app::run_migration(&notify_config(&env))
+        .await
+        .unwrap();
     let (_listener, mut rx) = listen(&env).await;
     let key = "k".repeat(9000);
     env.pg()
@@ -289,7 +293,9 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
         rows.iter().map(|r| r.get(0)).collect::<Vec<String>>()
     };
 
-    let changes = syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    let changes = syncar::app::run_migration(&notify_config(&env))
+        .await
+        .unwrap();
     assert!(
         changes.contains(&"dropped function public.syncar_stamp_version()".to_string()),
         "{changes:?}"
@@ -314,20 +320,25 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
         .unwrap()
         .get(0);
     assert!(v > 0, "stamped by the new trigger");
-    assert_eq!(next(&mut rx).await["version"], v, "announced by the new one");
+    assert_eq!(
+        next(&mut rx).await["version"],
+        v,
+        "announced by the new one"
+    );
 
     pg.batch_execute("DROP TABLE leftover").await.unwrap();
-    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
-    assert_eq!(
-        functions().await,
-        ["syncar_announce_kv", "syncar_stamp_kv"]
-    );
+    syncar::app::run_migration(&notify_config(&env))
+        .await
+        .unwrap();
+    assert_eq!(functions().await, ["syncar_announce_kv", "syncar_stamp_kv"]);
 }
 
 #[tokio::test]
 async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
     let env = Env::new().await;
-    syncar::app::run_migration(&notify_config(&env)).await.unwrap();
+    syncar::app::run_migration(&notify_config(&env))
+        .await
+        .unwrap();
     let changes = syncar::app::run_migration(&env.config()).await.unwrap();
     assert_eq!(
         changes,
