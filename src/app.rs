@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::db::{pg_config, Db};
 use crate::feed::{feed_id, Coherence};
-use crate::http::ApiError;
+use crate::http::{ApiError, Listener};
 use crate::l1::L1;
 use crate::l2::L2;
 use crate::redact::{redact_url, Secrets};
@@ -66,6 +66,7 @@ pub struct AppState {
 pub struct App {
     state: Arc<AppState>,
     addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Stops the tasks that must outlive in-flight writes (Redis repair), after them.
@@ -155,17 +156,11 @@ impl App {
             config.redis.repair_queue_max,
         );
 
-        let addr = &config.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| StartError::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
+        let (listener, local) = bind(&config.server.listen).await?;
+        let admin = match &config.server.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
         if !local.ip().is_loopback() {
             tracing::warn!(addr = %local, "listening on a non-loopback address: anyone who can reach it can read and write documents");
         }
@@ -194,9 +189,19 @@ impl App {
         let tasks = TaskTracker::new();
         tasks.spawn(crate::http::serve(
             listener,
+            Listener::Api,
             state.clone(),
             shutdown.clone(),
         ));
+        let admin_addr = admin.map(|(listener, addr)| {
+            tasks.spawn(crate::http::serve(
+                listener,
+                Listener::Admin,
+                state.clone(),
+                shutdown.clone(),
+            ));
+            addr
+        });
         tasks.spawn(schema_task(state.clone(), shutdown.clone()));
         tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
         // The triggers log every change whatever the feeds: always prune.
@@ -226,6 +231,7 @@ impl App {
 
         tracing::info!(
             addr = %local,
+            admin = ?admin_addr,
             instance = %state.instance,
             postgres = %redact_url(&config.postgres.url),
             redis = %redact_url(&config.redis.url),
@@ -234,6 +240,7 @@ impl App {
         Ok(App {
             state,
             addr: local,
+            admin_addr,
             shutdown,
             tasks,
             background,
@@ -244,6 +251,11 @@ impl App {
     /// The bound address (useful with port 0).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound address of `server.admin_listen`, if configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn state(&self) -> &Arc<AppState> {
@@ -286,6 +298,16 @@ impl App {
         tracing::info!("shutting down");
         self.shutdown().await;
     }
+}
+
+async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
+    let failed = |source| StartError::Bind {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(failed)?;
+    let local = listener.local_addr().map_err(failed)?;
+    Ok((listener, local))
 }
 
 /// Runs the migration once, on a connection of its own.

@@ -13,6 +13,7 @@ use serde::Deserialize;
 /// Environment variables that override keys of the file.
 pub const ENV_CONFIG: &str = "SYNCAR_CONFIG";
 pub const ENV_LISTEN: &str = "SYNCAR_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "SYNCAR_ADMIN_LISTEN";
 pub const ENV_POSTGRES_URL: &str = "SYNCAR_POSTGRES_URL";
 pub const ENV_REDIS_URL: &str = "SYNCAR_REDIS_URL";
 pub const ENV_INSTANCE: &str = "SYNCAR_INSTANCE";
@@ -47,6 +48,11 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address of the HTTP API (`SYNCAR_LISTEN`). Loopback by default: the app is a neighbour.
     pub listen: String,
+    /// A second listener serving only `/healthz`, `/readyz` and `/metrics`, without a token
+    /// and exempt from load shedding (`SYNCAR_ADMIN_LISTEN`): for the kubelet's probes and
+    /// Prometheus, which reach the pod's IP, while the API stays on loopback. None: those
+    /// routes are served on `listen` only.
+    pub admin_listen: Option<String>,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
     /// Longest key accepted, in bytes after percent-decoding; longer ones get 414. Keys travel
@@ -312,6 +318,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: "127.0.0.1:7070".into(),
+            admin_listen: None,
             max_body_bytes: 1024 * 1024,
             max_key_bytes: 512,
             header_read_timeout: Duration::from_secs(5),
@@ -487,6 +494,9 @@ impl Config {
         if let Some(v) = var(ENV_LISTEN) {
             self.server.listen = v;
         }
+        if let Some(v) = var(ENV_ADMIN_LISTEN) {
+            self.server.admin_listen = Some(v);
+        }
         if let Some(v) = var(ENV_POSTGRES_URL) {
             self.postgres.url = v;
         }
@@ -521,6 +531,21 @@ impl Config {
         if let Some(instance) = &self.instance {
             if instance.is_empty() || instance.len() > 128 {
                 bad("instance", "must be 1 to 128 characters".into());
+            }
+        }
+        if let Some(admin) = &self.server.admin_listen {
+            match admin.parse::<SocketAddr>() {
+                Err(_) => bad(
+                    "server.admin_listen",
+                    format!("{admin:?} is not an address like 0.0.0.0:7071"),
+                ),
+                Ok(addr) if addr.port() != 0 && Some(addr) == self.server.listen.parse().ok() => {
+                    bad(
+                        "server.admin_listen",
+                        "must differ from server.listen".into(),
+                    )
+                }
+                Ok(_) => {}
             }
         }
         match self.server.listen.parse::<SocketAddr>() {
@@ -884,6 +909,19 @@ mod tests {
         open.server.listen = "0.0.0.0:7070".into();
         open.server.allow_unauthenticated_non_loopback = true;
         open.validate().unwrap();
+    }
+
+    #[test]
+    fn the_admin_listener_needs_no_token_but_its_own_address() {
+        let mut config = Config::default();
+        config.apply_env(|name| (name == ENV_ADMIN_LISTEN).then(|| "0.0.0.0:7071".into()));
+        config.validate().unwrap();
+        config.server.admin_listen = Some("127.0.0.1:7070".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.admin_listen: must differ"), "{err}");
+        config.server.admin_listen = Some("everywhere".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.admin_listen"), "{err}");
     }
 
     #[test]

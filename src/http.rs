@@ -145,7 +145,12 @@ impl From<DbError> for ApiError {
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    listener_kind: Listener,
+    state: Arc<AppState>,
+    shutdown: CancellationToken,
+) {
     let mut builder = http1::Builder::new();
     // Without a timer hyper silently ignores header_read_timeout.
     builder
@@ -175,7 +180,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
         let state = state.clone();
         let svc = service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(&state, req).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(&state, listener_kind, req).await) }
         });
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
         connections.spawn(async move {
@@ -196,11 +201,35 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: Cancel
     while connections.join_next().await.is_some() {}
 }
 
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen`: every route.
+    Api,
+    /// `server.admin_listen`: `/healthz`, `/readyz` and `/metrics` only, without a token or
+    /// load shedding (probes and scrapes must not fail because the API is busy).
+    Admin,
+}
+
 /// One request: route, answer, count.
-async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    state: &AppState,
+    listener: Listener,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if listener == Listener::Admin {
+        let (route, result) = admin_route(state, &method, &path)
+            .await
+            .unwrap_or(("other", Err(ApiError::NoRoute)));
+        let resp = result.unwrap_or_else(|e| e.into_response(state));
+        state
+            .http_metrics
+            .record(route, &method, resp.status(), started.elapsed());
+        return resp;
+    }
     // Liveness stays answerable whatever the load and without credentials.
     let guarded = path != "/healthz";
     let _permit = if guarded {
@@ -224,21 +253,14 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes
             .record("other", &method, resp.status(), started.elapsed());
         return resp;
     }
-    let (route, result) = match path.as_str() {
-        "/healthz" => ("healthz", read_only(&method).map(|_| healthz())),
-        "/readyz" => (
-            "readyz",
-            async {
-                read_only(&method)?;
-                Ok(readyz(state).await)
-            }
-            .await,
-        ),
-        "/metrics" => ("metrics", read_only(&method).map(|_| metrics(state))),
-        "/openapi.json" => ("openapi", read_only(&method).map(|_| openapi(state))),
-        p => match p.strip_prefix("/v1/") {
-            Some(rest) => ("document", document(state, req, rest).await),
-            None => ("other", Err(ApiError::NoRoute)),
+    let (route, result) = match admin_route(state, &method, &path).await {
+        Some(answer) => answer,
+        None => match path.as_str() {
+            "/openapi.json" => ("openapi", read_only(&method).map(|_| openapi(state))),
+            p => match p.strip_prefix("/v1/") {
+                Some(rest) => ("document", document(state, req, rest).await),
+                None => ("other", Err(ApiError::NoRoute)),
+            },
         },
     };
     let resp = result.unwrap_or_else(|e| e.into_response(state));
@@ -246,6 +268,29 @@ async fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes
         .http_metrics
         .record(route, &method, resp.status(), started.elapsed());
     resp
+}
+
+type Answer = Result<Response<Full<Bytes>>, ApiError>;
+
+/// `/healthz`, `/readyz` and `/metrics`, served on both listeners; `None` for other paths.
+async fn admin_route(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+) -> Option<(&'static str, Answer)> {
+    let answer = match path {
+        "/healthz" => ("healthz", read_only(method).map(|_| healthz())),
+        "/readyz" => (
+            "readyz",
+            match read_only(method) {
+                Ok(()) => Ok(readyz(state).await),
+                Err(e) => Err(e),
+            },
+        ),
+        "/metrics" => ("metrics", read_only(method).map(|_| metrics(state))),
+        _ => return None,
+    };
+    Some(answer)
 }
 
 /// Request counters and latency histograms, each registered on first use and then kept:

@@ -109,6 +109,65 @@ async fn a_token_guards_every_route_but_liveness() {
     assert_eq!(a.get("/healthz").await.status, 200, "probes need no token");
 }
 
+#[tokio::test]
+async fn the_admin_listener_serves_probes_and_metrics_only_without_token_or_shedding() {
+    let env = Env::new().await;
+    let token = "s3cret-token-0123456789";
+    let a = env
+        .start(|c| {
+            c.server.auth_token = Some(syncar::config::Secret(token.into()));
+            c.server.admin_listen = Some("127.0.0.1:0".into());
+            c.server.max_concurrent_requests = 1;
+        })
+        .await;
+    let admin = a.admin_addr();
+    let get = |path: &'static str| async move { request(admin, "GET", path, &[], None).await };
+    assert_eq!(get("/healthz").await.status, 200);
+    assert_eq!(get("/readyz").await.status, 200, "no token needed");
+    let metrics = get("/metrics").await;
+    assert_eq!(metrics.status, 200);
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(text.contains("syncar_http_requests_total"), "{text}");
+    for path in ["/v1/kv/a", "/openapi.json", "/"] {
+        assert_eq!(
+            get(path).await.status,
+            404,
+            "{path}: documents stay on the API"
+        );
+    }
+    let put = request(admin, "PUT", "/metrics", &[], Some(b"1")).await;
+    assert_eq!(put.status, 405);
+    assert_eq!(
+        a.get("/metrics").await.status,
+        401,
+        "the API still wants the token"
+    );
+
+    // The API's only slot taken by a slow request: the API sheds, the admin listener doesn't.
+    let mut slow = std::net::TcpStream::connect(a.addr()).unwrap();
+    write!(
+        slow,
+        "PUT /v1/kv/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let bearer = format!("Bearer {token}");
+    eventually(Duration::from_secs(5), "the API to shed", || async {
+        let r = request(
+            a.addr(),
+            "GET",
+            "/readyz",
+            &[("authorization", &bearer)],
+            None,
+        )
+        .await;
+        (r.status == 503).then_some(())
+    })
+    .await;
+    assert_eq!(get("/readyz").await.status, 200, "probes are not shed");
+    assert_eq!(get("/metrics").await.status, 200, "scrapes are not shed");
+    drop(slow);
+}
+
 /// SIGKILL while writes are in flight: every write acknowledged before the kill is in
 /// Postgres with its value and version, and served after a restart.
 #[tokio::test]

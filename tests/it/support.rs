@@ -128,6 +128,10 @@ impl Instance {
         self.app.addr()
     }
 
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.app.admin_addr().expect("server.admin_listen is set")
+    }
+
     pub fn state(&self) -> &Arc<syncar::app::AppState> {
         self.app.state()
     }
