@@ -1,4 +1,5 @@
-//! The `syncar` binary: configuration errors, `migrate`, and secrets kept out of its output.
+//! The `syncar` binary: configuration errors, `migrate`, secrets kept out of its output, and
+//! graceful shutdown on a real SIGTERM.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -149,4 +150,150 @@ fn passwords_never_reach_the_logs() {
             "{line}"
         );
     }
+}
+
+/// SIGTERM to the real binary: it stops accepting at once, lets a request already in flight
+/// finish, cuts one that outlives `server.shutdown_grace`, then closes feeds and pools and
+/// exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_in_flight_requests_within_the_grace_then_exits() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("syncar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nshutdown_grace = \"2s\"\nrequest_timeout = \"30s\"\n\
+             [redis]\nkey_prefix = \"{}\"\n",
+            env.prefix
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = syncar()
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("SYNCAR_LISTEN", &addr)
+        .env("SYNCAR_POSTGRES_URL", &env.pg_url)
+        .env("SYNCAR_REDIS_URL", &env.redis_url)
+        .env("SYNCAR_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = async {
+        loop {
+            if let Ok(mut s) = TcpStream::connect(&addr).await {
+                let mut answer = String::new();
+                let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await;
+                let _ = s.read_to_string(&mut answer).await;
+                if answer.split_whitespace().nth(1) == Some("200") {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .expect("syncar becomes ready");
+
+    // Two PUTs in flight: headers and half the body sent. One finishes after SIGTERM; the
+    // other never does.
+    let body = br#"{"drained": true}"#;
+    let head = |key: &str| {
+        format!(
+            "PUT /v1/kv/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+    };
+    let mut finishing = TcpStream::connect(&addr).await.unwrap();
+    finishing
+        .write_all(head("finishing").as_bytes())
+        .await
+        .unwrap();
+    finishing.write_all(&body[..5]).await.unwrap();
+    let mut stuck = TcpStream::connect(&addr).await.unwrap();
+    stuck.write_all(head("stuck").as_bytes()).await.unwrap();
+    stuck.write_all(&body[..5]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let signalled = std::time::Instant::now();
+    // New connections are refused from now on (the listener is closed)...
+    let refused = async {
+        while TcpStream::connect(&addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), refused)
+        .await
+        .expect("new connections refused after SIGTERM");
+    // ...while the request in flight completes and is answered.
+    finishing.write_all(&body[5..]).await.unwrap();
+    let mut answer = String::new();
+    finishing.read_to_string(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 201"),
+        "the in-flight PUT was answered: {answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "and its connection closed: {answer}"
+    );
+
+    // The stuck one is cut once the grace has passed, and the process exits cleanly.
+    let mut rest = Vec::new();
+    let _ = stuck.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "no answer to an unfinished request");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut logs).unwrap();
+        (status, logs)
+    });
+    let (status, logs) = tokio::time::timeout(Duration::from_secs(15), status)
+        .await
+        .expect("syncar exits after the grace")
+        .unwrap();
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status:?}\n{logs}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "waited the grace for the stuck request: {took:?}"
+    );
+    let order: Vec<&str> = [
+        "shutting down",
+        "still open after the grace",
+        "syncar stopped",
+    ]
+    .into_iter()
+    .filter(|m| logs.contains(m))
+    .collect();
+    assert_eq!(
+        order.len(),
+        3,
+        "drain, cut, then feeds and pools closed:\n{logs}"
+    );
+    let at = |m: &str| logs.find(m).unwrap();
+    assert!(at("shutting down") < at("still open after the grace"));
+    assert!(at("still open after the grace") < at("syncar stopped"));
+
+    // The finished write was committed.
+    let row = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT value::text FROM syncar_kv WHERE key = 'finishing'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), r#"{"drained": true}"#);
 }
