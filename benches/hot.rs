@@ -105,7 +105,9 @@ fn pgbench() -> PathBuf {
     }
 }
 
+/// Starts syncar; its warnings go to `syncar-{port}.log` beside the config.
 fn spawn_syncar(bin: &Path, config: &Path, port: u16, pg: &str, redis: &str) -> Child {
+    let log = config.with_file_name(format!("syncar-{port}.log"));
     Command::new(bin)
         .args(["serve", "--config"])
         .arg(config)
@@ -114,7 +116,7 @@ fn spawn_syncar(bin: &Path, config: &Path, port: u16, pg: &str, redis: &str) -> 
         .env("SYNCAR_REDIS_URL", redis)
         .env("SYNCAR_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the syncar log"))
         .spawn()
         .expect("start syncar")
 }
@@ -165,9 +167,12 @@ request = function()
   return wrk.format("GET", path)
 end
 done = function(summary, latency, requests)
-  local errors = summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.status + summary.errors.timeout
+  local e = summary.errors
+  local errors = e.connect + e.read + e.write + e.status + e.timeout
   io.write(string.format("RESULT %d %d %d %f %f %f\n", summary.requests, errors, summary.duration,
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+  io.write(string.format("ERRORS connect %d, read %d, write %d, status %d, timeout %d\n",
+    e.connect, e.read, e.write, e.status, e.timeout))
 end
 "#
         ),
@@ -189,7 +194,14 @@ end
         .skip(1)
         .map(|x| x.parse().unwrap())
         .collect();
-    assert_eq!(f[1], 0.0, "{name}: wrk saw {} errors", f[1]);
+    let errors = text.lines().find(|l| l.starts_with("ERRORS")).unwrap_or("");
+    assert_eq!(
+        f[1],
+        0.0,
+        "{name}: wrk saw {} errors ({errors}); syncar's warnings are in {}",
+        f[1],
+        dir.display()
+    );
     Figures {
         name: name.into(),
         rps: f[0] / (f[2] / 1e6),
