@@ -437,7 +437,10 @@ async fn readyz(state: &AppState) -> Response<Full<Bytes>> {
         })
     };
     let feeds_ok = !state.config.feeds.unready_when_down || coherence.all_up();
-    let ready = [&pg, &redis, &schema].iter().all(|c| c["ok"] == true) && feeds_ok;
+    // Redis is reported, not required: without it syncar serves from Postgres, and every
+    // instance shares it, so failing readiness would take every pod out of its Services at
+    // once for an outage syncar rides out.
+    let ready = [&pg, &schema].iter().all(|c| c["ok"] == true) && feeds_ok;
     let status = if ready {
         StatusCode::OK
     } else {

@@ -400,8 +400,8 @@ async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired
     assert_eq!(row, v_new, "committed");
     assert_eq!(a.get("/v1/kv/w").await.json(), json!(2));
     let ready = a.get("/readyz").await;
-    assert_eq!(ready.status, 503);
-    assert_eq!(ready.json()["checks"]["redis"]["ok"], false);
+    assert_eq!(ready.status, 200, "still ready: reads and writes work");
+    assert_eq!(ready.json()["checks"]["redis"]["ok"], false, "but says so");
     assert!(
         !a.state().tiers.repairs().is_empty(),
         "the missed Redis update is queued"
