@@ -185,6 +185,18 @@ async fn sigterm_drains_in_flight_requests_within_the_grace_then_exits() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed if an assertion fails before it exits on its own.
+    struct KillOnDrop(Option<i32>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    let mut guard = KillOnDrop(Some(child.id() as i32));
     let ready = async {
         loop {
             if let Ok(mut s) = TcpStream::connect(&addr).await {
@@ -262,6 +274,7 @@ async fn sigterm_drains_in_flight_requests_within_the_grace_then_exits() {
         .await
         .expect("syncar exits after the grace")
         .unwrap();
+    guard.0 = None;
     let took = signalled.elapsed();
     assert!(status.success(), "exit status {status:?}\n{logs}");
     assert!(
