@@ -10,9 +10,9 @@
 //!
 //! # Shutdown
 //! Stop accepting; let in-flight requests finish within `server.shutdown_grace`, then close
-//! the connections left; wait for spawned writes (their commit is acknowledged only once
-//! caches are updated); then stop the Redis repair loop, which makes a last attempt at what is
-//! queued.
+//! the connections left; then stop the feeds and the other long-lived tasks; wait for spawned
+//! writes (their commit is acknowledged only once caches are updated); then stop the Redis
+//! repair loop, which makes a last attempt at what is queued.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -67,6 +67,10 @@ pub struct App {
     state: Arc<AppState>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    /// Stops the listeners; their tasks end once in-flight requests are drained.
+    stop_accepting: CancellationToken,
+    listeners: TaskTracker,
+    /// Stops the feeds and the other long-lived tasks, after the drain.
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Stops the tasks that must outlive in-flight writes (Redis repair), after them.
@@ -185,23 +189,26 @@ impl App {
             catalog: OnceLock::new(),
             not_ready: Mutex::new("connecting to postgres".into()),
         });
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        tasks.spawn(crate::http::serve(
+        let stop_accepting = CancellationToken::new();
+        let listeners = TaskTracker::new();
+        listeners.spawn(crate::http::serve(
             listener,
             Listener::Api,
             state.clone(),
-            shutdown.clone(),
+            stop_accepting.clone(),
         ));
         let admin_addr = admin.map(|(listener, addr)| {
-            tasks.spawn(crate::http::serve(
+            listeners.spawn(crate::http::serve(
                 listener,
                 Listener::Admin,
                 state.clone(),
-                shutdown.clone(),
+                stop_accepting.clone(),
             ));
             addr
         });
+        listeners.close();
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
         tasks.spawn(schema_task(state.clone(), shutdown.clone()));
         tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
         // The triggers log every change whatever the feeds: always prune.
@@ -241,6 +248,8 @@ impl App {
             state,
             addr: local,
             admin_addr,
+            stop_accepting,
+            listeners,
             shutdown,
             tasks,
             background,
@@ -283,6 +292,10 @@ impl App {
 
     /// Stops gracefully: see the module docs.
     pub async fn shutdown(self) {
+        // Requests still in flight keep their feeds (and so L1) until they are answered.
+        self.stop_accepting.cancel();
+        self.listeners.wait().await;
+        tracing::info!("connections drained; stopping feeds");
         self.shutdown.cancel();
         self.tasks.wait().await;
         self.state.writes.close();

@@ -281,22 +281,23 @@ async fn sigterm_drains_in_flight_requests_within_the_grace_then_exits() {
         took >= Duration::from_secs(2),
         "waited the grace for the stuck request: {took:?}"
     );
-    let order: Vec<&str> = [
+    let steps = [
         "shutting down",
         "still open after the grace",
+        "connections drained; stopping feeds",
         "syncar stopped",
-    ]
-    .into_iter()
-    .filter(|m| logs.contains(m))
-    .collect();
-    assert_eq!(
-        order.len(),
-        3,
-        "drain, cut, then feeds and pools closed:\n{logs}"
+    ];
+    let at: Vec<usize> = steps
+        .iter()
+        .map(|m| {
+            logs.find(m)
+                .unwrap_or_else(|| panic!("{m:?} not logged:\n{logs}"))
+        })
+        .collect();
+    assert!(
+        at.windows(2).all(|w| w[0] < w[1]),
+        "drain, cut, then feeds and pools closed, in that order:\n{logs}"
     );
-    let at = |m: &str| logs.find(m).unwrap();
-    assert!(at("shutting down") < at("still open after the grace"));
-    assert!(at("still open after the grace") < at("syncar stopped"));
 
     // The finished write was committed.
     let row = env
