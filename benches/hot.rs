@@ -73,12 +73,15 @@ struct Figures {
     p999_ms: f64,
     /// syncar runs: reads that skipped L1 during the run because a feed was down.
     bypassed: Option<u64>,
+    /// syncar runs: the share of reads answered by L1.
+    from_l1: Option<f64>,
 }
 
 impl Figures {
     fn json(&self) -> Value {
         json!({"name": self.name, "rps": self.rps, "p50_ms": self.p50_ms,
-               "p99_ms": self.p99_ms, "p999_ms": self.p999_ms, "l1_bypassed": self.bypassed})
+               "p99_ms": self.p99_ms, "p999_ms": self.p999_ms, "l1_bypassed": self.bypassed,
+               "from_l1": self.from_l1})
     }
 }
 
@@ -94,18 +97,27 @@ impl Drop for Children {
     }
 }
 
-/// `syncar_l1_bypassed_reads_total` of the instance on `port`.
-fn bypassed_reads(port: u16) -> u64 {
+/// Reads that skipped L1 because a feed was down, and reads answered by L1, by Redis and by
+/// Postgres, from the `/metrics` of the instance on `port`.
+fn read_counts(port: u16) -> [u64; 4] {
     use std::io::{Read, Write};
     let mut text = String::new();
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to syncar");
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
         .unwrap();
     s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("syncar_l1_bypassed_reads_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    [
+        value("syncar_l1_bypassed_reads_total"),
+        value("syncar_cache_hits_total{tier=\"l1\"}"),
+        value("syncar_cache_hits_total{tier=\"l2\"}"),
+        value("syncar_cache_hits_total{tier=\"db\"}"),
+    ]
 }
 
 fn need(tool: &str, package: &str) -> PathBuf {
@@ -184,7 +196,7 @@ fn wrk(
     // Measure L1 only while it is in use: after a heavy Postgres run the feeds may still be
     // recovering (a poll slower than the lease takes a feed down).
     wait_ready(port);
-    let bypassed_before = bypassed_reads(port);
+    let before = read_counts(port);
     let script = dir.join(format!("{}.lua", name.replace(' ', "_")));
     std::fs::write(
         &script,
@@ -243,13 +255,18 @@ end
         f[1],
         dir.display()
     );
+    let after = read_counts(port);
     Figures {
         name: name.into(),
         rps: f[0] / (f[2] / 1e6),
         p50_ms: f[3] / 1000.0,
         p99_ms: f[4] / 1000.0,
         p999_ms: f[5] / 1000.0,
-        bypassed: Some(bypassed_reads(port) - bypassed_before),
+        bypassed: Some(after[0] - before[0]),
+        from_l1: (method == "GET").then(|| {
+            let reads: u64 = (1..4).map(|i| after[i] - before[i]).sum();
+            (after[1] - before[1]) as f64 / reads.max(1) as f64
+        }),
     }
 }
 
@@ -301,6 +318,7 @@ fn redis_benchmark(port: u16, args: &Args) -> Figures {
         p99_ms: at(99.0),
         p999_ms: at(99.9),
         bypassed: None,
+        from_l1: None,
     }
 }
 
@@ -380,6 +398,7 @@ fn pgbench_run(
         p99_ms: at(0.99),
         p999_ms: at(0.999),
         bypassed: None,
+        from_l1: None,
     }
 }
 
@@ -466,8 +485,21 @@ fn main() {
     wrk("warm", p1, "GET", "", args.keys, c, 2, &out);
     wrk("warm", p2, "GET", "", args.keys, c, 2, &out);
     wrk("warm", p3, "GET", "", args.keys, c, 2, &out);
+    let l1_hit = wrk("syncar GET, L1 hit", p1, "GET", "", args.keys, c, s, &out);
+    // Before any write run: the invalidations of a write run reach every instance and would
+    // turn this one's hits into misses while it catches up.
+    let one_worker = wrk(
+        "syncar GET, L1 hit, 1 worker",
+        p3,
+        "GET",
+        "",
+        args.keys,
+        c,
+        s,
+        &out,
+    );
     let mut reads = vec![
-        wrk("syncar GET, L1 hit", p1, "GET", "", args.keys, c, s, &out),
+        l1_hit,
         wrk(
             "syncar GET, L2 (L1 off)",
             p2,
@@ -508,16 +540,7 @@ fn main() {
             &out,
         ),
     ];
-    reads.push(wrk(
-        "syncar GET, L1 hit, 1 worker",
-        p3,
-        "GET",
-        "",
-        args.keys,
-        c,
-        s,
-        &out,
-    ));
+    reads.push(one_worker);
     drop(children);
 
     // What the triggers cost plain-SQL writers: the same table with and without them.
@@ -575,18 +598,20 @@ fn main() {
 
     println!();
     println!(
-        "{:<30} {:>10} {:>9} {:>9} {:>9} {:>12}",
-        "reads", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "L1 bypassed"
+        "{:<30} {:>10} {:>9} {:>9} {:>9} {:>12} {:>8}",
+        "reads", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "L1 bypassed", "from L1"
     );
     for f in reads.iter().chain(&writes) {
         println!(
-            "{:<30} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>12}",
+            "{:<30} {:>10.0} {:>9.3} {:>9.3} {:>9.3} {:>12} {:>8}",
             f.name,
             f.rps,
             f.p50_ms,
             f.p99_ms,
             f.p999_ms,
-            f.bypassed.map_or(String::new(), |b| b.to_string())
+            f.bypassed.map_or(String::new(), |b| b.to_string()),
+            f.from_l1
+                .map_or(String::new(), |r| format!("{:.1}%", r * 100.0))
         );
     }
     let ratio = |a: &Figures, b: &Figures| a.rps / b.rps;
