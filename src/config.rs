@@ -614,11 +614,27 @@ impl Config {
                 bad(key, "must be positive".into());
             }
         }
-        if let Err(e) = self.postgres.url.parse::<tokio_postgres::Config>() {
-            bad(
+        let no_tls = "sslmode=require, but syncar is built without TLS: use sslmode=disable (or \
+                      prefer) over a private network or a mesh that adds TLS";
+        match self.postgres.url.parse::<tokio_postgres::Config>() {
+            Err(e) => bad(
                 "postgres.url",
                 format!("not a Postgres connection string: {e}"),
-            );
+            ),
+            Ok(pg) if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                bad("postgres.url", no_tls.into())
+            }
+            Ok(_) => {}
+        }
+        if let Some(Ok(pg)) = self
+            .postgres
+            .listen_url
+            .as_ref()
+            .map(|u| u.parse::<tokio_postgres::Config>())
+        {
+            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                bad("postgres.listen_url", no_tls.into());
+            }
         }
         if let Some(Err(e)) = self
             .postgres
@@ -909,6 +925,17 @@ mod tests {
         open.server.listen = "0.0.0.0:7070".into();
         open.server.allow_unauthenticated_non_loopback = true;
         open.validate().unwrap();
+    }
+
+    #[test]
+    fn a_tls_only_postgres_url_is_refused_up_front() {
+        let mut config = Config::default();
+        config.postgres.url = "postgres://u:pw@db/x?sslmode=require".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("postgres.url: sslmode=require"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
+        config.postgres.url = "postgres://u:pw@db/x?sslmode=prefer".into();
+        config.validate().unwrap();
     }
 
     #[test]
