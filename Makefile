@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory check-k8s
 
 run: services-up
 	cargo build --release
@@ -47,6 +47,10 @@ bench-memory:
 # The HTTP API fuzzed by schemathesis (PyPI) from the served OpenAPI document.
 fuzz:
 	scripts/fuzz-api.sh
+
+# Kubernetes manifests, Dockerfile, /metrics and the Grafana dashboard, checked offline.
+check-k8s:
+	bash scripts/check-k8s.sh
 
 lint:
 	cargo fmt --check
