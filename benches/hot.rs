@@ -595,6 +595,30 @@ fn main() {
         let notified = run("notify triggers", "syncar_kv");
         triggers.push((clients, without, logged, notified));
     }
+    // Bulk statements: 50 rows per UPDATE, one client (no lock waits between clients).
+    let bulk_update = |table: &str| {
+        format!(
+            "\\set b random(0, {})\nUPDATE {table} SET value = '{body}' WHERE key IN \
+             (SELECT 'k' || g FROM generate_series(:b * 50 + 1, :b * 50 + 50) g);\n",
+            (args.keys / 50).max(1) - 1
+        )
+    };
+    let bulk_run = |name: &str, table: &str| {
+        pgbench_run(
+            &format!("50-row update, {name}"),
+            servers.pg_port,
+            &db,
+            &bulk_update(table),
+            1,
+            s,
+            &out,
+        )
+    };
+    let bulk_without = bulk_run("no triggers", "plain_kv");
+    migrate("changes_log");
+    let bulk_logged = bulk_run("changes_log triggers", "syncar_kv");
+    migrate("notify");
+    let bulk_notified = bulk_run("notify triggers", "syncar_kv");
 
     println!();
     println!(
@@ -651,10 +675,24 @@ fn main() {
         }));
     }
     println!("(threshold for mitigation: 10% loss at 32 clients)");
+    let bulk_loss = |with: &Figures| 1.0 - with.rps / bulk_without.rps;
+    println!(
+        "50-row UPDATEs, 1 client: {:.0} statements/s without triggers, changes_log {:.0} (loss {:.1}%), notify {:.0} (loss {:.1}%)",
+        bulk_without.rps,
+        bulk_logged.rps,
+        bulk_loss(&bulk_logged) * 100.0,
+        bulk_notified.rps,
+        bulk_loss(&bulk_notified) * 100.0
+    );
     let report = json!({
         "reads": reads.iter().map(Figures::json).collect::<Vec<_>>(),
         "writes": writes.iter().map(Figures::json).collect::<Vec<_>>(),
         "triggers": trigger_json,
+        "bulk_50_rows": {
+            "without": bulk_without.json(),
+            "changes_log": bulk_logged.json(), "changes_log_loss": bulk_loss(&bulk_logged),
+            "notify": bulk_notified.json(), "notify_loss": bulk_loss(&bulk_notified),
+        },
     });
     let path = out.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap()).unwrap();

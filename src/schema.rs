@@ -27,7 +27,21 @@ const LEGACY_FUNCTIONS: [&str; 3] = ["syncar_notify", "syncar_stamp_version", "s
 /// outage. `at` is the writer's clock when its trigger ran.
 pub const CHANGES_TABLE: &str = "syncar_changes";
 const STAMP_TRIGGER: &str = "syncar_stamp_version";
-const NOTIFY_TRIGGER: &str = "syncar_notify";
+/// The statement-level triggers that log (and with `notify`, announce) what a statement
+/// changed, one per event: Postgres allows transition tables only on single-event triggers.
+const LOG_TRIGGERS: [&str; 3] = [
+    "syncar_log_insert",
+    "syncar_log_update",
+    "syncar_log_delete",
+];
+/// The row-level AFTER trigger of earlier releases, replaced by [`LOG_TRIGGERS`].
+const LEGACY_NOTIFY_TRIGGER: &str = "syncar_notify";
+/// `pg_trigger.tgtype` bits.
+const TG_ROW: i16 = 1;
+const TG_BEFORE: i16 = 2;
+const TG_INSERT: i16 = 4;
+const TG_DELETE: i16 = 8;
+const TG_UPDATE: i16 = 16;
 /// Key of the advisory lock held while migrating ("syncar" in ASCII).
 const MIGRATION_LOCK: i64 = 0x73796e636172;
 
@@ -181,34 +195,65 @@ pub async fn migrate(
             }
         }
         key_column(&info, r)?;
-        let functions = [
+        let stamp = function_name("syncar_stamp", &r.name);
+        let announce = function_name("syncar_announce", &r.name);
+        for (function, body) in [
+            (&stamp, stamp_function_body(schema, r)),
+            (&announce, announce_function_body(schema, r, notify)),
+        ] {
+            if install_function(&tx, schema, function, &body).await? {
+                changes.push(format!("installed function {schema}.{function}()"));
+            }
+        }
+        // Name, definition, and what pg_trigger must say: function, type bits, transition
+        // tables (old, new).
+        let triggers = [
             (
                 STAMP_TRIGGER,
                 "BEFORE INSERT OR UPDATE",
-                function_name("syncar_stamp", &r.name),
-                stamp_function_body(schema, r),
+                "FOR EACH ROW",
+                &stamp,
+                TG_ROW | TG_BEFORE | TG_INSERT | TG_UPDATE,
+                (None, None),
             ),
             (
-                NOTIFY_TRIGGER,
-                "AFTER INSERT OR UPDATE OR DELETE",
-                function_name("syncar_announce", &r.name),
-                announce_function_body(schema, r, notify),
+                LOG_TRIGGERS[0],
+                "AFTER INSERT",
+                "REFERENCING NEW TABLE AS syncar_new FOR EACH STATEMENT",
+                &announce,
+                TG_INSERT,
+                (None, Some("syncar_new")),
+            ),
+            (
+                LOG_TRIGGERS[1],
+                "AFTER UPDATE",
+                "REFERENCING OLD TABLE AS syncar_old NEW TABLE AS syncar_new FOR EACH STATEMENT",
+                &announce,
+                TG_UPDATE,
+                (Some("syncar_old"), Some("syncar_new")),
+            ),
+            (
+                LOG_TRIGGERS[2],
+                "AFTER DELETE",
+                "REFERENCING OLD TABLE AS syncar_old FOR EACH STATEMENT",
+                &announce,
+                TG_DELETE,
+                (Some("syncar_old"), None),
             ),
         ];
-        for (trigger, timing, function, body) in functions {
-            if install_function(&tx, schema, &function, &body).await? {
-                changes.push(format!("installed function {schema}.{function}()"));
-            }
-            let current: Option<(String, String, Vec<u8>)> = tx
+        for (trigger, timing, level, function, tgtype, (old, new)) in triggers {
+            type Installed = (String, String, i16, Option<String>, Option<String>);
+            let current: Option<Installed> = tx
                 .query_opt(
-                    "SELECT n.nspname::text, p.proname::text, t.tgargs FROM pg_trigger t \
+                    "SELECT n.nspname::text, p.proname::text, t.tgtype, t.tgoldtable::text, \
+                            t.tgnewtable::text FROM pg_trigger t \
                      JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
                      WHERE t.tgrelid = $1 AND t.tgname = $2",
                     &[&info.oid, &trigger],
                 )
                 .await
                 .map_err(pg("looking up triggers"))?
-                .map(|row| (row.get(0), row.get(1), row.get(2)));
+                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)));
             if current.is_none() && trigger == STAMP_TRIGGER {
                 // Adopting a table: versions already in it (an existing bigint column) must
                 // stay below every version the trigger hands out from now on.
@@ -224,17 +269,44 @@ pub async fn migrate(
                 .await
                 .map_err(pg("aligning the version sequence"))?;
             }
-            let wanted = (schema.clone(), function.clone(), Vec::new());
+            let wanted: Installed = (
+                schema.clone(),
+                function.clone(),
+                tgtype,
+                old.map(String::from),
+                new.map(String::from),
+            );
             if current.as_ref() != Some(&wanted) {
+                // Dropped first: CREATE OR REPLACE cannot turn a row trigger into a statement
+                // trigger with transition tables.
                 tx.batch_execute(&format!(
-                    "CREATE OR REPLACE TRIGGER {trigger} {timing} ON {qualified} \
-                     FOR EACH ROW EXECUTE FUNCTION {s}.{}()",
-                    quote_ident(&function)
+                    "DROP TRIGGER IF EXISTS {trigger} ON {qualified}; \
+                     CREATE TRIGGER {trigger} {timing} ON {qualified} {level} \
+                     EXECUTE FUNCTION {s}.{}()",
+                    quote_ident(function)
                 ))
                 .await
                 .map_err(pg("creating triggers"))?;
                 changes.push(format!("installed trigger {trigger} on {qualified}"));
             }
+        }
+        let legacy_trigger: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                &[&info.oid, &LEGACY_NOTIFY_TRIGGER],
+            )
+            .await
+            .map_err(pg("looking up triggers"))?
+            .get(0);
+        if legacy_trigger {
+            tx.batch_execute(&format!(
+                "DROP TRIGGER {LEGACY_NOTIFY_TRIGGER} ON {qualified}"
+            ))
+            .await
+            .map_err(pg("dropping an old trigger"))?;
+            changes.push(format!(
+                "dropped trigger {LEGACY_NOTIFY_TRIGGER} on {qualified}"
+            ));
         }
     }
     for legacy in LEGACY_FUNCTIONS {
@@ -286,12 +358,19 @@ pub async fn load_catalog(
         let installed: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1 AND tgname = ANY($2)",
-                &[&info.oid, &vec![STAMP_TRIGGER, NOTIFY_TRIGGER]],
+                &[
+                    &info.oid,
+                    &std::iter::once(STAMP_TRIGGER)
+                        .chain(LOG_TRIGGERS)
+                        .collect::<Vec<_>>(),
+                ],
             )
             .await
             .map_err(pg("looking up triggers"))?
             .get(0);
-        if installed != 2 || !info.columns.iter().any(|c| c.name == r.version_column) {
+        if installed != 1 + LOG_TRIGGERS.len() as i64
+            || !info.columns.iter().any(|c| c.name == r.version_column)
+        {
             return Err(SchemaError::NotMigrated(format!(
                 "table {}.{} lacks its version column or triggers",
                 r.schema, r.table
@@ -491,86 +570,82 @@ END
     )
 }
 
-/// AFTER INSERT OR UPDATE OR DELETE: log which key changed, at which version, and with the
-/// `notify` source announce it. A delete takes a fresh version for its tombstone; an update
-/// that moves a row to another key also announces the old key as deleted.
+/// AFTER INSERT, UPDATE or DELETE, once per statement: log which keys the statement changed,
+/// at which versions, and with the `notify` source announce each. A delete takes a fresh
+/// version for its tombstone; an update that moves a row to another key also announces the
+/// old key as deleted. The rows come from the statement's transition tables, so a statement
+/// changing many rows logs them with one insert.
 fn announce_function_body(schema: &str, r: &ResourceConfig, notify: bool) -> String {
     let key = quote_ident(&r.key);
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let puts = format!(
+        "SELECT n.{ver} AS version, n.{key}::text AS key, 'put' AS op FROM syncar_new n",
+        ver = quote_ident(&r.version_column)
+    );
+    let deletes = format!(
+        "SELECT nextval({seq}) AS version, o.{key}::text AS key, 'delete' AS op FROM syncar_old o"
+    );
+    // Keys that no new row has: deleted by this update. (Set semantics: two rows swapping
+    // keys delete nothing.) Puts come first, so a moved row's tombstone is the newer version.
+    let moved = format!(
+        "{puts} UNION ALL {deletes} \
+         WHERE NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
+    );
     format!(
         "
 DECLARE
-  v bigint;
+  r record;
   payload text;
 BEGIN
-  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND OLD.{key} IS DISTINCT FROM NEW.{key}) THEN
-    v := nextval({seq});
+  IF TG_OP = 'INSERT' THEN
+{insert}
+  ELSIF TG_OP = 'UPDATE' THEN
+{update}
+  ELSE
 {delete}
-  END IF;
-  IF TG_OP <> 'DELETE' THEN
-{put}
   END IF;
   RETURN NULL;
 END
 ",
-        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
-        delete = send(
-            schema,
-            r,
-            notify,
-            &format!("OLD.{key}::text"),
-            "v",
-            "delete"
-        ),
-        put = send(
-            schema,
-            r,
-            notify,
-            &format!("NEW.{key}::text"),
-            &format!("NEW.{}", quote_ident(&r.version_column)),
-            "put"
-        ),
+        insert = send(schema, r, notify, &puts),
+        update = send(schema, r, notify, &moved),
+        delete = send(schema, r, notify, &deletes),
     )
 }
 
-/// The statements logging (and with `notify` announcing) one change. A NOTIFY payload that
-/// would pass Postgres' 8000-byte limit becomes a resource-wide `flush` instead of failing
-/// the writer's transaction; the log has no such limit.
-fn send(
-    schema: &str,
-    r: &ResourceConfig,
-    notify: bool,
-    key: &str,
-    version: &str,
-    op: &str,
-) -> String {
+/// The statements logging (and with `notify` announcing) the changes `changes` selects
+/// (`version`, `key`, `op`). A NOTIFY payload that would pass Postgres' 8000-byte limit
+/// becomes a resource-wide `flush` instead of failing the writer's transaction; the log has
+/// no such limit.
+fn send(schema: &str, r: &ResourceConfig, notify: bool, changes: &str) -> String {
     let log = format!("{}.{CHANGES_TABLE}", quote_ident(schema));
     let resource = quote_literal(&r.name);
-    let insert = |key: &str, op: &str| {
-        format!("INSERT INTO {log} (version, resource, key, op) VALUES ({version}, {resource}, {key}, '{op}');")
-    };
     if !notify {
-        return format!("    {}", insert(key, op));
+        return format!(
+            "    INSERT INTO {log} (version, resource, key, op)
+      SELECT c.version, {resource}, c.key, c.op FROM ({changes}) c;"
+        );
     }
+    let channel = quote_literal(NOTIFY_CHANNEL);
     let payload = |key: &str, op: &str| {
         format!(
-            "json_build_object('resource', {resource}, 'key', {key}, 'version', {version}, 'op', '{op}', \
-             'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text"
+            "json_build_object('resource', {resource}, 'key', {key}, 'version', r.version, \
+             'op', {op}, 'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text"
         )
     };
-    let channel = quote_literal(NOTIFY_CHANNEL);
     format!(
-        "    payload := {};
-    IF octet_length(payload) <= 7900 THEN
-      {}
-    ELSE
+        "    FOR r IN {changes} LOOP
       payload := {};
-      {}
-    END IF;
-    PERFORM pg_notify({channel}, payload);",
-        payload(key, op),
-        insert(key, op),
-        payload("NULL", "flush"),
-        insert("NULL", "flush"),
+      IF octet_length(payload) <= 7900 THEN
+        INSERT INTO {log} (version, resource, key, op) VALUES (r.version, {resource}, r.key, r.op);
+      ELSE
+        payload := {};
+        INSERT INTO {log} (version, resource, key, op) VALUES (r.version, {resource}, NULL, 'flush');
+      END IF;
+      PERFORM pg_notify({channel}, payload);
+    END LOOP;",
+        payload("r.key", "r.op"),
+        payload("NULL", "'flush'"),
     )
 }
 

@@ -105,7 +105,8 @@ async fn every_write_by_anyone_is_stamped_and_announced() {
     pg.execute("UPDATE syncar_kv SET key = 'b' WHERE key = 'a'", &[])
         .await
         .unwrap();
-    let (x, y) = (next(&mut rx).await, next(&mut rx).await);
+    // The new key's put, then the old key's tombstone, which takes the newer version.
+    let (y, x) = (next(&mut rx).await, next(&mut rx).await);
     assert_eq!(
         (x["key"].as_str(), x["op"].as_str()),
         (Some("a"), Some("delete"))
@@ -114,6 +115,7 @@ async fn every_write_by_anyone_is_stamped_and_announced() {
         (y["key"].as_str(), y["op"].as_str()),
         (Some("b"), Some("put"))
     );
+    assert!(x["version"].as_i64() > y["version"].as_i64());
 
     pg.execute("DELETE FROM syncar_kv WHERE key = 'b'", &[])
         .await
@@ -385,4 +387,61 @@ async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
         ],
         "a long key is logged whole: the log has no payload limit"
     );
+}
+
+#[tokio::test]
+async fn one_statement_changing_many_rows_logs_each_of_them() {
+    for source in [
+        syncar::config::PostgresSource::ChangesLog,
+        syncar::config::PostgresSource::Notify,
+    ] {
+        let env = Env::new().await;
+        let mut config = env.config();
+        config.feeds.postgres_source = source;
+        syncar::app::run_migration(&config).await.unwrap();
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '1' FROM generate_series(1, 50) i;
+             UPDATE syncar_kv SET value = '2' WHERE key IN ('k1', 'k2', 'k3');
+             UPDATE syncar_kv SET key = 'x' || key WHERE key IN ('k4', 'k5');
+             DELETE FROM syncar_kv WHERE key LIKE 'k1%';",
+        )
+        .await
+        .unwrap();
+        let count = |sql: &str| {
+            let pg = &pg;
+            let sql = sql.to_string();
+            async move { pg.query_one(&sql, &[]).await.unwrap().get::<_, i64>(0) }
+        };
+        let log = "SELECT count(*) FROM syncar_changes WHERE";
+        assert_eq!(
+            count(&format!("{log} op = 'put'")).await,
+            50 + 3 + 2,
+            "{source:?}"
+        );
+        // k4 and k5 moved; k1 and k10-k19 deleted.
+        assert_eq!(
+            count(&format!("{log} op = 'delete'")).await,
+            2 + 11,
+            "{source:?}"
+        );
+        // Every row's newest logged version is the one it holds, and every tombstone is
+        // newer than the put before it.
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM syncar_kv k WHERE version <> \
+                 (SELECT max(version) FROM syncar_changes c WHERE c.key = k.key)"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM syncar_changes d WHERE d.op = 'delete' AND d.version < \
+                 (SELECT max(version) FROM syncar_changes p WHERE p.key = d.key AND p.op = 'put')"
+            )
+            .await,
+            0
+        );
+    }
 }
