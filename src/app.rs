@@ -54,6 +54,9 @@ pub struct AppState {
     pub secrets: Secrets,
     /// Requests in flight; when none is left, requests are shed with 503.
     pub inflight: tokio::sync::Semaphore,
+    /// Bounds the admin listener, which answers without a token: a flood of `/readyz` (each
+    /// takes a pooled Postgres connection) must not starve the API.
+    pub admin_inflight: tokio::sync::Semaphore,
     /// Writes run as tracked tasks, so shutdown can wait for them.
     pub writes: TaskTracker,
     /// Set once the schema task has migrated and loaded the resources.
@@ -186,6 +189,7 @@ impl App {
             secrets,
             writes: TaskTracker::new(),
             inflight: tokio::sync::Semaphore::new(config.server.max_concurrent_requests),
+            admin_inflight: tokio::sync::Semaphore::new(ADMIN_CONCURRENT_REQUESTS),
             catalog: OnceLock::new(),
             not_ready: Mutex::new("connecting to postgres".into()),
         });
@@ -322,6 +326,9 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     let local = listener.local_addr().map_err(failed)?;
     Ok((listener, local))
 }
+
+/// Requests the admin listener handles at once: probes and scrapes need a handful.
+const ADMIN_CONCURRENT_REQUESTS: usize = 16;
 
 /// Runs the migration once, on a connection of its own.
 ///

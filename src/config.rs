@@ -495,7 +495,8 @@ impl Config {
             self.server.listen = v;
         }
         if let Some(v) = var(ENV_ADMIN_LISTEN) {
-            self.server.admin_listen = Some(v);
+            // Empty: unset, as a template that always passes the variable would have it.
+            self.server.admin_listen = (!v.is_empty()).then_some(v);
         }
         if let Some(v) = var(ENV_POSTGRES_URL) {
             self.postgres.url = v;

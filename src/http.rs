@@ -221,6 +221,16 @@ async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     if listener == Listener::Admin {
+        // Exempt from the API's shedding, bounded on its own (liveness, which does no I/O,
+        // never is).
+        let permit = state.admin_inflight.try_acquire();
+        if permit.is_err() && path != "/healthz" {
+            let resp = ApiError::Overloaded.into_response(state);
+            state
+                .http_metrics
+                .record("other", &method, resp.status(), started.elapsed());
+            return resp;
+        }
         let (route, result) = admin_route(state, &method, &path)
             .await
             .unwrap_or(("other", Err(ApiError::NoRoute)));
@@ -406,7 +416,9 @@ fn healthz() -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
-/// Postgres and Redis answer, and the schema is loaded. Each check has a deadline.
+/// Ready when Postgres answers and the schema is loaded (and, with `feeds.unready_when_down`,
+/// every feed is up); Redis is checked and reported but not required. Each check has a
+/// deadline.
 async fn readyz(state: &AppState) -> Response<Full<Bytes>> {
     let deadline = Duration::from_secs(2);
     let check = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {

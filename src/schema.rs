@@ -104,6 +104,11 @@ pub async fn migrate(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(pg("taking the migration lock"))?;
+    // Installing triggers locks each table, and a lock request queued behind a long reader
+    // blocks every later query of that table: give up instead (`serve` retries with backoff).
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(pg("setting lock_timeout"))?;
     let schema = &config.postgres.schema;
     let s = quote_ident(schema);
     let mut changes = Vec::new();
@@ -465,6 +470,24 @@ async fn describe_table(
             r.name, r.schema, r.table
         )));
     };
+    // Changes are logged by statement-level triggers, which Postgres fires only on the table
+    // a statement names: writes naming a partition would bypass its parent's, and writes
+    // naming the parent its partitions'. Refused rather than half-covered.
+    let partitioned: bool = client
+        .query_one(
+            "SELECT relkind::text = 'p' OR relispartition FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if partitioned {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} is partitioned or a partition, which syncar does not \
+             support yet (a write naming a partition would not be logged)",
+            r.name, r.schema, r.table
+        )));
+    }
     let rows = client
         .query(
             "SELECT a.attnum, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), \
@@ -509,7 +532,9 @@ async fn describe_table(
 /// hash of the resource's name where that would pass Postgres' 63-byte limit.
 fn function_name(prefix: &str, resource: &str) -> String {
     let name = format!("{prefix}_{resource}");
-    if name.len() <= 63 {
+    // `syncar_stamp_version`, for a resource named `version`, is an earlier release's
+    // generic function, which tables no longer configured may still call.
+    if name.len() <= 63 && !LEGACY_FUNCTIONS.contains(&name.as_str()) {
         return name;
     }
     // FNV-1a: stable across releases and platforms, unlike std's hasher.
@@ -517,7 +542,7 @@ fn function_name(prefix: &str, resource: &str) -> String {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
     // Resource names are ASCII, so any byte index is a char boundary.
-    format!("{}_{hash:08x}", &name[..63 - 9])
+    format!("{}_{hash:08x}", &name[..name.len().min(63 - 9)])
 }
 
 /// Creates or replaces a trigger function unless its body is already `body`. Returns whether
@@ -532,7 +557,7 @@ async fn install_function(
     let current: Option<String> = tx
         .query_opt(
             "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-             WHERE n.nspname = $1 AND p.proname = $2",
+             WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
             &[&schema, &name],
         )
         .await
@@ -578,18 +603,22 @@ END
 fn announce_function_body(schema: &str, r: &ResourceConfig, notify: bool) -> String {
     let key = quote_ident(&r.key);
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    // A NULL key (a nullable unique column) names no document: nothing to announce.
     let puts = format!(
-        "SELECT n.{ver} AS version, n.{key}::text AS key, 'put' AS op FROM syncar_new n",
+        "SELECT n.{ver} AS version, n.{key}::text AS key, 'put' AS op FROM syncar_new n \
+         WHERE n.{key} IS NOT NULL",
         ver = quote_ident(&r.version_column)
     );
     let deletes = format!(
-        "SELECT nextval({seq}) AS version, o.{key}::text AS key, 'delete' AS op FROM syncar_old o"
+        "SELECT nextval({seq}) AS version, o.{key}::text AS key, 'delete' AS op FROM syncar_old o \
+         WHERE o.{key} IS NOT NULL"
     );
     // Keys that no new row has: deleted by this update. (Set semantics: two rows swapping
-    // keys delete nothing.) Puts come first, so a moved row's tombstone is the newer version.
+    // keys delete nothing.) A moved row's tombstone is the newer version: the row was
+    // stamped by the BEFORE ROW trigger, before this statement trigger calls nextval.
     let moved = format!(
         "{puts} UNION ALL {deletes} \
-         WHERE NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
+         AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
     );
     format!(
         "
@@ -649,9 +678,14 @@ fn send(schema: &str, r: &ResourceConfig, notify: bool, changes: &str) -> String
     )
 }
 
+/// `body` between dollar quotes whose tag it does not contain (column names are written into
+/// it, and may hold anything).
 fn dollar_quote(body: &str) -> String {
-    assert!(!body.contains("$fn$"), "function bodies never contain $fn$");
-    format!("$fn${body}$fn$")
+    let tag = (0..)
+        .map(|n| format!("$fn{n}$"))
+        .find(|tag| !body.contains(tag.as_str()))
+        .expect("some tag is free");
+    format!("{tag}{body}{tag}")
 }
 
 /// One entry of the changes log, newest per key.
@@ -771,7 +805,7 @@ pub async fn current_xmin(client: &impl GenericClient) -> Result<i64, tokio_post
 
 #[cfg(test)]
 mod tests {
-    use super::function_name;
+    use super::{dollar_quote, function_name};
 
     #[test]
     fn function_names_fit_postgres_limit_and_stay_distinct() {
@@ -785,5 +819,16 @@ mod tests {
         assert!(x.len() <= 63 && y.len() <= 63, "{x} {y}");
         assert_ne!(x, y);
         assert_eq!(x, function_name("syncar_announce", &long), "stable");
+        let clash = function_name("syncar_stamp", "version");
+        assert!(
+            clash.starts_with("syncar_stamp_version_"),
+            "not an earlier release's generic function: {clash}"
+        );
+    }
+
+    #[test]
+    fn a_body_holding_the_dollar_tag_gets_another() {
+        assert_eq!(dollar_quote("x"), "$fn0$x$fn0$");
+        assert_eq!(dollar_quote("a $fn0$ b"), "$fn1$a $fn0$ b$fn1$");
     }
 }

@@ -168,6 +168,44 @@ async fn the_admin_listener_serves_probes_and_metrics_only_without_token_or_shed
     drop(slow);
 }
 
+#[tokio::test]
+async fn a_flood_of_readiness_probes_is_bounded_and_liveness_still_answers() {
+    let env = Env::new().await;
+    let (proxy, url) = env.pg_proxy().await;
+    let direct = env.pg_url.clone();
+    let a = env
+        .start(|c| {
+            c.postgres.url = url;
+            c.postgres.listen_url = Some(direct);
+            c.server.admin_listen = Some("127.0.0.1:0".into());
+        })
+        .await;
+    let admin = a.admin_addr();
+    // Every /readyz now waits on a slow Postgres ping.
+    proxy.delay(Duration::from_millis(1500));
+    let flood: Vec<_> = (0..40)
+        .map(|_| tokio::spawn(async move { request(admin, "GET", "/readyz", &[], None).await }))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        request(admin, "GET", "/healthz", &[], None).await.status,
+        200,
+        "liveness is never shed"
+    );
+    let mut shed = 0;
+    for r in flood {
+        let r = r.await.unwrap();
+        if r.status == 503 && r.code() == "overloaded" {
+            shed += 1;
+        }
+    }
+    assert!(
+        shed >= 40 - 16,
+        "at most 16 probes at once: {shed} shed of 40"
+    );
+    proxy.restore();
+}
+
 /// SIGKILL while writes are in flight: every write acknowledged before the kill is in
 /// Postgres with its value and version, and served after a restart.
 #[tokio::test]
