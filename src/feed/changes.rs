@@ -11,6 +11,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -18,6 +19,9 @@ use super::{
 };
 use crate::app::AppState;
 use crate::schema::{changes_from_xid, current_xmin};
+
+/// Changes of one poll applied at once (their Redis calls share one pipelined connection).
+pub(crate) const APPLY_CONCURRENCY: usize = 64;
 
 /// Where the poller is in the log: the low-water transaction id and what it has applied at or
 /// above it.
@@ -87,25 +91,30 @@ async fn session(
             .await
             .map_err(|_| "poll timed out".to_string())?
             .map_err(|e| format!("poll failed: {e}"))?;
-        for (xid, change, ts_us) in rows {
-            if !cursor.applied.insert((xid, change.version)) {
-                continue;
-            }
-            let op = match change.op.as_str() {
-                "delete" => Op::Delete,
-                "flush" => Op::Flush,
-                _ => Op::Put,
-            };
-            let message = Message {
+        let messages: Vec<Message> = rows
+            .into_iter()
+            .filter(|(xid, change, _)| cursor.applied.insert((*xid, change.version)))
+            .map(|(_, change, ts_us)| Message {
+                op: match change.op.as_str() {
+                    "delete" => Op::Delete,
+                    "flush" => Op::Flush,
+                    _ => Op::Put,
+                },
                 resource: change.resource,
                 key: change.key,
                 version: change.version,
-                op,
                 ts_us: Some(ts_us),
                 instance: None,
-            };
-            handle_parsed(state, Feed::Postgres, message).await;
-        }
+            })
+            .collect();
+        // Many at once: a statement changing 50k rows, applied one Redis round trip after
+        // another, took longer than the lease. Order does not matter, since every tier takes
+        // only strictly newer versions, and the Redis connection pipelines what is in flight.
+        futures_util::stream::iter(messages)
+            .for_each_concurrent(APPLY_CONCURRENCY, |message| {
+                handle_parsed(state, Feed::Postgres, message)
+            })
+            .await;
         cursor.xid = Some(xmin);
         cursor.applied.retain(|(xid, _)| *xid >= xmin);
         feed.heartbeat_back(started, lease);

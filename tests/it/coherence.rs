@@ -118,6 +118,44 @@ async fn plain_sql_reaches_everyone(source: PostgresSource) {
     assert!(entry.contains(":a:"), "Redis holds the deletion: {entry}");
 }
 
+/// One statement changing thousands of cached rows: every copy, in L1 and in Redis, is
+/// replaced (the poll applies its changes concurrently, in any order).
+#[tokio::test]
+async fn a_bulk_plain_sql_update_reaches_every_cached_copy() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "INSERT INTO syncar_kv (key, value) SELECT 'b' || i, '1' FROM generate_series(1, 3000) i",
+    )
+    .await
+    .unwrap();
+    for i in (1..=3000).step_by(10) {
+        assert_eq!(a.get(&format!("/v1/kv/b{i}")).await.json(), json!(1));
+    }
+    pg.execute("UPDATE syncar_kv SET value = '2'", &[])
+        .await
+        .unwrap();
+    eventually(WINDOW, "every cached copy replaced", || async {
+        for i in (1..=3000).step_by(10) {
+            if a.get(&format!("/v1/kv/b{i}")).await.json() != json!(2) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    for i in (1..=3000).step_by(10) {
+        let entry = env.redis_entry("kv", &format!("b{i}")).await;
+        assert!(
+            entry
+                .as_deref()
+                .is_none_or(|e| !e.contains(":v:") || e.ends_with(":2")),
+            "b{i}: Redis holds no old value: {entry:?}"
+        );
+    }
+}
+
 /// Every instance's LISTEN backend terminated at once, and kept from reconnecting while a
 /// plain-SQL write happens: nobody is told, yet nobody serves it stale, during or after.
 #[tokio::test]
