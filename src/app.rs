@@ -327,6 +327,9 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     Ok((listener, local))
 }
 
+/// Longest pause between attempts to migrate and load the schema.
+const SCHEMA_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 /// Requests the admin listener handles at once: probes and scrapes need a handful.
 const ADMIN_CONCURRENT_REQUESTS: usize = 16;
 
@@ -400,9 +403,9 @@ async fn schema_task(state: Arc<AppState>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff, 0.5)) => {}
+            _ = tokio::time::sleep(jitter(backoff, 0.5).min(SCHEMA_MAX_BACKOFF)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(SCHEMA_MAX_BACKOFF);
     }
 }
 

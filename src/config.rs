@@ -49,7 +49,7 @@ pub struct ServerConfig {
     /// Address of the HTTP API (`SYNCAR_LISTEN`). Loopback by default: the app is a neighbour.
     pub listen: String,
     /// A second listener serving only `/healthz`, `/readyz` and `/metrics`, without a token
-    /// and exempt from load shedding (`SYNCAR_ADMIN_LISTEN`): for the kubelet's probes and
+    /// and apart from the API's load shedding (`SYNCAR_ADMIN_LISTEN`): for the kubelet's probes and
     /// Prometheus, which reach the pod's IP, while the API stays on loopback. None: those
     /// routes are served on `listen` only.
     pub admin_listen: Option<String>,

@@ -378,7 +378,8 @@ impl Supervisor {
         } else {
             tracing::debug!(feed = self.feed.as_str(), reason = %reason, "feed retry failed");
         }
-        let pause = jitter(self.backoff, 0.5);
+        // Jittered, and never past the configured maximum.
+        let pause = jitter(self.backoff, 0.5).min(state.config.feeds.max_backoff);
         self.backoff = (self.backoff * 2).min(state.config.feeds.max_backoff);
         tokio::select! {
             _ = shutdown.cancelled() => false,

@@ -206,8 +206,9 @@ pub async fn serve(
 pub enum Listener {
     /// `server.listen`: every route.
     Api,
-    /// `server.admin_listen`: `/healthz`, `/readyz` and `/metrics` only, without a token or
-    /// load shedding (probes and scrapes must not fail because the API is busy).
+    /// `server.admin_listen`: `/healthz`, `/readyz` and `/metrics` only, without a token and
+    /// apart from the API's load shedding (probes and scrapes must not fail because the API
+    /// is busy); bounded on its own.
     Admin,
 }
 

@@ -579,7 +579,7 @@ async fn install_function(
 
 // The trigger functions are generated per resource, with the resource's own column names in
 // them: generic ones taking names as arguments had to go through `to_jsonb` of the whole row,
-// and cost plain-SQL writers about twice as much (BENCHMARKS.md, "What the triggers cost").
+// and cost plain-SQL writers about twice as much (BENCHMARKS.md, hot path, "Triggers cost plain-SQL writers").
 
 /// BEFORE INSERT OR UPDATE: every row written, by anyone, takes a new version.
 fn stamp_function_body(schema: &str, r: &ResourceConfig) -> String {
