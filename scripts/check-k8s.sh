@@ -30,7 +30,7 @@
 #
 # Environment: SYNCAR_BIN (a syncar binary; default: cargo build, target/debug/syncar),
 # SYNCAR_DEV_PG_PORT, SYNCAR_DEV_REDIS_PORT, SYNCAR_CHECK_PORT (the API),
-# SYNCAR_CHECK_ADMIN_PORT (default 55452, 56399, 57080, 57081).
+# SYNCAR_CHECK_ADMIN_PORT (default: free ports picked at start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -167,10 +167,13 @@ config_for() {
   echo "$work/$1.toml"
 }
 export SYNCAR_DEV_DIR="$state/services"
-export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-55452}"
-export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-56399}"
-port="${SYNCAR_CHECK_PORT:-57080}"
-admin_port="${SYNCAR_CHECK_ADMIN_PORT:-57081}"
+# Free ports unless given: fixed ones in the ephemeral range can be taken by any client's
+# local end at the moment a server binds.
+read -r free_pg free_redis free_api free_admin <<<"$(scripts/dev-services.sh free-ports 4)"
+export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-$free_pg}"
+export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-$free_redis}"
+port="${SYNCAR_CHECK_PORT:-$free_api}"
+admin_port="${SYNCAR_CHECK_ADMIN_PORT:-$free_admin}"
 eval "$(scripts/dev-services.sh env)"
 echo "$SYNCAR_POSTGRES_URL" >"$secrets/postgres-url"
 echo "$SYNCAR_REDIS_URL" >"$secrets/redis-url"

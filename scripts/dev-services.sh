@@ -6,6 +6,7 @@
 #   scripts/dev-services.sh down    stop both
 #   scripts/dev-services.sh env     print the SYNCAR_* variables pointing at them
 #   scripts/dev-services.sh install install the Debian packages if absent (for tests, benches)
+#   scripts/dev-services.sh free-ports N  print N distinct loopback ports nothing uses now
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -83,10 +84,23 @@ env_vars() {
   echo "export SYNCAR_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
 }
 
+# Ports the kernel hands out as free, all held at once so they differ. A fixed port in the
+# ephemeral range can be taken at any moment by some client connection's local end, and a
+# listener then fails to bind.
+free_ports() {
+  python3 -c '
+import socket, sys
+held = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in held:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in held))' "$1"
+}
+
 case "${1:-}" in
   up) up ;;
   down) down ;;
   env) env_vars ;;
   install) install_packages ;;
-  *) echo "usage: $0 up|down|env|install" >&2; exit 2 ;;
+  free-ports) free_ports "${2:-1}" ;;
+  *) echo "usage: $0 up|down|env|install|free-ports [N]" >&2; exit 2 ;;
 esac

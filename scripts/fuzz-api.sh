@@ -13,13 +13,15 @@ if [ ! -x "$st" ]; then
   st="$(command -v schemathesis || echo "$scripts_dir/schemathesis")"
 fi
 
-# Ports and data of their own, so a `make run` left running does not clash.
+# Data of their own and free ports, so a `make run` left running (or anything else) does not
+# clash.
 export SYNCAR_DEV_DIR="$PWD/.run/fuzz"
-export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-55442}"
-export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-56389}"
+read -r free_pg free_redis free_api <<<"$(scripts/dev-services.sh free-ports 3)"
+export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-$free_pg}"
+export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-$free_redis}"
 scripts/dev-services.sh up
 eval "$(scripts/dev-services.sh env)"
-port="${SYNCAR_FUZZ_PORT:-57070}"
+port="${SYNCAR_FUZZ_PORT:-$free_api}"
 cargo build -q
 SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_LOG=warn ./target/debug/syncar serve --config config/syncar.toml &
 pid=$!
