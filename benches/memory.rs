@@ -32,18 +32,24 @@ struct Held {
     weighed: u64,
 }
 
-/// Fills syncar's L1 with `entries` documents of `value_bytes`.
-fn fill_l1(entries: usize, value_bytes: usize) -> Held {
+/// The resident set before and after running `fill` on a runtime of its own.
+fn resident_around(fill: impl std::future::Future<Output = ()>) -> (u64, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
+    let before = rss();
+    rt.block_on(fill);
+    (before, rss())
+}
+
+/// Fills syncar's L1 with `entries` documents of `value_bytes`.
+fn fill_l1(entries: usize, value_bytes: usize) -> Held {
     // Large enough that nothing is evicted: the point is the cost of what is held.
     let l1 = L1::new(u64::MAX / 2);
     let source = vec![b'x'; value_bytes];
     let ttl = Duration::from_secs(3600);
-    let before = rss();
-    rt.block_on(async {
+    let (before, after) = resident_around(async {
         for i in 0..entries {
             let doc = Bytes::copy_from_slice(&source);
             l1.offer(&key(i), Cached::value(Version(i as i64 + 1), doc), ttl)
@@ -51,7 +57,6 @@ fn fill_l1(entries: usize, value_bytes: usize) -> Held {
         }
         l1.run_pending_tasks().await;
     });
-    let after = rss();
     assert_eq!(
         l1.entry_count(),
         entries as u64,
@@ -67,15 +72,10 @@ fn fill_l1(entries: usize, value_bytes: usize) -> Held {
 /// moka's own floor: the same number of entries with 24-byte inline keys and `u64` values,
 /// no weigher, no expiry; what any L1 built on moka pays per entry before holding anything.
 fn fill_moka_floor(entries: usize) -> Held {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let cache: moka::future::Cache<[u8; 24], u64> = moka::future::Cache::builder()
         .max_capacity(u64::MAX / 2)
         .build();
-    let before = rss();
-    rt.block_on(async {
+    let (before, after) = resident_around(async {
         for i in 0..entries {
             let mut k = [0u8; 24];
             k[..8].copy_from_slice(&(i as u64).to_le_bytes());
@@ -86,7 +86,7 @@ fn fill_moka_floor(entries: usize) -> Held {
     assert_eq!(cache.entry_count(), entries as u64);
     Held {
         before,
-        after: rss(),
+        after,
         weighed: 0,
     }
 }

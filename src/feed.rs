@@ -357,8 +357,23 @@ impl Supervisor {
         true
     }
 
+    /// How a session ended: whether to run another. `Ok` is shutdown; an error marks the
+    /// feed down and waits out the backoff first. Every feed's loop is
+    /// `while supervisor.again(session(..).await, ..).await {}`.
+    pub async fn again(
+        &mut self,
+        ended: Result<(), String>,
+        state: &AppState,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        match ended {
+            Ok(()) => false,
+            Err(reason) => self.failed(state, &reason, shutdown).await,
+        }
+    }
+
     /// A session ended with `reason`. False on shutdown.
-    pub async fn failed(
+    async fn failed(
         &mut self,
         state: &AppState,
         reason: &str,

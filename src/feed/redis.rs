@@ -18,16 +18,14 @@ pub async fn run(state: Arc<AppState>, shutdown: CancellationToken) {
     if !supervisor.wait_for_catalog(&state, &shutdown).await {
         return;
     }
-    loop {
-        match session(&state, &heartbeat_channel, &shutdown, supervisor.last_good).await {
-            Ok(()) => return,
-            Err(reason) => {
-                if !supervisor.failed(&state, &reason, &shutdown).await {
-                    return;
-                }
-            }
-        }
-    }
+    while supervisor
+        .again(
+            session(&state, &heartbeat_channel, &shutdown, supervisor.last_good).await,
+            &state,
+            &shutdown,
+        )
+        .await
+    {}
 }
 
 async fn session(

@@ -215,24 +215,31 @@ async fn sigterm_drains_in_flight_requests_within_the_grace_then_exits() {
         .expect("syncar becomes ready");
 
     // Two PUTs in flight: headers and half the body sent. One finishes after SIGTERM; the
-    // other never does.
+    // other never does. `Expect: 100-continue` makes syncar say when it is reading the body,
+    // so the signal is sent only once both are being handled.
     let body = br#"{"drained": true}"#;
-    let head = |key: &str| {
-        format!(
-            "PUT /v1/kv/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
+    let in_flight = |key: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut conn = TcpStream::connect(&addr).await.unwrap();
+            let head = format!(
+                "PUT /v1/kv/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).await.unwrap();
+            let mut continued = [0u8; 25];
+            conn.read_exact(&mut continued).await.unwrap();
+            assert_eq!(
+                &continued, b"HTTP/1.1 100 Continue\r\n\r\n",
+                "syncar reads the body"
+            );
+            conn.write_all(&body[..5]).await.unwrap();
+            conn
+        }
     };
-    let mut finishing = TcpStream::connect(&addr).await.unwrap();
-    finishing
-        .write_all(head("finishing").as_bytes())
-        .await
-        .unwrap();
-    finishing.write_all(&body[..5]).await.unwrap();
-    let mut stuck = TcpStream::connect(&addr).await.unwrap();
-    stuck.write_all(head("stuck").as_bytes()).await.unwrap();
-    stuck.write_all(&body[..5]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut finishing = in_flight("finishing").await;
+    let mut stuck = in_flight("stuck").await;
 
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);

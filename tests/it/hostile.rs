@@ -186,7 +186,12 @@ async fn a_flood_of_readiness_probes_is_bounded_and_liveness_still_answers() {
     let flood: Vec<_> = (0..40)
         .map(|_| tokio::spawn(async move { request(admin, "GET", "/readyz", &[], None).await }))
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the probes to fill the admin listener",
+        || async { (a.state().admin_inflight.available_permits() == 0).then_some(()) },
+    )
+    .await;
     assert_eq!(
         request(admin, "GET", "/healthz", &[], None).await.status,
         200,
