@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
+use syncar::coherence::Message;
 use syncar::config::TtlConfig;
-use syncar::feed::Message;
 use syncar::http::{read_options, target};
 use syncar::l1::L1;
 use syncar::model::{CacheKey, Cached, Version};

@@ -15,59 +15,30 @@
 //! repair loop, which makes a last attempt at what is queued.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
-use crate::db::{pg_config, Db};
-use crate::feed::{feed_id, Coherence};
-use crate::http::{ApiError, Listener};
+use crate::backoff::{jitter, Backoff};
+use crate::coherence::Coherence;
+use crate::config::{Config, KV_RESOURCE};
+use crate::db::{connect_dedicated, Db};
+use crate::feed::{feed_id, FeedContext};
+use crate::http::{HttpMetrics, HttpState, Listener};
 use crate::l1::L1;
 use crate::l2::L2;
 use crate::redact::{redact_url, Secrets};
-use crate::resource::Catalog;
-use crate::schema::{load_catalog, migrate, prune_changes, SchemaError};
-use crate::telemetry::{metrics_handle, L1_BYTES, L1_ENTRIES};
-use crate::tiers::{jitter, Tiers};
-
-/// Everything a request handler needs.
-pub struct AppState {
-    pub config: Arc<Config>,
-    /// The configured name (logs, metrics, `/readyz`).
-    pub instance: String,
-    /// Unique per process: `{instance}-{feed_id}`, the sender of this instance's messages.
-    pub instance_id: String,
-    /// Random hex naming this process's heartbeat channels.
-    pub feed_id: String,
-    pub coherence: Arc<Coherence>,
-    pub tiers: Tiers,
-    pub metrics: PrometheusHandle,
-    pub http_metrics: crate::http::HttpMetrics,
-    /// The OpenAPI document served at `/openapi.json`, with this instance's resources.
-    pub openapi: bytes::Bytes,
-    pub secrets: Secrets,
-    /// Requests in flight; when none is left, requests are shed with 503.
-    pub inflight: tokio::sync::Semaphore,
-    /// Bounds the admin listener, which answers without a token: a flood of `/readyz` (each
-    /// takes a pooled Postgres connection) must not starve the API.
-    pub admin_inflight: tokio::sync::Semaphore,
-    /// Writes run as tracked tasks, so shutdown can wait for them.
-    pub writes: TaskTracker,
-    /// Set once the schema task has migrated and loaded the resources.
-    catalog: OnceLock<Arc<Catalog>>,
-    /// Why the catalog is not loaded yet, for `/readyz` and 503s.
-    not_ready: Mutex<String>,
-}
+use crate::resource::CatalogCell;
+use crate::schema::{load_catalog, migrate, SchemaError};
+use crate::telemetry::{error_chain, metrics_handle, L1_BYTES, L1_ENTRIES};
+use crate::tiers::Tiers;
 
 /// A running instance.
 pub struct App {
-    state: Arc<AppState>,
+    state: Arc<HttpState>,
     addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
     /// Stops the listeners; their tasks end once in-flight requests are drained.
@@ -98,27 +69,9 @@ pub enum StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("cannot connect to postgres")]
-    Connect(#[source] tokio_postgres::Error),
+    Connect(#[source] crate::db::DbError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
-}
-
-impl AppState {
-    /// The resources, once the schema is ready.
-    ///
-    /// # Errors
-    /// [`ApiError::Starting`] with the reason it is not.
-    pub fn catalog(&self) -> Result<Arc<Catalog>, ApiError> {
-        match self.catalog.get() {
-            Some(c) => Ok(c.clone()),
-            None => Err(ApiError::Starting(
-                self.not_ready
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            )),
-        }
-    }
 }
 
 impl App {
@@ -156,12 +109,13 @@ impl App {
         );
         let tiers = Tiers::new(
             l1,
-            l2.clone(),
+            l2,
             db,
             coherence.clone(),
             &instance_id,
             config.redis.repair_queue_max,
         );
+        let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
 
         let (listener, local) = bind(&config.server.listen).await?;
         let admin = match &config.server.admin_listen {
@@ -172,26 +126,23 @@ impl App {
             tracing::warn!(addr = %local, "listening on a non-loopback address: anyone who can reach it can read and write documents");
         }
 
-        let state = Arc::new(AppState {
-            instance,
-            instance_id,
-            feed_id,
-            coherence,
+        let state = Arc::new(HttpState {
+            instance: instance.clone(),
+            coherence: coherence.clone(),
             config: config.clone(),
             tiers: tiers.clone(),
-            metrics,
-            http_metrics: crate::http::HttpMetrics::new(),
+            catalog: catalog.clone(),
+            metrics: metrics.clone(),
+            http_metrics: HttpMetrics::new(),
             openapi: crate::http::openapi_for(
-                &std::iter::once(crate::config::KV_RESOURCE.to_string())
+                &std::iter::once(KV_RESOURCE.to_string())
                     .chain(config.resources.iter().map(|r| r.name.clone()))
                     .collect::<Vec<_>>(),
             ),
-            secrets,
+            secrets: secrets.clone(),
             writes: TaskTracker::new(),
             inflight: tokio::sync::Semaphore::new(config.server.max_concurrent_requests),
             admin_inflight: tokio::sync::Semaphore::new(ADMIN_CONCURRENT_REQUESTS),
-            catalog: OnceLock::new(),
-            not_ready: Mutex::new("connecting to postgres".into()),
         });
         let stop_accepting = CancellationToken::new();
         let listeners = TaskTracker::new();
@@ -213,37 +164,48 @@ impl App {
         listeners.close();
         let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(schema_task(state.clone(), shutdown.clone()));
-        tasks.spawn(upkeep_task(state.clone(), shutdown.clone()));
+        tasks.spawn(schema_task(
+            config.clone(),
+            catalog.clone(),
+            secrets.clone(),
+            shutdown.clone(),
+        ));
+        tasks.spawn(upkeep_task(tiers.clone(), metrics, shutdown.clone()));
         // The triggers log every change whatever the feeds: always prune.
-        tasks.spawn(prune_task(state.clone(), shutdown.clone()));
+        tasks.spawn(prune_task(
+            tiers.clone(),
+            catalog.clone(),
+            config.feeds.changes_retention,
+            shutdown.clone(),
+        ));
+        let feeds = Arc::new(FeedContext {
+            config: config.clone(),
+            coherence,
+            tiers: tiers.clone(),
+            catalog,
+            secrets,
+            instance_id,
+            feed_id,
+        });
         if config.feeds.postgres {
-            match config.feeds.postgres_source {
-                crate::config::PostgresSource::Notify => {
-                    tasks.spawn(crate::feed::postgres::run(state.clone(), shutdown.clone()));
-                }
-                crate::config::PostgresSource::ChangesLog => {
-                    tasks.spawn(crate::feed::changes::run(state.clone(), shutdown.clone()));
-                }
-            }
+            tasks.spawn(crate::feed::run_postgres(feeds.clone(), shutdown.clone()));
         }
         if config.feeds.redis {
-            tasks.spawn(crate::feed::redis::run(state.clone(), shutdown.clone()));
+            tasks.spawn(crate::feed::run_redis(feeds, shutdown.clone()));
         }
         tasks.close();
         let background = CancellationToken::new();
         let background_tasks = TaskTracker::new();
-        background_tasks.spawn(tiers.repairs().clone().run(
-            l2,
-            background.clone(),
-            config.server.shutdown_grace,
-        ));
+        {
+            let (background, grace) = (background.clone(), config.server.shutdown_grace);
+            background_tasks.spawn(async move { tiers.run_repairs(background, grace).await });
+        }
         background_tasks.close();
 
         tracing::info!(
             addr = %local,
             admin = ?admin_addr,
-            instance = %state.instance,
+            instance = %instance,
             postgres = %redact_url(&config.postgres.url),
             redis = %redact_url(&config.redis.url),
             "syncar listening"
@@ -271,7 +233,8 @@ impl App {
         self.admin_addr
     }
 
-    pub fn state(&self) -> &Arc<AppState> {
+    /// What the HTTP layer sees: the tiers, the catalog, the feeds' state.
+    pub fn state(&self) -> &Arc<HttpState> {
         &self.state
     }
 
@@ -282,7 +245,7 @@ impl App {
     pub async fn ready(&self, timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let status = match self.state.catalog() {
+            let status = match self.state.catalog.get() {
                 Ok(_) if self.state.coherence.all_up() => return Ok(()),
                 Ok(_) => "a feed is not up yet".to_string(),
                 Err(e) => e.to_string(),
@@ -351,9 +314,9 @@ where
     F: FnOnce(tokio_postgres::Client) -> Fut,
     Fut: std::future::Future<Output = Result<T, MigrateError>>,
 {
-    let pg = pg_config(&config.postgres)
-        .map_err(|e| MigrateError::Schema(SchemaError::Invalid(format!("postgres.url: {e}"))))?;
-    let (client, connection) = pg.connect(NoTls).await.map_err(MigrateError::Connect)?;
+    let (client, connection) = connect_dedicated(&config.postgres, None, "syncar")
+        .await
+        .map_err(MigrateError::Connect)?;
     let driver = tokio::spawn(connection);
     let result = f(client).await;
     // The client was moved into `f` and dropped there, which ends the connection.
@@ -362,9 +325,13 @@ where
 }
 
 /// Migrates (unless disabled) and loads the catalog, retrying with backoff until it works.
-async fn schema_task(state: Arc<AppState>, shutdown: CancellationToken) {
-    let config = state.config.clone();
-    let mut backoff = Duration::from_millis(100);
+async fn schema_task(
+    config: Arc<Config>,
+    catalog: Arc<CatalogCell>,
+    secrets: Secrets,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), SCHEMA_MAX_BACKOFF);
     let mut last_error = String::new();
     loop {
         let attempt = with_connection(&config, |mut client| {
@@ -384,47 +351,47 @@ async fn schema_task(state: Arc<AppState>, shutdown: CancellationToken) {
             r = attempt => r,
         };
         match result {
-            Ok((changes, catalog)) => {
+            Ok((changes, loaded)) => {
                 for change in &changes {
                     tracing::info!(change = %change, "migrated");
                 }
-                let _ = state.catalog.set(Arc::new(catalog));
+                catalog.set(loaded);
                 tracing::info!("schema ready; serving documents");
                 return;
             }
             Err(e) => {
-                let message = state.secrets.scrub(&error_chain(&e));
+                let message = secrets.scrub(&error_chain(&e));
                 if message != last_error {
                     tracing::warn!(error = %message, "schema not ready; retrying");
                     last_error = message.clone();
                 }
-                *state.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = message;
+                catalog.not_ready(message);
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(jitter(backoff, 0.5).min(SCHEMA_MAX_BACKOFF)) => {}
+            _ = tokio::time::sleep(backoff.next_pause()) => {}
         }
-        backoff = (backoff * 2).min(SCHEMA_MAX_BACKOFF);
     }
 }
 
 /// Prunes the changes log now and then; one instance at a time does the work.
-async fn prune_task(state: Arc<AppState>, shutdown: CancellationToken) {
-    let retention = state.config.feeds.changes_retention;
+async fn prune_task(
+    tiers: Tiers,
+    catalog: Arc<CatalogCell>,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
     let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(jitter(every, 0.2)) => {}
         }
-        if state.catalog.get().is_none() {
+        if !catalog.is_loaded() {
             continue;
         }
-        let Ok(client) = state.tiers.db().raw_client().await else {
-            continue;
-        };
-        match prune_changes(&**client, &state.config.postgres.schema, retention).await {
+        match tiers.prune_changes_log(retention).await {
             Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "pruning the changes log failed"),
@@ -433,7 +400,11 @@ async fn prune_task(state: Arc<AppState>, shutdown: CancellationToken) {
 }
 
 /// The exporter starts no task of its own: keep its histograms fresh and publish L1's size.
-async fn upkeep_task(state: Arc<AppState>, shutdown: CancellationToken) {
+async fn upkeep_task(
+    tiers: Tiers,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) {
     // The exporter keeps every histogram sample until upkeep folds them into buckets: at tens
     // of thousands of requests a second, five seconds' worth took a runtime thread for
     // hundreds of milliseconds. Often, and on a blocking thread, it never stalls requests.
@@ -444,25 +415,13 @@ async fn upkeep_task(state: Arc<AppState>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let handle = state.metrics.clone();
+        let handle = metrics.clone();
         let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
-        if let Some(l1) = state.tiers.l1() {
-            metrics::gauge!(L1_ENTRIES).set(l1.entry_count() as f64);
-            metrics::gauge!(L1_BYTES).set(l1.weighted_size() as f64);
+        if let Some((entries, bytes)) = tiers.l1_size() {
+            metrics::gauge!(L1_ENTRIES).set(entries as f64);
+            metrics::gauge!(L1_BYTES).set(bytes as f64);
         }
     }
-}
-
-/// `error: cause: cause`, for one-line logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 async fn wait_for_signal() {

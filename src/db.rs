@@ -9,10 +9,18 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::NoTls;
 
+use crate::coherence::Message;
 use crate::config::PostgresConfig;
 use crate::model::Version;
 use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
-use crate::schema::VERSION_SEQUENCE;
+use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
+
+/// A dedicated connection (outside the pool) and its driver, which the caller must spawn or
+/// poll: notifications arrive only through the driver.
+pub type Dedicated = (
+    tokio_postgres::Client,
+    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+);
 
 /// A failed Postgres call, classified for the client. Cloneable, so one load's error can be
 /// shared by every reader waiting on it.
@@ -233,12 +241,28 @@ impl Db {
         Ok(())
     }
 
-    /// A pooled connection for queries of other modules (the changes log).
+    /// The newest logged change of every key changed within the last `ago` (see
+    /// [`crate::schema::changes_since`]).
     ///
     /// # Errors
-    /// Postgres unavailable.
-    pub async fn raw_client(&self) -> Result<deadpool_postgres::Object, DbError> {
-        self.client().await
+    /// A classified [`DbError`].
+    pub async fn changes_since(&self, ago: Duration) -> Result<Vec<Message>, DbError> {
+        let client = self.client().await?;
+        changes_since(&**client, &self.schema, ago)
+            .await
+            .map_err(classify)
+    }
+
+    /// Prunes the changes log past `retention`, unless another instance is doing it; returns
+    /// the rows deleted.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn prune_changes(&self, retention: Duration) -> Result<u64, DbError> {
+        let client = self.client().await?;
+        prune_changes(&**client, &self.schema, retention)
+            .await
+            .map_err(classify)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
@@ -278,6 +302,31 @@ pub fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, DbEr
     };
     pg.options(&options);
     Ok(pg)
+}
+
+/// Opens a connection of its own (outside the pool) with the same settings as the pool's,
+/// named `application_name` in `pg_stat_activity`; `url` overrides `config.url` (a feed's
+/// `postgres.listen_url`).
+///
+/// # Errors
+/// An unparsable URL, or the connection failing; a connect past `connect_timeout` is
+/// [`DbError::Unavailable`].
+pub async fn connect_dedicated(
+    config: &PostgresConfig,
+    url: Option<&str>,
+    application_name: &str,
+) -> Result<Dedicated, DbError> {
+    let mut config = config.clone();
+    if let Some(url) = url {
+        config.url = url.to_string();
+    }
+    let mut pg = pg_config(&config)?;
+    pg.application_name(application_name);
+    match tokio::time::timeout(config.connect_timeout, pg.connect(NoTls)).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(DbError::Unavailable(format!("connect failed: {e}"))),
+        Err(_) => Err(DbError::Unavailable("connect timed out".into())),
+    }
 }
 
 fn key_param(key: &KeyParam) -> &(dyn ToSql + Sync) {

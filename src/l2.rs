@@ -88,6 +88,7 @@ pub struct L2 {
     conn: ConnectionManager,
     prefix: Arc<str>,
     timeout: Duration,
+    connect_timeout: Duration,
     retry_interval: Duration,
     script: Arc<Script>,
     /// Milliseconds since `epoch` until which reads skip Redis; 0 when healthy.
@@ -132,6 +133,7 @@ impl L2 {
             conn,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
             retry_interval: config.retry_interval,
             script: Arc::new(Script::new(OFFER_SCRIPT)),
             skip_until: Arc::new(AtomicU64::new(0)),
@@ -318,9 +320,27 @@ impl L2 {
         format!("{}invalidations", self.prefix)
     }
 
-    /// A client with the same address and TCP settings, for the pub/sub connection.
-    pub fn client(&self) -> redis::Client {
-        self.client.clone()
+    /// A subscription of its own to `channels` (RESP2 pub/sub, which never reconnects: when
+    /// the stream ends, the caller subscribes again), with the same address and TCP settings
+    /// as the command connection. Connecting is bounded by `redis.connect_timeout`, the
+    /// SUBSCRIBE by `timeout`.
+    ///
+    /// # Errors
+    /// Connecting or subscribing failed or timed out.
+    pub async fn subscribe(
+        &self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
+        let mut pubsub = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| L2Error::Timeout(self.connect_timeout))?
+            .map_err(|e| L2Error::Redis(format!("connect failed: {e}")))?;
+        tokio::time::timeout(timeout, pubsub.subscribe(channels))
+            .await
+            .map_err(|_| L2Error::Timeout(timeout))?
+            .map_err(|e| L2Error::Redis(format!("SUBSCRIBE failed: {e}")))?;
+        Ok(pubsub.into_on_message())
     }
 
     /// Completes when a command succeeds after a failure (one waiter at a time).

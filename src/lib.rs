@@ -4,22 +4,28 @@
 //!
 //! The major components, in the order a request meets them:
 //!
-//! - [`http`]: the hyper server, routing, and the one error-to-status mapping.
-//! - [`tiers`]: read-through and write-through across the tiers, and Redis repair.
-//! - [`feed`]: coherence across instances: the Postgres LISTEN and Redis pub/sub feeds,
-//!   heartbeats, L1 bypass while a feed is down, replay of the changes log when it is back.
+//! - [`http`]: the hyper server, routing, document handlers, and the one error-to-status
+//!   mapping.
+//! - [`tiers`]: read-through and write-through across the tiers, and Redis repair; the only
+//!   module that reaches the stores.
+//! - [`feed`]: coherence across instances: the changes-log poller, LISTEN/NOTIFY and Redis
+//!   pub/sub feeds, one run loop for all, replay of the changes log when a feed is back.
+//! - [`coherence`]: the vocabulary feeds and tiers share: messages, feed state, the lease
+//!   clock and the rules for using L1 and Redis. Pure.
 //! - [`l1`]: the per-instance moka cache with versioned, per-key atomic updates.
 //! - [`l2`]: Redis, written only through a version-comparing Lua script.
 //! - [`db`]: Postgres, the source of truth.
 //! - [`resource`] and [`schema`]: what a resource is, its SQL, and `syncar migrate`
 //!   (the version sequence and the triggers that stamp and announce every write).
 //! - [`model`]: versions, cache keys, and how two copies of a key rank.
-//! - [`config`], [`telemetry`], [`redact`], [`app`]: settings, logs and metrics, keeping
-//!   secrets out of both, and start-up/shutdown.
+//! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`app`]: settings, logs and
+//!   metrics, keeping secrets out of both, waiting between retries, and start-up/shutdown.
 //!
 //! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
 
 pub mod app;
+pub mod backoff;
+pub mod coherence;
 pub mod config;
 pub mod db;
 pub mod feed;

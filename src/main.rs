@@ -4,9 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncar::app::{error_chain, run_migration};
+use syncar::app::run_migration;
 use syncar::config::{Config, LogFormat};
-use syncar::{telemetry, App};
+use syncar::telemetry::{self, error_chain};
+use syncar::App;
 
 /// Cache-coherence sidecar: moka (L1), Redis (L2) and Postgres, kept coherent by versions.
 #[derive(Parser)]

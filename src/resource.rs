@@ -3,11 +3,12 @@
 //! always quoted; keys and bodies are always bind parameters. Runs no query itself.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
 
 use crate::config::TtlConfig;
+use crate::model::CacheKey;
 
 /// The resources this instance serves, resolved against the live schema.
 #[derive(Debug, Default)]
@@ -27,6 +28,95 @@ impl Catalog {
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
         self.resources.get(name)
+    }
+}
+
+/// The catalog once the schema task has migrated and loaded it; until then, why not.
+///
+/// # Concurrency
+/// Set once, read on every request without a lock.
+#[derive(Debug)]
+pub struct CatalogCell {
+    catalog: OnceLock<Arc<Catalog>>,
+    /// Why the catalog is not loaded yet, for `/readyz` and 503s.
+    not_ready: Mutex<String>,
+}
+
+/// The catalog is not loaded yet: Postgres is unreachable, the schema is not migrated, or a
+/// configured table does not fit. Callers answer 503 `starting` with the reason.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("not ready: {0}")]
+pub struct NotReady(pub String);
+
+impl CatalogCell {
+    /// Empty, not ready for `reason`.
+    pub fn new(reason: &str) -> Self {
+        CatalogCell {
+            catalog: OnceLock::new(),
+            not_ready: Mutex::new(reason.to_string()),
+        }
+    }
+
+    /// The resources, once loaded.
+    ///
+    /// # Errors
+    /// [`NotReady`] with the last reason they are not.
+    pub fn get(&self) -> Result<Arc<Catalog>, NotReady> {
+        match self.catalog.get() {
+            Some(c) => Ok(c.clone()),
+            None => Err(NotReady(
+                self.not_ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )),
+        }
+    }
+
+    /// Whether the catalog is loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.catalog.get().is_some()
+    }
+
+    /// Publishes the loaded catalog; later calls change nothing.
+    pub fn set(&self, catalog: Catalog) {
+        let _ = self.catalog.set(Arc::new(catalog));
+    }
+
+    /// Records why the catalog could not be loaded yet.
+    pub fn not_ready(&self, reason: String) {
+        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+}
+
+/// One document of one resource, as a request names it: what routing resolves once and every
+/// tier uses (the SQL binds `key`, the caches use `ck`).
+#[derive(Clone, Debug)]
+pub struct DocRef {
+    pub resource: Arc<Resource>,
+    /// The key as the bind parameter of the key column's type.
+    pub key: KeyParam,
+    /// `resource:key`, from the parsed key: `07` and `7` name one row, so one cache entry.
+    pub ck: CacheKey,
+}
+
+impl DocRef {
+    /// The document `key` (already percent-decoded) of `resource`.
+    ///
+    /// # Errors
+    /// A message for the client when the key does not fit the key column (an integer key
+    /// that is not an integer).
+    pub fn new(resource: &Arc<Resource>, key: &str) -> Result<DocRef, String> {
+        let param = resource.parse_key(key)?;
+        let ck = match &param {
+            KeyParam::Text(text) => CacheKey::new(&resource.name, text),
+            KeyParam::Int(_) => CacheKey::new(&resource.name, &param.to_string()),
+        };
+        Ok(DocRef {
+            resource: resource.clone(),
+            key: param,
+            ck,
+        })
     }
 }
 

@@ -131,3 +131,15 @@ pub fn init_logging(config: &LogConfig) {
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// `error: cause: cause`, for one-line logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

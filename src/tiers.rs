@@ -9,26 +9,31 @@
 //! - A read that finds L1 knows of a newer version than the copy it loaded goes down a tier
 //!   instead of returning the older copy.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+mod repairs;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::jitter;
+use crate::coherence::{Coherence, Feed, Message, Op};
 use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
-use crate::feed::{Coherence, Feed, Message, Op};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, KeyParam, Precondition, Resource};
-use crate::schema::Change;
+use crate::resource::{Catalog, DocRef, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
-    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L2_REPAIRS, L2_REPAIR_QUEUE,
-    L2_WRITE_FAILURES,
+    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES, L2_WRITE_FAILURES,
 };
+
+pub use repairs::Repairs;
+
+/// Changes applied to the tiers at once (a replay, a poll's batch): their Redis calls share
+/// one pipelined connection, and order does not matter since every tier takes only strictly
+/// newer versions.
+pub const APPLY_CONCURRENCY: usize = 64;
 
 /// A servable copy and the tier that answered.
 #[derive(Clone, Debug)]
@@ -82,20 +87,6 @@ impl Counters {
     }
 }
 
-/// Redis entries to fix once Redis answers again: writes committed in Postgres whose Redis
-/// update failed. Each is the versioned tombstone (or absence) of that write, so applying it
-/// late is safe: the script refuses it if Redis already holds something newer.
-pub struct Repairs {
-    pending: Mutex<HashMap<CacheKey, (Cached, Duration)>>,
-    /// `pending.len()`, readable without the lock on every Redis read.
-    count: std::sync::atomic::AtomicUsize,
-    max: usize,
-    /// More failures than `max`: individual keys were lost, the whole prefix is dropped once
-    /// Redis is back.
-    overflowed: AtomicBool,
-    wake: Notify,
-}
-
 impl Tiers {
     pub fn new(
         l1: Option<L1>,
@@ -112,35 +103,14 @@ impl Tiers {
             coherence,
             instance_id: instance_id.into(),
             flights: Arc::new(SingleFlight::default()),
-            repairs: Arc::new(Repairs {
-                pending: Mutex::new(HashMap::new()),
-                count: std::sync::atomic::AtomicUsize::new(0),
-                max: repair_queue_max,
-                overflowed: AtomicBool::new(false),
-                wake: Notify::new(),
-            }),
+            repairs: Arc::new(Repairs::new(repair_queue_max)),
             counters: Arc::new(Counters::new()),
         }
     }
 
-    pub fn l1(&self) -> Option<&L1> {
-        self.l1.as_ref()
-    }
-
-    pub fn l2(&self) -> &L2 {
-        &self.l2
-    }
-
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
+    /// The feeds' state these tiers obey.
     pub fn coherence(&self) -> &Arc<Coherence> {
         &self.coherence
-    }
-
-    pub fn repairs(&self) -> &Arc<Repairs> {
-        &self.repairs
     }
 
     /// L1's current generation, if L1 is enabled and usable now (every feed up).
@@ -156,11 +126,11 @@ impl Tiers {
 
     /// The L1 answer for a read, if L1 is usable and holds a servable copy fresh enough for
     /// `options`; `None` means [`Tiers::get_below_l1`] must run.
-    pub async fn l1_hit(&self, ck: &CacheKey, options: ReadOptions) -> Option<ReadResult> {
+    pub async fn l1_hit(&self, doc: &DocRef, options: ReadOptions) -> Option<ReadResult> {
         if options.strong || !self.coherence.l1_usable() {
             return None;
         }
-        let copy = self.l1.as_ref()?.get(ck).await?;
+        let copy = self.l1.as_ref()?.get(&doc.ck).await?;
         let fresh = options.min_version.is_none_or(|min| copy.version >= min);
         if !copy.is_servable() || !fresh {
             return None;
@@ -181,16 +151,10 @@ impl Tiers {
     ///
     /// # Errors
     /// Only when Postgres had to be asked and failed; Redis failures fall through to Postgres.
-    pub async fn get(
-        &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
-        options: ReadOptions,
-    ) -> Result<ReadResult, DbError> {
-        match self.l1_hit(ck, options).await {
+    pub async fn get(&self, doc: &DocRef, options: ReadOptions) -> Result<ReadResult, DbError> {
+        match self.l1_hit(doc, options).await {
             Some(hit) => Ok(hit),
-            None => self.get_below_l1(resource, key, ck, options).await,
+            None => self.get_below_l1(doc, options).await,
         }
     }
 
@@ -201,21 +165,19 @@ impl Tiers {
     /// As [`Tiers::get`].
     pub async fn get_below_l1(
         &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
+        doc: &DocRef,
         options: ReadOptions,
     ) -> Result<ReadResult, DbError> {
         let generation = self.usable_l1();
         if options.strong {
-            return self.load_db(resource, key, ck, generation).await;
+            return self.load_db(doc, generation).await;
         }
         if generation.is_some() {
             self.counters.l1_miss.increment(1);
         }
         let read = self
             .flights
-            .run(ck, self.load(resource, key, ck, generation))
+            .run(&doc.ck, self.load(doc, generation))
             .await?;
         if options
             .min_version
@@ -225,21 +187,16 @@ impl Tiers {
         }
         // The shared load was older than this caller needs (it joined a load started before
         // its write): Postgres has it.
-        self.load_db(resource, key, ck, generation).await
+        self.load_db(doc, generation).await
     }
 
     /// Loads from Redis, else Postgres, filling the tiers above. `generation` is L1's when the
     /// read began, or `None` when L1 is not to be filled.
-    async fn load(
-        &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
-        generation: Option<u64>,
-    ) -> Result<ReadResult, DbError> {
+    async fn load(&self, doc: &DocRef, generation: Option<u64>) -> Result<ReadResult, DbError> {
         if !self.coherence.l2_trusted() {
-            return self.load_db(resource, key, ck, generation).await;
+            return self.load_db(doc, generation).await;
         }
+        let (resource, ck) = (&doc.resource, &doc.ck);
         match self.l2.get(ck).await {
             Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
                 // A committed write of this key has not reached Redis yet.
@@ -268,21 +225,13 @@ impl Tiers {
                 tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
             }
         }
-        self.load_db(resource, key, ck, generation).await
+        self.load_db(doc, generation).await
     }
 
     /// Reads Postgres and offers the result to Redis and L1.
-    async fn load_db(
-        &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
-        generation: Option<u64>,
-    ) -> Result<ReadResult, DbError> {
-        let copy = match self.db.get(resource, key).await? {
-            Some((version, doc)) => Cached::value(version, doc),
-            None => Cached::absent(Version::NONE),
-        };
+    async fn load_db(&self, doc: &DocRef, generation: Option<u64>) -> Result<ReadResult, DbError> {
+        let copy = self.read_postgres(doc).await?;
+        let (resource, ck) = (&doc.resource, &doc.ck);
         self.counters.db_hit.increment(1);
         let mut newer_exists = false;
         if self.l2.available() {
@@ -342,17 +291,15 @@ impl Tiers {
     /// Postgres' failure; nothing was committed.
     pub async fn put(
         &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
+        doc: &DocRef,
         body: serde_json::Value,
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let generation = self.l1.as_ref().map(L1::generation);
-        let outcome = self.db.put(resource, key, body, pre).await?;
+        let outcome = self.db.put(&doc.resource, &doc.key, body, pre).await?;
         if let WriteOutcome::Written(w) = &outcome {
             let copy = Cached::value(w.version, w.doc.clone());
-            self.settle(resource, ck, copy, Op::Put, generation).await;
+            self.settle(doc, copy, Op::Put, generation).await;
         }
         Ok(outcome)
     }
@@ -362,24 +309,12 @@ impl Tiers {
     ///
     /// # Errors
     /// Postgres' failure; nothing was committed.
-    pub async fn delete(
-        &self,
-        resource: &Resource,
-        key: &KeyParam,
-        ck: &CacheKey,
-        pre: Precondition,
-    ) -> Result<DeleteOutcome, DbError> {
+    pub async fn delete(&self, doc: &DocRef, pre: Precondition) -> Result<DeleteOutcome, DbError> {
         let generation = self.l1.as_ref().map(L1::generation);
-        let outcome = self.db.delete(resource, key, pre).await?;
+        let outcome = self.db.delete(&doc.resource, &doc.key, pre).await?;
         if let DeleteOutcome::Deleted { version } = outcome {
-            self.settle(
-                resource,
-                ck,
-                Cached::absent(version),
-                Op::Delete,
-                generation,
-            )
-            .await;
+            self.settle(doc, Cached::absent(version), Op::Delete, generation)
+                .await;
         }
         Ok(outcome)
     }
@@ -387,14 +322,8 @@ impl Tiers {
     /// Brings Redis and L1 up to a committed copy and tells the other instances. A Redis
     /// failure is queued for repair, never returned: the write is committed and is
     /// acknowledged. (The Postgres feed tells the other instances in that case.)
-    async fn settle(
-        &self,
-        resource: &Resource,
-        ck: &CacheKey,
-        copy: Cached,
-        op: Op,
-        generation: Option<u64>,
-    ) {
+    async fn settle(&self, doc: &DocRef, copy: Cached, op: Op, generation: Option<u64>) {
+        let (resource, ck) = (&doc.resource, &doc.ck);
         // A load in flight may have read before this commit: nobody asking from now on joins it.
         self.flights.forget(ck);
         let message = if self.coherence.redis.enabled() {
@@ -443,20 +372,17 @@ impl Tiers {
         let Some(resource) = catalog.get(&message.resource) else {
             return false; // not a resource of this instance
         };
-        let copy = match message.op {
-            Op::Put => Cached::invalidated(Version(message.version)),
-            Op::Delete => Cached::absent(Version(message.version)),
-            Op::Flush => {
-                if let Some(l1) = &self.l1 {
-                    l1.clear();
-                }
-                if feed == Feed::Postgres {
-                    if let Err(e) = self.l2.flush_resource(&resource.name).await {
-                        tracing::warn!(resource = %resource.name, error = %e, "redis flush of a resource failed");
-                    }
-                }
-                return true;
+        let Some(copy) = invalidation(message) else {
+            // A resource-wide flush.
+            if let Some(l1) = &self.l1 {
+                l1.clear();
             }
+            if feed == Feed::Postgres {
+                if let Err(e) = self.l2.flush_resource(&resource.name).await {
+                    tracing::warn!(resource = %resource.name, error = %e, "redis flush of a resource failed");
+                }
+            }
+            return true;
         };
         let Some(key) = &message.key else {
             return false;
@@ -487,168 +413,170 @@ impl Tiers {
         fresh.unwrap_or(false)
     }
 
-    /// Replays changes-log entries into Redis: every logged key gets a tombstone of its
-    /// newest logged version, which lands only where Redis holds something older.
+    /// Repairs Redis from the changes log: every key changed within the last `ago` (by
+    /// Postgres' clock) gets a tombstone of its newest logged version, which lands only where
+    /// Redis holds something older. Returns how many keys were replayed.
     ///
     /// # Errors
-    /// The first Redis failure.
-    pub async fn replay(&self, catalog: &Catalog, changes: Vec<Change>) -> Result<(), L2Error> {
+    /// Reading the log failed, or the first Redis failure.
+    pub async fn replay_changes_log(
+        &self,
+        catalog: &Catalog,
+        ago: Duration,
+    ) -> Result<usize, ReplayError> {
         use futures_util::TryStreamExt;
+        let changes = self.db.changes_since(ago).await?;
+        let replayed = changes.len();
         // Concurrently: order does not matter (Redis takes only strictly newer versions) and
         // the connection pipelines what is in flight; one by one, a large log took seconds.
         futures_util::stream::iter(changes.into_iter().map(Ok))
-            .try_for_each_concurrent(
-                crate::feed::changes::APPLY_CONCURRENCY,
-                |change| async move {
-                    let Some(resource) = catalog.get(&change.resource) else {
-                        return Ok(());
-                    };
-                    let copy = match (change.op.as_str(), &change.key) {
-                        ("delete", Some(_)) => Cached::absent(Version(change.version)),
-                        (_, Some(_)) => Cached::invalidated(Version(change.version)),
-                        (_, None) => {
-                            return self.l2.flush_resource(&resource.name).await.map(|_| ())
-                        }
-                    };
-                    let ck =
-                        CacheKey::new(&resource.name, change.key.as_deref().unwrap_or_default());
-                    self.l2
-                        .offer(&ck, &copy, l2_ttl(resource, &copy))
-                        .await
-                        .map(|_| ())
-                },
-            )
-            .await
+            .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
+                let Some(resource) = catalog.get(&change.resource) else {
+                    return Ok(());
+                };
+                let (Some(copy), Some(key)) = (invalidation(&change), &change.key) else {
+                    return self.l2.flush_resource(&resource.name).await.map(|_| ());
+                };
+                let ck = CacheKey::new(&resource.name, key);
+                self.l2
+                    .offer(&ck, &copy, l2_ttl(resource, &copy))
+                    .await
+                    .map(|_| ())
+            })
+            .await?;
+        Ok(replayed)
+    }
+
+    /// Drops every key under this deployment's prefix from Redis (when a repair key by key is
+    /// no longer possible). Returns how many keys were removed.
+    ///
+    /// # Errors
+    /// The first Redis failure.
+    pub async fn flush_redis(&self) -> Result<u64, L2Error> {
+        self.l2.flush_prefix().await
+    }
+
+    /// Empties L1 (a feed came back: nothing cached before may be served), counted for
+    /// `feed`. Nothing loading before this call lands after it (see [`L1::clear`]).
+    pub fn flush_l1(&self, feed: Feed) {
+        if let Some(l1) = &self.l1 {
+            l1.clear();
+            metrics::counter!(L1_FLUSHES, "feed" => feed.as_str()).increment(1);
+        }
+    }
+
+    /// L1's entries and weighted bytes, if there is an L1.
+    pub fn l1_size(&self) -> Option<(u64, u64)> {
+        self.l1
+            .as_ref()
+            .map(|l1| (l1.entry_count(), l1.weighted_size()))
+    }
+
+    /// `SELECT 1` through the pool.
+    ///
+    /// # Errors
+    /// Why Postgres cannot be used.
+    pub async fn ping_postgres(&self) -> Result<(), DbError> {
+        self.db.ping().await
+    }
+
+    /// `PING` on the command connection.
+    ///
+    /// # Errors
+    /// Why Redis cannot be used.
+    pub async fn ping_redis(&self) -> Result<(), L2Error> {
+        self.l2.ping().await
+    }
+
+    /// Prunes the changes log past `retention` (one instance at a time does the work);
+    /// returns the rows deleted.
+    ///
+    /// # Errors
+    /// Postgres failing.
+    pub async fn prune_changes_log(&self, retention: Duration) -> Result<u64, DbError> {
+        self.db.prune_changes(retention).await
+    }
+
+    /// Publishes `payload` on `channel` (heartbeats).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn publish(&self, channel: &str, payload: String) -> Result<(), L2Error> {
+        self.l2.publish(channel, payload).await
+    }
+
+    /// A Redis subscription of its own to `channels`; see [`L2::subscribe`].
+    ///
+    /// # Errors
+    /// Connecting or subscribing failed or timed out.
+    pub async fn subscribe(
+        &self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
+        self.l2.subscribe(channels, timeout).await
+    }
+
+    /// The channel writes through syncar are announced on.
+    pub fn invalidation_channel(&self) -> String {
+        self.l2.invalidation_channel()
+    }
+
+    /// Runs the Redis repair loop until `shutdown`, then makes a last attempt bounded by
+    /// `final_drain` (see [`Repairs::run`]).
+    pub async fn run_repairs(&self, shutdown: CancellationToken, final_drain: Duration) {
+        self.repairs.run(&self.l2, shutdown, final_drain).await;
+    }
+
+    /// Keys waiting for a Redis repair.
+    pub fn pending_repairs(&self) -> usize {
+        self.repairs.len()
+    }
+
+    /// The copy L1 holds for `ck` in its current generation, tombstones included, without
+    /// counting a hit (for inspection: tests, debugging).
+    pub async fn peek_l1(&self, ck: &CacheKey) -> Option<Arc<Cached>> {
+        self.l1.as_ref()?.get(ck).await
+    }
+
+    /// Offers `copy` to L1 directly, as an invalidation or write would (for tests that force
+    /// an interleaving). `None` without an L1.
+    pub async fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<Offer> {
+        Some(self.l1.as_ref()?.offer(ck, copy, ttl).await)
+    }
+
+    /// The document as Postgres holds it now (an absence at [`Version::NONE`] when there is
+    /// no row), touching no cache.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn read_postgres(&self, doc: &DocRef) -> Result<Cached, DbError> {
+        Ok(match self.db.get(&doc.resource, &doc.key).await? {
+            Some((version, body)) => Cached::value(version, body),
+            None => Cached::absent(Version::NONE),
+        })
     }
 }
 
-impl Repairs {
-    /// Remembers a repair, keeping the newer one if the key is already queued.
-    pub fn push(&self, key: CacheKey, copy: Cached, ttl: Duration) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        match pending.get(&key) {
-            Some((queued, _)) if !copy.supersedes(queued) => {}
-            Some(_) => {
-                pending.insert(key, (copy, ttl));
-            }
-            None if pending.len() >= self.max => {
-                if !self.overflowed.swap(true, Ordering::Relaxed) {
-                    tracing::error!(
-                        max = self.max,
-                        "redis repair queue full; the key prefix will be dropped from redis once it answers"
-                    );
-                }
-            }
-            None => {
-                pending.insert(key, (copy, ttl));
-            }
-        }
-        self.count.store(pending.len(), Ordering::Relaxed);
-        metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
-        self.wake.notify_one();
-    }
-
-    /// Keys waiting for repair.
-    pub fn len(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
-
-    /// Whether a repair newer than `version` is queued for `key`: Redis' copy is behind a
-    /// committed write.
-    pub fn pending_above(&self, key: &CacheKey, version: Version) -> bool {
-        if self.is_empty() {
-            return false;
-        }
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.get(key).is_some_and(|(c, _)| c.version > version)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The repair loop: applies queued repairs whenever Redis answers, backing off with jitter
-    /// while it does not, and waking at once when any Redis command succeeds again. On
-    /// `shutdown` it makes a last attempt, bounded by `final_drain`, and logs what is left.
-    pub async fn run(self: Arc<Self>, l2: L2, shutdown: CancellationToken, final_drain: Duration) {
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            if self.is_empty() && !self.overflowed.load(Ordering::Relaxed) {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = self.wake.notified() => {}
-                }
-            }
-            if self.drain(&l2).await {
-                backoff = MIN_BACKOFF;
-                continue;
-            }
-            let pause = jitter(backoff, 0.5);
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(pause) => {}
-                _ = l2.recovered() => backoff = MIN_BACKOFF,
-            }
-        }
-        if !self.is_empty() {
-            let _ = tokio::time::timeout(final_drain, self.drain(&l2)).await;
-            if !self.is_empty() {
-                tracing::error!(
-                    keys = self.len(),
-                    "stopping with redis repairs not applied; those entries stay stale in redis until they expire"
-                );
-            }
-        }
-    }
-
-    /// Applies everything queued; false at the first Redis failure. A key leaves the queue
-    /// only once its repair is applied (and no newer one was queued meanwhile).
-    async fn drain(&self, l2: &L2) -> bool {
-        let batch: Vec<_> = {
-            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending
-                .iter()
-                .map(|(k, (c, ttl))| (k.clone(), c.clone(), *ttl))
-                .collect()
-        };
-        for (key, copy, ttl) in batch {
-            if let Err(e) = l2.offer(&key, &copy, ttl).await {
-                metrics::counter!(L2_REPAIRS, "result" => "failed").increment(1);
-                tracing::debug!(error = %e, "redis repair failed; retrying later");
-                return false;
-            }
-            metrics::counter!(L2_REPAIRS, "result" => "applied").increment(1);
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.get(&key).is_some_and(|(queued, _)| *queued == copy) {
-                pending.remove(&key);
-            }
-            self.count.store(pending.len(), Ordering::Relaxed);
-            metrics::gauge!(L2_REPAIR_QUEUE).set(pending.len() as f64);
-        }
-        if self.overflowed.load(Ordering::Relaxed) {
-            match l2.flush_prefix().await {
-                Ok(removed) => {
-                    self.overflowed.store(false, Ordering::Relaxed);
-                    metrics::counter!(L2_REPAIRS, "result" => "overflow_flush").increment(1);
-                    tracing::warn!(
-                        removed,
-                        "dropped the key prefix from redis after repair overflow"
-                    );
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "redis prefix flush failed; retrying later");
-                    return false;
-                }
-            }
-        }
-        metrics::gauge!(L2_REPAIR_QUEUE).set(self.len() as f64);
-        true
-    }
+/// Why a replay of the changes log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("reading the changes log failed")]
+    Postgres(#[from] DbError),
+    #[error("applying the changes log to redis failed")]
+    Redis(#[from] L2Error),
 }
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// What a message leaves in a tier: a tombstone for a put, the absence for a delete; `None`
+/// for a resource-wide flush.
+fn invalidation(message: &Message) -> Option<Cached> {
+    let version = Version(message.version);
+    match message.op {
+        Op::Put => Some(Cached::invalidated(version)),
+        Op::Delete => Some(Cached::absent(version)),
+        Op::Flush => None,
+    }
+}
 
 /// How long a copy lives in L1. Values and cached absences are jittered; tombstones are not,
 /// so none lives shorter than the configured `tombstone_ttl` the config check relies on.
@@ -668,32 +596,5 @@ fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
         (State::Value(_), _) => jitter(t.l2_ttl, t.ttl_jitter),
         (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
         _ => t.tombstone_ttl,
-    }
-}
-
-/// `d` spread uniformly by +-`fraction`, so entries written together expire apart.
-pub fn jitter(d: Duration, fraction: f64) -> Duration {
-    if fraction <= 0.0 {
-        return d;
-    }
-    let factor = 1.0 + fraction * (fastrand::f64() * 2.0 - 1.0);
-    d.mul_f64(factor.max(0.0))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jitter_stays_within_its_fraction() {
-        let base = Duration::from_secs(10);
-        for _ in 0..1000 {
-            let d = jitter(base, 0.1);
-            assert!(
-                d >= Duration::from_secs(9) && d <= Duration::from_secs(11),
-                "{d:?}"
-            );
-        }
-        assert_eq!(jitter(base, 0.0), base);
     }
 }

@@ -78,9 +78,7 @@ async fn a_write_lands_in_all_three_tiers_with_one_version() {
     let l1 = a
         .state()
         .tiers
-        .l1()
-        .unwrap()
-        .get(&syncar::model::CacheKey::new("kv", "doc"))
+        .peek_l1(&syncar::model::CacheKey::new("kv", "doc"))
         .await
         .expect("in L1");
     assert_eq!(l1.version.0, v);
@@ -403,15 +401,15 @@ async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired
     assert_eq!(ready.status, 200, "still ready: reads and writes work");
     assert_eq!(ready.json()["checks"]["redis"]["ok"], false, "but says so");
     assert!(
-        !a.state().tiers.repairs().is_empty(),
+        a.state().tiers.pending_repairs() > 0,
         "the missed Redis update is queued"
     );
 
     redis.restart();
-    let repairs = a.state().tiers.repairs().clone();
+    let tiers = a.state().tiers.clone();
     eventually(Duration::from_secs(10), "the repair queue to drain", || {
-        let repairs = repairs.clone();
-        async move { repairs.is_empty().then_some(()) }
+        let tiers = tiers.clone();
+        async move { (tiers.pending_repairs() == 0).then_some(()) }
     })
     .await;
     let mut conn = redis::Client::open(redis.url())

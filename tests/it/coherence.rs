@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use serde_json::json;
+use syncar::coherence::{Feed, Message, Op};
 use syncar::config::PostgresSource;
-use syncar::feed::{Feed, Message, Op};
 use syncar::model::{CacheKey, Version};
 
 use crate::support::{eventually, request, Env, Instance, RedisServer};
@@ -443,12 +443,7 @@ async fn duplicates_and_older_versions_are_no_ops() {
             .await,
         "older: ignored"
     );
-    let held = tiers
-        .l1()
-        .unwrap()
-        .get(&CacheKey::new("kv", "d"))
-        .await
-        .unwrap();
+    let held = tiers.peek_l1(&CacheKey::new("kv", "d")).await.unwrap();
     assert_eq!(held.version, Version(v + 100));
     assert!(!held.is_servable());
     let unknown = Message {

@@ -158,8 +158,8 @@ async fn every_change_is_logged_and_old_entries_are_pruned() {
         .unwrap();
     assert_eq!(recent.len(), 1, "newest entry per key: {recent:?}");
     assert_eq!(
-        (recent[0].key.as_deref(), recent[0].op.as_str()),
-        (Some("a"), "delete")
+        (recent[0].key.as_deref(), recent[0].op),
+        (Some("a"), syncar::coherence::Op::Delete)
     );
     let pruned = syncar::schema::prune_changes(&pg, "public", Duration::from_secs(900))
         .await

@@ -132,7 +132,7 @@ impl Instance {
         self.app.admin_addr().expect("server.admin_listen is set")
     }
 
-    pub fn state(&self) -> &Arc<syncar::app::AppState> {
+    pub fn state(&self) -> &Arc<syncar::http::HttpState> {
         self.app.state()
     }
 

@@ -99,26 +99,27 @@ async fn a_slow_load_cannot_undo_an_invalidation() {
     let tiers = &b.state().tiers;
     let catalog = b.state().catalog().unwrap();
     let kv = catalog.get("kv").unwrap();
-    let key = kv.parse_key("race").unwrap();
+    let doc = syncar::resource::DocRef::new(kv, "race").unwrap();
     let ck = CacheKey::new("kv", "race");
 
     // The slow reader on B has loaded the old row...
-    let (version, doc) = tiers.db().get(kv, &key).await.unwrap().unwrap();
-    assert_eq!(version.0, v1);
-    let loaded = Cached::value(version, doc);
+    let loaded = tiers.read_postgres(&doc).await.unwrap();
+    assert_eq!(loaded.version.0, v1);
+    assert!(loaded.doc().is_some(), "the row exists");
 
     // ...while A commits a new version and B receives the invalidation.
     let v2 = a.put("/v1/kv/race", r#""new""#).await.etag_version();
-    let l1 = tiers.l1().unwrap();
     assert_eq!(
-        l1.offer(&ck, Cached::invalidated(Version(v2)), TTL).await,
-        Offer::Applied
+        tiers
+            .offer_l1(&ck, Cached::invalidated(Version(v2)), TTL)
+            .await,
+        Some(Offer::Applied)
     );
 
     // The held fill arrives last and is refused.
     assert!(matches!(
-        l1.offer(&ck, loaded, TTL).await,
-        Offer::Refused(_)
+        tiers.offer_l1(&ck, loaded, TTL).await,
+        Some(Offer::Refused(_))
     ));
     let read = b.get("/v1/kv/race").await;
     assert_eq!(read.etag_version(), v2);
@@ -156,9 +157,7 @@ async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
     let ck = CacheKey::new("kv", "k");
     a.state()
         .tiers
-        .l1()
-        .unwrap()
-        .offer(&ck, Cached::invalidated(Version(v2)), TTL)
+        .offer_l1(&ck, Cached::invalidated(Version(v2)), TTL)
         .await;
     let read = a.get("/v1/kv/k").await;
     assert_eq!(read.header("x-cache"), Some("db"));

@@ -1,0 +1,339 @@
+//! The coherence vocabulary: the invalidation [`Message`] every feed carries, the state of
+//! each feed ([`FeedState`]) and the rules that decide, on every read, whether L1 and Redis
+//! may be used ([`Coherence`]), judged against a lease clock ([`mono_ms`]). Pure: no IO, no
+//! tasks. Feeds and tiers both import it; it imports neither.
+//!
+//! # A lost feed never means stale data
+//! Pub/sub and NOTIFY drop what is sent while a connection is down, silently. So every
+//! instance sends itself a heartbeat through each feed, and a feed whose heartbeat has not
+//! come back within the lease counts as down, even if no error was ever reported. From that
+//! moment L1 is bypassed (and, for the Postgres feed, Redis too, unless configured to trust
+//! it).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::now_ms;
+use crate::telemetry::FEED_UP;
+
+/// The feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Feed {
+    Postgres,
+    Redis,
+}
+
+impl Feed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Feed::Postgres => "postgres",
+            Feed::Redis => "redis",
+        }
+    }
+}
+
+/// An invalidation, as the notify trigger and the Redis publishers send it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub resource: String,
+    /// `None` only for `flush`.
+    pub key: Option<String>,
+    pub version: i64,
+    pub op: Op,
+    /// The sender's clock when the change was made, in Unix microseconds.
+    #[serde(default)]
+    pub ts_us: Option<i64>,
+    /// The publishing instance (Redis feed only); an instance ignores its own messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Put,
+    Delete,
+    /// Everything cached of the resource may be stale (a key too long to announce).
+    Flush,
+}
+
+/// Why a message could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed invalidation message: {0}")]
+pub struct MessageError(String);
+
+impl Message {
+    /// Parses a payload.
+    ///
+    /// # Errors
+    /// Anything but a well-formed message; never panics, whatever the bytes.
+    pub fn parse(payload: &[u8]) -> Result<Message, MessageError> {
+        let m: Message =
+            serde_json::from_slice(payload).map_err(|e| MessageError(e.to_string()))?;
+        if m.key.is_none() && m.op != Op::Flush {
+            return Err(MessageError(format!("{:?} without a key", m.op)));
+        }
+        if m.version < 0 {
+            return Err(MessageError("negative version".into()));
+        }
+        Ok(m)
+    }
+}
+
+/// Milliseconds on a monotonic clock private to this process (heartbeats carry it; a wall
+/// clock step cannot stretch or shrink a lease).
+pub fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
+}
+
+/// Whether a feed is delivering, and since when.
+///
+/// # Concurrency
+/// Readers never wait for the feed's task: `is_up` compares the lease granted by the last
+/// heartbeat that came back with the clock, so a feed task stuck in a slow step cannot keep
+/// L1 in use past the lease.
+pub struct FeedState {
+    feed: Feed,
+    enabled: bool,
+    up: AtomicBool,
+    /// Unix ms of the last change of `up` (or of start), for `/readyz`.
+    since_ms: AtomicU64,
+    /// [`mono_ms`] until which the last heartbeat that came back vouches for the feed: its
+    /// send time plus the lease.
+    valid_until: AtomicU64,
+}
+
+impl FeedState {
+    fn new(feed: Feed, enabled: bool) -> Self {
+        let state = FeedState {
+            feed,
+            enabled,
+            up: AtomicBool::new(false),
+            since_ms: AtomicU64::new(now_ms()),
+            valid_until: AtomicU64::new(0),
+        };
+        if enabled {
+            metrics::gauge!(FEED_UP, "feed" => feed.as_str()).set(0.0);
+        }
+        state
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst) && mono_ms() < self.valid_until.load(Ordering::SeqCst)
+    }
+
+    /// A heartbeat sent at `sent` (a [`mono_ms`] value) came back: the feed delivered
+    /// everything sent before it, and is vouched for until `sent + lease`.
+    pub(crate) fn heartbeat_back(&self, sent: u64, lease: Duration) {
+        self.valid_until
+            .fetch_max(sent + lease.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// When the lease runs out ([`mono_ms`]).
+    pub(crate) fn valid_until(&self) -> u64 {
+        self.valid_until.load(Ordering::SeqCst)
+    }
+
+    /// Starts a new connection's lease: it has `lease` to get a heartbeat back.
+    pub(crate) fn grant(&self, lease: Duration) {
+        self.valid_until
+            .store(mono_ms() + lease.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms.load(Ordering::SeqCst)
+    }
+
+    /// Marks the feed down (logged once per outage). Returns whether it was up.
+    pub fn set_down(&self, reason: &str) -> bool {
+        let was_up = self.up.swap(false, Ordering::SeqCst);
+        if was_up {
+            self.since_ms.store(now_ms(), Ordering::SeqCst);
+            metrics::gauge!(FEED_UP, "feed" => self.feed.as_str()).set(0.0);
+            tracing::warn!(feed = self.feed.as_str(), reason, "feed down; bypassing L1");
+        }
+        was_up
+    }
+
+    pub(crate) fn set_up(&self) {
+        if !self.up.swap(true, Ordering::SeqCst) {
+            let down_for = now_ms().saturating_sub(self.since_ms());
+            self.since_ms.store(now_ms(), Ordering::SeqCst);
+            metrics::gauge!(FEED_UP, "feed" => self.feed.as_str()).set(1.0);
+            tracing::info!(
+                feed = self.feed.as_str(),
+                down_ms = down_for,
+                "feed up; L1 in use"
+            );
+        }
+    }
+}
+
+/// The state of both feeds, read on every request.
+pub struct Coherence {
+    pub postgres: FeedState,
+    pub redis: FeedState,
+    trust_redis: bool,
+    /// `feeds.serve_cached_while_postgres_unreachable`.
+    serve_when_unreachable: bool,
+    /// The Postgres feed's last connection attempt failed: Postgres itself cannot be reached
+    /// from here (as opposed to a LISTEN connection lost while Postgres answers).
+    postgres_unreachable: AtomicBool,
+}
+
+impl Coherence {
+    pub fn new(postgres: bool, redis: bool, trust_redis: bool) -> Self {
+        Coherence {
+            postgres: FeedState::new(Feed::Postgres, postgres),
+            redis: FeedState::new(Feed::Redis, redis),
+            trust_redis,
+            serve_when_unreachable: false,
+            postgres_unreachable: AtomicBool::new(false),
+        }
+    }
+
+    /// See `feeds.serve_cached_while_postgres_unreachable`.
+    pub fn serving_cached_while_postgres_unreachable(mut self, on: bool) -> Self {
+        self.serve_when_unreachable = on;
+        self
+    }
+
+    /// Records whether the Postgres feed could connect at all.
+    pub(crate) fn set_postgres_unreachable(&self, unreachable: bool) {
+        self.postgres_unreachable
+            .store(unreachable, Ordering::SeqCst);
+    }
+
+    /// The Postgres feed is down because Postgres cannot be reached, and the configuration
+    /// says to keep serving cached copies then (no write can commit through syncar; writers
+    /// elsewhere that still reach Postgres are bounded only by the TTLs).
+    fn riding_out_postgres(&self) -> bool {
+        self.serve_when_unreachable
+            && self.postgres.enabled
+            && !self.postgres.is_up()
+            && self.postgres_unreachable.load(Ordering::SeqCst)
+    }
+
+    pub fn state(&self, feed: Feed) -> &FeedState {
+        match feed {
+            Feed::Postgres => &self.postgres,
+            Feed::Redis => &self.redis,
+        }
+    }
+
+    /// L1 may be read and filled: every enabled feed is up. With no feed at all (TTL-only
+    /// mode) L1 is always used and only its TTL bounds staleness.
+    pub fn l1_usable(&self) -> bool {
+        let postgres_ok =
+            !self.postgres.enabled || self.postgres.is_up() || self.riding_out_postgres();
+        postgres_ok && (!self.redis.enabled || self.redis.is_up())
+    }
+
+    /// Redis may be read: the Postgres feed (which repairs Redis after plain-SQL writes) is up,
+    /// or not in use, or Redis is trusted regardless.
+    pub fn l2_trusted(&self) -> bool {
+        self.trust_redis
+            || !self.postgres.enabled
+            || self.postgres.is_up()
+            || self.riding_out_postgres()
+    }
+
+    /// Every enabled feed is up.
+    pub fn all_up(&self) -> bool {
+        [&self.postgres, &self.redis]
+            .iter()
+            .all(|f| !f.enabled || f.is_up())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_parse_and_bad_ones_are_errors() {
+        let m = Message::parse(br#"{"resource":"kv","key":"a","version":5,"op":"put","ts_us":1}"#)
+            .unwrap();
+        assert_eq!(m.op, Op::Put);
+        assert_eq!(m.key.as_deref(), Some("a"));
+        let f =
+            Message::parse(br#"{"resource":"kv","key":null,"version":5,"op":"flush"}"#).unwrap();
+        assert_eq!(f.op, Op::Flush);
+        for bad in [
+            &b""[..],
+            b"{",
+            b"[]",
+            br#"{"resource":"kv","key":null,"version":5,"op":"put"}"#,
+            br#"{"resource":"kv","key":"a","version":-1,"op":"put"}"#,
+            br#"{"resource":"kv","key":"a","version":"5","op":"put"}"#,
+            br#"{"resource":"kv","key":"a","version":5,"op":"upsert"}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(
+                Message::parse(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Arbitrary payloads (bytes, or JSON of any shape) parse or are refused; never panic.
+        #[test]
+        fn any_payload_parses_or_is_refused(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+                                             version in proptest::num::i64::ANY,
+                                             key in proptest::option::of(".{0,40}"),
+                                             op in "put|delete|flush|[a-z]{0,6}") {
+            let _ = Message::parse(&bytes);
+            let json = serde_json::json!({"resource": "kv", "key": key, "version": version, "op": op});
+            if let Ok(m) = Message::parse(json.to_string().as_bytes()) {
+                proptest::prop_assert!(m.version >= 0);
+                proptest::prop_assert!(m.key.is_some() || m.op == Op::Flush);
+            }
+        }
+    }
+
+    #[test]
+    fn l1_is_used_only_while_every_enabled_feed_is_up() {
+        let lease = Duration::from_secs(60);
+        let c = Coherence::new(true, true, false);
+        assert!(!c.l1_usable() && !c.l2_trusted());
+        c.postgres.heartbeat_back(mono_ms(), lease);
+        c.postgres.set_up();
+        assert!(!c.l1_usable() && c.l2_trusted());
+        c.redis.heartbeat_back(mono_ms(), lease);
+        c.redis.set_up();
+        assert!(c.l1_usable());
+        c.redis.set_down("test");
+        assert!(!c.l1_usable() && c.l2_trusted());
+        let ttl_only = Coherence::new(false, false, false);
+        assert!(ttl_only.l1_usable() && ttl_only.l2_trusted());
+        let trusting = Coherence::new(true, false, true);
+        assert!(!trusting.l1_usable() && trusting.l2_trusted());
+    }
+
+    /// Readers judge the lease themselves: a feed whose last heartbeat is older than the
+    /// lease is down even if its task never noticed (stuck in a slow step).
+    #[test]
+    fn an_expired_lease_means_down_without_the_feed_task() {
+        let c = Coherence::new(true, false, false);
+        // A zero lease runs out the moment the heartbeat was sent.
+        c.postgres.heartbeat_back(mono_ms(), Duration::ZERO);
+        c.postgres.set_up();
+        assert!(!c.postgres.is_up(), "the lease ran out");
+        c.postgres
+            .heartbeat_back(mono_ms(), Duration::from_secs(60));
+        assert!(c.postgres.is_up());
+    }
+}

@@ -1,0 +1,338 @@
+//! Validation of a loaded [`Config`]: every rule, every problem reported at once with the
+//! key that has it, before any socket is bound.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::model::is_resource_name;
+use super::{Config, ConfigError, PostgresSource, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE};
+
+impl Config {
+    /// Checks every rule and returns all violations, each naming its key.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] with one line per problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = self.env_problems.clone();
+        let mut bad = |key: &str, msg: String| problems.push(format!("{key}: {msg}"));
+        self.check_server(&mut bad);
+        self.check_timeouts(&mut bad);
+        self.check_postgres(&mut bad);
+        self.check_feeds(&mut bad);
+        self.check_redis(&mut bad);
+        self.check_cache(&mut bad);
+        self.check_log(&mut bad);
+        self.check_resources(&mut bad);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// `instance` and `[server]`: addresses, the token, limits.
+    fn check_server(&self, bad: &mut impl FnMut(&str, String)) {
+        if let Some(instance) = &self.instance {
+            if instance.is_empty() || instance.len() > 128 {
+                bad("instance", "must be 1 to 128 characters".into());
+            }
+        }
+        if let Some(admin) = &self.server.admin_listen {
+            match admin.parse::<SocketAddr>() {
+                Err(_) => bad(
+                    "server.admin_listen",
+                    format!("{admin:?} is not an address like 0.0.0.0:7071"),
+                ),
+                Ok(addr) if addr.port() != 0 && Some(addr) == self.server.listen.parse().ok() => {
+                    bad(
+                        "server.admin_listen",
+                        "must differ from server.listen".into(),
+                    )
+                }
+                Ok(_) => {}
+            }
+        }
+        match self.server.listen.parse::<SocketAddr>() {
+            Err(_) => bad(
+                "server.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:7070",
+                    self.server.listen
+                ),
+            ),
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && self.server.auth_token.is_none()
+                    && !self.server.allow_unauthenticated_non_loopback =>
+            {
+                bad(
+                    "server.listen",
+                    format!(
+                        "{addr} is not a loopback address: set a token ({ENV_AUTH_TOKEN} or server.auth_token_file), or server.allow_unauthenticated_non_loopback = true"
+                    ),
+                )
+            }
+            Ok(_) => {}
+        }
+        if self
+            .server
+            .auth_token
+            .as_ref()
+            .is_some_and(|t| t.0.len() < 16)
+        {
+            bad("server.auth_token", "must be at least 16 characters".into());
+        }
+        if self.server.max_header_bytes < 8192 {
+            bad("server.max_header_bytes", "must be at least 8192".into());
+        }
+        if self.server.max_concurrent_requests == 0 {
+            bad("server.max_concurrent_requests", "must be positive".into());
+        }
+        if self.server.max_body_bytes == 0 {
+            bad("server.max_body_bytes", "must be positive".into());
+        }
+        if !(1..=4096).contains(&self.server.max_key_bytes) {
+            bad(
+                "server.max_key_bytes",
+                "must be between 1 and 4096 (keys travel in NOTIFY payloads, limited to 8000 bytes)"
+                    .into(),
+            );
+        }
+    }
+
+    /// Every deadline must be positive.
+    fn check_timeouts(&self, bad: &mut impl FnMut(&str, String)) {
+        for (key, d) in [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.request_timeout", self.server.request_timeout),
+            ("postgres.connect_timeout", self.postgres.connect_timeout),
+            ("postgres.pool_timeout", self.postgres.pool_timeout),
+            (
+                "postgres.statement_timeout",
+                self.postgres.statement_timeout,
+            ),
+            ("redis.timeout", self.redis.timeout),
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.retry_interval", self.redis.retry_interval),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be positive".into());
+            }
+        }
+    }
+
+    /// `[postgres]`: connection strings, schema, pool.
+    fn check_postgres(&self, bad: &mut impl FnMut(&str, String)) {
+        let no_tls = "sslmode=require, but syncar is built without TLS: use sslmode=disable (or \
+                      prefer) over a private network or a mesh that adds TLS";
+        match self.postgres.url.parse::<tokio_postgres::Config>() {
+            Err(e) => bad(
+                "postgres.url",
+                format!("not a Postgres connection string: {e}"),
+            ),
+            Ok(pg) if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                bad("postgres.url", no_tls.into())
+            }
+            Ok(_) => {}
+        }
+        if let Some(Ok(pg)) = self
+            .postgres
+            .listen_url
+            .as_ref()
+            .map(|u| u.parse::<tokio_postgres::Config>())
+        {
+            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                bad("postgres.listen_url", no_tls.into());
+            }
+        }
+        if let Some(Err(e)) = self
+            .postgres
+            .listen_url
+            .as_ref()
+            .map(|u| u.parse::<tokio_postgres::Config>())
+        {
+            bad(
+                "postgres.listen_url",
+                format!("not a Postgres connection string: {e}"),
+            );
+        }
+        if !is_identifier(&self.postgres.schema) {
+            bad("postgres.schema", "must be a plain identifier".into());
+        }
+        if self.postgres.pool_size == 0 {
+            bad("postgres.pool_size", "must be positive".into());
+        }
+    }
+
+    /// `[feeds]`: intervals, the lease, retention.
+    fn check_feeds(&self, bad: &mut impl FnMut(&str, String)) {
+        let f = &self.feeds;
+        for (key, d) in [
+            ("feeds.heartbeat_interval", f.heartbeat_interval),
+            ("feeds.lease", f.lease),
+            ("feeds.changes_retention", f.changes_retention),
+            ("feeds.max_backoff", f.max_backoff),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be positive".into());
+            }
+        }
+        if f.poll_interval.is_zero() {
+            bad("feeds.poll_interval", "must be positive".into());
+        }
+        if f.postgres_source == PostgresSource::ChangesLog && f.lease <= f.poll_interval * 2 {
+            bad(
+                "feeds.lease",
+                "must exceed two poll intervals with the changes_log source".into(),
+            );
+        }
+        if f.lease <= f.heartbeat_interval * 2 {
+            bad(
+                "feeds.lease",
+                "must exceed two heartbeat intervals, or one late heartbeat marks a feed down"
+                    .into(),
+            );
+        }
+        let longest_l2 = self
+            .resources
+            .iter()
+            .map(|r| self.ttl_for(r).l2_ttl)
+            .chain(std::iter::once(self.cache.ttl.l2_ttl))
+            .max()
+            .unwrap_or_default();
+        if f.postgres && f.changes_retention < longest_l2 {
+            bad(
+                "feeds.changes_retention",
+                format!(
+                    "must be at least the longest l2_ttl ({}): at start-up the retained log is what repairs Redis entries written while no instance listened",
+                    humantime::format_duration(longest_l2)
+                ),
+            );
+        }
+        if f.changes_retention <= f.replay_margin {
+            bad(
+                "feeds.changes_retention",
+                "must exceed feeds.replay_margin".into(),
+            );
+        }
+    }
+
+    /// `[redis]`: URL and key prefix.
+    fn check_redis(&self, bad: &mut impl FnMut(&str, String)) {
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis.url.as_str()) {
+            bad("redis.url", format!("not a Redis URL: {e}"));
+        }
+        if self.redis.key_prefix.is_empty() {
+            bad(
+                "redis.key_prefix",
+                "must not be empty (it keeps syncar's keys apart from others)".into(),
+            );
+        }
+    }
+
+    /// `[cache]`: the L1 bound and the default TTLs.
+    fn check_cache(&self, bad: &mut impl FnMut(&str, String)) {
+        if self.cache.l1_max_bytes == 0 {
+            bad("cache.l1_max_bytes", "must be positive".into());
+        }
+        self.check_ttls("cache", &self.cache.ttl, bad);
+    }
+
+    /// `[log]`: the filter.
+    fn check_log(&self, bad: &mut impl FnMut(&str, String)) {
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad(
+                "log.level",
+                format!("{:?} is not a tracing filter", self.log.level),
+            );
+        }
+    }
+
+    /// Every `[[resource]]`: names, identifiers, TTLs.
+    fn check_resources(&self, bad: &mut impl FnMut(&str, String)) {
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in self.resources.iter().enumerate() {
+            let at = format!("resource[{i}]");
+            if !is_resource_name(&r.name) {
+                bad(
+                    &format!("{at}.name"),
+                    format!(
+                        "{:?} must be 1 to 63 of a-z, 0-9, '_' and '-', starting with a letter or digit",
+                        r.name
+                    ),
+                );
+            } else if r.name == KV_RESOURCE {
+                bad(
+                    &format!("{at}.name"),
+                    "\"kv\" is the built-in resource".into(),
+                );
+            } else if !seen.insert(r.name.as_str()) {
+                bad(
+                    &format!("{at}.name"),
+                    format!("{:?} is configured twice", r.name),
+                );
+            }
+            for (field, value) in [
+                ("table", &r.table),
+                ("schema", &r.schema),
+                ("key", &r.key),
+                ("version_column", &r.version_column),
+            ] {
+                if value.is_empty() || value.len() > 63 || value.contains('\u{0}') {
+                    bad(
+                        &format!("{at}.{field}"),
+                        "must be a Postgres identifier of 1 to 63 bytes".into(),
+                    );
+                }
+            }
+            if r.key == r.version_column {
+                bad(
+                    &format!("{at}.version_column"),
+                    "must differ from the key column".into(),
+                );
+            }
+            let ttl = self.ttl_for(r);
+            self.check_ttls(&at, &ttl, bad);
+        }
+    }
+
+    fn check_ttls(&self, at: &str, ttl: &TtlConfig, bad: &mut impl FnMut(&str, String)) {
+        for (key, d) in [
+            ("l1_ttl", ttl.l1_ttl),
+            ("l2_ttl", ttl.l2_ttl),
+            ("negative_ttl", ttl.negative_ttl),
+            ("tombstone_ttl", ttl.tombstone_ttl),
+        ] {
+            if d < Duration::from_millis(1) {
+                bad(&format!("{at}.{key}"), "must be at least 1ms".into());
+            }
+        }
+        if !(0.0..=0.5).contains(&ttl.ttl_jitter) {
+            bad(
+                &format!("{at}.ttl_jitter"),
+                "must be between 0.0 and 0.5".into(),
+            );
+        }
+        let longest_load = self.longest_load();
+        if ttl.tombstone_ttl <= longest_load {
+            bad(
+                &format!("{at}.tombstone_ttl"),
+                format!(
+                    "must exceed the longest a load can take ({}: the smaller of server.request_timeout and postgres.pool_timeout + postgres.statement_timeout + 2 x redis.timeout), or a slow load could land after its tombstone expired",
+                    humantime::format_duration(longest_load)
+                ),
+            );
+        }
+    }
+}
+
+/// A plain lowercase SQL identifier (used for syncar's own schema name).
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.len() <= 63
+}

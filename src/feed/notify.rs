@@ -1,0 +1,113 @@
+//! The Postgres feed with NOTIFY (`feeds.postgres_source = "notify"`): a LISTEN loop on a
+//! connection of its own (never from the pool: the pool drops notifications and its recycling
+//! runs `UNLISTEN *`), turning notifications into invalidations, with a heartbeat through the
+//! same path. Knows nothing about HTTP.
+//!
+//! Notifications arrive at commit, for every writer (the triggers fire for plain SQL too), so
+//! this feed also repairs Redis after writes that never went through syncar.
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
+use super::FeedContext;
+use crate::coherence::{mono_ms, Feed};
+use crate::schema::NOTIFY_CHANNEL;
+
+/// The LISTEN source, with this process's heartbeat channel.
+pub struct Notify {
+    heartbeat_channel: String,
+}
+
+impl Notify {
+    pub fn new(ctx: &FeedContext) -> Self {
+        Notify {
+            heartbeat_channel: format!("syncar_hb_{}", ctx.feed_id),
+        }
+    }
+}
+
+impl Source for Notify {
+    const FEED: Feed = Feed::Postgres;
+
+    /// Connect, LISTEN, apply notifications; a heartbeat that stops coming back ends the
+    /// session.
+    async fn session(
+        &mut self,
+        ctx: &FeedContext,
+        shutdown: &CancellationToken,
+        last_good: Option<u64>,
+    ) -> Result<(), String> {
+        let config = &ctx.config;
+        let heartbeat_channel = self.heartbeat_channel.as_str();
+        let (client, mut connection) = connect_postgres(ctx).await?;
+
+        // The connection is driven here; notifications go through a channel. The task ends
+        // with the connection, and is aborted with this session.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = messages.next().await {
+                match message {
+                    Ok(AsyncMessage::Notification(n)) => {
+                        if tx.send(n).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(feed = "postgres", error = %e, "listen connection failed");
+                        return;
+                    }
+                }
+            }
+        });
+        let _driver = AbortOnDrop(driver);
+
+        let lease = config.feeds.lease;
+        tokio::time::timeout(
+            lease,
+            client.batch_execute(&format!(
+                "LISTEN {NOTIFY_CHANNEL}; LISTEN {heartbeat_channel}"
+            )),
+        )
+        .await
+        .map_err(|_| "LISTEN timed out".to_string())?
+        .map_err(|e| format!("LISTEN failed: {e}"))?;
+
+        let feed_state = &ctx.coherence.postgres;
+        feed_state.grant(lease);
+        let mut phase = Phase::Connecting;
+        let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    if mono_ms() > feed_state.valid_until() {
+                        return Err(format!("heartbeat not back within {lease:?}"));
+                    }
+                    // Bounded so a half-open socket cannot stall the loop; the lease decides.
+                    let notify = format!("NOTIFY {heartbeat_channel}, '{}'", mono_ms());
+                    let send = client.batch_execute(&notify);
+                    if let Ok(Err(e)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
+                        return Err(format!("heartbeat failed: {e}"));
+                    }
+                }
+                notification = rx.recv() => {
+                    let Some(n) = notification else {
+                        return Err("listen connection closed".into());
+                    };
+                    if n.channel() == heartbeat_channel {
+                        on_heartbeat(ctx, Feed::Postgres, &mut phase, n.payload().as_bytes(), last_good)
+                            .await?;
+                    } else {
+                        handle_message(ctx, Feed::Postgres, n.payload().as_bytes()).await;
+                    }
+                }
+            }
+        }
+    }
+}

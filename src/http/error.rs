@@ -1,0 +1,132 @@
+//! Why a request failed, as the client is told, and the one mapping from error to HTTP status
+//! and error code.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+
+use super::{json_response, HttpState};
+use crate::db::DbError;
+use crate::resource::NotReady;
+
+/// Why a request failed, as the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no such route")]
+    NoRoute,
+    #[error("unknown resource {0:?}")]
+    UnknownResource(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed(&'static str),
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    InvalidKey(String),
+    #[error("{0}")]
+    InvalidHeader(String),
+    #[error("{0}")]
+    InvalidQuery(String),
+    #[error("request body exceeds {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("key exceeds {0} bytes")]
+    KeyTooLong(usize),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("precondition failed: the current version does not match")]
+    PreconditionFailed,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("not ready: {0}")]
+    Starting(String),
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("internal error")]
+    Internal(String),
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("too many requests in flight; retry shortly")]
+    Overloaded,
+}
+
+impl ApiError {
+    /// The one mapping from error to HTTP status and error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ApiError::*;
+        match self {
+            NoRoute => (StatusCode::NOT_FOUND, "no_route"),
+            UnknownResource(_) => (StatusCode::NOT_FOUND, "unknown_resource"),
+            NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
+            InvalidKey(_) => (StatusCode::BAD_REQUEST, "invalid_key"),
+            InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
+            InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            KeyTooLong(_) => (StatusCode::URI_TOO_LONG, "key_too_long"),
+            Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_document"),
+            Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            PreconditionFailed => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+            Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+        }
+    }
+
+    pub(super) fn into_response(self, state: &HttpState) -> Response<Full<Bytes>> {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %state.secrets.scrub(detail), "internal error");
+        }
+        let message = state.secrets.scrub(&self.to_string());
+        let mut resp = json_response(
+            status,
+            &json!({"error": {"code": code, "message": message}}),
+        );
+        let headers = resp.headers_mut();
+        match self {
+            ApiError::MethodNotAllowed(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
+            ApiError::Unavailable(_) | ApiError::Starting(_) => {
+                let secs = state.config.postgres.retry_after.as_secs().max(1);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            ApiError::Overloaded => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            ApiError::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(m) => ApiError::Unavailable(format!("postgres unavailable: {m}")),
+            DbError::Rejected(m) => ApiError::Unprocessable(m),
+            DbError::Conflict(m) => ApiError::Conflict(m),
+            DbError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<NotReady> for ApiError {
+    fn from(e: NotReady) -> Self {
+        ApiError::Starting(e.0)
+    }
+}

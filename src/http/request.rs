@@ -1,0 +1,294 @@
+//! Request parsing: what a document path names, the query parameters of a read, the
+//! conditions on a write and the JSON body. Each parser answers a value or a client error;
+//! none panics, whatever the bytes.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap};
+use http::Request;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use super::ApiError;
+use crate::model::Version;
+use crate::resource::{Catalog, DocRef, Precondition};
+use crate::tiers::ReadOptions;
+
+/// What a document path names.
+pub struct Target {
+    pub doc: DocRef,
+    /// The key as the client sent it, percent-decoded (for messages).
+    pub key: String,
+}
+
+/// Resolves `{resource}/{key}` (the path after `/v1/`) against the catalog.
+///
+/// # Errors
+/// 404 for no such route or resource, 400 for a malformed key, 414 for a long one.
+pub fn target(catalog: &Catalog, rest: &str, max_key_bytes: usize) -> Result<Target, ApiError> {
+    let (name, raw_key) = rest.split_once('/').ok_or(ApiError::NoRoute)?;
+    let resource: &Arc<_> = catalog
+        .get(name)
+        .ok_or_else(|| ApiError::UnknownResource(name.to_string()))?;
+    let key = decode_key(raw_key, max_key_bytes)?;
+    let doc = DocRef::new(resource, &key).map_err(ApiError::InvalidKey)?;
+    Ok(Target { doc, key })
+}
+
+/// `min_version=N` and `consistency=strong|default`; anything else is an error, so a typo
+/// cannot silently weaken a read.
+///
+/// # Errors
+/// 400 for an unknown parameter or a bad value.
+pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
+    let mut options = ReadOptions::default();
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "min_version" => {
+                let v: i64 = value.parse().ok().filter(|v| *v >= 0).ok_or_else(|| {
+                    ApiError::InvalidQuery(format!(
+                        "min_version must be a non-negative integer, not {value:?}"
+                    ))
+                })?;
+                options.min_version = Some(Version(v));
+            }
+            "consistency" => match value {
+                "strong" => options.strong = true,
+                "default" => options.strong = false,
+                _ => {
+                    return Err(ApiError::InvalidQuery(format!(
+                        "consistency must be strong or default, not {value:?}"
+                    )))
+                }
+            },
+            _ => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown query parameter {name:?}; known: min_version, consistency"
+                )))
+            }
+        }
+    }
+    Ok(options)
+}
+
+/// Percent-decodes and checks a key: UTF-8, not empty, no NUL, within the limit.
+///
+/// # Errors
+/// 400 for a malformed key, 414 for a long one.
+pub fn decode_key(raw: &str, max_bytes: usize) -> Result<String, ApiError> {
+    // Decoding only shrinks: a raw key three times the limit cannot fit.
+    if raw.len() > max_bytes.saturating_mul(3) {
+        return Err(ApiError::KeyTooLong(max_bytes));
+    }
+    let key = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| {
+            ApiError::InvalidKey("key is not valid UTF-8 after percent-decoding".into())
+        })?;
+    if key.is_empty() {
+        return Err(ApiError::InvalidKey("key must not be empty".into()));
+    }
+    if key.contains('\0') {
+        return Err(ApiError::InvalidKey("key must not contain NUL".into()));
+    }
+    if key.len() > max_bytes {
+        return Err(ApiError::KeyTooLong(max_bytes));
+    }
+    Ok(key.into_owned())
+}
+
+/// `If-Match: "N"` or `*`; for PUT also `If-None-Match: *`.
+///
+/// # Errors
+/// 400 for a header this API does not understand.
+pub fn write_precondition(
+    headers: &HeaderMap,
+    allow_create_only: bool,
+) -> Result<Precondition, ApiError> {
+    let text = |name: &header::HeaderName| -> Result<Option<String>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map(|s| s.trim().to_string())
+                    .map_err(|_| ApiError::InvalidHeader(format!("{name} is not ASCII")))
+            })
+            .transpose()
+    };
+    let if_match = text(&header::IF_MATCH)?;
+    let if_none_match = text(&header::IF_NONE_MATCH)?;
+    match (if_match, if_none_match) {
+        (Some(_), Some(_)) => Err(ApiError::InvalidHeader(
+            "send either If-Match or If-None-Match, not both".into(),
+        )),
+        (Some(m), None) if m == "*" => Ok(Precondition::Exists),
+        (Some(m), None) => {
+            let version = m
+                .strip_prefix('"')
+                .and_then(|m| m.strip_suffix('"'))
+                .filter(|v| !v.contains('"'))
+                .ok_or_else(|| {
+                    ApiError::InvalidHeader(format!(
+                        "If-Match must be * or one ETag such as \"42\", not {m:?}"
+                    ))
+                })?;
+            // A well-formed ETag we never issue can match nothing: 412, not 400.
+            Ok(Precondition::Version(version.parse().unwrap_or(-1)))
+        }
+        (None, Some(m)) if m == "*" && allow_create_only => Ok(Precondition::Absent),
+        (None, Some(m)) => Err(ApiError::InvalidHeader(format!(
+            "If-None-Match on a write must be *, not {m:?}"
+        ))),
+        (None, None) => Ok(Precondition::None),
+    }
+}
+
+pub(super) async fn read_json(
+    req: Request<Incoming>,
+    max: usize,
+) -> Result<serde_json::Value, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::BodyTooLarge(max));
+    }
+    let body = Limited::new(req.into_body(), max)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::BodyTooLarge(max)
+            } else {
+                ApiError::MalformedJson(format!("could not read the body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::MalformedJson(
+            "the body is empty; send a JSON document".into(),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::header::HeaderValue;
+
+    proptest::proptest! {
+        /// Whatever a client puts in a path, key decoding answers Ok or a client error, and
+        /// an accepted key is within the limit and round-trips through percent-encoding.
+        #[test]
+        fn any_raw_key_decodes_or_is_refused(raw in ".{0,200}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..100)) {
+            let encoded: String = bytes.iter().map(|b| format!("%{b:02X}")).collect();
+            for candidate in [raw.as_str(), encoded.as_str()] {
+                match decode_key(candidate, 64) {
+                    Ok(key) => {
+                        proptest::prop_assert!(!key.is_empty() && key.len() <= 64 && !key.contains('\0'));
+                    }
+                    Err(e) => {
+                        let (status, _) = e.status_and_code();
+                        proptest::prop_assert!(status.is_client_error());
+                    }
+                }
+            }
+        }
+
+        /// Query strings never panic and never yield a negative min_version.
+        #[test]
+        fn any_query_parses_or_is_refused(query in ".{0,100}") {
+            if let Ok(options) = read_options(Some(&query)) {
+                proptest::prop_assert!(options.min_version.is_none_or(|v| v.0 >= 0));
+            }
+        }
+    }
+
+    #[test]
+    fn keys_are_percent_decoded_and_checked() {
+        assert_eq!(decode_key("a%2Fb%20c", 512).unwrap(), "a/b c");
+        assert_eq!(decode_key("x/y", 512).unwrap(), "x/y");
+        assert!(matches!(decode_key("", 512), Err(ApiError::InvalidKey(_))));
+        assert!(matches!(
+            decode_key("%00", 512),
+            Err(ApiError::InvalidKey(_))
+        ));
+        assert!(matches!(
+            decode_key("%ff", 512),
+            Err(ApiError::InvalidKey(_))
+        ));
+        assert!(matches!(
+            decode_key(&"a".repeat(513), 512),
+            Err(ApiError::KeyTooLong(_))
+        ));
+        assert!(matches!(
+            decode_key(&"%41".repeat(200), 100),
+            Err(ApiError::KeyTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn read_options_parse() {
+        assert_eq!(read_options(None).unwrap(), ReadOptions::default());
+        let o = read_options(Some("min_version=42&consistency=strong")).unwrap();
+        assert_eq!(o.min_version, Some(Version(42)));
+        assert!(o.strong);
+        for bad in [
+            "min_version=x",
+            "min_version=-1",
+            "consistency=eventual",
+            "min_verison=1",
+        ] {
+            assert!(
+                matches!(read_options(Some(bad)), Err(ApiError::InvalidQuery(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn preconditions_parse() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        assert_eq!(
+            write_precondition(&h(&[]), true).unwrap(),
+            Precondition::None
+        );
+        assert_eq!(
+            write_precondition(&h(&[("if-match", "\"42\"")]), true).unwrap(),
+            Precondition::Version(42)
+        );
+        assert_eq!(
+            write_precondition(&h(&[("if-match", "*")]), true).unwrap(),
+            Precondition::Exists
+        );
+        assert_eq!(
+            write_precondition(&h(&[("if-none-match", "*")]), true).unwrap(),
+            Precondition::Absent
+        );
+        assert_eq!(
+            write_precondition(&h(&[("if-match", "\"abc\"")]), true).unwrap(),
+            Precondition::Version(-1)
+        );
+        assert!(write_precondition(&h(&[("if-match", "42")]), true).is_err());
+        assert!(write_precondition(&h(&[("if-none-match", "*")]), false).is_err());
+        assert!(
+            write_precondition(&h(&[("if-match", "*"), ("if-none-match", "*")]), true).is_err()
+        );
+    }
+}

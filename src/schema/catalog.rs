@@ -1,0 +1,221 @@
+//! The catalog: configured resources (and the built-in `kv`) resolved against the live
+//! schema, refusing what syncar cannot serve. Reads the catalog; changes nothing.
+
+use tokio_postgres::GenericClient;
+
+use super::{SchemaError, LOG_TRIGGERS, STAMP_TRIGGER, VERSION_SEQUENCE};
+use crate::config::{Config, ResourceConfig};
+use crate::resource::{Catalog, Column, KeyType, Resource};
+
+/// A table as the catalog describes it.
+pub(super) struct TableInfo {
+    pub(super) oid: u32,
+    pub(super) columns: Vec<ColumnInfo>,
+    /// Whether the key column has a unique index of its own (ON CONFLICT needs one).
+    pub(super) unique_key: bool,
+}
+
+pub(super) struct ColumnInfo {
+    num: i16,
+    pub(super) name: String,
+    pub(super) type_oid: u32,
+    pub(super) type_name: String,
+    /// Generated or identity-always: shown in documents, never written.
+    readonly: bool,
+}
+
+const TEXT_OID: u32 = 25;
+const VARCHAR_OID: u32 = 1043;
+const INT2_OID: u32 = 21;
+const INT4_OID: u32 = 23;
+pub(super) const INT8_OID: u32 = 20;
+
+/// Resolves the configured resources (and `kv`) against the live schema.
+///
+/// # Errors
+/// [`SchemaError::NotMigrated`] when syncar's objects are missing; [`SchemaError::Invalid`]
+/// when a configured table does not fit.
+pub async fn load_catalog(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Catalog, SchemaError> {
+    let schema = &config.postgres.schema;
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    if table_oid(client, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_none()
+    {
+        return Err(SchemaError::NotMigrated(format!(
+            "sequence {schema}.{VERSION_SEQUENCE} is missing"
+        )));
+    }
+    let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
+    for r in &config.resources {
+        let info = describe_table(client, r).await?;
+        let installed: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1 AND tgname = ANY($2)",
+                &[
+                    &info.oid,
+                    &std::iter::once(STAMP_TRIGGER)
+                        .chain(LOG_TRIGGERS)
+                        .collect::<Vec<_>>(),
+                ],
+            )
+            .await
+            .map_err(pg("looking up triggers"))?
+            .get(0);
+        if installed != 1 + LOG_TRIGGERS.len() as i64
+            || !info.columns.iter().any(|c| c.name == r.version_column)
+        {
+            return Err(SchemaError::NotMigrated(format!(
+                "table {}.{} lacks its version column or triggers",
+                r.schema, r.table
+            )));
+        }
+        let key_type = key_column(&info, r)?;
+        let columns = info
+            .columns
+            .iter()
+            .filter(|c| c.name != r.version_column && (!c.readonly || c.name == r.key))
+            .map(|c| Column::new(&c.name))
+            .collect();
+        let readonly = info
+            .columns
+            .iter()
+            .filter(|c| c.readonly && c.name != r.key)
+            .map(|c| c.name.clone())
+            .collect();
+        resources.push(Resource::table(
+            r.name.clone(),
+            config.ttl_for(r),
+            &r.schema,
+            &r.table,
+            Column::new(&r.key),
+            key_type,
+            Column::new(&r.version_column),
+            columns,
+            readonly,
+        ));
+    }
+    Ok(Catalog::new(resources))
+}
+
+/// Checks the key column: a supported type with a unique index of its own.
+pub(super) fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType, SchemaError> {
+    let Some(col) = info.columns.iter().find(|c| c.name == r.key) else {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} has no column {:?}",
+            r.name, r.schema, r.table, r.key
+        )));
+    };
+    let key_type = match col.type_oid {
+        TEXT_OID | VARCHAR_OID => KeyType::Text,
+        INT2_OID | INT4_OID | INT8_OID => KeyType::Int,
+        _ => {
+            return Err(SchemaError::Invalid(format!(
+                "resource {:?}: key column {:?} is {}; supported are text, varchar, smallint, integer and bigint",
+                r.name, r.key, col.type_name
+            )))
+        }
+    };
+    if !info.unique_key {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: key column {:?} of {}.{} needs a unique index (or primary key) of its own",
+            r.name, r.key, r.schema, r.table
+        )));
+    }
+    Ok(key_type)
+}
+
+pub(super) async fn table_oid(
+    client: &impl GenericClient,
+    schema: &str,
+    name: &str,
+    kind: &str,
+) -> Result<Option<u32>, SchemaError> {
+    let row = client
+        .query_opt(
+            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind::text = ANY(string_to_array($3, ','))",
+            &[&schema, &name, &kind.replace('r', "r,p")],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up tables",
+            source,
+        })?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub(super) async fn describe_table(
+    client: &impl GenericClient,
+    r: &ResourceConfig,
+) -> Result<TableInfo, SchemaError> {
+    let pg = |source| SchemaError::Postgres {
+        doing: "describing a table",
+        source,
+    };
+    let Some(oid) = table_oid(client, &r.schema, &r.table, "r").await? else {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} does not exist",
+            r.name, r.schema, r.table
+        )));
+    };
+    // Changes are logged by statement-level triggers, which Postgres fires only on the table
+    // a statement names: writes naming a partition would bypass its parent's, and writes
+    // naming the parent its partitions'. Refused rather than half-covered.
+    let partitioned: bool = client
+        .query_one(
+            "SELECT relkind::text = 'p' OR relispartition FROM pg_class WHERE oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    if partitioned {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} is partitioned or a partition, which syncar does not \
+             support yet (a write naming a partition would not be logged)",
+            r.name, r.schema, r.table
+        )));
+    }
+    let rows = client
+        .query(
+            "SELECT a.attnum, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), \
+                    (a.attgenerated::text <> '' OR a.attidentity::text = 'a') \
+             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(pg)?;
+    let columns: Vec<ColumnInfo> = rows
+        .iter()
+        .map(|row| ColumnInfo {
+            num: row.get(0),
+            name: row.get(1),
+            type_oid: row.get(2),
+            type_name: row.get(3),
+            readonly: row.get(4),
+        })
+        .collect();
+    let key_num = columns.iter().find(|c| c.name == r.key).map(|c| c.num);
+    let unique_key = match key_num {
+        Some(num) => client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique \
+                 AND i.indnkeyatts = 1 AND i.indkey[0] = $2 AND i.indpred IS NULL AND i.indexprs IS NULL)",
+                &[&oid, &num],
+            )
+            .await
+            .map_err(pg)?
+            .get(0),
+        None => false,
+    };
+    Ok(TableInfo {
+        oid,
+        columns,
+        unique_key,
+    })
+}

@@ -1,0 +1,301 @@
+//! `syncar migrate`: installs or repairs everything versioning needs, in one transaction.
+//!
+//! # Idempotence
+//! Every step looks before it changes anything, so a second run reports no change and takes
+//! no lock beyond the migration's own advisory lock. Concurrent instances starting together
+//! serialize on that lock.
+
+use super::catalog::{describe_table, key_column, table_oid, INT8_OID};
+use super::triggers::{announce_function_body, dollar_quote, function_name, stamp_function_body};
+use super::{
+    SchemaError, CHANGES_TABLE, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS,
+    MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_UPDATE,
+    VERSION_SEQUENCE,
+};
+use crate::config::{Config, ResourceConfig, KV_RESOURCE};
+use crate::resource::{quote_ident, quote_literal};
+
+/// Installs or repairs everything versioning needs, in one transaction.
+///
+/// Returns what it changed, one line per change; empty when the schema was up to date.
+///
+/// # Errors
+/// A configured table or column that does not exist or has the wrong type, or Postgres
+/// failing.
+pub async fn migrate(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg("starting the migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg("taking the migration lock"))?;
+    // Installing triggers locks each table, and a lock request queued behind a long reader
+    // blocks every later query of that table: give up instead (`serve` retries with backoff).
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(pg("setting lock_timeout"))?;
+    let schema = &config.postgres.schema;
+    let s = quote_ident(schema);
+    let mut changes = Vec::new();
+
+    let has_schema: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            &[schema],
+        )
+        .await
+        .map_err(pg("looking up the schema"))?
+        .get(0);
+    if !has_schema {
+        tx.batch_execute(&format!("CREATE SCHEMA {s}"))
+            .await
+            .map_err(pg("creating the schema"))?;
+        changes.push(format!("created schema {schema}"));
+    }
+
+    if table_oid(&tx, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_none()
+    {
+        tx.batch_execute(&format!("CREATE SEQUENCE {s}.{VERSION_SEQUENCE}"))
+            .await
+            .map_err(pg("creating the version sequence"))?;
+        changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
+    }
+
+    if table_oid(&tx, schema, CHANGES_TABLE, "r").await?.is_none() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {s}.{CHANGES_TABLE} (\
+               at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+               xid bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint), \
+               version bigint NOT NULL, resource text NOT NULL, key text, op text NOT NULL); \
+             CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at); \
+             CREATE INDEX {CHANGES_TABLE}_xid ON {s}.{CHANGES_TABLE} (xid)"
+        ))
+        .await
+        .map_err(pg("creating the changes log"))?;
+        changes.push(format!("created table {schema}.{CHANGES_TABLE}"));
+    }
+
+    let notify = config.feeds.postgres_source == crate::config::PostgresSource::Notify;
+    if table_oid(&tx, schema, "syncar_kv", "r").await?.is_none() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
+        ))
+        .await
+        .map_err(pg("creating the kv table"))?;
+        changes.push(format!("created table {schema}.syncar_kv"));
+    }
+
+    let kv = ResourceConfig {
+        name: KV_RESOURCE.into(),
+        table: "syncar_kv".into(),
+        schema: schema.clone(),
+        key: "key".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    };
+    for r in std::iter::once(&kv).chain(&config.resources) {
+        let info = describe_table(&tx, r).await?;
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        match info.columns.iter().find(|c| c.name == r.version_column) {
+            Some(c) if c.type_oid == INT8_OID => {}
+            Some(c) => {
+                return Err(SchemaError::Invalid(format!(
+                "resource {:?}: column {:?} of table {} is {}, but a version column must be bigint",
+                r.name, r.version_column, qualified, c.type_name
+            )))
+            }
+            None => {
+                // A volatile default gives every existing row its own version.
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {qualified} ADD COLUMN {} bigint NOT NULL DEFAULT nextval({})",
+                    quote_ident(&r.version_column),
+                    quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+                ))
+                .await
+                .map_err(pg("adding a version column"))?;
+                changes.push(format!(
+                    "added column {} to table {qualified}",
+                    r.version_column
+                ));
+            }
+        }
+        key_column(&info, r)?;
+        let stamp = function_name("syncar_stamp", &r.name);
+        let announce = function_name("syncar_announce", &r.name);
+        for (function, body) in [
+            (&stamp, stamp_function_body(schema, r)),
+            (&announce, announce_function_body(schema, r, notify)),
+        ] {
+            if install_function(&tx, schema, function, &body).await? {
+                changes.push(format!("installed function {schema}.{function}()"));
+            }
+        }
+        // Name, definition, and what pg_trigger must say: function, type bits, transition
+        // tables (old, new).
+        let triggers = [
+            (
+                STAMP_TRIGGER,
+                "BEFORE INSERT OR UPDATE",
+                "FOR EACH ROW",
+                &stamp,
+                TG_ROW | TG_BEFORE | TG_INSERT | TG_UPDATE,
+                (None, None),
+            ),
+            (
+                LOG_TRIGGERS[0],
+                "AFTER INSERT",
+                "REFERENCING NEW TABLE AS syncar_new FOR EACH STATEMENT",
+                &announce,
+                TG_INSERT,
+                (None, Some("syncar_new")),
+            ),
+            (
+                LOG_TRIGGERS[1],
+                "AFTER UPDATE",
+                "REFERENCING OLD TABLE AS syncar_old NEW TABLE AS syncar_new FOR EACH STATEMENT",
+                &announce,
+                TG_UPDATE,
+                (Some("syncar_old"), Some("syncar_new")),
+            ),
+            (
+                LOG_TRIGGERS[2],
+                "AFTER DELETE",
+                "REFERENCING OLD TABLE AS syncar_old FOR EACH STATEMENT",
+                &announce,
+                TG_DELETE,
+                (Some("syncar_old"), None),
+            ),
+        ];
+        for (trigger, timing, level, function, tgtype, (old, new)) in triggers {
+            type Installed = (String, String, i16, Option<String>, Option<String>);
+            let current: Option<Installed> = tx
+                .query_opt(
+                    "SELECT n.nspname::text, p.proname::text, t.tgtype, t.tgoldtable::text, \
+                            t.tgnewtable::text FROM pg_trigger t \
+                     JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE t.tgrelid = $1 AND t.tgname = $2",
+                    &[&info.oid, &trigger],
+                )
+                .await
+                .map_err(pg("looking up triggers"))?
+                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)));
+            if current.is_none() && trigger == STAMP_TRIGGER {
+                // Adopting a table: versions already in it (an existing bigint column) must
+                // stay below every version the trigger hands out from now on.
+                tx.execute(
+                    &format!(
+                        "SELECT setval({seq}, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
+                         WHERE m >= (SELECT last_value FROM {s}.{VERSION_SEQUENCE})",
+                        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+                        col = quote_ident(&r.version_column),
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(pg("aligning the version sequence"))?;
+            }
+            let wanted: Installed = (
+                schema.clone(),
+                function.clone(),
+                tgtype,
+                old.map(String::from),
+                new.map(String::from),
+            );
+            if current.as_ref() != Some(&wanted) {
+                // Dropped first: CREATE OR REPLACE cannot turn a row trigger into a statement
+                // trigger with transition tables.
+                tx.batch_execute(&format!(
+                    "DROP TRIGGER IF EXISTS {trigger} ON {qualified}; \
+                     CREATE TRIGGER {trigger} {timing} ON {qualified} {level} \
+                     EXECUTE FUNCTION {s}.{}()",
+                    quote_ident(function)
+                ))
+                .await
+                .map_err(pg("creating triggers"))?;
+                changes.push(format!("installed trigger {trigger} on {qualified}"));
+            }
+        }
+        let legacy_trigger: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                &[&info.oid, &LEGACY_NOTIFY_TRIGGER],
+            )
+            .await
+            .map_err(pg("looking up triggers"))?
+            .get(0);
+        if legacy_trigger {
+            tx.batch_execute(&format!(
+                "DROP TRIGGER {LEGACY_NOTIFY_TRIGGER} ON {qualified}"
+            ))
+            .await
+            .map_err(pg("dropping an old trigger"))?;
+            changes.push(format!(
+                "dropped trigger {LEGACY_NOTIFY_TRIGGER} on {qualified}"
+            ));
+        }
+    }
+    for legacy in LEGACY_FUNCTIONS {
+        // Dropped only once unused: a table no longer configured may still call one.
+        let unused: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND p.proname = $2) AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+                 JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+                 WHERE n.nspname = $1 AND (p.proname = $2 OR ($2 = 'syncar_send' AND p.proname = 'syncar_notify')))",
+                &[schema, &legacy],
+            )
+            .await
+            .map_err(pg("looking up old trigger functions"))?
+            .get(0);
+        if unused {
+            tx.batch_execute(&format!("DROP FUNCTION {s}.{legacy}"))
+                .await
+                .map_err(pg("dropping old trigger functions"))?;
+            changes.push(format!("dropped function {schema}.{legacy}()"));
+        }
+    }
+    tx.commit().await.map_err(pg("committing the migration"))?;
+    Ok(changes)
+}
+
+/// Creates or replaces a trigger function unless its body is already `body`. Returns whether
+/// it changed anything.
+async fn install_function(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    name: &str,
+    body: &str,
+) -> Result<bool, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let current: Option<String> = tx
+        .query_opt(
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
+            &[&schema, &name],
+        )
+        .await
+        .map_err(pg("looking up trigger functions"))?
+        .map(|row| row.get(0));
+    if current.as_deref() == Some(body) {
+        return Ok(false);
+    }
+    tx.batch_execute(&format!(
+        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}",
+        quote_ident(schema),
+        quote_ident(name),
+        dollar_quote(body)
+    ))
+    .await
+    .map_err(pg("creating trigger functions"))?;
+    Ok(true)
+}
