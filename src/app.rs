@@ -31,6 +31,7 @@ use crate::http::{HttpMetrics, HttpState, Listener};
 use crate::l1::L1;
 use crate::l2::L2;
 use crate::redact::{redact_url, Secrets};
+use crate::relay::RelayContext;
 use crate::resource::CatalogCell;
 use crate::schema::{load_catalog, migrate, SchemaError};
 use crate::telemetry::{error_chain, metrics_handle, L1_BYTES, L1_ENTRIES};
@@ -178,6 +179,16 @@ impl App {
             config.feeds.changes_retention,
             shutdown.clone(),
         ));
+        if config.feeds.postgres && config.feeds.relay {
+            let relay = Arc::new(RelayContext {
+                config: config.clone(),
+                tiers: tiers.clone(),
+                catalog: catalog.clone(),
+                secrets: secrets.clone(),
+                instance_id: instance_id.clone(),
+            });
+            tasks.spawn(crate::relay::run(relay, shutdown.clone()));
+        }
         let feeds = Arc::new(FeedContext {
             config: config.clone(),
             coherence,

@@ -82,6 +82,48 @@ impl Message {
     }
 }
 
+/// What the relay of the `wal` source publishes to every instance, in WAL order, on one
+/// channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Relayed {
+    /// Changes of committed transactions, already applied to Redis by the relay.
+    Changes { changes: Vec<Message> },
+    /// A heartbeat that travelled Postgres, WAL, relay, Redis: every change committed before
+    /// it was emitted has been published before it.
+    Heartbeat {
+        /// The relay's instance id.
+        relay: String,
+        /// From its emission to its publication, in ms, by the relay's clock: how far the
+        /// stream lags. An instance counts the lease from its arrival minus this.
+        lag_ms: u64,
+        /// WAL the slot retains behind the server's position, in bytes, as last measured.
+        lag_bytes: Option<i64>,
+    },
+}
+
+impl Relayed {
+    /// Parses a payload.
+    ///
+    /// # Errors
+    /// Anything but a well-formed relay message; never panics, whatever the bytes.
+    pub fn parse(payload: &[u8]) -> Result<Relayed, MessageError> {
+        let relayed: Relayed =
+            serde_json::from_slice(payload).map_err(|e| MessageError(e.to_string()))?;
+        if let Relayed::Changes { changes } = &relayed {
+            for m in changes {
+                if m.key.is_none() && m.op != Op::Flush {
+                    return Err(MessageError(format!("{:?} without a key", m.op)));
+                }
+                if m.version < 0 {
+                    return Err(MessageError("negative version".into()));
+                }
+            }
+        }
+        Ok(relayed)
+    }
+}
+
 /// Milliseconds on a monotonic clock private to this process (heartbeats carry it; a wall
 /// clock step cannot stretch or shrink a lease).
 pub fn mono_ms() -> u64 {
@@ -190,9 +232,34 @@ pub struct Coherence {
     /// The Postgres feed's last connection attempt failed: Postgres itself cannot be reached
     /// from here (as opposed to a LISTEN connection lost while Postgres answers).
     postgres_unreachable: AtomicBool,
+    /// What the last relayed heartbeat said (`wal` source), for `/readyz`.
+    relay: std::sync::Mutex<Option<RelayStatus>>,
+}
+
+/// The relay as its last heartbeat described it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RelayStatus {
+    /// The instance id of the relay.
+    pub relay: String,
+    pub lag_ms: u64,
+    pub lag_bytes: Option<i64>,
 }
 
 impl Coherence {
+    /// Records what a relayed heartbeat said.
+    pub fn note_relay(&self, relay: &str, lag_ms: u64, lag_bytes: Option<i64>) {
+        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(RelayStatus {
+            relay: relay.to_string(),
+            lag_ms,
+            lag_bytes,
+        });
+    }
+
+    /// What the last relayed heartbeat said, if one came.
+    pub fn relay_status(&self) -> Option<RelayStatus> {
+        self.relay.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn new(postgres: bool, redis: bool, trust_redis: bool) -> Self {
         Coherence {
             postgres: FeedState::new(Feed::Postgres, postgres),
@@ -200,6 +267,7 @@ impl Coherence {
             trust_redis,
             serve_when_unreachable: false,
             postgres_unreachable: AtomicBool::new(false),
+            relay: std::sync::Mutex::new(None),
         }
     }
 

@@ -13,6 +13,7 @@ pub mod changes;
 mod driver;
 pub mod notify;
 pub mod redis;
+pub mod relayed;
 
 use std::sync::Arc;
 
@@ -43,11 +44,16 @@ pub struct FeedContext {
     pub feed_id: String,
 }
 
-/// Runs the Postgres feed with the configured source until `shutdown`.
+/// Runs the Postgres feed until `shutdown`, with the source the schema was migrated for
+/// (known once the catalog is loaded).
 pub async fn run_postgres(ctx: Arc<FeedContext>, shutdown: CancellationToken) {
-    match ctx.config.feeds.postgres_source {
+    let Some(catalog) = driver::wait_for_catalog(&ctx, &shutdown).await else {
+        return;
+    };
+    match catalog.capture.source {
         PostgresSource::Notify => driver::run(notify::Notify::new(&ctx), ctx, shutdown).await,
-        PostgresSource::ChangesLog => {
+        PostgresSource::Wal => driver::run(relayed::Relayed::new(&ctx), ctx, shutdown).await,
+        PostgresSource::ChangesLog | PostgresSource::Auto => {
             driver::run(changes::ChangesLog::default(), ctx, shutdown).await
         }
     }

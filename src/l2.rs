@@ -8,12 +8,22 @@
 //! invalidation), and `at_ms` is when the copy left Postgres (for `Age`). Versions are compared as decimal strings inside the script, exactly, with
 //! no float rounding.
 //!
+//! # Generations
+//! A resource-wide flush (a TRUNCATE, a replication slot that lost changes) raises the
+//! resource's generation instead of deleting keys: a key of generation `g > 0` is
+//! `{prefix}{resource}@{g}:{key}`, so every entry of an older generation is out of reach at
+//! once, and a slow fill that read before the flush lands under the old name, where nobody
+//! reads it. Old entries expire by their TTLs. Generations are versions (the flush's), kept
+//! in the hash `{prefix}generations` and raised only, so every instance that hears of a
+//! flush agrees on the new one.
+//!
 //! # Failures
 //! Every command has a deadline. After a failure, reads skip Redis for
 //! `redis.retry_interval` (a breaker), so an outage costs one timeout, not one per request.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -59,6 +69,37 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'PX', AR
 return 1
 ";
 
+/// Raises field `ARGV[1]` of hash `KEYS[1]` to `ARGV[2]` unless it holds a larger number
+/// already (compared as decimal strings, like versions); returns the value in force.
+const RAISE_SCRIPT: &str = r"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local new = ARGV[2]
+if cur and (#cur > #new or (#cur == #new and cur >= new)) then
+  return cur
+end
+redis.call('HSET', KEYS[1], ARGV[1], new)
+return new
+";
+
+/// A lease: `KEYS[1]` becomes `ARGV[1]` for `ARGV[2]` ms if free or already `ARGV[1]`'s;
+/// returns 1 when `ARGV[1]` holds it.
+const CLAIM_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Deletes `KEYS[1]` if `ARGV[1]` holds it.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 /// What an offer to Redis did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stored {
@@ -91,11 +132,16 @@ pub struct L2 {
     connect_timeout: Duration,
     retry_interval: Duration,
     script: Arc<Script>,
+    raise_script: Arc<Script>,
+    claim_script: Arc<Script>,
+    release_script: Arc<Script>,
     /// Milliseconds since `epoch` until which reads skip Redis; 0 when healthy.
     skip_until: Arc<AtomicU64>,
     /// Notified when a command succeeds after a failure: Redis is back.
     recovered: Arc<tokio::sync::Notify>,
     epoch: Instant,
+    /// Each resource's generation as this instance knows it (absent: 0).
+    generations: Arc<RwLock<HashMap<String, i64>>>,
 }
 
 impl L2 {
@@ -136,9 +182,13 @@ impl L2 {
             connect_timeout: config.connect_timeout,
             retry_interval: config.retry_interval,
             script: Arc::new(Script::new(OFFER_SCRIPT)),
+            raise_script: Arc::new(Script::new(RAISE_SCRIPT)),
+            claim_script: Arc::new(Script::new(CLAIM_SCRIPT)),
+            release_script: Arc::new(Script::new(RELEASE_SCRIPT)),
             skip_until: Arc::new(AtomicU64::new(0)),
             recovered: Arc::new(tokio::sync::Notify::new()),
             epoch: Instant::now(),
+            generations: Arc::new(RwLock::new(HashMap::new())),
         })
     }
 
@@ -255,14 +305,6 @@ impl L2 {
         self.flush_matching("").await
     }
 
-    /// Deletes every entry of one resource.
-    ///
-    /// # Errors
-    /// The first failing command.
-    pub async fn flush_resource(&self, resource: &str) -> Result<u64, L2Error> {
-        self.flush_matching(&format!("{resource}:")).await
-    }
-
     async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
         let mut conn = self.conn.clone();
         let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
@@ -348,9 +390,125 @@ impl L2 {
         self.recovered.notified().await;
     }
 
-    /// The Redis key of a cache key.
+    /// The Redis key of a cache key, in its resource's current generation.
     pub fn redis_key(&self, key: &CacheKey) -> String {
-        format!("{}{}", self.prefix, key.as_str())
+        let resource = key.resource();
+        match self.generation(resource) {
+            0 => format!("{}{}", self.prefix, key.as_str()),
+            g => format!(
+                "{}{resource}@{g}{}",
+                self.prefix,
+                &key.as_str()[resource.len()..]
+            ),
+        }
+    }
+
+    /// The generation of `resource` as this instance knows it.
+    pub fn generation(&self, resource: &str) -> i64 {
+        let generations = self.generations.read().unwrap_or_else(|e| e.into_inner());
+        generations.get(resource).copied().unwrap_or(0)
+    }
+
+    /// Takes `generation` for `resource` if it is newer than the one known here (another
+    /// instance raised it in Redis).
+    pub fn note_generation(&self, resource: &str, generation: i64) {
+        let mut generations = self.generations.write().unwrap_or_else(|e| e.into_inner());
+        let current = generations.entry(resource.to_string()).or_insert(0);
+        *current = (*current).max(generation);
+    }
+
+    /// Raises `resource`'s generation to at least `generation`, in Redis and here: every
+    /// entry of an older generation is out of reach from now on. Returns the generation now
+    /// in force (a newer one may already have been).
+    ///
+    /// # Errors
+    /// The command's failure; the generation known here is raised anyway, so this instance
+    /// stops reading the old entries at once.
+    pub async fn raise_generation(&self, resource: &str, generation: i64) -> Result<i64, L2Error> {
+        self.note_generation(resource, generation);
+        let mut conn = self.conn.clone();
+        let mut invocation = self.raise_script.prepare_invoke();
+        invocation
+            .key(self.generations_key())
+            .arg(resource)
+            .arg(generation);
+        let now: String = self
+            .run("generation", invocation.invoke_async(&mut conn))
+            .await?;
+        let now = now.parse().unwrap_or(generation);
+        self.note_generation(resource, now);
+        Ok(now)
+    }
+
+    /// Reads every resource's generation from Redis (after an outage, at start: flushes may
+    /// have been missed).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn load_generations(&self) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, i64> = self
+            .run("generation", conn.hgetall(self.generations_key()))
+            .await?;
+        for (resource, generation) in all {
+            self.note_generation(&resource, generation);
+        }
+        Ok(())
+    }
+
+    /// Claims the key `{prefix}{name}` for `holder` for `ttl` if nobody holds it, or
+    /// extends the claim if `holder` already does (a lease, as for the relay's election).
+    /// Returns whether `holder` holds it now.
+    ///
+    /// # Errors
+    /// The command's failure: the caller must assume it does not hold the lease.
+    pub async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, L2Error> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.claim_script.prepare_invoke();
+        invocation
+            .key(format!("{}{name}", self.prefix))
+            .arg(holder)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
+        let held: i64 = self.run("claim", invocation.invoke_async(&mut conn)).await?;
+        Ok(held == 1)
+    }
+
+    /// Gives up `holder`'s claim on `{prefix}{name}`, if it still holds it.
+    ///
+    /// # Errors
+    /// The command's failure (the claim then expires by itself).
+    pub async fn release(&self, name: &str, holder: &str) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.release_script.prepare_invoke();
+        invocation.key(format!("{}{name}", self.prefix)).arg(holder);
+        let _: i64 = self
+            .run("claim", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// The value of `{prefix}{name}` (who holds a claim; a recorded epoch).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn read(&self, name: &str) -> Result<Option<String>, L2Error> {
+        let mut conn = self.conn.clone();
+        self.run("get", conn.get(format!("{}{name}", self.prefix)))
+            .await
+    }
+
+    /// Sets `{prefix}{name}` to `value`, without expiry.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn write(&self, name: &str, value: &str) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        self.run("set", conn.set(format!("{}{name}", self.prefix), value))
+            .await
+    }
+
+    fn generations_key(&self) -> String {
+        format!("{}generations", self.prefix)
     }
 
     async fn run<T>(

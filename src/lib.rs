@@ -10,6 +10,8 @@
 //!   module that reaches the stores.
 //! - [`feed`]: coherence across instances: the changes-log poller, LISTEN/NOTIFY and Redis
 //!   pub/sub feeds, one run loop for all, replay of the changes log when a feed is back.
+//! - [`relay`]: the `wal` source's relay, elected among instances: streams the WAL, applies
+//!   each change to Redis once and publishes it to every instance.
 //! - [`coherence`]: the vocabulary feeds and tiers share: messages, feed state, the lease
 //!   clock and the rules for using L1 and Redis. Pure.
 //! - [`l1`]: the per-instance moka cache with versioned, per-key atomic updates.
@@ -34,6 +36,7 @@ pub mod l1;
 pub mod l2;
 pub mod model;
 pub mod redact;
+pub mod relay;
 pub mod resource;
 pub mod schema;
 pub mod single_flight;

@@ -7,13 +7,40 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::{Map, Value};
 
-use crate::config::TtlConfig;
+use crate::config::{PostgresSource, TtlConfig};
 use crate::model::CacheKey;
 
 /// The resources this instance serves, resolved against the live schema.
 #[derive(Debug, Default)]
 pub struct Catalog {
     resources: HashMap<String, Arc<Resource>>,
+    /// How changes are captured, as the schema was migrated for.
+    pub capture: Capture,
+}
+
+/// The Postgres source the schema serves, resolved from `feeds.postgres_source` against the
+/// server (`auto` becomes `wal` or `changes_log`), and the names the `wal` source uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capture {
+    /// Never [`PostgresSource::Auto`].
+    pub source: PostgresSource,
+    /// Why this source, for the log and `/readyz`.
+    pub reason: String,
+    /// The replication slot (`wal` only).
+    pub slot: String,
+    /// The publication (`wal` only).
+    pub publication: String,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            source: PostgresSource::ChangesLog,
+            reason: "configured".into(),
+            slot: String::new(),
+            publication: String::new(),
+        }
+    }
 }
 
 impl Catalog {
@@ -23,11 +50,30 @@ impl Catalog {
                 .into_iter()
                 .map(|r| (r.name.clone(), Arc::new(r)))
                 .collect(),
+            capture: Capture::default(),
         }
+    }
+
+    /// The same catalog, captured as `capture` says.
+    pub fn with_capture(mut self, capture: Capture) -> Self {
+        self.capture = capture;
+        self
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Resource>> {
         self.resources.get(name)
+    }
+
+    /// Every resource.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.resources.values()
+    }
+
+    /// The resource stored in `schema.table`, if any.
+    pub fn by_table(&self, schema: &str, table: &str) -> Option<&Arc<Resource>> {
+        self.resources
+            .values()
+            .find(|r| r.schema_name == schema && r.table_name == table)
     }
 }
 
@@ -128,6 +174,9 @@ pub struct Resource {
     pub shape: Shape,
     /// `"schema"."table"`, quoted.
     table: String,
+    /// The schema and table, unquoted (as logical decoding names them).
+    schema_name: String,
+    table_name: String,
     key: Column,
     key_type: KeyType,
     version: Column,
@@ -274,6 +323,8 @@ impl Resource {
             ttl,
             shape,
             table: format!("{}.{}", quote_ident(schema), quote_ident(table)),
+            schema_name: schema.to_string(),
+            table_name: table.to_string(),
             key,
             key_type,
             version,
@@ -304,6 +355,21 @@ impl Resource {
                 )
             }),
         }
+    }
+
+    /// `"schema"."table"`, quoted.
+    pub fn qualified_table(&self) -> &str {
+        &self.table
+    }
+
+    /// The key column's name.
+    pub fn key_column(&self) -> &str {
+        &self.key.name
+    }
+
+    /// The version column's name.
+    pub fn version_column(&self) -> &str {
+        &self.version.name
     }
 
     /// `SELECT version, document` by key (`$1`).

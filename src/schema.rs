@@ -3,6 +3,7 @@
 //! into [`Resource`](crate::resource::Resource)s ([`catalog`]), and the queries of the
 //! changes log ([`changes`]). Knows nothing about caches.
 
+pub mod capture;
 pub mod catalog;
 pub mod changes;
 pub mod migrate;
@@ -27,12 +28,14 @@ const LEGACY_FUNCTIONS: [&str; 3] = ["syncar_notify", "syncar_stamp_version", "s
 /// outage. `at` is the writer's clock when its trigger ran.
 pub const CHANGES_TABLE: &str = "syncar_changes";
 const STAMP_TRIGGER: &str = "syncar_stamp_version";
-/// The statement-level triggers that log (and with `notify`, announce) what a statement
-/// changed, one per event: Postgres allows transition tables only on single-event triggers.
-const LOG_TRIGGERS: [&str; 3] = [
+/// The statement-level triggers that announce what a statement changed, one per event:
+/// Postgres allows transition tables only on single-event triggers. Which of them a table
+/// has depends on the source, see [`wanted_triggers`].
+const LOG_TRIGGERS: [&str; 4] = [
     "syncar_log_insert",
     "syncar_log_update",
     "syncar_log_delete",
+    "syncar_log_truncate",
 ];
 /// The row-level AFTER trigger of earlier releases, replaced by [`LOG_TRIGGERS`].
 const LEGACY_NOTIFY_TRIGGER: &str = "syncar_notify";
@@ -42,8 +45,27 @@ const TG_BEFORE: i16 = 2;
 const TG_INSERT: i16 = 4;
 const TG_DELETE: i16 = 8;
 const TG_UPDATE: i16 = 16;
+const TG_TRUNCATE: i16 = 32;
 /// Key of the advisory lock held while migrating ("syncar" in ASCII).
 const MIGRATION_LOCK: i64 = 0x73796e636172;
+
+/// The triggers a table needs for `source`: the version stamp always; with `changes_log`
+/// and `notify` every log trigger; with `wal` only what the WAL cannot say by itself (a
+/// delete's version, a TRUNCATE's version, and, when the key is not in the table's replica
+/// identity, keys moved by an UPDATE).
+fn wanted_triggers(source: crate::config::PostgresSource, key_outside_identity: bool) -> Vec<&'static str> {
+    let mut names = vec![STAMP_TRIGGER];
+    match source {
+        crate::config::PostgresSource::Wal => {
+            if key_outside_identity {
+                names.push(LOG_TRIGGERS[1]);
+            }
+            names.extend([LOG_TRIGGERS[2], LOG_TRIGGERS[3]]);
+        }
+        _ => names.extend(LOG_TRIGGERS),
+    }
+    names
+}
 
 /// A schema that cannot serve the configuration.
 #[derive(Debug, thiserror::Error)]

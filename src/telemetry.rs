@@ -45,6 +45,17 @@ pub const L1_FLUSHES: &str = "syncar_l1_flushes_total";
 pub const L1_BYPASSED: &str = "syncar_l1_bypassed_reads_total";
 /// From the change's timestamp (the writer's clock) to its eviction here, by `feed`.
 pub const PROPAGATION_DELAY: &str = "syncar_invalidation_delay_seconds";
+/// How far the `wal` source's stream lags, in seconds: from a heartbeat's emission into the
+/// WAL to its publication by the relay.
+pub const WAL_LAG_SECONDS: &str = "syncar_wal_lag_seconds";
+/// WAL the replication slot retains behind the server's position, in bytes.
+pub const WAL_LAG_BYTES: &str = "syncar_wal_lag_bytes";
+/// 1 on the instance that holds the relay (streams the slot), 0 elsewhere.
+pub const RELAY_ACTIVE: &str = "syncar_relay_active";
+/// Transactions the relay applied to Redis and published.
+pub const RELAY_TRANSACTIONS: &str = "syncar_relay_transactions_total";
+/// Changes the relay applied to Redis and published, by `op`.
+pub const RELAY_CHANGES: &str = "syncar_relay_changes_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
 
@@ -111,6 +122,19 @@ fn describe() {
     describe_gauge!(FEED_UP, "1 while a feed is up");
     describe_counter!(L1_FLUSHES, "L1 emptied because a feed came back");
     describe_counter!(L1_BYPASSED, "reads that skipped L1 because a feed was down");
+    describe_gauge!(
+        WAL_LAG_SECONDS,
+        Unit::Seconds,
+        "how far the wal source's stream lags"
+    );
+    describe_gauge!(
+        WAL_LAG_BYTES,
+        Unit::Bytes,
+        "WAL the replication slot retains behind the server"
+    );
+    describe_gauge!(RELAY_ACTIVE, "1 on the instance that holds the relay");
+    describe_counter!(RELAY_TRANSACTIONS, "transactions the relay published");
+    describe_counter!(RELAY_CHANGES, "changes the relay published, by op");
     describe_histogram!(
         PROPAGATION_DELAY,
         Unit::Seconds,

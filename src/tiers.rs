@@ -366,9 +366,20 @@ impl Tiers {
 
     /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
     /// message's version in L1, and, from the Postgres feed, in Redis too, which repairs Redis
-    /// after writes that never went through syncar. Returns whether it taught anything new
-    /// (false for duplicates and for versions older than what is known: no-ops).
+    /// after writes that never went through syncar. A flush empties L1 and raises the
+    /// resource's generation in Redis. Returns whether it taught anything new (false for
+    /// duplicates and for versions older than what is known: no-ops).
     pub async fn apply(&self, catalog: &Catalog, message: &Message, feed: Feed) -> bool {
+        self.apply_to(catalog, message, feed == Feed::Postgres).await
+    }
+
+    /// Applies a change the relay has already applied to Redis (the `wal` source): L1 only,
+    /// and for a flush, the generation the relay raised.
+    pub async fn apply_relayed(&self, catalog: &Catalog, message: &Message) -> bool {
+        self.apply_to(catalog, message, false).await
+    }
+
+    async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
         let Some(resource) = catalog.get(&message.resource) else {
             return false; // not a resource of this instance
         };
@@ -377,10 +388,12 @@ impl Tiers {
             if let Some(l1) = &self.l1 {
                 l1.clear();
             }
-            if feed == Feed::Postgres {
-                if let Err(e) = self.l2.flush_resource(&resource.name).await {
-                    tracing::warn!(resource = %resource.name, error = %e, "redis flush of a resource failed");
+            if redis {
+                if let Err(e) = self.l2.raise_generation(&resource.name, message.version).await {
+                    tracing::warn!(resource = %resource.name, error = %e, "raising a resource's generation in redis failed");
                 }
+            } else {
+                self.l2.note_generation(&resource.name, message.version);
             }
             return true;
         };
@@ -396,7 +409,7 @@ impl Tiers {
         }
         // Whatever it taught L1, a load in flight may predate this change.
         self.flights.forget(&ck);
-        if feed == Feed::Postgres {
+        if redis {
             let result = if self.l2.available() {
                 self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await
             } else {
@@ -411,6 +424,90 @@ impl Tiers {
             }
         }
         fresh.unwrap_or(false)
+    }
+
+    /// Applies committed changes to Redis only, for the relay of the `wal` source: a
+    /// tombstone (or absence) per key, a generation raise per flush. Instances apply them to
+    /// their L1 when the relay's message reaches them.
+    ///
+    /// # Errors
+    /// The first Redis failure: the relay acknowledges nothing and the changes come again.
+    pub async fn apply_to_redis(&self, catalog: &Catalog, changes: &[Message]) -> Result<(), L2Error> {
+        use futures_util::TryStreamExt;
+        futures_util::stream::iter(changes.iter().map(Ok))
+            .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
+                let Some(resource) = catalog.get(&change.resource) else {
+                    return Ok(());
+                };
+                let (Some(copy), Some(key)) = (invalidation(change), &change.key) else {
+                    return self
+                        .l2
+                        .raise_generation(&resource.name, change.version)
+                        .await
+                        .map(|_| ());
+                };
+                let ck = CacheKey::new(&resource.name, key);
+                // Whatever it does to Redis, a load in flight here may predate this change.
+                self.flights.forget(&ck);
+                self.l2
+                    .offer(&ck, &copy, l2_ttl(resource, &copy))
+                    .await
+                    .map(|_| ())
+            })
+            .await
+    }
+
+    /// Claims (or extends) the relay's lease in Redis for `holder`; see [`L2::claim`].
+    ///
+    /// # Errors
+    /// Redis failing: `holder` must assume it does not hold the lease.
+    pub async fn claim_relay(&self, holder: &str, ttl: Duration) -> Result<bool, L2Error> {
+        self.l2.claim(RELAY_LEASE, holder, ttl).await
+    }
+
+    /// Gives up the relay's lease if `holder` still holds it.
+    ///
+    /// # Errors
+    /// Redis failing (the lease then expires by itself).
+    pub async fn release_relay(&self, holder: &str) -> Result<(), L2Error> {
+        self.l2.release(RELAY_LEASE, holder).await
+    }
+
+    /// Who holds the relay's lease now, if anyone.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn relay_holder(&self) -> Result<Option<String>, L2Error> {
+        self.l2.read(RELAY_LEASE).await
+    }
+
+    /// The epoch of the replication slot whose changes Redis holds (see
+    /// [`crate::schema::capture::STATE_TABLE`]); `None` when no relay has fed it yet.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn fed_by_slot(&self) -> Result<Option<i64>, L2Error> {
+        Ok(self
+            .l2
+            .read(SLOT_EPOCH)
+            .await?
+            .and_then(|v| v.parse().ok()))
+    }
+
+    /// Records that Redis now holds the changes of the slot of `epoch`.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn record_fed_by_slot(&self, epoch: i64) -> Result<(), L2Error> {
+        self.l2.write(SLOT_EPOCH, &epoch.to_string()).await
+    }
+
+    /// Reads every resource's generation from Redis; see [`L2::load_generations`].
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn load_generations(&self) -> Result<(), L2Error> {
+        self.l2.load_generations().await
     }
 
     /// Repairs Redis from the changes log: every key changed within the last `ago` (by
@@ -435,7 +532,11 @@ impl Tiers {
                     return Ok(());
                 };
                 let (Some(copy), Some(key)) = (invalidation(&change), &change.key) else {
-                    return self.l2.flush_resource(&resource.name).await.map(|_| ());
+                    return self
+                        .l2
+                        .raise_generation(&resource.name, change.version)
+                        .await
+                        .map(|_| ());
                 };
                 let ck = CacheKey::new(&resource.name, key);
                 self.l2
@@ -557,6 +658,11 @@ impl Tiers {
         })
     }
 }
+
+/// The Redis key (under the prefix) of the relay's lease.
+const RELAY_LEASE: &str = "relay";
+/// The Redis key (under the prefix) naming the slot epoch whose changes Redis holds.
+const SLOT_EPOCH: &str = "slot_epoch";
 
 /// Why a replay of the changes log failed.
 #[derive(Debug, thiserror::Error)]

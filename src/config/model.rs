@@ -105,6 +105,10 @@ pub struct PostgresConfig {
     /// Connection for the LISTEN feed, when it must differ from `url` (LISTEN does not work
     /// through PgBouncer in transaction mode). Default: `url`.
     pub listen_url: Option<String>,
+    /// Connection for the relay's replication connection (`wal` source), when it must differ
+    /// from `url`: straight to the primary, not through PgBouncer, as a role with
+    /// `REPLICATION`. Default: `url`.
+    pub replication_url: Option<String>,
     /// File holding `url` (a mounted Secret), read at start; overrides `url`.
     pub url_file: Option<PathBuf>,
 }
@@ -115,13 +119,39 @@ pub struct PostgresConfig {
 pub struct FeedsConfig {
     /// The Postgres feed: sees every write, plain SQL included, and repairs Redis.
     pub postgres: bool,
-    /// How the Postgres feed learns of changes: `changes_log` (the default: polls
-    /// `syncar_changes` every `poll_interval`, no NOTIFY on the write path) or `notify`
-    /// (LISTEN/NOTIFY: immediate, but every notifying commit takes a cluster-wide lock, which
-    /// cost writers of cached tables about two thirds of their throughput in `make bench-hot`).
-    /// Decides what the triggers do, so every instance of a deployment must agree; the
-    /// migration installs the matching ones.
+    /// How the Postgres feed learns of changes:
+    /// - `auto` (the default): `wal` when the server allows it (`wal_level = logical` and a
+    ///   role allowed to replicate), else `changes_log`; `/readyz` says which and why.
+    /// - `wal`: logical decoding. One instance, elected, streams the WAL through a
+    ///   replication slot and relays every change to Redis; every instance hears it there.
+    ///   Nothing on the writers' path but the version stamp (and a message per DELETE or
+    ///   TRUNCATE statement).
+    /// - `changes_log`: every instance polls `syncar_changes` every `poll_interval`; writers
+    ///   pay a log insert per statement.
+    /// - `notify`: LISTEN/NOTIFY: immediate, but every notifying commit takes a cluster-wide
+    ///   lock, which cost writers of cached tables about two thirds of their throughput in
+    ///   `make bench-hot`.
+    ///
+    /// Decides which triggers the migration installs, so every instance of a deployment must
+    /// resolve to the same source.
     pub postgres_source: PostgresSource,
+    /// The logical replication slot of the `wal` source (a slot is per cluster, so one per
+    /// database and deployment). Empty: `syncar_` followed by the database's name.
+    pub wal_slot: String,
+    /// The publication naming the cached tables, for the `wal` source.
+    pub wal_publication: String,
+    /// Whether this instance stands for election as the relay of the `wal` source. Off for
+    /// instances that must never open a replication connection (a separate `syncar relay`
+    /// Deployment relays for them).
+    pub relay: bool,
+    /// How long the relay's claim in Redis lasts without renewal: a relay that dies is
+    /// replaced within about this long (plus its replication connection's release).
+    #[serde(with = "humantime_serde")]
+    pub relay_lease: Duration,
+    /// `wal_sender_timeout` on the relay's replication connection: how soon Postgres lets go
+    /// of the slot when the relay vanishes without closing its socket.
+    #[serde(with = "humantime_serde")]
+    pub wal_sender_timeout: Duration,
     /// How often the `changes_log` source polls.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -160,15 +190,34 @@ pub struct FeedsConfig {
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum PostgresSource {
+    Auto,
+    Wal,
     Notify,
     ChangesLog,
+}
+
+impl PostgresSource {
+    /// The name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PostgresSource::Auto => "auto",
+            PostgresSource::Wal => "wal",
+            PostgresSource::Notify => "notify",
+            PostgresSource::ChangesLog => "changes_log",
+        }
+    }
 }
 
 impl Default for FeedsConfig {
     fn default() -> Self {
         FeedsConfig {
             postgres: true,
-            postgres_source: PostgresSource::ChangesLog,
+            postgres_source: PostgresSource::Auto,
+            wal_slot: String::new(),
+            wal_publication: "syncar".into(),
+            relay: true,
+            relay_lease: Duration::from_secs(2),
+            wal_sender_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_millis(100),
             redis: true,
             heartbeat_interval: Duration::from_millis(250),
@@ -328,6 +377,7 @@ impl Default for PostgresConfig {
             migrate_on_start: true,
             retry_after: Duration::from_secs(1),
             listen_url: None,
+            replication_url: None,
             url_file: None,
         }
     }

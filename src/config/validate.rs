@@ -128,36 +128,20 @@ impl Config {
     fn check_postgres(&self, bad: &mut impl FnMut(&str, String)) {
         let no_tls = "sslmode=require, but syncar is built without TLS: use sslmode=disable (or \
                       prefer) over a private network or a mesh that adds TLS";
-        match self.postgres.url.parse::<tokio_postgres::Config>() {
-            Err(e) => bad(
-                "postgres.url",
-                format!("not a Postgres connection string: {e}"),
-            ),
-            Ok(pg) if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
-                bad("postgres.url", no_tls.into())
+        let urls = [
+            ("postgres.url", Some(&self.postgres.url)),
+            ("postgres.listen_url", self.postgres.listen_url.as_ref()),
+            ("postgres.replication_url", self.postgres.replication_url.as_ref()),
+        ];
+        for (key, url) in urls {
+            match url.map(|u| u.parse::<tokio_postgres::Config>()) {
+                None => {}
+                Some(Err(e)) => bad(key, format!("not a Postgres connection string: {e}")),
+                Some(Ok(pg)) if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
+                    bad(key, no_tls.into())
+                }
+                Some(Ok(_)) => {}
             }
-            Ok(_) => {}
-        }
-        if let Some(Ok(pg)) = self
-            .postgres
-            .listen_url
-            .as_ref()
-            .map(|u| u.parse::<tokio_postgres::Config>())
-        {
-            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-                bad("postgres.listen_url", no_tls.into());
-            }
-        }
-        if let Some(Err(e)) = self
-            .postgres
-            .listen_url
-            .as_ref()
-            .map(|u| u.parse::<tokio_postgres::Config>())
-        {
-            bad(
-                "postgres.listen_url",
-                format!("not a Postgres connection string: {e}"),
-            );
         }
         if !is_identifier(&self.postgres.schema) {
             bad("postgres.schema", "must be a plain identifier".into());
@@ -175,18 +159,38 @@ impl Config {
             ("feeds.lease", f.lease),
             ("feeds.changes_retention", f.changes_retention),
             ("feeds.max_backoff", f.max_backoff),
+            ("feeds.wal_sender_timeout", f.wal_sender_timeout),
         ] {
             if d.is_zero() {
                 bad(key, "must be positive".into());
             }
         }
+        if !f.wal_slot.is_empty() && !is_identifier(&f.wal_slot) {
+            bad(
+                "feeds.wal_slot",
+                "must be 1 to 63 of a-z, 0-9 and '_', not starting with a digit (a slot name)".into(),
+            );
+        }
+        if !is_identifier(&f.wal_publication) {
+            bad("feeds.wal_publication", "must be a plain identifier".into());
+        }
+        if f.relay_lease <= f.heartbeat_interval * 2 {
+            bad(
+                "feeds.relay_lease",
+                "must exceed two heartbeat intervals: the relay renews its claim that often".into(),
+            );
+        }
         if f.poll_interval.is_zero() {
             bad("feeds.poll_interval", "must be positive".into());
         }
-        if f.postgres_source == PostgresSource::ChangesLog && f.lease <= f.poll_interval * 2 {
+        if matches!(
+            f.postgres_source,
+            PostgresSource::ChangesLog | PostgresSource::Auto
+        ) && f.lease <= f.poll_interval * 2
+        {
             bad(
                 "feeds.lease",
-                "must exceed two poll intervals with the changes_log source".into(),
+                "must exceed two poll intervals with the changes_log (or auto) source".into(),
             );
         }
         if f.lease <= f.heartbeat_interval * 2 {

@@ -4,6 +4,7 @@
 //! the feed towards up ([`Phase`]), messages are applied to the tiers.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use crate::backoff::Backoff;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::db::{connect_dedicated, Dedicated};
 use crate::model::now_ms;
+use crate::resource::Catalog;
 use crate::telemetry::{
     error_chain, FEED_DUPLICATES, FEED_INVALIDATIONS, FEED_MALFORMED, PROPAGATION_DELAY,
 };
@@ -34,18 +36,27 @@ pub(crate) trait Source: Send {
     ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-/// Runs `source` until `shutdown`: waits for the catalog (replays and messages need it),
-/// then runs sessions; a failed one marks the feed down and waits out the backoff.
-pub(crate) async fn run<S: Source>(
-    mut source: S,
-    ctx: std::sync::Arc<FeedContext>,
-    shutdown: CancellationToken,
-) {
-    while !ctx.catalog.is_loaded() {
+/// Waits until the catalog is loaded; `None` on shutdown.
+pub(crate) async fn wait_for_catalog(
+    ctx: &FeedContext,
+    shutdown: &CancellationToken,
+) -> Option<Arc<Catalog>> {
+    loop {
+        if let Ok(catalog) = ctx.catalog.get() {
+            return Some(catalog);
+        }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+/// Runs `source` until `shutdown`: waits for the catalog (replays and messages need it),
+/// then runs sessions; a failed one marks the feed down and waits out the backoff.
+pub(crate) async fn run<S: Source>(mut source: S, ctx: Arc<FeedContext>, shutdown: CancellationToken) {
+    if wait_for_catalog(&ctx, &shutdown).await.is_none() {
+        return;
     }
     let mut supervisor = Supervisor::new(S::FEED, ctx.config.feeds.max_backoff);
     loop {
@@ -239,6 +250,27 @@ pub(crate) async fn handle_message(ctx: &FeedContext, feed: Feed, payload: &[u8]
     handle_parsed(ctx, feed, message).await;
 }
 
+/// Applies one change relayed from the WAL (already in Redis): L1 only.
+pub(crate) async fn handle_relayed(ctx: &FeedContext, message: Message) {
+    metrics::counter!(FEED_INVALIDATIONS, "feed" => "postgres").increment(1);
+    let Ok(catalog) = ctx.catalog.get() else {
+        return;
+    };
+    if !ctx.tiers.apply_relayed(&catalog, &message).await {
+        metrics::counter!(FEED_DUPLICATES, "feed" => "postgres").increment(1);
+    }
+    record_delay(Feed::Postgres, message.ts_us);
+}
+
+/// Records how long a change took from its timestamp to being applied here.
+fn record_delay(feed: Feed, ts_us: Option<i64>) {
+    if let Some(ts_us) = ts_us {
+        let delay_us = (now_ms() as i64 * 1000).saturating_sub(ts_us).max(0);
+        metrics::histogram!(PROPAGATION_DELAY, "feed" => feed.as_str())
+            .record(delay_us as f64 / 1e6);
+    }
+}
+
 /// Applies one parsed message; see [`handle_message`].
 pub(crate) async fn handle_parsed(ctx: &FeedContext, feed: Feed, message: Message) {
     if feed == Feed::Redis && message.instance.as_deref() == Some(ctx.instance_id.as_str()) {
@@ -252,9 +284,5 @@ pub(crate) async fn handle_parsed(ctx: &FeedContext, feed: Feed, message: Messag
     if !fresh {
         metrics::counter!(FEED_DUPLICATES, "feed" => feed.as_str()).increment(1);
     }
-    if let Some(ts_us) = message.ts_us {
-        let delay_us = (now_ms() as i64 * 1000).saturating_sub(ts_us).max(0);
-        metrics::histogram!(PROPAGATION_DELAY, "feed" => feed.as_str())
-            .record(delay_us as f64 / 1e6);
-    }
+    record_delay(feed, message.ts_us);
 }

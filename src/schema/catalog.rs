@@ -3,7 +3,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{SchemaError, LOG_TRIGGERS, STAMP_TRIGGER, VERSION_SEQUENCE};
+use super::{wanted_triggers, SchemaError, VERSION_SEQUENCE};
 use crate::config::{Config, ResourceConfig};
 use crate::resource::{Catalog, Column, KeyType, Resource};
 
@@ -13,6 +13,21 @@ pub(super) struct TableInfo {
     pub(super) columns: Vec<ColumnInfo>,
     /// Whether the key column has a unique index of its own (ON CONFLICT needs one).
     pub(super) unique_key: bool,
+    /// What logical decoding sends of an old row (the `wal` source).
+    pub(super) identity: Identity,
+}
+
+/// A table's replica identity, as far as the `wal` source cares (Postgres docs, `ALTER TABLE
+/// ... REPLICA IDENTITY`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Identity {
+    /// None (no primary key, or `NOTHING`): a table in a publication then refuses UPDATE
+    /// and DELETE, so the `wal` source cannot publish it.
+    Missing,
+    /// The old key reaches the WAL when it changes.
+    IncludesKey,
+    /// An identity without the key column: a moved key must be announced by a trigger.
+    ExcludesKey,
 }
 
 pub(super) struct ColumnInfo {
@@ -49,23 +64,20 @@ pub async fn load_catalog(
             "sequence {schema}.{VERSION_SEQUENCE} is missing"
         )));
     }
+    let capture = super::capture::load(client, config).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     for r in &config.resources {
         let info = describe_table(client, r).await?;
+        let wanted = wanted_triggers(capture.source, info.identity == Identity::ExcludesKey);
         let installed: i64 = client
             .query_one(
                 "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1 AND tgname = ANY($2)",
-                &[
-                    &info.oid,
-                    &std::iter::once(STAMP_TRIGGER)
-                        .chain(LOG_TRIGGERS)
-                        .collect::<Vec<_>>(),
-                ],
+                &[&info.oid, &wanted],
             )
             .await
             .map_err(pg("looking up triggers"))?
             .get(0);
-        if installed != 1 + LOG_TRIGGERS.len() as i64
+        if installed != wanted.len() as i64
             || !info.columns.iter().any(|c| c.name == r.version_column)
         {
             return Err(SchemaError::NotMigrated(format!(
@@ -98,7 +110,7 @@ pub async fn load_catalog(
             readonly,
         ));
     }
-    Ok(Catalog::new(resources))
+    Ok(Catalog::new(resources).with_capture(capture))
 }
 
 /// Checks the key column: a supported type with a unique index of its own.
@@ -213,9 +225,30 @@ pub(super) async fn describe_table(
             .get(0),
         None => false,
     };
+    let identity = match key_num {
+        Some(num) => {
+            let row = client
+                .query_one(
+                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i                        WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))),                      EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))                        AND $2 = ANY (i.indkey::int2[]))                      FROM pg_class c WHERE c.oid = $1",
+                    &[&oid, &num],
+                )
+                .await
+                .map_err(pg)?;
+            let (kind, has_index, key_in_index): (String, bool, bool) =
+                (row.get(0), row.get(1), row.get(2));
+            match kind.as_str() {
+                "f" => Identity::IncludesKey,
+                "d" | "i" if key_in_index => Identity::IncludesKey,
+                "d" | "i" if has_index => Identity::ExcludesKey,
+                _ => Identity::Missing,
+            }
+        }
+        None => Identity::Missing,
+    };
     Ok(TableInfo {
         oid,
         columns,
         unique_key,
+        identity,
     })
 }

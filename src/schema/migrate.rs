@@ -5,23 +5,30 @@
 //! no lock beyond the migration's own advisory lock. Concurrent instances starting together
 //! serialize on that lock.
 
-use super::catalog::{describe_table, key_column, table_oid, INT8_OID};
-use super::triggers::{announce_function_body, dollar_quote, function_name, stamp_function_body};
-use super::{
-    SchemaError, CHANGES_TABLE, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS,
-    MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_UPDATE,
-    VERSION_SEQUENCE,
+use super::capture::{self, SlotState, STATE_TABLE};
+use super::catalog::{describe_table, key_column, table_oid, Identity, TableInfo, INT8_OID};
+use super::triggers::{
+    announce_function_body, dollar_quote, function_name, stamp_function_body, Announce,
 };
-use crate::config::{Config, ResourceConfig, KV_RESOURCE};
+use super::{
+    wanted_triggers, SchemaError, CHANGES_TABLE, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER,
+    LOG_TRIGGERS, MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW,
+    TG_TRUNCATE, TG_UPDATE, VERSION_SEQUENCE,
+};
+use crate::config::{Config, PostgresSource, ResourceConfig, KV_RESOURCE};
 use crate::resource::{quote_ident, quote_literal};
 
-/// Installs or repairs everything versioning needs, in one transaction.
+/// Installs or repairs everything versioning needs, in one transaction: the sequence, the
+/// state table, the changes log, the kv table, version columns, the triggers of the resolved
+/// source (`auto` resolves here, see [`capture::resolve`]), and for `wal` the publication.
+/// Then, outside that transaction, the `wal` source's replication slot (created if missing or
+/// invalidated); other sources drop an idle syncar slot, which would retain WAL for nobody.
 ///
 /// Returns what it changed, one line per change; empty when the schema was up to date.
 ///
 /// # Errors
-/// A configured table or column that does not exist or has the wrong type, or Postgres
-/// failing.
+/// A configured table or column that does not exist or has the wrong type, `wal` configured
+/// where the server cannot do it, or Postgres failing.
 pub async fn migrate(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -82,7 +89,15 @@ pub async fn migrate(
         changes.push(format!("created table {schema}.{CHANGES_TABLE}"));
     }
 
-    let notify = config.feeds.postgres_source == crate::config::PostgresSource::Notify;
+    if table_oid(&tx, schema, STATE_TABLE, "r").await?.is_none() {
+        tx.batch_execute(&format!(
+            "CREATE TABLE {s}.{STATE_TABLE} (name text PRIMARY KEY, value text NOT NULL)"
+        ))
+        .await
+        .map_err(pg("creating the state table"))?;
+        changes.push(format!("created table {schema}.{STATE_TABLE}"));
+    }
+
     if table_oid(&tx, schema, "syncar_kv", "r").await?.is_none() {
         tx.batch_execute(&format!(
             "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
@@ -103,8 +118,9 @@ pub async fn migrate(
         negative_ttl: None,
         tombstone_ttl: None,
     };
+    let mut tables: Vec<(&ResourceConfig, TableInfo)> = Vec::new();
     for r in std::iter::once(&kv).chain(&config.resources) {
-        let info = describe_table(&tx, r).await?;
+        let mut info = describe_table(&tx, r).await?;
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         match info.columns.iter().find(|c| c.name == r.version_column) {
             Some(c) if c.type_oid == INT8_OID => {}
@@ -130,19 +146,51 @@ pub async fn migrate(
             }
         }
         key_column(&info, r)?;
+        if info.columns.iter().all(|c| c.name != r.version_column) {
+            info = describe_table(&tx, r).await?;
+        }
+        tables.push((r, info));
+    }
+    let described: Vec<(&ResourceConfig, &TableInfo)> =
+        tables.iter().map(|(r, info)| (*r, info)).collect();
+    let (source, reason) = capture::resolve(&tx, config, &described).await?;
+    for (name, value) in [("source", source.as_str()), ("source_reason", reason.as_str())] {
+        let current: Option<String> = tx
+            .query_opt(
+                &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(pg("reading the state table"))?
+            .map(|row| row.get(0));
+        if current.as_deref() != Some(value) {
+            capture::write_state(&tx, schema, name, value).await?;
+            if name == "source" {
+                changes.push(format!("postgres source is {value} ({reason})"));
+            }
+        }
+    }
+    let announce = match source {
+        PostgresSource::Wal => Announce::Wal,
+        PostgresSource::Notify => Announce::Notify,
+        _ => Announce::Log,
+    };
+    for (r, info) in &tables {
+        let (r, info) = (*r, info);
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         let stamp = function_name("syncar_stamp", &r.name);
-        let announce = function_name("syncar_announce", &r.name);
+        let announce_fn = function_name("syncar_announce", &r.name);
         for (function, body) in [
             (&stamp, stamp_function_body(schema, r)),
-            (&announce, announce_function_body(schema, r, notify)),
+            (&announce_fn, announce_function_body(schema, r, announce)),
         ] {
             if install_function(&tx, schema, function, &body).await? {
                 changes.push(format!("installed function {schema}.{function}()"));
             }
         }
         // Name, definition, and what pg_trigger must say: function, type bits, transition
-        // tables (old, new).
-        let triggers = [
+        // tables (old, new). Only the source's own are kept.
+        let all = [
             (
                 STAMP_TRIGGER,
                 "BEFORE INSERT OR UPDATE",
@@ -155,7 +203,7 @@ pub async fn migrate(
                 LOG_TRIGGERS[0],
                 "AFTER INSERT",
                 "REFERENCING NEW TABLE AS syncar_new FOR EACH STATEMENT",
-                &announce,
+                &announce_fn,
                 TG_INSERT,
                 (None, Some("syncar_new")),
             ),
@@ -163,7 +211,7 @@ pub async fn migrate(
                 LOG_TRIGGERS[1],
                 "AFTER UPDATE",
                 "REFERENCING OLD TABLE AS syncar_old NEW TABLE AS syncar_new FOR EACH STATEMENT",
-                &announce,
+                &announce_fn,
                 TG_UPDATE,
                 (Some("syncar_old"), Some("syncar_new")),
             ),
@@ -171,24 +219,55 @@ pub async fn migrate(
                 LOG_TRIGGERS[2],
                 "AFTER DELETE",
                 "REFERENCING OLD TABLE AS syncar_old FOR EACH STATEMENT",
-                &announce,
+                &announce_fn,
                 TG_DELETE,
                 (Some("syncar_old"), None),
             ),
+            (
+                LOG_TRIGGERS[3],
+                "AFTER TRUNCATE",
+                "FOR EACH STATEMENT",
+                &announce_fn,
+                TG_TRUNCATE,
+                (None, None),
+            ),
         ];
+        let wanted_names = wanted_triggers(source, info.identity == Identity::ExcludesKey);
+        for (trigger, ..) in all.iter().filter(|t| !wanted_names.contains(&t.0)) {
+            let exists: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                    &[&info.oid, trigger],
+                )
+                .await
+                .map_err(pg("looking up triggers"))?
+                .get(0);
+            if exists {
+                tx.batch_execute(&format!("DROP TRIGGER {trigger} ON {qualified}"))
+                    .await
+                    .map_err(pg("dropping a trigger"))?;
+                changes.push(format!("dropped trigger {trigger} on {qualified}"));
+            }
+        }
+        let triggers = all.into_iter().filter(|t| wanted_names.contains(&t.0));
         for (trigger, timing, level, function, tgtype, (old, new)) in triggers {
             type Installed = (String, String, i16, Option<String>, Option<String>);
-            let current: Option<Installed> = tx
+            let current: Option<(Installed, String)> = tx
                 .query_opt(
                     "SELECT n.nspname::text, p.proname::text, t.tgtype, t.tgoldtable::text, \
-                            t.tgnewtable::text FROM pg_trigger t \
+                            t.tgnewtable::text, t.tgenabled::text FROM pg_trigger t \
                      JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
                      WHERE t.tgrelid = $1 AND t.tgname = $2",
                     &[&info.oid, &trigger],
                 )
                 .await
                 .map_err(pg("looking up triggers"))?
-                .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)));
+                .map(|row| {
+                    (
+                        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)),
+                        row.get(5),
+                    )
+                });
             if current.is_none() && trigger == STAMP_TRIGGER {
                 // Adopting a table: versions already in it (an existing bigint column) must
                 // stay below every version the trigger hands out from now on.
@@ -211,7 +290,11 @@ pub async fn migrate(
                 old.map(String::from),
                 new.map(String::from),
             );
-            if current.as_ref() != Some(&wanted) {
+            let (installed, enabled) = match current {
+                Some((installed, enabled)) => (Some(installed), enabled),
+                None => (None, String::new()),
+            };
+            if installed.as_ref() != Some(&wanted) {
                 // Dropped first: CREATE OR REPLACE cannot turn a row trigger into a statement
                 // trigger with transition tables.
                 tx.batch_execute(&format!(
@@ -223,6 +306,18 @@ pub async fn migrate(
                 .await
                 .map_err(pg("creating triggers"))?;
                 changes.push(format!("installed trigger {trigger} on {qualified}"));
+            }
+            if installed.as_ref() != Some(&wanted) || enabled != "A" {
+                // Fired whatever session_replication_role says: rows written by logical
+                // replication apply or a restore tool take a version and are announced too.
+                tx.batch_execute(&format!(
+                    "ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER {trigger}"
+                ))
+                .await
+                .map_err(pg("enabling triggers"))?;
+                if installed.as_ref() == Some(&wanted) {
+                    changes.push(format!("enabled trigger {trigger} on {qualified} always"));
+                }
             }
         }
         let legacy_trigger: bool = tx
@@ -264,7 +359,31 @@ pub async fn migrate(
             changes.push(format!("dropped function {schema}.{legacy}()"));
         }
     }
+    let slot = capture::slot_name(&tx, config).await?;
+    if source == PostgresSource::Wal {
+        let published: Vec<(String, String)> = tables
+            .iter()
+            .map(|(r, _)| (r.schema.clone(), r.table.clone()))
+            .collect();
+        if let Some(change) =
+            capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?
+        {
+            changes.push(change);
+        }
+    }
     tx.commit().await.map_err(pg("committing the migration"))?;
+    // A slot is created in a transaction of its own (Postgres refuses one that wrote).
+    if source == PostgresSource::Wal {
+        match capture::ensure_slot(client, schema, &slot).await? {
+            SlotState::Kept => {}
+            SlotState::Created => changes.push(format!("created replication slot {slot}")),
+            SlotState::Recreated => changes.push(format!(
+                "recreated replication slot {slot}: it had been invalidated"
+            )),
+        }
+    } else if let Some(change) = capture::drop_idle_slot(client, &slot).await? {
+        changes.push(change);
+    }
     Ok(changes)
 }
 

@@ -1,6 +1,7 @@
 //! The trigger functions, generated per resource with its column names written in. Builds
 //! SQL text only; [`super::migrate`] installs it.
 
+use super::capture::MESSAGE_PREFIX;
 use super::{CHANGES_TABLE, LEGACY_FUNCTIONS, NOTIFY_CHANNEL, VERSION_SEQUENCE};
 use crate::config::ResourceConfig;
 use crate::resource::{quote_ident, quote_literal};
@@ -40,12 +41,26 @@ END
     )
 }
 
-/// AFTER INSERT, UPDATE or DELETE, once per statement: log which keys the statement changed,
-/// at which versions, and with the `notify` source announce each. A delete takes a fresh
-/// version for its tombstone; an update that moves a row to another key also announces the
-/// old key as deleted. The rows come from the statement's transition tables, so a statement
-/// changing many rows logs them with one insert.
-pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, notify: bool) -> String {
+/// What the announcing trigger function does with a statement's changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Announce {
+    /// Append them to the changes log (`changes_log`).
+    Log,
+    /// Append them to the log and NOTIFY each (`notify`).
+    Notify,
+    /// Emit a logical decoding message for what the WAL cannot say by itself (`wal`): a
+    /// delete's version, a moved key when the key is not in the replica identity, a
+    /// TRUNCATE's version. Inserts and updates reach the relay through the WAL alone.
+    Wal,
+}
+
+/// AFTER INSERT, UPDATE, DELETE or TRUNCATE, once per statement: announce which keys the
+/// statement changed, at which versions (see [`Announce`]). A delete takes a fresh version
+/// for its tombstone; an update that moves a row to another key also announces the old key
+/// as deleted; a TRUNCATE takes a fresh version for a resource-wide flush. The rows come
+/// from the statement's transition tables, so a statement changing many rows is announced
+/// with one insert (or one message).
+pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let key = quote_ident(&r.key);
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
     // A NULL key (a nullable unique column) names no document: nothing to announce.
@@ -61,10 +76,33 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, notify: b
     // Keys that no new row has: deleted by this update. (Set semantics: two rows swapping
     // keys delete nothing.) A moved row's tombstone is the newer version: the row was
     // stamped by the BEFORE ROW trigger, before this statement trigger calls nextval.
-    let moved = format!(
-        "{puts} UNION ALL {deletes} \
-         AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
+    let moved_only = format!(
+        "{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
     );
+    let moved = format!("{puts} UNION ALL {moved_only}");
+    let truncated = format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op");
+    let (insert, update, delete, truncate) = match mode {
+        Announce::Wal => (
+            "    NULL;".to_string(),
+            emit_deletes(r, &moved_only),
+            emit_deletes(r, &deletes),
+            format!(
+                "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+                 {resource}, 'truncate', nextval({seq}))::text);",
+                prefix = quote_literal(MESSAGE_PREFIX),
+                resource = quote_literal(&r.name),
+            ),
+        ),
+        _ => {
+            let notify = mode == Announce::Notify;
+            (
+                send(schema, r, notify, &puts),
+                send(schema, r, notify, &moved),
+                send(schema, r, notify, &deletes),
+                send(schema, r, notify, &truncated),
+            )
+        }
+    };
     format!(
         "
 DECLARE
@@ -75,15 +113,28 @@ BEGIN
 {insert}
   ELSIF TG_OP = 'UPDATE' THEN
 {update}
-  ELSE
+  ELSIF TG_OP = 'DELETE' THEN
 {delete}
+  ELSE
+{truncate}
   END IF;
   RETURN NULL;
 END
-",
-        insert = send(schema, r, notify, &puts),
-        update = send(schema, r, notify, &moved),
-        delete = send(schema, r, notify, &deletes),
+"
+    )
+}
+
+/// One transactional logical decoding message naming every deleted key of the statement
+/// and the version its delete took: `{"resource", "deletes": [[key, version], ...]}`. The
+/// relay reads it at the transaction's commit, beside the pgoutput rows. Nothing is emitted
+/// for a statement that deleted nothing.
+fn emit_deletes(r: &ResourceConfig, deletes: &str) -> String {
+    format!(
+        "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+         {resource}, 'deletes', json_agg(json_build_array(d.key, d.version)))::text) \
+         FROM ({deletes}) d HAVING count(*) > 0;",
+        prefix = quote_literal(MESSAGE_PREFIX),
+        resource = quote_literal(&r.name),
     )
 }
 

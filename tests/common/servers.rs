@@ -163,7 +163,8 @@ fn start_postgres() -> u16 {
         let port = free_port();
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=400",
+             -c full_page_writes=off -c max_connections=400 -c wal_level=logical \
+             -c max_replication_slots=200 -c max_wal_senders=200 -c max_slot_wal_keep_size=1GB",
             root.display()
         );
         let out = as_postgres(&bin.join("pg_ctl"))

@@ -55,6 +55,11 @@ async fn a_put_on_one_instance_reaches_the_others_with_the_changes_log() {
     put_reaches_the_others(PostgresSource::ChangesLog).await;
 }
 
+#[tokio::test]
+async fn a_put_on_one_instance_reaches_the_others_through_the_wal() {
+    put_reaches_the_others(PostgresSource::Wal).await;
+}
+
 async fn put_reaches_the_others(source: PostgresSource) {
     let env = Env::new().await;
     let [a, b, c] = three(&env, |c| c.feeds.postgres_source = source).await;
@@ -82,6 +87,11 @@ async fn plain_sql_writes_reach_every_instance_and_repair_redis() {
 #[tokio::test]
 async fn plain_sql_writes_reach_every_instance_and_repair_redis_with_the_changes_log() {
     plain_sql_reaches_everyone(PostgresSource::ChangesLog).await;
+}
+
+#[tokio::test]
+async fn plain_sql_reaches_everyone_through_the_wal() {
+    plain_sql_reaches_everyone(PostgresSource::Wal).await;
 }
 
 async fn plain_sql_reaches_everyone(source: PostgresSource) {

@@ -348,8 +348,11 @@ async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
     let changes = syncar::app::run_migration(&env.config()).await.unwrap();
     assert_eq!(
         changes,
-        ["installed function public.syncar_announce_kv()"],
-        "switching the source rewrites the announcing function only"
+        [
+            "postgres source is changes_log (configured)",
+            "installed function public.syncar_announce_kv()"
+        ],
+        "switching the source records it and rewrites the announcing function only"
     );
     let (_listener, mut rx) = listen(&env).await;
     let pg = env.pg().await;

@@ -62,6 +62,9 @@ impl Env {
         c.postgres.pool_size = 4;
         c.redis.url = self.redis_url.clone();
         c.redis.key_prefix = self.prefix.clone();
+        // The tests written before the wal source keep the source they were written for;
+        // tests of `wal` and `auto` say so.
+        c.feeds.postgres_source = syncar::config::PostgresSource::ChangesLog;
         c.log.level = "warn".into();
         c.validate().expect("test config is valid");
         c
@@ -106,12 +109,22 @@ impl Env {
             .expect("connect to the test redis")
     }
 
-    /// The Redis entry syncar keeps for `resource:key`, as `{version}:{kind}:{document}`
-    /// (the `at_ms` field dropped).
+    /// The Redis entry syncar keeps for `resource:key` in the resource's current
+    /// generation, as `{version}:{kind}:{document}` (the `at_ms` field dropped).
     pub async fn redis_entry(&self, resource: &str, key: &str) -> Option<String> {
         let mut conn = self.redis().await;
+        let generation: Option<String> = redis::cmd("HGET")
+            .arg(format!("{}generations", self.prefix))
+            .arg(resource)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let name = match generation.as_deref() {
+            None | Some("0") => format!("{}{resource}:{key}", self.prefix),
+            Some(g) => format!("{}{resource}@{g}:{key}", self.prefix),
+        };
         let raw: Option<String> = redis::cmd("GET")
-            .arg(format!("{}{resource}:{key}", self.prefix))
+            .arg(name)
             .query_async(&mut conn)
             .await
             .unwrap();

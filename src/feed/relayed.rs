@@ -1,0 +1,113 @@
+//! The Postgres feed of the `wal` source, as every instance hears it: the relay's channel in
+//! Redis. Changes arrive already applied to Redis, so only L1 is touched; the relay's
+//! heartbeats (emitted into the WAL, relayed with their lag) prove the whole chain, Postgres
+//! to this instance, alive and caught up. Sends Postgres nothing. Knows nothing about HTTP.
+//!
+//! # Catching up
+//! Messages published while this instance was not subscribed are lost to it; Redis is not
+//! (the relay applied them there first). So on every new subscription, at the first
+//! heartbeat that comes through it, L1 is emptied and the generations re-read: from then on
+//! every change reaches L1 through the subscription.
+
+use futures_util::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use super::driver::{handle_relayed, Source};
+use super::FeedContext;
+use crate::coherence::{mono_ms, Feed, Relayed as Payload};
+use crate::telemetry::{FEED_MALFORMED, WAL_LAG_BYTES, WAL_LAG_SECONDS};
+
+/// The subscription to the relay's channel.
+pub struct Relayed {
+    channel: String,
+}
+
+impl Relayed {
+    pub fn new(ctx: &FeedContext) -> Self {
+        Relayed {
+            channel: relay_channel(&ctx.config.redis.key_prefix),
+        }
+    }
+}
+
+/// The channel the relay publishes on.
+pub fn relay_channel(prefix: &str) -> String {
+    format!("{prefix}wal")
+}
+
+impl Source for Relayed {
+    const FEED: Feed = Feed::Postgres;
+
+    async fn session(
+        &mut self,
+        ctx: &FeedContext,
+        shutdown: &CancellationToken,
+        _last_good: Option<u64>,
+    ) -> Result<(), String> {
+        let config = &ctx.config;
+        let lease = config.feeds.lease;
+        let mut messages = ctx
+            .tiers
+            .subscribe(std::slice::from_ref(&self.channel), lease)
+            .await
+            .map_err(|e| format!("subscription to the relay failed: {e}"))?;
+        let feed = &ctx.coherence.postgres;
+        feed.grant(lease);
+        let mut up = false;
+        let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    if mono_ms() > feed.valid_until() {
+                        return Err(format!(
+                            "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
+                        ));
+                    }
+                }
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return Err("subscription to the relay closed".into());
+                    };
+                    let payload = match Payload::parse(message.get_payload_bytes()) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            metrics::counter!(FEED_MALFORMED, "feed" => "postgres").increment(1);
+                            tracing::debug!(feed = "postgres", error = %e, "ignoring a malformed relay message");
+                            continue;
+                        }
+                    };
+                    match payload {
+                        Payload::Changes { changes } => {
+                            for change in changes {
+                                handle_relayed(ctx, change).await;
+                            }
+                        }
+                        Payload::Heartbeat { relay, lag_ms, lag_bytes } => {
+                            metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
+                            if let Some(bytes) = lag_bytes {
+                                metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
+                            }
+                            ctx.coherence.note_relay(&relay, lag_ms, lag_bytes);
+                            if !up {
+                                // Everything published from now on reaches us; what came
+                                // before is in Redis already, and L1 forgets it.
+                                ctx.tiers
+                                    .load_generations()
+                                    .await
+                                    .map_err(|e| format!("reading generations failed: {e}"))?;
+                                ctx.tiers.flush_l1(Feed::Postgres);
+                            }
+                            feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
+                            if !up {
+                                feed.set_up();
+                                up = true;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The relay of the `wal` source: one instance per database, elected, streams the WAL
+//! through the replication slot (logical decoding, pgoutput), applies each committed change
+//! to Redis once and publishes it on one channel, where every instance hears it
+//! ([`crate::feed::relayed`]). The WAL is in commit order and holds every writer's changes,
+//! so nothing is polled and nothing but the version stamp runs on the writers' path. Meta's
+//! memcache does the same with one tailer per database (mcsqueal, NSDI 2013).
+//!
+//! # Election
+//! A lease in Redis (`{prefix}relay`, renewed every quarter of `feeds.relay_lease`) decides
+//! who tries; the slot decides who streams: Postgres refuses a second consumer of an active
+//! slot. Standbys only ask Redis, so idle instances send Postgres nothing. A relay that loses
+//! its lease stops streaming; one that dies lets go of the slot when its socket closes (at
+//! once after a kill, after `feeds.wal_sender_timeout` when it vanished silently).
+//!
+//! # Delivery
+//! At least once: a transaction's position is acknowledged to Postgres only after its
+//! changes are applied to Redis and published. After a failure the slot sends them again;
+//! every tier takes only strictly newer versions, so a repeat changes nothing.
+//!
+//! # Heartbeats
+//! The relay emits `pg_logical_emit_message(false, 'syncar', 'hb:…')` every
+//! `feeds.heartbeat_interval` on a plain connection. It comes back through the stream after
+//! everything committed before it, and is published with the time it took: instances count
+//! their Postgres feed up only while such heartbeats arrive within the lease, so a dead
+//! relay, a stuck slot or a lagging stream all mean L1 bypass within the lease.
+//!
+//! # The slot's epoch
+//! The state table records the version taken when the slot was created
+//! ([`crate::schema::capture::ensure_slot`]); Redis records the epoch of the slot that fed
+//! it. When they differ (a new slot, one recreated after it was invalidated, a Redis restored
+//! from older data), Redis may lack changes nobody will stream again: every resource's
+//! generation is raised before anything is relayed.
+
+pub mod pgoutput;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{jitter, Backoff};
+use crate::coherence::{mono_ms, Message, Op, Relayed};
+use crate::config::{Config, PostgresSource};
+use crate::db::connect_dedicated;
+use crate::feed::relayed::relay_channel;
+use crate::redact::Secrets;
+use crate::resource::{Catalog, CatalogCell, Resource};
+use crate::schema::capture::{ensure_slot, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX};
+use crate::schema::VERSION_SEQUENCE;
+use crate::telemetry::{error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES};
+use crate::tiers::Tiers;
+use pgoutput::{Change, Column};
+
+/// What the relay may use.
+pub struct RelayContext {
+    pub config: Arc<Config>,
+    /// Where changes are applied (Redis) and published.
+    pub tiers: Tiers,
+    pub catalog: Arc<CatalogCell>,
+    pub secrets: Secrets,
+    /// This instance's id: the lease's holder, and the heartbeats' author.
+    pub instance_id: String,
+}
+
+/// Changes per published message: a statement changing 50 000 rows is published in pieces.
+const CHANGES_PER_MESSAGE: usize = 1000;
+
+/// Postgres counts time from 2000-01-01; Unix from 1970-01-01 (in microseconds).
+const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// Stands for election until `shutdown`, and relays while elected. Returns at once when the
+/// schema's source is not `wal`.
+pub async fn run(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
+    let catalog = loop {
+        if let Ok(catalog) = ctx.catalog.get() {
+            break catalog;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    };
+    if catalog.capture.source != PostgresSource::Wal {
+        return;
+    }
+    let feeds = &ctx.config.feeds;
+    let mut backoff = Backoff::new(Duration::from_millis(100), feeds.max_backoff);
+    let mut logged = false;
+    metrics::gauge!(RELAY_ACTIVE).set(0.0);
+    loop {
+        let claimed = ctx
+            .tiers
+            .claim_relay(&ctx.instance_id, feeds.relay_lease)
+            .await
+            .unwrap_or(false);
+        let pause = if claimed {
+            let ended = stream(&ctx, &catalog, &shutdown).await;
+            metrics::gauge!(RELAY_ACTIVE).set(0.0);
+            let _ = ctx.tiers.release_relay(&ctx.instance_id).await;
+            match ended {
+                Ok(()) => return,
+                Err(e) => {
+                    let reason = ctx.secrets.scrub(&e);
+                    if logged {
+                        tracing::debug!(reason = %reason, "relay stopped; retrying");
+                    } else {
+                        tracing::warn!(reason = %reason, "relay stopped; retrying");
+                        logged = true;
+                    }
+                    backoff.next_pause()
+                }
+            }
+        } else {
+            backoff.reset();
+            logged = false;
+            jitter(feeds.relay_lease / 2, 0.2)
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One elected term: make sure of the slot and of what Redis holds, then stream until
+/// shutdown (`Ok`) or a failure (the reason).
+async fn stream(
+    ctx: &RelayContext,
+    catalog: &Catalog,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let config = &ctx.config;
+    let feeds = &config.feeds;
+    let postgres = &config.postgres;
+    let slot = &catalog.capture.slot;
+    let (client, connection) = connect_dedicated(
+        postgres,
+        postgres.replication_url.as_deref(),
+        "syncar-relay",
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let driver = tokio::spawn(connection);
+    let _driver = AbortOnDrop(driver);
+    let sql = Sql::new(&postgres.schema);
+
+    match ensure_slot(&client, &postgres.schema, slot)
+        .await
+        .map_err(|e| error_chain(&e))?
+    {
+        SlotState::Kept => {}
+        SlotState::Created => tracing::info!(slot = %slot, "created the replication slot"),
+        SlotState::Recreated => tracing::error!(
+            slot = %slot,
+            "the replication slot had been invalidated (its WAL was removed, see \
+             max_slot_wal_keep_size) and was recreated: changes since it fell behind are lost \
+             to it, so every cached resource is flushed"
+        ),
+    }
+    let epoch = slot_epoch(&client, &postgres.schema)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let fed_by = ctx.tiers.fed_by_slot().await.map_err(|e| e.to_string())?;
+    if epoch.is_none() || fed_by != epoch {
+        // Redis may hold copies no change from this slot will ever invalidate.
+        let version = sql.next_version(&client).await?;
+        let flushes: Vec<Message> = catalog
+            .iter()
+            .map(|r| change(r, None, version, Op::Flush, None))
+            .collect();
+        ctx.tiers
+            .apply_to_redis(catalog, &flushes)
+            .await
+            .map_err(|e| format!("flushing redis for a new slot failed: {e}"))?;
+        publish(ctx, Relayed::Changes { changes: flushes }).await?;
+        if let Some(epoch) = epoch {
+            ctx.tiers
+                .record_fed_by_slot(epoch)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::warn!(
+            slot = %slot,
+            redis_fed_by = ?fed_by,
+            slot_epoch = ?epoch,
+            "redis was not fed by this replication slot; raised every resource's generation"
+        );
+    }
+
+    let mut repl = ReplicationClient::connect(replication_config(config, catalog)?)
+        .await
+        .map_err(|e| format!("replication connect failed: {e}"))?;
+    let started = tokio::time::timeout(
+        postgres.connect_timeout + feeds.lease,
+        repl.wait_started(),
+    )
+    .await;
+    match started {
+        Err(_) => {
+            repl.abort();
+            return Err("START_REPLICATION timed out".into());
+        }
+        Ok(Err(PgWireError::Server(m))) if m.contains("55006") => {
+            return Err(format!("another relay still streams the slot: {m}"));
+        }
+        Ok(Err(e)) => return Err(format!("START_REPLICATION failed: {e}")),
+        Ok(Ok(())) => {}
+    }
+    metrics::gauge!(RELAY_ACTIVE).set(1.0);
+    tracing::info!(slot = %slot, instance = %ctx.instance_id, "relaying the WAL");
+
+    let mut relations: HashMap<u32, Mapped> = HashMap::new();
+    let mut txn = Transaction::default();
+    let mut lag_bytes = None;
+    let mut renew = tokio::time::interval(feeds.relay_lease / 4);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut beat = tokio::time::interval(feeds.heartbeat_interval);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut measure = tokio::time::interval(Duration::from_secs(5));
+    measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            _ = renew.tick() => {
+                match ctx.tiers.claim_relay(&ctx.instance_id, feeds.relay_lease).await {
+                    Ok(true) => {}
+                    Ok(false) => break Err("lost the relay lease to another instance".into()),
+                    Err(e) => break Err(format!("cannot renew the relay lease: {e}")),
+                }
+            }
+            _ = beat.tick() => {
+                let content = format!("hb:{}:{}", mono_ms(), ctx.instance_id);
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                    [&MESSAGE_PREFIX, &content];
+                let emit = client.execute("SELECT pg_logical_emit_message(false, $1, $2)", &params);
+                match tokio::time::timeout(feeds.heartbeat_interval, emit).await {
+                    Ok(Err(e)) => break Err(format!("heartbeat failed: {e}")),
+                    // Late: the lease decides (instances see the lag).
+                    Err(_) | Ok(Ok(_)) => {}
+                }
+            }
+            _ = measure.tick() => {
+                match slot_lag(&client, slot).await {
+                    Ok(Some(lag)) if lag.lost => break Err("the replication slot was invalidated".into()),
+                    Ok(Some(lag)) => {
+                        lag_bytes = Some(lag.bytes);
+                        metrics::gauge!(WAL_LAG_BYTES).set(lag.bytes as f64);
+                    }
+                    Ok(None) => break Err("the replication slot is gone".into()),
+                    Err(e) => break Err(error_chain(&e)),
+                }
+            }
+            event = repl.recv() => {
+                let event = match event {
+                    Ok(Some(event)) => event,
+                    Ok(None) => break Err("the replication stream ended".into()),
+                    Err(e) => break Err(format!("replication stream failed: {e}")),
+                };
+                if let Err(e) = on_event(ctx, catalog, &client, &sql, &repl, &mut relations, &mut txn, lag_bytes, event).await {
+                    break Err(e);
+                }
+            }
+        }
+    };
+    if result.is_ok() {
+        let _ = tokio::time::timeout(feeds.lease, repl.shutdown()).await;
+    } else {
+        repl.abort();
+    }
+    result
+}
+
+/// A relation of the stream that is a resource: where its key and version are in a tuple.
+struct Mapped {
+    resource: Arc<Resource>,
+    key: usize,
+    version: usize,
+}
+
+/// What one transaction said, kept until its commit.
+#[derive(Default)]
+struct Transaction {
+    commit_time_us: Option<i64>,
+    rows: Vec<Change>,
+    /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
+    /// or `{"resource", "truncate": version}`.
+    announced: Vec<serde_json::Value>,
+}
+
+#[allow(clippy::too_many_arguments)] // the session's state, borrowed for one event
+async fn on_event(
+    ctx: &RelayContext,
+    catalog: &Catalog,
+    client: &tokio_postgres::Client,
+    sql: &Sql,
+    repl: &ReplicationClient,
+    relations: &mut HashMap<u32, Mapped>,
+    txn: &mut Transaction,
+    lag_bytes: Option<i64>,
+    event: ReplicationEvent,
+) -> Result<(), String> {
+    match event {
+        ReplicationEvent::Begin {
+            commit_time_micros, ..
+        } => {
+            *txn = Transaction {
+                commit_time_us: Some(commit_time_micros + POSTGRES_EPOCH_US),
+                ..Transaction::default()
+            };
+        }
+        ReplicationEvent::XLogData { data, .. } => {
+            match pgoutput::decode(data).map_err(|e| e.to_string())? {
+                Change::Relation(r) => {
+                    let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
+                        relations.remove(&r.id);
+                        return Ok(());
+                    };
+                    let at = |name: &str| r.columns.iter().position(|(c, _)| c == name);
+                    let (Some(key), Some(version)) =
+                        (at(resource.key_column()), at(resource.version_column()))
+                    else {
+                        return Err(format!(
+                            "table {}.{} lacks its key or version column in the stream",
+                            r.schema, r.name
+                        ));
+                    };
+                    relations.insert(
+                        r.id,
+                        Mapped {
+                            resource: resource.clone(),
+                            key,
+                            version,
+                        },
+                    );
+                }
+                Change::Other(_) => {}
+                row => txn.rows.push(row),
+            }
+        }
+        ReplicationEvent::Message {
+            transactional: true,
+            prefix,
+            content,
+            ..
+        } if prefix == MESSAGE_PREFIX => {
+            let announced = serde_json::from_slice(&content)
+                .map_err(|e| format!("malformed syncar message in the WAL: {e}"))?;
+            txn.announced.push(announced);
+        }
+        ReplicationEvent::Message {
+            transactional: false,
+            prefix,
+            content,
+            lsn,
+        } if prefix == MESSAGE_PREFIX => {
+            let text = String::from_utf8_lossy(&content);
+            let mut parts = text.splitn(3, ':');
+            if let (Some("hb"), Some(sent), Some(author)) = (parts.next(), parts.next(), parts.next())
+            {
+                // Another relay's heartbeats (an earlier term) say nothing of this stream's lag.
+                if author == ctx.instance_id {
+                    let sent: u64 = sent.parse().unwrap_or_else(|_| mono_ms());
+                    publish(
+                        ctx,
+                        Relayed::Heartbeat {
+                            relay: ctx.instance_id.clone(),
+                            lag_ms: mono_ms().saturating_sub(sent),
+                            lag_bytes,
+                        },
+                    )
+                    .await?;
+                }
+            }
+            // Everything before it in the WAL has been relayed.
+            repl.update_applied_lsn(lsn);
+        }
+        ReplicationEvent::Commit { end_lsn, .. } => {
+            let txn = std::mem::take(txn);
+            let changes = changes_of(txn, relations, client, sql).await?;
+            if !changes.is_empty() {
+                ctx.tiers
+                    .apply_to_redis(catalog, &changes)
+                    .await
+                    .map_err(|e| format!("applying changes to redis failed: {e}"))?;
+                for m in &changes {
+                    let op = match m.op {
+                        Op::Put => "put",
+                        Op::Delete => "delete",
+                        Op::Flush => "flush",
+                    };
+                    metrics::counter!(RELAY_CHANGES, "op" => op).increment(1);
+                }
+                for chunk in changes.chunks(CHANGES_PER_MESSAGE) {
+                    publish(
+                        ctx,
+                        Relayed::Changes {
+                            changes: chunk.to_vec(),
+                        },
+                    )
+                    .await?;
+                }
+                metrics::counter!(RELAY_TRANSACTIONS).increment(1);
+            }
+            acknowledge(repl, end_lsn);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Tells Postgres the slot may move past `lsn`: everything up to it is in Redis and published.
+fn acknowledge(repl: &ReplicationClient, lsn: Lsn) {
+    repl.update_applied_lsn(lsn);
+}
+
+/// The messages a committed transaction makes: a tombstone per inserted or updated key (at
+/// the row's version), an absence per deleted key (at the version its trigger announced), a
+/// flush per truncated resource. What the triggers did not announce (they were disabled, or
+/// did not exist yet) takes a fresh version: later than anything cached, so no older copy
+/// survives it, at the price of a few misses.
+async fn changes_of(
+    txn: Transaction,
+    relations: &HashMap<u32, Mapped>,
+    client: &tokio_postgres::Client,
+    sql: &Sql,
+) -> Result<Vec<Message>, String> {
+    let ts = txn.commit_time_us;
+    let mut out = Vec::new();
+    let mut deletes_announced = std::collections::HashSet::new();
+    let mut truncates_announced = std::collections::HashSet::new();
+    for a in &txn.announced {
+        let Some(resource) = a.get("resource").and_then(|r| r.as_str()) else {
+            continue;
+        };
+        if let Some(deletes) = a.get("deletes").and_then(|d| d.as_array()) {
+            deletes_announced.insert(resource.to_string());
+            for d in deletes {
+                if let (Some(key), Some(version)) = (
+                    d.get(0).and_then(|k| k.as_str()),
+                    d.get(1).and_then(|v| v.as_i64()),
+                ) {
+                    out.push(Message {
+                        resource: resource.to_string(),
+                        key: Some(key.to_string()),
+                        version,
+                        op: Op::Delete,
+                        ts_us: ts,
+                        instance: None,
+                    });
+                }
+            }
+        }
+        if let Some(version) = a.get("truncate").and_then(|v| v.as_i64()) {
+            truncates_announced.insert(resource.to_string());
+            out.push(Message {
+                resource: resource.to_string(),
+                key: None,
+                version,
+                op: Op::Flush,
+                ts_us: ts,
+                instance: None,
+            });
+        }
+    }
+    for row in txn.rows {
+        match row {
+            Change::Insert { relation, new } => {
+                if let Some(m) = relations.get(&relation) {
+                    if let Some((key, version)) = m.key_version(&new) {
+                        out.push(change(&m.resource, Some(key), version, Op::Put, ts));
+                    }
+                }
+            }
+            Change::Update { relation, old, new } => {
+                let Some(m) = relations.get(&relation) else {
+                    continue;
+                };
+                let Some((key, version)) = m.key_version(&new) else {
+                    continue;
+                };
+                // The old identity comes only when it changed: a moved key is deleted, at
+                // the version of the row that left it.
+                let moved_from = old
+                    .as_ref()
+                    .and_then(|old| old.get(m.key))
+                    .and_then(Column::text)
+                    .filter(|old_key| *old_key != key)
+                    .map(str::to_string);
+                if let Some(old_key) = moved_from {
+                    out.push(change(&m.resource, Some(old_key), version, Op::Delete, ts));
+                }
+                out.push(change(&m.resource, Some(key), version, Op::Put, ts));
+            }
+            Change::Delete { relation, old } => {
+                let Some(m) = relations.get(&relation) else {
+                    continue;
+                };
+                if deletes_announced.contains(&m.resource.name) {
+                    continue;
+                }
+                let version = sql.next_version(client).await?;
+                match old.get(m.key).and_then(Column::text) {
+                    Some(key) => out.push(change(
+                        &m.resource,
+                        Some(key.to_string()),
+                        version,
+                        Op::Put,
+                        ts,
+                    )),
+                    None => out.push(change(&m.resource, None, version, Op::Flush, ts)),
+                }
+            }
+            Change::Truncate { relations: ids } => {
+                for id in ids {
+                    let Some(m) = relations.get(&id) else {
+                        continue;
+                    };
+                    if !truncates_announced.contains(&m.resource.name) {
+                        let version = sql.next_version(client).await?;
+                        out.push(change(&m.resource, None, version, Op::Flush, ts));
+                    }
+                }
+            }
+            Change::Relation(_) | Change::Other(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+impl Mapped {
+    /// The key (canonical text) and version of a tuple; `None` for a NULL key.
+    fn key_version(&self, tuple: &[Column]) -> Option<(String, i64)> {
+        let key = tuple.get(self.key)?.text()?.to_string();
+        let version = tuple.get(self.version)?.text()?.parse().ok()?;
+        Some((key, version))
+    }
+}
+
+fn change(resource: &Resource, key: Option<String>, version: i64, op: Op, ts_us: Option<i64>) -> Message {
+    Message {
+        resource: resource.name.clone(),
+        key,
+        version,
+        op,
+        ts_us,
+        instance: None,
+    }
+}
+
+async fn publish(ctx: &RelayContext, relayed: Relayed) -> Result<(), String> {
+    let payload = serde_json::to_string(&relayed).map_err(|e| e.to_string())?;
+    ctx.tiers
+        .publish(&relay_channel(&ctx.config.redis.key_prefix), payload)
+        .await
+        .map_err(|e| format!("publishing to instances failed: {e}"))
+}
+
+/// The relay's own SQL.
+struct Sql {
+    next_version: String,
+}
+
+impl Sql {
+    fn new(schema: &str) -> Self {
+        Sql {
+            next_version: format!(
+                "SELECT nextval({})",
+                crate::resource::quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
+            ),
+        }
+    }
+
+    /// A version newer than any taken so far.
+    async fn next_version(&self, client: &tokio_postgres::Client) -> Result<i64, String> {
+        Ok(client
+            .query_one(&self.next_version, &[])
+            .await
+            .map_err(|e| format!("taking a version failed: {e}"))?
+            .get(0))
+    }
+}
+
+/// The replication connection's settings, from `postgres.replication_url` (else `url`).
+fn replication_config(config: &Config, catalog: &Catalog) -> Result<ReplicationConfig, String> {
+    let url = config
+        .postgres
+        .replication_url
+        .as_deref()
+        .unwrap_or(&config.postgres.url);
+    let pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| format!("postgres url: {e}"))?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = pg.get_dbname().unwrap_or(&user).to_string();
+    let feeds = &config.feeds;
+    Ok(ReplicationConfig::new(
+        host,
+        user,
+        password,
+        database,
+        catalog.capture.slot.clone(),
+        catalog.capture.publication.as_str(),
+    )
+    .with_port(port)
+    .with_tls(TlsConfig::disabled())
+    .with_options(format!(
+        "-c wal_sender_timeout={}ms",
+        feeds.wal_sender_timeout.as_millis()
+    ))
+    .with_application_name("syncar-relay")
+    .with_status_interval(feeds.heartbeat_interval)
+    .with_wakeup_interval(Duration::from_secs(1)))
+}
+
+/// Aborts a spawned task (a connection driver) when the term ends.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,439 @@
+//! How changes are captured: which Postgres source the server allows (`auto` resolves here),
+//! the state table that records what the migration installed, and, for the `wal` source,
+//! the publication and the replication slot (Postgres docs, "Logical Decoding" chapter 49).
+//! Runs plain SQL only; the replication protocol is the relay's.
+
+use tokio_postgres::GenericClient;
+
+use super::catalog::{Identity, TableInfo};
+use super::{SchemaError, VERSION_SEQUENCE};
+use crate::config::{Config, PostgresSource, ResourceConfig};
+use crate::resource::{quote_ident, quote_literal, Capture};
+
+/// `name → value` rows recording what the migration installed: `source`, `source_reason`,
+/// and `slot_epoch`, the version taken when the current slot was created (a Redis fed by an
+/// older slot may have missed changes).
+pub const STATE_TABLE: &str = "syncar_state";
+
+/// The prefix of every logical decoding message syncar emits (heartbeats, and the DELETE and
+/// TRUNCATE announcements of the `wal` triggers).
+pub const MESSAGE_PREFIX: &str = "syncar";
+
+/// Decides the source: the configured one, or for `auto` `wal` when the server and every
+/// table allow it, else `changes_log`, with the reason either way.
+///
+/// # Errors
+/// `wal` configured where it cannot work, naming what to set; Postgres failing.
+pub(super) async fn resolve(
+    client: &impl GenericClient,
+    config: &Config,
+    tables: &[(&ResourceConfig, &TableInfo)],
+) -> Result<(PostgresSource, String), SchemaError> {
+    let configured = config.feeds.postgres_source;
+    if matches!(
+        configured,
+        PostgresSource::ChangesLog | PostgresSource::Notify
+    ) {
+        return Ok((configured, "configured".into()));
+    }
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_user::text, \
+                    (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user) \
+                    OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = 'rds_replication' \
+                               AND pg_has_role(current_user, r.oid, 'member')), \
+                    current_setting('max_replication_slots')::int, \
+                    current_setting('max_wal_senders')::int",
+            &[],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "checking what logical decoding needs",
+            source,
+        })?;
+    let (wal_level, user, may_replicate, slots, senders): (String, String, Option<bool>, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let mut missing = Vec::new();
+    if wal_level != "logical" {
+        missing.push(format!(
+            "wal_level is {wal_level}: set wal_level = logical and restart Postgres (on a managed \
+             service, its parameter, e.g. rds.logical_replication = 1 on Amazon RDS)"
+        ));
+    }
+    if !may_replicate.unwrap_or(false) && config.postgres.replication_url.is_none() {
+        missing.push(format!(
+            "role {user} may not replicate: ALTER ROLE {} REPLICATION (on Amazon RDS: GRANT \
+             rds_replication TO {0}), or set postgres.replication_url to a role that may",
+            quote_ident(&user)
+        ));
+    }
+    if slots == 0 || senders == 0 {
+        missing.push(
+            "max_replication_slots and max_wal_senders must be at least 1 (a restart)".into(),
+        );
+    }
+    for (r, info) in tables {
+        if info.identity == Identity::Missing {
+            missing.push(format!(
+                "table {}.{} has no replica identity, and a published table without one \
+                 refuses UPDATE and DELETE: add a primary key, or ALTER TABLE ... REPLICA \
+                 IDENTITY USING INDEX (the key's unique index) or FULL",
+                r.schema, r.table
+            ));
+        }
+    }
+    match (configured, missing.is_empty()) {
+        (PostgresSource::Wal, true) => Ok((PostgresSource::Wal, "configured".into())),
+        (_, true) => Ok((
+            PostgresSource::Wal,
+            "auto: wal_level is logical and the role may replicate".into(),
+        )),
+        (PostgresSource::Wal, false) => Err(SchemaError::Invalid(format!(
+            "feeds.postgres_source = \"wal\" cannot work on this server: {}",
+            missing.join("; ")
+        ))),
+        (_, false) => Ok((
+            PostgresSource::ChangesLog,
+            format!("auto: changes_log, since {}", missing.join("; ")),
+        )),
+    }
+}
+
+/// The slot's name: `feeds.wal_slot`, or `syncar_` and the database's name, in the characters
+/// a slot name may hold, within 63 bytes.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn slot_name(client: &impl GenericClient, config: &Config) -> Result<String, SchemaError> {
+    if !config.feeds.wal_slot.is_empty() {
+        return Ok(config.feeds.wal_slot.clone());
+    }
+    let db: String = client
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "naming the replication slot",
+            source,
+        })?
+        .get(0);
+    let mut name: String = format!("syncar_{db}")
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect();
+    name.truncate(63);
+    Ok(name)
+}
+
+/// The capture the schema was migrated for, from the state table.
+///
+/// # Errors
+/// [`SchemaError::NotMigrated`] when the state table or its `source` is missing, or the
+/// configured source disagrees with it; Postgres failing.
+pub(super) async fn load(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<Capture, SchemaError> {
+    let schema = &config.postgres.schema;
+    let state = read_state(client, schema).await?;
+    let source = match state.get("source").map(String::as_str) {
+        Some("wal") => PostgresSource::Wal,
+        Some("changes_log") => PostgresSource::ChangesLog,
+        Some("notify") => PostgresSource::Notify,
+        other => {
+            return Err(SchemaError::NotMigrated(format!(
+                "{schema}.{STATE_TABLE} names no source ({other:?})"
+            )))
+        }
+    };
+    let configured = config.feeds.postgres_source;
+    if configured != PostgresSource::Auto && configured != source {
+        return Err(SchemaError::NotMigrated(format!(
+            "the schema is migrated for postgres_source = {:?}, but this instance is configured \
+             for {:?}; every instance of a deployment must use the same source",
+            source.as_str(),
+            configured.as_str()
+        )));
+    }
+    let slot = match source {
+        PostgresSource::Wal => slot_name(client, config).await?,
+        _ => String::new(),
+    };
+    Ok(Capture {
+        source,
+        reason: state
+            .get("source_reason")
+            .cloned()
+            .unwrap_or_else(|| "configured".into()),
+        slot,
+        publication: config.feeds.wal_publication.clone(),
+    })
+}
+
+async fn read_state(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<std::collections::HashMap<String, String>, SchemaError> {
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2)",
+            &[&schema, &STATE_TABLE],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the state table",
+            source,
+        })?
+        .get(0);
+    if !exists {
+        return Err(SchemaError::NotMigrated(format!(
+            "table {schema}.{STATE_TABLE} is missing"
+        )));
+    }
+    let rows = client
+        .query(
+            &format!("SELECT name, value FROM {}.{STATE_TABLE}", quote_ident(schema)),
+            &[],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading the state table",
+            source,
+        })?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records `name = value` in the state table.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn write_state(
+    client: &impl GenericClient,
+    schema: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), SchemaError> {
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {}.{STATE_TABLE} (name, value) VALUES ($1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                quote_ident(schema)
+            ),
+            &[&name, &value],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "writing the state table",
+            source,
+        })?;
+    Ok(())
+}
+
+/// Makes the publication name exactly `tables` (`schema.table`, unquoted). Returns a line
+/// when it changed anything.
+///
+/// # Errors
+/// Postgres failing (creating a publication needs ownership of its tables).
+pub(super) async fn ensure_publication(
+    client: &impl GenericClient,
+    publication: &str,
+    tables: &[(String, String)],
+) -> Result<Option<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let exists: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?
+        .get(0);
+    let mut current: Vec<(String, String)> = if exists {
+        client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+                 WHERE pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(pg("looking up the publication"))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut wanted = tables.to_vec();
+    current.sort();
+    wanted.sort();
+    if exists && current == wanted {
+        return Ok(None);
+    }
+    let list = wanted
+        .iter()
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let p = quote_ident(publication);
+    let sql = if exists {
+        format!("ALTER PUBLICATION {p} SET TABLE {list}")
+    } else {
+        format!("CREATE PUBLICATION {p} FOR TABLE {list}")
+    };
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(pg("creating the publication"))?;
+    Ok(Some(format!("publication {publication} names {list}")))
+}
+
+/// What [`ensure_slot`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// In use as it was.
+    Kept,
+    /// Created (there was none).
+    Created,
+    /// The slot was invalidated (its WAL removed, `wal_status = lost`) and was dropped and
+    /// created again: every change since its last confirmed position is lost to it.
+    Recreated,
+}
+
+/// Makes sure the logical replication slot `slot` exists for pgoutput and can still stream,
+/// recording a new `slot_epoch` when it had to be created. Run outside any transaction that
+/// wrote (Postgres refuses to create a slot there), as a role that may replicate.
+///
+/// # Errors
+/// Postgres failing; a slot of that name for another plugin or database.
+pub async fn ensure_slot(
+    client: &impl GenericClient,
+    schema: &str,
+    slot: &str,
+) -> Result<SlotState, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text = current_database()::text, \
+                    coalesce(wal_status, '') = 'lost', active \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?;
+    let state = match row {
+        Some(row) => {
+            let (plugin, here, lost, active): (Option<String>, Option<bool>, bool, bool) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if plugin.as_deref() != Some("pgoutput") || here != Some(true) {
+                return Err(SchemaError::Invalid(format!(
+                    "replication slot {slot:?} exists for another plugin or database; set \
+                     feeds.wal_slot to a free name"
+                )));
+            }
+            if !lost {
+                return Ok(SlotState::Kept);
+            }
+            if active {
+                // Its consumer fails on its own and lets go; try again then.
+                return Err(SchemaError::Invalid(format!(
+                    "replication slot {slot:?} is invalidated but still held"
+                )));
+            }
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(pg("dropping an invalidated replication slot"))?;
+            SlotState::Recreated
+        }
+        None => SlotState::Created,
+    };
+    client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("creating the replication slot"))?;
+    let epoch: i64 = client
+        .query_one(
+            &format!(
+                "SELECT nextval({})",
+                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg("taking the slot's epoch"))?
+        .get(0);
+    write_state(client, schema, "slot_epoch", &epoch.to_string()).await?;
+    Ok(state)
+}
+
+/// The version taken when the current slot was created, if recorded.
+///
+/// # Errors
+/// Postgres failing, or no state table.
+pub async fn slot_epoch(client: &impl GenericClient, schema: &str) -> Result<Option<i64>, SchemaError> {
+    Ok(read_state(client, schema)
+        .await?
+        .get("slot_epoch")
+        .and_then(|v| v.parse().ok()))
+}
+
+/// Drops the slot if it exists and nobody streams it: a slot nobody reads retains WAL until
+/// the primary's disk is full. Returns a line when it dropped one.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn drop_idle_slot(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<String>, SchemaError> {
+    let dropped = client
+        .query_opt(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND NOT active AND database = current_database()",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "dropping the replication slot",
+            source,
+        })?;
+    Ok(dropped.map(|_| format!("dropped replication slot {slot}")))
+}
+
+/// How far the slot lags: bytes of WAL it retains behind the server's current position, and
+/// whether its WAL is still all there (`wal_status` not `lost`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotLag {
+    pub bytes: i64,
+    pub lost: bool,
+}
+
+/// [`SlotLag`] of `slot`; `None` when it does not exist.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn slot_lag(client: &impl GenericClient, slot: &str) -> Result<Option<SlotLag>, SchemaError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint, \
+                    coalesce(wal_status, '') = 'lost' \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "measuring the slot's lag",
+            source,
+        })?;
+    Ok(row.map(|r| SlotLag {
+        bytes: r.get(0),
+        lost: r.get(1),
+    }))
+}
