@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory check-k8s
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory check-k8s check-modules
 
 run: services-up
 	cargo build --release
@@ -55,6 +55,10 @@ check-k8s:
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
+
+# The module graph of src/ has no cycle (cargo-modules and graphviz, installed if absent).
+check-modules:
+	bash scripts/check-modules.sh
 
 fmt:
 	cargo fmt

@@ -10,6 +10,7 @@
 //! again.
 
 pub mod changes;
+mod context;
 mod driver;
 pub mod notify;
 pub mod redis;
@@ -19,30 +20,10 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::coherence::Coherence;
-use crate::config::{Config, PostgresSource};
-use crate::redact::Secrets;
-use crate::resource::CatalogCell;
-use crate::tiers::Tiers;
+use crate::config::PostgresSource;
 
+pub use context::FeedContext;
 pub use driver::feed_id;
-
-/// What a feed may use, and nothing more (the way a vector source gets a `SourceContext`).
-pub struct FeedContext {
-    pub config: Arc<Config>,
-    /// The feeds' state, which this feed updates and every reader consults.
-    pub coherence: Arc<Coherence>,
-    /// Where changes are applied and replayed.
-    pub tiers: Tiers,
-    /// Messages name resources; none is applied before the catalog is loaded.
-    pub catalog: Arc<CatalogCell>,
-    /// Scrubbed from every reason a feed logs.
-    pub secrets: Secrets,
-    /// `{instance}-{feed_id}`: the sender of this instance's Redis messages, which it skips.
-    pub instance_id: String,
-    /// Random hex naming this process's heartbeat channels.
-    pub feed_id: String,
-}
 
 /// Runs the Postgres feed until `shutdown`, with the source the schema was migrated for
 /// (known once the catalog is loaded).

@@ -469,7 +469,9 @@ impl L2 {
             .key(format!("{}{name}", self.prefix))
             .arg(holder)
             .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1));
-        let held: i64 = self.run("claim", invocation.invoke_async(&mut conn)).await?;
+        let held: i64 = self
+            .run("claim", invocation.invoke_async(&mut conn))
+            .await?;
         Ok(held == 1)
     }
 

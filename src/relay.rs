@@ -51,7 +51,9 @@ use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, Resource};
 use crate::schema::capture::{ensure_slot, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX};
 use crate::schema::VERSION_SEQUENCE;
-use crate::telemetry::{error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES};
+use crate::telemetry::{
+    error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES,
+};
 use crate::tiers::Tiers;
 use pgoutput::{Change, Column};
 
@@ -194,11 +196,8 @@ async fn stream(
     let mut repl = ReplicationClient::connect(replication_config(config, catalog)?)
         .await
         .map_err(|e| format!("replication connect failed: {e}"))?;
-    let started = tokio::time::timeout(
-        postgres.connect_timeout + feeds.lease,
-        repl.wait_started(),
-    )
-    .await;
+    let started =
+        tokio::time::timeout(postgres.connect_timeout + feeds.lease, repl.wait_started()).await;
     match started {
         Err(_) => {
             repl.abort();
@@ -237,10 +236,9 @@ async fn stream(
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                     [&MESSAGE_PREFIX, &content];
                 let emit = client.execute("SELECT pg_logical_emit_message(false, $1, $2)", &params);
-                match tokio::time::timeout(feeds.heartbeat_interval, emit).await {
-                    Ok(Err(e)) => break Err(format!("heartbeat failed: {e}")),
-                    // Late: the lease decides (instances see the lag).
-                    Err(_) | Ok(Ok(_)) => {}
+                // A late one is not an error: the lease decides (instances see the lag).
+                if let Ok(Err(e)) = tokio::time::timeout(feeds.heartbeat_interval, emit).await {
+                    break Err(format!("heartbeat failed: {e}"));
                 }
             }
             _ = measure.tick() => {
@@ -359,7 +357,8 @@ async fn on_event(
         } if prefix == MESSAGE_PREFIX => {
             let text = String::from_utf8_lossy(&content);
             let mut parts = text.splitn(3, ':');
-            if let (Some("hb"), Some(sent), Some(author)) = (parts.next(), parts.next(), parts.next())
+            if let (Some("hb"), Some(sent), Some(author)) =
+                (parts.next(), parts.next(), parts.next())
             {
                 // Another relay's heartbeats (an earlier term) say nothing of this stream's lag.
                 if author == ctx.instance_id {
@@ -540,7 +539,13 @@ impl Mapped {
     }
 }
 
-fn change(resource: &Resource, key: Option<String>, version: i64, op: Op, ts_us: Option<i64>) -> Message {
+fn change(
+    resource: &Resource,
+    key: Option<String>,
+    version: i64,
+    op: Op,
+    ts_us: Option<i64>,
+) -> Message {
     Message {
         resource: resource.name.clone(),
         key,
@@ -591,9 +596,7 @@ fn replication_config(config: &Config, catalog: &Catalog) -> Result<ReplicationC
         .replication_url
         .as_deref()
         .unwrap_or(&config.postgres.url);
-    let pg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| format!("postgres url: {e}"))?;
+    let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("postgres url: {e}"))?;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),

@@ -6,80 +6,14 @@
 pub mod capture;
 pub mod catalog;
 pub mod changes;
+mod error;
 pub mod migrate;
+mod names;
+mod table;
 mod triggers;
 
 pub use catalog::load_catalog;
 pub use changes::{changes_from_xid, changes_since, current_xmin, prune_changes};
+pub use error::SchemaError;
 pub use migrate::migrate;
-
-/// The channel the notify trigger sends on. Payloads are JSON:
-/// `{"resource", "key", "version", "op": "put"|"delete"|"flush", "ts_us"}`. `flush` (with a
-/// null key) replaces a payload that would exceed Postgres' 8000-byte limit: drop the whole
-/// resource. `ts_us` is the trigger's wall clock in microseconds, as close to commit as SQL
-/// gets.
-pub const NOTIFY_CHANNEL: &str = "syncar_invalidations";
-/// The one sequence every version comes from.
-pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
-/// Generic trigger functions of earlier releases, replaced by per-resource ones and dropped
-/// by the migration once no trigger uses them.
-const LEGACY_FUNCTIONS: [&str; 3] = ["syncar_notify", "syncar_stamp_version", "syncar_send"];
-/// The changes log: every announced change, kept `feeds.changes_retention` for replay after an
-/// outage. `at` is the writer's clock when its trigger ran.
-pub const CHANGES_TABLE: &str = "syncar_changes";
-const STAMP_TRIGGER: &str = "syncar_stamp_version";
-/// The statement-level triggers that announce what a statement changed, one per event:
-/// Postgres allows transition tables only on single-event triggers. Which of them a table
-/// has depends on the source, see [`wanted_triggers`].
-const LOG_TRIGGERS: [&str; 4] = [
-    "syncar_log_insert",
-    "syncar_log_update",
-    "syncar_log_delete",
-    "syncar_log_truncate",
-];
-/// The row-level AFTER trigger of earlier releases, replaced by [`LOG_TRIGGERS`].
-const LEGACY_NOTIFY_TRIGGER: &str = "syncar_notify";
-/// `pg_trigger.tgtype` bits.
-const TG_ROW: i16 = 1;
-const TG_BEFORE: i16 = 2;
-const TG_INSERT: i16 = 4;
-const TG_DELETE: i16 = 8;
-const TG_UPDATE: i16 = 16;
-const TG_TRUNCATE: i16 = 32;
-/// Key of the advisory lock held while migrating ("syncar" in ASCII).
-const MIGRATION_LOCK: i64 = 0x73796e636172;
-
-/// The triggers a table needs for `source`: the version stamp always; with `changes_log`
-/// and `notify` every log trigger; with `wal` only what the WAL cannot say by itself (a
-/// delete's version, a TRUNCATE's version, and, when the key is not in the table's replica
-/// identity, keys moved by an UPDATE).
-fn wanted_triggers(source: crate::config::PostgresSource, key_outside_identity: bool) -> Vec<&'static str> {
-    let mut names = vec![STAMP_TRIGGER];
-    match source {
-        crate::config::PostgresSource::Wal => {
-            if key_outside_identity {
-                names.push(LOG_TRIGGERS[1]);
-            }
-            names.extend([LOG_TRIGGERS[2], LOG_TRIGGERS[3]]);
-        }
-        _ => names.extend(LOG_TRIGGERS),
-    }
-    names
-}
-
-/// A schema that cannot serve the configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum SchemaError {
-    #[error("postgres error while {doing}")]
-    Postgres {
-        doing: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-    #[error(
-        "the schema is not migrated ({0}); run `syncar migrate` or set postgres.migrate_on_start"
-    )]
-    NotMigrated(String),
-}
+pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};

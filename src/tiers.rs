@@ -370,7 +370,8 @@ impl Tiers {
     /// resource's generation in Redis. Returns whether it taught anything new (false for
     /// duplicates and for versions older than what is known: no-ops).
     pub async fn apply(&self, catalog: &Catalog, message: &Message, feed: Feed) -> bool {
-        self.apply_to(catalog, message, feed == Feed::Postgres).await
+        self.apply_to(catalog, message, feed == Feed::Postgres)
+            .await
     }
 
     /// Applies a change the relay has already applied to Redis (the `wal` source): L1 only,
@@ -389,7 +390,11 @@ impl Tiers {
                 l1.clear();
             }
             if redis {
-                if let Err(e) = self.l2.raise_generation(&resource.name, message.version).await {
+                if let Err(e) = self
+                    .l2
+                    .raise_generation(&resource.name, message.version)
+                    .await
+                {
                     tracing::warn!(resource = %resource.name, error = %e, "raising a resource's generation in redis failed");
                 }
             } else {
@@ -432,7 +437,11 @@ impl Tiers {
     ///
     /// # Errors
     /// The first Redis failure: the relay acknowledges nothing and the changes come again.
-    pub async fn apply_to_redis(&self, catalog: &Catalog, changes: &[Message]) -> Result<(), L2Error> {
+    pub async fn apply_to_redis(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+    ) -> Result<(), L2Error> {
         use futures_util::TryStreamExt;
         futures_util::stream::iter(changes.iter().map(Ok))
             .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
@@ -487,11 +496,7 @@ impl Tiers {
     /// # Errors
     /// Redis failing.
     pub async fn fed_by_slot(&self) -> Result<Option<i64>, L2Error> {
-        Ok(self
-            .l2
-            .read(SLOT_EPOCH)
-            .await?
-            .and_then(|v| v.parse().ok()))
+        Ok(self.l2.read(SLOT_EPOCH).await?.and_then(|v| v.parse().ok()))
     }
 
     /// Records that Redis now holds the changes of the slot of `epoch`.

@@ -131,7 +131,10 @@ impl Config {
         let urls = [
             ("postgres.url", Some(&self.postgres.url)),
             ("postgres.listen_url", self.postgres.listen_url.as_ref()),
-            ("postgres.replication_url", self.postgres.replication_url.as_ref()),
+            (
+                "postgres.replication_url",
+                self.postgres.replication_url.as_ref(),
+            ),
         ];
         for (key, url) in urls {
             match url.map(|u| u.parse::<tokio_postgres::Config>()) {
@@ -168,7 +171,8 @@ impl Config {
         if !f.wal_slot.is_empty() && !is_identifier(&f.wal_slot) {
             bad(
                 "feeds.wal_slot",
-                "must be 1 to 63 of a-z, 0-9 and '_', not starting with a digit (a slot name)".into(),
+                "must be 1 to 63 of a-z, 0-9 and '_', not starting with a digit (a slot name)"
+                    .into(),
             );
         }
         if !is_identifier(&f.wal_publication) {

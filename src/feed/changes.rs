@@ -13,8 +13,8 @@ use std::collections::HashSet;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_parsed, recover, AbortOnDrop, Source};
-use super::FeedContext;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::schema::{changes_from_xid, current_xmin};
 use crate::tiers::APPLY_CONCURRENCY;

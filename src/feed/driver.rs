@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::FeedContext;
+use super::context::FeedContext;
 use crate::backoff::Backoff;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::db::{connect_dedicated, Dedicated};
@@ -54,7 +54,11 @@ pub(crate) async fn wait_for_catalog(
 
 /// Runs `source` until `shutdown`: waits for the catalog (replays and messages need it),
 /// then runs sessions; a failed one marks the feed down and waits out the backoff.
-pub(crate) async fn run<S: Source>(mut source: S, ctx: Arc<FeedContext>, shutdown: CancellationToken) {
+pub(crate) async fn run<S: Source>(
+    mut source: S,
+    ctx: Arc<FeedContext>,
+    shutdown: CancellationToken,
+) {
     if wait_for_catalog(&ctx, &shutdown).await.is_none() {
         return;
     }

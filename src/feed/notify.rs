@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
-use super::FeedContext;
 use crate::coherence::{mono_ms, Feed};
 use crate::schema::NOTIFY_CHANNEL;
 

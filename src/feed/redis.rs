@@ -6,8 +6,8 @@
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::context::FeedContext;
 use super::driver::{handle_message, on_heartbeat, Phase, Source};
-use super::FeedContext;
 use crate::coherence::{mono_ms, Feed};
 
 /// The pub/sub source, with this process's heartbeat channel.

@@ -12,8 +12,8 @@
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use super::context::FeedContext;
 use super::driver::{handle_relayed, Source};
-use super::FeedContext;
 use crate::coherence::{mono_ms, Feed, Relayed as Payload};
 use crate::telemetry::{FEED_MALFORMED, WAL_LAG_BYTES, WAL_LAG_SECONDS};
 

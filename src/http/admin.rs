@@ -9,7 +9,8 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use super::{json_response, HttpState, JSON};
+use super::response::{json_response, JSON};
+use super::state::HttpState;
 use crate::coherence::FeedState;
 
 /// The OpenAPI 3 document of this API, kept in `docs/openapi.json`.

@@ -12,8 +12,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use serde_json::json;
 
+use super::error::{Answer, ApiError, ALLOW_DOC};
 use super::request::{read_json, read_options, target, write_precondition, Target};
-use super::{etag, json_response, Answer, ApiError, HttpState, ALLOW_DOC, JSON};
+use super::response::{etag, json_response, JSON};
+use super::state::HttpState;
 use crate::db::{DeleteOutcome, WriteOutcome};
 use crate::model::State;
 use crate::resource::{DocRef, Precondition};

@@ -5,13 +5,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use super::{json_response, HttpState};
+use super::response::json_response;
+use super::state::HttpState;
 use crate::db::DbError;
 use crate::resource::NotReady;
+
+pub(super) const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
+pub(super) const ALLOW_READ: &str = "GET, HEAD";
+
+/// A response, or why there is none.
+pub(super) type Answer = Result<Response<Full<Bytes>>, ApiError>;
+
+/// Only GET and HEAD.
+///
+/// # Errors
+/// 405 with `Allow` for any other method.
+pub(super) fn read_only(method: &Method) -> Result<(), ApiError> {
+    match *method {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(ApiError::MethodNotAllowed(ALLOW_READ)),
+    }
+}
 
 /// Why a request failed, as the client is told.
 #[derive(Debug, thiserror::Error)]

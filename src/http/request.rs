@@ -9,7 +9,7 @@ use http::Request;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::model::Version;
 use crate::resource::{Catalog, DocRef, Precondition};
 use crate::tiers::ReadOptions;

@@ -16,7 +16,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{admin, document, read_only, Answer, ApiError, HttpState};
+use super::error::{read_only, Answer, ApiError};
+use super::state::HttpState;
+use super::{admin, document};
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.

@@ -279,12 +279,20 @@ mod tests {
                 relations: vec![1, 2]
             }
         );
-        assert_eq!(decode(Bytes::from_static(b"Y")).unwrap(), Change::Other(b'Y'));
+        assert_eq!(
+            decode(Bytes::from_static(b"Y")).unwrap(),
+            Change::Other(b'Y')
+        );
     }
 
     #[test]
     fn truncated_messages_are_errors() {
-        for bad in [&b""[..], b"R\0\0", b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab", b"D\0\0\0\x01X"] {
+        for bad in [
+            &b""[..],
+            b"R\0\0",
+            b"I\0\0\0\x01N\0\x01t\0\0\0\x09ab",
+            b"D\0\0\0\x01X",
+        ] {
             assert!(decode(Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }
     }

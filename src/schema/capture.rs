@@ -5,8 +5,9 @@
 
 use tokio_postgres::GenericClient;
 
-use super::catalog::{Identity, TableInfo};
-use super::{SchemaError, VERSION_SEQUENCE};
+use super::error::SchemaError;
+use super::names::VERSION_SEQUENCE;
+use super::table::{Identity, TableInfo};
 use crate::config::{Config, PostgresSource, ResourceConfig};
 use crate::resource::{quote_ident, quote_literal, Capture};
 
@@ -104,7 +105,10 @@ pub(super) async fn resolve(
 ///
 /// # Errors
 /// Postgres failing.
-pub async fn slot_name(client: &impl GenericClient, config: &Config) -> Result<String, SchemaError> {
+pub async fn slot_name(
+    client: &impl GenericClient,
+    config: &Config,
+) -> Result<String, SchemaError> {
     if !config.feeds.wal_slot.is_empty() {
         return Ok(config.feeds.wal_slot.clone());
     }
@@ -195,7 +199,10 @@ async fn read_state(
     }
     let rows = client
         .query(
-            &format!("SELECT name, value FROM {}.{STATE_TABLE}", quote_ident(schema)),
+            &format!(
+                "SELECT name, value FROM {}.{STATE_TABLE}",
+                quote_ident(schema)
+            ),
             &[],
         )
         .await
@@ -377,7 +384,10 @@ pub async fn ensure_slot(
 ///
 /// # Errors
 /// Postgres failing, or no state table.
-pub async fn slot_epoch(client: &impl GenericClient, schema: &str) -> Result<Option<i64>, SchemaError> {
+pub async fn slot_epoch(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<Option<i64>, SchemaError> {
     Ok(read_state(client, schema)
         .await?
         .get("slot_epoch")
@@ -419,7 +429,10 @@ pub struct SlotLag {
 ///
 /// # Errors
 /// Postgres failing.
-pub async fn slot_lag(client: &impl GenericClient, slot: &str) -> Result<Option<SlotLag>, SchemaError> {
+pub async fn slot_lag(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<SlotLag>, SchemaError> {
     let row = client
         .query_opt(
             "SELECT coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint, \

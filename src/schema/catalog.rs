@@ -3,47 +3,12 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{wanted_triggers, SchemaError, VERSION_SEQUENCE};
-use crate::config::{Config, ResourceConfig};
-use crate::resource::{Catalog, Column, KeyType, Resource};
-
-/// A table as the catalog describes it.
-pub(super) struct TableInfo {
-    pub(super) oid: u32,
-    pub(super) columns: Vec<ColumnInfo>,
-    /// Whether the key column has a unique index of its own (ON CONFLICT needs one).
-    pub(super) unique_key: bool,
-    /// What logical decoding sends of an old row (the `wal` source).
-    pub(super) identity: Identity,
-}
-
-/// A table's replica identity, as far as the `wal` source cares (Postgres docs, `ALTER TABLE
-/// ... REPLICA IDENTITY`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Identity {
-    /// None (no primary key, or `NOTHING`): a table in a publication then refuses UPDATE
-    /// and DELETE, so the `wal` source cannot publish it.
-    Missing,
-    /// The old key reaches the WAL when it changes.
-    IncludesKey,
-    /// An identity without the key column: a moved key must be announced by a trigger.
-    ExcludesKey,
-}
-
-pub(super) struct ColumnInfo {
-    num: i16,
-    pub(super) name: String,
-    pub(super) type_oid: u32,
-    pub(super) type_name: String,
-    /// Generated or identity-always: shown in documents, never written.
-    readonly: bool,
-}
-
-const TEXT_OID: u32 = 25;
-const VARCHAR_OID: u32 = 1043;
-const INT2_OID: u32 = 21;
-const INT4_OID: u32 = 23;
-pub(super) const INT8_OID: u32 = 20;
+use super::capture;
+use super::error::SchemaError;
+use super::names::{wanted_triggers, VERSION_SEQUENCE};
+use super::table::{describe_table, key_column, table_oid, Identity};
+use crate::config::Config;
+use crate::resource::{Catalog, Column, Resource};
 
 /// Resolves the configured resources (and `kv`) against the live schema.
 ///
@@ -64,7 +29,7 @@ pub async fn load_catalog(
             "sequence {schema}.{VERSION_SEQUENCE} is missing"
         )));
     }
-    let capture = super::capture::load(client, config).await?;
+    let capture = capture::load(client, config).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     for r in &config.resources {
         let info = describe_table(client, r).await?;
@@ -111,144 +76,4 @@ pub async fn load_catalog(
         ));
     }
     Ok(Catalog::new(resources).with_capture(capture))
-}
-
-/// Checks the key column: a supported type with a unique index of its own.
-pub(super) fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType, SchemaError> {
-    let Some(col) = info.columns.iter().find(|c| c.name == r.key) else {
-        return Err(SchemaError::Invalid(format!(
-            "resource {:?}: table {}.{} has no column {:?}",
-            r.name, r.schema, r.table, r.key
-        )));
-    };
-    let key_type = match col.type_oid {
-        TEXT_OID | VARCHAR_OID => KeyType::Text,
-        INT2_OID | INT4_OID | INT8_OID => KeyType::Int,
-        _ => {
-            return Err(SchemaError::Invalid(format!(
-                "resource {:?}: key column {:?} is {}; supported are text, varchar, smallint, integer and bigint",
-                r.name, r.key, col.type_name
-            )))
-        }
-    };
-    if !info.unique_key {
-        return Err(SchemaError::Invalid(format!(
-            "resource {:?}: key column {:?} of {}.{} needs a unique index (or primary key) of its own",
-            r.name, r.key, r.schema, r.table
-        )));
-    }
-    Ok(key_type)
-}
-
-pub(super) async fn table_oid(
-    client: &impl GenericClient,
-    schema: &str,
-    name: &str,
-    kind: &str,
-) -> Result<Option<u32>, SchemaError> {
-    let row = client
-        .query_opt(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind::text = ANY(string_to_array($3, ','))",
-            &[&schema, &name, &kind.replace('r', "r,p")],
-        )
-        .await
-        .map_err(|source| SchemaError::Postgres {
-            doing: "looking up tables",
-            source,
-        })?;
-    Ok(row.map(|r| r.get(0)))
-}
-
-pub(super) async fn describe_table(
-    client: &impl GenericClient,
-    r: &ResourceConfig,
-) -> Result<TableInfo, SchemaError> {
-    let pg = |source| SchemaError::Postgres {
-        doing: "describing a table",
-        source,
-    };
-    let Some(oid) = table_oid(client, &r.schema, &r.table, "r").await? else {
-        return Err(SchemaError::Invalid(format!(
-            "resource {:?}: table {}.{} does not exist",
-            r.name, r.schema, r.table
-        )));
-    };
-    // Changes are logged by statement-level triggers, which Postgres fires only on the table
-    // a statement names: writes naming a partition would bypass its parent's, and writes
-    // naming the parent its partitions'. Refused rather than half-covered.
-    let partitioned: bool = client
-        .query_one(
-            "SELECT relkind::text = 'p' OR relispartition FROM pg_class WHERE oid = $1",
-            &[&oid],
-        )
-        .await
-        .map_err(pg)?
-        .get(0);
-    if partitioned {
-        return Err(SchemaError::Invalid(format!(
-            "resource {:?}: table {}.{} is partitioned or a partition, which syncar does not \
-             support yet (a write naming a partition would not be logged)",
-            r.name, r.schema, r.table
-        )));
-    }
-    let rows = client
-        .query(
-            "SELECT a.attnum, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod), \
-                    (a.attgenerated::text <> '' OR a.attidentity::text = 'a') \
-             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
-             ORDER BY a.attnum",
-            &[&oid],
-        )
-        .await
-        .map_err(pg)?;
-    let columns: Vec<ColumnInfo> = rows
-        .iter()
-        .map(|row| ColumnInfo {
-            num: row.get(0),
-            name: row.get(1),
-            type_oid: row.get(2),
-            type_name: row.get(3),
-            readonly: row.get(4),
-        })
-        .collect();
-    let key_num = columns.iter().find(|c| c.name == r.key).map(|c| c.num);
-    let unique_key = match key_num {
-        Some(num) => client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique \
-                 AND i.indnkeyatts = 1 AND i.indkey[0] = $2 AND i.indpred IS NULL AND i.indexprs IS NULL)",
-                &[&oid, &num],
-            )
-            .await
-            .map_err(pg)?
-            .get(0),
-        None => false,
-    };
-    let identity = match key_num {
-        Some(num) => {
-            let row = client
-                .query_one(
-                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i                        WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))),                      EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))                        AND $2 = ANY (i.indkey::int2[]))                      FROM pg_class c WHERE c.oid = $1",
-                    &[&oid, &num],
-                )
-                .await
-                .map_err(pg)?;
-            let (kind, has_index, key_in_index): (String, bool, bool) =
-                (row.get(0), row.get(1), row.get(2));
-            match kind.as_str() {
-                "f" => Identity::IncludesKey,
-                "d" | "i" if key_in_index => Identity::IncludesKey,
-                "d" | "i" if has_index => Identity::ExcludesKey,
-                _ => Identity::Missing,
-            }
-        }
-        None => Identity::Missing,
-    };
-    Ok(TableInfo {
-        oid,
-        columns,
-        unique_key,
-        identity,
-    })
 }

@@ -3,7 +3,7 @@
 
 use tokio_postgres::GenericClient;
 
-use super::{CHANGES_TABLE, MIGRATION_LOCK};
+use super::names::{CHANGES_TABLE, MIGRATION_LOCK};
 use crate::coherence::{Message, Op};
 use crate::resource::quote_ident;
 

@@ -6,14 +6,15 @@
 //! serialize on that lock.
 
 use super::capture::{self, SlotState, STATE_TABLE};
-use super::catalog::{describe_table, key_column, table_oid, Identity, TableInfo, INT8_OID};
+use super::error::SchemaError;
+use super::names::{
+    wanted_triggers, CHANGES_TABLE, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS,
+    MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_TRUNCATE, TG_UPDATE,
+    VERSION_SEQUENCE,
+};
+use super::table::{describe_table, key_column, table_oid, Identity, TableInfo, INT8_OID};
 use super::triggers::{
     announce_function_body, dollar_quote, function_name, stamp_function_body, Announce,
-};
-use super::{
-    wanted_triggers, SchemaError, CHANGES_TABLE, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER,
-    LOG_TRIGGERS, MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW,
-    TG_TRUNCATE, TG_UPDATE, VERSION_SEQUENCE,
 };
 use crate::config::{Config, PostgresSource, ResourceConfig, KV_RESOURCE};
 use crate::resource::{quote_ident, quote_literal};
@@ -154,7 +155,10 @@ pub async fn migrate(
     let described: Vec<(&ResourceConfig, &TableInfo)> =
         tables.iter().map(|(r, info)| (*r, info)).collect();
     let (source, reason) = capture::resolve(&tx, config, &described).await?;
-    for (name, value) in [("source", source.as_str()), ("source_reason", reason.as_str())] {
+    for (name, value) in [
+        ("source", source.as_str()),
+        ("source_reason", reason.as_str()),
+    ] {
         let current: Option<String> = tx
             .query_opt(
                 &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = $1"),

@@ -2,7 +2,7 @@
 //! SQL text only; [`super::migrate`] installs it.
 
 use super::capture::MESSAGE_PREFIX;
-use super::{CHANGES_TABLE, LEGACY_FUNCTIONS, NOTIFY_CHANNEL, VERSION_SEQUENCE};
+use super::names::{CHANGES_TABLE, LEGACY_FUNCTIONS, NOTIFY_CHANNEL, VERSION_SEQUENCE};
 use crate::config::ResourceConfig;
 use crate::resource::{quote_ident, quote_literal};
 
@@ -76,9 +76,8 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
     // Keys that no new row has: deleted by this update. (Set semantics: two rows swapping
     // keys delete nothing.) A moved row's tombstone is the newer version: the row was
     // stamped by the BEFORE ROW trigger, before this statement trigger calls nextval.
-    let moved_only = format!(
-        "{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})"
-    );
+    let moved_only =
+        format!("{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})");
     let moved = format!("{puts} UNION ALL {moved_only}");
     let truncated = format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op");
     let (insert, update, delete, truncate) = match mode {

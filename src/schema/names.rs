@@ -1,0 +1,59 @@
+//! The names of syncar's objects in Postgres, and which triggers each source needs.
+
+/// The channel the notify trigger sends on. Payloads are JSON:
+/// `{"resource", "key", "version", "op": "put"|"delete"|"flush", "ts_us"}`. `flush` (with a
+/// null key) replaces a payload that would exceed Postgres' 8000-byte limit: drop the whole
+/// resource. `ts_us` is the trigger's wall clock in microseconds, as close to commit as SQL
+/// gets.
+pub const NOTIFY_CHANNEL: &str = "syncar_invalidations";
+/// The one sequence every version comes from.
+pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
+/// Generic trigger functions of earlier releases, replaced by per-resource ones and dropped
+/// by the migration once no trigger uses them.
+pub(super) const LEGACY_FUNCTIONS: [&str; 3] =
+    ["syncar_notify", "syncar_stamp_version", "syncar_send"];
+/// The changes log: every announced change, kept `feeds.changes_retention` for replay after an
+/// outage. `at` is the writer's clock when its trigger ran.
+pub const CHANGES_TABLE: &str = "syncar_changes";
+pub(super) const STAMP_TRIGGER: &str = "syncar_stamp_version";
+/// The statement-level triggers that announce what a statement changed, one per event:
+/// Postgres allows transition tables only on single-event triggers. Which of them a table
+/// has depends on the source, see [`wanted_triggers`].
+pub(super) const LOG_TRIGGERS: [&str; 4] = [
+    "syncar_log_insert",
+    "syncar_log_update",
+    "syncar_log_delete",
+    "syncar_log_truncate",
+];
+/// The row-level AFTER trigger of earlier releases, replaced by [`LOG_TRIGGERS`].
+pub(super) const LEGACY_NOTIFY_TRIGGER: &str = "syncar_notify";
+/// `pg_trigger.tgtype` bits.
+pub(super) const TG_ROW: i16 = 1;
+pub(super) const TG_BEFORE: i16 = 2;
+pub(super) const TG_INSERT: i16 = 4;
+pub(super) const TG_DELETE: i16 = 8;
+pub(super) const TG_UPDATE: i16 = 16;
+pub(super) const TG_TRUNCATE: i16 = 32;
+/// Key of the advisory lock held while migrating ("syncar" in ASCII).
+pub(super) const MIGRATION_LOCK: i64 = 0x73796e636172;
+
+/// The triggers a table needs for `source`: the version stamp always; with `changes_log`
+/// and `notify` every log trigger; with `wal` only what the WAL cannot say by itself (a
+/// delete's version, a TRUNCATE's version, and, when the key is not in the table's replica
+/// identity, keys moved by an UPDATE).
+pub(super) fn wanted_triggers(
+    source: crate::config::PostgresSource,
+    key_outside_identity: bool,
+) -> Vec<&'static str> {
+    let mut names = vec![STAMP_TRIGGER];
+    match source {
+        crate::config::PostgresSource::Wal => {
+            if key_outside_identity {
+                names.push(LOG_TRIGGERS[1]);
+            }
+            names.extend([LOG_TRIGGERS[2], LOG_TRIGGERS[3]]);
+        }
+        _ => names.extend(LOG_TRIGGERS),
+    }
+    names
+}
