@@ -37,6 +37,16 @@ use crate::schema::{load_catalog, migrate, SchemaError};
 use crate::telemetry::{error_chain, metrics_handle, L1_BYTES, L1_ENTRIES};
 use crate::tiers::Tiers;
 
+/// What a process is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// `syncar serve`: the API, L1, the feeds, and (with `feeds.relay`) a candidate relay.
+    Sidecar,
+    /// `syncar relay`: only the `wal` source's relay (always a candidate), the schema task
+    /// and the admin listener; no API, no L1, no feeds.
+    Relay,
+}
+
 /// A running instance.
 pub struct App {
     state: Arc<HttpState>,
@@ -81,6 +91,19 @@ impl App {
     /// # Errors
     /// The listen address cannot be bound.
     pub async fn start(config: Config) -> Result<App, StartError> {
+        App::start_as(config, Role::Sidecar).await
+    }
+
+    /// [`App::start`] for `role`.
+    ///
+    /// # Errors
+    /// A listen address cannot be bound.
+    pub async fn start_as(mut config: Config, role: Role) -> Result<App, StartError> {
+        if role == Role::Relay {
+            // A relay caches nothing and hears nothing: it only streams the WAL into Redis.
+            config.cache.l1 = false;
+            config.feeds.relay = true;
+        }
         let config = Arc::new(config);
         let secrets = Secrets::new(&config.postgres.url, &config.redis.url)
             .with(config.server.auth_token.as_ref().map(|t| t.0.as_str()));
@@ -100,8 +123,8 @@ impl App {
         let instance_id = format!("{instance}-{feed_id}");
         let coherence = Arc::new(
             Coherence::new(
-                config.feeds.postgres,
-                config.feeds.redis,
+                role == Role::Sidecar && config.feeds.postgres,
+                role == Role::Sidecar && config.feeds.redis,
                 config.feeds.trust_redis_when_postgres_feed_down,
             )
             .serving_cached_while_postgres_unreachable(
@@ -118,12 +141,18 @@ impl App {
         );
         let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
 
-        let (listener, local) = bind(&config.server.listen).await?;
+        let (listener, local) = match role {
+            Role::Sidecar => {
+                let (listener, local) = bind(&config.server.listen).await?;
+                (Some(listener), local)
+            }
+            Role::Relay => (None, SocketAddr::from(([127, 0, 0, 1], 0))),
+        };
         let admin = match &config.server.admin_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        if !local.ip().is_loopback() {
+        if listener.is_some() && !local.ip().is_loopback() {
             tracing::warn!(addr = %local, "listening on a non-loopback address: anyone who can reach it can read and write documents");
         }
 
@@ -147,12 +176,14 @@ impl App {
         });
         let stop_accepting = CancellationToken::new();
         let listeners = TaskTracker::new();
-        listeners.spawn(crate::http::serve(
-            listener,
-            Listener::Api,
-            state.clone(),
-            stop_accepting.clone(),
-        ));
+        if let Some(listener) = listener {
+            listeners.spawn(crate::http::serve(
+                listener,
+                Listener::Api,
+                state.clone(),
+                stop_accepting.clone(),
+            ));
+        }
         let admin_addr = admin.map(|(listener, addr)| {
             listeners.spawn(crate::http::serve(
                 listener,
@@ -198,10 +229,10 @@ impl App {
             instance_id,
             feed_id,
         });
-        if config.feeds.postgres {
+        if role == Role::Sidecar && config.feeds.postgres {
             tasks.spawn(crate::feed::run_postgres(feeds.clone(), shutdown.clone()));
         }
-        if config.feeds.redis {
+        if role == Role::Sidecar && config.feeds.redis {
             tasks.spawn(crate::feed::run_redis(feeds, shutdown.clone()));
         }
         tasks.close();
@@ -307,6 +338,19 @@ const SCHEMA_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Requests the admin listener handles at once: probes and scrapes need a handful.
 const ADMIN_CONCURRENT_REQUESTS: usize = 16;
 
+/// Runs `syncar uninstall` once, on a connection of its own.
+///
+/// # Errors
+/// Postgres unreachable, the slot still streamed, or Postgres failing.
+pub async fn run_uninstall(config: &Config) -> Result<Vec<String>, MigrateError> {
+    with_connection(config, |mut client| async move {
+        crate::schema::uninstall(&mut client, config)
+            .await
+            .map_err(MigrateError::from)
+    })
+    .await
+}
+
 /// Runs the migration once, on a connection of its own.
 ///
 /// # Errors
@@ -399,8 +443,11 @@ async fn prune_task(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(jitter(every, 0.2)) => {}
         }
-        if !catalog.is_loaded() {
-            continue;
+        match catalog.get() {
+            // Nothing writes the log with the wal source: idle instances ask Postgres nothing.
+            Ok(c) if c.capture.source == crate::config::PostgresSource::Wal => return,
+            Ok(_) => {}
+            Err(_) => continue,
         }
         match tiers.prune_changes_log(retention).await {
             Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),

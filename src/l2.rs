@@ -226,29 +226,38 @@ impl L2 {
         copy: &Cached,
         ttl: Duration,
     ) -> Result<bool, L2Error> {
-        Ok(self.offer_and_publish(key, copy, ttl, "").await? == Stored::Applied)
+        let generation = self.generation(key.resource());
+        Ok(self
+            .offer_and_publish(generation, key, copy, ttl, "")
+            .await?
+            == Stored::Applied)
     }
 
-    /// [`L2::offer`], telling why a copy was not applied.
+    /// [`L2::offer`] of a copy read while `generation` was the resource's (captured with
+    /// [`L2::generation`] before reading), telling why it was not applied. A copy read before
+    /// a flush lands in the generation it was read in, where nobody reads any more.
     ///
     /// # Errors
     /// The command's failure.
     pub async fn offer_checked(
         &self,
+        generation: i64,
         key: &CacheKey,
         copy: &Cached,
         ttl: Duration,
     ) -> Result<Stored, L2Error> {
-        self.offer_and_publish(key, copy, ttl, "").await
+        self.offer_and_publish(generation, key, copy, ttl, "").await
     }
 
-    /// [`L2::offer`], and publish `message` on the invalidation channel in the same round
-    /// trip (whether or not the copy was applied: other instances must hear of the write).
+    /// [`L2::offer_checked`], and publish `message` on the invalidation channel in the same
+    /// round trip (whether or not the copy was applied: other instances must hear of the
+    /// write).
     ///
     /// # Errors
     /// The command's failure: neither happened, or both did and the answer was lost.
     pub async fn offer_and_publish(
         &self,
+        generation: i64,
         key: &CacheKey,
         copy: &Cached,
         ttl: Duration,
@@ -267,7 +276,7 @@ impl L2 {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut invocation = self.script.prepare_invoke();
         invocation
-            .key(self.redis_key(key))
+            .key(self.redis_key_in(generation, key))
             .arg(copy.version.0)
             .arg(kind)
             .arg(body)
@@ -392,8 +401,13 @@ impl L2 {
 
     /// The Redis key of a cache key, in its resource's current generation.
     pub fn redis_key(&self, key: &CacheKey) -> String {
+        self.redis_key_in(self.generation(key.resource()), key)
+    }
+
+    /// The Redis key of a cache key in `generation` of its resource.
+    fn redis_key_in(&self, generation: i64, key: &CacheKey) -> String {
         let resource = key.resource();
-        match self.generation(resource) {
+        match generation {
             0 => format!("{}{}", self.prefix, key.as_str()),
             g => format!(
                 "{}{resource}@{g}{}",

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncar::app::run_migration;
+use syncar::app::{run_migration, run_uninstall, Role};
 use syncar::config::{Config, LogFormat};
 use syncar::telemetry::{self, error_chain};
 use syncar::App;
@@ -27,8 +27,15 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (migrating first unless postgres.migrate_on_start = false).
     Serve,
-    /// Install or repair the version sequence, version columns, triggers and kv table.
+    /// Run only the relay of the `wal` source (a Deployment of its own): stream the WAL into
+    /// Redis for every instance. Serves only the admin listener, if configured.
+    Relay,
+    /// Install or repair the version sequence, version columns, triggers and kv table (and,
+    /// for the wal source, the publication and the replication slot).
     Migrate,
+    /// Remove the triggers, their functions, the publication and the replication slot;
+    /// keep the data (version columns, sequence, kv table, changes log).
+    Uninstall,
     /// Validate the configuration and exit.
     CheckConfig,
 }
@@ -63,13 +70,40 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve => match App::start(config).await {
-                Ok(app) => {
-                    app.run_until_signal().await;
+            Command::Serve | Command::Relay => {
+                let role = match cli.command {
+                    Command::Relay => Role::Relay,
+                    _ => Role::Sidecar,
+                };
+                match App::start_as(config, role).await {
+                    Ok(app) => {
+                        app.run_until_signal().await;
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %error_chain(&e), "cannot start");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Uninstall => match run_uninstall(&config).await {
+                Ok(changes) if changes.is_empty() => {
+                    println!("nothing to remove");
+                    ExitCode::SUCCESS
+                }
+                Ok(changes) => {
+                    for change in changes {
+                        println!("{change}");
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "cannot start");
+                    let secrets =
+                        syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
+                    eprintln!(
+                        "syncar: uninstall failed: {}",
+                        secrets.scrub(&error_chain(&e))
+                    );
                     ExitCode::FAILURE
                 }
             },

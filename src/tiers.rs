@@ -35,6 +35,13 @@ pub use repairs::Repairs;
 /// newer versions.
 pub const APPLY_CONCURRENCY: usize = 64;
 
+/// See [`Tiers::started`].
+#[derive(Clone, Copy, Debug)]
+struct Started {
+    l1: Option<u64>,
+    l2: i64,
+}
+
 /// A servable copy and the tier that answered.
 #[derive(Clone, Debug)]
 pub struct ReadResult {
@@ -113,6 +120,16 @@ impl Tiers {
         &self.coherence
     }
 
+    /// The generations a read or write starts in: what it loads or writes lands only there,
+    /// so nothing read before a flush lands after it. L1's is `None` when L1 is not to be
+    /// filled (disabled, or bypassed because a feed is down).
+    fn started(&self, doc: &DocRef, l1: Option<u64>) -> Started {
+        Started {
+            l1,
+            l2: self.l2.generation(&doc.resource.name),
+        }
+    }
+
     /// L1's current generation, if L1 is enabled and usable now (every feed up).
     fn usable_l1(&self) -> Option<u64> {
         let l1 = self.l1.as_ref()?;
@@ -168,11 +185,11 @@ impl Tiers {
         doc: &DocRef,
         options: ReadOptions,
     ) -> Result<ReadResult, DbError> {
-        let generation = self.usable_l1();
+        let generation = self.started(doc, self.usable_l1());
         if options.strong {
             return self.load_db(doc, generation).await;
         }
-        if generation.is_some() {
+        if generation.l1.is_some() {
             self.counters.l1_miss.increment(1);
         }
         let read = self
@@ -190,9 +207,9 @@ impl Tiers {
         self.load_db(doc, generation).await
     }
 
-    /// Loads from Redis, else Postgres, filling the tiers above. `generation` is L1's when the
-    /// read began, or `None` when L1 is not to be filled.
-    async fn load(&self, doc: &DocRef, generation: Option<u64>) -> Result<ReadResult, DbError> {
+    /// Loads from Redis, else Postgres, filling the tiers above, each in the generation the
+    /// read began in.
+    async fn load(&self, doc: &DocRef, generation: Started) -> Result<ReadResult, DbError> {
         if !self.coherence.l2_trusted() {
             return self.load_db(doc, generation).await;
         }
@@ -203,7 +220,7 @@ impl Tiers {
                 self.counters.l2_miss.increment(1);
             }
             Ok(Some(copy)) if copy.is_servable() => {
-                match self.fill_l1(resource, ck, &copy, generation).await {
+                match self.fill_l1(resource, ck, &copy, generation.l1).await {
                     Some(Offer::Refused(known)) if known.version > copy.version => {
                         // L1 knows Redis is behind: go to the source.
                         self.counters.l2_miss.increment(1);
@@ -229,7 +246,7 @@ impl Tiers {
     }
 
     /// Reads Postgres and offers the result to Redis and L1.
-    async fn load_db(&self, doc: &DocRef, generation: Option<u64>) -> Result<ReadResult, DbError> {
+    async fn load_db(&self, doc: &DocRef, generation: Started) -> Result<ReadResult, DbError> {
         let copy = self.read_postgres(doc).await?;
         let (resource, ck) = (&doc.resource, &doc.ck);
         self.counters.db_hit.increment(1);
@@ -237,7 +254,7 @@ impl Tiers {
         if self.l2.available() {
             match self
                 .l2
-                .offer_checked(ck, &copy, l2_ttl(resource, &copy))
+                .offer_checked(generation.l2, ck, &copy, l2_ttl(resource, &copy))
                 .await
             {
                 Ok(Stored::Applied | Stored::AlreadyHeld) => {}
@@ -254,7 +271,7 @@ impl Tiers {
         // Postgres is the truth as of this read: answer with it even if a tier refuses it
         // because a newer write landed meanwhile.
         if !newer_exists {
-            self.fill_l1(resource, ck, &copy, generation).await;
+            self.fill_l1(resource, ck, &copy, generation.l1).await;
         }
         Ok(ReadResult {
             cached: copy,
@@ -295,7 +312,7 @@ impl Tiers {
         body: serde_json::Value,
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
-        let generation = self.l1.as_ref().map(L1::generation);
+        let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
         let outcome = self.db.put(&doc.resource, &doc.key, body, pre).await?;
         if let WriteOutcome::Written(w) = &outcome {
             let copy = Cached::value(w.version, w.doc.clone());
@@ -310,7 +327,7 @@ impl Tiers {
     /// # Errors
     /// Postgres' failure; nothing was committed.
     pub async fn delete(&self, doc: &DocRef, pre: Precondition) -> Result<DeleteOutcome, DbError> {
-        let generation = self.l1.as_ref().map(L1::generation);
+        let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
         let outcome = self.db.delete(&doc.resource, &doc.key, pre).await?;
         if let DeleteOutcome::Deleted { version } = outcome {
             self.settle(doc, Cached::absent(version), Op::Delete, generation)
@@ -322,7 +339,7 @@ impl Tiers {
     /// Brings Redis and L1 up to a committed copy and tells the other instances. A Redis
     /// failure is queued for repair, never returned: the write is committed and is
     /// acknowledged. (The Postgres feed tells the other instances in that case.)
-    async fn settle(&self, doc: &DocRef, copy: Cached, op: Op, generation: Option<u64>) {
+    async fn settle(&self, doc: &DocRef, copy: Cached, op: Op, generation: Started) {
         let (resource, ck) = (&doc.resource, &doc.ck);
         // A load in flight may have read before this commit: nobody asking from now on joins it.
         self.flights.forget(ck);
@@ -342,7 +359,7 @@ impl Tiers {
         };
         let result = if self.l2.available() {
             self.l2
-                .offer_and_publish(ck, &copy, l2_ttl(resource, &copy), &message)
+                .offer_and_publish(generation.l2, ck, &copy, l2_ttl(resource, &copy), &message)
                 .await
         } else {
             Err(L2Error::Skipped)
@@ -358,7 +375,7 @@ impl Tiers {
             self.repairs
                 .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
         }
-        if let (Some(l1), Some(generation)) = (&self.l1, generation) {
+        if let (Some(l1), Some(generation)) = (&self.l1, generation.l1) {
             l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
                 .await;
         }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_parsed, recover, AbortOnDrop, Source};
 use crate::coherence::{mono_ms, Feed, Message};
+use crate::config::PostgresSource;
 use crate::schema::{changes_from_xid, current_xmin};
 use crate::tiers::APPLY_CONCURRENCY;
 
@@ -67,10 +68,18 @@ impl Source for ChangesLog {
             }
             let started = mono_ms();
             let from = self.xid.unwrap_or_default();
-            let (xmin, rows) = tokio::time::timeout(lease, changes_from_xid(&client, schema, from))
-                .await
-                .map_err(|_| "poll timed out".to_string())?
-                .map_err(|e| format!("poll failed: {e}"))?;
+            let (xmin, source, rows) =
+                tokio::time::timeout(lease, changes_from_xid(&client, schema, from))
+                    .await
+                    .map_err(|_| "poll timed out".to_string())?
+                    .map_err(|e| format!("poll failed: {e}"))?;
+            if source.as_deref() != Some(PostgresSource::ChangesLog.as_str()) {
+                // Nothing writes the log any more: polling it would prove nothing.
+                return Err(format!(
+                    "the schema was migrated to postgres_source {source:?}; restart this \
+                     instance with the same source"
+                ));
+            }
             let messages: Vec<Message> = rows
                 .into_iter()
                 .filter(|(xid, change)| self.applied.insert((*xid, change.version)))

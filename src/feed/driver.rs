@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::context::FeedContext;
 use crate::backoff::Backoff;
 use crate::coherence::{mono_ms, Feed, Message};
+use crate::config::PostgresSource;
 use crate::db::{connect_dedicated, Dedicated};
 use crate::model::now_ms;
 use crate::resource::Catalog;
@@ -124,8 +125,9 @@ impl Supervisor {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A feed is back: repair Redis from the changes log since shortly before the outage began,
-/// then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
+/// A feed is back: repair Redis from the changes log since shortly before the outage began
+/// (with the `wal` source the relay repairs Redis, so nothing is replayed and Postgres is not
+/// asked), re-read the resources' generations, then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
 /// comes back, so every message queued meanwhile has been applied first.
 /// `last_good` as in [`Source::session`]; `None` at start-up, when the outage (if any) is
 /// unknown: then the whole retained log is replayed.
@@ -146,7 +148,9 @@ pub(crate) async fn recover(
     };
     let catalog = ctx.catalog.get().map_err(|e| e.to_string())?;
     let tiers = &ctx.tiers;
-    if ago > retention {
+    if catalog.capture.source == PostgresSource::Wal {
+        // Nothing to replay: the relay applies every change to Redis, at least once.
+    } else if ago > retention {
         // The log no longer covers the outage: Redis cannot be repaired key by key.
         let removed = tiers.flush_redis().await.map_err(|e| e.to_string())?;
         tracing::warn!(
@@ -166,6 +170,10 @@ pub(crate) async fn recover(
             "replayed the changes log into redis"
         );
     }
+    tiers
+        .load_generations()
+        .await
+        .map_err(|e| format!("reading generations failed: {e}"))?;
     tiers.flush_l1(feed);
     Ok(())
 }

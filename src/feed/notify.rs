@@ -14,6 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
 use crate::coherence::{mono_ms, Feed};
+use crate::resource::quote_ident;
+use crate::schema::capture::STATE_TABLE;
 use crate::schema::NOTIFY_CHANNEL;
 
 /// The LISTEN source, with this process's heartbeat channel.
@@ -77,6 +79,11 @@ impl Source for Notify {
         .map_err(|_| "LISTEN timed out".to_string())?
         .map_err(|e| format!("LISTEN failed: {e}"))?;
 
+        let heartbeat_sql = format!(
+            "SELECT pg_notify($1, $2) FROM {}.{STATE_TABLE} \
+             WHERE name = 'source' AND value = 'notify'",
+            quote_ident(&config.postgres.schema)
+        );
         let feed_state = &ctx.coherence.postgres;
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;
@@ -90,8 +97,13 @@ impl Source for Notify {
                         return Err(format!("heartbeat not back within {lease:?}"));
                     }
                     // Bounded so a half-open socket cannot stall the loop; the lease decides.
-                    let notify = format!("NOTIFY {heartbeat_channel}, '{}'", mono_ms());
-                    let send = client.batch_execute(&notify);
+                    // Sent only while the schema is migrated for NOTIFY: once another instance
+                    // migrated it to another source, the triggers notify nothing, and the
+                    // missing heartbeats take this feed down.
+                    let payload = mono_ms().to_string();
+                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                        [&heartbeat_channel, &payload];
+                    let send = client.execute(&heartbeat_sql, &params);
                     if let Ok(Err(e)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
                         return Err(format!("heartbeat failed: {e}"));
                     }

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::response::{json_response, JSON};
 use super::state::HttpState;
 use crate::coherence::FeedState;
+use crate::config::PostgresSource;
 
 /// The OpenAPI 3 document of this API, kept in `docs/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -73,6 +74,16 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             "since_ms": f.since_ms(),
         })
     };
+    let mut postgres_feed = feed(&coherence.postgres);
+    if let Ok(catalog) = state.catalog() {
+        let capture = &catalog.capture;
+        postgres_feed["source"] = json!(capture.source.as_str());
+        postgres_feed["source_reason"] = json!(capture.reason);
+        if capture.source == PostgresSource::Wal {
+            postgres_feed["slot"] = json!(capture.slot);
+            postgres_feed["relay"] = json!(coherence.relay_status());
+        }
+    }
     let feeds_ok = !state.config.feeds.unready_when_down || coherence.all_up();
     // Redis is reported, not required: without it syncar serves from Postgres, and every
     // instance shares it, so failing readiness would take every pod out of its Services at
@@ -89,7 +100,7 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             "ready": ready,
             "instance": state.instance,
             "checks": {"postgres": pg, "redis": redis, "schema": schema},
-            "feeds": {"postgres": feed(&coherence.postgres), "redis": feed(&coherence.redis)},
+            "feeds": {"postgres": postgres_feed, "redis": feed(&coherence.redis)},
             "l1_in_use": coherence.l1_usable(),
         }),
     )

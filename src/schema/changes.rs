@@ -3,6 +3,7 @@
 
 use tokio_postgres::GenericClient;
 
+use super::capture::STATE_TABLE;
 use super::names::{CHANGES_TABLE, MIGRATION_LOCK};
 use crate::coherence::{Message, Op};
 use crate::resource::quote_ident;
@@ -54,7 +55,9 @@ pub async fn prune_changes(
 }
 
 /// Changes of transactions with an id of `from_xid` or more, visible now, each with its
-/// transaction id, and the xmin of the same snapshot: every transaction below it has ended,
+/// transaction id, the source the schema is migrated for now (another instance may have
+/// migrated it to another source, which no longer writes the log), and the xmin of the same
+/// snapshot: every transaction below it has ended,
 /// so nothing with a smaller id can still appear. Polling from the last xmin therefore
 /// misses nothing, however commits are ordered; rows at or above it are read again next time
 /// (callers skip what they applied). Messages carry the trigger's time in `ts_us`.
@@ -65,16 +68,18 @@ pub async fn changes_from_xid(
     client: &impl GenericClient,
     schema: &str,
     from_xid: i64,
-) -> Result<(i64, Vec<(i64, Message)>), tokio_postgres::Error> {
+) -> Result<(i64, Option<String>, Vec<(i64, Message)>), tokio_postgres::Error> {
+    let s = quote_ident(schema);
     let sql = format!(
         "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
          SELECT (SELECT xmin FROM s), c.xid, c.resource, c.key, c.version, c.op, \
-                (extract(epoch FROM c.at) * 1000000)::bigint \
-         FROM (SELECT 1) one LEFT JOIN {}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid",
-        quote_ident(schema)
+                (extract(epoch FROM c.at) * 1000000)::bigint, \
+                (SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source') \
+         FROM (SELECT 1) one LEFT JOIN {s}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid"
     );
     let rows = client.query(&sql, &[&from_xid]).await?;
     let xmin: i64 = rows.first().map_or(from_xid, |r| r.get(0));
+    let source: Option<String> = rows.first().and_then(|r| r.get(7));
     let changes = rows
         .iter()
         .filter_map(|r| {
@@ -86,7 +91,7 @@ pub async fn changes_from_xid(
             ))
         })
         .collect();
-    Ok((xmin, changes))
+    Ok((xmin, source, changes))
 }
 
 /// The xmin of a snapshot taken now: the starting point of a fresh poller.

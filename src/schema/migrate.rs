@@ -108,17 +108,7 @@ pub async fn migrate(
         changes.push(format!("created table {schema}.syncar_kv"));
     }
 
-    let kv = ResourceConfig {
-        name: KV_RESOURCE.into(),
-        table: "syncar_kv".into(),
-        schema: schema.clone(),
-        key: "key".into(),
-        version_column: "version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    };
+    let kv = kv_resource(schema);
     let mut tables: Vec<(&ResourceConfig, TableInfo)> = Vec::new();
     for r in std::iter::once(&kv).chain(&config.resources) {
         let mut info = describe_table(&tx, r).await?;
@@ -421,4 +411,144 @@ async fn install_function(
     .await
     .map_err(pg("creating trigger functions"))?;
     Ok(true)
+}
+
+/// `syncar uninstall`: removes what makes syncar cost every writer and the primary's disk:
+/// the triggers on every configured table (and `kv`), their functions, the publication and
+/// the replication slot. Keeps the data: version columns, the sequence, `syncar_kv`, the
+/// changes log and the state table stay (a later `migrate` adopts them again).
+///
+/// Returns what it removed, one line per object.
+///
+/// # Errors
+/// The slot is being streamed (stop every instance first), or Postgres failing.
+pub async fn uninstall(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let schema = &config.postgres.schema;
+    let mut changes = Vec::new();
+    let slot = capture::slot_name(&*client, config).await?;
+    let active: Option<bool> = client
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?
+        .map(|r| r.get(0));
+    if active == Some(true) {
+        return Err(SchemaError::Invalid(format!(
+            "replication slot {slot} is being streamed by a relay: stop every syncar instance \
+             (and `syncar relay`) first"
+        )));
+    }
+    if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
+        changes.push(change);
+    }
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg("starting the uninstall"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg("taking the migration lock"))?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(pg("setting lock_timeout"))?;
+    let publication = &config.feeds.wal_publication;
+    let published: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?
+        .get(0);
+    if published {
+        tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(publication)))
+            .await
+            .map_err(pg("dropping the publication"))?;
+        changes.push(format!("dropped publication {publication}"));
+    }
+    let kv = kv_resource(schema);
+    for r in std::iter::once(&kv).chain(&config.resources) {
+        let Some(oid) = table_oid(&tx, &r.schema, &r.table, "r").await? else {
+            continue;
+        };
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        for trigger in std::iter::once(STAMP_TRIGGER)
+            .chain(LOG_TRIGGERS)
+            .chain([LEGACY_NOTIFY_TRIGGER])
+        {
+            let exists: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                    &[&oid, &trigger],
+                )
+                .await
+                .map_err(pg("looking up triggers"))?
+                .get(0);
+            if exists {
+                tx.batch_execute(&format!("DROP TRIGGER {trigger} ON {qualified}"))
+                    .await
+                    .map_err(pg("dropping a trigger"))?;
+                changes.push(format!("dropped trigger {trigger} on {qualified}"));
+            }
+        }
+        for function in [
+            function_name("syncar_stamp", &r.name),
+            function_name("syncar_announce", &r.name),
+        ] {
+            let unused: bool = tx
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname = $1 AND p.proname = $2) AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+                     JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+                     WHERE n.nspname = $1 AND p.proname = $2)",
+                    &[schema, &function],
+                )
+                .await
+                .map_err(pg("looking up trigger functions"))?
+                .get(0);
+            if unused {
+                tx.batch_execute(&format!(
+                    "DROP FUNCTION {}.{}()",
+                    quote_ident(schema),
+                    quote_ident(&function)
+                ))
+                .await
+                .map_err(pg("dropping trigger functions"))?;
+                changes.push(format!("dropped function {schema}.{function}()"));
+            }
+        }
+    }
+    tx.execute(
+        &format!(
+            "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason')",
+            quote_ident(schema)
+        ),
+        &[],
+    )
+    .await
+    .map_err(pg("clearing the state table"))
+    .ok();
+    tx.commit().await.map_err(pg("committing the uninstall"))?;
+    Ok(changes)
+}
+
+/// The built-in resource as a configured one.
+fn kv_resource(schema: &str) -> ResourceConfig {
+    ResourceConfig {
+        name: KV_RESOURCE.into(),
+        table: "syncar_kv".into(),
+        schema: schema.to_string(),
+        key: "key".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    }
 }

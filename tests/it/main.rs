@@ -8,3 +8,4 @@ mod schema;
 mod support;
 mod tables;
 mod tiers;
+mod wal;

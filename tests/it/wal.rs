@@ -1,0 +1,661 @@
+//! The `wal` source against a real Postgres with `wal_level = logical`: the relay and its
+//! election, faults of the replication connection and of the slot, TRUNCATE and rows written
+//! under `session_replication_role = replica` (on every source), `auto`, `syncar relay` and
+//! `syncar uninstall`.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use syncar::config::PostgresSource;
+use syncar::l2::L2;
+use syncar::model::{CacheKey, Cached, Version};
+
+use crate::support::{eventually, free_port, request, Env, Instance};
+
+/// How long a change may take to reach every instance here (the product's window is about
+/// a second; a relay hand-over adds the lease and a reconnect; the margin absorbs a loaded CI
+/// machine).
+const WINDOW: Duration = Duration::from_secs(10);
+
+fn wal(c: &mut syncar::Config) {
+    c.feeds.postgres_source = PostgresSource::Wal;
+}
+
+async fn sees(instance: &Instance, path: &str, version: i64) {
+    eventually(WINDOW, &format!("{path} at version {version}"), || async {
+        let r = instance.get(path).await;
+        (r.status == 200 && r.etag_version() == version).then_some(())
+    })
+    .await;
+}
+
+async fn sees_absent(instance: &Instance, path: &str) {
+    eventually(WINDOW, &format!("{path} gone"), || async {
+        (instance.get(path).await.status == 404).then_some(())
+    })
+    .await;
+}
+
+/// TRUNCATE is seen by every source (the WAL says it; the log-based sources get a trigger):
+/// every copy, in every L1 and in Redis, is gone, and the table refills normally.
+#[tokio::test]
+async fn truncate_flushes_every_copy_on_every_source() {
+    for source in [
+        PostgresSource::Wal,
+        PostgresSource::ChangesLog,
+        PostgresSource::Notify,
+    ] {
+        let env = Env::new().await;
+        let a = env.start(|c| c.feeds.postgres_source = source).await;
+        let b = env.start(|c| c.feeds.postgres_source = source).await;
+        let v = a.put("/v1/kv/t1", "1").await.etag_version();
+        a.put("/v1/kv/t2", "2").await;
+        for i in [&a, &b] {
+            sees(i, "/v1/kv/t1", v).await;
+            assert_eq!(i.get("/v1/kv/t1").await.header("x-cache"), Some("l1"));
+        }
+        env.pg()
+            .await
+            .batch_execute("TRUNCATE syncar_kv")
+            .await
+            .unwrap();
+        for i in [&a, &b] {
+            sees_absent(i, "/v1/kv/t1").await;
+            sees_absent(i, "/v1/kv/t2").await;
+        }
+        let entry = env.redis_entry("kv", "t1").await;
+        assert!(
+            entry.as_deref().is_none_or(|e| e.contains(":a:")),
+            "{source:?}: Redis serves no copy from before the TRUNCATE: {entry:?}"
+        );
+        let v2 = a.put("/v1/kv/t1", "3").await.etag_version();
+        for i in [&a, &b] {
+            sees(i, "/v1/kv/t1", v2).await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// A fill that read before a resource-wide flush lands in the generation it read in, where
+/// nobody reads any more: no older fill can undo a flush.
+#[tokio::test]
+async fn a_fill_read_before_a_flush_lands_where_nobody_reads() {
+    let env = Env::new().await;
+    let config = syncar::config::RedisConfig {
+        url: env.redis_url.clone(),
+        key_prefix: env.prefix.clone(),
+        ..Default::default()
+    };
+    let l2 = L2::new(&config).unwrap();
+    let ck = CacheKey::new("kv", "slow");
+    let read_in = l2.generation("kv");
+    let old = Cached::value(Version(5), bytes::Bytes::from_static(b"\"old\""));
+    // The TRUNCATE's flush lands while the slow fill is in flight...
+    l2.raise_generation("kv", 9).await.unwrap();
+    // ...then the fill arrives.
+    l2.offer_checked(read_in, &ck, &old, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(l2.get(&ck).await.unwrap(), None, "nobody reads it");
+    // Another instance learns the generation from Redis.
+    let other = L2::new(&config).unwrap();
+    assert_eq!(other.generation("kv"), 0);
+    other.load_generations().await.unwrap();
+    assert_eq!(other.generation("kv"), 9);
+    assert_eq!(
+        other.raise_generation("kv", 7).await.unwrap(),
+        9,
+        "generations are only raised"
+    );
+}
+
+/// Rows written by logical replication apply or a restore tool run under
+/// `session_replication_role = replica`, where ordinary triggers do not fire. syncar's fire
+/// always: the row takes a version and every instance hears of it, whatever the source.
+#[tokio::test]
+async fn rows_written_as_a_replica_take_a_version_and_reach_everyone() {
+    for source in [PostgresSource::Wal, PostgresSource::ChangesLog] {
+        let env = Env::new().await;
+        let a = env.start(|c| c.feeds.postgres_source = source).await;
+        let b = env.start(|c| c.feeds.postgres_source = source).await;
+        let v1 = a.put("/v1/kv/r", "1").await.etag_version();
+        sees(&b, "/v1/kv/r", v1).await;
+        let pg = env.pg().await;
+        pg.batch_execute("SET session_replication_role = replica")
+            .await
+            .unwrap();
+        let v2: i64 = pg
+            .query_one(
+                "UPDATE syncar_kv SET value = '2' WHERE key = 'r' RETURNING version",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(v2 > v1, "{source:?}: the stamp fired as a replica too");
+        pg.execute("DELETE FROM syncar_kv WHERE key = 'r'", &[])
+            .await
+            .unwrap();
+        for i in [&a, &b] {
+            sees_absent(i, "/v1/kv/r").await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// The relay's replication connection (and its plain one) terminated: the relay reconnects
+/// and nothing committed meanwhile is lost.
+#[tokio::test]
+async fn a_terminated_replication_connection_comes_back_and_loses_nothing() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v1 = a.put("/v1/kv/k", "1").await.etag_version();
+    sees(&b, "/v1/kv/k", v1).await;
+    let pg = env.pg().await;
+    let terminated: i64 = pg
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'syncar-relay' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated >= 1, "a relay was streaming");
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/k", v2).await;
+    }
+    for i in [&a, &b] {
+        i.feed_becomes("postgres", true, WINDOW).await;
+    }
+}
+
+/// The slot dropped under a running relay, with a change committed that the new slot will
+/// never stream: the relay recreates the slot, sees that Redis was fed by another one, and
+/// flushes every resource, so the change is not missed.
+#[tokio::test]
+async fn a_slot_dropped_under_the_relay_is_recreated_and_everything_flushed() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v1 = a.put("/v1/kv/d", "1").await.etag_version();
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/d", v1).await;
+    }
+    let slot = a.readyz().await["feeds"]["postgres"]["slot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut pg = env.pg().await;
+    // Stop the relay's stream, then, in one transaction, change the row and drop the slot:
+    // a slot created afterwards waits for that transaction, so it never sees the change.
+    let deadline = Instant::now() + WINDOW;
+    let v2 = loop {
+        assert!(Instant::now() < deadline, "the slot could not be dropped");
+        if let Some(v2) = drop_slot_with_a_change(&mut pg, &slot).await {
+            break v2;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/d", v2).await;
+    }
+    let exists: bool = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(exists, "the relay recreated the slot");
+}
+
+/// Terminates the slot's consumer, then changes `d` and drops the slot in one transaction;
+/// `None` when the relay was quicker to take the slot again.
+async fn drop_slot_with_a_change(pg: &mut tokio_postgres::Client, slot: &str) -> Option<i64> {
+    pg.execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE slot_name = $1 AND active",
+        &[&slot],
+    )
+    .await
+    .ok()?;
+    let tx = pg.transaction().await.ok()?;
+    let v2: i64 = tx
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'd' RETURNING version",
+            &[],
+        )
+        .await
+        .ok()?
+        .get(0);
+    tx.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .ok()?;
+    tx.commit().await.ok()?;
+    Some(v2)
+}
+
+/// An instance whose subscription to the relay was killed catches up when it resubscribes:
+/// what was published meanwhile is in Redis, and its L1 is emptied.
+#[tokio::test]
+async fn an_instance_whose_subscription_dropped_catches_up() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v1 = a.put("/v1/kv/s", "1").await.etag_version();
+    sees(&b, "/v1/kv/s", v1).await;
+    assert_eq!(b.get("/v1/kv/s").await.header("x-cache"), Some("l1"));
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let v2: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/s", v2).await;
+        i.feed_becomes("postgres", true, WINDOW).await;
+    }
+}
+
+/// `auto` picks `wal` where the server allows it, and says so; a table without a replica
+/// identity (a published table without one refuses UPDATE and DELETE) makes it fall back to
+/// the changes log, saying why; `wal` configured there is refused with what to change.
+#[tokio::test]
+async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| c.feeds.postgres_source = PostgresSource::Auto)
+        .await;
+    let postgres = &a.readyz().await["feeds"]["postgres"];
+    assert_eq!(postgres["source"], "wal", "{postgres}");
+    assert!(
+        postgres["source_reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("auto:"),
+        "{postgres}"
+    );
+    a.shutdown().await;
+
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE nopk (id int NOT NULL UNIQUE, name text)")
+        .await
+        .unwrap();
+    let with_nopk = |c: &mut syncar::Config| {
+        c.resources
+            .push(crate::support::resource("nopk", "id", "version"));
+    };
+    let a = env
+        .start(|c| {
+            with_nopk(c);
+            c.feeds.postgres_source = PostgresSource::Auto;
+        })
+        .await;
+    let postgres = &a.readyz().await["feeds"]["postgres"];
+    assert_eq!(postgres["source"], "changes_log", "{postgres}");
+    let reason = postgres["source_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("nopk") && reason.contains("replica identity"),
+        "{reason}"
+    );
+    a.shutdown().await;
+
+    let mut config = env.config();
+    with_nopk(&mut config);
+    config.feeds.postgres_source = PostgresSource::Wal;
+    let err = syncar::app::run_migration(&config).await.unwrap_err();
+    let err = syncar::telemetry::error_chain(&err);
+    assert!(
+        err.contains("postgres_source = \"wal\"") && err.contains("REPLICA IDENTITY"),
+        "{err}"
+    );
+}
+
+/// A role that may not replicate: `auto` falls back to the changes log and names the grant
+/// it lacks; `wal` is refused with it.
+#[tokio::test]
+async fn a_role_without_replication_gets_the_changes_log_or_a_clear_error() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = pg
+        .query_one("SELECT current_database()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let role = format!("{db}_app");
+    pg.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT ALL ON DATABASE {db} TO {role}; \
+         GRANT ALL ON SCHEMA public TO {role}"
+    ))
+    .await
+    .unwrap();
+    let url = env.pg_url.replace("postgres@", &format!("{role}@"));
+    let a = env
+        .start(|c| {
+            c.postgres.url = url.clone();
+            c.feeds.postgres_source = PostgresSource::Auto;
+        })
+        .await;
+    let postgres = &a.readyz().await["feeds"]["postgres"];
+    assert_eq!(postgres["source"], "changes_log", "{postgres}");
+    assert!(
+        postgres["source_reason"]
+            .as_str()
+            .unwrap()
+            .contains("REPLICATION"),
+        "{postgres}"
+    );
+    a.shutdown().await;
+    let mut config = env.config();
+    config.postgres.url = url;
+    config.feeds.postgres_source = PostgresSource::Wal;
+    let err =
+        syncar::telemetry::error_chain(&syncar::app::run_migration(&config).await.unwrap_err());
+    assert!(err.contains("ALTER ROLE"), "{err}");
+}
+
+/// `syncar uninstall` removes the slot, the publication, the triggers and their functions,
+/// and keeps the data.
+#[tokio::test]
+async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
+    let env = Env::new().await;
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::Wal;
+    let installed = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        installed
+            .iter()
+            .any(|c| c.starts_with("created replication slot")),
+        "{installed:?}"
+    );
+    let pg = env.pg().await;
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) VALUES ('kept', '1')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let removed = syncar::app::run_uninstall(&config).await.unwrap();
+    for what in [
+        "dropped replication slot",
+        "dropped publication syncar",
+        "dropped trigger syncar_stamp_version",
+        "dropped function",
+    ] {
+        assert!(
+            removed.iter().any(|c| c.starts_with(what)),
+            "{what}: {removed:?}"
+        );
+    }
+    let left: (i64, i64, i64, i64) = {
+        let row = pg
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()), \
+                        (SELECT count(*) FROM pg_publication), \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'syncar%'), \
+                        (SELECT count(*) FROM syncar_kv)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2), row.get(3))
+    };
+    assert_eq!(
+        left,
+        (0, 0, 0, 1),
+        "nothing of syncar's is left but the data"
+    );
+    assert!(syncar::app::run_uninstall(&config)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// A syncar binary of its own, killed with SIGKILL when dropped.
+struct Process {
+    child: Child,
+    api: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Process {
+    fn spawn(env: &Env, command: &str, name: &str, relay: bool) -> Process {
+        let (api, admin) = (free_port(), free_port());
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("syncar.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:{api}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+                 [postgres]\nurl = \"{}\"\npool_size = 4\n\
+                 [redis]\nurl = \"{}\"\nkey_prefix = \"{}\"\n\
+                 [feeds]\npostgres_source = \"wal\"\nrelay = {relay}\n",
+                env.pg_url, env.redis_url, env.prefix
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_syncar"))
+            .args([command, "--config"])
+            .arg(&path)
+            .env("SYNCAR_INSTANCE", name)
+            .env("SYNCAR_LOG", "error")
+            .env_remove("SYNCAR_CONFIG")
+            .env_remove("SYNCAR_LISTEN")
+            .env_remove("SYNCAR_ADMIN_LISTEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Process {
+            child,
+            api: format!("127.0.0.1:{api}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+        }
+    }
+
+    async fn readyz(&self) -> Option<serde_json::Value> {
+        tokio::net::TcpStream::connect(self.admin).await.ok()?;
+        let r = request(self.admin, "GET", "/readyz", &[], None).await;
+        Some(r.json())
+    }
+
+    async fn ready(&self) {
+        eventually(Duration::from_secs(30), "syncar to be ready", || async {
+            let r = self.readyz().await?;
+            (r["ready"] == true && r["feeds"]["postgres"]["up"] != false).then_some(())
+        })
+        .await;
+    }
+
+    /// The instance id of the relay, as this process heard it.
+    async fn relay(&self) -> Option<String> {
+        let r = self.readyz().await?;
+        r["feeds"]["postgres"]["relay"]["relay"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    async fn version(&self, path: &str) -> Option<i64> {
+        let r = request(self.api, "GET", path, &[], None).await;
+        (r.status == 200).then(|| r.etag_version())
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGKILL of the instance that holds the relay: the other takes over within the relay's
+/// lease, a change committed while nobody relayed is not lost (the slot kept it), and no
+/// read that starts a lease after the commit returns the older copy.
+#[tokio::test]
+async fn the_relay_is_taken_over_when_its_instance_is_killed() {
+    let env = Env::new().await;
+    let mut first = Process::spawn(&env, "serve", "first", true);
+    first.ready().await;
+    let second = Process::spawn(&env, "serve", "second", true);
+    second.ready().await;
+    let relay = eventually(WINDOW, "a relay", || async { first.relay().await }).await;
+    assert!(
+        relay.starts_with("first-"),
+        "the first to start relays: {relay}"
+    );
+    let pg = env.pg().await;
+    let v1: i64 = pg
+        .query_one(
+            "INSERT INTO syncar_kv (key, value) VALUES ('h', '1') RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eventually(WINDOW, "the row on the second", || async {
+        (second.version("/v1/kv/h").await == Some(v1)).then_some(())
+    })
+    .await;
+
+    first.child.kill().unwrap(); // SIGKILL
+    first.child.wait().unwrap();
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'h' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let committed = Instant::now();
+    let lease = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let seen = second.version("/v1/kv/h").await.expect("served");
+        assert!(
+            seen == v2 || started < committed + lease,
+            "a read {:?} after the commit served version {seen}, older than {v2}",
+            started - committed
+        );
+        if seen == v2 && started > committed + lease {
+            break;
+        }
+        assert!(committed.elapsed() < WINDOW, "the change never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let relay = eventually(WINDOW, "the second to relay", || async {
+        second.relay().await.filter(|r| r.starts_with("second-"))
+    })
+    .await;
+    assert!(relay.starts_with("second-"));
+    let v3: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '3' WHERE key = 'h' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    eventually(WINDOW, "relayed by the second", || async {
+        (second.version("/v1/kv/h").await == Some(v3)).then_some(())
+    })
+    .await;
+}
+
+/// `syncar relay` alone relays for instances that never do (`feeds.relay = false`), which
+/// send Postgres no query while idle.
+#[tokio::test]
+async fn syncar_relay_alone_relays_for_instances_that_never_do() {
+    let env = Env::new().await;
+    let relay = Process::spawn(&env, "relay", "relay", true);
+    eventually(Duration::from_secs(30), "the relay to be ready", || async {
+        (relay.readyz().await?["ready"] == true).then_some(())
+    })
+    .await;
+    let a = env
+        .start(|c| {
+            wal(c);
+            c.feeds.relay = false;
+        })
+        .await;
+    let r = a.readyz().await;
+    assert!(
+        r["feeds"]["postgres"]["relay"]["relay"]
+            .as_str()
+            .unwrap()
+            .starts_with("relay-"),
+        "{r}"
+    );
+    let v: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "INSERT INTO syncar_kv (key, value) VALUES ('x', '1') RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    sees(&a, "/v1/kv/x", v).await;
+    assert_eq!(a.get("/v1/kv/x").await.header("x-cache"), Some("l1"));
+    let v2: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'x' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    sees(&a, "/v1/kv/x", v2).await;
+
+    // Idle, the instance sends Postgres nothing: none of its connections changes state.
+    drop(relay);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'syncar%' AND state_change > now() - interval '1.5 s'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        busy, 0,
+        "an idle instance's connections to Postgres stayed idle"
+    );
+}
