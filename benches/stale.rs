@@ -2,11 +2,14 @@
 //! one already acknowledged, per mode and per fault.
 //!
 //! `make bench-stale` (or `cargo bench --bench stale -- [options]`) starts its own Postgres and
-//! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`,
-//! and `full-notify`: `full` with `feeds.postgres_source = "notify"`)
-//! N syncar processes of the release binary, and runs a workload through phases: steady churn,
-//! then each fault followed by recovery (Redis pub/sub connections killed, LISTEN backends
-//! terminated, Redis restarted, one instance SIGKILLed and restarted). It prints a table,
+//! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`
+//! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`) and `full-wal`
+//! (`wal`)) N syncar processes of the release binary, and runs a workload through phases:
+//! steady churn, then each fault followed by recovery (Redis pub/sub connections killed,
+//! LISTEN backends terminated, Redis restarted, one instance SIGKILLed and restarted, the
+//! instance holding the `wal` relay SIGKILLed and restarted (the first instance in modes
+//! without a relay), the relay's replication connection terminated (nothing to terminate in
+//! the other modes)). It prints a table,
 //! writes JSON and two SVG charts under `target/bench-stale/`.
 //!
 //! A read is stale if a newer version of its key had been acknowledged before the read
@@ -41,8 +44,10 @@ enum Mode {
     RedisFeedOnly,
     PostgresFeedOnly,
     Full,
-    /// `full` with `feeds.postgres_source = "notify"` instead of the default `changes_log`.
+    /// `full` with `feeds.postgres_source = "notify"` instead of `changes_log`.
     FullNotify,
+    /// `full` with `feeds.postgres_source = "wal"`: one relay streams the WAL into Redis.
+    FullWal,
 }
 
 impl Mode {
@@ -53,6 +58,7 @@ impl Mode {
             Mode::PostgresFeedOnly => "postgres-feed-only",
             Mode::Full => "full",
             Mode::FullNotify => "full-notify",
+            Mode::FullWal => "full-wal",
         }
     }
 
@@ -61,15 +67,15 @@ impl Mode {
             Mode::TtlOnly => (false, false),
             Mode::RedisFeedOnly => (false, true),
             Mode::PostgresFeedOnly => (true, false),
-            Mode::Full | Mode::FullNotify => (true, true),
+            Mode::Full | Mode::FullNotify | Mode::FullWal => (true, true),
         }
     }
 
     fn postgres_source(self) -> &'static str {
-        if self == Mode::FullNotify {
-            "notify"
-        } else {
-            "changes_log"
+        match self {
+            Mode::FullNotify => "notify",
+            Mode::FullWal => "wal",
+            _ => "changes_log",
         }
     }
 
@@ -80,18 +86,26 @@ impl Mode {
             "postgres-feed-only" => Mode::PostgresFeedOnly,
             "full" => Mode::Full,
             "full-notify" => Mode::FullNotify,
+            "full-wal" => Mode::FullWal,
             other => panic!("unknown mode {other:?}"),
         }
     }
 }
 
-const PHASES: [&str; 5] = [
+const PHASES: [&str; 7] = [
     "steady",
     "pubsub-kill",
     "listen-kill",
     "redis-restart",
     "instance-kill",
+    "relay-kill",
+    "replication-kill",
 ];
+
+/// Phases in which a fault strikes; the others are steady churn.
+fn is_fault(phase: &str) -> bool {
+    phase != "steady"
+}
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -124,6 +138,7 @@ impl Args {
                 Mode::PostgresFeedOnly,
                 Mode::Full,
                 Mode::FullNotify,
+                Mode::FullWal,
             ],
             zipf: 1.0,
         };
@@ -648,6 +663,35 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
             let child = cluster.spawn(last);
             cluster.children.lock().unwrap()[last] = Some(child);
         }
+        "relay-kill" => {
+            // The instance holding the relay (instance ids are `bench-{i}-{random}`), or the
+            // first one where there is no relay.
+            let relay = readyz(cluster.ports[0]).await.and_then(|r| {
+                r["feeds"]["postgres"]["relay"]["relay"]
+                    .as_str()
+                    .and_then(|id| id.strip_prefix("bench-")?.split('-').next()?.parse().ok())
+            });
+            let victim: usize = relay.unwrap_or(0);
+            eprintln!("killing instance {victim} (relay: {})", relay.is_some());
+            cluster.kill(victim);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let child = cluster.spawn(victim);
+            cluster.children.lock().unwrap()[victim] = Some(child);
+        }
+        "replication-kill" => {
+            let (pg, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            pg.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND backend_type = 'walsender' \
+                 AND application_name = 'syncar-relay'",
+                &[],
+            )
+            .await
+            .unwrap();
+        }
         other => unreachable!("{other}"),
     }
 }
@@ -923,6 +967,43 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
         out.join("staleness.svg").display(),
         out.join("coherence.svg").display()
     );
+    let stale_rate = |r: &ModeResult| {
+        let (stale, reads) = r.phases.iter().fold((0.0, 0.0), |(s, n), p| {
+            let reads = p["reads"].as_f64().unwrap();
+            (s + p["stale_rate"].as_f64().unwrap() * reads, n + reads)
+        });
+        stale / reads.max(1.0)
+    };
+    let notify = results.iter().find(|r| r.mode == Mode::FullNotify);
+    for r in results.iter().filter(|r| r.mode == Mode::FullWal) {
+        let steady_over_100ms: u64 = r
+            .phases
+            .iter()
+            .filter(|p| !is_fault(p["phase"].as_str().unwrap()))
+            .map(|p| {
+                (p["stale_over_100ms"].as_f64().unwrap() * p["reads"].as_f64().unwrap()).round()
+                    as u64
+            })
+            .sum();
+        let over_1s: u64 = r
+            .phases
+            .iter()
+            .map(|p| p["stale_reads_over_1s"].as_u64().unwrap())
+            .sum();
+        let rate = stale_rate(r);
+        let notify_rate = notify.map(stale_rate);
+        let met = r.audit_stale_keys == 0
+            && over_1s == 0
+            && steady_over_100ms == 0
+            && notify_rate.is_none_or(|n| rate <= n);
+        println!(
+            "goal (full-wal): stale-read rate {:.4}% (full-notify {}), reads stale > 100 ms outside faults = {steady_over_100ms} (want 0), > 1 s = {over_1s} (want 0), keys stale at the audit = {} (want 0): {}",
+            rate * 100.0,
+            notify_rate.map_or("not run".into(), |n| format!("{:.4}%", n * 100.0)),
+            r.audit_stale_keys,
+            if met { "MET" } else { "NOT MET" }
+        );
+    }
     for r in results
         .iter()
         .filter(|r| matches!(r.mode, Mode::Full | Mode::FullNotify))
@@ -942,12 +1023,13 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
     }
 }
 
-const COLORS: [plotters::style::RGBColor; 5] = [
+const COLORS: [plotters::style::RGBColor; 6] = [
     plotters::style::RGBColor(200, 60, 60),
     plotters::style::RGBColor(230, 150, 30),
     plotters::style::RGBColor(60, 120, 200),
     plotters::style::RGBColor(40, 150, 70),
     plotters::style::RGBColor(130, 70, 170),
+    plotters::style::RGBColor(20, 20, 20),
 ];
 
 /// CDF of staleness age among stale reads, per mode.

@@ -21,6 +21,7 @@ pub const ENV_INSTANCE: &str = "SYNCAR_INSTANCE";
 pub const ENV_LOG_FORMAT: &str = "SYNCAR_LOG_FORMAT";
 pub const ENV_LOG_LEVEL: &str = "SYNCAR_LOG";
 pub const ENV_AUTH_TOKEN: &str = "SYNCAR_AUTH_TOKEN";
+pub const ENV_RELAY: &str = "SYNCAR_RELAY";
 
 /// The name of the built-in resource backed by `syncar_kv`.
 pub const KV_RESOURCE: &str = "kv";
@@ -113,6 +114,15 @@ impl Config {
         }
         if let Some(v) = var(ENV_LOG_LEVEL) {
             self.log.level = v;
+        }
+        if let Some(v) = var(ENV_RELAY) {
+            match v.as_str() {
+                "true" => self.feeds.relay = true,
+                "false" => self.feeds.relay = false,
+                _ => self.env_problems.push(format!(
+                    "{ENV_RELAY}: {v:?} is neither \"true\" nor \"false\""
+                )),
+            }
         }
         if let Some(v) = var(ENV_LOG_FORMAT) {
             match v.as_str() {
@@ -254,12 +264,14 @@ mod tests {
             ENV_LISTEN => Some("127.0.0.1:9999".into()),
             ENV_REDIS_URL => Some("redis://127.0.0.1:1".into()),
             ENV_INSTANCE => Some("pod-7".into()),
+            ENV_RELAY => Some("false".into()),
             ENV_LOG_FORMAT => Some("yaml".into()),
             _ => None,
         });
         assert_eq!(config.server.listen, "127.0.0.1:9999");
         assert_eq!(config.redis.url, "redis://127.0.0.1:1");
         assert_eq!(config.instance_name(), "pod-7");
+        assert!(!config.feeds.relay);
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("SYNCAR_LOG_FORMAT"), "{err}");
     }
