@@ -37,6 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
 };
@@ -70,6 +71,9 @@ pub struct RelayContext {
 
 /// Changes per published message: a statement changing 50 000 rows is published in pieces.
 const CHANGES_PER_MESSAGE: usize = 1000;
+
+/// Stream events taken into one batch at most (only what has already arrived is taken).
+const BATCH_EVENTS: usize = 4096;
 
 /// Postgres counts time from 2000-01-01; Unix from 1970-01-01 (in microseconds).
 const POSTGRES_EPOCH_US: i64 = 946_684_800_000_000;
@@ -212,9 +216,7 @@ async fn stream(
     metrics::gauge!(RELAY_ACTIVE).set(1.0);
     tracing::info!(slot = %slot, instance = %ctx.instance_id, "relaying the WAL");
 
-    let mut relations: HashMap<u32, Mapped> = HashMap::new();
-    let mut txn = Transaction::default();
-    let mut lag_bytes = None;
+    let mut session = Session::default();
     let mut renew = tokio::time::interval(feeds.relay_lease / 4);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut beat = tokio::time::interval(feeds.heartbeat_interval);
@@ -245,7 +247,7 @@ async fn stream(
                 match slot_lag(&client, slot).await {
                     Ok(Some(lag)) if lag.lost => break Err("the replication slot was invalidated".into()),
                     Ok(Some(lag)) => {
-                        lag_bytes = Some(lag.bytes);
+                        session.lag_bytes = Some(lag.bytes);
                         metrics::gauge!(WAL_LAG_BYTES).set(lag.bytes as f64);
                     }
                     Ok(None) => break Err("the replication slot is gone".into()),
@@ -258,7 +260,26 @@ async fn stream(
                     Ok(None) => break Err("the replication stream ended".into()),
                     Err(e) => break Err(format!("replication stream failed: {e}")),
                 };
-                if let Err(e) = on_event(ctx, catalog, &client, &sql, &repl, &mut relations, &mut txn, lag_bytes, event).await {
+                // What is already received joins the batch: under load many transactions are
+                // applied and published at once; idle, each goes out at once.
+                let mut received = vec![event];
+                while received.len() < BATCH_EVENTS {
+                    match repl.recv().now_or_never() {
+                        Some(Ok(Some(event))) => received.push(event),
+                        _ => break,
+                    }
+                }
+                let mut failed = None;
+                for event in received {
+                    if let Err(e) = session.on_event(ctx, catalog, &client, &sql, &repl, event).await {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e);
+                }
+                if let Err(e) = session.flush(ctx, catalog, &repl).await {
                     break Err(e);
                 }
             }
@@ -289,126 +310,161 @@ struct Transaction {
     announced: Vec<serde_json::Value>,
 }
 
-#[allow(clippy::too_many_arguments)] // the session's state, borrowed for one event
-async fn on_event(
-    ctx: &RelayContext,
-    catalog: &Catalog,
-    client: &tokio_postgres::Client,
-    sql: &Sql,
-    repl: &ReplicationClient,
-    relations: &mut HashMap<u32, Mapped>,
-    txn: &mut Transaction,
+/// What one term of streaming keeps between events.
+#[derive(Default)]
+struct Session {
+    relations: HashMap<u32, Mapped>,
+    /// The transaction being received.
+    txn: Transaction,
+    /// Changes of committed transactions not yet applied and published, and the position
+    /// to acknowledge once they are.
+    pending: Vec<Message>,
+    pending_lsn: Option<Lsn>,
+    pending_transactions: u64,
+    /// The slot's lag, as last measured, for the heartbeats.
     lag_bytes: Option<i64>,
-    event: ReplicationEvent,
-) -> Result<(), String> {
-    match event {
-        ReplicationEvent::Begin {
-            commit_time_micros, ..
-        } => {
-            *txn = Transaction {
-                commit_time_us: Some(commit_time_micros + POSTGRES_EPOCH_US),
-                ..Transaction::default()
-            };
-        }
-        ReplicationEvent::XLogData { data, .. } => {
-            match pgoutput::decode(data).map_err(|e| e.to_string())? {
-                Change::Relation(r) => {
-                    let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
-                        relations.remove(&r.id);
-                        return Ok(());
-                    };
-                    let at = |name: &str| r.columns.iter().position(|(c, _)| c == name);
-                    let (Some(key), Some(version)) =
-                        (at(resource.key_column()), at(resource.version_column()))
-                    else {
-                        return Err(format!(
-                            "table {}.{} lacks its key or version column in the stream",
-                            r.schema, r.name
-                        ));
-                    };
-                    relations.insert(
-                        r.id,
-                        Mapped {
-                            resource: resource.clone(),
-                            key,
-                            version,
-                        },
-                    );
-                }
-                Change::Other(_) => {}
-                row => txn.rows.push(row),
+}
+
+impl Session {
+    async fn on_event(
+        &mut self,
+        ctx: &RelayContext,
+        catalog: &Catalog,
+        client: &tokio_postgres::Client,
+        sql: &Sql,
+        repl: &ReplicationClient,
+        event: ReplicationEvent,
+    ) -> Result<(), String> {
+        match event {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                self.txn = Transaction {
+                    commit_time_us: Some(commit_time_micros + POSTGRES_EPOCH_US),
+                    ..Transaction::default()
+                };
             }
-        }
-        ReplicationEvent::Message {
-            transactional: true,
-            prefix,
-            content,
-            ..
-        } if prefix == MESSAGE_PREFIX => {
-            let announced = serde_json::from_slice(&content)
-                .map_err(|e| format!("malformed syncar message in the WAL: {e}"))?;
-            txn.announced.push(announced);
-        }
-        ReplicationEvent::Message {
-            transactional: false,
-            prefix,
-            content,
-            lsn,
-        } if prefix == MESSAGE_PREFIX => {
-            let text = String::from_utf8_lossy(&content);
-            let mut parts = text.splitn(3, ':');
-            if let (Some("hb"), Some(sent), Some(author)) =
-                (parts.next(), parts.next(), parts.next())
-            {
-                // Another relay's heartbeats (an earlier term) say nothing of this stream's lag.
-                if author == ctx.instance_id {
-                    let sent: u64 = sent.parse().unwrap_or_else(|_| mono_ms());
-                    publish(
-                        ctx,
-                        Relayed::Heartbeat {
-                            relay: ctx.instance_id.clone(),
-                            lag_ms: mono_ms().saturating_sub(sent),
-                            lag_bytes,
-                        },
-                    )
-                    .await?;
+            ReplicationEvent::XLogData { data, .. } => {
+                match pgoutput::decode(data).map_err(|e| e.to_string())? {
+                    Change::Relation(r) => {
+                        let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
+                            self.relations.remove(&r.id);
+                            return Ok(());
+                        };
+                        let at = |name: &str| r.columns.iter().position(|(c, _)| c == name);
+                        let (Some(key), Some(version)) =
+                            (at(resource.key_column()), at(resource.version_column()))
+                        else {
+                            return Err(format!(
+                                "table {}.{} lacks its key or version column in the stream",
+                                r.schema, r.name
+                            ));
+                        };
+                        self.relations.insert(
+                            r.id,
+                            Mapped {
+                                resource: resource.clone(),
+                                key,
+                                version,
+                            },
+                        );
+                    }
+                    Change::Other(_) => {}
+                    row => self.txn.rows.push(row),
                 }
             }
-            // Everything before it in the WAL has been relayed.
-            repl.update_applied_lsn(lsn);
-        }
-        ReplicationEvent::Commit { end_lsn, .. } => {
-            let txn = std::mem::take(txn);
-            let changes = changes_of(txn, relations, client, sql).await?;
-            if !changes.is_empty() {
-                ctx.tiers
-                    .apply_to_redis(catalog, &changes)
-                    .await
-                    .map_err(|e| format!("applying changes to redis failed: {e}"))?;
-                for m in &changes {
-                    let op = match m.op {
-                        Op::Put => "put",
-                        Op::Delete => "delete",
-                        Op::Flush => "flush",
-                    };
-                    metrics::counter!(RELAY_CHANGES, "op" => op).increment(1);
-                }
-                for chunk in changes.chunks(CHANGES_PER_MESSAGE) {
-                    publish(
-                        ctx,
-                        Relayed::Changes {
-                            changes: chunk.to_vec(),
-                        },
-                    )
-                    .await?;
-                }
-                metrics::counter!(RELAY_TRANSACTIONS).increment(1);
+            ReplicationEvent::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == MESSAGE_PREFIX => {
+                let announced = serde_json::from_slice(&content)
+                    .map_err(|e| format!("malformed syncar message in the WAL: {e}"))?;
+                self.txn.announced.push(announced);
             }
-            acknowledge(repl, end_lsn);
+            ReplicationEvent::Message {
+                transactional: false,
+                prefix,
+                content,
+                lsn,
+            } if prefix == MESSAGE_PREFIX => {
+                // Everything before it in the WAL goes out first.
+                self.flush(ctx, catalog, repl).await?;
+                let text = String::from_utf8_lossy(&content);
+                let mut parts = text.splitn(3, ':');
+                if let (Some("hb"), Some(sent), Some(author)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    // Another relay's heartbeats (an earlier term) say nothing of this
+                    // stream's lag.
+                    if author == ctx.instance_id {
+                        let sent: u64 = sent.parse().unwrap_or_else(|_| mono_ms());
+                        publish(
+                            ctx,
+                            Relayed::Heartbeat {
+                                relay: ctx.instance_id.clone(),
+                                lag_ms: mono_ms().saturating_sub(sent),
+                                lag_bytes: self.lag_bytes,
+                            },
+                        )
+                        .await?;
+                    }
+                }
+                acknowledge(repl, lsn);
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                let txn = std::mem::take(&mut self.txn);
+                let changes = changes_of(txn, &self.relations, client, sql).await?;
+                self.pending.extend(changes);
+                self.pending_lsn = Some(end_lsn);
+                self.pending_transactions += 1;
+            }
+            _ => {}
         }
-        _ => {}
+        Ok(())
     }
-    Ok(())
+
+    /// Applies what committed transactions changed to Redis, publishes it, and only then
+    /// acknowledges their position.
+    async fn flush(
+        &mut self,
+        ctx: &RelayContext,
+        catalog: &Catalog,
+        repl: &ReplicationClient,
+    ) -> Result<(), String> {
+        let Some(lsn) = self.pending_lsn.take() else {
+            return Ok(());
+        };
+        let changes = std::mem::take(&mut self.pending);
+        if !changes.is_empty() {
+            ctx.tiers
+                .apply_to_redis(catalog, &changes)
+                .await
+                .map_err(|e| format!("applying changes to redis failed: {e}"))?;
+            for m in &changes {
+                let op = match m.op {
+                    Op::Put => "put",
+                    Op::Delete => "delete",
+                    Op::Flush => "flush",
+                };
+                metrics::counter!(RELAY_CHANGES, "op" => op).increment(1);
+            }
+            for chunk in changes.chunks(CHANGES_PER_MESSAGE) {
+                publish(
+                    ctx,
+                    Relayed::Changes {
+                        changes: chunk.to_vec(),
+                    },
+                )
+                .await?;
+            }
+        }
+        metrics::counter!(RELAY_TRANSACTIONS)
+            .increment(std::mem::take(&mut self.pending_transactions));
+        acknowledge(repl, lsn);
+        Ok(())
+    }
 }
 
 /// Tells Postgres the slot may move past `lsn`: everything up to it is in Redis and published.
