@@ -304,7 +304,12 @@ struct Mapped {
 #[derive(Default)]
 struct Transaction {
     commit_time_us: Option<i64>,
-    rows: Vec<Change>,
+    /// What inserts and updates changed, turned into messages as they arrive: only keys and
+    /// versions are kept, never a row, so a transaction of 100 000 rows costs megabytes.
+    changes: Vec<Message>,
+    /// Rows deleted and resources truncated, resolved at commit against `announced`.
+    deleted: Vec<(Arc<Resource>, Option<String>)>,
+    truncated: Vec<Arc<Resource>>,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -370,7 +375,7 @@ impl Session {
                         );
                     }
                     Change::Other(_) => {}
-                    row => self.txn.rows.push(row),
+                    row => self.txn.receive(row, &self.relations),
                 }
             }
             ReplicationEvent::Message {
@@ -415,7 +420,7 @@ impl Session {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let txn = std::mem::take(&mut self.txn);
-                let changes = changes_of(txn, &self.relations, client, sql).await?;
+                let changes = changes_of(txn, client, sql).await?;
                 self.pending.extend(changes);
                 self.pending_lsn = Some(end_lsn);
                 self.pending_transactions += 1;
@@ -472,19 +477,73 @@ fn acknowledge(repl: &ReplicationClient, lsn: Lsn) {
     repl.update_applied_lsn(lsn);
 }
 
-/// The messages a committed transaction makes: a tombstone per inserted or updated key (at
-/// the row's version), an absence per deleted key (at the version its trigger announced), a
-/// flush per truncated resource. What the triggers did not announce (they were disabled, or
-/// did not exist yet) takes a fresh version: later than anything cached, so no older copy
+impl Transaction {
+    /// Takes one row change: inserts and updates become messages at once (a tombstone at the
+    /// row's version; a moved key also an absence at that version); deletes and truncations
+    /// wait for the commit, where the triggers' announcements give their versions.
+    fn receive(&mut self, row: Change, relations: &HashMap<u32, Mapped>) {
+        let ts = self.commit_time_us;
+        match row {
+            Change::Insert { relation, new } => {
+                if let Some(m) = relations.get(&relation) {
+                    if let Some((key, version)) = m.key_version(&new) {
+                        self.changes
+                            .push(change(&m.resource, Some(key), version, Op::Put, ts));
+                    }
+                }
+            }
+            Change::Update { relation, old, new } => {
+                let Some(m) = relations.get(&relation) else {
+                    return;
+                };
+                let Some((key, version)) = m.key_version(&new) else {
+                    return;
+                };
+                // The old identity comes only when it changed: a moved key is deleted, at
+                // the version of the row that left it.
+                let moved_from = old
+                    .as_ref()
+                    .and_then(|old| old.get(m.key))
+                    .and_then(Column::text)
+                    .filter(|old_key| *old_key != key)
+                    .map(str::to_string);
+                if let Some(old_key) = moved_from {
+                    self.changes
+                        .push(change(&m.resource, Some(old_key), version, Op::Delete, ts));
+                }
+                self.changes
+                    .push(change(&m.resource, Some(key), version, Op::Put, ts));
+            }
+            Change::Delete { relation, old } => {
+                if let Some(m) = relations.get(&relation) {
+                    let key = old.get(m.key).and_then(Column::text).map(str::to_string);
+                    self.deleted.push((m.resource.clone(), key));
+                }
+            }
+            Change::Truncate { relations: ids } => {
+                for id in ids {
+                    if let Some(m) = relations.get(&id) {
+                        self.truncated.push(m.resource.clone());
+                    }
+                }
+            }
+            Change::Relation(_) | Change::Other(_) => {}
+        }
+    }
+}
+
+/// The messages a committed transaction makes: what [`Transaction::receive`] made of its
+/// inserts and updates, an absence per deleted key (at the version its trigger announced),
+/// a flush per truncated resource. What the triggers did not announce (they were disabled,
+/// or did not exist yet) takes a fresh version: later than anything cached, so no older copy
 /// survives it, at the price of a few misses.
 async fn changes_of(
     txn: Transaction,
-    relations: &HashMap<u32, Mapped>,
     client: &tokio_postgres::Client,
     sql: &Sql,
 ) -> Result<Vec<Message>, String> {
     let ts = txn.commit_time_us;
-    let mut out = Vec::new();
+    let mut out = txn.changes;
     let mut deletes_announced = std::collections::HashSet::new();
     let mut truncates_announced = std::collections::HashSet::new();
     for a in &txn.announced {
@@ -521,66 +580,20 @@ async fn changes_of(
             });
         }
     }
-    for row in txn.rows {
-        match row {
-            Change::Insert { relation, new } => {
-                if let Some(m) = relations.get(&relation) {
-                    if let Some((key, version)) = m.key_version(&new) {
-                        out.push(change(&m.resource, Some(key), version, Op::Put, ts));
-                    }
-                }
-            }
-            Change::Update { relation, old, new } => {
-                let Some(m) = relations.get(&relation) else {
-                    continue;
-                };
-                let Some((key, version)) = m.key_version(&new) else {
-                    continue;
-                };
-                // The old identity comes only when it changed: a moved key is deleted, at
-                // the version of the row that left it.
-                let moved_from = old
-                    .as_ref()
-                    .and_then(|old| old.get(m.key))
-                    .and_then(Column::text)
-                    .filter(|old_key| *old_key != key)
-                    .map(str::to_string);
-                if let Some(old_key) = moved_from {
-                    out.push(change(&m.resource, Some(old_key), version, Op::Delete, ts));
-                }
-                out.push(change(&m.resource, Some(key), version, Op::Put, ts));
-            }
-            Change::Delete { relation, old } => {
-                let Some(m) = relations.get(&relation) else {
-                    continue;
-                };
-                if deletes_announced.contains(&m.resource.name) {
-                    continue;
-                }
-                let version = sql.next_version(client).await?;
-                match old.get(m.key).and_then(Column::text) {
-                    Some(key) => out.push(change(
-                        &m.resource,
-                        Some(key.to_string()),
-                        version,
-                        Op::Put,
-                        ts,
-                    )),
-                    None => out.push(change(&m.resource, None, version, Op::Flush, ts)),
-                }
-            }
-            Change::Truncate { relations: ids } => {
-                for id in ids {
-                    let Some(m) = relations.get(&id) else {
-                        continue;
-                    };
-                    if !truncates_announced.contains(&m.resource.name) {
-                        let version = sql.next_version(client).await?;
-                        out.push(change(&m.resource, None, version, Op::Flush, ts));
-                    }
-                }
-            }
-            Change::Relation(_) | Change::Other(_) => {}
+    for (resource, key) in txn.deleted {
+        if deletes_announced.contains(&resource.name) {
+            continue;
+        }
+        let version = sql.next_version(client).await?;
+        match key {
+            Some(key) => out.push(change(&resource, Some(key), version, Op::Put, ts)),
+            None => out.push(change(&resource, None, version, Op::Flush, ts)),
+        }
+    }
+    for resource in txn.truncated {
+        if !truncates_announced.contains(&resource.name) {
+            let version = sql.next_version(client).await?;
+            out.push(change(&resource, None, version, Op::Flush, ts));
         }
     }
     Ok(out)

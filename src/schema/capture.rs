@@ -240,17 +240,27 @@ pub(super) async fn write_state(
     Ok(())
 }
 
-/// Makes the publication name exactly `tables` (`schema.table`, unquoted). Returns a line
-/// when it changed anything.
+/// One table of the publication: schema, table, and the columns to publish (`None`: all).
+pub(super) type Published = (String, String, Option<Vec<String>>);
+
+/// Makes the publication name exactly `tables`, each with its column list (Postgres 15 and
+/// later: only the key, the version and the replica identity travel, so the WAL stream and
+/// the relay carry no documents). Returns a line when it changed anything.
 ///
 /// # Errors
 /// Postgres failing (creating a publication needs ownership of its tables).
 pub(super) async fn ensure_publication(
     client: &impl GenericClient,
     publication: &str,
-    tables: &[(String, String)],
+    tables: &[Published],
 ) -> Result<Option<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(pg("reading the server's version"))?
+        .get(0);
+    let lists = version >= 150_000;
     let exists: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
@@ -259,7 +269,44 @@ pub(super) async fn ensure_publication(
         .await
         .map_err(pg("looking up the publication"))?
         .get(0);
-    let mut current: Vec<(String, String)> = if exists {
+    let mut wanted: Vec<Published> = tables
+        .iter()
+        .map(|(s, t, cols)| {
+            let cols = cols.clone().filter(|_| lists).map(|mut c| {
+                c.sort();
+                c.dedup();
+                c
+            });
+            (s.clone(), t.clone(), cols)
+        })
+        .collect();
+    wanted.sort();
+    let mut current: Vec<Published> = if !exists {
+        Vec::new()
+    } else if lists {
+        client
+            .query(
+                "SELECT p.schemaname::text, p.tablename::text, \
+                        CASE WHEN array_length(p.attnames, 1) = (SELECT count(*) FROM pg_attribute a \
+                             JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                             WHERE n.nspname = p.schemaname AND c.relname = p.tablename \
+                               AND a.attnum > 0 AND NOT a.attisdropped) \
+                             THEN NULL ELSE p.attnames::text[] END \
+                 FROM pg_publication_tables p WHERE p.pubname = $1",
+                &[&publication],
+            )
+            .await
+            .map_err(pg("looking up the publication"))?
+            .iter()
+            .map(|r| {
+                let cols: Option<Vec<String>> = r.get(2);
+                (r.get(0), r.get(1), cols.map(|mut c| {
+                    c.sort();
+                    c
+                }))
+            })
+            .collect()
+    } else {
         client
             .query(
                 "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
@@ -269,20 +316,27 @@ pub(super) async fn ensure_publication(
             .await
             .map_err(pg("looking up the publication"))?
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), r.get(1), None))
             .collect()
-    } else {
-        Vec::new()
     };
-    let mut wanted = tables.to_vec();
     current.sort();
-    wanted.sort();
     if exists && current == wanted {
         return Ok(None);
     }
     let list = wanted
         .iter()
-        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
+        .map(|(s, t, cols)| {
+            let cols = cols.as_ref().map_or(String::new(), |c| {
+                format!(
+                    " ({})",
+                    c.iter()
+                        .map(|c| quote_ident(c))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            });
+            format!("{}.{}{cols}", quote_ident(s), quote_ident(t))
+        })
         .collect::<Vec<_>>()
         .join(", ");
     let p = quote_ident(publication);

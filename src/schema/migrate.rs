@@ -355,9 +355,16 @@ pub async fn migrate(
     }
     let slot = capture::slot_name(&tx, config).await?;
     if source == PostgresSource::Wal {
-        let published: Vec<(String, String)> = tables
+        let published: Vec<capture::Published> = tables
             .iter()
-            .map(|(r, _)| (r.schema.clone(), r.table.clone()))
+            .map(|(r, info)| {
+                let columns = info.identity_columns.as_ref().map(|identity| {
+                    let mut c = identity.clone();
+                    c.extend([r.key.clone(), r.version_column.clone()]);
+                    c
+                });
+                (r.schema.clone(), r.table.clone(), columns)
+            })
             .collect();
         if let Some(change) =
             capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?

@@ -15,6 +15,8 @@ pub(super) struct TableInfo {
     pub(super) unique_key: bool,
     /// What logical decoding sends of an old row (the `wal` source).
     pub(super) identity: Identity,
+    /// The replica identity's columns; `None` for `FULL` (every column) or none.
+    pub(super) identity_columns: Option<Vec<String>>,
 }
 
 /// A table's replica identity, as far as the `wal` source cares (Postgres docs, `ALTER TABLE
@@ -157,30 +159,35 @@ pub(super) async fn describe_table(
             .get(0),
         None => false,
     };
-    let identity = match key_num {
-        Some(num) => {
-            let row = client
-                .query_one(
-                    "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i                        WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))),                      EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid                        AND ((c.relreplident = 'd' AND i.indisprimary)                             OR (c.relreplident = 'i' AND i.indisreplident))                        AND $2 = ANY (i.indkey::int2[]))                      FROM pg_class c WHERE c.oid = $1",
-                    &[&oid, &num],
-                )
-                .await
-                .map_err(pg)?;
-            let (kind, has_index, key_in_index): (String, bool, bool) =
-                (row.get(0), row.get(1), row.get(2));
-            match kind.as_str() {
-                "f" => Identity::IncludesKey,
-                "d" | "i" if key_in_index => Identity::IncludesKey,
-                "d" | "i" if has_index => Identity::ExcludesKey,
-                _ => Identity::Missing,
-            }
+    // The replica identity's index (the primary key by default, or the one named by
+    // REPLICA IDENTITY USING INDEX), and its columns.
+    let row = client
+        .query_one(
+            "SELECT c.relreplident::text, \
+                    (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
+                     WHERE i.indrelid = c.oid \
+                       AND ((c.relreplident = 'd' AND i.indisprimary) \
+                            OR (c.relreplident = 'i' AND i.indisreplident))) \
+             FROM pg_class c WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(pg)?;
+    let (kind, index_columns): (String, Option<Vec<String>>) = (row.get(0), row.get(1));
+    let (identity, identity_columns) = match (kind.as_str(), index_columns) {
+        ("f", _) => (Identity::IncludesKey, None),
+        ("d" | "i", Some(cols)) if cols.iter().any(|c| *c == r.key) => {
+            (Identity::IncludesKey, Some(cols))
         }
-        None => Identity::Missing,
+        ("d" | "i", Some(cols)) => (Identity::ExcludesKey, Some(cols)),
+        _ => (Identity::Missing, None),
     };
     Ok(TableInfo {
         oid,
         columns,
         unique_key,
         identity,
+        identity_columns,
     })
 }

@@ -399,6 +399,20 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
         "{installed:?}"
     );
     let pg = env.pg().await;
+    let published: Vec<String> = pg
+        .query_one(
+            "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'syncar' \
+             AND tablename = 'syncar_kv'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        published,
+        ["key", "version"],
+        "only the key and the version travel through the WAL, never the document"
+    );
     pg.execute(
         "INSERT INTO syncar_kv (key, value) VALUES ('kept', '1')",
         &[],
