@@ -13,7 +13,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs \
+    && touch src/lib.rs benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs benches/fleet.rs \
     && cargo build --release --locked --bin syncar \
     && rm -rf src benches
 
@@ -22,7 +22,7 @@ RUN mkdir -p src benches \
 COPY src ./src
 COPY docs/openapi.json ./docs/openapi.json
 RUN mkdir -p benches \
-    && touch benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs \
+    && touch benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs benches/fleet.rs \
         src/main.rs src/lib.rs \
     && cargo build --release --locked --bin syncar \
     && install -m 0755 target/release/syncar /usr/local/bin/syncar

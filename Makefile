@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory check-k8s check-modules
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules
 
 run: services-up
 	cargo build --release
@@ -34,6 +34,13 @@ bench-hot:
 	scripts/dev-services.sh install
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	cargo bench --bench hot -- $(BENCH_ARGS)
+
+# A fleet of light instances on this machine, wal against changes_log: Postgres queries from
+# idle instances, connections per instance, commit-to-eviction on every instance, Redis
+# commands per write.
+bench-fleet:
+	scripts/dev-services.sh install
+	cargo bench --bench fleet -- $(BENCH_ARGS)
 
 # criterion microbenchmarks of the in-process pieces: L1 lookup, routing and parsing,
 # invalidation parsing (no servers needed).

@@ -705,7 +705,16 @@ fn main() {
     );
     println!(
         "\n{:<8} {:>10} {:>10} {:>7} {:>10} {:>7} {:>12} {:>7} {:>10} {:>7}",
-        "clients", "no trig.", "stamp", "loss", "wal", "loss", "changes_log", "loss", "notify", "loss"
+        "clients",
+        "no trig.",
+        "stamp",
+        "loss",
+        "wal",
+        "loss",
+        "changes_log",
+        "loss",
+        "notify",
+        "loss"
     );
     let mut trigger_json = Vec::new();
     for (clients, without, stamped, walled, logged, notified) in &triggers {

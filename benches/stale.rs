@@ -415,6 +415,12 @@ async fn run_mode(
         .batch_execute(&format!("CREATE DATABASE {db}"))
         .await
         .unwrap();
+    // Postgres' default commit durability, whatever the shared test server says: with
+    // synchronous_commit = off the WAL reaches the relay only when the WAL writer flushes.
+    client
+        .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = on"))
+        .await
+        .unwrap();
     let pg_url = format!("postgres://postgres@127.0.0.1:{pg_port}/{db}");
     let (pg_feed, redis_feed) = mode.feeds();
     let config = out.join(format!("{}.toml", mode.name()));

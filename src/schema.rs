@@ -13,7 +13,7 @@ mod table;
 mod triggers;
 
 pub use catalog::load_catalog;
-pub use changes::{changes_from_xid, changes_since, current_xmin, prune_changes};
+pub use changes::{changes_since, current_xmin, prune_changes, ChangesQuery};
 pub use error::SchemaError;
 pub use migrate::{migrate, uninstall};
 pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};

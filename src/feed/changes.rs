@@ -17,7 +17,7 @@ use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_parsed, recover, AbortOnDrop, Source};
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::config::PostgresSource;
-use crate::schema::{changes_from_xid, current_xmin};
+use crate::schema::{current_xmin, ChangesQuery};
 use crate::tiers::APPLY_CONCURRENCY;
 
 /// The poller, and where it is in the log: the low-water transaction id and what it has
@@ -44,7 +44,13 @@ impl Source for ChangesLog {
         let lease = config.feeds.lease;
         let feed = &ctx.coherence.postgres;
         feed.grant(lease);
-        let schema = &config.postgres.schema;
+        let query = tokio::time::timeout(
+            lease,
+            ChangesQuery::prepare(&client, &config.postgres.schema),
+        )
+        .await
+        .map_err(|_| "preparing the poll timed out".to_string())?
+        .map_err(|e| format!("preparing the poll failed: {e}"))?;
         if self.xid.is_none() {
             // First start: take the low-water mark before replaying, so nothing falls between.
             let xmin = tokio::time::timeout(lease, current_xmin(&client))
@@ -68,11 +74,10 @@ impl Source for ChangesLog {
             }
             let started = mono_ms();
             let from = self.xid.unwrap_or_default();
-            let (xmin, source, rows) =
-                tokio::time::timeout(lease, changes_from_xid(&client, schema, from))
-                    .await
-                    .map_err(|_| "poll timed out".to_string())?
-                    .map_err(|e| format!("poll failed: {e}"))?;
+            let (xmin, source, rows) = tokio::time::timeout(lease, query.poll(&client, from))
+                .await
+                .map_err(|_| "poll timed out".to_string())?
+                .map_err(|e| format!("poll failed: {e}"))?;
             if source.as_deref() != Some(PostgresSource::ChangesLog.as_str()) {
                 // Nothing writes the log any more: polling it would prove nothing.
                 return Err(format!(

@@ -54,44 +54,61 @@ pub async fn prune_changes(
         .await
 }
 
-/// Changes of transactions with an id of `from_xid` or more, visible now, each with its
-/// transaction id, the source the schema is migrated for now (another instance may have
-/// migrated it to another source, which no longer writes the log), and the xmin of the same
-/// snapshot: every transaction below it has ended,
-/// so nothing with a smaller id can still appear. Polling from the last xmin therefore
-/// misses nothing, however commits are ordered; rows at or above it are read again next time
-/// (callers skip what they applied). Messages carry the trigger's time in `ts_us`.
-///
-/// # Errors
-/// Postgres failing.
-pub async fn changes_from_xid(
-    client: &impl GenericClient,
-    schema: &str,
-    from_xid: i64,
-) -> Result<(i64, Option<String>, Vec<(i64, Message)>), tokio_postgres::Error> {
-    let s = quote_ident(schema);
-    let sql = format!(
-        "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
-         SELECT (SELECT xmin FROM s), c.xid, c.resource, c.key, c.version, c.op, \
-                (extract(epoch FROM c.at) * 1000000)::bigint, \
-                (SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source') \
-         FROM (SELECT 1) one LEFT JOIN {s}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid"
-    );
-    let rows = client.query(&sql, &[&from_xid]).await?;
-    let xmin: i64 = rows.first().map_or(from_xid, |r| r.get(0));
-    let source: Option<String> = rows.first().and_then(|r| r.get(7));
-    let changes = rows
-        .iter()
-        .filter_map(|r| {
-            let xid: Option<i64> = r.get(1);
-            let ts_us = r.get::<_, Option<i64>>(6).unwrap_or_default();
-            Some((
-                xid?,
-                logged(r.get(2), r.get(3), r.get(4), r.get(5), Some(ts_us)),
-            ))
-        })
-        .collect();
-    Ok((xmin, source, changes))
+/// The poll of the changes log, prepared once per connection (an unnamed statement costs a
+/// second round trip on every poll).
+pub struct ChangesQuery(tokio_postgres::Statement);
+
+impl ChangesQuery {
+    /// Prepares the poll on `client`.
+    ///
+    /// # Errors
+    /// Postgres failing.
+    pub async fn prepare(
+        client: &tokio_postgres::Client,
+        schema: &str,
+    ) -> Result<ChangesQuery, tokio_postgres::Error> {
+        let s = quote_ident(schema);
+        let sql = format!(
+            "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
+             SELECT (SELECT xmin FROM s), c.xid, c.resource, c.key, c.version, c.op, \
+                    (extract(epoch FROM c.at) * 1000000)::bigint, \
+                    (SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source') \
+             FROM (SELECT 1) one LEFT JOIN {s}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid"
+        );
+        Ok(ChangesQuery(client.prepare(&sql).await?))
+    }
+
+    /// Changes of transactions with an id of `from_xid` or more, visible now, each with its
+    /// transaction id, the source the schema is migrated for now (another instance may have
+    /// migrated it to another source, which no longer writes the log), and the xmin of the
+    /// same snapshot: every transaction below it has ended, so nothing with a smaller id can
+    /// still appear. Polling from the last xmin therefore misses nothing, however commits are
+    /// ordered; rows at or above it are read again next time (callers skip what they
+    /// applied). Messages carry the trigger's time in `ts_us`.
+    ///
+    /// # Errors
+    /// Postgres failing.
+    pub async fn poll(
+        &self,
+        client: &tokio_postgres::Client,
+        from_xid: i64,
+    ) -> Result<(i64, Option<String>, Vec<(i64, Message)>), tokio_postgres::Error> {
+        let rows = client.query(&self.0, &[&from_xid]).await?;
+        let xmin: i64 = rows.first().map_or(from_xid, |r| r.get(0));
+        let source: Option<String> = rows.first().and_then(|r| r.get(7));
+        let changes = rows
+            .iter()
+            .filter_map(|r| {
+                let xid: Option<i64> = r.get(1);
+                let ts_us = r.get::<_, Option<i64>>(6).unwrap_or_default();
+                Some((
+                    xid?,
+                    logged(r.get(2), r.get(3), r.get(4), r.get(5), Some(ts_us)),
+                ))
+            })
+            .collect();
+        Ok((xmin, source, changes))
+    }
 }
 
 /// The xmin of a snapshot taken now: the starting point of a fresh poller.

@@ -177,9 +177,7 @@ pub(super) async fn describe_table(
     let (kind, index_columns): (String, Option<Vec<String>>) = (row.get(0), row.get(1));
     let (identity, identity_columns) = match (kind.as_str(), index_columns) {
         ("f", _) => (Identity::IncludesKey, None),
-        ("d" | "i", Some(cols)) if cols.contains(&r.key) => {
-            (Identity::IncludesKey, Some(cols))
-        }
+        ("d" | "i", Some(cols)) if cols.contains(&r.key) => (Identity::IncludesKey, Some(cols)),
         ("d" | "i", Some(cols)) => (Identity::ExcludesKey, Some(cols)),
         _ => (Identity::Missing, None),
     };
