@@ -99,6 +99,7 @@ impl App {
     /// # Errors
     /// A listen address cannot be bound.
     pub async fn start_as(mut config: Config, role: Role) -> Result<App, StartError> {
+        crate::tls::install_crypto_provider();
         if role == Role::Relay {
             // A relay caches nothing and hears nothing: it only streams the WAL into Redis.
             config.cache.l1 = false;

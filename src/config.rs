@@ -207,13 +207,36 @@ mod tests {
     }
 
     #[test]
-    fn a_tls_only_postgres_url_is_refused_up_front() {
+    fn tls_settings_that_cannot_work_are_refused_up_front_with_their_key() {
         let mut config = Config::default();
         config.postgres.url = "postgres://u:pw@db/x?sslmode=require".into();
+        config.validate().unwrap();
+        config.postgres.url = "postgres://u:pw@db/x?sslmode=verify-full".into();
+        config.postgres.listen_url = Some("host=db sslmode=verify-ca sslrootcert=/none.pem".into());
+        config.redis.tls_ca_file = Some("/none.pem".into());
         let err = config.validate().unwrap_err().to_string();
-        assert!(err.contains("postgres.url: sslmode=require"), "{err}");
+        assert!(
+            err.contains("postgres.url: sslmode=verify-full needs sslrootcert"),
+            "{err}"
+        );
+        assert!(
+            err.contains("postgres.listen_url: cannot read sslrootcert /none.pem"),
+            "{err}"
+        );
+        assert!(
+            err.contains("redis.tls_ca_file: is set, but redis.url is not rediss://"),
+            "{err}"
+        );
         assert!(!err.contains("pw"), "{err}");
         config.postgres.url = "postgres://u:pw@db/x?sslmode=prefer".into();
+        config.postgres.listen_url = None;
+        config.redis.url = "rediss://cache:6379".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("redis.url: cannot read redis.tls_ca_file /none.pem"),
+            "{err}"
+        );
+        config.redis.tls_ca_file = None;
         config.validate().unwrap();
     }
 

@@ -6,20 +6,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::coherence::Message;
 use crate::config::PostgresConfig;
 use crate::model::Version;
 use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
+use crate::tls::{explain, PostgresTls};
 
 /// A dedicated connection (outside the pool) and its driver, which the caller must spawn or
 /// poll: notifications arrive only through the driver.
 pub type Dedicated = (
     tokio_postgres::Client,
-    tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    tokio_postgres::Connection<
+        tokio_postgres::Socket,
+        <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream,
+    >,
 );
 
 /// A failed Postgres call, classified for the client. Cloneable, so one load's error can be
@@ -78,10 +83,10 @@ impl Db {
     /// # Errors
     /// Only an unusable URL, which config validation already rules out.
     pub fn new(config: &PostgresConfig) -> Result<Self, DbError> {
-        let pg = pg_config(config)?;
+        let (pg, tls) = pg_config(config)?;
         let manager = Manager::from_config(
             pg,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -269,21 +274,25 @@ impl Db {
         self.pool.get().await.map_err(|e| {
             metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")
                 .increment(1);
-            // Whatever stops a connection from opening (refused, auth, database not
+            // Whatever stops a connection from opening (refused, auth, TLS, database not
             // accepting connections) means Postgres cannot serve us now.
-            DbError::Unavailable(e.to_string())
+            DbError::Unavailable(explained(&e))
         })
     }
 }
 
 /// The driver configuration: timeouts, keepalives and a server-side statement timeout, so no
-/// call can hang forever.
+/// call can hang forever; and the TLS connector the URL's `sslmode` and certificates call for
+/// (see [`crate::tls`]).
 ///
 /// # Errors
-/// An unparsable URL.
-pub fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, DbError> {
-    let mut pg: tokio_postgres::Config = config
-        .url
+/// An unparsable URL, or TLS settings that cannot be used.
+pub fn pg_config(
+    config: &PostgresConfig,
+) -> Result<(tokio_postgres::Config, MakeRustlsConnect), DbError> {
+    let (url, tls) =
+        PostgresTls::split(&config.url).map_err(|e| DbError::Internal(e.to_string()))?;
+    let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| DbError::Internal(e.to_string()))?;
     pg.connect_timeout(config.connect_timeout)
@@ -301,7 +310,29 @@ pub fn pg_config(config: &PostgresConfig) -> Result<tokio_postgres::Config, DbEr
         None => format!("-c statement_timeout={ms}"),
     };
     pg.options(&options);
-    Ok(pg)
+    let tls = tls
+        .connector()
+        .map_err(|e| DbError::Internal(e.to_string()))?;
+    Ok((pg, tls))
+}
+
+/// `e` and its causes, one line, with what to check when it is a TLS failure: a handshake
+/// error says little by itself.
+fn explained(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    match explain(&out) {
+        Some(hint) => format!("{out} ({hint})"),
+        None => out,
+    }
 }
 
 /// Opens a connection of its own (outside the pool) with the same settings as the pool's,
@@ -320,11 +351,14 @@ pub async fn connect_dedicated(
     if let Some(url) = url {
         config.url = url.to_string();
     }
-    let mut pg = pg_config(&config)?;
+    let (mut pg, tls) = pg_config(&config)?;
     pg.application_name(application_name);
-    match tokio::time::timeout(config.connect_timeout, pg.connect(NoTls)).await {
+    match tokio::time::timeout(config.connect_timeout, pg.connect(tls)).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(DbError::Unavailable(format!("connect failed: {e}"))),
+        Ok(Err(e)) => Err(DbError::Unavailable(format!(
+            "connect failed: {}",
+            explained(&e)
+        ))),
         Err(_) => Err(DbError::Unavailable("connect timed out".into())),
     }
 }

@@ -34,6 +34,7 @@ use redis::{AsyncCommands, IntoConnectionInfo, Script};
 use crate::config::RedisConfig;
 use crate::model::{CacheKey, Cached, State, Version};
 use crate::telemetry::REDIS_ERRORS;
+use crate::tls::{explain, redis_certificates};
 
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
 /// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` (one round
@@ -165,7 +166,18 @@ impl L2 {
                     .set_keepalive(keepalive)
                     .set_user_timeout(Duration::from_secs(10)),
             );
-        let client = redis::Client::open(info).map_err(|e| L2Error::Redis(e.to_string()))?;
+        let client = if config.url.starts_with("rediss://") {
+            let client_cert = config
+                .tls_cert_file
+                .as_deref()
+                .zip(config.tls_key_file.as_deref());
+            let certs = redis_certificates(config.tls_ca_file.as_deref(), client_cert)
+                .map_err(|e| L2Error::Redis(e.to_string()))?;
+            redis::Client::build_with_tls(info, certs)
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(|e| L2Error::Redis(e.to_string()))?;
         let pubsub_client = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
@@ -299,10 +311,30 @@ impl L2 {
     /// Why Redis cannot be used.
     pub async fn ping(&self) -> Result<(), L2Error> {
         let mut conn = self.conn.clone();
-        let _: String = self
-            .run("ping", redis::cmd("PING").query_async(&mut conn))
-            .await?;
-        Ok(())
+        let failed = match self
+            .run("ping", redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        // A command that timed out on a connection that cannot be opened says little; a
+        // fresh connection says why (refused, a TLS handshake that failed, a wrong password).
+        match tokio::time::timeout(
+            self.connect_timeout,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                Err(L2Error::Redis(match explain(&text) {
+                    Some(hint) => format!("{text} ({hint})"),
+                    None => text,
+                }))
+            }
+            _ => Err(failed),
+        }
     }
 
     /// Deletes every key under this instance's prefix (SCAN + UNLINK), for when too many
@@ -534,7 +566,13 @@ impl L2 {
     ) -> Result<T, L2Error> {
         let result = match tokio::time::timeout(self.timeout, cmd).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(L2Error::Redis(e.to_string())),
+            Ok(Err(e)) => {
+                let text = e.to_string();
+                Err(L2Error::Redis(match explain(&text) {
+                    Some(hint) => format!("{text} ({hint})"),
+                    None => text,
+                }))
+            }
             Err(_) => Err(L2Error::Timeout(self.timeout)),
         };
         match &result {

@@ -20,6 +20,7 @@
 //! - [`resource`] and [`schema`]: what a resource is, its SQL, and `syncar migrate`
 //!   (the version sequence and the triggers that stamp and announce every write).
 //! - [`model`]: versions, cache keys, and how two copies of a key rank.
+//! - [`tls`]: `sslmode` and certificates for Postgres, `rediss://` for Redis, with rustls.
 //! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`app`]: settings, logs and
 //!   metrics, keeping secrets out of both, waiting between retries, and start-up/shutdown.
 //!
@@ -42,6 +43,7 @@ pub mod schema;
 pub mod single_flight;
 pub mod telemetry;
 pub mod tiers;
+pub mod tls;
 
 pub use app::App;
 pub use config::Config;

@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use pgwire_replication::{
-    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +56,7 @@ use crate::telemetry::{
     error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES,
 };
 use crate::tiers::Tiers;
+use crate::tls::PostgresTls;
 use pgoutput::{Change, Column};
 
 /// What the relay may use.
@@ -670,6 +671,7 @@ fn replication_config(config: &Config, catalog: &Catalog) -> Result<ReplicationC
         .replication_url
         .as_deref()
         .unwrap_or(&config.postgres.url);
+    let (url, tls) = PostgresTls::split(url).map_err(|e| format!("postgres url: {e}"))?;
     let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("postgres url: {e}"))?;
     let host = match pg.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -693,7 +695,7 @@ fn replication_config(config: &Config, catalog: &Catalog) -> Result<ReplicationC
         catalog.capture.publication.as_str(),
     )
     .with_port(port)
-    .with_tls(TlsConfig::disabled())
+    .with_tls(tls.replication())
     .with_options(format!(
         "-c wal_sender_timeout={}ms",
         feeds.wal_sender_timeout.as_millis()

@@ -83,6 +83,9 @@ impl std::fmt::Debug for Secret {
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// Connection URL or key=value string (`SYNCAR_POSTGRES_URL`). Never logged with its password.
+    /// TLS as libpq has it: `sslmode` (`disable`, `prefer`, `require`, `verify-ca`,
+    /// `verify-full`), `sslrootcert` (a PEM file of CA certificates, or `system`), `sslcert`
+    /// and `sslkey` (a client certificate); see `tls.rs`.
     pub url: String,
     /// Schema holding syncar's own objects: the version sequence, trigger functions, `syncar_kv`.
     pub schema: String,
@@ -241,6 +244,14 @@ pub struct RedisConfig {
     pub key_prefix: String,
     /// File holding `url` (a mounted Secret), read at start; overrides `url`.
     pub url_file: Option<PathBuf>,
+    /// With a `rediss://` URL: a PEM file of the CA certificates that sign the server's
+    /// (a mounted Secret). Unset: the machine's trusted roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: a client certificate (PEM), for a server that requires one
+    /// (`tls-auth-clients yes`); with `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of `tls_cert_file` (PEM).
+    pub tls_key_file: Option<PathBuf>,
     /// Deadline for one Redis command; past it the command counts as failed.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -389,6 +400,9 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             key_prefix: "syncar:".into(),
             url_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             timeout: Duration::from_millis(250),
             connect_timeout: Duration::from_millis(500),
             retry_interval: Duration::from_secs(1),

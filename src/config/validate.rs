@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::model::is_resource_name;
 use super::{Config, ConfigError, PostgresSource, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE};
+use crate::tls::{redis_certificates, PostgresTls};
 
 impl Config {
     /// Checks every rule and returns all violations, each naming its key.
@@ -126,8 +127,6 @@ impl Config {
 
     /// `[postgres]`: connection strings, schema, pool.
     fn check_postgres(&self, bad: &mut impl FnMut(&str, String)) {
-        let no_tls = "sslmode=require, but syncar is built without TLS: use sslmode=disable (or \
-                      prefer) over a private network or a mesh that adds TLS";
         let urls = [
             ("postgres.url", Some(&self.postgres.url)),
             ("postgres.listen_url", self.postgres.listen_url.as_ref()),
@@ -137,13 +136,19 @@ impl Config {
             ),
         ];
         for (key, url) in urls {
-            match url.map(|u| u.parse::<tokio_postgres::Config>()) {
-                None => {}
-                Some(Err(e)) => bad(key, format!("not a Postgres connection string: {e}")),
-                Some(Ok(pg)) if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require => {
-                    bad(key, no_tls.into())
+            let Some(url) = url else {
+                continue;
+            };
+            match PostgresTls::split(url) {
+                Err(e) => bad(key, e.to_string()),
+                Ok((rest, tls)) => {
+                    if let Err(e) = rest.parse::<tokio_postgres::Config>() {
+                        bad(key, format!("not a Postgres connection string: {e}"));
+                    }
+                    if let Err(e) = tls.check_files() {
+                        bad(key, e.to_string());
+                    }
                 }
-                Some(Ok(_)) => {}
             }
         }
         if !is_identifier(&self.postgres.schema) {
@@ -228,12 +233,43 @@ impl Config {
         }
     }
 
-    /// `[redis]`: URL and key prefix.
+    /// `[redis]`: URL, TLS files and key prefix.
     fn check_redis(&self, bad: &mut impl FnMut(&str, String)) {
-        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(self.redis.url.as_str()) {
+        let r = &self.redis;
+        if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
             bad("redis.url", format!("not a Redis URL: {e}"));
         }
-        if self.redis.key_prefix.is_empty() {
+        let tls = r.url.starts_with("rediss://");
+        for (key, file) in [
+            ("redis.tls_ca_file", &r.tls_ca_file),
+            ("redis.tls_cert_file", &r.tls_cert_file),
+            ("redis.tls_key_file", &r.tls_key_file),
+        ] {
+            if file.is_some() && !tls {
+                bad(
+                    key,
+                    "is set, but redis.url is not rediss://: the certificates would be unused"
+                        .into(),
+                );
+            }
+        }
+        let client = match (&r.tls_cert_file, &r.tls_key_file) {
+            (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+            (None, None) => None,
+            _ => {
+                bad(
+                    "redis.tls_cert_file",
+                    "and redis.tls_key_file go together: a client certificate needs its key".into(),
+                );
+                None
+            }
+        };
+        if tls {
+            if let Err(e) = redis_certificates(r.tls_ca_file.as_deref(), client) {
+                bad("redis.url", e.to_string());
+            }
+        }
+        if r.key_prefix.is_empty() {
             bad(
                 "redis.key_prefix",
                 "must not be empty (it keeps syncar's keys apart from others)".into(),

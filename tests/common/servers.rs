@@ -59,7 +59,7 @@ pub fn servers() -> &'static Servers {
         unsafe {
             libc::atexit(stop_servers);
         }
-        let pg_port = start_postgres();
+        let (pg_port, _) = start_postgres(None);
         let redis = RedisServer::start();
         let redis_port = redis.port;
         // Shared for the whole run: hand it to the exit hook instead of dropping it.
@@ -124,7 +124,10 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-fn start_postgres() -> u16 {
+/// A Postgres of its own on a free port; with `certs` (see [`tls_servers`]) it accepts TCP
+/// connections over TLS only (`hostssl`; `certuser` only with its client certificate) and
+/// plain ones on its Unix socket. Returns the port and the socket's directory.
+fn start_postgres(certs: Option<&Path>) -> (u16, PathBuf) {
     let bin = pg_bindir();
     let root = tempfile::Builder::new()
         .prefix("syncar-test-pg-")
@@ -159,12 +162,44 @@ fn start_postgres() -> u16 {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let mut tls_opts = String::new();
+    if let Some(certs) = certs {
+        // The server's key, readable by the postgres user only (Postgres insists).
+        for file in ["server.pem", "server.key", "ca.pem"] {
+            std::fs::copy(certs.join(file), data.join(file)).expect("copy certificates");
+        }
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&data)
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        tls_opts = " -c ssl=on -c ssl_cert_file=server.pem -c ssl_key_file=server.key \
+                     -c ssl_ca_file=ca.pem"
+            .into();
+    }
     for attempt in 0..5 {
         let port = free_port();
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=400 -c wal_level=logical \
-             -c max_replication_slots=200 -c max_wal_senders=200 -c max_slot_wal_keep_size=1GB",
+             -c max_replication_slots=200 -c max_wal_senders=200 -c max_slot_wal_keep_size=1GB{tls_opts}",
             root.display()
         );
         let out = as_postgres(&bin.join("pg_ctl"))
@@ -174,11 +209,12 @@ fn start_postgres() -> u16 {
             .output()
             .expect("run pg_ctl");
         if out.status.success() {
-            CLEANUP
-                .lock()
-                .unwrap()
-                .push(Cleanup::Postgres { bin, data, root });
-            return port;
+            CLEANUP.lock().unwrap().push(Cleanup::Postgres {
+                bin,
+                data,
+                root: root.clone(),
+            });
+            return (port, root);
         }
         eprintln!("postgres did not start on port {port} (attempt {attempt}); retrying");
     }
@@ -190,15 +226,23 @@ fn start_postgres() -> u16 {
 pub struct RedisServer {
     pub port: u16,
     child: Mutex<Option<Child>>,
+    /// TLS options: then the port is a TLS port and the plain one is off.
+    tls: Vec<String>,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// A server with `tls` options (`--tls-cert-file` and the like): its port is a TLS port.
+    pub fn start_with(tls: &[&str]) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let server = RedisServer {
                 port,
                 child: Mutex::new(None),
+                tls: tls.iter().map(|s| s.to_string()).collect(),
             };
             if server.spawn() {
                 return server;
@@ -208,8 +252,17 @@ impl RedisServer {
     }
 
     fn spawn(&self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let port = self.port.to_string();
+        let mut command = Command::new("redis-server");
+        if self.tls.is_empty() {
+            command.args(["--port", &port]);
+        } else {
+            command
+                .args(["--port", "0", "--tls-port", &port])
+                .args(&self.tls);
+        }
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -223,6 +276,9 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                if !self.tls.is_empty() {
+                    return true; // listening; a handshake is the client's business
+                }
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"PING\r\n");
                 let mut buf = [0u8; 7];
@@ -265,4 +321,152 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A Postgres that accepts TCP connections over TLS only, and a Redis on a TLS port only,
+/// with certificates made for them by Debian's `openssl`, for the TLS tests.
+pub struct TlsServers {
+    pub pg_port: u16,
+    /// The directory of the TLS Postgres' Unix socket (the tests' own connections use it).
+    pub pg_socket_dir: PathBuf,
+    pub redis_port: u16,
+    /// `ca.pem`, `other-ca.pem` (signs nothing of ours), `server.pem`/`server.key` (for
+    /// `localhost` only), `client.pem`/`client.key` (CN `certuser`).
+    pub certs: PathBuf,
+}
+
+static TLS_SERVERS: OnceLock<TlsServers> = OnceLock::new();
+
+/// The TLS servers, started once per process.
+pub fn tls_servers() -> &'static TlsServers {
+    TLS_SERVERS.get_or_init(|| {
+        servers();
+        let certs = tempfile::Builder::new()
+            .prefix("syncar-test-certs-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        make_certificates(&certs);
+        let (pg_port, pg_socket_dir) = start_postgres(Some(&certs));
+        let redis = RedisServer::start_with(&[
+            "--tls-cert-file",
+            &certs.join("server.pem").to_string_lossy(),
+            "--tls-key-file",
+            &certs.join("server.key").to_string_lossy(),
+            "--tls-ca-cert-file",
+            &certs.join("ca.pem").to_string_lossy(),
+            "--tls-auth-clients",
+            "optional",
+        ]);
+        let redis_port = redis.port;
+        CLEANUP.lock().unwrap().push(Cleanup::Kill(
+            redis.child.lock().unwrap().as_ref().unwrap().id(),
+        ));
+        std::mem::forget(redis);
+        TlsServers {
+            pg_port,
+            pg_socket_dir,
+            redis_port,
+            certs,
+        }
+    })
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("openssl not found ({e}): install it with `apt-get install openssl`")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two CAs, a server certificate for `localhost` and a client certificate for `certuser`
+/// from the first, all X.509 v3 (rustls refuses v1) with P-256 keys.
+fn make_certificates(dir: &Path) {
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (keyout, out, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN=syncar test {ca}"),
+        );
+        let mut args = vec!["req", "-x509"];
+        args.extend(key);
+        args.extend([
+            "-keyout",
+            &keyout,
+            "-out",
+            &out,
+            "-days",
+            "2",
+            "-subj",
+            &subj,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(dir, &args);
+    }
+    for (name, cn, usage) in [
+        (
+            "server",
+            "localhost",
+            "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        ),
+        ("client", "certuser", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        let (keyout, csr, pem, ext, subj) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.ext"),
+            format!("/CN={cn}"),
+        );
+        std::fs::write(
+            dir.join(&ext),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n{usage}"),
+        )
+        .unwrap();
+        let mut args = vec!["req"];
+        args.extend(key);
+        args.extend(["-keyout", &keyout, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &args);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+    // The tests run as root; syncar reads the client key as whoever runs it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
 }

@@ -8,4 +8,5 @@ mod schema;
 mod support;
 mod tables;
 mod tiers;
+mod tls;
 mod wal;

@@ -19,14 +19,17 @@ use tokio::task::JoinHandle;
 
 #[path = "../common/servers.rs"]
 mod servers;
-pub use servers::{free_port, servers, RedisServer};
+pub use servers::{free_port, servers, tls_servers, RedisServer, TlsServers};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 /// One test's share of the servers: its own database and Redis key prefix.
 #[derive(Clone)]
 pub struct Env {
+    /// What syncar connects to.
     pub pg_url: String,
+    /// What the test's own SQL connects to (the TLS Postgres' Unix socket; else `pg_url`).
+    sql_url: String,
     pub redis_url: String,
     pub prefix: String,
 }
@@ -34,10 +37,32 @@ pub struct Env {
 impl Env {
     pub async fn new() -> Env {
         let s = servers();
+        let url = |db: &str| format!("postgres://postgres@127.0.0.1:{}/{db}", s.pg_port);
+        Env::create(url, url).await
+    }
+
+    /// A database on the TLS Postgres (`servers::tls_servers`): syncar reaches it over TCP at
+    /// `host` (TLS only; add `sslmode` and the rest to `pg_url`), the test over the socket.
+    pub async fn new_on_tls(host: &str) -> Env {
+        let t = servers::tls_servers();
+        let (port, socket) = (t.pg_port, t.pg_socket_dir.clone());
+        Env::create(
+            |db| format!("postgres://postgres@{host}:{port}/{db}"),
+            |db| {
+                format!(
+                    "host={} port={port} user=postgres dbname={db}",
+                    socket.display()
+                )
+            },
+        )
+        .await
+    }
+
+    async fn create(url: impl Fn(&str) -> String, sql_url: impl Fn(&str) -> String) -> Env {
+        let s = servers();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let db = format!("t{}_{n}", std::process::id());
-        let admin = format!("postgres://postgres@127.0.0.1:{}/postgres", s.pg_port);
-        let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&sql_url("postgres"), tokio_postgres::NoTls)
             .await
             .expect("connect to the test postgres");
         let driver = tokio::spawn(conn);
@@ -48,7 +73,8 @@ impl Env {
         drop(client);
         let _ = driver.await;
         Env {
-            pg_url: format!("postgres://postgres@127.0.0.1:{}/{db}", s.pg_port),
+            pg_url: url(&db),
+            sql_url: sql_url(&db),
             redis_url: format!("redis://127.0.0.1:{}", s.redis_port),
             prefix: format!("{db}:"),
         }
@@ -74,6 +100,11 @@ impl Env {
     pub async fn start(&self, f: impl FnOnce(&mut Config)) -> Instance {
         let mut config = self.config();
         f(&mut config);
+        self.start_with(config).await
+    }
+
+    /// Starts an instance with `config`, and waits until it is ready.
+    pub async fn start_with(&self, config: Config) -> Instance {
         config.validate().expect("test config is valid");
         syncar::telemetry::init_logging(&config.log);
         let app = App::start(config).await.expect("syncar starts");
@@ -94,7 +125,7 @@ impl Env {
     }
 
     pub async fn pg(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&self.sql_url, tokio_postgres::NoTls)
             .await
             .expect("connect to the test database");
         tokio::spawn(conn);
