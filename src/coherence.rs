@@ -100,6 +100,13 @@ pub enum Relayed {
         /// WAL the slot retains behind the server's position, in bytes, as last measured.
         lag_bytes: Option<i64>,
     },
+    /// The relay lost its stream (or stops): changes committed from now on reach instances
+    /// only once a relay streams again. Instances stop trusting L1 at once instead of at
+    /// the end of the lease.
+    Gap {
+        /// The relay's instance id.
+        relay: String,
+    },
 }
 
 impl Relayed {
@@ -180,6 +187,12 @@ impl FeedState {
     pub(crate) fn heartbeat_back(&self, sent: u64, lease: Duration) {
         self.valid_until
             .fetch_max(sent + lease.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Ends the current lease at once: the feed is known to have stopped delivering.
+    /// The next heartbeat that comes back grants a new one.
+    pub(crate) fn revoke(&self) {
+        self.valid_until.store(0, Ordering::SeqCst);
     }
 
     /// When the lease runs out ([`mono_ms`]).

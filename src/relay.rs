@@ -17,6 +17,11 @@
 //! changes are applied to Redis and published. After a failure the slot sends them again;
 //! every tier takes only strictly newer versions, so a repeat changes nothing.
 //!
+//! # Gaps
+//! A relay that loses its stream (or stops) publishes a `gap`: instances bypass L1 at once
+//! instead of at the end of their lease. A relay that dies without a word is noticed by the
+//! lease alone.
+//!
 //! # Heartbeats
 //! The relay emits `pg_logical_emit_message(false, 'syncar', 'hb:…')` every
 //! `feeds.heartbeat_interval` on a plain connection. It comes back through the stream after
@@ -296,6 +301,15 @@ async fn stream(
     } else {
         repl.abort();
     }
+    // Instances stop trusting L1 now rather than at the end of their lease; the next relay's
+    // heartbeats bring them back.
+    let _ = publish(
+        ctx,
+        Relayed::Gap {
+            relay: ctx.instance_id.clone(),
+        },
+    )
+    .await;
     result
 }
 

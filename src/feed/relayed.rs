@@ -8,6 +8,13 @@
 //! (the relay applied them there first). So on every new subscription, at the first
 //! heartbeat that comes through it, L1 is emptied and the generations re-read: from then on
 //! every change reaches L1 through the subscription.
+//!
+//! # A relay that stops, or lags
+//! While the subscription lasts nothing is lost to this instance: a relay that dies is
+//! replaced by one that resumes from the last acknowledged position and publishes what
+//! follows before its first heartbeat. So a lapse of heartbeats (or a relay's `gap`
+//! message, sent when it loses its stream) only takes the feed down, L1 bypassed; the next
+//! heartbeat brings it back without emptying L1.
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -61,9 +68,14 @@ impl Source for Relayed {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     if mono_ms() > feed.valid_until() {
-                        return Err(format!(
+                        let reason = format!(
                             "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
-                        ));
+                        );
+                        if !up {
+                            return Err(reason);
+                        }
+                        // The subscription lasts: wait for a relay, L1 bypassed meanwhile.
+                        feed.set_down(&reason);
                     }
                 }
                 message = messages.next() => {
@@ -84,6 +96,15 @@ impl Source for Relayed {
                                 handle_relayed(ctx, change).await;
                             }
                         }
+                        Payload::Gap { relay } => {
+                            // Only the relay whose heartbeats we trust can say it stopped: an
+                            // earlier one's word comes after its successor took over.
+                            let current = ctx.coherence.relay_status().map(|r| r.relay);
+                            if up && current.as_deref() == Some(relay.as_str()) {
+                                feed.set_down(&format!("the relay {relay} lost its stream"));
+                                feed.revoke();
+                            }
+                        }
                         Payload::Heartbeat { relay, lag_ms, lag_bytes } => {
                             metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
                             if let Some(bytes) = lag_bytes {
@@ -100,10 +121,8 @@ impl Source for Relayed {
                                 ctx.tiers.flush_l1(Feed::Postgres);
                             }
                             feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
-                            if !up {
-                                feed.set_up();
-                                up = true;
-                            }
+                            feed.set_up();
+                            up = true;
                         }
                     }
                 }
