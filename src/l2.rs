@@ -398,6 +398,26 @@ impl L2 {
         Ok(())
     }
 
+    /// How many connections subscribe to `channel` (`PUBSUB NUMSUB`): Redis drops a
+    /// subscription the moment its connection closes, so this tells at once whether a
+    /// process holding one is alive.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn subscribers(&self, channel: &str) -> Result<u64, L2Error> {
+        let mut conn = self.conn.clone();
+        let (_, count): (String, u64) = self
+            .run(
+                "numsub",
+                redis::cmd("PUBSUB")
+                    .arg("NUMSUB")
+                    .arg(channel)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(count)
+    }
+
     /// The channel every instance of this prefix publishes its writes on.
     pub fn invalidation_channel(&self) -> String {
         format!("{}invalidations", self.prefix)

@@ -42,7 +42,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use pgwire_replication::{
     Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent,
 };
@@ -52,7 +52,7 @@ use crate::backoff::{jitter, Backoff};
 use crate::coherence::{mono_ms, Message, Op, Relayed};
 use crate::config::{Config, PostgresSource};
 use crate::db::connect_dedicated;
-use crate::feed::relayed::relay_channel;
+use crate::feed::relayed::{relay_alive_channel, relay_channel};
 use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, Resource};
 use crate::schema::capture::{ensure_slot, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX};
@@ -219,6 +219,18 @@ async fn stream(
         Ok(Err(e)) => return Err(format!("START_REPLICATION failed: {e}")),
         Ok(Ok(())) => {}
     }
+    // Held while streaming: instances watch it to tell a dead relay at once.
+    let mut alive = ctx
+        .tiers
+        .subscribe(
+            &[relay_alive_channel(
+                &config.redis.key_prefix,
+                &ctx.instance_id,
+            )],
+            feeds.lease,
+        )
+        .await
+        .map_err(|e| format!("subscribing to the relay's alive channel failed: {e}"))?;
     metrics::gauge!(RELAY_ACTIVE).set(1.0);
     tracing::info!(slot = %slot, instance = %ctx.instance_id, "relaying the WAL");
 
@@ -237,6 +249,10 @@ async fn stream(
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            _ = alive.next() => {
+                // Without it instances would take this relay for dead: end the term.
+                break Err("the relay's alive subscription closed".into());
+            }
             _ = renew.tick() => {
                 match ctx.tiers.claim_relay(&ctx.instance_id, feeds.relay_lease).await {
                     Ok(true) => {}

@@ -640,6 +640,14 @@ impl Tiers {
         self.l2.subscribe(channels, timeout).await
     }
 
+    /// How many connections subscribe to `channel`; see [`L2::subscribers`].
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn subscribers(&self, channel: &str) -> Result<u64, L2Error> {
+        self.l2.subscribers(channel).await
+    }
+
     /// The channel writes through syncar are announced on.
     pub fn invalidation_channel(&self) -> String {
         self.l2.invalidation_channel()

@@ -13,7 +13,8 @@
 //! While the subscription lasts nothing is lost to this instance: a relay that dies is
 //! replaced by one that resumes from the last acknowledged position and publishes what
 //! follows before its first heartbeat. So a lapse of heartbeats (or a relay's `gap`
-//! message, sent when it loses its stream) only takes the feed down, L1 bypassed; the next
+//! message, sent when it loses its stream, or its subscription to its own alive channel
+//! vanishing, when its process died) only takes the feed down, L1 bypassed; the next
 //! heartbeat brings it back without emptying L1.
 
 use futures_util::StreamExt;
@@ -42,6 +43,12 @@ pub fn relay_channel(prefix: &str) -> String {
     format!("{prefix}wal")
 }
 
+/// The channel a relay stays subscribed to while it streams: its subscription vanishes the
+/// moment its process dies, which instances see at their next tick (`PUBSUB NUMSUB`).
+pub fn relay_alive_channel(prefix: &str, relay: &str) -> String {
+    format!("{prefix}relay-alive:{relay}")
+}
+
 impl Source for Relayed {
     const FEED: Feed = Feed::Postgres;
 
@@ -67,6 +74,18 @@ impl Source for Relayed {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
+                    // A relay killed without a word is gone from Redis at once: no need to
+                    // wait out the lease (bench-stale: reads stale for up to a second on
+                    // every instance after a relay's SIGKILL).
+                    if let (true, Some(relay)) = (up, ctx.coherence.relay_status()) {
+                        let alive = relay_alive_channel(&config.redis.key_prefix, &relay.relay);
+                        if let Ok(0) = ctx.tiers.subscribers(&alive).await {
+                            if feed.is_up() {
+                                feed.set_down(&format!("the relay {} is gone", relay.relay));
+                            }
+                            feed.revoke();
+                        }
+                    }
                     if mono_ms() > feed.valid_until() {
                         let reason = format!(
                             "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
