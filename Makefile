@@ -5,7 +5,7 @@
 SYNCAR_LISTEN ?= 127.0.0.1:7070
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules
+.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -54,6 +54,10 @@ bench-memory:
 # The HTTP API fuzzed by schemathesis (PyPI) from the served OpenAPI document.
 fuzz:
 	scripts/fuzz-api.sh
+
+# The client examples (examples/) against two syncar instances on local Postgres and Redis.
+examples:
+	bash scripts/run-examples.sh
 
 # Kubernetes manifests, Dockerfile, /metrics and the Grafana dashboard, checked offline.
 check-k8s:
