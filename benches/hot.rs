@@ -17,7 +17,8 @@
 //!    same for 50-row UPDATEs on one client.
 //!
 //! Options (defaults in brackets): `--connections 50`, `--secs 5`, `--keys 1000`,
-//! `--value-bytes 200`, `--pool 16`. Needs `wrk` (Debian package `wrk`), `redis-benchmark`
+//! `--value-bytes 200`, `--pool 16`, `--rounds 3` (of every trigger variant, interleaved;
+//! each trigger figure is the median of its rounds). Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
 #[path = "../tests/common/servers.rs"]
@@ -36,6 +37,8 @@ struct Args {
     keys: usize,
     value_bytes: usize,
     pool: usize,
+    /// Rounds of every trigger variant; each figure is the median of its rounds.
+    rounds: usize,
 }
 
 impl Args {
@@ -46,6 +49,7 @@ impl Args {
             keys: 1000,
             value_bytes: 200,
             pool: 16,
+            rounds: 3,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -59,6 +63,7 @@ impl Args {
                 "--keys" => a.keys = v().parse().unwrap(),
                 "--value-bytes" => a.value_bytes = v().parse().unwrap(),
                 "--pool" => a.pool = v().parse().unwrap(),
+                "--rounds" => a.rounds = v().parse().unwrap(),
                 other => panic!("unknown option {other}"),
             }
         }
@@ -546,29 +551,18 @@ fn main() {
     reads.push(one_worker);
     drop(children);
 
-    // What the triggers cost plain-SQL writers: the same table with and without them.
-    psql(
-        &format!(
-            "CREATE TABLE plain_kv (key text PRIMARY KEY, value jsonb NOT NULL); \
-             INSERT INTO plain_kv SELECT 'k' || i, '{body}'::jsonb FROM generate_series(1, {}) i",
-            args.keys
-        ),
-        &db,
-    );
-    // The version stamp alone: what every source keeps on the writers' path.
-    psql(
-        &format!(
-            "CREATE SEQUENCE stamp_seq; \
-             CREATE TABLE stamped_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint); \
-             CREATE FUNCTION stamp() RETURNS trigger LANGUAGE plpgsql AS \
-               $$BEGIN NEW.version := nextval('stamp_seq'); RETURN NEW; END$$; \
-             CREATE TRIGGER stamp BEFORE INSERT OR UPDATE ON stamped_kv FOR EACH ROW \
-               EXECUTE FUNCTION stamp(); \
-             INSERT INTO stamped_kv SELECT 'k' || i, '{body}'::jsonb FROM generate_series(1, {}) i",
-            args.keys
-        ),
-        &db,
-    );
+    // What the triggers cost plain-SQL writers: one table (syncar_kv), vacuumed before every
+    // run, with its triggers switched off, the version stamp alone, or each source's. (Two
+    // tables, one bloated by the runs above, measured the tables as much as the triggers.)
+    let no_triggers = || psql("ALTER TABLE syncar_kv DISABLE TRIGGER USER", &db);
+    let stamp_only = || {
+        psql(
+            "ALTER TABLE syncar_kv DISABLE TRIGGER USER; \
+             ALTER TABLE syncar_kv ENABLE ALWAYS TRIGGER syncar_stamp_version",
+            &db,
+        )
+    };
+    let vacuum = || psql("VACUUM syncar_kv", &db);
     // With the wal source, a relay decodes the slot while writers run: its walsender's work
     // is on the same Postgres and counts.
     let relay_config = out.join("relay.toml");
@@ -613,34 +607,70 @@ fn main() {
             args.keys
         )
     };
+    // Every variant in turn, the same workload: without triggers, the version stamp alone,
+    // wal with the slot not read (the writers' path), wal with a relay decoding meanwhile,
+    // changes_log, notify.
+    let slot = format!("syncar_{db}");
+    let variants = |run: &dyn Fn(&str) -> Figures| -> Vec<Figures> {
+        let measure = |name: &str| {
+            vacuum();
+            run(name)
+        };
+        no_triggers();
+        let without = measure("no triggers");
+        stamp_only();
+        let stamped = measure("version stamp only");
+        migrate("wal");
+        let wal_path = measure("wal triggers, slot not read");
+        // What that run left in the slot is not this run's to decode.
+        psql(
+            &format!("SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
+            &db,
+        );
+        let relay = start_relay();
+        std::thread::sleep(Duration::from_secs(2));
+        let walled = measure("wal triggers + relay");
+        drop(relay);
+        migrate("changes_log");
+        let logged = measure("changes_log triggers");
+        migrate("notify");
+        let notified = measure("notify triggers");
+        vec![without, stamped, wal_path, walled, logged, notified]
+    };
+    // Rounds interleaved, so that drifts of a shared machine hit every variant alike; the
+    // median round of each.
+    let medians = |run: &dyn Fn(&str) -> Figures| -> Vec<Figures> {
+        let rounds: Vec<Vec<Figures>> = (0..args.rounds.max(1)).map(|_| variants(run)).collect();
+        (0..rounds[0].len())
+            .map(|v| {
+                let mut runs: Vec<Figures> = rounds.iter().map(|r| r[v].clone()).collect();
+                runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+                runs.swap_remove(runs.len() / 2)
+            })
+            .collect()
+    };
     let mut triggers = Vec::new();
     for clients in [1, 8, 32] {
-        let run = |name: &str, table: &str| {
+        let run = |name: &str| {
             pgbench_run(
                 &format!("update {clients} clients, {name}"),
                 servers.pg_port,
                 &db,
-                &update(table),
+                &update("syncar_kv"),
                 clients,
                 s,
                 &out,
             )
         };
-        let without = run("no triggers", "plain_kv");
-        let stamped = run("version stamp only", "stamped_kv");
-        migrate("wal");
-        // The writers' path alone: the slot retains WAL, nobody decodes it.
-        let wal_path = run("wal triggers, slot not read", "syncar_kv");
-        let relay = start_relay();
-        std::thread::sleep(Duration::from_secs(2));
-        let walled = run("wal triggers + relay", "syncar_kv");
-        drop(relay);
-        migrate("changes_log");
-        let logged = run("changes_log triggers", "syncar_kv");
-        migrate("notify");
-        let notified = run("notify triggers", "syncar_kv");
+        let m = medians(&run);
         triggers.push((
-            clients, without, stamped, wal_path, walled, logged, notified,
+            clients,
+            m[0].clone(),
+            m[1].clone(),
+            m[2].clone(),
+            m[3].clone(),
+            m[4].clone(),
+            m[5].clone(),
         ));
     }
     // Bulk statements: 50 rows per UPDATE, one client (no lock waits between clients).
@@ -651,28 +681,26 @@ fn main() {
             (args.keys / 50).max(1) - 1
         )
     };
-    let bulk_run = |name: &str, table: &str| {
+    let bulk_run = |name: &str| {
         pgbench_run(
             &format!("50-row update, {name}"),
             servers.pg_port,
             &db,
-            &bulk_update(table),
+            &bulk_update("syncar_kv"),
             1,
             s,
             &out,
         )
     };
-    let bulk_without = bulk_run("no triggers", "plain_kv");
-    let bulk_stamped = bulk_run("version stamp only", "stamped_kv");
-    migrate("wal");
-    let relay = start_relay();
-    std::thread::sleep(Duration::from_secs(2));
-    let bulk_walled = bulk_run("wal triggers + relay", "syncar_kv");
-    drop(relay);
-    migrate("changes_log");
-    let bulk_logged = bulk_run("changes_log triggers", "syncar_kv");
-    migrate("notify");
-    let bulk_notified = bulk_run("notify triggers", "syncar_kv");
+    let bulk = medians(&bulk_run);
+    let (bulk_without, bulk_stamped, bulk_wal_path, bulk_walled, bulk_logged, bulk_notified) = (
+        bulk[0].clone(),
+        bulk[1].clone(),
+        bulk[2].clone(),
+        bulk[3].clone(),
+        bulk[4].clone(),
+        bulk[5].clone(),
+    );
 
     println!();
     println!(
@@ -755,10 +783,12 @@ fn main() {
     );
     let bulk_loss = |with: &Figures| 1.0 - with.rps / bulk_without.rps;
     println!(
-        "50-row UPDATEs, 1 client: {:.0} statements/s without triggers, stamp only {:.0} (loss {:.1}%), wal {:.0} (loss {:.1}%), changes_log {:.0} (loss {:.1}%), notify {:.0} (loss {:.1}%)",
+        "50-row UPDATEs, 1 client: {:.0} statements/s without triggers, stamp only {:.0} (loss {:.1}%), wal path {:.0} (loss {:.1}%), wal+relay {:.0} (loss {:.1}%), changes_log {:.0} (loss {:.1}%), notify {:.0} (loss {:.1}%)",
         bulk_without.rps,
         bulk_stamped.rps,
         bulk_loss(&bulk_stamped) * 100.0,
+        bulk_wal_path.rps,
+        bulk_loss(&bulk_wal_path) * 100.0,
         bulk_walled.rps,
         bulk_loss(&bulk_walled) * 100.0,
         bulk_logged.rps,
@@ -773,6 +803,7 @@ fn main() {
         "bulk_50_rows": {
             "without": bulk_without.json(),
             "stamp_only": bulk_stamped.json(), "stamp_only_loss": bulk_loss(&bulk_stamped),
+            "wal_slot_not_read": bulk_wal_path.json(), "wal_slot_not_read_loss": bulk_loss(&bulk_wal_path),
             "wal": bulk_walled.json(), "wal_loss": bulk_loss(&bulk_walled),
             "changes_log": bulk_logged.json(), "changes_log_loss": bulk_loss(&bulk_logged),
             "notify": bulk_notified.json(), "notify_loss": bulk_loss(&bulk_notified),

@@ -268,10 +268,13 @@ pub(crate) async fn handle_relayed(ctx: &FeedContext, message: Message) {
     let Ok(catalog) = ctx.catalog.get() else {
         return;
     };
-    if !ctx.tiers.apply_relayed(&catalog, &message).await {
+    if ctx.tiers.apply_relayed(&catalog, &message).await {
+        record_delay(Feed::Postgres, message.ts_us);
+    } else {
+        // Already known: the Redis feed was first, or a new relay resends what its
+        // predecessor had published. Its delay would measure the resending, not the change.
         metrics::counter!(FEED_DUPLICATES, "feed" => "postgres").increment(1);
     }
-    record_delay(Feed::Postgres, message.ts_us);
 }
 
 /// Records how long a change took from its timestamp to being applied here.
