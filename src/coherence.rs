@@ -114,18 +114,13 @@ impl Relayed {
     ///
     /// # Errors
     /// Anything but a well-formed relay message; never panics, whatever the bytes.
+    /// A change that is not well formed (no key for a put or delete, a version below 1) is
+    /// dropped from the batch, not the batch with it: the others must still be applied.
     pub fn parse(payload: &[u8]) -> Result<Relayed, MessageError> {
-        let relayed: Relayed =
+        let mut relayed: Relayed =
             serde_json::from_slice(payload).map_err(|e| MessageError(e.to_string()))?;
-        if let Relayed::Changes { changes } = &relayed {
-            for m in changes {
-                if m.key.is_none() && m.op != Op::Flush {
-                    return Err(MessageError(format!("{:?} without a key", m.op)));
-                }
-                if m.version < 0 {
-                    return Err(MessageError("negative version".into()));
-                }
-            }
+        if let Relayed::Changes { changes } = &mut relayed {
+            changes.retain(|m| (m.key.is_some() || m.op == Op::Flush) && m.version > 0);
         }
         Ok(relayed)
     }

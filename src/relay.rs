@@ -55,7 +55,9 @@ use crate::db::connect_dedicated;
 use crate::feed::relayed::{relay_alive_channel, relay_channel};
 use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, Resource};
-use crate::schema::capture::{ensure_slot, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX};
+use crate::schema::capture::{
+    ensure_slot, new_slot_epoch, recorded_source, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX,
+};
 use crate::schema::VERSION_SEQUENCE;
 use crate::telemetry::{
     error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES,
@@ -160,6 +162,16 @@ async fn stream(
     let _driver = AbortOnDrop(driver);
     let sql = Sql::new(&postgres.schema);
 
+    // Another instance may have migrated the schema to another source (or `syncar
+    // uninstall` run): a slot created now would retain WAL for nobody.
+    let source = recorded_source(&client, &postgres.schema)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    if source.as_deref() != Some(PostgresSource::Wal.as_str()) {
+        return Err(format!(
+            "the schema is migrated for postgres_source {source:?}, not wal: not relaying"
+        ));
+    }
     match ensure_slot(&client, &postgres.schema, slot)
         .await
         .map_err(|e| error_chain(&e))?
@@ -173,11 +185,24 @@ async fn stream(
              to it, so every cached resource is flushed"
         ),
     }
-    let epoch = slot_epoch(&client, &postgres.schema)
+    let epoch = match slot_epoch(&client, &postgres.schema)
         .await
-        .map_err(|e| error_chain(&e))?;
+        .map_err(|e| error_chain(&e))?
+    {
+        Some(epoch) => epoch,
+        // A slot from before epochs were recorded: what fed Redis is unknown.
+        None => new_slot_epoch(&client, &postgres.schema)
+            .await
+            .map_err(|e| error_chain(&e))?,
+    };
+    // The tombstones below go under each resource's current generation, which this process
+    // may never have read (`syncar relay` runs no feed).
+    ctx.tiers
+        .load_generations()
+        .await
+        .map_err(|e| format!("reading generations failed: {e}"))?;
     let fed_by = ctx.tiers.fed_by_slot().await.map_err(|e| e.to_string())?;
-    if epoch.is_none() || fed_by != epoch {
+    if fed_by != Some(epoch) {
         // Redis may hold copies no change from this slot will ever invalidate.
         let version = sql.next_version(&client).await?;
         let flushes: Vec<Message> = catalog
@@ -189,12 +214,10 @@ async fn stream(
             .await
             .map_err(|e| format!("flushing redis for a new slot failed: {e}"))?;
         publish(ctx, Relayed::Changes { changes: flushes }).await?;
-        if let Some(epoch) = epoch {
-            ctx.tiers
-                .record_fed_by_slot(epoch)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
+        ctx.tiers
+            .record_fed_by_slot(epoch)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::warn!(
             slot = %slot,
             redis_fed_by = ?fed_by,
@@ -261,7 +284,12 @@ async fn stream(
                 }
             }
             _ = beat.tick() => {
-                let content = format!("hb:{}:{}", mono_ms(), ctx.instance_id);
+                let sent = mono_ms();
+                session.emitted.push_back(sent);
+                if session.emitted.len() > 64 {
+                    session.emitted.pop_front();
+                }
+                let content = format!("hb:{sent}:{}", ctx.instance_id);
                 let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                     [&MESSAGE_PREFIX, &content];
                 let emit = client.execute(&heartbeat, &params);
@@ -290,10 +318,19 @@ async fn stream(
                 // What is already received joins the batch: under load many transactions are
                 // applied and published at once; idle, each goes out at once.
                 let mut received = vec![event];
+                let mut ended = None;
                 while received.len() < BATCH_EVENTS {
                     match repl.recv().now_or_never() {
                         Some(Ok(Some(event))) => received.push(event),
-                        _ => break,
+                        Some(Ok(None)) => {
+                            ended = Some("the replication stream ended".to_string());
+                            break;
+                        }
+                        Some(Err(e)) => {
+                            ended = Some(format!("replication stream failed: {e}"));
+                            break;
+                        }
+                        None => break,
                     }
                 }
                 let mut failed = None;
@@ -307,6 +344,9 @@ async fn stream(
                     break Err(e);
                 }
                 if let Err(e) = session.flush(ctx, catalog, &repl).await {
+                    break Err(e);
+                }
+                if let Some(e) = ended {
                     break Err(e);
                 }
             }
@@ -334,6 +374,8 @@ struct Mapped {
     resource: Arc<Resource>,
     key: usize,
     version: usize,
+    /// Whether the key is part of the replica identity: then a DELETE in the WAL names it.
+    key_in_identity: bool,
 }
 
 /// What one transaction said, kept until its commit.
@@ -343,9 +385,15 @@ struct Transaction {
     /// What inserts and updates changed, turned into messages as they arrive: only keys and
     /// versions are kept, never a row, so a transaction of 100 000 rows costs megabytes.
     changes: Vec<Message>,
-    /// Rows deleted and resources truncated, resolved at commit against `announced`.
+    /// Rows deleted (the key when the WAL names it) and resources truncated, resolved at
+    /// commit against `announced`.
     deleted: Vec<(Arc<Resource>, Option<String>)>,
     truncated: Vec<Arc<Resource>>,
+    /// Resources whose triggers' announcements cannot be checked against the WAL: their key
+    /// is outside the replica identity, so the WAL names neither deleted nor moved keys.
+    unverifiable: std::collections::HashSet<String>,
+    /// Resources with a row the WAL does not key (an unchanged TOASTed key): flushed.
+    unkeyed: Vec<Arc<Resource>>,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -364,6 +412,9 @@ struct Session {
     pending_transactions: u64,
     /// The slot's lag, as last measured, for the heartbeats.
     lag_bytes: Option<i64>,
+    /// Send times of this term's recent heartbeats: only those vouch for the stream (anyone
+    /// may emit a logical message; a forged one must not pass for fresh).
+    emitted: std::collections::VecDeque<u64>,
 }
 
 impl Session {
@@ -407,6 +458,7 @@ impl Session {
                                 resource: resource.clone(),
                                 key,
                                 version,
+                                key_in_identity: r.columns[key].1,
                             },
                         );
                     }
@@ -419,11 +471,15 @@ impl Session {
                 prefix,
                 content,
                 ..
-            } if prefix == MESSAGE_PREFIX => {
-                let announced = serde_json::from_slice(&content)
-                    .map_err(|e| format!("malformed syncar message in the WAL: {e}"))?;
-                self.txn.announced.push(announced);
-            }
+            } if prefix == MESSAGE_PREFIX => match serde_json::from_slice(&content) {
+                Ok(announced) => self.txn.announced.push(announced),
+                // Anyone may emit one: a malformed message must not stop the relay (it would
+                // come again after every restart). What it would announce gets a version of
+                // the relay's own.
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a malformed syncar message in the WAL")
+                }
+            },
             ReplicationEvent::Message {
                 transactional: false,
                 prefix,
@@ -439,8 +495,12 @@ impl Session {
                 {
                     // Another relay's heartbeats (an earlier term) say nothing of this
                     // stream's lag.
-                    if author == ctx.instance_id {
-                        let sent: u64 = sent.parse().unwrap_or_else(|_| mono_ms());
+                    let sent: Option<u64> = sent.parse().ok();
+                    if let (true, Some(sent)) = (author == ctx.instance_id, sent) {
+                        if !self.emitted.contains(&sent) {
+                            acknowledge(repl, lsn);
+                            return Ok(());
+                        }
                         publish(
                             ctx,
                             Relayed::Heartbeat {
@@ -522,9 +582,13 @@ impl Transaction {
         match row {
             Change::Insert { relation, new } => {
                 if let Some(m) = relations.get(&relation) {
-                    if let Some((key, version)) = m.key_version(&new) {
-                        self.changes
-                            .push(change(&m.resource, Some(key), version, Op::Put, ts));
+                    match m.key_version(&new) {
+                        Keyed::Row(key, version) => {
+                            self.changes
+                                .push(change(&m.resource, Some(key), version, Op::Put, ts))
+                        }
+                        Keyed::Unknown => self.unkeyed.push(m.resource.clone()),
+                        Keyed::NullKey => {}
                     }
                 }
             }
@@ -532,8 +596,13 @@ impl Transaction {
                 let Some(m) = relations.get(&relation) else {
                     return;
                 };
-                let Some((key, version)) = m.key_version(&new) else {
-                    return;
+                if !m.key_in_identity {
+                    self.unverifiable.insert(m.resource.name.clone());
+                }
+                let (key, version) = match m.key_version(&new) {
+                    Keyed::Row(key, version) => (key, version),
+                    Keyed::Unknown => return self.unkeyed.push(m.resource.clone()),
+                    Keyed::NullKey => return,
                 };
                 // The old identity comes only when it changed: a moved key is deleted, at
                 // the version of the row that left it.
@@ -552,6 +621,9 @@ impl Transaction {
             }
             Change::Delete { relation, old } => {
                 if let Some(m) = relations.get(&relation) {
+                    if !m.key_in_identity {
+                        self.unverifiable.insert(m.resource.name.clone());
+                    }
                     let key = old.get(m.key).and_then(Column::text).map(str::to_string);
                     self.deleted.push((m.resource.clone(), key));
                 }
@@ -569,78 +641,123 @@ impl Transaction {
 }
 
 /// The messages a committed transaction makes: what [`Transaction::receive`] made of its
-/// inserts and updates, an absence per deleted key (at the version its trigger announced),
-/// a flush per truncated resource. What the triggers did not announce (they were disabled,
-/// or did not exist yet) takes a fresh version: later than anything cached, so no older copy
-/// survives it, at the price of a few misses.
+/// inserts and updates, an absence per deleted key (at the version its trigger announced), a
+/// flush per truncated resource.
+///
+/// Any database user may emit a logical message, so announcements are taken only where the
+/// WAL agrees: a deleted key the WAL shows deleted in this transaction (or any, for a
+/// resource whose key the WAL cannot name), a truncation the WAL shows, a version above 0.
+/// What the triggers did not announce (they were disabled, or did not exist yet) takes a
+/// fresh version: later than anything cached, so no older copy survives it, at the price of
+/// a few misses.
 async fn changes_of(
     txn: Transaction,
     client: &tokio_postgres::Client,
     sql: &Sql,
 ) -> Result<Vec<Message>, String> {
+    use std::collections::{HashMap, HashSet};
     let ts = txn.commit_time_us;
     let mut out = txn.changes;
-    let mut deletes_announced = std::collections::HashSet::new();
-    let mut truncates_announced = std::collections::HashSet::new();
+    let mut announced_deletes: HashMap<(String, String), i64> = HashMap::new();
+    let mut announced_truncates: HashMap<String, i64> = HashMap::new();
     for a in &txn.announced {
         let Some(resource) = a.get("resource").and_then(|r| r.as_str()) else {
             continue;
         };
         if let Some(deletes) = a.get("deletes").and_then(|d| d.as_array()) {
-            deletes_announced.insert(resource.to_string());
             for d in deletes {
                 if let (Some(key), Some(version)) = (
                     d.get(0).and_then(|k| k.as_str()),
-                    d.get(1).and_then(|v| v.as_i64()),
+                    d.get(1).and_then(|v| v.as_i64()).filter(|v| *v > 0),
                 ) {
-                    out.push(Message {
-                        resource: resource.to_string(),
-                        key: Some(key.to_string()),
-                        version,
-                        op: Op::Delete,
-                        ts_us: ts,
-                        instance: None,
-                    });
+                    announced_deletes.insert((resource.to_string(), key.to_string()), version);
                 }
             }
         }
-        if let Some(version) = a.get("truncate").and_then(|v| v.as_i64()) {
-            truncates_announced.insert(resource.to_string());
-            out.push(Message {
-                resource: resource.to_string(),
-                key: None,
-                version,
-                op: Op::Flush,
-                ts_us: ts,
-                instance: None,
-            });
+        if let Some(version) = a
+            .get("truncate")
+            .and_then(|v| v.as_i64())
+            .filter(|v| *v > 0)
+        {
+            announced_truncates.insert(resource.to_string(), version);
         }
     }
+    let message = |resource: &str, key: Option<String>, version: i64, op: Op| Message {
+        resource: resource.to_string(),
+        key,
+        version,
+        op,
+        ts_us: ts,
+        instance: None,
+    };
+    // Deletes and moved keys the WAL cannot name: the triggers' word is all there is.
+    for ((resource, key), version) in &announced_deletes {
+        if txn.unverifiable.contains(resource) {
+            out.push(message(resource, Some(key.clone()), *version, Op::Delete));
+        }
+    }
+    let mut flushed: HashSet<String> = HashSet::new();
     for (resource, key) in txn.deleted {
-        if deletes_announced.contains(&resource.name) {
+        if txn.unverifiable.contains(&resource.name) {
+            continue; // announced above; unannounced ones cannot be told apart
+        }
+        let announced = key
+            .as_ref()
+            .and_then(|k| announced_deletes.get(&(resource.name.clone(), k.clone())));
+        match (key, announced) {
+            (Some(key), Some(version)) => {
+                out.push(message(&resource.name, Some(key), *version, Op::Delete))
+            }
+            (Some(key), None) => {
+                let version = sql.next_version(client).await?;
+                out.push(message(&resource.name, Some(key), version, Op::Put));
+            }
+            (None, _) => {
+                if flushed.insert(resource.name.clone()) {
+                    let version = sql.next_version(client).await?;
+                    out.push(message(&resource.name, None, version, Op::Flush));
+                }
+            }
+        }
+    }
+    for resource in txn.truncated.into_iter().chain(txn.unkeyed) {
+        if !flushed.insert(resource.name.clone()) {
             continue;
         }
-        let version = sql.next_version(client).await?;
-        match key {
-            Some(key) => out.push(change(&resource, Some(key), version, Op::Put, ts)),
-            None => out.push(change(&resource, None, version, Op::Flush, ts)),
-        }
-    }
-    for resource in txn.truncated {
-        if !truncates_announced.contains(&resource.name) {
-            let version = sql.next_version(client).await?;
-            out.push(change(&resource, None, version, Op::Flush, ts));
-        }
+        let version = match announced_truncates.get(&resource.name) {
+            Some(version) => *version,
+            None => sql.next_version(client).await?,
+        };
+        out.push(message(&resource.name, None, version, Op::Flush));
     }
     Ok(out)
 }
 
+/// What a tuple says of its row's key and version.
+enum Keyed {
+    /// The key (canonical text) and version.
+    Row(String, i64),
+    /// A NULL key names no document.
+    NullKey,
+    /// The WAL does not carry the key or version (an unchanged TOASTed value).
+    Unknown,
+}
+
 impl Mapped {
-    /// The key (canonical text) and version of a tuple; `None` for a NULL key.
-    fn key_version(&self, tuple: &[Column]) -> Option<(String, i64)> {
-        let key = tuple.get(self.key)?.text()?.to_string();
-        let version = tuple.get(self.version)?.text()?.parse().ok()?;
-        Some((key, version))
+    fn key_version(&self, tuple: &[Column]) -> Keyed {
+        let (Some(key), Some(version)) = (tuple.get(self.key), tuple.get(self.version)) else {
+            return Keyed::Unknown;
+        };
+        if *key == Column::Null {
+            return Keyed::NullKey;
+        }
+        match (
+            key.text(),
+            version.text().and_then(|v| v.parse::<i64>().ok()),
+        ) {
+            (Some(key), Some(version)) => Keyed::Row(key.to_string(), version),
+            _ => Keyed::Unknown,
+        }
     }
 }
 

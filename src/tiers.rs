@@ -402,7 +402,9 @@ impl Tiers {
             return false; // not a resource of this instance
         };
         let Some(copy) = invalidation(message) else {
-            // A resource-wide flush.
+            // A resource-wide flush. The new generation first, so that nothing read from
+            // Redis after L1 is emptied comes from the old one.
+            self.l2.note_generation(&resource.name, message.version);
             if let Some(l1) = &self.l1 {
                 l1.clear();
             }
@@ -414,8 +416,6 @@ impl Tiers {
                 {
                     tracing::warn!(resource = %resource.name, error = %e, "raising a resource's generation in redis failed");
                 }
-            } else {
-                self.l2.note_generation(&resource.name, message.version);
             }
             return true;
         };

@@ -142,6 +142,14 @@ impl PostgresTls {
                 tls.mode.as_str()
             )));
         }
+        if tls.root == Some(Roots::System) && tls.mode != SslMode::VerifyFull {
+            // Any publicly trusted certificate for any name would pass: libpq refuses it too.
+            return Err(TlsError::Invalid(format!(
+                "sslrootcert=system with sslmode={}: the machine's public roots vouch for \
+                 every public name, so only sslmode=verify-full makes them mean anything",
+                tls.mode.as_str()
+            )));
+        }
         if tls.mode == SslMode::Disable && (tls.root.is_some() || tls.client.is_some()) {
             return Err(TlsError::Invalid(
                 "sslmode=disable with sslrootcert, sslcert or sslkey: certificates need TLS".into(),
@@ -223,7 +231,11 @@ impl PostgresTls {
         let mut tls = match (self.mode, &self.root) {
             (SslMode::Disable, _) => TlsConfig::disabled(),
             (SslMode::VerifyFull, _) => TlsConfig::verify_full(ca),
-            (SslMode::VerifyCa, _) | (SslMode::Require, Some(_)) => TlsConfig::verify_ca(ca),
+            // With a root given, `prefer` verifies what it gets on the pool's connections; the
+            // replication connection is held to the same, and so requires TLS.
+            (SslMode::VerifyCa, _) | (SslMode::Require | SslMode::Prefer, Some(_)) => {
+                TlsConfig::verify_ca(ca)
+            }
             (SslMode::Require, None) => TlsConfig::require(),
             (SslMode::Prefer, _) => {
                 let mut tls = TlsConfig::require();
@@ -456,7 +468,8 @@ fn append_param(url: &str, key: &str, value: &str) -> String {
     } else if url.trim().is_empty() {
         format!("{key}={value}")
     } else {
-        format!("{url} {key}={value}")
+        // In front: after a trailing backslash it would be read as part of the last value.
+        format!("{key}={value} {url}")
     }
 }
 
@@ -580,7 +593,7 @@ mod tests {
             "host=db user=u password='a b' sslmode=verify-ca sslrootcert=/ca.pem sslcert=/c sslkey='/k k'",
         )
         .unwrap();
-        assert_eq!(rest, "host=db user=u password='a b' sslmode=require");
+        assert_eq!(rest, "sslmode=require host=db user=u password='a b'");
         assert_eq!(tls.mode, SslMode::VerifyCa);
         assert_eq!(tls.client, Some(("/c".into(), "/k k".into())));
         let pg: tokio_postgres::Config = rest.parse().unwrap();
@@ -599,6 +612,9 @@ mod tests {
         assert!(err("postgres://db/app?sslmode=sometimes").contains("verify-full"));
         assert!(err("postgres://db/app?sslmode=require&sslcert=/c").contains("go together"));
         assert!(err("postgres://db/app?sslmode=disable&sslrootcert=/ca").contains("need TLS"));
+        assert!(
+            err("postgres://db/app?sslmode=verify-ca&sslrootcert=system").contains("verify-full")
+        );
         let missing = PostgresTls::split(
             "postgres://db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
         )

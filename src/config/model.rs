@@ -123,8 +123,10 @@ pub struct FeedsConfig {
     /// The Postgres feed: sees every write, plain SQL included, and repairs Redis.
     pub postgres: bool,
     /// How the Postgres feed learns of changes:
-    /// - `auto` (the default): `wal` when the server allows it (`wal_level = logical` and a
-    ///   role allowed to replicate), else `changes_log`; `/readyz` says which and why.
+    /// - `auto` (the default): on a fresh install, `wal` when the server allows it
+    ///   (`wal_level = logical` and a role allowed to replicate), else `changes_log`;
+    ///   `/readyz` says which and why. Decided once: afterwards the recorded source stays
+    ///   (an install by an earlier release keeps `changes_log`) until configured otherwise.
     /// - `wal`: logical decoding. One instance, elected, streams the WAL through a
     ///   replication slot and relays every change to Redis; every instance hears it there.
     ///   Nothing on the writers' path but the version stamp (and a message per DELETE or

@@ -139,6 +139,11 @@ impl Source for Relayed {
                                     .map_err(|e| format!("reading generations failed: {e}"))?;
                                 ctx.tiers.flush_l1(Feed::Postgres);
                             }
+                            if !up {
+                                // The session's first lease was a grace to wait for this
+                                // heartbeat, not a vouching: a lagging stream must count.
+                                feed.revoke();
+                            }
                             feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
                             feed.set_up();
                             up = true;

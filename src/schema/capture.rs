@@ -404,14 +404,19 @@ pub async fn ensure_slot(
                     "replication slot {slot:?} is invalidated but still held"
                 )));
             }
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-                .map_err(pg("dropping an invalidated replication slot"))?;
             SlotState::Recreated
         }
         None => SlotState::Created,
     };
+    // The new epoch is recorded before the slot changes: if this stops halfway, the next
+    // attempt finds an epoch Redis was not fed by, never an old one beside a new slot.
+    new_slot_epoch(client, schema).await?;
+    if state == SlotState::Recreated {
+        client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+            .map_err(pg("dropping an invalidated replication slot"))?;
+    }
     client
         .execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -419,6 +424,14 @@ pub async fn ensure_slot(
         )
         .await
         .map_err(pg("creating the replication slot"))?;
+    Ok(state)
+}
+
+/// Records a fresh version as the slot's epoch (see [`STATE_TABLE`]) and returns it.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn new_slot_epoch(client: &impl GenericClient, schema: &str) -> Result<i64, SchemaError> {
     let epoch: i64 = client
         .query_one(
             &format!(
@@ -428,10 +441,24 @@ pub async fn ensure_slot(
             &[],
         )
         .await
-        .map_err(pg("taking the slot's epoch"))?
+        .map_err(|source| SchemaError::Postgres {
+            doing: "taking the slot's epoch",
+            source,
+        })?
         .get(0);
     write_state(client, schema, "slot_epoch", &epoch.to_string()).await?;
-    Ok(state)
+    Ok(epoch)
+}
+
+/// The source the schema is migrated for now, as the state table records it.
+///
+/// # Errors
+/// Postgres failing, or no state table.
+pub async fn recorded_source(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<Option<String>, SchemaError> {
+    Ok(read_state(client, schema).await?.remove("source"))
 }
 
 /// The version taken when the current slot was created, if recorded.

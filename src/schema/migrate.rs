@@ -14,7 +14,8 @@ use super::names::{
 };
 use super::table::{describe_table, key_column, table_oid, Identity, TableInfo, INT8_OID};
 use super::triggers::{
-    announce_function_body, dollar_quote, function_name, stamp_function_body, Announce,
+    announce_function_body, dollar_quote, function_name, stamp_function_body,
+    truncate_function_body, Announce,
 };
 use crate::config::{Config, PostgresSource, ResourceConfig, KV_RESOURCE};
 use crate::resource::{quote_ident, quote_literal};
@@ -76,7 +77,9 @@ pub async fn migrate(
         changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
     }
 
-    if table_oid(&tx, schema, CHANGES_TABLE, "r").await?.is_none() {
+    // An install by an earlier release: it has the changes log but no recorded source.
+    let earlier_install = table_oid(&tx, schema, CHANGES_TABLE, "r").await?.is_some();
+    if !earlier_install {
         tx.batch_execute(&format!(
             "CREATE TABLE {s}.{CHANGES_TABLE} (\
                at timestamptz NOT NULL DEFAULT clock_timestamp(), \
@@ -144,7 +147,45 @@ pub async fn migrate(
     }
     let described: Vec<(&ResourceConfig, &TableInfo)> =
         tables.iter().map(|(r, info)| (*r, info)).collect();
-    let (source, reason) = capture::resolve(&tx, config, &described).await?;
+    let recorded: Option<String> = tx
+        .query_opt(
+            &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source'"),
+            &[],
+        )
+        .await
+        .map_err(pg("reading the state table"))?
+        .map(|row| row.get(0));
+    // `auto` decides once, on a fresh install: switching a running deployment's source under
+    // instances that poll the log (or listen) would leave them vouching for a log that no
+    // longer hears inserts and updates. Instances of an earlier release know nothing of the
+    // recorded source, so their install keeps the changes log too.
+    let recorded_source = match recorded.as_deref() {
+        Some("wal") => Some(PostgresSource::Wal),
+        Some("notify") => Some(PostgresSource::Notify),
+        Some("changes_log") => Some(PostgresSource::ChangesLog),
+        _ => None,
+    };
+    let auto = config.feeds.postgres_source == PostgresSource::Auto;
+    let (source, reason) = match (auto, recorded_source, earlier_install) {
+        (true, Some(kept), _) => {
+            let reason: Option<String> = tx
+                .query_opt(
+                    &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source_reason'"),
+                    &[],
+                )
+                .await
+                .map_err(pg("reading the state table"))?
+                .map(|row| row.get(0));
+            (kept, reason.unwrap_or_else(|| "auto: kept".into()))
+        }
+        (true, None, true) => (
+            PostgresSource::ChangesLog,
+            "auto: kept the changes log of an install by an earlier release; set \
+             postgres_source = \"wal\" on every instance (all restarted) to switch"
+                .to_string(),
+        ),
+        _ => capture::resolve(&tx, config, &described).await?,
+    };
     for (name, value) in [
         ("source", source.as_str()),
         ("source_reason", reason.as_str()),
@@ -174,9 +215,13 @@ pub async fn migrate(
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         let stamp = function_name("syncar_stamp", &r.name);
         let announce_fn = function_name("syncar_announce", &r.name);
+        // TRUNCATE has a function of its own: an earlier release rolled back to rewrites
+        // `syncar_announce_*` with its own body, which knows no TRUNCATE.
+        let truncate_fn = function_name("syncar_truncate", &r.name);
         for (function, body) in [
             (&stamp, stamp_function_body(schema, r)),
             (&announce_fn, announce_function_body(schema, r, announce)),
+            (&truncate_fn, truncate_function_body(schema, r, announce)),
         ] {
             if install_function(&tx, schema, function, &body).await? {
                 changes.push(format!("installed function {schema}.{function}()"));
@@ -221,7 +266,7 @@ pub async fn migrate(
                 LOG_TRIGGERS[3],
                 "AFTER TRUNCATE",
                 "FOR EACH STATEMENT",
-                &announce_fn,
+                &truncate_fn,
                 TG_TRUNCATE,
                 (None, None),
             ),
@@ -507,6 +552,7 @@ pub async fn uninstall(
         for function in [
             function_name("syncar_stamp", &r.name),
             function_name("syncar_announce", &r.name),
+            function_name("syncar_truncate", &r.name),
         ] {
             let unused: bool = tx
                 .query_one(
@@ -531,16 +577,18 @@ pub async fn uninstall(
             }
         }
     }
-    tx.execute(
-        &format!(
-            "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason')",
-            quote_ident(schema)
-        ),
-        &[],
-    )
-    .await
-    .map_err(pg("clearing the state table"))
-    .ok();
+    // An install by an earlier release has no state table.
+    if table_oid(&tx, schema, STATE_TABLE, "r").await?.is_some() {
+        tx.execute(
+            &format!(
+                "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason')",
+                quote_ident(schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg("clearing the state table"))?;
+    }
     tx.commit().await.map_err(pg("committing the uninstall"))?;
     Ok(changes)
 }

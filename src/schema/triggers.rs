@@ -54,12 +54,12 @@ pub(super) enum Announce {
     Wal,
 }
 
-/// AFTER INSERT, UPDATE, DELETE or TRUNCATE, once per statement: announce which keys the
-/// statement changed, at which versions (see [`Announce`]). A delete takes a fresh version
-/// for its tombstone; an update that moves a row to another key also announces the old key
-/// as deleted; a TRUNCATE takes a fresh version for a resource-wide flush. The rows come
-/// from the statement's transition tables, so a statement changing many rows is announced
-/// with one insert (or one message).
+/// AFTER INSERT, UPDATE or DELETE, once per statement: announce which keys the statement
+/// changed, at which versions (see [`Announce`]). A delete takes a fresh version for its
+/// tombstone; an update that moves a row to another key also announces the old key as
+/// deleted. The rows come from the statement's transition tables, so a statement changing
+/// many rows is announced with one insert (or one message). With `changes_log` and `notify`
+/// the body is the one earlier releases installed.
 pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let key = quote_ident(&r.key);
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
@@ -79,18 +79,11 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
     let moved_only =
         format!("{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})");
     let moved = format!("{puts} UNION ALL {moved_only}");
-    let truncated = format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op");
-    let (insert, update, delete, truncate) = match mode {
+    let (insert, update, delete) = match mode {
         Announce::Wal => (
             "    NULL;".to_string(),
             emit_deletes(r, &moved_only),
             emit_deletes(r, &deletes),
-            format!(
-                "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
-                 {resource}, 'truncate', nextval({seq}))::text);",
-                prefix = quote_literal(MESSAGE_PREFIX),
-                resource = quote_literal(&r.name),
-            ),
         ),
         _ => {
             let notify = mode == Announce::Notify;
@@ -98,7 +91,6 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
                 send(schema, r, notify, &puts),
                 send(schema, r, notify, &moved),
                 send(schema, r, notify, &deletes),
-                send(schema, r, notify, &truncated),
             )
         }
     };
@@ -112,11 +104,41 @@ BEGIN
 {insert}
   ELSIF TG_OP = 'UPDATE' THEN
 {update}
-  ELSIF TG_OP = 'DELETE' THEN
-{delete}
   ELSE
-{truncate}
+{delete}
   END IF;
+  RETURN NULL;
+END
+"
+    )
+}
+
+/// AFTER TRUNCATE, once per statement: a resource-wide flush at a version the TRUNCATE
+/// takes (every row gone; rows inserted after it take later versions), logged (and with
+/// `notify` announced) or, with `wal`, emitted as a logical decoding message.
+pub(super) fn truncate_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let body = match mode {
+        Announce::Wal => format!(
+            "  PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+             {resource}, 'truncate', nextval({seq}))::text);",
+            prefix = quote_literal(MESSAGE_PREFIX),
+            resource = quote_literal(&r.name),
+        ),
+        _ => send(
+            schema,
+            r,
+            mode == Announce::Notify,
+            &format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op"),
+        ),
+    };
+    format!(
+        "
+DECLARE
+  r record;
+  payload text;
+BEGIN
+{body}
   RETURN NULL;
 END
 "

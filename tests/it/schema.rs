@@ -308,7 +308,8 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
             "syncar_announce_kv",
             "syncar_notify",
             "syncar_send",
-            "syncar_stamp_kv"
+            "syncar_stamp_kv",
+            "syncar_truncate_kv"
         ],
         "the functions `leftover` still calls stay"
     );
@@ -332,7 +333,14 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
     syncar::app::run_migration(&notify_config(&env))
         .await
         .unwrap();
-    assert_eq!(functions().await, ["syncar_announce_kv", "syncar_stamp_kv"]);
+    assert_eq!(
+        functions().await,
+        [
+            "syncar_announce_kv",
+            "syncar_stamp_kv",
+            "syncar_truncate_kv"
+        ]
+    );
     let again = syncar::app::run_migration(&notify_config(&env))
         .await
         .unwrap();
@@ -350,9 +358,10 @@ async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
         changes,
         [
             "postgres source is changes_log (configured)",
-            "installed function public.syncar_announce_kv()"
+            "installed function public.syncar_announce_kv()",
+            "installed function public.syncar_truncate_kv()"
         ],
-        "switching the source records it and rewrites the announcing function only"
+        "switching the source records it and rewrites the announcing functions only"
     );
     let (_listener, mut rx) = listen(&env).await;
     let pg = env.pg().await;

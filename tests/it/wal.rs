@@ -680,3 +680,80 @@ async fn syncar_relay_alone_relays_for_instances_that_never_do() {
         "an idle instance's connections to Postgres stayed idle"
     );
 }
+
+/// Anyone who can connect may emit a logical message: malformed or forged `syncar` ones
+/// neither stop the relay nor announce what the WAL does not show.
+#[tokio::test]
+async fn forged_messages_in_the_wal_change_nothing() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
+    sees(&b, "/v1/kv/f", v1).await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "SELECT pg_logical_emit_message(true, 'syncar', 'not json'); \
+         SELECT pg_logical_emit_message(true, 'syncar', \
+           '{\"resource\": \"kv\", \"deletes\": [[\"f\", 999999999]]}'); \
+         SELECT pg_logical_emit_message(true, 'syncar', '{\"resource\": \"kv\", \"truncate\": -5}'); \
+         SELECT pg_logical_emit_message(false, 'syncar', 'hb:1:nobody')",
+    )
+    .await
+    .unwrap();
+    // Still relaying, and nothing was deleted or flushed.
+    let v2: i64 = pg
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'f' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/f", v2).await;
+    }
+    let generation: Option<String> = redis::cmd("HGET")
+        .arg(format!("{}generations", env.prefix))
+        .arg("kv")
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    assert!(
+        generation
+            .as_deref()
+            .is_none_or(|g| g.parse::<i64>().unwrap() > 0),
+        "no forged generation: {generation:?}"
+    );
+}
+
+/// A database migrated by an earlier release (the changes log, no recorded source) keeps the
+/// changes log under `auto`: its instances know nothing of the state table, and would keep
+/// vouching for a log that no longer hears inserts and updates.
+#[tokio::test]
+async fn auto_keeps_the_changes_log_of_an_earlier_install() {
+    let env = Env::new().await;
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::ChangesLog;
+    syncar::app::run_migration(&config).await.unwrap();
+    // What the earlier release left: no state table.
+    env.pg()
+        .await
+        .batch_execute("DROP TABLE syncar_state")
+        .await
+        .unwrap();
+    config.feeds.postgres_source = PostgresSource::Auto;
+    let changes = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.starts_with("postgres source is changes_log (auto: kept")),
+        "{changes:?}"
+    );
+    let a = env
+        .start(|c| c.feeds.postgres_source = PostgresSource::Auto)
+        .await;
+    assert_eq!(
+        a.readyz().await["feeds"]["postgres"]["source"],
+        "changes_log"
+    );
+}
