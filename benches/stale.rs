@@ -640,17 +640,7 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
                 .await;
         }
         "listen-kill" => {
-            let (pg, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            pg.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND application_name = 'syncar-listen'",
-                &[],
-            )
-            .await
-            .unwrap();
+            terminate(pg_url, "application_name = 'syncar-listen'").await;
         }
         "redis-restart" => {
             let redis = cluster.redis.clone();
@@ -685,24 +675,35 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
             cluster.children.lock().unwrap()[victim] = Some(child);
         }
         "replication-kill" => {
-            let (pg, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            pg.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND backend_type = 'walsender' \
-                 AND application_name = 'syncar-relay'",
-                &[],
+            terminate(
+                pg_url,
+                "backend_type = 'walsender' AND application_name = 'syncar-relay'",
             )
-            .await
-            .unwrap();
+            .await;
         }
         other => unreachable!("{other}"),
     }
 }
 
 /// Every key on every instance against Postgres: how many keys some instance serves stale.
+/// Terminates this database's backends that match `filter`, a condition on
+/// `pg_stat_activity` (a constant of this bench, not input).
+async fn terminate(pg_url: &str, filter: &str) {
+    let (pg, conn) = tokio_postgres::connect(pg_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    pg.execute(
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND {filter}"
+        ),
+        &[],
+    )
+    .await
+    .unwrap();
+}
+
 async fn audit(cluster: &Arc<Cluster>, pg_url: &str) -> (usize, usize) {
     for i in 0..cluster.ports.len() {
         cluster.wait_ready(i).await;

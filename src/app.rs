@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backoff::{jitter, Backoff};
+use crate::backoff::{jitter, ticker, Backoff};
 use crate::coherence::Coherence;
 use crate::config::{Config, KV_RESOURCE};
 use crate::db::{connect_dedicated, Db};
@@ -467,8 +467,7 @@ async fn upkeep_task(
     // The exporter keeps every histogram sample until upkeep folds them into buckets: at tens
     // of thousands of requests a second, five seconds' worth took a runtime thread for
     // hundreds of milliseconds. Often, and on a blocking thread, it never stalls requests.
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = ticker(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -1,6 +1,7 @@
 //! Waiting between attempts: one reconnect [`Backoff`] for every loop that retries a
-//! dependency (the schema task, the feeds, the Redis repair queue), and [`jitter`] to spread
-//! timers and TTLs apart. Knows nothing about what is retried.
+//! dependency (the schema task, the feeds, the Redis repair queue), [`jitter`] to spread
+//! timers and TTLs apart, and [`ticker`] for every periodic loop. Knows nothing about what is
+//! retried.
 //!
 //! The exponential schedule comes from the `backon` crate; this module only fixes how syncar
 //! uses it: jittered, never past its maximum, and reset after a success.
@@ -55,6 +56,16 @@ pub fn jitter(d: Duration, fraction: f64) -> Duration {
     }
     let factor = 1.0 + fraction * (fastrand::f64() * 2.0 - 1.0);
     d.mul_f64(factor.max(0.0))
+}
+
+/// A tick every `period`, the first at once. After a stall (a slow poll, a busy runtime) the
+/// next tick comes a whole `period` later rather than the missed ones in a burst
+/// ([`tokio::time::MissedTickBehavior::Delay`]): heartbeats and polls sent back to back
+/// would prove nothing more than one.
+pub fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
 }
 
 #[cfg(test)]

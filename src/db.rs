@@ -15,7 +15,7 @@ use crate::config::PostgresConfig;
 use crate::model::Version;
 use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
-use crate::tls::{explain, PostgresTls};
+use crate::tls::{with_hint, PostgresTls};
 
 /// A dedicated connection (outside the pool) and its driver, which the caller must spawn or
 /// poll: notifications arrive only through the driver.
@@ -329,10 +329,7 @@ fn explained(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    match explain(&out) {
-        Some(hint) => format!("{out} ({hint})"),
-        None => out,
-    }
+    with_hint(out)
 }
 
 /// Opens a connection of its own (outside the pool) with the same settings as the pool's,

@@ -34,7 +34,7 @@ use redis::{AsyncCommands, IntoConnectionInfo, Script};
 use crate::config::RedisConfig;
 use crate::model::{CacheKey, Cached, State, Version};
 use crate::telemetry::REDIS_ERRORS;
-use crate::tls::{explain, redis_certificates};
+use crate::tls::{redis_certificates, with_hint};
 
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
 /// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` (one round
@@ -326,13 +326,7 @@ impl L2 {
         )
         .await
         {
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                Err(L2Error::Redis(match explain(&text) {
-                    Some(hint) => format!("{text} ({hint})"),
-                    None => text,
-                }))
-            }
+            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string()))),
             _ => Err(failed),
         }
     }
@@ -586,13 +580,7 @@ impl L2 {
     ) -> Result<T, L2Error> {
         let result = match tokio::time::timeout(self.timeout, cmd).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                let text = e.to_string();
-                Err(L2Error::Redis(match explain(&text) {
-                    Some(hint) => format!("{text} ({hint})"),
-                    None => text,
-                }))
-            }
+            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string()))),
             Err(_) => Err(L2Error::Timeout(self.timeout)),
         };
         match &result {

@@ -48,7 +48,7 @@ use pgwire_replication::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{jitter, Backoff};
+use crate::backoff::{jitter, ticker, Backoff};
 use crate::coherence::{mono_ms, Message, Op, Relayed};
 use crate::config::{Config, PostgresSource};
 use crate::db::connect_dedicated;
@@ -263,12 +263,9 @@ async fn stream(
         .await
         .map_err(|e| format!("preparing the heartbeat failed: {e}"))?;
     let mut session = Session::default();
-    let mut renew = tokio::time::interval(feeds.relay_lease / 4);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut beat = tokio::time::interval(feeds.heartbeat_interval);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut measure = tokio::time::interval(Duration::from_secs(5));
-    measure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut renew = ticker(feeds.relay_lease / 4);
+    let mut beat = ticker(feeds.heartbeat_interval);
+    let mut measure = ticker(Duration::from_secs(5));
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),

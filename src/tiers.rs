@@ -448,9 +448,14 @@ impl Tiers {
         fresh.unwrap_or(false)
     }
 
-    /// Applies committed changes to Redis only, for the relay of the `wal` source: a
-    /// tombstone (or absence) per key, a generation raise per flush. Instances apply them to
-    /// their L1 when the relay's message reaches them.
+    /// Applies committed changes to Redis only: a tombstone (or absence) per key, a
+    /// generation raise per flush, each landing only where Redis holds something older. The
+    /// relay of the `wal` source applies its stream this way (instances apply it to their L1
+    /// when the relay's message reaches them), and a feed that recovers replays the changes
+    /// log this way.
+    ///
+    /// Concurrently: order does not matter (Redis takes only strictly newer versions) and the
+    /// connection pipelines what is in flight; one by one, a large log took seconds.
     ///
     /// # Errors
     /// The first Redis failure: the relay acknowledges nothing and the changes come again.
@@ -543,31 +548,9 @@ impl Tiers {
         catalog: &Catalog,
         ago: Duration,
     ) -> Result<usize, ReplayError> {
-        use futures_util::TryStreamExt;
         let changes = self.db.changes_since(ago).await?;
-        let replayed = changes.len();
-        // Concurrently: order does not matter (Redis takes only strictly newer versions) and
-        // the connection pipelines what is in flight; one by one, a large log took seconds.
-        futures_util::stream::iter(changes.into_iter().map(Ok))
-            .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
-                let Some(resource) = catalog.get(&change.resource) else {
-                    return Ok(());
-                };
-                let (Some(copy), Some(key)) = (invalidation(&change), &change.key) else {
-                    return self
-                        .l2
-                        .raise_generation(&resource.name, change.version)
-                        .await
-                        .map(|_| ());
-                };
-                let ck = CacheKey::new(&resource.name, key);
-                self.l2
-                    .offer(&ck, &copy, l2_ttl(resource, &copy))
-                    .await
-                    .map(|_| ())
-            })
-            .await?;
-        Ok(replayed)
+        self.apply_to_redis(catalog, &changes).await?;
+        Ok(changes.len())
     }
 
     /// Drops every key under this deployment's prefix from Redis (when a repair key by key is

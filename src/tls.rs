@@ -336,6 +336,14 @@ pub fn explain(error: &str) -> Option<&'static str> {
         .map(|(_, hint)| *hint)
 }
 
+/// `error` followed by [`explain`]'s hint in parentheses, when it has one.
+pub fn with_hint(error: String) -> String {
+    match explain(&error) {
+        Some(hint) => format!("{error} ({hint})"),
+        None => error,
+    }
+}
+
 fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let file = |message: String| TlsError::File {
         what,

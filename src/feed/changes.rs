@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_parsed, recover, AbortOnDrop, Source};
+use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::config::PostgresSource;
 use crate::schema::{current_xmin, ChangesQuery};
@@ -62,8 +63,7 @@ impl Source for ChangesLog {
             self.xid = Some(xmin);
         }
         let mut up = false;
-        let mut tick = tokio::time::interval(config.feeds.poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = ticker(config.feeds.poll_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
+use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
 use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
@@ -87,8 +88,7 @@ impl Source for Notify {
         let feed_state = &ctx.coherence.postgres;
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;
-        let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = ticker(config.feeds.heartbeat_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

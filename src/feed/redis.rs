@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{handle_message, on_heartbeat, Phase, Source};
+use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
 
 /// The pub/sub source, with this process's heartbeat channel.
@@ -48,8 +49,7 @@ impl Source for PubSub {
         let feed_state = &ctx.coherence.redis;
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;
-        let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = ticker(config.feeds.heartbeat_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{handle_relayed, Source};
+use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed, Relayed as Payload};
 use crate::telemetry::{FEED_MALFORMED, WAL_LAG_BYTES, WAL_LAG_SECONDS};
 
@@ -68,8 +69,7 @@ impl Source for Relayed {
         let feed = &ctx.coherence.postgres;
         feed.grant(lease);
         let mut up = false;
-        let mut tick = tokio::time::interval(config.feeds.heartbeat_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = ticker(config.feeds.heartbeat_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

@@ -36,18 +36,7 @@ pub async fn migrate(
     config: &Config,
 ) -> Result<Vec<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let tx = client
-        .transaction()
-        .await
-        .map_err(pg("starting the migration"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(pg("taking the migration lock"))?;
-    // Installing triggers locks each table, and a lock request queued behind a long reader
-    // blocks every later query of that table: give up instead (`serve` retries with backoff).
-    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
-        .await
-        .map_err(pg("setting lock_timeout"))?;
+    let tx = begin_locked(client).await?;
     let schema = &config.postgres.schema;
     let s = quote_ident(schema);
     let mut changes = Vec::new();
@@ -465,6 +454,30 @@ async fn install_function(
     Ok(true)
 }
 
+/// Starts the transaction `migrate` and `uninstall` run in, holding the migration lock (one
+/// at a time across instances) with a `lock_timeout` of 5 s: changing triggers locks each
+/// table, and a lock request queued behind a long reader blocks every later query of that
+/// table, so give up instead (`serve` retries with backoff).
+///
+/// # Errors
+/// Postgres failing.
+async fn begin_locked(
+    client: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let tx = client
+        .transaction()
+        .await
+        .map_err(pg("starting the migration"))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg("taking the migration lock"))?;
+    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+        .await
+        .map_err(pg("setting lock_timeout"))?;
+    Ok(tx)
+}
+
 /// `syncar uninstall`: removes what makes syncar cost every writer and the primary's disk:
 /// the triggers on every configured table (and `kv`), their functions, the publication and
 /// the replication slot. Keeps the data: version columns, the sequence, `syncar_kv`, the
@@ -499,16 +512,7 @@ pub async fn uninstall(
     if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
         changes.push(change);
     }
-    let tx = client
-        .transaction()
-        .await
-        .map_err(pg("starting the uninstall"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(pg("taking the migration lock"))?;
-    tx.batch_execute("SET LOCAL lock_timeout = '5s'")
-        .await
-        .map_err(pg("setting lock_timeout"))?;
+    let tx = begin_locked(client).await?;
     let publication = &config.feeds.wal_publication;
     let published: bool = tx
         .query_one(

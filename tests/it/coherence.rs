@@ -22,20 +22,12 @@ async fn three(env: &Env, f: impl Fn(&mut syncar::Config)) -> [Instance; 3] {
     ]
 }
 
-/// Polls `instance` until `path` answers with `version` (ETag), for at most `WINDOW`.
 async fn sees(instance: &Instance, path: &str, version: i64) {
-    eventually(WINDOW, &format!("{path} at version {version}"), || async {
-        let r = instance.get(path).await;
-        (r.status == 200 && r.etag_version() == version).then_some(())
-    })
-    .await;
+    instance.sees(path, version, WINDOW).await;
 }
 
 async fn sees_absent(instance: &Instance, path: &str) {
-    eventually(WINDOW, &format!("{path} gone"), || async {
-        (instance.get(path).await.status == 404).then_some(())
-    })
-    .await;
+    instance.sees_absent(path, WINDOW).await;
 }
 
 /// The version of the Redis entry, whatever its kind.

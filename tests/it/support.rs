@@ -200,6 +200,23 @@ impl Instance {
         self.get("/readyz").await.json()
     }
 
+    /// Polls until `path` answers 200 with `version` (its ETag), for at most `within`.
+    pub async fn sees(&self, path: &str, version: i64, within: Duration) {
+        eventually(within, &format!("{path} at version {version}"), || async {
+            let r = self.get(path).await;
+            (r.status == 200 && r.etag_version() == version).then_some(())
+        })
+        .await;
+    }
+
+    /// Polls until `path` answers 404, for at most `within`.
+    pub async fn sees_absent(&self, path: &str, within: Duration) {
+        eventually(within, &format!("{path} gone"), || async {
+            (self.get(path).await.status == 404).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until `feed` reports `up` (true or false), returning how long it took.
     pub async fn feed_becomes(&self, feed: &str, up: bool, timeout: Duration) -> Duration {
         let start = Instant::now();

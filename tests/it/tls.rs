@@ -53,10 +53,7 @@ async fn verify_full_with_the_right_ca_works_end_to_end() {
     let a = env.start_with(config.clone()).await;
     let b = env.start_with(config).await;
     let v = a.put("/v1/kv/t", "1").await.etag_version();
-    eventually(Duration::from_secs(10), "b sees it", || async {
-        (b.get("/v1/kv/t").await.etag_version() == v).then_some(())
-    })
-    .await;
+    b.sees("/v1/kv/t", v, Duration::from_secs(10)).await;
     // Plain SQL through the relay (replication over TLS) and Redis pub/sub over TLS.
     let v2: i64 = env
         .pg()
@@ -69,10 +66,7 @@ async fn verify_full_with_the_right_ca_works_end_to_end() {
         .unwrap()
         .get(0);
     for i in [&a, &b] {
-        eventually(Duration::from_secs(10), "the update everywhere", || async {
-            (i.get("/v1/kv/t").await.etag_version() == v2).then_some(())
-        })
-        .await;
+        i.sees("/v1/kv/t", v2, Duration::from_secs(10)).await;
     }
     let pg = env.pg().await;
     let encrypted: i64 = pg

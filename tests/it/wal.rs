@@ -23,18 +23,11 @@ fn wal(c: &mut syncar::Config) {
 }
 
 async fn sees(instance: &Instance, path: &str, version: i64) {
-    eventually(WINDOW, &format!("{path} at version {version}"), || async {
-        let r = instance.get(path).await;
-        (r.status == 200 && r.etag_version() == version).then_some(())
-    })
-    .await;
+    instance.sees(path, version, WINDOW).await;
 }
 
 async fn sees_absent(instance: &Instance, path: &str) {
-    eventually(WINDOW, &format!("{path} gone"), || async {
-        (instance.get(path).await.status == 404).then_some(())
-    })
-    .await;
+    instance.sees_absent(path, WINDOW).await;
 }
 
 /// TRUNCATE is seen by every source (the WAL says it; the log-based sources get a trigger):
