@@ -201,7 +201,8 @@ impl FeedState {
             .store(mono_ms() + lease.as_millis() as u64, Ordering::SeqCst);
     }
 
-    pub fn since_ms(&self) -> u64 {
+    /// When `up` last changed (or the instance started), Unix time in ms.
+    pub fn since_unix_ms(&self) -> u64 {
         self.since_ms.load(Ordering::SeqCst)
     }
 
@@ -218,7 +219,7 @@ impl FeedState {
 
     pub(crate) fn set_up(&self) {
         if !self.up.swap(true, Ordering::SeqCst) {
-            let down_for = now_ms().saturating_sub(self.since_ms());
+            let down_for = now_ms().saturating_sub(self.since_unix_ms());
             self.since_ms.store(now_ms(), Ordering::SeqCst);
             metrics::gauge!(FEED_UP, "feed" => self.feed.as_str()).set(1.0);
             tracing::info!(

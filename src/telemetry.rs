@@ -144,11 +144,17 @@ fn describe() {
 
 /// Installs the tracing subscriber: human-readable text or one JSON object per line.
 ///
+/// Colours (ANSI escapes) only when stderr is a terminal and `NO_COLOR` is unset
+/// (<https://no-color.org>): a log file or a collector gets plain text.
+///
 /// Does nothing if a subscriber is already installed (tests start several apps).
 pub fn init_logging(config: &LogConfig) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_new(&config.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -67,11 +67,15 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     };
     let (pg, redis) = (check(pg), check(redis));
     let coherence = &state.coherence;
+    let now = crate::model::now_ms();
+    // `since_unix_ms`: when the feed last went up or down (Unix time, ms); `for_ms`: how
+    // long ago that was (ms).
     let feed = |f: &FeedState| {
         json!({
             "enabled": f.enabled(),
             "up": f.is_up(),
-            "since_ms": f.since_ms(),
+            "since_unix_ms": f.since_unix_ms(),
+            "for_ms": now.saturating_sub(f.since_unix_ms()),
         })
     };
     let mut postgres_feed = feed(&coherence.postgres);

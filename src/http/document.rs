@@ -171,7 +171,7 @@ async fn put(state: &HttpState, doc: DocRef, pre: Precondition, body: serde_json
             resp.headers_mut().insert(header::ETAG, etag(w.version.0));
             Ok(resp)
         }
-        WriteOutcome::PreconditionFailed => Err(ApiError::PreconditionFailed),
+        WriteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
     }
 }
 
@@ -196,7 +196,7 @@ async fn delete(state: &HttpState, target: Target, pre: Precondition) -> Answer 
             Ok(resp)
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(name)),
-        DeleteOutcome::PreconditionFailed => Err(ApiError::PreconditionFailed),
+        DeleteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::DbError;
-use crate::resource::NotReady;
+use crate::resource::{NotReady, Precondition};
 
 pub(super) const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
 pub(super) const ALLOW_READ: &str = "GET, HEAD";
@@ -58,8 +58,8 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("{0}")]
     Conflict(String),
-    #[error("precondition failed: the current version does not match")]
-    PreconditionFailed,
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("not ready: {0}")]
@@ -91,7 +91,7 @@ impl ApiError {
             KeyTooLong(_) => (StatusCode::URI_TOO_LONG, "key_too_long"),
             Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_document"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            PreconditionFailed => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
             Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -129,6 +129,22 @@ impl ApiError {
             _ => {}
         }
         resp
+    }
+}
+
+impl ApiError {
+    /// 412, saying which precondition failed and what that means for the key.
+    pub(super) fn precondition_failed(pre: Precondition) -> ApiError {
+        ApiError::PreconditionFailed(match pre {
+            Precondition::Absent => {
+                "the key exists (If-None-Match: * writes only a new key)".into()
+            }
+            Precondition::Exists => "the key does not exist (If-Match: *)".into(),
+            Precondition::Version(v) => {
+                format!("the current version is not \"{v}\", or the key does not exist (If-Match)")
+            }
+            Precondition::None => "the write's precondition does not hold".into(),
+        })
     }
 }
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{eventually, request, Env, RedisServer};
+use crate::support::{eventually, request, Env, RedisServer, Resp};
 
 #[tokio::test]
 async fn a_put_is_read_back_from_l1_with_its_etag() {
@@ -210,19 +210,27 @@ async fn conditional_puts() {
     };
     let must_exist = put(vec![("if-match", "*".into())], "0").await;
     assert_eq!(must_exist.status, 412, "If-Match: * on an absent document");
+    let message = |r: &Resp| r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(
+        message(&must_exist).contains("does not exist"),
+        "{must_exist:?}"
+    );
 
     let created = put(vec![("if-none-match", "*".into())], "1").await;
     assert_eq!(created.status, 201);
     let v1 = created.etag_version();
-    assert_eq!(
-        put(vec![("if-none-match", "*".into())], "1").await.status,
-        412
-    );
+    let exists = put(vec![("if-none-match", "*".into())], "1").await;
+    assert_eq!(exists.status, 412);
+    assert!(message(&exists).contains("the key exists"), "{exists:?}");
 
     let ok = put(vec![("if-match", format!("\"{v1}\""))], "2").await;
     assert_eq!(ok.status, 200);
     let lost = put(vec![("if-match", format!("\"{v1}\""))], "3").await;
     assert_eq!(lost.status, 412, "a lost update is refused");
+    assert!(
+        message(&lost).contains(&format!("is not \"{v1}\"")),
+        "{lost:?}"
+    );
     assert_eq!(put(vec![("if-match", "*".into())], "4").await.status, 200);
     assert_eq!(a.get("/v1/kv/c").await.json(), json!(4));
 

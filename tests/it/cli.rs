@@ -95,8 +95,9 @@ async fn migrate_reports_its_changes_then_nothing() {
     );
 }
 
-#[test]
-fn passwords_never_reach_the_logs() {
+/// Runs `syncar serve` against servers that do not exist until a failed connection attempt
+/// is reported, then stops it with SIGTERM; returns its log.
+fn logs_of_a_failed_start(format: &str) -> String {
     let port = free_port();
     let child = syncar()
         .arg("serve")
@@ -110,7 +111,8 @@ fn passwords_never_reach_the_logs() {
             format!("redis://:rd-s3cret@127.0.0.1:{}", free_port()),
         )
         .env("SYNCAR_LOG", "debug")
-        .env("SYNCAR_LOG_FORMAT", "json")
+        .env("SYNCAR_LOG_FORMAT", format)
+        .env_remove("NO_COLOR")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -138,10 +140,16 @@ fn passwords_never_reach_the_logs() {
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "exits cleanly on SIGTERM");
-    let logs = String::from_utf8_lossy(&out.stderr);
+    let logs = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(logs.contains("syncar listening"), "{logs}");
     assert!(logs.contains("schema not ready"), "{logs}");
     assert!(!logs.contains("s3cret"), "a password leaked:\n{logs}");
+    logs
+}
+
+#[test]
+fn passwords_never_reach_the_logs() {
+    let logs = logs_of_a_failed_start("json");
     for line in logs.lines() {
         let event: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
@@ -150,6 +158,17 @@ fn passwords_never_reach_the_logs() {
             "{line}"
         );
     }
+}
+
+/// Text logs into a pipe (a file, a collector) carry no ANSI colour escapes.
+#[test]
+fn text_logs_to_a_pipe_have_no_colour_codes() {
+    let logs = logs_of_a_failed_start("text");
+    assert!(logs.contains("WARN"), "{logs}");
+    assert!(
+        !logs.contains('\x1b'),
+        "an escape code in a piped log:\n{logs:?}"
+    );
 }
 
 /// SIGTERM to the real binary: it stops accepting at once, lets a request already in flight

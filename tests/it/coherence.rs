@@ -306,7 +306,7 @@ async fn killed_subscriptions_come_back() {
     let url = redis.url();
     let [a, b, c] = three(&env, move |c| c.redis.url = url.clone()).await;
     let before: Vec<u64> = futures_util::future::join_all([&a, &b, &c].map(|i| async move {
-        i.readyz().await["feeds"]["redis"]["since_ms"]
+        i.readyz().await["feeds"]["redis"]["since_unix_ms"]
             .as_u64()
             .unwrap()
     }))
@@ -325,7 +325,7 @@ async fn killed_subscriptions_come_back() {
     for (i, since) in [&a, &b, &c].iter().zip(before) {
         eventually(WINDOW, "the feed to go down and come back", || async {
             let f = i.readyz().await["feeds"]["redis"].clone();
-            (f["up"] == true && f["since_ms"].as_u64().unwrap() > since).then_some(())
+            (f["up"] == true && f["since_unix_ms"].as_u64().unwrap() > since).then_some(())
         })
         .await;
     }

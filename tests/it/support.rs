@@ -106,7 +106,7 @@ impl Env {
     /// Starts an instance with `config`, and waits until it is ready.
     pub async fn start_with(&self, config: Config) -> Instance {
         config.validate().expect("test config is valid");
-        syncar::telemetry::init_logging(&config.log);
+        init_logging();
         let app = App::start(config).await.expect("syncar starts");
         app.ready(Duration::from_secs(20))
             .await
@@ -282,6 +282,19 @@ impl Resp {
             .and_then(|e| e.trim_matches('"').parse().ok())
             .unwrap_or_else(|| panic!("no numeric ETag in {self:?}"))
     }
+}
+
+/// Logs through libtest's capture: a passing test prints nothing, a failing one shows its
+/// logs (the fault tests' expected WARN lines stay out of `make test`'s output). Level from
+/// `RUST_LOG`, default `info`.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
 }
 
 /// One HTTP/1.1 request on a fresh connection.

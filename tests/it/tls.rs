@@ -29,7 +29,7 @@ async fn env_on_tls(params: &str, rediss: bool) -> (Env, syncar::Config) {
 
 /// `/readyz`'s Postgres and schema checks, as one string, once the schema task has tried.
 async fn postgres_problem(config: syncar::Config) -> String {
-    syncar::telemetry::init_logging(&config.log);
+    crate::support::init_logging();
     let app = syncar::App::start(config).await.expect("starts");
     let state = app.state().clone();
     let reason = eventually(Duration::from_secs(20), "a reason", || async {
