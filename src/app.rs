@@ -33,7 +33,7 @@ use crate::l2::L2;
 use crate::redact::{redact_url, Secrets};
 use crate::relay::RelayContext;
 use crate::resource::CatalogCell;
-use crate::schema::{load_catalog, migrate, SchemaError};
+use crate::schema::{load_catalog, migrate, Migration, SchemaError};
 use crate::telemetry::{error_chain, metrics_handle, L1_BYTES, L1_ENTRIES};
 use crate::tiers::Tiers;
 
@@ -352,11 +352,25 @@ pub async fn run_uninstall(config: &Config) -> Result<Vec<String>, MigrateError>
     .await
 }
 
+/// Checks the configuration against the database, changing nothing: see
+/// [`crate::schema::check`].
+///
+/// # Errors
+/// Postgres unreachable or failing.
+pub async fn run_check(config: &Config) -> Result<crate::schema::Check, MigrateError> {
+    with_connection(config, |mut client| async move {
+        crate::schema::check(&mut client, config)
+            .await
+            .map_err(MigrateError::from)
+    })
+    .await
+}
+
 /// Runs the migration once, on a connection of its own.
 ///
 /// # Errors
 /// Postgres unreachable, or the schema cannot serve the configuration.
-pub async fn run_migration(config: &Config) -> Result<Vec<String>, MigrateError> {
+pub async fn run_migration(config: &Config) -> Result<Migration, MigrateError> {
     with_connection(config, |mut client| async move {
         migrate(&mut client, config)
             .await
@@ -394,7 +408,7 @@ async fn schema_task(
             let config = config.clone();
             async move {
                 let changes = if config.postgres.migrate_on_start {
-                    migrate(&mut client, &config).await?
+                    migrate(&mut client, &config).await?.changes
                 } else {
                     Vec::new()
                 };
@@ -410,6 +424,13 @@ async fn schema_task(
             Ok((changes, loaded)) => {
                 for change in &changes {
                     tracing::info!(change = %change, "migrated");
+                }
+                for (resource, reason) in loaded.all_unavailable() {
+                    tracing::error!(
+                        resource,
+                        reason = %secrets.scrub(reason),
+                        "resource unavailable: its requests answer 503 until the table is fixed and syncar restarted"
+                    );
                 }
                 catalog.set(loaded);
                 tracing::info!("schema ready; serving documents");

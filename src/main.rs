@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncar::app::{run_migration, run_uninstall, Role};
+use syncar::app::{run_check, run_migration, run_uninstall, Role};
 use syncar::config::{Config, LogFormat};
 use syncar::telemetry::{self, error_chain};
 use syncar::App;
@@ -36,8 +36,13 @@ enum Command {
     /// Remove the triggers, their functions, the publication and the replication slot;
     /// keep the data (version columns, sequence, kv table, changes log).
     Uninstall,
-    /// Validate the configuration and exit.
-    CheckConfig,
+    /// Validate the configuration and exit; with --db, also check it against the database
+    /// (tables, keys, version columns, what the wal source needs), changing nothing.
+    CheckConfig {
+        /// Connect to postgres.url and check every resource's table.
+        #[arg(long)]
+        db: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,7 +58,7 @@ fn main() -> ExitCode {
         config.log.format = LogFormat::Json;
     }
     telemetry::init_logging(&config.log);
-    if let Command::CheckConfig = cli.command {
+    if let Command::CheckConfig { db: false } = cli.command {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -108,15 +113,21 @@ fn main() -> ExitCode {
                 }
             },
             Command::Migrate => match run_migration(&config).await {
-                Ok(changes) if changes.is_empty() => {
-                    println!("schema is up to date");
-                    ExitCode::SUCCESS
-                }
-                Ok(changes) => {
-                    for change in changes {
+                Ok(done) => {
+                    if done.changes.is_empty() {
+                        println!("schema is up to date");
+                    }
+                    for change in done.changes {
                         println!("{change}");
                     }
-                    ExitCode::SUCCESS
+                    for reason in &done.unavailable {
+                        eprintln!("syncar: left out: {reason}");
+                    }
+                    if done.unavailable.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
                 Err(e) => {
                     let secrets =
@@ -128,7 +139,31 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Command::CheckConfig => ExitCode::SUCCESS,
+            Command::CheckConfig { .. } => match run_check(&config).await {
+                Ok(report) => {
+                    println!("configuration is valid");
+                    for note in &report.notes {
+                        println!("{note}");
+                    }
+                    for problem in &report.problems {
+                        eprintln!("syncar: {problem}");
+                    }
+                    if report.problems.is_empty() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    let secrets =
+                        syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
+                    eprintln!(
+                        "syncar: cannot check against the database: {}",
+                        secrets.scrub(&error_chain(&e))
+                    );
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

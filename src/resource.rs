@@ -16,6 +16,9 @@ pub struct Catalog {
     resources: HashMap<String, Arc<Resource>>,
     /// How changes are captured, as the schema was migrated for.
     pub capture: Capture,
+    /// Configured resources left out, by name, with why (their table does not exist or does
+    /// not fit): requests to them answer 503 `resource_unavailable` with the reason.
+    unavailable: HashMap<String, String>,
 }
 
 /// The Postgres source the schema serves, resolved from `feeds.postgres_source` against the
@@ -51,7 +54,30 @@ impl Catalog {
                 .map(|r| (r.name.clone(), Arc::new(r)))
                 .collect(),
             capture: Capture::default(),
+            unavailable: HashMap::new(),
         }
+    }
+
+    /// The same catalog, with `unavailable` (name, reason) left out.
+    pub fn with_unavailable(mut self, unavailable: Vec<(String, String)>) -> Self {
+        self.unavailable.extend(unavailable);
+        self
+    }
+
+    /// Why the configured resource `name` is left out, if it is.
+    pub fn unavailable(&self, name: &str) -> Option<&str> {
+        self.unavailable.get(name).map(String::as_str)
+    }
+
+    /// Every configured resource left out, with why, sorted by name.
+    pub fn all_unavailable(&self) -> Vec<(&str, &str)> {
+        let mut all: Vec<_> = self
+            .unavailable
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_str()))
+            .collect();
+        all.sort_unstable();
+        all
     }
 
     /// The same catalog, captured as `capture` says.

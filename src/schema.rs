@@ -12,8 +12,8 @@ mod names;
 mod table;
 mod triggers;
 
-pub use catalog::load_catalog;
+pub use catalog::{check, load_catalog, Check};
 pub use changes::{changes_since, current_xmin, prune_changes, ChangesQuery};
 pub use error::SchemaError;
-pub use migrate::{migrate, uninstall};
+pub use migrate::{migrate, uninstall, Migration};
 pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};

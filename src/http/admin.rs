@@ -65,6 +65,20 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
         Ok(_) => json!({"ok": true}),
         Err(e) => json!({"ok": false, "error": state.secrets.scrub(&e.to_string())}),
     };
+    // A resource left out (its table does not fit) is reported, not required: the others
+    // serve, and one bad table must not take the pod out of its Services.
+    let mut resources = serde_json::Map::new();
+    if let Ok(catalog) = state.catalog() {
+        for r in catalog.iter() {
+            resources.insert(r.name.clone(), json!({"ok": true}));
+        }
+        for (name, reason) in catalog.all_unavailable() {
+            resources.insert(
+                name.to_string(),
+                json!({"ok": false, "error": state.secrets.scrub(reason)}),
+            );
+        }
+    }
     let (pg, redis) = (check(pg), check(redis));
     let coherence = &state.coherence;
     let now = crate::model::now_ms();
@@ -104,6 +118,7 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             "ready": ready,
             "instance": state.instance,
             "checks": {"postgres": pg, "redis": redis, "schema": schema},
+            "resources": resources,
             "feeds": {"postgres": postgres_feed, "redis": feed(&coherence.redis)},
             "l1_in_use": coherence.l1_usable(),
         }),

@@ -38,6 +38,10 @@ pub enum ApiError {
     NoRoute,
     #[error("unknown resource {0:?}")]
     UnknownResource(String),
+    /// A configured resource left out of the catalog (its table does not exist or does not
+    /// fit); the reason. Not retried by syncar: fix the table or the config, then restart.
+    #[error("{0}; fix the table or the configuration, then restart syncar")]
+    ResourceUnavailable(String),
     #[error("{0} does not exist")]
     NotFound(String),
     #[error("method not allowed")]
@@ -81,6 +85,7 @@ impl ApiError {
         match self {
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             UnknownResource(_) => (StatusCode::NOT_FOUND, "unknown_resource"),
+            ResourceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "resource_unavailable"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),

@@ -24,12 +24,16 @@ pub struct Target {
 /// Resolves `{resource}/{key}` (the path after `/v1/`) against the catalog.
 ///
 /// # Errors
-/// 404 for no such route or resource, 400 for a malformed key, 414 for a long one.
+/// 404 for no such route or resource, 503 for a configured resource whose table does not
+/// fit, 400 for a malformed key, 414 for a long one.
 pub fn target(catalog: &Catalog, rest: &str, max_key_bytes: usize) -> Result<Target, ApiError> {
     let (name, raw_key) = rest.split_once('/').ok_or(ApiError::NoRoute)?;
     let resource: &Arc<_> = catalog
         .get(name)
-        .ok_or_else(|| ApiError::UnknownResource(name.to_string()))?;
+        .ok_or_else(|| match catalog.unavailable(name) {
+            Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
+            None => ApiError::UnknownResource(name.to_string()),
+        })?;
     let key = decode_key(raw_key, max_key_bytes)?;
     let doc = DocRef::new(resource, &key).map_err(ApiError::InvalidKey)?;
     Ok(Target { doc, key })

@@ -6,15 +6,16 @@ use tokio_postgres::GenericClient;
 use super::capture;
 use super::error::SchemaError;
 use super::names::{wanted_triggers, VERSION_SEQUENCE};
-use super::table::{describe_table, key_column, table_oid, Identity};
+use super::table::{fit, table_oid, Identity};
 use crate::config::Config;
 use crate::resource::{Catalog, Column, Resource};
 
-/// Resolves the configured resources (and `kv`) against the live schema.
+/// Resolves the configured resources (and `kv`) against the live schema. A configured table
+/// that does not exist or does not fit is left out of the catalog and listed in
+/// [`Catalog::unavailable`] with the reason; the other resources serve.
 ///
 /// # Errors
-/// [`SchemaError::NotMigrated`] when syncar's objects are missing; [`SchemaError::Invalid`]
-/// when a configured table does not fit.
+/// [`SchemaError::NotMigrated`] when syncar's objects are missing.
 pub async fn load_catalog(
     client: &impl GenericClient,
     config: &Config,
@@ -31,8 +32,16 @@ pub async fn load_catalog(
     }
     let capture = capture::load(client, config).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
+    let mut unavailable = Vec::new();
     for r in &config.resources {
-        let info = describe_table(client, r).await?;
+        let (info, key_type) = match fit(client, r).await {
+            Ok(fits) => fits,
+            Err(SchemaError::Invalid(reason)) => {
+                unavailable.push((r.name.clone(), reason));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let wanted = wanted_triggers(capture.source, info.identity == Identity::ExcludesKey);
         let installed: i64 = client
             .query_one(
@@ -50,7 +59,6 @@ pub async fn load_catalog(
                 r.schema, r.table
             )));
         }
-        let key_type = key_column(&info, r)?;
         let columns = info
             .columns
             .iter()
@@ -75,5 +83,73 @@ pub async fn load_catalog(
             readonly,
         ));
     }
-    Ok(Catalog::new(resources).with_capture(capture))
+    Ok(Catalog::new(resources)
+        .with_capture(capture)
+        .with_unavailable(unavailable))
+}
+
+/// What `syncar check-config --db` found: each configured resource checked against the live
+/// tables, whether the schema is migrated, and the source `auto` would pick. Changes nothing.
+#[derive(Debug, Default)]
+pub struct Check {
+    /// One line per fact that holds.
+    pub notes: Vec<String>,
+    /// One line per problem; `serve` would leave such a resource out (503
+    /// `resource_unavailable`), or not start serving at all (an impossible `wal`).
+    pub problems: Vec<String>,
+}
+
+/// Checks `config` against the database `client` is connected to, read-only (the source
+/// decision runs in a transaction that is rolled back).
+///
+/// # Errors
+/// Postgres failing.
+pub async fn check(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Check, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let tx = client
+        .build_transaction()
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg("starting a read-only transaction"))?;
+    let mut report = Check::default();
+    let schema = &config.postgres.schema;
+    if table_oid(&tx, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_some()
+    {
+        report.notes.push(format!("schema {schema} is migrated"));
+    } else {
+        report.notes.push(format!(
+            "schema {schema} is not migrated yet: `syncar migrate` (or serve, with \
+             postgres.migrate_on_start) installs it"
+        ));
+    }
+    let mut tables = Vec::new();
+    for r in &config.resources {
+        match fit(&tx, r).await {
+            Ok((info, key_type)) => {
+                report.notes.push(format!(
+                    "resource {:?}: table {}.{}, key {:?} ({key_type:?})",
+                    r.name, r.schema, r.table, r.key
+                ));
+                tables.push((r, info));
+            }
+            Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
+            Err(e) => return Err(e),
+        }
+    }
+    let described: Vec<_> = tables.iter().map(|(r, info)| (*r, info)).collect();
+    match capture::resolve(&tx, config, &described).await {
+        Ok((source, reason)) => report
+            .notes
+            .push(format!("postgres source: {} ({reason})", source.as_str())),
+        Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
+        Err(e) => return Err(e),
+    }
+    tx.rollback().await.map_err(pg("ending the check"))?;
+    Ok(report)
 }

@@ -12,7 +12,7 @@ use super::names::{
     MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_TRUNCATE, TG_UPDATE,
     VERSION_SEQUENCE,
 };
-use super::table::{describe_table, key_column, table_oid, Identity, TableInfo, INT8_OID};
+use super::table::{describe_table, fit, table_oid, Identity, TableInfo};
 use super::triggers::{
     announce_function_body, dollar_quote, function_name, stamp_function_body,
     truncate_function_body, Announce,
@@ -26,15 +26,16 @@ use crate::resource::{quote_ident, quote_literal};
 /// Then, outside that transaction, the `wal` source's replication slot (created if missing or
 /// invalidated); other sources drop an idle syncar slot, which would retain WAL for nobody.
 ///
-/// Returns what it changed, one line per change; empty when the schema was up to date.
+/// A configured table that does not exist or does not fit (its key, its version column) is
+/// left out, with the reason in [`Migration::unavailable`]: the other resources do not go
+/// down with it.
 ///
 /// # Errors
-/// A configured table or column that does not exist or has the wrong type, `wal` configured
-/// where the server cannot do it, or Postgres failing.
+/// `wal` configured where the server cannot do it, or Postgres failing.
 pub async fn migrate(
     client: &mut tokio_postgres::Client,
     config: &Config,
-) -> Result<Vec<String>, SchemaError> {
+) -> Result<Migration, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let tx = begin_locked(client).await?;
     let schema = &config.postgres.schema;
@@ -102,34 +103,31 @@ pub async fn migrate(
 
     let kv = kv_resource(schema);
     let mut tables: Vec<(&ResourceConfig, TableInfo)> = Vec::new();
+    let mut unavailable = Vec::new();
     for r in std::iter::once(&kv).chain(&config.resources) {
-        let mut info = describe_table(&tx, r).await?;
+        // One configured table that does not fit is left out; the others are migrated.
+        let mut info = match fit(&tx, r).await {
+            Ok((info, _)) => info,
+            Err(SchemaError::Invalid(reason)) if r.name != KV_RESOURCE => {
+                unavailable.push(reason);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
-        match info.columns.iter().find(|c| c.name == r.version_column) {
-            Some(c) if c.type_oid == INT8_OID => {}
-            Some(c) => {
-                return Err(SchemaError::Invalid(format!(
-                "resource {:?}: column {:?} of table {} is {}, but a version column must be bigint",
-                r.name, r.version_column, qualified, c.type_name
-            )))
-            }
-            None => {
-                // A volatile default gives every existing row its own version.
-                tx.batch_execute(&format!(
-                    "ALTER TABLE {qualified} ADD COLUMN {} bigint NOT NULL DEFAULT nextval({})",
-                    quote_ident(&r.version_column),
-                    quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
-                ))
-                .await
-                .map_err(pg("adding a version column"))?;
-                changes.push(format!(
-                    "added column {} to table {qualified}",
-                    r.version_column
-                ));
-            }
-        }
-        key_column(&info, r)?;
         if info.columns.iter().all(|c| c.name != r.version_column) {
+            // A volatile default gives every existing row its own version.
+            tx.batch_execute(&format!(
+                "ALTER TABLE {qualified} ADD COLUMN {} bigint NOT NULL DEFAULT nextval({})",
+                quote_ident(&r.version_column),
+                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+            ))
+            .await
+            .map_err(pg("adding a version column"))?;
+            changes.push(format!(
+                "added column {} to table {qualified}",
+                r.version_column
+            ));
             info = describe_table(&tx, r).await?;
         }
         tables.push((r, info));
@@ -419,7 +417,19 @@ pub async fn migrate(
     } else if let Some(change) = capture::drop_idle_slot(client, &slot).await? {
         changes.push(change);
     }
-    Ok(changes)
+    Ok(Migration {
+        changes,
+        unavailable,
+    })
+}
+
+/// What [`migrate`] did.
+#[derive(Debug, Default)]
+pub struct Migration {
+    /// What it changed, one line per change; empty when the schema was up to date.
+    pub changes: Vec<String>,
+    /// Configured resources it left out, each with why (a table that does not exist…).
+    pub unavailable: Vec<String>,
 }
 
 /// Creates or replaces a trigger function unless its body is already `body`. Returns whether

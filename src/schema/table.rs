@@ -74,6 +74,30 @@ pub(super) fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType
     Ok(key_type)
 }
 
+/// Whether `r`'s table can serve as a resource: it exists, is not partitioned, its key
+/// column fits ([`key_column`]) and its version column, if present, is bigint (migrate adds
+/// a missing one). Each failure is [`SchemaError::Invalid`], naming the resource: a problem of
+/// this one resource, which the others do not share.
+///
+/// # Errors
+/// [`SchemaError::Invalid`] as above; [`SchemaError::Postgres`] when a lookup fails.
+pub(super) async fn fit(
+    client: &impl GenericClient,
+    r: &ResourceConfig,
+) -> Result<(TableInfo, KeyType), SchemaError> {
+    let info = describe_table(client, r).await?;
+    if let Some(c) = info.columns.iter().find(|c| c.name == r.version_column) {
+        if c.type_oid != INT8_OID {
+            return Err(SchemaError::Invalid(format!(
+                "resource {:?}: column {:?} of table {}.{} is {}, but a version column must be bigint",
+                r.name, r.version_column, r.schema, r.table, c.type_name
+            )));
+        }
+    }
+    let key_type = key_column(&info, r)?;
+    Ok((info, key_type))
+}
+
 pub(super) async fn table_oid(
     client: &impl GenericClient,
     schema: &str,

@@ -147,6 +147,61 @@ fn logs_of_a_failed_start(format: &str) -> String {
     logs
 }
 
+/// `check-config --db` finds what `check-config` alone cannot: a table that does not exist.
+#[tokio::test]
+async fn check_config_against_the_database_names_a_missing_table() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE present (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("syncar.toml");
+    let resource = |name: &str, table: &str| {
+        format!("[[resource]]\nname = \"{name}\"\ntable = \"{table}\"\nkey = \"id\"\n")
+    };
+    let check = |toml: String, db: bool| {
+        std::fs::write(&path, toml).unwrap();
+        let mut c = syncar();
+        c.args(["check-config", "--config"]).arg(&path);
+        if db {
+            c.arg("--db");
+        }
+        c.env("SYNCAR_POSTGRES_URL", &env.pg_url).output().unwrap()
+    };
+    let good = check(resource("present", "present"), true);
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(
+        good.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    assert!(
+        out.contains("resource \"present\": table public.present"),
+        "{out}"
+    );
+    assert!(out.contains("not migrated yet"), "{out}");
+
+    let toml = resource("present", "present") + &resource("orders", "orders");
+    assert!(
+        check(toml.clone(), false).status.success(),
+        "without --db the file alone is checked"
+    );
+    let bad = check(toml, true);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("table public.orders does not exist"), "{err}");
+    let untouched: bool = env
+        .pg()
+        .await
+        .query_one("SELECT to_regclass('syncar_version_seq') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(untouched, "the check changed nothing");
+}
+
 #[test]
 fn passwords_never_reach_the_logs() {
     let logs = logs_of_a_failed_start("json");

@@ -12,13 +12,13 @@ use crate::support::Env;
 async fn the_migration_is_idempotent() {
     let env = Env::new().await;
     let config = env.config();
-    let first = syncar::app::run_migration(&config).await.unwrap();
+    let first = syncar::app::run_migration(&config).await.unwrap().changes;
     assert!(
         first.iter().any(|c| c.contains("syncar_version_seq")),
         "{first:?}"
     );
     assert!(first.iter().any(|c| c.contains("syncar_kv")), "{first:?}");
-    let second = syncar::app::run_migration(&config).await.unwrap();
+    let second = syncar::app::run_migration(&config).await.unwrap().changes;
     assert!(
         second.is_empty(),
         "a second run changes nothing: {second:?}"
@@ -255,6 +255,7 @@ async fn a_custom_version_column_is_stamped_too() {
     assert!(syncar::app::run_migration(&config)
         .await
         .unwrap()
+        .changes
         .is_empty());
 }
 
@@ -297,7 +298,8 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
 
     let changes = syncar::app::run_migration(&notify_config(&env))
         .await
-        .unwrap();
+        .unwrap()
+        .changes;
     assert!(
         changes.contains(&"dropped function public.syncar_stamp_version()".to_string()),
         "{changes:?}"
@@ -343,7 +345,8 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
     );
     let again = syncar::app::run_migration(&notify_config(&env))
         .await
-        .unwrap();
+        .unwrap()
+        .changes;
     assert!(again.is_empty(), "then nothing to do: {again:?}");
 }
 
@@ -353,7 +356,10 @@ async fn the_changes_log_source_the_default_logs_every_change_without_notify() {
     syncar::app::run_migration(&notify_config(&env))
         .await
         .unwrap();
-    let changes = syncar::app::run_migration(&env.config()).await.unwrap();
+    let changes = syncar::app::run_migration(&env.config())
+        .await
+        .unwrap()
+        .changes;
     assert_eq!(
         changes,
         [
@@ -480,10 +486,8 @@ async fn partitioned_tables_and_partitions_are_refused() {
         config
             .resources
             .push(crate::support::resource(table, "id", "version"));
-        let err = syncar::app::run_migration(&config)
-            .await
-            .unwrap_err()
-            .to_string();
+        let done = syncar::app::run_migration(&config).await.unwrap();
+        let err = done.unavailable.join("; ");
         assert!(err.contains("partition"), "{table}: {err}");
     }
 }

@@ -165,30 +165,50 @@ async fn postgres_checks_the_types_and_constraints() {
     );
 }
 
+/// One configured table that does not exist and one that does not fit take nothing else
+/// down: `kv` and the fitting table serve, the two answer 503 `resource_unavailable` with the
+/// reason, and `/readyz` stays 200 naming them.
 #[tokio::test]
-async fn a_table_that_does_not_fit_is_reported_on_readyz() {
-    let env = Env::new().await;
+async fn a_missing_or_unfit_table_leaves_the_other_resources_serving() {
+    let env = users_env().await;
     env.pg()
         .await
         .batch_execute("CREATE TABLE nokey (id integer, name text)")
         .await
         .unwrap();
-    let mut config = env.config();
-    config
-        .resources
-        .push(crate::support::resource("nokey", "id", "version"));
-    let app = syncar::App::start(config).await.unwrap();
-    let err = app
-        .ready(std::time::Duration::from_millis(1500))
-        .await
-        .unwrap_err();
-    assert!(err.contains("unique index"), "{err}");
-    let ready = request(app.addr(), "GET", "/readyz", &[], None).await;
-    assert_eq!(ready.status, 503);
-    let schema = ready.json()["checks"]["schema"].clone();
+    let a = env
+        .start(|c| {
+            users(c);
+            c.resources
+                .push(crate::support::resource("nokey", "id", "version"));
+            let mut missing = crate::support::resource("orders", "id", "version");
+            missing.table = "no_such_table".into();
+            c.resources.push(missing);
+        })
+        .await;
+    assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
+    assert_eq!(a.get("/v1/users/1").await.status, 200);
+    for (path, reason) in [
+        ("/v1/orders/1", "no_such_table does not exist"),
+        ("/v1/nokey/1", "unique index"),
+    ] {
+        let r = a.get(path).await;
+        assert_eq!(r.status, 503, "{path}: {r:?}");
+        assert_eq!(r.code(), "resource_unavailable");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(reason), "{path}: {message}");
+    }
+    let ready = a.readyz().await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(ready["resources"]["users"]["ok"], true, "{ready}");
+    assert_eq!(ready["resources"]["orders"]["ok"], false, "{ready}");
     assert!(
-        schema["error"].as_str().unwrap().contains("unique index"),
-        "{schema}"
+        ready["resources"]["orders"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist"),
+        "{ready}"
     );
-    app.shutdown().await;
+    let unknown = a.get("/v1/nothing/1").await;
+    assert_eq!(unknown.code(), "unknown_resource");
 }

@@ -391,7 +391,7 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
     let env = Env::new().await;
     let mut config = env.config();
     config.feeds.postgres_source = PostgresSource::Wal;
-    let installed = syncar::app::run_migration(&config).await.unwrap();
+    let installed = syncar::app::run_migration(&config).await.unwrap().changes;
     assert!(
         installed
             .iter()
@@ -735,7 +735,7 @@ async fn auto_keeps_the_changes_log_of_an_earlier_install() {
         .await
         .unwrap();
     config.feeds.postgres_source = PostgresSource::Auto;
-    let changes = syncar::app::run_migration(&config).await.unwrap();
+    let changes = syncar::app::run_migration(&config).await.unwrap().changes;
     assert!(
         changes
             .iter()
