@@ -3,6 +3,7 @@
 #   make test   the whole test suite (real Postgres and Redis, started by the tests)
 
 SYNCAR_LISTEN ?= 127.0.0.1:7070
+SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 # `make run CONFIG=my.toml` serves your own config against the dev servers.
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
@@ -17,10 +18,11 @@ run: services-up
 	@echo "  curl -i http://$(SYNCAR_LISTEN)/v1/kv/a          # X-Cache: l1, the PUT's ETag"
 	@echo "  curl -i -X DELETE http://$(SYNCAR_LISTEN)/v1/kv/a"
 	@echo "  curl -s http://$(SYNCAR_LISTEN)/readyz; curl -s http://$(SYNCAR_LISTEN)/metrics | head"
+	@echo "  curl -s http://$(SYNCAR_ADMIN_LISTEN)/debug/keys/kv/a   # what each tier holds for a key"
 	@echo "  psql postgres://postgres@127.0.0.1:55432/syncar   # the dev database"
 	@echo "Ctrl-C stops syncar; 'make services-down' stops Postgres and Redis."
 	@echo
-	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) ./target/release/syncar serve --config $(CONFIG)
+	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) ./target/release/syncar serve --config $(CONFIG)
 
 test:
 	cargo test

@@ -42,30 +42,45 @@ pub struct L1 {
     generation: Arc<AtomicU64>,
 }
 
-/// A cached copy, how long it may live from its insertion, and the generation it belongs to.
+/// A cached copy, when it expires, and the generation it belongs to.
 #[derive(Clone, Debug)]
 struct Entry {
     cached: Arc<Cached>,
-    ttl: Duration,
+    /// Its insertion plus its TTL. (A deadline rather than the TTL: the same size, and the
+    /// time left can be read back for [`L1::inspect`].)
+    expires_at: Instant,
     generation: u64,
 }
 
 struct PerEntryTtl;
 
 impl Expiry<CacheKey, Entry> for PerEntryTtl {
-    fn expire_after_create(&self, _: &CacheKey, e: &Entry, _: Instant) -> Option<Duration> {
-        Some(e.ttl)
+    fn expire_after_create(&self, _: &CacheKey, e: &Entry, now: Instant) -> Option<Duration> {
+        Some(e.expires_at.saturating_duration_since(now))
     }
 
     fn expire_after_update(
         &self,
         _: &CacheKey,
         e: &Entry,
-        _: Instant,
+        now: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(e.ttl)
+        Some(e.expires_at.saturating_duration_since(now))
     }
+}
+
+/// What L1 holds for one key, for the debug view ([`L1::inspect`]).
+#[derive(Clone, Debug)]
+pub struct Inspected {
+    /// The copy, tombstones included.
+    pub cached: Arc<Cached>,
+    /// Until moka evicts it.
+    pub ttl_left: Duration,
+    /// The generation it was filled in.
+    pub generation: u64,
+    /// Whether that is the current generation (else it is never served: a flush since).
+    pub current: bool,
 }
 
 impl L1 {
@@ -95,6 +110,17 @@ impl L1 {
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
         let entry = self.cache.get(key).await?;
         (entry.generation == self.generation()).then_some(entry.cached)
+    }
+
+    /// What L1 holds for `key`, older generations included (see [`Inspected::current`]).
+    pub async fn inspect(&self, key: &CacheKey) -> Option<Inspected> {
+        let entry = self.cache.get(key).await?;
+        Some(Inspected {
+            ttl_left: entry.expires_at.saturating_duration_since(Instant::now()),
+            current: entry.generation == self.generation(),
+            generation: entry.generation,
+            cached: entry.cached,
+        })
     }
 
     /// Puts `copy` in the cache for `ttl` if it is newer than what is there.
@@ -149,7 +175,7 @@ impl L1 {
                     }
                     _ => Op::Put(Entry {
                         cached: Arc::new(copy),
-                        ttl,
+                        expires_at: Instant::now() + ttl,
                         // Tagged with the loader's generation: if a clear slipped in since
                         // the check above, the entry is already unservable.
                         generation,

@@ -225,6 +225,32 @@ impl L2 {
             .transpose()
     }
 
+    /// What Redis holds for `key` in its resource's current generation, and its time to
+    /// live in ms (`PTTL`: -1 for none), for the debug view. Tries Redis even while reads
+    /// skip it.
+    ///
+    /// # Errors
+    /// The command's failure, or an unreadable entry.
+    pub async fn inspect(&self, key: &CacheKey) -> Result<Option<(Cached, i64)>, L2Error> {
+        let mut conn = self.conn.clone();
+        let redis_key = self.redis_key(key);
+        let (raw, ttl_ms): (Option<Vec<u8>>, i64) = self
+            .run(
+                "get",
+                redis::pipe()
+                    .get(&redis_key)
+                    .pttl(&redis_key)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        raw.map(|raw| {
+            decode(&raw)
+                .map(|copy| (copy, ttl_ms))
+                .ok_or_else(|| L2Error::Corrupt(key.to_string()))
+        })
+        .transpose()
+    }
+
     /// Stores `copy` for `ttl` unless Redis holds a copy of the same rank or newer.
     /// Returns whether it was applied.
     ///

@@ -71,6 +71,20 @@ pub struct Tiers {
     counters: Arc<Counters>,
 }
 
+/// What [`Tiers::inspect`] found for one key. Holds no document body beyond L1's own copy.
+#[derive(Debug)]
+pub struct KeyReport {
+    /// `None` when L1 is off; `Some(None)` when it holds nothing for the key.
+    pub l1: Option<Option<crate::l1::Inspected>>,
+    /// Whether reads use L1 now (every feed up).
+    pub l1_usable: bool,
+    pub redis_key: String,
+    /// Redis' copy and its `PTTL` in ms.
+    pub redis: Result<Option<(Cached, i64)>, L2Error>,
+    /// Postgres' version and the document's length in bytes; `None` when absent.
+    pub postgres: Result<Option<(Version, usize)>, DbError>,
+}
+
 /// Hot-path counters, registered once (a label lookup per read costs more than an L1 hit).
 struct Counters {
     l1_hit: metrics::Counter,
@@ -138,6 +152,27 @@ impl Tiers {
         } else {
             self.counters.bypassed.increment(1);
             None
+        }
+    }
+
+    /// What every tier holds for `doc`, read-only, for the debug view: L1's entry (`None`
+    /// when L1 is off), Redis' entry and its key, Postgres' current version and the
+    /// document's length in bytes. Changes nothing, fills nothing.
+    pub async fn inspect(&self, doc: &DocRef) -> KeyReport {
+        let l1 = match &self.l1 {
+            Some(l1) => Some(l1.inspect(&doc.ck).await),
+            None => None,
+        };
+        let (redis, postgres) = tokio::join!(
+            self.l2.inspect(&doc.ck),
+            self.db.get(&doc.resource, &doc.key)
+        );
+        KeyReport {
+            l1,
+            l1_usable: self.coherence.l1_usable(),
+            redis_key: self.l2.redis_key(&doc.ck),
+            redis,
+            postgres: postgres.map(|row| row.map(|(v, body)| (v, body.len()))),
         }
     }
 

@@ -13,6 +13,7 @@ use super::response::{json_response, JSON};
 use super::state::HttpState;
 use crate::coherence::FeedState;
 use crate::config::PostgresSource;
+use crate::model::{Cached, State};
 
 /// The OpenAPI 3 document of this API, kept in `docs/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -84,14 +85,7 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     let now = crate::model::now_ms();
     // `since_unix_ms`: when the feed last went up or down (Unix time, ms); `for_ms`: how
     // long ago that was (ms).
-    let feed = |f: &FeedState| {
-        json!({
-            "enabled": f.enabled(),
-            "up": f.is_up(),
-            "since_unix_ms": f.since_unix_ms(),
-            "for_ms": now.saturating_sub(f.since_unix_ms()),
-        })
-    };
+    let feed = |f: &FeedState| feed_json(f, now);
     let mut postgres_feed = feed(&coherence.postgres);
     if let Ok(catalog) = state.catalog() {
         let capture = &catalog.capture;
@@ -123,6 +117,114 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             "l1_in_use": coherence.l1_usable(),
         }),
     )
+}
+
+/// `GET /debug/keys/{resource}/{key}` (admin listener only): what each tier holds for one
+/// key, and whether this instance would serve it, as JSON. Versions, states, ages, TTLs and
+/// lengths only, never a document body. Reads each tier once; fills nothing.
+///
+/// # Errors
+/// As a document route: 503 before the catalog is loaded, 404 for no such resource, 400 or
+/// 414 for a bad key.
+pub(super) async fn debug_key(
+    state: &HttpState,
+    rest: &str,
+) -> Result<Response<Full<Bytes>>, super::error::ApiError> {
+    let catalog = state.catalog()?;
+    let target = super::request::target(&catalog, rest, state.config.server.max_key_bytes)?;
+    let report = state.tiers.inspect(&target.doc).await;
+    let now = crate::model::now_ms();
+    let copy = |c: &Cached| {
+        let (kind, bytes) = match &c.state {
+            State::Value(doc) => ("value", Some(doc.len())),
+            State::Absent => ("absent", None),
+            State::Invalidated => ("tombstone", None),
+        };
+        json!({
+            "state": kind,
+            "version": c.version.0,
+            "read_from_postgres_ms_ago": now.saturating_sub(c.at_ms),
+            "bytes": bytes,
+        })
+    };
+    let postgres_version = report
+        .postgres
+        .as_ref()
+        .ok()
+        .map(|p| p.map_or(0, |(v, _)| v.0));
+    let l1 = match &report.l1 {
+        None => json!({"enabled": false}),
+        Some(None) => json!({"enabled": true, "in_use": report.l1_usable, "entry": null}),
+        Some(Some(e)) => {
+            let mut entry = copy(&e.cached);
+            entry["ttl_left_ms"] = json!(e.ttl_left.as_millis() as u64);
+            entry["generation"] = json!(e.generation);
+            entry["current_generation"] = json!(e.current);
+            // What a read here would do with it right now.
+            entry["would_serve"] = json!(report.l1_usable && e.current && e.cached.is_servable());
+            json!({"enabled": true, "in_use": report.l1_usable, "entry": entry})
+        }
+    };
+    let redis = match &report.redis {
+        Ok(None) => json!({"key": report.redis_key, "entry": null}),
+        Ok(Some((c, ttl_ms))) => {
+            let mut entry = copy(c);
+            entry["ttl_ms"] = json!(ttl_ms);
+            json!({"key": report.redis_key, "entry": entry})
+        }
+        Err(e) => json!({"key": report.redis_key, "error": state.secrets.scrub(&e.to_string())}),
+    };
+    let postgres = match &report.postgres {
+        Ok(Some((v, bytes))) => json!({"exists": true, "version": v.0, "bytes": bytes}),
+        Ok(None) => json!({"exists": false, "version": null}),
+        Err(e) => json!({"error": state.secrets.scrub(&e.to_string())}),
+    };
+    // Each cached copy against Postgres' version (a delete's version is not kept by
+    // Postgres: an absent row reads as 0, and any cached absence or tombstone agrees).
+    let compare = |c: Option<&Cached>| match (c, postgres_version) {
+        (Some(c), Some(pg)) if c.version.0 < pg => json!("older than postgres"),
+        (Some(c), Some(pg)) if c.version.0 > pg && pg != 0 => json!("newer than postgres"),
+        (Some(_), Some(_)) => json!("matches postgres"),
+        _ => serde_json::Value::Null,
+    };
+    let l1_copy = report
+        .l1
+        .as_ref()
+        .and_then(|e| e.as_ref())
+        .map(|e| &*e.cached);
+    let redis_copy = report
+        .redis
+        .as_ref()
+        .ok()
+        .and_then(|r| r.as_ref())
+        .map(|(c, _)| c);
+    let coherence = &state.coherence;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "resource": target.doc.resource.name,
+            "key": target.key,
+            "instance": state.instance,
+            "l1": l1,
+            "redis": redis,
+            "postgres": postgres,
+            "verdict": {"l1": compare(l1_copy), "redis": compare(redis_copy)},
+            "feeds": {
+                "postgres": feed_json(&coherence.postgres, now),
+                "redis": feed_json(&coherence.redis, now),
+            },
+        }),
+    ))
+}
+
+/// A feed's state as `/readyz` shows it.
+fn feed_json(f: &FeedState, now: u64) -> serde_json::Value {
+    json!({
+        "enabled": f.enabled(),
+        "up": f.is_up(),
+        "since_unix_ms": f.since_unix_ms(),
+        "for_ms": now.saturating_sub(f.since_unix_ms()),
+    })
 }
 
 pub(super) fn scrape(state: &HttpState) -> Response<Full<Bytes>> {

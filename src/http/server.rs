@@ -83,9 +83,10 @@ pub async fn serve(
 pub enum Listener {
     /// `server.listen`: every route.
     Api,
-    /// `server.admin_listen`: `/healthz`, `/readyz` and `/metrics` only, without a token and
-    /// apart from the API's load shedding (probes and scrapes must not fail because the API
-    /// is busy); bounded on its own.
+    /// `server.admin_listen`: `/healthz`, `/readyz` and `/metrics` without a token, and the
+    /// debug view of one key (`/debug/keys/{resource}/{key}`, behind the token if one is
+    /// configured), apart from the API's load shedding (probes and scrapes must not fail
+    /// because the API is busy); bounded on its own.
     Admin,
 }
 
@@ -109,9 +110,20 @@ async fn handle(
                 .record("other", &method, resp.status(), started.elapsed());
             return resp;
         }
-        let (route, result) = admin_route(state, &method, &path)
-            .await
-            .unwrap_or(("other", Err(ApiError::NoRoute)));
+        let (route, result) = match path.strip_prefix("/debug/keys/") {
+            // It names keys and their versions: behind the token, when there is one.
+            Some(_) if !authorized(state, req.headers()) => ("debug", Err(ApiError::Unauthorized)),
+            Some(rest) => (
+                "debug",
+                match read_only(&method) {
+                    Ok(()) => admin::debug_key(state, rest).await,
+                    Err(e) => Err(e),
+                },
+            ),
+            None => admin_route(state, &method, &path)
+                .await
+                .unwrap_or(("other", Err(ApiError::NoRoute))),
+        };
         let resp = result.unwrap_or_else(|e| e.into_response(state));
         state
             .http_metrics

@@ -607,3 +607,73 @@ async fn with_postgres_gone_cached_copies_are_served_only_if_configured() {
         assert_eq!(a.put("/v1/kv/hot", "3").await.status, 200);
     }
 }
+
+/// The admin listener's view of one key: each tier's version, state, TTL and age, Postgres'
+/// version, the feeds; never the document; not on the API listener; behind the token.
+#[tokio::test]
+async fn the_debug_view_of_a_key_shows_every_tier_but_no_body() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| c.server.admin_listen = Some("127.0.0.1:0".into()))
+        .await;
+    let v = a
+        .put("/v1/kv/dbg", r#"{"secret":"hush"}"#)
+        .await
+        .etag_version();
+    let view = request(a.admin_addr(), "GET", "/debug/keys/kv/dbg", &[], None).await;
+    assert_eq!(view.status, 200, "{view:?}");
+    assert!(
+        !String::from_utf8_lossy(&view.body).contains("hush"),
+        "{view:?}"
+    );
+    let j = view.json();
+    assert_eq!(j["l1"]["entry"]["version"], v, "{j}");
+    assert_eq!(j["l1"]["entry"]["state"], "value", "{j}");
+    assert_eq!(j["l1"]["entry"]["would_serve"], true, "{j}");
+    assert!(j["l1"]["entry"]["ttl_left_ms"].as_u64().unwrap() > 0, "{j}");
+    assert_eq!(j["redis"]["entry"]["version"], v, "{j}");
+    assert!(j["redis"]["entry"]["ttl_ms"].as_i64().unwrap() > 0, "{j}");
+    assert_eq!(j["postgres"]["version"], v, "{j}");
+    assert_eq!(j["verdict"]["l1"], "matches postgres", "{j}");
+    assert_eq!(j["feeds"]["redis"]["up"], true, "{j}");
+
+    let absent = request(a.admin_addr(), "GET", "/debug/keys/kv/none", &[], None).await;
+    let j = absent.json();
+    assert_eq!(j["l1"]["entry"], serde_json::Value::Null, "{j}");
+    assert_eq!(j["postgres"]["exists"], false, "{j}");
+    assert_eq!(
+        request(a.admin_addr(), "GET", "/debug/keys/nope/x", &[], None)
+            .await
+            .code(),
+        "unknown_resource"
+    );
+    assert_eq!(
+        a.get("/debug/keys/kv/dbg").await.status,
+        404,
+        "not on the API listener"
+    );
+
+    let token = "debug-token-0123456789abcdef";
+    let b = env
+        .start(|c| {
+            c.server.admin_listen = Some("127.0.0.1:0".into());
+            c.server.auth_token = Some(syncar::config::Secret(token.into()));
+        })
+        .await;
+    let path = "/debug/keys/kv/dbg";
+    assert_eq!(
+        request(b.admin_addr(), "GET", path, &[], None).await.status,
+        401
+    );
+    let bearer = format!("Bearer {token}");
+    let with = request(
+        b.admin_addr(),
+        "GET",
+        path,
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(with.status, 200, "{with:?}");
+    assert_eq!(with.json()["redis"]["entry"]["version"], v);
+}
