@@ -204,6 +204,12 @@ impl App {
             shutdown.clone(),
         ));
         tasks.spawn(upkeep_task(tiers.clone(), metrics, shutdown.clone()));
+        tasks.spawn(redis_guard(
+            tiers.clone(),
+            catalog.clone(),
+            config.feeds.lease,
+            shutdown.clone(),
+        ));
         // The triggers log every change whatever the feeds: always prune.
         tasks.spawn(prune_task(
             tiers.clone(),
@@ -281,7 +287,9 @@ impl App {
         &self.state
     }
 
-    /// Waits until the schema is loaded and every enabled feed is up.
+    /// Waits until the schema is loaded, every enabled feed is up and, unless Redis cannot
+    /// be reached (without a Redis feed), Redis' incarnation has been checked (reads use
+    /// Redis).
     ///
     /// # Errors
     /// The last reason it was not ready, once `timeout` passed.
@@ -289,8 +297,15 @@ impl App {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let status = match self.state.catalog.get() {
-                Ok(_) if self.state.coherence.all_up() => return Ok(()),
-                Ok(_) => "a feed is not up yet".to_string(),
+                Ok(_) if !self.state.coherence.all_up() => "a feed is not up yet".to_string(),
+                Ok(_)
+                    if !self.state.tiers.redis_trusted()
+                        && (self.state.config.feeds.redis
+                            || self.state.tiers.ping_redis().await.is_ok()) =>
+                {
+                    "redis' incarnation is not checked yet".to_string()
+                }
+                Ok(_) => return Ok(()),
                 Err(e) => e.to_string(),
             };
             if tokio::time::Instant::now() >= deadline {
@@ -449,6 +464,41 @@ async fn schema_task(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff.next_pause()) => {}
         }
+    }
+}
+
+/// Checks which Redis incarnation answers once per `every` (the lease: a restarted or
+/// failed-over Redis is noticed within it even when no command failed), and at once when a
+/// command failed or the Redis feed went down; reads skip Redis until it has (see
+/// [`Tiers::secure_redis`]).
+async fn redis_guard(
+    tiers: Tiers,
+    catalog: Arc<CatalogCell>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), every);
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tiers.redis_distrusted() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let Ok(catalog) = catalog.get() else {
+            pause = Duration::from_millis(50);
+            continue;
+        };
+        pause = match tiers.secure_redis(&catalog).await {
+            Ok(_) => {
+                backoff.reset();
+                jitter(every, 0.2)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "checking redis' incarnation failed; retrying");
+                backoff.next_pause()
+            }
+        };
     }
 }
 

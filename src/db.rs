@@ -14,6 +14,7 @@ use crate::coherence::Message;
 use crate::config::PostgresConfig;
 use crate::model::Version;
 use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
+use crate::schema::capture::STATE_TABLE;
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
 use crate::tls::{with_hint, PostgresTls};
 
@@ -268,6 +269,85 @@ impl Db {
         prune_changes(&**client, &self.schema, retention)
             .await
             .map_err(classify)
+    }
+
+    /// Runs `reset` at most once per value of the state `name` across the fleet: when the
+    /// state table records another value for `name`, under that row's lock, with a fresh
+    /// version from the sequence; then records `value`. Nothing recorded yet (a fresh
+    /// install): records `value` without `reset`. Instances that come second wait for the
+    /// lock, find `value` recorded and run nothing. Returns the version `reset` ran with, if
+    /// it ran, and what was recorded before (empty: nothing).
+    ///
+    /// # Errors
+    /// A classified [`DbError`]; `reset`'s error as [`DbError::Internal`] (nothing recorded,
+    /// so the next attempt runs it again).
+    pub async fn once_per_state<F, Fut>(
+        &self,
+        name: &str,
+        value: &str,
+        reset: F,
+    ) -> Result<(Option<Version>, String), DbError>
+    where
+        F: FnOnce(Version) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let state = format!(
+            "{}.{STATE_TABLE}",
+            crate::resource::quote_ident(&self.schema)
+        );
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {state} (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING"
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(classify)?;
+        let before: String = tx
+            .query_one(
+                &format!("SELECT value FROM {state} WHERE name = $1 FOR UPDATE"),
+                &[&name],
+            )
+            .await
+            .map_err(classify)?
+            .get(0);
+        if before == value {
+            tx.commit().await.map_err(classify)?;
+            return Ok((None, before));
+        }
+        if before.is_empty() {
+            tx.execute(
+                &format!("UPDATE {state} SET value = $2 WHERE name = $1"),
+                &[&name, &value],
+            )
+            .await
+            .map_err(classify)?;
+            tx.commit().await.map_err(classify)?;
+            return Ok((None, before));
+        }
+        let version = Version(
+            tx.query_one(
+                &format!(
+                    "SELECT nextval({})",
+                    quote_literal(&format!("{}.{VERSION_SEQUENCE}", self.schema))
+                ),
+                &[],
+            )
+            .await
+            .map_err(classify)?
+            .get(0),
+        );
+        reset(version).await.map_err(DbError::Internal)?;
+        tx.execute(
+            &format!("UPDATE {state} SET value = $2 WHERE name = $1"),
+            &[&name, &value],
+        )
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok((Some(version), before))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {

@@ -22,8 +22,8 @@
 //! `redis.retry_interval` (a breaker), so an outage costs one timeout, not one per request.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -143,6 +143,31 @@ pub struct L2 {
     epoch: Instant,
     /// Each resource's generation as this instance knows it (absent: 0).
     generations: Arc<RwLock<HashMap<String, i64>>>,
+    /// Whether reads may use Redis: the server answering is the incarnation checked last
+    /// (see [`L2::identity`]). Cleared by any failed command and by the Redis feed going
+    /// down; set again by the Redis guard ([`crate::tiers::Tiers::secure_redis`]).
+    trusted: Arc<AtomicBool>,
+    /// The `run_id` of the incarnation last trusted.
+    incarnation: Arc<Mutex<Option<String>>>,
+    /// Wakes the Redis guard when trust is lost.
+    distrusted: Arc<tokio::sync::Notify>,
+}
+
+/// Which Redis process answers, from `INFO server` and `INFO replication`. A different
+/// `run_id` is a different process: a restart (perhaps from an older RDB or AOF) or a
+/// failover to a replica (perhaps one that lagged). Either can hold data older than writes
+/// already acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisIdentity {
+    /// `run_id`; `None` where `INFO` is refused (some managed services rename it): then a
+    /// new incarnation cannot be told apart, and is not looked for.
+    pub run_id: Option<String>,
+    /// `role` (`master`, `slave`).
+    pub role: String,
+    /// `master_replid` and `master_repl_offset`: the replication history this data belongs
+    /// to, for the log.
+    pub replid: String,
+    pub repl_offset: i64,
 }
 
 impl L2 {
@@ -201,7 +226,97 @@ impl L2 {
             recovered: Arc::new(tokio::sync::Notify::new()),
             epoch: Instant::now(),
             generations: Arc::new(RwLock::new(HashMap::new())),
+            trusted: Arc::new(AtomicBool::new(false)),
+            incarnation: Arc::new(Mutex::new(None)),
+            distrusted: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Which Redis process answers; see [`RedisIdentity`].
+    ///
+    /// # Errors
+    /// The command's failure (a refused `INFO` is not one: `run_id` is then `None`).
+    pub async fn identity(&self) -> Result<RedisIdentity, L2Error> {
+        let mut conn = self.conn.clone();
+        let info: redis::RedisResult<String> = tokio::time::timeout(
+            self.timeout,
+            redis::cmd("INFO")
+                .arg("server")
+                .arg("replication")
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| L2Error::Timeout(self.timeout))?;
+        let info = match info {
+            Ok(info) => info,
+            // Refused (an ACL without INFO, or a managed service that renamed it): the
+            // incarnation cannot be known.
+            Err(e)
+                if e.code() == Some("NOPERM")
+                    || e.to_string().to_lowercase().contains("unknown command") =>
+            {
+                return Ok(RedisIdentity {
+                    run_id: None,
+                    role: String::new(),
+                    replid: String::new(),
+                    repl_offset: 0,
+                })
+            }
+            Err(e) => {
+                self.distrust();
+                return Err(L2Error::Redis(with_hint(e.to_string())));
+            }
+        };
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+                .map(|v| v.trim().to_string())
+        };
+        Ok(RedisIdentity {
+            run_id: field("run_id"),
+            role: field("role").unwrap_or_default(),
+            replid: field("master_replid").unwrap_or_default(),
+            repl_offset: field("master_repl_offset")
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(0),
+        })
+    }
+
+    /// `redis.key_prefix`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether reads may use Redis now: see [`L2::trust`].
+    pub fn trusted(&self) -> bool {
+        self.trusted.load(Ordering::SeqCst)
+    }
+
+    /// The `run_id` trusted last, if any.
+    pub fn incarnation(&self) -> Option<String> {
+        self.incarnation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads may use Redis again: it is the incarnation `run_id` (checked, or made safe by
+    /// raising every generation).
+    pub fn trust(&self, run_id: Option<&str>) {
+        *self.incarnation.lock().unwrap_or_else(|e| e.into_inner()) = run_id.map(String::from);
+        self.trusted.store(true, Ordering::SeqCst);
+    }
+
+    /// Reads skip Redis until the guard has checked which incarnation answers.
+    pub fn distrust(&self) {
+        if self.trusted.swap(false, Ordering::SeqCst) {
+            self.distrusted.notify_one();
+        }
+    }
+
+    /// Completes when trust is lost (one waiter: the Redis guard).
+    pub async fn distrusted(&self) {
+        self.distrusted.notified().await;
     }
 
     /// Whether reads should try Redis now (no failure within `retry_interval`).
@@ -215,7 +330,7 @@ impl L2 {
     /// # Errors
     /// [`L2Error::Skipped`] while the breaker is open, or the command's failure.
     pub async fn get(&self, key: &CacheKey) -> Result<Option<Cached>, L2Error> {
-        if !self.available() {
+        if !self.available() || !self.trusted() {
             return Err(L2Error::Skipped);
         }
         let mut conn = self.conn.clone();
@@ -619,6 +734,8 @@ impl L2 {
                 metrics::counter!(REDIS_ERRORS, "op" => op).increment(1);
                 let until = self.now_ms() + self.retry_interval.as_millis() as u64;
                 self.skip_until.store(until.max(1), Ordering::Relaxed);
+                // The connection may come back to another incarnation.
+                self.distrust();
             }
         }
         result

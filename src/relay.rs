@@ -195,6 +195,8 @@ async fn stream(
             .await
             .map_err(|e| error_chain(&e))?,
     };
+    // Never stream into a Redis incarnation that may hold older data than it should.
+    ctx.tiers.secure_redis(catalog).await?;
     // The tombstones below go under each resource's current generation, which this process
     // may never have read (`syncar relay` runs no feed).
     ctx.tiers

@@ -56,6 +56,9 @@ pub const RELAY_ACTIVE: &str = "syncar_relay_active";
 pub const RELAY_TRANSACTIONS: &str = "syncar_relay_transactions_total";
 /// Changes the relay applied to Redis and published, by `op`.
 pub const RELAY_CHANGES: &str = "syncar_relay_changes_total";
+/// A whole tier's cached copies made unreachable because the tier may have gone back in
+/// time, by `tier` and `reason` (`new_incarnation`: Redis restarted or failed over).
+pub const TIER_RESETS: &str = "syncar_tier_resets_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
 
@@ -113,6 +116,10 @@ fn describe() {
     describe_gauge!(L1_ENTRIES, "entries in L1");
     describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
     describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+    describe_counter!(
+        TIER_RESETS,
+        "tiers made unreachable because they may have gone back in time, by tier and reason"
+    );
     describe_counter!(
         FEED_INVALIDATIONS,
         "invalidation messages received, by feed"

@@ -26,6 +26,7 @@ use crate::resource::{Catalog, DocRef, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
     CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES, L2_WRITE_FAILURES,
+    TIER_RESETS,
 };
 
 pub use repairs::Repairs;
@@ -69,6 +70,19 @@ pub struct Tiers {
     flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
     repairs: Arc<Repairs>,
     counters: Arc<Counters>,
+}
+
+/// What [`Tiers::secure_redis`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisCheck {
+    /// The incarnation trusted already.
+    Same,
+    /// A new incarnation another instance already made safe.
+    Adopted,
+    /// A new incarnation: every resource's generation raised to this version.
+    Reset(Version),
+    /// Redis refuses `INFO`: trusted without knowing.
+    Unknown,
 }
 
 /// What [`Tiers::inspect`] found for one key. Holds no document body beyond L1's own copy.
@@ -562,6 +576,102 @@ impl Tiers {
     /// Redis failing.
     pub async fn record_fed_by_slot(&self, epoch: i64) -> Result<(), L2Error> {
         self.l2.write(SLOT_EPOCH, &epoch.to_string()).await
+    }
+
+    /// Makes sure Redis is an incarnation reads may trust, and trusts it; see
+    /// [`RedisCheck`]. A new incarnation (a restart, perhaps from an older RDB or AOF; a
+    /// failover, perhaps to a lagging replica) may hold copies older than writes already
+    /// acknowledged, which the version rule would then protect. So, once per incarnation
+    /// across the fleet (under a row lock in the state table, which records the `run_id`
+    /// handled last), every resource's generation is raised to a fresh version: nothing
+    /// Redis held before is reachable. Every instance then re-reads the generations and
+    /// empties its L1, which may hold copies read from the new incarnation before it was
+    /// noticed. Reads skip Redis from a failure until this has run.
+    ///
+    /// # Errors
+    /// Redis or Postgres failing: Redis stays distrusted, and the guard retries.
+    pub async fn secure_redis(&self, catalog: &Catalog) -> Result<RedisCheck, String> {
+        let id = self.l2.identity().await.map_err(|e| e.to_string())?;
+        let Some(run_id) = id.run_id.clone() else {
+            if !self.l2.trusted() {
+                tracing::debug!("redis refuses INFO: a new incarnation cannot be detected");
+            }
+            self.l2.trust(None);
+            return Ok(RedisCheck::Unknown);
+        };
+        let known = self.l2.incarnation();
+        if known.as_deref() == Some(run_id.as_str()) {
+            self.l2.trust(Some(&run_id));
+            return Ok(RedisCheck::Same);
+        }
+        let resources: Vec<String> = catalog.iter().map(|r| r.name.clone()).collect();
+        let l2 = self.l2.clone();
+        let name = format!("redis_run_id:{}", self.l2.prefix());
+        let (raised, before) = self
+            .db
+            .once_per_state(&name, &run_id, |version| async move {
+                for resource in &resources {
+                    l2.raise_generation(resource, version.0)
+                        .await
+                        .map_err(|e| format!("raising {resource}'s generation failed: {e}"))?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.l2
+            .load_generations()
+            .await
+            .map_err(|e| format!("reading generations failed: {e}"))?;
+        if known.is_some() {
+            if let Some(l1) = &self.l1 {
+                l1.clear();
+            }
+        }
+        self.l2.trust(Some(&run_id));
+        match raised {
+            Some(version) => {
+                metrics::counter!(TIER_RESETS, "tier" => "redis", "reason" => "new_incarnation")
+                    .increment(1);
+                tracing::error!(
+                    run_id = %run_id,
+                    was = %before,
+                    role = %id.role,
+                    replid = %id.replid,
+                    repl_offset = id.repl_offset,
+                    generation = version.0,
+                    "redis is a new incarnation (a restart or a failover): what it holds may be \
+                     older than acknowledged writes, so every resource's generation was raised \
+                     and nothing it held before is read"
+                );
+                Ok(RedisCheck::Reset(version))
+            }
+            None if before.is_empty() => {
+                tracing::info!(run_id = %run_id, "recorded redis' incarnation");
+                Ok(RedisCheck::Adopted)
+            }
+            None => {
+                if known.is_some() {
+                    tracing::warn!(run_id = %run_id, "redis is a new incarnation, already made safe by another instance; emptied L1");
+                }
+                Ok(RedisCheck::Adopted)
+            }
+        }
+    }
+
+    /// Whether reads may use Redis now (see [`Tiers::secure_redis`]).
+    pub fn redis_trusted(&self) -> bool {
+        self.l2.trusted()
+    }
+
+    /// Distrusts Redis (reads skip it) until [`Tiers::secure_redis`] has run.
+    pub fn distrust_redis(&self) {
+        self.l2.distrust();
+    }
+
+    /// Completes when Redis has been distrusted (one waiter: the Redis guard).
+    pub async fn redis_distrusted(&self) {
+        self.l2.distrusted().await;
     }
 
     /// Reads every resource's generation from Redis; see [`L2::load_generations`].

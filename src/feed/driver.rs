@@ -103,6 +103,11 @@ impl Supervisor {
         shutdown: &CancellationToken,
     ) -> bool {
         let reason = ctx.secrets.scrub(reason);
+        if self.feed == Feed::Redis {
+            // Redis may come back as another incarnation: reads skip it until the guard
+            // (or this feed's recovery) has checked.
+            ctx.tiers.distrust_redis();
+        }
         let feed = ctx.coherence.state(self.feed);
         if feed.set_down(&reason) {
             // set_down logged the outage.
@@ -125,7 +130,8 @@ impl Supervisor {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A feed is back: repair Redis from the changes log since shortly before the outage began
+/// A feed is back: for the Redis feed, make sure Redis is not a new incarnation holding
+/// older data ([`crate::tiers::Tiers::secure_redis`]); repair Redis from the changes log since shortly before the outage began
 /// (with the `wal` source the relay repairs Redis, so nothing is replayed and Postgres is not
 /// asked), re-read the resources' generations, then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
 /// comes back, so every message queued meanwhile has been applied first.
@@ -148,6 +154,10 @@ pub(crate) async fn recover(
     };
     let catalog = ctx.catalog.get().map_err(|e| e.to_string())?;
     let tiers = &ctx.tiers;
+    if feed == Feed::Redis {
+        // Before anything is replayed into it or read from it: is it the Redis it was?
+        tiers.secure_redis(&catalog).await?;
+    }
     if catalog.capture.source == PostgresSource::Wal {
         // Nothing to replay: the relay applies every change to Redis, at least once.
     } else if ago > retention {

@@ -228,6 +228,10 @@ pub struct RedisServer {
     child: Mutex<Option<Child>>,
     /// TLS options: then the port is a TLS port and the plain one is off.
     tls: Vec<String>,
+    /// Other options (`--replicaof`…).
+    extra: Vec<String>,
+    /// Where `SAVE` writes `dump.rdb` and a restart loads it from; `None`: nothing persists.
+    dir: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
@@ -237,12 +241,25 @@ impl RedisServer {
 
     /// A server with `tls` options (`--tls-cert-file` and the like): its port is a TLS port.
     pub fn start_with(tls: &[&str]) -> RedisServer {
+        RedisServer::launch(tls, &[], false)
+    }
+
+    /// A server with a data directory of its own: `SAVE` writes a snapshot there, and
+    /// [`RedisServer::restart`] starts again from the last one (as a restore from an RDB
+    /// does); `extra` options too (`--replicaof HOST PORT`).
+    pub fn start_persistent(extra: &[&str]) -> RedisServer {
+        RedisServer::launch(&[], extra, true)
+    }
+
+    fn launch(tls: &[&str], extra: &[&str], persistent: bool) -> RedisServer {
         for _ in 0..5 {
             let port = free_port();
             let server = RedisServer {
                 port,
                 child: Mutex::new(None),
                 tls: tls.iter().map(|s| s.to_string()).collect(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                dir: persistent.then(|| tempfile::tempdir().expect("a temporary directory")),
             };
             if server.spawn() {
                 return server;
@@ -261,9 +278,13 @@ impl RedisServer {
                 .args(["--port", "0", "--tls-port", &port])
                 .args(&self.tls);
         }
+        if let Some(dir) = &self.dir {
+            command.arg("--dir").arg(dir.path());
+        }
         let child = command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -306,7 +327,7 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again, empty, on the same port.
+    /// Starts it again on the same port: empty, or from the last `SAVE` when persistent.
     pub fn restart(&self) {
         self.kill();
         assert!(

@@ -142,7 +142,26 @@ impl Env {
 
     /// The Redis entry syncar keeps for `resource:key` in the resource's current
     /// generation, as `{version}:{kind}:{document}` (the `at_ms` field dropped).
-    pub async fn redis_entry(&self, resource: &str, key: &str) -> Option<String> {
+    /// This env on another Redis (a test's own [`RedisServer`]).
+    pub fn on_redis(&self, url: String) -> Env {
+        Env {
+            redis_url: url,
+            ..self.clone()
+        }
+    }
+
+    /// The raw value of the Redis key `name`, whatever the generations say.
+    pub async fn redis_get(&self, name: &str) -> Option<String> {
+        let mut conn = self.redis().await;
+        redis::cmd("GET")
+            .arg(name)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+
+    /// The Redis key of `resource`'s `key` in the generation Redis says is in force.
+    pub async fn redis_key(&self, resource: &str, key: &str) -> String {
         let mut conn = self.redis().await;
         let generation: Option<String> = redis::cmd("HGET")
             .arg(format!("{}generations", self.prefix))
@@ -150,16 +169,16 @@ impl Env {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let name = match generation.as_deref() {
+        match generation.as_deref() {
             None | Some("0") => format!("{}{resource}:{key}", self.prefix),
             Some(g) => format!("{}{resource}@{g}:{key}", self.prefix),
-        };
-        let raw: Option<String> = redis::cmd("GET")
-            .arg(name)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        raw.map(|r| without_at(&r))
+        }
+    }
+
+    /// The entry of `resource`'s `key` in the generation in force, without its timestamp.
+    pub async fn redis_entry(&self, resource: &str, key: &str) -> Option<String> {
+        let name = self.redis_key(resource, key).await;
+        self.redis_get(&name).await.map(|r| without_at(&r))
     }
 }
 
@@ -395,6 +414,8 @@ pub struct Proxy {
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
     conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    /// Where new connections go.
+    target: Arc<Mutex<SocketAddr>>,
 }
 
 impl Proxy {
@@ -405,9 +426,11 @@ impl Proxy {
         let blackhole = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let target = Arc::new(Mutex::new(target));
         let accept = {
             let (cut, conns, blackhole) = (cut.clone(), conns.clone(), blackhole.clone());
             let delay_ms = delay_ms.clone();
+            let target_now = target.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((inbound, _)) = listener.accept().await else {
@@ -419,6 +442,7 @@ impl Proxy {
                     }
                     let blackhole = blackhole.clone();
                     let delay = delay_ms.clone();
+                    let target = *target_now.lock().unwrap();
                     let task = tokio::spawn(async move {
                         // Dropped sockets send RST, not FIN: `reset` means reset.
                         let _ = inbound.set_zero_linger();
@@ -443,7 +467,15 @@ impl Proxy {
             delay_ms,
             conns,
             accept,
+            target,
         }
+    }
+
+    /// Sends new connections to `to` and resets the current ones (a failover behind one
+    /// endpoint: a DNS name, a managed service's address).
+    pub fn retarget(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = to;
+        self.reset();
     }
 
     /// Adds `delay` before every forwarded chunk, both ways (a slow server or link).
