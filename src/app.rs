@@ -132,6 +132,7 @@ impl App {
                 config.feeds.serve_cached_while_postgres_unreachable,
             ),
         );
+        let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
         let tiers = Tiers::new(
             l1,
             l2,
@@ -139,8 +140,8 @@ impl App {
             coherence.clone(),
             &instance_id,
             config.redis.repair_queue_max,
+            catalog.clone(),
         );
-        let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
 
         let (listener, local) = match role {
             Role::Sidecar => {
@@ -470,7 +471,8 @@ async fn schema_task(
 /// Checks which Redis incarnation answers once per `every` (the lease: a restarted or
 /// failed-over Redis is noticed within it even when no command failed), and at once when a
 /// command failed or the Redis feed went down; reads skip Redis until it has (see
-/// [`Tiers::secure_redis`]).
+/// [`Tiers::secure_redis`]). Then records this instance's high-water version in Redis (for
+/// [`Tiers::secure_postgres`] on instances that start later).
 async fn redis_guard(
     tiers: Tiers,
     catalog: Arc<CatalogCell>,
@@ -491,6 +493,7 @@ async fn redis_guard(
         };
         pause = match tiers.secure_redis(&catalog).await {
             Ok(_) => {
+                tiers.report_high_water().await;
                 backoff.reset();
                 jitter(every, 0.2)
             }

@@ -71,6 +71,21 @@ pub enum DeleteOutcome {
     PreconditionFailed,
 }
 
+/// Which Postgres answers and how far its sequence is. A different `system` is another
+/// cluster (a dump restored elsewhere, a new instance); a different `timeline` is a
+/// point-in-time recovery or a promoted replica (Postgres docs, "Timelines"); a
+/// `last_version` below a version already seen is a sequence that went back. Each can mean
+/// that commits syncar acknowledged, or cached, are gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresIdentity {
+    /// `pg_control_system().system_identifier`; `None` where this role may not read it.
+    pub system: Option<String>,
+    /// `pg_control_checkpoint().timeline_id`; `None` likewise.
+    pub timeline: Option<i32>,
+    /// The version sequence's `last_value`.
+    pub last_version: Version,
+}
+
 /// The pooled connection to Postgres.
 #[derive(Clone)]
 pub struct Db {
@@ -269,6 +284,105 @@ impl Db {
         prune_changes(&**client, &self.schema, retention)
             .await
             .map_err(classify)
+    }
+
+    /// Takes a fresh version from the sequence row of its own.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn next_version(&self) -> Result<Version, DbError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(&format!("SELECT nextval({})", self.sequence_literal()), &[])
+            .await
+            .map_err(classify)?;
+        Ok(Version(row.get(0)))
+    }
+
+    /// Which Postgres answers, and how far its version sequence is: see [`PostgresIdentity`].
+    ///
+    /// # Errors
+    /// A classified [`DbError`] (functions this role may not run are `None`, not errors).
+    pub async fn identity(&self) -> Result<PostgresIdentity, DbError> {
+        let client = self.client().await?;
+        let last_version: i64 = client
+            .query_one(
+                &format!(
+                    "SELECT last_value FROM {}.{}",
+                    crate::resource::quote_ident(&self.schema),
+                    crate::resource::quote_ident(VERSION_SEQUENCE)
+                ),
+                &[],
+            )
+            .await
+            .map_err(classify)?
+            .get(0);
+        // Managed services may refuse these to ordinary roles.
+        let system = client
+            .query_one(
+                "SELECT system_identifier::text FROM pg_control_system()",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|r| r.get::<_, String>(0));
+        let timeline = client
+            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .await
+            .ok()
+            .map(|r| r.get::<_, i32>(0));
+        Ok(PostgresIdentity {
+            system,
+            timeline,
+            last_version: Version(last_version),
+        })
+    }
+
+    /// Moves the version sequence to `past` if it is below: every version it hands out from
+    /// now on is above `past`. Returns whether it moved.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn advance_sequence(&self, past: Version) -> Result<bool, DbError> {
+        let client = self.client().await?;
+        let seq = self.sequence_literal();
+        let moved = client
+            .query_opt(
+                &format!(
+                    "SELECT setval({seq}, $1) FROM {}.{} WHERE last_value < $1",
+                    crate::resource::quote_ident(&self.schema),
+                    crate::resource::quote_ident(VERSION_SEQUENCE)
+                ),
+                &[&past.0],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(moved.is_some())
+    }
+
+    /// Gives the row `key` a fresh version (see [`Resource::restamp_sql`]); `None` when the
+    /// row is gone.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn restamp(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+    ) -> Result<Option<(Version, Bytes)>, DbError> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(resource.restamp_sql().as_str(), &[key_param(key)])
+            .await
+            .map_err(classify)?;
+        Ok(row.map(|row| {
+            let doc: String = row.get(1);
+            (Version(row.get(0)), Bytes::from(doc))
+        }))
+    }
+
+    fn sequence_literal(&self) -> String {
+        quote_literal(&format!("{}.{VERSION_SEQUENCE}", self.schema))
     }
 
     /// Runs `reset` at most once per value of the state `name` across the fleet: when the

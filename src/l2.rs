@@ -282,6 +282,66 @@ impl L2 {
         })
     }
 
+    /// What the fleet recorded about Postgres in `{prefix}postgres`: `system`, `timeline`,
+    /// `high_water` (the highest version any instance reported seeing).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn postgres_record(&self) -> Result<HashMap<String, String>, L2Error> {
+        let mut conn = self.conn.clone();
+        self.run("postgres", conn.hgetall(self.postgres_key()))
+            .await
+    }
+
+    /// Records which Postgres answers (`system`, `timeline`; `None` leaves a field alone) and
+    /// raises the recorded high-water version to at least `high_water`.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn record_postgres(
+        &self,
+        system: Option<&str>,
+        timeline: Option<i32>,
+        high_water: i64,
+    ) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let key = self.postgres_key();
+        let mut fields: Vec<(&str, String)> = Vec::new();
+        if let Some(system) = system {
+            fields.push(("system", system.to_string()));
+        }
+        if let Some(timeline) = timeline {
+            fields.push(("timeline", timeline.to_string()));
+        }
+        if !fields.is_empty() {
+            let _: i64 = self
+                .run("postgres", conn.hset_multiple(&key, &fields))
+                .await?;
+        }
+        self.raise_high_water(high_water).await
+    }
+
+    /// Raises the recorded high-water version to at least `version`.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn raise_high_water(&self, version: i64) -> Result<(), L2Error> {
+        let mut conn = self.conn.clone();
+        let mut invocation = self.raise_script.prepare_invoke();
+        invocation
+            .key(self.postgres_key())
+            .arg("high_water")
+            .arg(version);
+        let _: String = self
+            .run("postgres", invocation.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    fn postgres_key(&self) -> String {
+        format!("{}postgres", self.prefix)
+    }
+
     /// `redis.key_prefix`.
     pub fn prefix(&self) -> &str {
         &self.prefix

@@ -195,8 +195,10 @@ async fn stream(
             .await
             .map_err(|e| error_chain(&e))?,
     };
-    // Never stream into a Redis incarnation that may hold older data than it should.
+    // Never stream into a Redis incarnation that may hold older data than it should, nor
+    // from a Postgres that went back in time unnoticed.
     ctx.tiers.secure_redis(catalog).await?;
+    ctx.tiers.secure_postgres().await?;
     // The tombstones below go under each resource's current generation, which this process
     // may never have read (`syncar relay` runs no feed).
     ctx.tiers

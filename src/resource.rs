@@ -601,6 +601,19 @@ impl Resource {
         }
     }
 
+    /// `UPDATE` that changes nothing but the version (the stamp trigger takes a fresh one)
+    /// of the row keyed `$1`, returning `version, document`: how a write whose version came
+    /// out lower than a cached copy is made newest again.
+    pub fn restamp_sql(&self) -> String {
+        format!(
+            "UPDATE {table} AS t SET {key} = t.{key} WHERE t.{key} = $1::{kt} RETURNING {ret}",
+            table = self.table,
+            key = self.key.quoted,
+            kt = self.key_sql_type(),
+            ret = self.returning(),
+        )
+    }
+
     /// `version, document` of the written row.
     fn returning(&self) -> String {
         format!("t.{}, {}", self.version.quoted, self.doc_expr())

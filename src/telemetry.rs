@@ -59,6 +59,9 @@ pub const RELAY_CHANGES: &str = "syncar_relay_changes_total";
 /// A whole tier's cached copies made unreachable because the tier may have gone back in
 /// time, by `tier` and `reason` (`new_incarnation`: Redis restarted or failed over).
 pub const TIER_RESETS: &str = "syncar_tier_resets_total";
+/// Writes whose committed version came out below a version a cache held for the key, which
+/// Postgres did not have (its versions went back); each was repaired.
+pub const VERSION_REGRESSIONS: &str = "syncar_version_regressions_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
 
@@ -116,6 +119,10 @@ fn describe() {
     describe_gauge!(L1_ENTRIES, "entries in L1");
     describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
     describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+    describe_counter!(
+        VERSION_REGRESSIONS,
+        "writes committed below a version a cache held, which Postgres did not have"
+    );
     describe_counter!(
         TIER_RESETS,
         "tiers made unreachable because they may have gone back in time, by tier and reason"

@@ -11,6 +11,7 @@
 
 mod repairs;
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +23,11 @@ use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, DocRef, Precondition, Resource};
+use crate::resource::{Catalog, CatalogCell, DocRef, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
     CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES, L2_WRITE_FAILURES,
-    TIER_RESETS,
+    TIER_RESETS, VERSION_REGRESSIONS,
 };
 
 pub use repairs::Repairs;
@@ -70,6 +71,30 @@ pub struct Tiers {
     flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
     repairs: Arc<Repairs>,
     counters: Arc<Counters>,
+    /// The resources, for resets that cover them all.
+    catalog: Arc<CatalogCell>,
+    /// The highest version this instance has seen anywhere (reads, writes, messages): a
+    /// version sequence behind it went back in time.
+    high_water: Arc<AtomicI64>,
+    /// The high-water version last recorded in Redis by this instance.
+    reported_high_water: Arc<AtomicI64>,
+}
+
+/// What a tier held that refused a just-committed copy (see `Tiers::settle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Conflict {
+    /// A newer version.
+    Newer(Version),
+    /// The same version with other content: the sequence handed it out twice.
+    Collision(Version),
+}
+
+impl Conflict {
+    fn version(self) -> Version {
+        match self {
+            Conflict::Newer(v) | Conflict::Collision(v) => v,
+        }
+    }
 }
 
 /// What [`Tiers::secure_redis`] found.
@@ -130,6 +155,7 @@ impl Tiers {
         coherence: Arc<Coherence>,
         instance_id: &str,
         repair_queue_max: usize,
+        catalog: Arc<CatalogCell>,
     ) -> Self {
         Tiers {
             l1,
@@ -140,7 +166,31 @@ impl Tiers {
             flights: Arc::new(SingleFlight::default()),
             repairs: Arc::new(Repairs::new(repair_queue_max)),
             counters: Arc::new(Counters::new()),
+            catalog,
+            high_water: Arc::new(AtomicI64::new(0)),
+            reported_high_water: Arc::new(AtomicI64::new(0)),
         }
+    }
+
+    /// Notes a version seen in any tier or message (see `high_water`).
+    fn saw(&self, version: Version) {
+        self.high_water.fetch_max(version.0, Ordering::Relaxed);
+    }
+
+    /// Raises the high-water version recorded in Redis to this instance's, if it moved since
+    /// the last report, so that instances starting later know it too.
+    pub async fn report_high_water(&self) {
+        let high = self.high_water.load(Ordering::Relaxed);
+        if high > self.reported_high_water.load(Ordering::Relaxed)
+            && self.l2.raise_high_water(high).await.is_ok()
+        {
+            self.reported_high_water.fetch_max(high, Ordering::Relaxed);
+        }
+    }
+
+    /// The highest version this instance has seen.
+    pub fn high_water(&self) -> Version {
+        Version(self.high_water.load(Ordering::Relaxed))
     }
 
     /// The feeds' state these tiers obey.
@@ -362,10 +412,25 @@ impl Tiers {
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-        let outcome = self.db.put(&doc.resource, &doc.key, body, pre).await?;
-        if let WriteOutcome::Written(w) = &outcome {
+        let mut outcome = self.db.put(&doc.resource, &doc.key, body, pre).await?;
+        if let WriteOutcome::Written(w) = &mut outcome {
+            self.saw(w.version);
             let copy = Cached::value(w.version, w.doc.clone());
-            self.settle(doc, copy, Op::Put, generation).await;
+            if let Some(conflict) = self.settle(doc, copy, Op::Put, generation).await {
+                if let Some(fresh) = self.repair_regression(doc, w.version, conflict).await? {
+                    if let State::Value(body) = &fresh.state {
+                        w.version = fresh.version;
+                        w.doc = body.clone();
+                    }
+                    let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
+                    let op = if fresh.is_servable() && fresh.doc().is_some() {
+                        Op::Put
+                    } else {
+                        Op::Delete
+                    };
+                    self.settle(doc, fresh, op, generation).await;
+                }
+            }
         }
         Ok(outcome)
     }
@@ -377,10 +442,22 @@ impl Tiers {
     /// Postgres' failure; nothing was committed.
     pub async fn delete(&self, doc: &DocRef, pre: Precondition) -> Result<DeleteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-        let outcome = self.db.delete(&doc.resource, &doc.key, pre).await?;
-        if let DeleteOutcome::Deleted { version } = outcome {
-            self.settle(doc, Cached::absent(version), Op::Delete, generation)
-                .await;
+        let mut outcome = self.db.delete(&doc.resource, &doc.key, pre).await?;
+        if let DeleteOutcome::Deleted { version } = &mut outcome {
+            self.saw(*version);
+            let absent = Cached::absent(*version);
+            if let Some(conflict) = self.settle(doc, absent, Op::Delete, generation).await {
+                if let Some(fresh) = self.repair_regression(doc, *version, conflict).await? {
+                    *version = fresh.version;
+                    let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
+                    let op = if fresh.doc().is_some() {
+                        Op::Put
+                    } else {
+                        Op::Delete
+                    };
+                    self.settle(doc, fresh, op, generation).await;
+                }
+            }
         }
         Ok(outcome)
     }
@@ -388,7 +465,13 @@ impl Tiers {
     /// Brings Redis and L1 up to a committed copy and tells the other instances. A Redis
     /// failure is queued for repair, never returned: the write is committed and is
     /// acknowledged. (The Postgres feed tells the other instances in that case.)
-    async fn settle(&self, doc: &DocRef, copy: Cached, op: Op, generation: Started) {
+    async fn settle(
+        &self,
+        doc: &DocRef,
+        copy: Cached,
+        op: Op,
+        generation: Started,
+    ) -> Option<Conflict> {
         let (resource, ck) = (&doc.resource, &doc.ck);
         // A load in flight may have read before this commit: nobody asking from now on joins it.
         self.flights.forget(ck);
@@ -413,21 +496,106 @@ impl Tiers {
         } else {
             Err(L2Error::Skipped)
         };
-        if let Err(e) = result {
-            metrics::counter!(L2_WRITE_FAILURES).increment(1);
-            tracing::warn!(resource = %resource.name, version = %copy.version, error = %e,
-                "redis update failed after commit; queued for repair");
-            let repair = match copy.state {
-                State::Value(_) => Cached::invalidated(copy.version),
-                _ => copy.clone(),
-            };
-            self.repairs
-                .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
+        // A tier that refuses a just-committed copy holds a newer version (a later commit
+        // that got there first, or a version Postgres never reached: it went back), or the
+        // same version with other content (the sequence handed it out twice).
+        let mut held = Vec::new();
+        match result {
+            Ok(Stored::Newer | Stored::AlreadyHeld) => {
+                if let Ok(Some((copy, _))) = self.l2.inspect(ck).await {
+                    held.push(copy);
+                }
+            }
+            Ok(Stored::Applied) => {}
+            Err(e) => {
+                metrics::counter!(L2_WRITE_FAILURES).increment(1);
+                tracing::warn!(resource = %resource.name, version = %copy.version, error = %e,
+                    "redis update failed after commit; queued for repair");
+                let repair = match copy.state {
+                    State::Value(_) => Cached::invalidated(copy.version),
+                    _ => copy.clone(),
+                };
+                self.repairs
+                    .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
+            }
         }
         if let (Some(l1), Some(generation)) = (&self.l1, generation.l1) {
-            l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
-                .await;
+            if let Offer::Refused(_) = l1
+                .offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
+                .await
+            {
+                if let Some(entry) = l1.inspect(ck).await {
+                    held.push((*entry.cached).clone());
+                }
+            }
         }
+        held.into_iter()
+            .filter_map(|h| {
+                if h.version > copy.version {
+                    Some(Conflict::Newer(h.version))
+                } else if h.version == copy.version && h.is_servable() && h.state != copy.state {
+                    Some(Conflict::Collision(h.version))
+                } else {
+                    None
+                }
+            })
+            .max_by_key(|c| c.version())
+    }
+
+    /// A write committed at `written`, but a tier holds `conflict`: a newer version, or the
+    /// same version with other content. When Postgres cannot have that version for the key
+    /// (its sequence is behind it, the row is at a lower version, or the version was handed
+    /// out twice), the write would be unreadable, even by its writer. Then: if the sequence went
+    /// back, reset every cached resource ([`Tiers::postgres_went_back`], which also moves the
+    /// sequence past everything seen); and give the key a fresh version, returned with the
+    /// document as Postgres has it (an absence at a fresh version if the row is gone).
+    /// Counted in `syncar_version_regressions_total`, logged at error level. `Ok(None)` when
+    /// the newer copy is a later commit (nothing wrong).
+    async fn repair_regression(
+        &self,
+        doc: &DocRef,
+        written: Version,
+        conflict: Conflict,
+    ) -> Result<Option<Cached>, DbError> {
+        let seen = conflict.version();
+        let identity = self.db.identity().await?;
+        let current = self.db.get(&doc.resource, &doc.key).await?;
+        let current_version = current.as_ref().map(|(v, _)| *v);
+        let sequence_behind =
+            identity.last_version < seen || matches!(conflict, Conflict::Collision(_));
+        // The row exists below a cached version: that version never committed for it (or a
+        // delete's version outran a re-insert's, see ARCHITECTURE.md's known limits).
+        let row_behind = current_version.is_some_and(|v| v < seen);
+        if !sequence_behind && !row_behind {
+            return Ok(None); // a later commit got to the tiers first
+        }
+        metrics::counter!(VERSION_REGRESSIONS).increment(1);
+        tracing::error!(
+            resource = %doc.resource.name,
+            written = written.0,
+            cached = seen.0,
+            postgres_row = current_version.map(|v| v.0),
+            postgres_sequence = identity.last_version.0,
+            "a write committed below a version a cache holds for its key, which Postgres \
+             does not have; giving the key a fresh version"
+        );
+        if sequence_behind {
+            let high = seen.max(self.high_water());
+            let why = format!(
+                "its version sequence is at {} but a cache holds version {} ({:?})",
+                identity.last_version.0, seen.0, conflict
+            );
+            if let Err(e) = self.postgres_went_back(high, &why).await {
+                tracing::error!(error = %e, "resetting the caches failed; advancing the sequence only");
+                self.db.advance_sequence(high).await?;
+            }
+        }
+        let fresh = match self.db.restamp(&doc.resource, &doc.key).await? {
+            Some((version, body)) => Cached::value(version, body),
+            None => Cached::absent(self.db.next_version().await?),
+        };
+        self.saw(fresh.version);
+        Ok(Some(fresh))
     }
 
     /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
@@ -450,6 +618,7 @@ impl Tiers {
         let Some(resource) = catalog.get(&message.resource) else {
             return false; // not a resource of this instance
         };
+        self.saw(Version(message.version));
         let Some(copy) = invalidation(message) else {
             // A resource-wide flush. The new generation first, so that nothing read from
             // Redis after L1 is emptied comes from the old one.
@@ -514,6 +683,9 @@ impl Tiers {
         changes: &[Message],
     ) -> Result<(), L2Error> {
         use futures_util::TryStreamExt;
+        if let Some(high) = changes.iter().map(|c| c.version).max() {
+            self.saw(Version(high));
+        }
         futures_util::stream::iter(changes.iter().map(Ok))
             .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
                 let Some(resource) = catalog.get(&change.resource) else {
@@ -664,6 +836,108 @@ impl Tiers {
         self.l2.trusted()
     }
 
+    /// Checks that Postgres has not gone back in time since this instance (or, through
+    /// Redis' `{prefix}postgres` record, any instance) last looked: the same system and
+    /// timeline, and a version sequence at or past every version seen. Run when a Postgres
+    /// feed (re)connects and when the relay starts, never on an idle timer. When it went
+    /// back, see [`Tiers::postgres_went_back`]. Then records what it found. With Redis down
+    /// only this instance's memory is compared.
+    ///
+    /// # Errors
+    /// Postgres failing, or the reset failing (the caller retries).
+    pub async fn secure_postgres(&self) -> Result<Option<Version>, String> {
+        let id = self.db.identity().await.map_err(|e| e.to_string())?;
+        let record = self.l2.postgres_record().await.ok();
+        let recorded = |field: &str| record.as_ref().and_then(|r| r.get(field)).cloned();
+        let recorded_high: i64 = recorded("high_water")
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(0);
+        let high = self.high_water().max(Version(recorded_high));
+        let mut why = Vec::new();
+        if id.last_version < high {
+            why.push(format!(
+                "its version sequence is at {} but version {} was seen",
+                id.last_version.0, high.0
+            ));
+        }
+        if let (Some(now), Some(was)) = (&id.system, recorded("system")) {
+            if *now != was {
+                why.push(format!(
+                    "its system identifier changed from {was} to {now} (another cluster)"
+                ));
+            }
+        }
+        if let (Some(now), Some(was)) = (id.timeline, recorded("timeline")) {
+            if now.to_string() != was {
+                why.push(format!(
+                    "its timeline changed from {was} to {now} (a point-in-time recovery or a \
+                     promoted replica, which may have lost commits)"
+                ));
+            }
+        }
+        let reset = if why.is_empty() {
+            None
+        } else {
+            Some(self.postgres_went_back(high, &why.join("; ")).await?)
+        };
+        self.saw(id.last_version);
+        if record.is_some() {
+            let _ = self
+                .l2
+                .record_postgres(id.system.as_deref(), id.timeline, self.high_water().0)
+                .await;
+        }
+        Ok(reset)
+    }
+
+    /// Postgres went back in time (`why`): caches may hold versions it will hand out again
+    /// for other data, or copies of commits it lost. Moves the version sequence past `high`,
+    /// raises every resource's generation to a fresh version (nothing cached in Redis is
+    /// reachable), tells every instance to empty L1 (a flush message per resource on the
+    /// Redis feed), empties this one's. Counted in `syncar_tier_resets_total{tier="postgres"}`,
+    /// logged at error level. Returns the generation.
+    ///
+    /// # Errors
+    /// Postgres or Redis failing: the caches are not known clean, so the caller retries.
+    pub async fn postgres_went_back(&self, high: Version, why: &str) -> Result<Version, String> {
+        self.db
+            .advance_sequence(high)
+            .await
+            .map_err(|e| e.to_string())?;
+        let version = self.db.next_version().await.map_err(|e| e.to_string())?;
+        let catalog = self.catalog.get().map_err(|e| e.to_string())?;
+        for resource in catalog.iter() {
+            self.l2
+                .raise_generation(&resource.name, version.0)
+                .await
+                .map_err(|e| format!("raising {}'s generation failed: {e}", resource.name))?;
+            let flush = Message {
+                resource: resource.name.clone(),
+                key: None,
+                version: version.0,
+                op: Op::Flush,
+                ts_us: Some(now_ms() as i64 * 1000),
+                instance: Some(self.instance_id.to_string()),
+            };
+            if let Ok(text) = serde_json::to_string(&flush) {
+                let _ = self.l2.publish(&self.l2.invalidation_channel(), text).await;
+            }
+        }
+        if let Some(l1) = &self.l1 {
+            l1.clear();
+        }
+        self.saw(version);
+        let _ = self.l2.raise_high_water(version.0).await;
+        metrics::counter!(TIER_RESETS, "tier" => "postgres", "reason" => "went_back").increment(1);
+        tracing::error!(
+            why,
+            generation = version.0,
+            "postgres went back in time: moved its version sequence past every version seen, \
+             and made every cached copy unreachable"
+        );
+        Ok(version)
+    }
+
     /// Distrusts Redis (reads skip it) until [`Tiers::secure_redis`] has run.
     pub fn distrust_redis(&self) {
         self.l2.distrust();
@@ -811,7 +1085,10 @@ impl Tiers {
     /// A classified [`DbError`].
     pub async fn read_postgres(&self, doc: &DocRef) -> Result<Cached, DbError> {
         Ok(match self.db.get(&doc.resource, &doc.key).await? {
-            Some((version, body)) => Cached::value(version, body),
+            Some((version, body)) => {
+                self.saw(version);
+                Cached::value(version, body)
+            }
             None => Cached::absent(Version::NONE),
         })
     }

@@ -52,8 +52,28 @@ impl Source for ChangesLog {
         .await
         .map_err(|_| "preparing the poll timed out".to_string())?
         .map_err(|e| format!("preparing the poll failed: {e}"))?;
+        if let Some(from) = self.xid {
+            // A reconnect: the log is durable, so the poll resumes where it was, unless
+            // Postgres went back in time (a restore, a failover), transaction ids with it.
+            let xmin = tokio::time::timeout(lease, current_xmin(&client))
+                .await
+                .map_err(|_| "snapshot timed out".to_string())?
+                .map_err(|e| format!("snapshot failed: {e}"))?;
+            let mut went_back = ctx.tiers.secure_postgres().await?.is_some();
+            if xmin < from && !went_back {
+                let why = format!("its transaction ids went back from {from} to {xmin}");
+                ctx.tiers
+                    .postgres_went_back(ctx.tiers.high_water(), &why)
+                    .await?;
+                went_back = true;
+            }
+            if went_back {
+                self.xid = None;
+            }
+        }
         if self.xid.is_none() {
-            // First start: take the low-water mark before replaying, so nothing falls between.
+            // First start (or Postgres went back): take the low-water mark before replaying,
+            // so nothing falls between.
             let xmin = tokio::time::timeout(lease, current_xmin(&client))
                 .await
                 .map_err(|_| "snapshot timed out".to_string())?

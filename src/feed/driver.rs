@@ -130,8 +130,10 @@ impl Supervisor {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
-/// A feed is back: for the Redis feed, make sure Redis is not a new incarnation holding
-/// older data ([`crate::tiers::Tiers::secure_redis`]); repair Redis from the changes log since shortly before the outage began
+/// A feed is back: make sure its tier has not gone back in time (for the Redis feed, a new
+/// incarnation holding older data, [`crate::tiers::Tiers::secure_redis`]; for the Postgres
+/// feed, a restore or failover, [`crate::tiers::Tiers::secure_postgres`]); repair Redis from
+/// the changes log since shortly before the outage began
 /// (with the `wal` source the relay repairs Redis, so nothing is replayed and Postgres is not
 /// asked), re-read the resources' generations, then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
 /// comes back, so every message queued meanwhile has been applied first.
@@ -154,9 +156,11 @@ pub(crate) async fn recover(
     };
     let catalog = ctx.catalog.get().map_err(|e| e.to_string())?;
     let tiers = &ctx.tiers;
-    if feed == Feed::Redis {
+    match feed {
         // Before anything is replayed into it or read from it: is it the Redis it was?
-        tiers.secure_redis(&catalog).await?;
+        Feed::Redis => tiers.secure_redis(&catalog).await.map(|_| ())?,
+        // A Postgres restored from a backup, or failed over, comes back through here.
+        Feed::Postgres => tiers.secure_postgres().await.map(|_| ())?,
     }
     if catalog.capture.source == PostgresSource::Wal {
         // Nothing to replay: the relay applies every change to Redis, at least once.
