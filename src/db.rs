@@ -1,6 +1,7 @@
 //! Postgres as the source of truth: the pool, document reads and writes, and the one place
 //! Postgres errors are classified. Knows nothing about caches.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -86,11 +87,45 @@ pub struct PostgresIdentity {
     pub last_version: Version,
 }
 
+/// One read of `resource`'s document `key`, on `client`.
+async fn get_on(
+    client: &deadpool_postgres::ClientWrapper,
+    resource: &Resource,
+    key: &KeyParam,
+) -> Result<Option<(Version, Bytes)>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(resource.get_sql()).await?;
+    let row = client.query_opt(&stmt, &[key_param(key)]).await?;
+    Ok(row.map(|row| {
+        let doc: String = row.get(1);
+        (Version(row.get(0)), Bytes::from(doc))
+    }))
+}
+
+/// Whether `e` says the connection itself is gone (closed, reset, the backend terminated or
+/// shutting down), as opposed to the statement failing.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.as_db_error() {
+        // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now; 08xxx
+        // connection exceptions.
+        Some(db) => {
+            let code = db.code().code();
+            matches!(code, "57P01" | "57P02" | "57P03") || code.starts_with("08")
+        }
+        // No server error at all: the socket failed.
+        None => true,
+    }
+}
+
 /// The pooled connection to Postgres.
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
     schema: String,
+    /// For a connection of its own (a read retried after its connection died).
+    config: Arc<PostgresConfig>,
 }
 
 impl Db {
@@ -118,6 +153,7 @@ impl Db {
         Ok(Db {
             pool,
             schema: config.schema.clone(),
+            config: Arc::new(config.clone()),
         })
     }
 
@@ -131,18 +167,28 @@ impl Db {
         key: &KeyParam,
     ) -> Result<Option<(Version, Bytes)>, DbError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(resource.get_sql())
-            .await
-            .map_err(classify)?;
-        let row = client
-            .query_opt(&stmt, &[key_param(key)])
-            .await
-            .map_err(classify)?;
-        Ok(row.map(|row| {
-            let doc: String = row.get(1);
-            (Version(row.get(0)), Bytes::from(doc))
-        }))
+        match get_on(&client, resource, key).await {
+            // The backend died under the read (terminated, restarted, failed over): a read is
+            // idempotent, so it is tried once more, on a connection opened for it (the pool's
+            // others may have died with this one and not know it yet). Writes never are.
+            Err(e) if connection_lost(&e) => {
+                drop(client);
+                metrics::counter!(crate::telemetry::POSTGRES_READ_RETRIES).increment(1);
+                tracing::debug!(error = %e, "a read lost its connection; retrying once on a new one");
+                let (fresh, connection) = connect_dedicated(&self.config, None, "syncar").await?;
+                // Ends once `fresh` is dropped, below.
+                tokio::spawn(connection);
+                let row = fresh
+                    .query_opt(resource.get_sql(), &[key_param(key)])
+                    .await
+                    .map_err(classify)?;
+                Ok(row.map(|row| {
+                    let doc: String = row.get(1);
+                    (Version(row.get(0)), Bytes::from(doc))
+                }))
+            }
+            other => other.map_err(classify),
+        }
     }
 
     /// Writes one document in its own transaction; returns once it is committed.

@@ -62,6 +62,8 @@ pub const TIER_RESETS: &str = "syncar_tier_resets_total";
 /// Writes whose committed version came out below a version a cache held for the key, which
 /// Postgres did not have (its versions went back); each was repaired.
 pub const VERSION_REGRESSIONS: &str = "syncar_version_regressions_total";
+/// Reads retried once on a new connection because theirs died under them.
+pub const POSTGRES_READ_RETRIES: &str = "syncar_postgres_read_retries_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
 
@@ -119,6 +121,10 @@ fn describe() {
     describe_gauge!(L1_ENTRIES, "entries in L1");
     describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
     describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+    describe_counter!(
+        POSTGRES_READ_RETRIES,
+        "reads retried once on a new connection because theirs died"
+    );
     describe_counter!(
         VERSION_REGRESSIONS,
         "writes committed below a version a cache held, which Postgres did not have"

@@ -353,3 +353,42 @@ async fn slow_and_reset_postgres_connections() {
     .await;
     assert_eq!(back.header("x-cache"), Some("db"));
 }
+
+/// A pooled backend terminated while a read waits on it: the read is tried once more on a
+/// connection of its own, and answers 200 instead of 503.
+#[tokio::test]
+async fn a_read_whose_backend_is_terminated_under_it_still_answers() {
+    let env = Env::new().await;
+    let (proxy, url) = env.pg_proxy().await;
+    let direct = env.pg_url.clone();
+    let a = env
+        .start(|c| {
+            c.postgres.url = url.clone();
+            c.postgres.listen_url = Some(direct.clone());
+        })
+        .await;
+    let v = a.put("/v1/kv/t", "1").await.etag_version();
+    // A strong read always asks Postgres; the proxy holds its query for a while.
+    proxy.delay(Duration::from_millis(500));
+    let addr = a.addr();
+    let read = tokio::spawn(async move {
+        request(addr, "GET", "/v1/kv/t?consistency=strong", &[], None).await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let terminated: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'syncar'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(terminated > 0);
+    proxy.delay(Duration::ZERO);
+    let r = read.await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.etag_version(), v);
+}
