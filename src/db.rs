@@ -199,11 +199,11 @@ impl Db {
         &self,
         resource: &Resource,
         key: &KeyParam,
-        body: serde_json::Value,
+        body: crate::model::JsonText,
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let (doc, write) = resource
-            .prepare_write(key, body, pre)
+            .prepare_write(key, &body, pre)
             .map_err(DbError::Rejected)?;
         let version = match pre {
             Precondition::Version(v) => v,
@@ -625,6 +625,14 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
     if *code == SqlState::UNIQUE_VIOLATION {
         class("rejected");
         DbError::Conflict(reason)
+    } else if *code == SqlState::STATEMENT_TOO_COMPLEX {
+        // 54001 "stack depth limit exceeded": a document nested deeper than Postgres' parser
+        // goes (its limit is max_stack_depth); nothing syncar could serve back either.
+        class("rejected");
+        DbError::Rejected(format!(
+            "{reason}: the document nests deeper than Postgres accepts (its max_stack_depth \
+             setting bounds the depth; about 10 000 levels at the default 2MB)"
+        ))
     } else if sqlstate.starts_with("22") || sqlstate.starts_with("23") {
         class("rejected");
         DbError::Rejected(reason)

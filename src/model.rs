@@ -181,9 +181,48 @@ pub struct Rank {
     pub known: bool,
 }
 
+/// A request body that is one valid JSON document, kept as its text: checked without
+/// recursion (serde's `IgnoredAny` skips nested values with a heap stack), so a document of
+/// any depth Postgres accepts is accepted, and Postgres alone parses it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonText(Box<str>);
+
+impl JsonText {
+    /// `bytes` if they are exactly one JSON value (whitespace around it allowed).
+    ///
+    /// # Errors
+    /// What is wrong with the JSON, with its line and column.
+    pub fn parse(bytes: &[u8]) -> Result<JsonText, String> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| e.to_string())?;
+        // Valid JSON is valid UTF-8 (strings are checked by the parse, the rest is ASCII).
+        let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+        Ok(JsonText(text.trim().into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_text_takes_any_depth_and_refuses_what_is_not_json() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(
+            JsonText::parse(deep.as_bytes()).is_ok(),
+            "no recursion limit"
+        );
+        assert_eq!(
+            JsonText::parse(b" {\"a\": 1} ").unwrap().as_str(),
+            "{\"a\": 1}"
+        );
+        for bad in [&b"{"[..], b"[1,]", b"1 2", b"\"\xff\"", b"nul"] {
+            assert!(JsonText::parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn newer_versions_win_and_copies_beat_tombstones_of_their_version() {

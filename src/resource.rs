@@ -2,13 +2,14 @@
 //! writes its documents. Identifiers come only from the configuration and the catalog and are
 //! always quoted; keys and bodies are always bind parameters. Runs no query itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::config::{PostgresSource, TtlConfig};
-use crate::model::CacheKey;
+use crate::model::{CacheKey, JsonText};
 
 /// The resources this instance serves, resolved against the live schema.
 #[derive(Debug, Default)]
@@ -430,48 +431,56 @@ impl Resource {
     pub fn prepare_write(
         &self,
         key: &KeyParam,
-        body: Value,
+        body: &JsonText,
         pre: Precondition,
-    ) -> Result<(Value, WriteSql), String> {
+    ) -> Result<(String, WriteSql), String> {
         match &self.shape {
-            Shape::Kv => Ok((body, self.kv_write_sql(pre))),
+            Shape::Kv => Ok((body.as_str().to_string(), self.kv_write_sql(pre))),
             Shape::Table { columns, readonly } => {
-                let Value::Object(fields) = body else {
-                    return Err(format!("a {:?} document must be a JSON object", self.name));
-                };
+                // Only the top level is parsed: each column's value stays raw JSON text, for
+                // Postgres to convert (however deep it nests).
+                let fields: Vec<(String, &RawValue)> =
+                    serde_json::from_str::<BTreeMap<String, &RawValue>>(body.as_str())
+                        .map_err(|_| format!("a {:?} document must be a JSON object", self.name))?
+                        .into_iter()
+                        .collect();
                 let (doc, set) = self.table_doc(columns, readonly, key, fields)?;
-                Ok((Value::Object(doc), self.table_write_sql(columns, &set, pre)))
+                Ok((doc, self.table_write_sql(columns, &set, pre)))
             }
         }
     }
 
+    /// The row to write as one JSON object text: the body's columns (raw), the URL's key.
     fn table_doc<'c>(
         &self,
         columns: &'c [Column],
         readonly: &[String],
         key: &KeyParam,
-        fields: Map<String, Value>,
-    ) -> Result<(Map<String, Value>, Vec<&'c Column>), String> {
+        fields: Vec<(String, &RawValue)>,
+    ) -> Result<(String, Vec<&'c Column>), String> {
         let key_json = match key {
             KeyParam::Text(s) => Value::String(s.clone()),
             KeyParam::Int(i) => Value::from(*i),
         };
-        let mut doc = Map::new();
-        for (name, value) in fields {
+        let mut given: Vec<(String, String)> = Vec::new();
+        for (name, raw) in fields {
             if name == self.key.name {
+                // A key is a number or a string: parsing it whole is shallow.
+                let value: Option<Value> = serde_json::from_str(raw.get()).ok();
                 let agrees = match (key, &value) {
-                    (KeyParam::Int(i), Value::Number(n)) => n.as_i64() == Some(*i),
-                    (KeyParam::Text(s), Value::String(v)) => s == v,
+                    (KeyParam::Int(i), Some(Value::Number(n))) => n.as_i64() == Some(*i),
+                    (KeyParam::Text(s), Some(Value::String(v))) => s == v,
                     _ => false,
                 };
                 if !agrees {
+                    let shown: String = raw.get().chars().take(64).collect();
                     return Err(format!(
-                        "key column {:?} is {value} in the body but {key_json} in the URL",
+                        "key column {:?} is {shown} in the body but {key_json} in the URL",
                         self.key.name
                     ));
                 }
             } else if columns.iter().any(|c| c.name == name) {
-                doc.insert(name, value);
+                given.push((name, raw.get().to_string()));
             } else if name != self.version.name && !readonly.contains(&name) {
                 return Err(format!(
                     "{name:?} is not a column of resource {:?}",
@@ -479,10 +488,20 @@ impl Resource {
                 ));
             }
         }
-        doc.insert(self.key.name.clone(), key_json);
+        given.push((self.key.name.clone(), key_json.to_string()));
+        let mut doc = String::from("{");
+        for (i, (name, raw)) in given.iter().enumerate() {
+            if i > 0 {
+                doc.push(',');
+            }
+            doc.push_str(&Value::String(name.clone()).to_string());
+            doc.push(':');
+            doc.push_str(raw);
+        }
+        doc.push('}');
         let set = columns
             .iter()
-            .filter(|c| doc.contains_key(&c.name))
+            .filter(|c| given.iter().any(|(n, _)| *n == c.name))
             .collect();
         Ok((doc, set))
     }
@@ -495,27 +514,27 @@ impl Resource {
         match pre {
             Precondition::None => WriteSql {
                 sql: format!(
-                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::jsonb) \
+                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::text::jsonb) \
                      ON CONFLICT ({k}) DO UPDATE SET value = EXCLUDED.value RETURNING {ret}, (t.xmax = 0)"
                 ),
                 params: vec![Key, Doc],
             },
             Precondition::Absent => WriteSql {
                 sql: format!(
-                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::jsonb) \
+                    "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::text::jsonb) \
                      ON CONFLICT ({k}) DO NOTHING RETURNING {ret}, true"
                 ),
                 params: vec![Key, Doc],
             },
             Precondition::Exists => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::jsonb WHERE t.{k} = $1::{kt} RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} RETURNING {ret}, false"
                 ),
                 params: vec![Key, Doc],
             },
             Precondition::Version(_) => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::jsonb WHERE t.{k} = $1::{kt} AND t.{ver} = $3::int8 \
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} AND t.{ver} = $3::int8 \
                      RETURNING {ret}, false"
                 ),
                 params: vec![Key, Doc, Version],
@@ -538,7 +557,7 @@ impl Resource {
             .filter(|c| !is_key(c) && !set.iter().any(|s| s.name == c.name))
             .collect();
         let all_non_key: Vec<&Column> = columns.iter().filter(|c| !is_key(c)).collect();
-        let source = format!("jsonb_populate_record(NULL::{t}, $1::jsonb)");
+        let source = format!("jsonb_populate_record(NULL::{t}, $1::text::jsonb)");
         let insert = format!("INSERT INTO {t} AS t ({given}) SELECT {given} FROM {source}");
         // EXCLUDED is the proposed row, defaults included: it replaces every column. A row
         // with no column besides its key is still rewritten, so it takes a new version.
@@ -680,13 +699,9 @@ mod tests {
     fn table_documents_take_their_key_from_the_url() {
         let r = users();
         let key = r.parse_key("7").unwrap();
-        let (doc, sql) = r
-            .prepare_write(
-                &key,
-                serde_json::json!({"name": "ann", "version": 3, "created": "x"}),
-                Precondition::None,
-            )
-            .unwrap();
+        let body = JsonText::parse(br#"{"name": "ann", "version": 3, "created": "x"}"#).unwrap();
+        let (doc, sql) = r.prepare_write(&key, &body, Precondition::None).unwrap();
+        let doc: Value = serde_json::from_str(&doc).unwrap();
         assert_eq!(doc, serde_json::json!({"id": 7, "name": "ann"}));
         assert!(
             sql.sql.contains(r#"("id", "name")"#),
@@ -700,10 +715,15 @@ mod tests {
     fn table_documents_are_checked_against_columns_and_key() {
         let r = users();
         let key = r.parse_key("7").unwrap();
-        let err = |body| r.prepare_write(&key, body, Precondition::None).unwrap_err();
-        assert!(err(serde_json::json!([1])).contains("JSON object"));
-        assert!(err(serde_json::json!({"nope": 1})).contains("not a column"));
-        assert!(err(serde_json::json!({"id": 8})).contains("in the URL"));
+        let err = |body: &str| {
+            let body = JsonText::parse(body.as_bytes()).unwrap();
+            r.prepare_write(&key, &body, Precondition::None)
+                .unwrap_err()
+        };
+        assert!(err("[1]").contains("JSON object"));
+        assert!(err(r#"{"nope": 1}"#).contains("not a column"));
+        assert!(err(r#"{"id": 8}"#).contains("in the URL"));
+        assert!(err(r#"{"id": [[[[8]]]]}"#).contains("in the URL"));
         assert!(r.parse_key("x").unwrap_err().contains("integer keys"));
     }
 }

@@ -408,7 +408,7 @@ impl Tiers {
     pub async fn put(
         &self,
         doc: &DocRef,
-        body: serde_json::Value,
+        body: crate::model::JsonText,
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));

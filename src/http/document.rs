@@ -33,7 +33,7 @@ enum DocumentRequest {
     Put {
         doc: DocRef,
         pre: Precondition,
-        body: serde_json::Value,
+        body: crate::model::JsonText,
     },
     Delete {
         target: Target,
@@ -148,7 +148,12 @@ async fn get(
 }
 
 /// PUT: 201 created or 200 replaced, with the new version.
-async fn put(state: &HttpState, doc: DocRef, pre: Precondition, body: serde_json::Value) -> Answer {
+async fn put(
+    state: &HttpState,
+    doc: DocRef,
+    pre: Precondition,
+    body: crate::model::JsonText,
+) -> Answer {
     let timeout = state.config.server.request_timeout;
     let tiers = state.tiers.clone();
     // Spawned so a client hanging up (or the deadline) cannot stop the write between commit

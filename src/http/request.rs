@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use super::error::ApiError;
-use crate::model::Version;
+use crate::model::{JsonText, Version};
 use crate::resource::{Catalog, DocRef, Precondition};
 use crate::tiers::ReadOptions;
 
@@ -152,10 +152,7 @@ pub fn write_precondition(
     }
 }
 
-pub(super) async fn read_json(
-    req: Request<Incoming>,
-    max: usize,
-) -> Result<serde_json::Value, ApiError> {
+pub(super) async fn read_json(req: Request<Incoming>, max: usize) -> Result<JsonText, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -182,7 +179,7 @@ pub(super) async fn read_json(
             "the body is empty; send a JSON document".into(),
         ));
     }
-    serde_json::from_slice(&body).map_err(|e| ApiError::MalformedJson(e.to_string()))
+    JsonText::parse(&body).map_err(ApiError::MalformedJson)
 }
 
 #[cfg(test)]

@@ -677,3 +677,46 @@ async fn the_debug_view_of_a_key_shows_every_tier_but_no_body() {
     assert_eq!(with.status, 200, "{with:?}");
     assert_eq!(with.json()["redis"]["entry"]["version"], v);
 }
+
+/// Valid JSON is never called malformed, however deep: syncar checks the syntax without
+/// recursion and lets Postgres parse; what Postgres refuses (deeper than its
+/// `max_stack_depth` allows) is a 422 naming that limit; what Postgres stores (written by
+/// SQL, 3000 levels deep) is served and can be written back unchanged.
+#[tokio::test]
+async fn deep_documents_are_accepted_as_postgres_accepts_them() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    for depth in [200, 5000] {
+        let doc = nested(depth);
+        let put = a.put("/v1/kv/deep", &doc).await;
+        assert!(put.status == 201 || put.status == 200, "{depth}: {put:?}");
+        let got = a.get("/v1/kv/deep").await;
+        assert_eq!(got.status, 200);
+        assert_eq!(String::from_utf8_lossy(&got.body).replace(' ', ""), doc);
+    }
+    let too_deep = a.put("/v1/kv/deeper", &nested(100_000)).await;
+    assert_eq!(too_deep.status, 422, "{too_deep:?}");
+    assert_eq!(too_deep.code(), "invalid_document");
+    let message = too_deep.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("max_stack_depth"), "{message}");
+    assert_eq!(a.get("/v1/kv/deep").await.status, 200, "still serving");
+
+    let by_sql = nested(3000);
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO syncar_kv (key, value) VALUES ('sql', $1::text::jsonb)",
+            &[&by_sql],
+        )
+        .await
+        .unwrap();
+    let served = a.get("/v1/kv/sql").await;
+    assert_eq!(served.status, 200);
+    let back = a
+        .put("/v1/kv/sql", &String::from_utf8_lossy(&served.body))
+        .await;
+    assert_eq!(back.status, 200, "what is served can be written back: {back:?}");
+    let malformed = a.put("/v1/kv/bad", &format!("{}1", "[".repeat(300))).await;
+    assert_eq!(malformed.code(), "malformed_json", "unclosed arrays are malformed");
+}

@@ -212,3 +212,28 @@ async fn a_missing_or_unfit_table_leaves_the_other_resources_serving() {
     let unknown = a.get("/v1/nothing/1").await;
     assert_eq!(unknown.code(), "unknown_resource");
 }
+
+/// A jsonb column takes a value as deep as Postgres accepts: only the document's top level
+/// is parsed by syncar.
+#[tokio::test]
+async fn a_jsonb_column_takes_deep_values() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE notes (id bigint PRIMARY KEY, data jsonb)")
+        .await
+        .unwrap();
+    let a = env
+        .start(|c| {
+            c.resources
+                .push(crate::support::resource("notes", "id", "version"))
+        })
+        .await;
+    let deep = format!("{}\"x\"{}", "[".repeat(2000), "]".repeat(2000));
+    let put = a
+        .put("/v1/notes/1", &format!(r#"{{"data": {deep}, "id": 1}}"#))
+        .await;
+    assert_eq!(put.status, 201, "{put:?}");
+    let got = a.get("/v1/notes/1").await;
+    assert!(String::from_utf8_lossy(&got.body).replace(' ', "").contains(&deep));
+}
