@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::AuditTap;
 use crate::backoff::{jitter, ticker, Backoff};
 use crate::coherence::Coherence;
 use crate::config::{Config, KV_RESOURCE};
@@ -133,7 +134,7 @@ impl App {
             ),
         );
         let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
-        let tiers = Tiers::new(
+        let mut tiers = Tiers::new(
             l1,
             l2,
             db,
@@ -142,6 +143,15 @@ impl App {
             config.redis.repair_queue_max,
             catalog.clone(),
         );
+        let audit = &config.audit;
+        let samples =
+            if role == Role::Sidecar && audit.sample_ratio > 0.0 && audit.max_per_second > 0 {
+                let (tap, samples) = AuditTap::new(audit.sample_ratio);
+                tiers = tiers.with_audit(tap);
+                Some(samples)
+            } else {
+                None
+            };
 
         let (listener, local) = match role {
             Role::Sidecar => {
@@ -205,6 +215,15 @@ impl App {
             shutdown.clone(),
         ));
         tasks.spawn(upkeep_task(tiers.clone(), metrics, shutdown.clone()));
+        if let Some(samples) = samples {
+            tasks.spawn(audit_task(
+                tiers.clone(),
+                samples,
+                config.audit.max_per_second,
+                config.feeds.lease,
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(redis_guard(
             tiers.clone(),
             catalog.clone(),
@@ -467,6 +486,41 @@ async fn schema_task(
         }
     }
 }
+
+/// Re-checks sampled cached reads against Postgres ([`Tiers::audit`]), starting at most
+/// `per_second` checks a second; samples that arrive while 32 checks wait out their lease are
+/// dropped, never queued without bound.
+async fn audit_task(
+    tiers: Tiers,
+    mut samples: tokio::sync::mpsc::Receiver<crate::audit::Sample>,
+    per_second: u32,
+    lease: Duration,
+    shutdown: CancellationToken,
+) {
+    let pause = Duration::from_secs(1) / per_second.max(1);
+    let mut checks = tokio::task::JoinSet::new();
+    loop {
+        let sample = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            sample = samples.recv() => match sample {
+                Some(sample) => sample,
+                None => return,
+            },
+        };
+        while checks.try_join_next().is_some() {}
+        if checks.len() < AUDIT_CONCURRENT_CHECKS {
+            let tiers = tiers.clone();
+            checks.spawn(async move { tiers.audit(sample, lease).await });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Audit checks in flight at most (most finish at once; a suspicious one waits a lease).
+const AUDIT_CONCURRENT_CHECKS: usize = 32;
 
 /// Checks which Redis incarnation answers once per `every` (the lease: a restarted or
 /// failed-over Redis is noticed within it even when no command failed), and at once when a

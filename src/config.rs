@@ -148,6 +148,7 @@ mod tests {
         documented.validate().unwrap();
         assert_eq!(documented.server.listen, ServerConfig::default().listen);
         assert_eq!(documented.cache.ttl, TtlConfig::default());
+        assert_eq!(documented.audit, AuditConfig::default());
         assert_eq!(
             documented.redis.key_prefix,
             RedisConfig::default().key_prefix

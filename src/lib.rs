@@ -20,6 +20,7 @@
 //! - [`resource`] and [`schema`]: what a resource is, its SQL, and `syncar migrate`
 //!   (the version sequence and the triggers that stamp and announce every write).
 //! - [`model`]: versions, cache keys, and how two copies of a key rank.
+//! - [`audit`]: the consistency auditor's sampling and judgement (the check is in `tiers`).
 //! - [`tls`]: `sslmode` and certificates for Postgres, `rediss://` for Redis, with rustls.
 //! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`app`]: settings, logs and
 //!   metrics, keeping secrets out of both, waiting between retries, and start-up/shutdown.
@@ -27,6 +28,7 @@
 //! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
 
 pub mod app;
+pub mod audit;
 pub mod backoff;
 pub mod coherence;
 pub mod config;

@@ -62,6 +62,10 @@ pub const TIER_RESETS: &str = "syncar_tier_resets_total";
 /// Writes whose committed version came out below a version a cache held for the key, which
 /// Postgres did not have (its versions went back); each was repaired.
 pub const VERSION_REGRESSIONS: &str = "syncar_version_regressions_total";
+/// Reads answered from a cache that the auditor re-checked against Postgres.
+pub const AUDIT_CHECKS: &str = "syncar_audit_checks_total";
+/// Of those, copies still served a lease after Postgres had a newer version, by `tier`.
+pub const AUDIT_STALE: &str = "syncar_audit_stale_total";
 /// Reads retried once on a new connection because theirs died under them.
 pub const POSTGRES_READ_RETRIES: &str = "syncar_postgres_read_retries_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
@@ -121,6 +125,20 @@ fn describe() {
     describe_gauge!(L1_ENTRIES, "entries in L1");
     describe_gauge!(L1_BYTES, Unit::Bytes, "weighted size of L1");
     describe_counter!(POSTGRES_ERRORS, "Postgres errors by class");
+    describe_counter!(
+        AUDIT_CHECKS,
+        "cached reads the auditor re-checked against Postgres"
+    );
+    describe_counter!(
+        AUDIT_STALE,
+        "audited copies still served a lease after Postgres had a newer version, by tier"
+    );
+    // Series that must read 0 rather than be missing until the first time they count.
+    metrics::counter!(VERSION_REGRESSIONS).increment(0);
+    metrics::counter!(POSTGRES_READ_RETRIES).increment(0);
+    for (tier, reason) in [("redis", "new_incarnation"), ("postgres", "went_back")] {
+        metrics::counter!(TIER_RESETS, "tier" => tier, "reason" => reason).increment(0);
+    }
     describe_counter!(
         POSTGRES_READ_RETRIES,
         "reads retried once on a new connection because theirs died"

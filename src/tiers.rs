@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed, Message, Op};
 use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
@@ -26,9 +27,12 @@ use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
 use crate::resource::{Catalog, CatalogCell, DocRef, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
-    CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES, L2_WRITE_FAILURES,
-    TIER_RESETS, VERSION_REGRESSIONS,
+    AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES,
+    L2_WRITE_FAILURES, TIER_RESETS, VERSION_REGRESSIONS,
 };
+
+/// How long past the lease the auditor looks again: an eviction may land just at its end.
+const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
 pub use repairs::Repairs;
 
@@ -78,6 +82,8 @@ pub struct Tiers {
     high_water: Arc<AtomicI64>,
     /// The high-water version last recorded in Redis by this instance.
     reported_high_water: Arc<AtomicI64>,
+    /// Where sampled cached reads go for the auditor; `None`: no auditor.
+    audit: Option<Arc<AuditTap>>,
 }
 
 /// What a tier held that refused a just-committed copy (see `Tiers::settle`).
@@ -169,6 +175,96 @@ impl Tiers {
             catalog,
             high_water: Arc::new(AtomicI64::new(0)),
             reported_high_water: Arc::new(AtomicI64::new(0)),
+            audit: None,
+        }
+    }
+
+    /// The same tiers, sending a sample of their cached reads to `tap`.
+    pub fn with_audit(mut self, tap: AuditTap) -> Self {
+        self.audit = Some(Arc::new(tap));
+        self
+    }
+
+    /// Offers a read answered from `tier` to the auditor (sampled, never blocking).
+    fn sample(&self, doc: &DocRef, tier: Tier, served: &Cached) {
+        if let Some(tap) = &self.audit {
+            tap.offer(|| Sample {
+                doc: doc.clone(),
+                tier,
+                served: served.clone(),
+                served_at: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Checks one sampled read (see [`crate::audit`]): counts it, and when Postgres holds a
+    /// newer version, looks at the tier that answered again a `lease` (plus a margin) later;
+    /// a copy it would still serve is counted stale, logged with its versions and ages, and
+    /// repaired (a tombstone at the newer version, so the next read goes to Postgres).
+    /// A cache ahead of Postgres is logged at error level and makes this instance check
+    /// whether Postgres went back ([`Tiers::secure_postgres`]).
+    pub async fn audit(&self, sample: Sample, lease: Duration) {
+        let Ok(postgres) = self.db.get(&sample.doc.resource, &sample.doc.key).await else {
+            return; // not a check: Postgres did not answer
+        };
+        metrics::counter!(AUDIT_CHECKS).increment(1);
+        let postgres = postgres.map(|(v, _)| v);
+        let ck = &sample.doc.ck;
+        let resource = &sample.doc.resource;
+        match audit::judge(&sample.served, postgres) {
+            Verdict::Consistent => {}
+            Verdict::Ahead(served) => {
+                tracing::error!(
+                    resource = %resource.name,
+                    tier = sample.tier.as_str(),
+                    served = served.0,
+                    postgres = postgres.map(|v| v.0),
+                    "audit: a cache served a version Postgres does not have"
+                );
+                if let Err(e) = self.secure_postgres().await {
+                    tracing::warn!(error = %e, "audit: checking whether postgres went back failed");
+                }
+            }
+            Verdict::Newer(newer) => {
+                tokio::time::sleep(lease + AUDIT_MARGIN).await;
+                let held = match sample.tier {
+                    Tier::L1 => match &self.l1 {
+                        Some(l1) if self.coherence.l1_usable() => l1
+                            .inspect(ck)
+                            .await
+                            .filter(|e| e.current)
+                            .map(|e| (*e.cached).clone()),
+                        _ => None,
+                    },
+                    _ if self.coherence.l2_trusted() && self.l2.trusted() => {
+                        self.l2.inspect(ck).await.ok().flatten().map(|(c, _)| c)
+                    }
+                    _ => None,
+                };
+                let Some(held) = held else { return };
+                if !audit::still_stale(&held, &sample.served, newer) {
+                    return;
+                }
+                metrics::counter!(AUDIT_STALE, "tier" => sample.tier.as_str()).increment(1);
+                tracing::warn!(
+                    resource = %resource.name,
+                    tier = sample.tier.as_str(),
+                    served = sample.served.version.0,
+                    held = held.version.0,
+                    postgres = newer.map(|v| v.0),
+                    served_ms_ago = sample.served_at.elapsed().as_millis() as u64,
+                    copy_age_ms = now_ms().saturating_sub(held.at_ms),
+                    "audit: a stale copy outlived the lease; repairing it"
+                );
+                let tombstone = Cached::invalidated(newer.unwrap_or(Version(held.version.0 + 1)));
+                let ttl = resource.ttl.tombstone_ttl;
+                if let Some(l1) = &self.l1 {
+                    l1.offer(ck, tombstone.clone(), ttl).await;
+                }
+                if self.l2.offer(ck, &tombstone, ttl).await.is_err() {
+                    self.repairs.push(ck.clone(), tombstone, ttl);
+                }
+            }
         }
     }
 
@@ -252,6 +348,7 @@ impl Tiers {
             return None;
         }
         self.counters.l1_hit.increment(1);
+        self.sample(doc, Tier::L1, &copy);
         Some(ReadResult {
             cached: (*copy).clone(),
             tier: Tier::L1,
@@ -326,6 +423,7 @@ impl Tiers {
                     }
                     _ => {
                         self.counters.l2_hit.increment(1);
+                        self.sample(doc, Tier::L2, &copy);
                         return Ok(ReadResult {
                             cached: copy,
                             tier: Tier::L2,

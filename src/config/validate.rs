@@ -23,6 +23,12 @@ impl Config {
         self.check_redis(&mut bad);
         self.check_cache(&mut bad);
         self.check_log(&mut bad);
+        if !(0.0..=1.0).contains(&self.audit.sample_ratio) {
+            bad(
+                "audit.sample_ratio",
+                format!("{} is not between 0 and 1", self.audit.sample_ratio),
+            );
+        }
         self.check_resources(&mut bad);
         if problems.is_empty() {
             Ok(())

@@ -698,7 +698,10 @@ async fn deep_documents_are_accepted_as_postgres_accepts_them() {
     let too_deep = a.put("/v1/kv/deeper", &nested(100_000)).await;
     assert_eq!(too_deep.status, 422, "{too_deep:?}");
     assert_eq!(too_deep.code(), "invalid_document");
-    let message = too_deep.json()["error"]["message"].as_str().unwrap().to_string();
+    let message = too_deep.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(message.contains("max_stack_depth"), "{message}");
     assert_eq!(a.get("/v1/kv/deep").await.status, 200, "still serving");
 
@@ -716,7 +719,14 @@ async fn deep_documents_are_accepted_as_postgres_accepts_them() {
     let back = a
         .put("/v1/kv/sql", &String::from_utf8_lossy(&served.body))
         .await;
-    assert_eq!(back.status, 200, "what is served can be written back: {back:?}");
+    assert_eq!(
+        back.status, 200,
+        "what is served can be written back: {back:?}"
+    );
     let malformed = a.put("/v1/kv/bad", &format!("{}1", "[".repeat(300))).await;
-    assert_eq!(malformed.code(), "malformed_json", "unclosed arrays are malformed");
+    assert_eq!(
+        malformed.code(),
+        "malformed_json",
+        "unclosed arrays are malformed"
+    );
 }

@@ -235,5 +235,7 @@ async fn a_jsonb_column_takes_deep_values() {
         .await;
     assert_eq!(put.status, 201, "{put:?}");
     let got = a.get("/v1/notes/1").await;
-    assert!(String::from_utf8_lossy(&got.body).replace(' ', "").contains(&deep));
+    assert!(String::from_utf8_lossy(&got.body)
+        .replace(' ', "")
+        .contains(&deep));
 }

@@ -171,3 +171,49 @@ async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
         "Redis repaired by the fill"
     );
 }
+
+/// The auditor re-checks a read served from L1 against Postgres, finds the copy still served
+/// a lease after Postgres moved on (planted here: no feeds, then a plain-SQL update), counts
+/// it and repairs it: the next read serves Postgres' version.
+#[tokio::test]
+async fn the_auditor_finds_and_repairs_a_planted_stale_copy() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| {
+            no_feeds(c);
+            c.audit.sample_ratio = 1.0;
+            c.audit.max_per_second = 1000;
+        })
+        .await;
+    let stale_l1 = |metrics: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("syncar_audit_stale_total{tier=\"l1\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = stale_l1(&String::from_utf8_lossy(&a.get("/metrics").await.body));
+    let v1 = a.put("/v1/kv/k", "1").await.etag_version();
+    let v2: i64 = env
+        .pg()
+        .await
+        .query_one(
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let served = a.get("/v1/kv/k").await;
+    assert_eq!(
+        (served.etag_version(), served.header("x-cache")),
+        (v1, Some("l1")),
+        "planted: L1 serves the old copy"
+    );
+    crate::support::eventually(Duration::from_secs(10), "the repair", || async {
+        (a.get("/v1/kv/k").await.etag_version() == v2).then_some(())
+    })
+    .await;
+    let after = stale_l1(&String::from_utf8_lossy(&a.get("/metrics").await.body));
+    assert!(after > before, "counted: {before} -> {after}");
+}
