@@ -11,7 +11,7 @@ use syncar::config::PostgresSource;
 use syncar::l2::L2;
 use syncar::model::{CacheKey, Cached, Version};
 
-use crate::support::{eventually, free_port, request, Env, Instance};
+use crate::support::{eventually, free_port, request, Env, Instance, RedisServer};
 
 /// How long a change may take to reach every instance here (the product's window is about
 /// a second; a relay hand-over adds the lease and a reconnect; the margin absorbs a loaded CI
@@ -150,16 +150,20 @@ async fn a_terminated_replication_connection_comes_back_and_loses_nothing() {
     let v1 = a.put("/v1/kv/k", "1").await.etag_version();
     sees(&b, "/v1/kv/k", v1).await;
     let pg = env.pg().await;
-    let terminated: i64 = pg
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = 'syncar-relay' AND datname = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(terminated >= 1, "a relay was streaming");
+    // (A relay between two terms has no connection: wait for one that streams.)
+    eventually(WINDOW, "a relay streaming, then terminated", || async {
+        let terminated: i64 = pg
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE application_name = 'syncar-relay' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (terminated >= 1).then_some(())
+    })
+    .await;
     let v2: i64 = pg
         .query_one(
             "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
@@ -256,7 +260,10 @@ async fn drop_slot_with_a_change(pg: &mut tokio_postgres::Client, slot: &str) ->
 /// what was published meanwhile is in Redis, and its L1 is emptied.
 #[tokio::test]
 async fn an_instance_whose_subscription_dropped_catches_up() {
-    let env = Env::new().await;
+    // A Redis of its own: killing every subscription of the shared one would cut the other
+    // tests' feeds too.
+    let server = RedisServer::start();
+    let env = Env::new().await.on_redis(server.url());
     let a = env.start(wal).await;
     let b = env.start(wal).await;
     let v1 = a.put("/v1/kv/s", "1").await.etag_version();
