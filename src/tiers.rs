@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed, Message, Op};
-use crate::db::{Db, DbError, DeleteOutcome, WriteOutcome};
+use crate::db::{Db, DbError, DeleteOutcome, PostgresIdentity, WriteOutcome};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
@@ -84,6 +84,39 @@ pub struct Tiers {
     reported_high_water: Arc<AtomicI64>,
     /// Where sampled cached reads go for the auditor; `None`: no auditor.
     audit: Option<Arc<AuditTap>>,
+}
+
+/// Why Postgres, as `now` describes it, went back in time against what was recorded
+/// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
+fn went_back(
+    now: &PostgresIdentity,
+    system: Option<&str>,
+    timeline: Option<&str>,
+    high: Version,
+) -> Vec<String> {
+    let mut why = Vec::new();
+    if now.last_version < high {
+        why.push(format!(
+            "its version sequence is at {} but version {} was seen",
+            now.last_version.0, high.0
+        ));
+    }
+    if let (Some(now), Some(was)) = (&now.system, system) {
+        if now != was {
+            why.push(format!(
+                "its system identifier changed from {was} to {now} (another cluster)"
+            ));
+        }
+    }
+    if let (Some(now), Some(was)) = (now.timeline, timeline) {
+        if now.to_string() != was {
+            why.push(format!(
+                "its timeline changed from {was} to {now} (a point-in-time recovery or a \
+                 promoted replica, which may have lost commits)"
+            ));
+        }
+    }
+    why
 }
 
 /// What a tier held that refused a just-committed copy (see `Tiers::settle`).
@@ -951,28 +984,12 @@ impl Tiers {
             .and_then(|h| h.parse().ok())
             .unwrap_or(0);
         let high = self.high_water().max(Version(recorded_high));
-        let mut why = Vec::new();
-        if id.last_version < high {
-            why.push(format!(
-                "its version sequence is at {} but version {} was seen",
-                id.last_version.0, high.0
-            ));
-        }
-        if let (Some(now), Some(was)) = (&id.system, recorded("system")) {
-            if *now != was {
-                why.push(format!(
-                    "its system identifier changed from {was} to {now} (another cluster)"
-                ));
-            }
-        }
-        if let (Some(now), Some(was)) = (id.timeline, recorded("timeline")) {
-            if now.to_string() != was {
-                why.push(format!(
-                    "its timeline changed from {was} to {now} (a point-in-time recovery or a \
-                     promoted replica, which may have lost commits)"
-                ));
-            }
-        }
+        let why = went_back(
+            &id,
+            recorded("system").as_deref(),
+            recorded("timeline").as_deref(),
+            high,
+        );
         let reset = if why.is_empty() {
             None
         } else {
@@ -1235,5 +1252,46 @@ fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
         (State::Value(_), _) => jitter(t.l2_ttl, t.ttl_jitter),
         (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
         _ => t.tombstone_ttl,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn postgres(system: &str, timeline: i32, last: i64) -> PostgresIdentity {
+        PostgresIdentity {
+            system: Some(system.into()),
+            timeline: Some(timeline),
+            last_version: Version(last),
+        }
+    }
+
+    #[test]
+    fn postgres_went_back_by_sequence_cluster_or_timeline() {
+        let same = postgres("71", 1, 100);
+        assert!(went_back(&same, Some("71"), Some("1"), Version(100)).is_empty());
+        assert!(
+            went_back(&same, None, None, Version(0)).is_empty(),
+            "nothing recorded yet"
+        );
+        let behind = went_back(&same, Some("71"), Some("1"), Version(101));
+        assert!(behind[0].contains("sequence is at 100"), "{behind:?}");
+        let other = went_back(&postgres("72", 1, 500), Some("71"), Some("1"), Version(100));
+        assert!(other[0].contains("another cluster"), "{other:?}");
+        let promoted = went_back(&postgres("71", 2, 500), Some("71"), Some("1"), Version(100));
+        assert!(
+            promoted[0].contains("timeline changed from 1 to 2"),
+            "{promoted:?}"
+        );
+        let unreadable = PostgresIdentity {
+            system: None,
+            timeline: None,
+            last_version: Version(500),
+        };
+        assert!(
+            went_back(&unreadable, Some("71"), Some("1"), Version(100)).is_empty(),
+            "a role that may not read pg_control_* compares the sequence only"
+        );
     }
 }
