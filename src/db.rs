@@ -191,6 +191,53 @@ impl Db {
         }
     }
 
+    /// Reads the documents `keys` of `resource` in one query: each found one's canonical key
+    /// text (see [`KeyParam`]'s `Display`) with its version and canonical JSON; absent keys
+    /// are not in the map.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn get_many(
+        &self,
+        resource: &Resource,
+        keys: &[&KeyParam],
+    ) -> Result<std::collections::HashMap<String, (Version, Bytes)>, DbError> {
+        let client = self.client().await?;
+        let ints: Vec<i64>;
+        let texts: Vec<&str>;
+        let param: &(dyn ToSql + Sync) = if keys.iter().all(|k| matches!(k, KeyParam::Int(_))) {
+            ints = keys
+                .iter()
+                .filter_map(|k| match k {
+                    KeyParam::Int(i) => Some(*i),
+                    KeyParam::Text(_) => None,
+                })
+                .collect();
+            &ints
+        } else {
+            texts = keys
+                .iter()
+                .filter_map(|k| match k {
+                    KeyParam::Text(s) => Some(s.as_str()),
+                    KeyParam::Int(_) => None,
+                })
+                .collect();
+            &texts
+        };
+        let stmt = client
+            .prepare_cached(&resource.get_many_sql())
+            .await
+            .map_err(classify)?;
+        let rows = client.query(&stmt, &[param]).await.map_err(classify)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let doc: String = row.get(2);
+                (row.get(0), (Version(row.get(1)), Bytes::from(doc)))
+            })
+            .collect())
+    }
+
     /// Writes one document in its own transaction; returns once it is committed.
     ///
     /// # Errors

@@ -3,11 +3,13 @@
 //! statuses ([`error`]), the probes and metrics ([`admin`]) and the request metrics
 //! ([`metrics`]). Knows nothing about how the tiers keep coherence.
 //!
-//! Routes: `GET|HEAD|PUT|DELETE /v1/{resource}/{key}`, `GET /healthz`, `GET /readyz`,
+//! Routes: `GET|HEAD|PUT|DELETE /v1/{resource}/{key}`, `POST /v1/{resource}` (a batch get,
+//! [`batch`]), `GET /healthz`, `GET /readyz`,
 //! `GET /metrics`, `GET /openapi.json` (the document in `docs/openapi.json`). The key is the
 //! rest of the path, percent-decoded, so it may contain `/`.
 
 mod admin;
+mod batch;
 mod document;
 mod error;
 mod metrics;

@@ -400,6 +400,36 @@ impl L2 {
             .transpose()
     }
 
+    /// What Redis holds for each of `keys`, each in the generation given with it, in one
+    /// `MGET`; `None` for a key it does not hold.
+    ///
+    /// # Errors
+    /// [`L2Error::Skipped`] while the breaker is open or Redis is not trusted, or the
+    /// command's failure.
+    pub async fn get_many(
+        &self,
+        keys: &[(&CacheKey, i64)],
+    ) -> Result<Vec<Option<Cached>>, L2Error> {
+        if !self.available() || !self.trusted() {
+            return Err(L2Error::Skipped);
+        }
+        let names: Vec<String> = keys
+            .iter()
+            .map(|(key, generation)| self.redis_key_in(*generation, key))
+            .collect();
+        let mut conn = self.conn.clone();
+        let raw: Vec<Option<Vec<u8>>> = self
+            .run("get", redis::cmd("MGET").arg(&names).query_async(&mut conn))
+            .await?;
+        raw.into_iter()
+            .zip(keys)
+            .map(|(raw, (key, _))| {
+                raw.map(|raw| decode(&raw).ok_or_else(|| L2Error::Corrupt(key.to_string())))
+                    .transpose()
+            })
+            .collect()
+    }
+
     /// What Redis holds for `key` in its resource's current generation, and its time to
     /// live in ms (`PTTL`: -1 for none), for the debug view. Tries Redis even while reads
     /// skip it.

@@ -404,6 +404,18 @@ impl Resource {
         &self.get_sql
     }
 
+    /// `SELECT key as text, version, document` of every key in `$1` (an array of the key
+    /// column's type): the one query of a batch get.
+    pub fn get_many_sql(&self) -> String {
+        format!(
+            "SELECT t.{key}::text, {ret} FROM {table} AS t WHERE t.{key} = ANY($1::{kt}[])",
+            key = self.key.quoted,
+            ret = self.returning(),
+            table = self.table,
+            kt = self.key_sql_type(),
+        )
+    }
+
     /// `DELETE` by key (`$1`), and version (`$2`) when conditional, returning the old version.
     pub fn delete_sql(&self, if_version: bool) -> String {
         let mut sql = format!(

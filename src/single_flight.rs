@@ -53,6 +53,13 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         map.remove(key);
     }
 
+    /// Whether a load of `key` is in flight (a batch then joins it rather than load the key
+    /// again).
+    pub fn is_running(&self, key: &K) -> bool {
+        let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(key)
+    }
+
     /// Callers currently waiting on (or running) the load of `key`. For tests.
     pub fn waiters(&self, key: &K) -> usize {
         let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());

@@ -24,7 +24,7 @@ use crate::db::{Db, DbError, DeleteOutcome, PostgresIdentity, WriteOutcome};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, CatalogCell, DocRef, Precondition, Resource};
+use crate::resource::{Catalog, CatalogCell, DocRef, KeyParam, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
     AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES,
@@ -478,6 +478,17 @@ impl Tiers {
     /// Reads Postgres and offers the result to Redis and L1.
     async fn load_db(&self, doc: &DocRef, generation: Started) -> Result<ReadResult, DbError> {
         let copy = self.read_postgres(doc).await?;
+        Ok(self.filled_from_postgres(doc, copy, generation).await)
+    }
+
+    /// What was read from Postgres (`copy`) offered to Redis and then L1, each in the
+    /// generation the read began in; answered with whatever they say.
+    async fn filled_from_postgres(
+        &self,
+        doc: &DocRef,
+        copy: Cached,
+        generation: Started,
+    ) -> ReadResult {
         let (resource, ck) = (&doc.resource, &doc.ck);
         self.counters.db_hit.increment(1);
         let mut newer_exists = false;
@@ -503,10 +514,148 @@ impl Tiers {
         if !newer_exists {
             self.fill_l1(resource, ck, &copy, generation.l1).await;
         }
-        Ok(ReadResult {
+        ReadResult {
             cached: copy,
             tier: Tier::Db,
-        })
+        }
+    }
+
+    /// Reads many documents of one resource, answering each as [`Tiers::get`] would, in the
+    /// order asked: one L1 pass; one Redis `MGET` for what L1 did not answer; then, for what
+    /// is still missing, the loads already in flight for those keys are joined and the rest
+    /// read in one Postgres query (`= ANY($1)`); every fill goes through the same versioned
+    /// offers as a single read. `options` apply to every key.
+    ///
+    /// # Errors
+    /// Per key: only when Postgres had to be asked and failed.
+    pub async fn get_many(
+        &self,
+        docs: &[DocRef],
+        options: ReadOptions,
+    ) -> Vec<Result<ReadResult, DbError>> {
+        let mut answers: Vec<Option<Result<ReadResult, DbError>>> = vec![None; docs.len()];
+        let mut missing = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            match self.l1_hit(doc, options).await {
+                Some(hit) => answers[i] = Some(Ok(hit)),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            return answers.into_iter().flatten().collect();
+        }
+        let started: Vec<Started> = missing
+            .iter()
+            .map(|&i| self.started(&docs[i], self.usable_l1()))
+            .collect();
+        if !options.strong {
+            let l1_misses = started.iter().filter(|s| s.l1.is_some()).count();
+            self.counters.l1_miss.increment(l1_misses as u64);
+        }
+        // Redis, for everything L1 did not answer.
+        let mut below = Vec::new();
+        let fresh = |copy: &Cached| options.min_version.is_none_or(|min| copy.version >= min);
+        let from_redis = if options.strong || !self.coherence.l2_trusted() {
+            None
+        } else {
+            let keys: Vec<(&CacheKey, i64)> = missing
+                .iter()
+                .zip(&started)
+                .map(|(&i, s)| (&docs[i].ck, s.l2))
+                .collect();
+            self.l2.get_many(&keys).await.ok()
+        };
+        for (j, &i) in missing.iter().enumerate() {
+            let doc = &docs[i];
+            let copy = from_redis.as_ref().and_then(|copies| copies[j].clone());
+            let hit = match copy {
+                Some(copy)
+                    if copy.is_servable()
+                        && fresh(&copy)
+                        && !self.repairs.pending_above(&doc.ck, copy.version) =>
+                {
+                    match self
+                        .fill_l1(&doc.resource, &doc.ck, &copy, started[j].l1)
+                        .await
+                    {
+                        // L1 knows Redis is behind: go to the source.
+                        Some(Offer::Refused(known)) if known.version > copy.version => None,
+                        _ => Some(copy),
+                    }
+                }
+                _ => None,
+            };
+            match hit {
+                Some(copy) => {
+                    self.counters.l2_hit.increment(1);
+                    self.sample(doc, Tier::L2, &copy);
+                    answers[i] = Some(Ok(ReadResult {
+                        cached: copy,
+                        tier: Tier::L2,
+                    }));
+                }
+                None => {
+                    self.counters.l2_miss.increment(1);
+                    below.push(j);
+                }
+            }
+        }
+        // Postgres: join the loads in flight, read the rest at once.
+        let (joined, queried): (Vec<usize>, Vec<usize>) = below
+            .into_iter()
+            .partition(|&j| !options.strong && self.flights.is_running(&docs[missing[j]].ck));
+        let joins = joined.iter().map(|&j| {
+            let doc = &docs[missing[j]];
+            let generation = started[j];
+            async move {
+                let read = self
+                    .flights
+                    .run(&doc.ck, self.load(doc, generation))
+                    .await?;
+                if fresh(&read.cached) {
+                    Ok(read)
+                } else {
+                    self.load_db(doc, generation).await
+                }
+            }
+        });
+        let joined_answers = futures_util::future::join_all(joins).await;
+        for (&j, answer) in joined.iter().zip(joined_answers) {
+            answers[missing[j]] = Some(answer);
+        }
+        if !queried.is_empty() {
+            let resource = &docs[missing[queried[0]]].resource;
+            let keys: Vec<&KeyParam> = queried.iter().map(|&j| &docs[missing[j]].key).collect();
+            match self.db.get_many(resource, &keys).await {
+                Ok(mut rows) => {
+                    let fills = queried.iter().map(|&j| {
+                        let doc = &docs[missing[j]];
+                        let copy = match rows.remove(&doc.key.to_string()) {
+                            Some((version, body)) => {
+                                self.saw(version);
+                                Cached::value(version, body)
+                            }
+                            None => Cached::absent(Version::NONE),
+                        };
+                        self.counters.db_hit.increment(1);
+                        self.filled_from_postgres(doc, copy, started[j])
+                    });
+                    let filled = futures_util::future::join_all(fills).await;
+                    for (&j, read) in queried.iter().zip(filled) {
+                        answers[missing[j]] = Some(Ok(read));
+                    }
+                }
+                Err(e) => {
+                    for &j in &queried {
+                        answers[missing[j]] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(DbError::Internal("a key was not answered".into()))))
+            .collect()
     }
 
     /// Offers a copy to L1 (if it is to be filled), counting refusals.

@@ -41,6 +41,8 @@ pub struct ServerConfig {
     /// Longest key accepted, in bytes after percent-decoding; longer ones get 414. Keys travel
     /// in NOTIFY payloads, which Postgres limits to 8000 bytes.
     pub max_key_bytes: usize,
+    /// Most keys one batch get may name; more get 413 `too_many_keys`.
+    pub max_batch_keys: usize,
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -388,6 +390,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             max_body_bytes: 1024 * 1024,
             max_key_bytes: 512,
+            max_batch_keys: 1000,
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),

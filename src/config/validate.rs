@@ -105,6 +105,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=100_000).contains(&self.server.max_batch_keys) {
+            bad(
+                "server.max_batch_keys",
+                "must be between 1 and 100000".into(),
+            );
+        }
     }
 
     /// Every deadline must be positive.

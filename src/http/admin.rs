@@ -23,11 +23,13 @@ pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
 pub fn openapi_for(resources: &[String]) -> Bytes {
     let mut doc: serde_json::Value =
         serde_json::from_str(OPENAPI).expect("docs/openapi.json is valid JSON");
-    if let Some(schema) = doc
-        .pointer_mut("/paths/~1v1~1{resource}~1{key}/parameters/0/schema")
-        .and_then(|s| s.as_object_mut())
-    {
-        schema.insert("enum".into(), json!(resources));
+    for path in ["/paths/~1v1~1{resource}~1{key}", "/paths/~1v1~1{resource}"] {
+        if let Some(schema) = doc
+            .pointer_mut(&format!("{path}/parameters/0/schema"))
+            .and_then(|s| s.as_object_mut())
+        {
+            schema.insert("enum".into(), json!(resources));
+        }
     }
     Bytes::from(doc.to_string())
 }

@@ -16,6 +16,7 @@ use crate::resource::{NotReady, Precondition};
 
 pub(super) const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
 pub(super) const ALLOW_READ: &str = "GET, HEAD";
+pub(super) const ALLOW_BATCH: &str = "POST";
 
 /// A response, or why there is none.
 pub(super) type Answer = Result<Response<Full<Bytes>>, ApiError>;
@@ -56,6 +57,10 @@ pub enum ApiError {
     InvalidQuery(String),
     #[error("request body exceeds {0} bytes")]
     BodyTooLarge(usize),
+    #[error("{0}")]
+    InvalidBody(String),
+    #[error("a batch names {0} keys; server.max_batch_keys allows {1}")]
+    TooManyKeys(usize, usize),
     #[error("key exceeds {0} bytes")]
     KeyTooLong(usize),
     #[error("{0}")]
@@ -93,6 +98,8 @@ impl ApiError {
             InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
             InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
             BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            InvalidBody(_) => (StatusCode::BAD_REQUEST, "invalid_body"),
+            TooManyKeys(..) => (StatusCode::PAYLOAD_TOO_LARGE, "too_many_keys"),
             KeyTooLong(_) => (StatusCode::URI_TOO_LONG, "key_too_long"),
             Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_document"),
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),

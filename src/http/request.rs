@@ -94,6 +94,16 @@ pub fn decode_key(raw: &str, max_bytes: usize) -> Result<String, ApiError> {
         .map_err(|_| {
             ApiError::InvalidKey("key is not valid UTF-8 after percent-decoding".into())
         })?;
+    check_key(&key, max_bytes)?;
+    Ok(key.into_owned())
+}
+
+/// What every key must be, however it came (a path, a batch body): not empty, no NUL, at
+/// most `max_bytes`.
+///
+/// # Errors
+/// 400 `invalid_key`, or 414 `key_too_long`.
+pub fn check_key(key: &str, max_bytes: usize) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(ApiError::InvalidKey("key must not be empty".into()));
     }
@@ -103,7 +113,7 @@ pub fn decode_key(raw: &str, max_bytes: usize) -> Result<String, ApiError> {
     if key.len() > max_bytes {
         return Err(ApiError::KeyTooLong(max_bytes));
     }
-    Ok(key.into_owned())
+    Ok(())
 }
 
 /// `If-Match: "N"` or `*`; for PUT also `If-None-Match: *`.

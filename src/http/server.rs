@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{read_only, Answer, ApiError};
 use super::state::HttpState;
-use super::{admin, document};
+use super::{admin, batch, document};
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.
@@ -158,6 +158,10 @@ async fn handle(
         None => match path.as_str() {
             "/openapi.json" => ("openapi", read_only(&method).map(|_| admin::openapi(state))),
             p => match p.strip_prefix("/v1/") {
+                // A resource name never holds '/', a key is never empty.
+                Some(name) if !name.is_empty() && !name.contains('/') => {
+                    ("batch", batch::handle(state, req, name).await)
+                }
                 Some(rest) => ("document", document::handle(state, req, rest).await),
                 None => ("other", Err(ApiError::NoRoute)),
             },

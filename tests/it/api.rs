@@ -253,7 +253,8 @@ async fn bad_requests_get_clear_errors() {
     let cases: Vec<Case> = vec![
         ("GET", "/v1/nope/a", None, 404, "unknown_resource"),
         ("GET", "/v2/kv/a", None, 404, "no_route"),
-        ("GET", "/v1/kv", None, 404, "no_route"),
+        ("GET", "/v1/kv", None, 405, "method_not_allowed"),
+        ("GET", "/v1/", None, 404, "no_route"),
         ("PUT", "/v1/kv/a", Some(b"{not json"), 400, "malformed_json"),
         ("PUT", "/v1/kv/a", Some(b""), 400, "malformed_json"),
         (
@@ -532,6 +533,10 @@ async fn the_openapi_document_matches_the_routes() {
         serde_json::json!(["kv"]),
         "the served document lists this instance's resources"
     );
+    assert_eq!(
+        doc["paths"]["/v1/{resource}"]["parameters"][0]["schema"]["enum"],
+        serde_json::json!(["kv"])
+    );
     let paths = doc["paths"].as_object().unwrap();
     let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
     documented.sort();
@@ -542,6 +547,7 @@ async fn the_openapi_document_matches_the_routes() {
             "/metrics",
             "/openapi.json",
             "/readyz",
+            "/v1/{resource}",
             "/v1/{resource}/{key}"
         ]
     );
@@ -729,4 +735,120 @@ async fn deep_documents_are_accepted_as_postgres_accepts_them() {
         "malformed_json",
         "unclosed arrays are malformed"
     );
+}
+
+/// `POST /v1/{resource}` with `{"keys": [...]}`: each key answered in order, as a single
+/// GET would (document, version, tier; 404; a per-key error), from L1, Redis or one
+/// Postgres query; `min_version` honoured; limits and bad bodies refused clearly.
+#[tokio::test]
+async fn a_batch_get_answers_every_key_in_order() {
+    let env = Env::new().await;
+    let a = env.start(|c| c.server.max_batch_keys = 5).await;
+    let b = env.start(|c| c.server.max_batch_keys = 5).await;
+    let batch = |i: &crate::support::Instance, query: &str, body: String| {
+        let addr = i.addr();
+        let path = format!("/v1/kv{query}");
+        async move { request(addr, "POST", &path, &[], Some(body.as_bytes())).await }
+    };
+    let va = a.put("/v1/kv/a", r#"{"n":1}"#).await.etag_version();
+    let vbulk = a.put("/v1/kv/bulk", "2").await.etag_version();
+    for i in [&a, &b] {
+        i.sees("/v1/kv/bulk", vbulk, Duration::from_secs(10)).await;
+    }
+    let r = batch(&b, "", r#"{"keys": ["a", "nope", "", "bulk", "a"]}"#.into()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let results = r.json()["results"].clone();
+    assert_eq!(results[0]["key"], "a");
+    assert_eq!(results[0]["status"], 200);
+    assert_eq!(results[0]["version"], va);
+    assert_eq!(results[0]["document"], json!({"n": 1}));
+    assert_eq!(results[1]["status"], 404, "{results}");
+    assert_eq!(results[2]["status"], 400);
+    assert_eq!(results[2]["error"]["code"], "invalid_key");
+    assert_eq!(
+        results[3]["key"], "bulk",
+        "a key named like a route is a key"
+    );
+    assert_eq!(results[3]["version"], vbulk);
+    assert_eq!(
+        results[4]["version"], va,
+        "a key asked twice is answered twice"
+    );
+    let again = batch(&b, "", r#"{"keys": ["a", "bulk"]}"#.into())
+        .await
+        .json();
+    for result in again["results"].as_array().unwrap() {
+        assert_eq!(result["tier"], "l1", "{again}");
+    }
+
+    // Read-your-writes through another instance, for the whole batch.
+    let v2 = a.put("/v1/kv/a", r#"{"n":2}"#).await.etag_version();
+    let fresh = batch(
+        &b,
+        &format!("?min_version={v2}"),
+        r#"{"keys": ["a"]}"#.into(),
+    )
+    .await;
+    assert_eq!(fresh.json()["results"][0]["version"], v2, "{fresh:?}");
+    assert_eq!(fresh.json()["results"][0]["document"], json!({"n": 2}));
+
+    let many = batch(&a, "", r#"{"keys": ["1","2","3","4","5","6"]}"#.into()).await;
+    assert_eq!((many.status, many.code()), (413, "too_many_keys".into()));
+    let bad = batch(&a, "", r#"{"key": ["a"]}"#.into()).await;
+    assert_eq!((bad.status, bad.code()), (400, "invalid_body".into()));
+    let get = a.get("/v1/kv").await;
+    assert_eq!(get.status, 405);
+    assert_eq!(get.header("allow"), Some("POST"));
+    let unknown = request(a.addr(), "POST", "/v1/nope", &[], Some(b"{\"keys\":[]}")).await;
+    assert_eq!(unknown.code(), "unknown_resource");
+    let empty = batch(&a, "", r#"{"keys": []}"#.into()).await;
+    assert_eq!(empty.json(), json!({"results": []}));
+}
+
+/// A batch of a table with integer keys: Redis and Postgres each asked once for what the
+/// tier above lacked; `02` and `2` name one row; a key that is not an integer is a per-key
+/// 400.
+#[tokio::test]
+async fn a_batch_get_of_a_table_reads_what_is_missing_at_once() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text);
+             INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    let with_items = |c: &mut syncar::Config| {
+        c.resources
+            .push(crate::support::resource("items", "id", "version"))
+    };
+    let a = env.start(with_items).await;
+    let b = env.start(with_items).await;
+    let keys: Vec<String> = (1..=50).map(|i| i.to_string()).collect();
+    let body = json!({"keys": keys}).to_string();
+    let first = request(a.addr(), "POST", "/v1/items", &[], Some(body.as_bytes())).await;
+    let results = first.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 50);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["tier"], "db");
+        assert_eq!(r["document"]["name"], format!("item {}", i + 1));
+    }
+    let from_b = request(b.addr(), "POST", "/v1/items", &[], Some(body.as_bytes())).await;
+    for r in from_b.json()["results"].as_array().unwrap() {
+        assert_eq!(r["tier"], "l2", "{r}");
+    }
+    let odd = request(
+        a.addr(),
+        "POST",
+        "/v1/items",
+        &[],
+        Some(br#"{"keys": ["02", "x", "99"]}"#),
+    )
+    .await
+    .json();
+    assert_eq!(odd["results"][0]["document"]["id"], 2);
+    assert_eq!(odd["results"][1]["status"], 400);
+    assert_eq!(odd["results"][2]["status"], 404);
 }
