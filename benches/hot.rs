@@ -14,16 +14,22 @@
 //!    triggers, with the version stamp alone, and with syncar's triggers for each
 //!    `feeds.postgres_source` (`wal`, with a `syncar relay` decoding the slot meanwhile, since
 //!    the walsender's decoding runs on the same Postgres; `changes_log`; `notify`); and the
-//!    same for 50-row UPDATEs on one client.
+//!    same for 50-row UPDATEs on one client;
+//! 7. 100 keys in one batch get against 100 sequential GETs on one connection and against
+//!    the same GETs on 50 connections, from L1, Redis and Postgres (`hot/batch.rs`).
 //!
 //! Options (defaults in brackets): `--connections 50`, `--secs 5`, `--keys 1000`,
 //! `--value-bytes 200`, `--pool 16`, `--rounds 3` (of every trigger variant, interleaved;
-//! each trigger figure is the median of its rounds). Needs `wrk` (Debian package `wrk`), `redis-benchmark`
+//! each trigger figure is the median of its rounds), `--only batch` (the batch rows alone).
+//! Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
 mod servers;
+
+#[path = "hot/batch.rs"]
+mod batch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -39,6 +45,8 @@ struct Args {
     pool: usize,
     /// Rounds of every trigger variant; each figure is the median of its rounds.
     rounds: usize,
+    /// `--only batch`: the batch-get rows alone.
+    only_batch: bool,
 }
 
 impl Args {
@@ -50,6 +58,7 @@ impl Args {
             value_bytes: 200,
             pool: 16,
             rounds: 3,
+            only_batch: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -64,6 +73,11 @@ impl Args {
                 "--value-bytes" => a.value_bytes = v().parse().unwrap(),
                 "--pool" => a.pool = v().parse().unwrap(),
                 "--rounds" => a.rounds = v().parse().unwrap(),
+                "--only" => {
+                    let what = v();
+                    assert_eq!(what, "batch", "--only takes batch");
+                    a.only_batch = true;
+                }
                 other => panic!("unknown option {other}"),
             }
         }
@@ -410,6 +424,33 @@ fn pgbench_run(
     }
 }
 
+/// The batch rows as a table, with the ratios the goals are stated in.
+fn print_batch(rows: &[batch::Row]) {
+    println!(
+        "\n{:<10} {:<28} {:>12} {:>14}",
+        "tier", "100 keys as", "keys/s", "p99 call ms"
+    );
+    for r in rows {
+        println!(
+            "{:<10} {:<28} {:>12.0} {:>14.3}",
+            r.tier, r.way, r.keys_per_sec, r.p99_call_ms
+        );
+    }
+    for tier in ["l1", "redis", "postgres"] {
+        let of = |way: &str| {
+            rows.iter()
+                .find(|r| r.tier == tier && r.way == way)
+                .map_or(f64::NAN, |r| r.keys_per_sec)
+        };
+        println!(
+            "{tier}: batch / sequential GETs {:.1}x, batch / 50 concurrent GETs {:.1}x",
+            of("batch of 100") / of("100 sequential GETs"),
+            of("batch of 100") / of("100 GETs on 50 connections"),
+        );
+    }
+    println!("(goal: batch >= 10x sequential from L1, >= 5x from Postgres)");
+}
+
 fn main() {
     let args = Args::parse();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
@@ -493,6 +534,17 @@ fn main() {
     wrk("warm", p1, "GET", "", args.keys, c, 2, &out);
     wrk("warm", p2, "GET", "", args.keys, c, 2, &out);
     wrk("warm", p3, "GET", "", args.keys, c, 2, &out);
+    // Batch gets against single GETs, while nothing writes (a write run's invalidations
+    // would turn hits into misses).
+    let batch_rows = batch::rows(p1, p2, s);
+    print_batch(&batch_rows);
+    if args.only_batch {
+        let path = out.join("results-batch.json");
+        let rows: Vec<Value> = batch_rows.iter().map(batch::Row::json).collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        println!("\nwrote {}", path.display());
+        return;
+    }
     let l1_hit = wrk("syncar GET, L1 hit", p1, "GET", "", args.keys, c, s, &out);
     // Before any write run: the invalidations of a write run reach every instance and would
     // turn this one's hits into misses while it catches up.
@@ -796,7 +848,9 @@ fn main() {
         bulk_notified.rps,
         bulk_loss(&bulk_notified) * 100.0
     );
+    print_batch(&batch_rows);
     let report = json!({
+        "batch_get": batch_rows.iter().map(batch::Row::json).collect::<Vec<_>>(),
         "reads": reads.iter().map(Figures::json).collect::<Vec<_>>(),
         "writes": writes.iter().map(Figures::json).collect::<Vec<_>>(),
         "triggers": trigger_json,
