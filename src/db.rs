@@ -119,6 +119,51 @@ fn connection_lost(e: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// One operation of a transaction ([`Db::transact`]).
+pub struct TxItem<'a> {
+    pub resource: &'a Resource,
+    pub key: &'a KeyParam,
+    pub op: &'a TxOp,
+}
+
+/// What an operation does.
+#[derive(Clone, Debug)]
+pub enum TxOp {
+    Put {
+        body: crate::model::JsonText,
+        pre: Precondition,
+    },
+    Delete {
+        pre: Precondition,
+    },
+}
+
+/// What an operation of a committed transaction did.
+#[derive(Clone, Debug)]
+pub enum TxDone {
+    Written(Written),
+    Deleted {
+        version: Version,
+    },
+    /// A delete of an absent key, without a precondition.
+    NotFound,
+}
+
+/// Why a transaction was rolled back.
+#[derive(Clone, Debug)]
+pub struct TxFailed {
+    /// The operation that failed; `None` for the connection or the commit.
+    pub index: Option<usize>,
+    pub why: TxWhy,
+}
+
+#[derive(Clone, Debug)]
+pub enum TxWhy {
+    /// Its `If-Match` / `If-None-Match` did not hold.
+    Precondition,
+    Db(DbError),
+}
+
 /// The pooled connection to Postgres.
 #[derive(Clone)]
 pub struct Db {
@@ -343,6 +388,100 @@ impl Db {
         Ok(DeleteOutcome::Deleted {
             version: Version(tombstone),
         })
+    }
+
+    /// Runs `ops` in one transaction, in order, all or nothing: the first that cannot be done
+    /// (its precondition fails, Postgres rejects its document) rolls everything back and is
+    /// named by its index. A delete of an absent key without a precondition is not a failure:
+    /// [`TxDone::NotFound`].
+    ///
+    /// # Errors
+    /// [`TxFailed`] with the index of the operation that failed (`None`: the connection or
+    /// the commit); nothing was committed.
+    pub async fn transact(&self, ops: &[TxItem<'_>]) -> Result<Vec<TxDone>, TxFailed> {
+        let at = |index| {
+            move |e: DbError| TxFailed {
+                index,
+                why: TxWhy::Db(e),
+            }
+        };
+        let mut client = self.client().await.map_err(at(None))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(classify)
+            .map_err(at(None))?;
+        let mut done = Vec::with_capacity(ops.len());
+        for (i, item) in ops.iter().enumerate() {
+            let here = at(Some(i));
+            let failed = || TxFailed {
+                index: Some(i),
+                why: TxWhy::Precondition,
+            };
+            match item.op {
+                TxOp::Put { body, pre } => {
+                    let (doc, write) = item
+                        .resource
+                        .prepare_write(item.key, body, *pre)
+                        .map_err(|m| here(DbError::Rejected(m)))?;
+                    let version = match pre {
+                        Precondition::Version(v) => *v,
+                        _ => 0,
+                    };
+                    let params: Vec<&(dyn ToSql + Sync)> = write
+                        .params
+                        .iter()
+                        .map(|p| match p {
+                            Param::Key => key_param(item.key),
+                            Param::Doc => &doc as &(dyn ToSql + Sync),
+                            Param::Version => &version as &(dyn ToSql + Sync),
+                        })
+                        .collect();
+                    let row = tx
+                        .query_opt(write.sql.as_str(), &params)
+                        .await
+                        .map_err(|e| here(classify(e)))?
+                        .ok_or_else(failed)?;
+                    let doc: String = row.get(1);
+                    done.push(TxDone::Written(Written {
+                        version: Version(row.get(0)),
+                        doc: Bytes::from(doc),
+                        created: row.get(2),
+                    }));
+                }
+                TxOp::Delete { pre } => {
+                    let conditional = matches!(pre, Precondition::Version(_));
+                    let sql = item.resource.delete_sql(conditional);
+                    let deleted = match pre {
+                        Precondition::Version(v) => {
+                            tx.query_opt(sql.as_str(), &[key_param(item.key), v]).await
+                        }
+                        _ => tx.query_opt(sql.as_str(), &[key_param(item.key)]).await,
+                    }
+                    .map_err(|e| here(classify(e)))?;
+                    match (deleted, pre) {
+                        (None, Precondition::None) => done.push(TxDone::NotFound),
+                        (None, _) => return Err(failed()),
+                        (Some(_), _) => {
+                            // The delete trigger took the delete's version in this session.
+                            let version: i64 = tx
+                                .query_one(
+                                    &format!("SELECT currval({})", self.sequence_literal()),
+                                    &[],
+                                )
+                                .await
+                                .map_err(|e| here(classify(e)))?
+                                .get(0);
+                            done.push(TxDone::Deleted {
+                                version: Version(version),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        tx.commit().await.map_err(classify).map_err(at(None))?;
+        Ok(done)
     }
 
     /// `SELECT 1` through the pool, for `/readyz`.

@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed, Message, Op};
-use crate::db::{Db, DbError, DeleteOutcome, PostgresIdentity, WriteOutcome};
+use crate::db::{
+    Db, DbError, DeleteOutcome, PostgresIdentity, TxDone, TxFailed, TxItem, TxOp, WriteOutcome,
+};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
@@ -876,6 +878,41 @@ impl Tiers {
         };
         self.saw(fresh.version);
         Ok(Some(fresh))
+    }
+
+    /// Runs `ops` in one Postgres transaction, all or nothing ([`Db::transact`]); once it is
+    /// committed, updates Redis and L1 for each as a single write would, in order.
+    ///
+    /// # Errors
+    /// The operation that failed, and why; nothing was committed.
+    pub async fn transact(&self, ops: &[(DocRef, TxOp)]) -> Result<Vec<TxDone>, TxFailed> {
+        let started: Vec<Started> = ops
+            .iter()
+            .map(|(doc, _)| self.started(doc, self.l1.as_ref().map(L1::generation)))
+            .collect();
+        let items: Vec<TxItem> = ops
+            .iter()
+            .map(|(doc, op)| TxItem {
+                resource: &doc.resource,
+                key: &doc.key,
+                op,
+            })
+            .collect();
+        let done = self.db.transact(&items).await?;
+        for (((doc, _), outcome), generation) in ops.iter().zip(&done).zip(started) {
+            let (copy, op) = match outcome {
+                TxDone::Written(w) => (Cached::value(w.version, w.doc.clone()), Op::Put),
+                TxDone::Deleted { version } => (Cached::absent(*version), Op::Delete),
+                TxDone::NotFound => continue,
+            };
+            self.saw(copy.version);
+            if let Some(conflict) = self.settle(doc, copy, op, generation).await {
+                // A tier ahead of Postgres: the next check of Postgres' history (a feed
+                // reconnecting, the auditor) deals with it; a single write repairs at once.
+                tracing::warn!(resource = %doc.resource.name, ?conflict, "a transaction's write was refused by a cache");
+            }
+        }
+        Ok(done)
     }
 
     /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the

@@ -38,7 +38,9 @@ struct Conn(http1::SendRequest<Full<Bytes>>);
 
 impl Conn {
     async fn open(port: u16) -> Conn {
-        let stream = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
         stream.set_nodelay(true).unwrap();
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
@@ -59,7 +61,12 @@ impl Conn {
         let resp = self.0.send_request(req).await.expect("request");
         let status = resp.status();
         let body = resp.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(status, 200, "{method} {path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            status,
+            200,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&body)
+        );
         body
     }
 }
@@ -70,13 +77,7 @@ fn p99(mut ms: Vec<f64>) -> f64 {
 }
 
 /// The three ways for one tier of the instance on `port`; `query` is added to every path.
-async fn tier(
-    tier: &'static str,
-    port: u16,
-    query: &str,
-    keys: &[String],
-    secs: u64,
-) -> Vec<Row> {
+async fn tier(tier: &'static str, port: u16, query: &str, keys: &[String], secs: u64) -> Vec<Row> {
     let body = Bytes::from(json!({ "keys": keys }).to_string());
     let batch_path = format!("/v1/kv{query}");
     let get_path = |k: &str| format!("/v1/kv/{k}{query}");
@@ -125,7 +126,12 @@ async fn tier(
     let (mut calls, mut n, start) = (Vec::new(), 0usize, Instant::now());
     while start.elapsed() < Duration::from_secs(secs) {
         let rounds = conns.iter_mut().enumerate().map(|(c, conn)| {
-            let mine: Vec<String> = keys.iter().skip(c).step_by(CONNS).map(|k| get_path(k)).collect();
+            let mine: Vec<String> = keys
+                .iter()
+                .skip(c)
+                .step_by(CONNS)
+                .map(|k| get_path(k))
+                .collect();
             async move {
                 let mut ms = Vec::new();
                 for path in mine {

@@ -59,7 +59,7 @@ pub enum ApiError {
     BodyTooLarge(usize),
     #[error("{0}")]
     InvalidBody(String),
-    #[error("a batch names {0} keys; server.max_batch_keys allows {1}")]
+    #[error("a batch names {0} keys or operations; server.max_batch_keys allows {1}")]
     TooManyKeys(usize, usize),
     #[error("key exceeds {0} bytes")]
     KeyTooLong(usize),

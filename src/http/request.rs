@@ -136,6 +136,19 @@ pub fn write_precondition(
     };
     let if_match = text(&header::IF_MATCH)?;
     let if_none_match = text(&header::IF_NONE_MATCH)?;
+    precondition(if_match, if_none_match, allow_create_only)
+}
+
+/// A write's precondition from the values of `If-Match` and `If-None-Match` (headers, or the
+/// fields of a transaction's operation, which take the same values).
+///
+/// # Errors
+/// 400 for a value this API does not understand.
+pub fn precondition(
+    if_match: Option<String>,
+    if_none_match: Option<String>,
+    allow_create_only: bool,
+) -> Result<Precondition, ApiError> {
     match (if_match, if_none_match) {
         (Some(_), Some(_)) => Err(ApiError::InvalidHeader(
             "send either If-Match or If-None-Match, not both".into(),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{read_only, Answer, ApiError};
 use super::state::HttpState;
-use super::{admin, batch, document};
+use super::{admin, batch, document, transaction};
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.
@@ -157,6 +157,7 @@ async fn handle(
         Some(answer) => answer,
         None => match path.as_str() {
             "/openapi.json" => ("openapi", read_only(&method).map(|_| admin::openapi(state))),
+            "/v1" => ("transaction", transaction::handle(state, req).await),
             p => match p.strip_prefix("/v1/") {
                 // A resource name never holds '/', a key is never empty.
                 Some(name) if !name.is_empty() && !name.contains('/') => {

@@ -547,6 +547,7 @@ async fn the_openapi_document_matches_the_routes() {
             "/metrics",
             "/openapi.json",
             "/readyz",
+            "/v1",
             "/v1/{resource}",
             "/v1/{resource}/{key}"
         ]
@@ -851,4 +852,109 @@ async fn a_batch_get_of_a_table_reads_what_is_missing_at_once() {
     assert_eq!(odd["results"][0]["document"]["id"], 2);
     assert_eq!(odd["results"][1]["status"], 400);
     assert_eq!(odd["results"][2]["status"], 404);
+}
+
+/// `POST /v1`: writes on two resources committed together, or not at all: one failed
+/// precondition answers 412 naming the operation and writes nothing; the caches of every
+/// instance see the committed writes.
+#[tokio::test]
+async fn a_transaction_commits_all_or_nothing() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE orders (id bigint PRIMARY KEY, total numeric)")
+        .await
+        .unwrap();
+    let with_orders = |c: &mut syncar::Config| {
+        c.resources
+            .push(crate::support::resource("orders", "id", "version"))
+    };
+    let a = env.start(with_orders).await;
+    let b = env.start(with_orders).await;
+    let tx = |body: serde_json::Value| {
+        let addr = a.addr();
+        async move { request(addr, "POST", "/v1", &[], Some(body.to_string().as_bytes())).await }
+    };
+    let v_gone = a.put("/v1/kv/gone", "0").await.etag_version();
+    b.sees("/v1/kv/gone", v_gone, Duration::from_secs(10)).await;
+    let ok = tx(json!({"operations": [
+        {"op": "put", "resource": "orders", "key": "7", "document": {"total": 12.5}},
+        {"op": "put", "resource": "kv", "key": "cart", "document": {"items": [1, 2]}, "if_none_match": "*"},
+        {"op": "delete", "resource": "kv", "key": "gone"},
+        {"op": "delete", "resource": "kv", "key": "never"},
+    ]}))
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let results = ok.json()["results"].clone();
+    assert_eq!(results[0]["status"], 201);
+    assert_eq!(results[1]["status"], 201);
+    assert_eq!(results[2]["status"], 204);
+    assert_eq!(results[3]["status"], 404);
+    let v_order = results[0]["version"].as_i64().unwrap();
+    let v_cart = results[1]["version"].as_i64().unwrap();
+    for i in [&a, &b] {
+        i.sees("/v1/orders/7", v_order, Duration::from_secs(10))
+            .await;
+        i.sees("/v1/kv/cart", v_cart, Duration::from_secs(10)).await;
+        i.sees_absent("/v1/kv/gone", Duration::from_secs(10)).await;
+    }
+
+    // The second operation's precondition fails: the first is not written either.
+    let refused = tx(json!({"operations": [
+        {"op": "put", "resource": "orders", "key": "7", "document": {"total": 99}},
+        {"op": "put", "resource": "kv", "key": "cart", "document": [], "if_match": "\"1\""},
+    ]}))
+    .await;
+    assert_eq!(refused.status, 412, "{refused:?}");
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("operation 1 (put kv/cart)"), "{message}");
+    assert_eq!(
+        a.get("/v1/orders/7").await.etag_version(),
+        v_order,
+        "nothing written"
+    );
+    let total: String = env
+        .pg()
+        .await
+        .query_one("SELECT total::text FROM orders WHERE id = 7", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, "12.5");
+
+    // Postgres refusing a document names the operation too.
+    let rejected = tx(json!({"operations": [
+        {"op": "put", "resource": "orders", "key": "8", "document": {"total": "lots"}},
+    ]}))
+    .await;
+    assert_eq!(
+        (rejected.status, rejected.code()),
+        (422, "invalid_document".into())
+    );
+    assert!(rejected.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("operation 0 (put orders/8)"));
+    for (body, code) in [
+        (
+            json!({"operations": [{"op": "patch", "resource": "kv", "key": "x"}]}),
+            "invalid_body",
+        ),
+        (
+            json!({"operations": [{"op": "put", "resource": "kv", "key": "x"}]}),
+            "invalid_body",
+        ),
+        (
+            json!({"operations": [{"op": "put", "resource": "nope", "key": "x", "document": 1}]}),
+            "invalid_body",
+        ),
+        (json!({"ops": []}), "invalid_body"),
+    ] {
+        let r = tx(body.clone()).await;
+        assert_eq!((r.status, r.code()), (400, code.into()), "{body}: {r:?}");
+    }
+    assert_eq!(a.get("/v1").await.status, 405);
 }

@@ -1,0 +1,183 @@
+//! `POST /v1`: several writes, on one or several resources, committed in one Postgres
+//! transaction, all or nothing. The body:
+//!
+//! ```json
+//! {"operations": [
+//!   {"op": "put", "resource": "orders", "key": "7", "document": {"total": 12.5}, "if_match": "\"41\""},
+//!   {"op": "delete", "resource": "items", "key": "3"}
+//! ]}
+//! ```
+//!
+//! `if_match` and `if_none_match` take what the headers of a single write take. The answer
+//! is one result per operation, in order: `{"op", "resource", "key", "status", "version"}`
+//! (201 or 200 for a put, 204 for a delete, 404 for a delete of an absent key). The caches are
+//! updated once the transaction has committed, as for single writes.
+
+use http::{Method, Request, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::error::{Answer, ApiError, ALLOW_BATCH};
+use super::request::{check_key, precondition, read_json};
+use super::response::json_response;
+use super::state::HttpState;
+use crate::db::{TxDone, TxOp, TxWhy};
+use crate::model::JsonText;
+use crate::resource::DocRef;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Transaction<'a> {
+    #[serde(borrow)]
+    operations: Vec<Operation<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Operation<'a> {
+    op: String,
+    resource: String,
+    key: String,
+    /// Kept as its text: Postgres alone parses documents.
+    #[serde(borrow)]
+    document: Option<&'a RawValue>,
+    if_match: Option<String>,
+    if_none_match: Option<String>,
+}
+
+/// Answers `POST /v1`.
+///
+/// # Errors
+/// 405 for another method; 400 for a body that is not a list of operations, or an operation
+/// that is not well formed (named by its index); 404 for an unknown resource; 413 for more
+/// than `server.max_batch_keys` operations; for an operation Postgres refuses, its status
+/// (412 for a precondition, 422, 409) with the operation named. Nothing is written then.
+pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer {
+    if req.method() != Method::POST {
+        return Err(ApiError::MethodNotAllowed(ALLOW_BATCH));
+    }
+    let catalog = state.catalog()?;
+    let server = &state.config.server;
+    let timeout = server.request_timeout;
+    let body = tokio::time::timeout(timeout, read_json(req, server.max_body_bytes))
+        .await
+        .map_err(|_| ApiError::Timeout(timeout))??;
+    let tx: Transaction = serde_json::from_str(body.as_str()).map_err(|e| {
+        ApiError::InvalidBody(format!(
+            "a transaction is {{\"operations\": [{{\"op\": \"put\"|\"delete\", \"resource\", \"key\", \"document\", \"if_match\", \"if_none_match\"}}]}}: {e}"
+        ))
+    })?;
+    if tx.operations.len() > server.max_batch_keys {
+        return Err(ApiError::TooManyKeys(
+            tx.operations.len(),
+            server.max_batch_keys,
+        ));
+    }
+    let mut ops = Vec::with_capacity(tx.operations.len());
+    for (i, o) in tx.operations.iter().enumerate() {
+        let named = |e: ApiError| named(e, i, o);
+        let resource = catalog
+            .get(&o.resource)
+            .ok_or_else(|| match catalog.unavailable(&o.resource) {
+                Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
+                None => ApiError::UnknownResource(o.resource.clone()),
+            })
+            .map_err(named)?;
+        check_key(&o.key, server.max_key_bytes).map_err(named)?;
+        let doc = DocRef::new(resource, &o.key)
+            .map_err(ApiError::InvalidKey)
+            .map_err(named)?;
+        let op = match (o.op.as_str(), o.document) {
+            ("put", Some(document)) => TxOp::Put {
+                body: JsonText::parse(document.get().as_bytes())
+                    .map_err(ApiError::MalformedJson)?,
+                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), true)
+                    .map_err(named)?,
+            },
+            ("put", None) => {
+                return Err(named(ApiError::InvalidBody(
+                    "a put needs a document".into(),
+                )))
+            }
+            ("delete", None) => TxOp::Delete {
+                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), false)
+                    .map_err(named)?,
+            },
+            ("delete", Some(_)) => {
+                return Err(named(ApiError::InvalidBody(
+                    "a delete takes no document".into(),
+                )))
+            }
+            (other, _) => {
+                return Err(named(ApiError::InvalidBody(format!(
+                    "op must be \"put\" or \"delete\", not {other:?}"
+                ))))
+            }
+        };
+        ops.push((doc, op));
+    }
+    let tiers = state.tiers.clone();
+    // Spawned, as a single write: a client hanging up cannot stop it between the commit and
+    // the cache updates.
+    let task = state.writes.spawn(async move {
+        let result = tiers.transact(&ops).await;
+        (ops, result)
+    });
+    let (ops, result) = tokio::time::timeout(timeout, task)
+        .await
+        .map_err(|_| ApiError::Timeout(timeout))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let done = result.map_err(|failed| {
+        let e = match failed.why {
+            TxWhy::Precondition => {
+                let pre = match &ops[failed.index.unwrap_or(0)].1 {
+                    TxOp::Put { pre, .. } | TxOp::Delete { pre } => *pre,
+                };
+                ApiError::precondition_failed(pre)
+            }
+            TxWhy::Db(e) => ApiError::from(e),
+        };
+        match failed.index {
+            Some(i) => named(e, i, &tx.operations[i]),
+            None => e,
+        }
+    })?;
+    let results: Vec<Value> = tx
+        .operations
+        .iter()
+        .zip(done)
+        .map(|(o, done)| {
+            let (status, version) = match done {
+                TxDone::Written(w) if w.created => (201, Some(w.version.0)),
+                TxDone::Written(w) => (200, Some(w.version.0)),
+                TxDone::Deleted { version } => (204, Some(version.0)),
+                TxDone::NotFound => (404, None),
+            };
+            json!({"op": o.op, "resource": o.resource, "key": o.key,
+                   "status": status, "version": version})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "results": results }),
+    ))
+}
+
+/// `e`, its message prefixed with the operation it is about.
+fn named(e: ApiError, index: usize, o: &Operation) -> ApiError {
+    let about = format!("operation {index} ({} {}/{})", o.op, o.resource, o.key);
+    match e {
+        ApiError::PreconditionFailed(m) => ApiError::PreconditionFailed(format!("{about}: {m}")),
+        ApiError::InvalidBody(m) => ApiError::InvalidBody(format!("{about}: {m}")),
+        ApiError::InvalidKey(m) => ApiError::InvalidKey(format!("{about}: {m}")),
+        ApiError::InvalidHeader(m) => ApiError::InvalidHeader(format!("{about}: {m}")),
+        ApiError::Unprocessable(m) => ApiError::Unprocessable(format!("{about}: {m}")),
+        ApiError::Conflict(m) => ApiError::Conflict(format!("{about}: {m}")),
+        ApiError::UnknownResource(r) => {
+            ApiError::InvalidBody(format!("{about}: unknown resource {r:?}"))
+        }
+        other => other,
+    }
+}
