@@ -337,8 +337,10 @@ impl App {
 
     /// Stops gracefully: see the module docs.
     pub async fn shutdown(self) {
-        // Requests still in flight keep their feeds (and so L1) until they are answered.
+        // Requests still in flight keep their feeds (and so L1) until they are answered;
+        // watch streams end at once (their clients resume elsewhere).
         self.stop_accepting.cancel();
+        self.state.tiers.watch().close();
         self.listeners.wait().await;
         tracing::info!("connections drained; stopping feeds");
         self.shutdown.cancel();

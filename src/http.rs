@@ -4,7 +4,8 @@
 //! ([`metrics`]). Knows nothing about how the tiers keep coherence.
 //!
 //! Routes: `GET|HEAD|PUT|DELETE /v1/{resource}/{key}`, `POST /v1/{resource}` (a batch get,
-//! [`batch`]), `POST /v1` (a transaction, [`transaction`]), `GET /healthz`, `GET /readyz`,
+//! [`batch`]), `POST /v1` (a transaction, [`transaction`]), `GET /v1/{resource}?watch=true` (the change
+//! stream, [`watch`]), `GET /healthz`, `GET /readyz`,
 //! `GET /metrics`, `GET /openapi.json` (the document in `docs/openapi.json`). The key is the
 //! rest of the path, percent-decoded, so it may contain `/`.
 
@@ -18,6 +19,7 @@ mod response;
 mod server;
 mod state;
 mod transaction;
+mod watch;
 
 pub use admin::{openapi_for, OPENAPI};
 pub use error::ApiError;

@@ -21,6 +21,7 @@
 //!   (the version sequence and the triggers that stamp and announce every write).
 //! - [`model`]: versions, cache keys, and how two copies of a key rank.
 //! - [`audit`]: the consistency auditor's sampling and judgement (the check is in `tiers`).
+//! - [`watch`]: the change stream apps watch: ids, the resume ring, resets.
 //! - [`tls`]: `sslmode` and certificates for Postgres, `rediss://` for Redis, with rustls.
 //! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`app`]: settings, logs and
 //!   metrics, keeping secrets out of both, waiting between retries, and start-up/shutdown.
@@ -46,6 +47,7 @@ pub mod single_flight;
 pub mod telemetry;
 pub mod tiers;
 pub mod tls;
+pub mod watch;
 
 pub use app::App;
 pub use config::Config;

@@ -62,6 +62,12 @@ pub const TIER_RESETS: &str = "syncar_tier_resets_total";
 /// Writes whose committed version came out below a version a cache held for the key, which
 /// Postgres did not have (its versions went back); each was repaired.
 pub const VERSION_REGRESSIONS: &str = "syncar_version_regressions_total";
+/// Open watch streams.
+pub const WATCHERS: &str = "syncar_watchers";
+/// Change events sent to watchers.
+pub const WATCH_EVENTS: &str = "syncar_watch_events_total";
+/// Reset events sent to watchers (a feed down, L1 emptied, a watcher behind).
+pub const WATCH_RESETS: &str = "syncar_watch_resets_total";
 /// Reads answered from a cache that the auditor re-checked against Postgres.
 pub const AUDIT_CHECKS: &str = "syncar_audit_checks_total";
 /// Of those, copies still served a lease after Postgres had a newer version, by `tier`.
@@ -133,6 +139,12 @@ fn describe() {
         AUDIT_STALE,
         "audited copies still served a lease after Postgres had a newer version, by tier"
     );
+    describe_gauge!(WATCHERS, "open watch streams");
+    describe_counter!(WATCH_EVENTS, "change events sent to watchers");
+    describe_counter!(WATCH_RESETS, "reset events sent to watchers");
+    metrics::gauge!(WATCHERS).set(0.0);
+    metrics::counter!(WATCH_EVENTS).increment(0);
+    metrics::counter!(WATCH_RESETS).increment(0);
     // Series that must read 0 rather than be missing until the first time they count.
     metrics::counter!(VERSION_REGRESSIONS).increment(0);
     metrics::counter!(POSTGRES_READ_RETRIES).increment(0);

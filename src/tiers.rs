@@ -32,6 +32,10 @@ use crate::telemetry::{
     AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES,
     L2_WRITE_FAILURES, TIER_RESETS, VERSION_REGRESSIONS,
 };
+use crate::watch::WatchHub;
+
+/// Events a watcher may fall behind before it is reset and closed.
+const WATCH_BUFFER: usize = 1024;
 
 /// How long past the lease the auditor looks again: an eviction may land just at its end.
 const AUDIT_MARGIN: Duration = Duration::from_millis(250);
@@ -86,6 +90,8 @@ pub struct Tiers {
     reported_high_water: Arc<AtomicI64>,
     /// Where sampled cached reads go for the auditor; `None`: no auditor.
     audit: Option<Arc<AuditTap>>,
+    /// The change stream apps watch: every change applied to L1 here, and the resets.
+    watch: Arc<WatchHub>,
 }
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
@@ -211,7 +217,13 @@ impl Tiers {
             high_water: Arc::new(AtomicI64::new(0)),
             reported_high_water: Arc::new(AtomicI64::new(0)),
             audit: None,
+            watch: Arc::new(WatchHub::new(WATCH_BUFFER)),
         }
+    }
+
+    /// The change stream apps watch.
+    pub fn watch(&self) -> &Arc<WatchHub> {
+        &self.watch
     }
 
     /// The same tiers, sending a sample of their cached reads to `tap`.
@@ -801,15 +813,22 @@ impl Tiers {
                     .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
             }
         }
+        let mut applied = true;
         if let (Some(l1), Some(generation)) = (&self.l1, generation.l1) {
             if let Offer::Refused(_) = l1
                 .offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
                 .await
             {
+                applied = false;
                 if let Some(entry) = l1.inspect(ck).await {
                     held.push((*entry.cached).clone());
                 }
             }
+        }
+        if applied {
+            let key = ck.as_str().split_once(':').map_or("", |(_, k)| k);
+            self.watch
+                .change(&resource.name, Some(key), copy.version.0, op);
         }
         held.into_iter()
             .filter_map(|h| {
@@ -952,6 +971,8 @@ impl Tiers {
                     tracing::warn!(resource = %resource.name, error = %e, "raising a resource's generation in redis failed");
                 }
             }
+            self.watch
+                .change(&resource.name, None, message.version, Op::Flush);
             return true;
         };
         let Some(key) = &message.key else {
@@ -980,7 +1001,13 @@ impl Tiers {
                     .push(ck.clone(), copy.clone(), resource.ttl.tombstone_ttl),
             }
         }
-        fresh.unwrap_or(false)
+        // Without L1 nothing tells a change from its second delivery: every one is sent.
+        let fresh = fresh.unwrap_or(self.l1.is_none());
+        if fresh {
+            self.watch
+                .change(&resource.name, Some(key), message.version, message.op);
+        }
+        fresh
     }
 
     /// Applies committed changes to Redis only: a tombstone (or absence) per key, a
@@ -1116,6 +1143,8 @@ impl Tiers {
             if let Some(l1) = &self.l1 {
                 l1.clear();
             }
+            self.watch
+                .reset("redis is a new incarnation; L1 was emptied");
         }
         self.l2.trust(Some(&run_id));
         match raised {
@@ -1227,6 +1256,8 @@ impl Tiers {
         if let Some(l1) = &self.l1 {
             l1.clear();
         }
+        self.watch
+            .reset("postgres went back in time; every cache was reset");
         self.saw(version);
         let _ = self.l2.raise_high_water(version.0).await;
         metrics::counter!(TIER_RESETS, "tier" => "postgres", "reason" => "went_back").increment(1);
@@ -1289,6 +1320,15 @@ impl Tiers {
             l1.clear();
             metrics::counter!(L1_FLUSHES, "feed" => feed.as_str()).increment(1);
         }
+        self.watch.reset(&format!(
+            "the {} feed came back after an outage; re-read",
+            feed.as_str()
+        ));
+    }
+
+    /// Tells watchers this instance can no longer vouch that it hears every change.
+    pub fn watch_reset(&self, reason: &str) {
+        self.watch.reset(reason);
     }
 
     /// L1's entries and weighted bytes, if there is an L1.

@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub max_key_bytes: usize,
     /// Most keys one batch get may name; more get 413 `too_many_keys`.
     pub max_batch_keys: usize,
+    /// Most watch streams open at once; more get 503 `overloaded`.
+    pub max_watchers: usize,
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -391,6 +393,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             max_key_bytes: 512,
             max_batch_keys: 1000,
+            max_watchers: 256,
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),

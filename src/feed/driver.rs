@@ -110,6 +110,10 @@ impl Supervisor {
         }
         let feed = ctx.coherence.state(self.feed);
         if feed.set_down(&reason) {
+            ctx.tiers.watch_reset(&format!(
+                "the {} feed went down; changes may be missed until it is back",
+                self.feed.as_str()
+            ));
             // set_down logged the outage.
             let lease = ctx.config.feeds.lease.as_millis() as u64;
             self.last_good = Some(feed.valid_until().saturating_sub(lease));

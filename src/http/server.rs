@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Request, Response};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::{read_only, Answer, ApiError};
 use super::state::HttpState;
-use super::{admin, batch, document, transaction};
+use super::{admin, batch, document, transaction, watch};
 
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.
@@ -90,8 +90,42 @@ pub enum Listener {
     Admin,
 }
 
-/// One request: route, answer, count.
-async fn handle(
+/// What every response's body is: a whole one, or a stream (a watch).
+pub(super) type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
+
+/// One request, answered with a body of either kind.
+async fn handle(state: &HttpState, listener: Listener, req: Request<Incoming>) -> Response<Body> {
+    if listener == Listener::Api
+        && req.method() == Method::GET
+        && watch::is_watch(req.uri().query())
+    {
+        if let Some(name) = req
+            .uri()
+            .path()
+            .strip_prefix("/v1/")
+            .filter(|n| !n.is_empty() && !n.contains('/'))
+        {
+            let started = Instant::now();
+            let method = req.method().clone();
+            let result = if authorized(state, req.headers()) {
+                watch::open(state, &req, name)
+            } else {
+                Err(ApiError::Unauthorized)
+            };
+            let resp = result.unwrap_or_else(|e| e.into_response(state).map(BodyExt::boxed_unsync));
+            state
+                .http_metrics
+                .record("watch", &method, resp.status(), started.elapsed());
+            return resp;
+        }
+    }
+    handle_whole(state, listener, req)
+        .await
+        .map(BodyExt::boxed_unsync)
+}
+
+/// One request answered with a whole body: route, answer, count.
+async fn handle_whole(
     state: &HttpState,
     listener: Listener,
     req: Request<Incoming>,

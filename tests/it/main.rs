@@ -11,3 +11,4 @@ mod tables;
 mod tiers;
 mod tls;
 mod wal;
+mod watch;

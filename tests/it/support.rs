@@ -355,6 +355,86 @@ pub async fn request(
     }
 }
 
+/// A Server-Sent Events stream (a watch), read event by event.
+pub struct Sse {
+    body: hyper::body::Incoming,
+    buffer: String,
+    pub status: u16,
+    pub content_type: String,
+}
+
+/// One event of an [`Sse`] stream.
+#[derive(Debug)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: serde_json::Value,
+}
+
+impl Sse {
+    /// `GET path` with `headers`, kept open.
+    pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
+        let stream = TcpStream::connect(addr).await.expect("connect to syncar");
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("http handshake");
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .uri(path)
+            .header("host", addr.to_string());
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .expect("send request");
+        Sse {
+            status: resp.status().as_u16(),
+            content_type: resp
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            body: resp.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (comments skipped), or `None` when the stream ended or `within` passed.
+    pub async fn next(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (None, String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id: ") {
+                        id = Some(v.to_string());
+                    } else if let Some(v) = line.strip_prefix("event: ") {
+                        event = v.to_string();
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = v.to_string();
+                    }
+                }
+                if event.is_empty() {
+                    continue; // a comment
+                }
+                let data = serde_json::from_str(&data).expect("event data is JSON");
+                return Some(SseEvent { id, event, data });
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .ok()??;
+            let frame = frame.ok()?;
+            if let Some(bytes) = frame.data_ref() {
+                self.buffer.push_str(&String::from_utf8_lossy(bytes));
+            }
+        }
+    }
+}
+
 /// One request that may fail (the server may be killed under it): `(status, ETag version)`,
 /// or `None` when the connection failed.
 pub async fn try_request(
