@@ -18,3 +18,7 @@ pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Res
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(JSON));
     resp
 }
+
+/// What every response's body is: a whole one, or a stream (a watch).
+pub(super) type Body =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::error::{read_only, Answer, ApiError};
+use super::response::Body;
 use super::state::HttpState;
 use super::{admin, batch, document, transaction, watch};
 
@@ -89,9 +90,6 @@ pub enum Listener {
     /// because the API is busy); bounded on its own.
     Admin,
 }
-
-/// What every response's body is: a whole one, or a stream (a watch).
-pub(super) type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, std::convert::Infallible>;
 
 /// One request, answered with a body of either kind.
 async fn handle(state: &HttpState, listener: Listener, req: Request<Incoming>) -> Response<Body> {

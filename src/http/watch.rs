@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::error::ApiError;
-use super::server::Body;
+use super::response::Body;
 use super::state::HttpState;
 use crate::telemetry::{WATCHERS, WATCH_EVENTS, WATCH_RESETS};
 use crate::watch::{Change, Event};
