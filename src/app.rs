@@ -164,6 +164,10 @@ impl App {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
+        let unix = match (&config.server.listen_unix, role) {
+            (Some(path), Role::Sidecar) => Some(bind_unix(path, &config.server.listen_unix_mode)?),
+            _ => None,
+        };
         if listener.is_some() && !local.ip().is_loopback() {
             tracing::warn!(addr = %local, "listening on a non-loopback address: anyone who can reach it can read and write documents");
         }
@@ -189,6 +193,14 @@ impl App {
         let stop_accepting = CancellationToken::new();
         let listeners = TaskTracker::new();
         if let Some(listener) = listener {
+            listeners.spawn(crate::http::serve(
+                listener,
+                Listener::Api,
+                state.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        if let Some(listener) = unix {
             listeners.spawn(crate::http::serve(
                 listener,
                 Listener::Api,
@@ -274,6 +286,7 @@ impl App {
         tracing::info!(
             addr = %local,
             admin = ?admin_addr,
+            unix = ?config.server.listen_unix,
             instance = %instance,
             postgres = %redact_url(&config.postgres.url),
             redis = %redact_url(&config.redis.url),
@@ -342,6 +355,9 @@ impl App {
         self.stop_accepting.cancel();
         self.state.tiers.watch().close();
         self.listeners.wait().await;
+        if let Some(path) = &self.state.config.server.listen_unix {
+            let _ = std::fs::remove_file(path);
+        }
         tracing::info!("connections drained; stopping feeds");
         self.shutdown.cancel();
         self.tasks.wait().await;
@@ -368,6 +384,33 @@ async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), StartError> {
     let listener = TcpListener::bind(addr).await.map_err(failed)?;
     let local = listener.local_addr().map_err(failed)?;
     Ok((listener, local))
+}
+
+/// Binds the Unix socket `path` with file `mode` (octal text, validated): bound under a
+/// temporary name, given its mode, then renamed into place, so it is never reachable with
+/// the process umask's looser mode. A stale socket at `path` (a previous process's) is
+/// replaced; any other file there is an error.
+fn bind_unix(path: &str, mode: &str) -> Result<tokio::net::UnixListener, StartError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let failed = |source| StartError::Bind {
+        addr: path.to_string(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(failed(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+    }
+    let temporary = format!("{path}.{}", std::process::id());
+    let _ = std::fs::remove_file(&temporary);
+    let listener = tokio::net::UnixListener::bind(&temporary).map_err(failed)?;
+    let mode = u32::from_str_radix(mode, 8).unwrap_or(0o600);
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode)).map_err(failed)?;
+    std::fs::rename(&temporary, path).map_err(failed)?;
+    Ok(listener)
 }
 
 /// Longest pause between attempts to migrate and load the schema.

@@ -161,6 +161,10 @@ mod tests {
             [server]
             listen = "not an address"
             max_key_bytes = 0
+            max_batch_keys = 0
+            listen_unix_mode = "rw-------"
+            [audit]
+            sample_ratio = 2.0
             [postgres]
             url = "postgres://u@h:notaport/db"
             [cache]
@@ -181,6 +185,9 @@ mod tests {
         for needle in [
             "server.listen",
             "server.max_key_bytes",
+            "server.max_batch_keys",
+            "server.listen_unix_mode",
+            "audit.sample_ratio",
             "postgres.url",
             "cache.ttl_jitter",
             "cache.tombstone_ttl",

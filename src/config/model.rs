@@ -31,6 +31,13 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address of the HTTP API (`SYNCAR_LISTEN`). Loopback by default: the app is a neighbour.
     pub listen: String,
+    /// A Unix domain socket serving the same API as `listen`, beside it (e.g. a path in an
+    /// `emptyDir` volume the pod's containers share): no TCP/IP stack on the way. The file is
+    /// replaced at start if it is a stale socket.
+    pub listen_unix: Option<String>,
+    /// The socket file's mode, in octal (`"0600"`: only the user syncar runs as may connect;
+    /// `"0660"` for its group too).
+    pub listen_unix_mode: String,
     /// A second listener serving only `/healthz`, `/readyz` and `/metrics`, without a token
     /// and apart from the API's load shedding (`SYNCAR_ADMIN_LISTEN`): for the kubelet's probes and
     /// Prometheus, which reach the pod's IP, while the API stays on loopback. None: those
@@ -390,6 +397,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "127.0.0.1:7070".into(),
             admin_listen: None,
+            listen_unix: None,
+            listen_unix_mode: "0600".into(),
             max_body_bytes: 1024 * 1024,
             max_key_bytes: 512,
             max_batch_keys: 1000,

@@ -44,6 +44,23 @@ impl Config {
                 bad("instance", "must be 1 to 128 characters".into());
             }
         }
+        if let Some(path) = &self.server.listen_unix {
+            if path.is_empty() || path.len() > 100 {
+                bad(
+                    "server.listen_unix",
+                    "must be a path of 1 to 100 bytes (a Unix socket's path is at most 107)".into(),
+                );
+            }
+        }
+        if u32::from_str_radix(&self.server.listen_unix_mode, 8).map_or(true, |m| m > 0o777) {
+            bad(
+                "server.listen_unix_mode",
+                format!(
+                    "{:?} is not an octal file mode such as \"0600\"",
+                    self.server.listen_unix_mode
+                ),
+            );
+        }
         if let Some(admin) = &self.server.admin_listen {
             match admin.parse::<SocketAddr>() {
                 Err(_) => bad(

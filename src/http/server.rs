@@ -21,10 +21,36 @@ use super::response::Body;
 use super::state::HttpState;
 use super::{admin, batch, document, transaction, watch};
 
+/// A bound socket connections are accepted from: TCP, or a Unix domain socket.
+pub trait Accept: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// The next connection.
+    fn accept_io(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = self.accept().await?;
+        // Small answers must not wait for Nagle.
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
+#[cfg(unix)]
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        let (stream, _) = self.accept().await?;
+        Ok(stream)
+    }
+}
+
 /// Accepts connections until `shutdown`, then lets in-flight requests finish for at most
 /// `server.shutdown_grace` before closing what is left.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve<L: Accept>(
+    listener: L,
     listener_kind: Listener,
     state: Arc<HttpState>,
     shutdown: CancellationToken,
@@ -42,9 +68,9 @@ pub async fn serve(
     loop {
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept_io() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: do not spin.
@@ -54,7 +80,6 @@ pub async fn serve(
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
         let state = state.clone();
         let svc = service_fn(move |req| {
             let state = state.clone();

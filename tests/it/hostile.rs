@@ -392,3 +392,60 @@ async fn a_read_whose_backend_is_terminated_under_it_still_answers() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.etag_version(), v);
 }
+
+/// `server.listen_unix`: the same API on a Unix domain socket, beside TCP, with the file mode
+/// asked for; a stale socket from a previous process is replaced, and the file is removed on
+/// shutdown.
+#[tokio::test]
+async fn the_api_is_served_on_a_unix_socket_too() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+
+    let env = Env::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    // A stale socket left by a killed process.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let socket = path.to_string_lossy().into_owned();
+    let a = env
+        .start(|c| {
+            c.server.listen_unix = Some(socket.clone());
+            c.server.listen_unix_mode = "0600".into();
+        })
+        .await;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let call = |method: &'static str, uri: &'static str, body: &'static str| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("host", "localhost")
+                .body(Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let cache = resp
+                .headers()
+                .get("x-cache")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, cache, body)
+        }
+    };
+    assert_eq!(call("PUT", "/v1/kv/u", "{\"over\":\"unix\"}").await.0, 201);
+    let (status, cache, body) = call("GET", "/v1/kv/u", "").await;
+    assert_eq!((status, cache.as_deref()), (200, Some("l1")));
+    assert_eq!(&body[..], b"{\"over\": \"unix\"}");
+    assert_eq!(a.get("/v1/kv/u").await.status, 200, "TCP still serves");
+    a.shutdown().await;
+    assert!(!path.exists(), "the socket file is removed on shutdown");
+}
