@@ -31,6 +31,9 @@ mod servers;
 #[path = "hot/batch.rs"]
 mod batch;
 
+#[path = "hot/unix.rs"]
+mod unix;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,6 +50,8 @@ struct Args {
     rounds: usize,
     /// `--only batch`: the batch-get rows alone.
     only_batch: bool,
+    /// `--only unix`: the Unix-socket rows alone.
+    only_unix: bool,
 }
 
 impl Args {
@@ -59,6 +64,7 @@ impl Args {
             pool: 16,
             rounds: 3,
             only_batch: false,
+            only_unix: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -73,11 +79,11 @@ impl Args {
                 "--value-bytes" => a.value_bytes = v().parse().unwrap(),
                 "--pool" => a.pool = v().parse().unwrap(),
                 "--rounds" => a.rounds = v().parse().unwrap(),
-                "--only" => {
-                    let what = v();
-                    assert_eq!(what, "batch", "--only takes batch");
-                    a.only_batch = true;
-                }
+                "--only" => match v().as_str() {
+                    "batch" => a.only_batch = true,
+                    "unix" => a.only_unix = true,
+                    other => panic!("--only takes batch or unix, not {other}"),
+                },
                 other => panic!("unknown option {other}"),
             }
         }
@@ -293,10 +299,19 @@ end
 }
 
 fn redis_benchmark(port: u16, args: &Args) -> Figures {
+    redis_benchmark_at(port, None, args)
+}
+
+/// `redis-benchmark` GET on `port`, or on the Unix socket `socket` when given.
+fn redis_benchmark_at(port: u16, socket: Option<&Path>, args: &Args) -> Figures {
     let rb = need("redis-benchmark", "redis-tools");
     let common = |test: &str, n: usize| {
-        Command::new(&rb)
-            .args(["-p", &port.to_string(), "-c", &args.connections.to_string()])
+        let mut c = Command::new(&rb);
+        match socket {
+            Some(path) => c.arg("-s").arg(path),
+            None => c.args(["-p", &port.to_string()]),
+        };
+        c.args(["-c", &args.connections.to_string()])
             .args([
                 "-n",
                 &n.to_string(),
@@ -424,6 +439,63 @@ fn pgbench_run(
     }
 }
 
+/// An L1 hit over syncar's Unix socket and over TCP (one client for both), and Redis GET
+/// over its Unix socket and over TCP (redis-benchmark), side by side.
+fn unix_rows(
+    tcp_port: u16,
+    syncar_socket: &Path,
+    redis: &servers::RedisServer,
+    redis_socket: &Path,
+    args: &Args,
+) {
+    let (c, s, k) = (args.connections, args.secs, args.keys);
+    // Warm L1 over TCP first.
+    unix::get_run(&unix::Target::Tcp(tcp_port), c, k, 2);
+    let tcp = unix::get_run(&unix::Target::Tcp(tcp_port), c, k, s);
+    let uds = unix::get_run(&unix::Target::Unix(syncar_socket.to_path_buf()), c, k, s);
+    let redis_tcp = redis_benchmark_at(redis.port, None, args);
+    let redis_uds = redis_benchmark_at(redis.port, Some(redis_socket), args);
+    println!(
+        "\n{:<34} {:>10} {:>9} {:>9}",
+        "L1 hit and Redis GET", "req/s", "p50 ms", "p99 ms"
+    );
+    for (name, rps, p50, p99) in [
+        (
+            "syncar L1 hit, TCP (hyper client)",
+            tcp.rps,
+            tcp.p50_ms,
+            tcp.p99_ms,
+        ),
+        (
+            "syncar L1 hit, Unix socket",
+            uds.rps,
+            uds.p50_ms,
+            uds.p99_ms,
+        ),
+        (
+            "redis-benchmark GET, TCP",
+            redis_tcp.rps,
+            redis_tcp.p50_ms,
+            redis_tcp.p99_ms,
+        ),
+        (
+            "redis-benchmark GET, Unix socket",
+            redis_uds.rps,
+            redis_uds.p50_ms,
+            redis_uds.p99_ms,
+        ),
+    ] {
+        println!("{name:<34} {rps:>10.0} {p50:>9.3} {p99:>9.3}");
+    }
+    println!(
+        "syncar Unix / TCP {:.2}x; Redis Unix / TCP {:.2}x; syncar / Redis on Unix sockets {:.2}x (goal >= 1.2), p99 {:.2}x",
+        uds.rps / tcp.rps,
+        redis_uds.rps / redis_tcp.rps,
+        uds.rps / redis_uds.rps,
+        uds.p99_ms / redis_uds.p99_ms
+    );
+}
+
 /// The batch rows as a table, with the ratios the goals are stated in.
 fn print_batch(rows: &[batch::Row]) {
     println!(
@@ -503,8 +575,26 @@ fn main() {
         servers::free_port(),
         servers::free_port(),
     );
+    let sockets = tempfile::tempdir().unwrap();
+    let syncar_socket = unix::socket(sockets.path(), "syncar.sock");
+    let redis_socket = unix::socket(sockets.path(), "redis.sock");
+    let redis_unix = servers::RedisServer::start_persistent(&[
+        "--unixsocket",
+        &redis_socket.to_string_lossy(),
+        "--unixsocketperm",
+        "700",
+    ]);
+    let l1_config = config("l1", true, 2);
+    std::fs::write(
+        &l1_config,
+        std::fs::read_to_string(&l1_config).unwrap().replace(
+            "[server]\n",
+            &format!("[server]\nlisten_unix = \"{}\"\n", syncar_socket.display()),
+        ),
+    )
+    .unwrap();
     let children = Children(vec![
-        spawn_syncar(&bin, &config("l1", true, 2), p1, &pg_url, &redis.url()),
+        spawn_syncar(&bin, &l1_config, p1, &pg_url, &redis.url()),
         spawn_syncar(&bin, &config("l2", false, 2), p2, &pg_url, &redis.url()),
         spawn_syncar(&bin, &config("l1-1w", true, 1), p3, &pg_url, &redis.url()),
     ]);
@@ -536,6 +626,10 @@ fn main() {
     wrk("warm", p3, "GET", "", args.keys, c, 2, &out);
     // Batch gets against single GETs, while nothing writes (a write run's invalidations
     // would turn hits into misses).
+    if args.only_unix {
+        unix_rows(p1, &syncar_socket, &redis_unix, &redis_socket, &args);
+        return;
+    }
     let batch_rows = batch::rows(p1, p2, s);
     print_batch(&batch_rows);
     if args.only_batch {

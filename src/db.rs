@@ -87,6 +87,9 @@ pub struct PostgresIdentity {
     pub last_version: Version,
 }
 
+/// Reads retried on a connection of their own at once, at most (see [`Db::get`]).
+const READ_RETRIES: usize = 4;
+
 /// One read of `resource`'s document `key`, on `client`.
 async fn get_on(
     client: &deadpool_postgres::ClientWrapper,
@@ -171,6 +174,8 @@ pub struct Db {
     schema: String,
     /// For a connection of its own (a read retried after its connection died).
     config: Arc<PostgresConfig>,
+    /// Reads retried on a connection of their own at once, at most.
+    retries: Arc<tokio::sync::Semaphore>,
 }
 
 impl Db {
@@ -199,6 +204,7 @@ impl Db {
             pool,
             schema: config.schema.clone(),
             config: Arc::new(config.clone()),
+            retries: Arc::new(tokio::sync::Semaphore::new(READ_RETRIES)),
         })
     }
 
@@ -216,7 +222,12 @@ impl Db {
             // The backend died under the read (terminated, restarted, failed over): a read is
             // idempotent, so it is tried once more, on a connection opened for it (the pool's
             // others may have died with this one and not know it yet). Writes never are.
-            Err(e) if connection_lost(&e) => {
+            // At most a few at once, outside the pool: a failover must not turn every read
+            // in flight into a connection of its own.
+            Err(e) if connection_lost(&e) && self.retries.available_permits() > 0 => {
+                let Ok(_permit) = self.retries.try_acquire() else {
+                    return Err(classify(e));
+                };
                 drop(client);
                 metrics::counter!(crate::telemetry::POSTGRES_READ_RETRIES).increment(1);
                 tracing::debug!(error = %e, "a read lost its connection; retrying once on a new one");
@@ -643,6 +654,11 @@ impl Db {
         );
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(classify)?;
+        // Another instance holds the row while it resets Redis: wait a bounded time (the
+        // caller retries), never a pool connection's life.
+        tx.batch_execute("SET LOCAL lock_timeout = '5s'")
+            .await
+            .map_err(classify)?;
         tx.execute(
             &format!(
                 "INSERT INTO {state} (name, value) VALUES ($1, '') ON CONFLICT (name) DO NOTHING"

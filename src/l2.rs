@@ -151,6 +151,9 @@ pub struct L2 {
     incarnation: Arc<Mutex<Option<String>>>,
     /// Wakes the Redis guard when trust is lost.
     distrusted: Arc<tokio::sync::Notify>,
+    /// Counts every failure that distrusted Redis: a check that began before the last one
+    /// grants no trust.
+    distrusts: Arc<AtomicU64>,
 }
 
 /// Which Redis process answers, from `INFO server` and `INFO replication`. A different
@@ -229,6 +232,7 @@ impl L2 {
             trusted: Arc::new(AtomicBool::new(false)),
             incarnation: Arc::new(Mutex::new(None)),
             distrusted: Arc::new(tokio::sync::Notify::new()),
+            distrusts: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -361,14 +365,25 @@ impl L2 {
     }
 
     /// Reads may use Redis again: it is the incarnation `run_id` (checked, or made safe by
-    /// raising every generation).
-    pub fn trust(&self, run_id: Option<&str>) {
+    /// raising every generation), unless a failure came after the check began (`checked`,
+    /// from [`L2::distrusts`] before it): then it stays distrusted and the guard checks again.
+    pub fn trust(&self, run_id: Option<&str>, checked: u64) {
         *self.incarnation.lock().unwrap_or_else(|e| e.into_inner()) = run_id.map(String::from);
-        self.trusted.store(true, Ordering::SeqCst);
+        if self.distrusts.load(Ordering::SeqCst) == checked {
+            self.trusted.store(true, Ordering::SeqCst);
+        } else {
+            self.distrusted.notify_one();
+        }
+    }
+
+    /// How many times Redis was distrusted so far (see [`L2::trust`]).
+    pub fn distrusts(&self) -> u64 {
+        self.distrusts.load(Ordering::SeqCst)
     }
 
     /// Reads skip Redis until the guard has checked which incarnation answers.
     pub fn distrust(&self) {
+        self.distrusts.fetch_add(1, Ordering::SeqCst);
         if self.trusted.swap(false, Ordering::SeqCst) {
             self.distrusted.notify_one();
         }

@@ -70,6 +70,19 @@ impl Catalog {
         self.unavailable.get(name).map(String::as_str)
     }
 
+    /// Every resource's name, left-out ones included: what a reset of every generation must
+    /// cover (a left-out resource's Redis entries outlive its absence).
+    pub fn all_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .resources
+            .keys()
+            .chain(self.unavailable.keys())
+            .cloned()
+            .collect();
+        names.sort_unstable();
+        names
+    }
+
     /// Every configured resource left out, with why, sorted by name.
     pub fn all_unavailable(&self) -> Vec<(&str, &str)> {
         let mut all: Vec<_> = self

@@ -609,7 +609,9 @@ impl Tiers {
                     }));
                 }
                 None => {
-                    self.counters.l2_miss.increment(1);
+                    if from_redis.is_some() {
+                        self.counters.l2_miss.increment(1);
+                    }
                     below.push(j);
                 }
             }
@@ -641,17 +643,17 @@ impl Tiers {
             let resource = &docs[missing[queried[0]]].resource;
             let keys: Vec<&KeyParam> = queried.iter().map(|&j| &docs[missing[j]].key).collect();
             match self.db.get_many(resource, &keys).await {
-                Ok(mut rows) => {
+                Ok(rows) => {
                     let fills = queried.iter().map(|&j| {
                         let doc = &docs[missing[j]];
-                        let copy = match rows.remove(&doc.key.to_string()) {
+                        // `get`, not `remove`: a key asked twice (or `7` and `07`) is one row.
+                        let copy = match rows.get(&doc.key.to_string()) {
                             Some((version, body)) => {
-                                self.saw(version);
-                                Cached::value(version, body)
+                                self.saw(*version);
+                                Cached::value(*version, body.clone())
                             }
                             None => Cached::absent(Version::NONE),
                         };
-                        self.counters.db_hit.increment(1);
                         self.filled_from_postgres(doc, copy, started[j])
                     });
                     let filled = futures_util::future::join_all(fills).await;
@@ -711,7 +713,15 @@ impl Tiers {
             self.saw(w.version);
             let copy = Cached::value(w.version, w.doc.clone());
             if let Some(conflict) = self.settle(doc, copy, Op::Put, generation).await {
-                if let Some(fresh) = self.repair_regression(doc, w.version, conflict).await? {
+                // Committed already: a failed repair is logged, never the write's answer.
+                let repaired = self
+                    .repair_regression(doc, w.version, conflict)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "repairing a write below a cached version failed");
+                        None
+                    });
+                if let Some(fresh) = repaired {
                     if let State::Value(body) = &fresh.state {
                         w.version = fresh.version;
                         w.doc = body.clone();
@@ -741,7 +751,14 @@ impl Tiers {
             self.saw(*version);
             let absent = Cached::absent(*version);
             if let Some(conflict) = self.settle(doc, absent, Op::Delete, generation).await {
-                if let Some(fresh) = self.repair_regression(doc, *version, conflict).await? {
+                let repaired = self
+                    .repair_regression(doc, *version, conflict)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "repairing a delete below a cached version failed");
+                        None
+                    });
+                if let Some(fresh) = repaired {
                     *version = fresh.version;
                     let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
                     let op = if fresh.doc().is_some() {
@@ -1107,20 +1124,23 @@ impl Tiers {
     /// # Errors
     /// Redis or Postgres failing: Redis stays distrusted, and the guard retries.
     pub async fn secure_redis(&self, catalog: &Catalog) -> Result<RedisCheck, String> {
+        // A failure after this point may come from yet another incarnation: then the trust
+        // below is not granted, and the guard checks again.
+        let checked = self.l2.distrusts();
         let id = self.l2.identity().await.map_err(|e| e.to_string())?;
         let Some(run_id) = id.run_id.clone() else {
             if !self.l2.trusted() {
                 tracing::debug!("redis refuses INFO: a new incarnation cannot be detected");
             }
-            self.l2.trust(None);
+            self.l2.trust(None, checked);
             return Ok(RedisCheck::Unknown);
         };
         let known = self.l2.incarnation();
         if known.as_deref() == Some(run_id.as_str()) {
-            self.l2.trust(Some(&run_id));
+            self.l2.trust(Some(&run_id), checked);
             return Ok(RedisCheck::Same);
         }
-        let resources: Vec<String> = catalog.iter().map(|r| r.name.clone()).collect();
+        let resources = catalog.all_names();
         let l2 = self.l2.clone();
         let name = format!("redis_run_id:{}", self.l2.prefix());
         let (raised, before) = self
@@ -1146,7 +1166,7 @@ impl Tiers {
             self.watch
                 .reset("redis is a new incarnation; L1 was emptied");
         }
-        self.l2.trust(Some(&run_id));
+        self.l2.trust(Some(&run_id), checked);
         match raised {
             Some(version) => {
                 metrics::counter!(TIER_RESETS, "tier" => "redis", "reason" => "new_incarnation")
@@ -1192,13 +1212,16 @@ impl Tiers {
     /// # Errors
     /// Postgres failing, or the reset failing (the caller retries).
     pub async fn secure_postgres(&self) -> Result<Option<Version>, String> {
-        let id = self.db.identity().await.map_err(|e| e.to_string())?;
+        // Everything seen before the sequence is read cannot be above it, unless it went
+        // back: the high-water mark first (read after, a write committed meanwhile would look
+        // like a sequence gone back).
         let record = self.l2.postgres_record().await.ok();
         let recorded = |field: &str| record.as_ref().and_then(|r| r.get(field)).cloned();
         let recorded_high: i64 = recorded("high_water")
             .and_then(|h| h.parse().ok())
             .unwrap_or(0);
         let high = self.high_water().max(Version(recorded_high));
+        let id = self.db.identity().await.map_err(|e| e.to_string())?;
         let why = went_back(
             &id,
             recorded("system").as_deref(),
@@ -1236,13 +1259,13 @@ impl Tiers {
             .map_err(|e| e.to_string())?;
         let version = self.db.next_version().await.map_err(|e| e.to_string())?;
         let catalog = self.catalog.get().map_err(|e| e.to_string())?;
-        for resource in catalog.iter() {
+        for resource in catalog.all_names() {
             self.l2
-                .raise_generation(&resource.name, version.0)
+                .raise_generation(&resource, version.0)
                 .await
-                .map_err(|e| format!("raising {}'s generation failed: {e}", resource.name))?;
+                .map_err(|e| format!("raising {resource}'s generation failed: {e}"))?;
             let flush = Message {
-                resource: resource.name.clone(),
+                resource: resource.clone(),
                 key: None,
                 version: version.0,
                 op: Op::Flush,

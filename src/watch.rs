@@ -91,22 +91,20 @@ impl WatchHub {
 
     /// Publishes a change applied here.
     pub fn change(&self, resource: &str, key: Option<&str>, version: i64, op: Op) {
-        let change = {
-            let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
-            // Numbered under the lock: the ring stays in id order.
-            let change = Arc::new(Change {
-                id: self.next.fetch_add(1, Ordering::SeqCst),
-                resource: resource.to_string(),
-                key: key.map(str::to_string),
-                version,
-                op,
-            });
-            if ring.len() == RING {
-                ring.pop_front();
-            }
-            ring.push_back(change.clone());
-            change
-        };
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        // Numbered and sent under the lock (a send never waits): watchers get ids in order,
+        // so one that skips what it has seen skips nothing new.
+        let change = Arc::new(Change {
+            id: self.next.fetch_add(1, Ordering::SeqCst),
+            resource: resource.to_string(),
+            key: key.map(str::to_string),
+            version,
+            op,
+        });
+        if ring.len() == RING {
+            ring.pop_front();
+        }
+        ring.push_back(change.clone());
         let _ = self.tx.send(Event::Change(change));
     }
 
@@ -117,10 +115,10 @@ impl WatchHub {
         ring.clear();
         self.reset_at
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
-        drop(ring);
         let _ = self.tx.send(Event::Reset {
             reason: reason.into(),
         });
+        drop(ring);
     }
 
     /// Ends every stream (shutdown): a client reconnects elsewhere with its `Last-Event-ID`.
@@ -171,7 +169,7 @@ impl WatchHub {
         let oldest = ring
             .front()
             .map_or(self.next.load(Ordering::SeqCst), |c| c.id);
-        if n + 1 < oldest {
+        if n.saturating_add(1) < oldest {
             drop(ring);
             return reset("Last-Event-ID is older than the events kept");
         }

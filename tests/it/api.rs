@@ -852,6 +852,24 @@ async fn a_batch_get_of_a_table_reads_what_is_missing_at_once() {
     assert_eq!(odd["results"][0]["document"]["id"], 2);
     assert_eq!(odd["results"][1]["status"], 400);
     assert_eq!(odd["results"][2]["status"], 404);
+    // Not in any cache yet, and asked twice under two spellings: one row, found twice.
+    env.pg()
+        .await
+        .batch_execute("INSERT INTO items VALUES (77, 'late')")
+        .await
+        .unwrap();
+    let twice = request(
+        b.addr(),
+        "POST",
+        "/v1/items",
+        &[],
+        Some(br#"{"keys": ["77", "077"]}"#),
+    )
+    .await
+    .json();
+    for r in twice["results"].as_array().unwrap() {
+        assert_eq!(r["status"], 200, "{twice}");
+    }
 }
 
 /// `POST /v1`: writes on two resources committed together, or not at all: one failed

@@ -29,7 +29,7 @@ fn l2(env: &Env) -> L2 {
         ..RedisConfig::default()
     })
     .unwrap();
-    l2.trust(None);
+    l2.trust(None, l2.distrusts());
     l2
 }
 

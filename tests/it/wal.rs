@@ -82,7 +82,7 @@ async fn a_fill_read_before_a_flush_lands_where_nobody_reads() {
         ..Default::default()
     };
     let l2 = L2::new(&config).unwrap();
-    l2.trust(None);
+    l2.trust(None, l2.distrusts());
     let ck = CacheKey::new("kv", "slow");
     let read_in = l2.generation("kv");
     let old = Cached::value(Version(5), bytes::Bytes::from_static(b"\"old\""));

@@ -1,0 +1,105 @@
+//! An L1 hit over a Unix domain socket against the same over loopback TCP, with one client
+//! for both (a Rust hyper client on a 2-thread runtime, like wrk's `-t2`): what the socket
+//! saves. `redis-benchmark` GET over TCP and over Redis' own `unixsocket` is run beside it by
+//! the caller.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+
+/// Where the client connects.
+#[derive(Clone)]
+pub enum Target {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// Requests per second and latency percentiles (ms) of one run.
+pub struct Run {
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+async fn connection(target: &Target) -> http1::SendRequest<Full<Bytes>> {
+    match target {
+        Target::Tcp(port) => {
+            let s = tokio::net::TcpStream::connect(("127.0.0.1", *port))
+                .await
+                .unwrap();
+            s.set_nodelay(true).unwrap();
+            let (sender, conn) = http1::handshake(TokioIo::new(s)).await.unwrap();
+            tokio::spawn(conn);
+            sender
+        }
+        Target::Unix(path) => {
+            let s = tokio::net::UnixStream::connect(path).await.unwrap();
+            let (sender, conn) = http1::handshake(TokioIo::new(s)).await.unwrap();
+            tokio::spawn(conn);
+            sender
+        }
+    }
+}
+
+/// `conns` keep-alive connections, each sending GETs of random keys `k1..=k{keys}` one after
+/// another for `secs`.
+pub fn get_run(target: &Target, conns: usize, keys: usize, secs: u64) -> Run {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..conns {
+            let target = target.clone();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut sender = connection(&target).await;
+                let mut ms = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let path = format!("/v1/kv/k{}", fastrand::usize(1..=keys));
+                    let req = http::Request::builder()
+                        .uri(path)
+                        .header("host", "bench")
+                        .body(Full::new(Bytes::new()))
+                        .unwrap();
+                    let t = Instant::now();
+                    sender.ready().await.unwrap();
+                    let resp = sender.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    resp.into_body().collect().await.unwrap();
+                    ms.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                ms
+            }));
+        }
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        all.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+        Run {
+            rps: all.len() as f64 / elapsed,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+        }
+    })
+}
+
+/// A path for a socket in `dir`.
+pub fn socket(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name)
+}
