@@ -416,6 +416,8 @@ struct Session {
     /// Send times of this term's recent heartbeats: only those vouch for the stream (anyone
     /// may emit a logical message; a forged one must not pass for fresh).
     emitted: std::collections::VecDeque<u64>,
+    /// Published tables this relay's configuration has no resource for, warned about once.
+    unknown: std::collections::HashSet<String>,
 }
 
 impl Session {
@@ -442,6 +444,16 @@ impl Session {
                     Change::Relation(r) => {
                         let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
                             self.relations.remove(&r.id);
+                            // Another instance's configuration (or migration) published it:
+                            // its changes reach no cache through this relay.
+                            if self.unknown.insert(format!("{}.{}", r.schema, r.name)) {
+                                tracing::warn!(
+                                    table = %format!("{}.{}", r.schema, r.name),
+                                    "a published table is not a resource of this relay's \
+                                     configuration: its changes are not relayed; give every \
+                                     instance the same resources"
+                                );
+                            }
                             return Ok(());
                         };
                         let at = |name: &str| r.columns.iter().position(|(c, _)| c == name);
