@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules examples
+.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -55,6 +55,10 @@ bench-micro:
 # Resident memory of L1 with 1 million 200-byte documents, and the overhead per entry.
 bench-memory:
 	cargo bench --bench memory -- $(BENCH_ARGS)
+
+# Rewrites docs/openapi.json from the code (a test fails while the copy differs).
+openapi:
+	cargo run -q -- openapi > docs/openapi.json
 
 # The HTTP API fuzzed by schemathesis (PyPI) from the served OpenAPI document.
 fuzz:

@@ -14,6 +14,7 @@ mod batch;
 mod document;
 mod error;
 mod metrics;
+pub mod openapi;
 pub mod request;
 mod response;
 mod server;
@@ -21,7 +22,7 @@ mod state;
 mod transaction;
 mod watch;
 
-pub use admin::{openapi_for, OPENAPI};
+pub use admin::openapi_for;
 pub use error::ApiError;
 pub use metrics::HttpMetrics;
 pub use request::{decode_key, read_options, target, write_precondition, Target};

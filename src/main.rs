@@ -36,6 +36,8 @@ enum Command {
     /// Remove the triggers, their functions, the publication and the replication slot;
     /// keep the data (version columns, sequence, kv table, changes log).
     Uninstall,
+    /// Print the OpenAPI document of the HTTP API (docs/openapi.json holds a copy).
+    Openapi,
     /// Validate the configuration and exit; with --db, also check it against the database
     /// (tables, keys, version columns, what the wal source needs), changing nothing.
     CheckConfig {
@@ -47,6 +49,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        println!("{}", syncar::http::openapi::document());
+        return ExitCode::SUCCESS;
+    }
     let mut config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -139,6 +145,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Openapi => ExitCode::SUCCESS,
             Command::CheckConfig { .. } => match run_check(&config).await {
                 Ok(report) => {
                     println!("configuration is valid");

@@ -15,20 +15,23 @@ use crate::coherence::FeedState;
 use crate::config::PostgresSource;
 use crate::model::{Cached, State};
 
-/// The OpenAPI 3 document of this API, kept in `docs/openapi.json`.
-pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
-
-/// The document as this instance serves it: the `resource` parameter lists the resources it
-/// actually has.
+/// The OpenAPI document as this instance serves it ([`super::openapi::document`]): every
+/// `resource` parameter lists the resources it actually has.
 pub fn openapi_for(resources: &[String]) -> Bytes {
-    let mut doc: serde_json::Value =
-        serde_json::from_str(OPENAPI).expect("docs/openapi.json is valid JSON");
-    for path in ["/paths/~1v1~1{resource}~1{key}", "/paths/~1v1~1{resource}"] {
-        if let Some(schema) = doc
-            .pointer_mut(&format!("{path}/parameters/0/schema"))
-            .and_then(|s| s.as_object_mut())
-        {
-            schema.insert("enum".into(), json!(resources));
+    let mut doc: serde_json::Value = serde_json::from_str(&super::openapi::document())
+        .expect("the generated document is valid JSON");
+    if let Some(paths) = doc.get_mut("paths").and_then(|p| p.as_object_mut()) {
+        for operation in paths.values_mut().filter_map(|p| p.as_object_mut()) {
+            for op in operation.values_mut() {
+                let Some(params) = op.get_mut("parameters").and_then(|p| p.as_array_mut()) else {
+                    continue;
+                };
+                for param in params.iter_mut().filter(|p| p["name"] == "resource") {
+                    if let Some(schema) = param.get_mut("schema").and_then(|s| s.as_object_mut()) {
+                        schema.insert("enum".into(), json!(resources));
+                    }
+                }
+            }
         }
     }
     Bytes::from(doc.to_string())

@@ -16,10 +16,10 @@ use super::state::HttpState;
 use crate::model::State;
 use crate::resource::DocRef;
 
-/// The body of a batch get.
-#[derive(Deserialize)]
+/// The body of a batch get: at most `server.max_batch_keys` (1000) keys.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchGet {
+pub(super) struct BatchGet {
     /// The keys, as they are (not percent-encoded).
     keys: Vec<String>,
 }

@@ -10,7 +10,6 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use serde_json::json;
 
 use super::error::{Answer, ApiError, ALLOW_DOC};
 use super::request::{read_json, read_options, target, write_precondition, Target};
@@ -172,7 +171,11 @@ async fn put(
             } else {
                 StatusCode::OK
             };
-            let mut resp = json_response(status, &json!({"version": w.version.0}));
+            let written = super::response::Written {
+                version: w.version.0,
+            };
+            let body = serde_json::to_value(written).expect("a version serializes");
+            let mut resp = json_response(status, &body);
             resp.headers_mut().insert(header::ETAG, etag(w.version.0));
             Ok(resp)
         }

@@ -7,7 +7,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Response, StatusCode};
 use http_body_util::Full;
-use serde_json::json;
 
 use super::response::json_response;
 use super::state::HttpState;
@@ -118,10 +117,15 @@ impl ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %state.secrets.scrub(detail), "internal error");
         }
-        let message = state.secrets.scrub(&self.to_string());
+        let body = super::response::ErrorBody {
+            error: super::response::ErrorDetail {
+                code: code.to_string(),
+                message: state.secrets.scrub(&self.to_string()),
+            },
+        };
         let mut resp = json_response(
             status,
-            &json!({"error": {"code": code, "message": message}}),
+            &serde_json::to_value(body).expect("an error serializes"),
         );
         let headers = resp.headers_mut();
         match self {

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
+use serde::Serialize;
 
 pub(super) const JSON: &str = "application/json";
 
@@ -22,3 +23,22 @@ pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Res
 /// What every response's body is: a whole one, or a stream (a watch).
 pub(super) type Body =
     http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, std::convert::Infallible>;
+
+/// Every error: `{"error": {"code", "message"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// A stable code (`not_found`, `precondition_failed`…) and a message for humans.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// What a PUT answers: the version it wrote (also its `ETag`).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Written {
+    pub version: i64,
+}

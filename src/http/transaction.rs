@@ -15,9 +15,8 @@
 
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
 
 use super::error::{Answer, ApiError, ALLOW_BATCH};
 use super::request::{check_key, precondition, read_json};
@@ -27,24 +26,50 @@ use crate::db::{TxDone, TxOp, TxWhy};
 use crate::model::JsonText;
 use crate::resource::DocRef;
 
-#[derive(Deserialize)]
+/// The body of a transaction: at most `server.max_batch_keys` (1000) operations, run in
+/// order.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Transaction<'a> {
+pub(super) struct Transaction<'a> {
     #[serde(borrow)]
     operations: Vec<Operation<'a>>,
 }
 
-#[derive(Deserialize)]
+/// One operation of a transaction.
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct Operation<'a> {
+pub(super) struct Operation<'a> {
+    /// `put` or `delete`.
     op: String,
     resource: String,
     key: String,
-    /// Kept as its text: Postgres alone parses documents.
+    /// The document of a put (kept as its text: Postgres alone parses documents); absent
+    /// for a delete.
     #[serde(borrow)]
+    #[schema(value_type = Option<Object>)]
     document: Option<&'a RawValue>,
+    /// As the If-Match header: an ETag such as `"41"`, or `*`.
     if_match: Option<String>,
+    /// As the If-None-Match header of a PUT: `*`.
     if_none_match: Option<String>,
+}
+
+/// What one operation of a committed transaction did.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct TxResult {
+    op: String,
+    resource: String,
+    key: String,
+    /// 201 or 200 for a put, 204 for a delete, 404 for a delete of an absent key.
+    status: u16,
+    /// The version written, or the delete's.
+    version: Option<i64>,
+}
+
+/// A committed transaction's answer: one result per operation, in order.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct TxResults {
+    results: Vec<TxResult>,
 }
 
 /// Answers `POST /v1`.
@@ -144,7 +169,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
             None => e,
         }
     })?;
-    let results: Vec<Value> = tx
+    let results = tx
         .operations
         .iter()
         .zip(done)
@@ -155,14 +180,17 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
                 TxDone::Deleted { version } => (204, Some(version.0)),
                 TxDone::NotFound => (404, None),
             };
-            json!({"op": o.op, "resource": o.resource, "key": o.key,
-                   "status": status, "version": version})
+            TxResult {
+                op: o.op.clone(),
+                resource: o.resource.clone(),
+                key: o.key.clone(),
+                status,
+                version,
+            }
         })
         .collect();
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({ "results": results }),
-    ))
+    let body = serde_json::to_value(TxResults { results }).expect("results serialize");
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// `e`, its message prefixed with the operation it is about.

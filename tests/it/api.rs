@@ -527,16 +527,16 @@ async fn the_openapi_document_matches_the_routes() {
     let served = a.get("/openapi.json").await;
     assert_eq!(served.status, 200);
     let doc = served.json();
-    assert_eq!(doc["openapi"], "3.0.3");
-    assert_eq!(
-        doc["paths"]["/v1/{resource}/{key}"]["parameters"][0]["schema"]["enum"],
-        serde_json::json!(["kv"]),
-        "the served document lists this instance's resources"
-    );
-    assert_eq!(
-        doc["paths"]["/v1/{resource}"]["parameters"][0]["schema"]["enum"],
-        serde_json::json!(["kv"])
-    );
+    assert_eq!(doc["openapi"], "3.1.0");
+    for (path, method) in [("/v1/{resource}/{key}", "get"), ("/v1/{resource}", "post")] {
+        let params = doc["paths"][path][method]["parameters"].as_array().unwrap();
+        let resource = params.iter().find(|p| p["name"] == "resource").unwrap();
+        assert_eq!(
+            resource["schema"]["enum"],
+            serde_json::json!(["kv"]),
+            "the served document lists this instance's resources ({method} {path})"
+        );
+    }
     let paths = doc["paths"].as_object().unwrap();
     let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
     documented.sort();
