@@ -142,7 +142,8 @@ impl App {
             &instance_id,
             config.redis.repair_queue_max,
             catalog.clone(),
-        );
+        )
+        .with_watch_buffer(config.server.watch_buffer);
         let audit = &config.audit;
         let samples =
             if role == Role::Sidecar && audit.sample_ratio > 0.0 && audit.max_per_second > 0 {

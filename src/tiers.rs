@@ -34,9 +34,6 @@ use crate::telemetry::{
 };
 use crate::watch::WatchHub;
 
-/// Events a watcher may fall behind before it is reset and closed.
-const WATCH_BUFFER: usize = 1024;
-
 /// How long past the lease the auditor looks again: an eviction may land just at its end.
 const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
@@ -217,8 +214,14 @@ impl Tiers {
             high_water: Arc::new(AtomicI64::new(0)),
             reported_high_water: Arc::new(AtomicI64::new(0)),
             audit: None,
-            watch: Arc::new(WatchHub::new(WATCH_BUFFER)),
+            watch: Arc::new(WatchHub::new(1024)),
         }
+    }
+
+    /// The same tiers, whose watchers may fall `buffer` events behind before they are reset.
+    pub fn with_watch_buffer(mut self, buffer: usize) -> Self {
+        self.watch = Arc::new(WatchHub::new(buffer));
+        self
     }
 
     /// The change stream apps watch.

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub max_batch_keys: usize,
     /// Most watch streams open at once; more get 503 `overloaded`.
     pub max_watchers: usize,
+    /// Events a watcher may fall behind before it is sent a `reset` and closed.
+    pub watch_buffer: usize,
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -403,6 +405,7 @@ impl Default for ServerConfig {
             max_key_bytes: 512,
             max_batch_keys: 1000,
             max_watchers: 256,
+            watch_buffer: 1024,
             header_read_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),

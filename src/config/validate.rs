@@ -122,6 +122,12 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=1_000_000).contains(&self.server.watch_buffer) {
+            bad(
+                "server.watch_buffer",
+                "must be between 1 and 1000000".into(),
+            );
+        }
         if !(1..=100_000).contains(&self.server.max_batch_keys) {
             bad(
                 "server.max_batch_keys",

@@ -116,3 +116,28 @@ async fn a_watch_is_refused_clearly() {
     let second = Sse::open(a.addr(), "/v1/kv?watch=true", &[]).await;
     assert_eq!(second.status, 503, "server.max_watchers");
 }
+
+/// A watcher that falls behind (here: more changes at once than its buffer, before it could
+/// read any) is sent a `reset` and closed; the changes were published without waiting.
+#[tokio::test]
+async fn a_watcher_that_falls_behind_is_reset_and_closed() {
+    let env = Env::new().await;
+    let a = env.start(|c| c.server.watch_buffer = 8).await;
+    let mut stream = Sse::open(a.addr(), "/v1/kv?watch=true", &[]).await;
+    let hub = a.state().tiers.watch().clone();
+    // Synchronously: the stream's task cannot run in between.
+    for v in 1..=100 {
+        hub.change("kv", Some("k"), v, syncar::coherence::Op::Put);
+    }
+    let mut saw_reset = false;
+    while let Some(e) = stream.next(WITHIN).await {
+        if e.event == "reset" {
+            assert!(
+                e.data["reason"].as_str().unwrap().contains("fell behind"),
+                "{e:?}"
+            );
+            saw_reset = true;
+        }
+    }
+    assert!(saw_reset, "a reset before the stream closed");
+}
