@@ -14,7 +14,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::coherence::Message;
 use crate::config::PostgresConfig;
 use crate::model::Version;
-use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape};
+use crate::resource::{quote_literal, KeyParam, Param, Precondition, Resource, Shape, WriteSql};
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
 use crate::tls::{with_hint, PostgresTls};
@@ -87,6 +87,48 @@ pub struct PostgresIdentity {
     pub last_version: Version,
 }
 
+/// `(version, document)` of a row selected as `version, document, ...`.
+fn versioned_doc(row: &tokio_postgres::Row) -> (Version, Bytes) {
+    let doc: String = row.get(1);
+    (Version(row.get(0)), Bytes::from(doc))
+}
+
+/// What a write's `RETURNING version, document, created` says.
+fn written(row: &tokio_postgres::Row) -> Written {
+    let (version, doc) = versioned_doc(row);
+    Written {
+        version,
+        doc,
+        created: row.get(2),
+    }
+}
+
+/// The version an `If-Match: "N"` names (0, unused, otherwise).
+fn if_version(pre: Precondition) -> i64 {
+    match pre {
+        Precondition::Version(v) => v,
+        _ => 0,
+    }
+}
+
+/// A write's bind parameters, in the order its SQL takes them.
+fn write_params<'a>(
+    write: &WriteSql,
+    key: &'a KeyParam,
+    doc: &'a String,
+    version: &'a i64,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    write
+        .params
+        .iter()
+        .map(|p| match p {
+            Param::Key => key_param(key),
+            Param::Doc => doc as &(dyn ToSql + Sync),
+            Param::Version => version as &(dyn ToSql + Sync),
+        })
+        .collect()
+}
+
 /// Reads retried on a connection of their own at once, at most (see [`Db::get`]).
 const READ_RETRIES: usize = 4;
 
@@ -98,10 +140,7 @@ async fn get_on(
 ) -> Result<Option<(Version, Bytes)>, tokio_postgres::Error> {
     let stmt = client.prepare_cached(resource.get_sql()).await?;
     let row = client.query_opt(&stmt, &[key_param(key)]).await?;
-    Ok(row.map(|row| {
-        let doc: String = row.get(1);
-        (Version(row.get(0)), Bytes::from(doc))
-    }))
+    Ok(row.as_ref().map(versioned_doc))
 }
 
 /// Whether `e` says the connection itself is gone (closed, reset, the backend terminated or
@@ -238,10 +277,7 @@ impl Db {
                     .query_opt(resource.get_sql(), &[key_param(key)])
                     .await
                     .map_err(classify)?;
-                Ok(row.map(|row| {
-                    let doc: String = row.get(1);
-                    (Version(row.get(0)), Bytes::from(doc))
-                }))
+                Ok(row.as_ref().map(versioned_doc))
             }
             other => other.map_err(classify),
         }
@@ -308,19 +344,8 @@ impl Db {
         let (doc, write) = resource
             .prepare_write(key, &body, pre)
             .map_err(DbError::Rejected)?;
-        let version = match pre {
-            Precondition::Version(v) => v,
-            _ => 0,
-        };
-        let params: Vec<&(dyn ToSql + Sync)> = write
-            .params
-            .iter()
-            .map(|p| match p {
-                Param::Key => key_param(key),
-                Param::Doc => &doc as &(dyn ToSql + Sync),
-                Param::Version => &version as &(dyn ToSql + Sync),
-            })
-            .collect();
+        let version = if_version(pre);
+        let params = write_params(&write, key, &doc, &version);
         let client = self.client().await?;
         let row = if matches!(resource.shape, Shape::Kv) {
             let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
@@ -332,14 +357,7 @@ impl Db {
         }
         .map_err(classify)?;
         Ok(match row {
-            Some(row) => {
-                let doc: String = row.get(1);
-                WriteOutcome::Written(Written {
-                    version: Version(row.get(0)),
-                    doc: Bytes::from(doc),
-                    created: row.get(2),
-                })
-            }
+            Some(row) => WriteOutcome::Written(written(&row)),
             None => WriteOutcome::PreconditionFailed,
         })
     }
@@ -435,30 +453,14 @@ impl Db {
                         .resource
                         .prepare_write(item.key, body, *pre)
                         .map_err(|m| here(DbError::Rejected(m)))?;
-                    let version = match pre {
-                        Precondition::Version(v) => *v,
-                        _ => 0,
-                    };
-                    let params: Vec<&(dyn ToSql + Sync)> = write
-                        .params
-                        .iter()
-                        .map(|p| match p {
-                            Param::Key => key_param(item.key),
-                            Param::Doc => &doc as &(dyn ToSql + Sync),
-                            Param::Version => &version as &(dyn ToSql + Sync),
-                        })
-                        .collect();
+                    let version = if_version(*pre);
+                    let params = write_params(&write, item.key, &doc, &version);
                     let row = tx
                         .query_opt(write.sql.as_str(), &params)
                         .await
                         .map_err(|e| here(classify(e)))?
                         .ok_or_else(failed)?;
-                    let doc: String = row.get(1);
-                    done.push(TxDone::Written(Written {
-                        version: Version(row.get(0)),
-                        doc: Bytes::from(doc),
-                        created: row.get(2),
-                    }));
+                    done.push(TxDone::Written(written(&row)));
                 }
                 TxOp::Delete { pre } => {
                     let conditional = matches!(pre, Precondition::Version(_));
@@ -618,10 +620,7 @@ impl Db {
             .query_opt(resource.restamp_sql().as_str(), &[key_param(key)])
             .await
             .map_err(classify)?;
-        Ok(row.map(|row| {
-            let doc: String = row.get(1);
-            (Version(row.get(0)), Bytes::from(doc))
-        }))
+        Ok(row.as_ref().map(versioned_doc))
     }
 
     fn sequence_literal(&self) -> String {
@@ -679,29 +678,19 @@ impl Db {
             tx.commit().await.map_err(classify)?;
             return Ok((None, before));
         }
-        if before.is_empty() {
-            tx.execute(
-                &format!("UPDATE {state} SET value = $2 WHERE name = $1"),
-                &[&name, &value],
-            )
-            .await
-            .map_err(classify)?;
-            tx.commit().await.map_err(classify)?;
-            return Ok((None, before));
-        }
-        let version = Version(
-            tx.query_one(
-                &format!(
-                    "SELECT nextval({})",
-                    quote_literal(&format!("{}.{VERSION_SEQUENCE}", self.schema))
-                ),
-                &[],
-            )
-            .await
-            .map_err(classify)?
-            .get(0),
-        );
-        reset(version).await.map_err(DbError::Internal)?;
+        // Nothing recorded (a fresh install): record only.
+        let version = if before.is_empty() {
+            None
+        } else {
+            let version = Version(
+                tx.query_one(&format!("SELECT nextval({})", self.sequence_literal()), &[])
+                    .await
+                    .map_err(classify)?
+                    .get(0),
+            );
+            reset(version).await.map_err(DbError::Internal)?;
+            Some(version)
+        };
         tx.execute(
             &format!("UPDATE {state} SET value = $2 WHERE name = $1"),
             &[&name, &value],
@@ -709,7 +698,7 @@ impl Db {
         .await
         .map_err(classify)?;
         tx.commit().await.map_err(classify)?;
-        Ok((Some(version), before))
+        Ok((version, before))
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {

@@ -47,6 +47,13 @@ enum Command {
     },
 }
 
+/// Reports a command that failed, passwords scrubbed from the error.
+fn failed(config: &Config, what: &str, e: &dyn std::error::Error) -> ExitCode {
+    let secrets = syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
+    eprintln!("syncar: {what}: {}", secrets.scrub(&error_chain(e)));
+    ExitCode::FAILURE
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Openapi = cli.command {
@@ -108,15 +115,7 @@ fn main() -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    let secrets =
-                        syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
-                    eprintln!(
-                        "syncar: uninstall failed: {}",
-                        secrets.scrub(&error_chain(&e))
-                    );
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed(&config, "uninstall failed", &e),
             },
             Command::Migrate => match run_migration(&config).await {
                 Ok(done) => {
@@ -135,15 +134,7 @@ fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 }
-                Err(e) => {
-                    let secrets =
-                        syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
-                    eprintln!(
-                        "syncar: migration failed: {}",
-                        secrets.scrub(&error_chain(&e))
-                    );
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed(&config, "migration failed", &e),
             },
             Command::Openapi => ExitCode::SUCCESS,
             Command::CheckConfig { .. } => match run_check(&config).await {
@@ -161,15 +152,7 @@ fn main() -> ExitCode {
                         ExitCode::FAILURE
                     }
                 }
-                Err(e) => {
-                    let secrets =
-                        syncar::redact::Secrets::new(&config.postgres.url, &config.redis.url);
-                    eprintln!(
-                        "syncar: cannot check against the database: {}",
-                        secrets.scrub(&error_chain(&e))
-                    );
-                    ExitCode::FAILURE
-                }
+                Err(e) => failed(&config, "cannot check against the database", &e),
             },
         }
     })

@@ -189,16 +189,7 @@ async fn terminated_listeners(source: PostgresSource) {
     }
     proxy.refuse_new();
     let pg = env.pg().await;
-    let terminated: i64 = pg
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'syncar-listen'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(terminated, 3);
+    assert_eq!(env.terminate("syncar-listen").await, 3);
     for i in [&a, &b, &c] {
         i.feed_becomes("postgres", false, WINDOW).await;
     }
@@ -363,16 +354,7 @@ async fn terminated_pool_connections_are_replaced_invisibly() {
         a.put(&format!("/v1/kv/p{i}"), "1").await;
     }
     let pg = env.pg().await;
-    let terminated: i64 = pg
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'syncar'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(terminated > 0);
+    assert!(env.terminate("syncar").await > 0);
     eventually(WINDOW, "the terminated backends to exit", || async {
         let left: i64 = pg
             .query_one(

@@ -375,18 +375,7 @@ async fn a_read_whose_backend_is_terminated_under_it_still_answers() {
         request(addr, "GET", "/v1/kv/t?consistency=strong", &[], None).await
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let terminated: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = 'syncar'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert!(terminated > 0);
+    assert!(env.terminate("syncar").await > 0);
     proxy.delay(Duration::ZERO);
     let r = read.await.unwrap();
     assert_eq!(r.status, 200, "{r:?}");

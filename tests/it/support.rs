@@ -124,6 +124,21 @@ impl Env {
         (proxy, url)
     }
 
+    /// Terminates this env's database backends named `application_name` (`syncar` is the
+    /// pool, `syncar-listen` a Postgres feed, `syncar-relay` the relay); how many.
+    pub async fn terminate(&self, application_name: &str) -> i64 {
+        self.pg()
+            .await
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name = $1",
+                &[&application_name],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub async fn pg(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.sql_url, tokio_postgres::NoTls)
             .await
@@ -324,22 +339,7 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Resp {
-    let stream = TcpStream::connect(addr).await.expect("connect to syncar");
-    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-        .await
-        .expect("http handshake");
-    tokio::spawn(conn);
-    let mut req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let req = req
-        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
-        .unwrap();
-    let resp = sender.send_request(req).await.expect("send request");
+    let resp = send(addr, method, path, headers, body.unwrap_or_default()).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp
@@ -353,6 +353,30 @@ pub async fn request(
         headers,
         body,
     }
+}
+
+/// Sends one request on a fresh connection; the response's body is left to the caller.
+async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> http::Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.expect("connect to syncar");
+    let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+    sender.send_request(req).await.expect("send request")
 }
 
 /// A Server-Sent Events stream (a watch), read event by event.
@@ -374,21 +398,7 @@ pub struct SseEvent {
 impl Sse {
     /// `GET path` with `headers`, kept open.
     pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
-        let stream = TcpStream::connect(addr).await.expect("connect to syncar");
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("http handshake");
-        tokio::spawn(conn);
-        let mut req = http::Request::builder()
-            .uri(path)
-            .header("host", addr.to_string());
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = sender
-            .send_request(req.body(Full::new(Bytes::new())).unwrap())
-            .await
-            .expect("send request");
+        let resp = send(addr, "GET", path, headers, b"").await;
         Sse {
             status: resp.status().as_u16(),
             content_type: resp

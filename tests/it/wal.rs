@@ -152,16 +152,7 @@ async fn a_terminated_replication_connection_comes_back_and_loses_nothing() {
     let pg = env.pg().await;
     // (A relay between two terms has no connection: wait for one that streams.)
     eventually(WINDOW, "a relay streaming, then terminated", || async {
-        let terminated: i64 = pg
-            .query_one(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE application_name = 'syncar-relay' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (terminated >= 1).then_some(())
+        (env.terminate("syncar-relay").await >= 1).then_some(())
     })
     .await;
     let v2: i64 = pg
