@@ -1,16 +1,24 @@
 //! Memory benchmark: resident memory of L1 holding N documents (default 1 million of 200
 //! bytes), and the bytes each entry costs beyond its key and document.
 //!
-//! `make bench-memory` (or `cargo bench --bench memory -- [--entries N] [--value-bytes B]`).
+//! `make bench-memory` (or `cargo bench --bench memory -- [--entries N] [--value-bytes B]
+//! [--key-bytes K]`; keys are at least 15 bytes, `kv:user:0000042`, padded to K).
 //! It fills syncar's own L1 through `L1::offer`, the path every fill takes, with documents
 //! copied into their own buffers as the Redis and Postgres paths do, and reads the process'
-//! resident set from `/proc/self/statm` before and after. Linux only.
+//! resident set from `/proc/self/statm` before and after; then the same for the moka L1
+//! syncar had before (`benches/common/moka_l1.rs`), each in a process of its own. Linux only.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use syncar::l1::{ENTRY_OVERHEAD_BYTES, L1};
 use syncar::model::{CacheKey, Cached, Version};
+
+// Each bench uses part of it.
+#[allow(dead_code)]
+#[path = "common/moka_l1.rs"]
+mod moka_l1;
+use moka_l1::MokaL1;
 
 /// Resident memory of this process in bytes.
 fn rss() -> u64 {
@@ -43,8 +51,9 @@ fn resident_around(fill: impl std::future::Future<Output = ()>) -> (u64, u64) {
     (before, rss())
 }
 
-/// Fills syncar's L1 with `entries` documents of `value_bytes`.
-fn fill_l1(entries: usize, value_bytes: usize) -> Held {
+/// Fills syncar's L1 with `entries` documents of `value_bytes`, then, if `read`, reads each
+/// once as a hit does (the first clone of a document gives it `bytes`' shared header).
+fn fill_l1(entries: usize, value_bytes: usize, read: bool) -> Held {
     // Large enough that nothing is evicted: the point is the cost of what is held.
     let l1 = L1::new(u64::MAX / 2);
     let source = vec![b'x'; value_bytes];
@@ -52,10 +61,11 @@ fn fill_l1(entries: usize, value_bytes: usize) -> Held {
     let (before, after) = resident_around(async {
         for i in 0..entries {
             let doc = Bytes::copy_from_slice(&source);
-            l1.offer(&key(i), Cached::value(Version(i as i64 + 1), doc), ttl)
-                .await;
+            l1.offer(&key(i), Cached::value(Version(i as i64 + 1), doc), ttl);
         }
-        l1.run_pending_tasks().await;
+        for i in (0..entries).filter(|_| read) {
+            std::hint::black_box(l1.get(&key(i)).expect("held"));
+        }
     });
     assert_eq!(
         l1.entry_count(),
@@ -69,21 +79,26 @@ fn fill_l1(entries: usize, value_bytes: usize) -> Held {
     }
 }
 
-/// moka's own floor: the same number of entries with 24-byte inline keys and `u64` values,
-/// no weigher, no expiry; what any L1 built on moka pays per entry before holding anything.
-fn fill_moka_floor(entries: usize) -> Held {
-    let cache: moka::future::Cache<[u8; 24], u64> = moka::future::Cache::builder()
-        .max_capacity(u64::MAX / 2)
-        .build();
+/// The same fill into the moka L1 syncar had before (`benches/common/moka_l1.rs`), read
+/// as its hit path did: the copy cloned out of its `Arc`.
+fn fill_moka(entries: usize, value_bytes: usize, read: bool) -> Held {
+    let l1 = MokaL1::new(u64::MAX / 2);
+    let source = vec![b'x'; value_bytes];
+    let ttl = Duration::from_secs(3600);
+    let mut held = 0;
     let (before, after) = resident_around(async {
         for i in 0..entries {
-            let mut k = [0u8; 24];
-            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            cache.insert(k, i as u64).await;
+            let doc = Bytes::copy_from_slice(&source);
+            l1.offer(&key(i), Cached::value(Version(i as i64 + 1), doc), ttl)
+                .await;
         }
-        cache.run_pending_tasks().await;
+        for i in (0..entries).filter(|_| read) {
+            let copy = l1.get(&key(i)).await.expect("held");
+            std::hint::black_box(Cached::clone(&copy));
+        }
+        held = l1.settle().await;
     });
-    assert_eq!(cache.entry_count(), entries as u64);
+    assert_eq!(held, entries as u64, "every entry is still held");
     Held {
         before,
         after,
@@ -91,8 +106,16 @@ fn fill_moka_floor(entries: usize) -> Held {
     }
 }
 
+/// The length of every key, in bytes (`--key-bytes`; at least 15).
+static KEY_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(15);
+
 fn key(i: usize) -> CacheKey {
-    CacheKey::new("kv", &format!("user:{i:07}"))
+    let id = format!("user:{i:07}");
+    let pad = KEY_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    CacheKey::new(
+        "kv",
+        &format!("{id:->width$}", width = pad.saturating_sub(3)),
+    )
 }
 
 fn main() {
@@ -105,17 +128,25 @@ fn main() {
         match a.as_str() {
             "--entries" => entries = value().parse().expect("--entries N"),
             "--value-bytes" => value_bytes = value().parse().expect("--value-bytes B"),
+            "--key-bytes" => KEY_BYTES.store(
+                value().parse().expect("--key-bytes K"),
+                std::sync::atomic::Ordering::Relaxed,
+            ),
             "--phase" => phase = Some(value()),
             "--bench" => {}
-            other => panic!("unknown option {other:?}; known: --entries N, --value-bytes B"),
+            other => panic!(
+                "unknown option {other:?}; known: --entries N, --value-bytes B, --key-bytes K"
+            ),
         }
     }
     // Each measurement runs in a process of its own: memory freed by one would otherwise be
     // reused by the next and hide part of its cost.
     if let Some(phase) = phase {
         let held = match phase.as_str() {
-            "l1" => fill_l1(entries, value_bytes),
-            "floor" => fill_moka_floor(entries),
+            "l1" => fill_l1(entries, value_bytes, false),
+            "l1-read" => fill_l1(entries, value_bytes, true),
+            "moka" => fill_moka(entries, value_bytes, false),
+            "moka-read" => fill_moka(entries, value_bytes, true),
             other => panic!("unknown phase {other:?}"),
         };
         println!("{} {} {}", held.before, held.after, held.weighed);
@@ -125,6 +156,7 @@ fn main() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--phase", phase, "--entries", &entries.to_string()])
             .args(["--value-bytes", &value_bytes.to_string()])
+            .args(["--key-bytes", &key(0).as_str().len().to_string()])
             .output()
             .expect("run a measurement");
         assert!(
@@ -143,41 +175,51 @@ fn main() {
             weighed: n[2],
         }
     };
-    let l1 = measure("l1");
-    let floor = measure("floor");
-
     let key_bytes = key(0).as_str().len();
-    let per = |h: &Held| h.after.saturating_sub(h.before) as f64 / entries as f64;
-    let per_entry = per(&l1);
     let payload = (key_bytes + value_bytes) as f64;
-    let overhead = per_entry - payload;
-    let weighed = l1.weighed as f64 / entries as f64;
+    let per = |h: &Held| h.after.saturating_sub(h.before) as f64 / entries as f64;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     println!("L1 with {entries} entries of {value_bytes}-byte documents and {key_bytes}-byte keys");
     println!(
-        "resident memory: {:.1} MiB before, {:.1} MiB after, {:.1} MiB held",
-        mib(l1.before),
-        mib(l1.after),
-        mib(l1.after.saturating_sub(l1.before))
+        "{:<44} {:>9} {:>15} {:>18}",
+        "", "held MiB", "bytes / entry", "overhead / entry"
     );
+    let mut report = serde_json::json!({
+        "entries": entries, "value_bytes": value_bytes, "key_bytes": key_bytes,
+    });
+    let mut overheads = Vec::new();
+    for (phase, label) in [
+        ("l1", "syncar L1 (quick_cache), filled"),
+        ("l1-read", "syncar L1 (quick_cache), filled, each read"),
+        ("moka", "the moka L1 before, filled"),
+        ("moka-read", "the moka L1 before, filled, each read"),
+    ] {
+        let held = measure(phase);
+        let overhead = per(&held) - payload;
+        println!(
+            "{label:<44} {:>9.1} {:>15.0} {overhead:>18.0}",
+            mib(held.after.saturating_sub(held.before)),
+            per(&held)
+        );
+        report[phase] = serde_json::json!({
+            "rss_before": held.before, "rss_after": held.after,
+            "bytes_per_entry": per(&held), "overhead_per_entry": overhead,
+            "weighed_per_entry": held.weighed as f64 / entries as f64,
+        });
+        overheads.push((overhead, held.weighed as f64 / entries as f64, per(&held)));
+    }
+    let (filled, weighed, resident) = overheads[0];
+    let (read, _, _) = overheads[1];
     println!(
-        "per entry: {per_entry:.0} bytes = {payload:.0} of key and document + {overhead:.0} of overhead (goal < 150)"
-    );
-    println!(
-        "moka's own floor (24-byte inline keys, u64 values, no weigher or expiry): {:.0} bytes per entry",
-        per(&floor)
+        "overhead against the moka L1: {:.2}x filled, {:.2}x read (goal < 150 bytes)",
+        filled / overheads[2].0,
+        read / overheads[3].0
     );
     println!(
         "L1's own accounting, which cache.l1_max_bytes bounds: {weighed:.0} bytes per entry \
-         ({:+.0}% of what is resident; l1::ENTRY_OVERHEAD_BYTES = {ENTRY_OVERHEAD_BYTES})",
-        (weighed / per_entry - 1.0) * 100.0
+         ({:+.0}% of what is resident when filled; l1::ENTRY_OVERHEAD_BYTES = {ENTRY_OVERHEAD_BYTES})",
+        (weighed / resident - 1.0) * 100.0
     );
-    let report = serde_json::json!({
-        "entries": entries, "value_bytes": value_bytes, "key_bytes": key_bytes,
-        "rss_before": l1.before, "rss_after": l1.after,
-        "bytes_per_entry": per_entry, "overhead_per_entry": overhead,
-        "weighed_per_entry": weighed, "moka_floor_per_entry": per(&floor),
-    });
     let out = std::path::PathBuf::from(
         std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
     )

@@ -18,6 +18,12 @@ use syncar::l1::L1;
 use syncar::model::{CacheKey, Cached, Version};
 use syncar::resource::{Catalog, Resource};
 
+// Each bench uses part of it.
+#[allow(dead_code)]
+#[path = "common/moka_l1.rs"]
+mod moka_l1;
+use moka_l1::MokaL1;
+
 const ENTRIES: usize = 100_000;
 
 fn l1(c: &mut Criterion) {
@@ -26,17 +32,17 @@ fn l1(c: &mut Criterion) {
         .build()
         .unwrap();
     let l1 = L1::new(1 << 30);
+    let moka = MokaL1::new(1 << 30);
     let keys: Vec<CacheKey> = (0..ENTRIES)
         .map(|i| CacheKey::new("kv", &format!("user:{i}")))
         .collect();
     let doc = Bytes::from(vec![b'x'; 200]);
     let ttl = Duration::from_secs(3600);
-    rt.block_on(async {
-        for (i, k) in keys.iter().enumerate() {
-            l1.offer(k, Cached::value(Version(i as i64 + 1), doc.clone()), ttl)
-                .await;
-        }
-    });
+    for (i, k) in keys.iter().enumerate() {
+        let copy = Cached::value(Version(i as i64 + 1), doc.clone());
+        l1.offer(k, copy.clone(), ttl);
+        rt.block_on(moka.offer(k, copy, ttl));
+    }
     let absent: Vec<CacheKey> = (0..ENTRIES)
         .map(|i| CacheKey::new("kv", &format!("absent:{i}")))
         .collect();
@@ -49,28 +55,43 @@ fn l1(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("l1");
     group.bench_function("get hit (100k entries)", |b| {
+        b.iter(|| black_box(l1.get(&pick(&keys))))
+    });
+    group.bench_function("get miss", |b| b.iter(|| black_box(l1.get(&pick(&absent)))));
+    // What applying an invalidation costs: a tombstone newer than the entry replaces it.
+    let version = Cell::new(ENTRIES as i64 * 2);
+    let tombstone = || {
+        version.set(version.get() + 1);
+        Cached::invalidated(Version(version.get()))
+    };
+    group.bench_function("offer newer tombstone", |b| {
+        b.iter(|| black_box(l1.offer(&pick(&keys), tombstone(), ttl)))
+    });
+    group.finish();
+
+    // The same three on the moka L1 syncar had before (benches/common/moka_l1.rs), its copy
+    // cloned out of the Arc as the hit path did.
+    let mut group = c.benchmark_group("l1-moka");
+    group.bench_function("get hit (100k entries)", |b| {
         b.to_async(&rt).iter(|| {
             let key = pick(&keys);
-            let l1 = &l1;
-            async move { black_box(l1.get(&key).await) }
+            let moka = &moka;
+            async move { black_box(moka.get(&key).await.map(|c| (*c).clone())) }
         })
     });
     group.bench_function("get miss", |b| {
         b.to_async(&rt).iter(|| {
             let key = pick(&absent);
-            let l1 = &l1;
-            async move { black_box(l1.get(&key).await) }
+            let moka = &moka;
+            async move { black_box(moka.get(&key).await) }
         })
     });
-    // What applying an invalidation costs: a tombstone newer than the entry replaces it.
-    let version = Cell::new(ENTRIES as i64 * 2);
     group.bench_function("offer newer tombstone", |b| {
         b.to_async(&rt).iter(|| {
             let key = pick(&keys);
-            version.set(version.get() + 1);
-            let copy = Cached::invalidated(Version(version.get()));
-            let l1 = &l1;
-            async move { black_box(l1.offer(&key, copy, ttl).await) }
+            let copy = tombstone();
+            let moka = &moka;
+            async move { black_box(moka.offer(&key, copy, ttl).await) }
         })
     });
     group.finish();

@@ -1,20 +1,43 @@
-//! L1: the in-process moka cache of one instance, bounded in bytes, with per-entry TTLs and
+//! L1: the in-process cache of one instance, bounded in bytes, with per-entry TTLs and
 //! versioned, per-key atomic updates. Knows nothing about where documents come from.
 //!
+//! Built on [quick_cache](https://docs.rs/quick_cache) (sharded, CLOCK-Pro-like eviction,
+//! weights in bytes). It replaced moka, measured side by side (`make bench-memory`,
+//! `make bench-micro`; BENCHMARKS.md, "Memory"): the same hits in less than a third of the
+//! memory per entry, because an entry is one slot of a shard's slab (key, copy, deadline and
+//! generation inline) instead of moka's `Arc`'d entry, deque nodes and timer wheel.
+//!
 //! # Concurrent calls on the same key
-//! Every change goes through [`L1::offer`], which runs inside moka's per-key
-//! `and_compute_with`: the compare ("is the offered copy newer than what is there, tombstone
-//! included?") and the insert happen under one key lock. moka's `get_with` would insert a
-//! loaded value even if an invalidation ran during the load; here a fill that loaded version
-//! 41 while 42's tombstone landed finds the tombstone and is refused.
+//! Every change goes through [`L1::offer`], which runs inside quick_cache's per-key
+//! `entry`: the compare ("is the offered copy newer than what is there, tombstone
+//! included?") and the insert happen under the shard's write lock, or, for a key not yet
+//! present, behind the placeholder that `entry` leaves, which makes every other `entry` of the
+//! key wait. A plain insert would land a loaded value even if an invalidation ran during the
+//! load; here a fill that loaded version 41 while 42's tombstone landed finds the tombstone
+//! and is refused.
+//!
+//! # What quick_cache 0.7 does that this relies on (read in its source)
+//! - `entry` runs the closure under the shard's write lock; for an absent key it inserts a
+//!   placeholder and returns its guard, and every other `entry` of the key waits on it.
+//! - `clear` empties each shard under its write lock before it returns, placeholders
+//!   included: a guard's later `insert` then fails.
+//! - The byte bound is split evenly across shards (4 per core): a document larger than a
+//!   shard's share is not admitted, and reads of it go below L1.
+//! - The guard's `insert` clones the value for waiters: the document's first clone gives it
+//!   `bytes`' shared header, as its first hit would anyway.
+//!
+//! # Expiry
+//! Each entry carries its deadline (milliseconds since the cache was made). A read past it is
+//! a miss and an offer treats the entry as absent; the slot is reused by the next fill of the
+//! key or given up to eviction. So an expired entry still weighs until then: the byte bound
+//! holds, the entry count may include expired entries.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
-use moka::ops::compute::Op;
-use moka::Expiry;
+use quick_cache::sync::{Cache, EntryAction, EntryResult};
+use quick_cache::Weighter;
 
 use crate::model::{CacheKey, Cached, Rank};
 
@@ -23,50 +46,48 @@ use crate::model::{CacheKey, Cached, Rank};
 pub enum Offer {
     /// The copy is now in the cache.
     Applied,
-    /// The cache held a copy of this rank or newer, which stays.
+    /// The cache held a copy of this rank or newer, which stays (or, for a copy loaded
+    /// before [`L1::clear`], the copy's own rank: it may not land).
     Refused(Rank),
 }
 
-/// What one entry costs beyond its key and document: moka's concurrent map, the entry's
-/// metadata, its eviction and expiry nodes, and allocator rounding. Counted by the weigher so
-/// that `cache.l1_max_bytes` bounds resident memory, not only payload. Measured by
-/// `make bench-memory` (about 490 bytes with moka 0.12 on x86_64 glibc); keep it in step.
-pub const ENTRY_OVERHEAD_BYTES: usize = 512;
+/// What one entry costs beyond its key and document: its slot in the shard's slab, its share
+/// of the hash table, the key's allocation (none up to 24 bytes), the document's shared
+/// header and allocator rounding. Counted by the weigher so that `cache.l1_max_bytes` bounds
+/// resident memory, not only payload. Measured by `make bench-memory` with quick_cache 0.7
+/// on x86_64 glibc and 200-byte documents: 140 bytes with 15-byte keys, 163 with 40-byte
+/// keys; keep it in step.
+pub const ENTRY_OVERHEAD_BYTES: usize = 160;
 
 #[derive(Clone)]
 pub struct L1 {
-    cache: Cache<CacheKey, Entry>,
-    /// Bumped by [`L1::clear`]. Entries of an older generation are never served, and a fill
-    /// started in an older generation never lands: a load that began before a flush cannot
-    /// bring back what the flush was for, whatever moka's lazy `invalidate_all` does.
-    generation: Arc<AtomicU64>,
+    cache: Arc<Cache<CacheKey, Entry, ByBytes>>,
+    /// Bumped by [`L1::clear`]: a fill started in an older generation never lands, so a load
+    /// that began before a flush cannot bring back what the flush was for. (Entries carry no
+    /// generation: quick_cache's `clear` removes every entry before it returns, see
+    /// [`L1::clear`].)
+    generation: Arc<AtomicU32>,
+    /// The origin of every entry's deadline.
+    epoch: Instant,
 }
 
-/// A cached copy, when it expires, and the generation it belongs to.
+/// A cached copy and when it expires. Stored inline in the shard's slot: a hit clones it
+/// (the document is reference-counted `Bytes`).
 #[derive(Clone, Debug)]
 struct Entry {
-    cached: Arc<Cached>,
-    /// Its insertion plus its TTL. (A deadline rather than the TTL: the same size, and the
-    /// time left can be read back for [`L1::inspect`].)
-    expires_at: Instant,
-    generation: u64,
+    cached: Cached,
+    /// Milliseconds since [`L1::epoch`] after which the copy is not served.
+    expires_ms: u64,
 }
 
-struct PerEntryTtl;
+/// Weighs an entry at its key, its document and [`ENTRY_OVERHEAD_BYTES`].
+#[derive(Clone)]
+struct ByBytes;
 
-impl Expiry<CacheKey, Entry> for PerEntryTtl {
-    fn expire_after_create(&self, _: &CacheKey, e: &Entry, now: Instant) -> Option<Duration> {
-        Some(e.expires_at.saturating_duration_since(now))
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &CacheKey,
-        e: &Entry,
-        now: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(e.expires_at.saturating_duration_since(now))
+impl Weighter<CacheKey, Entry> for ByBytes {
+    fn weight(&self, key: &CacheKey, entry: &Entry) -> u64 {
+        let doc = entry.cached.doc().map_or(0, |d| d.len());
+        (key.as_str().len() + doc + ENTRY_OVERHEAD_BYTES) as u64
     }
 }
 
@@ -74,51 +95,52 @@ impl Expiry<CacheKey, Entry> for PerEntryTtl {
 #[derive(Clone, Debug)]
 pub struct Inspected {
     /// The copy, tombstones included.
-    pub cached: Arc<Cached>,
-    /// Until moka evicts it.
+    pub cached: Cached,
+    /// Until it stops being served (zero: expired, waiting to be reused or evicted).
     pub ttl_left: Duration,
-    /// The generation it was filled in.
-    pub generation: u64,
-    /// Whether that is the current generation (else it is never served: a flush since).
-    pub current: bool,
 }
 
 impl L1 {
     /// An empty cache using at most about `max_bytes` of memory: keys, documents and
     /// [`ENTRY_OVERHEAD_BYTES`] per entry.
     pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|k: &CacheKey, e: &Entry| {
-                let doc = e.cached.doc().map_or(0, |d| d.len());
-                u32::try_from(k.as_str().len() + doc + ENTRY_OVERHEAD_BYTES).unwrap_or(u32::MAX)
-            })
-            .expire_after(PerEntryTtl)
-            .build();
+        // Sizes the ghost list (keys remembered after eviction) and the number of shards;
+        // nothing is allocated up front.
+        let estimated_items = (max_bytes / 1024).clamp(1024, 1 << 24) as usize;
+        let cache = Cache::with(
+            estimated_items,
+            max_bytes,
+            ByBytes,
+            Default::default(),
+            Default::default(),
+        );
         L1 {
-            cache,
-            generation: Arc::new(AtomicU64::new(0)),
+            cache: Arc::new(cache),
+            generation: Arc::new(AtomicU32::new(0)),
+            epoch: Instant::now(),
         }
     }
 
     /// The current generation; capture it before loading, pass it to [`L1::offer_in`].
-    pub fn generation(&self) -> u64 {
+    pub fn generation(&self) -> u32 {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// The copy held for `key`, tombstones included (callers decide what is servable).
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<Cached>> {
-        let entry = self.cache.get(key).await?;
-        (entry.generation == self.generation()).then_some(entry.cached)
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
-    /// What L1 holds for `key`, older generations included (see [`Inspected::current`]).
-    pub async fn inspect(&self, key: &CacheKey) -> Option<Inspected> {
-        let entry = self.cache.get(key).await?;
+    /// The copy held for `key`, tombstones included (callers decide what is servable).
+    pub fn get(&self, key: &CacheKey) -> Option<Cached> {
+        let entry = self.cache.get(key)?;
+        (entry.expires_ms > self.now_ms()).then_some(entry.cached)
+    }
+
+    /// What L1 holds for `key`, expired entries included.
+    pub fn inspect(&self, key: &CacheKey) -> Option<Inspected> {
+        let entry = self.cache.peek(key)?;
         Some(Inspected {
-            ttl_left: entry.expires_at.saturating_duration_since(Instant::now()),
-            current: entry.generation == self.generation(),
-            generation: entry.generation,
+            ttl_left: Duration::from_millis(entry.expires_ms.saturating_sub(self.now_ms())),
             cached: entry.cached,
         })
     }
@@ -129,85 +151,91 @@ impl L1 {
     /// Atomic per key with every other `offer` of the same key.
     /// (Invalidations and writes use this: they belong to whatever generation is current
     /// when they land, so a concurrent clear cannot refuse them.)
-    pub async fn offer(&self, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
-        self.offer_at(None, key, copy, ttl).await
+    pub fn offer(&self, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
+        self.offer_at(None, key, copy, ttl)
     }
 
     /// [`L1::offer`] for a copy loaded in `generation`: refused if L1 was cleared since.
-    pub async fn offer_in(
-        &self,
-        generation: u64,
-        key: &CacheKey,
-        copy: Cached,
-        ttl: Duration,
-    ) -> Offer {
-        self.offer_at(Some(generation), key, copy, ttl).await
+    pub fn offer_in(&self, generation: u32, key: &CacheKey, copy: Cached, ttl: Duration) -> Offer {
+        self.offer_at(Some(generation), key, copy, ttl)
     }
 
-    /// Entries of an older generation are never served, but their versions are still facts:
-    /// an offer must rank above them too (at an equal rank it may re-tag them as current).
-    async fn offer_at(
+    /// A copy lands if it ranks above the entry held; an expired entry ranks below everything.
+    ///
+    /// # Against [`L1::clear`]
+    /// The generation is checked under the shard's write lock (inside `entry`) or, for an
+    /// absent key, while the placeholder is held: `clear` bumps the generation before it
+    /// takes any shard lock, and removes placeholders with entries. So a copy of an older
+    /// generation either sees the new generation and is refused, or lands before `clear`
+    /// reaches its shard and is removed by it, or finds its placeholder gone.
+    fn offer_at(
         &self,
-        generation: Option<u64>,
+        generation: Option<u32>,
         key: &CacheKey,
         copy: Cached,
         ttl: Duration,
     ) -> Offer {
-        let mut refused = None;
-        let current_generation = &self.generation;
-        self.cache
-            .entry_by_ref(key)
-            .and_compute_with(|current| {
-                let now = current_generation.load(Ordering::SeqCst);
-                let generation = generation.unwrap_or(now);
-                let op = match current {
-                    _ if generation != now => {
-                        refused = Some(copy.rank());
-                        Op::Nop
-                    }
-                    Some(entry)
-                        if entry.value().cached.supersedes(&copy)
-                            || (entry.value().generation == now
-                                && !copy.supersedes(&entry.value().cached)) =>
-                    {
-                        refused = Some(entry.value().cached.rank());
-                        Op::Nop
-                    }
-                    _ => Op::Put(Entry {
-                        cached: Arc::new(copy),
-                        expires_at: Instant::now() + ttl,
-                        // Tagged with the loader's generation: if a clear slipped in since
-                        // the check above, the entry is already unservable.
-                        generation,
-                    }),
+        let now_ms = self.now_ms();
+        let expires_ms = now_ms.saturating_add(ttl.as_millis() as u64);
+        // `Some` until the closure or the vacant branch takes it: exactly one of them runs.
+        let mut copy = Some(copy);
+        // Whether a copy loaded in `generation` may land now.
+        let admitted = || generation.is_none_or(|g| g == self.generation());
+        let outcome = self.cache.entry(key, None, |_, entry: &mut Entry| {
+            let offered = copy.take().expect("the copy is offered once");
+            if !admitted() {
+                return EntryAction::Retain(Offer::Refused(offered.rank()));
+            }
+            if entry.expires_ms > now_ms && !offered.supersedes(&entry.cached) {
+                return EntryAction::Retain(Offer::Refused(entry.cached.rank()));
+            }
+            *entry = Entry {
+                cached: offered,
+                expires_ms,
+            };
+            EntryAction::Retain(Offer::Applied)
+        });
+        match outcome {
+            EntryResult::Retained(offer) => offer,
+            EntryResult::Vacant(placeholder) => {
+                let offered = copy.take().expect("the closure did not run");
+                let rank = offered.rank();
+                if !admitted() {
+                    return Offer::Refused(rank);
+                }
+                let entry = Entry {
+                    cached: offered,
+                    expires_ms,
                 };
-                std::future::ready(op)
-            })
-            .await;
-        match refused {
-            Some(rank) => Offer::Refused(rank),
-            None => Offer::Applied,
+                // Fails only if a clear removed the placeholder meanwhile.
+                match placeholder.insert(entry) {
+                    Ok(()) => Offer::Applied,
+                    Err(_) => Offer::Refused(rank),
+                }
+            }
+            // The closure only retains, and there is no timeout.
+            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => {
+                unreachable!("entry without timeout, removal or replacement")
+            }
         }
     }
 
     /// Empties the cache: nothing cached or loading before this call is served after it.
-    /// (moka frees the memory lazily; counts catch up after [`L1::run_pending_tasks`].)
+    /// Takes every shard's write lock in turn; an offer of an older generation that lands
+    /// meanwhile is in a shard not yet emptied (see `L1::offer_at`).
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.cache.invalidate_all();
+        self.cache.clear();
     }
 
-    /// Runs moka's deferred maintenance, so counts and sizes are exact.
-    pub async fn run_pending_tasks(&self) {
-        self.cache.run_pending_tasks().await;
-    }
-
+    /// Entries held, expired ones not yet reused or evicted included.
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.len() as u64
     }
 
+    /// The weight held, in bytes as the weigher counts them (see [`ENTRY_OVERHEAD_BYTES`]).
     pub fn weighted_size(&self) -> u64 {
-        self.cache.weighted_size()
+        self.cache.weight()
     }
 }
 
@@ -216,6 +244,7 @@ mod tests {
     use super::*;
     use crate::model::Version;
     use bytes::Bytes;
+    use std::sync::mpsc;
 
     const TTL: Duration = Duration::from_secs(60);
 
@@ -223,109 +252,135 @@ mod tests {
         Cached::value(Version(v), Bytes::from(format!("{{\"v\":{v}}}")))
     }
 
-    #[tokio::test]
-    async fn a_fill_never_replaces_a_newer_copy() {
+    #[test]
+    fn a_fill_never_replaces_a_newer_copy() {
         let l1 = L1::new(1 << 20);
         let k = CacheKey::new("kv", "a");
-        assert_eq!(l1.offer(&k, value(2), TTL).await, Offer::Applied);
-        assert!(matches!(
-            l1.offer(&k, value(1), TTL).await,
-            Offer::Refused(_)
-        ));
-        assert!(matches!(
-            l1.offer(&k, value(2), TTL).await,
-            Offer::Refused(_)
-        ));
-        assert_eq!(l1.offer(&k, value(3), TTL).await, Offer::Applied);
-        assert_eq!(*l1.get(&k).await.unwrap(), value(3));
+        assert_eq!(l1.offer(&k, value(2), TTL), Offer::Applied);
+        assert!(matches!(l1.offer(&k, value(1), TTL), Offer::Refused(_)));
+        assert!(matches!(l1.offer(&k, value(2), TTL), Offer::Refused(_)));
+        assert_eq!(l1.offer(&k, value(3), TTL), Offer::Applied);
+        assert_eq!(l1.get(&k).unwrap(), value(3));
     }
 
     /// The race behind Meta's "Cache made consistent": a reader loads 41, 42 commits and its
     /// invalidation lands, then the reader's fill arrives. The interleaving is forced with
     /// channels: the load is held until the invalidation has been applied.
-    #[tokio::test]
-    async fn a_slow_fill_cannot_land_under_a_newer_tombstone() {
+    #[test]
+    fn a_slow_fill_cannot_land_under_a_newer_tombstone() {
         let l1 = L1::new(1 << 20);
         let k = CacheKey::new("kv", "race");
-        l1.offer(&k, value(40), TTL).await;
+        l1.offer(&k, value(40), TTL);
         l1.clear(); // expired: the next read misses
 
-        let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
-        let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (loaded_tx, loaded_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
         let reader = {
             let (l1, k) = (l1.clone(), k.clone());
-            tokio::spawn(async move {
-                assert!(l1.get(&k).await.is_none(), "miss");
+            std::thread::spawn(move || {
+                assert!(l1.get(&k).is_none(), "miss");
                 let loaded = value(41); // what the slow load read
                 loaded_tx.send(()).unwrap();
-                go_rx.await.unwrap();
-                l1.offer(&k, loaded, TTL).await
+                go_rx.recv().unwrap();
+                l1.offer(&k, loaded, TTL)
             })
         };
-        loaded_rx.await.unwrap();
+        loaded_rx.recv().unwrap();
         // Version 42 commits elsewhere; its invalidation arrives while the load is in flight.
         assert_eq!(
-            l1.offer(&k, Cached::invalidated(Version(42)), TTL).await,
+            l1.offer(&k, Cached::invalidated(Version(42)), TTL),
             Offer::Applied
         );
         go_tx.send(()).unwrap();
-        let outcome = reader.await.unwrap();
         assert_eq!(
-            outcome,
+            reader.join().unwrap(),
             Offer::Refused(Rank {
                 version: Version(42),
                 known: false
             })
         );
-        let held = l1.get(&k).await.unwrap();
+        let held = l1.get(&k).unwrap();
         assert!(
             !held.is_servable(),
             "the tombstone stays: reads go below L1"
         );
         // The copy the tombstone waits for is accepted.
-        assert_eq!(l1.offer(&k, value(42), TTL).await, Offer::Applied);
+        assert_eq!(l1.offer(&k, value(42), TTL), Offer::Applied);
     }
 
-    #[tokio::test]
-    async fn a_load_started_before_a_clear_never_lands() {
+    /// Offers of one key racing from several threads, the key absent at first (so the
+    /// placeholder path races the in-place path): whatever the interleaving, the newest
+    /// version offered is what stays.
+    #[test]
+    fn racing_offers_keep_the_newest() {
+        for round in 0..200 {
+            let l1 = L1::new(1 << 20);
+            let k = CacheKey::new("kv", &format!("hot{round}"));
+            // Thread t offers versions 1 + t + 4j, j in 0..25 in a scrambled order: each of
+            // 1..=100 once.
+            let threads: Vec<_> = (0..4i64)
+                .map(|t| {
+                    let (l1, k) = (l1.clone(), k.clone());
+                    std::thread::spawn(move || {
+                        for i in 0..25i64 {
+                            l1.offer(&k, value(1 + t + 4 * ((i * 7 + t) % 25)), TTL);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(l1.get(&k).unwrap(), value(100), "round {round}");
+        }
+    }
+
+    #[test]
+    fn a_load_started_before_a_clear_never_lands() {
         let l1 = L1::new(1 << 20);
         let k = CacheKey::new("kv", "g");
         let before = l1.generation();
-        l1.offer(&k, value(1), TTL).await;
+        l1.offer(&k, value(1), TTL);
         l1.clear();
-        assert!(l1.get(&k).await.is_none(), "cleared");
+        assert!(l1.get(&k).is_none(), "cleared");
         assert!(matches!(
-            l1.offer_in(before, &k, value(2), TTL).await,
+            l1.offer_in(before, &k, value(2), TTL),
             Offer::Refused(_)
         ));
-        assert!(l1.get(&k).await.is_none());
+        assert!(l1.get(&k).is_none());
         // A fresh load lands, even over an older copy of the previous generation.
-        assert_eq!(l1.offer(&k, value(1), TTL).await, Offer::Applied);
-        assert_eq!(l1.get(&k).await.unwrap().version, Version(1));
+        assert_eq!(l1.offer(&k, value(1), TTL), Offer::Applied);
+        assert_eq!(l1.get(&k).unwrap().version, Version(1));
     }
 
-    #[tokio::test]
-    async fn entries_expire_after_their_own_ttl() {
+    #[test]
+    fn entries_expire_after_their_own_ttl() {
         let l1 = L1::new(1 << 20);
         let short = CacheKey::new("kv", "short");
         let long = CacheKey::new("kv", "long");
-        l1.offer(&short, value(1), Duration::from_millis(50)).await;
-        l1.offer(&long, value(1), TTL).await;
-        tokio::time::sleep(Duration::from_millis(120)).await;
-        assert!(l1.get(&short).await.is_none());
-        assert!(l1.get(&long).await.is_some());
+        l1.offer(&short, value(1), Duration::from_millis(50));
+        l1.offer(&long, value(1), TTL);
+        l1.offer(
+            &long,
+            Cached::invalidated(Version(5)),
+            Duration::from_millis(50),
+        );
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(l1.get(&short).is_none());
+        assert_eq!(l1.inspect(&short).unwrap().ttl_left, Duration::ZERO);
+        // An expired tombstone refuses nothing: the fill it was waiting for may be older.
+        assert_eq!(l1.offer(&long, value(4), TTL), Offer::Applied);
+        assert_eq!(l1.get(&long).unwrap(), value(4));
     }
 
-    #[tokio::test]
-    async fn the_cache_is_bounded_in_bytes() {
+    #[test]
+    fn the_cache_is_bounded_in_bytes() {
         let l1 = L1::new(64 * 1024);
         let doc = Bytes::from(vec![b'x'; 1024]);
         for i in 0..1000 {
             let k = CacheKey::new("kv", &i.to_string());
-            l1.offer(&k, Cached::value(Version(i), doc.clone()), TTL)
-                .await;
+            l1.offer(&k, Cached::value(Version(i), doc.clone()), TTL);
         }
-        l1.run_pending_tasks().await;
         assert!(
             l1.weighted_size() <= 64 * 1024,
             "{} bytes",

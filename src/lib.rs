@@ -14,7 +14,7 @@
 //!   each change to Redis once and publishes it to every instance.
 //! - [`coherence`]: the vocabulary feeds and tiers share: messages, feed state, the lease
 //!   clock and the rules for using L1 and Redis. Pure.
-//! - [`l1`]: the per-instance moka cache with versioned, per-key atomic updates.
+//! - [`l1`]: the per-instance quick_cache cache with versioned, per-key atomic updates.
 //! - [`l2`]: Redis, written only through a version-comparing Lua script.
 //! - [`db`]: Postgres, the source of truth.
 //! - [`resource`] and [`schema`]: what a resource is, its SQL, and `syncar migrate`

@@ -9,7 +9,7 @@ use syncar::config::{Config, LogFormat};
 use syncar::telemetry::{self, error_chain};
 use syncar::App;
 
-/// Cache-coherence sidecar: moka (L1), Redis (L2) and Postgres, kept coherent by versions.
+/// Cache-coherence sidecar: an in-process cache (L1), Redis (L2) and Postgres, kept coherent by versions.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {

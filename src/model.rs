@@ -4,6 +4,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use compact_str::CompactString;
 
 /// A version from the single Postgres sequence `syncar_version_seq`.
 ///
@@ -47,16 +48,20 @@ impl Tier {
 ///
 /// Resource names cannot contain `:`, so the first `:` separates the two. The same string,
 /// behind the configured prefix, is the Redis key.
+///
+/// Up to 24 bytes it is held inline, without an allocation (`compact_str`): a key made for
+/// a request costs no `malloc`, and an L1 entry of a short key saves the key's own
+/// allocation (32 bytes with glibc; `make bench-memory`). Longer keys live on the heap.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct CacheKey(Box<str>);
+pub struct CacheKey(CompactString);
 
 impl CacheKey {
     pub fn new(resource: &str, key: &str) -> Self {
-        let mut s = String::with_capacity(resource.len() + 1 + key.len());
+        let mut s = CompactString::with_capacity(resource.len() + 1 + key.len());
         s.push_str(resource);
         s.push(':');
         s.push_str(key);
-        CacheKey(s.into_boxed_str())
+        CacheKey(s)
     }
 
     pub fn as_str(&self) -> &str {

@@ -47,7 +47,7 @@ pub const APPLY_CONCURRENCY: usize = 64;
 /// See [`Tiers::started`].
 #[derive(Clone, Copy, Debug)]
 struct Started {
-    l1: Option<u64>,
+    l1: Option<u32>,
     l2: i64,
 }
 
@@ -279,11 +279,7 @@ impl Tiers {
                 tokio::time::sleep(lease + AUDIT_MARGIN).await;
                 let held = match sample.tier {
                     Tier::L1 => match &self.l1 {
-                        Some(l1) if self.coherence.l1_usable() => l1
-                            .inspect(ck)
-                            .await
-                            .filter(|e| e.current)
-                            .map(|e| (*e.cached).clone()),
+                        Some(l1) if self.coherence.l1_usable() => l1.get(ck),
                         _ => None,
                     },
                     _ if self.coherence.l2_trusted() && self.l2.trusted() => {
@@ -309,7 +305,7 @@ impl Tiers {
                 let tombstone = Cached::invalidated(newer.unwrap_or(Version(held.version.0 + 1)));
                 let ttl = resource.ttl.tombstone_ttl;
                 if let Some(l1) = &self.l1 {
-                    l1.offer(ck, tombstone.clone(), ttl).await;
+                    l1.offer(ck, tombstone.clone(), ttl);
                 }
                 if self.l2.offer(ck, &tombstone, ttl).await.is_err() {
                     self.repairs.push(ck.clone(), tombstone, ttl);
@@ -347,7 +343,7 @@ impl Tiers {
     /// The generations a read or write starts in: what it loads or writes lands only there,
     /// so nothing read before a flush lands after it. L1's is `None` when L1 is not to be
     /// filled (disabled, or bypassed because a feed is down).
-    fn started(&self, doc: &DocRef, l1: Option<u64>) -> Started {
+    fn started(&self, doc: &DocRef, l1: Option<u32>) -> Started {
         Started {
             l1,
             l2: self.l2.generation(&doc.resource.name),
@@ -355,7 +351,7 @@ impl Tiers {
     }
 
     /// L1's current generation, if L1 is enabled and usable now (every feed up).
-    fn usable_l1(&self) -> Option<u64> {
+    fn usable_l1(&self) -> Option<u32> {
         let l1 = self.l1.as_ref()?;
         if self.coherence.l1_usable() {
             Some(l1.generation())
@@ -369,10 +365,7 @@ impl Tiers {
     /// when L1 is off), Redis' entry and its key, Postgres' current version and the
     /// document's length in bytes. Changes nothing, fills nothing.
     pub async fn inspect(&self, doc: &DocRef) -> KeyReport {
-        let l1 = match &self.l1 {
-            Some(l1) => Some(l1.inspect(&doc.ck).await),
-            None => None,
-        };
+        let l1 = self.l1.as_ref().map(|l1| l1.inspect(&doc.ck));
         let (redis, postgres) = tokio::join!(
             self.l2.inspect(&doc.ck),
             self.db.get(&doc.resource, &doc.key)
@@ -392,7 +385,7 @@ impl Tiers {
         if options.strong || !self.coherence.l1_usable() {
             return None;
         }
-        let copy = self.l1.as_ref()?.get(&doc.ck).await?;
+        let copy = self.l1.as_ref()?.get(&doc.ck)?;
         let fresh = options.min_version.is_none_or(|min| copy.version >= min);
         if !copy.is_servable() || !fresh {
             return None;
@@ -400,7 +393,7 @@ impl Tiers {
         self.counters.l1_hit.increment(1);
         self.sample(doc, Tier::L1, &copy);
         Some(ReadResult {
-            cached: (*copy).clone(),
+            cached: copy,
             tier: Tier::L1,
         })
     }
@@ -683,13 +676,11 @@ impl Tiers {
         resource: &Resource,
         ck: &CacheKey,
         copy: &Cached,
-        generation: Option<u64>,
+        generation: Option<u32>,
     ) -> Option<Offer> {
         let l1 = self.l1.as_ref()?;
         let generation = generation?;
-        let offer = l1
-            .offer_in(generation, ck, copy.clone(), l1_ttl(resource, copy))
-            .await;
+        let offer = l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, copy));
         if matches!(offer, Offer::Refused(_)) {
             metrics::counter!(FILLS_REJECTED, "tier" => "l1").increment(1);
         }
@@ -835,13 +826,12 @@ impl Tiers {
         }
         let mut applied = true;
         if let (Some(l1), Some(generation)) = (&self.l1, generation.l1) {
-            if let Offer::Refused(_) = l1
-                .offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
-                .await
+            if let Offer::Refused(_) =
+                l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
             {
                 applied = false;
-                if let Some(entry) = l1.inspect(ck).await {
-                    held.push((*entry.cached).clone());
+                if let Some(cached) = l1.get(ck) {
+                    held.push(cached);
                 }
             }
         }
@@ -1002,8 +992,7 @@ impl Tiers {
         // New to this instance: judged by L1 when there is one, else by Redis.
         let mut fresh = None;
         if let Some(l1) = &self.l1 {
-            fresh =
-                Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)).await == Offer::Applied);
+            fresh = Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)) == Offer::Applied);
         }
         // Whatever it taught L1, a load in flight may predate this change.
         self.flights.forget(&ck);
@@ -1435,14 +1424,14 @@ impl Tiers {
 
     /// The copy L1 holds for `ck` in its current generation, tombstones included, without
     /// counting a hit (for inspection: tests, debugging).
-    pub async fn peek_l1(&self, ck: &CacheKey) -> Option<Arc<Cached>> {
-        self.l1.as_ref()?.get(ck).await
+    pub fn peek_l1(&self, ck: &CacheKey) -> Option<Cached> {
+        self.l1.as_ref()?.get(ck)
     }
 
     /// Offers `copy` to L1 directly, as an invalidation or write would (for tests that force
     /// an interleaving). `None` without an L1.
-    pub async fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<Offer> {
-        Some(self.l1.as_ref()?.offer(ck, copy, ttl).await)
+    pub fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<Offer> {
+        Some(self.l1.as_ref()?.offer(ck, copy, ttl))
     }
 
     /// The document as Postgres holds it now (an absence at [`Version::NONE`] when there is

@@ -288,7 +288,7 @@ pub struct RedisConfig {
 pub struct CacheConfig {
     /// Use the in-process cache (L1). Off: every read goes to Redis first.
     pub l1: bool,
-    /// Upper bound of L1's memory: keys, documents and about 512 bytes per entry of
+    /// Upper bound of L1's memory, in bytes: keys, documents and 160 bytes per entry of
     /// bookkeeping (`l1::ENTRY_OVERHEAD_BYTES`, measured by `make bench-memory`).
     pub l1_max_bytes: u64,
     #[serde(flatten)]

@@ -163,10 +163,9 @@ pub(super) async fn debug_key(
         Some(Some(e)) => {
             let mut entry = copy(&e.cached);
             entry["ttl_left_ms"] = json!(e.ttl_left.as_millis() as u64);
-            entry["generation"] = json!(e.generation);
-            entry["current_generation"] = json!(e.current);
             // What a read here would do with it right now.
-            entry["would_serve"] = json!(report.l1_usable && e.current && e.cached.is_servable());
+            entry["would_serve"] =
+                json!(report.l1_usable && !e.ttl_left.is_zero() && e.cached.is_servable());
             json!({"enabled": true, "in_use": report.l1_usable, "entry": entry})
         }
     };
@@ -196,7 +195,7 @@ pub(super) async fn debug_key(
         .l1
         .as_ref()
         .and_then(|e| e.as_ref())
-        .map(|e| &*e.cached);
+        .map(|e| &e.cached);
     let redis_copy = report
         .redis
         .as_ref()

@@ -79,7 +79,6 @@ async fn a_write_lands_in_all_three_tiers_with_one_version() {
         .state()
         .tiers
         .peek_l1(&syncar::model::CacheKey::new("kv", "doc"))
-        .await
         .expect("in L1");
     assert_eq!(l1.version.0, v);
     assert_eq!(l1.doc().unwrap().as_ref(), db_doc.as_bytes());

@@ -423,7 +423,7 @@ async fn duplicates_and_older_versions_are_no_ops() {
             .await,
         "older: ignored"
     );
-    let held = tiers.peek_l1(&CacheKey::new("kv", "d")).await.unwrap();
+    let held = tiers.peek_l1(&CacheKey::new("kv", "d")).unwrap();
     assert_eq!(held.version, Version(v + 100));
     assert!(!held.is_servable());
     let unknown = Message {

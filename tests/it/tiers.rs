@@ -113,15 +113,13 @@ async fn a_slow_load_cannot_undo_an_invalidation() {
     // ...while A commits a new version and B receives the invalidation.
     let v2 = a.put("/v1/kv/race", r#""new""#).await.etag_version();
     assert_eq!(
-        tiers
-            .offer_l1(&ck, Cached::invalidated(Version(v2)), TTL)
-            .await,
+        tiers.offer_l1(&ck, Cached::invalidated(Version(v2)), TTL),
         Some(Offer::Applied)
     );
 
     // The held fill arrives last and is refused.
     assert!(matches!(
-        tiers.offer_l1(&ck, loaded, TTL).await,
+        tiers.offer_l1(&ck, loaded, TTL),
         Some(Offer::Refused(_))
     ));
     let read = b.get("/v1/kv/race").await;
@@ -160,8 +158,7 @@ async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
     let ck = CacheKey::new("kv", "k");
     a.state()
         .tiers
-        .offer_l1(&ck, Cached::invalidated(Version(v2)), TTL)
-        .await;
+        .offer_l1(&ck, Cached::invalidated(Version(v2)), TTL);
     let read = a.get("/v1/kv/k").await;
     assert_eq!(read.header("x-cache"), Some("db"));
     assert_eq!(read.etag_version(), v2);
