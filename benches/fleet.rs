@@ -33,8 +33,12 @@
 //! It prints one row per source and writes `target/bench-fleet/results.json`; each source's
 //! config and the instances' warnings are in `target/bench-fleet/<source>/`.
 //!
+//! Then the hot-key run (`hot_key.rs`): Postgres reads per write of a key every instance
+//! reads at once, with fill leases and without.
+//!
 //! Options (defaults in brackets): `--instances 30`, `--sources wal,changes_log`,
-//! `--keys 200`, `--idle-secs 10`, `--write-secs 10`, `--writes-per-sec 100`. Needs the
+//! `--keys 200`, `--idle-secs 10`, `--write-secs 10`, `--writes-per-sec 100`,
+//! `--hot-rounds 20` (0: no hot-key run), `--only hot-key` (that run alone). Needs the
 //! Postgres server binaries (`postgresql`) and `redis-server` (`redis-server`); with 30
 //! instances, about 1.5 minutes and 300 MiB of memory on 2 cores.
 //!
@@ -46,6 +50,9 @@
 //! counter's first and last steps (see [`rate_between_steps`]). Note that tokio-postgres
 //! prepares an unprepared statement in a round trip of its own, which Postgres counts as a
 //! transaction too: a statement sent that way counts twice.
+
+#[path = "fleet/hot_key.rs"]
+mod hot_key;
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
@@ -95,6 +102,10 @@ struct Args {
     idle: Duration,
     write: Duration,
     writes_per_sec: f64,
+    /// `--hot-rounds`: writes in the hot-key run.
+    hot_rounds: usize,
+    /// `--only hot-key`: the hot-key run alone (else it follows the sources).
+    only_hot_key: bool,
 }
 
 impl Args {
@@ -106,6 +117,8 @@ impl Args {
             idle: Duration::from_secs(10),
             write: Duration::from_secs(10),
             writes_per_sec: 100.0,
+            hot_rounds: 20,
+            only_hot_key: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -124,6 +137,11 @@ impl Args {
                 "--idle-secs" => a.idle = Duration::from_secs_f64(number(value())),
                 "--write-secs" => a.write = Duration::from_secs_f64(number(value())),
                 "--writes-per-sec" => a.writes_per_sec = number(value()),
+                "--hot-rounds" => a.hot_rounds = number(value()) as usize,
+                "--only" => match value().as_str() {
+                    "hot-key" => a.only_hot_key = true,
+                    other => panic!("--only takes hot-key, not {other}"),
+                },
                 other => panic!("unknown option {other}"),
             }
         }
@@ -213,6 +231,73 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// A fresh database `db` on the Postgres at `pg_port`, migrated once (so that N instances
+    /// starting at once find the schema in place), a Redis of its own, and `instances`
+    /// syncar processes of `bin` on it reading changes from `source`, each with one worker
+    /// thread, a pool of 2, an 8 MiB L1 and `cache` added to its `[cache]` table; waits until
+    /// every one is ready. Configs and logs go to `dir`. Also answers a watch connection to
+    /// the database.
+    async fn start(
+        bin: &Path,
+        pg_port: u16,
+        db: &str,
+        instances: usize,
+        dir: &Path,
+        (source, cache): (Source, &str),
+    ) -> (Fleet, servers::RedisServer, Arc<PgWatch>) {
+        let redis_server = servers::RedisServer::start();
+        let watch = Arc::new(PgWatch::connect(pg_port, db).await);
+        watch
+            .pg
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
+        // The instances name their connections themselves.
+        let pg_url = format!("postgres://postgres@127.0.0.1:{pg_port}/{db}");
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let config = dir.join("syncar.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nworker_threads = 1\n[postgres]\npool_size = 2\n\
+                 [cache]\nl1_max_bytes = 8388608\n{cache}\
+                 [redis]\nkey_prefix = \"{db}:\"\n[feeds]\npostgres_source = \"{}\"\n\
+                 [log]\nlevel = \"warn\"\n",
+                source.name()
+            ),
+        )
+        .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+        let migrated = Command::new(bin)
+            .args(["migrate", "--config"])
+            .arg(&config)
+            .env("SYNCAR_POSTGRES_URL", &pg_url)
+            .env("SYNCAR_REDIS_URL", redis_server.url())
+            .output()
+            .unwrap_or_else(|e| panic!("running {} migrate: {e}", bin.display()));
+        assert!(
+            migrated.status.success(),
+            "syncar migrate failed for {db}: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+        let mut fleet = Fleet {
+            bin: bin.to_path_buf(),
+            config,
+            dir: dir.to_path_buf(),
+            pg_url,
+            redis_url: redis_server.url(),
+            ports: (0..instances).map(|_| servers::free_port()).collect(),
+            children: (0..instances).map(|_| None).collect(),
+        };
+        for i in 0..instances {
+            fleet.spawn(i);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60 + 2 * instances as u64);
+        for i in 0..instances {
+            fleet.wait_ready(i, deadline).await;
+        }
+        (fleet, redis_server, watch)
+    }
+
     fn log(&self, i: usize) -> PathBuf {
         self.dir.join(format!("syncar-{i}.log"))
     }
@@ -922,11 +1007,16 @@ async fn main() {
         "fleet benchmark: {} instances, {} keys, idle windows of {:?}, {} writes/s for {:?}, sources {:?}",
         args.instances, args.keys, args.idle, args.writes_per_sec, args.write, args.sources
     );
-    let mut results = Vec::new();
-    for (n, source) in args.sources.iter().enumerate() {
-        results.push(run_source(&args, *source, n, &bin, servers.pg_port, &out).await);
+    if !args.only_hot_key {
+        let mut results = Vec::new();
+        for (n, source) in args.sources.iter().enumerate() {
+            results.push(run_source(&args, *source, n, &bin, servers.pg_port, &out).await);
+        }
+        report(&args, &results, &out);
     }
-    report(&args, &results, &out);
+    if args.hot_rounds > 0 {
+        hot_key::run(&args, &bin, servers.pg_port, &out).await;
+    }
 }
 
 async fn run_source(
@@ -939,59 +1029,17 @@ async fn run_source(
 ) -> SourceResult {
     let started = Instant::now();
     let db = format!("fleet_{}_{n}", std::process::id());
-    let redis_server = servers::RedisServer::start();
-    let watch = Arc::new(PgWatch::connect(pg_port, &db).await);
-    watch
-        .pg
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await
-        .unwrap_or_else(|e| panic!("CREATE DATABASE {db}: {e}"));
-    // The instances' (which name their connections themselves), and the benchmark's own.
-    let pg_url = format!("postgres://postgres@127.0.0.1:{pg_port}/{db}");
-    let bench_url = format!("{pg_url}?application_name=fleet-bench");
-    let dir = out.join(source.name());
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let config = dir.join("syncar.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nworker_threads = 1\n[postgres]\npool_size = 2\n[cache]\nl1_max_bytes = 8388608\n\
-             [redis]\nkey_prefix = \"{db}:\"\n[feeds]\npostgres_source = \"{}\"\n[log]\nlevel = \"warn\"\n",
-            source.name()
-        ),
+    let (mut fleet, redis_server, watch) = Fleet::start(
+        bin,
+        pg_port,
+        &db,
+        args.instances,
+        &out.join(source.name()),
+        (source, ""),
     )
-    .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
-
-    // Migrated once, so that N instances starting at once find the schema in place.
-    let migrated = Command::new(bin)
-        .args(["migrate", "--config"])
-        .arg(&config)
-        .env("SYNCAR_POSTGRES_URL", &pg_url)
-        .env("SYNCAR_REDIS_URL", redis_server.url())
-        .output()
-        .unwrap_or_else(|e| panic!("running {} migrate: {e}", bin.display()));
-    assert!(
-        migrated.status.success(),
-        "syncar migrate failed for {db}: {}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
-
-    let mut fleet = Fleet {
-        bin: bin.to_path_buf(),
-        config,
-        dir,
-        pg_url: pg_url.clone(),
-        redis_url: redis_server.url(),
-        ports: (0..args.instances).map(|_| servers::free_port()).collect(),
-        children: (0..args.instances).map(|_| None).collect(),
-    };
-    for i in 0..args.instances {
-        fleet.spawn(i);
-    }
-    let deadline = Instant::now() + Duration::from_secs(60 + 2 * args.instances as u64);
-    for i in 0..args.instances {
-        fleet.wait_ready(i, deadline).await;
-    }
+    .await;
+    let pg_url = fleet.pg_url.clone();
+    let bench_url = format!("{pg_url}?application_name=fleet-bench");
     let ready_secs = started.elapsed().as_secs_f64();
     eprintln!(
         "{}: {} instances ready in {ready_secs:.1} s",

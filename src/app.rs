@@ -143,7 +143,8 @@ impl App {
             config.redis.repair_queue_max,
             catalog.clone(),
         )
-        .with_watch_buffer(config.server.watch_buffer);
+        .with_watch_buffer(config.server.watch_buffer)
+        .with_fill_lease(config.cache.fill_lease);
         let audit = &config.audit;
         let samples =
             if role == Role::Sidecar && audit.sample_ratio > 0.0 && audit.max_per_second > 0 {

@@ -148,6 +148,10 @@ mod tests {
         documented.validate().unwrap();
         assert_eq!(documented.server.listen, ServerConfig::default().listen);
         assert_eq!(documented.cache.ttl, TtlConfig::default());
+        assert_eq!(
+            documented.cache.fill_lease,
+            CacheConfig::default().fill_lease
+        );
         assert_eq!(documented.audit, AuditConfig::default());
         assert_eq!(
             documented.redis.key_prefix,
@@ -170,6 +174,7 @@ mod tests {
             [cache]
             ttl_jitter = 2.0
             tombstone_ttl = "1s"
+            fill_lease = "1m"
             [[resource]]
             name = "Bad Name"
             table = "t"
@@ -191,6 +196,7 @@ mod tests {
             "postgres.url",
             "cache.ttl_jitter",
             "cache.tombstone_ttl",
+            "cache.fill_lease",
             "resource[0].name",
             "resource[1].name",
             "resource[1].version_column",

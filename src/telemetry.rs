@@ -20,6 +20,10 @@ pub const CACHE_HITS: &str = "syncar_cache_hits_total";
 pub const CACHE_MISSES: &str = "syncar_cache_misses_total";
 /// Fills refused because the tier already held a newer version or tombstone, by `tier`.
 pub const FILLS_REJECTED: &str = "syncar_fills_rejected_total";
+/// Redis misses that went through a fill lease (`cache.fill_lease`), by `outcome`: `held`
+/// (this instance loaded Postgres for the fleet), `waited` (another instance's load
+/// answered), `timed_out` (nobody filled Redis in time: Postgres was read anyway).
+pub const FILL_LEASES: &str = "syncar_fill_leases_total";
 /// Failed Redis commands, by `op` (`get`, `offer`, `ping`, `flush`).
 pub const REDIS_ERRORS: &str = "syncar_redis_errors_total";
 /// Writes committed in Postgres whose Redis update failed and was queued for repair.
@@ -121,6 +125,13 @@ fn describe() {
         FILLS_REJECTED,
         "fills refused because the tier held a newer version or tombstone"
     );
+    describe_counter!(
+        FILL_LEASES,
+        "Redis misses that went through a fill lease, by outcome"
+    );
+    for outcome in ["held", "waited", "timed_out"] {
+        metrics::counter!(FILL_LEASES, "outcome" => outcome).increment(0);
+    }
     describe_counter!(REDIS_ERRORS, "failed Redis commands by operation");
     describe_counter!(
         L2_WRITE_FAILURES,

@@ -29,8 +29,8 @@ use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
 use crate::resource::{Catalog, CatalogCell, DocRef, KeyParam, Precondition, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
-    AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, L1_BYPASSED, L1_FLUSHES,
-    L2_WRITE_FAILURES, TIER_RESETS, VERSION_REGRESSIONS,
+    AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, FILLS_REJECTED, FILL_LEASES, L1_BYPASSED,
+    L1_FLUSHES, L2_WRITE_FAILURES, TIER_RESETS, VERSION_REGRESSIONS,
 };
 use crate::watch::WatchHub;
 
@@ -89,7 +89,23 @@ pub struct Tiers {
     audit: Option<Arc<AuditTap>>,
     /// The change stream apps watch: every change applied to L1 here, and the resets.
     watch: Arc<WatchHub>,
+    /// `cache.fill_lease`; `None`: off.
+    fill_lease: Option<Duration>,
 }
+
+/// What Redis said to a read ([`Tiers::load`]).
+enum L2Read {
+    /// A copy this read may serve (L1 has been offered it).
+    Hit(ReadResult),
+    /// Nothing servable: no entry, a tombstone, or a copy known to be behind.
+    Missed,
+    /// Redis was skipped or failed: no use waiting for it.
+    Failed,
+}
+
+/// The longest pause between two polls of Redis while another instance holds a key's fill
+/// lease.
+const FILL_LEASE_POLL_MAX: Duration = Duration::from_millis(8);
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
 /// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
@@ -215,7 +231,15 @@ impl Tiers {
             reported_high_water: Arc::new(AtomicI64::new(0)),
             audit: None,
             watch: Arc::new(WatchHub::new(1024)),
+            fill_lease: None,
         }
+    }
+
+    /// The same tiers, sharing loads across the fleet through fill leases of `lease` (see
+    /// `cache.fill_lease`; zero: off).
+    pub fn with_fill_lease(mut self, lease: Duration) -> Self {
+        self.fill_lease = (!lease.is_zero()).then_some(lease);
+        self
     }
 
     /// The same tiers, whose watchers may fall `buffer` events behind before they are reset.
@@ -448,41 +472,105 @@ impl Tiers {
 
     /// Loads from Redis, else Postgres, filling the tiers above, each in the generation the
     /// read began in.
+    ///
+    /// # Fill leases
+    /// With `cache.fill_lease`, a Redis miss claims the key's fill lease in Redis first
+    /// (Meta's memcache leases, "Scaling Memcache at Facebook", NSDI 2013, 3.2.1): the
+    /// instance that gets it reads Postgres and fills Redis as without leases, then gives it
+    /// up; one that does not polls Redis (after 1, 2, 4, 8, 8... ms) until a copy it may serve
+    /// appears there or the lease's time has passed, and then reads Postgres itself. So a
+    /// hot key missed by every instance at once (after a plain-SQL write, or at a cold start)
+    /// costs Postgres one read instead of one per instance, and an instance that dies holding
+    /// the lease delays the others by at most the lease. Copies found by polling pass the same
+    /// checks as any Redis hit; coherence never rests on the lease, only the load count does.
     async fn load(&self, doc: &DocRef, generation: Started) -> Result<ReadResult, DbError> {
         if !self.coherence.l2_trusted() {
             return self.load_db(doc, generation).await;
         }
+        match self.read_l2(doc, generation).await {
+            L2Read::Hit(hit) => return Ok(hit),
+            L2Read::Failed => return self.load_db_after_miss(doc, generation).await,
+            L2Read::Missed => {}
+        }
+        let Some(lease) = self.fill_lease else {
+            return self.load_db_after_miss(doc, generation).await;
+        };
+        let name = format!("fill-lease:{}", doc.ck);
+        match self.l2.claim(&name, &self.instance_id, lease).await {
+            Ok(true) => {
+                metrics::counter!(FILL_LEASES, "outcome" => "held").increment(1);
+                let read = self.load_db_after_miss(doc, generation).await;
+                // Given up in the background: the answer does not wait for it, and if it
+                // fails the lease expires by itself.
+                let (l2, holder) = (self.l2.clone(), self.instance_id.clone());
+                tokio::spawn(async move { l2.release(&name, &holder).await });
+                return read;
+            }
+            Ok(false) => {}
+            Err(_) => return self.load_db_after_miss(doc, generation).await,
+        }
+        let deadline = tokio::time::Instant::now() + lease;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+            pause = (pause * 2).min(FILL_LEASE_POLL_MAX);
+            match self.read_l2(doc, generation).await {
+                L2Read::Hit(hit) => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "waited").increment(1);
+                    return Ok(hit);
+                }
+                L2Read::Failed => break,
+                L2Read::Missed if tokio::time::Instant::now() >= deadline => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "timed_out").increment(1);
+                    break;
+                }
+                L2Read::Missed => {}
+            }
+        }
+        self.load_db_after_miss(doc, generation).await
+    }
+
+    /// [`Tiers::load_db`] for a read Redis did not answer (counted as its miss).
+    async fn load_db_after_miss(
+        &self,
+        doc: &DocRef,
+        generation: Started,
+    ) -> Result<ReadResult, DbError> {
+        self.counters.l2_miss.increment(1);
+        self.load_db(doc, generation).await
+    }
+
+    /// The Redis answer for a read, or why there is none.
+    async fn read_l2(&self, doc: &DocRef, generation: Started) -> L2Read {
         let (resource, ck) = (&doc.resource, &doc.ck);
         match self.l2.get(ck).await {
             Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
                 // A committed write of this key has not reached Redis yet.
-                self.counters.l2_miss.increment(1);
+                L2Read::Missed
             }
             Ok(Some(copy)) if copy.is_servable() => {
                 match self.fill_l1(resource, ck, &copy, generation.l1).await {
                     Some(Offer::Refused(known)) if known.version > copy.version => {
                         // L1 knows Redis is behind: go to the source.
-                        self.counters.l2_miss.increment(1);
+                        L2Read::Missed
                     }
                     _ => {
                         self.counters.l2_hit.increment(1);
                         self.sample(doc, Tier::L2, &copy);
-                        return Ok(ReadResult {
+                        L2Read::Hit(ReadResult {
                             cached: copy,
                             tier: Tier::L2,
-                        });
+                        })
                     }
                 }
             }
-            Ok(_) | Err(L2Error::Skipped) => {
-                self.counters.l2_miss.increment(1);
-            }
+            Ok(_) => L2Read::Missed,
+            Err(L2Error::Skipped) => L2Read::Failed,
             Err(e) => {
-                self.counters.l2_miss.increment(1);
                 tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
+                L2Read::Failed
             }
         }
-        self.load_db(doc, generation).await
     }
 
     /// Reads Postgres and offers the result to Redis and L1.

@@ -291,6 +291,14 @@ pub struct CacheConfig {
     /// Upper bound of L1's memory, in bytes: keys, documents and 160 bytes per entry of
     /// bookkeeping (`l1::ENTRY_OVERHEAD_BYTES`, measured by `make bench-memory`).
     pub l1_max_bytes: u64,
+    /// One load per key across the fleet: when Redis misses a key, the instance that claims
+    /// the key's fill lease in Redis reads Postgres and fills Redis, and the others poll
+    /// Redis for at most this long before they read Postgres themselves (Meta's memcache
+    /// leases, "Scaling Memcache at Facebook", NSDI 2013, section 3.2.1). It is also the
+    /// lease's lifetime, so an instance that dies holding it delays the others by at most
+    /// this. `0s`: off, every instance that misses reads Postgres. Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub fill_lease: Duration,
     #[serde(flatten)]
     pub ttl: TtlConfig,
 }
@@ -459,6 +467,7 @@ impl Default for CacheConfig {
         CacheConfig {
             l1: true,
             l1_max_bytes: 256 * 1024 * 1024,
+            fill_lease: Duration::from_millis(100),
             ttl: TtlConfig::default(),
         }
     }

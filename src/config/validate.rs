@@ -8,6 +8,10 @@ use super::model::is_resource_name;
 use super::{Config, ConfigError, PostgresSource, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE};
 use crate::tls::{redis_certificates, PostgresTls};
 
+/// The longest `cache.fill_lease`: past it, a wait for another instance's load is no
+/// cheaper than reading Postgres.
+const MAX_FILL_LEASE: Duration = Duration::from_secs(10);
+
 impl Config {
     /// Checks every rule and returns all violations, each naming its key.
     ///
@@ -316,6 +320,16 @@ impl Config {
     fn check_cache(&self, bad: &mut impl FnMut(&str, String)) {
         if self.cache.l1_max_bytes == 0 {
             bad("cache.l1_max_bytes", "must be positive".into());
+        }
+        if self.cache.fill_lease > MAX_FILL_LEASE {
+            bad(
+                "cache.fill_lease",
+                format!(
+                    "at most {}: a reader that misses may wait this long for another \
+                     instance's load",
+                    humantime::format_duration(MAX_FILL_LEASE)
+                ),
+            );
         }
         self.check_ttls("cache", &self.cache.ttl, bad);
     }

@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod coherence;
 mod hostile;
+mod lease;
 mod restore;
 mod schema;
 mod support;
