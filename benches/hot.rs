@@ -20,7 +20,9 @@
 //!
 //! Options (defaults in brackets): `--connections 50`, `--secs 5`, `--keys 1000`,
 //! `--value-bytes 200`, `--pool 16`, `--rounds 3` (of every trigger variant, interleaved;
-//! each trigger figure is the median of its rounds), `--only batch` (the batch rows alone).
+//! each trigger figure is the median of its rounds), `--only batch` (the batch rows alone),
+//! `--only unix` (the Unix-socket rows alone), `--only put` (where a PUT's time goes,
+//! `hot/put.rs`).
 //! Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
@@ -33,6 +35,9 @@ mod batch;
 
 #[path = "hot/unix.rs"]
 mod unix;
+
+#[path = "hot/put.rs"]
+mod put;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -52,6 +57,8 @@ struct Args {
     only_batch: bool,
     /// `--only unix`: the Unix-socket rows alone.
     only_unix: bool,
+    /// `--only put`: the PUT breakdown alone.
+    only_put: bool,
 }
 
 impl Args {
@@ -65,6 +72,7 @@ impl Args {
             rounds: 3,
             only_batch: false,
             only_unix: false,
+            only_put: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -82,7 +90,8 @@ impl Args {
                 "--only" => match v().as_str() {
                     "batch" => a.only_batch = true,
                     "unix" => a.only_unix = true,
-                    other => panic!("--only takes batch or unix, not {other}"),
+                    "put" => a.only_put = true,
+                    other => panic!("--only takes batch, unix or put, not {other}"),
                 },
                 other => panic!("unknown option {other}"),
             }
@@ -260,7 +269,12 @@ end
     )
     .unwrap();
     let out = Command::new(need("wrk", "wrk"))
-        .args(["-t2", &format!("-c{conns}"), &format!("-d{secs}s"), "-s"])
+        .args([
+            &format!("-t{}", conns.min(2)),
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "-s",
+        ])
         .arg(&script)
         .arg(format!("http://127.0.0.1:{port}"))
         .output()
@@ -628,6 +642,34 @@ fn main() {
     // would turn hits into misses).
     if args.only_unix {
         unix_rows(p1, &syncar_socket, &redis_unix, &redis_socket, &args);
+        return;
+    }
+    if args.only_put {
+        let two = put::Target {
+            port: p1,
+            pid: children.0[0].id(),
+            label: "",
+        };
+        let one = put::Target {
+            port: p3,
+            pid: children.0[2].id(),
+            label: ", 1 worker",
+        };
+        let rows = put::rows(
+            &two,
+            &one,
+            &body,
+            args.keys,
+            args.pool,
+            s,
+            (servers.pg_port, &db),
+            &out,
+        );
+        put::print(&rows);
+        let path = out.join("results-put.json");
+        let rows: Vec<Value> = rows.iter().map(put::Row::json).collect();
+        std::fs::write(&path, serde_json::to_string_pretty(&rows).unwrap()).unwrap();
+        println!("\nwrote {}", path.display());
         return;
     }
     let batch_rows = batch::rows(p1, p2, s);
