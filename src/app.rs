@@ -119,6 +119,11 @@ impl App {
         let metrics = metrics_handle();
         let db = Db::new(&config.postgres).map_err(|e| setup("postgres")(&e))?;
         let l2 = L2::new(&config.redis).map_err(|e| setup("redis")(&e))?;
+        // With Sentinel, the master before anything is sent; if no Sentinel answers yet,
+        // Redis counts as down and the Redis guard keeps asking.
+        if let Err(e) = l2.follow_master().await {
+            tracing::warn!(error = %e, "asking the Redis Sentinels for the master failed");
+        }
         let l1 = config.cache.l1.then(|| L1::new(config.cache.l1_max_bytes));
         let instance = config.instance_name();
         let feed_id = feed_id();
@@ -592,6 +597,9 @@ async fn redis_guard(
             pause = Duration::from_millis(50);
             continue;
         };
+        if let Err(e) = tiers.follow_redis_master().await {
+            tracing::debug!(error = %e, "asking the Redis Sentinels for the master failed");
+        }
         pause = match tiers.secure_redis(&catalog).await {
             Ok(_) => {
                 tiers.report_high_water().await;

@@ -160,6 +160,37 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_mode_needs_sentinels_and_a_master_name_and_no_tls() {
+        let config = Config::parse(
+            r#"
+            [redis]
+            mode = "sentinel"
+            url = "rediss://h:6380"
+            sentinels = ["s0:26379", "no port"]
+        "#,
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        for needle in [
+            "redis.sentinels: \"no port\" is not host:port",
+            "redis.master_name",
+            "redis.mode: \"sentinel\" with a rediss:// URL",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+        let config = Config::parse(
+            r#"
+            [redis]
+            mode = "sentinel"
+            sentinels = ["s0:26379", "s1:26379"]
+            master_name = "mymaster"
+        "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_key() {
         let text = r#"
             [server]
@@ -175,6 +206,8 @@ mod tests {
             ttl_jitter = 2.0
             tombstone_ttl = "1s"
             fill_lease = "1m"
+            [redis]
+            sentinels = ["nohost"]
             [[resource]]
             name = "Bad Name"
             table = "t"
@@ -197,6 +230,7 @@ mod tests {
             "cache.ttl_jitter",
             "cache.tombstone_ttl",
             "cache.fill_lease",
+            "redis.sentinels",
             "resource[0].name",
             "resource[1].name",
             "resource[1].version_column",

@@ -29,9 +29,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::{socket2, TcpSettings};
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisMode};
 use crate::model::{CacheKey, Cached, State, Version};
 use crate::telemetry::REDIS_ERRORS;
 use crate::tls::{redis_certificates, with_hint};
@@ -124,10 +125,20 @@ pub enum L2Error {
     Corrupt(String),
 }
 
-#[derive(Clone)]
-pub struct L2 {
+/// The Redis node commands and subscriptions go to, and its address (`host:port`).
+struct Link {
     client: redis::Client,
     conn: ConnectionManager,
+    addr: String,
+}
+
+#[derive(Clone)]
+pub struct L2 {
+    /// Replaced when the Sentinels name another master ([`L2::follow_master`]).
+    link: Arc<RwLock<Link>>,
+    /// With `redis.mode = "sentinel"`: asks the Sentinels which node is the master.
+    sentinel: Option<Arc<tokio::sync::Mutex<SentinelClient>>>,
+    manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
     connect_timeout: Duration,
@@ -173,6 +184,15 @@ pub struct RedisIdentity {
     pub repl_offset: i64,
 }
 
+impl Link {
+    fn new(client: redis::Client, config: &ConnectionManagerConfig) -> Result<Link, L2Error> {
+        let addr = client.get_connection_info().addr().to_string();
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(|e| L2Error::Redis(e.to_string()))?;
+        Ok(Link { client, conn, addr })
+    }
+}
+
 impl L2 {
     /// Builds the connection manager; it connects lazily and reconnects in the background, so
     /// Redis may still be down.
@@ -194,6 +214,27 @@ impl L2 {
                     .set_keepalive(keepalive)
                     .set_user_timeout(Duration::from_secs(10)),
             );
+        let sentinel = match config.mode {
+            RedisMode::Single => None,
+            RedisMode::Sentinel => {
+                let node = SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(info.redis_settings().clone())
+                    .set_tcp_settings(info.tcp_settings().clone());
+                let sentinels: Vec<String> = config
+                    .sentinels
+                    .iter()
+                    .map(|s| format!("redis://{s}"))
+                    .collect();
+                let client = SentinelClient::build(
+                    sentinels,
+                    config.master_name.clone(),
+                    Some(node),
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| L2Error::Redis(e.to_string()))?;
+                Some(Arc::new(tokio::sync::Mutex::new(client)))
+            }
+        };
         let client = if config.url.starts_with("rediss://") {
             let client_cert = config
                 .tls_cert_file
@@ -206,17 +247,16 @@ impl L2 {
             redis::Client::open(info)
         }
         .map_err(|e| L2Error::Redis(e.to_string()))?;
-        let pubsub_client = client.clone();
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.timeout))
             .set_connection_timeout(Some(config.connect_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|e| L2Error::Redis(e.to_string()))?;
+        let link = Link::new(client, &manager_config)?;
         Ok(L2 {
-            client: pubsub_client,
-            conn,
+            link: Arc::new(RwLock::new(link)),
+            sentinel,
+            manager_config,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
@@ -236,12 +276,77 @@ impl L2 {
         })
     }
 
+    /// A handle on the command connection to the current node.
+    fn conn(&self) -> ConnectionManager {
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .conn
+            .clone()
+    }
+
+    /// A client for the current node, for connections of their own (subscriptions).
+    fn client(&self) -> redis::Client {
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .client
+            .clone()
+    }
+
+    /// The address (`host:port`) commands go to.
+    pub fn node(&self) -> String {
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .addr
+            .clone()
+    }
+
+    /// With `redis.mode = "sentinel"`, asks the Sentinels which node is the master and, if it
+    /// is not the one commands go to, moves them (and every later subscription) there and
+    /// distrusts Redis: reads skip it until the Redis guard has checked the new node's
+    /// incarnation, which a failover always changes. Returns whether it moved. With
+    /// `single`: nothing, `false`.
+    ///
+    /// The Sentinels are asked through the redis crate's `SentinelClient`, which takes the
+    /// first Sentinel that answers and checks that the node it names says `role:master`.
+    ///
+    /// # Errors
+    /// No Sentinel answered, or none named a master that answers as one, within twice
+    /// `redis.connect_timeout`.
+    pub async fn follow_master(&self) -> Result<bool, L2Error> {
+        let Some(sentinel) = &self.sentinel else {
+            return Ok(false);
+        };
+        let limit = self.connect_timeout * 2;
+        let client = {
+            let mut sentinel = sentinel.lock().await;
+            tokio::time::timeout(limit, sentinel.async_get_client())
+                .await
+                .map_err(|_| L2Error::Timeout(limit))?
+                .map_err(|e| L2Error::Redis(format!("no master from the Sentinels: {e}")))?
+        };
+        let addr = client.get_connection_info().addr().to_string();
+        if addr == self.node() {
+            return Ok(false);
+        }
+        let link = Link::new(client, &self.manager_config)?;
+        let was = std::mem::replace(
+            &mut *self.link.write().unwrap_or_else(|e| e.into_inner()),
+            link,
+        );
+        tracing::warn!(from = %was.addr, to = %addr, "following the Redis master the Sentinels name");
+        self.distrust();
+        Ok(true)
+    }
+
     /// Which Redis process answers; see [`RedisIdentity`].
     ///
     /// # Errors
     /// The command's failure (a refused `INFO` is not one: `run_id` is then `None`).
     pub async fn identity(&self) -> Result<RedisIdentity, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let info: redis::RedisResult<String> = tokio::time::timeout(
             self.timeout,
             redis::cmd("INFO")
@@ -292,7 +397,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn postgres_record(&self) -> Result<HashMap<String, String>, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run("postgres", conn.hgetall(self.postgres_key()))
             .await
     }
@@ -308,7 +413,7 @@ impl L2 {
         timeline: Option<i32>,
         high_water: i64,
     ) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let key = self.postgres_key();
         let mut fields: Vec<(&str, String)> = Vec::new();
         if let Some(system) = system {
@@ -330,7 +435,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn raise_high_water(&self, version: i64) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut invocation = self.raise_script.prepare_invoke();
         invocation
             .key(self.postgres_key())
@@ -408,7 +513,7 @@ impl L2 {
         if !self.available() || !self.trusted() {
             return Err(L2Error::Skipped);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let redis_key = self.redis_key(key);
         let raw: Option<Vec<u8>> = self.run("get", conn.get(&redis_key)).await?;
         raw.map(|raw| decode(&raw).ok_or_else(|| L2Error::Corrupt(key.to_string())))
@@ -432,7 +537,7 @@ impl L2 {
             .iter()
             .map(|(key, generation)| self.redis_key_in(*generation, key))
             .collect();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let raw: Vec<Option<Vec<u8>>> = self
             .run("get", redis::cmd("MGET").arg(&names).query_async(&mut conn))
             .await?;
@@ -452,7 +557,7 @@ impl L2 {
     /// # Errors
     /// The command's failure, or an unreadable entry.
     pub async fn inspect(&self, key: &CacheKey) -> Result<Option<(Cached, i64)>, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let redis_key = self.redis_key(key);
         let (raw, ttl_ms): (Option<Vec<u8>>, i64) = self
             .run(
@@ -521,7 +626,7 @@ impl L2 {
         ttl: Duration,
         message: &str,
     ) -> Result<Stored, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (kind, doc): (&str, &[u8]) = match &copy.state {
             State::Value(doc) => ("v", doc),
             State::Absent => ("a", b""),
@@ -556,7 +661,7 @@ impl L2 {
     /// # Errors
     /// Why Redis cannot be used.
     pub async fn ping(&self) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let failed = match self
             .run("ping", redis::cmd("PING").query_async::<String>(&mut conn))
             .await
@@ -568,7 +673,7 @@ impl L2 {
         // fresh connection says why (refused, a TLS handshake that failed, a wrong password).
         match tokio::time::timeout(
             self.connect_timeout,
-            self.client.get_multiplexed_async_connection(),
+            self.client().get_multiplexed_async_connection(),
         )
         .await
         {
@@ -587,7 +692,7 @@ impl L2 {
     }
 
     async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
         let mut cursor: u64 = 0;
         let mut removed = 0;
@@ -625,7 +730,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn publish(&self, channel: &str, message: String) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let _: i64 = self
             .run(
                 "publish",
@@ -645,7 +750,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn subscribers(&self, channel: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let (_, count): (String, u64) = self
             .run(
                 "numsub",
@@ -675,10 +780,11 @@ impl L2 {
         channels: &[String],
         timeout: Duration,
     ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
-        let mut pubsub = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| L2Error::Timeout(self.connect_timeout))?
-            .map_err(|e| L2Error::Redis(format!("connect failed: {e}")))?;
+        let mut pubsub =
+            tokio::time::timeout(self.connect_timeout, self.client().get_async_pubsub())
+                .await
+                .map_err(|_| L2Error::Timeout(self.connect_timeout))?
+                .map_err(|e| L2Error::Redis(format!("connect failed: {e}")))?;
         tokio::time::timeout(timeout, pubsub.subscribe(channels))
             .await
             .map_err(|_| L2Error::Timeout(timeout))?
@@ -732,7 +838,7 @@ impl L2 {
     /// stops reading the old entries at once.
     pub async fn raise_generation(&self, resource: &str, generation: i64) -> Result<i64, L2Error> {
         self.note_generation(resource, generation);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut invocation = self.raise_script.prepare_invoke();
         invocation
             .key(self.generations_key())
@@ -752,7 +858,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn load_generations(&self) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let all: HashMap<String, i64> = self
             .run("generation", conn.hgetall(self.generations_key()))
             .await?;
@@ -769,7 +875,7 @@ impl L2 {
     /// # Errors
     /// The command's failure: the caller must assume it does not hold the lease.
     pub async fn claim(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut invocation = self.claim_script.prepare_invoke();
         invocation
             .key(format!("{}{name}", self.prefix))
@@ -786,7 +892,7 @@ impl L2 {
     /// # Errors
     /// The command's failure (the claim then expires by itself).
     pub async fn release(&self, name: &str, holder: &str) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut invocation = self.release_script.prepare_invoke();
         invocation.key(format!("{}{name}", self.prefix)).arg(holder);
         let _: i64 = self
@@ -800,7 +906,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn read(&self, name: &str) -> Result<Option<String>, L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run("get", conn.get(format!("{}{name}", self.prefix)))
             .await
     }
@@ -810,7 +916,7 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn write(&self, name: &str, value: &str) -> Result<(), L2Error> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         self.run("set", conn.set(format!("{}{name}", self.prefix), value))
             .await
     }

@@ -1191,6 +1191,16 @@ impl Tiers {
         self.l2.write(SLOT_EPOCH, &epoch.to_string()).await
     }
 
+    /// With Sentinel, moves to the master the Sentinels name if it changed (see
+    /// [`L2::follow_master`]); Redis is then distrusted until [`Tiers::secure_redis`] has
+    /// checked it. Whether it moved.
+    ///
+    /// # Errors
+    /// No Sentinel named a master that answers as one.
+    pub async fn follow_redis_master(&self) -> Result<bool, String> {
+        self.l2.follow_master().await.map_err(|e| e.to_string())
+    }
+
     /// Makes sure Redis is an incarnation reads may trust, and trusts it; see
     /// [`RedisCheck`]. A new incarnation (a restart, perhaps from an older RDB or AOF; a
     /// failover, perhaps to a lagging replica) may hold copies older than writes already

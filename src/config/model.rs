@@ -280,6 +280,24 @@ pub struct RedisConfig {
     /// Keys remembered for repair after Redis failed following a commit. Past it, the whole
     /// key prefix is dropped from Redis once it answers again.
     pub repair_queue_max: usize,
+    /// How syncar finds Redis: `single` (the node at `url`) or `sentinel` (the master that
+    /// `sentinels` name `master_name`, followed through failovers; `url` then gives only the
+    /// credentials and database, its host and port are not used).
+    pub mode: RedisMode,
+    /// With `mode = "sentinel"`: the Sentinels' addresses, `host:port` each.
+    pub sentinels: Vec<String>,
+    /// With `mode = "sentinel"`: the name the Sentinels monitor the master under
+    /// (`sentinel monitor <master_name> ...`).
+    pub master_name: String,
+}
+
+/// See [`RedisConfig::mode`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    #[default]
+    Single,
+    Sentinel,
 }
 
 /// Cache settings for every resource; each `[[resource]]` may override the TTLs.
@@ -458,6 +476,9 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_millis(500),
             retry_interval: Duration::from_secs(1),
             repair_queue_max: 100_000,
+            mode: RedisMode::Single,
+            sentinels: Vec::new(),
+            master_name: String::new(),
         }
     }
 }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::model::is_resource_name;
-use super::{Config, ConfigError, PostgresSource, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE};
+use super::{
+    Config, ConfigError, PostgresSource, RedisMode, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE,
+};
 use crate::tls::{redis_certificates, PostgresTls};
 
 /// The longest `cache.fill_lease`: past it, a wait for another instance's load is no
@@ -306,6 +308,50 @@ impl Config {
         if tls {
             if let Err(e) = redis_certificates(r.tls_ca_file.as_deref(), client) {
                 bad("redis.url", e.to_string());
+            }
+        }
+        match r.mode {
+            RedisMode::Single => {
+                for (key, set) in [
+                    ("redis.sentinels", !r.sentinels.is_empty()),
+                    ("redis.master_name", !r.master_name.is_empty()),
+                ] {
+                    if set {
+                        bad(key, "is set, but redis.mode is not \"sentinel\"".into());
+                    }
+                }
+            }
+            RedisMode::Sentinel => {
+                if r.sentinels.is_empty() {
+                    bad(
+                        "redis.sentinels",
+                        "must name at least one Sentinel (host:port) with mode = \"sentinel\""
+                            .into(),
+                    );
+                }
+                for s in &r.sentinels {
+                    let port = s.rsplit_once(':').and_then(|(h, p)| {
+                        (!h.is_empty()).then_some(())?;
+                        p.parse::<u16>().ok()
+                    });
+                    if port.is_none() {
+                        bad("redis.sentinels", format!("{s:?} is not host:port"));
+                    }
+                }
+                if r.master_name.is_empty() {
+                    bad(
+                        "redis.master_name",
+                        "must be the name the Sentinels monitor the master under".into(),
+                    );
+                }
+                if tls {
+                    bad(
+                        "redis.mode",
+                        "\"sentinel\" with a rediss:// URL is not supported yet: TLS to \
+                         Sentinel-managed Redis needs the Sentinels' TLS settings too"
+                            .into(),
+                    );
+                }
             }
         }
         if r.key_prefix.is_empty() {

@@ -344,6 +344,135 @@ impl Drop for RedisServer {
     }
 }
 
+/// A Redis master with one replica, and three Sentinels that watch it as `name`, all on free
+/// ports, for failover tests. The Sentinels call a master down after 500 ms without an
+/// answer (`down-after-milliseconds`) and need two of them to agree (quorum 2).
+pub struct SentinelGroup {
+    pub name: String,
+    pub master: RedisServer,
+    pub replica: RedisServer,
+    sentinels: Vec<(u16, Child)>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelGroup {
+    /// Starts them and waits until every Sentinel knows the replica and the other two, so
+    /// that a failover can happen at once.
+    pub fn start(name: &str) -> SentinelGroup {
+        let master = RedisServer::start();
+        let replica =
+            RedisServer::start_persistent(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut sentinels = Vec::new();
+        for n in 0..3 {
+            let port = free_port();
+            // Sentinel rewrites its configuration file: one of its own, writable.
+            let conf = dir.path().join(format!("sentinel-{n}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
+                     sentinel monitor {name} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {name} 500\n\
+                     sentinel failover-timeout {name} 3000\n\
+                     sentinel parallel-syncs {name} 1\n",
+                    master.port
+                ),
+            )
+            .expect("write a Sentinel configuration");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("redis-server not found ({e}): install it with `apt-get install redis-server`")
+                });
+            sentinels.push((port, child));
+        }
+        let group = SentinelGroup {
+            name: name.to_string(),
+            master,
+            replica,
+            sentinels,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (port, _) in &group.sentinels {
+            loop {
+                let replicas = group.ask(*port, &["SENTINEL", "REPLICAS", name]);
+                let peers = group.ask(*port, &["SENTINEL", "SENTINELS", name]);
+                let ready = replicas.is_some_and(|r| r.iter().any(|w| w == "slave"))
+                    && peers.is_some_and(|p| p.iter().filter(|w| *w == "runid").count() >= 2);
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the Sentinel on port {port} never saw the replica and its peers"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        group
+    }
+
+    /// The Sentinels' addresses, `host:port`.
+    pub fn sentinels(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// The master's port as the first Sentinel that answers names it.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|(port, _)| {
+            let answer = self.ask(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name])?;
+            answer.get(1)?.parse().ok()
+        })
+    }
+
+    /// A command to the Sentinel on `port`, and its answer in RESP's words, flattened.
+    fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<String>> {
+        fn words(v: redis::Value, out: &mut Vec<String>) {
+            match v {
+                redis::Value::Array(items) => items.into_iter().for_each(|i| words(i, out)),
+                redis::Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
+                    words(k, out);
+                    words(v, out);
+                }),
+                redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into()),
+                redis::Value::SimpleString(s) => out.push(s),
+                redis::Value::Int(i) => out.push(i.to_string()),
+                _ => {}
+            }
+        }
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+        let mut conn = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let value: redis::Value = cmd.query(&mut conn).ok()?;
+        let mut out = Vec::new();
+        words(value, &mut out);
+        Some(out)
+    }
+}
+
+impl Drop for SentinelGroup {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.sentinels {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// A Postgres that accepts TCP connections over TLS only, and a Redis on a TLS port only,
 /// with certificates made for them by Debian's `openssl`, for the TLS tests.
 pub struct TlsServers {

@@ -7,6 +7,7 @@ mod hostile;
 mod lease;
 mod restore;
 mod schema;
+mod sentinel;
 mod support;
 mod tables;
 mod tiers;

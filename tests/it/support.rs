@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 #[path = "../common/servers.rs"]
 mod servers;
-pub use servers::{free_port, servers, tls_servers, RedisServer, TlsServers};
+pub use servers::{free_port, servers, tls_servers, RedisServer, SentinelGroup, TlsServers};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 

@@ -1,0 +1,67 @@
+//! Redis behind Sentinel (`redis.mode = "sentinel"`): syncar finds the master through the
+//! Sentinels and follows a failover, with the same guarantees as any Redis fault.
+
+use std::time::Duration;
+
+use syncar::config::RedisMode;
+
+use crate::support::{eventually, Env, SentinelGroup};
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// The master is killed (SIGKILL) and the Sentinels promote its replica: a write
+/// acknowledged during the failover is not lost, every instance sees it, and once the new
+/// master is followed, writes through syncar land in it and reads are answered from it.
+#[tokio::test]
+async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
+    let group = SentinelGroup::start("syncar-master");
+    let env = Env::new().await.on_redis(group.master.url());
+    let sentinel = |c: &mut syncar::Config| {
+        c.redis.mode = RedisMode::Sentinel;
+        c.redis.sentinels = group.sentinels();
+        c.redis.master_name = group.name.clone();
+        // Its host and port are not used: the Sentinels name the master.
+        c.redis.url = "redis://127.0.0.1:1".into();
+    };
+    let a = env.start(sentinel).await;
+    let b = env
+        .start(|c| {
+            sentinel(c);
+            c.cache.l1 = false; // every read of b asks Redis first
+        })
+        .await;
+    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
+    b.sees("/v1/kv/f", v1, WINDOW).await;
+    assert!(
+        env.redis_entry("kv", "f").await.is_some(),
+        "the master holds it"
+    );
+
+    let old = group.master.port;
+    group.master.kill();
+    let during = a.put("/v1/kv/f", "2").await;
+    assert!(during.status < 300, "acknowledged: {during:?}");
+    let v2 = during.etag_version();
+    let new = eventually(WINDOW, "the Sentinels promote the replica", || async {
+        group.master_port().filter(|p| *p != old)
+    })
+    .await;
+    assert_eq!(new, group.replica.port);
+    a.sees("/v1/kv/f", v2, WINDOW).await;
+    b.sees("/v1/kv/f", v2, WINDOW).await;
+
+    // Followed: a write lands in the new master, and b (no L1) answers from it.
+    let promoted = env.on_redis(group.replica.url());
+    let v3 = a.put("/v1/kv/f", "3").await.etag_version();
+    eventually(WINDOW, "the write reaches the new master", || async {
+        let entry = promoted.redis_entry("kv", "f").await?;
+        let version: i64 = entry.split(':').next()?.parse().ok()?;
+        (version >= v3).then_some(())
+    })
+    .await;
+    eventually(WINDOW, "b reads it from the new master", || async {
+        let read = b.get("/v1/kv/f").await;
+        (read.etag_version() == v3 && read.header("x-cache") == Some("l2")).then_some(())
+    })
+    .await;
+}
