@@ -138,6 +138,8 @@ pub struct L2 {
     link: Arc<RwLock<Link>>,
     /// With `redis.mode = "sentinel"`: asks the Sentinels which node is the master.
     sentinel: Option<Arc<tokio::sync::Mutex<SentinelClient>>>,
+    /// Why the Sentinels were last asked in vain; `None` once they answer again.
+    sentinel_error: Arc<Mutex<Option<String>>>,
     manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
@@ -256,6 +258,7 @@ impl L2 {
         Ok(L2 {
             link: Arc::new(RwLock::new(link)),
             sentinel,
+            sentinel_error: Arc::default(),
             manager_config,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
@@ -294,6 +297,14 @@ impl L2 {
             .clone()
     }
 
+    /// Why the Sentinels were last asked in vain (`None`: they answered, or no Sentinel).
+    pub fn sentinel_error(&self) -> Option<String> {
+        self.sentinel_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// The address (`host:port`) commands go to.
     pub fn node(&self) -> String {
         self.link
@@ -320,13 +331,19 @@ impl L2 {
             return Ok(false);
         };
         let limit = self.connect_timeout * 2;
-        let client = {
+        let asked = {
             let mut sentinel = sentinel.lock().await;
-            tokio::time::timeout(limit, sentinel.async_get_client())
-                .await
-                .map_err(|_| L2Error::Timeout(limit))?
-                .map_err(|e| L2Error::Redis(format!("no master from the Sentinels: {e}")))?
+            match tokio::time::timeout(limit, sentinel.async_get_client()).await {
+                Err(_) => Err(L2Error::Timeout(limit)),
+                Ok(Err(e)) => Err(L2Error::Redis(format!("no master from the Sentinels: {e}"))),
+                Ok(Ok(client)) => Ok(client),
+            }
         };
+        *self
+            .sentinel_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = asked.as_ref().err().map(ToString::to_string);
+        let client = asked?;
         let addr = client.get_connection_info().addr().to_string();
         if addr == self.node() {
             return Ok(false);

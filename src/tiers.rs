@@ -1201,6 +1201,12 @@ impl Tiers {
         self.l2.follow_master().await.map_err(|e| e.to_string())
     }
 
+    /// The Redis node commands go to (`host:port`), and why the Sentinels were last asked in
+    /// vain, if they were; for `/readyz`.
+    pub fn redis_node(&self) -> (String, Option<String>) {
+        (self.l2.node(), self.l2.sentinel_error())
+    }
+
     /// Makes sure Redis is an incarnation reads may trust, and trusts it; see
     /// [`RedisCheck`]. A new incarnation (a restart, perhaps from an older RDB or AOF; a
     /// failover, perhaps to a lagging replica) may hold copies older than writes already

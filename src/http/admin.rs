@@ -85,7 +85,12 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             );
         }
     }
-    let (pg, redis) = (check(pg), check(redis));
+    let (pg, mut redis) = (check(pg), check(redis));
+    let (node, sentinel_error) = tiers.redis_node();
+    redis["node"] = json!(node);
+    if let Some(e) = sentinel_error {
+        redis["sentinel_error"] = json!(state.secrets.scrub(&e));
+    }
     let coherence = &state.coherence;
     let now = crate::model::now_ms();
     // `since_unix_ms`: when the feed last went up or down (Unix time, ms); `for_ms`: how

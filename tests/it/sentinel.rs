@@ -30,6 +30,11 @@ async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
             c.cache.l1 = false; // every read of b asks Redis first
         })
         .await;
+    let node = |port: u16| format!("127.0.0.1:{port}");
+    assert_eq!(
+        a.readyz().await["checks"]["redis"]["node"],
+        node(group.master.port)
+    );
     let v1 = a.put("/v1/kv/f", "1").await.etag_version();
     b.sees("/v1/kv/f", v1, WINDOW).await;
     assert!(
@@ -59,6 +64,18 @@ async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
         (version >= v3).then_some(())
     })
     .await;
+    for i in [&a, &b] {
+        eventually(
+            WINDOW,
+            "/readyz names the new master, which answers",
+            || async {
+                let ready = i.readyz().await;
+                let redis = &ready["checks"]["redis"];
+                (redis["node"] == node(new) && redis["ok"] == true).then_some(())
+            },
+        )
+        .await;
+    }
     eventually(WINDOW, "b reads it from the new master", || async {
         let read = b.get("/v1/kv/f").await;
         (read.etag_version() == v3 && read.header("x-cache") == Some("l2")).then_some(())
