@@ -21,8 +21,8 @@
 //!   placeholder and returns its guard, and every other `entry` of the key waits on it.
 //! - `clear` empties each shard under its write lock before it returns, placeholders
 //!   included: a guard's later `insert` then fails.
-//! - The byte bound is split evenly across shards (4 per core): a document larger than a
-//!   shard's share is not admitted, and reads of it go below L1.
+//! - The byte bound is split evenly across shards: a document larger than a shard's share
+//!   is not admitted, and reads of it go below L1. So the shards are bounded (see `shards`).
 //! - The guard's `insert` clones the value for waiters: the document's first clone gives it
 //!   `bytes`' shared header, as its first hit would anyway.
 //!
@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quick_cache::sync::{Cache, EntryAction, EntryResult};
-use quick_cache::Weighter;
+use quick_cache::{OptionsBuilder, Weighter};
 
 use crate::model::{CacheKey, Cached, Rank};
 
@@ -80,6 +80,22 @@ struct Entry {
     expires_ms: u64,
 }
 
+/// The least share of `cache.l1_max_bytes` one shard gets, when L1 is that large: a
+/// document up to about this size is admitted (quick_cache admits nothing heavier than a
+/// shard's share; moka, before it, anything up to the whole bound).
+const MIN_SHARD_BYTES: u64 = 16 * 1024 * 1024;
+
+/// How many shards an L1 of `max_bytes` gets on `parallelism` cores: four per core (what
+/// quick_cache picks by itself, for little lock contention), but no more than leaves each
+/// [`MIN_SHARD_BYTES`], so that a 64-core node does not shrink the largest document L1 takes
+/// to a 256th of its bound. A power of two, at least 1.
+fn shards(max_bytes: u64, parallelism: usize) -> usize {
+    let by_cores = (parallelism * 4).next_power_of_two();
+    let by_bytes = (max_bytes / MIN_SHARD_BYTES).max(1);
+    let by_bytes = 1usize << (63 - by_bytes.leading_zeros());
+    by_cores.min(by_bytes)
+}
+
 /// Weighs an entry at its key, its document and [`ENTRY_OVERHEAD_BYTES`].
 #[derive(Clone)]
 struct ByBytes;
@@ -104,16 +120,16 @@ impl L1 {
     /// An empty cache using at most about `max_bytes` of memory: keys, documents and
     /// [`ENTRY_OVERHEAD_BYTES`] per entry.
     pub fn new(max_bytes: u64) -> Self {
-        // Sizes the ghost list (keys remembered after eviction) and the number of shards;
-        // nothing is allocated up front.
-        let estimated_items = (max_bytes / 1024).clamp(1024, 1 << 24) as usize;
-        let cache = Cache::with(
-            estimated_items,
-            max_bytes,
-            ByBytes,
-            Default::default(),
-            Default::default(),
-        );
+        let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let options = OptionsBuilder::new()
+            // Sizes the ghost list (keys remembered after eviction); nothing is allocated up
+            // front.
+            .estimated_items_capacity((max_bytes / 1024).clamp(1024, 1 << 24) as usize)
+            .weight_capacity(max_bytes)
+            .shards(shards(max_bytes, parallelism))
+            .build()
+            .expect("both capacities are set");
+        let cache = Cache::with_options(options, ByBytes, Default::default(), Default::default());
         L1 {
             cache: Arc::new(cache),
             generation: Arc::new(AtomicU32::new(0)),
@@ -371,6 +387,27 @@ mod tests {
         // An expired tombstone refuses nothing: the fill it was waiting for may be older.
         assert_eq!(l1.offer(&long, value(4), TTL), Offer::Applied);
         assert_eq!(l1.get(&long).unwrap(), value(4));
+    }
+
+    #[test]
+    fn shards_leave_each_a_large_share() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(shards(256 * MIB, 2), 8);
+        assert_eq!(shards(256 * MIB, 64), 16, "not 256 shards of 1 MiB");
+        assert_eq!(shards(40 * MIB, 8), 2);
+        assert_eq!(shards(8 * MIB, 2), 1);
+        assert_eq!(shards(0, 1), 1);
+    }
+
+    /// A document near a sixth of the bound is admitted whatever the number of cores (with
+    /// quick_cache's own four shards per core it was not, on two cores and more).
+    #[test]
+    fn a_large_document_is_admitted() {
+        let l1 = L1::new(64 * 1024 * 1024);
+        let k = CacheKey::new("kv", "big");
+        let doc = Bytes::from(vec![b'x'; 10 * 1024 * 1024]);
+        l1.offer(&k, Cached::value(Version(1), doc), TTL);
+        assert!(l1.get(&k).is_some(), "a 10 MiB document in a 64 MiB L1");
     }
 
     #[test]
