@@ -25,6 +25,10 @@
 //!   is not admitted, and reads of it go below L1. So the shards are bounded (see `shards`).
 //! - The guard's `insert` clones the value for waiters: the document's first clone gives it
 //!   `bytes`' shared header, as its first hit would anyway.
+//! - Changing a value in place (inside `entry`) only adjusts the shard's weight counters: it
+//!   admits and evicts nothing. So an offer heavier than what it replaces goes through a
+//!   placeholder (`ReplaceWithGuard`), like an absent key, and a copy heavier than a shard
+//!   admits at all (97% of its share) is kept as a tombstone of its version.
 //!
 //! # Expiry
 //! Each entry carries its deadline (milliseconds since the cache was made). A read past it is
@@ -69,6 +73,9 @@ pub struct L1 {
     generation: Arc<AtomicU32>,
     /// The origin of every entry's deadline.
     epoch: Instant,
+    /// The heaviest entry a shard admits (bytes as [`ByBytes`] weighs them): heavier copies
+    /// are kept as tombstones.
+    max_entry_bytes: u64,
 }
 
 /// A cached copy and when it expires. Stored inline in the shard's slot: a hit clones it
@@ -102,9 +109,14 @@ struct ByBytes;
 
 impl Weighter<CacheKey, Entry> for ByBytes {
     fn weight(&self, key: &CacheKey, entry: &Entry) -> u64 {
-        let doc = entry.cached.doc().map_or(0, |d| d.len());
-        (key.as_str().len() + doc + ENTRY_OVERHEAD_BYTES) as u64
+        weight(key, &entry.cached)
     }
+}
+
+/// What an entry of `cached` under `key` weighs: key, document and [`ENTRY_OVERHEAD_BYTES`].
+fn weight(key: &CacheKey, cached: &Cached) -> u64 {
+    let doc = cached.doc().map_or(0, |d| d.len());
+    (key.as_str().len() + doc + ENTRY_OVERHEAD_BYTES) as u64
 }
 
 /// What L1 holds for one key, for the debug view ([`L1::inspect`]).
@@ -121,12 +133,13 @@ impl L1 {
     /// [`ENTRY_OVERHEAD_BYTES`] per entry.
     pub fn new(max_bytes: u64) -> Self {
         let parallelism = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let shards = shards(max_bytes, parallelism);
         let options = OptionsBuilder::new()
             // Sizes the ghost list (keys remembered after eviction); nothing is allocated up
             // front.
             .estimated_items_capacity((max_bytes / 1024).clamp(1024, 1 << 24) as usize)
             .weight_capacity(max_bytes)
-            .shards(shards(max_bytes, parallelism))
+            .shards(shards)
             .build()
             .expect("both capacities are set");
         let cache = Cache::with_options(options, ByBytes, Default::default(), Default::default());
@@ -134,6 +147,8 @@ impl L1 {
             cache: Arc::new(cache),
             generation: Arc::new(AtomicU32::new(0)),
             epoch: Instant::now(),
+            // quick_cache admits an entry up to 97% of its shard's share (its hot allocation).
+            max_entry_bytes: max_bytes / shards as u64 * 97 / 100,
         }
     }
 
@@ -193,46 +208,59 @@ impl L1 {
     ) -> Offer {
         let now_ms = self.now_ms();
         let expires_ms = now_ms.saturating_add(ttl.as_millis() as u64);
-        // `Some` until the closure or the vacant branch takes it: exactly one of them runs.
+        // A copy too heavy for a shard would be dropped by quick_cache while the offer
+        // reported it applied, and an older fill could then land: its version is kept as a
+        // tombstone instead, so reads of it go below L1 and older copies are refused.
+        let copy = if weight(key, &copy) > self.max_entry_bytes {
+            Cached::invalidated(copy.version)
+        } else {
+            copy
+        };
+        // `Some` until the closure or the insert below takes it: exactly one of them does.
         let mut copy = Some(copy);
         // Whether a copy loaded in `generation` may land now.
         let admitted = || generation.is_none_or(|g| g == self.generation());
         let outcome = self.cache.entry(key, None, |_, entry: &mut Entry| {
-            let offered = copy.take().expect("the copy is offered once");
+            let offered = copy.as_ref().expect("the copy is offered once");
             if !admitted() {
-                return EntryAction::Retain(Offer::Refused(offered.rank()));
+                return EntryAction::Retain(Some(Offer::Refused(offered.rank())));
             }
             if entry.expires_ms > now_ms && !offered.supersedes(&entry.cached) {
-                return EntryAction::Retain(Offer::Refused(entry.cached.rank()));
+                return EntryAction::Retain(Some(Offer::Refused(entry.cached.rank())));
+            }
+            if weight(key, offered) > weight(key, &entry.cached) {
+                // Growing in place would bypass quick_cache's admission and eviction (it
+                // only adjusts its counters): re-inserted through a placeholder instead,
+                // which other offers of the key wait for as for an absent key.
+                return EntryAction::ReplaceWithGuard;
             }
             *entry = Entry {
-                cached: offered,
+                cached: copy.take().expect("the copy is offered once"),
                 expires_ms,
             };
-            EntryAction::Retain(Offer::Applied)
+            EntryAction::Retain(Some(Offer::Applied))
         });
-        match outcome {
-            EntryResult::Retained(offer) => offer,
-            EntryResult::Vacant(placeholder) => {
-                let offered = copy.take().expect("the closure did not run");
-                let rank = offered.rank();
-                if !admitted() {
-                    return Offer::Refused(rank);
-                }
-                let entry = Entry {
-                    cached: offered,
-                    expires_ms,
-                };
-                // Fails only if a clear removed the placeholder meanwhile.
-                match placeholder.insert(entry) {
-                    Ok(()) => Offer::Applied,
-                    Err(_) => Offer::Refused(rank),
-                }
+        let placeholder = match outcome {
+            EntryResult::Retained(Some(offer)) => return offer,
+            EntryResult::Vacant(placeholder) | EntryResult::Replaced(placeholder, _) => placeholder,
+            // The closure retains with an answer, or asks for a placeholder; no timeout.
+            EntryResult::Retained(None) | EntryResult::Removed(..) | EntryResult::Timeout => {
+                unreachable!("entry without timeout or removal")
             }
-            // The closure only retains, and there is no timeout.
-            EntryResult::Removed(..) | EntryResult::Replaced(..) | EntryResult::Timeout => {
-                unreachable!("entry without timeout, removal or replacement")
-            }
+        };
+        let offered = copy.take().expect("the closure left the copy");
+        let rank = offered.rank();
+        if !admitted() {
+            return Offer::Refused(rank);
+        }
+        let entry = Entry {
+            cached: offered,
+            expires_ms,
+        };
+        // Fails only if a clear removed the placeholder meanwhile.
+        match placeholder.insert(entry) {
+            Ok(()) => Offer::Applied,
+            Err(_) => Offer::Refused(rank),
         }
     }
 
@@ -408,6 +436,42 @@ mod tests {
         let doc = Bytes::from(vec![b'x'; 10 * 1024 * 1024]);
         l1.offer(&k, Cached::value(Version(1), doc), TTL);
         assert!(l1.get(&k).is_some(), "a 10 MiB document in a 64 MiB L1");
+    }
+
+    /// Tombstones for many keys, then documents in their place: L1 stays within its bound
+    /// (growing an entry in place would not evict anything).
+    #[test]
+    fn copies_replacing_tombstones_stay_within_the_bound() {
+        let l1 = L1::new(256 * 1024);
+        let doc = Bytes::from(vec![b'x'; 4096]);
+        for i in 0..1000 {
+            let k = CacheKey::new("kv", &i.to_string());
+            l1.offer(&k, Cached::invalidated(Version(i)), TTL);
+        }
+        for i in 0..1000 {
+            let k = CacheKey::new("kv", &i.to_string());
+            l1.offer(&k, Cached::value(Version(i), doc.clone()), TTL);
+        }
+        assert!(
+            l1.weighted_size() <= 256 * 1024,
+            "{} bytes",
+            l1.weighted_size()
+        );
+    }
+
+    /// A copy too heavy for L1 leaves its version behind as a tombstone: an older fill
+    /// that loaded before it cannot land.
+    #[test]
+    fn a_copy_too_heavy_to_keep_still_refuses_older_ones() {
+        let l1 = L1::new(1024 * 1024);
+        let k = CacheKey::new("kv", "huge");
+        let huge = Cached::value(Version(42), Bytes::from(vec![b'x'; 2 * 1024 * 1024]));
+        assert_eq!(l1.offer(&k, huge, TTL), Offer::Applied);
+        assert!(
+            !l1.get(&k).unwrap().is_servable(),
+            "a tombstone, not the copy"
+        );
+        assert!(matches!(l1.offer(&k, value(41), TTL), Offer::Refused(_)));
     }
 
     #[test]
