@@ -120,7 +120,7 @@ impl App {
         let db = Db::new(&config.postgres).map_err(|e| setup("postgres")(&e))?;
         let l2 = L2::new(&config.redis).map_err(|e| setup("redis")(&e))?;
         // With Sentinel, the master before anything is sent; if no Sentinel answers yet,
-        // Redis counts as down and the Redis guard keeps asking.
+        // Redis is not trusted (reads skip it) until one does: the Redis guard keeps asking.
         if let Err(e) = l2.follow_master().await {
             tracing::warn!(error = %e, "asking the Redis Sentinels for the master failed");
         }

@@ -140,6 +140,9 @@ pub struct L2 {
     sentinel: Option<Arc<tokio::sync::Mutex<SentinelClient>>>,
     /// Why the Sentinels were last asked in vain; `None` once they answer again.
     sentinel_error: Arc<Mutex<Option<String>>>,
+    /// With Sentinel: whether the node commands go to is one the Sentinels named (not the
+    /// placeholder from `redis.url` before they first answered).
+    named: Arc<AtomicBool>,
     manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
@@ -259,6 +262,7 @@ impl L2 {
             link: Arc::new(RwLock::new(link)),
             sentinel,
             sentinel_error: Arc::default(),
+            named: Arc::new(AtomicBool::new(false)),
             manager_config,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
@@ -295,6 +299,16 @@ impl L2 {
             .unwrap_or_else(|e| e.into_inner())
             .client
             .clone()
+    }
+
+    /// Whether Redis is found through Sentinel (`redis.mode = "sentinel"`).
+    pub fn follows_sentinel(&self) -> bool {
+        self.sentinel.is_some()
+    }
+
+    /// With Sentinel: whether commands go to a node the Sentinels named.
+    pub fn master_named(&self) -> bool {
+        self.named.load(Ordering::SeqCst)
     }
 
     /// Why the Sentinels were last asked in vain (`None`: they answered, or no Sentinel).
@@ -346,15 +360,20 @@ impl L2 {
         let client = asked?;
         let addr = client.get_connection_info().addr().to_string();
         if addr == self.node() {
+            self.named.store(true, Ordering::SeqCst);
             return Ok(false);
         }
         let link = Link::new(client, &self.manager_config)?;
+        // Distrusted before the move (no read goes to the new node unchecked) and after it
+        // (a check that began before the move grants no trust).
+        self.distrust();
         let was = std::mem::replace(
             &mut *self.link.write().unwrap_or_else(|e| e.into_inner()),
             link,
         );
-        tracing::warn!(from = %was.addr, to = %addr, "following the Redis master the Sentinels name");
+        self.named.store(true, Ordering::SeqCst);
         self.distrust();
+        tracing::warn!(from = %was.addr, to = %addr, "following the Redis master the Sentinels name");
         Ok(true)
     }
 

@@ -22,7 +22,8 @@ pub const CACHE_MISSES: &str = "syncar_cache_misses_total";
 pub const FILLS_REJECTED: &str = "syncar_fills_rejected_total";
 /// Redis misses that went through a fill lease (`cache.fill_lease`), by `outcome`: `held`
 /// (this instance loaded Postgres for the fleet), `waited` (another instance's load
-/// answered), `timed_out` (nobody filled Redis in time: Postgres was read anyway).
+/// answered), `timed_out` (nobody filled Redis in time, or the holder gave up without a copy
+/// this read may serve: Postgres was read anyway).
 pub const FILL_LEASES: &str = "syncar_fill_leases_total";
 /// Failed Redis commands, by `op` (`get`, `offer`, `ping`, `flush`).
 pub const REDIS_ERRORS: &str = "syncar_redis_errors_total";

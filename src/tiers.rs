@@ -11,7 +11,7 @@
 
 mod repairs;
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,6 +91,8 @@ pub struct Tiers {
     watch: Arc<WatchHub>,
     /// `cache.fill_lease`; `None`: off.
     fill_lease: Option<Duration>,
+    /// Fill leases claimed here so far: each claim's holder is unique.
+    lease_claims: Arc<AtomicU64>,
 }
 
 /// What Redis said to a read ([`Tiers::load`]).
@@ -232,6 +234,7 @@ impl Tiers {
             audit: None,
             watch: Arc::new(WatchHub::new(1024)),
             fill_lease: None,
+            lease_claims: Arc::default(),
         }
     }
 
@@ -495,14 +498,22 @@ impl Tiers {
         let Some(lease) = self.fill_lease else {
             return self.load_db_after_miss(doc, generation).await;
         };
-        let name = format!("fill-lease:{}", doc.ck);
-        match self.l2.claim(&name, &self.instance_id, lease).await {
+        // `.` is in no resource name: this never names a document's Redis key.
+        let name = format!("fill.lease:{}", doc.ck);
+        // A holder per claim, not per instance: two loads of one key here (a detached flight
+        // and its successor) must not extend or release each other's lease.
+        let holder = format!(
+            "{}#{}",
+            self.instance_id,
+            self.lease_claims.fetch_add(1, Ordering::Relaxed)
+        );
+        match self.l2.claim(&name, &holder, lease).await {
             Ok(true) => {
                 metrics::counter!(FILL_LEASES, "outcome" => "held").increment(1);
                 let read = self.load_db_after_miss(doc, generation).await;
                 // Given up in the background: the answer does not wait for it, and if it
                 // fails the lease expires by itself.
-                let (l2, holder) = (self.l2.clone(), self.instance_id.clone());
+                let l2 = self.l2.clone();
                 tokio::spawn(async move { l2.release(&name, &holder).await });
                 return read;
             }
@@ -521,6 +532,12 @@ impl Tiers {
                 }
                 L2Read::Failed => break,
                 L2Read::Missed if tokio::time::Instant::now() >= deadline => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "timed_out").increment(1);
+                    break;
+                }
+                // The holder gave up without a copy this read may serve (its read failed,
+                // or Redis refused its fill): no use waiting out the lease.
+                L2Read::Missed if matches!(self.l2.read(&name).await, Ok(None)) => {
                     metrics::counter!(FILL_LEASES, "outcome" => "timed_out").increment(1);
                     break;
                 }
@@ -1224,6 +1241,15 @@ impl Tiers {
         // below is not granted, and the guard checks again.
         let checked = self.l2.distrusts();
         let id = self.l2.identity().await.map_err(|e| e.to_string())?;
+        if self.l2.follows_sentinel() && (!self.l2.master_named() || id.role != "master") {
+            // A demoted master keeps its run_id: without this, it would pass as the same
+            // incarnation while the Sentinels have moved on.
+            return Err(format!(
+                "redis node {} is not a master the Sentinels name (role {:?})",
+                self.l2.node(),
+                id.role
+            ));
+        }
         let Some(run_id) = id.run_id.clone() else {
             if !self.l2.trusted() {
                 tracing::debug!("redis refuses INFO: a new incarnation cannot be detected");

@@ -72,7 +72,7 @@ async fn a_lease_nobody_fills_delays_a_read_by_the_lease_only() {
     // Held by an instance that is gone, for longer than the lease.
     let mut redis = env.redis().await;
     let _: () = redis::cmd("SET")
-        .arg(format!("{}fill-lease:kv:stuck", env.prefix))
+        .arg(format!("{}fill.lease:kv:stuck", env.prefix))
         .arg("a-pod-that-died")
         .arg("PX")
         .arg(60_000)
@@ -93,4 +93,51 @@ async fn a_lease_nobody_fills_delays_a_read_by_the_lease_only() {
     );
     // Its own read filled Redis: the next miss anywhere is answered there.
     assert!(env.redis_entry("kv", "stuck").await.is_some());
+}
+
+/// A holder that gives its lease up without filling Redis (its read failed, or Redis refused
+/// its copy) does not make the others wait out the lease: they read Postgres once the lease
+/// is gone.
+#[tokio::test]
+async fn a_lease_given_up_unfilled_ends_the_wait() {
+    let env = Env::new().await;
+    let lease = Duration::from_secs(10);
+    let a = env.start(|c| c.cache.fill_lease = lease).await;
+    env.pg()
+        .await
+        .execute(
+            "INSERT INTO syncar_kv (key, value) VALUES ('gone', '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let name = format!("{}fill.lease:kv:gone", env.prefix);
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg("a-pod-whose-read-failed")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let give_up = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _: () = redis::cmd("DEL")
+            .arg(&name)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    });
+
+    let started = Instant::now();
+    let read = a.get("/v1/kv/gone").await;
+    let waited = started.elapsed();
+    give_up.await.unwrap();
+    assert_eq!(read.status, 200);
+    assert_eq!(read.header("x-cache"), Some("db"));
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "it waited for the holder, then not for the rest of the lease: {waited:?}"
+    );
 }
