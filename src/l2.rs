@@ -143,6 +143,8 @@ pub struct L2 {
     /// With Sentinel: whether the node commands go to is one the Sentinels named (not the
     /// placeholder from `redis.url` before they first answered).
     named: Arc<AtomicBool>,
+    /// Bumped when commands move to another node: every subscription made before ends.
+    moves: Arc<tokio::sync::watch::Sender<u64>>,
     manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
@@ -263,6 +265,7 @@ impl L2 {
             sentinel,
             sentinel_error: Arc::default(),
             named: Arc::new(AtomicBool::new(false)),
+            moves: Arc::new(tokio::sync::watch::Sender::new(0)),
             manager_config,
             prefix: config.key_prefix.as_str().into(),
             timeout: config.timeout,
@@ -373,6 +376,9 @@ impl L2 {
         );
         self.named.store(true, Ordering::SeqCst);
         self.distrust();
+        // Subscriptions on the old node would go on hearing a node nobody publishes to any
+        // more (if it is still up): ended, so the feeds go down and come back on the new one.
+        self.moves.send_modify(|n| *n += 1);
         tracing::warn!(from = %was.addr, to = %addr, "following the Redis master the Sentinels name");
         Ok(true)
     }
@@ -806,7 +812,8 @@ impl L2 {
 
     /// A subscription of its own to `channels` (RESP2 pub/sub, which never reconnects: when
     /// the stream ends, the caller subscribes again), with the same address and TCP settings
-    /// as the command connection. Connecting is bounded by `redis.connect_timeout`, the
+    /// as the command connection. It also ends when commands move to another node
+    /// ([`L2::follow_master`]). Connecting is bounded by `redis.connect_timeout`, the
     /// SUBSCRIBE by `timeout`.
     ///
     /// # Errors
@@ -816,6 +823,8 @@ impl L2 {
         channels: &[String],
         timeout: Duration,
     ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
+        // Taken before connecting: a move from here on ends the stream.
+        let mut moved = self.moves.subscribe();
         let mut pubsub =
             tokio::time::timeout(self.connect_timeout, self.client().get_async_pubsub())
                 .await
@@ -825,7 +834,13 @@ impl L2 {
             .await
             .map_err(|_| L2Error::Timeout(timeout))?
             .map_err(|e| L2Error::Redis(format!("SUBSCRIBE failed: {e}")))?;
-        Ok(pubsub.into_on_message())
+        let moved = Box::pin(async move {
+            let _ = moved.changed().await;
+        });
+        Ok(futures_util::StreamExt::take_until(
+            pubsub.into_on_message(),
+            moved,
+        ))
     }
 
     /// Completes when a command succeeds after a failure (one waiter at a time).

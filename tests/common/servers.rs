@@ -426,6 +426,14 @@ impl SentinelGroup {
             .collect()
     }
 
+    /// Asks a Sentinel to fail over now (`SENTINEL FAILOVER`): the replica is promoted and
+    /// the old master, still up, becomes its replica.
+    pub fn failover(&self) {
+        let (port, _) = &self.sentinels[0];
+        self.ask(*port, &["SENTINEL", "FAILOVER", &self.name])
+            .expect("SENTINEL FAILOVER is accepted");
+    }
+
     /// The master's port as the first Sentinel that answers names it.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|(port, _)| {

@@ -82,3 +82,57 @@ async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
     })
     .await;
 }
+
+/// A failover that leaves the old master up (`SENTINEL FAILOVER`: it becomes a replica): the
+/// instances' subscriptions end up on the new master with their commands. (Here Sentinel
+/// also kills the old node's pub/sub clients when it reconfigures it; the case it cannot, an
+/// old master cut off from the Sentinels but not from syncar, is what `L2::subscribe`'s end
+/// on a move covers, and is not reproduced here.)
+#[tokio::test]
+async fn subscriptions_follow_the_master_when_the_old_one_stays_up() {
+    let group = SentinelGroup::start("syncar-forced");
+    let env = Env::new().await.on_redis(group.master.url());
+    let sentinel = |c: &mut syncar::Config| {
+        c.redis.mode = RedisMode::Sentinel;
+        c.redis.sentinels = group.sentinels();
+        c.redis.master_name = group.name.clone();
+        c.redis.url = "redis://127.0.0.1:1".into();
+    };
+    let a = env.start(sentinel).await;
+    let b = env.start(sentinel).await;
+    let channel = format!("{}invalidations", env.prefix);
+    let subscribers = |url: String| {
+        let channel = channel.clone();
+        async move {
+            let mut conn = redis::Client::open(url)
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .ok()?;
+            let (_, n): (String, u64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(&channel)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            Some(n)
+        }
+    };
+    assert_eq!(subscribers(group.master.url()).await, Some(2));
+
+    let old = group.master.port;
+    group.failover();
+    eventually(WINDOW, "the Sentinels promote the replica", || async {
+        group.master_port().filter(|p| *p != old)
+    })
+    .await;
+    eventually(
+        WINDOW,
+        "both Redis feeds subscribe on the new master",
+        || async { (subscribers(group.replica.url()).await == Some(2)).then_some(()) },
+    )
+    .await;
+    // And the writes of one reach the other through it.
+    let v = a.put("/v1/kv/moved", "1").await.etag_version();
+    b.sees("/v1/kv/moved", v, WINDOW).await;
+}
