@@ -257,9 +257,12 @@ impl L1 {
             cached: offered,
             expires_ms,
         };
-        // Fails only if a clear removed the placeholder meanwhile.
+        // Fails only if a clear removed the placeholder meanwhile (possibly one another
+        // offer left, handed to this one). A copy of a generation is then refused; a write
+        // or an invalidation belongs to the new generation and is offered again.
         match placeholder.insert(entry) {
             Ok(()) => Offer::Applied,
+            Err(entry) if generation.is_none() => self.offer_at(None, key, entry.cached, ttl),
             Err(_) => Offer::Refused(rank),
         }
     }
