@@ -28,7 +28,7 @@
 //! - Changing a value in place (inside `entry`) only adjusts the shard's weight counters: it
 //!   admits and evicts nothing. So an offer heavier than what it replaces goes through a
 //!   placeholder (`ReplaceWithGuard`), like an absent key, and a copy heavier than a shard
-//!   admits at all (97% of its share) is kept as a tombstone of its version.
+//!   admits at all (`HOT_ALLOCATION` of its share) is kept as a tombstone of its version.
 //!
 //! # Expiry
 //! Each entry carries its deadline (milliseconds since the cache was made). A read past it is
@@ -87,6 +87,10 @@ struct Entry {
     expires_ms: u64,
 }
 
+/// The share of a shard's bytes for entries that were read again (quick_cache's "hot"
+/// queue; its default). Also the heaviest entry a shard admits, as a share of its bytes.
+const HOT_ALLOCATION: f64 = 0.97;
+
 /// The least share of `cache.l1_max_bytes` one shard gets, when L1 is that large: a
 /// document up to about this size is admitted (quick_cache admits nothing heavier than a
 /// shard's share; moka, before it, anything up to the whole bound).
@@ -139,6 +143,7 @@ impl L1 {
             // front.
             .estimated_items_capacity((max_bytes / 1024).clamp(1024, 1 << 24) as usize)
             .weight_capacity(max_bytes)
+            .hot_allocation(HOT_ALLOCATION)
             .shards(shards)
             .build()
             .expect("both capacities are set");
@@ -147,8 +152,8 @@ impl L1 {
             cache: Arc::new(cache),
             generation: Arc::new(AtomicU32::new(0)),
             epoch: Instant::now(),
-            // quick_cache admits an entry up to 97% of its shard's share (its hot allocation).
-            max_entry_bytes: max_bytes / shards as u64 * 97 / 100,
+            // quick_cache admits an entry up to its hot allocation of a shard's share.
+            max_entry_bytes: ((max_bytes / shards as u64) as f64 * HOT_ALLOCATION) as u64,
         }
     }
 

@@ -130,9 +130,6 @@ fn describe() {
         FILL_LEASES,
         "Redis misses that went through a fill lease, by outcome"
     );
-    for outcome in ["held", "waited", "timed_out"] {
-        metrics::counter!(FILL_LEASES, "outcome" => outcome).increment(0);
-    }
     describe_counter!(REDIS_ERRORS, "failed Redis commands by operation");
     describe_counter!(
         L2_WRITE_FAILURES,
@@ -160,6 +157,9 @@ fn describe() {
     // Series that must read 0 rather than be missing until the first time they count.
     metrics::counter!(VERSION_REGRESSIONS).increment(0);
     metrics::counter!(POSTGRES_READ_RETRIES).increment(0);
+    for outcome in ["held", "waited", "timed_out"] {
+        metrics::counter!(FILL_LEASES, "outcome" => outcome).increment(0);
+    }
     for (tier, reason) in [("redis", "new_incarnation"), ("postgres", "went_back")] {
         metrics::counter!(TIER_RESETS, "tier" => tier, "reason" => reason).increment(0);
     }

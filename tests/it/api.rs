@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{eventually, request, Env, RedisServer, Resp};
+use crate::support::{eventually, query_value, request, Env, RedisServer, Resp};
 
 #[tokio::test]
 async fn a_put_is_read_back_from_l1_with_its_etag() {
@@ -124,11 +124,7 @@ async fn a_plain_sql_write_takes_a_version_and_is_seen_once_the_ttls_pass() {
     )
     .await
     .unwrap();
-    let v2: i64 = pg
-        .query_one("SELECT version FROM syncar_kv WHERE key = 'k'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'k'").await;
     assert!(v2 > v1, "the trigger stamped a newer version");
     pg.execute(
         "INSERT INTO syncar_kv (key, value) VALUES ('fresh', '3')",
@@ -323,13 +319,7 @@ async fn keys_reach_sql_only_as_bind_parameters() {
     assert_eq!(a.put(&path, "1").await.status, 201);
     let r = a.get(&path).await;
     assert_eq!(r.status, 200);
-    let stored: String = env
-        .pg()
-        .await
-        .query_one("SELECT key FROM syncar_kv", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let stored: String = query_value(&env.pg().await, "SELECT key FROM syncar_kv").await;
     assert_eq!(stored, evil);
     // Keys may hold slashes and any UTF-8.
     assert_eq!(a.put("/v1/kv/a/b/%C3%A9", "2").await.status, 201);
@@ -396,13 +386,11 @@ async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired
     assert_eq!(put.status, 200, "acknowledged with Redis down: {put:?}");
     let v_new = put.etag_version();
     assert!(v_new > v_old);
-    let row: i64 = env
-        .pg()
-        .await
-        .query_one("SELECT version FROM syncar_kv WHERE key = 'w'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let row: i64 = query_value(
+        &env.pg().await,
+        "SELECT version FROM syncar_kv WHERE key = 'w'",
+    )
+    .await;
     assert_eq!(row, v_new, "committed");
     assert_eq!(a.get("/v1/kv/w").await.json(), json!(2));
     let ready = a.get("/readyz").await;
@@ -933,13 +921,11 @@ async fn a_transaction_commits_all_or_nothing() {
         v_order,
         "nothing written"
     );
-    let total: String = env
-        .pg()
-        .await
-        .query_one("SELECT total::text FROM orders WHERE id = 7", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let total: String = query_value(
+        &env.pg().await,
+        "SELECT total::text FROM orders WHERE id = 7",
+    )
+    .await;
     assert_eq!(total, "12.5");
 
     // Postgres refusing a document names the operation too.

@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::{free_port, Env};
+use crate::support::{free_port, query_value, Env};
 
 fn syncar() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_syncar"));
@@ -192,13 +192,11 @@ async fn check_config_against_the_database_names_a_missing_table() {
     assert_eq!(bad.status.code(), Some(1));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("table public.orders does not exist"), "{err}");
-    let untouched: bool = env
-        .pg()
-        .await
-        .query_one("SELECT to_regclass('syncar_version_seq') IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let untouched: bool = query_value(
+        &env.pg().await,
+        "SELECT to_regclass('syncar_version_seq') IS NULL",
+    )
+    .await;
     assert!(untouched, "the check changed nothing");
 }
 

@@ -8,7 +8,7 @@ use syncar::coherence::{Feed, Message, Op};
 use syncar::config::PostgresSource;
 use syncar::model::{CacheKey, Version};
 
-use crate::support::{eventually, request, Env, Instance, RedisServer};
+use crate::support::{eventually, query_value, request, Env, Instance, RedisServer};
 
 /// How long a change may take to reach every instance in these tests: the product's window
 /// is about a second; the margin absorbs a loaded CI machine.
@@ -94,14 +94,11 @@ async fn plain_sql_reaches_everyone(source: PostgresSource) {
         assert_eq!(i.get("/v1/kv/s").await.etag_version(), v1);
     }
     let pg = env.pg().await;
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
+    )
+    .await;
     for i in [&a, &b, &c] {
         sees(i, "/v1/kv/s", v2).await;
     }
@@ -195,23 +192,17 @@ async fn terminated_listeners(source: PostgresSource) {
     }
 
     // Written while nobody listens.
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 't' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 't' RETURNING version",
+    )
+    .await;
     assert!(v2 > v1);
-    let u2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'u' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let u2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'u' RETURNING version",
+    )
+    .await;
     for i in [&a, &b, &c] {
         let r = i.get("/v1/kv/t").await;
         assert_eq!(
@@ -356,15 +347,12 @@ async fn terminated_pool_connections_are_replaced_invisibly() {
     let pg = env.pg().await;
     assert!(env.terminate("syncar").await > 0);
     eventually(WINDOW, "the terminated backends to exit", || async {
-        let left: i64 = pg
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity \
+        let left: i64 = query_value(
+            &pg,
+            "SELECT count(*) FROM pg_stat_activity \
                  WHERE datname = current_database() AND application_name = 'syncar'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        )
+        .await;
         (left == 0).then_some(())
     })
     .await;

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 
-use crate::support::Env;
+use crate::support::{query_value, Env};
 
 /// Four instances miss the same key at once (it was inserted with plain SQL: no tier holds
 /// it), while each Postgres round trip of their pools takes 300 ms more: the instance that
@@ -29,16 +29,11 @@ async fn a_key_missed_everywhere_at_once_is_read_from_postgres_once() {
             .await,
         );
     }
-    let version: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('hot', '\"v\"') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let version: i64 = query_value(
+        &env.pg().await,
+        "INSERT INTO syncar_kv (key, value) VALUES ('hot', '\"v\"') RETURNING version",
+    )
+    .await;
 
     proxy.delay(Duration::from_millis(300));
     let reads = join_all(instances.iter().map(|i| i.get("/v1/kv/hot"))).await;
@@ -59,16 +54,11 @@ async fn a_lease_nobody_fills_delays_a_read_by_the_lease_only() {
     let env = Env::new().await;
     let lease = Duration::from_millis(400);
     let a = env.start(|c| c.cache.fill_lease = lease).await;
-    let version: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('stuck', '1') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let version: i64 = query_value(
+        &env.pg().await,
+        "INSERT INTO syncar_kv (key, value) VALUES ('stuck', '1') RETURNING version",
+    )
+    .await;
     // Held by an instance that is gone, for longer than the lease.
     let mut redis = env.redis().await;
     let _: () = redis::cmd("SET")

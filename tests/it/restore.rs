@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use syncar::config::PostgresSource;
 
-use crate::support::{eventually, Env, Proxy, RedisServer};
+use crate::support::{eventually, query_value, Env, Proxy, RedisServer};
 
 const WINDOW: Duration = Duration::from_secs(10);
 
@@ -163,11 +163,7 @@ async fn a_write_below_or_at_a_cached_version_is_repaired_and_readable() {
             "{behind:?}"
         );
         b.sees("/v1/kv/w", v, WINDOW).await;
-        let last: i64 = pg
-            .query_one("SELECT last_value FROM syncar_version_seq", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
         assert!(
             last >= v,
             "{behind:?}: the sequence moved past every version seen"
@@ -204,11 +200,7 @@ async fn postgres_restored_from_a_backup_is_noticed_when_the_feeds_reconnect() {
     let b = env.start(configure).await;
     let old = a.put("/v1/kv/r", r#""backed up""#).await.etag_version();
     let pg = env.pg().await;
-    let backup_sequence: i64 = pg
-        .query_one("SELECT last_value FROM syncar_version_seq", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let backup_sequence: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
     let new = a.put("/v1/kv/r", r#""lost""#).await.etag_version();
     for i in [&a, &b] {
         i.sees("/v1/kv/r", new, WINDOW).await;

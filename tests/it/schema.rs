@@ -6,7 +6,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use syncar::schema::NOTIFY_CHANNEL;
 
-use crate::support::Env;
+use crate::support::{query_value, Env};
 
 #[tokio::test]
 async fn the_migration_is_idempotent() {
@@ -74,14 +74,11 @@ async fn every_write_by_anyone_is_stamped_and_announced() {
     let (_listener, mut rx) = listen(&env).await;
     let pg = env.pg().await;
 
-    let v1: i64 = pg
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v1: i64 = query_value(
+        &pg,
+        "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
+    )
+    .await;
     let n = next(&mut rx).await;
     assert_eq!(n["resource"], "kv");
     assert_eq!(n["key"], "a");
@@ -90,14 +87,11 @@ async fn every_write_by_anyone_is_stamped_and_announced() {
     assert!(n["ts_us"].as_i64().unwrap() > 1_600_000_000_000_000, "{n}");
 
     // A writer that sets the version itself is overruled.
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2', version = 1 WHERE key = 'a' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2', version = 1 WHERE key = 'a' RETURNING version",
+    )
+    .await;
     assert!(v2 > v1);
     assert_eq!(next(&mut rx).await["version"], v2);
 
@@ -165,11 +159,7 @@ async fn every_change_is_logged_and_old_entries_are_pruned() {
         .await
         .unwrap();
     assert_eq!(pruned, 1, "only the entry past the retention");
-    let left: i64 = pg
-        .query_one("SELECT count(*) FROM syncar_changes", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let left: i64 = query_value(&pg, "SELECT count(*) FROM syncar_changes").await;
     assert_eq!(left, 2);
 }
 
@@ -211,16 +201,11 @@ async fn an_adopted_version_column_keeps_versions_rising() {
         .resources
         .push(crate::support::resource("docs", "id", "version"));
     syncar::app::run_migration(&config).await.unwrap();
-    let v: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "INSERT INTO docs (id, version) VALUES (2, 0) RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v: i64 = query_value(
+        &env.pg().await,
+        "INSERT INTO docs (id, version) VALUES (2, 0) RETURNING version",
+    )
+    .await;
     assert!(v > 5_000_000, "new versions stay above adopted ones: {v}");
 }
 
@@ -238,19 +223,12 @@ async fn a_custom_version_column_is_stamped_too() {
         .push(crate::support::resource("items", "sku", "row_version"));
     syncar::app::run_migration(&config).await.unwrap();
     let pg = env.pg().await;
-    let v: i64 = pg
-        .query_one(
-            "INSERT INTO items VALUES ('a', 1) RETURNING row_version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let w: i64 = pg
-        .query_one("UPDATE items SET qty = 2 RETURNING row_version", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let v: i64 = query_value(
+        &pg,
+        "INSERT INTO items VALUES ('a', 1) RETURNING row_version",
+    )
+    .await;
+    let w: i64 = query_value(&pg, "UPDATE items SET qty = 2 RETURNING row_version").await;
     assert!(w > v && v > 0);
     assert!(syncar::app::run_migration(&config)
         .await
@@ -316,14 +294,11 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
         "the functions `leftover` still calls stay"
     );
     let (_listener, mut rx) = listen(&env).await;
-    let v: i64 = pg
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v: i64 = query_value(
+        &pg,
+        "INSERT INTO syncar_kv (key, value) VALUES ('a', '1') RETURNING version",
+    )
+    .await;
     assert!(v > 0, "stamped by the new trigger");
     assert_eq!(
         next(&mut rx).await["version"],

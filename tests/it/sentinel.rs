@@ -9,6 +9,17 @@ use crate::support::{eventually, Env, SentinelGroup};
 
 const WINDOW: Duration = Duration::from_secs(10);
 
+/// A configuration that finds Redis through `group`'s Sentinels.
+fn through(group: &SentinelGroup) -> impl Fn(&mut syncar::Config) + '_ {
+    |c| {
+        c.redis.mode = RedisMode::Sentinel;
+        c.redis.sentinels = group.sentinels();
+        c.redis.master_name = group.name.clone();
+        // Its host and port are not used: the Sentinels name the master.
+        c.redis.url = "redis://127.0.0.1:1".into();
+    }
+}
+
 /// The master is killed (SIGKILL) and the Sentinels promote its replica: a write
 /// acknowledged during the failover is not lost, every instance sees it, and once the new
 /// master is followed, writes through syncar land in it and reads are answered from it.
@@ -16,14 +27,8 @@ const WINDOW: Duration = Duration::from_secs(10);
 async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
     let group = SentinelGroup::start("syncar-master");
     let env = Env::new().await.on_redis(group.master.url());
-    let sentinel = |c: &mut syncar::Config| {
-        c.redis.mode = RedisMode::Sentinel;
-        c.redis.sentinels = group.sentinels();
-        c.redis.master_name = group.name.clone();
-        // Its host and port are not used: the Sentinels name the master.
-        c.redis.url = "redis://127.0.0.1:1".into();
-    };
-    let a = env.start(sentinel).await;
+    let sentinel = through(&group);
+    let a = env.start(&sentinel).await;
     let b = env
         .start(|c| {
             sentinel(c);
@@ -92,14 +97,9 @@ async fn a_sentinel_failover_is_followed_and_loses_no_acknowledged_write() {
 async fn subscriptions_follow_the_master_when_the_old_one_stays_up() {
     let group = SentinelGroup::start("syncar-forced");
     let env = Env::new().await.on_redis(group.master.url());
-    let sentinel = |c: &mut syncar::Config| {
-        c.redis.mode = RedisMode::Sentinel;
-        c.redis.sentinels = group.sentinels();
-        c.redis.master_name = group.name.clone();
-        c.redis.url = "redis://127.0.0.1:1".into();
-    };
-    let a = env.start(sentinel).await;
-    let b = env.start(sentinel).await;
+    let sentinel = through(&group);
+    let a = env.start(&sentinel).await;
+    let b = env.start(&sentinel).await;
     let channel = format!("{}invalidations", env.prefix);
     let subscribers = |url: String| {
         let channel = channel.clone();

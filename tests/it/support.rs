@@ -639,3 +639,15 @@ impl Drop for Proxy {
         }
     }
 }
+
+/// The first column of the one row `sql` (no parameters) returns: a version from
+/// `... RETURNING version`, a count, a setting.
+pub async fn query_value<T: tokio_postgres::types::FromSqlOwned>(
+    pg: &tokio_postgres::Client,
+    sql: &str,
+) -> T {
+    pg.query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}

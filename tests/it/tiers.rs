@@ -8,7 +8,7 @@ use syncar::l1::Offer;
 use syncar::l2::L2;
 use syncar::model::{CacheKey, Cached, Version};
 
-use crate::support::Env;
+use crate::support::{query_value, Env};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -141,16 +141,11 @@ async fn a_read_skips_a_redis_copy_older_than_l1_knows() {
     let a = env.start(no_feeds).await;
     let v1 = a.put("/v1/kv/k", "1").await.etag_version();
     // Postgres moves on without Redis (a plain SQL write), and the invalidation reaches L1.
-    let v2: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+    )
+    .await;
     assert_eq!(
         env.redis_entry("kv", "k").await.unwrap(),
         format!("{v1}:v:1")
@@ -191,16 +186,11 @@ async fn the_auditor_finds_and_repairs_a_planted_stale_copy() {
     };
     let before = stale_l1(&String::from_utf8_lossy(&a.get("/metrics").await.body));
     let v1 = a.put("/v1/kv/k", "1").await.etag_version();
-    let v2: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+    )
+    .await;
     let served = a.get("/v1/kv/k").await;
     assert_eq!(
         (served.etag_version(), served.header("x-cache")),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use syncar::config::PostgresSource;
 
-use crate::support::{eventually, tls_servers, Env, TlsServers};
+use crate::support::{eventually, query_value, tls_servers, Env, TlsServers};
 
 /// The TLS servers, started once for this binary.
 fn tls() -> &'static TlsServers {
@@ -55,39 +55,28 @@ async fn verify_full_with_the_right_ca_works_end_to_end() {
     let v = a.put("/v1/kv/t", "1").await.etag_version();
     b.sees("/v1/kv/t", v, Duration::from_secs(10)).await;
     // Plain SQL through the relay (replication over TLS) and Redis pub/sub over TLS.
-    let v2: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 't' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 't' RETURNING version",
+    )
+    .await;
     for i in [&a, &b] {
         i.sees("/v1/kv/t", v2, Duration::from_secs(10)).await;
     }
     let pg = env.pg().await;
-    let encrypted: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+    let encrypted: i64 = query_value(
+        &pg,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
              WHERE s.ssl AND a.application_name LIKE 'syncar%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert!(encrypted >= 2, "syncar's connections use TLS: {encrypted}");
-    let unencrypted: i64 = pg
-        .query_one(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+    let unencrypted: i64 = query_value(
+        &pg,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
              WHERE NOT s.ssl AND a.application_name LIKE 'syncar%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert_eq!(unencrypted, 0);
 }
 

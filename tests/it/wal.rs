@@ -11,7 +11,7 @@ use syncar::config::PostgresSource;
 use syncar::l2::L2;
 use syncar::model::{CacheKey, Cached, Version};
 
-use crate::support::{eventually, free_port, request, Env, Instance, RedisServer};
+use crate::support::{eventually, free_port, query_value, request, Env, Instance, RedisServer};
 
 /// How long a change may take to reach every instance here (the product's window is about
 /// a second; a relay hand-over adds the lease and a reconnect; the margin absorbs a loaded CI
@@ -120,14 +120,11 @@ async fn rows_written_as_a_replica_take_a_version_and_reach_everyone() {
         pg.batch_execute("SET session_replication_role = replica")
             .await
             .unwrap();
-        let v2: i64 = pg
-            .query_one(
-                "UPDATE syncar_kv SET value = '2' WHERE key = 'r' RETURNING version",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let v2: i64 = query_value(
+            &pg,
+            "UPDATE syncar_kv SET value = '2' WHERE key = 'r' RETURNING version",
+        )
+        .await;
         assert!(v2 > v1, "{source:?}: the stamp fired as a replica too");
         pg.execute("DELETE FROM syncar_kv WHERE key = 'r'", &[])
             .await
@@ -155,14 +152,11 @@ async fn a_terminated_replication_connection_comes_back_and_loses_nothing() {
         (env.terminate("syncar-relay").await >= 1).then_some(())
     })
     .await;
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'k' RETURNING version",
+    )
+    .await;
     for i in [&a, &b] {
         sees(i, "/v1/kv/k", v2).await;
     }
@@ -268,16 +262,11 @@ async fn an_instance_whose_subscription_dropped_catches_up() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    let v2: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 's' RETURNING version",
+    )
+    .await;
     for i in [&a, &b] {
         sees(i, "/v1/kv/s", v2).await;
         i.feed_becomes("postgres", true, WINDOW).await;
@@ -346,11 +335,7 @@ async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
 async fn a_role_without_replication_gets_the_changes_log_or_a_clear_error() {
     let env = Env::new().await;
     let pg = env.pg().await;
-    let db: String = pg
-        .query_one("SELECT current_database()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
     let role = format!("{db}_app");
     pg.batch_execute(&format!(
         "CREATE ROLE {role} LOGIN; GRANT ALL ON DATABASE {db} TO {role}; \
@@ -398,15 +383,12 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
         "{installed:?}"
     );
     let pg = env.pg().await;
-    let published: Vec<String> = pg
-        .query_one(
-            "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'syncar' \
+    let published: Vec<String> = query_value(
+        &pg,
+        "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'syncar' \
              AND tablename = 'syncar_kv'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert_eq!(
         published,
         ["key", "version"],
@@ -547,14 +529,11 @@ async fn the_relay_is_taken_over_when_its_instance_is_killed() {
         "the first to start relays: {relay}"
     );
     let pg = env.pg().await;
-    let v1: i64 = pg
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('h', '1') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v1: i64 = query_value(
+        &pg,
+        "INSERT INTO syncar_kv (key, value) VALUES ('h', '1') RETURNING version",
+    )
+    .await;
     eventually(WINDOW, "the row on the second", || async {
         (second.version("/v1/kv/h").await == Some(v1)).then_some(())
     })
@@ -562,14 +541,11 @@ async fn the_relay_is_taken_over_when_its_instance_is_killed() {
 
     first.child.kill().unwrap(); // SIGKILL
     first.child.wait().unwrap();
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'h' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'h' RETURNING version",
+    )
+    .await;
     let committed = Instant::now();
     let lease = Duration::from_secs(1);
     loop {
@@ -591,14 +567,11 @@ async fn the_relay_is_taken_over_when_its_instance_is_killed() {
     })
     .await;
     assert!(relay.starts_with("second-"));
-    let v3: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '3' WHERE key = 'h' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v3: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '3' WHERE key = 'h' RETURNING version",
+    )
+    .await;
     eventually(WINDOW, "relayed by the second", || async {
         (second.version("/v1/kv/h").await == Some(v3)).then_some(())
     })
@@ -629,44 +602,29 @@ async fn syncar_relay_alone_relays_for_instances_that_never_do() {
             .starts_with("relay-"),
         "{r}"
     );
-    let v: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "INSERT INTO syncar_kv (key, value) VALUES ('x', '1') RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v: i64 = query_value(
+        &env.pg().await,
+        "INSERT INTO syncar_kv (key, value) VALUES ('x', '1') RETURNING version",
+    )
+    .await;
     sees(&a, "/v1/kv/x", v).await;
     assert_eq!(a.get("/v1/kv/x").await.header("x-cache"), Some("l1"));
-    let v2: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'x' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'x' RETURNING version",
+    )
+    .await;
     sees(&a, "/v1/kv/x", v2).await;
 
     // Idle, the instance sends Postgres nothing: none of its connections changes state.
     drop(relay);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let busy: i64 = env
-        .pg()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+    let busy: i64 = query_value(
+        &env.pg().await,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
              AND application_name LIKE 'syncar%' AND state_change > now() - interval '1.5 s'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert_eq!(
         busy, 0,
         "an idle instance's connections to Postgres stayed idle"
@@ -693,14 +651,11 @@ async fn forged_messages_in_the_wal_change_nothing() {
     .await
     .unwrap();
     // Still relaying, and nothing was deleted or flushed.
-    let v2: i64 = pg
-        .query_one(
-            "UPDATE syncar_kv SET value = '2' WHERE key = 'f' RETURNING version",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'f' RETURNING version",
+    )
+    .await;
     for i in [&a, &b] {
         sees(i, "/v1/kv/f", v2).await;
     }
