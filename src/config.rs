@@ -191,6 +191,50 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_refuses_a_database_a_braced_prefix_and_stray_seeds() {
+        let config = Config::parse(
+            r#"
+            [redis]
+            mode = "cluster"
+            url = "redis://h:7000/3"
+            nodes = ["h:7001", "h7002"]
+            key_prefix = "app{1}:"
+        "#,
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        for needle in [
+            "redis.url: names a database other than 0",
+            "redis.nodes: \"h7002\" is not host:port",
+            "redis.key_prefix: must not contain '{' or '}'",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+        let single = Config::parse(
+            r#"
+            [redis]
+            nodes = ["h:7001"]
+        "#,
+        )
+        .unwrap();
+        let err = single.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("redis.nodes: is set, but redis.mode is not \"cluster\""),
+            "{err}"
+        );
+        let config = Config::parse(
+            r#"
+            [redis]
+            mode = "cluster"
+            url = "rediss://h:7000/0"
+            nodes = ["h:7001", "h:7002"]
+        "#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once_with_its_key() {
         let text = r#"
             [server]

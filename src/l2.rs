@@ -17,6 +17,16 @@
 //! in the hash `{prefix}generations` and raised only, so every instance that hears of a
 //! flush agrees on the new one.
 //!
+//! # Redis Cluster
+//! With `redis.mode = "cluster"` every cache key gets a hash tag right after the prefix, its
+//! bucket: `{prefix}{b}{resource}:{key}` with `b` in `0..CLUSTER_BUCKETS`, the key's hash
+//! slot modulo the bucket count. Bucket `b`'s invalidations go over sharded pub/sub on
+//! `{prefix}{b}invalidations`, which hashes to the same slot as its keys, so the offer script
+//! can update a key and `SPUBLISH` its message on the node that owns both, and the message
+//! never leaves that shard. Every instance subscribes to every bucket, on the node that owns
+//! it ([`L2::subscribe`]). Commands go through the redis crate's cluster client, which
+//! follows `MOVED` and `ASK`; the identity check covers every master.
+//!
 //! # Failures
 //! Every command has a deadline. After a failure, reads skip Redis for
 //! `redis.retry_interval` (a breaker), so an outage costs one timeout, not one per request.
@@ -27,10 +37,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::io::tcp::{socket2, TcpSettings};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{AsyncCommands, IntoConnectionInfo, Script};
+use redis::{
+    AsyncCommands, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushKind,
+    Script, TlsCertificates, Value,
+};
 
 use crate::config::{RedisConfig, RedisMode};
 use crate::model::{CacheKey, Cached, State, Version};
@@ -38,12 +58,13 @@ use crate::telemetry::REDIS_ERRORS;
 use crate::tls::{redis_certificates, with_hint};
 
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
-/// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` (one round
-/// trip for a write's Redis update and its invalidation message). Returns 1 when applied, 0
-/// when Redis holds a newer version, 2 when it holds this version already.
+/// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` with command
+/// `ARGV[7]` (`PUBLISH`, or `SPUBLISH` in a cluster, where the channel is in `KEYS[1]`'s hash
+/// slot): one round trip for a write's Redis update and its invalidation message. Returns 1
+/// when applied, 0 when Redis holds a newer version, 2 when it holds this version already.
 const OFFER_SCRIPT: &str = r"
 if ARGV[6] ~= '' then
-  redis.call('PUBLISH', ARGV[5], ARGV[6])
+  redis.call(ARGV[7], ARGV[5], ARGV[6])
 end
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -125,10 +146,135 @@ pub enum L2Error {
     Corrupt(String),
 }
 
-/// The Redis node commands and subscriptions go to, and its address (`host:port`).
+/// How many hash-tag buckets cache keys are spread over in a Redis Cluster. A divisor of
+/// 16384 (the hash slots), so a bucket is a key's slot modulo this. Every instance subscribes
+/// to one channel per bucket; 1024 keeps that cheap while spreading keys over enough slots
+/// for the shards to share them evenly (about 1024 / shards buckets each).
+pub const CLUSTER_BUCKETS: u16 = 1024;
+
+/// The Redis Cluster hash slot of a key or shard channel: CRC16 (XMODEM) of its hash tag (the
+/// first non-empty `{...}`), or of the whole name, modulo 16384 (Redis Cluster
+/// specification, "Keys distribution model").
+pub fn hash_slot(name: &[u8]) -> u16 {
+    let tag = name.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &name[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tag.unwrap_or(name)) % 16384
+}
+
+/// The bucket of a cache key in a cluster (see [`CLUSTER_BUCKETS`]).
+fn bucket_of(key: &CacheKey) -> u16 {
+    hash_slot(key.as_str().as_bytes()) % CLUSTER_BUCKETS
+}
+
+/// A master of a Redis Cluster, with the hash slots it serves (from `CLUSTER SLOTS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub host: String,
+    pub port: u16,
+    /// Inclusive ranges of hash slots.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl Shard {
+    fn serves(&self, slot: u16) -> bool {
+        self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
+    }
+}
+
+/// A command connection: to one node, or to a Redis Cluster (routed by key).
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// With `redis.mode = "cluster"`: what a connection of its own to one node needs (the seed's
+/// credentials, TCP and TLS settings).
+struct ClusterNodes {
+    seed: ConnectionInfo,
+    certs: Option<TlsCertificates>,
+}
+
+impl ClusterNodes {
+    /// A client for the node at `host:port`, speaking `protocol`.
+    fn client(
+        &self,
+        host: &str,
+        port: u16,
+        protocol: ProtocolVersion,
+    ) -> Result<redis::Client, L2Error> {
+        let info = at_node(&self.seed, host, port);
+        let settings = info.redis_settings().clone().set_protocol(protocol);
+        let info = info.set_redis_settings(settings);
+        match &self.certs {
+            Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+            None => redis::Client::open(info),
+        }
+        .map_err(|e| L2Error::Redis(e.to_string()))
+    }
+}
+
+/// `seed` with its address replaced by `host:port` (TLS settings kept).
+fn at_node(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
+    let addr = match seed.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.to_string(), port),
+    };
+    seed.clone().set_addr(addr)
+}
+
+/// `host:port` split; validation checked the form.
+fn split_host_port(node: &str) -> Result<(&str, u16), L2Error> {
+    node.rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        .ok_or_else(|| L2Error::Redis(format!("{node:?} is not host:port")))
+}
+
+/// The Redis node commands and subscriptions go to (or a cluster's seed node), and its
+/// address (`host:port`).
 struct Link {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
     addr: String,
 }
 
@@ -145,6 +291,11 @@ pub struct L2 {
     named: Arc<AtomicBool>,
     /// Bumped when commands move to another node: every subscription made before ends.
     moves: Arc<tokio::sync::watch::Sender<u64>>,
+    /// With `redis.mode = "cluster"`: how to reach each node for subscriptions.
+    cluster: Option<Arc<ClusterNodes>>,
+    /// A node that does not fit `redis.mode` (a cluster node with `single`), as the last
+    /// identity check found; [`L2::ping`] reports it.
+    misfit: Arc<Mutex<Option<String>>>,
     manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
@@ -196,7 +347,48 @@ impl Link {
         let addr = client.get_connection_info().addr().to_string();
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| L2Error::Redis(e.to_string()))?;
-        Ok(Link { client, conn, addr })
+        Ok(Link {
+            client,
+            conn: Conn::Node(conn),
+            addr,
+        })
+    }
+
+    /// A cluster connection from `client`'s node and `config.nodes` as seeds; it connects in
+    /// the background.
+    fn cluster(
+        client: redis::Client,
+        nodes: &ClusterNodes,
+        config: &RedisConfig,
+    ) -> Result<Link, L2Error> {
+        let seed = client.get_connection_info().clone();
+        let mut seeds = vec![seed.clone()];
+        for node in &config.nodes {
+            let (host, port) = split_host_port(node)?;
+            seeds.push(at_node(&seed, host, port));
+        }
+        let mut builder = ClusterClient::builder(seeds)
+            .connection_timeout(config.connect_timeout)
+            .response_timeout(config.timeout)
+            .tcp_settings(seed.tcp_settings().clone())
+            // Each command is bounded by `redis.timeout` anyway; a few retries follow a
+            // MOVED or a failover without waiting out the crate's default sixteen.
+            .retries(3)
+            .max_retry_wait(200);
+        if let Some(certs) = &nodes.certs {
+            builder = builder.certs(certs.clone());
+        }
+        let cluster = builder.build().map_err(|e| L2Error::Redis(e.to_string()))?;
+        let conn = cluster.get_pending_async_connection_with_config(
+            ClusterConfig::new()
+                .set_connection_timeout(config.connect_timeout)
+                .set_response_timeout(config.timeout),
+        );
+        Ok(Link {
+            addr: seed.addr().to_string(),
+            client,
+            conn: Conn::Cluster(conn),
+        })
     }
 }
 
@@ -222,7 +414,7 @@ impl L2 {
                     .set_user_timeout(Duration::from_secs(10)),
             );
         let sentinel = match config.mode {
-            RedisMode::Single => None,
+            RedisMode::Single | RedisMode::Cluster => None,
             RedisMode::Sentinel => {
                 let node = SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(info.redis_settings().clone())
@@ -242,16 +434,21 @@ impl L2 {
                 Some(Arc::new(tokio::sync::Mutex::new(client)))
             }
         };
-        let client = if config.url.starts_with("rediss://") {
+        let certs = if config.url.starts_with("rediss://") {
             let client_cert = config
                 .tls_cert_file
                 .as_deref()
                 .zip(config.tls_key_file.as_deref());
-            let certs = redis_certificates(config.tls_ca_file.as_deref(), client_cert)
-                .map_err(|e| L2Error::Redis(e.to_string()))?;
-            redis::Client::build_with_tls(info, certs)
+            Some(
+                redis_certificates(config.tls_ca_file.as_deref(), client_cert)
+                    .map_err(|e| L2Error::Redis(e.to_string()))?,
+            )
         } else {
-            redis::Client::open(info)
+            None
+        };
+        let client = match &certs {
+            Some(certs) => redis::Client::build_with_tls(info.clone(), certs.clone()),
+            None => redis::Client::open(info.clone()),
         }
         .map_err(|e| L2Error::Redis(e.to_string()))?;
         let manager_config = ConnectionManagerConfig::new()
@@ -259,9 +456,20 @@ impl L2 {
             .set_connection_timeout(Some(config.connect_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let link = Link::new(client, &manager_config)?;
+        let cluster = (config.mode == RedisMode::Cluster).then(|| {
+            Arc::new(ClusterNodes {
+                seed: client.get_connection_info().clone(),
+                certs,
+            })
+        });
+        let link = match &cluster {
+            Some(nodes) => Link::cluster(client, nodes, config)?,
+            None => Link::new(client, &manager_config)?,
+        };
         Ok(L2 {
             link: Arc::new(RwLock::new(link)),
+            cluster,
+            misfit: Arc::default(),
             sentinel,
             sentinel_error: Arc::default(),
             named: Arc::new(AtomicBool::new(false)),
@@ -286,8 +494,8 @@ impl L2 {
         })
     }
 
-    /// A handle on the command connection to the current node.
-    fn conn(&self) -> ConnectionManager {
+    /// A handle on the command connection to the current node (or the cluster).
+    fn conn(&self) -> Conn {
         self.link
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -388,12 +596,16 @@ impl L2 {
     /// # Errors
     /// The command's failure (a refused `INFO` is not one: `run_id` is then `None`).
     pub async fn identity(&self) -> Result<RedisIdentity, L2Error> {
+        if let Conn::Cluster(conn) = self.conn() {
+            return self.cluster_identity(conn).await;
+        }
         let mut conn = self.conn();
         let info: redis::RedisResult<String> = tokio::time::timeout(
             self.timeout,
             redis::cmd("INFO")
                 .arg("server")
                 .arg("replication")
+                .arg("cluster")
                 .query_async(&mut conn),
         )
         .await
@@ -418,11 +630,18 @@ impl L2 {
                 return Err(L2Error::Redis(with_hint(e.to_string())));
             }
         };
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-                .map(|v| v.trim().to_string())
-        };
+        let field = |name: &str| info_field(&info, name);
+        // Commands for keys of other nodes' slots would fail with MOVED: never trusted.
+        let misfit = (field("cluster_enabled").as_deref() == Some("1")).then(|| {
+            format!(
+                "{} is a Redis Cluster node: set redis.mode = \"cluster\"",
+                self.node()
+            )
+        });
+        *self.misfit.lock().unwrap_or_else(|e| e.into_inner()) = misfit.clone();
+        if let Some(misfit) = misfit {
+            return Err(L2Error::Redis(misfit));
+        }
         Ok(RedisIdentity {
             run_id: field("run_id"),
             role: field("role").unwrap_or_default(),
@@ -431,6 +650,108 @@ impl L2 {
                 .and_then(|o| o.parse().ok())
                 .unwrap_or(0),
         })
+    }
+
+    /// A cluster's identity: `INFO` from every master, as one [`RedisIdentity`] whose `run_id`
+    /// lists each master's `host:port=run_id`, sorted, so a failover or restart of any shard
+    /// makes it a new incarnation. `role` is `master` only when every node answered as one.
+    async fn cluster_identity(
+        &self,
+        mut conn: ClusterConnection,
+    ) -> Result<RedisIdentity, L2Error> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server").arg("replication");
+        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let replies = self.run("info", conn.route_command(info, routing)).await?;
+        let Value::Map(replies) = replies else {
+            return Err(L2Error::Redis(format!(
+                "unexpected INFO reply: {replies:?}"
+            )));
+        };
+        let mut run_ids = Vec::with_capacity(replies.len());
+        let mut role = "master".to_string();
+        let mut repl_offset = 0;
+        for (node, reply) in replies {
+            let node: String = redis::from_redis_value(node).unwrap_or_default();
+            let text = match reply {
+                Value::ServerError(e) => {
+                    // Refused (see the single-node case): the incarnation cannot be known.
+                    let e = e.to_string();
+                    if e.contains("NOPERM") || e.to_lowercase().contains("unknown command") {
+                        return Ok(RedisIdentity {
+                            run_id: None,
+                            role: String::new(),
+                            replid: String::new(),
+                            repl_offset: 0,
+                        });
+                    }
+                    self.distrust();
+                    return Err(L2Error::Redis(format!("INFO on {node}: {e}")));
+                }
+                other => redis::from_redis_value::<String>(other)
+                    .map_err(|e| L2Error::Redis(format!("INFO on {node}: {e}")))?,
+            };
+            let node_role = info_field(&text, "role").unwrap_or_default();
+            if node_role != "master" {
+                role = format!("{node_role} ({node})");
+            }
+            repl_offset += info_field(&text, "master_repl_offset")
+                .and_then(|o| o.parse::<i64>().ok())
+                .unwrap_or(0);
+            let run_id = info_field(&text, "run_id").unwrap_or_default();
+            run_ids.push(format!("{node}={run_id}"));
+        }
+        run_ids.sort();
+        Ok(RedisIdentity {
+            run_id: Some(run_ids.join(",")),
+            role,
+            replid: format!("{} masters", run_ids.len()),
+            repl_offset,
+        })
+    }
+
+    /// The masters of the cluster and the hash slots each serves (`CLUSTER SLOTS`, asked of
+    /// any node). Empty outside `redis.mode = "cluster"`.
+    ///
+    /// # Errors
+    /// The command's failure, or a reply of an unexpected shape.
+    pub async fn shards(&self) -> Result<Vec<Shard>, L2Error> {
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Ok(Vec::new());
+        };
+        let reply: Value = self
+            .run(
+                "slots",
+                conn.route_command(
+                    redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                ),
+            )
+            .await?;
+        parse_cluster_slots(reply)
+            .ok_or_else(|| L2Error::Redis("unexpected CLUSTER SLOTS reply".into()))
+    }
+
+    /// The channels heartbeats go out on for a subscription to prove itself alive:
+    /// `{prefix}{suffix}` on one node; in a cluster one per master that owns a bucket,
+    /// `{prefix}{b}{suffix}` with `b` one of its buckets, so the heartbeat travels on the
+    /// same connection as that shard's invalidations.
+    ///
+    /// # Errors
+    /// The cluster's layout could not be read.
+    pub async fn heartbeat_channels(&self, suffix: &str) -> Result<Vec<String>, L2Error> {
+        if self.cluster.is_none() {
+            return Ok(vec![format!("{}{suffix}", self.prefix)]);
+        }
+        let shards = self.shards().await?;
+        Ok(shards
+            .iter()
+            .filter_map(|shard| {
+                (0..CLUSTER_BUCKETS)
+                    .find(|b| shard.serves(hash_slot(b.to_string().as_bytes())))
+                    .map(|b| format!("{}{{{b}}}{suffix}", self.prefix))
+            })
+            .collect())
     }
 
     /// What the fleet recorded about Postgres in `{prefix}postgres`: `system`, `timeline`,
@@ -686,8 +1007,9 @@ impl L2 {
             .arg(kind)
             .arg(body)
             .arg(ttl_ms)
-            .arg(self.invalidation_channel())
-            .arg(message);
+            .arg(self.channel_of(key))
+            .arg(message)
+            .arg(self.publish_command());
         let outcome: i64 = self
             .run("offer", invocation.invoke_async(&mut conn))
             .await?;
@@ -703,6 +1025,14 @@ impl L2 {
     /// # Errors
     /// Why Redis cannot be used.
     pub async fn ping(&self) -> Result<(), L2Error> {
+        if let Some(misfit) = self
+            .misfit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(L2Error::Redis(misfit));
+        }
         let mut conn = self.conn();
         let failed = match self
             .run("ping", redis::cmd("PING").query_async::<String>(&mut conn))
@@ -734,7 +1064,9 @@ impl L2 {
     }
 
     async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn();
+        let Conn::Node(mut conn) = self.conn() else {
+            return self.flush_cluster(sub).await;
+        };
         let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
         let mut cursor: u64 = 0;
         let mut removed = 0;
@@ -767,6 +1099,54 @@ impl L2 {
         }
     }
 
+    /// [`L2::flush_matching`] in a cluster: `SCAN` each master in turn, `UNLINK` what it
+    /// finds one hash slot at a time (a multi-key command must stay within one slot).
+    async fn flush_cluster(&self, sub: &str) -> Result<u64, L2Error> {
+        let Conn::Cluster(mut conn) = self.conn() else {
+            return Ok(0);
+        };
+        let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
+        let mut removed = 0;
+        for shard in self.shards().await? {
+            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: shard.host.clone(),
+                port: shard.port,
+            });
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let reply = self
+                    .run("flush", conn.route_command(scan, node.clone()))
+                    .await?;
+                let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
+                    .map_err(|e| L2Error::Redis(format!("SCAN reply: {e}")))?;
+                let mut by_slot: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+                for key in keys {
+                    by_slot.entry(hash_slot(&key)).or_default().push(key);
+                }
+                for keys in by_slot.into_values() {
+                    let n: u64 = self
+                        .run(
+                            "flush",
+                            redis::cmd("UNLINK").arg(&keys).query_async(&mut conn),
+                        )
+                        .await?;
+                    removed += n;
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Publishes `message` on `channel` (heartbeats).
     ///
     /// # Errors
@@ -776,7 +1156,7 @@ impl L2 {
         let _: i64 = self
             .run(
                 "publish",
-                redis::cmd("PUBLISH")
+                redis::cmd(self.publish_command())
                     .arg(channel)
                     .arg(message)
                     .query_async(&mut conn),
@@ -792,22 +1172,74 @@ impl L2 {
     /// # Errors
     /// The command's failure.
     pub async fn subscribers(&self, channel: &str) -> Result<u64, L2Error> {
-        let mut conn = self.conn();
-        let (_, count): (String, u64) = self
-            .run(
-                "numsub",
-                redis::cmd("PUBSUB")
-                    .arg("NUMSUB")
-                    .arg(channel)
-                    .query_async(&mut conn),
-            )
-            .await?;
+        let (_, count): (String, u64) = match self.conn() {
+            Conn::Node(mut conn) => {
+                self.run(
+                    "numsub",
+                    redis::cmd("PUBSUB")
+                        .arg("NUMSUB")
+                        .arg(channel)
+                        .query_async(&mut conn),
+                )
+                .await?
+            }
+            // A shard channel's subscribers are known to the node that owns its slot.
+            Conn::Cluster(mut conn) => {
+                let owner = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(channel, SlotAddr::Master),
+                ));
+                let mut numsub = redis::cmd("PUBSUB");
+                numsub.arg("SHARDNUMSUB").arg(channel);
+                let reply = self
+                    .run("numsub", conn.route_command(numsub, owner))
+                    .await?;
+                redis::from_redis_value(reply)
+                    .map_err(|e| L2Error::Redis(format!("PUBSUB SHARDNUMSUB reply: {e}")))?
+            }
+        };
         Ok(count)
     }
 
-    /// The channel every instance of this prefix publishes its writes on.
+    /// The channel for messages about no one key (flushes): the one invalidation channel,
+    /// or in a cluster bucket 0's (every instance subscribes to every bucket).
     pub fn invalidation_channel(&self) -> String {
-        format!("{}invalidations", self.prefix)
+        if self.cluster.is_some() {
+            format!("{}{{0}}invalidations", self.prefix)
+        } else {
+            format!("{}invalidations", self.prefix)
+        }
+    }
+
+    /// Every invalidation channel: one, or one per bucket in a cluster.
+    pub fn invalidation_channels(&self) -> Vec<String> {
+        if self.cluster.is_some() {
+            (0..CLUSTER_BUCKETS)
+                .map(|b| format!("{}{{{b}}}invalidations", self.prefix))
+                .collect()
+        } else {
+            vec![self.invalidation_channel()]
+        }
+    }
+
+    /// The channel a write of `key` is announced on: in a cluster its bucket's, in the same
+    /// hash slot as the key.
+    fn channel_of(&self, key: &CacheKey) -> String {
+        if self.cluster.is_some() {
+            format!("{}{{{}}}invalidations", self.prefix, bucket_of(key))
+        } else {
+            self.invalidation_channel()
+        }
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` in a cluster (sharded pub/sub: a message stays within the
+    /// shard that owns its channel's slot, where a plain `PUBLISH` is broadcast to every
+    /// node).
+    fn publish_command(&self) -> &'static str {
+        if self.cluster.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     /// A subscription of its own to `channels` (RESP2 pub/sub, which never reconnects: when
@@ -822,7 +1254,10 @@ impl L2 {
         &self,
         channels: &[String],
         timeout: Duration,
-    ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
+    ) -> Result<BoxStream<'static, redis::Msg>, L2Error> {
+        if let Some(nodes) = &self.cluster {
+            return self.subscribe_sharded(nodes, channels, timeout).await;
+        }
         // Taken before connecting: a move from here on ends the stream.
         let mut moved = self.moves.subscribe();
         let mut pubsub =
@@ -837,10 +1272,90 @@ impl L2 {
         let moved = Box::pin(async move {
             let _ = moved.changed().await;
         });
-        Ok(futures_util::StreamExt::take_until(
-            pubsub.into_on_message(),
-            moved,
-        ))
+        Ok(pubsub.into_on_message().take_until(moved).boxed())
+    }
+
+    /// [`L2::subscribe`] in a cluster: one RESP3 connection per master that owns any of
+    /// `channels`, with an `SSUBSCRIBE` per channel (channels of different slots may not
+    /// share one). The stream ends when any of those connections drops or a node unsubscribes
+    /// a channel by itself (Redis does when the channel's slot moves to another node, by
+    /// resharding or failover): the caller subscribes again, on the layout of that time.
+    ///
+    /// The subscriptions are made here rather than through the redis crate's cluster
+    /// connection, whose resubscription after a slot moves sends channels of several slots
+    /// in one `SSUBSCRIBE` and takes the server's `sunsubscribe` for a confirmation
+    /// (redis-rs 1.8.1, read in its source).
+    async fn subscribe_sharded(
+        &self,
+        nodes: &ClusterNodes,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, redis::Msg>, L2Error> {
+        let shards = self.shards().await?;
+        let mut by_shard: Vec<Vec<&String>> = vec![Vec::new(); shards.len()];
+        for channel in channels {
+            let slot = hash_slot(channel.as_bytes());
+            let Some(owner) = shards.iter().position(|s| s.serves(slot)) else {
+                return Err(L2Error::Redis(format!(
+                    "hash slot {slot} (of channel {channel}) is served by no master"
+                )));
+            };
+            by_shard[owner].push(channel);
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<redis::PushInfo>();
+        let mut connections = Vec::new();
+        for (shard, channels) in shards.iter().zip(by_shard) {
+            if channels.is_empty() {
+                continue;
+            }
+            let client = nodes.client(&shard.host, shard.port, ProtocolVersion::RESP3)?;
+            let config = redis::AsyncConnectionConfig::new()
+                .set_push_sender(tx.clone())
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(timeout));
+            let node = format!("{}:{}", shard.host, shard.port);
+            let conn = tokio::time::timeout(
+                self.connect_timeout,
+                client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .map_err(|_| L2Error::Timeout(self.connect_timeout))?
+            .map_err(|e| L2Error::Redis(format!("connect to {node} failed: {e}")))?;
+            let subscribed = futures_util::future::try_join_all(channels.iter().map(|channel| {
+                let mut conn = conn.clone();
+                async move {
+                    redis::cmd("SSUBSCRIBE")
+                        .arg(channel.as_str())
+                        .query_async::<Value>(&mut conn)
+                        .await
+                }
+            }));
+            tokio::time::timeout(timeout, subscribed)
+                .await
+                .map_err(|_| L2Error::Timeout(timeout))?
+                .map_err(|e| L2Error::Redis(format!("SSUBSCRIBE on {node} failed: {e}")))?;
+            connections.push(conn);
+        }
+        drop(tx);
+        let pushes = futures_util::stream::unfold((rx, connections), |(mut rx, conns)| async {
+            loop {
+                let push = rx.recv().await?;
+                match push.kind {
+                    PushKind::SMessage | PushKind::Message => {
+                        if let Some(msg) = redis::Msg::from_push_info(push) {
+                            return Some((msg, (rx, conns)));
+                        }
+                    }
+                    // Never asked for: the channel's slot moved, or a connection dropped.
+                    PushKind::SUnsubscribe | PushKind::Disconnection => {
+                        tracing::warn!(kind = ?push.kind, "a shard subscription ended");
+                        return None;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        Ok(pushes.boxed())
     }
 
     /// Completes when a command succeeds after a failure (one waiter at a time).
@@ -856,10 +1371,14 @@ impl L2 {
     /// The Redis key of a cache key in `generation` of its resource.
     fn redis_key_in(&self, generation: i64, key: &CacheKey) -> String {
         let resource = key.resource();
+        let tag = match self.cluster {
+            Some(_) => format!("{{{}}}", bucket_of(key)),
+            None => String::new(),
+        };
         match generation {
-            0 => format!("{}{}", self.prefix, key.as_str()),
+            0 => format!("{}{tag}{}", self.prefix, key.as_str()),
             g => format!(
-                "{}{resource}@{g}{}",
+                "{}{tag}{resource}@{g}{}",
                 self.prefix,
                 &key.as_str()[resource.len()..]
             ),
@@ -1009,6 +1528,45 @@ impl L2 {
 }
 
 /// Parses `{version}:{kind}:{at_ms}:{document}`.
+/// Field `name` of an `INFO` reply.
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// `CLUSTER SLOTS`: `[[start, end, [host, port, id, ...], replicas...], ...]`, grouped by
+/// master.
+fn parse_cluster_slots(reply: Value) -> Option<Vec<Shard>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut shards: Vec<Shard> = Vec::new();
+    for range in ranges {
+        let Value::Array(range) = range else {
+            return None;
+        };
+        let mut range = range.into_iter();
+        let start: u16 = redis::from_redis_value(range.next()?).ok()?;
+        let end: u16 = redis::from_redis_value(range.next()?).ok()?;
+        let Value::Array(master) = range.next()? else {
+            return None;
+        };
+        let mut master = master.into_iter();
+        let host: String = redis::from_redis_value(master.next()?).ok()?;
+        let port: u16 = redis::from_redis_value(master.next()?).ok()?;
+        match shards.iter_mut().find(|s| s.host == host && s.port == port) {
+            Some(shard) => shard.slots.push((start, end)),
+            None => shards.push(Shard {
+                host,
+                port,
+                slots: vec![(start, end)],
+            }),
+        }
+    }
+    Some(shards)
+}
+
 fn decode(raw: &[u8]) -> Option<Cached> {
     let mut parts = raw.splitn(4, |&b| b == b':');
     let version: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;

@@ -1524,8 +1524,22 @@ impl Tiers {
         &self,
         channels: &[String],
         timeout: Duration,
-    ) -> Result<impl futures_util::Stream<Item = redis::Msg> + Send + 'static, L2Error> {
+    ) -> Result<futures_util::stream::BoxStream<'static, redis::Msg>, L2Error> {
         self.l2.subscribe(channels, timeout).await
+    }
+
+    /// Where heartbeats go out for a subscription to prove itself; see
+    /// [`L2::heartbeat_channels`].
+    ///
+    /// # Errors
+    /// The cluster's layout could not be read.
+    pub async fn heartbeat_channels(&self, suffix: &str) -> Result<Vec<String>, L2Error> {
+        self.l2.heartbeat_channels(suffix).await
+    }
+
+    /// Every channel writes are announced on; see [`L2::invalidation_channels`].
+    pub fn invalidation_channels(&self) -> Vec<String> {
+        self.l2.invalidation_channels()
     }
 
     /// How many connections subscribe to `channel`; see [`L2::subscribers`].

@@ -280,10 +280,15 @@ pub struct RedisConfig {
     /// Keys remembered for repair after Redis failed following a commit. Past it, the whole
     /// key prefix is dropped from Redis once it answers again.
     pub repair_queue_max: usize,
-    /// How syncar finds Redis: `single` (the node at `url`) or `sentinel` (the master that
+    /// How syncar finds Redis: `single` (the node at `url`), `sentinel` (the master that
     /// `sentinels` name `master_name`, followed through failovers; `url` then gives only the
-    /// credentials and database, its host and port are not used).
+    /// credentials and database, its host and port are not used) or `cluster` (a Redis
+    /// Cluster: `url` and `nodes` are seed nodes, the rest is learnt from `CLUSTER SLOTS`;
+    /// keys carry a hash tag and invalidations go over sharded pub/sub).
     pub mode: RedisMode,
+    /// With `mode = "cluster"`: more seed nodes besides `url`'s, `host:port` each, tried in
+    /// turn when the cluster's layout is first read.
+    pub nodes: Vec<String>,
     /// With `mode = "sentinel"`: the Sentinels' addresses, `host:port` each.
     pub sentinels: Vec<String>,
     /// With `mode = "sentinel"`: the name the Sentinels monitor the master under
@@ -298,6 +303,7 @@ pub enum RedisMode {
     #[default]
     Single,
     Sentinel,
+    Cluster,
 }
 
 /// Cache settings for every resource; each `[[resource]]` may override the TTLs.
@@ -479,6 +485,7 @@ impl Default for RedisConfig {
             mode: RedisMode::Single,
             sentinels: Vec::new(),
             master_name: String::new(),
+            nodes: Vec::new(),
         }
     }
 }

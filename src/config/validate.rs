@@ -311,7 +311,7 @@ impl Config {
             }
         }
         match r.mode {
-            RedisMode::Single => {
+            RedisMode::Single | RedisMode::Cluster => {
                 for (key, set) in [
                     ("redis.sentinels", !r.sentinels.is_empty()),
                     ("redis.master_name", !r.master_name.is_empty()),
@@ -330,11 +330,7 @@ impl Config {
                     );
                 }
                 for s in &r.sentinels {
-                    let port = s.rsplit_once(':').and_then(|(h, p)| {
-                        (!h.is_empty()).then_some(())?;
-                        p.parse::<u16>().ok()
-                    });
-                    if port.is_none() {
+                    if !is_host_port(s) {
                         bad("redis.sentinels", format!("{s:?} is not host:port"));
                     }
                 }
@@ -352,6 +348,36 @@ impl Config {
                             .into(),
                     );
                 }
+            }
+        }
+        if r.mode == RedisMode::Cluster {
+            // A Redis Cluster has one database, 0: SELECT is refused.
+            if database_of(&r.url).is_some_and(|db| db != 0) {
+                bad(
+                    "redis.url",
+                    "names a database other than 0, but a Redis Cluster has only database 0".into(),
+                );
+            }
+            // The first `{...}` of a key is its hash tag; syncar puts its own right after
+            // the prefix (see `l2`), so the prefix must not open one.
+            if r.key_prefix.contains(['{', '}']) {
+                bad(
+                    "redis.key_prefix",
+                    "must not contain '{' or '}' with mode = \"cluster\": syncar's hash tag \
+                     follows the prefix, and the first {...} of a key is its hash tag"
+                        .into(),
+                );
+            }
+        } else if !r.nodes.is_empty() {
+            bad(
+                "redis.nodes",
+                "is set, but redis.mode is not \"cluster\": seed nodes are for a Redis Cluster"
+                    .into(),
+            );
+        }
+        for n in &r.nodes {
+            if !is_host_port(n) {
+                bad("redis.nodes", format!("{n:?} is not host:port"));
             }
         }
         if r.key_prefix.is_empty() {
@@ -474,4 +500,21 @@ fn is_identifier(s: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && s.len() <= 63
+}
+
+/// Whether `s` is `host:port` (a host, a colon, a port number).
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+}
+
+/// The database number in a `redis://host:port/N` URL, if it names one.
+fn database_of(url: &str) -> Option<i64> {
+    let rest = url.split_once("://")?.1;
+    let path = rest.split_once('/')?.1;
+    let db = path.split(['?', '#']).next()?;
+    if db.is_empty() {
+        return None;
+    }
+    Some(db.parse().unwrap_or(-1))
 }

@@ -1,7 +1,11 @@
 //! The Redis feed: a pub/sub subscription of its own (which never reconnects by itself, so
 //! the driver's loop does), turning messages published by other instances into
 //! invalidations, with a heartbeat published on the command connection that must come back
-//! on the subscription. Knows nothing about HTTP.
+//! on the subscription. In a Redis Cluster the subscription is one per shard, and a
+//! heartbeat goes out on every shard: a round counts only when it came back from all of
+//! them. Knows nothing about HTTP.
+
+use std::collections::HashMap;
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -11,15 +15,15 @@ use super::driver::{handle_message, on_heartbeat, Phase, Source};
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
 
-/// The pub/sub source, with this process's heartbeat channel.
+/// The pub/sub source, with this process's heartbeat channels' suffix.
 pub struct PubSub {
-    heartbeat_channel: String,
+    heartbeat_suffix: String,
 }
 
 impl PubSub {
     pub fn new(ctx: &FeedContext) -> Self {
         PubSub {
-            heartbeat_channel: format!("{}hb:{}", ctx.config.redis.key_prefix, ctx.feed_id),
+            heartbeat_suffix: format!("hb:{}", ctx.feed_id),
         }
     }
 }
@@ -36,15 +40,23 @@ impl Source for PubSub {
     ) -> Result<(), String> {
         let config = &ctx.config;
         let tiers = &ctx.tiers;
-        let heartbeat_channel = self.heartbeat_channel.as_str();
         let lease = config.feeds.lease;
+        let heartbeat_channels = tiers
+            .heartbeat_channels(&self.heartbeat_suffix)
+            .await
+            .map_err(|e| format!("no heartbeat channels: {e}"))?;
+        if heartbeat_channels.is_empty() {
+            return Err("no heartbeat channels: the cluster names no master".into());
+        }
+        let mut channels = tiers.invalidation_channels();
+        channels.extend(heartbeat_channels.iter().cloned());
         let mut messages = tiers
-            .subscribe(
-                &[tiers.invalidation_channel(), heartbeat_channel.to_string()],
-                lease,
-            )
+            .subscribe(&channels, lease)
             .await
             .map_err(|e| format!("subscription failed: {e}"))?;
+        // Each heartbeat round (its payload, the time it went out) and how many of its
+        // channels have yet to bring it back.
+        let mut rounds: HashMap<Vec<u8>, usize> = HashMap::new();
 
         let feed_state = &ctx.coherence.redis;
         feed_state.grant(lease);
@@ -58,15 +70,34 @@ impl Source for PubSub {
                         return Err(format!("heartbeat not back within {lease:?}"));
                     }
                     // A failed publish shows up as a missing heartbeat; the lease decides.
-                    let _ = tiers.publish(heartbeat_channel, mono_ms().to_string()).await;
+                    let now = mono_ms();
+                    let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+                    rounds.retain(|sent, _| {
+                        std::str::from_utf8(sent)
+                            .ok()
+                            .and_then(|s| s.parse::<u64>().ok())
+                            .is_some_and(|sent| sent.saturating_add(lease_ms) >= now)
+                    });
+                    let payload = now.to_string();
+                    rounds.insert(payload.clone().into_bytes(), heartbeat_channels.len());
+                    for channel in &heartbeat_channels {
+                        let _ = tiers.publish(channel, payload.clone()).await;
+                    }
                 }
                 message = messages.next() => {
                     let Some(message) = message else {
                         return Err("subscription closed".into());
                     };
-                    if message.get_channel_name() == heartbeat_channel {
+                    if heartbeat_channels.iter().any(|c| c == message.get_channel_name()) {
                         let payload = message.get_payload_bytes();
-                        on_heartbeat(ctx, Feed::Redis, &mut phase, payload, last_good).await?;
+                        let Some(left) = rounds.get_mut(payload) else {
+                            continue; // a round given up on, or not ours
+                        };
+                        *left = left.saturating_sub(1);
+                        if *left == 0 {
+                            rounds.remove(payload);
+                            on_heartbeat(ctx, Feed::Redis, &mut phase, payload, last_good).await?;
+                        }
                     } else {
                         handle_message(ctx, Feed::Redis, message.get_payload_bytes()).await;
                     }

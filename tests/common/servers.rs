@@ -319,6 +319,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Whether it runs (was not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.lock().unwrap().is_some()
+    }
+
     /// Kills the server (SIGKILL); everything it held is gone.
     pub fn kill(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
@@ -401,8 +406,8 @@ impl SentinelGroup {
         let deadline = Instant::now() + Duration::from_secs(30);
         for (port, _) in &group.sentinels {
             loop {
-                let replicas = group.ask(*port, &["SENTINEL", "REPLICAS", name]);
-                let peers = group.ask(*port, &["SENTINEL", "SENTINELS", name]);
+                let replicas = ask(*port, &["SENTINEL", "REPLICAS", name]);
+                let peers = ask(*port, &["SENTINEL", "SENTINELS", name]);
                 let ready = replicas.is_some_and(|r| r.iter().any(|w| w == "slave"))
                     && peers.is_some_and(|p| p.iter().filter(|w| *w == "runid").count() >= 2);
                 if ready {
@@ -430,44 +435,261 @@ impl SentinelGroup {
     /// the old master, still up, becomes its replica.
     pub fn failover(&self) {
         let (port, _) = &self.sentinels[0];
-        self.ask(*port, &["SENTINEL", "FAILOVER", &self.name])
-            .expect("SENTINEL FAILOVER is accepted");
+        ask(*port, &["SENTINEL", "FAILOVER", &self.name]).expect("SENTINEL FAILOVER is accepted");
     }
 
     /// The master's port as the first Sentinel that answers names it.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|(port, _)| {
-            let answer = self.ask(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name])?;
+            let answer = ask(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name])?;
             answer.get(1)?.parse().ok()
         })
     }
+}
 
-    /// A command to the Sentinel on `port`, and its answer in RESP's words, flattened.
-    fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<String>> {
-        fn words(v: redis::Value, out: &mut Vec<String>) {
-            match v {
-                redis::Value::Array(items) => items.into_iter().for_each(|i| words(i, out)),
-                redis::Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
-                    words(k, out);
-                    words(v, out);
-                }),
-                redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into()),
-                redis::Value::SimpleString(s) => out.push(s),
-                redis::Value::Int(i) => out.push(i.to_string()),
-                _ => {}
-            }
+/// A command to the Redis (or Sentinel) on `port`, and its answer in RESP's words, flattened;
+/// `None` when it cannot be asked or refuses.
+pub fn ask(port: u16, args: &[&str]) -> Option<Vec<String>> {
+    ask_client(
+        &redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?,
+        args,
+    )
+}
+
+/// [`ask`] through `client`.
+fn ask_client(client: &redis::Client, args: &[&str]) -> Option<Vec<String>> {
+    fn words(v: redis::Value, out: &mut Vec<String>) {
+        match v {
+            redis::Value::Array(items) => items.into_iter().for_each(|i| words(i, out)),
+            redis::Value::Map(pairs) => pairs.into_iter().for_each(|(k, v)| {
+                words(k, out);
+                words(v, out);
+            }),
+            redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(&b).into()),
+            redis::Value::SimpleString(s) => out.push(s),
+            redis::Value::Int(i) => out.push(i.to_string()),
+            _ => {}
         }
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    }
+    let mut conn = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .ok()?;
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    let value: redis::Value = cmd.query(&mut conn).ok()?;
+    let mut out = Vec::new();
+    words(value, &mut out);
+    Some(out)
+}
+
+/// A Redis Cluster of three masters with one replica each, on free ports, made by
+/// `redis-cli --cluster create`. A node is called failing after 1 s without an answer
+/// (`cluster-node-timeout`), and its replica then takes over.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    /// With TLS: the CA file, for the test's own connections.
+    ca: Option<String>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        RedisCluster::launch(None)
+    }
+
+    /// A cluster on TLS ports only (clients, the cluster bus and replication), with the
+    /// certificates in `certs` (as [`TlsServers`] makes them: `server.pem` names
+    /// `localhost`). Nodes announce themselves as `localhost`
+    /// (`cluster-preferred-endpoint-type hostname`), so a client verifying host names can
+    /// follow `CLUSTER SLOTS`, as with managed clusters that announce DNS names.
+    pub fn start_tls(certs: &Path) -> RedisCluster {
+        RedisCluster::launch(Some(certs))
+    }
+
+    fn launch(certs: Option<&Path>) -> RedisCluster {
+        // The test's own TLS connections, made before any syncar starts.
+        syncar::tls::install_crypto_provider();
+        let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
+        let tls: Vec<String> = match certs {
+            None => Vec::new(),
+            Some(_) => [
+                "--tls-cert-file",
+                &file("server.pem").unwrap(),
+                "--tls-key-file",
+                &file("server.key").unwrap(),
+                "--tls-ca-cert-file",
+                &file("ca.pem").unwrap(),
+                // The cluster bus always asks for a client certificate, and `server.pem` is
+                // for servers only.
+                "--tls-client-cert-file",
+                &file("client.pem").unwrap(),
+                "--tls-client-key-file",
+                &file("client.key").unwrap(),
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+                "--cluster-announce-hostname",
+                "localhost",
+                "--cluster-preferred-endpoint-type",
+                "hostname",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                // The cluster bus port defaults to port + 10000, which a free port may not
+                // leave room for: one of its own.
+                let bus = free_port().to_string();
+                let extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "1000",
+                    // A replica of a fresh cluster may not have heard from its master for
+                    // longer than the default allows, and would refuse to take over.
+                    "--cluster-replica-validity-factor",
+                    "0",
+                ];
+                RedisServer::launch(&tls, &extra, true)
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut create = Command::new("redis-cli");
+        if let Some(ca) = file("ca.pem") {
+            create.args(["--tls", "--cacert", &ca]);
+        }
+        let out = create
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("redis-cli not found ({e}): install it with `apt-get install redis-tools`")
+            });
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster {
+            nodes,
+            ca: file("ca.pem"),
+        };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Until every live node says `cluster_state:ok` and agrees on the masters.
+    pub fn wait_ok(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let states: Vec<bool> = self
+                .live()
+                .map(|n| {
+                    self.ask(n.port, &["CLUSTER", "INFO"])
+                        .is_some_and(|w| w.concat().contains("cluster_state:ok"))
+                })
+                .collect();
+            let views: Vec<_> = self.live().map(|n| self.masters_seen_by(n.port)).collect();
+            if states.iter().all(|ok| *ok) && views.windows(2).all(|w| w[0] == w[1]) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster never came up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn live(&self) -> impl Iterator<Item = &RedisServer> {
+        self.nodes.iter().filter(|n| n.is_running())
+    }
+
+    /// The first node's URL, a seed.
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// The other nodes, `host:port`, more seeds.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes[1..]
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The port of the master serving hash slot `slot`, as a live node sees it.
+    pub fn master_of(&self, slot: u16) -> Option<u16> {
+        let node = self.live().next()?;
+        self.masters_seen_by(node.port)?
+            .into_iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, port)| port)
+    }
+
+    /// The node on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+}
+
+impl RedisCluster {
+    /// A client for the node on `port` (over TLS with the cluster's CA, if it has one).
+    pub fn client(&self, port: u16) -> redis::Client {
+        match &self.ca {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+            Some(ca) => redis::Client::build_with_tls(
+                format!("rediss://localhost:{port}"),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).expect("the CA file")),
+                },
+            ),
+        }
+        .expect("a valid Redis URL")
+    }
+
+    /// [`ask`] the node on `port`.
+    pub fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<String>> {
+        ask_client(&self.client(port), args)
+    }
+
+    /// `CLUSTER SLOTS` as the node on `port` answers it: (first slot, last slot, master
+    /// port).
+    fn masters_seen_by(&self, port: u16) -> Option<Vec<(u16, u16, u16)>> {
+        let client = self.client(port);
         let mut conn = client
             .get_connection_with_timeout(Duration::from_secs(2))
             .ok()?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        let value: redis::Value = cmd.query(&mut conn).ok()?;
+        // Each range: first, last, then the master as [ip, port, id, hostname info...].
+        let slots: Vec<Vec<redis::Value>> =
+            redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).ok()?;
         let mut out = Vec::new();
-        words(value, &mut out);
+        for range in slots {
+            let [first, last, master, ..] = range.as_slice() else {
+                return None;
+            };
+            let master: Vec<redis::Value> = redis::from_redis_value_ref(master).ok()?;
+            let port: u16 = redis::from_redis_value_ref(master.get(1)?).ok()?;
+            out.push((
+                redis::from_redis_value_ref(first).ok()?,
+                redis::from_redis_value_ref(last).ok()?,
+                port,
+            ));
+        }
+        out.sort();
         Some(out)
     }
 }

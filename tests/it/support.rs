@@ -19,7 +19,9 @@ use tokio::task::JoinHandle;
 
 #[path = "../common/servers.rs"]
 mod servers;
-pub use servers::{free_port, servers, tls_servers, RedisServer, SentinelGroup, TlsServers};
+pub use servers::{
+    free_port, servers, tls_servers, RedisCluster, RedisServer, SentinelGroup, TlsServers,
+};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 

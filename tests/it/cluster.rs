@@ -1,0 +1,257 @@
+//! Redis Cluster (`redis.mode = "cluster"`): keys carry a hash tag, each write is announced
+//! over sharded pub/sub on the shard that owns its key, every instance hears every shard,
+//! and a master's failover is a fault like any other.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use syncar::config::RedisMode;
+use syncar::l2::{hash_slot, CLUSTER_BUCKETS};
+
+use crate::support::{eventually, request, Env, Instance, RedisCluster};
+
+const WINDOW: Duration = Duration::from_secs(10);
+
+/// A configuration that reaches `cluster` through its seed nodes.
+fn on(cluster: &RedisCluster) -> impl Fn(&mut syncar::Config) + '_ {
+    |c| {
+        c.redis.mode = RedisMode::Cluster;
+        c.redis.url = cluster.url();
+        c.redis.nodes = cluster.seeds();
+    }
+}
+
+/// The bucket (hash tag) of `kv`'s `key`, as syncar names it.
+fn bucket(key: &str) -> u16 {
+    hash_slot(format!("kv:{key}").as_bytes()) % CLUSTER_BUCKETS
+}
+
+/// The hash slot of `kv`'s `key` in Redis.
+fn slot(key: &str) -> u16 {
+    hash_slot(format!("{{{}}}", bucket(key)).as_bytes())
+}
+
+/// The invalidation channel of `kv`'s `key`.
+fn channel(env: &Env, key: &str) -> String {
+    format!("{}{{{}}}invalidations", env.prefix, bucket(key))
+}
+
+/// How many connections subscribe to shard channel `channel`, as its master says.
+fn shard_subscribers(cluster: &RedisCluster, channel: &str) -> Option<u64> {
+    let port = cluster.master_of(hash_slot(channel.as_bytes()))?;
+    cluster
+        .ask(port, &["PUBSUB", "SHARDNUMSUB", channel])?
+        .get(1)?
+        .parse()
+        .ok()
+}
+
+/// The raw entry of `kv`'s `key` in generation 0, read through a cluster client.
+fn entry(cluster: &RedisCluster, env: &Env, key: &str) -> Option<String> {
+    let client = redis::cluster::ClusterClient::new(vec![cluster.url()]).ok()?;
+    let mut conn = client.get_connection().ok()?;
+    let name = format!("{}{{{}}}kv:{key}", env.prefix, bucket(key));
+    redis::cmd("GET").arg(name).query(&mut conn).ok()?
+}
+
+async fn batch(i: &Instance, keys: &[String]) -> serde_json::Value {
+    let body = serde_json::json!({ "keys": keys }).to_string();
+    let r = request(i.addr(), "POST", "/v1/kv", &[], Some(body.as_bytes())).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json()["results"].clone()
+}
+
+/// Two instances on a cluster of three shards: writes through syncar and plain SQL reach
+/// both, over keys spread across the shards; a batch read spans slots; every bucket channel
+/// has both instances subscribed on the master that owns it.
+#[tokio::test]
+async fn two_instances_stay_coherent_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let a = env.start(on(&cluster)).await;
+    let b = env.start(on(&cluster)).await;
+    let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    let shards: BTreeSet<u16> = keys
+        .iter()
+        .filter_map(|k| cluster.master_of(slot(k)))
+        .collect();
+    assert!(shards.len() >= 2, "the keys span shards: {shards:?}");
+
+    for k in &keys {
+        let v = a.put(&format!("/v1/kv/{k}"), "1").await.etag_version();
+        b.sees(&format!("/v1/kv/{k}"), v, WINDOW).await;
+        let entry = entry(&cluster, &env, k).unwrap_or_else(|| panic!("{k} is in Redis"));
+        assert!(entry.starts_with(&format!("{v}:v:")), "{entry}");
+        assert_eq!(
+            shard_subscribers(&cluster, &channel(&env, k)),
+            Some(2),
+            "both instances hear {k}'s bucket on its shard"
+        );
+    }
+    for k in &keys {
+        let v = a.put(&format!("/v1/kv/{k}"), "2").await.etag_version();
+        b.sees(&format!("/v1/kv/{k}"), v, WINDOW).await;
+    }
+
+    // Plain SQL, past syncar: both see it.
+    env.pg()
+        .await
+        .execute("UPDATE syncar_kv SET value = '3' WHERE key = 'k0'", &[])
+        .await
+        .unwrap();
+    let sql = eventually(WINDOW, "a sees the SQL write", || async {
+        let r = a.get("/v1/kv/k0").await;
+        (r.body.as_ref() == b"3").then(|| r.etag_version())
+    })
+    .await;
+    b.sees("/v1/kv/k0", sql, WINDOW).await;
+
+    // A batch read over every shard (MGET split by slot).
+    let results = batch(&b, &keys).await;
+    for (k, result) in keys.iter().zip(results.as_array().unwrap()) {
+        assert_eq!(result["key"], k.as_str());
+        assert_eq!(result["status"], 200, "{result}");
+    }
+
+    // A delete is seen by the other.
+    let d = a.delete("/v1/kv/k1").await;
+    assert!(d.status < 300, "{d:?}");
+    b.sees_absent("/v1/kv/k1", WINDOW).await;
+}
+
+/// With the Postgres feed off, only the cluster's sharded pub/sub can tell `b` of `a`'s
+/// write: `b` holds the key in L1, and drops it when the message comes.
+#[tokio::test]
+async fn sharded_pub_sub_evicts_other_instances_l1() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let redis_only = |c: &mut syncar::Config| {
+        on(&cluster)(c);
+        c.feeds.postgres = false;
+    };
+    let a = env.start(redis_only).await;
+    let b = env.start(redis_only).await;
+    for k in ["x0", "x1", "x2", "x3", "x4", "x5"] {
+        let path = format!("/v1/kv/{k}");
+        let v1 = a.put(&path, "1").await.etag_version();
+        b.sees(&path, v1, WINDOW).await;
+        let cached = b.get(&path).await;
+        assert_eq!(cached.header("x-cache"), Some("l1"), "{cached:?}");
+        let v2 = a.put(&path, "2").await.etag_version();
+        b.sees(&path, v2, Duration::from_secs(2)).await;
+    }
+}
+
+/// The master serving a key is killed (SIGKILL) and its replica takes over: a write
+/// acknowledged during the failover is seen by both instances, the instances' sharded
+/// subscriptions come back on the promoted node, and Redis is read again once trusted.
+#[tokio::test]
+async fn a_killed_master_fails_over_without_losing_acknowledged_writes() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let a = env.start(on(&cluster)).await;
+    let b = env
+        .start(|c| {
+            on(&cluster)(c);
+            c.cache.l1 = false; // every read of b asks Redis first
+        })
+        .await;
+    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
+    b.sees("/v1/kv/f", v1, WINDOW).await;
+    let old = cluster.master_of(slot("f")).expect("a master serves f");
+
+    cluster.node(old).kill();
+    let during = a.put("/v1/kv/f", "2").await;
+    assert!(during.status < 300, "acknowledged: {during:?}");
+    let v2 = during.etag_version();
+    let new = eventually(WINDOW, "the replica takes over f's slot", || async {
+        cluster.master_of(slot("f")).filter(|p| *p != old)
+    })
+    .await;
+    cluster.wait_ok();
+    a.sees("/v1/kv/f", v2, WINDOW).await;
+    b.sees("/v1/kv/f", v2, WINDOW).await;
+
+    eventually(
+        WINDOW,
+        "both instances subscribe on the promoted master",
+        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
+    )
+    .await;
+    assert_eq!(cluster.master_of(slot("f")), Some(new));
+    for i in [&a, &b] {
+        eventually(WINDOW, "/readyz: Redis answers again", || async {
+            (i.readyz().await["checks"]["redis"]["ok"] == true).then_some(())
+        })
+        .await;
+    }
+    let v3 = a.put("/v1/kv/f", "3").await.etag_version();
+    eventually(WINDOW, "b reads it from the promoted master", || async {
+        let read = b.get("/v1/kv/f").await;
+        (read.etag_version() == v3 && read.header("x-cache") == Some("l2")).then_some(())
+    })
+    .await;
+    // And an instance with L1 hears the next write through the new shard subscription.
+    let c = env.start(on(&cluster)).await;
+    c.sees("/v1/kv/f", v3, WINDOW).await;
+    let v4 = a.put("/v1/kv/f", "4").await.etag_version();
+    c.sees("/v1/kv/f", v4, WINDOW).await;
+}
+
+/// A cluster on TLS ports only, whose nodes announce a host name: syncar verifies each
+/// node's certificate against `redis.tls_ca_file` and its name, for commands and for the
+/// sharded subscriptions alike.
+#[tokio::test]
+async fn a_cluster_over_tls_is_reached_with_host_name_checks() {
+    let certs = crate::support::tls_servers().certs.clone();
+    let cluster = RedisCluster::start_tls(&certs);
+    let env = Env::new().await;
+    let over_tls = |c: &mut syncar::Config| {
+        c.redis.mode = RedisMode::Cluster;
+        c.redis.url = format!("rediss://localhost:{}", cluster.nodes[0].port);
+        c.redis.nodes = vec![format!("localhost:{}", cluster.nodes[1].port)];
+        c.redis.tls_ca_file = Some(certs.join("ca.pem"));
+    };
+    let a = env.start(over_tls).await;
+    let b = env.start(over_tls).await;
+    for k in ["t0", "t1", "t2", "t3"] {
+        let path = format!("/v1/kv/{k}");
+        let v1 = a.put(&path, "1").await.etag_version();
+        b.sees(&path, v1, WINDOW).await;
+        let v2 = a.put(&path, "2").await.etag_version();
+        b.sees(&path, v2, WINDOW).await;
+        assert_eq!(
+            shard_subscribers(&cluster, &channel(&env, k)),
+            Some(2),
+            "both instances hear {k}'s bucket over TLS"
+        );
+    }
+    assert_eq!(a.readyz().await["checks"]["redis"]["ok"], true);
+}
+
+/// A cluster node configured as a single Redis: `/readyz` says to set `redis.mode`, and
+/// reads never trust it (keys of other shards would answer `MOVED`).
+#[tokio::test]
+async fn a_cluster_node_with_mode_single_is_reported() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let mut config = env.config();
+    config.redis.url = cluster.url();
+    crate::support::init_logging();
+    // Not waited for: its Redis feed cannot come up on a node it does not trust.
+    let a = Instance {
+        app: syncar::App::start(config).await.expect("starts"),
+    };
+    let error = eventually(WINDOW, "/readyz names the mode", || async {
+        let ready = a.readyz().await;
+        ready["checks"]["redis"]["error"]
+            .as_str()
+            .map(ToString::to_string)
+    })
+    .await;
+    assert!(
+        error.contains("is a Redis Cluster node: set redis.mode = \"cluster\""),
+        "{error}"
+    );
+    assert!(!a.state().tiers.redis_trusted(), "never trusted");
+}
