@@ -18,7 +18,11 @@
 //!
 //! Options (defaults in brackets): `--instances 3`, `--keys 300`, `--readers 12`,
 //! `--writers 6`, `--writes-per-sec 40` (per writer), `--sql-fraction 0.3`, `--phase-secs 8`,
-//! `--settle-secs 2`, `--modes full,ttl-only,...`, `--zipf 1.0`.
+//! `--settle-secs 2`, `--modes full,ttl-only,...`, `--zipf 1.0`, `--redis single` (or
+//! `cluster`: a Redis Cluster of three masters with a replica each, `redis.mode = "cluster"`;
+//! then `pubsub-kill` kills every subscribed connection on every master, and `redis-restart`
+//! SIGKILLs the master serving bucket 0, lets its replica take over, and starts the node
+//! again, to rejoin as a replica).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
@@ -119,6 +123,8 @@ struct Args {
     settle: Duration,
     modes: Vec<Mode>,
     zipf: f64,
+    /// `--redis cluster`: a Redis Cluster instead of one node.
+    cluster: bool,
 }
 
 impl Args {
@@ -141,6 +147,7 @@ impl Args {
                 Mode::FullWal,
             ],
             zipf: 1.0,
+            cluster: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -159,6 +166,13 @@ impl Args {
                 "--settle-secs" => a.settle = Duration::from_secs_f64(value().parse().unwrap()),
                 "--modes" => a.modes = value().split(',').map(Mode::parse).collect(),
                 "--zipf" => a.zipf = value().parse().unwrap(),
+                "--redis" => {
+                    a.cluster = match value().as_str() {
+                        "single" => false,
+                        "cluster" => true,
+                        other => panic!("--redis is single or cluster, not {other:?}"),
+                    }
+                }
                 other => panic!("unknown option {other}"),
             }
         }
@@ -284,12 +298,51 @@ impl Conn {
     }
 }
 
+/// The Redis the benchmark runs against.
+enum Redis {
+    Single(servers::RedisServer),
+    Cluster(servers::RedisCluster),
+}
+
+impl Redis {
+    fn url(&self) -> String {
+        match self {
+            Redis::Single(r) => r.url(),
+            Redis::Cluster(c) => c.url(),
+        }
+    }
+
+    /// The `[redis]` settings besides the URL and prefix.
+    fn settings(&self) -> String {
+        match self {
+            Redis::Single(_) => String::new(),
+            Redis::Cluster(c) => format!("mode = \"cluster\"\nnodes = {:?}\n", c.seeds()),
+        }
+    }
+
+    /// The ports of the nodes that serve slots now.
+    fn masters(&self) -> Vec<u16> {
+        match self {
+            Redis::Single(r) => vec![r.port],
+            Redis::Cluster(c) => {
+                let mut ports: Vec<u16> = (0..16384u16)
+                    .step_by(64)
+                    .filter_map(|slot| c.master_of(slot))
+                    .collect();
+                ports.sort();
+                ports.dedup();
+                ports
+            }
+        }
+    }
+}
+
 /// The servers and syncar processes of one mode.
 struct Cluster {
     bin: PathBuf,
     config: PathBuf,
     pg_url: String,
-    redis: Arc<servers::RedisServer>,
+    redis: Arc<Redis>,
     ports: Vec<u16>,
     children: Mutex<Vec<Option<Child>>>,
 }
@@ -375,7 +428,11 @@ async fn main() {
     let args = Args::parse();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
     let servers = servers::servers();
-    let redis = Arc::new(servers::RedisServer::start());
+    let redis = Arc::new(if args.cluster {
+        Redis::Cluster(servers::RedisCluster::start())
+    } else {
+        Redis::Single(servers::RedisServer::start())
+    });
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
         .join("bench-stale");
     std::fs::create_dir_all(&out).unwrap();
@@ -402,7 +459,7 @@ async fn run_mode(
     n: usize,
     bin: &std::path::Path,
     pg_port: u16,
-    redis: &Arc<servers::RedisServer>,
+    redis: &Arc<Redis>,
     out: &std::path::Path,
 ) -> ModeResult {
     let db = format!("bench_{}_{n}", std::process::id());
@@ -427,10 +484,11 @@ async fn run_mode(
     std::fs::write(
         &config,
         format!(
-            "[postgres]\npool_size = 8\n[redis]\nkey_prefix = \"{db}:\"\n\
+            "[postgres]\npool_size = 8\n[redis]\nkey_prefix = \"{db}:\"\n{redis}\
              [feeds]\npostgres = {pg_feed}\nredis = {redis_feed}\npostgres_source = \"{source}\"\n\
              [log]\nlevel = \"warn\"\n",
             source = mode.postgres_source(),
+            redis = redis.settings(),
         ),
     )
     .unwrap();
@@ -629,15 +687,34 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
     match phase {
         "steady" => {}
         "pubsub-kill" => {
-            let mut conn = redis::Client::open(cluster.redis.url())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            let _: Result<i64, _> = redis::cmd("CLIENT")
-                .arg(&["KILL", "TYPE", "pubsub"])
-                .query_async(&mut conn)
-                .await;
+            // Every connection holding a subscription (RESP3 ones, as the sharded
+            // subscriptions are, are not of `TYPE pubsub`), on every node serving slots.
+            for port in cluster.redis.masters() {
+                let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                let list: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                for client in list.lines() {
+                    let field = |name: &str| {
+                        client
+                            .split(' ')
+                            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                            .unwrap_or("0")
+                    };
+                    if field("sub") != "0" || field("ssub") != "0" {
+                        let _: Result<i64, _> = redis::cmd("CLIENT")
+                            .arg(&["KILL", "ID", field("id")])
+                            .query_async(&mut conn)
+                            .await;
+                    }
+                }
+            }
         }
         "listen-kill" => {
             terminate(pg_url, "application_name = 'syncar-listen'").await;
@@ -645,9 +722,17 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
         "redis-restart" => {
             let redis = cluster.redis.clone();
             tokio::task::spawn_blocking(move || {
-                redis.kill();
+                let node = match &*redis {
+                    Redis::Single(r) => r,
+                    // The master of the first key; its replica takes over.
+                    Redis::Cluster(c) => {
+                        let slot = syncar::l2::hash_slot(b"{0}");
+                        c.node(c.master_of(slot).expect("a master"))
+                    }
+                };
+                node.kill();
                 std::thread::sleep(Duration::from_secs(1));
-                redis.restart();
+                node.restart();
             })
             .await
             .unwrap();

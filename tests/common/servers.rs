@@ -636,6 +636,17 @@ impl RedisCluster {
             .map(|(_, _, port)| port)
     }
 
+    /// The port of a live replica of the master on `master`.
+    pub fn replica_of(&self, master: u16) -> Option<u16> {
+        self.live().map(|n| n.port).find(|&port| {
+            // ROLE: slave, master host, master port, ...
+            self.ask(port, &["ROLE"]).is_some_and(|role| {
+                role.first().map(String::as_str) == Some("slave")
+                    && role.get(2) == Some(&master.to_string())
+            })
+        })
+    }
+
     /// The node on `port`.
     pub fn node(&self, port: u16) -> &RedisServer {
         self.nodes

@@ -198,6 +198,50 @@ async fn a_killed_master_fails_over_without_losing_acknowledged_writes() {
     c.sees("/v1/kv/f", v4, WINDOW).await;
 }
 
+/// A manual failover (`CLUSTER FAILOVER` on a replica): the old master stays up, as a
+/// replica, and ends its shard channels' subscriptions when it hands the slots over. With
+/// the Postgres feed off, only those subscriptions can evict `b`'s L1: they must come back
+/// on the promoted node. The lease is long (30 s), so the heartbeat that stops coming back
+/// cannot be what brings them back within the window: the `sunsubscribe` must be.
+#[tokio::test]
+async fn subscriptions_follow_a_manual_failover() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let redis_only = |c: &mut syncar::Config| {
+        on(&cluster)(c);
+        c.feeds.postgres = false;
+        c.feeds.lease = Duration::from_secs(30);
+    };
+    let a = env.start(redis_only).await;
+    let b = env.start(redis_only).await;
+    let old = cluster.master_of(slot("f")).expect("a master serves f");
+    let replica = cluster.replica_of(old).expect("the master has a replica");
+    assert_eq!(shard_subscribers(&cluster, &channel(&env, "f")), Some(2));
+
+    cluster
+        .ask(replica, &["CLUSTER", "FAILOVER"])
+        .expect("CLUSTER FAILOVER is accepted");
+    eventually(WINDOW, "the replica takes over f's slot", || async {
+        (cluster.master_of(slot("f")) == Some(replica)).then_some(())
+    })
+    .await;
+    cluster.wait_ok();
+    eventually(
+        WINDOW,
+        "both instances subscribe on the promoted node",
+        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
+    )
+    .await;
+    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
+    b.sees("/v1/kv/f", v1, WINDOW).await;
+    eventually(WINDOW, "b serves f from L1", || async {
+        (b.get("/v1/kv/f").await.header("x-cache") == Some("l1")).then_some(())
+    })
+    .await;
+    let v2 = a.put("/v1/kv/f", "2").await.etag_version();
+    b.sees("/v1/kv/f", v2, Duration::from_secs(2)).await;
+}
+
 /// A cluster on TLS ports only, whose nodes announce a host name: syncar verifies each
 /// node's certificate against `redis.tls_ca_file` and its name, for commands and for the
 /// sharded subscriptions alike.
