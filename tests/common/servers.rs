@@ -647,6 +647,46 @@ impl RedisCluster {
         })
     }
 
+    /// Moves hash slot `slot`, its keys included, to the master on `to`, as
+    /// `redis-cli --cluster reshard` does for each slot: `CLUSTER SETSLOT` `IMPORTING` and
+    /// `MIGRATING`, `MIGRATE` of its keys, then `SETSLOT ... NODE` on every master.
+    pub fn move_slot(&self, slot: u16, to: u16) {
+        let from = self.master_of(slot).expect("a master serves the slot");
+        let id = |port: u16| {
+            self.ask(port, &["CLUSTER", "MYID"])
+                .and_then(|w| w.into_iter().next())
+                .expect("CLUSTER MYID")
+        };
+        let (from_id, to_id) = (id(from), id(to));
+        let s = slot.to_string();
+        let to_port = to.to_string();
+        self.ask(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id])
+            .expect("SETSLOT IMPORTING");
+        self.ask(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id])
+            .expect("SETSLOT MIGRATING");
+        loop {
+            let keys = self
+                .ask(from, &["CLUSTER", "GETKEYSINSLOT", &s, "100"])
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            let mut migrate = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+            migrate.extend(keys.iter().map(String::as_str));
+            self.ask(from, &migrate).expect("MIGRATE");
+        }
+        let mut masters: Vec<u16> = vec![to, from];
+        masters.extend(
+            self.live()
+                .map(|n| n.port)
+                .filter(|p| *p != to && *p != from),
+        );
+        for port in masters {
+            // A replica refuses; only the masters' answers matter.
+            let _ = self.ask(port, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+        }
+    }
+
     /// The node on `port`.
     pub fn node(&self, port: u16) -> &RedisServer {
         self.nodes

@@ -119,6 +119,45 @@ async fn two_instances_stay_coherent_on_a_cluster() {
     b.sees_absent("/v1/kv/k1", WINDOW).await;
 }
 
+/// The `wal` source on a cluster: the relay's messages and its liveness channel are shard
+/// channels too; SQL writes and a TRUNCATE (a flush of the resource: generations raised in
+/// the cluster, a flush message to every instance) reach both instances.
+#[tokio::test]
+async fn the_wal_relay_works_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let wal = |c: &mut syncar::Config| {
+        on(&cluster)(c);
+        c.feeds.postgres_source = syncar::config::PostgresSource::Wal;
+    };
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v1 = a.put("/v1/kv/w", "1").await.etag_version();
+    for i in [&a, &b] {
+        i.sees("/v1/kv/w", v1, WINDOW).await;
+        eventually(WINDOW, "served from L1", || async {
+            (i.get("/v1/kv/w").await.header("x-cache") == Some("l1")).then_some(())
+        })
+        .await;
+    }
+    let v2: i64 = crate::support::query_value(
+        &env.pg().await,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'w' RETURNING version",
+    )
+    .await;
+    for i in [&a, &b] {
+        i.sees("/v1/kv/w", v2, WINDOW).await;
+    }
+    env.pg()
+        .await
+        .batch_execute("TRUNCATE syncar_kv")
+        .await
+        .unwrap();
+    for i in [&a, &b] {
+        i.sees_absent("/v1/kv/w", WINDOW).await;
+    }
+}
+
 /// With the Postgres feed off, only the cluster's sharded pub/sub can tell `b` of `a`'s
 /// write: `b` holds the key in L1, and drops it when the message comes.
 #[tokio::test]
@@ -236,6 +275,46 @@ async fn subscriptions_follow_a_manual_failover() {
     b.sees("/v1/kv/f", v1, WINDOW).await;
     eventually(WINDOW, "b serves f from L1", || async {
         (b.get("/v1/kv/f").await.header("x-cache") == Some("l1")).then_some(())
+    })
+    .await;
+    let v2 = a.put("/v1/kv/f", "2").await.etag_version();
+    b.sees("/v1/kv/f", v2, Duration::from_secs(2)).await;
+}
+
+/// A slot moved to another master with its keys (resharding): the node that loses it ends
+/// its channels' subscriptions, and syncar subscribes again where the slot went (the lease is
+/// long, as above, so the heartbeat cannot be what brings them back in time).
+#[tokio::test]
+async fn subscriptions_follow_a_slot_migration() {
+    let cluster = RedisCluster::start();
+    let env = Env::new().await.on_redis(cluster.url());
+    let redis_only = |c: &mut syncar::Config| {
+        on(&cluster)(c);
+        c.feeds.postgres = false;
+        c.feeds.lease = Duration::from_secs(30);
+    };
+    let a = env.start(redis_only).await;
+    let b = env.start(redis_only).await;
+    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
+    b.sees("/v1/kv/f", v1, WINDOW).await;
+    let old = cluster.master_of(slot("f")).expect("a master serves f");
+    let target = (0..16384u16)
+        .step_by(512)
+        .filter_map(|s| cluster.master_of(s))
+        .find(|p| *p != old)
+        .expect("another master");
+
+    cluster.move_slot(slot("f"), target);
+    eventually(
+        WINDOW,
+        "both instances subscribe where the slot went",
+        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
+    )
+    .await;
+    assert_eq!(cluster.master_of(slot("f")), Some(target));
+    eventually(WINDOW, "b serves f from L1", || async {
+        let read = b.get("/v1/kv/f").await;
+        (read.etag_version() == v1 && read.header("x-cache") == Some("l1")).then_some(())
     })
     .await;
     let v2 = a.put("/v1/kv/f", "2").await.etag_version();
