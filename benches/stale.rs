@@ -19,7 +19,8 @@
 //! Options (defaults in brackets): `--instances 3`, `--keys 300`, `--readers 12`,
 //! `--writers 6`, `--writes-per-sec 40` (per writer), `--sql-fraction 0.3`, `--phase-secs 8`,
 //! `--settle-secs 2`, `--modes full,ttl-only,...`, `--zipf 1.0`, `--redis single` (or
-//! `cluster`: a Redis Cluster of three masters with a replica each, `redis.mode = "cluster"`;
+//! `cluster`, or `single,cluster` for both side by side in one run, each mode on each;
+//! `cluster` is a Redis Cluster of three masters with a replica each, `redis.mode = "cluster"`;
 //! then `pubsub-kill` kills every subscribed connection on every master, and `redis-restart`
 //! SIGKILLs the master serving bucket 0, lets its replica take over, and starts the node
 //! again, to rejoin as a replica).
@@ -123,8 +124,8 @@ struct Args {
     settle: Duration,
     modes: Vec<Mode>,
     zipf: f64,
-    /// `--redis cluster`: a Redis Cluster instead of one node.
-    cluster: bool,
+    /// `--redis`: one node (`false`), a Redis Cluster (`true`), or both in turn.
+    redis: Vec<bool>,
 }
 
 impl Args {
@@ -147,7 +148,7 @@ impl Args {
                 Mode::FullWal,
             ],
             zipf: 1.0,
-            cluster: false,
+            redis: vec![false],
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -167,11 +168,14 @@ impl Args {
                 "--modes" => a.modes = value().split(',').map(Mode::parse).collect(),
                 "--zipf" => a.zipf = value().parse().unwrap(),
                 "--redis" => {
-                    a.cluster = match value().as_str() {
-                        "single" => false,
-                        "cluster" => true,
-                        other => panic!("--redis is single or cluster, not {other:?}"),
-                    }
+                    a.redis = value()
+                        .split(',')
+                        .map(|kind| match kind {
+                            "single" => false,
+                            "cluster" => true,
+                            other => panic!("--redis takes single and cluster, not {other:?}"),
+                        })
+                        .collect();
                 }
                 other => panic!("unknown option {other}"),
             }
@@ -415,6 +419,8 @@ async fn readyz(port: u16) -> Option<Value> {
 
 struct ModeResult {
     mode: Mode,
+    /// The mode's name, and with `--redis single,cluster` which Redis (`full@cluster`).
+    label: String,
     phases: Vec<Value>,
     audit_stale_keys: usize,
     audit_checked: usize,
@@ -428,11 +434,6 @@ async fn main() {
     let args = Args::parse();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
     let servers = servers::servers();
-    let redis = Arc::new(if args.cluster {
-        Redis::Cluster(servers::RedisCluster::start())
-    } else {
-        Redis::Single(servers::RedisServer::start())
-    });
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
         .join("bench-stale");
     std::fs::create_dir_all(&out).unwrap();
@@ -447,8 +448,24 @@ async fn main() {
         args.phase
     );
     let mut results = Vec::new();
-    for (n, mode) in args.modes.iter().enumerate() {
-        results.push(run_mode(&args, *mode, n, &bin, servers.pg_port, &redis, &out).await);
+    for &cluster in &args.redis {
+        let redis = Arc::new(if cluster {
+            Redis::Cluster(servers::RedisCluster::start())
+        } else {
+            Redis::Single(servers::RedisServer::start())
+        });
+        for mode in &args.modes {
+            let n = results.len();
+            let mut result = run_mode(&args, *mode, n, &bin, servers.pg_port, &redis, &out).await;
+            if args.redis.len() > 1 {
+                result.label = format!(
+                    "{}@{}",
+                    mode.name(),
+                    if cluster { "cluster" } else { "single" }
+                );
+            }
+            results.push(result);
+        }
     }
     report(&args, &results, &out);
 }
@@ -674,6 +691,7 @@ async fn run_mode(
     let (coherence, coherence_cdf) = summarise_delays(&coherence_raw);
     ModeResult {
         mode,
+        label: mode.name().to_string(),
         phases,
         audit_stale_keys,
         audit_checked,
@@ -1016,7 +1034,7 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             let pct = |k: &str| p[k].as_f64().unwrap() * 100.0;
             println!(
                 "{:<19} {:<14} {:>7.0} {:>6.0} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>8} {:>7.1}ms {:>7.1}ms {:>5.2}ms {:>5.2}ms {:>6.1}",
-                r.mode.name(),
+                r.label,
                 p["phase"].as_str().unwrap(),
                 p["reads_per_sec"].as_f64().unwrap(),
                 p["writes_per_sec"].as_f64().unwrap(),
@@ -1034,7 +1052,7 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
         }
         println!(
             "{:<19} final audit: {} key copies checked (keys x instances), {} keys stale; commit-to-eviction {}",
-            r.mode.name(),
+            r.label,
             r.audit_checked,
             r.audit_stale_keys,
             r.coherence
@@ -1043,7 +1061,7 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
     let json = json!({
         "args": format!("{args:?}"),
         "modes": results.iter().map(|r| json!({
-            "mode": r.mode.name(),
+            "mode": r.label,
             "phases": r.phases,
             "audit": {"keys_stale": r.audit_stale_keys, "copies_checked": r.audit_checked},
             "commit_to_eviction": r.coherence,
@@ -1089,7 +1107,8 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             && steady_over_100ms == 0
             && notify_rate.is_none_or(|n| rate <= n);
         println!(
-            "goal (full-wal): stale-read rate {:.4}% (full-notify {}), reads stale > 100 ms outside faults = {steady_over_100ms} (want 0), > 1 s = {over_1s} (want 0), keys stale at the audit = {} (want 0): {}",
+            "goal ({}): stale-read rate {:.4}% (full-notify {}), reads stale > 100 ms outside faults = {steady_over_100ms} (want 0), > 1 s = {over_1s} (want 0), keys stale at the audit = {} (want 0): {}",
+            r.label,
             rate * 100.0,
             notify_rate.map_or("not run".into(), |n| format!("{:.4}%", n * 100.0)),
             r.audit_stale_keys,
@@ -1107,7 +1126,7 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             .sum();
         println!(
             "goal ({}): keys stale at the audit = {} (want 0), reads stale by more than 1 s = {} (want 0): {}",
-            r.mode.name(),
+            r.label,
             r.audit_stale_keys,
             over_1s,
             if r.audit_stale_keys == 0 && over_1s == 0 { "MET" } else { "NOT MET" }
@@ -1138,7 +1157,7 @@ fn chart_staleness(results: &[ModeResult], path: &std::path::Path) {
                 .filter(|(j, _)| j % step == 0 || *j + 1 == n)
                 .map(|(j, a)| (*a, (j + 1) as f64 / n as f64))
                 .collect();
-            (format!("{} ({n} stale reads)", r.mode.name()), points)
+            (format!("{} ({n} stale reads)", r.label), points)
         })
         .collect();
     cdf_chart(
@@ -1155,7 +1174,7 @@ fn chart_staleness(results: &[ModeResult], path: &std::path::Path) {
 fn chart_coherence(results: &[ModeResult], path: &std::path::Path) {
     let series = results
         .iter()
-        .map(|r| (r.mode.name().to_string(), r.coherence_cdf.clone()))
+        .map(|r| (r.label.clone(), r.coherence_cdf.clone()))
         .collect();
     cdf_chart(
         path,

@@ -42,9 +42,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{
-    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
-};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::{socket2, TcpSettings};
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{
@@ -182,6 +180,11 @@ impl Shard {
     fn serves(&self, slot: u16) -> bool {
         self.slots.iter().any(|&(a, b)| (a..=b).contains(&slot))
     }
+
+    /// One bucket this shard serves, if any.
+    fn bucket(&self) -> Option<u16> {
+        (0..CLUSTER_BUCKETS).find(|b| self.serves(hash_slot(b.to_string().as_bytes())))
+    }
 }
 
 /// A command connection: to one node, or to a Redis Cluster (routed by key).
@@ -266,7 +269,13 @@ fn at_node(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
 /// `host:port` split; validation checked the form.
 fn split_host_port(node: &str) -> Result<(&str, u16), L2Error> {
     node.rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+        .and_then(|(h, p)| {
+            let h = h
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(h);
+            Some((h, p.parse().ok()?))
+        })
         .ok_or_else(|| L2Error::Redis(format!("{node:?} is not host:port")))
 }
 
@@ -652,48 +661,70 @@ impl L2 {
         })
     }
 
-    /// A cluster's identity: `INFO` from every master, as one [`RedisIdentity`] whose `run_id`
-    /// lists each master's `host:port=run_id`, sorted, so a failover or restart of any shard
-    /// makes it a new incarnation. `role` is `master` only when every node answered as one.
+    /// A cluster's identity: `INFO` from each master that `CLUSTER SLOTS` names now, as one
+    /// [`RedisIdentity`] whose `run_id` lists each master's `host:port=run_id`, sorted, so a
+    /// failover or restart of any shard makes it a new incarnation.
+    ///
+    /// The masters are taken from a fresh `CLUSTER SLOTS`, not from the cluster client's
+    /// routing table, which follows a failover only when a command meets `MOVED`: a key of
+    /// each shard is touched first (`EXISTS`, routed by slot) so that the client learns of a
+    /// move before `INFO` is sent to each master by address.
+    ///
+    /// # Errors
+    /// A master that cannot be asked, or one that does not answer `role:master` (the layout
+    /// is changing): the caller keeps Redis distrusted and asks again.
     async fn cluster_identity(
         &self,
         mut conn: ClusterConnection,
     ) -> Result<RedisIdentity, L2Error> {
-        let mut info = redis::cmd("INFO");
-        info.arg("server").arg("replication");
-        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-        let replies = self.run("info", conn.route_command(info, routing)).await?;
-        let Value::Map(replies) = replies else {
-            return Err(L2Error::Redis(format!(
-                "unexpected INFO reply: {replies:?}"
-            )));
-        };
-        let mut run_ids = Vec::with_capacity(replies.len());
-        let mut role = "master".to_string();
+        let shards = self.shards().await?;
+        let mut run_ids = Vec::with_capacity(shards.len());
         let mut repl_offset = 0;
-        for (node, reply) in replies {
-            let node: String = redis::from_redis_value(node).unwrap_or_default();
-            let text = match reply {
-                Value::ServerError(e) => {
-                    // Refused (see the single-node case): the incarnation cannot be known.
-                    let e = e.to_string();
-                    if e.contains("NOPERM") || e.to_lowercase().contains("unknown command") {
-                        return Ok(RedisIdentity {
-                            run_id: None,
-                            role: String::new(),
-                            replid: String::new(),
-                            repl_offset: 0,
-                        });
-                    }
+        for shard in &shards {
+            let node = format!("{}:{}", shard.host, shard.port);
+            if let Some(b) = shard.bucket() {
+                let probe = format!("{}{{{b}}}", self.prefix);
+                let _: i64 = self
+                    .run(
+                        "info",
+                        redis::cmd("EXISTS").arg(probe).query_async(&mut conn),
+                    )
+                    .await?;
+            }
+            let mut info = redis::cmd("INFO");
+            info.arg("server").arg("replication");
+            let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: shard.host.clone(),
+                port: shard.port,
+            });
+            let text = match tokio::time::timeout(self.timeout, conn.route_command(info, at)).await
+            {
+                Err(_) => return Err(L2Error::Timeout(self.timeout)),
+                Ok(Ok(reply)) => redis::from_redis_value::<String>(reply)
+                    .map_err(|e| L2Error::Redis(format!("INFO on {node}: {e}")))?,
+                // Refused (see the single-node case): the incarnation cannot be known.
+                Ok(Err(e))
+                    if e.code() == Some("NOPERM")
+                        || e.to_string().to_lowercase().contains("unknown command") =>
+                {
+                    return Ok(RedisIdentity {
+                        run_id: None,
+                        role: String::new(),
+                        replid: String::new(),
+                        repl_offset: 0,
+                    });
+                }
+                Ok(Err(e)) => {
                     self.distrust();
                     return Err(L2Error::Redis(format!("INFO on {node}: {e}")));
                 }
-                other => redis::from_redis_value::<String>(other)
-                    .map_err(|e| L2Error::Redis(format!("INFO on {node}: {e}")))?,
             };
-            let node_role = info_field(&text, "role").unwrap_or_default();
-            if node_role != "master" {
-                role = format!("{node_role} ({node})");
+            let role = info_field(&text, "role").unwrap_or_default();
+            if role != "master" {
+                self.distrust();
+                return Err(L2Error::Redis(format!(
+                    "{node}, named master by CLUSTER SLOTS, says role:{role}: the layout is changing"
+                )));
             }
             repl_offset += info_field(&text, "master_repl_offset")
                 .and_then(|o| o.parse::<i64>().ok())
@@ -704,7 +735,7 @@ impl L2 {
         run_ids.sort();
         Ok(RedisIdentity {
             run_id: Some(run_ids.join(",")),
-            role,
+            role: "master".into(),
             replid: format!("{} masters", run_ids.len()),
             repl_offset,
         })
@@ -728,30 +759,13 @@ impl L2 {
                 ),
             )
             .await?;
-        parse_cluster_slots(reply)
-            .ok_or_else(|| L2Error::Redis("unexpected CLUSTER SLOTS reply".into()))
-    }
-
-    /// The channels heartbeats go out on for a subscription to prove itself alive:
-    /// `{prefix}{suffix}` on one node; in a cluster one per master that owns a bucket,
-    /// `{prefix}{b}{suffix}` with `b` one of its buckets, so the heartbeat travels on the
-    /// same connection as that shard's invalidations.
-    ///
-    /// # Errors
-    /// The cluster's layout could not be read.
-    pub async fn heartbeat_channels(&self, suffix: &str) -> Result<Vec<String>, L2Error> {
-        if self.cluster.is_none() {
-            return Ok(vec![format!("{}{suffix}", self.prefix)]);
-        }
-        let shards = self.shards().await?;
-        Ok(shards
-            .iter()
-            .filter_map(|shard| {
-                (0..CLUSTER_BUCKETS)
-                    .find(|b| shard.serves(hash_slot(b.to_string().as_bytes())))
-                    .map(|b| format!("{}{{{b}}}{suffix}", self.prefix))
-            })
-            .collect())
+        parse_cluster_slots(reply).ok_or_else(|| {
+            L2Error::Redis(
+                "CLUSTER SLOTS gives no usable address for some master (an unknown endpoint, \
+                 as with cluster-preferred-endpoint-type unknown-endpoint, is not supported)"
+                    .into(),
+            )
+        })
     }
 
     /// What the fleet recorded about Postgres in `{prefix}postgres`: `system`, `timeline`,
@@ -1256,7 +1270,10 @@ impl L2 {
         timeout: Duration,
     ) -> Result<BoxStream<'static, redis::Msg>, L2Error> {
         if let Some(nodes) = &self.cluster {
-            return self.subscribe_sharded(nodes, channels, timeout).await;
+            let shards = self.shards().await?;
+            return self
+                .subscribe_sharded(nodes, &shards, channels, timeout)
+                .await;
         }
         // Taken before connecting: a move from here on ends the stream.
         let mut moved = self.moves.subscribe();
@@ -1288,10 +1305,10 @@ impl L2 {
     async fn subscribe_sharded(
         &self,
         nodes: &ClusterNodes,
+        shards: &[Shard],
         channels: &[String],
         timeout: Duration,
     ) -> Result<BoxStream<'static, redis::Msg>, L2Error> {
-        let shards = self.shards().await?;
         let mut by_shard: Vec<Vec<&String>> = vec![Vec::new(); shards.len()];
         for channel in channels {
             let slot = hash_slot(channel.as_bytes());
@@ -1356,6 +1373,45 @@ impl L2 {
             }
         });
         Ok(pushes.boxed())
+    }
+
+    /// [`L2::subscribe`] to `channels` and to heartbeat channels of this subscription's own,
+    /// which it returns: `{prefix}{suffix}` on one node; in a cluster one per master that
+    /// owns a bucket, `{prefix}{b}{suffix}` with `b` one of its buckets, so each heartbeat
+    /// travels on the connection that carries that shard's invalidations. Both come from one
+    /// reading of the layout, so every shard subscribed to has its heartbeat.
+    ///
+    /// # Errors
+    /// The layout could not be read, or as [`L2::subscribe`].
+    pub async fn subscribe_with_heartbeats(
+        &self,
+        channels: &[String],
+        suffix: &str,
+        timeout: Duration,
+    ) -> Result<(BoxStream<'static, redis::Msg>, Vec<String>), L2Error> {
+        let Some(nodes) = &self.cluster else {
+            let heartbeat = format!("{}{suffix}", self.prefix);
+            let mut all = channels.to_vec();
+            all.push(heartbeat.clone());
+            return Ok((self.subscribe(&all, timeout).await?, vec![heartbeat]));
+        };
+        let shards = self.shards().await?;
+        let heartbeats: Vec<String> = shards
+            .iter()
+            .filter_map(|shard| {
+                let b = shard.bucket()?;
+                Some(format!("{}{{{b}}}{suffix}", self.prefix))
+            })
+            .collect();
+        if heartbeats.is_empty() {
+            return Err(L2Error::Redis("no master serves any bucket".into()));
+        }
+        let mut all = channels.to_vec();
+        all.extend(heartbeats.iter().cloned());
+        let stream = self
+            .subscribe_sharded(nodes, &shards, &all, timeout)
+            .await?;
+        Ok((stream, heartbeats))
     }
 
     /// Completes when a command succeeds after a failure (one waiter at a time).
@@ -1553,7 +1609,12 @@ fn parse_cluster_slots(reply: Value) -> Option<Vec<Shard>> {
             return None;
         };
         let mut master = master.into_iter();
+        // NULL, "" or "?" (`cluster-preferred-endpoint-type unknown-endpoint`, or a node
+        // that does not know its address): not supported, the caller says so.
         let host: String = redis::from_redis_value(master.next()?).ok()?;
+        if host.is_empty() || host == "?" {
+            return None;
+        }
         let port: u16 = redis::from_redis_value(master.next()?).ok()?;
         match shards.iter_mut().find(|s| s.host == host && s.port == port) {
             Some(shard) => shard.slots.push((start, end)),

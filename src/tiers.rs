@@ -1528,13 +1528,26 @@ impl Tiers {
         self.l2.subscribe(channels, timeout).await
     }
 
-    /// Where heartbeats go out for a subscription to prove itself; see
-    /// [`L2::heartbeat_channels`].
+    /// A subscription to `channels` with heartbeat channels of its own; see
+    /// [`L2::subscribe_with_heartbeats`].
     ///
     /// # Errors
-    /// The cluster's layout could not be read.
-    pub async fn heartbeat_channels(&self, suffix: &str) -> Result<Vec<String>, L2Error> {
-        self.l2.heartbeat_channels(suffix).await
+    /// Reading the layout, connecting or subscribing failed or timed out.
+    pub async fn subscribe_with_heartbeats(
+        &self,
+        channels: &[String],
+        suffix: &str,
+        timeout: Duration,
+    ) -> Result<
+        (
+            futures_util::stream::BoxStream<'static, redis::Msg>,
+            Vec<String>,
+        ),
+        L2Error,
+    > {
+        self.l2
+            .subscribe_with_heartbeats(channels, suffix, timeout)
+            .await
     }
 
     /// Every channel writes are announced on; see [`L2::invalidation_channels`].

@@ -5,7 +5,7 @@
 //! heartbeat goes out on every shard: a round counts only when it came back from all of
 //! them. Knows nothing about HTTP.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -41,22 +41,17 @@ impl Source for PubSub {
         let config = &ctx.config;
         let tiers = &ctx.tiers;
         let lease = config.feeds.lease;
-        let heartbeat_channels = tiers
-            .heartbeat_channels(&self.heartbeat_suffix)
-            .await
-            .map_err(|e| format!("no heartbeat channels: {e}"))?;
-        if heartbeat_channels.is_empty() {
-            return Err("no heartbeat channels: the cluster names no master".into());
-        }
-        let mut channels = tiers.invalidation_channels();
-        channels.extend(heartbeat_channels.iter().cloned());
-        let mut messages = tiers
-            .subscribe(&channels, lease)
+        let (mut messages, heartbeat_channels) = tiers
+            .subscribe_with_heartbeats(
+                &tiers.invalidation_channels(),
+                &self.heartbeat_suffix,
+                lease,
+            )
             .await
             .map_err(|e| format!("subscription failed: {e}"))?;
-        // Each heartbeat round (its payload, the time it went out) and how many of its
-        // channels have yet to bring it back.
-        let mut rounds: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Each heartbeat round (its payload, the time it went out) and the channels that
+        // have yet to bring it back.
+        let mut rounds: HashMap<Vec<u8>, HashSet<String>> = HashMap::new();
 
         let feed_state = &ctx.coherence.redis;
         feed_state.grant(lease);
@@ -79,7 +74,10 @@ impl Source for PubSub {
                             .is_some_and(|sent| sent.saturating_add(lease_ms) >= now)
                     });
                     let payload = now.to_string();
-                    rounds.insert(payload.clone().into_bytes(), heartbeat_channels.len());
+                    rounds.insert(
+                        payload.clone().into_bytes(),
+                        heartbeat_channels.iter().cloned().collect(),
+                    );
                     for channel in &heartbeat_channels {
                         let _ = tiers.publish(channel, payload.clone()).await;
                     }
@@ -88,13 +86,14 @@ impl Source for PubSub {
                     let Some(message) = message else {
                         return Err("subscription closed".into());
                     };
-                    if heartbeat_channels.iter().any(|c| c == message.get_channel_name()) {
+                    let channel = message.get_channel_name();
+                    if heartbeat_channels.iter().any(|c| c == channel) {
                         let payload = message.get_payload_bytes();
-                        let Some(left) = rounds.get_mut(payload) else {
+                        let Some(owed) = rounds.get_mut(payload) else {
                             continue; // a round given up on, or not ours
                         };
-                        *left = left.saturating_sub(1);
-                        if *left == 0 {
+                        owed.remove(channel);
+                        if owed.is_empty() {
                             rounds.remove(payload);
                             on_heartbeat(ctx, Feed::Redis, &mut phase, payload, last_good).await?;
                         }

@@ -117,6 +117,13 @@ async fn two_instances_stay_coherent_on_a_cluster() {
     let d = a.delete("/v1/kv/k1").await;
     assert!(d.status < 300, "{d:?}");
     b.sees_absent("/v1/kv/k1", WINDOW).await;
+
+    // The prefix flush (for a repair queue that overflowed) reaches every master.
+    let removed = a.state().tiers.flush_redis().await.expect("flushed");
+    assert!(removed >= keys.len() as u64, "removed {removed}");
+    for k in &keys {
+        assert_eq!(entry(&cluster, &env, k), None, "{k} is gone from Redis");
+    }
 }
 
 /// The `wal` source on a cluster: the relay's messages and its liveness channel are shard
