@@ -160,7 +160,7 @@ mod tests {
     }
 
     #[test]
-    fn sentinel_mode_needs_sentinels_and_a_master_name_and_no_tls() {
+    fn sentinel_mode_needs_sentinels_and_a_master_name() {
         let config = Config::parse(
             r#"
             [redis]
@@ -174,7 +174,6 @@ mod tests {
         for needle in [
             "redis.sentinels: \"no port\" is not host:port",
             "redis.master_name",
-            "redis.mode: \"sentinel\" with a rediss:// URL",
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }

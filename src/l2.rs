@@ -44,10 +44,12 @@ use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::{socket2, TcpSettings};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::sentinel::{
+    SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
+};
 use redis::{
     AsyncCommands, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, PushKind,
-    Script, TlsCertificates, Value,
+    Script, TlsCertificates, TlsMode, Value,
 };
 
 use crate::config::{RedisConfig, RedisMode};
@@ -266,6 +268,47 @@ fn at_node(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
     seed.clone().set_addr(addr)
 }
 
+/// With `rediss://` and Sentinel: the Sentinels are asked over TLS, and the master they name
+/// reached over TLS, both with `redis.tls_ca_file` (or the system's roots) and the client
+/// certificate, if any; the URL gives the credentials and database.
+fn sentinel_over_tls(
+    config: &RedisConfig,
+    info: &ConnectionInfo,
+    certs: &TlsCertificates,
+) -> Result<SentinelClient, L2Error> {
+    let mut sentinels = Vec::with_capacity(config.sentinels.len());
+    for s in &config.sentinels {
+        let (host, port) = split_host_port(s)?;
+        sentinels.push(ConnectionAddr::TcpTls {
+            host: host.to_string(),
+            port,
+            insecure: false,
+            tls_params: None,
+        });
+    }
+    let settings = info.redis_settings();
+    let mut builder = SentinelClientBuilder::new(
+        sentinels,
+        config.master_name.clone(),
+        SentinelServerType::Master,
+    )
+    .map_err(|e| L2Error::Redis(e.to_string()))?
+    .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+    .set_client_to_sentinel_certificates(certs.clone())
+    .set_client_to_sentinel_tcp_settings(info.tcp_settings().clone())
+    .set_client_to_redis_tls_mode(TlsMode::Secure)
+    .set_client_to_redis_certificates(certs.clone())
+    .set_client_to_redis_tcp_settings(info.tcp_settings().clone())
+    .set_client_to_redis_db(settings.db());
+    if let Some(username) = settings.username() {
+        builder = builder.set_client_to_redis_username(username);
+    }
+    if let Some(password) = settings.password() {
+        builder = builder.set_client_to_redis_password(password);
+    }
+    builder.build().map_err(|e| L2Error::Redis(e.to_string()))
+}
+
 /// `host:port` split; validation checked the form.
 fn split_host_port(node: &str) -> Result<(&str, u16), L2Error> {
     node.rsplit_once(':')
@@ -422,9 +465,24 @@ impl L2 {
                     .set_keepalive(keepalive)
                     .set_user_timeout(Duration::from_secs(10)),
             );
-        let sentinel = match config.mode {
-            RedisMode::Single | RedisMode::Cluster => None,
-            RedisMode::Sentinel => {
+        let certs = if config.url.starts_with("rediss://") {
+            let client_cert = config
+                .tls_cert_file
+                .as_deref()
+                .zip(config.tls_key_file.as_deref());
+            Some(
+                redis_certificates(config.tls_ca_file.as_deref(), client_cert)
+                    .map_err(|e| L2Error::Redis(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let sentinel = match (config.mode, &certs) {
+            (RedisMode::Single | RedisMode::Cluster, _) => None,
+            (RedisMode::Sentinel, Some(certs)) => Some(Arc::new(tokio::sync::Mutex::new(
+                sentinel_over_tls(config, &info, certs)?,
+            ))),
+            (RedisMode::Sentinel, None) => {
                 let node = SentinelNodeConnectionInfo::default()
                     .set_redis_connection_info(info.redis_settings().clone())
                     .set_tcp_settings(info.tcp_settings().clone());
@@ -442,18 +500,6 @@ impl L2 {
                 .map_err(|e| L2Error::Redis(e.to_string()))?;
                 Some(Arc::new(tokio::sync::Mutex::new(client)))
             }
-        };
-        let certs = if config.url.starts_with("rediss://") {
-            let client_cert = config
-                .tls_cert_file
-                .as_deref()
-                .zip(config.tls_key_file.as_deref());
-            Some(
-                redis_certificates(config.tls_ca_file.as_deref(), client_cert)
-                    .map_err(|e| L2Error::Redis(e.to_string()))?,
-            )
-        } else {
-            None
         };
         let client = match &certs {
             Some(certs) => redis::Client::build_with_tls(info.clone(), certs.clone()),

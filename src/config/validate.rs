@@ -340,14 +340,6 @@ impl Config {
                         "must be the name the Sentinels monitor the master under".into(),
                     );
                 }
-                if tls {
-                    bad(
-                        "redis.mode",
-                        "\"sentinel\" with a rediss:// URL is not supported yet: TLS to \
-                         Sentinel-managed Redis needs the Sentinels' TLS settings too"
-                            .into(),
-                    );
-                }
             }
         }
         if r.mode == RedisMode::Cluster {

@@ -357,6 +357,8 @@ pub struct SentinelGroup {
     pub master: RedisServer,
     pub replica: RedisServer,
     sentinels: Vec<(u16, Child)>,
+    /// With TLS: the CA file, for the test's own connections.
+    ca: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -364,20 +366,73 @@ impl SentinelGroup {
     /// Starts them and waits until every Sentinel knows the replica and the other two, so
     /// that a failover can happen at once.
     pub fn start(name: &str) -> SentinelGroup {
-        let master = RedisServer::start();
-        let replica =
-            RedisServer::start_persistent(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+        SentinelGroup::launch(name, None)
+    }
+
+    /// The same on TLS ports only (Redis, replication and the Sentinels), with the
+    /// certificates in `certs` (as [`TlsServers`] makes them: `server.pem` names
+    /// `localhost`). Every node is known by the name `localhost` (`sentinel
+    /// resolve-hostnames` and `announce-hostnames`, `replica-announce-ip`), so a client that
+    /// checks host names can follow what the Sentinels say.
+    pub fn start_tls(name: &str, certs: &Path) -> SentinelGroup {
+        SentinelGroup::launch(name, Some(certs))
+    }
+
+    fn launch(name: &str, certs: Option<&Path>) -> SentinelGroup {
+        syncar::tls::install_crypto_provider();
+        let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
+        let tls: Vec<String> = match certs {
+            None => Vec::new(),
+            Some(_) => [
+                "--tls-cert-file",
+                &file("server.pem").unwrap(),
+                "--tls-key-file",
+                &file("server.key").unwrap(),
+                "--tls-ca-cert-file",
+                &file("ca.pem").unwrap(),
+                "--tls-auth-clients",
+                "no",
+                "--tls-replication",
+                "yes",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
+        let host = if certs.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
+        let master = RedisServer::launch(&tls, &[], false);
+        let master_port = master.port.to_string();
+        let mut replica_args = vec!["--replicaof", host, &master_port];
+        if certs.is_some() {
+            replica_args.extend(["--replica-announce-ip", "localhost"]);
+        }
+        let replica = RedisServer::launch(&tls, &replica_args, true);
         let dir = tempfile::tempdir().expect("a temporary directory");
         let mut sentinels = Vec::new();
         for n in 0..3 {
             let port = free_port();
+            let listen = match certs {
+                None => format!("port {port}\n"),
+                Some(_) => format!(
+                    "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n\
+                     sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n",
+                    file("server.pem").unwrap(),
+                    file("server.key").unwrap(),
+                    file("ca.pem").unwrap(),
+                ),
+            };
             // Sentinel rewrites its configuration file: one of its own, writable.
             let conf = dir.path().join(format!("sentinel-{n}.conf"));
             std::fs::write(
                 &conf,
                 format!(
-                    "port {port}\nbind 127.0.0.1\nprotected-mode no\n\
-                     sentinel monitor {name} 127.0.0.1 {} 2\n\
+                    "{listen}bind 127.0.0.1\nprotected-mode no\n\
+                     sentinel monitor {name} {host} {} 2\n\
                      sentinel down-after-milliseconds {name} 500\n\
                      sentinel failover-timeout {name} 3000\n\
                      sentinel parallel-syncs {name} 1\n",
@@ -401,13 +456,14 @@ impl SentinelGroup {
             master,
             replica,
             sentinels,
+            ca: file("ca.pem"),
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         for (port, _) in &group.sentinels {
             loop {
-                let replicas = ask(*port, &["SENTINEL", "REPLICAS", name]);
-                let peers = ask(*port, &["SENTINEL", "SENTINELS", name]);
+                let replicas = group.ask(*port, &["SENTINEL", "REPLICAS", name]);
+                let peers = group.ask(*port, &["SENTINEL", "SENTINELS", name]);
                 let ready = replicas.is_some_and(|r| r.iter().any(|w| w == "slave"))
                     && peers.is_some_and(|p| p.iter().filter(|w| *w == "runid").count() >= 2);
                 if ready {
@@ -423,11 +479,17 @@ impl SentinelGroup {
         group
     }
 
-    /// The Sentinels' addresses, `host:port`.
+    /// The Sentinels' addresses, `host:port` (`localhost` with TLS, as the certificate
+    /// names it).
     pub fn sentinels(&self) -> Vec<String> {
+        let host = if self.ca.is_some() {
+            "localhost"
+        } else {
+            "127.0.0.1"
+        };
         self.sentinels
             .iter()
-            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .map(|(port, _)| format!("{host}:{port}"))
             .collect()
     }
 
@@ -435,28 +497,41 @@ impl SentinelGroup {
     /// the old master, still up, becomes its replica.
     pub fn failover(&self) {
         let (port, _) = &self.sentinels[0];
-        ask(*port, &["SENTINEL", "FAILOVER", &self.name]).expect("SENTINEL FAILOVER is accepted");
+        self.ask(*port, &["SENTINEL", "FAILOVER", &self.name])
+            .expect("SENTINEL FAILOVER is accepted");
     }
 
     /// The master's port as the first Sentinel that answers names it.
     pub fn master_port(&self) -> Option<u16> {
         self.sentinels.iter().find_map(|(port, _)| {
-            let answer = ask(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name])?;
+            let answer = self.ask(*port, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", &self.name])?;
             answer.get(1)?.parse().ok()
         })
     }
+
+    /// [`ask_client`] for the node or Sentinel on `port` (over TLS when the group has a CA).
+    fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<String>> {
+        ask_client(&node_client(port, self.ca.as_deref()), args)
+    }
 }
 
-/// A command to the Redis (or Sentinel) on `port`, and its answer in RESP's words, flattened;
-/// `None` when it cannot be asked or refuses.
-pub fn ask(port: u16, args: &[&str]) -> Option<Vec<String>> {
-    ask_client(
-        &redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?,
-        args,
-    )
+/// A client for the node on `port`: plain, or over TLS to `localhost` with the CA file `ca`.
+fn node_client(port: u16, ca: Option<&str>) -> redis::Client {
+    match ca {
+        None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
+        Some(ca) => redis::Client::build_with_tls(
+            format!("rediss://localhost:{port}"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(ca).expect("the CA file")),
+            },
+        ),
+    }
+    .expect("a valid Redis URL")
 }
 
-/// [`ask`] through `client`.
+/// A command through `client`, and its answer in RESP's words, flattened; `None` when it
+/// cannot be asked or refuses.
 fn ask_client(client: &redis::Client, args: &[&str]) -> Option<Vec<String>> {
     fn words(v: redis::Value, out: &mut Vec<String>) {
         match v {
@@ -699,20 +774,10 @@ impl RedisCluster {
 impl RedisCluster {
     /// A client for the node on `port` (over TLS with the cluster's CA, if it has one).
     pub fn client(&self, port: u16) -> redis::Client {
-        match &self.ca {
-            None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
-            Some(ca) => redis::Client::build_with_tls(
-                format!("rediss://localhost:{port}"),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(std::fs::read(ca).expect("the CA file")),
-                },
-            ),
-        }
-        .expect("a valid Redis URL")
+        node_client(port, self.ca.as_deref())
     }
 
-    /// [`ask`] the node on `port`.
+    /// [`ask_client`] for the node on `port`.
     pub fn ask(&self, port: u16, args: &[&str]) -> Option<Vec<String>> {
         ask_client(&self.client(port), args)
     }

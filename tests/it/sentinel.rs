@@ -136,3 +136,52 @@ async fn subscriptions_follow_the_master_when_the_old_one_stays_up() {
     let v = a.put("/v1/kv/moved", "1").await.etag_version();
     b.sees("/v1/kv/moved", v, WINDOW).await;
 }
+
+/// Sentinel and Redis on TLS ports only, known by the name their certificate gives
+/// (`localhost`): syncar asks the Sentinels over TLS, reaches the master they name over TLS,
+/// and follows a failover (SIGKILL) to the promoted replica without losing an acknowledged
+/// write.
+#[tokio::test]
+async fn a_sentinel_failover_over_tls_is_followed() {
+    let certs = crate::support::tls_servers().certs.clone();
+    let group = SentinelGroup::start_tls("syncar-tls", &certs);
+    let env = Env::new().await;
+    let over_tls = |c: &mut syncar::Config| {
+        c.redis.mode = RedisMode::Sentinel;
+        c.redis.sentinels = group.sentinels();
+        c.redis.master_name = group.name.clone();
+        c.redis.url = "rediss://localhost:1".into();
+        c.redis.tls_ca_file = Some(certs.join("ca.pem"));
+    };
+    let a = env.start(over_tls).await;
+    let b = env.start(over_tls).await;
+    let node = |port: u16| format!("localhost:{port}");
+    assert_eq!(
+        a.readyz().await["checks"]["redis"]["node"],
+        node(group.master.port)
+    );
+    let v1 = a.put("/v1/kv/s", "1").await.etag_version();
+    b.sees("/v1/kv/s", v1, WINDOW).await;
+
+    let old = group.master.port;
+    group.master.kill();
+    let during = a.put("/v1/kv/s", "2").await;
+    assert!(during.status < 300, "acknowledged: {during:?}");
+    let v2 = during.etag_version();
+    eventually(WINDOW, "the Sentinels promote the replica", || async {
+        group.master_port().filter(|p| *p != old)
+    })
+    .await;
+    a.sees("/v1/kv/s", v2, WINDOW).await;
+    b.sees("/v1/kv/s", v2, WINDOW).await;
+    for i in [&a, &b] {
+        eventually(WINDOW, "/readyz names the promoted replica", || async {
+            let ready = i.readyz().await;
+            let redis = &ready["checks"]["redis"];
+            (redis["node"] == node(group.replica.port) && redis["ok"] == true).then_some(())
+        })
+        .await;
+    }
+    let v3 = a.put("/v1/kv/s", "3").await.etag_version();
+    b.sees("/v1/kv/s", v3, WINDOW).await;
+}
