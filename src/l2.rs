@@ -1123,55 +1123,29 @@ impl L2 {
         self.flush_matching("").await
     }
 
+    /// `SCAN` for keys under the prefix and `sub`, and `UNLINK` them: on one node; in a
+    /// cluster on each master in turn, one hash slot at a time (a multi-key command must stay
+    /// within one slot).
     async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
-        let Conn::Node(mut conn) = self.conn() else {
-            return self.flush_cluster(sub).await;
-        };
+        let mut conn = self.conn();
         let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
-        let mut cursor: u64 = 0;
-        let mut removed = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = self
-                .run(
-                    "flush",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut conn),
-                )
-                .await?;
-            if !keys.is_empty() {
-                let n: u64 = self
-                    .run(
-                        "flush",
-                        redis::cmd("UNLINK").arg(&keys).query_async(&mut conn),
-                    )
-                    .await?;
-                removed += n;
-            }
-            if next == 0 {
-                return Ok(removed);
-            }
-            cursor = next;
-        }
-    }
-
-    /// [`L2::flush_matching`] in a cluster: `SCAN` each master in turn, `UNLINK` what it
-    /// finds one hash slot at a time (a multi-key command must stay within one slot).
-    async fn flush_cluster(&self, sub: &str) -> Result<u64, L2Error> {
-        let Conn::Cluster(mut conn) = self.conn() else {
-            return Ok(0);
+        // Where each SCAN goes: the one node, or each master by address.
+        let nodes: Vec<Option<RoutingInfo>> = match conn {
+            Conn::Node(_) => vec![None],
+            Conn::Cluster(_) => self
+                .shards()
+                .await?
+                .into_iter()
+                .map(|shard| {
+                    Some(RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: shard.host,
+                        port: shard.port,
+                    }))
+                })
+                .collect(),
         };
-        let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
         let mut removed = 0;
-        for shard in self.shards().await? {
-            let node = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: shard.host.clone(),
-                port: shard.port,
-            });
+        for node in nodes {
             let mut cursor: u64 = 0;
             loop {
                 let mut scan = redis::cmd("SCAN");
@@ -1180,16 +1154,24 @@ impl L2 {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(1000);
-                let reply = self
-                    .run("flush", conn.route_command(scan, node.clone()))
-                    .await?;
+                let reply: Value = match (&mut conn, &node) {
+                    (Conn::Cluster(c), Some(at)) => {
+                        self.run("flush", c.route_command(scan, at.clone())).await?
+                    }
+                    _ => self.run("flush", scan.query_async(&mut conn)).await?,
+                };
                 let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
                     .map_err(|e| L2Error::Redis(format!("SCAN reply: {e}")))?;
-                let mut by_slot: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
-                for key in keys {
-                    by_slot.entry(hash_slot(&key)).or_default().push(key);
-                }
-                for keys in by_slot.into_values() {
+                let groups: Vec<Vec<Vec<u8>>> = if node.is_none() {
+                    vec![keys]
+                } else {
+                    let mut by_slot: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
+                    for key in keys {
+                        by_slot.entry(hash_slot(&key)).or_default().push(key);
+                    }
+                    by_slot.into_values().collect()
+                };
+                for keys in groups.into_iter().filter(|k| !k.is_empty()) {
                     let n: u64 = self
                         .run(
                             "flush",

@@ -381,23 +381,7 @@ impl SentinelGroup {
     fn launch(name: &str, certs: Option<&Path>) -> SentinelGroup {
         syncar::tls::install_crypto_provider();
         let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
-        let tls: Vec<String> = match certs {
-            None => Vec::new(),
-            Some(_) => [
-                "--tls-cert-file",
-                &file("server.pem").unwrap(),
-                "--tls-key-file",
-                &file("server.key").unwrap(),
-                "--tls-ca-cert-file",
-                &file("ca.pem").unwrap(),
-                "--tls-auth-clients",
-                "no",
-                "--tls-replication",
-                "yes",
-            ]
-            .map(String::from)
-            .to_vec(),
-        };
+        let tls = certs.map(|c| tls_options(c, &[])).unwrap_or_default();
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
         let host = if certs.is_some() {
             "localhost"
@@ -515,6 +499,28 @@ impl SentinelGroup {
     }
 }
 
+/// The options of a Redis on TLS ports only, replication included, with the certificates in
+/// `certs` (`server.pem`, `server.key`, `ca.pem`; clients need none), then `extra`.
+fn tls_options(certs: &Path, extra: &[&str]) -> Vec<String> {
+    let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
+    let mut options: Vec<String> = [
+        "--tls-cert-file",
+        &file("server.pem"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.pem"),
+        "--tls-auth-clients",
+        "no",
+        "--tls-replication",
+        "yes",
+    ]
+    .map(String::from)
+    .to_vec();
+    options.extend(extra.iter().map(|s| s.to_string()));
+    options
+}
+
 /// A client for the node on `port`: plain, or over TLS to `localhost` with the CA file `ca`.
 fn node_client(port: u16, ca: Option<&str>) -> redis::Client {
     match ca {
@@ -586,35 +592,28 @@ impl RedisCluster {
         // The test's own TLS connections, made before any syncar starts.
         syncar::tls::install_crypto_provider();
         let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
-        let tls: Vec<String> = match certs {
-            None => Vec::new(),
-            Some(_) => [
-                "--tls-cert-file",
-                &file("server.pem").unwrap(),
-                "--tls-key-file",
-                &file("server.key").unwrap(),
-                "--tls-ca-cert-file",
-                &file("ca.pem").unwrap(),
-                // The cluster bus always asks for a client certificate, and `server.pem` is
-                // for servers only.
-                "--tls-client-cert-file",
-                &file("client.pem").unwrap(),
-                "--tls-client-key-file",
-                &file("client.key").unwrap(),
-                "--tls-auth-clients",
-                "no",
-                "--tls-cluster",
-                "yes",
-                "--tls-replication",
-                "yes",
-                "--cluster-announce-hostname",
-                "localhost",
-                "--cluster-preferred-endpoint-type",
-                "hostname",
-            ]
-            .map(String::from)
-            .to_vec(),
-        };
+        let tls = certs
+            .map(|c| {
+                let client = |f: &str| c.join(f).to_string_lossy().into_owned();
+                tls_options(
+                    c,
+                    &[
+                        // The cluster bus always asks for a client certificate, and
+                        // `server.pem` is for servers only.
+                        "--tls-client-cert-file",
+                        &client("client.pem"),
+                        "--tls-client-key-file",
+                        &client("client.key"),
+                        "--tls-cluster",
+                        "yes",
+                        "--cluster-announce-hostname",
+                        "localhost",
+                        "--cluster-preferred-endpoint-type",
+                        "hostname",
+                    ],
+                )
+            })
+            .unwrap_or_default();
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
         let nodes: Vec<RedisServer> = (0..6)
             .map(|_| {

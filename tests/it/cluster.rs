@@ -54,6 +54,47 @@ fn entry(cluster: &RedisCluster, env: &Env, key: &str) -> Option<String> {
     redis::cmd("GET").arg(name).query(&mut conn).ok()?
 }
 
+/// Two instances on `cluster` with the Redis feed only (the Postgres feed off), so that only
+/// sharded pub/sub can evict one's L1 after the other's write; `lease` for the feed.
+async fn redis_only_pair(
+    cluster: &RedisCluster,
+    env: &Env,
+    lease: Duration,
+) -> (Instance, Instance) {
+    let redis_only = |c: &mut syncar::Config| {
+        on(cluster)(c);
+        c.feeds.postgres = false;
+        c.feeds.lease = lease;
+    };
+    (env.start(redis_only).await, env.start(redis_only).await)
+}
+
+/// `b` serves `kv`'s `key` from L1 (put by `a` if it has no copy), then `a` writes it, and
+/// `b` serves the new version within 2 s: something evicted its L1.
+async fn write_evicts(a: &Instance, b: &Instance, key: &str) {
+    let path = format!("/v1/kv/{key}");
+    if a.get(&path).await.status == 404 {
+        let v = a.put(&path, "1").await.etag_version();
+        b.sees(&path, v, WINDOW).await;
+    }
+    eventually(WINDOW, "b serves it from L1", || async {
+        (b.get(&path).await.header("x-cache") == Some("l1")).then_some(())
+    })
+    .await;
+    let v = a.put(&path, "2").await.etag_version();
+    b.sees(&path, v, Duration::from_secs(2)).await;
+}
+
+/// Until both instances subscribe to `key`'s bucket on the master that serves it now.
+async fn both_subscribe(cluster: &RedisCluster, env: &Env, key: &str) {
+    eventually(
+        WINDOW,
+        "both instances subscribe where the slot is",
+        || async { (shard_subscribers(cluster, &channel(env, key)) == Some(2)).then_some(()) },
+    )
+    .await;
+}
+
 async fn batch(i: &Instance, keys: &[String]) -> serde_json::Value {
     let body = serde_json::json!({ "keys": keys }).to_string();
     let r = request(i.addr(), "POST", "/v1/kv", &[], Some(body.as_bytes())).await;
@@ -171,20 +212,9 @@ async fn the_wal_relay_works_on_a_cluster() {
 async fn sharded_pub_sub_evicts_other_instances_l1() {
     let cluster = RedisCluster::start();
     let env = Env::new().await.on_redis(cluster.url());
-    let redis_only = |c: &mut syncar::Config| {
-        on(&cluster)(c);
-        c.feeds.postgres = false;
-    };
-    let a = env.start(redis_only).await;
-    let b = env.start(redis_only).await;
+    let (a, b) = redis_only_pair(&cluster, &env, Duration::from_secs(1)).await;
     for k in ["x0", "x1", "x2", "x3", "x4", "x5"] {
-        let path = format!("/v1/kv/{k}");
-        let v1 = a.put(&path, "1").await.etag_version();
-        b.sees(&path, v1, WINDOW).await;
-        let cached = b.get(&path).await;
-        assert_eq!(cached.header("x-cache"), Some("l1"), "{cached:?}");
-        let v2 = a.put(&path, "2").await.etag_version();
-        b.sees(&path, v2, Duration::from_secs(2)).await;
+        write_evicts(&a, &b, k).await;
     }
 }
 
@@ -218,12 +248,7 @@ async fn a_killed_master_fails_over_without_losing_acknowledged_writes() {
     a.sees("/v1/kv/f", v2, WINDOW).await;
     b.sees("/v1/kv/f", v2, WINDOW).await;
 
-    eventually(
-        WINDOW,
-        "both instances subscribe on the promoted master",
-        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
-    )
-    .await;
+    both_subscribe(&cluster, &env, "f").await;
     assert_eq!(cluster.master_of(slot("f")), Some(new));
     for i in [&a, &b] {
         eventually(WINDOW, "/readyz: Redis answers again", || async {
@@ -253,13 +278,7 @@ async fn a_killed_master_fails_over_without_losing_acknowledged_writes() {
 async fn subscriptions_follow_a_manual_failover() {
     let cluster = RedisCluster::start();
     let env = Env::new().await.on_redis(cluster.url());
-    let redis_only = |c: &mut syncar::Config| {
-        on(&cluster)(c);
-        c.feeds.postgres = false;
-        c.feeds.lease = Duration::from_secs(30);
-    };
-    let a = env.start(redis_only).await;
-    let b = env.start(redis_only).await;
+    let (a, b) = redis_only_pair(&cluster, &env, Duration::from_secs(30)).await;
     let old = cluster.master_of(slot("f")).expect("a master serves f");
     let replica = cluster.replica_of(old).expect("the master has a replica");
     assert_eq!(shard_subscribers(&cluster, &channel(&env, "f")), Some(2));
@@ -272,20 +291,8 @@ async fn subscriptions_follow_a_manual_failover() {
     })
     .await;
     cluster.wait_ok();
-    eventually(
-        WINDOW,
-        "both instances subscribe on the promoted node",
-        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
-    )
-    .await;
-    let v1 = a.put("/v1/kv/f", "1").await.etag_version();
-    b.sees("/v1/kv/f", v1, WINDOW).await;
-    eventually(WINDOW, "b serves f from L1", || async {
-        (b.get("/v1/kv/f").await.header("x-cache") == Some("l1")).then_some(())
-    })
-    .await;
-    let v2 = a.put("/v1/kv/f", "2").await.etag_version();
-    b.sees("/v1/kv/f", v2, Duration::from_secs(2)).await;
+    both_subscribe(&cluster, &env, "f").await;
+    write_evicts(&a, &b, "f").await;
 }
 
 /// A slot moved to another master with its keys (resharding): the node that loses it ends
@@ -295,13 +302,7 @@ async fn subscriptions_follow_a_manual_failover() {
 async fn subscriptions_follow_a_slot_migration() {
     let cluster = RedisCluster::start();
     let env = Env::new().await.on_redis(cluster.url());
-    let redis_only = |c: &mut syncar::Config| {
-        on(&cluster)(c);
-        c.feeds.postgres = false;
-        c.feeds.lease = Duration::from_secs(30);
-    };
-    let a = env.start(redis_only).await;
-    let b = env.start(redis_only).await;
+    let (a, b) = redis_only_pair(&cluster, &env, Duration::from_secs(30)).await;
     let v1 = a.put("/v1/kv/f", "1").await.etag_version();
     b.sees("/v1/kv/f", v1, WINDOW).await;
     let old = cluster.master_of(slot("f")).expect("a master serves f");
@@ -312,20 +313,9 @@ async fn subscriptions_follow_a_slot_migration() {
         .expect("another master");
 
     cluster.move_slot(slot("f"), target);
-    eventually(
-        WINDOW,
-        "both instances subscribe where the slot went",
-        || async { (shard_subscribers(&cluster, &channel(&env, "f")) == Some(2)).then_some(()) },
-    )
-    .await;
+    both_subscribe(&cluster, &env, "f").await;
     assert_eq!(cluster.master_of(slot("f")), Some(target));
-    eventually(WINDOW, "b serves f from L1", || async {
-        let read = b.get("/v1/kv/f").await;
-        (read.etag_version() == v1 && read.header("x-cache") == Some("l1")).then_some(())
-    })
-    .await;
-    let v2 = a.put("/v1/kv/f", "2").await.etag_version();
-    b.sees("/v1/kv/f", v2, Duration::from_secs(2)).await;
+    write_evicts(&a, &b, "f").await;
 }
 
 /// A cluster on TLS ports only, whose nodes announce a host name: syncar verifies each

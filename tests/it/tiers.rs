@@ -204,3 +204,27 @@ async fn the_auditor_finds_and_repairs_a_planted_stale_copy() {
     let after = stale_l1(&String::from_utf8_lossy(&a.get("/metrics").await.body));
     assert!(after > before, "counted: {before} -> {after}");
 }
+
+/// The prefix flush (for a repair queue that overflowed) removes this deployment's keys from
+/// Redis, and only them.
+#[tokio::test]
+async fn the_prefix_flush_removes_this_prefix_only() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    for k in ["p1", "p2", "p3"] {
+        a.put(&format!("/v1/kv/{k}"), "1").await;
+    }
+    let other = format!("other{}", env.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&other)
+        .arg("kept")
+        .query_async(&mut env.redis().await)
+        .await
+        .unwrap();
+    let removed = a.state().tiers.flush_redis().await.expect("flushed");
+    assert!(removed >= 3, "removed {removed}");
+    for k in ["p1", "p2", "p3"] {
+        assert_eq!(env.redis_entry("kv", k).await, None, "{k} is gone");
+    }
+    assert_eq!(env.redis_get(&other).await.as_deref(), Some("kept"));
+}
