@@ -22,8 +22,8 @@
 //! `cluster`, or `single,cluster` for both side by side in one run, each mode on each;
 //! `cluster` is a Redis Cluster of three masters with a replica each, `redis.mode = "cluster"`;
 //! then `pubsub-kill` kills every subscribed connection on every master, and `redis-restart`
-//! SIGKILLs the master serving bucket 0, lets its replica take over, and starts the node
-//! again, to rejoin as a replica).
+//! SIGKILLs the master serving bucket 0, waits for its replica to take over, and 1 s later
+//! starts the node again, to rejoin as a replica).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
@@ -739,18 +739,27 @@ async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
         }
         "redis-restart" => {
             let redis = cluster.redis.clone();
-            tokio::task::spawn_blocking(move || {
-                let node = match &*redis {
-                    Redis::Single(r) => r,
-                    // The master of the first key; its replica takes over.
-                    Redis::Cluster(c) => {
-                        let slot = syncar::l2::hash_slot(b"{0}");
-                        c.node(c.master_of(slot).expect("a master"))
+            tokio::task::spawn_blocking(move || match &*redis {
+                Redis::Single(r) => {
+                    r.kill();
+                    std::thread::sleep(Duration::from_secs(1));
+                    r.restart();
+                }
+                // The master of bucket 0: restarted once its replica has taken over (an
+                // empty node restarted sooner would take its slots back, empty).
+                Redis::Cluster(c) => {
+                    let slot = syncar::l2::hash_slot(b"{0}");
+                    let old = c.master_of(slot).expect("a master");
+                    c.node(old).kill();
+                    let deadline = Instant::now() + Duration::from_secs(15);
+                    while c.master_of(slot) == Some(old) || c.master_of(slot).is_none() {
+                        assert!(Instant::now() < deadline, "no replica took over");
+                        std::thread::sleep(Duration::from_millis(50));
                     }
-                };
-                node.kill();
-                std::thread::sleep(Duration::from_secs(1));
-                node.restart();
+                    eprintln!("a replica took over bucket 0's slot");
+                    std::thread::sleep(Duration::from_secs(1));
+                    c.node(old).restart();
+                }
             })
             .await
             .unwrap();

@@ -152,9 +152,10 @@ pub enum L2Error {
 /// for the shards to share them evenly (about 1024 / shards buckets each).
 pub const CLUSTER_BUCKETS: u16 = 1024;
 
-/// The Redis Cluster hash slot of a key or shard channel: CRC16 (XMODEM) of its hash tag (the
-/// first non-empty `{...}`), or of the whole name, modulo 16384 (Redis Cluster
-/// specification, "Keys distribution model").
+/// The Redis Cluster hash slot of a key or shard channel: CRC16 (XMODEM) of its hash tag, or
+/// of the whole name, modulo 16384. The hash tag is what lies between the first `{` and the
+/// first `}` after it, if that is not empty (so `a{}{b}` hashes whole); Redis Cluster
+/// specification, "Keys distribution model".
 pub fn hash_slot(name: &[u8]) -> u16 {
     let tag = name.iter().position(|&b| b == b'{').and_then(|open| {
         let rest = &name[open + 1..];
@@ -172,7 +173,10 @@ fn bucket_of(key: &CacheKey) -> u16 {
 /// A master of a Redis Cluster, with the hash slots it serves (from `CLUSTER SLOTS`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shard {
+    /// The endpoint the cluster announces for the master: an IP address, or a host name
+    /// (`cluster-announce-hostname` with `cluster-preferred-endpoint-type hostname`).
     pub host: String,
+    /// Its client port (the TLS port when the cluster runs TLS).
     pub port: u16,
     /// Inclusive ranges of hash slots.
     pub slots: Vec<(u16, u16)>,
@@ -270,7 +274,8 @@ fn at_node(seed: &ConnectionInfo, host: &str, port: u16) -> ConnectionInfo {
 
 /// With `rediss://` and Sentinel: the Sentinels are asked over TLS, and the master they name
 /// reached over TLS, both with `redis.tls_ca_file` (or the system's roots) and the client
-/// certificate, if any; the URL gives the credentials and database.
+/// certificate, if any; the URL gives the master's credentials, database and protocol. The
+/// Sentinels are asked without a password, as on the plain path.
 fn sentinel_over_tls(
     config: &RedisConfig,
     info: &ConnectionInfo,
@@ -299,7 +304,8 @@ fn sentinel_over_tls(
     .set_client_to_redis_tls_mode(TlsMode::Secure)
     .set_client_to_redis_certificates(certs.clone())
     .set_client_to_redis_tcp_settings(info.tcp_settings().clone())
-    .set_client_to_redis_db(settings.db());
+    .set_client_to_redis_db(settings.db())
+    .set_client_to_redis_protocol(settings.protocol());
     if let Some(username) = settings.username() {
         builder = builder.set_client_to_redis_username(username);
     }
@@ -392,6 +398,18 @@ pub struct RedisIdentity {
     /// to, for the log.
     pub replid: String,
     pub repl_offset: i64,
+}
+
+impl RedisIdentity {
+    /// The identity of a Redis that refuses `INFO`: not known, so never looked for.
+    fn unknown() -> RedisIdentity {
+        RedisIdentity {
+            run_id: None,
+            role: String::new(),
+            replid: String::new(),
+            repl_offset: 0,
+        }
+    }
 }
 
 impl Link {
@@ -667,19 +685,7 @@ impl L2 {
         .map_err(|_| L2Error::Timeout(self.timeout))?;
         let info = match info {
             Ok(info) => info,
-            // Refused (an ACL without INFO, or a managed service that renamed it): the
-            // incarnation cannot be known.
-            Err(e)
-                if e.code() == Some("NOPERM")
-                    || e.to_string().to_lowercase().contains("unknown command") =>
-            {
-                return Ok(RedisIdentity {
-                    run_id: None,
-                    role: String::new(),
-                    replid: String::new(),
-                    repl_offset: 0,
-                })
-            }
+            Err(e) if info_refused(&e) => return Ok(RedisIdentity::unknown()),
             Err(e) => {
                 self.distrust();
                 return Err(L2Error::Redis(with_hint(e.to_string())));
@@ -748,18 +754,7 @@ impl L2 {
                 Err(_) => return Err(L2Error::Timeout(self.timeout)),
                 Ok(Ok(reply)) => redis::from_redis_value::<String>(reply)
                     .map_err(|e| L2Error::Redis(format!("INFO on {node}: {e}")))?,
-                // Refused (see the single-node case): the incarnation cannot be known.
-                Ok(Err(e))
-                    if e.code() == Some("NOPERM")
-                        || e.to_string().to_lowercase().contains("unknown command") =>
-                {
-                    return Ok(RedisIdentity {
-                        run_id: None,
-                        role: String::new(),
-                        replid: String::new(),
-                        repl_offset: 0,
-                    });
-                }
+                Ok(Err(e)) if info_refused(&e) => return Ok(RedisIdentity::unknown()),
                 Ok(Err(e)) => {
                     self.distrust();
                     return Err(L2Error::Redis(format!("INFO on {node}: {e}")));
@@ -1120,16 +1115,11 @@ impl L2 {
     /// # Errors
     /// The first failing command.
     pub async fn flush_prefix(&self) -> Result<u64, L2Error> {
-        self.flush_matching("").await
-    }
-
-    /// `SCAN` for keys under the prefix and `sub`, and `UNLINK` them: on one node; in a
-    /// cluster on each master in turn, one hash slot at a time (a multi-key command must stay
-    /// within one slot).
-    async fn flush_matching(&self, sub: &str) -> Result<u64, L2Error> {
         let mut conn = self.conn();
-        let pattern = format!("{}{}*", escape_glob(&self.prefix), escape_glob(sub));
-        // Where each SCAN goes: the one node, or each master by address.
+        let pattern = format!("{}*", escape_glob(&self.prefix));
+        // Where each SCAN goes: the one node, or each master by address (a cluster's SCAN
+        // sees one node's keys). The UNLINKs need no routing: the cluster client splits a
+        // multi-key command by slot.
         let nodes: Vec<Option<RoutingInfo>> = match conn {
             Conn::Node(_) => vec![None],
             Conn::Cluster(_) => self
@@ -1162,16 +1152,7 @@ impl L2 {
                 };
                 let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(reply)
                     .map_err(|e| L2Error::Redis(format!("SCAN reply: {e}")))?;
-                let groups: Vec<Vec<Vec<u8>>> = if node.is_none() {
-                    vec![keys]
-                } else {
-                    let mut by_slot: HashMap<u16, Vec<Vec<u8>>> = HashMap::new();
-                    for key in keys {
-                        by_slot.entry(hash_slot(&key)).or_default().push(key);
-                    }
-                    by_slot.into_values().collect()
-                };
-                for keys in groups.into_iter().filter(|k| !k.is_empty()) {
+                if !keys.is_empty() {
                     let n: u64 = self
                         .run(
                             "flush",
@@ -1284,14 +1265,17 @@ impl L2 {
         }
     }
 
-    /// A subscription of its own to `channels` (RESP2 pub/sub, which never reconnects: when
-    /// the stream ends, the caller subscribes again), with the same address and TCP settings
-    /// as the command connection. It also ends when commands move to another node
-    /// ([`L2::follow_master`]). Connecting is bounded by `redis.connect_timeout`, the
-    /// SUBSCRIBE by `timeout`.
+    /// A subscription of its own to `channels`, which never reconnects: when the stream
+    /// ends, the caller subscribes again. On one node, RESP2 pub/sub with the same address
+    /// and TCP settings as the command connection; it also ends when commands move to
+    /// another node ([`L2::follow_master`]). In a cluster, sharded pub/sub on the masters
+    /// that own the channels (see [`L2::subscribe_sharded`]); it ends when a node ends a
+    /// subscription or a connection drops. Connecting is bounded by `redis.connect_timeout`,
+    /// each subscribe command by `timeout`.
     ///
     /// # Errors
-    /// Connecting or subscribing failed or timed out.
+    /// Connecting or subscribing failed or timed out; in a cluster also `CLUSTER SLOTS`
+    /// failing, or a channel's hash slot served by no master.
     pub async fn subscribe(
         &self,
         channels: &[String],
@@ -1611,7 +1595,12 @@ impl L2 {
     }
 }
 
-/// Parses `{version}:{kind}:{at_ms}:{document}`.
+/// Whether `INFO` was refused (an ACL without it, or a managed service that renamed it): the
+/// incarnation then cannot be known.
+fn info_refused(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM") || e.to_string().to_lowercase().contains("unknown command")
+}
+
 /// Field `name` of an `INFO` reply.
 fn info_field(info: &str, name: &str) -> Option<String> {
     info.lines()
@@ -1656,6 +1645,7 @@ fn parse_cluster_slots(reply: Value) -> Option<Vec<Shard>> {
     Some(shards)
 }
 
+/// Parses `{version}:{kind}:{at_ms}:{document}`.
 fn decode(raw: &[u8]) -> Option<Cached> {
     let mut parts = raw.splitn(4, |&b| b == b':');
     let version: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;

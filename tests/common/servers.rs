@@ -381,7 +381,10 @@ impl SentinelGroup {
     fn launch(name: &str, certs: Option<&Path>) -> SentinelGroup {
         syncar::tls::install_crypto_provider();
         let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
-        let tls = certs.map(|c| tls_options(c, &[])).unwrap_or_default();
+        // Every client must show a certificate: the Sentinels, replication, syncar.
+        let tls = certs
+            .map(|c| tls_options(c, "yes", &[]))
+            .unwrap_or_default();
         let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
         let host = if certs.is_some() {
             "localhost"
@@ -403,10 +406,13 @@ impl SentinelGroup {
                 None => format!("port {port}\n"),
                 Some(_) => format!(
                     "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
-                     tls-ca-cert-file {}\ntls-auth-clients no\ntls-replication yes\n\
+                     tls-client-cert-file {}\ntls-client-key-file {}\n\
+                     tls-ca-cert-file {}\ntls-auth-clients yes\ntls-replication yes\n\
                      sentinel resolve-hostnames yes\nsentinel announce-hostnames yes\n",
                     file("server.pem").unwrap(),
                     file("server.key").unwrap(),
+                    file("client.pem").unwrap(),
+                    file("client.key").unwrap(),
                     file("ca.pem").unwrap(),
                 ),
             };
@@ -500,8 +506,10 @@ impl SentinelGroup {
 }
 
 /// The options of a Redis on TLS ports only, replication included, with the certificates in
-/// `certs` (`server.pem`, `server.key`, `ca.pem`; clients need none), then `extra`.
-fn tls_options(certs: &Path, extra: &[&str]) -> Vec<String> {
+/// `certs` (`server.pem`, `server.key`, `ca.pem`, and `client.pem`, `client.key` for its own
+/// connections to other nodes), asking clients for a certificate when `auth_clients` is
+/// `yes`, then `extra`.
+fn tls_options(certs: &Path, auth_clients: &str, extra: &[&str]) -> Vec<String> {
     let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
     let mut options: Vec<String> = [
         "--tls-cert-file",
@@ -510,8 +518,14 @@ fn tls_options(certs: &Path, extra: &[&str]) -> Vec<String> {
         &file("server.key"),
         "--tls-ca-cert-file",
         &file("ca.pem"),
+        // `server.pem` is for servers only: replication and the cluster bus connect with
+        // the client certificate.
+        "--tls-client-cert-file",
+        &file("client.pem"),
+        "--tls-client-key-file",
+        &file("client.key"),
         "--tls-auth-clients",
-        "no",
+        auth_clients,
         "--tls-replication",
         "yes",
     ]
@@ -521,17 +535,25 @@ fn tls_options(certs: &Path, extra: &[&str]) -> Vec<String> {
     options
 }
 
-/// A client for the node on `port`: plain, or over TLS to `localhost` with the CA file `ca`.
+/// A client for the node on `port`: plain, or over TLS to `localhost` with the CA file `ca`
+/// and the client certificate beside it (`client.pem`, `client.key`).
 fn node_client(port: u16, ca: Option<&str>) -> redis::Client {
     match ca {
         None => redis::Client::open(format!("redis://127.0.0.1:{port}")),
-        Some(ca) => redis::Client::build_with_tls(
-            format!("rediss://localhost:{port}"),
-            redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(std::fs::read(ca).expect("the CA file")),
-            },
-        ),
+        Some(ca) => {
+            let dir = Path::new(ca).parent().expect("the certificates' directory");
+            let read = |name: &str| std::fs::read(dir.join(name)).expect("a certificate file");
+            redis::Client::build_with_tls(
+                format!("rediss://localhost:{port}"),
+                redis::TlsCertificates {
+                    client_tls: Some(redis::ClientTlsConfig {
+                        client_cert: read("client.pem"),
+                        client_key: read("client.key"),
+                    }),
+                    root_cert: Some(read("ca.pem")),
+                },
+            )
+        }
     }
     .expect("a valid Redis URL")
 }
@@ -594,16 +616,10 @@ impl RedisCluster {
         let file = |name: &str| certs.map(|c| c.join(name).to_string_lossy().into_owned());
         let tls = certs
             .map(|c| {
-                let client = |f: &str| c.join(f).to_string_lossy().into_owned();
                 tls_options(
                     c,
+                    "no",
                     &[
-                        // The cluster bus always asks for a client certificate, and
-                        // `server.pem` is for servers only.
-                        "--tls-client-cert-file",
-                        &client("client.pem"),
-                        "--tls-client-key-file",
-                        &client("client.key"),
                         "--tls-cluster",
                         "yes",
                         "--cluster-announce-hostname",

@@ -138,9 +138,9 @@ async fn subscriptions_follow_the_master_when_the_old_one_stays_up() {
 }
 
 /// Sentinel and Redis on TLS ports only, known by the name their certificate gives
-/// (`localhost`): syncar asks the Sentinels over TLS, reaches the master they name over TLS,
-/// and follows a failover (SIGKILL) to the promoted replica without losing an acknowledged
-/// write.
+/// (`localhost`), each asking clients for a certificate: syncar asks the Sentinels over TLS,
+/// reaches the master they name over TLS, both with its client certificate, and follows a
+/// failover (SIGKILL) to the promoted replica without losing an acknowledged write.
 #[tokio::test]
 async fn a_sentinel_failover_over_tls_is_followed() {
     let certs = crate::support::tls_servers().certs.clone();
@@ -152,6 +152,9 @@ async fn a_sentinel_failover_over_tls_is_followed() {
         c.redis.master_name = group.name.clone();
         c.redis.url = "rediss://localhost:1".into();
         c.redis.tls_ca_file = Some(certs.join("ca.pem"));
+        // The Sentinels and the Redis nodes ask every client for a certificate.
+        c.redis.tls_cert_file = Some(certs.join("client.pem"));
+        c.redis.tls_key_file = Some(certs.join("client.key"));
     };
     let a = env.start(over_tls).await;
     let b = env.start(over_tls).await;
