@@ -328,15 +328,7 @@ impl Redis {
     fn masters(&self) -> Vec<u16> {
         match self {
             Redis::Single(r) => vec![r.port],
-            Redis::Cluster(c) => {
-                let mut ports: Vec<u16> = (0..16384u16)
-                    .step_by(64)
-                    .filter_map(|slot| c.master_of(slot))
-                    .collect();
-                ports.sort();
-                ports.dedup();
-                ports
-            }
+            Redis::Cluster(c) => c.masters(),
         }
     }
 }

@@ -159,24 +159,33 @@ mod tests {
         );
     }
 
+    /// Asserts that the configuration `text` is refused with every one of `needles` in the
+    /// error.
+    fn refuses(text: &str, needles: &[&str]) {
+        let err = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for needle in needles {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+    }
+
     #[test]
     fn sentinel_mode_needs_sentinels_and_a_master_name() {
-        let config = Config::parse(
+        refuses(
             r#"
             [redis]
             mode = "sentinel"
             url = "rediss://h:6380"
             sentinels = ["s0:26379", "no port"]
         "#,
-        )
-        .unwrap();
-        let err = config.validate().unwrap_err().to_string();
-        for needle in [
-            "redis.sentinels: \"no port\" is not host:port",
-            "redis.master_name",
-        ] {
-            assert!(err.contains(needle), "{needle} missing from:\n{err}");
-        }
+            &[
+                "redis.sentinels: \"no port\" is not host:port",
+                "redis.master_name",
+            ],
+        );
         let config = Config::parse(
             r#"
             [redis]
@@ -191,7 +200,7 @@ mod tests {
 
     #[test]
     fn cluster_mode_refuses_a_database_a_braced_prefix_and_stray_seeds() {
-        let config = Config::parse(
+        refuses(
             r#"
             [redis]
             mode = "cluster"
@@ -199,27 +208,15 @@ mod tests {
             nodes = ["h:7001", "h7002"]
             key_prefix = "app{1}:"
         "#,
-        )
-        .unwrap();
-        let err = config.validate().unwrap_err().to_string();
-        for needle in [
-            "redis.url: names a database other than 0",
-            "redis.nodes: \"h7002\" is not host:port",
-            "redis.key_prefix: must not contain '{' or '}'",
-        ] {
-            assert!(err.contains(needle), "{needle} missing from:\n{err}");
-        }
-        let single = Config::parse(
-            r#"
-            [redis]
-            nodes = ["h:7001"]
-        "#,
-        )
-        .unwrap();
-        let err = single.validate().unwrap_err().to_string();
-        assert!(
-            err.contains("redis.nodes: is set, but redis.mode is not \"cluster\""),
-            "{err}"
+            &[
+                "redis.url: names a database other than 0",
+                "redis.nodes: \"h7002\" is not host:port",
+                "redis.key_prefix: must not contain '{' or '}'",
+            ],
+        );
+        refuses(
+            "[redis]\nnodes = [\"h:7001\"]\n",
+            &["redis.nodes: is set, but redis.mode is not \"cluster\""],
         );
         let config = Config::parse(
             r#"
@@ -261,25 +258,24 @@ mod tests {
             key = "v"
             version_column = "v"
         "#;
-        let config = Config::parse(text).unwrap();
-        let err = config.validate().unwrap_err().to_string();
-        for needle in [
-            "server.listen",
-            "server.max_key_bytes",
-            "server.max_batch_keys",
-            "server.listen_unix_mode",
-            "audit.sample_ratio",
-            "postgres.url",
-            "cache.ttl_jitter",
-            "cache.tombstone_ttl",
-            "cache.fill_lease",
-            "redis.sentinels",
-            "resource[0].name",
-            "resource[1].name",
-            "resource[1].version_column",
-        ] {
-            assert!(err.contains(needle), "{needle} missing from:\n{err}");
-        }
+        refuses(
+            text,
+            &[
+                "server.listen",
+                "server.max_key_bytes",
+                "server.max_batch_keys",
+                "server.listen_unix_mode",
+                "audit.sample_ratio",
+                "postgres.url",
+                "cache.ttl_jitter",
+                "cache.tombstone_ttl",
+                "cache.fill_lease",
+                "redis.sentinels",
+                "resource[0].name",
+                "resource[1].name",
+                "resource[1].version_column",
+            ],
+        );
     }
 
     #[test]

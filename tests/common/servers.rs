@@ -659,19 +659,12 @@ impl RedisCluster {
         if let Some(ca) = file("ca.pem") {
             create.args(["--tls", "--cacert", &ca]);
         }
-        let out = create
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("redis-cli not found ({e}): install it with `apt-get install redis-tools`")
-            });
-        assert!(
-            out.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        create.args(["--cluster", "create"]).args(&addrs).args([
+            "--cluster-replicas",
+            "1",
+            "--cluster-yes",
+        ]);
+        run_tool(&mut create, "redis-tools");
         let cluster = RedisCluster {
             nodes,
             ca: file("ca.pem"),
@@ -724,6 +717,20 @@ impl RedisCluster {
             .into_iter()
             .find(|(a, b, _)| (*a..=*b).contains(&slot))
             .map(|(_, _, port)| port)
+    }
+
+    /// The ports of the masters, as a live node sees them.
+    pub fn masters(&self) -> Vec<u16> {
+        let node = self.live().next().expect("a live node");
+        let mut ports: Vec<u16> = self
+            .masters_seen_by(node.port)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, _, port)| port)
+            .collect();
+        ports.sort();
+        ports.dedup();
+        ports
     }
 
     /// The port of a live replica of the master on `master`.
@@ -884,16 +891,25 @@ pub fn tls_servers() -> &'static TlsServers {
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("openssl not found ({e}): install it with `apt-get install openssl`")
-        });
+    run_tool(
+        Command::new("openssl").args(args).current_dir(dir),
+        "openssl",
+    );
+}
+
+/// Runs `command` to the end; panics, with its output, if it fails, or with the Debian
+/// `package` to install if it is missing.
+fn run_tool(command: &mut Command, package: &str) {
+    let out = command.output().unwrap_or_else(|e| {
+        panic!(
+            "{:?} not found ({e}): install it with `apt-get install {package}`",
+            command.get_program()
+        )
+    });
     assert!(
         out.status.success(),
-        "openssl {args:?}: {}",
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -146,10 +146,9 @@ async fn a_sentinel_failover_over_tls_is_followed() {
     let certs = crate::support::tls_servers().certs.clone();
     let group = SentinelGroup::start_tls("syncar-tls", &certs);
     let env = Env::new().await;
+    let sentinel = through(&group);
     let over_tls = |c: &mut syncar::Config| {
-        c.redis.mode = RedisMode::Sentinel;
-        c.redis.sentinels = group.sentinels();
-        c.redis.master_name = group.name.clone();
+        sentinel(c);
         c.redis.url = "rediss://localhost:1".into();
         c.redis.tls_ca_file = Some(certs.join("ca.pem"));
         // The Sentinels and the Redis nodes ask every client for a certificate.
