@@ -243,9 +243,10 @@ pub(super) async fn write_state(
 /// One table of the publication: schema, table, and the columns to publish (`None`: all).
 pub(super) type Published = (String, String, Option<Vec<String>>);
 
-/// Makes the publication name exactly `tables`, each with its column list (Postgres 15 and
-/// later: only the key, the version and the replica identity travel, so the WAL stream and
-/// the relay carry no documents). Returns a line when it changed anything.
+/// Makes the publication name exactly `tables`, each with its column list where one is given
+/// (Postgres 15 and later). The migration gives none (see there); a list left by an earlier
+/// release, which published only the key, the version and the replica identity, is removed.
+/// Returns a line when it changed anything.
 ///
 /// # Errors
 /// Postgres failing (creating a publication needs ownership of its tables).

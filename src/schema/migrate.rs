@@ -201,12 +201,17 @@ pub async fn migrate(
         let (r, info) = (*r, info);
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         let stamp = function_name("syncar_stamp", &r.name);
+        let version_attnum = info
+            .columns
+            .iter()
+            .find(|c| c.name == r.version_column)
+            .map_or(0, |c| c.num);
         let announce_fn = function_name("syncar_announce", &r.name);
         // TRUNCATE has a function of its own: an earlier release rolled back to rewrites
         // `syncar_announce_*` with its own body, which knows no TRUNCATE.
         let truncate_fn = function_name("syncar_truncate", &r.name);
         for (function, body) in [
-            (&stamp, stamp_function_body(schema, r)),
+            (&stamp, stamp_function_body(schema, r, version_attnum)),
             (&announce_fn, announce_function_body(schema, r, announce)),
             (&truncate_fn, truncate_function_body(schema, r, announce)),
         ] {
@@ -387,16 +392,13 @@ pub async fn migrate(
     }
     let slot = capture::slot_name(&tx, config).await?;
     if source == PostgresSource::Wal {
+        // Every column is published, never a column list: Postgres refuses UPDATE and
+        // DELETE on a table whose publication's column list does not cover its replica
+        // identity, and refuses to drop a listed column, so a list would make the
+        // customer's own `REPLICA IDENTITY FULL` or `DROP COLUMN` fail because of syncar.
         let published: Vec<capture::Published> = tables
             .iter()
-            .map(|(r, info)| {
-                let columns = info.identity_columns.as_ref().map(|identity| {
-                    let mut c = identity.clone();
-                    c.extend([r.key.clone(), r.version_column.clone()]);
-                    c
-                });
-                (r.schema.clone(), r.table.clone(), columns)
-            })
+            .map(|(r, _)| (r.schema.clone(), r.table.clone(), None))
             .collect();
         if let Some(change) =
             capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?

@@ -15,8 +15,6 @@ pub(super) struct TableInfo {
     pub(super) unique_key: bool,
     /// What logical decoding sends of an old row (the `wal` source).
     pub(super) identity: Identity,
-    /// The replica identity's columns; `None` for `FULL` (every column) or none.
-    pub(super) identity_columns: Option<Vec<String>>,
 }
 
 /// A table's replica identity, as far as the `wal` source cares (Postgres docs, `ALTER TABLE
@@ -33,7 +31,8 @@ pub(super) enum Identity {
 }
 
 pub(super) struct ColumnInfo {
-    num: i16,
+    /// The attribute number: fixed for the column's life, whatever it is renamed to.
+    pub(super) num: i16,
     pub(super) name: String,
     pub(super) type_oid: u32,
     pub(super) type_name: String,
@@ -199,17 +198,16 @@ pub(super) async fn describe_table(
         .await
         .map_err(pg)?;
     let (kind, index_columns): (String, Option<Vec<String>>) = (row.get(0), row.get(1));
-    let (identity, identity_columns) = match (kind.as_str(), index_columns) {
-        ("f", _) => (Identity::IncludesKey, None),
-        ("d" | "i", Some(cols)) if cols.contains(&r.key) => (Identity::IncludesKey, Some(cols)),
-        ("d" | "i", Some(cols)) => (Identity::ExcludesKey, Some(cols)),
-        _ => (Identity::Missing, None),
+    let identity = match (kind.as_str(), index_columns) {
+        ("f", _) => Identity::IncludesKey,
+        ("d" | "i", Some(cols)) if cols.contains(&r.key) => Identity::IncludesKey,
+        ("d" | "i", Some(_)) => Identity::ExcludesKey,
+        _ => Identity::Missing,
     };
     Ok(TableInfo {
         oid,
         columns,
         unique_key,
         identity,
-        identity_columns,
     })
 }
