@@ -139,6 +139,8 @@ impl App {
             ),
         );
         let catalog = Arc::new(CatalogCell::new("connecting to postgres"));
+        // The schema task reloads the catalog through the pool when a table changes.
+        let schema_db = db.clone();
         let mut tiers = Tiers::new(
             l1,
             l2,
@@ -230,6 +232,7 @@ impl App {
         tasks.spawn(schema_task(
             config.clone(),
             catalog.clone(),
+            schema_db,
             secrets.clone(),
             shutdown.clone(),
         ));
@@ -481,10 +484,12 @@ where
     result
 }
 
-/// Migrates (unless disabled) and loads the catalog, retrying with backoff until it works.
+/// Migrates (unless disabled) and loads the catalog, retrying with backoff until it works;
+/// then follows the tables' shapes ([`follow_shapes`]).
 async fn schema_task(
     config: Arc<Config>,
     catalog: Arc<CatalogCell>,
+    db: Db,
     secrets: Secrets,
     shutdown: CancellationToken,
 ) {
@@ -516,12 +521,12 @@ async fn schema_task(
                     tracing::error!(
                         resource,
                         reason = %secrets.scrub(reason),
-                        "resource unavailable: its requests answer 503 until the table is fixed and syncar restarted"
+                        "resource unavailable: its requests answer 503 until the table is fixed"
                     );
                 }
                 catalog.set(loaded);
                 tracing::info!("schema ready; serving documents");
-                return;
+                return follow_shapes(&config, &catalog, &db, &secrets, &shutdown).await;
             }
             Err(e) => {
                 let message = secrets.scrub(&error_chain(&e));
@@ -536,6 +541,79 @@ async fn schema_task(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff.next_pause()) => {}
         }
+    }
+}
+
+/// How often the tables' shapes are compared with the catalog's when nothing asked: a
+/// safety net under the flushes that announce a change (see [`crate::schema::shape`]).
+const SHAPES_RECHECK: Duration = Duration::from_secs(30);
+
+/// Loads the catalog again whenever a configured table's live shape differs from the one
+/// the catalog was read in: when asked ([`CatalogCell::request_recheck`]: a flush was heard,
+/// a statement found a column missing), and every [`SHAPES_RECHECK`]. A resource whose table
+/// no longer fits goes unavailable with the reason, one that fits again comes back; the
+/// others are untouched. Copies of the old shape are retired by the flush the change was
+/// announced with, not here.
+async fn follow_shapes(
+    config: &Config,
+    catalog: &CatalogCell,
+    db: &Db,
+    secrets: &Secrets,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let covered = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            covered = catalog.recheck_requested() => covered,
+            _ = tokio::time::sleep(jitter(SHAPES_RECHECK, 0.2)) => 0,
+        };
+        let Ok(current) = catalog.get() else {
+            continue;
+        };
+        let reloaded = match db.table_shapes(&config.resources).await {
+            Ok(live) if live == current.shapes => Ok(None),
+            Ok(_) => {
+                // Told of the change by a trigger's flush (or a failed statement) before
+                // the relay or a poller looked: announce it, so that a change undone
+                // before they look is announced too, and every instance follows it back.
+                if let Err(e) = db
+                    .announce_shape_changes(config, current.capture.source)
+                    .await
+                {
+                    tracing::warn!(error = %secrets.scrub(&e), "announcing a table's new shape failed");
+                }
+                db.load_catalog(config).await.map(Some)
+            }
+            Err(e) => Err(e),
+        };
+        match reloaded {
+            Ok(Some(loaded)) => {
+                for r in &config.resources {
+                    let (was, now) = (current.unavailable(&r.name), loaded.unavailable(&r.name));
+                    match (was, now) {
+                        (_, Some(reason)) if was != now => tracing::error!(
+                            resource = %r.name,
+                            reason = %secrets.scrub(reason),
+                            "resource unavailable after its table changed: its requests answer \
+                             503 until the table fits again"
+                        ),
+                        (Some(_), None) => {
+                            tracing::info!(resource = %r.name, "resource available again")
+                        }
+                        _ if current.shapes.get(&r.name) != loaded.shapes.get(&r.name) => {
+                            tracing::info!(resource = %r.name, "resource reloaded: its table changed")
+                        }
+                        _ => {}
+                    }
+                }
+                catalog.replace(loaded);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %secrets.scrub(&e), "checking the tables' shapes failed")
+            }
+        }
+        catalog.rechecked(covered);
     }
 }
 

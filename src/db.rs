@@ -42,9 +42,34 @@ pub enum DbError {
     /// Another row already holds a unique value this document has (409).
     #[error("{0}")]
     Conflict(String),
-    /// Anything else: a bug or a schema changed under us (500).
+    /// The table changed under the resource: a column or the table named by syncar's SQL is
+    /// gone, or a type no longer fits (503 after one retry on the catalog read again).
+    #[error("the table changed under syncar: {0}")]
+    SchemaChanged(String),
+    /// The body names a field that is no column of the table as the catalog knows it (422
+    /// after one retry on the catalog read again: the column may be new).
+    #[error("{0}")]
+    UnknownColumn(String),
+    /// Anything else: a bug (500).
     #[error("postgres error: {0}")]
     Internal(String),
+}
+
+impl DbError {
+    /// Whether the failure may come from a table that changed since the catalog was read:
+    /// worth one retry once the catalog has been read again.
+    pub fn may_be_schema_change(&self) -> bool {
+        matches!(self, DbError::SchemaChanged(_) | DbError::UnknownColumn(_))
+    }
+}
+
+impl From<crate::resource::BodyError> for DbError {
+    fn from(e: crate::resource::BodyError) -> Self {
+        match e {
+            crate::resource::BodyError::NotAColumn(..) => DbError::UnknownColumn(e.to_string()),
+            crate::resource::BodyError::Invalid(m) => DbError::Rejected(m),
+        }
+    }
 }
 
 /// A committed write.
@@ -343,7 +368,7 @@ impl Db {
     ) -> Result<WriteOutcome, DbError> {
         let (doc, write) = resource
             .prepare_write(key, &body, pre)
-            .map_err(DbError::Rejected)?;
+            .map_err(DbError::from)?;
         let version = if_version(pre);
         let params = write_params(&write, key, &doc, &version);
         let client = self.client().await?;
@@ -452,7 +477,7 @@ impl Db {
                     let (doc, write) = item
                         .resource
                         .prepare_write(item.key, body, *pre)
-                        .map_err(|m| here(DbError::Rejected(m)))?;
+                        .map_err(|e| here(DbError::from(e)))?;
                     let version = if_version(*pre);
                     let params = write_params(&write, item.key, &doc, &version);
                     let row = tx
@@ -701,6 +726,56 @@ impl Db {
         Ok((version, before))
     }
 
+    /// The configured tables' live fingerprints (see [`crate::schema::shape`]), on a pooled
+    /// connection.
+    ///
+    /// # Errors
+    /// Postgres failing, as a message.
+    pub async fn table_shapes(
+        &self,
+        resources: &[crate::config::ResourceConfig],
+    ) -> Result<crate::schema::shape::Shapes, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        crate::schema::shape::fingerprints(&**client, &self.schema, resources)
+            .await
+            .map_err(|e| crate::telemetry::error_chain(&e))
+    }
+
+    /// Announces each configured table whose shape changed since last announced (see
+    /// [`crate::schema::shape::announce_changes`]), on a pooled connection.
+    ///
+    /// # Errors
+    /// Postgres failing, as a message.
+    pub async fn announce_shape_changes(
+        &self,
+        config: &crate::config::Config,
+        source: crate::config::PostgresSource,
+    ) -> Result<Vec<String>, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        crate::schema::shape::announce_changes(
+            &**client,
+            &config.postgres.schema,
+            source,
+            &config.resources,
+        )
+        .await
+        .map_err(|e| crate::telemetry::error_chain(&e))
+    }
+
+    /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
+    ///
+    /// # Errors
+    /// Postgres failing, or the schema no longer migrated, as a message.
+    pub async fn load_catalog(
+        &self,
+        config: &crate::config::Config,
+    ) -> Result<crate::resource::Catalog, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        crate::schema::load_catalog(&**client, config)
+            .await
+            .map_err(|e| crate::telemetry::error_chain(&e))
+    }
+
     async fn client(&self) -> Result<deadpool_postgres::Object, DbError> {
         self.pool.get().await.map_err(|e| {
             metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")
@@ -813,7 +888,20 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
         Some(detail) => format!("{} ({detail})", db.message()),
         None => db.message().to_string(),
     };
-    if *code == SqlState::UNIQUE_VIOLATION {
+    if [
+        SqlState::UNDEFINED_COLUMN,
+        SqlState::UNDEFINED_TABLE,
+        SqlState::UNDEFINED_FUNCTION,
+        SqlState::DATATYPE_MISMATCH,
+    ]
+    .contains(code)
+    {
+        // 42703, 42P01, 42883, 42804: syncar's SQL names what the catalog said, and the
+        // table no longer has it (a column renamed or dropped, the table renamed, a type
+        // changed so that an operator or cast is gone).
+        class("schema_changed");
+        DbError::SchemaChanged(format!("{reason} [{sqlstate}]"))
+    } else if *code == SqlState::UNIQUE_VIOLATION {
         class("rejected");
         DbError::Conflict(reason)
     } else if *code == SqlState::STATEMENT_TOO_COMPLEX {

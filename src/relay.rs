@@ -58,6 +58,7 @@ use crate::resource::{Catalog, CatalogCell, Resource};
 use crate::schema::capture::{
     ensure_slot, new_slot_epoch, recorded_source, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX,
 };
+use crate::schema::shape::ShapeCheck;
 use crate::schema::VERSION_SEQUENCE;
 use crate::telemetry::{
     error_chain, RELAY_ACTIVE, RELAY_CHANGES, RELAY_TRANSACTIONS, WAL_LAG_BYTES,
@@ -261,6 +262,12 @@ async fn stream(
     metrics::gauge!(RELAY_ACTIVE).set(1.0);
     tracing::info!(slot = %slot, instance = %ctx.instance_id, "relaying the WAL");
 
+    // The relay's own statements on customers' tables (a re-inserted row given a fresh
+    // version) must never hold the stream behind a customer's lock for long.
+    client
+        .batch_execute("SET lock_timeout = '200ms'")
+        .await
+        .map_err(|e| format!("setting lock_timeout failed: {e}"))?;
     // Prepared once: an unnamed statement costs a second round trip each time.
     let heartbeat = client
         .prepare("SELECT pg_logical_emit_message(false, $1, $2)")
@@ -270,6 +277,9 @@ async fn stream(
     let mut renew = ticker(feeds.relay_lease / 4);
     let mut beat = ticker(feeds.heartbeat_interval);
     let mut measure = ticker(Duration::from_secs(5));
+    // Tables changed by a DDL that no write follows show up in no Relation message: look.
+    let mut shapes = ticker(feeds.lease / 2);
+    let mut shape_check = ShapeCheck::new(Duration::ZERO);
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
@@ -298,6 +308,9 @@ async fn stream(
                 if let Ok(Err(e)) = tokio::time::timeout(feeds.heartbeat_interval, emit).await {
                     break Err(format!("heartbeat failed: {e}"));
                 }
+            }
+            _ = shapes.tick() => {
+                shape_check.run(&client, config, PostgresSource::Wal, feeds.lease).await;
             }
             _ = measure.tick() => {
                 match slot_lag(&client, slot).await {
@@ -334,9 +347,15 @@ async fn stream(
                         None => break,
                     }
                 }
+                // The catalog as it is now: a resource reloaded after its table changed maps
+                // by its new columns from the next Relation message on.
+                let current = match ctx.catalog.get() {
+                    Ok(current) => current,
+                    Err(e) => break Err(e.to_string()),
+                };
                 let mut failed = None;
                 for event in received {
-                    if let Err(e) = session.on_event(ctx, catalog, &client, &sql, &repl, event).await {
+                    if let Err(e) = session.on_event(ctx, &current, &client, &sql, &repl, event).await {
                         failed = Some(e);
                         break;
                     }
@@ -344,7 +363,13 @@ async fn stream(
                 if let Some(e) = failed {
                     break Err(e);
                 }
-                if let Err(e) = session.flush(ctx, catalog, &repl).await {
+                if std::mem::take(&mut session.relation_seen) {
+                    // pgoutput sends a `Relation` before a table's first change after its
+                    // shape changed: look at once instead of at the next tick.
+                    shape_check.due_now();
+                    shape_check.run(&client, config, PostgresSource::Wal, feeds.lease).await;
+                }
+                if let Err(e) = session.flush(ctx, &current, &repl).await {
                     break Err(e);
                 }
                 if let Some(e) = ended {
@@ -373,8 +398,11 @@ async fn stream(
 /// A relation of the stream that is a resource: where its key and version are in a tuple.
 struct Mapped {
     resource: Arc<Resource>,
-    key: usize,
-    version: usize,
+    /// Where the key and the version are in a tuple; `None` when the stream's columns lack
+    /// either (the table was changed under its resource: a key or version column renamed
+    /// or dropped). Every change of such a table is then a flush of its resource, so the
+    /// relay goes on streaming, and acknowledging, for every table.
+    at: Option<(usize, usize)>,
     /// Whether the key is part of the replica identity: then a DELETE in the WAL names it.
     key_in_identity: bool,
 }
@@ -418,7 +446,19 @@ struct Session {
     emitted: std::collections::VecDeque<u64>,
     /// Published tables this relay's configuration has no resource for, warned about once.
     unknown: std::collections::HashSet<String>,
+    /// A `Relation` message of a resource's table arrived since the last shape check.
+    relation_seen: bool,
+    /// Keys deleted by transactions relayed in this term, by resource and key: the delete's
+    /// version and when it was relayed. Kept for [`DELETE_MEMORY`], at most
+    /// [`DELETE_MEMORY_KEYS`] of them.
+    recent_deletes: HashMap<(String, String), (i64, std::time::Instant)>,
 }
+
+/// How long a relayed delete is remembered: past any tombstone's TTL, a re-insert that
+/// commits later with a lower version no longer meets a cached absence.
+const DELETE_MEMORY: Duration = Duration::from_secs(120);
+/// Deletes remembered at most (about 100 bytes each).
+const DELETE_MEMORY_KEYS: usize = 100_000;
 
 impl Session {
     async fn on_event(
@@ -456,22 +496,32 @@ impl Session {
                             }
                             return Ok(());
                         };
-                        let at = |name: &str| r.columns.iter().position(|(c, _)| c == name);
-                        let (Some(key), Some(version)) =
-                            (at(resource.key_column()), at(resource.version_column()))
-                        else {
-                            return Err(format!(
-                                "table {}.{} lacks its key or version column in the stream",
-                                r.schema, r.name
-                            ));
+                        self.relation_seen = true;
+                        let position = |name: &str| r.columns.iter().position(|(c, _)| c == name);
+                        let at = match (
+                            position(resource.key_column()),
+                            position(resource.version_column()),
+                        ) {
+                            (Some(key), Some(version)) => Some((key, version)),
+                            _ => {
+                                tracing::warn!(
+                                    table = %format!("{}.{}", r.schema, r.name),
+                                    resource = %resource.name,
+                                    key = %resource.key_column(),
+                                    version = %resource.version_column(),
+                                    "the stream's columns of a resource's table lack its key or \
+                                     version column (renamed or dropped?): each change of it \
+                                     flushes the resource until it fits again"
+                                );
+                                None
+                            }
                         };
                         self.relations.insert(
                             r.id,
                             Mapped {
                                 resource: resource.clone(),
-                                key,
-                                version,
-                                key_in_identity: r.columns[key].1,
+                                at,
+                                key_in_identity: at.is_some_and(|(key, _)| r.columns[key].1),
                             },
                         );
                     }
@@ -529,7 +579,9 @@ impl Session {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let txn = std::mem::take(&mut self.txn);
-                let changes = changes_of(txn, client, sql).await?;
+                let mut changes = changes_of(txn, catalog, client, sql).await?;
+                self.reinserted_after_delete(&mut changes, catalog, client, sql)
+                    .await?;
                 self.pending.extend(changes);
                 self.pending_lsn = Some(end_lsn);
                 self.pending_transactions += 1;
@@ -581,6 +633,90 @@ impl Session {
     }
 }
 
+impl Session {
+    /// A delete racing a re-insert of its key: an INSERT takes its version in its BEFORE
+    /// trigger, then waits on the uncommitted DELETE of the same key, whose statement trigger
+    /// takes a later version; the insert commits after the delete with a lower version, and
+    /// the delete's absence would outrank the live row in every tier. The WAL gives commits
+    /// in order, so a put committed after a delete of its key with a lower version is that
+    /// race: the row is given a fresh version (an UPDATE that changes nothing else, as
+    /// [`Resource::restamp_sql`] does for a write below a cached copy), which reaches the
+    /// tiers now and through the WAL again. If that fails (a lock held longer than the
+    /// relay's `lock_timeout`), a tombstone above the delete sends reads to Postgres until
+    /// it expires: correct, uncached.
+    async fn reinserted_after_delete(
+        &mut self,
+        changes: &mut [Message],
+        catalog: &Catalog,
+        client: &tokio_postgres::Client,
+        sql: &Sql,
+    ) -> Result<(), String> {
+        if !self.recent_deletes.is_empty() {
+            for m in changes.iter_mut().filter(|m| m.op == Op::Put) {
+                let Some(key) = &m.key else { continue };
+                let Some((deleted_at, _)) =
+                    self.recent_deletes.get(&(m.resource.clone(), key.clone()))
+                else {
+                    continue;
+                };
+                if *deleted_at <= m.version {
+                    continue;
+                }
+                let restamped = match catalog.get(&m.resource) {
+                    Some(resource) => restamp(client, resource, key).await,
+                    None => None,
+                };
+                tracing::info!(
+                    resource = %m.resource,
+                    version = m.version,
+                    deleted_at = *deleted_at,
+                    restamped = ?restamped,
+                    "a row re-inserted after a concurrent delete of its key had a lower version; \
+                     gave it a fresh one"
+                );
+                m.version = match restamped {
+                    Some(version) => version,
+                    None => sql.next_version(client).await?,
+                };
+            }
+        }
+        let now = std::time::Instant::now();
+        for m in changes.iter().filter(|m| m.op == Op::Delete) {
+            if let Some(key) = &m.key {
+                self.recent_deletes
+                    .insert((m.resource.clone(), key.clone()), (m.version, now));
+            }
+        }
+        if self.recent_deletes.len() > DELETE_MEMORY_KEYS {
+            self.recent_deletes
+                .retain(|_, (_, at)| at.elapsed() < DELETE_MEMORY);
+            if self.recent_deletes.len() > DELETE_MEMORY_KEYS {
+                // A delete storm: forgetting early only brings back the race's 404s.
+                self.recent_deletes.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Gives the row `key` of `resource` a fresh version; the new version, or `None` when the
+/// row is gone or the statement failed.
+async fn restamp(client: &tokio_postgres::Client, resource: &Resource, key: &str) -> Option<i64> {
+    let param = resource.parse_key(key).ok()?;
+    let sql = resource.restamp_sql();
+    let row = match &param {
+        crate::resource::KeyParam::Text(text) => client.query_opt(&sql, &[text]).await,
+        crate::resource::KeyParam::Int(int) => client.query_opt(&sql, &[int]).await,
+    };
+    match row {
+        Ok(row) => row.map(|r| r.get(0)),
+        Err(e) => {
+            tracing::warn!(resource = %resource.name, error = %e, "giving a re-inserted row a fresh version failed");
+            None
+        }
+    }
+}
+
 /// Tells Postgres the slot may move past `lsn`: everything up to it is in Redis and published.
 fn acknowledge(repl: &ReplicationClient, lsn: Lsn) {
     repl.update_applied_lsn(lsn);
@@ -592,6 +728,18 @@ impl Transaction {
     /// wait for the commit, where the triggers' announcements give their versions.
     fn receive(&mut self, row: Change, relations: &HashMap<u32, Mapped>) {
         let ts = self.commit_time_us;
+        let relation = match &row {
+            Change::Insert { relation, .. }
+            | Change::Update { relation, .. }
+            | Change::Delete { relation, .. } => Some(*relation),
+            _ => None,
+        };
+        if let Some(m) = relation.and_then(|id| relations.get(&id)) {
+            if m.at.is_none() {
+                // The stream cannot name this table's keys or versions: flush it.
+                return self.unkeyed.push(m.resource.clone());
+            }
+        }
         match row {
             Change::Insert { relation, new } => {
                 if let Some(m) = relations.get(&relation) {
@@ -619,9 +767,10 @@ impl Transaction {
                 };
                 // The old identity comes only when it changed: a moved key is deleted, at
                 // the version of the row that left it.
+                let key_at = m.at.map_or(usize::MAX, |(key, _)| key);
                 let moved_from = old
                     .as_ref()
-                    .and_then(|old| old.get(m.key))
+                    .and_then(|old| old.get(key_at))
                     .and_then(Column::text)
                     .filter(|old_key| *old_key != key)
                     .map(str::to_string);
@@ -637,7 +786,10 @@ impl Transaction {
                     if !m.key_in_identity {
                         self.unverifiable.insert(m.resource.name.clone());
                     }
-                    let key = old.get(m.key).and_then(Column::text).map(str::to_string);
+                    let key =
+                        m.at.and_then(|(key, _)| old.get(key))
+                            .and_then(Column::text)
+                            .map(str::to_string);
                     self.deleted.push((m.resource.clone(), key));
                 }
             }
@@ -665,6 +817,7 @@ impl Transaction {
 /// a few misses.
 async fn changes_of(
     txn: Transaction,
+    catalog: &Catalog,
     client: &tokio_postgres::Client,
     sql: &Sql,
 ) -> Result<Vec<Message>, String> {
@@ -673,6 +826,7 @@ async fn changes_of(
     let mut out = txn.changes;
     let mut announced_deletes: HashMap<(String, String), i64> = HashMap::new();
     let mut announced_truncates: HashMap<String, i64> = HashMap::new();
+    let mut announced_flushes: Vec<String> = Vec::new();
     for a in &txn.announced {
         let Some(resource) = a.get("resource").and_then(|r| r.as_str()) else {
             continue;
@@ -693,6 +847,12 @@ async fn changes_of(
             .filter(|v| *v > 0)
         {
             announced_truncates.insert(resource.to_string(), version);
+        }
+        // A trigger that found its table changed under it, or a table's new shape: a flush
+        // at a version taken here (never one a message names: anyone may emit one, and a
+        // generation raised to a forged, huge version would never rise again).
+        if a.get("flush").and_then(|f| f.as_bool()) == Some(true) && catalog.knows(resource) {
+            announced_flushes.push(resource.to_string());
         }
     }
     let message = |resource: &str, key: Option<String>, version: i64, op: Op| Message {
@@ -743,6 +903,12 @@ async fn changes_of(
         };
         out.push(message(&resource.name, None, version, Op::Flush));
     }
+    for resource in announced_flushes {
+        if flushed.insert(resource.clone()) {
+            let version = sql.next_version(client).await?;
+            out.push(message(&resource, None, version, Op::Flush));
+        }
+    }
     Ok(out)
 }
 
@@ -758,7 +924,10 @@ enum Keyed {
 
 impl Mapped {
     fn key_version(&self, tuple: &[Column]) -> Keyed {
-        let (Some(key), Some(version)) = (tuple.get(self.key), tuple.get(self.version)) else {
+        let Some((key, version)) = self.at else {
+            return Keyed::Unknown;
+        };
+        let (Some(key), Some(version)) = (tuple.get(key), tuple.get(version)) else {
             return Keyed::Unknown;
         };
         if *key == Column::Null {

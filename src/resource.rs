@@ -3,7 +3,8 @@
 //! always quoted; keys and bodies are always bind parameters. Runs no query itself.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -20,7 +21,24 @@ pub struct Catalog {
     /// Configured resources left out, by name, with why (their table does not exist or does
     /// not fit): requests to them answer 503 `resource_unavailable` with the reason.
     unavailable: HashMap<String, String>,
+    /// Each configured resource's table fingerprint when this catalog was read (see
+    /// `schema::shape`): a live one that differs means the table changed since.
+    pub shapes: Shapes,
 }
+
+/// A table's shape as syncar knows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableShape {
+    /// The live fingerprint, an md5 in hex; `None` when the table does not exist.
+    pub fingerprint: Option<String>,
+    /// The version at which the shape documents are now rendered in was announced (the state
+    /// table's `shape_epoch:{resource}`); 0 for the shape syncar was installed on. It tells
+    /// two renderings of one row version apart in ETags.
+    pub epoch: i64,
+}
+
+/// Each configured resource's [`TableShape`], by resource name.
+pub type Shapes = HashMap<String, TableShape>;
 
 /// The Postgres source the schema serves, resolved from `feeds.postgres_source` against the
 /// server (`auto` becomes `wal` or `changes_log`), and the names the `wal` source uses.
@@ -56,7 +74,19 @@ impl Catalog {
                 .collect(),
             capture: Capture::default(),
             unavailable: HashMap::new(),
+            shapes: HashMap::new(),
         }
+    }
+
+    /// The same catalog, read when the tables had `shapes`.
+    pub fn with_shapes(mut self, shapes: Shapes) -> Self {
+        self.shapes = shapes;
+        self
+    }
+
+    /// Whether `name` is a configured resource, served or left out.
+    pub fn knows(&self, name: &str) -> bool {
+        self.resources.contains_key(name) || self.unavailable.contains_key(name)
     }
 
     /// The same catalog, with `unavailable` (name, reason) left out.
@@ -117,15 +147,22 @@ impl Catalog {
     }
 }
 
-/// The catalog once the schema task has migrated and loaded it; until then, why not.
+/// The catalog once the schema task has migrated and loaded it; until then, why not. A
+/// table whose shape changed makes the schema task load it again and [`CatalogCell::replace`]
+/// it; requests that began before keep the one they took.
 ///
 /// # Concurrency
-/// Set once, read on every request without a lock.
+/// Read on every request under a read lock held for one `Arc` clone; replaced rarely.
 #[derive(Debug)]
 pub struct CatalogCell {
-    catalog: OnceLock<Arc<Catalog>>,
+    catalog: RwLock<Option<Arc<Catalog>>>,
     /// Why the catalog is not loaded yet, for `/readyz` and 503s.
     not_ready: Mutex<String>,
+    /// Wakes the schema task to compare the tables' live shapes with the catalog's.
+    recheck: tokio::sync::Notify,
+    /// Recheck requests made so far, and the last one a finished check covered.
+    requested: AtomicU64,
+    rechecked: tokio::sync::watch::Sender<u64>,
 }
 
 /// The catalog is not loaded yet: Postgres is unreachable, the schema is not migrated, or a
@@ -138,8 +175,11 @@ impl CatalogCell {
     /// Empty, not ready for `reason`.
     pub fn new(reason: &str) -> Self {
         CatalogCell {
-            catalog: OnceLock::new(),
+            catalog: RwLock::new(None),
             not_ready: Mutex::new(reason.to_string()),
+            recheck: tokio::sync::Notify::new(),
+            requested: AtomicU64::new(0),
+            rechecked: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -148,7 +188,7 @@ impl CatalogCell {
     /// # Errors
     /// [`NotReady`] with the last reason they are not.
     pub fn get(&self) -> Result<Arc<Catalog>, NotReady> {
-        match self.catalog.get() {
+        match &*self.catalog.read().unwrap_or_else(|e| e.into_inner()) {
             Some(c) => Ok(c.clone()),
             None => Err(NotReady(
                 self.not_ready
@@ -161,17 +201,61 @@ impl CatalogCell {
 
     /// Whether the catalog is loaded.
     pub fn is_loaded(&self) -> bool {
-        self.catalog.get().is_some()
+        self.catalog
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
-    /// Publishes the loaded catalog; later calls change nothing.
+    /// Publishes the first loaded catalog; later calls change nothing (see
+    /// [`CatalogCell::replace`]).
     pub fn set(&self, catalog: Catalog) {
-        let _ = self.catalog.set(Arc::new(catalog));
+        let mut slot = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            *slot = Some(Arc::new(catalog));
+        }
+    }
+
+    /// Publishes a catalog read again after a table changed.
+    pub fn replace(&self, catalog: Catalog) {
+        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(catalog));
     }
 
     /// Records why the catalog could not be loaded yet.
     pub fn not_ready(&self, reason: String) {
         *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// Asks the schema task to compare the tables' shapes with the catalog's (a flush was
+    /// heard, or a statement found a column missing). Requests made while one check runs are
+    /// folded into the next. Returns the request's number.
+    pub fn request_recheck(&self) -> u64 {
+        let n = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.recheck.notify_one();
+        n
+    }
+
+    /// Waits for a recheck request, then returns the number of the last request it covers
+    /// (the schema task, before it reads the tables).
+    pub async fn recheck_requested(&self) -> u64 {
+        self.recheck.notified().await;
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// Records that the check covering requests up to `covered` ran (the schema task),
+    /// waking [`CatalogCell::recheck_and_wait`].
+    pub fn rechecked(&self, covered: u64) {
+        self.rechecked.send_modify(|n| *n = (*n).max(covered));
+    }
+
+    /// Requests a recheck and waits, at most `limit`, until a check that read the tables
+    /// after this call has run. Returns whether one did.
+    pub async fn recheck_and_wait(&self, limit: std::time::Duration) -> bool {
+        let mut done = self.rechecked.subscribe();
+        let wanted = self.request_recheck();
+        tokio::time::timeout(limit, done.wait_for(|n| *n >= wanted))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -222,6 +306,9 @@ pub struct Resource {
     version: Column,
     /// `SELECT version, document` by key.
     get_sql: String,
+    /// Which rendering of the table's rows documents are (see
+    /// [`TableShape::epoch`]): 0 until the table's shape changes.
+    shape_epoch: i64,
 }
 
 /// How a document maps to a row.
@@ -281,6 +368,19 @@ pub enum Precondition {
     Exists,
     /// `If-None-Match: *`: only if the document does not exist.
     Absent,
+}
+
+/// Why a body does not fit a resource's table (422 for the client).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// A field that is no column of the table as this catalog knows it: a mistake, or a
+    /// column added since the catalog was read (the write is then retried once after the
+    /// catalog is read again).
+    #[error("{0:?} is not a column of resource {1:?}")]
+    NotAColumn(String, String),
+    /// Anything else: not an object, a key that disagrees with the URL.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A prepared write: the SQL text and which parameters it binds, in order.
@@ -369,6 +469,7 @@ impl Resource {
             key_type,
             version,
             get_sql: String::new(),
+            shape_epoch: 0,
         };
         r.get_sql = format!(
             "SELECT t.{ver}, {doc} FROM {table} AS t WHERE t.{key} = $1::{kt}",
@@ -379,6 +480,28 @@ impl Resource {
             kt = r.key_sql_type(),
         );
         r
+    }
+
+    /// The same resource, its documents rendered in the shape announced at `epoch`.
+    pub fn with_shape_epoch(mut self, epoch: i64) -> Self {
+        self.shape_epoch = epoch;
+        self
+    }
+
+    /// The ETag of this resource's document at `version`, as a header value without its
+    /// quotes: the version alone while the table has the shape syncar was installed on,
+    /// `{version}-{epoch}` once it changed shape, so that one ETag never names two renderings
+    /// of one row version (a column added changes every document, not any version).
+    pub fn etag(&self, version: i64) -> String {
+        match self.shape_epoch {
+            0 => version.to_string(),
+            epoch => format!("{version}-{epoch}"),
+        }
+    }
+
+    /// Which rendering of the table's rows this resource serves (0: the original).
+    pub fn shape_epoch(&self) -> i64 {
+        self.shape_epoch
     }
 
     /// Checks a client's key against the key column's kind.
@@ -452,23 +575,26 @@ impl Resource {
     /// replaces the whole row: columns not in the body take their default (NULL without one).
     ///
     /// # Errors
-    /// A message for the client (422) when the body does not fit the table.
+    /// [`BodyError`] (422 for the client) when the body does not fit the table.
     pub fn prepare_write(
         &self,
         key: &KeyParam,
         body: &JsonText,
         pre: Precondition,
-    ) -> Result<(String, WriteSql), String> {
+    ) -> Result<(String, WriteSql), BodyError> {
         match &self.shape {
             Shape::Kv => Ok((body.as_str().to_string(), self.kv_write_sql(pre))),
             Shape::Table { columns, readonly } => {
                 // Only the top level is parsed: each column's value stays raw JSON text, for
                 // Postgres to convert (however deep it nests).
-                let fields: Vec<(String, &RawValue)> =
-                    serde_json::from_str::<BTreeMap<String, &RawValue>>(body.as_str())
-                        .map_err(|_| format!("a {:?} document must be a JSON object", self.name))?
-                        .into_iter()
-                        .collect();
+                let fields: Vec<(String, &RawValue)> = serde_json::from_str::<
+                    BTreeMap<String, &RawValue>,
+                >(body.as_str())
+                .map_err(|_| {
+                    BodyError::Invalid(format!("a {:?} document must be a JSON object", self.name))
+                })?
+                .into_iter()
+                .collect();
                 let (doc, set) = self.table_doc(columns, readonly, key, fields)?;
                 Ok((doc, self.table_write_sql(columns, &set, pre)))
             }
@@ -482,7 +608,7 @@ impl Resource {
         readonly: &[String],
         key: &KeyParam,
         fields: Vec<(String, &RawValue)>,
-    ) -> Result<(String, Vec<&'c Column>), String> {
+    ) -> Result<(String, Vec<&'c Column>), BodyError> {
         let key_json = match key {
             KeyParam::Text(s) => Value::String(s.clone()),
             KeyParam::Int(i) => Value::from(*i),
@@ -499,18 +625,15 @@ impl Resource {
                 };
                 if !agrees {
                     let shown: String = raw.get().chars().take(64).collect();
-                    return Err(format!(
+                    return Err(BodyError::Invalid(format!(
                         "key column {:?} is {shown} in the body but {key_json} in the URL",
                         self.key.name
-                    ));
+                    )));
                 }
             } else if columns.iter().any(|c| c.name == name) {
                 given.push((name, raw.get().to_string()));
             } else if name != self.version.name && !readonly.contains(&name) {
-                return Err(format!(
-                    "{name:?} is not a column of resource {:?}",
-                    self.name
-                ));
+                return Err(BodyError::NotAColumn(name, self.name.clone()));
             }
         }
         given.push((self.key.name.clone(), key_json.to_string()));
@@ -744,6 +867,7 @@ mod tests {
             let body = JsonText::parse(body.as_bytes()).unwrap();
             r.prepare_write(&key, &body, Precondition::None)
                 .unwrap_err()
+                .to_string()
         };
         assert!(err("[1]").contains("JSON object"));
         assert!(err(r#"{"nope": 1}"#).contains("not a column"));

@@ -1,7 +1,8 @@
 //! The Postgres side of versioning: `syncar migrate` ([`migrate`]: the sequence, version
 //! columns, triggers and the `kv` table), the catalog lookups that turn configured resources
 //! into [`Resource`](crate::resource::Resource)s ([`catalog`]), and the queries of the
-//! changes log ([`changes`]). Knows nothing about caches.
+//! changes log ([`changes`]), and tables' shapes, whose changes are announced to the fleet
+//! ([`shape`]). Knows nothing about caches.
 
 pub mod capture;
 pub mod catalog;
@@ -9,6 +10,7 @@ pub mod changes;
 mod error;
 pub mod migrate;
 mod names;
+pub mod shape;
 mod table;
 mod triggers;
 

@@ -1066,29 +1066,32 @@ impl Tiers {
     }
 
     async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
+        if invalidation(message).is_none() && catalog.knows(&message.resource) {
+            // A resource-wide flush, of a resource served or left out (a left-out one's
+            // copies must not come back when it is served again). The new generation first,
+            // so that nothing read from Redis after L1 is emptied comes from the old one.
+            self.saw(Version(message.version));
+            let name = &message.resource;
+            self.l2.note_generation(name, message.version);
+            if let Some(l1) = &self.l1 {
+                l1.clear();
+            }
+            if redis {
+                if let Err(e) = self.l2.raise_generation(name, message.version).await {
+                    tracing::warn!(resource = %name, error = %e, "raising a resource's generation in redis failed");
+                }
+            }
+            // A flush may be a table's new shape (or a TRUNCATE: a recheck finds nothing).
+            self.catalog.request_recheck();
+            self.watch.change(name, None, message.version, Op::Flush);
+            return true;
+        }
         let Some(resource) = catalog.get(&message.resource) else {
             return false; // not a resource of this instance
         };
         self.saw(Version(message.version));
         let Some(copy) = invalidation(message) else {
-            // A resource-wide flush. The new generation first, so that nothing read from
-            // Redis after L1 is emptied comes from the old one.
-            self.l2.note_generation(&resource.name, message.version);
-            if let Some(l1) = &self.l1 {
-                l1.clear();
-            }
-            if redis {
-                if let Err(e) = self
-                    .l2
-                    .raise_generation(&resource.name, message.version)
-                    .await
-                {
-                    tracing::warn!(resource = %resource.name, error = %e, "raising a resource's generation in redis failed");
-                }
-            }
-            self.watch
-                .change(&resource.name, None, message.version, Op::Flush);
-            return true;
+            return false;
         };
         let Some(key) = &message.key else {
             return false;
@@ -1146,15 +1149,18 @@ impl Tiers {
         }
         futures_util::stream::iter(changes.iter().map(Ok))
             .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
-                let Some(resource) = catalog.get(&change.resource) else {
-                    return Ok(());
-                };
                 let (Some(copy), Some(key)) = (invalidation(change), &change.key) else {
+                    if !catalog.knows(&change.resource) {
+                        return Ok(());
+                    }
                     return self
                         .l2
-                        .raise_generation(&resource.name, change.version)
+                        .raise_generation(&change.resource, change.version)
                         .await
                         .map(|_| ());
+                };
+                let Some(resource) = catalog.get(&change.resource) else {
+                    return Ok(());
                 };
                 let ck = CacheKey::new(&resource.name, key);
                 // Whatever it does to Redis, a load in flight here may predate this change.

@@ -18,6 +18,7 @@ use super::driver::{connect_postgres, handle_parsed, recover, AbortOnDrop, Sourc
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::config::PostgresSource;
+use crate::schema::shape::ShapeCheck;
 use crate::schema::{current_xmin, ChangesQuery};
 use crate::tiers::APPLY_CONCURRENCY;
 
@@ -84,11 +85,16 @@ impl Source for ChangesLog {
         }
         let mut up = false;
         let mut tick = ticker(config.feeds.poll_interval);
+        let mut shapes = ShapeCheck::new(lease / 2);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
+            // Before the poll: a new shape's flush is in the log by then.
+            shapes
+                .run(&client, config, PostgresSource::ChangesLog, lease)
+                .await;
             if mono_ms() > feed.valid_until() {
                 return Err(format!("no successful poll within {lease:?}"));
             }

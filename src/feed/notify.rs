@@ -15,8 +15,10 @@ use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
+use crate::config::PostgresSource;
 use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
+use crate::schema::shape::ShapeCheck;
 use crate::schema::NOTIFY_CHANNEL;
 
 /// The LISTEN source, with this process's heartbeat channel.
@@ -89,10 +91,12 @@ impl Source for Notify {
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;
         let mut tick = ticker(config.feeds.heartbeat_interval);
+        let mut shapes = ShapeCheck::new(lease / 2);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
+                    shapes.run(&client, config, PostgresSource::Notify, lease).await;
                     if mono_ms() > feed_state.valid_until() {
                         return Err(format!("heartbeat not back within {lease:?}"));
                     }

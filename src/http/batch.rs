@@ -103,7 +103,14 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
                     }
                     None
                 }
-                Some(Err(e)) => Some(ApiError::from(e)),
+                Some(Err(e)) => {
+                    if e.may_be_schema_change() {
+                        // Answered per key (503 `schema_changed`); the next batch finds the
+                        // catalog read again.
+                        state.catalog.request_recheck();
+                    }
+                    Some(ApiError::from(e))
+                }
                 None => Some(ApiError::Internal("a key was not answered".into())),
             },
         };

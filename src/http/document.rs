@@ -12,7 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::error::{Answer, ApiError, ALLOW_DOC};
-use super::request::{read_json, read_options, target, write_precondition, Target};
+use super::request::{etag_epoch, read_json, read_options, target, write_precondition, Target};
 use super::response::{etag, json_response, JSON};
 use super::state::HttpState;
 use crate::db::{DeleteOutcome, WriteOutcome};
@@ -32,11 +32,14 @@ enum DocumentRequest {
     Put {
         doc: DocRef,
         pre: Precondition,
+        /// The shape epoch `If-Match` names, if any.
+        epoch: Option<i64>,
         body: crate::model::JsonText,
     },
     Delete {
         target: Target,
         pre: Precondition,
+        epoch: Option<i64>,
     },
 }
 
@@ -48,8 +51,19 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, rest: &str
             options,
             if_none_match,
         } => get(state, target, options, if_none_match).await,
-        DocumentRequest::Put { doc, pre, body } => put(state, doc, pre, body).await,
-        DocumentRequest::Delete { target, pre } => delete(state, target, pre).await,
+        DocumentRequest::Put {
+            doc,
+            pre,
+            epoch,
+            body,
+        } => {
+            same_shape(&doc, pre, epoch)?;
+            put(state, doc, pre, body).await
+        }
+        DocumentRequest::Delete { target, pre, epoch } => {
+            same_shape(&target.doc, pre, epoch)?;
+            delete(state, target, pre).await
+        }
     }
 }
 
@@ -70,6 +84,7 @@ async fn parse(
     Ok(match method {
         Method::PUT => {
             let pre = write_precondition(req.headers(), true)?;
+            let epoch = etag_epoch(req.headers());
             let body = tokio::time::timeout(
                 server.request_timeout,
                 read_json(req, server.max_body_bytes),
@@ -79,11 +94,13 @@ async fn parse(
             DocumentRequest::Put {
                 doc: target.doc,
                 pre,
+                epoch,
                 body,
             }
         }
         Method::DELETE => DocumentRequest::Delete {
             pre: write_precondition(req.headers(), false)?,
+            epoch: etag_epoch(req.headers()),
             target,
         },
         _ => DocumentRequest::Read {
@@ -110,9 +127,19 @@ async fn get(
     let Target { doc, key } = target;
     let read = match state.tiers.l1_hit(&doc, options).await {
         Some(hit) => hit,
-        None => tokio::time::timeout(timeout, state.tiers.get_below_l1(&doc, options))
-            .await
-            .map_err(deadline(timeout))??,
+        None => {
+            let below = |doc: DocRef| async move {
+                tokio::time::timeout(timeout, state.tiers.get_below_l1(&doc, options))
+                    .await
+                    .map_err(deadline(timeout))
+            };
+            match below(doc.clone()).await? {
+                Err(e) if e.may_be_schema_change() => {
+                    below(on_new_shape(state, &doc).await?).await??
+                }
+                read => read?,
+            }
+        }
     };
     let x_cache = HeaderValue::from_static(read.tier.as_str());
     let age = read.cached.age_secs();
@@ -122,7 +149,7 @@ async fn get(
         resp.headers_mut().insert("x-cache", x_cache);
         return Ok(resp);
     };
-    let etag = etag(read.cached.version.0);
+    let etag = etag(&doc.resource, read.cached.version.0);
     let not_modified = if_none_match.is_some_and(|v| {
         v.split(',').any(|t| {
             t.trim().trim_start_matches("W/") == etag.to_str().unwrap_or_default()
@@ -154,16 +181,25 @@ async fn put(
     body: crate::model::JsonText,
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
-    let tiers = state.tiers.clone();
-    // Spawned so a client hanging up (or the deadline) cannot stop the write between commit
-    // and cache updates; the tracker lets shutdown wait for it.
-    let task = state
-        .writes
-        .spawn(async move { tiers.put(&doc, body, pre).await });
-    let outcome = tokio::time::timeout(timeout, task)
-        .await
-        .map_err(deadline(timeout))?
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let write = |doc: DocRef, body: crate::model::JsonText| async move {
+        let tiers = state.tiers.clone();
+        // Spawned so a client hanging up (or the deadline) cannot stop the write between
+        // commit and cache updates; the tracker lets shutdown wait for it.
+        let task = state
+            .writes
+            .spawn(async move { tiers.put(&doc, body, pre).await });
+        tokio::time::timeout(timeout, task)
+            .await
+            .map_err(deadline(timeout))?
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    };
+    let (resource, outcome) = match write(doc.clone(), body.clone()).await? {
+        Err(e) if e.may_be_schema_change() => {
+            let doc = on_new_shape(state, &doc).await?;
+            (doc.resource.clone(), write(doc, body).await??)
+        }
+        outcome => (doc.resource.clone(), outcome?),
+    };
     match outcome {
         WriteOutcome::Written(w) => {
             let status = if w.created {
@@ -176,7 +212,8 @@ async fn put(
             };
             let body = serde_json::to_value(written).expect("a version serializes");
             let mut resp = json_response(status, &body);
-            resp.headers_mut().insert(header::ETAG, etag(w.version.0));
+            resp.headers_mut()
+                .insert(header::ETAG, etag(&resource, w.version.0));
             Ok(resp)
         }
         WriteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
@@ -186,25 +223,77 @@ async fn put(
 /// DELETE: 204 with the ETag of the delete, 404 when absent.
 async fn delete(state: &HttpState, target: Target, pre: Precondition) -> Answer {
     let timeout = state.config.server.request_timeout;
-    let tiers = state.tiers.clone();
     let Target { doc, key } = target;
     let name = format!("{}/{key}", doc.resource.name);
-    let task = state
-        .writes
-        .spawn(async move { tiers.delete(&doc, pre).await });
-    let outcome = tokio::time::timeout(timeout, task)
-        .await
-        .map_err(deadline(timeout))?
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let write = |doc: DocRef| async move {
+        let tiers = state.tiers.clone();
+        let task = state
+            .writes
+            .spawn(async move { tiers.delete(&doc, pre).await });
+        tokio::time::timeout(timeout, task)
+            .await
+            .map_err(deadline(timeout))?
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    };
+    let (resource, outcome) = match write(doc.clone()).await? {
+        Err(e) if e.may_be_schema_change() => {
+            let doc = on_new_shape(state, &doc).await?;
+            (doc.resource.clone(), write(doc).await??)
+        }
+        outcome => (doc.resource.clone(), outcome?),
+    };
     match outcome {
         DeleteOutcome::Deleted { version } => {
             let mut resp = Response::new(Full::new(Bytes::new()));
             *resp.status_mut() = StatusCode::NO_CONTENT;
-            resp.headers_mut().insert(header::ETAG, etag(version.0));
+            resp.headers_mut()
+                .insert(header::ETAG, etag(&resource, version.0));
             Ok(resp)
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(name)),
         DeleteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
+    }
+}
+
+/// `doc` on its resource as the catalog describes it once read again: called after a
+/// statement failed the way one does on a table changed since the catalog was read (a
+/// column renamed, dropped or added). The failed statement changed nothing, so the request
+/// runs once more on what this returns.
+///
+/// # Errors
+/// 503 `schema_changed` when the catalog could not be read again in time;
+/// `resource_unavailable` with the reason when the table no longer fits; the key's error
+/// when it no longer fits the key column.
+pub(super) async fn on_new_shape(state: &HttpState, doc: &DocRef) -> Result<DocRef, ApiError> {
+    let name = &doc.resource.name;
+    if !state
+        .catalog
+        .recheck_and_wait(state.config.server.request_timeout)
+        .await
+    {
+        return Err(ApiError::SchemaChanged(format!(
+            "resource {name:?}: a statement failed as on a changed table, and its table could \
+             not be read again in time"
+        )));
+    }
+    let catalog = state.catalog()?;
+    let resource = catalog
+        .get(name)
+        .ok_or_else(|| match catalog.unavailable(name) {
+            Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
+            None => ApiError::UnknownResource(name.clone()),
+        })?;
+    DocRef::new(resource, &doc.key.to_string()).map_err(ApiError::InvalidKey)
+}
+
+/// 412 when `If-Match` names a shape epoch other than the resource's: the ETag the client
+/// holds names a rendering of the row that no longer is, whatever its version.
+fn same_shape(doc: &DocRef, pre: Precondition, epoch: Option<i64>) -> Result<(), ApiError> {
+    match epoch {
+        Some(epoch) if epoch != doc.resource.shape_epoch() => {
+            Err(ApiError::precondition_failed(pre))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -39,9 +39,13 @@ pub enum ApiError {
     #[error("unknown resource {0:?}")]
     UnknownResource(String),
     /// A configured resource left out of the catalog (its table does not exist or does not
-    /// fit); the reason. Not retried by syncar: fix the table or the config, then restart.
-    #[error("{0}; fix the table or the configuration, then restart syncar")]
+    /// fit); the reason. A table fixed is noticed within `feeds.lease`; a configuration
+    /// fixed needs a restart.
+    #[error("{0}; fix the table (syncar notices) or the configuration (restart syncar)")]
     ResourceUnavailable(String),
+    /// The table changed under a request, and the catalog read again did not make it fit.
+    #[error("{0}")]
+    SchemaChanged(String),
     #[error("{0} does not exist")]
     NotFound(String),
     #[error("method not allowed")]
@@ -90,6 +94,7 @@ impl ApiError {
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
             UnknownResource(_) => (StatusCode::NOT_FOUND, "unknown_resource"),
             ResourceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "resource_unavailable"),
+            SchemaChanged(_) => (StatusCode::SERVICE_UNAVAILABLE, "schema_changed"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
@@ -132,7 +137,7 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable(_) | ApiError::Starting(_) => {
+            ApiError::Unavailable(_) | ApiError::Starting(_) | ApiError::SchemaChanged(_) => {
                 let secs = state.config.postgres.retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
@@ -170,6 +175,10 @@ impl From<DbError> for ApiError {
             DbError::Unavailable(m) => ApiError::Unavailable(format!("postgres unavailable: {m}")),
             DbError::Rejected(m) => ApiError::Unprocessable(m),
             DbError::Conflict(m) => ApiError::Conflict(m),
+            DbError::SchemaChanged(m) => ApiError::SchemaChanged(format!(
+                "the resource's table changed and no longer fits: {m}"
+            )),
+            DbError::UnknownColumn(m) => ApiError::Unprocessable(m),
             DbError::Internal(m) => ApiError::Internal(m),
         }
     }

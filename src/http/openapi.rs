@@ -71,7 +71,7 @@ pub enum Consistency {
         ("If-None-Match" = Option<String>, Header, description = "304 when it names the version read."),
     ),
     responses(
-        (status = 200, description = "The document; ETag is its version, X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres.", body = Object),
+        (status = 200, description = "The document; ETag is its version (\"N\"; \"N-E\" once its table changed shape at version E), X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres.", body = Object),
         (status = 304, description = "Not modified (If-None-Match)."),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 414, body = ErrorBody),
@@ -108,7 +108,7 @@ fn head_document() {}
     summary = "Write a document: Postgres (acknowledged at commit), then Redis, then L1.",
     params(
         ("resource" = String, Path), ("key" = String, Path),
-        ("If-Match" = Option<String>, Header, description = "\"N\": only if the current version is N; *: only if it exists."),
+        ("If-Match" = Option<String>, Header, description = "\"N\" (or an ETag \"N-E\"): only if the current version is N (and the table's shape E); *: only if it exists."),
         ("If-None-Match" = Option<String>, Header, description = "*: only if it does not exist."),
     ),
     request_body(content = Object, description = "Any JSON for kv; a row as a JSON object for a table."),

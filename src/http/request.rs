@@ -139,6 +139,15 @@ pub fn write_precondition(
     precondition(if_match, if_none_match, allow_create_only)
 }
 
+/// The shape epoch an `If-Match: "N-E"` names (see `Resource::etag`); `None` for `"N"`, `*`
+/// or no header. A write whose If-Match names another epoch than the resource's fails its
+/// precondition: the client's copy is of a rendering that no longer is.
+pub(super) fn etag_epoch(headers: &http::HeaderMap) -> Option<i64> {
+    let m = headers.get(header::IF_MATCH)?.to_str().ok()?.trim();
+    let (_, epoch) = m.strip_prefix('"')?.strip_suffix('"')?.split_once('-')?;
+    Some(epoch.parse().unwrap_or(-1))
+}
+
 /// A write's precondition from the values of `If-Match` and `If-None-Match` (headers, or the
 /// fields of a transaction's operation, which take the same values).
 ///
@@ -164,7 +173,10 @@ pub fn precondition(
                         "If-Match must be * or one ETag such as \"42\", not {m:?}"
                     ))
                 })?;
-            // A well-formed ETag we never issue can match nothing: 412, not 400.
+            // `"N"`, or `"N-E"` once the table changed shape (the epoch is checked against
+            // the resource's by the caller, see `etag_epoch`). A well-formed ETag we never
+            // issue can match nothing: 412, not 400.
+            let version = version.split_once('-').map_or(version, |(v, _)| v);
             Ok(Precondition::Version(version.parse().unwrap_or(-1)))
         }
         (None, Some(m)) if m == "*" && allow_create_only => Ok(Precondition::Absent),

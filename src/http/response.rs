@@ -6,10 +6,14 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
 
+use crate::resource::Resource;
+
 pub(super) const JSON: &str = "application/json";
 
-pub(super) fn etag(version: i64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+/// The ETag of `resource`'s document at `version` (see [`Resource::etag`]).
+pub(super) fn etag(resource: &Resource, version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{}\"", resource.etag(version)))
+        .expect("digits and a dash are a valid header")
 }
 
 pub(super) fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {

@@ -22,9 +22,9 @@ use super::error::{Answer, ApiError, ALLOW_BATCH};
 use super::request::{check_key, precondition, read_json};
 use super::response::json_response;
 use super::state::HttpState;
-use crate::db::{TxDone, TxOp, TxWhy};
+use crate::db::{TxDone, TxFailed, TxOp, TxWhy};
 use crate::model::JsonText;
-use crate::resource::DocRef;
+use crate::resource::{Catalog, DocRef};
 
 /// The body of a transaction: at most `server.max_batch_keys` (1000) operations, run in
 /// order.
@@ -86,6 +86,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
     let catalog = state.catalog()?;
     let server = &state.config.server;
     let timeout = server.request_timeout;
+    let max_key_bytes = server.max_key_bytes;
     let body = tokio::time::timeout(timeout, read_json(req, server.max_body_bytes))
         .await
         .map_err(|_| ApiError::Timeout(timeout))??;
@@ -100,60 +101,39 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
             server.max_batch_keys,
         ));
     }
-    let mut ops = Vec::with_capacity(tx.operations.len());
-    for (i, o) in tx.operations.iter().enumerate() {
-        let named = |e: ApiError| named(e, i, o);
-        let resource = catalog
-            .get(&o.resource)
-            .ok_or_else(|| match catalog.unavailable(&o.resource) {
-                Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
-                None => ApiError::UnknownResource(o.resource.clone()),
-            })
-            .map_err(named)?;
-        check_key(&o.key, server.max_key_bytes).map_err(named)?;
-        let doc = DocRef::new(resource, &o.key)
-            .map_err(ApiError::InvalidKey)
-            .map_err(named)?;
-        let op = match (o.op.as_str(), o.document) {
-            ("put", Some(document)) => TxOp::Put {
-                body: JsonText::parse(document.get().as_bytes())
-                    .map_err(ApiError::MalformedJson)?,
-                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), true)
-                    .map_err(named)?,
-            },
-            ("put", None) => {
-                return Err(named(ApiError::InvalidBody(
-                    "a put needs a document".into(),
-                )))
+    let ops = operations(&catalog, &tx, max_key_bytes)?;
+    let run = |ops: Vec<(DocRef, TxOp)>| async move {
+        let tiers = state.tiers.clone();
+        // Spawned, as a single write: a client hanging up cannot stop it between the commit
+        // and the cache updates.
+        let task = state.writes.spawn(async move {
+            let result = tiers.transact(&ops).await;
+            (ops, result)
+        });
+        tokio::time::timeout(timeout, task)
+            .await
+            .map_err(|_| ApiError::Timeout(timeout))?
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    };
+    let (ops, result) = match run(ops).await? {
+        // Rolled back as a whole: once more on the catalog read again (see
+        // `document::on_new_shape`).
+        (
+            _,
+            Err(TxFailed {
+                why: TxWhy::Db(e), ..
+            }),
+        ) if e.may_be_schema_change() => {
+            if !state.catalog.recheck_and_wait(timeout).await {
+                return Err(ApiError::SchemaChanged(format!(
+                    "a statement failed as on a changed table ({e}), and the tables could not \
+                     be read again in time"
+                )));
             }
-            ("delete", None) => TxOp::Delete {
-                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), false)
-                    .map_err(named)?,
-            },
-            ("delete", Some(_)) => {
-                return Err(named(ApiError::InvalidBody(
-                    "a delete takes no document".into(),
-                )))
-            }
-            (other, _) => {
-                return Err(named(ApiError::InvalidBody(format!(
-                    "op must be \"put\" or \"delete\", not {other:?}"
-                ))))
-            }
-        };
-        ops.push((doc, op));
-    }
-    let tiers = state.tiers.clone();
-    // Spawned, as a single write: a client hanging up cannot stop it between the commit and
-    // the cache updates.
-    let task = state.writes.spawn(async move {
-        let result = tiers.transact(&ops).await;
-        (ops, result)
-    });
-    let (ops, result) = tokio::time::timeout(timeout, task)
-        .await
-        .map_err(|_| ApiError::Timeout(timeout))?
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+            run(operations(state.catalog()?.as_ref(), &tx, max_key_bytes)?).await?
+        }
+        done => done,
+    };
     let done = result.map_err(|failed| {
         let e = match failed.why {
             TxWhy::Precondition => {
@@ -191,6 +171,61 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
         .collect();
     let body = serde_json::to_value(TxResults { results }).expect("results serialize");
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// The transaction's operations resolved against `catalog`, each checked.
+///
+/// # Errors
+/// The first operation that does not fit, named.
+fn operations(
+    catalog: &Catalog,
+    tx: &Transaction,
+    max_key_bytes: usize,
+) -> Result<Vec<(DocRef, TxOp)>, ApiError> {
+    let mut ops = Vec::with_capacity(tx.operations.len());
+    for (i, o) in tx.operations.iter().enumerate() {
+        let named = |e: ApiError| named(e, i, o);
+        let resource = catalog
+            .get(&o.resource)
+            .ok_or_else(|| match catalog.unavailable(&o.resource) {
+                Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
+                None => ApiError::UnknownResource(o.resource.clone()),
+            })
+            .map_err(named)?;
+        check_key(&o.key, max_key_bytes).map_err(named)?;
+        let doc = DocRef::new(resource, &o.key)
+            .map_err(ApiError::InvalidKey)
+            .map_err(named)?;
+        let op = match (o.op.as_str(), o.document) {
+            ("put", Some(document)) => TxOp::Put {
+                body: JsonText::parse(document.get().as_bytes())
+                    .map_err(ApiError::MalformedJson)?,
+                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), true)
+                    .map_err(named)?,
+            },
+            ("put", None) => {
+                return Err(named(ApiError::InvalidBody(
+                    "a put needs a document".into(),
+                )))
+            }
+            ("delete", None) => TxOp::Delete {
+                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), false)
+                    .map_err(named)?,
+            },
+            ("delete", Some(_)) => {
+                return Err(named(ApiError::InvalidBody(
+                    "a delete takes no document".into(),
+                )))
+            }
+            (other, _) => {
+                return Err(named(ApiError::InvalidBody(format!(
+                    "op must be \"put\" or \"delete\", not {other:?}"
+                ))))
+            }
+        };
+        ops.push((doc, op));
+    }
+    Ok(ops)
 }
 
 /// `e`, its message prefixed with the operation it is about.

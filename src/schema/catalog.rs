@@ -31,6 +31,9 @@ pub async fn load_catalog(
         )));
     }
     let capture = capture::load(client, config).await?;
+    // Read before the tables: a change between the two reads shows up as a difference at
+    // the next check, never as a catalog that looks newer than it is.
+    let shapes = super::shape::fingerprints(client, schema, &config.resources).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     let mut unavailable = Vec::new();
     for r in &config.resources {
@@ -77,19 +80,24 @@ pub async fn load_catalog(
             .filter(|c| c.readonly && c.name != r.key)
             .map(|c| c.name.clone())
             .collect();
-        resources.push(Resource::table(
-            r.name.clone(),
-            config.ttl_for(r),
-            &r.schema,
-            &r.table,
-            Column::new(&r.key),
-            key_type,
-            Column::new(&r.version_column),
-            columns,
-            readonly,
-        ));
+        let epoch = shapes.get(&r.name).map_or(0, |s| s.epoch);
+        resources.push(
+            Resource::table(
+                r.name.clone(),
+                config.ttl_for(r),
+                &r.schema,
+                &r.table,
+                Column::new(&r.key),
+                key_type,
+                Column::new(&r.version_column),
+                columns,
+                readonly,
+            )
+            .with_shape_epoch(epoch),
+        );
     }
     Ok(Catalog::new(resources)
+        .with_shapes(shapes)
         .with_capture(capture)
         .with_unavailable(unavailable))
 }

@@ -1,0 +1,248 @@
+//! Tables' shapes: a fingerprint of what decides how a resource's rows become documents and
+//! whether syncar can serve them (the table's identity, its columns with their types, its
+//! single-column unique indexes, the replica identity, syncar's triggers), and the one place
+//! a change of shape is announced to the fleet. Runs plain SQL only.
+//!
+//! # Why
+//! A cached document is a rendering of a row in the shape the table had when it was read.
+//! After `ALTER TABLE ... ADD COLUMN` the row's version is unchanged but its document is not,
+//! so every copy of the old shape must be retired (a flush: the resource's generation raised)
+//! and every instance must reload the resource (its columns, its key). Debezium and ReadySet
+//! follow the stream's `Relation` messages, which come only with the table's next change;
+//! syncar caches documents, so it also notices a DDL that no write follows.
+//!
+//! # Who announces
+//! Whoever already polls Postgres: the relay (`wal`) or each instance's poller (`changes_log`,
+//! `notify`), every `feeds.lease / 2`. The state table records the last announced
+//! fingerprint of each resource (`shape:{resource}`); recording a new one and announcing the
+//! flush are one statement, so among instances that notice the same change at once exactly
+//! one announces it. The flush travels the resource's own change stream (a logical message,
+//! or the changes log), so every instance and the relay hear it like a TRUNCATE, and each
+//! reloads its catalog on hearing it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::GenericClient;
+
+use super::capture::{MESSAGE_PREFIX, STATE_TABLE};
+use super::error::SchemaError;
+use super::names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};
+use crate::config::{Config, PostgresSource, ResourceConfig};
+use crate::resource::{quote_ident, quote_literal};
+pub use crate::resource::{Shapes, TableShape};
+
+/// Checks the configured tables' shapes at most once per `every`, on the connection of
+/// whoever polls Postgres already (the relay, or a `changes_log` or `notify` feed), and
+/// announces each change to the fleet ([`announce_changes`]). A failure is logged once and
+/// is never fatal to the caller: the stream's own messages still tell of most changes.
+pub struct ShapeCheck {
+    every: Duration,
+    last: Option<Instant>,
+    failing: bool,
+}
+
+impl ShapeCheck {
+    /// A check due at once, then every `every`.
+    pub fn new(every: Duration) -> Self {
+        ShapeCheck {
+            every,
+            last: None,
+            failing: false,
+        }
+    }
+
+    /// Makes the next [`ShapeCheck::run`] check at once (the stream said a table's shape
+    /// changed: a `Relation` message).
+    pub fn due_now(&mut self) {
+        self.last = None;
+    }
+
+    /// Checks, if due, within `limit`, announcing through `source`'s stream.
+    pub async fn run(
+        &mut self,
+        client: &impl GenericClient,
+        config: &Config,
+        source: PostgresSource,
+        limit: Duration,
+    ) {
+        if self.last.is_some_and(|last| last.elapsed() < self.every) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let check = announce_changes(client, &config.postgres.schema, source, &config.resources);
+        match tokio::time::timeout(limit, check).await {
+            Ok(Ok(changed)) => {
+                self.failing = false;
+                for resource in changed {
+                    tracing::info!(resource = %resource, "a resource's table changed shape; flushing it");
+                }
+            }
+            Ok(Err(e)) if !self.failing => {
+                self.failing = true;
+                tracing::warn!(error = %crate::telemetry::error_chain(&e), "checking the tables' shapes failed");
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %crate::telemetry::error_chain(&e), "checking the tables' shapes failed")
+            }
+            Err(_) => tracing::debug!("checking the tables' shapes timed out"),
+        }
+    }
+}
+
+/// The shape of every table in `resources`, in one query.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn fingerprints(
+    client: &impl GenericClient,
+    schema: &str,
+    resources: &[ResourceConfig],
+) -> Result<Shapes, SchemaError> {
+    let (names, schemas, tables): (Vec<&str>, Vec<&str>, Vec<&str>) = resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.schema.as_str(), r.table.as_str()))
+        .fold(
+            (vec![], vec![], vec![]),
+            |(mut n, mut s, mut t), (a, b, c)| {
+                n.push(a);
+                s.push(b);
+                t.push(c);
+                (n, s, t)
+            },
+        );
+    // The epoch is read in the same snapshot as the fingerprint: a catalog read between a
+    // change and its announcement holds the old epoch and the new fingerprint, and the
+    // announcement's recheck then finds the epoch changed.
+    let sql = format!(
+        "SELECT f.name, f.fingerprint, coalesce((SELECT st.value FROM {}.{STATE_TABLE} st \
+         WHERE st.name = 'shape_epoch:' || f.name), '0') FROM ({FINGERPRINT_SQL}) f",
+        quote_ident(schema)
+    );
+    let rows = client
+        .query(&sql, &[&names, &schemas, &tables])
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading the tables' shapes",
+            source,
+        })?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let epoch: String = r.get(2);
+            let shape = TableShape {
+                fingerprint: r.get(1),
+                epoch: epoch.parse().unwrap_or(0),
+            };
+            (r.get(0), shape)
+        })
+        .collect())
+}
+
+/// Compares each resource's live fingerprint with the one last announced (the state table's
+/// `shape:{resource}`) and, for each that differs, records the new one and announces a flush
+/// of the resource through `source`'s stream, atomically. Returns the resources announced.
+/// The first check after an install announces every resource once (nothing was recorded).
+///
+/// # Errors
+/// Postgres failing; a resource announced before the failure stays announced.
+pub async fn announce_changes(
+    client: &impl GenericClient,
+    schema: &str,
+    source: PostgresSource,
+    resources: &[ResourceConfig],
+) -> Result<Vec<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let live = fingerprints(client, schema, resources).await?;
+    let state = format!("{}.{STATE_TABLE}", quote_ident(schema));
+    let recorded: HashMap<String, String> = client
+        .query(
+            &format!("SELECT name, value FROM {state} WHERE name LIKE 'shape:%'"),
+            &[],
+        )
+        .await
+        .map_err(pg("reading the recorded shapes"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut announced = Vec::new();
+    let mut names: Vec<&String> = live.keys().collect();
+    names.sort();
+    for name in names {
+        let value = live[name]
+            .fingerprint
+            .clone()
+            .unwrap_or_else(|| "missing".into());
+        let key = format!("shape:{name}");
+        if recorded.get(&key) == Some(&value) {
+            continue;
+        }
+        let sql = announce_sql(schema, source);
+        let epoch_key = format!("shape_epoch:{name}");
+        let rows = client
+            .execute(sql.as_str(), &[&key, &value, name, &epoch_key])
+            .await
+            .map_err(pg("announcing a table's new shape"))?;
+        if rows > 0 {
+            announced.push(name.clone());
+        }
+    }
+    Ok(announced)
+}
+
+/// Records `$2` as the state `$1` when it differs, and only then announces a flush of the
+/// resource `$3` and records a new epoch as the state `$4` (a fresh version; 0 when nothing
+/// was recorded yet: the shape syncar was installed on keeps plain ETags). One statement, so
+/// two instances racing on one change announce it once (the second waits for the first's
+/// row lock and finds the value already there).
+fn announce_sql(schema: &str, source: PostgresSource) -> String {
+    let s = quote_ident(schema);
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    // `xmax = 0` tells a row inserted from one updated by ON CONFLICT.
+    let recorded = format!(
+        "WITH recorded AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) VALUES ($1, $2) \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
+         WHERE st.value IS DISTINCT FROM EXCLUDED.value RETURNING (st.xmax = 0) AS first), \
+         epoch AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) \
+         SELECT $4, CASE WHEN first THEN '0' ELSE nextval({seq})::text END FROM recorded \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value RETURNING 1)"
+    );
+    match source {
+        PostgresSource::Wal | PostgresSource::Auto => format!(
+            "{recorded} SELECT pg_logical_emit_message(true, {prefix}, \
+             json_build_object('resource', $3::text, 'flush', true)::text) FROM recorded",
+            prefix = quote_literal(MESSAGE_PREFIX)
+        ),
+        PostgresSource::ChangesLog => format!(
+            "{recorded} INSERT INTO {s}.{CHANGES_TABLE} (version, resource, key, op) \
+             SELECT nextval({seq}), $3::text, NULL, 'flush' FROM recorded"
+        ),
+        PostgresSource::Notify => format!(
+            "{recorded}, logged AS (INSERT INTO {s}.{CHANGES_TABLE} (version, resource, key, op) \
+             SELECT nextval({seq}), $3::text, NULL, 'flush' FROM recorded RETURNING version) \
+             SELECT pg_notify({channel}, json_build_object('resource', $3::text, 'key', NULL, \
+             'version', version, 'op', 'flush', 'ts_us', \
+             (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text) FROM logged",
+            channel = quote_literal(NOTIFY_CHANNEL)
+        ),
+    }
+}
+
+/// One row per `(name, schema, table)` of the arrays `$1`, `$2`, `$3`: `name` and
+/// `fingerprint` (NULL: no such table). Only what can change a document or whether syncar can
+/// serve the table counts: a customer's own index or trigger does not.
+const FINGERPRINT_SQL: &str = "\
+SELECT r.name, (
+  SELECT md5(concat_ws('/', c.oid::text, c.relkind::text, c.relreplident::text,
+    (SELECT string_agg(concat_ws(':', a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+                                 a.attgenerated::text, a.attidentity::text), ',' ORDER BY a.attnum)
+     FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+    (SELECT string_agg(concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident, i.indkey::text),
+                       ',' ORDER BY i.indexrelid)
+     FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indnkeyatts = 1
+       AND i.indpred IS NULL AND i.indexprs IS NULL),
+    (SELECT string_agg(concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
+     FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'syncar%')))
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = r.schema AND c.relname = r.tbl AND c.relkind IN ('r', 'p')) AS fingerprint
+FROM unnest($1::text[], $2::text[], $3::text[]) AS r(name, schema, tbl)";
