@@ -288,7 +288,11 @@ impl Conn {
             .headers()
             .get("etag")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim_matches('"').parse().ok());
+            .and_then(|v| {
+                // `"42"`, or `"42-7"` once the table changed shape.
+                let v = v.trim_matches('"');
+                v.split_once('-').map_or(v, |(v, _)| v).parse().ok()
+            });
         let l1 = resp.headers().get("x-cache").is_some_and(|v| v == "l1");
         if resp.into_body().collect().await.is_err() {
             self.sender = None;

@@ -50,8 +50,9 @@ def error_code(resp: requests.Response) -> str | None:
 
 
 def version_of(resp: requests.Response) -> int:
-    """The version in an ETag: `"42"` is version 42."""
-    return int(resp.headers["ETag"].removeprefix("W/").strip('"'))
+    """The version in an ETag: `"42"` is version 42, and so is `"42-7"` (the same row version
+    rendered in the shape its table took at version 7, after a schema change)."""
+    return int(resp.headers["ETag"].removeprefix("W/").strip('"').split("-")[0])
 
 
 # --- 503 and Retry-After --------------------------------------------------------------------

@@ -49,9 +49,13 @@ function errorCode(reply: Reply): string | undefined {
   return body?.error?.code;
 }
 
-/** The version in an ETag: `"42"` is version 42. */
+/**
+ * The version in an ETag: `"42"` is version 42, and so is `"42-7"` (the same row version
+ * rendered in the shape its table took at version 7, after a schema change).
+ */
 function versionOf(reply: Reply): number {
-  return Number((reply.headers.get("etag") ?? "").replace(/^W\//, "").replaceAll('"', ""));
+  const etag = (reply.headers.get("etag") ?? "").replace(/^W\//, "").replaceAll('"', "");
+  return Number(etag.split("-")[0]);
 }
 
 // --- 503 and Retry-After ----------------------------------------------------------------------

@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod cluster;
 mod coherence;
+mod ddl;
 mod hostile;
 mod lease;
 mod restore;

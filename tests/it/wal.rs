@@ -391,8 +391,9 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
     .await;
     assert_eq!(
         published,
-        ["key", "version"],
-        "only the key and the version travel through the WAL, never the document"
+        ["key", "value", "version"],
+        "every column is published: a column list would make the customer's own \
+         REPLICA IDENTITY FULL or DROP COLUMN fail (tests/it/ddl.rs)"
     );
     pg.execute(
         "INSERT INTO syncar_kv (key, value) VALUES ('kept', '1')",
@@ -703,4 +704,106 @@ async fn auto_keeps_the_changes_log_of_an_earlier_install() {
         a.readyz().await["feeds"]["postgres"]["source"],
         "changes_log"
     );
+}
+
+/// A DELETE racing a re-INSERT of its key (an UPDATE holds the row, a DELETE queues behind
+/// it, an INSERT of the same key after): the insert took its version before the delete took
+/// the delete's, yet commits after it. The relay sees the commits in order and gives the
+/// re-inserted row a fresh version, so every instance serves it at once, not a 404 for
+/// `tombstone_ttl`.
+#[tokio::test]
+async fn a_row_reinserted_behind_a_racing_delete_is_served() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id integer PRIMARY KEY, name text); \
+             INSERT INTO items VALUES (1, 'one')",
+        )
+        .await
+        .unwrap();
+    let items = |c: &mut syncar::Config| {
+        wal(c);
+        c.resources
+            .push(crate::support::resource("items", "id", "version"));
+    };
+    let a = env.start(items).await;
+    let b = env.start(items).await;
+    let waiting = |n: i64| {
+        let env = env.clone();
+        async move {
+            eventually(
+                WINDOW,
+                &format!("{n} statements waiting on a lock"),
+                || async {
+                    let waiting: i64 = query_value(
+                        &env.pg().await,
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND datname = current_database()",
+                    )
+                    .await;
+                    (waiting >= n).then_some(())
+                },
+            )
+            .await
+        }
+    };
+    let mut raced = None;
+    for _ in 0..5 {
+        sees(&a, "/v1/items/1", a.get("/v1/items/1").await.etag_version()).await;
+        let holder = env.pg().await;
+        holder
+            .batch_execute("BEGIN; UPDATE items SET name = 'held' WHERE id = 1")
+            .await
+            .unwrap();
+        let deleter = env.pg().await;
+        let delete = tokio::spawn(async move {
+            deleter
+                .batch_execute("DELETE FROM items WHERE id = 1")
+                .await
+        });
+        waiting(1).await;
+        let inserter = env.pg().await;
+        let insert = tokio::spawn(async move {
+            inserter
+                .query_one(
+                    "INSERT INTO items VALUES (1, 'again') RETURNING version",
+                    &[],
+                )
+                .await
+        });
+        waiting(2).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+        delete.await.unwrap().unwrap();
+        match insert.await.unwrap() {
+            Ok(row) => {
+                raced = Some(row.get::<_, i64>(0));
+                break;
+            }
+            // The insert looked again before the delete took the row: no race this time.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                env.pg()
+                    .await
+                    .batch_execute("INSERT INTO items VALUES (1, 'one') ON CONFLICT DO NOTHING")
+                    .await
+                    .unwrap();
+            }
+            Err(e) => panic!("the insert failed: {e}"),
+        }
+    }
+    let inserted = raced.expect("the race happened within five tries");
+    for i in [&a, &b] {
+        eventually(WINDOW, "the re-inserted row", || async {
+            let r = i.get("/v1/items/1").await;
+            (r.status == 200 && r.json()["name"] == "again").then_some(())
+        })
+        .await;
+    }
+    let now: i64 = query_value(&env.pg().await, "SELECT version FROM items WHERE id = 1").await;
+    assert!(
+        now > inserted,
+        "the row was given a version above the delete's"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
 }

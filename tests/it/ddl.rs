@@ -1,0 +1,446 @@
+//! Live schema changes, as a migration tool makes them while two instances serve: every kind
+//! of `ALTER TABLE`, on every source. The customer's own statements never fail because of
+//! syncar, the other resources keep their L1 and their feed, and the changed resource serves
+//! its new shape (or says why it cannot) without a restart.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use syncar::config::PostgresSource;
+
+use crate::support::{eventually, query_value, request, Env, Instance};
+
+/// Generous for a loaded CI machine: the product's bound is `feeds.lease` (1 s).
+const WINDOW: Duration = Duration::from_secs(10);
+
+const SOURCES: [PostgresSource; 3] = [
+    PostgresSource::Wal,
+    PostgresSource::ChangesLog,
+    PostgresSource::Notify,
+];
+
+/// An env with `items (id int primary key, name text)` holding rows 1, 2 and 3.
+async fn items_env() -> Env {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE items (id integer PRIMARY KEY, name text);
+             INSERT INTO items VALUES (1, 'one'), (2, 'two'), (3, 'three');",
+        )
+        .await
+        .unwrap();
+    env
+}
+
+/// Two instances serving `items` and `kv` from `source`.
+async fn fleet(env: &Env, source: PostgresSource) -> (Instance, Instance) {
+    let configure = |c: &mut syncar::Config| {
+        c.feeds.postgres_source = source;
+        c.resources
+            .push(crate::support::resource("items", "id", "version"));
+    };
+    (env.start(configure).await, env.start(configure).await)
+}
+
+/// Runs the customer's statement: it must succeed, whatever syncar thinks of the table.
+async fn sql(env: &Env, statement: &str) {
+    env.pg()
+        .await
+        .batch_execute(statement)
+        .await
+        .unwrap_or_else(|e| panic!("the customer's statement failed: {statement}: {e:?}"));
+}
+
+/// Waits until `path` on `i` answers 200 with a document for which `check` holds.
+async fn serves(i: &Instance, path: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    eventually(WINDOW, what, || async {
+        let r = i.get(path).await;
+        (r.status == 200 && check(&r.json())).then(|| r.json())
+    })
+    .await
+}
+
+/// Waits until `/readyz` on `i` reports `resource` unavailable, and returns the reason.
+async fn unavailable(i: &Instance, resource: &str) -> String {
+    eventually(WINDOW, &format!("{resource} unavailable"), || async {
+        let ready = i.readyz().await;
+        let r = &ready["resources"][resource];
+        (r["ok"] == false).then(|| r["error"].as_str().unwrap_or_default().to_string())
+    })
+    .await
+}
+
+/// The other resources keep L1 and the Postgres feed: a write on `a` reaches `b`'s L1.
+async fn kv_keeps_l1(a: &Instance, b: &Instance, key: &str) {
+    let v = a.put(&format!("/v1/kv/{key}"), "1").await.etag_version();
+    b.sees(&format!("/v1/kv/{key}"), v, WINDOW).await;
+    eventually(WINDOW, "kv served from b's L1", || async {
+        (b.get(&format!("/v1/kv/{key}")).await.header("x-cache") == Some("l1")).then_some(())
+    })
+    .await;
+    assert_eq!(b.readyz().await["feeds"]["postgres"]["up"], true);
+}
+
+/// The slot's confirmed position, as a number of bytes.
+async fn confirmed_lsn(env: &Env) -> i64 {
+    query_value(
+        &env.pg().await,
+        "SELECT coalesce(pg_wal_lsn_diff(confirmed_flush_lsn, '0/0'), 0)::bigint \
+         FROM pg_replication_slots WHERE slot_name LIKE 'syncar_%' AND database = current_database()",
+    )
+    .await
+}
+
+/// The key column renamed: the customer's DELETE, UPDATE and INSERT succeed (the trigger
+/// finds the key by its attribute number, or announces a flush); the resource goes
+/// unavailable with the reason on both instances; `kv` keeps its L1 and its feed and, with
+/// `wal`, the slot keeps advancing. Renamed back, the resource serves again, every change
+/// made meanwhile included, without a restart or a slot drop.
+#[tokio::test]
+async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/2", "item 2", |d| d["name"] == "two").await;
+        }
+        sql(&env, "ALTER TABLE items RENAME COLUMN id TO ident").await;
+        sql(&env, "DELETE FROM items WHERE ident = 1").await;
+        sql(&env, "UPDATE items SET name = 'TWO' WHERE ident = 2").await;
+        sql(&env, "INSERT INTO items (ident, name) VALUES (9, 'nine')").await;
+        for i in [&a, &b] {
+            let reason = unavailable(i, "items").await;
+            assert!(
+                reason.contains("\"id\""),
+                "{source:?}: names the key: {reason}"
+            );
+            let r = i.get("/v1/items/2").await;
+            assert_eq!(r.status, 503, "{source:?}: {r:?}");
+            assert_eq!(r.code(), "resource_unavailable", "{source:?}");
+        }
+        let before = if source == PostgresSource::Wal {
+            confirmed_lsn(&env).await
+        } else {
+            0
+        };
+        kv_keeps_l1(&a, &b, "during").await;
+        if source == PostgresSource::Wal {
+            eventually(WINDOW, "the slot advancing", || async {
+                (confirmed_lsn(&env).await > before).then_some(())
+            })
+            .await;
+        }
+
+        sql(&env, "ALTER TABLE items RENAME COLUMN ident TO id").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/2", "item 2 after the rename back", |d| {
+                d["name"] == "TWO"
+            })
+            .await;
+            serves(i, "/v1/items/9", "item 9", |d| d["name"] == "nine").await;
+            eventually(WINDOW, "item 1 gone", || async {
+                (i.get("/v1/items/1").await.status == 404).then_some(())
+            })
+            .await;
+        }
+        // Changes after it are relayed per key again.
+        sql(&env, "UPDATE items SET name = 'two again' WHERE id = 2").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/2", "item 2 updated", |d| {
+                d["name"] == "two again"
+            })
+            .await;
+        }
+        kv_keeps_l1(&a, &b, "after").await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// Ordinary columns added, renamed, dropped and retyped: every cached copy of the old shape
+/// is retired on both instances, and writes use the new columns at once (a PUT naming a new
+/// column writes it, one without it gives it its default, a document read is written back
+/// unchanged), never a 500.
+#[tokio::test]
+async fn column_changes_are_served_and_written_without_a_restart() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "item 1", |d| d["name"] == "one").await;
+            assert_eq!(i.get("/v1/items/1").await.header("x-cache"), Some("l1"));
+        }
+
+        let before = a.get("/v1/items/1").await;
+        let old_etag = before.header("etag").unwrap().to_string();
+        sql(&env, "ALTER TABLE items ADD COLUMN price integer DEFAULT 5").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the new column in a cached row", |d| {
+                d["price"] == 5
+            })
+            .await;
+        }
+        // One version, two renderings: the ETag tells them apart, and a client holding the
+        // old one gets the new body, not a 304.
+        let after = eventually(WINDOW, "the new shape's ETag", || async {
+            let r = b.get("/v1/items/1").await;
+            (r.header("etag") != Some(old_etag.as_str())).then_some(r)
+        })
+        .await;
+        assert_eq!(after.etag_version(), before.etag_version(), "{source:?}");
+        let new_etag = after.header("etag").unwrap().to_string();
+        let stale = request(
+            a.addr(),
+            "GET",
+            "/v1/items/1",
+            &[("if-none-match", &old_etag)],
+            None,
+        )
+        .await;
+        assert_eq!(stale.status, 200, "{source:?}: {stale:?}");
+        assert_eq!(stale.json()["price"], 5);
+        let fresh = eventually(WINDOW, "a's ETag", || async {
+            let r = request(
+                a.addr(),
+                "GET",
+                "/v1/items/1",
+                &[("if-none-match", &new_etag)],
+                None,
+            )
+            .await;
+            (r.status == 304).then_some(r)
+        })
+        .await;
+        assert_eq!(fresh.header("etag"), Some(new_etag.as_str()));
+        // `"N-0"` names the shape the table had before: not the current rendering.
+        let original = format!("\"{}-0\"", before.etag_version());
+        let shaped = request(
+            a.addr(),
+            "PUT",
+            "/v1/items/1",
+            &[("if-match", &original)],
+            Some(br#"{"name": "one"}"#),
+        )
+        .await;
+        let current = request(
+            a.addr(),
+            "PUT",
+            "/v1/items/1",
+            &[("if-match", &new_etag)],
+            Some(br#"{"name": "one"}"#),
+        )
+        .await;
+        assert_eq!(
+            current.status, 200,
+            "{source:?}: the current ETag: {current:?}"
+        );
+        assert_eq!(
+            shaped.status, 412,
+            "{source:?}: an ETag of another shape: {shaped:?}"
+        );
+        let put = a.put("/v1/items/1", r#"{"name": "one", "price": 7}"#).await;
+        assert_eq!(
+            put.status, 200,
+            "{source:?}: a PUT naming the new column: {put:?}"
+        );
+        serves(&b, "/v1/items/1", "price 7", |d| d["price"] == 7).await;
+        let put = b.put("/v1/items/4", r#"{"name": "four"}"#).await;
+        assert_eq!(put.status, 201, "{source:?}: {put:?}");
+        serves(&a, "/v1/items/4", "item 4 with the default", |d| {
+            d == &json!({"id": 4, "name": "four", "price": 5})
+        })
+        .await;
+        let read = a.get("/v1/items/1").await;
+        let back = a
+            .put("/v1/items/1", std::str::from_utf8(&read.body).unwrap())
+            .await;
+        assert_eq!(
+            back.status, 200,
+            "{source:?}: a document read, written back: {back:?}"
+        );
+
+        sql(&env, "ALTER TABLE items RENAME COLUMN name TO title").await;
+        // At once: the instance may not have heard of the change yet. Never a 500.
+        let old = a.put("/v1/items/2", r#"{"name": "x"}"#).await;
+        assert_eq!(old.status, 422, "{source:?}: the old column name: {old:?}");
+        let put = a.put("/v1/items/2", r#"{"title": "TWO"}"#).await;
+        assert_eq!(put.status, 200, "{source:?}: {put:?}");
+        for i in [&a, &b] {
+            serves(i, "/v1/items/2", "the renamed column", |d| {
+                d["title"] == "TWO" && d.get("name").is_none()
+            })
+            .await;
+            serves(i, "/v1/items/3", "a cached row's renamed column", |d| {
+                d["title"] == "three"
+            })
+            .await;
+        }
+
+        sql(&env, "ALTER TABLE items DROP COLUMN title").await;
+        let put = b.put("/v1/items/3", r#"{"price": 1}"#).await;
+        assert_eq!(put.status, 200, "{source:?}: {put:?}");
+        for i in [&a, &b] {
+            serves(i, "/v1/items/3", "the dropped column gone", |d| {
+                d == &json!({"id": 3, "price": 1})
+            })
+            .await;
+        }
+
+        sql(
+            &env,
+            "ALTER TABLE items ALTER COLUMN price TYPE numeric(6, 2)",
+        )
+        .await;
+        for i in [&a, &b] {
+            // Postgres renders numeric(6, 2) with its scale: the cached `1` is retired.
+            eventually(WINDOW, "the retyped column", || async {
+                let r = i.get("/v1/items/3").await;
+                String::from_utf8_lossy(&r.body)
+                    .contains(r#""price": 1.00"#)
+                    .then_some(())
+            })
+            .await;
+        }
+        let put = a.put("/v1/items/3", r#"{"price": 2.5}"#).await;
+        assert_eq!(put.status, 200, "{source:?}: {put:?}");
+        serves(&b, "/v1/items/3", "the retyped column written", |d| {
+            d["price"].as_f64() == Some(2.5)
+        })
+        .await;
+        kv_keeps_l1(&a, &b, "columns").await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// The table renamed, its key's unique index dropped, its key retyped to what syncar cannot
+/// key, the table dropped and created again: the customer's statements succeed, the
+/// resource goes unavailable with the reason, and comes back when the table fits again (a
+/// recreated table once `syncar migrate` has run).
+#[tokio::test]
+async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        serves(&a, "/v1/items/1", "item 1", |d| d["name"] == "one").await;
+
+        sql(&env, "ALTER TABLE items RENAME TO items_old").await;
+        sql(&env, "UPDATE items_old SET name = 'ONE' WHERE id = 1").await;
+        let reason = unavailable(&a, "items").await;
+        assert!(reason.contains("does not exist"), "{source:?}: {reason}");
+        sql(&env, "ALTER TABLE items_old RENAME TO items").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the update made while renamed", |d| {
+                d["name"] == "ONE"
+            })
+            .await;
+        }
+
+        // A unique index on the key stands in for the primary key first (a table published
+        // for `wal` without a replica identity would refuse its own UPDATEs: Postgres' rule).
+        sql(
+            &env,
+            "CREATE UNIQUE INDEX items_id ON items (id); \
+             ALTER TABLE items REPLICA IDENTITY USING INDEX items_id; \
+             ALTER TABLE items DROP CONSTRAINT items_pkey",
+        )
+        .await;
+        sql(&env, "UPDATE items SET name = 'one' WHERE id = 1").await;
+        serves(&b, "/v1/items/1", "served on the unique index", |d| {
+            d["name"] == "one"
+        })
+        .await;
+        sql(
+            &env,
+            "ALTER TABLE items REPLICA IDENTITY FULL; DROP INDEX items_id",
+        )
+        .await;
+        sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
+        sql(&env, "DELETE FROM items WHERE id = 3").await;
+        let reason = unavailable(&b, "items").await;
+        assert!(reason.contains("unique index"), "{source:?}: {reason}");
+        sql(&env, "ALTER TABLE items ADD PRIMARY KEY (id)").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "served on the primary key again", |d| {
+                d["name"] == "uno"
+            })
+            .await;
+        }
+
+        sql(&env, "ALTER TABLE items ALTER COLUMN id TYPE numeric").await;
+        sql(&env, "INSERT INTO items VALUES (5, 'five')").await;
+        let reason = unavailable(&a, "items").await;
+        assert!(reason.contains("numeric"), "{source:?}: {reason}");
+        sql(&env, "ALTER TABLE items ALTER COLUMN id TYPE bigint").await;
+        serves(&a, "/v1/items/5", "item 5 on a bigint key", |d| {
+            d["name"] == "five"
+        })
+        .await;
+
+        sql(
+            &env,
+            "DROP TABLE items; CREATE TABLE items (id integer PRIMARY KEY, name text); \
+             INSERT INTO items VALUES (1, 'new one')",
+        )
+        .await;
+        sql(&env, "UPDATE items SET name = 'newer one' WHERE id = 1").await;
+        let reason = unavailable(&b, "items").await;
+        assert!(reason.contains("syncar migrate"), "{source:?}: {reason}");
+        let mut config = env.config();
+        config.feeds.postgres_source = source;
+        config
+            .resources
+            .push(crate::support::resource("items", "id", "version"));
+        syncar::app::run_migration(&config).await.unwrap();
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the recreated table", |d| {
+                d["name"] == "newer one"
+            })
+            .await;
+        }
+        sql(&env, "UPDATE items SET name = 'newest one' WHERE id = 1").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "a change of the recreated table", |d| {
+                d["name"] == "newest one"
+            })
+            .await;
+        }
+        kv_keeps_l1(&a, &b, "tables").await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// syncar's own version column renamed, then dropped: the customer's writes succeed (the
+/// stamp finds the column by its attribute number, then leaves rows unstamped), and the
+/// resource goes unavailable saying so.
+#[tokio::test]
+async fn the_version_column_renamed_or_dropped_fails_no_statement() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        serves(&a, "/v1/items/1", "item 1", |d| d["name"] == "one").await;
+        sql(&env, "ALTER TABLE items RENAME COLUMN version TO v").await;
+        let before: i64 =
+            query_value(&env.pg().await, "SELECT last_value FROM syncar_version_seq").await;
+        let stamped: i64 = query_value(
+            &env.pg().await,
+            "UPDATE items SET name = 'x' WHERE id = 1 RETURNING v",
+        )
+        .await;
+        assert!(
+            stamped > before,
+            "{source:?}: the renamed column is still stamped"
+        );
+        sql(&env, "DELETE FROM items WHERE id = 2").await;
+        let reason = unavailable(&a, "items").await;
+        assert!(reason.contains("version"), "{source:?}: {reason}");
+        sql(&env, "ALTER TABLE items DROP COLUMN v").await;
+        sql(&env, "INSERT INTO items VALUES (7, 'seven')").await;
+        sql(&env, "UPDATE items SET name = 'y' WHERE id = 1").await;
+        kv_keeps_l1(&a, &b, "version").await;
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
