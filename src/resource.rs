@@ -235,10 +235,14 @@ impl CatalogCell {
         n
     }
 
-    /// Waits for a recheck request, then returns the number of the last request it covers
-    /// (the schema task, before it reads the tables).
-    pub async fn recheck_requested(&self) -> u64 {
+    /// Waits for a recheck request (the schema task).
+    pub async fn recheck_requested(&self) {
         self.recheck.notified().await;
+    }
+
+    /// The number of the last recheck request made so far: what a check that reads the
+    /// tables from now on covers.
+    pub fn requests_made(&self) -> u64 {
         self.requested.load(Ordering::SeqCst)
     }
 
@@ -472,7 +476,7 @@ impl Resource {
             shape_epoch: 0,
         };
         r.get_sql = format!(
-            "SELECT t.{ver}, {doc} FROM {table} AS t WHERE t.{key} = $1::{kt}",
+            "SELECT coalesce(t.{ver}, 0), {doc} FROM {table} AS t WHERE t.{key} = $1::{kt}",
             ver = r.version.quoted,
             doc = r.doc_expr(),
             table = r.table,
@@ -561,9 +565,15 @@ impl Resource {
             kt = self.key_sql_type(),
         );
         if if_version {
-            sql.push_str(&format!(" AND t.{} = $2::int8", self.version.quoted));
+            sql.push_str(&format!(
+                " AND coalesce(t.{}, 0) = $2::int8",
+                self.version.quoted
+            ));
         }
-        sql.push_str(&format!(" RETURNING t.{}", self.version.quoted));
+        sql.push_str(&format!(
+            " RETURNING coalesce(t.{}, 0)",
+            self.version.quoted
+        ));
         sql
     }
 
@@ -682,7 +692,7 @@ impl Resource {
             },
             Precondition::Version(_) => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} AND t.{ver} = $3::int8 \
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} AND coalesce(t.{ver}, 0) = $3::int8 \
                      RETURNING {ret}, false"
                 ),
                 params: vec![Key, Doc, Version],
@@ -761,7 +771,7 @@ impl Resource {
             Precondition::Version(_) => WriteSql {
                 sql: format!(
                     "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} \
-                     AND t.{ver} = ${ver_at}::int8 RETURNING {ret}, false"
+                     AND coalesce(t.{ver}, 0) = ${ver_at}::int8 RETURNING {ret}, false"
                 ),
                 params: doc_params(&[Key, Version]),
             },
@@ -783,7 +793,14 @@ impl Resource {
 
     /// `version, document` of the written row.
     fn returning(&self) -> String {
-        format!("t.{}, {}", self.version.quoted, self.doc_expr())
+        // A row not written since syncar was installed has no version yet: it is version 0,
+        // older than anything syncar hands out (the install adds the column without a
+        // default, so that it rewrites nothing).
+        format!(
+            "coalesce(t.{}, 0), {}",
+            self.version.quoted,
+            self.doc_expr()
+        )
     }
 
     /// The document as canonical JSON text, as every tier stores it.

@@ -16,3 +16,20 @@ pub enum SchemaError {
     )]
     NotMigrated(String),
 }
+
+impl SchemaError {
+    /// Whether Postgres gave up waiting for a lock (`lock_timeout`, SQLSTATE 55P03).
+    pub fn is_lock_timeout(&self) -> bool {
+        matches!(self, SchemaError::Postgres { source, .. }
+            if source.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+    }
+
+    /// What the failing step was doing, for the log.
+    pub fn step(&self) -> &'static str {
+        match self {
+            SchemaError::Postgres { doing, .. } => doing,
+            SchemaError::Invalid(_) => "checking the schema",
+            SchemaError::NotMigrated(_) => "loading the catalog",
+        }
+    }
+}

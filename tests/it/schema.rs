@@ -466,3 +466,54 @@ async fn partitioned_tables_and_partitions_are_refused() {
         assert!(err.contains("partition"), "{table}: {err}");
     }
 }
+
+/// A migration that cannot get a table's lock at once (a long transaction reads the table)
+/// gives up within its short `lock_timeout` and tries again, so the table's readers never
+/// queue behind its lock request for long; once the reader's transaction ends, it completes.
+#[tokio::test]
+async fn a_migration_waiting_for_a_lock_never_holds_readers_behind_it() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute("CREATE TABLE items (id integer PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'one')")
+        .await
+        .unwrap();
+    let holder = env.pg().await;
+    holder
+        .batch_execute("BEGIN; SELECT * FROM items")
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config
+        .resources
+        .push(crate::support::resource("items", "id", "version"));
+    let migration = tokio::spawn(async move { syncar::app::run_migration(&config).await });
+    let reader = env.pg().await;
+    // Far above the migration's lock_timeout (20 ms), far below the 5 s it used to wait.
+    reader
+        .batch_execute("SET statement_timeout = '2s'")
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    let mut reads = 0;
+    while std::time::Instant::now() < until {
+        reader
+            .query_one("SELECT count(*) FROM items", &[])
+            .await
+            .expect("a reader is never held behind the migration's lock request");
+        reads += 1;
+    }
+    assert!(!migration.is_finished(), "the migration waits for the lock");
+    holder.batch_execute("COMMIT").await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(30), migration)
+        .await
+        .expect("the migration completes once the lock is free")
+        .unwrap()
+        .unwrap();
+    assert!(
+        done.changes
+            .iter()
+            .any(|c| c.contains("added column version")),
+        "{:?} after {reads} reads",
+        done.changes
+    );
+}

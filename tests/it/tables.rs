@@ -38,9 +38,11 @@ async fn rows_are_documents_with_versions() {
 
     let existing = a.get("/v1/users/1").await;
     assert_eq!(existing.status, 200, "{existing:?}");
-    assert!(
-        existing.etag_version() > 0,
-        "the migration versioned existing rows"
+    assert_eq!(
+        existing.etag_version(),
+        0,
+        "a row not written since the install is version 0 (the column was added without \
+         rewriting the table)"
     );
     let doc = existing.json();
     assert_eq!(doc["name"], "existing");
@@ -238,4 +240,91 @@ async fn a_jsonb_column_takes_deep_values() {
     assert!(String::from_utf8_lossy(&got.body)
         .replace(' ', "")
         .contains(&deep));
+}
+
+/// Installing on a table with rows adds the version column without rewriting the table
+/// (its file stays), and every coherence rule holds for the rows it leaves at version 0:
+/// they are read and cached, a conditional write on `"0"` works and stamps them, a plain-SQL
+/// update and a delete of one reach every instance, and a TRUNCATE flushes them.
+#[tokio::test]
+async fn installing_on_a_table_with_rows_rewrites_nothing_and_keeps_coherence() {
+    for source in [
+        syncar::config::PostgresSource::Wal,
+        syncar::config::PostgresSource::ChangesLog,
+    ] {
+        let env = Env::new().await;
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "CREATE TABLE big (id bigint PRIMARY KEY, body text); \
+             INSERT INTO big SELECT g, 'row ' || g FROM generate_series(1, 20000) g",
+        )
+        .await
+        .unwrap();
+        let file: u32 =
+            crate::support::query_value(&pg, "SELECT pg_relation_filenode('big')::oid").await;
+        let big = |c: &mut syncar::Config| {
+            c.feeds.postgres_source = source;
+            c.resources
+                .push(crate::support::resource("big", "id", "version"));
+        };
+        let a = env.start(big).await;
+        let b = env.start(big).await;
+        let after: u32 =
+            crate::support::query_value(&pg, "SELECT pg_relation_filenode('big')::oid").await;
+        assert_eq!(file, after, "{source:?}: the table was not rewritten");
+        let unstamped: i64 =
+            crate::support::query_value(&pg, "SELECT count(*) FROM big WHERE version IS NULL")
+                .await;
+        assert_eq!(unstamped, 20000, "{source:?}: no row was touched");
+
+        for i in [&a, &b] {
+            let r = i.get("/v1/big/7").await;
+            assert_eq!((r.status, r.etag_version()), (200, 0), "{source:?}: {r:?}");
+            assert_eq!(i.get("/v1/big/7").await.header("x-cache"), Some("l1"));
+        }
+        let written = request(
+            a.addr(),
+            "PUT",
+            "/v1/big/7",
+            &[("if-match", "\"0\"")],
+            Some(br#"{"body": "seven"}"#),
+        )
+        .await;
+        assert_eq!(
+            written.status, 200,
+            "{source:?}: If-Match \"0\": {written:?}"
+        );
+        let v = written.etag_version();
+        assert!(v > 0, "{source:?}: the first write stamps the row");
+        b.sees("/v1/big/7", v, std::time::Duration::from_secs(10))
+            .await;
+
+        for i in [&a, &b] {
+            assert_eq!(i.get("/v1/big/8").await.etag_version(), 0);
+        }
+        let v8: i64 = crate::support::query_value(
+            &pg,
+            "UPDATE big SET body = 'eight' WHERE id = 8 RETURNING version",
+        )
+        .await;
+        pg.batch_execute("DELETE FROM big WHERE id = 9")
+            .await
+            .unwrap();
+        for i in [&a, &b] {
+            i.sees("/v1/big/8", v8, std::time::Duration::from_secs(10))
+                .await;
+            i.sees_absent("/v1/big/9", std::time::Duration::from_secs(10))
+                .await;
+        }
+        for i in [&a, &b] {
+            assert_eq!(i.get("/v1/big/10").await.etag_version(), 0);
+        }
+        pg.batch_execute("TRUNCATE big").await.unwrap();
+        for i in [&a, &b] {
+            i.sees_absent("/v1/big/10", std::time::Duration::from_secs(10))
+                .await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
 }
