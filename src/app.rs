@@ -233,6 +233,7 @@ impl App {
             config.clone(),
             catalog.clone(),
             schema_db,
+            tiers.clone(),
             secrets.clone(),
             shutdown.clone(),
         ));
@@ -490,6 +491,7 @@ async fn schema_task(
     config: Arc<Config>,
     catalog: Arc<CatalogCell>,
     db: Db,
+    tiers: Tiers,
     secrets: Secrets,
     shutdown: CancellationToken,
 ) {
@@ -526,7 +528,7 @@ async fn schema_task(
                 }
                 catalog.set(loaded);
                 tracing::info!("schema ready; serving documents");
-                return follow_shapes(&config, &catalog, &db, &secrets, &shutdown).await;
+                return follow_shapes(&config, &catalog, &db, &tiers, &secrets, &shutdown).await;
             }
             Err(e) => {
                 let message = secrets.scrub(&error_chain(&e));
@@ -544,6 +546,9 @@ async fn schema_task(
     }
 }
 
+/// The shortest time between two shape rechecks.
+const RECHECK_PAUSE: Duration = Duration::from_millis(50);
+
 /// How often the tables' shapes are compared with the catalog's when nothing asked: a
 /// safety net under the flushes that announce a change (see [`crate::schema::shape`]).
 const SHAPES_RECHECK: Duration = Duration::from_secs(30);
@@ -558,15 +563,23 @@ async fn follow_shapes(
     config: &Config,
     catalog: &CatalogCell,
     db: &Db,
+    tiers: &Tiers,
     secrets: &Secrets,
     shutdown: &CancellationToken,
 ) {
     loop {
-        let covered = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            covered = catalog.recheck_requested() => covered,
-            _ = tokio::time::sleep(jitter(SHAPES_RECHECK, 0.2)) => 0,
+            _ = catalog.recheck_requested() => {}
+            _ = tokio::time::sleep(jitter(SHAPES_RECHECK, 0.2)) => {}
         };
+        // A table that no longer fits is flushed at each write: at most one check per
+        // RECHECK_PAUSE whatever asks (requests meanwhile are folded into this one).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK_PAUSE) => {}
+        }
+        let covered = catalog.requests_made();
         let Ok(current) = catalog.get() else {
             continue;
         };
@@ -607,6 +620,9 @@ async fn follow_shapes(
                     }
                 }
                 catalog.replace(loaded);
+                // After the new catalog is in place: reads from now on name the new shape's
+                // ETag, and what L1 holds may be of the old one.
+                tiers.clear_l1_for_new_shapes();
             }
             Ok(None) => {}
             Err(e) => {

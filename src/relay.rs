@@ -211,6 +211,7 @@ async fn stream(
         // Redis may hold copies no change from this slot will ever invalidate.
         let version = sql.next_version(&client).await?;
         let flushes: Vec<Message> = catalog
+            .all_names()
             .iter()
             .map(|r| change(r, None, version, Op::Flush, None))
             .collect();
@@ -223,12 +224,21 @@ async fn stream(
             .record_fed_by_slot(epoch)
             .await
             .map_err(|e| e.to_string())?;
-        tracing::warn!(
-            slot = %slot,
-            redis_fed_by = ?fed_by,
-            slot_epoch = ?epoch,
-            "redis was not fed by this replication slot; raised every resource's generation"
-        );
+        if fed_by.is_none() {
+            // A first start (or a Redis that lost everything): nothing to be alarmed at.
+            tracing::info!(
+                slot = %slot,
+                slot_epoch = ?epoch,
+                "redis was fed by no replication slot yet; raised every resource's generation"
+            );
+        } else {
+            tracing::warn!(
+                slot = %slot,
+                redis_fed_by = ?fed_by,
+                slot_epoch = ?epoch,
+                "redis was fed by another replication slot; raised every resource's generation"
+            );
+        }
     }
 
     let mut repl = ReplicationClient::connect(replication_config(config, catalog)?)
@@ -353,6 +363,7 @@ async fn stream(
                     Ok(current) => current,
                     Err(e) => break Err(e.to_string()),
                 };
+                session.remap(&current, config);
                 let mut failed = None;
                 for event in received {
                     if let Err(e) = session.on_event(ctx, &current, &client, &sql, &repl, event).await {
@@ -397,11 +408,13 @@ async fn stream(
 
 /// A relation of the stream that is a resource: where its key and version are in a tuple.
 struct Mapped {
-    resource: Arc<Resource>,
+    /// The resource's name.
+    resource: String,
     /// Where the key and the version are in a tuple; `None` when the stream's columns lack
     /// either (the table was changed under its resource: a key or version column renamed
-    /// or dropped). Every change of such a table is then a flush of its resource, so the
-    /// relay goes on streaming, and acknowledging, for every table.
+    /// or dropped) or the resource is left out of the catalog (its table does not fit).
+    /// Every change of such a table is then a flush of its resource, so the relay goes on
+    /// streaming, and acknowledging, for every table.
     at: Option<(usize, usize)>,
     /// Whether the key is part of the replica identity: then a DELETE in the WAL names it.
     key_in_identity: bool,
@@ -416,13 +429,13 @@ struct Transaction {
     changes: Vec<Message>,
     /// Rows deleted (the key when the WAL names it) and resources truncated, resolved at
     /// commit against `announced`.
-    deleted: Vec<(Arc<Resource>, Option<String>)>,
-    truncated: Vec<Arc<Resource>>,
+    deleted: Vec<(String, Option<String>)>,
+    truncated: Vec<String>,
     /// Resources whose triggers' announcements cannot be checked against the WAL: their key
     /// is outside the replica identity, so the WAL names neither deleted nor moved keys.
     unverifiable: std::collections::HashSet<String>,
     /// Resources with a row the WAL does not key (an unchanged TOASTed key): flushed.
-    unkeyed: Vec<Arc<Resource>>,
+    unkeyed: Vec<String>,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -432,6 +445,12 @@ struct Transaction {
 #[derive(Default)]
 struct Session {
     relations: HashMap<u32, Mapped>,
+    /// Every `Relation` message of this term, as sent: mapped again whenever the catalog is
+    /// replaced (pgoutput sends a table's `Relation` once after each change of its shape,
+    /// often before this relay's catalog follows the change).
+    sent: HashMap<u32, pgoutput::Relation>,
+    /// The catalog `relations` were mapped with (its address).
+    mapped_with: usize,
     /// The transaction being received.
     txn: Transaction,
     /// Changes of committed transactions not yet applied and published, and the position
@@ -461,6 +480,86 @@ const DELETE_MEMORY: Duration = Duration::from_secs(120);
 const DELETE_MEMORY_KEYS: usize = 100_000;
 
 impl Session {
+    /// Maps every relation sent in this term again, if `catalog` is not the one they were
+    /// mapped with: a resource that fits again is keyed again at once.
+    fn remap(&mut self, catalog: &Arc<Catalog>, config: &Config) {
+        let address = Arc::as_ptr(catalog) as usize;
+        if address == self.mapped_with {
+            return;
+        }
+        self.mapped_with = address;
+        let sent = std::mem::take(&mut self.sent);
+        for r in sent.values() {
+            match self.map(r, catalog, config) {
+                Some(mapped) => self.relations.insert(r.id, mapped),
+                None => self.relations.remove(&r.id),
+            };
+        }
+        self.sent = sent;
+    }
+
+    /// What `r` is for `catalog`: a resource keyed by its columns, a resource flushed at
+    /// each change (its columns lack the key or version, or it is left out), or nothing
+    /// (no resource of this relay's configuration).
+    fn map(
+        &mut self,
+        r: &pgoutput::Relation,
+        catalog: &Catalog,
+        config: &Config,
+    ) -> Option<Mapped> {
+        let table = format!("{}.{}", r.schema, r.name);
+        let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
+            let configured = config
+                .resources
+                .iter()
+                .find(|c| c.schema == r.schema && c.table == r.name)
+                .filter(|c| catalog.knows(&c.name));
+            if let Some(c) = configured {
+                // Left out (its table does not fit now): its copies are retired at each
+                // change, and it is keyed again once the catalog serves it.
+                return Some(Mapped {
+                    resource: c.name.clone(),
+                    at: None,
+                    key_in_identity: false,
+                });
+            }
+            // Another instance's configuration (or migration) published it: its changes
+            // reach no cache through this relay.
+            if self.unknown.insert(table.clone()) {
+                tracing::warn!(
+                    table = %table,
+                    "a published table is not a resource of this relay's configuration: its \
+                     changes are not relayed; give every instance the same resources"
+                );
+            }
+            return None;
+        };
+        let position = |name: &str| r.columns.iter().position(|(c, _)| c == name);
+        let at = match (
+            position(resource.key_column()),
+            position(resource.version_column()),
+        ) {
+            (Some(key), Some(version)) => Some((key, version)),
+            _ => {
+                tracing::warn!(
+                    table = %table,
+                    resource = %resource.name,
+                    key = %resource.key_column(),
+                    version = %resource.version_column(),
+                    "the stream's columns of a resource's table lack its key or version column \
+                     (renamed or dropped?): each change of it flushes the resource until it \
+                     fits again"
+                );
+                None
+            }
+        };
+        Some(Mapped {
+            resource: resource.name.clone(),
+            at,
+            key_in_identity: at.is_some_and(|(key, _)| r.columns[key].1),
+        })
+    }
+
     async fn on_event(
         &mut self,
         ctx: &RelayContext,
@@ -482,48 +581,12 @@ impl Session {
             ReplicationEvent::XLogData { data, .. } => {
                 match pgoutput::decode(data).map_err(|e| e.to_string())? {
                     Change::Relation(r) => {
-                        let Some(resource) = catalog.by_table(&r.schema, &r.name) else {
-                            self.relations.remove(&r.id);
-                            // Another instance's configuration (or migration) published it:
-                            // its changes reach no cache through this relay.
-                            if self.unknown.insert(format!("{}.{}", r.schema, r.name)) {
-                                tracing::warn!(
-                                    table = %format!("{}.{}", r.schema, r.name),
-                                    "a published table is not a resource of this relay's \
-                                     configuration: its changes are not relayed; give every \
-                                     instance the same resources"
-                                );
-                            }
-                            return Ok(());
-                        };
                         self.relation_seen = true;
-                        let position = |name: &str| r.columns.iter().position(|(c, _)| c == name);
-                        let at = match (
-                            position(resource.key_column()),
-                            position(resource.version_column()),
-                        ) {
-                            (Some(key), Some(version)) => Some((key, version)),
-                            _ => {
-                                tracing::warn!(
-                                    table = %format!("{}.{}", r.schema, r.name),
-                                    resource = %resource.name,
-                                    key = %resource.key_column(),
-                                    version = %resource.version_column(),
-                                    "the stream's columns of a resource's table lack its key or \
-                                     version column (renamed or dropped?): each change of it \
-                                     flushes the resource until it fits again"
-                                );
-                                None
-                            }
+                        match self.map(&r, catalog, &ctx.config) {
+                            Some(mapped) => self.relations.insert(r.id, mapped),
+                            None => self.relations.remove(&r.id),
                         };
-                        self.relations.insert(
-                            r.id,
-                            Mapped {
-                                resource: resource.clone(),
-                                at,
-                                key_in_identity: at.is_some_and(|(key, _)| r.columns[key].1),
-                            },
-                        );
+                        self.sent.insert(r.id, r);
                     }
                     Change::Other(_) => {}
                     row => self.txn.receive(row, &self.relations),
@@ -654,14 +717,18 @@ impl Session {
         if !self.recent_deletes.is_empty() {
             for m in changes.iter_mut().filter(|m| m.op == Op::Put) {
                 let Some(key) = &m.key else { continue };
-                let Some((deleted_at, _)) =
-                    self.recent_deletes.get(&(m.resource.clone(), key.clone()))
-                else {
+                let remembered = (m.resource.clone(), key.clone());
+                let Some(&(deleted_at, at)) = self.recent_deletes.get(&remembered) else {
                     continue;
                 };
-                if *deleted_at <= m.version {
+                if deleted_at <= m.version || at.elapsed() > DELETE_MEMORY {
                     continue;
                 }
+                // One fresh version per delete, whatever comes of it: the restamp's own
+                // change comes back through the WAL and must not be restamped again (a
+                // delete version above the sequence, forged or from before a reset, would
+                // otherwise loop).
+                self.recent_deletes.remove(&remembered);
                 let restamped = match catalog.get(&m.resource) {
                     Some(resource) => restamp(client, resource, key).await,
                     None => None,
@@ -669,7 +736,7 @@ impl Session {
                 tracing::info!(
                     resource = %m.resource,
                     version = m.version,
-                    deleted_at = *deleted_at,
+                    deleted_at,
                     restamped = ?restamped,
                     "a row re-inserted after a concurrent delete of its key had a lower version; \
                      gave it a fresh one"
@@ -758,7 +825,7 @@ impl Transaction {
                     return;
                 };
                 if !m.key_in_identity {
-                    self.unverifiable.insert(m.resource.name.clone());
+                    self.unverifiable.insert(m.resource.clone());
                 }
                 let (key, version) = match m.key_version(&new) {
                     Keyed::Row(key, version) => (key, version),
@@ -784,7 +851,7 @@ impl Transaction {
             Change::Delete { relation, old } => {
                 if let Some(m) = relations.get(&relation) {
                     if !m.key_in_identity {
-                        self.unverifiable.insert(m.resource.name.clone());
+                        self.unverifiable.insert(m.resource.clone());
                     }
                     let key =
                         m.at.and_then(|(key, _)| old.get(key))
@@ -871,37 +938,37 @@ async fn changes_of(
     }
     let mut flushed: HashSet<String> = HashSet::new();
     for (resource, key) in txn.deleted {
-        if txn.unverifiable.contains(&resource.name) {
+        if txn.unverifiable.contains(&resource) {
             continue; // announced above; unannounced ones cannot be told apart
         }
         let announced = key
             .as_ref()
-            .and_then(|k| announced_deletes.get(&(resource.name.clone(), k.clone())));
+            .and_then(|k| announced_deletes.get(&(resource.clone(), k.clone())));
         match (key, announced) {
             (Some(key), Some(version)) => {
-                out.push(message(&resource.name, Some(key), *version, Op::Delete))
+                out.push(message(&resource, Some(key), *version, Op::Delete))
             }
             (Some(key), None) => {
                 let version = sql.next_version(client).await?;
-                out.push(message(&resource.name, Some(key), version, Op::Put));
+                out.push(message(&resource, Some(key), version, Op::Put));
             }
             (None, _) => {
-                if flushed.insert(resource.name.clone()) {
+                if flushed.insert(resource.clone()) {
                     let version = sql.next_version(client).await?;
-                    out.push(message(&resource.name, None, version, Op::Flush));
+                    out.push(message(&resource, None, version, Op::Flush));
                 }
             }
         }
     }
     for resource in txn.truncated.into_iter().chain(txn.unkeyed) {
-        if !flushed.insert(resource.name.clone()) {
+        if !flushed.insert(resource.clone()) {
             continue;
         }
-        let version = match announced_truncates.get(&resource.name) {
+        let version = match announced_truncates.get(&resource) {
             Some(version) => *version,
             None => sql.next_version(client).await?,
         };
-        out.push(message(&resource.name, None, version, Op::Flush));
+        out.push(message(&resource, None, version, Op::Flush));
     }
     for resource in announced_flushes {
         if flushed.insert(resource.clone()) {
@@ -944,14 +1011,14 @@ impl Mapped {
 }
 
 fn change(
-    resource: &Resource,
+    resource: &str,
     key: Option<String>,
     version: i64,
     op: Op,
     ts_us: Option<i64>,
 ) -> Message {
     Message {
-        resource: resource.name.clone(),
+        resource: resource.to_string(),
         key,
         version,
         op,

@@ -560,6 +560,12 @@ impl Tiers {
     /// The Redis answer for a read, or why there is none.
     async fn read_l2(&self, doc: &DocRef, generation: Started) -> L2Read {
         let (resource, ck) = (&doc.resource, &doc.ck);
+        if resource.shape_epoch() > self.l2.generation(&resource.name) {
+            // The catalog already has the table's new shape, and the flush that retires the
+            // old one's copies has not reached this instance yet: Redis may hold copies of
+            // the old shape, which the new ETag must not name.
+            return L2Read::Failed;
+        }
         match self.l2.get(ck).await {
             Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
                 // A committed write of this key has not reached Redis yet.
@@ -1073,7 +1079,10 @@ impl Tiers {
             self.saw(Version(message.version));
             let name = &message.resource;
             self.l2.note_generation(name, message.version);
-            if let Some(l1) = &self.l1 {
+            // L1 holds nothing of a left-out resource that will be served (it is emptied
+            // when the resource is served again): a table that no longer fits, flushed at
+            // each of its writes, does not empty L1 for the others.
+            if let (Some(l1), Some(_)) = (&self.l1, catalog.get(name)) {
                 l1.clear();
             }
             if redis {
@@ -1475,6 +1484,16 @@ impl Tiers {
             "the {} feed came back after an outage; re-read",
             feed.as_str()
         ));
+    }
+
+    /// Empties L1 because the catalog was read again after a table changed shape: copies
+    /// of the old shape must not be served under the new shape's ETag until the flush that
+    /// announces the change arrives.
+    pub fn clear_l1_for_new_shapes(&self) {
+        if let Some(l1) = &self.l1 {
+            l1.clear();
+            metrics::counter!(L1_FLUSHES, "feed" => "shape").increment(1);
+        }
     }
 
     /// Tells watchers this instance can no longer vouch that it hears every change.

@@ -125,8 +125,8 @@ async fn get(
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
     let Target { doc, key } = target;
-    let read = match state.tiers.l1_hit(&doc, options).await {
-        Some(hit) => hit,
+    let (doc, read) = match state.tiers.l1_hit(&doc, options).await {
+        Some(hit) => (doc, hit),
         None => {
             let below = |doc: DocRef| async move {
                 tokio::time::timeout(timeout, state.tiers.get_below_l1(&doc, options))
@@ -135,9 +135,12 @@ async fn get(
             };
             match below(doc.clone()).await? {
                 Err(e) if e.may_be_schema_change() => {
-                    below(on_new_shape(state, &doc).await?).await??
+                    // The ETag is the resource's as the document was read: the new one's.
+                    let doc = on_new_shape(state, &doc).await?;
+                    let read = below(doc.clone()).await??;
+                    (doc, read)
                 }
-                read => read?,
+                read => (doc, read?),
             }
         }
     };

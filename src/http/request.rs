@@ -143,8 +143,17 @@ pub fn write_precondition(
 /// or no header. A write whose If-Match names another epoch than the resource's fails its
 /// precondition: the client's copy is of a rendering that no longer is.
 pub(super) fn etag_epoch(headers: &http::HeaderMap) -> Option<i64> {
-    let m = headers.get(header::IF_MATCH)?.to_str().ok()?.trim();
-    let (_, epoch) = m.strip_prefix('"')?.strip_suffix('"')?.split_once('-')?;
+    epoch_of_if_match(headers.get(header::IF_MATCH)?.to_str().ok()?)
+}
+
+/// [`etag_epoch`] of an `If-Match` value (a header's, or a transaction operation's
+/// `if_match`).
+pub(super) fn epoch_of_if_match(m: &str) -> Option<i64> {
+    let (_, epoch) = m
+        .trim()
+        .strip_prefix('"')?
+        .strip_suffix('"')?
+        .split_once('-')?;
     Some(epoch.parse().unwrap_or(-1))
 }
 

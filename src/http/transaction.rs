@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::{Answer, ApiError, ALLOW_BATCH};
-use super::request::{check_key, precondition, read_json};
+use super::request::{check_key, epoch_of_if_match, precondition, read_json};
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::{TxDone, TxFailed, TxOp, TxWhy};
@@ -223,6 +223,14 @@ fn operations(
                 ))))
             }
         };
+        // An ETag of another shape names a rendering that no longer is (see
+        // `document::same_shape`).
+        let epoch = o.if_match.as_deref().and_then(epoch_of_if_match);
+        if let (Some(epoch), TxOp::Put { pre, .. } | TxOp::Delete { pre }) = (epoch, &op) {
+            if epoch != resource.shape_epoch() {
+                return Err(named(ApiError::precondition_failed(*pre)));
+            }
+        }
         ops.push((doc, op));
     }
     Ok(ops)

@@ -198,28 +198,32 @@ pub async fn announce_changes(
 fn announce_sql(schema: &str, source: PostgresSource) -> String {
     let s = quote_ident(schema);
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
-    // `xmax = 0` tells a row inserted from one updated by ON CONFLICT.
+    // `xmax = 0` tells a row inserted from one updated by ON CONFLICT. One version (`v`, a
+    // CTE with a volatile function: evaluated once) is both the new epoch and, with the
+    // log-based sources, the flush's: a resource's generation reaches its epoch with the
+    // flush (with `wal` the relay takes a later one), which `Tiers::read_l2` relies on.
     let recorded = format!(
         "WITH recorded AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) VALUES ($1, $2) \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
          WHERE st.value IS DISTINCT FROM EXCLUDED.value RETURNING (st.xmax = 0) AS first), \
+         v AS (SELECT first, nextval({seq}) AS version FROM recorded), \
          epoch AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) \
-         SELECT $4, CASE WHEN first THEN '0' ELSE nextval({seq})::text END FROM recorded \
+         SELECT $4, CASE WHEN first THEN '0' ELSE version::text END FROM v \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value RETURNING 1)"
     );
     match source {
         PostgresSource::Wal | PostgresSource::Auto => format!(
             "{recorded} SELECT pg_logical_emit_message(true, {prefix}, \
-             json_build_object('resource', $3::text, 'flush', true)::text) FROM recorded",
+             json_build_object('resource', $3::text, 'flush', true)::text) FROM v",
             prefix = quote_literal(MESSAGE_PREFIX)
         ),
         PostgresSource::ChangesLog => format!(
             "{recorded} INSERT INTO {s}.{CHANGES_TABLE} (version, resource, key, op) \
-             SELECT nextval({seq}), $3::text, NULL, 'flush' FROM recorded"
+             SELECT version, $3::text, NULL, 'flush' FROM v"
         ),
         PostgresSource::Notify => format!(
             "{recorded}, logged AS (INSERT INTO {s}.{CHANGES_TABLE} (version, resource, key, op) \
-             SELECT nextval({seq}), $3::text, NULL, 'flush' FROM recorded RETURNING version) \
+             SELECT version, $3::text, NULL, 'flush' FROM v RETURNING version) \
              SELECT pg_notify({channel}, json_build_object('resource', $3::text, 'key', NULL, \
              'version', version, 'op', 'flush', 'ts_us', \
              (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text) FROM logged",
@@ -230,10 +234,14 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 
 /// One row per `(name, schema, table)` of the arrays `$1`, `$2`, `$3`: `name` and
 /// `fingerprint` (NULL: no such table). Only what can change a document or whether syncar can
-/// serve the table counts: a customer's own index or trigger does not.
+/// serve the table counts: a customer's own index or trigger does not. The file node counts
+/// because a rewrite that keeps every column's type (`ALTER COLUMN ... TYPE text USING
+/// upper(name)`) changes every row and no version; `VACUUM FULL`, `CLUSTER` and TRUNCATE
+/// change it too, and cost one more flush. Not seen: a change to a type a column uses (an
+/// enum's labels renamed, a composite type's attributes).
 const FINGERPRINT_SQL: &str = "\
 SELECT r.name, (
-  SELECT md5(concat_ws('/', c.oid::text, c.relkind::text, c.relreplident::text,
+  SELECT md5(concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,
     (SELECT string_agg(concat_ws(':', a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
                                  a.attgenerated::text, a.attidentity::text), ',' ORDER BY a.attnum)
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),

@@ -31,8 +31,9 @@ pub(super) fn function_name(prefix: &str, resource: &str) -> String {
 ///
 /// # Schema changes
 /// The function names the version column, and PL/pgSQL resolves names when it runs: after
-/// the column is renamed, `NEW.version` fails with `undefined_column`, which would fail the
-/// writer's statement. The fast path is kept in a block that catches exactly that, and the
+/// the column is renamed, `NEW.version` fails with `undefined_column` (or, retyped, with
+/// `datatype_mismatch`), which would fail the writer's statement. The fast path is kept in a
+/// block that catches exactly those, and the
 /// fallback finds the column by its attribute number (`version_attnum`, fixed for the
 /// column's life) and sets it through `jsonb_populate_record`. A column that is gone leaves
 /// the row unstamped: the writer's statement never fails because of syncar. (Entering the
@@ -45,11 +46,15 @@ DECLARE
 BEGIN
   BEGIN
     NEW.{col} := nextval({seq});
-  EXCEPTION WHEN undefined_column THEN
+  EXCEPTION WHEN undefined_column OR datatype_mismatch OR cannot_coerce THEN
     SELECT a.attname INTO col FROM pg_catalog.pg_attribute a
      WHERE a.attrelid = TG_RELID AND a.attnum = {version_attnum} AND NOT a.attisdropped;
     IF FOUND THEN
-      NEW := jsonb_populate_record(NEW, jsonb_build_object(col, nextval({seq})));
+      BEGIN
+        NEW := jsonb_populate_record(NEW, jsonb_build_object(col, nextval({seq})));
+      EXCEPTION WHEN OTHERS THEN
+        NULL; -- retyped to what takes no number: left unstamped, the resource unavailable
+      END;
     END IF;
   END;
   RETURN NEW;
@@ -83,7 +88,8 @@ pub(super) enum Announce {
 /// The body names the key and version columns. When a statement finds them renamed,
 /// dropped or retyped under it, the whole announcement is replaced by a resource-wide flush
 /// (with `wal`, a `{"resource", "flush": true}` message the relay gives a version of its
-/// own): coarser, never wrong, and the writer's statement still succeeds.
+/// own): coarser, never wrong, and the writer's statement still succeeds. Only the errors a
+/// changed table raises are caught (42703, 42P01, 42883, 42804, 0A000, 42846).
 pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let key = quote_ident(&r.key);
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
@@ -120,9 +126,11 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
     };
     // The fallback names no column of the table: a resource-wide flush.
     let fallback = match mode {
+        // The version is taken (and ignored by the relay) so that syncar's own DELETE, which
+        // reads the delete's version with currval(), never reads an older one.
         Announce::Wal => format!(
             "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
-             {resource}, 'flush', true)::text);",
+             {resource}, 'flush', true, 'version', nextval({seq}))::text);",
             prefix = quote_literal(MESSAGE_PREFIX),
             resource = quote_literal(&r.name),
         ),
@@ -147,15 +155,13 @@ BEGIN
   ELSE
 {delete}
   END IF;
-  EXCEPTION WHEN OTHERS THEN
+  EXCEPTION WHEN undefined_column OR undefined_table OR undefined_function
+    OR datatype_mismatch OR feature_not_supported OR cannot_coerce THEN
   -- The table changed under this function (its key or version column renamed, dropped or
-  -- retyped): announce a flush of the resource, which names no column. Never fail the
-  -- writer's statement: if even that fails, warn and let it commit.
-  BEGIN
+  -- retyped): announce a flush of the resource, which names no column. Anything else (a
+  -- role without USAGE on the sequence...) still fails loudly, as it must: an unannounced
+  -- change would leave caches stale.
 {fallback}
-  EXCEPTION WHEN OTHERS THEN
-    RAISE WARNING 'syncar could not announce a change of %.%: %', TG_TABLE_SCHEMA, TG_TABLE_NAME, SQLERRM;
-  END;
   END;
   RETURN NULL;
 END

@@ -132,7 +132,58 @@ async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
             .await;
         }
 
+        // A table that no longer fits, written to: flushed at each write, and the other
+        // resources keep their L1 meanwhile.
+        for n in 0..10 {
+            sql(
+                &env,
+                &format!("UPDATE items SET name = 'w{n}' WHERE ident = 3"),
+            )
+            .await;
+            let r = b.get("/v1/kv/during").await;
+            assert_eq!(
+                r.header("x-cache"),
+                Some("l1"),
+                "{source:?}: kv keeps L1: {r:?}"
+            );
+        }
+
         sql(&env, "ALTER TABLE items RENAME COLUMN ident TO id").await;
+        // At once, before any instance (or the relay) has read the catalog again: the
+        // change must still reach everyone, and the ones after it too.
+        sql(&env, "UPDATE items SET name = 'w10' WHERE id = 3").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/3", "item 3 after the rename back", |d| {
+                d["name"] == "w10"
+            })
+            .await;
+        }
+        // Keyed again, not flushed at each change: once the flushes of the change itself
+        // are through, item 2 stays in L1 while 3 changes.
+        let mut keyed = false;
+        for n in 11..21 {
+            eventually(WINDOW, "item 2 in b's L1", || async {
+                (b.get("/v1/items/2").await.header("x-cache") == Some("l1")).then_some(())
+            })
+            .await;
+            sql(
+                &env,
+                &format!("UPDATE items SET name = 'w{n}' WHERE id = 3"),
+            )
+            .await;
+            let name = format!("w{n}");
+            for i in [&a, &b] {
+                serves(i, "/v1/items/3", "a later change of item 3", |d| {
+                    d["name"] == name
+                })
+                .await;
+            }
+            if b.get("/v1/items/2").await.header("x-cache") == Some("l1") {
+                keyed = true;
+                break;
+            }
+        }
+        assert!(keyed, "{source:?}: every change of the table flushed it");
         for i in [&a, &b] {
             serves(i, "/v1/items/2", "item 2 after the rename back", |d| {
                 d["name"] == "TWO"
@@ -190,16 +241,21 @@ async fn column_changes_are_served_and_written_without_a_restart() {
         .await;
         assert_eq!(after.etag_version(), before.etag_version(), "{source:?}");
         let new_etag = after.header("etag").unwrap().to_string();
-        let stale = request(
-            a.addr(),
-            "GET",
-            "/v1/items/1",
-            &[("if-none-match", &old_etag)],
-            None,
-        )
-        .await;
-        assert_eq!(stale.status, 200, "{source:?}: {stale:?}");
-        assert_eq!(stale.json()["price"], 5);
+        for i in [&a, &b] {
+            let stale = eventually(WINDOW, "the new body for the old ETag", || async {
+                let r = request(
+                    i.addr(),
+                    "GET",
+                    "/v1/items/1",
+                    &[("if-none-match", &old_etag)],
+                    None,
+                )
+                .await;
+                (r.status == 200).then_some(r)
+            })
+            .await;
+            assert_eq!(stale.json()["price"], 5, "{source:?}");
+        }
         let fresh = eventually(WINDOW, "a's ETag", || async {
             let r = request(
                 a.addr(),
@@ -273,6 +329,22 @@ async fn column_changes_are_served_and_written_without_a_restart() {
             .await;
             serves(i, "/v1/items/3", "a cached row's renamed column", |d| {
                 d["title"] == "three"
+            })
+            .await;
+        }
+
+        // A rewrite that keeps the column's type changes every row and no version.
+        for i in [&a, &b] {
+            serves(i, "/v1/items/3", "item 3", |d| d["title"] == "three").await;
+        }
+        sql(
+            &env,
+            "ALTER TABLE items ALTER COLUMN title TYPE text USING upper(title)",
+        )
+        .await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/3", "the rewritten column", |d| {
+                d["title"] == "THREE"
             })
             .await;
         }
