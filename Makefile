@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet check-k8s check-modules examples
+.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -22,7 +22,7 @@ run: services-up
 	@echo "  psql postgres://postgres@127.0.0.1:55432/syncar   # the dev database"
 	@echo "Ctrl-C stops syncar; 'make services-down' stops Postgres and Redis."
 	@echo
-	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) ./target/release/syncar serve --config $(CONFIG)
+	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) $(or $(CARGO_TARGET_DIR),target)/release/syncar serve --config $(CONFIG)
 
 test:
 	cargo test
@@ -46,6 +46,13 @@ bench-hot:
 bench-fleet:
 	scripts/dev-services.sh install
 	cargo bench --bench fleet -- $(BENCH_ARGS)
+
+# Installing syncar on a 5-million-row table under a reader and a writer: the install's
+# duration, whether it rewrote the table, and how long they waited; the way earlier releases
+# added the version column beside it (options: BENCH_ARGS="--rows N").
+bench-install:
+	scripts/dev-services.sh install
+	cargo bench --bench install -- $(BENCH_ARGS)
 
 # criterion microbenchmarks of the in-process pieces: L1 lookup, routing and parsing,
 # invalidation parsing (no servers needed).

@@ -167,7 +167,7 @@ if [ -n "${SYNCAR_BIN:-}" ]; then
 else
   step "cargo build"
   cargo build -q --bin syncar
-  bin=target/debug/syncar
+  bin="${CARGO_TARGET_DIR:-target}/debug/syncar"
 fi
 # The rendered configs with the Secrets' files, and the socket's emptyDir, in folders of ours
 # instead of the pod's.

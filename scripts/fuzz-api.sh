@@ -23,7 +23,7 @@ scripts/dev-services.sh up
 eval "$(scripts/dev-services.sh env)"
 port="${SYNCAR_FUZZ_PORT:-$free_api}"
 cargo build -q
-SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_LOG=warn ./target/debug/syncar serve --config config/syncar.toml &
+SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_LOG=warn "${CARGO_TARGET_DIR:-target}/debug/syncar" serve --config config/syncar.toml &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; scripts/dev-services.sh down >/dev/null' EXIT
 

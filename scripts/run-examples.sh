@@ -73,7 +73,7 @@ fi
 quietly "$ts/node_modules/.bin/tsc" -p "$ts"
 
 # syncar: the binary given, or the debug build.
-bin="${SYNCAR_BIN:-target/debug/syncar}"
+bin="${SYNCAR_BIN:-${CARGO_TARGET_DIR:-target}/debug/syncar}"
 if [ ! -x "$bin" ]; then
   [ -z "${SYNCAR_BIN:-}" ] || die "SYNCAR_BIN=$SYNCAR_BIN is not an executable"
   echo "run-examples: building syncar (cargo build --bin syncar)"
