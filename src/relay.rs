@@ -449,8 +449,9 @@ struct Session {
     /// replaced (pgoutput sends a table's `Relation` once after each change of its shape,
     /// often before this relay's catalog follows the change).
     sent: HashMap<u32, pgoutput::Relation>,
-    /// The catalog `relations` were mapped with (its address).
-    mapped_with: usize,
+    /// The catalog `relations` were mapped with (held, so that its address is never
+    /// another catalog's).
+    mapped_with: Option<Arc<Catalog>>,
     /// The transaction being received.
     txn: Transaction,
     /// Changes of committed transactions not yet applied and published, and the position
@@ -483,11 +484,14 @@ impl Session {
     /// Maps every relation sent in this term again, if `catalog` is not the one they were
     /// mapped with: a resource that fits again is keyed again at once.
     fn remap(&mut self, catalog: &Arc<Catalog>, config: &Config) {
-        let address = Arc::as_ptr(catalog) as usize;
-        if address == self.mapped_with {
+        if self
+            .mapped_with
+            .as_ref()
+            .is_some_and(|mapped| Arc::ptr_eq(mapped, catalog))
+        {
             return;
         }
-        self.mapped_with = address;
+        self.mapped_with = Some(catalog.clone());
         let sent = std::mem::take(&mut self.sent);
         for r in sent.values() {
             match self.map(r, catalog, config) {

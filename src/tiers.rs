@@ -688,7 +688,12 @@ impl Tiers {
         };
         for (j, &i) in missing.iter().enumerate() {
             let doc = &docs[i];
-            let copy = from_redis.as_ref().and_then(|copies| copies[j].clone());
+            // As in `read_l2`: no Redis copy of a resource whose new shape's flush has not
+            // arrived yet.
+            let copy = from_redis
+                .as_ref()
+                .and_then(|copies| copies[j].clone())
+                .filter(|_| doc.resource.shape_epoch() <= started[j].l2);
             let hit = match copy {
                 Some(copy)
                     if copy.is_servable()

@@ -112,6 +112,30 @@ async fn lock_holders(client: &tokio_postgres::Client, config: &Config) -> Strin
 /// the rest of the migration (dozens of statements) must not keep the table's readers
 /// waiting that long. A column added without the triggers yet is harmless: the resource is
 /// not served until they are installed, and rows written meanwhile read as version 0.
+/// Whether `table`'s column `column` defaults to syncar's sequence: syncar added it (now,
+/// or in a migration that was retried, or an earlier release's), so every version in it
+/// came from the sequence and needs no alignment (a scan of the whole table).
+async fn versioned_by_syncar(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: u32,
+    column: &str,
+) -> Result<bool, SchemaError> {
+    let default: Option<String> = tx
+        .query_opt(
+            "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
+             JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
+             WHERE d.adrelid = $1 AND a.attname = $2",
+            &[&table, &column],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up a version column's default",
+            source,
+        })?
+        .map(|row| row.get(0));
+    Ok(default.is_some_and(|d| d.contains(VERSION_SEQUENCE)))
+}
+
 /// Returns the changes, and the resources whose column it added.
 async fn add_version_columns(
     client: &mut tokio_postgres::Client,
@@ -128,15 +152,29 @@ async fn add_version_columns(
             Err(e) => return Err(e),
         };
         if missing {
+            // The default below names the sequence: make sure it exists (the main
+            // transaction reports nothing then).
+            let schema = &config.postgres.schema;
+            tx.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {s}; CREATE SEQUENCE IF NOT EXISTS {s}.{VERSION_SEQUENCE}",
+                s = quote_ident(schema)
+            ))
+            .await
+            .map_err(pg("creating the version sequence"))?;
             let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
             // Nullable and without a default: a change of the catalog only (Postgres 11+),
             // which does not rewrite the table. A volatile default would give every row its
             // own version by rewriting the whole table under ACCESS EXCLUSIVE (3.4 s for 3
             // million rows). A row not written since reads as version 0, older than every
             // version syncar hands out; its first write stamps it.
+            // The default, set in a second statement, applies to rows inserted from now on
+            // only (a catalog change too): a row inserted with the triggers disabled (a
+            // restore with --disable-triggers) still takes a version.
+            let column = quote_ident(&r.version_column);
             tx.batch_execute(&format!(
-                "ALTER TABLE {qualified} ADD COLUMN {} bigint",
-                quote_ident(&r.version_column),
+                "ALTER TABLE {qualified} ADD COLUMN {column} bigint; \
+                 ALTER TABLE {qualified} ALTER COLUMN {column} SET DEFAULT nextval({})",
+                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
             ))
             .await
             .map_err(pg("adding a version column"))?;
@@ -417,7 +455,11 @@ async fn migrate_once(
                         row.get(5),
                     )
                 });
-            if current.is_none() && trigger == STAMP_TRIGGER && !added.contains(&r.name) {
+            if current.is_none()
+                && trigger == STAMP_TRIGGER
+                && !added.contains(&r.name)
+                && !versioned_by_syncar(&tx, info.oid, &r.version_column).await?
+            {
                 // Adopting a table: versions already in it (an existing bigint column) must
                 // stay below every version the trigger hands out from now on. (A column this
                 // migration added holds none: no scan of a large table for nothing.)
@@ -623,6 +665,24 @@ async fn begin_locked(
 /// # Errors
 /// The slot is being streamed (stop every instance first), or Postgres failing.
 pub async fn uninstall(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match uninstall_once(client, config).await {
+            Err(e) if e.is_lock_timeout() && started.elapsed() < LOCK_RETRIES_FOR => {
+                tracing::warn!(step = e.step(), held_by = %lock_holders(client, config).await, "the uninstall could not get a table lock at once; retrying");
+                tokio::time::sleep(crate::backoff::jitter(pause, 0.2)).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn uninstall_once(
     client: &mut tokio_postgres::Client,
     config: &Config,
 ) -> Result<Vec<String>, SchemaError> {
