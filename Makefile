@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install check-k8s check-modules examples
+.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -53,6 +53,12 @@ bench-fleet:
 bench-install:
 	scripts/dev-services.sh install
 	cargo bench --bench install -- $(BENCH_ARGS)
+
+# How long after an ALTER TABLE commits three instances serve the new shape, per source
+# (options: BENCH_ARGS="--rounds N").
+bench-ddl:
+	scripts/dev-services.sh install
+	cargo bench --bench ddl -- $(BENCH_ARGS)
 
 # criterion microbenchmarks of the in-process pieces: L1 lookup, routing and parsing,
 # invalidation parsing (no servers needed).

@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use super::error::{Answer, ApiError, ALLOW_BATCH};
-use super::request::{check_key, read_json, read_options};
+use super::request::{check_key, read_json, read_options, BodyKey};
 use super::response::JSON;
 use super::state::HttpState;
 use crate::model::State;
@@ -20,8 +20,9 @@ use crate::resource::DocRef;
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct BatchGet {
-    /// The keys, as they are (not percent-encoded).
-    keys: Vec<String>,
+    /// The keys, as they are (not percent-encoded): strings, or integers for an
+    /// integer-keyed resource.
+    keys: Vec<BodyKey>,
 }
 
 /// Answers `POST /v1/{resource}`.
@@ -51,16 +52,14 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
     let batch: BatchGet = serde_json::from_str(body.as_str()).map_err(|e| {
         ApiError::InvalidBody(format!("a batch get is {{\"keys\": [\"k1\", ...]}}: {e}"))
     })?;
-    if batch.keys.len() > server.max_batch_keys {
-        return Err(ApiError::TooManyKeys(
-            batch.keys.len(),
-            server.max_batch_keys,
-        ));
+    let keys: Vec<String> = batch.keys.into_iter().map(BodyKey::into_text).collect();
+    if keys.len() > server.max_batch_keys {
+        return Err(ApiError::TooManyKeys(keys.len(), server.max_batch_keys));
     }
     // Each key checked as a path's would be; a bad one is answered alone.
-    let mut docs = Vec::with_capacity(batch.keys.len());
-    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(batch.keys.len());
-    for key in &batch.keys {
+    let mut docs = Vec::with_capacity(keys.len());
+    let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(keys.len());
+    for key in &keys {
         match check_key(key, server.max_key_bytes)
             .and_then(|()| DocRef::new(&resource, key).map_err(ApiError::InvalidKey))
         {
@@ -75,9 +74,9 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
         .await
         .map_err(|_| ApiError::Timeout(timeout))?;
     let mut reads = reads.into_iter();
-    let mut out = Vec::with_capacity(64 + batch.keys.len() * 64);
+    let mut out = Vec::with_capacity(64 + keys.len() * 64);
     out.extend_from_slice(b"{\"results\":[");
-    for (i, (key, refusal)) in batch.keys.iter().zip(refused).enumerate() {
+    for (i, (key, refusal)) in keys.iter().zip(refused).enumerate() {
         if i > 0 {
             out.push(b',');
         }

@@ -179,7 +179,8 @@ pub fn precondition(
                 .filter(|v| !v.contains('"'))
                 .ok_or_else(|| {
                     ApiError::InvalidHeader(format!(
-                        "If-Match must be * or one ETag such as \"42\", not {m:?}"
+                        "If-Match must be * or one ETag, in double quotes: \"42\" (in a \
+                         transaction's JSON, \"if_match\": \"\\\"42\\\"\"), not {m}"
                     ))
                 })?;
             // `"N"`, or `"N-E"` once the table changed shape (the epoch is checked against
@@ -336,4 +337,31 @@ mod tests {
             write_precondition(&h(&[("if-match", "*"), ("if-none-match", "*")]), true).is_err()
         );
     }
+}
+
+/// A key in a JSON body (a batch get's `keys`, a transaction's `key`): a string, or an
+/// integer for an integer-keyed resource (`{"keys": [1, 2]}`), taken as its text.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum BodyKey {
+    Text(String),
+    Int(i64),
+}
+
+impl BodyKey {
+    /// The key as text, as a path would give it.
+    pub fn into_text(self) -> String {
+        match self {
+            BodyKey::Text(text) => text,
+            BodyKey::Int(int) => int.to_string(),
+        }
+    }
+}
+
+/// Deserializes a [`BodyKey`] as its text (`#[serde(deserialize_with)]`).
+///
+/// # Errors
+/// Neither a string nor an integer.
+pub(super) fn body_key<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    <BodyKey as serde::Deserialize>::deserialize(d).map(BodyKey::into_text)
 }

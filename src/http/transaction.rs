@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::{Answer, ApiError, ALLOW_BATCH};
-use super::request::{check_key, epoch_of_if_match, precondition, read_json};
+use super::request::{check_key, epoch_of_if_match, precondition, read_json, BodyKey};
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::{TxDone, TxFailed, TxOp, TxWhy};
@@ -42,6 +42,9 @@ pub(super) struct Operation<'a> {
     /// `put` or `delete`.
     op: String,
     resource: String,
+    /// A string, or an integer for an integer-keyed resource.
+    #[serde(deserialize_with = "super::request::body_key")]
+    #[schema(value_type = BodyKey)]
     key: String,
     /// The document of a put (kept as its text: Postgres alone parses documents); absent
     /// for a delete.
@@ -246,9 +249,8 @@ fn named(e: ApiError, index: usize, o: &Operation) -> ApiError {
         ApiError::InvalidHeader(m) => ApiError::InvalidHeader(format!("{about}: {m}")),
         ApiError::Unprocessable(m) => ApiError::Unprocessable(format!("{about}: {m}")),
         ApiError::Conflict(m) => ApiError::Conflict(format!("{about}: {m}")),
-        ApiError::UnknownResource(r) => {
-            ApiError::InvalidBody(format!("{about}: unknown resource {r:?}"))
-        }
+        // As on a single request: 404 `unknown_resource`, with the operation named.
+        ApiError::UnknownResource(r) => ApiError::UnknownResource(format!("{about}: {r}")),
         other => other,
     }
 }

@@ -950,14 +950,39 @@ async fn a_transaction_commits_all_or_nothing() {
             json!({"operations": [{"op": "put", "resource": "kv", "key": "x"}]}),
             "invalid_body",
         ),
-        (
-            json!({"operations": [{"op": "put", "resource": "nope", "key": "x", "document": 1}]}),
-            "invalid_body",
-        ),
         (json!({"ops": []}), "invalid_body"),
     ] {
         let r = tx(body.clone()).await;
         assert_eq!((r.status, r.code()), (400, code.into()), "{body}: {r:?}");
     }
+    // An unknown resource answers as on a single request.
+    let r =
+        tx(json!({"operations": [{"op": "put", "resource": "nope", "key": "x", "document": 1}]}))
+            .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (404, "unknown_resource".into()),
+        "{r:?}"
+    );
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("operation 0"));
+    // Integer keys may be JSON integers.
+    let r = tx(json!({"operations": [{"op": "put", "resource": "orders", "key": 9, "document": {"total": 1}}]}))
+        .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["results"][0]["key"], "9");
+    let many = request(
+        a.addr(),
+        "POST",
+        "/v1/orders",
+        &[],
+        Some(br#"{"keys": [9, "7"]}"#),
+    )
+    .await;
+    assert_eq!(many.status, 200, "{many:?}");
+    assert_eq!(many.json()["results"][0]["status"], 200, "{many:?}");
+    assert_eq!(many.json()["results"][1]["status"], 200, "{many:?}");
     assert_eq!(a.get("/v1").await.status, 405);
 }
