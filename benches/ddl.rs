@@ -10,6 +10,9 @@
 //! sent right after the commit (it must not be 422 or 500: it waits for the catalog to be
 //! read again), and the reads that answered with an error. Options: `--rounds N`.
 
+#[path = "common/pg.rs"]
+mod pg;
+
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
 mod servers;
@@ -17,26 +20,13 @@ mod servers;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use pg::connect;
 use syncar::config::PostgresSource;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_postgres::NoTls;
 
 #[tokio::main]
 async fn main() {
-    let mut rounds = 10;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--rounds" => {
-                rounds = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--rounds takes a number")
-            }
-            "--bench" => {}
-            other => panic!("unknown option {other:?} (options: --rounds N)"),
-        }
-    }
+    let rounds: usize = pg::number_option("rounds", 10);
     let s = servers::servers();
     println!(
         "| source | DDL commit to the new shape on every instance: p50, p90, max | PUT naming the new column at once | reads that failed |"
@@ -51,13 +41,7 @@ async fn main() {
     .enumerate()
     {
         let db = format!("ddl_bench_{n}");
-        let admin = connect(s.pg_port, "postgres").await;
-        for sql in [
-            format!("DROP DATABASE IF EXISTS {db}"),
-            format!("CREATE DATABASE {db}"),
-        ] {
-            admin.batch_execute(&sql).await.unwrap();
-        }
+        pg::recreate_database(s.pg_port, &db).await;
         let pg = connect(s.pg_port, &db).await;
         pg.batch_execute(
             "CREATE TABLE items (id integer PRIMARY KEY, name text); \
@@ -181,13 +165,4 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, b)| b.to_string());
     (status, body)
-}
-
-async fn connect(port: u16, db: &str) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("postgres://postgres@127.0.0.1:{port}/{db}"), NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to the benchmark's Postgres: {e}"));
-    tokio::spawn(connection);
-    client
 }

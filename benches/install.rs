@@ -13,6 +13,9 @@
 //! (`pg_relation_filenode`, a rewrite), and the reader's and writer's slowest statement and
 //! p99 while the install ran. Options: `--rows N`.
 
+#[path = "common/pg.rs"]
+mod pg;
+
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
 mod servers;
@@ -21,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_postgres::NoTls;
+use pg::connect;
 
 /// Statement latencies of one client while an install ran.
 struct Waits {
@@ -40,28 +43,9 @@ struct Outcome {
 
 #[tokio::main]
 async fn main() {
-    let mut rows: i64 = 5_000_000;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--rows" => {
-                rows = args
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .expect("--rows takes a number")
-            }
-            "--bench" => {}
-            other => panic!("unknown option {other:?} (options: --rows N)"),
-        }
-    }
+    let rows: i64 = pg::number_option("rows", 5_000_000);
     let port = servers::servers().pg_port;
-    let admin = connect(port, "postgres").await;
-    for sql in [
-        "DROP DATABASE IF EXISTS install_bench",
-        "CREATE DATABASE install_bench",
-    ] {
-        admin.batch_execute(sql).await.unwrap();
-    }
+    pg::recreate_database(port, "install_bench").await;
     let db = connect(port, "install_bench").await;
     eprintln!("install benchmark: two tables of {rows} rows each");
     let filled = Instant::now();
@@ -138,6 +122,7 @@ async fn main() {
         );
     }
     drop(db);
+    let admin = connect(port, "postgres").await;
     let _ = admin
         .batch_execute("DROP DATABASE IF EXISTS install_bench")
         .await;
@@ -218,13 +203,4 @@ where
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-async fn connect(port: u16, db: &str) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&format!("postgres://postgres@127.0.0.1:{port}/{db}"), NoTls)
-            .await
-            .unwrap_or_else(|e| panic!("connecting to the benchmark's Postgres: {e}"));
-    tokio::spawn(connection);
-    client
 }

@@ -124,23 +124,15 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
             )
         }
     };
-    // The fallback names no column of the table: a resource-wide flush.
-    let fallback = match mode {
-        // The version is taken (and ignored by the relay) so that syncar's own DELETE, which
-        // reads the delete's version with currval(), never reads an older one.
-        Announce::Wal => format!(
-            "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
-             {resource}, 'flush', true, 'version', nextval({seq}))::text);",
-            prefix = quote_literal(MESSAGE_PREFIX),
-            resource = quote_literal(&r.name),
-        ),
-        _ => send(
-            schema,
-            r,
-            mode == Announce::Notify,
-            &format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op"),
-        ),
-    };
+    // The fallback names no column of the table: a resource-wide flush. With `wal` the
+    // version is taken (and ignored by the relay) so that syncar's own DELETE, which reads the
+    // delete's version with currval(), never reads an older one.
+    let fallback = flush(
+        schema,
+        r,
+        mode,
+        &format!("'flush', true, 'version', nextval({seq})"),
+    );
     format!(
         "
 DECLARE
@@ -174,20 +166,7 @@ END
 /// `notify` announced) or, with `wal`, emitted as a logical decoding message.
 pub(super) fn truncate_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
-    let body = match mode {
-        Announce::Wal => format!(
-            "  PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
-             {resource}, 'truncate', nextval({seq}))::text);",
-            prefix = quote_literal(MESSAGE_PREFIX),
-            resource = quote_literal(&r.name),
-        ),
-        _ => send(
-            schema,
-            r,
-            mode == Announce::Notify,
-            &format!("SELECT nextval({seq}) AS version, NULL::text AS key, 'flush' AS op"),
-        ),
-    };
+    let body = flush(schema, r, mode, &format!("'truncate', nextval({seq})"));
     format!(
         "
 DECLARE
@@ -199,6 +178,29 @@ BEGIN
 END
 "
     )
+}
+
+/// The statements announcing a flush of the whole resource at a version they take: logged
+/// (and with `notify` announced) as a `flush`, or with `wal` a logical decoding message
+/// `{"resource", <wal_fields>}`.
+fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> String {
+    match mode {
+        Announce::Wal => format!(
+            "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+             {resource}, {wal_fields})::text);",
+            prefix = quote_literal(MESSAGE_PREFIX),
+            resource = quote_literal(&r.name),
+        ),
+        _ => send(
+            schema,
+            r,
+            mode == Announce::Notify,
+            &format!(
+                "SELECT nextval({}) AS version, NULL::text AS key, 'flush' AS op",
+                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
+            ),
+        ),
+    }
 }
 
 /// One transactional logical decoding message naming every deleted key of the statement
