@@ -353,6 +353,8 @@ async fn migrate_once(
         PostgresSource::Notify => Announce::Notify,
         _ => Announce::Log,
     };
+    // The statements that lock a table against its writers, run together at the end.
+    let mut locking: Vec<String> = Vec::new();
     for (r, info) in &tables {
         let (r, info) = (*r, info);
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
@@ -489,24 +491,20 @@ async fn migrate_once(
             if installed.as_ref() != Some(&wanted) {
                 // Dropped first: CREATE OR REPLACE cannot turn a row trigger into a statement
                 // trigger with transition tables.
-                tx.batch_execute(&format!(
+                locking.push(format!(
                     "DROP TRIGGER IF EXISTS {trigger} ON {qualified}; \
                      CREATE TRIGGER {trigger} {timing} ON {qualified} {level} \
                      EXECUTE FUNCTION {s}.{}()",
                     quote_ident(function)
-                ))
-                .await
-                .map_err(pg("creating triggers"))?;
+                ));
                 changes.push(format!("installed trigger {trigger} on {qualified}"));
             }
             if installed.as_ref() != Some(&wanted) || enabled != "A" {
                 // Fired whatever session_replication_role says: rows written by logical
                 // replication apply or a restore tool take a version and are announced too.
-                tx.batch_execute(&format!(
+                locking.push(format!(
                     "ALTER TABLE {qualified} ENABLE ALWAYS TRIGGER {trigger}"
-                ))
-                .await
-                .map_err(pg("enabling triggers"))?;
+                ));
                 if installed.as_ref() == Some(&wanted) {
                     changes.push(format!("enabled trigger {trigger} on {qualified} always"));
                 }
@@ -531,6 +529,30 @@ async fn migrate_once(
             ));
         }
     }
+    let slot = capture::slot_name(&tx, config).await?;
+    if source == PostgresSource::Wal {
+        // Every column is published, never a column list: Postgres refuses UPDATE and
+        // DELETE on a table whose publication's column list does not cover its replica
+        // identity, and refuses to drop a listed column, so a list would make the
+        // customer's own `REPLICA IDENTITY FULL` or `DROP COLUMN` fail because of syncar.
+        let published: Vec<capture::Published> = tables
+            .iter()
+            .map(|(r, _)| (r.schema.clone(), r.table.clone(), None))
+            .collect();
+        if let Some(change) =
+            capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?
+        {
+            changes.push(change);
+        }
+    }
+    // Last, in one round trip: creating a trigger locks out the table's writers (SHARE ROW
+    // EXCLUSIVE) until the commit, so little else of the migration runs while they wait
+    // (only the drop of earlier releases' functions, which must come after their triggers).
+    if !locking.is_empty() {
+        tx.batch_execute(&locking.join("; "))
+            .await
+            .map_err(pg("creating triggers"))?;
+    }
     for legacy in LEGACY_FUNCTIONS {
         // Dropped only once unused: a table no longer configured may still call one.
         let unused: bool = tx
@@ -549,22 +571,6 @@ async fn migrate_once(
                 .await
                 .map_err(pg("dropping old trigger functions"))?;
             changes.push(format!("dropped function {schema}.{legacy}()"));
-        }
-    }
-    let slot = capture::slot_name(&tx, config).await?;
-    if source == PostgresSource::Wal {
-        // Every column is published, never a column list: Postgres refuses UPDATE and
-        // DELETE on a table whose publication's column list does not cover its replica
-        // identity, and refuses to drop a listed column, so a list would make the
-        // customer's own `REPLICA IDENTITY FULL` or `DROP COLUMN` fail because of syncar.
-        let published: Vec<capture::Published> = tables
-            .iter()
-            .map(|(r, _)| (r.schema.clone(), r.table.clone(), None))
-            .collect();
-        if let Some(change) =
-            capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?
-        {
-            changes.push(change);
         }
     }
     tx.commit().await.map_err(pg("committing the migration"))?;
