@@ -38,6 +38,10 @@ pub enum ApiError {
     NoRoute,
     #[error("unknown resource {0:?}")]
     UnknownResource(String),
+    /// [`ApiError::UnknownResource`] with what asked for it named (a transaction's
+    /// operation): the whole message.
+    #[error("{0}")]
+    UnknownResourceIn(String),
     /// A configured resource left out of the catalog (its table does not exist or does not
     /// fit); the reason. A table fixed is noticed within `feeds.lease`; a configuration
     /// fixed needs a restart.
@@ -92,7 +96,9 @@ impl ApiError {
         use ApiError::*;
         match self {
             NoRoute => (StatusCode::NOT_FOUND, "no_route"),
-            UnknownResource(_) => (StatusCode::NOT_FOUND, "unknown_resource"),
+            UnknownResource(_) | UnknownResourceIn(_) => {
+                (StatusCode::NOT_FOUND, "unknown_resource")
+            }
             ResourceUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "resource_unavailable"),
             SchemaChanged(_) => (StatusCode::SERVICE_UNAVAILABLE, "schema_changed"),
             NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),

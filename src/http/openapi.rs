@@ -71,7 +71,7 @@ pub enum Consistency {
         ("If-None-Match" = Option<String>, Header, description = "304 when it names the version read."),
     ),
     responses(
-        (status = 200, description = "The document; ETag is its version (\"N\"; \"N-E\" once its table changed shape at version E), X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres.", body = Object),
+        (status = 200, description = "The document; ETag is its version (\"N\"; \"N-E\" once its table changed shape at version E), X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres. Any JSON for kv; a row as a JSON object for a table.", body = Value),
         (status = 304, description = "Not modified (If-None-Match)."),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 414, body = ErrorBody),
@@ -111,7 +111,7 @@ fn head_document() {}
         ("If-Match" = Option<String>, Header, description = "\"N\" (or an ETag \"N-E\"): only if the current version is N (and the table's shape E); *: only if it exists."),
         ("If-None-Match" = Option<String>, Header, description = "*: only if it does not exist."),
     ),
-    request_body(content = Object, description = "Any JSON for kv; a row as a JSON object for a table."),
+    request_body(content = Value, description = "Any JSON for kv; a row as a JSON object for a table."),
     responses(
         (status = 200, description = "Replaced.", body = Written),
         (status = 201, description = "Created.", body = Written),
@@ -173,6 +173,7 @@ fn batch_get() {}
     responses(
         (status = 200, description = "Committed: one result per operation, in order.", body = TxResults),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 404, description = "An operation names an unknown resource.", body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 412, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
         (status = 503, body = ErrorBody), (status = 504, body = ErrorBody),

@@ -250,7 +250,9 @@ fn named(e: ApiError, index: usize, o: &Operation) -> ApiError {
         ApiError::Unprocessable(m) => ApiError::Unprocessable(format!("{about}: {m}")),
         ApiError::Conflict(m) => ApiError::Conflict(format!("{about}: {m}")),
         // As on a single request: 404 `unknown_resource`, with the operation named.
-        ApiError::UnknownResource(r) => ApiError::UnknownResource(format!("{about}: {r}")),
+        ApiError::UnknownResource(r) => {
+            ApiError::UnknownResourceIn(format!("{about}: unknown resource {r:?}"))
+        }
         other => other,
     }
 }
