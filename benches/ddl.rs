@@ -58,17 +58,7 @@ async fn main() {
             c.redis.key_prefix = format!("{db}:");
             c.feeds.postgres_source = source;
             c.log.level = "error".into();
-            c.resources.push(syncar::config::ResourceConfig {
-                name: "items".into(),
-                table: "items".into(),
-                schema: "public".into(),
-                key: "id".into(),
-                version_column: "version".into(),
-                l1_ttl: None,
-                l2_ttl: None,
-                negative_ttl: None,
-                tombstone_ttl: None,
-            });
+            c.resources.push(pg::resource("items"));
             c.validate().expect("a valid config");
             let app = syncar::App::start(c).await.expect("syncar starts");
             app.ready(Duration::from_secs(30))

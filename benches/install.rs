@@ -78,17 +78,7 @@ async fn main() {
     let mut config = syncar::Config::default();
     config.postgres.url = url;
     config.feeds.postgres_source = syncar::config::PostgresSource::ChangesLog;
-    config.resources.push(syncar::config::ResourceConfig {
-        name: "big".into(),
-        table: "big".into(),
-        schema: "public".into(),
-        key: "id".into(),
-        version_column: "version".into(),
-        l1_ttl: None,
-        l2_ttl: None,
-        negative_ttl: None,
-        tombstone_ttl: None,
-    });
+    config.resources.push(pg::resource("big"));
     let syncar = measure(port, "big", rows, "syncar migrate", || async {
         syncar::app::run_migration(&config)
             .await

@@ -866,7 +866,8 @@ pub async fn connect_dedicated(
     }
 }
 
-fn key_param(key: &KeyParam) -> &(dyn ToSql + Sync) {
+/// A key as the bind parameter of its column's type.
+pub fn key_param(key: &KeyParam) -> &(dyn ToSql + Sync) {
     match key {
         KeyParam::Text(s) => s,
         KeyParam::Int(i) => i,

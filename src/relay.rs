@@ -775,11 +775,10 @@ impl Session {
 async fn restamp(client: &tokio_postgres::Client, resource: &Resource, key: &str) -> Option<i64> {
     let param = resource.parse_key(key).ok()?;
     let sql = resource.restamp_sql();
-    let row = match &param {
-        crate::resource::KeyParam::Text(text) => client.query_opt(&sql, &[text]).await,
-        crate::resource::KeyParam::Int(int) => client.query_opt(&sql, &[int]).await,
-    };
-    match row {
+    match client
+        .query_opt(&sql, &[crate::db::key_param(&param)])
+        .await
+    {
         Ok(row) => row.map(|r| r.get(0)),
         Err(e) => {
             tracing::warn!(resource = %resource.name, error = %e, "giving a re-inserted row a fresh version failed");

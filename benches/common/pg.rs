@@ -44,3 +44,18 @@ pub fn number_option<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
     value
 }
+
+/// A `[[resource]]` on `public.{table}` keyed by `id`, with the default TTLs.
+pub fn resource(table: &str) -> syncar::config::ResourceConfig {
+    syncar::config::ResourceConfig {
+        name: table.into(),
+        table: table.into(),
+        schema: "public".into(),
+        key: "id".into(),
+        version_column: "version".into(),
+        l1_ttl: None,
+        l2_ttl: None,
+        negative_ttl: None,
+        tombstone_ttl: None,
+    }
+}

@@ -38,25 +38,57 @@ pub async fn migrate(
     client: &mut tokio_postgres::Client,
     config: &Config,
 ) -> Result<Migration, SchemaError> {
-    let started = std::time::Instant::now();
-    let mut pause = Duration::from_millis(50);
+    let mut retries = LockRetries::new();
     loop {
         match migrate_once(client, config).await {
-            Err(e) if e.is_lock_timeout() && started.elapsed() < LOCK_RETRIES_FOR => {
-                let held = lock_holders(client, config).await;
-                tracing::warn!(
-                    step = e.step(),
-                    held_by = %held,
-                    retry_in_ms = pause.as_millis() as u64,
-                    "the migration waited {} ms for a table lock and gave up, so as not to \
-                     hold that table's readers and writers behind it; retrying",
-                    LOCK_TIMEOUT.as_millis()
-                );
-                tokio::time::sleep(crate::backoff::jitter(pause, 0.2)).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
+            Err(e) if retries.again(&e, "migration", client, config).await => {}
             result => return result,
         }
+    }
+}
+
+/// Tries a migration (or an uninstall) again after a lock timeout, for up to
+/// [`LOCK_RETRIES_FOR`], with the crate's one backoff.
+struct LockRetries {
+    started: std::time::Instant,
+    backoff: crate::backoff::Backoff,
+}
+
+impl LockRetries {
+    fn new() -> Self {
+        LockRetries {
+            started: std::time::Instant::now(),
+            backoff: crate::backoff::Backoff::new(
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            ),
+        }
+    }
+
+    /// Whether to try again after `e`: a lock timeout within the time allowed, after saying
+    /// who holds the lock and waiting the next pause.
+    async fn again(
+        &mut self,
+        e: &SchemaError,
+        what: &str,
+        client: &tokio_postgres::Client,
+        config: &Config,
+    ) -> bool {
+        if !e.is_lock_timeout() || self.started.elapsed() >= LOCK_RETRIES_FOR {
+            return false;
+        }
+        let pause = self.backoff.next_pause();
+        let held = lock_holders(client, config).await;
+        tracing::warn!(
+            step = e.step(),
+            held_by = %held,
+            retry_in_ms = pause.as_millis() as u64,
+            "the {what} waited {} ms for a table lock and gave up, so as not to hold that \
+             table's readers and writers behind it; retrying",
+            LOCK_TIMEOUT.as_millis()
+        );
+        tokio::time::sleep(pause).await;
+        true
     }
 }
 
@@ -136,14 +168,13 @@ async fn versioned_by_syncar(
     Ok(default.is_some_and(|d| d.contains(VERSION_SEQUENCE)))
 }
 
-/// Returns the changes, and the resources whose column it added.
+/// Returns the changes.
 async fn add_version_columns(
     client: &mut tokio_postgres::Client,
     config: &Config,
-) -> Result<(Vec<String>, Vec<String>), SchemaError> {
+) -> Result<Vec<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let mut changes = Vec::new();
-    let mut added = Vec::new();
     for r in &config.resources {
         let tx = begin_locked(client).await?;
         let missing = match fit(&tx, r).await {
@@ -182,11 +213,10 @@ async fn add_version_columns(
                 "added column {} to table {qualified}",
                 r.version_column
             ));
-            added.push(r.name.clone());
         }
         tx.commit().await.map_err(pg("adding a version column"))?;
     }
-    Ok((changes, added))
+    Ok(changes)
 }
 
 async fn migrate_once(
@@ -194,7 +224,7 @@ async fn migrate_once(
     config: &Config,
 ) -> Result<Migration, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let (mut changes, added) = add_version_columns(client, config).await?;
+    let mut changes = add_version_columns(client, config).await?;
     let tx = begin_locked(client).await?;
     let schema = &config.postgres.schema;
     let s = quote_ident(schema);
@@ -459,12 +489,12 @@ async fn migrate_once(
                 });
             if current.is_none()
                 && trigger == STAMP_TRIGGER
-                && !added.contains(&r.name)
                 && !versioned_by_syncar(&tx, info.oid, &r.version_column).await?
             {
                 // Adopting a table: versions already in it (an existing bigint column) must
-                // stay below every version the trigger hands out from now on. (A column this
-                // migration added holds none: no scan of a large table for nothing.)
+                // stay below every version the trigger hands out from now on. (A column
+                // syncar added holds only versions of its sequence: no scan of a large table
+                // for nothing.)
                 tx.execute(
                     &format!(
                         "SELECT setval({seq}, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
@@ -674,15 +704,10 @@ pub async fn uninstall(
     client: &mut tokio_postgres::Client,
     config: &Config,
 ) -> Result<Vec<String>, SchemaError> {
-    let started = std::time::Instant::now();
-    let mut pause = Duration::from_millis(50);
+    let mut retries = LockRetries::new();
     loop {
         match uninstall_once(client, config).await {
-            Err(e) if e.is_lock_timeout() && started.elapsed() < LOCK_RETRIES_FOR => {
-                tracing::warn!(step = e.step(), held_by = %lock_holders(client, config).await, "the uninstall could not get a table lock at once; retrying");
-                tokio::time::sleep(crate::backoff::jitter(pause, 0.2)).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
+            Err(e) if retries.again(&e, "uninstall", client, config).await => {}
             result => return result,
         }
     }
