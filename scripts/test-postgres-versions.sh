@@ -23,8 +23,9 @@ declare -A VERSIONS=(
 majors=("$@")
 [ ${#majors[@]} -gt 0 ] || majors=(14 16 17 18)
 # The tests of what differs between majors: the migration and the online install, schema
-# changes, the wal relay (pgoutput, slots, publications), and coherence under faults.
-read -r -a filters <<<"${TESTS:-schema:: tables:: ddl:: wal:: coherence::}"
+# changes, the wal relay (pgoutput, slots, publications), coherence under faults, and a
+# failover to a standby (failover slots from 17 on).
+read -r -a filters <<<"${TESTS:-schema:: tables:: ddl:: wal:: coherence:: failover::}"
 
 command -v npm >/dev/null || {
   echo "test-postgres-versions: npm is needed (apt-get install npm, or node 20+)" >&2

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::types::ToSql;
@@ -106,7 +107,10 @@ pub enum DeleteOutcome {
 pub struct PostgresIdentity {
     /// `pg_control_system().system_identifier`; `None` where this role may not read it.
     pub system: Option<String>,
-    /// `pg_control_checkpoint().timeline_id`; `None` likewise.
+    /// The timeline of the WAL Postgres writes now (the first 8 hex digits of
+    /// `pg_walfile_name(pg_current_wal_lsn())`): it moves at once when a standby is promoted,
+    /// where `pg_control_checkpoint()` follows only at the next checkpoint. `None` where it
+    /// cannot be read.
     pub timeline: Option<i32>,
     /// The version sequence's `last_value`.
     pub last_version: Version,
@@ -597,7 +601,10 @@ impl Db {
             .ok()
             .map(|r| r.get::<_, String>(0));
         let timeline = client
-            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .query_one(
+                "SELECT ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int",
+                &[],
+            )
             .await
             .ok()
             .map(|r| r.get::<_, i32>(0));
@@ -606,6 +613,29 @@ impl Db {
             timeline,
             last_version: Version(last_version),
         })
+    }
+
+    /// Whether the logical replication slot `slot` on this server was synchronized from a
+    /// primary (`pg_replication_slots.synced`, Postgres 17 and later; see "Logical
+    /// Replication Failover" in the Postgres docs): on a promoted standby, the slot that
+    /// followed the relay's position. `false` when there is no such slot or the server
+    /// predates failover slots.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn slot_synced(&self, slot: &str) -> Result<bool, DbError> {
+        let client = self.client().await?;
+        // Through jsonb: the column does not exist before Postgres 17.
+        let synced: Option<bool> = client
+            .query_opt(
+                "SELECT (to_jsonb(s) ->> 'synced')::bool FROM pg_replication_slots s \
+                 WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(classify)?
+            .and_then(|r| r.get(0));
+        Ok(synced == Some(true))
     }
 
     /// Moves the version sequence to `past` if it is below: every version it hands out from
@@ -809,6 +839,11 @@ pub fn pg_config(
         .tcp_user_timeout(Duration::from_secs(10));
     if pg.get_application_name().is_none() {
         pg.application_name("syncar");
+    }
+    // Several hosts (a primary and its standbys): syncar writes, so only the primary will do,
+    // whichever host it is after a failover (libpq's `target_session_attrs=read-write`).
+    if pg.get_hosts().len() > 1 && pg.get_target_session_attrs() == TargetSessionAttrs::Any {
+        pg.target_session_attrs(TargetSessionAttrs::ReadWrite);
     }
     let ms = config.statement_timeout.as_millis();
     let options = match pg.get_options() {

@@ -56,7 +56,8 @@ use crate::feed::relayed::{relay_alive_channel, relay_channel};
 use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, Resource};
 use crate::schema::capture::{
-    ensure_slot, new_slot_epoch, recorded_source, slot_epoch, slot_lag, SlotState, MESSAGE_PREFIX,
+    ensure_slot, failover_gaps, new_slot_epoch, recorded_source, slot_epoch, slot_lag, SlotState,
+    MESSAGE_PREFIX,
 };
 use crate::schema::shape::ShapeCheck;
 use crate::schema::VERSION_SEQUENCE;
@@ -77,6 +78,10 @@ pub struct RelayContext {
     /// This instance's id: the lease's holder, and the heartbeats' author.
     pub instance_id: String,
 }
+
+/// Whether what keeps the slot from following a failover was logged at warn level already
+/// (each relay term would say it again).
+static FAILOVER_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Changes per published message: a statement changing 50 000 rows is published in pieces.
 const CHANGES_PER_MESSAGE: usize = 1000;
@@ -179,12 +184,33 @@ async fn stream(
     {
         SlotState::Kept => {}
         SlotState::Created => tracing::info!(slot = %slot, "created the replication slot"),
+        SlotState::Missing => tracing::error!(
+            slot = %slot,
+            "the replication slot syncar had created is not on this server: it did not follow \
+             a failover here (Postgres before 17, no sync_replication_slots on the standby, or \
+             not yet synchronized when it was promoted), or it was dropped. Continuity cannot \
+             be proven, so a new slot was created and every cached resource is flushed"
+        ),
         SlotState::Recreated => tracing::error!(
             slot = %slot,
             "the replication slot had been invalidated (its WAL was removed, see \
              max_slot_wal_keep_size) and was recreated: changes since it fell behind are lost \
              to it, so every cached resource is flushed"
         ),
+    }
+    match failover_gaps(&client, slot).await {
+        Ok(gaps) if !gaps.is_empty() => {
+            let first = !FAILOVER_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed);
+            for gap in gaps {
+                if first {
+                    tracing::warn!(slot = %slot, "{gap}");
+                } else {
+                    tracing::debug!(slot = %slot, "{gap}");
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %error_chain(&e), "cannot read the failover settings"),
     }
     let epoch = match slot_epoch(&client, &postgres.schema)
         .await
@@ -241,7 +267,8 @@ async fn stream(
         }
     }
 
-    let mut repl = ReplicationClient::connect(replication_config(config, catalog)?)
+    let host = connected_host(&client, config).await;
+    let mut repl = ReplicationClient::connect(replication_config(config, catalog, host)?)
         .await
         .map_err(|e| format!("replication connect failed: {e}"))?;
     let started =
@@ -1063,21 +1090,89 @@ impl Sql {
     }
 }
 
-/// The replication connection's settings, from `postgres.replication_url` (else `url`).
-fn replication_config(config: &Config, catalog: &Catalog) -> Result<ReplicationConfig, String> {
-    let url = config
+/// The URL the relay connects with: `postgres.replication_url`, else `url`.
+fn relay_url(config: &Config) -> &str {
+    config
         .postgres
         .replication_url
         .as_deref()
-        .unwrap_or(&config.postgres.url);
-    let (url, tls) = PostgresTls::split(url).map_err(|e| format!("postgres url: {e}"))?;
+        .unwrap_or(&config.postgres.url)
+}
+
+/// The host (its place in the URL's host list) `client` reached. A URL naming several hosts
+/// (`postgres://u@db1,db2/app`) reaches the primary ([`crate::db::pg_config`] asks for a
+/// read-write session), whichever it is since the last failover; the replication
+/// connection, which takes one host, must go to the same one. Matched by the server's
+/// address and port as the server sees them (`inet_server_addr()`); the first host when
+/// the URL names one, or when nothing matches (a Unix socket, a proxy), with a warning.
+async fn connected_host(client: &tokio_postgres::Client, config: &Config) -> usize {
+    let Ok((url, _)) = PostgresTls::split(relay_url(config)) else {
+        return 0;
+    };
+    let Ok(pg) = url.parse::<tokio_postgres::Config>() else {
+        return 0;
+    };
+    let hosts = pg.get_hosts();
+    if hosts.len() < 2 {
+        return 0;
+    }
+    let server = client
+        .query_one("SELECT host(inet_server_addr()), inet_server_port()", &[])
+        .await
+        .ok()
+        .and_then(|r| Some((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i32>>(1)?)));
+    if let Some((addr, server_port)) = server {
+        let addr: Option<std::net::IpAddr> = addr.parse().ok();
+        for (i, host) in hosts.iter().enumerate() {
+            let port = port_of(&pg, i);
+            let tokio_postgres::config::Host::Tcp(name) = host else {
+                continue;
+            };
+            if i32::from(port) != server_port {
+                continue;
+            }
+            let resolved: Vec<std::net::IpAddr> = tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .map(|addrs| addrs.map(|a| a.ip()).collect())
+                .unwrap_or_default();
+            if addr.is_some_and(|a| resolved.contains(&a)) {
+                return i;
+            }
+        }
+    }
+    tracing::warn!(
+        "cannot tell which of the postgres url's hosts the relay reached; streaming from the \
+         first (set postgres.replication_url to the primary's address)"
+    );
+    0
+}
+
+/// The port of host `i` (libpq: one port for every host, or one each).
+fn port_of(pg: &tokio_postgres::Config, i: usize) -> u16 {
+    let ports = pg.get_ports();
+    match ports.len() {
+        0 => 5432,
+        1 => ports[0],
+        _ => ports.get(i).copied().unwrap_or(5432),
+    }
+}
+
+/// The replication connection's settings, from [`relay_url`], to its host `at` (see
+/// [`connected_host`]).
+fn replication_config(
+    config: &Config,
+    catalog: &Catalog,
+    at: usize,
+) -> Result<ReplicationConfig, String> {
+    let (url, tls) =
+        PostgresTls::split(relay_url(config)).map_err(|e| format!("postgres url: {e}"))?;
     let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("postgres url: {e}"))?;
-    let host = match pg.get_hosts().first() {
+    let host = match pg.get_hosts().get(at) {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
         Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
         None => "localhost".into(),
     };
-    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let port = port_of(&pg, at);
     let user = pg.get_user().unwrap_or("postgres").to_string();
     let password = pg
         .get_password()

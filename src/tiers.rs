@@ -111,11 +111,18 @@ const FILL_LEASE_POLL_MAX: Duration = Duration::from_millis(8);
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
 /// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
+///
+/// A new timeline alone is a promoted standby or a point-in-time recovery, either of which
+/// may have lost commits the caches hold copies of. It is no reason when `slot_followed`:
+/// the relay's failover slot was synchronized to this server, so the stream continues
+/// from a position the relay had applied, and (with `synchronized_standby_slots` on the
+/// old primary) nothing was ever relayed that this server lacks. See README "Failover".
 fn went_back(
     now: &PostgresIdentity,
     system: Option<&str>,
     timeline: Option<&str>,
     high: Version,
+    slot_followed: bool,
 ) -> Vec<String> {
     let mut why = Vec::new();
     if now.last_version < high {
@@ -131,15 +138,26 @@ fn went_back(
             ));
         }
     }
-    if let (Some(now), Some(was)) = (now.timeline, timeline) {
-        if now.to_string() != was {
+    if let Some(was) = timeline_moved(now, timeline) {
+        if !slot_followed {
             why.push(format!(
-                "its timeline changed from {was} to {now} (a point-in-time recovery or a \
-                 promoted replica, which may have lost commits)"
+                "its timeline changed from {was} to {} (a promoted standby or a point-in-time \
+                 recovery, which may have lost commits) and no replication slot synchronized \
+                 to it proves the relay's continuity (a failover slot needs Postgres 17 or \
+                 later, sync_replication_slots on the standby and the wal source)",
+                now.timeline.unwrap_or_default()
             ));
         }
     }
     why
+}
+
+/// The recorded timeline when Postgres, as `now` describes it, is on another one.
+fn timeline_moved<'a>(now: &PostgresIdentity, timeline: Option<&'a str>) -> Option<&'a str> {
+    match (now.timeline, timeline) {
+        (Some(now), Some(was)) if now.to_string() != was => Some(was),
+        _ => None,
+    }
 }
 
 /// What a tier held that refused a just-committed copy (see `Tiers::settle`).
@@ -1364,12 +1382,25 @@ impl Tiers {
             .unwrap_or(0);
         let high = self.high_water().max(Version(recorded_high));
         let id = self.db.identity().await.map_err(|e| e.to_string())?;
+        let timeline = recorded("timeline");
+        let moved = timeline_moved(&id, timeline.as_deref());
+        let followed = moved.is_some() && self.slot_followed().await;
         let why = went_back(
             &id,
             recorded("system").as_deref(),
-            recorded("timeline").as_deref(),
+            timeline.as_deref(),
             high,
+            followed,
         );
+        if let (Some(was), true) = (moved, why.is_empty()) {
+            tracing::warn!(
+                from = %was,
+                to = ?id.timeline,
+                "postgres is on a new timeline (a promoted standby): the relay's replication \
+                 slot was synchronized to it, so the caches are kept and the relay continues \
+                 from the slot"
+            );
+        }
         let reset = if why.is_empty() {
             None
         } else {
@@ -1383,6 +1414,22 @@ impl Tiers {
                 .await;
         }
         Ok(reset)
+    }
+
+    /// Whether the relay's replication slot on this server was synchronized from the primary
+    /// it replaced (see [`went_back`]); `false` for the other sources, whose position no
+    /// slot keeps, and when it cannot be read.
+    async fn slot_followed(&self) -> bool {
+        let Ok(catalog) = self.catalog.get() else {
+            return false;
+        };
+        if catalog.capture.source != crate::config::PostgresSource::Wal {
+            return false;
+        }
+        self.db
+            .slot_synced(&catalog.capture.slot)
+            .await
+            .unwrap_or(false)
     }
 
     /// Postgres went back in time (`why`): caches may hold versions it will hand out again
@@ -1698,19 +1745,53 @@ mod tests {
     #[test]
     fn postgres_went_back_by_sequence_cluster_or_timeline() {
         let same = postgres("71", 1, 100);
-        assert!(went_back(&same, Some("71"), Some("1"), Version(100)).is_empty());
+        assert!(went_back(&same, Some("71"), Some("1"), Version(100), false).is_empty());
         assert!(
-            went_back(&same, None, None, Version(0)).is_empty(),
+            went_back(&same, None, None, Version(0), false).is_empty(),
             "nothing recorded yet"
         );
-        let behind = went_back(&same, Some("71"), Some("1"), Version(101));
+        let behind = went_back(&same, Some("71"), Some("1"), Version(101), false);
         assert!(behind[0].contains("sequence is at 100"), "{behind:?}");
-        let other = went_back(&postgres("72", 1, 500), Some("71"), Some("1"), Version(100));
+        let other = went_back(
+            &postgres("72", 1, 500),
+            Some("71"),
+            Some("1"),
+            Version(100),
+            true,
+        );
         assert!(other[0].contains("another cluster"), "{other:?}");
-        let promoted = went_back(&postgres("71", 2, 500), Some("71"), Some("1"), Version(100));
+        let promoted = went_back(
+            &postgres("71", 2, 500),
+            Some("71"),
+            Some("1"),
+            Version(100),
+            false,
+        );
         assert!(
             promoted[0].contains("timeline changed from 1 to 2"),
             "{promoted:?}"
+        );
+        assert!(
+            went_back(
+                &postgres("71", 2, 500),
+                Some("71"),
+                Some("1"),
+                Version(100),
+                true
+            )
+            .is_empty(),
+            "a promoted standby the relay's slot was synchronized to continues"
+        );
+        let promoted_behind = went_back(
+            &postgres("71", 2, 90),
+            Some("71"),
+            Some("1"),
+            Version(100),
+            true,
+        );
+        assert!(
+            promoted_behind.len() == 1 && promoted_behind[0].contains("sequence is at 90"),
+            "a synchronized slot does not excuse a sequence that went back: {promoted_behind:?}"
         );
         let unreadable = PostgresIdentity {
             system: None,
@@ -1718,7 +1799,7 @@ mod tests {
             last_version: Version(500),
         };
         assert!(
-            went_back(&unreadable, Some("71"), Some("1"), Version(100)).is_empty(),
+            went_back(&unreadable, Some("71"), Some("1"), Version(100), false).is_empty(),
             "a role that may not read pg_control_* compares the sequence only"
         );
     }

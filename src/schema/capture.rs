@@ -358,16 +358,24 @@ pub(super) async fn ensure_publication(
 pub enum SlotState {
     /// In use as it was.
     Kept,
-    /// Created (there was none).
+    /// Created (there was none, and none was recorded).
     Created,
+    /// Created, though the state table records that syncar had created one before (its
+    /// `slot_epoch`): the slot did not follow a failover to this server (Postgres before
+    /// 17, or a standby without `sync_replication_slots`, or a slot not yet synchronized
+    /// when the standby was promoted), or somebody dropped it. Changes since are lost to it.
+    Missing,
     /// The slot was invalidated (its WAL removed, `wal_status = lost`) and was dropped and
     /// created again: every change since its last confirmed position is lost to it.
     Recreated,
 }
 
 /// Makes sure the logical replication slot `slot` exists for pgoutput and can still stream,
-/// recording a new `slot_epoch` when it had to be created. Run outside any transaction that
-/// wrote (Postgres refuses to create a slot there), as a role that may replicate.
+/// recording a new `slot_epoch` when it had to be created. On Postgres 17 and later the slot
+/// is created as a failover slot (`pg_create_logical_replication_slot(..., failover =>
+/// true)`): a standby with `sync_replication_slots = on` keeps a copy that continues after
+/// its promotion. Run outside any transaction that wrote (Postgres refuses to create a slot
+/// there), as a role that may replicate.
 ///
 /// # Errors
 /// Postgres failing; a slot of that name for another plugin or database.
@@ -407,6 +415,7 @@ pub async fn ensure_slot(
             }
             SlotState::Recreated
         }
+        None if slot_epoch(client, schema).await?.is_some() => SlotState::Missing,
         None => SlotState::Created,
     };
     // The new epoch is recorded before the slot changes: if this stops halfway, the next
@@ -418,14 +427,84 @@ pub async fn ensure_slot(
             .await
             .map_err(pg("dropping an invalidated replication slot"))?;
     }
+    let create = if server_version_num(client).await? >= 170_000 {
+        // slot_name, plugin, temporary, twophase, failover
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+    } else {
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
+    };
     client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
+        .execute(create, &[&slot])
         .await
         .map_err(pg("creating the replication slot"))?;
     Ok(state)
+}
+
+/// `server_version_num`: 170004 for 17.4.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn server_version_num(client: &impl GenericClient) -> Result<i32, SchemaError> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading the server's version",
+            source,
+        })?
+        .get(0))
+}
+
+/// What would keep the relay's slot from following a failover to a standby, on Postgres 17
+/// and later: the slot is not a failover slot (created before syncar made failover slots),
+/// or the primary's `synchronized_standby_slots` is empty (then the relay may relay a
+/// change no standby has yet). One line each, with what to do; empty before Postgres 17
+/// (no slot follows a failover there) and when the settings cannot be read.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn failover_gaps(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Vec<String>, SchemaError> {
+    if server_version_num(client).await? < 170_000 {
+        return Ok(Vec::new());
+    }
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let mut gaps = Vec::new();
+    let failover: Option<bool> = client
+        .query_opt(
+            "SELECT (to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s \
+             WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("reading the slot's failover flag"))?
+        .and_then(|r| r.get(0));
+    if failover == Some(false) {
+        gaps.push(format!(
+            "replication slot {slot:?} is not a failover slot, so a standby cannot keep it: \
+             run `psql \"dbname=<database> replication=database\" -c 'ALTER_REPLICATION_SLOT \
+             {slot} (FAILOVER true)'` (syncar creates its slots so from Postgres 17 on)"
+        ));
+    }
+    let standby_slots: String = client
+        .query_one(
+            "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
+            &[],
+        )
+        .await
+        .map_err(pg("reading synchronized_standby_slots"))?
+        .get(0);
+    if standby_slots.trim().is_empty() {
+        gaps.push(
+            "synchronized_standby_slots is empty on the primary: the relay may relay changes \
+             a standby has not received, which a failover to it loses; name the standby's \
+             physical slot there (see README \"Failover\")"
+                .into(),
+        );
+    }
+    Ok(gaps)
 }
 
 /// Records a fresh version as the slot's epoch (see [`STATE_TABLE`]) and returns it.

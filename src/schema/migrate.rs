@@ -609,6 +609,10 @@ async fn migrate_once(
         match capture::ensure_slot(client, schema, &slot).await? {
             SlotState::Kept => {}
             SlotState::Created => changes.push(format!("created replication slot {slot}")),
+            SlotState::Missing => changes.push(format!(
+                "created replication slot {slot}: the one syncar had created is not on this \
+                 server (a failover it did not follow, or dropped)"
+            )),
             SlotState::Recreated => changes.push(format!(
                 "recreated replication slot {slot}: it had been invalidated"
             )),

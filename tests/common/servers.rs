@@ -222,6 +222,282 @@ fn start_postgres(certs: Option<&Path>) -> (u16, PathBuf) {
     panic!("postgres would not start:\n{log}");
 }
 
+/// A primary and a physical standby streaming from it, each on a free port, for failover
+/// tests: the standby is a cold copy of the primary's data directory (`standby.signal`,
+/// `primary_conninfo`, a physical slot; no `pg_basebackup` needed). From Postgres 17 on,
+/// the standby synchronizes failover slots (`sync_replication_slots`, `hot_standby_feedback`)
+/// and the primary holds logical decoding back until the standby has the WAL
+/// (`synchronized_standby_slots`), as README "Failover" asks of an operator. Stopped and
+/// removed on drop.
+pub struct PostgresPair {
+    bin: PathBuf,
+    root: PathBuf,
+    pub primary_port: u16,
+    pub standby_port: u16,
+    /// The server's major version (14, 15, ... 18).
+    pub major: u32,
+}
+
+/// The standby's physical slot on the primary.
+pub const STANDBY_SLOT: &str = "syncar_test_standby";
+
+impl PostgresPair {
+    pub async fn start() -> PostgresPair {
+        let bin = pg_bindir();
+        let major = postgres_major(&bin);
+        let root = tempfile::Builder::new()
+            .prefix("syncar-test-pair-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        if is_root() {
+            chown_postgres(&root);
+        }
+        let primary = root.join("primary");
+        let standby = root.join("standby");
+        initdb(&bin, &primary);
+        append(
+            &primary.join("postgresql.conf"),
+            &format!(
+                "listen_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
+                 fsync = off\nwal_level = logical\nmax_connections = 200\n\
+                 max_wal_senders = 40\nmax_replication_slots = 40\nwal_keep_size = '256MB'\n\
+                 hot_standby = on\nhot_standby_feedback = on\n",
+                root.display()
+            ),
+        );
+        // A cold copy of a stopped primary is a valid base for a standby.
+        let out = as_postgres(Path::new("cp"))
+            .arg("-a")
+            .arg(&primary)
+            .arg(&standby)
+            .output()
+            .expect("run cp");
+        assert!(out.status.success(), "copying the data directory failed");
+        let mut pair = PostgresPair {
+            bin,
+            root,
+            primary_port: 0,
+            standby_port: 0,
+            major,
+        };
+        pair.primary_port = pair.pg_ctl_start(&primary);
+        let client = connect(pair.primary_port).await;
+        client
+            .query(
+                "SELECT pg_create_physical_replication_slot($1)",
+                &[&STANDBY_SLOT],
+            )
+            .await
+            .expect("create the standby's physical slot");
+        if major >= 17 {
+            client
+                .batch_execute(&format!(
+                    "ALTER SYSTEM SET synchronized_standby_slots = '{STANDBY_SLOT}'"
+                ))
+                .await
+                .unwrap();
+            client
+                .batch_execute("SELECT pg_reload_conf()")
+                .await
+                .unwrap();
+        }
+        let mut standby_conf = format!(
+            "primary_conninfo = 'host=127.0.0.1 port={} user=postgres dbname=postgres'\n\
+             primary_slot_name = '{STANDBY_SLOT}'\n",
+            pair.primary_port
+        );
+        if major >= 17 {
+            standby_conf.push_str("sync_replication_slots = on\n");
+        }
+        append(&standby.join("postgresql.conf"), &standby_conf);
+        append(&standby.join("standby.signal"), "");
+        pair.standby_port = pair.pg_ctl_start(&standby);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let streaming: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if streaming > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the standby never streamed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        pair
+    }
+
+    fn pg_ctl_start(&self, data: &Path) -> u16 {
+        let name = data.file_name().unwrap().to_string_lossy().into_owned();
+        for _ in 0..5 {
+            let port = free_port();
+            let out = as_postgres(&self.bin.join("pg_ctl"))
+                .args([
+                    "-D",
+                    &data.to_string_lossy(),
+                    "-o",
+                    &format!("-p {port}"),
+                    "-l",
+                ])
+                .arg(self.root.join(format!("{name}.log")))
+                .args(["-w", "start"])
+                .output()
+                .expect("run pg_ctl");
+            if out.status.success() {
+                return port;
+            }
+        }
+        let log =
+            std::fs::read_to_string(self.root.join(format!("{name}.log"))).unwrap_or_default();
+        panic!("postgres ({name}) would not start:\n{log}");
+    }
+
+    /// Stops the primary at once, as a crash would (`pg_ctl stop -m immediate`).
+    pub fn kill_primary(&self) {
+        self.pg_ctl(&[
+            "-D",
+            &self.root.join("primary").to_string_lossy(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]);
+    }
+
+    /// Promotes the standby and waits until it accepts writes.
+    pub fn promote_standby(&self) {
+        self.pg_ctl(&[
+            "-D",
+            &self.root.join("standby").to_string_lossy(),
+            "-w",
+            "promote",
+        ]);
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .args(args)
+            .output()
+            .expect("run pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A libpq URL naming both servers, primary first, for a session that writes:
+    /// `postgres://postgres@127.0.0.1:P,127.0.0.1:S/{db}?target_session_attrs=read-write`.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}?target_session_attrs=read-write",
+            self.primary_port, self.standby_port
+        )
+    }
+
+    /// The standby's server log, for a failing test's message.
+    pub fn standby_log(&self) -> String {
+        std::fs::read_to_string(self.root.join("standby.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PostgresPair {
+    fn drop(&mut self) {
+        for data in ["primary", "standby"] {
+            let _ = as_postgres(&self.bin.join("pg_ctl"))
+                .args([
+                    "-D",
+                    &self.root.join(data).to_string_lossy(),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A plain connection to the server on `port` (database `postgres`).
+async fn connect(port: u16) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to the test postgres");
+    tokio::spawn(conn);
+    client
+}
+
+/// The major version of the server in `bin` (`postgres --version`: "postgres (PostgreSQL) 17.10").
+pub fn postgres_major(bin: &Path) -> u32 {
+    let out = Command::new(bin.join("postgres"))
+        .arg("--version")
+        .output()
+        .expect("run postgres --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .last()
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the major version from {text:?}"))
+}
+
+fn chown_postgres(path: &Path) {
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success(), "chown of {} failed", path.display());
+}
+
+fn initdb(bin: &Path, data: &Path) {
+    let out = as_postgres(&bin.join("initdb"))
+        .args([
+            "-D",
+            &data.to_string_lossy(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ])
+        .output()
+        .expect("run initdb");
+    assert!(
+        out.status.success(),
+        "initdb failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Appends `text` to a file the postgres user owns (creating it).
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open a config file");
+    f.write_all(text.as_bytes()).unwrap();
+    drop(f);
+    if is_root() {
+        chown_postgres(path);
+    }
+}
+
 /// A redis-server of its own, stopped on drop; restartable on the same port.
 pub struct RedisServer {
     pub port: u16,

@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod coherence;
 mod ddl;
+mod failover;
 mod hostile;
 mod lease;
 mod restore;

@@ -20,7 +20,8 @@ use tokio::task::JoinHandle;
 #[path = "../common/servers.rs"]
 mod servers;
 pub use servers::{
-    free_port, servers, tls_servers, RedisCluster, RedisServer, SentinelGroup, TlsServers,
+    free_port, servers, tls_servers, PostgresPair, RedisCluster, RedisServer, SentinelGroup,
+    TlsServers,
 };
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
@@ -41,6 +42,12 @@ impl Env {
         let s = servers();
         let url = |db: &str| format!("postgres://postgres@127.0.0.1:{}/{db}", s.pg_port);
         Env::create(url, url).await
+    }
+
+    /// A database on `pair`'s primary (the standby receives it), reached through a URL that
+    /// names both servers ([`PostgresPair::url`]); the shared Redis.
+    pub async fn on_pair(pair: &PostgresPair) -> Env {
+        Env::create(|db| pair.url(db), |db| pair.url(db)).await
     }
 
     /// A database on the TLS Postgres (`servers::tls_servers`): syncar reaches it over TCP at
@@ -147,6 +154,15 @@ impl Env {
             .expect("connect to the test database");
         tokio::spawn(conn);
         client
+    }
+
+    /// [`Env::pg`], or `None` while no server takes the connection (a failover).
+    pub async fn try_pg(&self) -> Option<tokio_postgres::Client> {
+        let (client, conn) = tokio_postgres::connect(&self.sql_url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(conn);
+        Some(client)
     }
 
     pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
