@@ -457,6 +457,20 @@ pub async fn run_check(config: &Config) -> Result<crate::schema::Check, MigrateE
     .await
 }
 
+/// What the migration would run, changing nothing ([`crate::schema::plan`]), on a connection
+/// of its own.
+///
+/// # Errors
+/// Postgres unreachable, or the schema cannot serve the configuration.
+pub async fn run_plan(config: &Config) -> Result<(Migration, crate::schema::Script), MigrateError> {
+    with_connection(config, |mut client| async move {
+        crate::schema::plan(&mut client, config)
+            .await
+            .map_err(MigrateError::from)
+    })
+    .await
+}
+
 /// Runs the migration once, on a connection of its own.
 ///
 /// # Errors
@@ -501,13 +515,18 @@ async fn schema_task(
         let attempt = with_connection(&config, |mut client| {
             let config = config.clone();
             async move {
-                let changes = if config.postgres.migrate_on_start {
-                    migrate(&mut client, &config).await?.changes
+                let (changes, differences) = if config.postgres.migrate_on_start {
+                    (migrate(&mut client, &config).await?.changes, Vec::new())
                 } else {
-                    Vec::new()
+                    // Installed by the DBA: say what differs from what this configuration
+                    // needs, each difference by name.
+                    (
+                        Vec::new(),
+                        crate::schema::plan(&mut client, &config).await?.0.changes,
+                    )
                 };
                 let catalog = load_catalog(&client, &config).await?;
-                Ok((changes, catalog))
+                Ok((changes, differences, catalog))
             }
         });
         let result = tokio::select! {
@@ -515,9 +534,17 @@ async fn schema_task(
             r = attempt => r,
         };
         match result {
-            Ok((changes, loaded)) => {
+            Ok((changes, differences, loaded)) => {
                 for change in &changes {
                     tracing::info!(change = %change, "migrated");
+                }
+                for difference in &differences {
+                    tracing::warn!(
+                        missing = %difference,
+                        "postgres.migrate_on_start = false and the installed schema differs \
+                         from what this configuration needs; `syncar migrate --print-sql` \
+                         prints the SQL that fixes it"
+                    );
                 }
                 for (resource, reason) in loaded.all_unavailable() {
                     tracing::error!(

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use syncar::app::{run_check, run_migration, run_uninstall, Role};
+use syncar::app::{run_check, run_migration, run_plan, run_uninstall, Role};
 use syncar::config::{Config, LogFormat};
 use syncar::telemetry::{self, error_chain};
 use syncar::App;
@@ -32,7 +32,13 @@ enum Command {
     Relay,
     /// Install or repair the version sequence, version columns, triggers and kv table (and,
     /// for the wal source, the publication and the replication slot).
-    Migrate,
+    Migrate {
+        /// Print the SQL the migration would run on this database for this configuration,
+        /// changing nothing (for Flyway, Liquibase, Alembic or sqitch; apply it with a role
+        /// that owns the tables, then serve with postgres.migrate_on_start = false).
+        #[arg(long)]
+        print_sql: bool,
+    },
     /// Remove the triggers, their functions, the publication and the replication slot;
     /// keep the data (version columns, sequence, kv table, changes log).
     Uninstall,
@@ -117,7 +123,29 @@ fn main() -> ExitCode {
                 }
                 Err(e) => failed(&config, "uninstall failed", &e),
             },
-            Command::Migrate => match run_migration(&config).await {
+            Command::Migrate { print_sql: true } => match run_plan(&config).await {
+                Ok((planned, script)) => {
+                    if script.is_empty() {
+                        println!("-- schema is up to date: nothing to run");
+                    } else {
+                        println!(
+                            "-- syncar migrate --print-sql: what `syncar migrate` would run on \
+                             this database for this configuration."
+                        );
+                        for change in &planned.changes {
+                            println!("--   {change}");
+                        }
+                        println!();
+                        print!("{}", script.to_sql());
+                    }
+                    for reason in &planned.unavailable {
+                        eprintln!("syncar: left out: {reason}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => failed(&config, "cannot plan the migration", &e),
+            },
+            Command::Migrate { print_sql: false } => match run_migration(&config).await {
                 Ok(done) => {
                     if done.changes.is_empty() {
                         println!("schema is up to date");

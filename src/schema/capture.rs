@@ -240,21 +240,32 @@ pub(super) async fn write_state(
     Ok(())
 }
 
+/// [`write_state`] as one statement with its values written in, for a migration's script.
+pub(super) fn write_state_sql(schema: &str, name: &str, value: &str) -> String {
+    format!(
+        "INSERT INTO {}.{STATE_TABLE} (name, value) VALUES ({}, {}) \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        quote_ident(schema),
+        quote_literal(name),
+        quote_literal(value)
+    )
+}
+
 /// One table of the publication: schema, table, and the columns to publish (`None`: all).
 pub(super) type Published = (String, String, Option<Vec<String>>);
 
-/// Makes the publication name exactly `tables`, each with its column list where one is given
-/// (Postgres 15 and later). The migration gives none (see there); a list left by an earlier
+/// What makes the publication name exactly `tables`, each with its column list where one is
+/// given (Postgres 15 and later): the statement and a line saying what it does, or `None`
+/// when it already does. The migration gives no list (see there); a list left by an earlier
 /// release, which published only the key, the version and the replica identity, is removed.
-/// Returns a line when it changed anything.
 ///
 /// # Errors
-/// Postgres failing (creating a publication needs ownership of its tables).
-pub(super) async fn ensure_publication(
+/// Postgres failing.
+pub(super) async fn publication_change(
     client: &impl GenericClient,
     publication: &str,
     tables: &[Published],
-) -> Result<Option<String>, SchemaError> {
+) -> Result<Option<(String, String)>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
@@ -346,11 +357,10 @@ pub(super) async fn ensure_publication(
     } else {
         format!("CREATE PUBLICATION {p} FOR TABLE {list}")
     };
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(pg("creating the publication"))?;
-    Ok(Some(format!("publication {publication} names {list}")))
+    Ok(Some((
+        sql,
+        format!("publication {publication} names {list}"),
+    )))
 }
 
 /// What [`ensure_slot`] found.
@@ -384,6 +394,31 @@ pub async fn ensure_slot(
     schema: &str,
     slot: &str,
 ) -> Result<SlotState, SchemaError> {
+    let (state, statements) = slot_plan(client, schema, slot).await?;
+    for sql in statements {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|source| SchemaError::Postgres {
+                doing: "creating the replication slot",
+                source,
+            })?;
+    }
+    Ok(state)
+}
+
+/// What [`ensure_slot`] finds, and the statements that make the slot right (none when it
+/// is kept), in order: a new `slot_epoch` first (if this stops halfway, the next attempt
+/// finds an epoch Redis was not fed by, never an old one beside a new slot), the drop of an
+/// invalidated slot, the creation.
+///
+/// # Errors
+/// Postgres failing; a slot of that name for another plugin or database.
+pub(super) async fn slot_plan(
+    client: &impl GenericClient,
+    schema: &str,
+    slot: &str,
+) -> Result<(SlotState, Vec<String>), SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let row = client
         .query_opt(
@@ -405,7 +440,7 @@ pub async fn ensure_slot(
                 )));
             }
             if !lost {
-                return Ok(SlotState::Kept);
+                return Ok((SlotState::Kept, Vec::new()));
             }
             if active {
                 // Its consumer fails on its own and lets go; try again then.
@@ -415,29 +450,54 @@ pub async fn ensure_slot(
             }
             SlotState::Recreated
         }
-        None if slot_epoch(client, schema).await?.is_some() => SlotState::Missing,
+        None if has_state_table(client, schema).await?
+            && slot_epoch(client, schema).await?.is_some() =>
+        {
+            SlotState::Missing
+        }
         None => SlotState::Created,
     };
-    // The new epoch is recorded before the slot changes: if this stops halfway, the next
-    // attempt finds an epoch Redis was not fed by, never an old one beside a new slot.
-    new_slot_epoch(client, schema).await?;
+    let mut statements = vec![format!(
+        "INSERT INTO {s}.{STATE_TABLE} (name, value) \
+         SELECT 'slot_epoch', nextval({seq})::text \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+        s = quote_ident(schema),
+        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
+    )];
     if state == SlotState::Recreated {
-        client
-            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-            .await
-            .map_err(pg("dropping an invalidated replication slot"))?;
+        statements.push(format!(
+            "SELECT pg_drop_replication_slot({})",
+            quote_literal(slot)
+        ));
     }
-    let create = if server_version_num(client).await? >= 170_000 {
+    statements.push(if server_version_num(client).await? >= 170_000 {
         // slot_name, plugin, temporary, twophase, failover
-        "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+        format!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)",
+            quote_literal(slot)
+        )
     } else {
-        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')"
-    };
-    client
-        .execute(create, &[&slot])
+        format!(
+            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+            quote_literal(slot)
+        )
+    });
+    Ok((state, statements))
+}
+
+/// Whether the state table exists (a plan on a fresh database has only planned it).
+async fn has_state_table(client: &impl GenericClient, schema: &str) -> Result<bool, SchemaError> {
+    Ok(client
+        .query_one(
+            "SELECT to_regclass(quote_ident($1) || '.' || $2) IS NOT NULL",
+            &[&schema, &STATE_TABLE],
+        )
         .await
-        .map_err(pg("creating the replication slot"))?;
-    Ok(state)
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the state table",
+            source,
+        })?
+        .get(0))
 }
 
 /// `server_version_num`: 170004 for 17.4.
@@ -553,6 +613,30 @@ pub async fn slot_epoch(
         .await?
         .get("slot_epoch")
         .and_then(|v| v.parse().ok()))
+}
+
+/// The statement that drops the slot if it exists and nobody streams it (a slot nobody reads
+/// retains WAL until the primary's disk is full); `None` when there is no such slot.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn idle_slot(
+    client: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<String>, SchemaError> {
+    let idle: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_replication_slots \
+             WHERE slot_name = $1 AND NOT active AND database = current_database())",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the replication slot",
+            source,
+        })?
+        .get(0);
+    Ok(idle.then(|| format!("SELECT pg_drop_replication_slot({})", quote_literal(slot))))
 }
 
 /// Drops the slot if it exists and nobody streams it: a slot nobody reads retains WAL until

@@ -7,8 +7,9 @@ use super::capture;
 use super::error::SchemaError;
 use super::names::{wanted_triggers, VERSION_SEQUENCE};
 use super::table::{fit, table_oid, Identity};
+use super::triggers::function_name;
 use crate::config::Config;
-use crate::resource::{Catalog, Column, Resource};
+use crate::resource::{quote_ident, Catalog, Column, Resource};
 
 /// Resolves the configured resources (and `kv`) against the live schema. A configured table
 /// that does not exist or does not fit is left out of the catalog and listed in
@@ -131,10 +132,10 @@ pub async fn check(
         .map_err(pg("starting a read-only transaction"))?;
     let mut report = Check::default();
     let schema = &config.postgres.schema;
-    if table_oid(&tx, schema, VERSION_SEQUENCE, "S")
+    let migrated = table_oid(&tx, schema, VERSION_SEQUENCE, "S")
         .await?
-        .is_some()
-    {
+        .is_some();
+    if migrated {
         report.notes.push(format!("schema {schema} is migrated"));
     } else {
         report.notes.push(format!(
@@ -165,5 +166,58 @@ pub async fn check(
         Err(e) => return Err(e),
     }
     tx.rollback().await.map_err(pg("ending the check"))?;
+    // Per table, what the migration would still do: `serve` leaves out a table without its
+    // version column or triggers, whatever the sequence says.
+    let planned = match super::migrate::plan(client, config).await {
+        Ok((planned, _)) => planned.changes,
+        Err(SchemaError::Invalid(_)) => Vec::new(), // reported above
+        Err(e) => return Err(e),
+    };
+    let mut attributed = vec![false; planned.len()];
+    for (r, _) in &tables {
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        let functions = ["syncar_stamp", "syncar_announce", "syncar_truncate"]
+            .map(|f| format!("{schema}.{}()", function_name(f, &r.name)));
+        let mut lines = Vec::new();
+        for (i, line) in planned.iter().enumerate() {
+            // (The publication's line names every table: it is the schema's, not one table's.)
+            let own = line.contains(&qualified) || functions.iter().any(|f| line.contains(f));
+            if own && !line.starts_with("make publication") {
+                attributed[i] = true;
+                lines.push(line.as_str());
+            }
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        let refused = lines
+            .iter()
+            .any(|l| l.starts_with("add column") || l.starts_with("install trigger"));
+        let line = format!(
+            "resource {:?}: table {qualified} is not migrated for this configuration: {}; run \
+             `syncar migrate`, or apply what `syncar migrate --print-sql` prints",
+            r.name,
+            lines.join("; ")
+        );
+        // Before the first migration that is what migrate (or serve) is for.
+        if refused && (migrated || !config.postgres.migrate_on_start) {
+            report
+                .problems
+                .push(format!("{line} (serve leaves it out until then)"));
+        } else {
+            report.notes.push(line);
+        }
+    }
+    let rest: Vec<&str> = planned
+        .iter()
+        .zip(&attributed)
+        .filter(|(_, done)| !**done)
+        .map(|(l, _)| l.as_str())
+        .collect();
+    if !rest.is_empty() {
+        report
+            .notes
+            .push(format!("the migration would also: {}", rest.join("; ")));
+    }
     Ok(report)
 }

@@ -12,12 +12,13 @@ use super::names::{
     MIGRATION_LOCK, STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_TRUNCATE, TG_UPDATE,
     VERSION_SEQUENCE,
 };
-use super::table::{describe_table, fit, table_oid, Identity, TableInfo};
+use super::table::{describe_table, fit, table_oid, ColumnInfo, Identity, TableInfo, INT8_OID};
 use super::triggers::{
     announce_function_body, dollar_quote, function_name, stamp_function_body,
     truncate_function_body, Announce,
 };
 use std::time::Duration;
+use tokio_postgres::GenericClient;
 
 use crate::config::{Config, PostgresSource, ResourceConfig, KV_RESOURCE};
 use crate::resource::{quote_ident, quote_literal};
@@ -40,10 +41,180 @@ pub async fn migrate(
 ) -> Result<Migration, SchemaError> {
     let mut retries = LockRetries::new();
     loop {
-        match migrate_once(client, config).await {
+        match migrate_once(client, config, &mut Sink::Postgres).await {
             Err(e) if retries.again(&e, "migration", client, config).await => {}
             result => return result,
         }
+    }
+}
+
+/// What [`migrate`] would run on this database for this configuration, changing nothing: the
+/// same look at the catalog, in a read-only transaction, with every statement that would
+/// change something written into a [`Script`] instead of run (`syncar migrate --print-sql`,
+/// and what `serve` compares with when `postgres.migrate_on_start = false`). An up-to-date
+/// schema gives an empty script.
+///
+/// # Errors
+/// As [`migrate`]; a lock timeout is not retried.
+pub async fn plan(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<(Migration, Script), SchemaError> {
+    let mut sink = Sink::Script(Script::default());
+    let mut migration = migrate_once(client, config, &mut sink).await?;
+    for change in &mut migration.changes {
+        *change = pending(change);
+    }
+    let Sink::Script(script) = sink else {
+        unreachable!("the sink stays a script")
+    };
+    Ok((migration, script))
+}
+
+/// A line of [`Migration::changes`] as what is still to do: "added column v to table t"
+/// becomes "add column v to table t".
+fn pending(done: &str) -> String {
+    for (was, to_do) in [
+        ("added ", "add "),
+        ("installed ", "install "),
+        ("created ", "create "),
+        ("recreated ", "recreate "),
+        ("dropped ", "drop "),
+        ("enabled ", "enable "),
+        ("postgres source is ", "record postgres source "),
+        ("publication ", "make publication "),
+    ] {
+        if let Some(rest) = done.strip_prefix(was) {
+            let rest = if was == "publication " {
+                rest.replacen(" names ", " name ", 1)
+            } else {
+                rest.to_string()
+            };
+            return format!("{to_do}{rest}");
+        }
+    }
+    done.to_string()
+}
+
+/// The SQL a migration would run, in the transactions it would run it in (see [`plan`]).
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Each a transaction of its own, or a statement that must run outside one (creating a
+    /// replication slot), with a comment saying what it is for.
+    pub blocks: Vec<Block>,
+}
+
+/// One unit of a [`Script`].
+#[derive(Debug)]
+pub struct Block {
+    /// What it is for, one line.
+    pub comment: String,
+    /// Whether its statements run in one transaction (with a short `lock_timeout`, as
+    /// `migrate` runs them).
+    pub transaction: bool,
+    pub statements: Vec<String>,
+}
+
+impl Script {
+    /// Whether the schema is up to date (nothing to run).
+    pub fn is_empty(&self) -> bool {
+        self.blocks.iter().all(|b| b.statements.is_empty())
+    }
+
+    /// The script as one SQL file for psql or a migration tool (Flyway, Liquibase, Alembic,
+    /// sqitch): each transaction between `BEGIN` and `COMMIT` with `SET LOCAL lock_timeout`
+    /// (a lock request that waits makes every later query of that table wait behind it: on
+    /// a lock timeout, run it again later), every statement ending in `;`.
+    pub fn to_sql(&self) -> String {
+        let mut out = String::new();
+        for block in self.blocks.iter().filter(|b| !b.statements.is_empty()) {
+            out.push_str(&format!("-- {}\n", block.comment));
+            if block.transaction {
+                out.push_str(&format!(
+                    "BEGIN;\nSET LOCAL lock_timeout = '{}ms';\n",
+                    LOCK_TIMEOUT.as_millis()
+                ));
+            }
+            for statement in &block.statements {
+                out.push_str(statement.trim_end_matches(';'));
+                out.push_str(";\n");
+            }
+            if block.transaction {
+                out.push_str("COMMIT;\n");
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// Where the migration's statements go.
+enum Sink {
+    /// Run on the connection (`migrate`).
+    Postgres,
+    /// Written down ([`plan`]): the transaction is read-only, and rolled back.
+    Script(Script),
+}
+
+impl Sink {
+    fn is_plan(&self) -> bool {
+        matches!(self, Sink::Script(_))
+    }
+
+    /// Starts a new block of the script (nothing when running).
+    fn block(&mut self, comment: impl Into<String>, transaction: bool) {
+        if let Sink::Script(script) = self {
+            script.blocks.push(Block {
+                comment: comment.into(),
+                transaction,
+                statements: Vec::new(),
+            });
+        }
+    }
+
+    /// Runs `sql` (statements without parameters), or writes it into the current block.
+    async fn run(
+        &mut self,
+        client: &impl GenericClient,
+        sql: String,
+        doing: &'static str,
+    ) -> Result<(), SchemaError> {
+        match self {
+            Sink::Postgres => client
+                .batch_execute(&sql)
+                .await
+                .map_err(|source| SchemaError::Postgres { doing, source }),
+            Sink::Script(script) => {
+                if script.blocks.is_empty() {
+                    script.blocks.push(Block {
+                        comment: doing.into(),
+                        transaction: true,
+                        statements: Vec::new(),
+                    });
+                }
+                script
+                    .blocks
+                    .last_mut()
+                    .expect("a block")
+                    .statements
+                    .push(sql);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a transaction [`begin_locked`] started: committed when running, rolled back when
+    /// planning.
+    async fn commit(
+        &self,
+        tx: tokio_postgres::Transaction<'_>,
+        doing: &'static str,
+    ) -> Result<(), SchemaError> {
+        let ended = match self {
+            Sink::Postgres => tx.commit().await,
+            Sink::Script(_) => tx.rollback().await,
+        };
+        ended.map_err(|source| SchemaError::Postgres { doing, source })
     }
 }
 
@@ -172,11 +343,11 @@ async fn versioned_by_syncar(
 async fn add_version_columns(
     client: &mut tokio_postgres::Client,
     config: &Config,
+    sink: &mut Sink,
 ) -> Result<Vec<String>, SchemaError> {
-    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let mut changes = Vec::new();
     for r in &config.resources {
-        let tx = begin_locked(client).await?;
+        let tx = begin_locked(client, sink.is_plan()).await?;
         let missing = match fit(&tx, r).await {
             Ok((info, _)) => info.columns.iter().all(|c| c.name != r.version_column),
             Err(SchemaError::Invalid(_)) => false, // left out by the migration, saying why
@@ -186,13 +357,23 @@ async fn add_version_columns(
             // The default below names the sequence: make sure it exists (the main
             // transaction reports nothing then).
             let schema = &config.postgres.schema;
-            tx.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {s}; CREATE SEQUENCE IF NOT EXISTS {s}.{VERSION_SEQUENCE}",
-                s = quote_ident(schema)
-            ))
-            .await
-            .map_err(pg("creating the version sequence"))?;
             let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+            sink.block(
+                format!(
+                    "the version column of {qualified}: nullable, then the sequence as its \
+                     default for new rows (catalog changes only, no rewrite)"
+                ),
+                true,
+            );
+            sink.run(
+                &tx,
+                format!(
+                    "CREATE SCHEMA IF NOT EXISTS {s}; CREATE SEQUENCE IF NOT EXISTS {s}.{VERSION_SEQUENCE}",
+                    s = quote_ident(schema)
+                ),
+                "creating the version sequence",
+            )
+            .await?;
             // Nullable and without a default: a change of the catalog only (Postgres 11+),
             // which does not rewrite the table. A volatile default would give every row its
             // own version by rewriting the whole table under ACCESS EXCLUSIVE (3.4 s for 3
@@ -202,19 +383,22 @@ async fn add_version_columns(
             // only (a catalog change too): a row inserted with the triggers disabled (a
             // restore with --disable-triggers) still takes a version.
             let column = quote_ident(&r.version_column);
-            tx.batch_execute(&format!(
-                "ALTER TABLE {qualified} ADD COLUMN {column} bigint; \
-                 ALTER TABLE {qualified} ALTER COLUMN {column} SET DEFAULT nextval({})",
-                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
-            ))
-            .await
-            .map_err(pg("adding a version column"))?;
+            sink.run(
+                &tx,
+                format!(
+                    "ALTER TABLE {qualified} ADD COLUMN {column} bigint; \
+                     ALTER TABLE {qualified} ALTER COLUMN {column} SET DEFAULT nextval({})",
+                    quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+                ),
+                "adding a version column",
+            )
+            .await?;
             changes.push(format!(
                 "added column {} to table {qualified}",
                 r.version_column
             ));
         }
-        tx.commit().await.map_err(pg("adding a version column"))?;
+        sink.commit(tx, "adding a version column").await?;
     }
     Ok(changes)
 }
@@ -222,10 +406,15 @@ async fn add_version_columns(
 async fn migrate_once(
     client: &mut tokio_postgres::Client,
     config: &Config,
+    sink: &mut Sink,
 ) -> Result<Migration, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let mut changes = add_version_columns(client, config).await?;
-    let tx = begin_locked(client).await?;
+    let mut changes = add_version_columns(client, config, sink).await?;
+    let tx = begin_locked(client, sink.is_plan()).await?;
+    sink.block(
+        "syncar's own objects, its triggers and (wal) the publication, in one transaction",
+        true,
+    );
     let schema = &config.postgres.schema;
     let s = quote_ident(schema);
 
@@ -238,9 +427,8 @@ async fn migrate_once(
         .map_err(pg("looking up the schema"))?
         .get(0);
     if !has_schema {
-        tx.batch_execute(&format!("CREATE SCHEMA {s}"))
-            .await
-            .map_err(pg("creating the schema"))?;
+        sink.run(&tx, format!("CREATE SCHEMA {s}"), "creating the schema")
+            .await?;
         changes.push(format!("created schema {schema}"));
     }
 
@@ -248,50 +436,67 @@ async fn migrate_once(
         .await?
         .is_none()
     {
-        tx.batch_execute(&format!("CREATE SEQUENCE {s}.{VERSION_SEQUENCE}"))
-            .await
-            .map_err(pg("creating the version sequence"))?;
+        sink.run(
+            &tx,
+            format!("CREATE SEQUENCE IF NOT EXISTS {s}.{VERSION_SEQUENCE}"),
+            "creating the version sequence",
+        )
+        .await?;
         changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
     }
 
     // An install by an earlier release: it has the changes log but no recorded source.
     let earlier_install = table_oid(&tx, schema, CHANGES_TABLE, "r").await?.is_some();
     if !earlier_install {
-        tx.batch_execute(&format!(
-            "CREATE TABLE {s}.{CHANGES_TABLE} (\
-               at timestamptz NOT NULL DEFAULT clock_timestamp(), \
-               xid bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint), \
-               version bigint NOT NULL, resource text NOT NULL, key text, op text NOT NULL); \
-             CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at); \
-             CREATE INDEX {CHANGES_TABLE}_xid ON {s}.{CHANGES_TABLE} (xid)"
-        ))
-        .await
-        .map_err(pg("creating the changes log"))?;
+        sink.run(
+            &tx,
+            format!(
+                "CREATE TABLE {s}.{CHANGES_TABLE} (\
+                   at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+                   xid bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint), \
+                   version bigint NOT NULL, resource text NOT NULL, key text, op text NOT NULL); \
+                 CREATE INDEX {CHANGES_TABLE}_at ON {s}.{CHANGES_TABLE} (at); \
+                 CREATE INDEX {CHANGES_TABLE}_xid ON {s}.{CHANGES_TABLE} (xid)"
+            ),
+            "creating the changes log",
+        )
+        .await?;
         changes.push(format!("created table {schema}.{CHANGES_TABLE}"));
     }
 
-    if table_oid(&tx, schema, STATE_TABLE, "r").await?.is_none() {
-        tx.batch_execute(&format!(
-            "CREATE TABLE {s}.{STATE_TABLE} (name text PRIMARY KEY, value text NOT NULL)"
-        ))
-        .await
-        .map_err(pg("creating the state table"))?;
+    let has_state = table_oid(&tx, schema, STATE_TABLE, "r").await?.is_some();
+    if !has_state {
+        sink.run(
+            &tx,
+            format!("CREATE TABLE {s}.{STATE_TABLE} (name text PRIMARY KEY, value text NOT NULL)"),
+            "creating the state table",
+        )
+        .await?;
         changes.push(format!("created table {schema}.{STATE_TABLE}"));
     }
 
     if table_oid(&tx, schema, "syncar_kv", "r").await?.is_none() {
-        tx.batch_execute(&format!(
-            "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
-        ))
-        .await
-        .map_err(pg("creating the kv table"))?;
+        sink.run(
+            &tx,
+            format!(
+                "CREATE TABLE {s}.syncar_kv (key text PRIMARY KEY, value jsonb NOT NULL, version bigint NOT NULL)"
+            ),
+            "creating the kv table",
+        )
+        .await?;
         changes.push(format!("created table {schema}.syncar_kv"));
     }
 
     let kv = kv_resource(schema);
     let mut tables: Vec<(&ResourceConfig, TableInfo)> = Vec::new();
     let mut unavailable = Vec::new();
+    let kv_planned = sink.is_plan() && table_oid(&tx, schema, "syncar_kv", "r").await?.is_none();
     for r in std::iter::once(&kv).chain(&config.resources) {
+        if r.name == KV_RESOURCE && kv_planned {
+            // Planned above, so not in the catalog: described as it will be.
+            tables.push((r, kv_table_info()));
+            continue;
+        }
         // One configured table that does not fit is left out; the others are migrated.
         let mut info = match fit(&tx, r).await {
             Ok((info, _)) => info,
@@ -302,7 +507,21 @@ async fn migrate_once(
             Err(e) => return Err(e),
         };
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
-        if info.columns.iter().all(|c| c.name != r.version_column) {
+        if info.columns.iter().all(|c| c.name != r.version_column) && sink.is_plan() {
+            // Planned by `add_version_columns`: it will take the next attribute number.
+            let natts: i16 = tx
+                .query_one("SELECT relnatts FROM pg_class WHERE oid = $1", &[&info.oid])
+                .await
+                .map_err(pg("looking up a table's columns"))?
+                .get(0);
+            info.columns.push(ColumnInfo {
+                num: natts + 1,
+                name: r.version_column.clone(),
+                type_oid: INT8_OID,
+                type_name: "bigint".into(),
+                readonly: false,
+            });
+        } else if info.columns.iter().all(|c| c.name != r.version_column) {
             // Added by `add_version_columns` unless the table appeared since.
             tx.batch_execute(&format!(
                 "ALTER TABLE {qualified} ADD COLUMN {} bigint",
@@ -320,14 +539,18 @@ async fn migrate_once(
     }
     let described: Vec<(&ResourceConfig, &TableInfo)> =
         tables.iter().map(|(r, info)| (*r, info)).collect();
-    let recorded: Option<String> = tx
-        .query_opt(
+    // (A plan on a fresh database reads no state table: it is only planned.)
+    let recorded: Option<String> = if has_state {
+        tx.query_opt(
             &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source'"),
             &[],
         )
         .await
         .map_err(pg("reading the state table"))?
-        .map(|row| row.get(0));
+        .map(|row| row.get(0))
+    } else {
+        None
+    };
     // `auto` decides once, on a fresh install: switching a running deployment's source under
     // instances that poll the log (or listen) would leave them vouching for a log that no
     // longer hears inserts and updates. Instances of an earlier release know nothing of the
@@ -363,16 +586,24 @@ async fn migrate_once(
         ("source", source.as_str()),
         ("source_reason", reason.as_str()),
     ] {
-        let current: Option<String> = tx
-            .query_opt(
+        let current: Option<String> = if has_state {
+            tx.query_opt(
                 &format!("SELECT value FROM {s}.{STATE_TABLE} WHERE name = $1"),
                 &[&name],
             )
             .await
             .map_err(pg("reading the state table"))?
-            .map(|row| row.get(0));
+            .map(|row| row.get(0))
+        } else {
+            None
+        };
         if current.as_deref() != Some(value) {
-            capture::write_state(&tx, schema, name, value).await?;
+            sink.run(
+                &tx,
+                capture::write_state_sql(schema, name, value),
+                "writing the state table",
+            )
+            .await?;
             if name == "source" {
                 changes.push(format!("postgres source is {value} ({reason})"));
             }
@@ -403,7 +634,7 @@ async fn migrate_once(
             (&announce_fn, announce_function_body(schema, r, announce)),
             (&truncate_fn, truncate_function_body(schema, r, announce)),
         ] {
-            if install_function(&tx, schema, function, &body).await? {
+            if install_function(&tx, sink, schema, function, &body).await? {
                 changes.push(format!("installed function {schema}.{function}()"));
             }
         }
@@ -462,9 +693,12 @@ async fn migrate_once(
                 .map_err(pg("looking up triggers"))?
                 .get(0);
             if exists {
-                tx.batch_execute(&format!("DROP TRIGGER {trigger} ON {qualified}"))
-                    .await
-                    .map_err(pg("dropping a trigger"))?;
+                sink.run(
+                    &tx,
+                    format!("DROP TRIGGER {trigger} ON {qualified}"),
+                    "dropping a trigger",
+                )
+                .await?;
                 changes.push(format!("dropped trigger {trigger} on {qualified}"));
             }
         }
@@ -495,17 +729,17 @@ async fn migrate_once(
                 // stay below every version the trigger hands out from now on. (A column
                 // syncar added holds only versions of its sequence: no scan of a large table
                 // for nothing.)
-                tx.execute(
-                    &format!(
+                sink.run(
+                    &tx,
+                    format!(
                         "SELECT setval({seq}, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
                          WHERE m >= (SELECT last_value FROM {s}.{VERSION_SEQUENCE})",
                         seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
                         col = quote_ident(&r.version_column),
                     ),
-                    &[],
+                    "aligning the version sequence",
                 )
-                .await
-                .map_err(pg("aligning the version sequence"))?;
+                .await?;
             }
             let wanted: Installed = (
                 schema.clone(),
@@ -549,11 +783,12 @@ async fn migrate_once(
             .map_err(pg("looking up triggers"))?
             .get(0);
         if legacy_trigger {
-            tx.batch_execute(&format!(
-                "DROP TRIGGER {LEGACY_NOTIFY_TRIGGER} ON {qualified}"
-            ))
-            .await
-            .map_err(pg("dropping an old trigger"))?;
+            sink.run(
+                &tx,
+                format!("DROP TRIGGER {LEGACY_NOTIFY_TRIGGER} ON {qualified}"),
+                "dropping an old trigger",
+            )
+            .await?;
             changes.push(format!(
                 "dropped trigger {LEGACY_NOTIFY_TRIGGER} on {qualified}"
             ));
@@ -569,9 +804,10 @@ async fn migrate_once(
             .iter()
             .map(|(r, _)| (r.schema.clone(), r.table.clone(), None))
             .collect();
-        if let Some(change) =
-            capture::ensure_publication(&tx, &config.feeds.wal_publication, &published).await?
+        if let Some((sql, change)) =
+            capture::publication_change(&tx, &config.feeds.wal_publication, &published).await?
         {
+            sink.run(&tx, sql, "creating the publication").await?;
             changes.push(change);
         }
     }
@@ -579,9 +815,8 @@ async fn migrate_once(
     // EXCLUSIVE) until the commit, so little else of the migration runs while they wait
     // (only the drop of earlier releases' functions, which must come after their triggers).
     if !locking.is_empty() {
-        tx.batch_execute(&locking.join("; "))
-            .await
-            .map_err(pg("creating triggers"))?;
+        sink.run(&tx, locking.join("; "), "creating triggers")
+            .await?;
     }
     for legacy in LEGACY_FUNCTIONS {
         // Dropped only once unused: a table no longer configured may still call one.
@@ -597,16 +832,29 @@ async fn migrate_once(
             .map_err(pg("looking up old trigger functions"))?
             .get(0);
         if unused {
-            tx.batch_execute(&format!("DROP FUNCTION {s}.{legacy}"))
-                .await
-                .map_err(pg("dropping old trigger functions"))?;
+            sink.run(
+                &tx,
+                format!("DROP FUNCTION {s}.{legacy}"),
+                "dropping old trigger functions",
+            )
+            .await?;
             changes.push(format!("dropped function {schema}.{legacy}()"));
         }
     }
-    tx.commit().await.map_err(pg("committing the migration"))?;
+    sink.commit(tx, "committing the migration").await?;
     // A slot is created in a transaction of its own (Postgres refuses one that wrote).
     if source == PostgresSource::Wal {
-        match capture::ensure_slot(client, schema, &slot).await? {
+        let (state, statements) = capture::slot_plan(client, schema, &slot).await?;
+        sink.block(
+            "the replication slot, outside any transaction that wrote (Postgres refuses it \
+             there), by a role that may replicate",
+            false,
+        );
+        for sql in statements {
+            sink.run(client, sql, "creating the replication slot")
+                .await?;
+        }
+        match state {
             SlotState::Kept => {}
             SlotState::Created => changes.push(format!("created replication slot {slot}")),
             SlotState::Missing => changes.push(format!(
@@ -617,8 +865,14 @@ async fn migrate_once(
                 "recreated replication slot {slot}: it had been invalidated"
             )),
         }
-    } else if let Some(change) = capture::drop_idle_slot(client, &slot).await? {
-        changes.push(change);
+    } else if let Some(sql) = capture::idle_slot(client, &slot).await? {
+        sink.block(
+            "a syncar slot nobody reads retains WAL until the disk is full",
+            false,
+        );
+        sink.run(client, sql, "dropping the replication slot")
+            .await?;
+        changes.push(format!("dropped replication slot {slot}"));
     }
     Ok(Migration {
         changes,
@@ -626,10 +880,11 @@ async fn migrate_once(
     })
 }
 
-/// What [`migrate`] did.
+/// What [`migrate`] did (or [`plan`] would do).
 #[derive(Debug, Default)]
 pub struct Migration {
-    /// What it changed, one line per change; empty when the schema was up to date.
+    /// What it changed, one line per change; empty when the schema was up to date. From
+    /// [`plan`], what it would change ("add column version to table public.orders").
     pub changes: Vec<String>,
     /// Configured resources it left out, each with why (a table that does not exist…).
     pub unavailable: Vec<String>,
@@ -639,6 +894,7 @@ pub struct Migration {
 /// it changed anything.
 async fn install_function(
     tx: &tokio_postgres::Transaction<'_>,
+    sink: &mut Sink,
     schema: &str,
     name: &str,
     body: &str,
@@ -656,14 +912,17 @@ async fn install_function(
     if current.as_deref() == Some(body) {
         return Ok(false);
     }
-    tx.batch_execute(&format!(
-        "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}",
-        quote_ident(schema),
-        quote_ident(name),
-        dollar_quote(body)
-    ))
-    .await
-    .map_err(pg("creating trigger functions"))?;
+    sink.run(
+        tx,
+        format!(
+            "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}",
+            quote_ident(schema),
+            quote_ident(name),
+            dollar_quote(body)
+        ),
+        "creating trigger functions",
+    )
+    .await?;
     Ok(true)
 }
 
@@ -677,10 +936,14 @@ async fn install_function(
 /// Postgres failing.
 async fn begin_locked(
     client: &mut tokio_postgres::Client,
+    read_only: bool,
 ) -> Result<tokio_postgres::Transaction<'_>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    // A plan only looks: read-only, so nothing it runs can change anything.
     let tx = client
-        .transaction()
+        .build_transaction()
+        .read_only(read_only)
+        .start()
         .await
         .map_err(pg("starting the migration"))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -742,7 +1005,7 @@ async fn uninstall_once(
     if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
         changes.push(change);
     }
-    let tx = begin_locked(client).await?;
+    let tx = begin_locked(client, false).await?;
     let publication = &config.feeds.wal_publication;
     let published: bool = tx
         .query_one(
@@ -828,6 +1091,27 @@ async fn uninstall_once(
 }
 
 /// The built-in resource as a configured one.
+/// `syncar_kv` as the migration creates it, for a plan on a database that lacks it.
+fn kv_table_info() -> TableInfo {
+    let column = |num, name: &str, type_oid, type_name: &str| ColumnInfo {
+        num,
+        name: name.into(),
+        type_oid,
+        type_name: type_name.into(),
+        readonly: false,
+    };
+    TableInfo {
+        oid: 0,
+        columns: vec![
+            column(1, "key", 25, "text"),
+            column(2, "value", 3802, "jsonb"),
+            column(3, "version", INT8_OID, "bigint"),
+        ],
+        unique_key: true,
+        identity: Identity::IncludesKey,
+    }
+}
+
 fn kv_resource(schema: &str) -> ResourceConfig {
     ResourceConfig {
         name: KV_RESOURCE.into(),

@@ -4,6 +4,7 @@ mod api;
 mod cli;
 mod cluster;
 mod coherence;
+mod dba;
 mod ddl;
 mod failover;
 mod hostile;
