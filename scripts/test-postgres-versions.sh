@@ -25,7 +25,7 @@ majors=("$@")
 # The tests of what differs between majors: the migration and the online install, schema
 # changes, the wal relay (pgoutput, slots, publications), coherence under faults, and a
 # failover to a standby (failover slots from 17 on).
-read -r -a filters <<<"${TESTS:-schema:: tables:: ddl:: wal:: coherence:: failover::}"
+read -r -a filters <<<"${TESTS:-schema:: tables:: ddl:: wal:: coherence:: failover:: dba::}"
 
 command -v npm >/dev/null || {
   echo "test-postgres-versions: npm is needed (apt-get install npm, or node 20+)" >&2

@@ -4,6 +4,7 @@
 //! differs, table by table.
 
 use std::process::Command;
+use std::time::Duration;
 
 use syncar::config::PostgresSource;
 
@@ -160,4 +161,82 @@ async fn a_table_not_migrated_is_named_with_what_it_lacks() {
     )
     .await;
     assert_eq!(untouched, 0, "serve without migrating changed nothing");
+}
+
+/// The grants README "Least privileges" lists, for a runtime role `{role}` and another
+/// application's writer `{writer}`, on the default schema `public`.
+const GRANTS: &str = "\
+    GRANT USAGE ON SCHEMA public TO {role}, {writer}; \
+    GRANT SELECT, INSERT, UPDATE, DELETE ON orders, syncar_kv TO {role}; \
+    GRANT SELECT, INSERT, UPDATE ON syncar_state TO {role}; \
+    GRANT SELECT, INSERT, DELETE ON syncar_changes TO {role}; \
+    GRANT USAGE, SELECT, UPDATE ON SEQUENCE syncar_version_seq TO {role}; \
+    GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {writer}; \
+    GRANT USAGE ON SEQUENCE syncar_version_seq TO {writer}; \
+    GRANT INSERT ON syncar_changes TO {writer}";
+
+/// The DBA installs with the printed SQL; syncar runs as a role with only the grants README
+/// "Least privileges" lists (and REPLICATION for `wal`): it serves, writes, and hears another
+/// application's writer, whose role has only its own grants plus the two the triggers need.
+#[tokio::test]
+async fn a_least_privileged_role_serves_what_the_dba_installed() {
+    for source in [PostgresSource::Wal, PostgresSource::ChangesLog] {
+        let env = Env::new().await;
+        let pg = env.pg().await;
+        let db: String = query_value(&pg, "SELECT current_database()::text").await;
+        let (role, writer) = (format!("{db}_syncar"), format!("{db}_writer"));
+        let replication = if source == PostgresSource::Wal {
+            "REPLICATION"
+        } else {
+            ""
+        };
+        pg.batch_execute(&format!(
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric); \
+             CREATE ROLE {role} LOGIN {replication}; CREATE ROLE {writer} LOGIN"
+        ))
+        .await
+        .unwrap();
+        let mut config = env.config();
+        config.feeds.postgres_source = source;
+        config.resources.push(resource("orders", "id", "version"));
+        let (_, script) = syncar::app::run_plan(&config).await.unwrap();
+        let out = psql(&env.pg_url, &script.to_sql());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.batch_execute(&GRANTS.replace("{role}", &role).replace("{writer}", &writer))
+            .await
+            .unwrap();
+
+        let url = env.pg_url.replace("postgres@", &format!("{role}@"));
+        let a = env
+            .start(|c| {
+                c.postgres.url = url.clone();
+                c.feeds.postgres_source = source;
+                c.resources.push(resource("orders", "id", "version"));
+                c.postgres.migrate_on_start = false;
+            })
+            .await;
+        let v = a.put("/v1/orders/1", r#"{"total": 1}"#).await;
+        assert_eq!(v.status, 201, "{:?}", v.body);
+        a.sees("/v1/orders/1", v.etag_version(), Duration::from_secs(5))
+            .await;
+        assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
+        assert_eq!(a.delete("/v1/kv/k").await.status, 204);
+
+        let writer_url = env.pg_url.replace("postgres@", &format!("{writer}@"));
+        let (as_writer, conn) = tokio_postgres::connect(&writer_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        as_writer
+            .execute("UPDATE orders SET total = 2 WHERE id = 1", &[])
+            .await
+            .unwrap();
+        let v2: i64 = query_value(&pg, "SELECT version FROM orders WHERE id = 1").await;
+        a.sees("/v1/orders/1", v2, Duration::from_secs(10)).await;
+        a.shutdown().await;
+    }
 }
