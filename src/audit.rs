@@ -133,6 +133,22 @@ mod tests {
         );
     }
 
+    /// A row not written since syncar was installed reads as version 0 (`coalesce`): its copy
+    /// is consistent while the row is unwritten, stale once a write stamps it, and a delete
+    /// (which takes a fresh version) or its absence is judged as for any other row.
+    #[test]
+    fn a_row_at_version_0_is_judged_like_any_other() {
+        assert_eq!(judge(&value(0), Some(Version(0))), Verdict::Consistent);
+        assert_eq!(
+            judge(&value(0), Some(Version(12))),
+            Verdict::Newer(Some(Version(12)))
+        );
+        assert_eq!(judge(&value(0), None), Verdict::Newer(None));
+        assert!(still_stale(&value(0), &value(0), Some(Version(12))));
+        assert!(!still_stale(&value(12), &value(0), Some(Version(12))));
+        assert!(still_stale(&value(0), &value(0), None), "deleted since");
+    }
+
     #[test]
     fn only_a_copy_still_served_past_the_lease_is_stale() {
         let served = value(5);

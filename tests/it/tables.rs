@@ -346,3 +346,102 @@ async fn installing_on_a_table_with_rows_rewrites_nothing_and_keeps_coherence() 
         b.shutdown().await;
     }
 }
+
+/// A row at version 0 (installed on, not written since) under the auditor: a copy of it in L1
+/// planted stale (no feeds, then a plain-SQL update stamps the row) is found and repaired like
+/// any other; and a Postgres that went back in time (its sequence set below every version
+/// seen, then a feed reconnecting) resets the caches and the row still reads right.
+#[tokio::test]
+async fn a_row_at_version_0_under_the_auditor_and_a_postgres_that_went_back() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE old (id int PRIMARY KEY, body text); \
+         INSERT INTO old SELECT g, 'row ' || g FROM generate_series(1, 10) g",
+    )
+    .await
+    .unwrap();
+    let a = env
+        .start(|c| {
+            c.feeds.postgres = false;
+            c.feeds.redis = false;
+            c.audit.sample_ratio = 1.0;
+            c.audit.max_per_second = 1000;
+            c.resources
+                .push(crate::support::resource("old", "id", "version"));
+        })
+        .await;
+    let r = a.get("/v1/old/1").await;
+    assert_eq!((r.status, r.etag_version()), (200, 0));
+    // Versions well above what a sequence set back to 1 would hand out again.
+    pg.batch_execute("SELECT setval('syncar_version_seq', 1000)")
+        .await
+        .unwrap();
+    let v1: i64 = crate::support::query_value(
+        &pg,
+        "UPDATE old SET body = 'one' WHERE id = 1 RETURNING version",
+    )
+    .await;
+    let served = a.get("/v1/old/1").await;
+    assert_eq!(
+        (served.etag_version(), served.header("x-cache")),
+        (0, Some("l1")),
+        "planted: L1 serves the version-0 copy"
+    );
+    crate::support::eventually(std::time::Duration::from_secs(10), "the repair", || async {
+        (a.get("/v1/old/1").await.etag_version() == v1).then_some(())
+    })
+    .await;
+    // An unwritten row stays at 0 through every audit of it.
+    for _ in 0..20 {
+        assert_eq!(a.get("/v1/old/2").await.etag_version(), 0);
+    }
+    a.shutdown().await;
+
+    // Postgres goes back: its sequence below the versions seen, every connection dropped.
+    // The instance compares when its feed reconnects, resets, and serves every row as
+    // Postgres has it; later writes win again.
+    let b = env
+        .start(|c| {
+            c.resources
+                .push(crate::support::resource("old", "id", "version"));
+        })
+        .await;
+    assert_eq!(b.get("/v1/old/1").await.etag_version(), v1);
+    assert_eq!(b.get("/v1/old/2").await.etag_version(), 0);
+    let went_back_at = syncar::model::now_ms();
+    pg.batch_execute(
+        "SELECT setval('syncar_version_seq', 1); \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .await
+    .unwrap();
+    crate::support::eventually(
+        std::time::Duration::from_secs(10),
+        "the feed back",
+        || async {
+            let feed = b.readyz().await["feeds"]["postgres"].clone();
+            (feed["up"] == true && feed["since_unix_ms"].as_u64()? > went_back_at).then_some(())
+        },
+    )
+    .await;
+    let v3: i64 = crate::support::query_value(
+        &pg,
+        "UPDATE old SET body = 'three' WHERE id = 3 RETURNING version",
+    )
+    .await;
+    assert!(
+        v3 > v1,
+        "the sequence was moved past every version seen ({v3} <= {v1})"
+    );
+    for (key, version) in [(1, v1), (2, 0), (3, v3)] {
+        b.sees(
+            &format!("/v1/old/{key}"),
+            version,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    }
+    b.shutdown().await;
+}
