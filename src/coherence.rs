@@ -88,7 +88,14 @@ impl Message {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Relayed {
     /// Changes of committed transactions, already applied to Redis by the relay.
-    Changes { changes: Vec<Message> },
+    Changes {
+        changes: Vec<Message>,
+        /// The end of the last commit whose changes this message completes, as Postgres
+        /// writes an LSN (`16/B374D848`); absent on all but the last message of a batch
+        /// published in pieces.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lsn: Option<String>,
+    },
     /// A heartbeat that travelled Postgres, WAL, relay, Redis: every change committed before
     /// it was emitted has been published before it.
     Heartbeat {
@@ -99,6 +106,10 @@ pub enum Relayed {
         lag_ms: u64,
         /// WAL the slot retains behind the server's position, in bytes, as last measured.
         lag_bytes: Option<i64>,
+        /// The heartbeat's own position in the WAL: every change committed before it has
+        /// been published before this message.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lsn: Option<String>,
     },
     /// The relay lost its stream (or stops): changes committed from now on reach instances
     /// only once a relay streams again. Instances stop trusting L1 at once instead of at
@@ -119,7 +130,7 @@ impl Relayed {
     pub fn parse(payload: &[u8]) -> Result<Relayed, MessageError> {
         let mut relayed: Relayed =
             serde_json::from_slice(payload).map_err(|e| MessageError(e.to_string()))?;
-        if let Relayed::Changes { changes } = &mut relayed {
+        if let Relayed::Changes { changes, .. } = &mut relayed {
             changes.retain(|m| (m.key.is_some() || m.op == Op::Flush) && m.version > 0);
         }
         Ok(relayed)
@@ -243,6 +254,28 @@ pub struct Coherence {
     postgres_unreachable: AtomicBool,
     /// What the last relayed heartbeat said (`wal` source), for `/readyz`.
     relay: std::sync::Mutex<Option<RelayStatus>>,
+    /// The position of the change stream this instance has applied (`wal` source).
+    applied: Applied,
+}
+
+/// The WAL position (LSN, as a number) up to which this instance has applied every change
+/// the relay published: every commit that ended at or before it has evicted or replaced this
+/// instance's copies. Advanced by the relayed changes (the end of the last commit in a
+/// message) and heartbeats (the heartbeat's own position, behind which everything was
+/// published before it); never moves back. 0 until the first.
+struct Applied {
+    lsn: tokio::sync::watch::Sender<u64>,
+    /// [`mono_ms`] when it last moved.
+    at_ms: AtomicU64,
+}
+
+impl Default for Applied {
+    fn default() -> Self {
+        Applied {
+            lsn: tokio::sync::watch::Sender::new(0),
+            at_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The relay as its last heartbeat described it.
@@ -277,7 +310,45 @@ impl Coherence {
             serve_when_unreachable: false,
             postgres_unreachable: AtomicBool::new(false),
             relay: std::sync::Mutex::new(None),
+            applied: Applied::default(),
         }
+    }
+
+    /// Records that every change up to `lsn` has been applied here (a relayed message's
+    /// position). A position behind the current one changes nothing.
+    pub fn applied(&self, lsn: u64) {
+        let moved = self.applied.lsn.send_if_modified(|current| {
+            if lsn > *current {
+                *current = lsn;
+                true
+            } else {
+                false
+            }
+        });
+        if moved {
+            self.applied.at_ms.store(mono_ms(), Ordering::Relaxed);
+            metrics::gauge!(crate::telemetry::APPLIED_LSN).set(lsn as f64);
+        }
+    }
+
+    /// The applied position and how long ago it last moved, in ms; `None` before the first
+    /// (no relay heard yet, or another source).
+    pub fn applied_position(&self) -> Option<(u64, u64)> {
+        let lsn = *self.applied.lsn.borrow();
+        (lsn > 0).then(|| {
+            let at = self.applied.at_ms.load(Ordering::Relaxed);
+            (lsn, mono_ms().saturating_sub(at))
+        })
+    }
+
+    /// Waits until every change up to `lsn` has been applied here, for at most `within`.
+    /// Returns whether it has been.
+    pub async fn wait_applied(&self, lsn: u64, within: Duration) -> bool {
+        let mut rx = self.applied.lsn.subscribe();
+        let reached = tokio::time::timeout(within, rx.wait_for(|applied| *applied >= lsn))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
     }
 
     /// See `feeds.serve_cached_while_postgres_unreachable`.

@@ -15,6 +15,7 @@ mod document;
 mod error;
 mod metrics;
 pub mod openapi;
+pub mod position;
 pub mod request;
 mod response;
 mod server;

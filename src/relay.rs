@@ -245,7 +245,14 @@ async fn stream(
             .apply_to_redis(catalog, &flushes)
             .await
             .map_err(|e| format!("flushing redis for a new slot failed: {e}"))?;
-        publish(ctx, Relayed::Changes { changes: flushes }).await?;
+        publish(
+            ctx,
+            Relayed::Changes {
+                changes: flushes,
+                lsn: None,
+            },
+        )
+        .await?;
         ctx.tiers
             .record_fed_by_slot(epoch)
             .await
@@ -664,6 +671,7 @@ impl Session {
                                 relay: ctx.instance_id.clone(),
                                 lag_ms: mono_ms().saturating_sub(sent),
                                 lag_bytes: self.lag_bytes,
+                                lsn: Some(lsn.to_string()),
                             },
                         )
                         .await?;
@@ -710,11 +718,15 @@ impl Session {
                 };
                 metrics::counter!(RELAY_CHANGES, "op" => op).increment(1);
             }
-            for chunk in changes.chunks(CHANGES_PER_MESSAGE) {
+            let pieces = changes.len().div_ceil(CHANGES_PER_MESSAGE);
+            for (i, chunk) in changes.chunks(CHANGES_PER_MESSAGE).enumerate() {
+                // Only the last piece completes the batch's position.
+                let last = i + 1 == pieces;
                 publish(
                     ctx,
                     Relayed::Changes {
                         changes: chunk.to_vec(),
+                        lsn: last.then(|| lsn.to_string()),
                     },
                 )
                 .await?;

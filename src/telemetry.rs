@@ -55,6 +55,9 @@ pub const PROPAGATION_DELAY: &str = "syncar_invalidation_delay_seconds";
 pub const WAL_LAG_SECONDS: &str = "syncar_wal_lag_seconds";
 /// WAL the replication slot retains behind the server's position, in bytes.
 pub const WAL_LAG_BYTES: &str = "syncar_wal_lag_bytes";
+/// The WAL position (LSN as a number of bytes) up to which this instance has applied every
+/// relayed change (`wal` source); see the `X-Syncar-LSN` header.
+pub const APPLIED_LSN: &str = "syncar_applied_lsn";
 /// 1 on the instance that holds the relay (streams the slot), 0 elsewhere.
 pub const RELAY_ACTIVE: &str = "syncar_relay_active";
 /// Transactions the relay applied to Redis and published.
@@ -193,6 +196,10 @@ fn describe() {
         WAL_LAG_BYTES,
         Unit::Bytes,
         "WAL the replication slot retains behind the server"
+    );
+    describe_gauge!(
+        APPLIED_LSN,
+        "the WAL position up to which this instance applied every relayed change"
     );
     describe_gauge!(RELAY_ACTIVE, "1 on the instance that holds the relay");
     describe_counter!(RELAY_TRANSACTIONS, "transactions the relay published");

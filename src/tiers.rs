@@ -65,6 +65,10 @@ pub struct ReadOptions {
     pub min_version: Option<Version>,
     /// `consistency=strong`: read Postgres, refresh the tiers.
     pub strong: bool,
+    /// `min_lsn=X/Y`: the WAL position (an LSN as a number) this instance must have applied
+    /// before it answers from its caches; the HTTP layer waits for it, bounded, and reads
+    /// Postgres (`strong`) when it is not reached.
+    pub min_lsn: Option<u64>,
 }
 
 #[derive(Clone)]

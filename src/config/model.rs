@@ -203,6 +203,12 @@ pub struct FeedsConfig {
     /// Longest pause between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// How long a read with `min_lsn` waits for this instance to apply that WAL position
+    /// (`wal` source) before it reads Postgres instead. Usually the writer's own commit or
+    /// the next relay heartbeat (`heartbeat_interval`) brings it; below
+    /// `server.request_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub min_lsn_wait: Duration,
 }
 
 /// See [`FeedsConfig::postgres_source`].
@@ -247,6 +253,7 @@ impl Default for FeedsConfig {
             changes_retention: Duration::from_secs(15 * 60),
             replay_margin: Duration::from_secs(10),
             max_backoff: Duration::from_secs(5),
+            min_lsn_wait: Duration::from_millis(500),
         }
     }
 }

@@ -214,6 +214,14 @@ impl Config {
                 bad(key, "must be positive".into());
             }
         }
+        if f.min_lsn_wait >= self.server.request_timeout {
+            bad(
+                "feeds.min_lsn_wait",
+                "must be below server.request_timeout (a read waits this long, then reads \
+                 Postgres)"
+                    .into(),
+            );
+        }
         if !f.wal_slot.is_empty() && !is_identifier(&f.wal_slot) {
             bad(
                 "feeds.wal_slot",

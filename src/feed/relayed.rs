@@ -18,6 +18,7 @@
 //! heartbeat brings it back without emptying L1.
 
 use futures_util::StreamExt;
+use pgwire_replication::Lsn;
 use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
@@ -110,9 +111,12 @@ impl Source for Relayed {
                         }
                     };
                     match payload {
-                        Payload::Changes { changes } => {
+                        Payload::Changes { changes, lsn } => {
                             for change in changes {
                                 handle_relayed(ctx, change).await;
+                            }
+                            if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
+                                ctx.coherence.applied(lsn.as_u64());
                             }
                         }
                         Payload::Gap { relay } => {
@@ -124,7 +128,7 @@ impl Source for Relayed {
                                 feed.revoke();
                             }
                         }
-                        Payload::Heartbeat { relay, lag_ms, lag_bytes } => {
+                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn } => {
                             metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
                             if let Some(bytes) = lag_bytes {
                                 metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
@@ -147,6 +151,9 @@ impl Source for Relayed {
                             feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
                             feed.set_up();
                             up = true;
+                            if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
+                                ctx.coherence.applied(lsn.as_u64());
+                            }
                         }
                     }
                 }

@@ -104,6 +104,13 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
         if capture.source == PostgresSource::Wal {
             postgres_feed["slot"] = json!(capture.slot);
             postgres_feed["relay"] = json!(coherence.relay_status());
+            // The WAL position this instance has applied every change up to, and how long
+            // ago it moved (see the X-Syncar-LSN header).
+            if let Some((lsn, age_ms)) = coherence.applied_position() {
+                postgres_feed["applied_lsn"] =
+                    json!(pgwire_replication::Lsn::from_u64(lsn).to_string());
+                postgres_feed["applied_age_ms"] = json!(age_ms);
+            }
         }
     }
     let feeds_ok = !state.config.feeds.unready_when_down || coherence.all_up();

@@ -70,6 +70,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
             Err(e) => refused.push(Some(e)),
         }
     }
+    let (options, waited) = super::position::wait_for_position(state, options).await;
     let reads = tokio::time::timeout(timeout, state.tiers.get_many(&docs, options))
         .await
         .map_err(|_| ApiError::Timeout(timeout))?;
@@ -134,5 +135,6 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(JSON),
     );
+    super::position::add_headers(state, resp.headers_mut(), waited);
     Ok(resp)
 }

@@ -12,6 +12,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use super::error::{Answer, ApiError, ALLOW_DOC};
+use super::position;
 use super::request::{etag_epoch, read_json, read_options, target, write_precondition, Target};
 use super::response::{etag, json_response, JSON};
 use super::state::HttpState;
@@ -125,6 +126,7 @@ async fn get(
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
     let Target { doc, key } = target;
+    let (options, waited) = position::wait_for_position(state, options).await;
     let (doc, read) = match state.tiers.l1_hit(&doc, options).await {
         Some(hit) => (doc, hit),
         None => {
@@ -150,6 +152,7 @@ async fn get(
         let mut resp =
             ApiError::NotFound(format!("{}/{key}", doc.resource.name)).into_response(state);
         resp.headers_mut().insert("x-cache", x_cache);
+        position::add_headers(state, resp.headers_mut(), waited);
         return Ok(resp);
     };
     let etag = etag(&doc.resource, read.cached.version.0);
@@ -173,6 +176,17 @@ async fn get(
     resp.headers_mut().insert("x-cache", x_cache);
     resp.headers_mut()
         .insert(header::AGE, HeaderValue::from(age));
+    position::add_headers(state, resp.headers_mut(), waited);
+    if options
+        .min_version
+        .is_some_and(|min| read.cached.version < min)
+    {
+        // Postgres itself holds nothing as new: say so rather than pass it off as fresh.
+        resp.headers_mut().insert(
+            position::MIN_VERSION_HEADER,
+            HeaderValue::from_static("unmet"),
+        );
+    }
     Ok(resp)
 }
 

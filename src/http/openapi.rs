@@ -66,12 +66,13 @@ pub enum Consistency {
     params(
         ("resource" = String, Path, description = "A resource this instance serves."),
         ("key" = String, Path, description = "The key, percent-encoded; it may contain /."),
-        ("min_version" = Option<i64>, Query, description = "Copies older than this version are skipped (read-your-writes across instances)."),
+        ("min_version" = Option<i64>, Query, description = "Copies older than this version are skipped (read-your-writes across instances); X-Syncar-Min-Version: unmet when Postgres itself holds an older one."),
+        ("min_lsn" = Option<String>, Query, description = "wal source: a WAL position (pg_current_wal_lsn() after your commit, e.g. 16/B374D848) this instance must have applied before answering from its caches; it waits up to feeds.min_lsn_wait, else reads Postgres with X-Syncar-Min-LSN: unmet."),
         ("consistency" = Option<Consistency>, Query, description = "strong: read Postgres and refresh the tiers."),
         ("If-None-Match" = Option<String>, Header, description = "304 when it names the version read."),
     ),
     responses(
-        (status = 200, description = "The document; ETag is its version (\"N\"; \"N-E\" once its table changed shape at version E), X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres. Any JSON for kv; a row as a JSON object for a table.", body = Value),
+        (status = 200, description = "The document; ETag is its version (\"N\"; \"N-E\" once its table changed shape at version E), X-Cache the tier (l1, l2, db), Age the seconds since it was read from Postgres, X-Syncar-LSN the WAL position this instance had applied every change up to (wal source) and X-Syncar-LSN-Age-Ms how long ago it moved. Any JSON for kv; a row as a JSON object for a table.", body = Value),
         (status = 304, description = "Not modified (If-None-Match)."),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 414, body = ErrorBody),
@@ -87,7 +88,8 @@ fn get_document() {}
     summary = "GET without the body.",
     params(
         ("resource" = String, Path), ("key" = String, Path),
-        ("min_version" = Option<i64>, Query), ("consistency" = Option<Consistency>, Query),
+        ("min_version" = Option<i64>, Query), ("min_lsn" = Option<String>, Query),
+        ("consistency" = Option<Consistency>, Query),
         ("If-None-Match" = Option<String>, Header),
     ),
     responses(
@@ -148,10 +150,11 @@ fn delete_document() {}
     post,
     path = "/v1/{resource}",
     summary = "Read many documents of one resource at once (a batch get).",
-    description = "Each key is answered in the order asked, as a single GET would answer it: one L1 pass, one Redis MGET for what L1 lacks, one Postgres query for the rest. min_version and consistency apply to every key. Per-key problems are answered per key inside a 200.",
+    description = "Each key is answered in the order asked, as a single GET would answer it: one L1 pass, one Redis MGET for what L1 lacks, one Postgres query for the rest. min_version, min_lsn and consistency apply to every key; the answer carries X-Syncar-LSN as a GET does. Per-key problems are answered per key inside a 200.",
     params(
         ("resource" = String, Path),
-        ("min_version" = Option<i64>, Query), ("consistency" = Option<Consistency>, Query),
+        ("min_version" = Option<i64>, Query), ("min_lsn" = Option<String>, Query),
+        ("consistency" = Option<Consistency>, Query),
     ),
     request_body = BatchGet,
     responses(

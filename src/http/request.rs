@@ -39,8 +39,8 @@ pub fn target(catalog: &Catalog, rest: &str, max_key_bytes: usize) -> Result<Tar
     Ok(Target { doc, key })
 }
 
-/// `min_version=N` and `consistency=strong|default`; anything else is an error, so a typo
-/// cannot silently weaken a read.
+/// `min_version=N`, `min_lsn=X/Y` and `consistency=strong|default`; anything else is an
+/// error, so a typo cannot silently weaken a read.
 ///
 /// # Errors
 /// 400 for an unknown parameter or a bad value.
@@ -61,6 +61,16 @@ pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
                 })?;
                 options.min_version = Some(Version(v));
             }
+            "min_lsn" => {
+                let lsn = pgwire_replication::Lsn::parse(value).map_err(|_| {
+                    ApiError::InvalidQuery(format!(
+                        "min_lsn must be a WAL position as Postgres writes it (what \
+                         pg_current_wal_lsn() returns after your commit, e.g. 16/B374D848), \
+                         not {value:?}"
+                    ))
+                })?;
+                options.min_lsn = Some(lsn.as_u64());
+            }
             "consistency" => match value {
                 "strong" => options.strong = true,
                 "default" => options.strong = false,
@@ -72,7 +82,7 @@ pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
             },
             _ => {
                 return Err(ApiError::InvalidQuery(format!(
-                    "unknown query parameter {name:?}; known: min_version, consistency"
+                    "unknown query parameter {name:?}; known: min_version, min_lsn, consistency"
                 )))
             }
         }
@@ -289,6 +299,15 @@ mod tests {
         let o = read_options(Some("min_version=42&consistency=strong")).unwrap();
         assert_eq!(o.min_version, Some(Version(42)));
         assert!(o.strong);
+        let o = read_options(Some("min_lsn=16/B374D848")).unwrap();
+        assert_eq!(o.min_lsn, Some((0x16 << 32) | 0xB374_D848));
+        for bad in ["min_lsn=", "min_lsn=16", "min_lsn=x/1", "min_lsn=1/2/3"] {
+            let e = read_options(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("min_lsn") && e.contains("pg_current_wal_lsn"),
+                "{bad}: {e}"
+            );
+        }
         for bad in [
             "min_version=x",
             "min_version=-1",

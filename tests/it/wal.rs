@@ -842,3 +842,93 @@ async fn a_row_reinserted_behind_a_racing_delete_is_served() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The WAL position of a read: every answer carries the position this instance had applied
+/// (`X-Syncar-LSN`, in Postgres' `X/Y` form, and its age), on GET and batch get; `min_lsn`
+/// taken by a plain-SQL writer from `pg_current_wal_lsn()` after its commit makes a read on
+/// another instance wait for it (read-your-writes for writers that never talk to syncar);
+/// a position far ahead is answered from Postgres within `feeds.min_lsn_wait`, saying so;
+/// a malformed one is a 400 naming the parameter. `min_version` above anything Postgres holds
+/// says so too.
+#[tokio::test]
+async fn min_lsn_gives_a_plain_sql_writer_its_own_write_on_every_instance() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let v0 = a.put("/v1/kv/r", "0").await.etag_version();
+    sees(&b, "/v1/kv/r", v0).await;
+    let pg = env.pg().await;
+    // The test server commits asynchronously; a writer's own session that waits for its
+    // commit's flush (the default) has it written by the time pg_current_wal_lsn() reads.
+    pg.batch_execute("SET synchronous_commit = on")
+        .await
+        .unwrap();
+    let lsn = |r: &crate::support::Resp| {
+        pgwire_replication::Lsn::parse(r.header("x-syncar-lsn").expect("the position header"))
+            .unwrap()
+            .as_u64()
+    };
+    for round in 1..=20 {
+        // Read into b's L1, then changed behind its back by plain SQL.
+        assert_eq!(b.get("/v1/kv/r").await.header("x-cache"), Some("l1"));
+        let row = pg
+            .query_one(
+                &format!(
+                    "WITH u AS (UPDATE syncar_kv SET value = '{round}' WHERE key = 'r' \
+                     RETURNING version) SELECT version FROM u"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let version: i64 = row.get(0);
+        // Either position will do: the insert position is past the commit even where
+        // commits are asynchronous.
+        let position = if round % 2 == 0 {
+            "SELECT pg_current_wal_lsn()::text"
+        } else {
+            "SELECT pg_current_wal_insert_lsn()::text"
+        };
+        let committed: String = query_value(&pg, position).await;
+        let r = b.get(&format!("/v1/kv/r?min_lsn={committed}")).await;
+        assert_eq!(
+            (r.status, r.etag_version()),
+            (200, version),
+            "round {round}: min_lsn {committed} must give the plain-SQL write ({:?})",
+            r.header("x-syncar-min-lsn")
+        );
+        assert!(
+            lsn(&r) >= pgwire_replication::Lsn::parse(&committed).unwrap().as_u64(),
+            "round {round}: the answer's position covers the write"
+        );
+        assert!(r.header("x-syncar-lsn-age-ms").is_some());
+        sees(&b, "/v1/kv/r", version).await;
+    }
+
+    // Far ahead: Postgres answers, within the bound, saying the position was not reached.
+    let started = Instant::now();
+    let r = b.get("/v1/kv/r?min_lsn=FFFF/0").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-syncar-min-lsn"), Some("unmet"));
+    assert_eq!(r.header("x-cache"), Some("db"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let r = b.get("/v1/kv/r?min_lsn=yesterday").await;
+    assert_eq!(r.status, 400);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("min_lsn"),
+        "{:?}",
+        r.body
+    );
+
+    // The batch get carries the position too.
+    let r = request(b.addr(), "POST", "/v1/kv", &[], Some(br#"{"keys":["r"]}"#)).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert!(lsn(&r) > 0);
+
+    // min_version above anything Postgres holds: the row, saying it is below.
+    let r = b.get("/v1/kv/r?min_version=999999999").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-syncar-min-version"), Some("unmet"));
+    assert_eq!(b.get("/v1/kv/r").await.header("x-syncar-min-version"), None);
+}
