@@ -635,7 +635,11 @@ impl Tiers {
         let (resource, ck) = (&doc.resource, &doc.ck);
         self.counters.db_hit.increment(1);
         let mut newer_exists = false;
-        if self.l2.available() {
+        // Only into a Redis this instance trusts: until the guard has checked it, the
+        // generations known here may be older than Redis' (an instance that just started
+        // knows none), and the copy would land under one nobody reads. A fill only adds a
+        // copy, so skipping it is always safe; writes are never skipped.
+        if self.l2.available() && self.l2.trusted() {
             match self
                 .l2
                 .offer_checked(generation.l2, ck, &copy, l2_ttl(resource, &copy))
