@@ -387,6 +387,39 @@ mod tests {
     }
 
     #[test]
+    fn an_inherited_ttl_mistake_is_reported_once_under_cache() {
+        let text = r#"
+            [cache]
+            ttl_jitter = 2.0
+            tombstone_ttl = "1ms"
+            [[resource]]
+            name = "a"
+            table = "a"
+            key = "id"
+            [[resource]]
+            name = "b"
+            table = "b"
+            key = "id"
+            l2_ttl = "0s"
+        "#;
+        let err = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err.matches("ttl_jitter").count(), 1, "{err}");
+        assert!(err.contains("cache.ttl_jitter: must be between"), "{err}");
+        assert_eq!(err.matches("tombstone_ttl").count(), 1, "{err}");
+        assert!(err.contains("cache.tombstone_ttl: must exceed"), "{err}");
+        // A resource's own mistake is still its own.
+        assert!(
+            err.contains("resource[1].l2_ttl: must be at least 1ms"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 4, "{err}");
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let mut config = Config::default();
         config.apply_env(|name| match name {
