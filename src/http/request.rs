@@ -165,13 +165,7 @@ pub fn precondition(
         )),
         (Some(m), None) if m.trim() == "*" => Ok(Precondition::Exists),
         (Some(m), None) => {
-            let tags = entity_tags(&m).ok_or_else(|| {
-                ApiError::InvalidHeader(format!(
-                    "If-Match must be * or ETags in double quotes, separated by commas: \"42\" \
-                     or \"42\", \"43\" (in a transaction's JSON, \"if_match\": \"\\\"42\\\"\"), \
-                     not {m}"
-                ))
-            })?;
+            let tags = entity_tags(&m).ok_or_else(|| ApiError::InvalidHeader(if_match_help(&m)))?;
             let versions = tags
                 .into_iter()
                 .filter(|t| !t.weak)
@@ -192,6 +186,56 @@ pub fn precondition(
         ))),
         (None, None) => Ok(Precondition::None),
     }
+}
+
+/// What to tell a client whose `If-Match` is not `*` nor a list of ETags. Most often it is a
+/// version sent bare (`42`, or `"if_match": "42"` in JSON), and a message that only quotes
+/// the rule reads like what was sent: so it says the quotes are missing and spells out the
+/// header and the JSON field to send.
+fn if_match_help(m: &str) -> String {
+    let m = m.trim();
+    let elements: Vec<&str> = m
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let is_etag = |e: &str| {
+        e.len() > 1 && e.starts_with('"') && e.ends_with('"') && !e[1..e.len() - 1].contains('"')
+    };
+    let is_bare_version = |e: &str| {
+        let (version, epoch) = e.split_once('-').unwrap_or((e, "0"));
+        [version, epoch]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let bare: Vec<&str> = elements.iter().copied().filter(|e| !is_etag(e)).collect();
+    if bare.is_empty() || !bare.iter().all(|e| is_bare_version(e)) {
+        return format!(
+            "If-Match must be * or ETags as the ETag header gives them, double quotes included \
+             (\"42\", or a list: \"42\", \"43\"); it is: {m}"
+        );
+    }
+    let fixed = elements
+        .iter()
+        .map(|e| match is_etag(e) {
+            true => e.to_string(),
+            false => format!("\"{e}\""),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let json = serde_json::to_string(&fixed).expect("a string serializes");
+    let what = if bare == [m] {
+        format!("the If-Match value {m} came")
+    } else {
+        format!(
+            "the If-Match value has ETags ({}) that came",
+            bare.join(", ")
+        )
+    };
+    format!(
+        "{what} without double quotes, and the quotes are part of an ETag: send the header as \
+         If-Match: {fixed} or, in a transaction's JSON, the field as \"if_match\": {json}"
+    )
 }
 
 /// One entity tag of an `If-Match` list.
@@ -399,6 +443,28 @@ mod tests {
             write_precondition(&headers, false, 0).unwrap(),
             Precondition::Versions(vec![3, 5, 7])
         );
+    }
+
+    #[test]
+    fn an_unquoted_if_match_is_told_how_to_quote_it() {
+        let message = |value: &str| match precondition(Some(value.into()), None, true, 0) {
+            Err(ApiError::InvalidHeader(m)) => m,
+            other => panic!("{value}: {other:?}"),
+        };
+        assert_eq!(
+            message("42"),
+            r#"the If-Match value 42 came without double quotes, and the quotes are part of an ETag: send the header as If-Match: "42" or, in a transaction's JSON, the field as "if_match": "\"42\"""#
+        );
+        assert_eq!(
+            message(" \"3\", 5-2 "),
+            r#"the If-Match value has ETags (5-2) that came without double quotes, and the quotes are part of an ETag: send the header as If-Match: "3", "5-2" or, in a transaction's JSON, the field as "if_match": "\"3\", \"5-2\"""#
+        );
+        // Not a version sent bare: the rule, and the value as it came.
+        assert_eq!(
+            message("v1"),
+            r#"If-Match must be * or ETags as the ETag header gives them, double quotes included ("42", or a list: "42", "43"); it is: v1"#
+        );
+        assert!(message("\"3").ends_with("it is: \"3"));
     }
 }
 

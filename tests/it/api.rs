@@ -294,6 +294,26 @@ async fn if_match_takes_a_list_of_etags() {
     assert_eq!(done.status, 200, "{done:?}");
     assert_eq!(done.json()["results"][0]["status"], 200, "{done:?}");
     assert_eq!(a.get("/v1/kv/l").await.json(), json!(5));
+
+    // A version sent without its quotes is told what to send instead, header and JSON.
+    let bare = tx(v3.to_string()).await;
+    assert_eq!((bare.status, bare.code()), (400, "invalid_header".into()));
+    let message = bare.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with(&format!(
+            "operation 0 (put kv/l): the If-Match value {v3} came without double quotes"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!(
+            "If-Match: \"{v3}\" or, in a transaction's JSON, the field as \"if_match\": \"\\\"{v3}\\\"\""
+        )),
+        "{message}"
+    );
 }
 
 #[tokio::test]
