@@ -368,6 +368,58 @@ mod tests {
     }
 
     #[test]
+    fn a_toml_mistake_is_reported_at_the_key_s_line() {
+        let text = "[cache]\nl1 = true\nl1_ttl = \"5 sex\"\n[server]\nlisten = \"127.0.0.1:1\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert!(err.contains("at line 3, column 10"), "{err}");
+        assert!(err.contains("l1_ttl = \"5 sex\""), "{err}");
+        let err = Config::parse("[cache]\nl1 = true\n\nttl_jitter = \"a\"\n").unwrap_err();
+        assert!(err.contains("at line 4"), "{err}");
+        let err = Config::parse("[cache]\nl1 = true\nl1_tll = \"1s\"\n").unwrap_err();
+        assert!(err.contains("at line 3"), "{err}");
+        assert!(
+            err.contains("unknown field `l1_tll`, expected one of"),
+            "{err}"
+        );
+        let config = Config::parse("[cache]\nl1_ttl = \"5s\"\n").unwrap();
+        assert_eq!(config.cache.ttl.l1_ttl, std::time::Duration::from_secs(5));
+        assert_eq!(config.cache.ttl.l2_ttl, TtlConfig::default().l2_ttl);
+    }
+
+    #[test]
+    fn an_inherited_ttl_mistake_is_reported_once_under_cache() {
+        let text = r#"
+            [cache]
+            ttl_jitter = 2.0
+            tombstone_ttl = "1ms"
+            [[resource]]
+            name = "a"
+            table = "a"
+            key = "id"
+            [[resource]]
+            name = "b"
+            table = "b"
+            key = "id"
+            l2_ttl = "0s"
+        "#;
+        let err = Config::parse(text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err.matches("ttl_jitter").count(), 1, "{err}");
+        assert!(err.contains("cache.ttl_jitter: must be between"), "{err}");
+        assert_eq!(err.matches("tombstone_ttl").count(), 1, "{err}");
+        assert!(err.contains("cache.tombstone_ttl: must exceed"), "{err}");
+        // A resource's own mistake is still its own.
+        assert!(
+            err.contains("resource[1].l2_ttl: must be at least 1ms"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 4, "{err}");
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let mut config = Config::default();
         config.apply_env(|name| match name {

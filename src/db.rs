@@ -132,11 +132,11 @@ fn written(row: &tokio_postgres::Row) -> Written {
     }
 }
 
-/// The version an `If-Match: "N"` names (0, unused, otherwise).
-fn if_version(pre: Precondition) -> i64 {
+/// The versions `If-Match` names (none, unused, without one).
+fn if_versions(pre: &Precondition) -> &[i64] {
     match pre {
-        Precondition::Version(v) => v,
-        _ => 0,
+        Precondition::Versions(v) => v,
+        _ => &[],
     }
 }
 
@@ -145,7 +145,7 @@ fn write_params<'a>(
     write: &WriteSql,
     key: &'a KeyParam,
     doc: &'a String,
-    version: &'a i64,
+    versions: &'a &[i64],
 ) -> Vec<&'a (dyn ToSql + Sync)> {
     write
         .params
@@ -153,7 +153,7 @@ fn write_params<'a>(
         .map(|p| match p {
             Param::Key => key_param(key),
             Param::Doc => doc as &(dyn ToSql + Sync),
-            Param::Version => version as &(dyn ToSql + Sync),
+            Param::Versions => versions as &(dyn ToSql + Sync),
         })
         .collect()
 }
@@ -371,10 +371,10 @@ impl Db {
         pre: Precondition,
     ) -> Result<WriteOutcome, DbError> {
         let (doc, write) = resource
-            .prepare_write(key, &body, pre)
+            .prepare_write(key, &body, &pre)
             .map_err(DbError::from)?;
-        let version = if_version(pre);
-        let params = write_params(&write, key, &doc, &version);
+        let versions = if_versions(&pre);
+        let params = write_params(&write, key, &doc, &versions);
         let client = self.client().await?;
         let row = if matches!(resource.shape, Shape::Kv) {
             let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
@@ -403,15 +403,13 @@ impl Db {
     ) -> Result<DeleteOutcome, DbError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(classify)?;
-        let version;
-        let deleted = match pre {
-            Precondition::Version(v) => {
-                version = v;
+        let deleted = match &pre {
+            Precondition::Versions(versions) => {
                 let stmt = tx
                     .prepare_cached(&resource.delete_sql(true))
                     .await
                     .map_err(classify)?;
-                tx.query_opt(&stmt, &[key_param(key), &version])
+                tx.query_opt(&stmt, &[key_param(key), versions])
                     .await
                     .map_err(classify)?
             }
@@ -480,10 +478,10 @@ impl Db {
                 TxOp::Put { body, pre } => {
                     let (doc, write) = item
                         .resource
-                        .prepare_write(item.key, body, *pre)
+                        .prepare_write(item.key, body, pre)
                         .map_err(|e| here(DbError::from(e)))?;
-                    let version = if_version(*pre);
-                    let params = write_params(&write, item.key, &doc, &version);
+                    let versions = if_versions(pre);
+                    let params = write_params(&write, item.key, &doc, &versions);
                     let row = tx
                         .query_opt(write.sql.as_str(), &params)
                         .await
@@ -492,10 +490,10 @@ impl Db {
                     done.push(TxDone::Written(written(&row)));
                 }
                 TxOp::Delete { pre } => {
-                    let conditional = matches!(pre, Precondition::Version(_));
+                    let conditional = matches!(pre, Precondition::Versions(_));
                     let sql = item.resource.delete_sql(conditional);
                     let deleted = match pre {
-                        Precondition::Version(v) => {
+                        Precondition::Versions(v) => {
                             tx.query_opt(sql.as_str(), &[key_param(item.key), v]).await
                         }
                         _ => tx.query_opt(sql.as_str(), &[key_param(item.key)]).await,

@@ -363,11 +363,13 @@ impl std::fmt::Display for KeyParam {
 }
 
 /// Conditions on a write, from `If-Match` / `If-None-Match`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Precondition {
     None,
-    /// `If-Match: "N"`: only if the current version is N.
-    Version(i64),
+    /// `If-Match: "N"`, or a list of ETags (`"N", "M"`): only if the current version is one
+    /// of them. Only the versions of ETags that can be current are kept (see
+    /// `http::request::precondition`): empty, the write never happens.
+    Versions(Vec<i64>),
     /// `If-Match: *`: only if the document exists.
     Exists,
     /// `If-None-Match: *`: only if the document does not exist.
@@ -398,7 +400,8 @@ pub struct WriteSql {
 pub enum Param {
     Key,
     Doc,
-    Version,
+    /// The versions `If-Match` names, an `int8[]`.
+    Versions,
 }
 
 impl Column {
@@ -556,7 +559,8 @@ impl Resource {
         )
     }
 
-    /// `DELETE` by key (`$1`), and version (`$2`) when conditional, returning the old version.
+    /// `DELETE` by key (`$1`), and when conditional only at one of the versions `$2` (an
+    /// `int8[]`), returning the old version.
     pub fn delete_sql(&self, if_version: bool) -> String {
         let mut sql = format!(
             "DELETE FROM {table} AS t WHERE t.{key} = $1::{kt}",
@@ -566,7 +570,7 @@ impl Resource {
         );
         if if_version {
             sql.push_str(&format!(
-                " AND coalesce(t.{}, 0) = $2::int8",
+                " AND coalesce(t.{}, 0) = ANY($2::int8[])",
                 self.version.quoted
             ));
         }
@@ -590,7 +594,7 @@ impl Resource {
         &self,
         key: &KeyParam,
         body: &JsonText,
-        pre: Precondition,
+        pre: &Precondition,
     ) -> Result<(String, WriteSql), BodyError> {
         match &self.shape {
             Shape::Kv => Ok((body.as_str().to_string(), self.kv_write_sql(pre))),
@@ -664,7 +668,7 @@ impl Resource {
         Ok((doc, set))
     }
 
-    fn kv_write_sql(&self, pre: Precondition) -> WriteSql {
+    fn kv_write_sql(&self, pre: &Precondition) -> WriteSql {
         use Param::*;
         let ret = self.returning();
         let (t, k, kt) = (&self.table, &self.key.quoted, self.key_sql_type());
@@ -690,19 +694,19 @@ impl Resource {
                 ),
                 params: vec![Key, Doc],
             },
-            Precondition::Version(_) => WriteSql {
+            Precondition::Versions(_) => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} AND coalesce(t.{ver}, 0) = $3::int8 \
-                     RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} \
+                     AND coalesce(t.{ver}, 0) = ANY($3::int8[]) RETURNING {ret}, false"
                 ),
-                params: vec![Key, Doc, Version],
+                params: vec![Key, Doc, Versions],
             },
         }
     }
 
     /// PUT replaces the whole row: columns in `set` take the body's values, every other
     /// writable column its default (NULL when it has none).
-    fn table_write_sql(&self, columns: &[Column], set: &[&Column], pre: Precondition) -> WriteSql {
+    fn table_write_sql(&self, columns: &[Column], set: &[&Column], pre: &Precondition) -> WriteSql {
         use Param::*;
         let ret = self.returning();
         let (t, k, kt) = (&self.table, &self.key.quoted, self.key_sql_type());
@@ -768,12 +772,12 @@ impl Resource {
                 ),
                 params: doc_params(&[Key]),
             },
-            Precondition::Version(_) => WriteSql {
+            Precondition::Versions(_) => WriteSql {
                 sql: format!(
                     "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} \
-                     AND coalesce(t.{ver}, 0) = ${ver_at}::int8 RETURNING {ret}, false"
+                     AND coalesce(t.{ver}, 0) = ANY(${ver_at}::int8[]) RETURNING {ret}, false"
                 ),
-                params: doc_params(&[Key, Version]),
+                params: doc_params(&[Key, Versions]),
             },
         }
     }
@@ -865,7 +869,7 @@ mod tests {
         let r = users();
         let key = r.parse_key("7").unwrap();
         let body = JsonText::parse(br#"{"name": "ann", "version": 3, "created": "x"}"#).unwrap();
-        let (doc, sql) = r.prepare_write(&key, &body, Precondition::None).unwrap();
+        let (doc, sql) = r.prepare_write(&key, &body, &Precondition::None).unwrap();
         let doc: Value = serde_json::from_str(&doc).unwrap();
         assert_eq!(doc, serde_json::json!({"id": 7, "name": "ann"}));
         assert!(
@@ -882,7 +886,7 @@ mod tests {
         let key = r.parse_key("7").unwrap();
         let err = |body: &str| {
             let body = JsonText::parse(body.as_bytes()).unwrap();
-            r.prepare_write(&key, &body, Precondition::None)
+            r.prepare_write(&key, &body, &Precondition::None)
                 .unwrap_err()
                 .to_string()
         };

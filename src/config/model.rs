@@ -314,8 +314,11 @@ pub enum RedisMode {
 }
 
 /// Cache settings for every resource; each `[[resource]]` may override the TTLs.
+///
+/// Read through [`CacheSection`], the section as written, so that a bad key is reported at
+/// its own line.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "CacheSection")]
 pub struct CacheConfig {
     /// Use the in-process cache (L1). Off: every read goes to Redis first.
     pub l1: bool,
@@ -328,27 +331,22 @@ pub struct CacheConfig {
     /// leases, "Scaling Memcache at Facebook", NSDI 2013, section 3.2.1). It is also the
     /// lease's lifetime, so an instance that dies holding it delays the others by at most
     /// this. `0s`: off, every instance that misses reads Postgres. Default 100 ms.
-    #[serde(with = "humantime_serde")]
     pub fill_lease: Duration,
-    #[serde(flatten)]
+    /// The TTL keys, written in `[cache]` itself.
     pub ttl: TtlConfig,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+/// The TTLs of a resource: `[cache]`'s, or a `[[resource]]`'s own where it sets them.
+#[derive(Clone, Debug, PartialEq)]
 pub struct TtlConfig {
     /// Lifetime of a document in L1.
-    #[serde(with = "humantime_serde")]
     pub l1_ttl: Duration,
     /// Lifetime of a document in Redis.
-    #[serde(with = "humantime_serde")]
     pub l2_ttl: Duration,
     /// Lifetime of a cached "not found", in both tiers.
-    #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
     /// Lifetime of a tombstone (left by a delete or an invalidation). Never jittered. Must
     /// outlive any load, so it is checked to exceed [`Config::longest_load`].
-    #[serde(with = "humantime_serde")]
     pub tombstone_ttl: Duration,
     /// Random spread of every TTL, as a fraction (0.1: +-10%), so entries written together do
     /// not expire together.
@@ -493,6 +491,65 @@ impl Default for RedisConfig {
             sentinels: Vec::new(),
             master_name: String::new(),
             nodes: Vec::new(),
+        }
+    }
+}
+
+/// The `[cache]` section as written: [`CacheConfig`]'s keys and [`TtlConfig`]'s side by side.
+/// Not `#[serde(flatten)]`: serde buffers a flattened section before reading it, and toml can
+/// then point only at the section's header, not at the bad key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct CacheSection {
+    l1: bool,
+    l1_max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    fill_lease: Duration,
+    #[serde(with = "humantime_serde")]
+    l1_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    l2_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    negative_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    tombstone_ttl: Duration,
+    ttl_jitter: f64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheConfig::default().into()
+    }
+}
+
+impl From<CacheConfig> for CacheSection {
+    fn from(c: CacheConfig) -> Self {
+        CacheSection {
+            l1: c.l1,
+            l1_max_bytes: c.l1_max_bytes,
+            fill_lease: c.fill_lease,
+            l1_ttl: c.ttl.l1_ttl,
+            l2_ttl: c.ttl.l2_ttl,
+            negative_ttl: c.ttl.negative_ttl,
+            tombstone_ttl: c.ttl.tombstone_ttl,
+            ttl_jitter: c.ttl.ttl_jitter,
+        }
+    }
+}
+
+impl From<CacheSection> for CacheConfig {
+    fn from(s: CacheSection) -> Self {
+        CacheConfig {
+            l1: s.l1,
+            l1_max_bytes: s.l1_max_bytes,
+            fill_lease: s.fill_lease,
+            ttl: TtlConfig {
+                l1_ttl: s.l1_ttl,
+                l2_ttl: s.l2_ttl,
+                negative_ttl: s.negative_ttl,
+                tombstone_ttl: s.tombstone_ttl,
+                ttl_jitter: s.ttl_jitter,
+            },
         }
     }
 }

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::model::is_resource_name;
-use super::{
-    Config, ConfigError, PostgresSource, RedisMode, TtlConfig, ENV_AUTH_TOKEN, KV_RESOURCE,
-};
+use super::{Config, ConfigError, PostgresSource, RedisMode, ENV_AUTH_TOKEN, KV_RESOURCE};
 use crate::tls::{redis_certificates, PostgresTls};
 
 /// The longest `cache.fill_lease`: past it, a wait for another instance's load is no
@@ -403,7 +401,15 @@ impl Config {
                 ),
             );
         }
-        self.check_ttls("cache", &self.cache.ttl, bad);
+        let t = &self.cache.ttl;
+        let ttls = Ttls {
+            l1_ttl: Some(t.l1_ttl),
+            l2_ttl: Some(t.l2_ttl),
+            negative_ttl: Some(t.negative_ttl),
+            tombstone_ttl: Some(t.tombstone_ttl),
+            ttl_jitter: Some(t.ttl_jitter),
+        };
+        self.check_ttls("cache", &ttls, bad);
     }
 
     /// `[log]`: the filter.
@@ -459,30 +465,39 @@ impl Config {
                     "must differ from the key column".into(),
                 );
             }
-            let ttl = self.ttl_for(r);
-            self.check_ttls(&at, &ttl, bad);
+            // Only the TTLs the resource sets itself: an inherited one is `[cache]`'s, checked
+            // and reported once under `cache.`, not once more per resource.
+            let own = Ttls {
+                l1_ttl: r.l1_ttl,
+                l2_ttl: r.l2_ttl,
+                negative_ttl: r.negative_ttl,
+                tombstone_ttl: r.tombstone_ttl,
+                ttl_jitter: None,
+            };
+            self.check_ttls(&at, &own, bad);
         }
     }
 
-    fn check_ttls(&self, at: &str, ttl: &TtlConfig, bad: &mut impl FnMut(&str, String)) {
+    /// The TTL keys set at `at` (`None`: not set there).
+    fn check_ttls(&self, at: &str, ttl: &Ttls, bad: &mut impl FnMut(&str, String)) {
         for (key, d) in [
             ("l1_ttl", ttl.l1_ttl),
             ("l2_ttl", ttl.l2_ttl),
             ("negative_ttl", ttl.negative_ttl),
             ("tombstone_ttl", ttl.tombstone_ttl),
         ] {
-            if d < Duration::from_millis(1) {
+            if d.is_some_and(|d| d < Duration::from_millis(1)) {
                 bad(&format!("{at}.{key}"), "must be at least 1ms".into());
             }
         }
-        if !(0.0..=0.5).contains(&ttl.ttl_jitter) {
+        if ttl.ttl_jitter.is_some_and(|j| !(0.0..=0.5).contains(&j)) {
             bad(
                 &format!("{at}.ttl_jitter"),
                 "must be between 0.0 and 0.5".into(),
             );
         }
         let longest_load = self.longest_load();
-        if ttl.tombstone_ttl <= longest_load {
+        if ttl.tombstone_ttl.is_some_and(|t| t <= longest_load) {
             bad(
                 &format!("{at}.tombstone_ttl"),
                 format!(
@@ -492,6 +507,16 @@ impl Config {
             );
         }
     }
+}
+
+/// The TTL keys one section sets, for [`Config::check_ttls`]: `[cache]` sets them all, a
+/// `[[resource]]` only those it overrides.
+struct Ttls {
+    l1_ttl: Option<Duration>,
+    l2_ttl: Option<Duration>,
+    negative_ttl: Option<Duration>,
+    tombstone_ttl: Option<Duration>,
+    ttl_jitter: Option<f64>,
 }
 
 /// A plain lowercase SQL identifier (used for syncar's own schema name).

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 
 use super::error::{Answer, ApiError, ALLOW_DOC};
 use super::position;
-use super::request::{etag_epoch, read_json, read_options, target, write_precondition, Target};
+use super::request::{read_json, read_options, target, write_precondition, Target};
 use super::response::{etag, json_response, JSON};
 use super::state::HttpState;
 use crate::db::{DeleteOutcome, WriteOutcome};
@@ -33,14 +33,11 @@ enum DocumentRequest {
     Put {
         doc: DocRef,
         pre: Precondition,
-        /// The shape epoch `If-Match` names, if any.
-        epoch: Option<i64>,
         body: crate::model::JsonText,
     },
     Delete {
         target: Target,
         pre: Precondition,
-        epoch: Option<i64>,
     },
 }
 
@@ -52,17 +49,12 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, rest: &str
             options,
             if_none_match,
         } => get(state, target, options, if_none_match).await,
-        DocumentRequest::Put {
-            doc,
-            pre,
-            epoch,
-            body,
-        } => {
-            same_shape(&doc, pre, epoch)?;
+        DocumentRequest::Put { doc, pre, body } => {
+            can_hold(&pre)?;
             put(state, doc, pre, body).await
         }
-        DocumentRequest::Delete { target, pre, epoch } => {
-            same_shape(&target.doc, pre, epoch)?;
+        DocumentRequest::Delete { target, pre } => {
+            can_hold(&pre)?;
             delete(state, target, pre).await
         }
     }
@@ -84,8 +76,7 @@ async fn parse(
     let target = target(state.catalog()?.as_ref(), rest, server.max_key_bytes)?;
     Ok(match method {
         Method::PUT => {
-            let pre = write_precondition(req.headers(), true)?;
-            let epoch = etag_epoch(req.headers());
+            let pre = write_precondition(req.headers(), true, target.doc.resource.shape_epoch())?;
             let body = tokio::time::timeout(
                 server.request_timeout,
                 read_json(req, server.max_body_bytes),
@@ -95,13 +86,11 @@ async fn parse(
             DocumentRequest::Put {
                 doc: target.doc,
                 pre,
-                epoch,
                 body,
             }
         }
         Method::DELETE => DocumentRequest::Delete {
-            pre: write_precondition(req.headers(), false)?,
-            epoch: etag_epoch(req.headers()),
+            pre: write_precondition(req.headers(), false, target.doc.resource.shape_epoch())?,
             target,
         },
         _ => DocumentRequest::Read {
@@ -198,17 +187,20 @@ async fn put(
     body: crate::model::JsonText,
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
-    let write = |doc: DocRef, body: crate::model::JsonText| async move {
-        let tiers = state.tiers.clone();
-        // Spawned so a client hanging up (or the deadline) cannot stop the write between
-        // commit and cache updates; the tracker lets shutdown wait for it.
-        let task = state
-            .writes
-            .spawn(async move { tiers.put(&doc, body, pre).await });
-        tokio::time::timeout(timeout, task)
-            .await
-            .map_err(deadline(timeout))?
-            .map_err(|e| ApiError::Internal(e.to_string()))
+    let write = |doc: DocRef, body: crate::model::JsonText| {
+        let pre = pre.clone();
+        async move {
+            let tiers = state.tiers.clone();
+            // Spawned so a client hanging up (or the deadline) cannot stop the write between
+            // commit and cache updates; the tracker lets shutdown wait for it.
+            let task = state
+                .writes
+                .spawn(async move { tiers.put(&doc, body, pre).await });
+            tokio::time::timeout(timeout, task)
+                .await
+                .map_err(deadline(timeout))?
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        }
     };
     let (resource, outcome) = match write(doc.clone(), body.clone()).await? {
         Err(e) if e.may_be_schema_change() => {
@@ -233,7 +225,7 @@ async fn put(
                 .insert(header::ETAG, etag(&resource, w.version.0));
             Ok(resp)
         }
-        WriteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
+        WriteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(&pre)),
     }
 }
 
@@ -242,15 +234,18 @@ async fn delete(state: &HttpState, target: Target, pre: Precondition) -> Answer 
     let timeout = state.config.server.request_timeout;
     let Target { doc, key } = target;
     let name = format!("{}/{key}", doc.resource.name);
-    let write = |doc: DocRef| async move {
-        let tiers = state.tiers.clone();
-        let task = state
-            .writes
-            .spawn(async move { tiers.delete(&doc, pre).await });
-        tokio::time::timeout(timeout, task)
-            .await
-            .map_err(deadline(timeout))?
-            .map_err(|e| ApiError::Internal(e.to_string()))
+    let write = |doc: DocRef| {
+        let pre = pre.clone();
+        async move {
+            let tiers = state.tiers.clone();
+            let task = state
+                .writes
+                .spawn(async move { tiers.delete(&doc, pre).await });
+            tokio::time::timeout(timeout, task)
+                .await
+                .map_err(deadline(timeout))?
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        }
     };
     let (resource, outcome) = match write(doc.clone()).await? {
         Err(e) if e.may_be_schema_change() => {
@@ -268,7 +263,7 @@ async fn delete(state: &HttpState, target: Target, pre: Precondition) -> Answer 
             Ok(resp)
         }
         DeleteOutcome::NotFound => Err(ApiError::NotFound(name)),
-        DeleteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(pre)),
+        DeleteOutcome::PreconditionFailed => Err(ApiError::precondition_failed(&pre)),
     }
 }
 
@@ -303,13 +298,12 @@ pub(super) async fn on_new_shape(state: &HttpState, doc: &DocRef) -> Result<DocR
     DocRef::new(resource, &doc.key.to_string()).map_err(ApiError::InvalidKey)
 }
 
-/// 412 when `If-Match` names a shape epoch other than the resource's: the ETag the client
-/// holds names a rendering of the row that no longer is, whatever its version.
-fn same_shape(doc: &DocRef, pre: Precondition, epoch: Option<i64>) -> Result<(), ApiError> {
-    match epoch {
-        Some(epoch) if epoch != doc.resource.shape_epoch() => {
-            Err(ApiError::precondition_failed(pre))
-        }
+/// 412 at once when `If-Match` names no ETag that can be current (see
+/// `request::precondition`): one of another shape epoch than the resource's names a
+/// rendering of the row that no longer is, whatever its version.
+pub(super) fn can_hold(pre: &Precondition) -> Result<(), ApiError> {
+    match pre {
+        Precondition::Versions(v) if v.is_empty() => Err(ApiError::precondition_failed(pre)),
         _ => Ok(()),
     }
 }

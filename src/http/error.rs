@@ -161,15 +161,28 @@ impl ApiError {
 
 impl ApiError {
     /// 412, saying which precondition failed and what that means for the key.
-    pub(super) fn precondition_failed(pre: Precondition) -> ApiError {
+    pub(super) fn precondition_failed(pre: &Precondition) -> ApiError {
         ApiError::PreconditionFailed(match pre {
             Precondition::Absent => {
                 "the key exists (If-None-Match: * writes only a new key)".into()
             }
             Precondition::Exists => "the key does not exist (If-Match: *)".into(),
-            Precondition::Version(v) => {
-                format!("the current version is not \"{v}\", or the key does not exist (If-Match)")
-            }
+            Precondition::Versions(v) => match v.as_slice() {
+                [] => "no ETag in If-Match can be current: each names another shape of the table \
+                       (it changed since), is weak, or was never issued; read the document again \
+                       for its ETag"
+                    .into(),
+                [v] => format!(
+                    "the current version is not \"{v}\", or the key does not exist (If-Match)"
+                ),
+                vs => format!(
+                    "the current version is none of {}, or the key does not exist (If-Match)",
+                    vs.iter()
+                        .map(|v| format!("\"{v}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
             Precondition::None => "the write's precondition does not hold".into(),
         })
     }

@@ -110,7 +110,7 @@ fn head_document() {}
     summary = "Write a document: Postgres (acknowledged at commit), then Redis, then L1.",
     params(
         ("resource" = String, Path), ("key" = String, Path),
-        ("If-Match" = Option<String>, Header, description = "\"N\" (or an ETag \"N-E\"): only if the current version is N (and the table's shape E); *: only if it exists."),
+        ("If-Match" = Option<String>, Header, description = "\"N\" (or an ETag \"N-E\"): only if the current version is N (and the table's shape E); a list, \"N\", \"M\": only if the current ETag is one of them; *: only if it exists."),
         ("If-None-Match" = Option<String>, Header, description = "*: only if it does not exist."),
     ),
     request_body(content = Value, description = "Any JSON for kv; a row as a JSON object for a table."),

@@ -126,49 +126,40 @@ pub fn check_key(key: &str, max_bytes: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `If-Match: "N"` or `*`; for PUT also `If-None-Match: *`.
+/// `If-Match: *` or a list of ETags (`"N"`, or `"N", "M"`); for PUT also `If-None-Match: *`.
+/// `shape_epoch` is the resource's (see [`precondition`]).
 ///
 /// # Errors
 /// 400 for a header this API does not understand.
 pub fn write_precondition(
     headers: &HeaderMap,
     allow_create_only: bool,
+    shape_epoch: i64,
 ) -> Result<Precondition, ApiError> {
+    // A list header may come as several lines: together they are one list (RFC 9110 §5.3).
     let text = |name: &header::HeaderName| -> Result<Option<String>, ApiError> {
-        headers
-            .get(name)
-            .map(|v| {
-                v.to_str()
-                    .map(|s| s.trim().to_string())
-                    .map_err(|_| ApiError::InvalidHeader(format!("{name} is not ASCII")))
-            })
-            .transpose()
+        let mut lines = Vec::new();
+        for v in headers.get_all(name) {
+            let line = v
+                .to_str()
+                .map_err(|_| ApiError::InvalidHeader(format!("{name} is not ASCII")))?;
+            lines.push(line.trim());
+        }
+        Ok((!lines.is_empty()).then(|| lines.join(", ")))
     };
     let if_match = text(&header::IF_MATCH)?;
     let if_none_match = text(&header::IF_NONE_MATCH)?;
-    precondition(if_match, if_none_match, allow_create_only)
-}
-
-/// The shape epoch an `If-Match: "N-E"` names (see `Resource::etag`); `None` for `"N"`, `*`
-/// or no header. A write whose If-Match names another epoch than the resource's fails its
-/// precondition: the client's copy is of a rendering that no longer is.
-pub(super) fn etag_epoch(headers: &http::HeaderMap) -> Option<i64> {
-    epoch_of_if_match(headers.get(header::IF_MATCH)?.to_str().ok()?)
-}
-
-/// [`etag_epoch`] of an `If-Match` value (a header's, or a transaction operation's
-/// `if_match`).
-pub(super) fn epoch_of_if_match(m: &str) -> Option<i64> {
-    let (_, epoch) = m
-        .trim()
-        .strip_prefix('"')?
-        .strip_suffix('"')?
-        .split_once('-')?;
-    Some(epoch.parse().unwrap_or(-1))
+    precondition(if_match, if_none_match, allow_create_only, shape_epoch)
 }
 
 /// A write's precondition from the values of `If-Match` and `If-None-Match` (headers, or the
 /// fields of a transaction's operation, which take the same values).
+///
+/// `If-Match` is `*` or a list of ETags (RFC 9110 §13.1.1): the write proceeds when the
+/// current ETag is any of them. An ETag is `"N"`, or `"N-E"` once the table changed shape
+/// (`Resource::etag`): one naming another epoch than `shape_epoch` names a rendering that no
+/// longer is, and matches nothing, as does a weak one (`W/"N"`: If-Match compares strongly)
+/// or a well-formed one syncar never issues (412, not 400).
 ///
 /// # Errors
 /// 400 for a value this API does not understand.
@@ -176,28 +167,28 @@ pub fn precondition(
     if_match: Option<String>,
     if_none_match: Option<String>,
     allow_create_only: bool,
+    shape_epoch: i64,
 ) -> Result<Precondition, ApiError> {
     match (if_match, if_none_match) {
         (Some(_), Some(_)) => Err(ApiError::InvalidHeader(
             "send either If-Match or If-None-Match, not both".into(),
         )),
-        (Some(m), None) if m == "*" => Ok(Precondition::Exists),
+        (Some(m), None) if m.trim() == "*" => Ok(Precondition::Exists),
         (Some(m), None) => {
-            let version = m
-                .strip_prefix('"')
-                .and_then(|m| m.strip_suffix('"'))
-                .filter(|v| !v.contains('"'))
-                .ok_or_else(|| {
-                    ApiError::InvalidHeader(format!(
-                        "If-Match must be * or one ETag, in double quotes: \"42\" (in a \
-                         transaction's JSON, \"if_match\": \"\\\"42\\\"\"), not {m}"
-                    ))
-                })?;
-            // `"N"`, or `"N-E"` once the table changed shape (the epoch is checked against
-            // the resource's by the caller, see `etag_epoch`). A well-formed ETag we never
-            // issue can match nothing: 412, not 400.
-            let version = version.split_once('-').map_or(version, |(v, _)| v);
-            Ok(Precondition::Version(version.parse().unwrap_or(-1)))
+            let tags = entity_tags(&m).ok_or_else(|| ApiError::InvalidHeader(if_match_help(&m)))?;
+            let versions = tags
+                .into_iter()
+                .filter(|t| !t.weak)
+                .filter_map(|t| {
+                    let (version, epoch) = match t.opaque.split_once('-') {
+                        Some((v, e)) => (v, Some(e)),
+                        None => (t.opaque, None),
+                    };
+                    let current = epoch.is_none_or(|e| e.parse() == Ok(shape_epoch));
+                    current.then(|| version.parse().ok()).flatten()
+                })
+                .collect();
+            Ok(Precondition::Versions(versions))
         }
         (None, Some(m)) if m == "*" && allow_create_only => Ok(Precondition::Absent),
         (None, Some(m)) => Err(ApiError::InvalidHeader(format!(
@@ -205,6 +196,89 @@ pub fn precondition(
         ))),
         (None, None) => Ok(Precondition::None),
     }
+}
+
+/// What to tell a client whose `If-Match` is not `*` nor a list of ETags. Most often it is a
+/// version sent bare (`42`, or `"if_match": "42"` in JSON), and a message that only quotes
+/// the rule reads like what was sent: so it says the quotes are missing and spells out the
+/// header and the JSON field to send.
+fn if_match_help(m: &str) -> String {
+    let m = m.trim();
+    let elements: Vec<&str> = m
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .collect();
+    let is_etag = |e: &str| {
+        e.len() > 1 && e.starts_with('"') && e.ends_with('"') && !e[1..e.len() - 1].contains('"')
+    };
+    let is_bare_version = |e: &str| {
+        let (version, epoch) = e.split_once('-').unwrap_or((e, "0"));
+        [version, epoch]
+            .iter()
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let bare: Vec<&str> = elements.iter().copied().filter(|e| !is_etag(e)).collect();
+    if bare.is_empty() || !bare.iter().all(|e| is_bare_version(e)) {
+        return format!(
+            "If-Match must be * or ETags as the ETag header gives them, double quotes included \
+             (\"42\", or a list: \"42\", \"43\"); it is: {m}"
+        );
+    }
+    let fixed = elements
+        .iter()
+        .map(|e| match is_etag(e) {
+            true => e.to_string(),
+            false => format!("\"{e}\""),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let json = serde_json::to_string(&fixed).expect("a string serializes");
+    let what = if bare == [m] {
+        format!("the If-Match value {m} came")
+    } else {
+        format!(
+            "the If-Match value has ETags ({}) that came",
+            bare.join(", ")
+        )
+    };
+    format!(
+        "{what} without double quotes, and the quotes are part of an ETag: send the header as \
+         If-Match: {fixed} or, in a transaction's JSON, the field as \"if_match\": {json}"
+    )
+}
+
+/// One entity tag of an `If-Match` list.
+struct EntityTag<'a> {
+    /// `W/"..."`.
+    weak: bool,
+    /// What is between the double quotes.
+    opaque: &'a str,
+}
+
+/// The entity tags of a list such as `"3", W/"4" , "5"` (RFC 9110 §8.8.3 and §5.6.1: empty
+/// elements are allowed, commas may sit inside the quotes); `None` when it is not such a
+/// list, or has no tag.
+fn entity_tags(list: &str) -> Option<Vec<EntityTag<'_>>> {
+    let mut tags = Vec::new();
+    let mut rest = list;
+    loop {
+        rest = rest.trim_start_matches([' ', '\t', ',']);
+        if rest.is_empty() {
+            break;
+        }
+        let (weak, quoted) = match rest.strip_prefix("W/") {
+            Some(r) => (true, r),
+            None => (false, rest),
+        };
+        let (opaque, after) = quoted.strip_prefix('"')?.split_once('"')?;
+        tags.push(EntityTag { weak, opaque });
+        rest = after.trim_start_matches([' ', '\t']);
+        if !rest.is_empty() && !rest.starts_with(',') {
+            return None;
+        }
+    }
+    (!tags.is_empty()).then_some(tags)
 }
 
 pub(super) async fn read_json(req: Request<Incoming>, max: usize) -> Result<JsonText, ApiError> {
@@ -326,35 +400,90 @@ mod tests {
         let h = |pairs: &[(&'static str, &'static str)]| {
             let mut m = HeaderMap::new();
             for (k, v) in pairs {
-                m.insert(*k, HeaderValue::from_static(v));
+                m.append(*k, HeaderValue::from_static(v));
             }
             m
         };
+        let pre = |pairs: &[(&'static str, &'static str)]| write_precondition(&h(pairs), true, 0);
+        assert_eq!(pre(&[]).unwrap(), Precondition::None);
         assert_eq!(
-            write_precondition(&h(&[]), true).unwrap(),
-            Precondition::None
+            pre(&[("if-match", "\"42\"")]).unwrap(),
+            Precondition::Versions(vec![42])
         );
+        assert_eq!(pre(&[("if-match", "*")]).unwrap(), Precondition::Exists);
         assert_eq!(
-            write_precondition(&h(&[("if-match", "\"42\"")]), true).unwrap(),
-            Precondition::Version(42)
-        );
-        assert_eq!(
-            write_precondition(&h(&[("if-match", "*")]), true).unwrap(),
-            Precondition::Exists
-        );
-        assert_eq!(
-            write_precondition(&h(&[("if-none-match", "*")]), true).unwrap(),
+            pre(&[("if-none-match", "*")]).unwrap(),
             Precondition::Absent
         );
+        // Well formed, but never issued: matches nothing (412, not 400).
         assert_eq!(
-            write_precondition(&h(&[("if-match", "\"abc\"")]), true).unwrap(),
-            Precondition::Version(-1)
+            pre(&[("if-match", "\"abc\"")]).unwrap(),
+            Precondition::Versions(vec![])
         );
-        assert!(write_precondition(&h(&[("if-match", "42")]), true).is_err());
-        assert!(write_precondition(&h(&[("if-none-match", "*")]), false).is_err());
-        assert!(
-            write_precondition(&h(&[("if-match", "*"), ("if-none-match", "*")]), true).is_err()
+        assert!(pre(&[("if-match", "42")]).is_err());
+        assert!(write_precondition(&h(&[("if-none-match", "*")]), false, 0).is_err());
+        assert!(pre(&[("if-match", "*"), ("if-none-match", "*")]).is_err());
+    }
+
+    #[test]
+    fn if_match_takes_a_list_of_etags() {
+        let versions =
+            |value: &str, epoch: i64| match precondition(Some(value.into()), None, true, epoch) {
+                Ok(Precondition::Versions(v)) => Ok(v),
+                Ok(other) => panic!("{value}: {other:?}"),
+                Err(e) => Err(e.to_string()),
+            };
+        assert_eq!(versions("\"3\", \"5\"", 0), Ok(vec![3, 5]));
+        assert_eq!(versions("\"3\",\"5\"", 0), Ok(vec![3, 5]));
+        // Empty list elements are allowed (RFC 9110 §5.6.1).
+        assert_eq!(versions(" , \"3\" ,, \"5\" ,", 0), Ok(vec![3, 5]));
+        // Another shape's ETag, a weak one, one never issued: they match nothing, the others
+        // still do.
+        assert_eq!(versions("\"3-1\", \"4-2\", \"5\"", 2), Ok(vec![4, 5]));
+        assert_eq!(versions("W/\"3\", \"5\", \"x,y\"", 0), Ok(vec![5]));
+        assert_eq!(versions("\"3-1\", W/\"4\"", 2), Ok(vec![]));
+        for bad in [
+            "",
+            " ",
+            ",",
+            "\"3\" \"5\"",
+            "\"3\", 5",
+            "\"3",
+            "*, \"3\"",
+            "\"3\"x",
+        ] {
+            assert!(versions(bad, 0).is_err(), "{bad:?}");
+        }
+        // Several If-Match lines are one list.
+        let mut headers = HeaderMap::new();
+        headers.append("if-match", HeaderValue::from_static("\"3\""));
+        headers.append("if-match", HeaderValue::from_static("\"5\", \"7\""));
+        assert_eq!(
+            write_precondition(&headers, false, 0).unwrap(),
+            Precondition::Versions(vec![3, 5, 7])
         );
+    }
+
+    #[test]
+    fn an_unquoted_if_match_is_told_how_to_quote_it() {
+        let message = |value: &str| match precondition(Some(value.into()), None, true, 0) {
+            Err(ApiError::InvalidHeader(m)) => m,
+            other => panic!("{value}: {other:?}"),
+        };
+        assert_eq!(
+            message("42"),
+            r#"the If-Match value 42 came without double quotes, and the quotes are part of an ETag: send the header as If-Match: "42" or, in a transaction's JSON, the field as "if_match": "\"42\"""#
+        );
+        assert_eq!(
+            message(" \"3\", 5-2 "),
+            r#"the If-Match value has ETags (5-2) that came without double quotes, and the quotes are part of an ETag: send the header as If-Match: "3", "5-2" or, in a transaction's JSON, the field as "if_match": "\"3\", \"5-2\"""#
+        );
+        // Not a version sent bare: the rule, and the value as it came.
+        assert_eq!(
+            message("v1"),
+            r#"If-Match must be * or ETags as the ETag header gives them, double quotes included ("42", or a list: "42", "43"); it is: v1"#
+        );
+        assert!(message("\"3").ends_with("it is: \"3"));
     }
 }
 

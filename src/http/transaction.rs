@@ -18,8 +18,9 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::document::can_hold;
 use super::error::{Answer, ApiError, ALLOW_BATCH};
-use super::request::{check_key, epoch_of_if_match, precondition, read_json, BodyKey};
+use super::request::{check_key, precondition, read_json, BodyKey};
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::{TxDone, TxFailed, TxOp, TxWhy};
@@ -51,7 +52,7 @@ pub(super) struct Operation<'a> {
     #[serde(borrow)]
     #[schema(value_type = Option<Object>)]
     document: Option<&'a RawValue>,
-    /// As the If-Match header: an ETag such as `"41"`, or `*`.
+    /// As the If-Match header: an ETag such as `"41"`, a list of them (`"41", "43"`), or `*`.
     if_match: Option<String>,
     /// As the If-None-Match header of a PUT: `*`.
     if_none_match: Option<String>,
@@ -140,9 +141,8 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
     let done = result.map_err(|failed| {
         let e = match failed.why {
             TxWhy::Precondition => {
-                let pre = match &ops[failed.index.unwrap_or(0)].1 {
-                    TxOp::Put { pre, .. } | TxOp::Delete { pre } => *pre,
-                };
+                let (TxOp::Put { pre, .. } | TxOp::Delete { pre }) =
+                    &ops[failed.index.unwrap_or(0)].1;
                 ApiError::precondition_failed(pre)
             }
             TxWhy::Db(e) => ApiError::from(e),
@@ -199,22 +199,27 @@ fn operations(
         let doc = DocRef::new(resource, &o.key)
             .map_err(ApiError::InvalidKey)
             .map_err(named)?;
+        let pre = |allow_create_only| {
+            precondition(
+                o.if_match.clone(),
+                o.if_none_match.clone(),
+                allow_create_only,
+                resource.shape_epoch(),
+            )
+            .map_err(named)
+        };
         let op = match (o.op.as_str(), o.document) {
             ("put", Some(document)) => TxOp::Put {
                 body: JsonText::parse(document.get().as_bytes())
                     .map_err(ApiError::MalformedJson)?,
-                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), true)
-                    .map_err(named)?,
+                pre: pre(true)?,
             },
             ("put", None) => {
                 return Err(named(ApiError::InvalidBody(
                     "a put needs a document".into(),
                 )))
             }
-            ("delete", None) => TxOp::Delete {
-                pre: precondition(o.if_match.clone(), o.if_none_match.clone(), false)
-                    .map_err(named)?,
-            },
+            ("delete", None) => TxOp::Delete { pre: pre(false)? },
             ("delete", Some(_)) => {
                 return Err(named(ApiError::InvalidBody(
                     "a delete takes no document".into(),
@@ -226,14 +231,8 @@ fn operations(
                 ))))
             }
         };
-        // An ETag of another shape names a rendering that no longer is (see
-        // `document::same_shape`).
-        let epoch = o.if_match.as_deref().and_then(epoch_of_if_match);
-        if let (Some(epoch), TxOp::Put { pre, .. } | TxOp::Delete { pre }) = (epoch, &op) {
-            if epoch != resource.shape_epoch() {
-                return Err(named(ApiError::precondition_failed(*pre)));
-            }
-        }
+        let (TxOp::Put { pre, .. } | TxOp::Delete { pre }) = &op;
+        can_hold(pre).map_err(named)?;
         ops.push((doc, op));
     }
     Ok(ops)

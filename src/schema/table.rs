@@ -5,7 +5,7 @@ use tokio_postgres::GenericClient;
 
 use super::error::SchemaError;
 use crate::config::ResourceConfig;
-use crate::resource::KeyType;
+use crate::resource::{quote_ident, KeyType};
 
 /// A table as the catalog describes it.
 pub(super) struct TableInfo {
@@ -65,8 +65,15 @@ pub(super) fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType
         }
     };
     if !info.unique_key {
+        // What to run, spelled out: the table is the user's, so syncar's migration does not
+        // add the index itself.
+        let table = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        let key = quote_ident(&r.key);
         return Err(SchemaError::Invalid(format!(
-            "resource {:?}: key column {:?} of {}.{} needs a unique index (or primary key) of its own",
+            "resource {:?}: key column {:?} of {}.{} has no unique index of its own (a primary \
+             key or unique index on that column alone, without a WHERE), which every write \
+             needs: add one, e.g. ALTER TABLE {table} ADD PRIMARY KEY ({key}), or on a table in \
+             use CREATE UNIQUE INDEX CONCURRENTLY ON {table} ({key})",
             r.name, r.key, r.schema, r.table
         )));
     }

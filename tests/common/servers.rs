@@ -59,7 +59,7 @@ pub fn servers() -> &'static Servers {
         unsafe {
             libc::atexit(stop_servers);
         }
-        let (pg_port, _) = start_postgres(None);
+        let (pg_port, _) = start_postgres(None, "");
         let redis = RedisServer::start();
         let redis_port = redis.port;
         // Shared for the whole run: hand it to the exit hook instead of dropping it.
@@ -124,10 +124,19 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
+/// A Postgres of its own, set up as the shared one but for `settings` (`-c name=value`
+/// options, which win over the usual ones: `-c wal_level=replica`), for a test of a server
+/// set up otherwise. Stopped when the process exits. Returns its port.
+pub fn postgres_with(settings: &str) -> u16 {
+    servers();
+    start_postgres(None, settings).0
+}
+
 /// A Postgres of its own on a free port; with `certs` (see [`tls_servers`]) it accepts TCP
 /// connections over TLS only (`hostssl`; `certuser` only with its client certificate) and
-/// plain ones on its Unix socket. Returns the port and the socket's directory.
-fn start_postgres(certs: Option<&Path>) -> (u16, PathBuf) {
+/// plain ones on its Unix socket; `settings` are more `-c` options, after the usual ones.
+/// Returns the port and the socket's directory.
+fn start_postgres(certs: Option<&Path>, settings: &str) -> (u16, PathBuf) {
     let bin = pg_bindir();
     let root = tempfile::Builder::new()
         .prefix("syncar-test-pg-")
@@ -199,7 +208,8 @@ fn start_postgres(certs: Option<&Path>) -> (u16, PathBuf) {
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=400 -c wal_level=logical \
-             -c max_replication_slots=200 -c max_wal_senders=200 -c max_slot_wal_keep_size=1GB{tls_opts}",
+             -c max_replication_slots=200 -c max_wal_senders=200 -c max_slot_wal_keep_size=1GB{tls_opts} \
+             {settings}",
             root.display()
         );
         let out = as_postgres(&bin.join("pg_ctl"))
@@ -1141,7 +1151,7 @@ pub fn tls_servers() -> &'static TlsServers {
             .expect("temp dir")
             .keep();
         make_certificates(&certs);
-        let (pg_port, pg_socket_dir) = start_postgres(Some(&certs));
+        let (pg_port, pg_socket_dir) = start_postgres(Some(&certs), "");
         let redis = RedisServer::start_with(&[
             "--tls-cert-file",
             &certs.join("server.pem").to_string_lossy(),

@@ -235,6 +235,88 @@ async fn conditional_puts() {
 }
 
 #[tokio::test]
+async fn if_match_takes_a_list_of_etags() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let put = |if_match: String, body: &'static str| {
+        let addr = a.addr();
+        async move {
+            request(
+                addr,
+                "PUT",
+                "/v1/kv/l",
+                &[("if-match", &if_match)],
+                Some(body.as_bytes()),
+            )
+            .await
+        }
+    };
+    let v1 = a.put("/v1/kv/l", "1").await.etag_version();
+    // RFC 9110 §13.1.1: the write proceeds when the current ETag is any of the list.
+    let ok = put(format!("\"{}\", \"{v1}\"", v1 + 1000), "2").await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    let v2 = ok.etag_version();
+    let lost = put(format!("\"{v1}\", W/\"{v2}\", \"{}\"", v1 + 1000), "3").await;
+    assert_eq!(
+        lost.status, 412,
+        "none is current (a weak ETag never matches): {lost:?}"
+    );
+    let message = lost.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!("none of \"{v1}\", \"{}\"", v1 + 1000)),
+        "{message}"
+    );
+    let deleted = request(
+        a.addr(),
+        "DELETE",
+        "/v1/kv/l",
+        &[("if-match", &format!("\"{v1}\",\"{v2}\""))],
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+
+    // A transaction operation's if_match takes the same list.
+    let v3 = a.put("/v1/kv/l", "4").await.etag_version();
+    let tx = |if_match: String| {
+        let addr = a.addr();
+        let body = json!({"operations": [
+            {"op": "put", "resource": "kv", "key": "l", "document": 5, "if_match": if_match},
+        ]});
+        async move { request(addr, "POST", "/v1", &[], Some(body.to_string().as_bytes())).await }
+    };
+    let refused = tx(format!("\"{v1}\", \"{v2}\"")).await;
+    assert_eq!(refused.status, 412, "{refused:?}");
+    let done = tx(format!("\"{v2}\", \"{v3}\"")).await;
+    assert_eq!(done.status, 200, "{done:?}");
+    assert_eq!(done.json()["results"][0]["status"], 200, "{done:?}");
+    assert_eq!(a.get("/v1/kv/l").await.json(), json!(5));
+
+    // A version sent without its quotes is told what to send instead, header and JSON.
+    let bare = tx(v3.to_string()).await;
+    assert_eq!((bare.status, bare.code()), (400, "invalid_header".into()));
+    let message = bare.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.starts_with(&format!(
+            "operation 0 (put kv/l): the If-Match value {v3} came without double quotes"
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!(
+            "If-Match: \"{v3}\" or, in a transaction's JSON, the field as \"if_match\": \"\\\"{v3}\\\"\""
+        )),
+        "{message}"
+    );
+}
+
+#[tokio::test]
 async fn bad_requests_get_clear_errors() {
     let env = Env::new().await;
     let a = env

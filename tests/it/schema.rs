@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
+use syncar::config::PostgresSource;
 use syncar::schema::NOTIFY_CHANNEL;
 
 use crate::support::{query_value, Env};
@@ -465,6 +466,106 @@ async fn partitioned_tables_and_partitions_are_refused() {
         let err = done.unavailable.join("; ");
         assert!(err.contains("partition"), "{table}: {err}");
     }
+}
+
+/// A key column without a unique index of its own: the migration leaves the table out,
+/// naming the statements that fix it, and either one, run as written, does.
+#[tokio::test]
+async fn a_key_without_a_unique_index_is_named_with_the_index_to_add() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute("CREATE TABLE nokey (id integer, name text, UNIQUE (id, name))")
+        .await
+        .unwrap();
+    let mut config = env.config();
+    config
+        .resources
+        .push(crate::support::resource("nokey", "id", "version"));
+    let done = syncar::app::run_migration(&config).await.unwrap();
+    let err = done.unavailable.join("; ");
+    assert!(
+        err.contains(
+            "resource \"nokey\": key column \"id\" of public.nokey has no unique index of its own"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("e.g. ALTER TABLE \"public\".\"nokey\" ADD PRIMARY KEY (\"id\"), or"),
+        "{err}"
+    );
+    let (_, concurrently) = err
+        .split_once("on a table in use ")
+        .unwrap_or_else(|| panic!("{err}"));
+    pg.batch_execute(concurrently).await.unwrap();
+    let done = syncar::app::run_migration(&config).await.unwrap();
+    assert!(done.unavailable.is_empty(), "{:?}", done.unavailable);
+}
+
+/// A server whose `wal_level` is below `logical`: `wal` configured is refused, naming the
+/// setting and the restart it needs; `auto` falls back to the changes log, saying why.
+#[tokio::test]
+async fn a_wal_level_below_logical_is_named_with_the_setting_to_change() {
+    let env = Env::new_on_postgres_with("-c wal_level=replica").await;
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::Wal;
+    let err =
+        syncar::telemetry::error_chain(&syncar::app::run_migration(&config).await.unwrap_err());
+    assert!(
+        err.contains("feeds.postgres_source = \"wal\" cannot work on this server")
+            && err.contains("wal_level is replica: set wal_level = logical and restart Postgres"),
+        "{err}"
+    );
+    let a = env
+        .start(|c| c.feeds.postgres_source = PostgresSource::Auto)
+        .await;
+    let postgres = &a.readyz().await["feeds"]["postgres"];
+    assert_eq!(postgres["source"], "changes_log", "{postgres}");
+    assert!(
+        postgres["source_reason"]
+            .as_str()
+            .unwrap()
+            .contains("wal_level is replica: set wal_level = logical"),
+        "{postgres}"
+    );
+    a.shutdown().await;
+}
+
+/// A replication slot of the configured name that another plugin made is never taken over:
+/// the migration names it and what to set.
+#[tokio::test]
+async fn a_slot_of_another_plugin_is_named_with_what_to_do() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
+    let slot = format!("{db}_other");
+    pg.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'test_decoding')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::Wal;
+    config.feeds.wal_slot = slot.clone();
+    let err = syncar::app::run_migration(&config).await.map(|_| ());
+    let plugin: String = query_value(
+        &pg,
+        &format!("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+    )
+    .await;
+    // The slot, left as it was, holds WAL until dropped.
+    pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let err = syncar::telemetry::error_chain(&err.unwrap_err());
+    assert_eq!(plugin, "test_decoding", "the slot is untouched");
+    assert!(
+        err.contains(&format!(
+            "replication slot {slot:?} exists for another plugin or database; set \
+             feeds.wal_slot to a free name"
+        )),
+        "{err}"
+    );
 }
 
 /// A migration that cannot get a table's lock at once (a long transaction reads the table)

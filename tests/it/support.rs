@@ -67,6 +67,17 @@ impl Env {
         .await
     }
 
+    /// A database on a Postgres of its own started with `settings` (`-c wal_level=replica`,
+    /// see `servers::postgres_with`), for a test of a server set up otherwise.
+    pub async fn new_on_postgres_with(settings: &str) -> Env {
+        let settings = settings.to_string();
+        let port = tokio::task::spawn_blocking(move || servers::postgres_with(&settings))
+            .await
+            .expect("start a postgres");
+        let url = |db: &str| format!("postgres://postgres@127.0.0.1:{port}/{db}");
+        Env::create(url, url).await
+    }
+
     async fn create(url: impl Fn(&str) -> String, sql_url: impl Fn(&str) -> String) -> Env {
         let s = servers();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
