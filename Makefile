@@ -19,7 +19,7 @@ run: services-up
 	@echo "  curl -i -X DELETE http://$(SYNCAR_LISTEN)/v1/kv/a"
 	@echo "  curl -s http://$(SYNCAR_LISTEN)/readyz; curl -s http://$(SYNCAR_LISTEN)/metrics | head"
 	@echo "  curl -s http://$(SYNCAR_ADMIN_LISTEN)/debug/keys/kv/a   # what each tier holds for a key"
-	@echo "  psql postgres://postgres@127.0.0.1:55432/syncar   # the dev database"
+	@echo "  psql postgres://postgres@127.0.0.1:$(or $(SYNCAR_DEV_PG_PORT),55432)/syncar   # the dev database"
 	@echo "Ctrl-C stops syncar; 'make services-down' stops Postgres and Redis."
 	@echo
 	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) $(or $(CARGO_TARGET_DIR),target)/release/syncar serve --config $(CONFIG)

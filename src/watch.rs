@@ -32,6 +32,10 @@ pub enum Event {
     Change(Arc<Change>),
     /// This instance cannot vouch that no change was missed: re-read.
     Reset { reason: Arc<str> },
+    /// Every change committed up to this WAL position (an LSN as a number) has been sent
+    /// (`wal` source): the watermark a watcher compares a writer's `pg_current_wal_lsn()`
+    /// with. Sent after each batch of relayed changes, never replayed.
+    Position(u64),
 }
 
 /// A change, as sent: `{resource, key, version, op}` (`key` absent for a flush, which means
@@ -110,6 +114,12 @@ impl WatchHub {
 
     /// Tells every watcher to re-read, and forgets the ring (nothing before this may be
     /// resumed from).
+    /// Tells every watcher that every change up to `lsn` has been sent (see
+    /// [`Event::Position`]).
+    pub fn position(&self, lsn: u64) {
+        let _ = self.tx.send(Event::Position(lsn));
+    }
+
     pub fn reset(&self, reason: &str) {
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         ring.clear();
@@ -191,7 +201,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 Event::Change(c) => Some(c.id),
-                Event::Reset { .. } => None,
+                Event::Reset { .. } | Event::Position(_) => None,
             })
             .collect()
     }

@@ -117,6 +117,7 @@ impl Source for Relayed {
                             }
                             if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
                                 ctx.coherence.applied(lsn.as_u64());
+                                ctx.tiers.watch().position(lsn.as_u64());
                             }
                         }
                         Payload::Gap { relay } => {

@@ -191,8 +191,11 @@ pub fn precondition(
             Ok(Precondition::Versions(versions))
         }
         (None, Some(m)) if m == "*" && allow_create_only => Ok(Precondition::Absent),
+        (None, Some(m)) if allow_create_only => Err(ApiError::InvalidHeader(format!(
+            "If-None-Match on a write must be * (create only if absent); got: {m}"
+        ))),
         (None, Some(m)) => Err(ApiError::InvalidHeader(format!(
-            "If-None-Match on a write must be *, not {m:?}"
+            "If-None-Match on a DELETE is not supported (only * on a PUT); got: {m}"
         ))),
         (None, None) => Ok(Precondition::None),
     }

@@ -6,9 +6,17 @@
 //! event: change
 //! data: {"resource":"kv","key":"a","version":12,"op":"put"}
 //!
+//! event: position
+//! data: {"lsn":"0/16B3748"}
+//!
 //! event: reset
 //! data: {"reason":"the redis feed went down; changes may be missed until it is back"}
 //! ```
+//!
+//! With the `wal` source, a `position` follows each batch of changes this instance applied:
+//! every change committed up to that WAL position has been sent before it (compare a
+//! writer's `pg_current_wal_lsn()` after its commit). The stream's response carries
+//! `X-Syncar-LSN` as a GET does.
 //!
 //! A `change` is sent once this instance has applied it to its own L1: a read here after the
 //! event never gets the older copy. `op` is `put`, `delete`, or `flush` (every key of the
@@ -146,6 +154,13 @@ pub(super) fn open(
                     metrics::counter!(WATCH_RESETS).increment(1);
                     return Some((Ok(Frame::data(reset_text(&reason))), w));
                 }
+                Event::Position(lsn) => {
+                    let text = format!(
+                        "event: position\ndata: {}\n\n",
+                        json!({ "lsn": pgwire_replication::Lsn::from_u64(lsn).to_string() })
+                    );
+                    return Some((Ok(Frame::data(Bytes::from(text))), w));
+                }
                 Event::Change(c) => {
                     if c.id <= w.sent || !matches(&c, &w.resource, &w.prefix) {
                         continue;
@@ -165,6 +180,7 @@ pub(super) fn open(
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
+    super::position::add_headers(state, headers, super::position::Waited::default());
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

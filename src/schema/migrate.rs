@@ -43,8 +43,32 @@ pub async fn migrate(
     loop {
         match migrate_once(client, config, &mut Sink::Postgres).await {
             Err(e) if retries.again(&e, "migration", client, config).await => {}
+            Err(e) => return Err(with_privilege_hint(e)),
             result => return result,
         }
+    }
+}
+
+/// A migration refused for want of a privilege (SQLSTATE 42501) said with what to do: the
+/// install needs what running does not.
+fn with_privilege_hint(e: SchemaError) -> SchemaError {
+    match &e {
+        SchemaError::Postgres { doing, source }
+            if source.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) =>
+        {
+            let reason = source
+                .as_db_error()
+                .map_or_else(|| source.to_string(), |db| db.message().to_string());
+            SchemaError::Invalid(format!(
+                "postgres refused {doing}: {reason}. Installing needs the cached tables' owner \
+                 (a version column, triggers, the publication), CREATE on the database and, \
+                 for the wal source, REPLICATION: run `syncar migrate` as such a role, or have \
+                 the DBA apply what `syncar migrate --print-sql` prints and serve with \
+                 postgres.migrate_on_start = false (README \"DDL for the DBA, and least \
+                 privileges\")"
+            ))
+        }
+        _ => e,
     }
 }
 

@@ -240,3 +240,28 @@ async fn a_least_privileged_role_serves_what_the_dba_installed() {
         a.shutdown().await;
     }
 }
+
+/// `migrate` as a role that does not own the table: refused, saying what installing needs
+/// and the way round it (the printed SQL, applied by the DBA).
+#[tokio::test]
+async fn a_migration_without_the_privilege_says_what_to_do() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
+    let role = format!("{db}_app");
+    pg.batch_execute(&format!(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric); CREATE ROLE {role} LOGIN; \
+         GRANT ALL ON DATABASE {db} TO {role}; GRANT ALL ON SCHEMA public TO {role}"
+    ))
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.postgres.url = env.pg_url.replace("postgres@", &format!("{role}@"));
+    config.resources.push(resource("orders", "id", "version"));
+    let err =
+        syncar::telemetry::error_chain(&syncar::app::run_migration(&config).await.unwrap_err());
+    assert!(
+        err.contains("owner") && err.contains("--print-sql"),
+        "{err}"
+    );
+}

@@ -921,6 +921,37 @@ async fn min_lsn_gives_a_plain_sql_writer_its_own_write_on_every_instance() {
         r.body
     );
 
+    // A watcher gets the change, then the position it is complete up to.
+    let mut watch = crate::support::Sse::open(b.addr(), "/v1/kv?watch=true", &[]).await;
+    pg.batch_execute("UPDATE syncar_kv SET value = '\"watched\"' WHERE key = 'r'")
+        .await
+        .unwrap();
+    let committed: String = query_value(&pg, "SELECT pg_current_wal_lsn()::text").await;
+    let committed = pgwire_replication::Lsn::parse(&committed).unwrap().as_u64();
+    let mut seen_change = false;
+    loop {
+        let event = watch
+            .next(Duration::from_secs(10))
+            .await
+            .expect("a change and its position");
+        match event.event.as_str() {
+            "change" if event.data["key"] == "r" => seen_change = true,
+            "position" => {
+                let at = pgwire_replication::Lsn::parse(event.data["lsn"].as_str().unwrap())
+                    .unwrap()
+                    .as_u64();
+                if at >= committed {
+                    assert!(
+                        seen_change,
+                        "the change comes before the position covering it"
+                    );
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+
     // The batch get carries the position too.
     let r = request(b.addr(), "POST", "/v1/kv", &[], Some(br#"{"keys":["r"]}"#)).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
