@@ -12,7 +12,7 @@ use syncar::config::PostgresSource;
 use crate::support::{eventually, query_value, Env, Instance, PostgresPair};
 
 /// How long a change may take to reach every instance (generous for a loaded CI machine).
-const WINDOW: Duration = Duration::from_secs(20);
+const WINDOW: Duration = Duration::from_secs(30);
 
 async fn generations(env: &Env) -> std::collections::HashMap<String, String> {
     let mut conn = env.redis().await;
@@ -74,7 +74,7 @@ async fn a_promoted_standby_keeps_the_caches_when_the_slot_followed_or_says_why_
         tokio::spawn(conn);
         let primary = env.pg().await;
         eventually(
-            Duration::from_secs(60),
+            Duration::from_secs(90),
             "the standby's slot is sync-ready",
             || {
                 let (client, primary, slot) = (&client, &primary, slot.clone());
