@@ -552,10 +552,13 @@ impl Db {
     /// # Errors
     /// A classified [`DbError`].
     pub async fn prune_changes(&self, retention: Duration) -> Result<u64, DbError> {
-        let client = self.client().await?;
-        prune_changes(&**client, &self.schema, retention)
+        let mut client = self.client().await?;
+        let tx = own_bookkeeping(&mut client).await?;
+        let pruned = prune_changes(&*tx, &self.schema, retention)
             .await
-            .map_err(classify)
+            .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
+        Ok(pruned)
     }
 
     /// Takes a fresh version from the sequence row of its own.
@@ -668,11 +671,13 @@ impl Db {
         resource: &Resource,
         key: &KeyParam,
     ) -> Result<Option<(Version, Bytes)>, DbError> {
-        let client = self.client().await?;
-        let row = client
+        let mut client = self.client().await?;
+        let tx = own_bookkeeping(&mut client).await?;
+        let row = tx
             .query_opt(resource.restamp_sql().as_str(), &[key_param(key)])
             .await
             .map_err(classify)?;
+        tx.commit().await.map_err(classify)?;
         Ok(row.as_ref().map(versioned_doc))
     }
 
@@ -705,7 +710,7 @@ impl Db {
             crate::resource::quote_ident(&self.schema)
         );
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(classify)?;
+        let tx = own_bookkeeping(&mut client).await?;
         // Another instance holds the row while it resets Redis: wait a bounded time (the
         // caller retries), never a pool connection's life.
         tx.batch_execute("SET LOCAL lock_timeout = '5s'")
@@ -779,15 +784,20 @@ impl Db {
         config: &crate::config::Config,
         source: crate::config::PostgresSource,
     ) -> Result<Vec<String>, String> {
-        let client = self.client().await.map_err(|e| e.to_string())?;
-        crate::schema::shape::announce_changes(
-            &**client,
+        let mut client = self.client().await.map_err(|e| e.to_string())?;
+        let tx = own_bookkeeping(&mut client)
+            .await
+            .map_err(|e| e.to_string())?;
+        let announced = crate::schema::shape::announce_changes(
+            &*tx,
             &config.postgres.schema,
             source,
             &config.resources,
         )
         .await
-        .map_err(|e| crate::telemetry::error_chain(&e))
+        .map_err(|e| crate::telemetry::error_chain(&e))?;
+        tx.commit().await.map_err(|e| e.to_string())?;
+        Ok(announced)
     }
 
     /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
@@ -889,6 +899,13 @@ pub async fn connect_dedicated(
     }
     let (mut pg, tls) = pg_config(&config)?;
     pg.application_name(application_name);
+    // Dedicated connections do syncar's own work only (the relay, the feeds, migrations):
+    // none of their commits may wait for a synchronous standby (see [`own_bookkeeping`]).
+    let options = format!(
+        "{} -c synchronous_commit=local",
+        pg.get_options().unwrap_or_default()
+    );
+    pg.options(options.trim());
     match tokio::time::timeout(config.connect_timeout, pg.connect(tls)).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(DbError::Unavailable(format!(
@@ -897,6 +914,25 @@ pub async fn connect_dedicated(
         ))),
         Err(_) => Err(DbError::Unavailable("connect timed out".into())),
     }
+}
+
+/// A transaction for syncar's own bookkeeping (the state table, the changes log's pruning,
+/// restamps, shape announcements) that never waits for a synchronous standby at its commit
+/// (`SET LOCAL synchronous_commit = local`): with the relay named in
+/// `synchronous_standby_names`, such a commit would wait for the relay's confirmation, which
+/// may itself wait on this instance, or on a relay that is only starting. Writes made for a
+/// client keep the session's `synchronous_commit`. See Postgres' "Synchronous Replication".
+///
+/// # Errors
+/// A classified [`DbError`].
+async fn own_bookkeeping(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, DbError> {
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.batch_execute("SET LOCAL synchronous_commit = local")
+        .await
+        .map_err(classify)?;
+    Ok(tx)
 }
 
 /// A key as the bind parameter of its column's type.

@@ -83,6 +83,10 @@ pub struct RelayContext {
 /// (each relay term would say it again).
 static FAILOVER_WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The least time between two standby status updates to Postgres (see
+/// [`replication_config`]).
+const STATUS_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Changes per published message: a statement changing 50 000 rows is published in pieces.
 const CHANGES_PER_MESSAGE: usize = 1000;
 
@@ -1207,7 +1211,10 @@ fn replication_config(
         feeds.wal_sender_timeout.as_millis()
     ))
     .with_application_name("syncar-relay")
-    .with_status_interval(feeds.heartbeat_interval)
+    // A position is confirmed to Postgres as soon as it holds (the crate sends a raised
+    // position once this long has passed since its last status): a commit that waits for
+    // the relay as a synchronous standby waits for the relay's work, not for a timer.
+    .with_status_interval(STATUS_INTERVAL)
     .with_wakeup_interval(Duration::from_secs(1)))
 }
 

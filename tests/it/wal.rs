@@ -963,3 +963,67 @@ async fn min_lsn_gives_a_plain_sql_writer_its_own_write_on_every_instance() {
     assert_eq!(r.header("x-syncar-min-version"), Some("unmet"));
     assert_eq!(b.get("/v1/kv/r").await.header("x-syncar-min-version"), None);
 }
+
+/// The relay named a synchronous standby (`synchronous_standby_names = 'syncar-relay'`):
+/// nothing syncar commits for itself (migrations, the slot's epoch, the state table, the
+/// changes log, restamps) waits for the relay's confirmation, so instances start, restart
+/// and serve; a client's write through syncar and a plain-SQL commit return once the relay
+/// confirmed them, which it does as soon as it has applied them, not on a timer.
+#[tokio::test]
+async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
+    let env = Env::new_on_postgres_with("-c synchronous_commit=on").await;
+    let pg = env.pg().await;
+    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    let sync: String = eventually(WINDOW, "the relay is the synchronous standby", || async {
+        let state: Option<String> = pg
+            .query_opt(
+                "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'syncar-relay'",
+                &[],
+            )
+            .await
+            .ok()?
+            .map(|r| r.get(0));
+        state.filter(|s| s == "sync")
+    })
+    .await;
+    assert_eq!(sync, "sync");
+
+    let v = a.put("/v1/kv/s", "1").await.etag_version();
+    sees(&b, "/v1/kv/s", v).await;
+    for round in 0..20 {
+        let started = Instant::now();
+        let v: i64 = query_value(
+            &pg,
+            &format!("UPDATE syncar_kv SET value = '{round}' WHERE key = 's' RETURNING version"),
+        )
+        .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "round {round}: a plain-SQL commit waited {:?} for the relay",
+            started.elapsed()
+        );
+        sees(&a, "/v1/kv/s", v).await;
+        sees(&b, "/v1/kv/s", v).await;
+    }
+
+    // Every instance gone (no relay: the customer's commits would wait, as Postgres
+    // documents for a synchronous standby that is gone), then back: starting, migrating and
+    // electing a relay commit nothing that waits for it.
+    a.shutdown().await;
+    b.shutdown().await;
+    let a = env.start(wal).await;
+    let v = a.put("/v1/kv/s", "\"back\"").await.etag_version();
+    sees(&a, "/v1/kv/s", v).await;
+    let back: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '\"sql\"' WHERE key = 's' RETURNING version",
+    )
+    .await;
+    sees(&a, "/v1/kv/s", back).await;
+    a.shutdown().await;
+}
