@@ -110,6 +110,11 @@ pub enum Relayed {
         /// been published before this message.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lsn: Option<String>,
+        /// The relay is a synchronous standby of Postgres: it confirms a position only once
+        /// every live instance has reported applying it, so instances report (see
+        /// [`crate::feed::relayed::applied_channel`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        sync: bool,
     },
     /// The relay lost its stream (or stops): changes committed from now on reach instances
     /// only once a relay streams again. Instances stop trusting L1 at once instead of at
@@ -285,15 +290,18 @@ pub struct RelayStatus {
     pub relay: String,
     pub lag_ms: u64,
     pub lag_bytes: Option<i64>,
+    /// The relay is a synchronous standby and waits for this instance's reports.
+    pub sync: bool,
 }
 
 impl Coherence {
     /// Records what a relayed heartbeat said.
-    pub fn note_relay(&self, relay: &str, lag_ms: u64, lag_bytes: Option<i64>) {
+    pub fn note_relay(&self, relay: &str, lag_ms: u64, lag_bytes: Option<i64>, sync: bool) {
         *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(RelayStatus {
             relay: relay.to_string(),
             lag_ms,
             lag_bytes,
+            sync,
         });
     }
 

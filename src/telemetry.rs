@@ -58,6 +58,9 @@ pub const WAL_LAG_BYTES: &str = "syncar_wal_lag_bytes";
 /// The WAL position (LSN as a number of bytes) up to which this instance has applied every
 /// relayed change (`wal` source); see the `X-Syncar-LSN` header.
 pub const APPLIED_LSN: &str = "syncar_applied_lsn";
+/// 1 while the relay is a synchronous standby of Postgres and confirms a position only once
+/// every instance has applied it.
+pub const RELAY_SYNCHRONOUS: &str = "syncar_relay_synchronous";
 /// 1 on the instance that holds the relay (streams the slot), 0 elsewhere.
 pub const RELAY_ACTIVE: &str = "syncar_relay_active";
 /// Transactions the relay applied to Redis and published.
@@ -202,6 +205,10 @@ fn describe() {
         "the WAL position up to which this instance applied every relayed change"
     );
     describe_gauge!(RELAY_ACTIVE, "1 on the instance that holds the relay");
+    describe_gauge!(
+        RELAY_SYNCHRONOUS,
+        "1 while the relay is a synchronous standby and waits for every instance"
+    );
     describe_counter!(RELAY_TRANSACTIONS, "transactions the relay published");
     describe_counter!(RELAY_CHANGES, "changes the relay published, by op");
     describe_histogram!(

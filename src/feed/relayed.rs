@@ -51,6 +51,13 @@ pub fn relay_alive_channel(prefix: &str, relay: &str) -> String {
     format!("{prefix}relay-alive:{relay}")
 }
 
+/// The channel on which instances report the position they applied (`"{instance} {lsn}"`,
+/// the LSN as a number) while the relay is a synchronous standby: it confirms a position to
+/// Postgres only once every instance that reported within its lease has applied it.
+pub fn applied_channel(prefix: &str) -> String {
+    format!("{prefix}relay-applied")
+}
+
 impl Source for Relayed {
     const FEED: Feed = Feed::Postgres;
 
@@ -70,6 +77,9 @@ impl Source for Relayed {
         let feed = &ctx.coherence.postgres;
         feed.grant(lease);
         let mut up = false;
+        // Whether the relay, a synchronous standby, waits for this instance's reports.
+        let mut reporting = false;
+        let applied = applied_channel(&config.redis.key_prefix);
         let mut tick = ticker(config.feeds.heartbeat_interval);
         loop {
             tokio::select! {
@@ -118,6 +128,9 @@ impl Source for Relayed {
                             if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
                                 ctx.coherence.applied(lsn.as_u64());
                                 ctx.tiers.watch().position(lsn.as_u64());
+                                if reporting {
+                                    report(ctx, &applied, lsn).await;
+                                }
                             }
                         }
                         Payload::Gap { relay } => {
@@ -129,12 +142,13 @@ impl Source for Relayed {
                                 feed.revoke();
                             }
                         }
-                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn } => {
+                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync } => {
+                            reporting = sync;
                             metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
                             if let Some(bytes) = lag_bytes {
                                 metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
                             }
-                            ctx.coherence.note_relay(&relay, lag_ms, lag_bytes);
+                            ctx.coherence.note_relay(&relay, lag_ms, lag_bytes, sync);
                             if !up {
                                 // Everything published from now on reaches us; what came
                                 // before is in Redis already, and L1 forgets it.
@@ -154,11 +168,24 @@ impl Source for Relayed {
                             up = true;
                             if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
                                 ctx.coherence.applied(lsn.as_u64());
+                                if reporting {
+                                    report(ctx, &applied, lsn).await;
+                                }
                             }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// Tells the relay that this instance has applied every change up to `lsn` (see
+/// [`applied_channel`]). A report lost is made good by the next one: the relay waits, and
+/// drops an instance that stays silent for its lease (by then it no longer uses L1).
+async fn report(ctx: &FeedContext, channel: &str, lsn: Lsn) {
+    let payload = format!("{} {}", ctx.instance_id, lsn.as_u64());
+    if let Err(e) = ctx.tiers.publish(channel, payload).await {
+        tracing::debug!(error = %e, "reporting the applied position failed");
     }
 }

@@ -978,7 +978,20 @@ async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
         .unwrap();
     pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
     let a = env.start(wal).await;
-    let b = env.start(wal).await;
+    // b hears Redis through a delay line: its evictions, and its reports, come late.
+    let redis: SocketAddr = env
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap();
+    let line = crate::support::Proxy::start(redis).await;
+    let b = env
+        .on_redis(format!("redis://{}", line.addr))
+        .start(|c| {
+            wal(c);
+            c.feeds.relay = false;
+        })
+        .await;
     let sync: String = eventually(WINDOW, "the relay is the synchronous standby", || async {
         let state: Option<String> = pg
             .query_opt(
@@ -995,7 +1008,24 @@ async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
 
     let v = a.put("/v1/kv/s", "1").await.etag_version();
     sees(&b, "/v1/kv/s", v).await;
+    // Once every instance reports (within a heartbeat of the relay seeing itself
+    // synchronous), a commit returns only when every instance has applied it: a read right
+    // after it, anywhere, never gets the older copy, though both held it in L1.
+    for i in [&a, &b] {
+        eventually(WINDOW, "the relay waits for the instances", || async {
+            (i.readyz().await["feeds"]["postgres"]["relay"]["sync"] == true).then_some(())
+        })
+        .await;
+    }
+    // Without the wait, b would serve its old copy for the delay after every commit.
+    line.delay(Duration::from_millis(40));
     for round in 0..20 {
+        for i in [&a, &b] {
+            eventually(WINDOW, "the key in L1", || async {
+                (i.get("/v1/kv/s").await.header("x-cache") == Some("l1")).then_some(())
+            })
+            .await;
+        }
         let started = Instant::now();
         let v: i64 = query_value(
             &pg,
@@ -1007,10 +1037,34 @@ async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
             "round {round}: a plain-SQL commit waited {:?} for the relay",
             started.elapsed()
         );
-        sees(&a, "/v1/kv/s", v).await;
-        sees(&b, "/v1/kv/s", v).await;
+        for (name, i) in [("a", &a), ("b", &b)] {
+            let r = i.get("/v1/kv/s").await;
+            assert_eq!(
+                r.etag_version(),
+                v,
+                "round {round}: instance {name} served {:?} after the commit returned",
+                r.header("x-cache")
+            );
+        }
     }
 
+    // b goes silent (nothing reaches it, none of its reports leave): it is waited for no
+    // longer than its lease, by when it no longer trusts its L1.
+    line.blackhole();
+    let started = Instant::now();
+    let v: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '\"silent\"' WHERE key = 's' RETURNING version",
+    )
+    .await;
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(4),
+        "a silent instance held a commit for {waited:?} (its lease is 1 s)"
+    );
+    sees(&a, "/v1/kv/s", v).await;
+    line.restore();
+    line.delay(Duration::ZERO);
     // Every instance gone (no relay: the customer's commits would wait, as Postgres
     // documents for a synchronous standby that is gone), then back: starting, migrating and
     // electing a relay commit nothing that waits for it.
