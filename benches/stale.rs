@@ -3,8 +3,9 @@
 //!
 //! `make bench-stale` (or `cargo bench --bench stale -- [options]`) starts its own Postgres and
 //! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`
-//! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`) and `full-wal`
-//! (`wal`)) N syncar processes of the release binary, and runs a workload through phases:
+//! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`), `full-wal`
+//! (`wal`) and `full-wal-sync` (`wal`, the relay named in `synchronous_standby_names`, so a
+//! commit returns once every instance applied it)) N syncar processes of the release binary, and runs a workload through phases:
 //! steady churn, then each fault followed by recovery (Redis pub/sub connections killed,
 //! LISTEN backends terminated, Redis restarted, one instance SIGKILLed and restarted, the
 //! instance holding the `wal` relay SIGKILLed and restarted (the first instance in modes
@@ -53,6 +54,9 @@ enum Mode {
     FullNotify,
     /// `full` with `feeds.postgres_source = "wal"`: one relay streams the WAL into Redis.
     FullWal,
+    /// `full-wal` with the relay named in `synchronous_standby_names`: a commit returns once
+    /// every instance has applied it.
+    FullWalSync,
 }
 
 impl Mode {
@@ -64,6 +68,7 @@ impl Mode {
             Mode::Full => "full",
             Mode::FullNotify => "full-notify",
             Mode::FullWal => "full-wal",
+            Mode::FullWalSync => "full-wal-sync",
         }
     }
 
@@ -72,14 +77,14 @@ impl Mode {
             Mode::TtlOnly => (false, false),
             Mode::RedisFeedOnly => (false, true),
             Mode::PostgresFeedOnly => (true, false),
-            Mode::Full | Mode::FullNotify | Mode::FullWal => (true, true),
+            Mode::Full | Mode::FullNotify | Mode::FullWal | Mode::FullWalSync => (true, true),
         }
     }
 
     fn postgres_source(self) -> &'static str {
         match self {
             Mode::FullNotify => "notify",
-            Mode::FullWal => "wal",
+            Mode::FullWal | Mode::FullWalSync => "wal",
             _ => "changes_log",
         }
     }
@@ -92,6 +97,7 @@ impl Mode {
             "full" => Mode::Full,
             "full-notify" => Mode::FullNotify,
             "full-wal" => Mode::FullWal,
+            "full-wal-sync" => Mode::FullWalSync,
             other => panic!("unknown mode {other:?}"),
         }
     }
@@ -209,6 +215,8 @@ struct WriteRec {
     key: u32,
     version: i64,
     ack: u64,
+    /// A plain-SQL write's commit, in µs (the UPDATE in autocommit, as the writer waits).
+    sql_us: Option<u64>,
 }
 
 /// Zipf-like popularity: key i is drawn with weight 1/(i+1)^s.
@@ -415,6 +423,8 @@ async fn readyz(port: u16) -> Option<Value> {
 
 struct ModeResult {
     mode: Mode,
+    /// Plain-SQL commits: p50 and p99 in ms, and how many.
+    sql_commit_ms: (f64, f64, usize),
     /// The mode's name, and with `--redis single,cluster` which Redis (`full@cluster`).
     label: String,
     phases: Vec<Value>,
@@ -521,6 +531,9 @@ async fn run_mode(
     for i in 0..args.instances {
         cluster.wait_ready(i).await;
     }
+    if mode == Mode::FullWalSync {
+        synchronous_relay(&client, true).await;
+    }
     let clock = Clock(Instant::now());
     let keys: Vec<String> = (0..args.keys).map(|i| format!("k{i}")).collect();
 
@@ -536,6 +549,7 @@ async fn run_mode(
             key: i as u32,
             version: a.version.unwrap(),
             ack: clock.ns(),
+            sql_us: None,
         });
     }
 
@@ -574,11 +588,16 @@ async fn run_mode(
                 let k = owned[fastrand::usize(..owned.len())];
                 counter += 1;
                 let value = format!("{{\"w\":{w},\"n\":{counter}}}");
+                let mut sql_us = None;
                 let version = if fastrand::f64() < args.sql_fraction {
-                    pg.query_one(&update, &[&keys[k], &value])
+                    let started = Instant::now();
+                    let version = pg
+                        .query_one(&update, &[&keys[k], &value])
                         .await
                         .ok()
-                        .map(|r| r.get::<_, i64>(0))
+                        .map(|r| r.get::<_, i64>(0));
+                    sql_us = Some(started.elapsed().as_micros() as u64);
+                    version
                 } else {
                     let i = fastrand::usize(..conns.len());
                     match conns[i]
@@ -598,6 +617,7 @@ async fn run_mode(
                         key: k as u32,
                         version,
                         ack: clock.ns(),
+                        sql_us,
                     }),
                     None => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -674,7 +694,20 @@ async fn run_mode(
     tokio::time::sleep(args.settle).await;
     let (audit_stale_keys, audit_checked) = audit(&cluster, &pg_url).await;
     let coherence_raw = scrape_delays(&cluster).await;
+    if mode == Mode::FullWalSync {
+        // Before the relay goes: commits of the next mode must not wait for it.
+        synchronous_relay(&client, false).await;
+    }
     cluster.stop_all();
+    // Plain-SQL commits as their writers waited for them (through the faults too).
+    let mut sql_us: Vec<u64> = writes.iter().filter_map(|w| w.sql_us).collect();
+    sql_us.sort_unstable();
+    let at = |q: f64| {
+        sql_us
+            .get(((sql_us.len() as f64 * q) as usize).min(sql_us.len().saturating_sub(1)))
+            .map_or(0.0, |us| *us as f64 / 1000.0)
+    };
+    let sql_commit_ms = (at(0.5), at(0.99), sql_us.len());
 
     let (phases, ages_ms) = analyse(
         &reads,
@@ -688,6 +721,7 @@ async fn run_mode(
     ModeResult {
         mode,
         label: mode.name().to_string(),
+        sql_commit_ms,
         phases,
         audit_stale_keys,
         audit_checked,
@@ -695,6 +729,36 @@ async fn run_mode(
         coherence,
         coherence_cdf,
     }
+}
+
+/// Names the relay in `synchronous_standby_names` (or clears it) and waits until Postgres
+/// counts it as synchronous (or no longer).
+async fn synchronous_relay(admin: &tokio_postgres::Client, on: bool) {
+    let set = if on {
+        "ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'"
+    } else {
+        "ALTER SYSTEM RESET synchronous_standby_names"
+    };
+    admin.batch_execute(set).await.unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sync: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if (sync > 0) == on {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay never became synchronous");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The relay notices within relay_lease / 4, the instances at its next heartbeat.
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
 async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {
@@ -1062,6 +1126,10 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             r.audit_stale_keys,
             r.coherence
         );
+        println!(
+            "{:<19} plain-SQL commits as their writers waited: p50 {:.2} ms, p99 {:.2} ms ({} commits)",
+            r.label, r.sql_commit_ms.0, r.sql_commit_ms.1, r.sql_commit_ms.2
+        );
     }
     let json = json!({
         "args": format!("{args:?}"),
@@ -1070,6 +1138,7 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             "phases": r.phases,
             "audit": {"keys_stale": r.audit_stale_keys, "copies_checked": r.audit_checked},
             "commit_to_eviction": r.coherence,
+            "sql_commit_ms": {"p50": r.sql_commit_ms.0, "p99": r.sql_commit_ms.1, "n": r.sql_commit_ms.2},
         })).collect::<Vec<_>>(),
     });
     let path = out.join("results.json");
