@@ -740,7 +740,10 @@ async fn synchronous_relay(admin: &tokio_postgres::Client, on: bool) {
         "ALTER SYSTEM RESET synchronous_standby_names"
     };
     admin.batch_execute(set).await.unwrap();
-    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let sync: i64 = admin
@@ -754,7 +757,10 @@ async fn synchronous_relay(admin: &tokio_postgres::Client, on: bool) {
         if (sync > 0) == on {
             break;
         }
-        assert!(Instant::now() < deadline, "the relay never became synchronous");
+        assert!(
+            Instant::now() < deadline,
+            "the relay never became synchronous"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The relay notices within relay_lease / 4, the instances at its next heartbeat.

@@ -36,6 +36,7 @@
 //! from older data), Redis may lack changes nobody will stream again: every resource's
 //! generation is raised before anything is relayed.
 
+mod confirm;
 pub mod pgoutput;
 
 use std::collections::HashMap;
@@ -66,6 +67,7 @@ use crate::telemetry::{
 };
 use crate::tiers::Tiers;
 use crate::tls::PostgresTls;
+use confirm::{synchronous, Confirmations};
 use pgoutput::{Change, Column};
 
 /// What the relay may use.
@@ -351,7 +353,7 @@ async fn stream(
                 // Whether Postgres waits for this relay's confirmations (the operator named
                 // it in synchronous_standby_names); and instances gone silent are dropped.
                 match synchronous(&client, slot).await {
-                    Ok(now) if now != session.sync.is_some() => {
+                    Ok(now) if now != session.confirmations.is_synchronous() => {
                         tracing::info!(
                             synchronous = now,
                             "the relay {} a synchronous standby of postgres: it confirms a \
@@ -359,20 +361,19 @@ async fn stream(
                             if now { "is" } else { "is no longer" },
                             if now { "once every instance has applied it" } else { "once it is published" }
                         );
-                        session.sync = now.then_some(feeds.lease);
-                        session.reports.clear();
+                        session.confirmations.set_synchronous(now.then_some(feeds.lease));
                         metrics::gauge!(RELAY_SYNCHRONOUS).set(if now { 1.0 } else { 0.0 });
                     }
                     Ok(_) => {}
                     Err(e) => tracing::debug!(error = %e, "cannot read the relay's sync_state"),
                 }
-                session.confirm(&repl);
+                session.confirmations.confirm(&repl);
             }
             report = reports.next() => {
                 let Some(report) = report else {
                     break Err("the subscription to the instances' reports closed".into());
                 };
-                session.reported(&repl, report.get_payload_bytes());
+                session.confirmations.reported(&repl, report.get_payload_bytes());
             }
             _ = beat.tick() => {
                 let sent = mono_ms();
@@ -538,16 +539,8 @@ struct Session {
     unknown: std::collections::HashSet<String>,
     /// A `Relation` message of a resource's table arrived since the last shape check.
     relation_seen: bool,
-    /// The highest position published (everything up to it is in Redis and on the
-    /// channel), which Postgres is told of at once, or, while the relay is a synchronous
-    /// standby, once the instances have applied it.
-    published: Option<Lsn>,
-    /// `Some(feeds.lease)` while Postgres counts this relay as a synchronous standby
-    /// (`pg_stat_replication.sync_state` `sync` or `quorum`): positions are confirmed only
-    /// once applied by every instance that reported within that lease.
-    sync: Option<Duration>,
-    /// What each instance reported applying, and when the report came.
-    reports: HashMap<String, (u64, std::time::Instant)>,
+    /// What is published, and what Postgres is told of it.
+    confirmations: Confirmations,
     /// Keys deleted by transactions relayed in this term, by resource and key: the delete's
     /// version and when it was relayed. Kept for [`DELETE_MEMORY`], at most
     /// [`DELETE_MEMORY_KEYS`] of them.
@@ -708,7 +701,7 @@ impl Session {
                     let sent: Option<u64> = sent.parse().ok();
                     if let (true, Some(sent)) = (author == ctx.instance_id, sent) {
                         if !self.emitted.contains(&sent) {
-                            self.advance(repl, lsn);
+                            self.confirmations.advance(repl, lsn);
                             return Ok(());
                         }
                         publish(
@@ -718,13 +711,13 @@ impl Session {
                                 lag_ms: mono_ms().saturating_sub(sent),
                                 lag_bytes: self.lag_bytes,
                                 lsn: Some(lsn.to_string()),
-                                sync: self.sync.is_some(),
+                                sync: self.confirmations.is_synchronous(),
                             },
                         )
                         .await?;
                     }
                 }
-                self.advance(repl, lsn);
+                self.confirmations.advance(repl, lsn);
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let txn = std::mem::take(&mut self.txn);
@@ -781,63 +774,9 @@ impl Session {
         }
         metrics::counter!(RELAY_TRANSACTIONS)
             .increment(std::mem::take(&mut self.pending_transactions));
-        self.advance(repl, lsn);
+        self.confirmations.advance(repl, lsn);
         Ok(())
     }
-
-    /// Everything up to `lsn` is in Redis and published: confirm it, now or (a synchronous
-    /// standby) once the instances have applied it.
-    fn advance(&mut self, repl: &ReplicationClient, lsn: Lsn) {
-        if self.published.is_none_or(|p| lsn > p) {
-            self.published = Some(lsn);
-        }
-        self.confirm(repl);
-    }
-
-    /// Confirms to Postgres the highest position that may be: what is published, and, while
-    /// the relay is a synchronous standby, that every instance which reported within its
-    /// lease has applied (see [`synchronous_position`]).
-    fn confirm(&mut self, repl: &ReplicationClient) {
-        let Some(published) = self.published else {
-            return;
-        };
-        let lsn = match self.sync {
-            None => published,
-            Some(lease) => {
-                let now = std::time::Instant::now();
-                self.reports
-                    .retain(|_, (_, seen)| now.duration_since(*seen) <= lease);
-                synchronous_position(published.as_u64(), self.reports.values().map(|r| r.0)).into()
-            }
-        };
-        acknowledge(repl, lsn);
-    }
-
-    /// An instance's report of the position it applied (`"{instance} {lsn}"`).
-    fn reported(&mut self, repl: &ReplicationClient, payload: &[u8]) {
-        let text = String::from_utf8_lossy(payload);
-        let Some((instance, lsn)) = text.split_once(' ') else {
-            return;
-        };
-        let Ok(lsn) = lsn.parse::<u64>() else {
-            return;
-        };
-        let entry = self
-            .reports
-            .entry(instance.to_string())
-            .or_insert((0, std::time::Instant::now()));
-        *entry = (entry.0.max(lsn), std::time::Instant::now());
-        self.confirm(repl);
-    }
-}
-
-/// What a relay that is a synchronous standby may confirm: the position published
-/// (`published`), but no further than the least position applied by the instances that
-/// reported within their lease (`applied`). An instance silent for its lease is left out: by
-/// then its own feed lease has run out and it bypasses L1, so a change it missed is not
-/// served from it. No instance reporting: only what is published bounds it.
-fn synchronous_position(published: u64, applied: impl Iterator<Item = u64>) -> u64 {
-    applied.fold(published, u64::min)
 }
 
 impl Session {
@@ -925,32 +864,6 @@ async fn restamp(client: &tokio_postgres::Client, resource: &Resource, key: &str
             None
         }
     }
-}
-
-/// Whether Postgres counts the stream of `slot` as a synchronous standby (`sync_state`
-/// `sync` or `quorum` in `pg_stat_replication`, see "Synchronous Replication" in the
-/// Postgres docs).
-///
-/// # Errors
-/// Postgres failing.
-async fn synchronous(
-    client: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    let state: Option<String> = client
-        .query_opt(
-            "SELECT r.sync_state FROM pg_replication_slots s \
-             JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
-            &[&slot],
-        )
-        .await?
-        .map(|r| r.get(0));
-    Ok(matches!(state.as_deref(), Some("sync" | "quorum")))
-}
-
-/// Tells Postgres the slot may move past `lsn`: everything up to it is in Redis and published.
-fn acknowledge(repl: &ReplicationClient, lsn: Lsn) {
-    repl.update_applied_lsn(lsn);
 }
 
 impl Transaction {
@@ -1342,26 +1255,5 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::synchronous_position;
-
-    #[test]
-    fn a_synchronous_relay_confirms_what_every_reporting_instance_applied() {
-        assert_eq!(
-            synchronous_position(100, [].into_iter()),
-            100,
-            "nobody to wait for"
-        );
-        assert_eq!(synchronous_position(100, [100, 120].into_iter()), 100);
-        assert_eq!(synchronous_position(100, [100, 40].into_iter()), 40);
-        assert_eq!(
-            synchronous_position(100, [140].into_iter()),
-            100,
-            "never past what is published"
-        );
     }
 }
