@@ -110,6 +110,11 @@ pub enum Relayed {
         /// been published before this message.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lsn: Option<String>,
+        /// The slot epoch (see [`crate::schema::capture::slot_epoch`]) the positions are
+        /// of: a new slot's LSNs may lie below an old one's, so an instance forgets what it
+        /// applied when it changes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        epoch: Option<i64>,
         /// The relay is a synchronous standby of Postgres: it confirms a position only once
         /// every live instance has reported applying it, so instances report (see
         /// [`crate::feed::relayed::applied_channel`]).
@@ -337,6 +342,13 @@ impl Coherence {
             self.applied.at_ms.store(mono_ms(), Ordering::Relaxed);
             metrics::gauge!(crate::telemetry::APPLIED_LSN).set(lsn as f64);
         }
+    }
+
+    /// Forgets the applied position (0 again): the relay's positions are of another slot,
+    /// possibly below the ones applied so far.
+    pub fn forget_applied(&self) {
+        self.applied.lsn.send_replace(0);
+        self.applied.at_ms.store(mono_ms(), Ordering::Relaxed);
     }
 
     /// The applied position and how long ago it last moved, in ms; `None` before the first

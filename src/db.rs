@@ -561,14 +561,23 @@ impl Db {
         Ok(pruned)
     }
 
-    /// Takes a fresh version from the sequence row of its own.
+    /// Takes a fresh version from the sequence row of its own. `nextval` takes a
+    /// transaction id whenever it logs the sequence, so its commit would wait for a
+    /// synchronous standby: this is syncar's own bookkeeping, committed `local` (see
+    /// [`own_bookkeeping`]) in the same round trip.
     ///
     /// # Errors
     /// A classified [`DbError`].
     pub async fn next_version(&self) -> Result<Version, DbError> {
         let client = self.client().await?;
         let row = client
-            .query_one(&format!("SELECT nextval({})", self.sequence_literal()), &[])
+            .query_one(
+                &format!(
+                    "SELECT nextval({}), {LOCAL_COMMIT}",
+                    self.sequence_literal()
+                ),
+                &[],
+            )
             .await
             .map_err(classify)?;
         Ok(Version(row.get(0)))
@@ -650,7 +659,7 @@ impl Db {
         let moved = client
             .query_opt(
                 &format!(
-                    "SELECT setval({seq}, $1) FROM {}.{} WHERE last_value < $1",
+                    "SELECT setval({seq}, $1), {LOCAL_COMMIT} FROM {}.{} WHERE last_value < $1",
                     crate::resource::quote_ident(&self.schema),
                     crate::resource::quote_ident(VERSION_SEQUENCE)
                 ),
@@ -915,6 +924,11 @@ pub async fn connect_dedicated(
         Err(_) => Err(DbError::Unavailable("connect timed out".into())),
     }
 }
+
+/// A select-list item that makes the statement's own (implicit) transaction commit without
+/// waiting for a synchronous standby, as [`own_bookkeeping`] does for a transaction, in the
+/// same round trip.
+const LOCAL_COMMIT: &str = "set_config('synchronous_commit', 'local', true)";
 
 /// A transaction for syncar's own bookkeeping (the state table, the changes log's pruning,
 /// restamps, shape announcements) that never waits for a synchronous standby at its commit

@@ -133,7 +133,7 @@ fn main() -> ExitCode {
                              this database for this configuration."
                         );
                         for change in &planned.changes {
-                            println!("--   {change}");
+                            println!("--   {}", syncar::schema::one_line(change));
                         }
                         println!();
                         print!("{}", script.to_sql());

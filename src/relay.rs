@@ -330,7 +330,14 @@ async fn stream(
         .prepare("SELECT pg_logical_emit_message(false, $1, $2)")
         .await
         .map_err(|e| format!("preparing the heartbeat failed: {e}"))?;
-    let mut session = Session::default();
+    // What Postgres said of this relay's sync_state, once it streams.
+    let mut known_synchronous: Option<bool> = None;
+    let mut session = Session {
+        epoch,
+        // Until Postgres is seen to say otherwise, the relay may be a synchronous standby.
+        confirmations: Confirmations::new(feeds.lease),
+        ..Session::default()
+    };
     let mut renew = ticker(feeds.relay_lease / 4);
     let mut beat = ticker(feeds.heartbeat_interval);
     let mut measure = ticker(Duration::from_secs(5));
@@ -353,14 +360,19 @@ async fn stream(
                 // Whether Postgres waits for this relay's confirmations (the operator named
                 // it in synchronous_standby_names); and instances gone silent are dropped.
                 match synchronous(&client, slot).await {
-                    Ok(now) if now != session.confirmations.is_synchronous() => {
-                        tracing::info!(
-                            synchronous = now,
-                            "the relay {} a synchronous standby of postgres: it confirms a \
-                             position {}",
-                            if now { "is" } else { "is no longer" },
-                            if now { "once every instance has applied it" } else { "once it is published" }
-                        );
+                    // Not streaming yet: what Postgres says of it now proves nothing.
+                    Ok(None) => {}
+                    Ok(Some(now)) if Some(now) != known_synchronous => {
+                        if now || known_synchronous.is_some() {
+                            tracing::info!(
+                                synchronous = now,
+                                "the relay {} a synchronous standby of postgres: it confirms \
+                                 a position {}",
+                                if now { "is" } else { "is no longer" },
+                                if now { "once every instance has applied it" } else { "once it is published" }
+                            );
+                        }
+                        known_synchronous = Some(now);
                         session.confirmations.set_synchronous(now.then_some(feeds.lease));
                         metrics::gauge!(RELAY_SYNCHRONOUS).set(if now { 1.0 } else { 0.0 });
                     }
@@ -541,6 +553,8 @@ struct Session {
     relation_seen: bool,
     /// What is published, and what Postgres is told of it.
     confirmations: Confirmations,
+    /// The slot's epoch: the heartbeats carry it with their positions.
+    epoch: i64,
     /// Keys deleted by transactions relayed in this term, by resource and key: the delete's
     /// version and when it was relayed. Kept for [`DELETE_MEMORY`], at most
     /// [`DELETE_MEMORY_KEYS`] of them.
@@ -701,7 +715,7 @@ impl Session {
                     let sent: Option<u64> = sent.parse().ok();
                     if let (true, Some(sent)) = (author == ctx.instance_id, sent) {
                         if !self.emitted.contains(&sent) {
-                            self.confirmations.advance(repl, lsn);
+                            self.confirmations.advance(repl, lsn, false);
                             return Ok(());
                         }
                         publish(
@@ -711,13 +725,17 @@ impl Session {
                                 lag_ms: mono_ms().saturating_sub(sent),
                                 lag_bytes: self.lag_bytes,
                                 lsn: Some(lsn.to_string()),
+                                epoch: Some(self.epoch),
                                 sync: self.confirmations.is_synchronous(),
                             },
                         )
                         .await?;
+                        // Published: instances report this position.
+                        self.confirmations.advance(repl, lsn, true);
+                        return Ok(());
                     }
                 }
-                self.confirmations.advance(repl, lsn);
+                self.confirmations.advance(repl, lsn, false);
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 let txn = std::mem::take(&mut self.txn);
@@ -774,7 +792,8 @@ impl Session {
         }
         metrics::counter!(RELAY_TRANSACTIONS)
             .increment(std::mem::take(&mut self.pending_transactions));
-        self.confirmations.advance(repl, lsn);
+        // Carried by a message only when something was published for it.
+        self.confirmations.advance(repl, lsn, !changes.is_empty());
         Ok(())
     }
 }

@@ -17,5 +17,5 @@ mod triggers;
 pub use catalog::{check, load_catalog, Check};
 pub use changes::{changes_since, current_xmin, prune_changes, ChangesQuery};
 pub use error::SchemaError;
-pub use migrate::{migrate, plan, uninstall, Migration, Script};
+pub use migrate::{migrate, one_line, plan, uninstall, Migration, Script};
 pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};

@@ -409,7 +409,7 @@ impl Config {
             tombstone_ttl: Some(t.tombstone_ttl),
             ttl_jitter: Some(t.ttl_jitter),
         };
-        self.check_ttls("cache", &ttls, bad);
+        ttls.check("cache", self.longest_load(), bad);
     }
 
     /// `[log]`: the filter.
@@ -474,12 +474,26 @@ impl Config {
                 tombstone_ttl: r.tombstone_ttl,
                 ttl_jitter: None,
             };
-            self.check_ttls(&at, &own, bad);
+            own.check(&at, self.longest_load(), bad);
         }
     }
+}
 
-    /// The TTL keys set at `at` (`None`: not set there).
-    fn check_ttls(&self, at: &str, ttl: &Ttls, bad: &mut impl FnMut(&str, String)) {
+/// The TTL keys one section sets, checked by [`Ttls::check`]: `[cache]` sets them all, a
+/// `[[resource]]` only those it overrides.
+struct Ttls {
+    l1_ttl: Option<Duration>,
+    l2_ttl: Option<Duration>,
+    negative_ttl: Option<Duration>,
+    tombstone_ttl: Option<Duration>,
+    ttl_jitter: Option<f64>,
+}
+
+impl Ttls {
+    /// Checks the TTL keys set at `at` (`None`: not set there); a tombstone must outlast the
+    /// longest load (`longest_load`).
+    fn check(&self, at: &str, longest_load: Duration, bad: &mut impl FnMut(&str, String)) {
+        let ttl = self;
         for (key, d) in [
             ("l1_ttl", ttl.l1_ttl),
             ("l2_ttl", ttl.l2_ttl),
@@ -496,7 +510,6 @@ impl Config {
                 "must be between 0.0 and 0.5".into(),
             );
         }
-        let longest_load = self.longest_load();
         if ttl.tombstone_ttl.is_some_and(|t| t <= longest_load) {
             bad(
                 &format!("{at}.tombstone_ttl"),
@@ -507,16 +520,6 @@ impl Config {
             );
         }
     }
-}
-
-/// The TTL keys one section sets, for [`Config::check_ttls`]: `[cache]` sets them all, a
-/// `[[resource]]` only those it overrides.
-struct Ttls {
-    l1_ttl: Option<Duration>,
-    l2_ttl: Option<Duration>,
-    negative_ttl: Option<Duration>,
-    tombstone_ttl: Option<Duration>,
-    ttl_jitter: Option<f64>,
 }
 
 /// A plain lowercase SQL identifier (used for syncar's own schema name).

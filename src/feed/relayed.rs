@@ -79,6 +79,8 @@ impl Source for Relayed {
         let mut up = false;
         // Whether the relay, a synchronous standby, waits for this instance's reports.
         let mut reporting = false;
+        // The slot epoch the relay's positions are of (see `Relayed::Heartbeat::epoch`).
+        let mut relay_epoch: Option<i64> = None;
         let applied = applied_channel(&config.redis.key_prefix);
         let mut tick = ticker(config.feeds.heartbeat_interval);
         loop {
@@ -128,8 +130,11 @@ impl Source for Relayed {
                             if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
                                 ctx.coherence.applied(lsn.as_u64());
                                 ctx.tiers.watch().position(lsn.as_u64());
-                                if reporting {
-                                    report(ctx, &applied, lsn).await;
+                                if reporting && !report(ctx, &applied, lsn).await {
+                                    // The relay stops waiting for a silent instance after
+                                    // its lease: this one must not use L1 meanwhile.
+                                    feed.set_down("cannot report to the synchronous relay");
+                                    feed.revoke();
                                 }
                             }
                         }
@@ -142,8 +147,17 @@ impl Source for Relayed {
                                 feed.revoke();
                             }
                         }
-                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync } => {
+                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync, epoch } => {
                             reporting = sync;
+                            if epoch != relay_epoch {
+                                // Another slot (a new one, or a Postgres restored or
+                                // failed over without its slot): its positions may lie
+                                // below the ones applied so far, which prove nothing now.
+                                if relay_epoch.is_some() {
+                                    ctx.coherence.forget_applied();
+                                }
+                                relay_epoch = epoch;
+                            }
                             metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
                             if let Some(bytes) = lag_bytes {
                                 metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
@@ -163,14 +177,23 @@ impl Source for Relayed {
                                 // heartbeat, not a vouching: a lagging stream must count.
                                 feed.revoke();
                             }
-                            feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
-                            feed.set_up();
-                            up = true;
-                            if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
+                            let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+                            if let Some(lsn) = lsn {
                                 ctx.coherence.applied(lsn.as_u64());
-                                if reporting {
-                                    report(ctx, &applied, lsn).await;
-                                }
+                            }
+                            // A synchronous relay waits for this instance's reports, and
+                            // stops waiting after its lease: no report, no L1.
+                            let reported = match (reporting, lsn) {
+                                (true, Some(lsn)) => report(ctx, &applied, lsn).await,
+                                _ => true,
+                            };
+                            if reported {
+                                feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
+                                feed.set_up();
+                                up = true;
+                            } else {
+                                feed.set_down("cannot report to the synchronous relay");
+                                feed.revoke();
                             }
                         }
                     }
@@ -183,9 +206,14 @@ impl Source for Relayed {
 /// Tells the relay that this instance has applied every change up to `lsn` (see
 /// [`applied_channel`]). A report lost is made good by the next one: the relay waits, and
 /// drops an instance that stays silent for its lease (by then it no longer uses L1).
-async fn report(ctx: &FeedContext, channel: &str, lsn: Lsn) {
+/// Returns whether the report went out.
+async fn report(ctx: &FeedContext, channel: &str, lsn: Lsn) -> bool {
     let payload = format!("{} {}", ctx.instance_id, lsn.as_u64());
-    if let Err(e) = ctx.tiers.publish(channel, payload).await {
-        tracing::debug!(error = %e, "reporting the applied position failed");
+    match ctx.tiers.publish(channel, payload).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "reporting the applied position failed");
+            false
+        }
     }
 }

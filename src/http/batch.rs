@@ -135,6 +135,6 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static(JSON),
     );
-    super::position::add_headers(state, resp.headers_mut(), waited);
+    super::position::add_headers(resp.headers_mut(), waited);
     Ok(resp)
 }

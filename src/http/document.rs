@@ -141,7 +141,7 @@ async fn get(
         let mut resp =
             ApiError::NotFound(format!("{}/{key}", doc.resource.name)).into_response(state);
         resp.headers_mut().insert("x-cache", x_cache);
-        position::add_headers(state, resp.headers_mut(), waited);
+        position::add_headers(resp.headers_mut(), waited);
         return Ok(resp);
     };
     let etag = etag(&doc.resource, read.cached.version.0);
@@ -165,7 +165,7 @@ async fn get(
     resp.headers_mut().insert("x-cache", x_cache);
     resp.headers_mut()
         .insert(header::AGE, HeaderValue::from(age));
-    position::add_headers(state, resp.headers_mut(), waited);
+    position::add_headers(resp.headers_mut(), waited);
     if options
         .min_version
         .is_some_and(|min| read.cached.version < min)

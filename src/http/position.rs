@@ -34,11 +34,26 @@ pub const MIN_LSN_HEADER: &str = "x-syncar-min-lsn";
 /// Set to `unmet` when the version served is below `min_version`.
 pub const MIN_VERSION_HEADER: &str = "x-syncar-min-version";
 
-/// What a read asked of the stream's position, once waited for.
+/// What a read asked of the stream's position, once waited for, and the position as it
+/// stood then: taken before the tiers are read, so the header never claims a change
+/// applied while the answer was being read (the answer may be newer than the header says,
+/// never older).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Waited {
     /// `min_lsn` was asked and not reached in time: the read went to Postgres.
     pub unmet: bool,
+    /// The applied position and its age in ms, when it was taken.
+    position: Option<(u64, u64)>,
+}
+
+impl Waited {
+    /// Nothing waited for; the position as it stands now.
+    pub(super) fn now(state: &HttpState) -> Waited {
+        Waited {
+            unmet: false,
+            position: state.coherence.applied_position(),
+        }
+    }
 }
 
 /// Waits for `options.min_lsn`, if any, for at most `feeds.min_lsn_wait`; when it is not
@@ -48,7 +63,7 @@ pub(super) async fn wait_for_position(
     mut options: ReadOptions,
 ) -> (ReadOptions, Waited) {
     let Some(min) = options.min_lsn else {
-        return (options, Waited::default());
+        return (options, Waited::now(state));
     };
     let wal = state
         .catalog
@@ -62,12 +77,16 @@ pub(super) async fn wait_for_position(
     if !reached {
         options.strong = true;
     }
-    (options, Waited { unmet: !reached })
+    let waited = Waited {
+        unmet: !reached,
+        ..Waited::now(state)
+    };
+    (options, waited)
 }
 
 /// Adds the position headers (see the module doc) to an answer.
-pub(super) fn add_headers(state: &HttpState, headers: &mut HeaderMap, waited: Waited) {
-    if let Some((lsn, age_ms)) = state.coherence.applied_position() {
+pub(super) fn add_headers(headers: &mut HeaderMap, waited: Waited) {
+    if let Some((lsn, age_ms)) = waited.position {
         if let Ok(value) = HeaderValue::from_str(&Lsn::from_u64(lsn).to_string()) {
             headers.insert(LSN_HEADER, value);
         }

@@ -180,7 +180,7 @@ pub(super) fn open(
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     *resp.status_mut() = StatusCode::OK;
     let headers = resp.headers_mut();
-    super::position::add_headers(state, headers, super::position::Waited::default());
+    super::position::add_headers(headers, super::position::Waited::now(state));
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -12,57 +12,92 @@ use pgwire_replication::{Lsn, ReplicationClient};
 /// The positions of one relay term: published, and reported applied by instances.
 #[derive(Default)]
 pub(super) struct Confirmations {
-    /// The highest position published (everything up to it is in Redis and on the
-    /// channel).
+    /// The highest position published (everything up to it is in Redis, and what
+    /// instances need of it on the channel).
     published: Option<Lsn>,
-    /// `Some(feeds.lease)` while Postgres counts this relay as a synchronous standby
-    /// (`pg_stat_replication.sync_state` `sync` or `quorum`): positions are confirmed only
-    /// once applied by every instance that reported within that lease.
+    /// The highest position a published message carried (a batch's last commit, a
+    /// heartbeat): the positions instances report. Those between it and `published` changed
+    /// nothing instances hold (commits of other tables).
+    carried: Option<Lsn>,
+    /// The highest position confirmed to Postgres.
+    confirmed: Option<Lsn>,
+    /// `Some(feeds.lease)` while the relay may be a synchronous standby
+    /// (`pg_stat_replication.sync_state` `sync`, `quorum` or `potential`, or not known yet):
+    /// positions are confirmed only once applied by every instance that reported within
+    /// that lease.
     synchronous: Option<Duration>,
+    /// Since when it is synchronous: for one lease after that, no report means "not heard
+    /// yet", not "no instance", and nothing past what was confirmed then is confirmed.
+    since: Option<Instant>,
+    /// What was confirmed when it became synchronous.
+    floor: Option<Lsn>,
     /// What each instance reported applying (an LSN as a number), and when the report came.
     reports: HashMap<String, (u64, Instant)>,
 }
 
 impl Confirmations {
+    /// A term's start: synchronous until Postgres is seen to say otherwise (a commit may be
+    /// waiting for this relay already), instances reporting within `lease`.
+    pub(super) fn new(lease: Duration) -> Self {
+        Confirmations {
+            synchronous: Some(lease),
+            since: Some(Instant::now()),
+            ..Confirmations::default()
+        }
+    }
+
     /// Whether the relay waits for the instances' reports.
     pub(super) fn is_synchronous(&self) -> bool {
         self.synchronous.is_some()
     }
 
-    /// Starts (`Some(lease)`) or stops waiting for the instances' reports; the reports heard
-    /// so far are forgotten.
+    /// Starts (`Some(lease)`) or stops waiting for the instances' reports.
     pub(super) fn set_synchronous(&mut self, lease: Option<Duration>) {
+        if lease.is_some() && self.synchronous.is_none() {
+            self.since = Some(Instant::now());
+            self.floor = self.confirmed;
+        }
         self.synchronous = lease;
-        self.reports.clear();
     }
 
-    /// Everything up to `lsn` is in Redis and published: confirm it, now or (a synchronous
-    /// standby) once the instances have applied it.
-    pub(super) fn advance(&mut self, repl: &ReplicationClient, lsn: Lsn) {
+    /// Everything up to `lsn` is in Redis and published (`carried`: by a message that
+    /// instances report, else nothing was published for it): confirm it, now or (a
+    /// synchronous standby) once the instances have applied it.
+    pub(super) fn advance(&mut self, repl: &ReplicationClient, lsn: Lsn, carried: bool) {
         if self.published.is_none_or(|p| lsn > p) {
             self.published = Some(lsn);
+        }
+        if carried && self.carried.is_none_or(|c| lsn > c) {
+            self.carried = Some(lsn);
         }
         self.confirm(repl);
     }
 
-    /// Confirms to Postgres the highest position that may be: what is published, and, while
-    /// the relay is a synchronous standby, what every instance which reported within its
-    /// lease has applied (see [`synchronous_position`]). The crate sends a raised position
-    /// within its status interval, and never moves it back.
+    /// Confirms to Postgres the highest position that may be (see [`confirmable`]). The
+    /// crate sends a raised position within its status interval, and never moves it back.
     pub(super) fn confirm(&mut self, repl: &ReplicationClient) {
         let Some(published) = self.published else {
             return;
         };
         let lsn = match self.synchronous {
-            None => published,
+            None => published.as_u64(),
             Some(lease) => {
                 let now = Instant::now();
                 self.reports
                     .retain(|_, (_, seen)| now.duration_since(*seen) <= lease);
-                synchronous_position(published.as_u64(), self.reports.values().map(|r| r.0)).into()
+                let waiting = self.since.is_some_and(|s| now.duration_since(s) < lease);
+                confirmable(
+                    published.as_u64(),
+                    self.carried.map(Lsn::as_u64),
+                    self.reports.values().map(|r| r.0),
+                    waiting.then(|| self.floor.map_or(0, Lsn::as_u64)),
+                )
             }
         };
-        repl.update_applied_lsn(lsn);
+        if lsn > 0 && self.confirmed.is_none_or(|c| lsn > c.as_u64()) {
+            self.confirmed = Some(Lsn::from_u64(lsn));
+            repl.update_applied_lsn(Lsn::from_u64(lsn));
+        }
     }
 
     /// An instance's report of the position it applied (`"{instance} {lsn}"`, see
@@ -82,52 +117,94 @@ impl Confirmations {
     }
 }
 
-/// What a relay that is a synchronous standby may confirm: the position published
-/// (`published`), but no further than the least position applied by the instances that
-/// reported within their lease (`applied`). An instance silent for its lease is left out: by
-/// then its own feed lease has run out and it bypasses L1, so a change it missed is not
-/// served from it. No instance reporting: only what is published bounds it.
-fn synchronous_position(published: u64, applied: impl Iterator<Item = u64>) -> u64 {
-    applied.fold(published, u64::min)
+/// What a relay that is a synchronous standby may confirm:
+/// - the least position applied by the instances that reported within their lease
+///   (`applied`), and past it up to `published` once they have all applied what the last
+///   carrying message carried (`carried`: the positions after it changed nothing they hold);
+/// - with no instance reporting, `published`, unless the relay became synchronous less than
+///   a lease ago (`waiting`: the reports may not have come yet), then what was confirmed
+///   when it did.
+///
+/// An instance silent for its lease is left out: by then its own feed lease has run out
+/// and it bypasses L1, so a change it missed is not served from it.
+fn confirmable(
+    published: u64,
+    carried: Option<u64>,
+    applied: impl Iterator<Item = u64>,
+    waiting: Option<u64>,
+) -> u64 {
+    match applied.min() {
+        None => waiting.unwrap_or(published),
+        Some(least) if carried.is_none_or(|c| least >= c) => published,
+        Some(least) => least.min(published),
+    }
 }
 
-/// Whether Postgres counts the stream of `slot` as a synchronous standby (`sync_state`
-/// `sync` or `quorum` in `pg_stat_replication`).
+/// Whether Postgres may wait for the stream of `slot` as a synchronous standby:
+/// `sync_state` `sync`, `quorum` or `potential` in `pg_stat_replication` (a potential
+/// standby takes over from a synchronous one without warning). `None` while the stream is
+/// not `streaming` yet: Postgres counts only streaming standbys, so what it says then proves
+/// nothing.
 ///
 /// # Errors
 /// Postgres failing.
 pub(super) async fn synchronous(
     client: &tokio_postgres::Client,
     slot: &str,
-) -> Result<bool, tokio_postgres::Error> {
-    let state: Option<String> = client
+) -> Result<Option<bool>, tokio_postgres::Error> {
+    let row = client
         .query_opt(
-            "SELECT r.sync_state FROM pg_replication_slots s \
+            "SELECT r.state, r.sync_state FROM pg_replication_slots s \
              JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
             &[&slot],
         )
-        .await?
-        .map(|r| r.get(0));
-    Ok(matches!(state.as_deref(), Some("sync" | "quorum")))
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let (state, sync_state): (Option<String>, Option<String>) = (row.get(0), row.get(1));
+    if state.as_deref() != Some("streaming") {
+        return Ok(None);
+    }
+    Ok(Some(matches!(
+        sync_state.as_deref(),
+        Some("sync" | "quorum" | "potential")
+    )))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::synchronous_position;
+    use super::confirmable;
 
     #[test]
     fn a_synchronous_relay_confirms_what_every_reporting_instance_applied() {
+        let at = |applied: &[u64]| confirmable(100, Some(90), applied.iter().copied(), None);
+        assert_eq!(at(&[]), 100, "nobody to wait for");
         assert_eq!(
-            synchronous_position(100, [].into_iter()),
+            at(&[90, 95]),
             100,
-            "nobody to wait for"
+            "all have what was carried: the rest changed nothing"
         );
-        assert_eq!(synchronous_position(100, [100, 120].into_iter()), 100);
-        assert_eq!(synchronous_position(100, [100, 40].into_iter()), 40);
+        assert_eq!(at(&[90, 40]), 40, "one is behind");
         assert_eq!(
-            synchronous_position(100, [140].into_iter()),
+            confirmable(100, Some(100), [140].into_iter(), None),
             100,
             "never past what is published"
         );
+        assert_eq!(
+            confirmable(100, None, [5].into_iter(), None),
+            100,
+            "nothing carried yet: nothing to wait for"
+        );
+    }
+
+    #[test]
+    fn a_relay_just_made_synchronous_waits_for_the_first_reports() {
+        assert_eq!(
+            confirmable(100, Some(90), [].into_iter(), Some(60)),
+            60,
+            "no report yet within the lease: what was confirmed before"
+        );
+        assert_eq!(confirmable(100, Some(90), [90].into_iter(), Some(60)), 100);
     }
 }

@@ -152,10 +152,15 @@ impl Script {
     pub fn to_sql(&self) -> String {
         let mut out = String::new();
         for block in self.blocks.iter().filter(|b| !b.statements.is_empty()) {
-            out.push_str(&format!("-- {}\n", block.comment));
+            out.push_str(&format!("-- {}\n", one_line(&block.comment)));
+            if !block.transaction {
+                out.push_str("SET synchronous_commit = local;\n");
+            }
             if block.transaction {
+                // As `migrate` runs it: never holding a table's readers behind a lock wait
+                // for long, never waiting for a synchronous standby (the relay among them).
                 out.push_str(&format!(
-                    "BEGIN;\nSET LOCAL lock_timeout = '{}ms';\n",
+                    "BEGIN;\nSET LOCAL lock_timeout = '{}ms';\nSET LOCAL synchronous_commit = local;\n",
                     LOCK_TIMEOUT.as_millis()
                 ));
             }
@@ -170,6 +175,14 @@ impl Script {
         }
         out
     }
+}
+
+/// `text` on one line, for an SQL comment: a table name holding a newline must not start a
+/// line of its own in the script (psql would run a `\` command there).
+pub fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Where the migration's statements go.
@@ -451,8 +464,13 @@ async fn migrate_once(
         .map_err(pg("looking up the schema"))?
         .get(0);
     if !has_schema {
-        sink.run(&tx, format!("CREATE SCHEMA {s}"), "creating the schema")
-            .await?;
+        // (IF NOT EXISTS: a script's earlier block may have created it already.)
+        sink.run(
+            &tx,
+            format!("CREATE SCHEMA IF NOT EXISTS {s}"),
+            "creating the schema",
+        )
+        .await?;
         changes.push(format!("created schema {schema}"));
     }
 
