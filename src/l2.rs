@@ -848,6 +848,22 @@ impl L2 {
         self.raise_high_water(high_water).await
     }
 
+    /// Records that on `timeline` the relay's slot was a failover slot and the primary held
+    /// logical decoding back for a standby (`synchronized_standby_slots`): a standby
+    /// promoted from that timeline with a synchronized copy of the slot lacks nothing the
+    /// relay relayed (see `Tiers::secure_postgres`). Field `failover_guarded:{timeline}` of
+    /// the Postgres record.
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn record_failover_guarded(&self, timeline: i32) -> Result<(), L2Error> {
+        let mut conn = self.conn();
+        let key = self.postgres_key();
+        let field = format!("failover_guarded:{timeline}");
+        let _: i64 = self.run("postgres", conn.hset(&key, field, "1")).await?;
+        Ok(())
+    }
+
     /// Raises the recorded high-water version to at least `version`.
     ///
     /// # Errors

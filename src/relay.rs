@@ -57,8 +57,8 @@ use crate::feed::relayed::{applied_channel, relay_alive_channel, relay_channel};
 use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, Resource};
 use crate::schema::capture::{
-    ensure_slot, failover_gaps, new_slot_epoch, recorded_source, slot_epoch, slot_lag, SlotState,
-    MESSAGE_PREFIX,
+    ensure_slot, failover_gaps, new_slot_epoch, recorded_source, server_version_num, slot_epoch,
+    slot_lag, SlotState, MESSAGE_PREFIX,
 };
 use crate::schema::shape::ShapeCheck;
 use crate::schema::VERSION_SEQUENCE;
@@ -205,10 +205,11 @@ async fn stream(
              to it, so every cached resource is flushed"
         ),
     }
-    match failover_gaps(&client, slot).await {
-        Ok(gaps) if !gaps.is_empty() => {
+    let gaps = failover_gaps(&client, slot).await;
+    match gaps {
+        Ok(ref gaps) if !gaps.is_empty() => {
             let first = !FAILOVER_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed);
-            for gap in gaps {
+            for gap in gaps.iter() {
                 if first {
                     tracing::warn!(slot = %slot, "{gap}");
                 } else {
@@ -217,7 +218,7 @@ async fn stream(
             }
         }
         Ok(_) => {}
-        Err(e) => tracing::debug!(error = %error_chain(&e), "cannot read the failover settings"),
+        Err(ref e) => tracing::debug!(error = %error_chain(e), "cannot read the failover settings"),
     }
     let epoch = match slot_epoch(&client, &postgres.schema)
         .await
@@ -233,6 +234,19 @@ async fn stream(
     // from a Postgres that went back in time unnoticed.
     ctx.tiers.secure_redis(catalog).await?;
     ctx.tiers.secure_postgres().await?;
+    // Recorded only now: a relay on a promoted standby must first compare with what the
+    // timeline it left recorded.
+    if let (Ok(gaps), Some(timeline)) = (&gaps, current_timeline(&client).await) {
+        if gaps.is_empty()
+            && server_version_num(&client)
+                .await
+                .is_ok_and(|v| v >= 170_000)
+        {
+            if let Err(e) = ctx.tiers.record_failover_guarded(timeline).await {
+                tracing::debug!(error = %e, "cannot record that failover is guarded");
+            }
+        }
+    }
     // The tombstones below go under each resource's current generation, which this process
     // may never have read (`syncar relay` runs no feed).
     ctx.tiers
@@ -1156,6 +1170,18 @@ impl Sql {
     }
 }
 
+/// The timeline of the WAL being written (see [`crate::db::PostgresIdentity::timeline`]).
+async fn current_timeline(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_one(
+            "SELECT ('x' || left(pg_walfile_name(pg_current_wal_lsn()), 8))::bit(32)::int",
+            &[],
+        )
+        .await
+        .ok()
+        .map(|r| r.get(0))
+}
+
 /// The URL the relay connects with: `postgres.replication_url`, else `url`.
 fn relay_url(config: &Config) -> &str {
     config
@@ -1197,20 +1223,70 @@ async fn connected_host(client: &tokio_postgres::Client, config: &Config) -> usi
             if i32::from(port) != server_port {
                 continue;
             }
-            let resolved: Vec<std::net::IpAddr> = tokio::net::lookup_host((name.as_str(), port))
-                .await
-                .map(|addrs| addrs.map(|a| a.ip()).collect())
-                .unwrap_or_default();
+            let lookup = tokio::net::lookup_host((name.as_str(), port));
+            let resolved: Vec<std::net::IpAddr> =
+                match tokio::time::timeout(config.postgres.connect_timeout, lookup).await {
+                    Ok(Ok(addrs)) => addrs.map(|a| a.ip()).collect(),
+                    _ => Vec::new(),
+                };
             if addr.is_some_and(|a| resolved.contains(&a)) {
                 return i;
             }
         }
     }
+    // Behind NAT, a Service or a proxy the server sees another address: ask each host.
+    if let Some(i) = first_primary(config, &pg).await {
+        return i;
+    }
     tracing::warn!(
-        "cannot tell which of the postgres url's hosts the relay reached; streaming from the \
+        "cannot tell which of the postgres url's hosts is the primary; streaming from the \
          first (set postgres.replication_url to the primary's address)"
     );
     0
+}
+
+/// The first of `pg`'s hosts that answers as a primary (`NOT pg_is_in_recovery()`), each
+/// asked on a connection of its own with the URL's user, database and TLS.
+async fn first_primary(config: &Config, pg: &tokio_postgres::Config) -> Option<usize> {
+    let (_, tls) = PostgresTls::split(relay_url(config)).ok()?;
+    let connector = tls.connector().ok()?;
+    for (i, host) in pg.get_hosts().iter().enumerate() {
+        let mut one = tokio_postgres::Config::new();
+        match host {
+            tokio_postgres::config::Host::Tcp(h) => one.host(h),
+            tokio_postgres::config::Host::Unix(p) => one.host_path(p),
+        };
+        one.port(port_of(pg, i))
+            .connect_timeout(config.postgres.connect_timeout)
+            .application_name("syncar-relay");
+        if let Some(user) = pg.get_user() {
+            one.user(user);
+        }
+        if let Some(password) = pg.get_password() {
+            one.password(password);
+        }
+        if let Some(db) = pg.get_dbname() {
+            one.dbname(db);
+        }
+        one.ssl_mode(pg.get_ssl_mode());
+        let connect = one.connect(connector.clone());
+        let Ok(Ok((client, connection))) =
+            tokio::time::timeout(config.postgres.connect_timeout, connect).await
+        else {
+            continue;
+        };
+        let driver = tokio::spawn(connection);
+        let primary = client
+            .query_one("SELECT NOT pg_is_in_recovery()", &[])
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0));
+        drop(client);
+        let _ = driver.await;
+        if primary {
+            return Some(i);
+        }
+    }
+    None
 }
 
 /// The port of host `i` (libpq: one port for every host, or one each).

@@ -118,9 +118,10 @@ const FILL_LEASE_POLL_MAX: Duration = Duration::from_millis(8);
 ///
 /// A new timeline alone is a promoted standby or a point-in-time recovery, either of which
 /// may have lost commits the caches hold copies of. It is no reason when `slot_followed`:
-/// the relay's failover slot was synchronized to this server, so the stream continues
-/// from a position the relay had applied, and (with `synchronized_standby_slots` on the
-/// old primary) nothing was ever relayed that this server lacks. See README "Failover".
+/// the relay's failover slot was synchronized to this server, so the stream continues from
+/// a position the relay had applied, and the old timeline's primary was recorded holding
+/// decoding back for its standby (`synchronized_standby_slots`), so nothing was ever
+/// relayed that this server lacks. See README "Failover to a standby".
 fn went_back(
     now: &PostgresIdentity,
     system: Option<&str>,
@@ -1392,7 +1393,11 @@ impl Tiers {
         let id = self.db.identity().await.map_err(|e| e.to_string())?;
         let timeline = recorded("timeline");
         let moved = timeline_moved(&id, timeline.as_deref());
-        let followed = moved.is_some() && self.slot_followed().await;
+        // The slot followed, and on the timeline left the primary held decoding back for
+        // its standby: nothing relayed is missing here.
+        let guarded =
+            moved.is_some_and(|was| recorded(&format!("failover_guarded:{was}")).is_some());
+        let followed = guarded && self.slot_followed().await;
         let why = went_back(
             &id,
             recorded("system").as_deref(),
@@ -1498,6 +1503,15 @@ impl Tiers {
     /// Completes when Redis has been distrusted (one waiter: the Redis guard).
     pub async fn redis_distrusted(&self) {
         self.l2.distrusted().await;
+    }
+
+    /// Records that this timeline's primary guards a failover (see
+    /// [`L2::record_failover_guarded`]).
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn record_failover_guarded(&self, timeline: i32) -> Result<(), L2Error> {
+        self.l2.record_failover_guarded(timeline).await
     }
 
     /// Reads every resource's generation from Redis; see [`L2::load_generations`].

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use syncar::config::PostgresSource;
 
-use crate::support::{eventually, query_value, Env, Instance, PostgresPair};
+use crate::support::{eventually, query_value, Env, Instance, PostgresPair, Proxy};
 
 /// How long a change may take to reach every instance (generous for a loaded CI machine).
 const WINDOW: Duration = Duration::from_secs(30);
@@ -23,11 +23,16 @@ async fn generations(env: &Env) -> std::collections::HashMap<String, String> {
         .unwrap()
 }
 
-async fn start(env: &Env) -> Instance {
+/// An instance on the `wal` source. Its relay reaches the servers through `relay_url`
+/// (proxies: the address a server sees is not the one in the URL, as behind a Kubernetes
+/// Service, so the relay must ask each host which is the primary).
+async fn start(env: &Env, relay_url: &str) -> Instance {
+    let relay_url = relay_url.to_string();
     env.start(|c| {
         c.feeds.postgres_source = PostgresSource::Wal;
         // The relay's replication connection must not wait out a dead primary's socket.
         c.postgres.connect_timeout = Duration::from_secs(2);
+        c.postgres.replication_url = Some(relay_url);
     })
     .await
 }
@@ -37,8 +42,18 @@ async fn a_promoted_standby_keeps_the_caches_when_the_slot_followed_or_says_why_
     let pair = PostgresPair::start().await;
     let follows = pair.major >= 17;
     let env = Env::on_pair(&pair).await;
-    let a = start(&env).await;
-    let b = start(&env).await;
+    let proxies = [
+        Proxy::start(([127, 0, 0, 1], pair.primary_port).into()).await,
+        Proxy::start(([127, 0, 0, 1], pair.standby_port).into()).await,
+    ];
+    let db = env.pg_url.rsplit('/').next().unwrap().to_string();
+    let relay_url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/{db}",
+        proxies[0].addr.port(),
+        proxies[1].addr.port()
+    );
+    let a = start(&env, &relay_url).await;
+    let b = start(&env, &relay_url).await;
     let slot: String = {
         let pg = env.pg().await;
         query_value(
