@@ -51,6 +51,13 @@ pub fn relay_alive_channel(prefix: &str, relay: &str) -> String {
     format!("{prefix}relay-alive:{relay}")
 }
 
+/// How often an instance asks Redis whether the relay it hears still holds its alive
+/// subscription (`PUBSUB NUMSUB`, one command): a fifth of the heartbeat interval, at least
+/// 10 ms. A relay killed is noticed within that, where a heartbeat's absence takes the lease.
+fn alive_check(heartbeat: std::time::Duration) -> std::time::Duration {
+    (heartbeat / 5).max(std::time::Duration::from_millis(10))
+}
+
 /// The channel on which instances report the position they applied (`"{instance} {lsn}"`,
 /// the LSN as a number) while the relay is a synchronous standby: it confirms a position to
 /// Postgres only once every instance that reported within its lease has applied it.
@@ -83,13 +90,15 @@ impl Source for Relayed {
         let mut relay_epoch: Option<i64> = None;
         let applied = applied_channel(&config.redis.key_prefix);
         let mut tick = ticker(config.feeds.heartbeat_interval);
+        let mut alive_tick = ticker(alive_check(config.feeds.heartbeat_interval));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tick.tick() => {
+                _ = alive_tick.tick() => {
                     // A relay killed without a word is gone from Redis at once: no need to
                     // wait out the lease (bench-stale: reads stale for up to a second on
-                    // every instance after a relay's SIGKILL).
+                    // every instance after a relay's SIGKILL), nor for the next heartbeat's
+                    // time: commits made meanwhile reach nobody.
                     if let (true, Some(relay)) = (up, ctx.coherence.relay_status()) {
                         let alive = relay_alive_channel(&config.redis.key_prefix, &relay.relay);
                         if let Ok(0) = ctx.tiers.subscribers(&alive).await {
@@ -99,6 +108,8 @@ impl Source for Relayed {
                             feed.revoke();
                         }
                     }
+                }
+                _ = tick.tick() => {
                     if mono_ms() > feed.valid_until() {
                         let reason = format!(
                             "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
