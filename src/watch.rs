@@ -34,7 +34,8 @@ pub enum Event {
     Reset { reason: Arc<str> },
     /// Every change committed up to this WAL position (an LSN as a number) has been sent
     /// (`wal` source): the watermark a watcher compares a writer's `pg_current_wal_lsn()`
-    /// with. Sent after each batch of relayed changes, never replayed.
+    /// with. Sent after each batch of relayed changes and each relay heartbeat (every
+    /// `feeds.heartbeat_interval`), never replayed.
     Position(u64),
 }
 

@@ -191,6 +191,9 @@ impl Source for Relayed {
                             let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
                             if let Some(lsn) = lsn {
                                 ctx.coherence.applied(lsn.as_u64());
+                                // Watchers' watermark moves on when nothing else does: a
+                                // writer's position is reached within a heartbeat.
+                                ctx.tiers.watch().position(lsn.as_u64());
                             }
                             // A synchronous relay waits for this instance's reports, and
                             // stops waiting after its lease: no report, no L1.

@@ -13,7 +13,9 @@
 //! data: {"reason":"the redis feed went down; changes may be missed until it is back"}
 //! ```
 //!
-//! With the `wal` source, a `position` follows each batch of changes this instance applied:
+//! With the `wal` source, a `position` follows each batch of changes this instance applied,
+//! and each relay heartbeat (every `feeds.heartbeat_interval`, so it moves when nothing else
+//! does):
 //! every change committed up to that WAL position has been sent before it (compare a
 //! writer's `pg_current_wal_lsn()` after its commit). The stream's response carries
 //! `X-Syncar-LSN` as a GET does.
