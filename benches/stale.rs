@@ -532,7 +532,7 @@ async fn run_mode(
         cluster.wait_ready(i).await;
     }
     if mode == Mode::FullWalSync {
-        synchronous_relay(&client, true).await;
+        synchronous_relay(&client, &cluster.ports, true).await;
     }
     let clock = Clock(Instant::now());
     let keys: Vec<String> = (0..args.keys).map(|i| format!("k{i}")).collect();
@@ -696,7 +696,7 @@ async fn run_mode(
     let coherence_raw = scrape_delays(&cluster).await;
     if mode == Mode::FullWalSync {
         // Before the relay goes: commits of the next mode must not wait for it.
-        synchronous_relay(&client, false).await;
+        synchronous_relay(&client, &cluster.ports, false).await;
     }
     cluster.stop_all();
     // Plain-SQL commits as their writers waited for them (through the faults too).
@@ -732,8 +732,8 @@ async fn run_mode(
 }
 
 /// Names the relay in `synchronous_standby_names` (or clears it) and waits until Postgres
-/// counts it as synchronous (or no longer).
-async fn synchronous_relay(admin: &tokio_postgres::Client, on: bool) {
+/// counts it as synchronous (or no longer), and every instance has heard so from the relay.
+async fn synchronous_relay(admin: &tokio_postgres::Client, ports: &[u16], on: bool) {
     let set = if on {
         "ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'"
     } else {
@@ -764,7 +764,21 @@ async fn synchronous_relay(admin: &tokio_postgres::Client, on: bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The relay notices within relay_lease / 4, the instances at its next heartbeat.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    for &port in ports {
+        loop {
+            let heard = readyz(port)
+                .await
+                .is_some_and(|r| r["feeds"]["postgres"]["relay"]["sync"].as_bool() == Some(on));
+            if heard {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "instance on {port} never heard it"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 async fn fault(phase: &str, cluster: &Arc<Cluster>, pg_url: &str) {

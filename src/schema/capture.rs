@@ -7,7 +7,7 @@ use tokio_postgres::GenericClient;
 
 use super::error::SchemaError;
 use super::names::VERSION_SEQUENCE;
-use super::table::{Identity, TableInfo};
+use super::table::{table_oid, Identity, TableInfo};
 use crate::config::{Config, PostgresSource, ResourceConfig};
 use crate::resource::{quote_ident, quote_literal, Capture};
 
@@ -267,12 +267,7 @@ pub(super) async fn publication_change(
     tables: &[Published],
 ) -> Result<Option<(String, String)>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let version: i32 = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(pg("reading the server's version"))?
-        .get(0);
-    let lists = version >= 150_000;
+    let lists = server_version_num(client).await? >= 150_000;
     let exists: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
@@ -450,7 +445,8 @@ pub(super) async fn slot_plan(
             }
             SlotState::Recreated
         }
-        None if has_state_table(client, schema).await?
+        // (A plan on a fresh database has only planned the state table.)
+        None if table_oid(client, schema, STATE_TABLE, "r").await?.is_some()
             && slot_epoch(client, schema).await?.is_some() =>
         {
             SlotState::Missing
@@ -483,21 +479,6 @@ pub(super) async fn slot_plan(
         )
     });
     Ok((state, statements))
-}
-
-/// Whether the state table exists (a plan on a fresh database has only planned it).
-async fn has_state_table(client: &impl GenericClient, schema: &str) -> Result<bool, SchemaError> {
-    Ok(client
-        .query_one(
-            "SELECT to_regclass(quote_ident($1) || '.' || $2) IS NOT NULL",
-            &[&schema, &STATE_TABLE],
-        )
-        .await
-        .map_err(|source| SchemaError::Postgres {
-            doing: "looking up the state table",
-            source,
-        })?
-        .get(0))
 }
 
 /// `server_version_num`: 170004 for 17.4.

@@ -145,32 +145,9 @@ fn start_postgres(certs: Option<&Path>, settings: &str) -> (u16, PathBuf) {
         .keep();
     let data = root.join("data");
     if is_root() {
-        let status = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&root)
-            .status()
-            .expect("chown");
-        assert!(status.success(), "chown of the test data dir failed");
+        chown_postgres(&root);
     }
-    let out = as_postgres(&bin.join("initdb"))
-        .args([
-            "-D",
-            &data.to_string_lossy(),
-            "-A",
-            "trust",
-            "-U",
-            "postgres",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        ])
-        .output()
-        .expect("run initdb");
-    assert!(
-        out.status.success(),
-        "initdb failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    initdb(&bin, &data);
     let mut tls_opts = String::new();
     if let Some(certs) = certs {
         // The server's key, readable by the postgres user only (Postgres insists).
