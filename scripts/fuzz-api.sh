@@ -21,6 +21,11 @@ export SYNCAR_DEV_PG_PORT="${SYNCAR_DEV_PG_PORT:-$free_pg}"
 export SYNCAR_DEV_REDIS_PORT="${SYNCAR_DEV_REDIS_PORT:-$free_redis}"
 scripts/dev-services.sh up
 eval "$(scripts/dev-services.sh env)"
+# The relay as a synchronous standby (README "Committed means evicted"), so that writes the
+# fuzz sends with consistency=strong are served, not refused with 503 not_synchronous.
+psql_bin="$(command -v psql || ls -d /usr/lib/postgresql/*/bin/psql 2>/dev/null | sort -V | tail -n1)"
+"$psql_bin" "$SYNCAR_POSTGRES_URL" -qAtc "ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'"
+"$psql_bin" "$SYNCAR_POSTGRES_URL" -qAtc "SELECT pg_reload_conf()" >/dev/null
 port="${SYNCAR_FUZZ_PORT:-$free_api}"
 cargo build -q
 SYNCAR_LISTEN="127.0.0.1:$port" SYNCAR_LOG=warn "${CARGO_TARGET_DIR:-target}/debug/syncar" serve --config config/syncar.toml &
@@ -30,7 +35,7 @@ trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; scripts/
 ready=""
 for _ in $(seq 150); do
   if body="$( (exec 3<>"/dev/tcp/127.0.0.1/$port" && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && cat <&3) 2>/dev/null)" \
-    && grep -q '"ready":true' <<<"$body"; then
+    && grep -q '"ready":true' <<<"$body" && grep -q '"sync":true' <<<"$body"; then
     ready=yes
     break
   fi

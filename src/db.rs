@@ -51,6 +51,10 @@ pub enum DbError {
     /// after one retry on the catalog read again: the column may be new).
     #[error("{0}")]
     UnknownColumn(String),
+    /// A write asked to wait for every instance, and the relay is not a synchronous
+    /// standby (see [`relay_waited_for`]); rolled back (503 `not_synchronous`).
+    #[error("{0}")]
+    NotSynchronous(String),
     /// Anything else: a bug (500).
     #[error("postgres error: {0}")]
     Internal(String),
@@ -369,22 +373,36 @@ impl Db {
         key: &KeyParam,
         body: crate::model::JsonText,
         pre: Precondition,
+        commit: Commit,
     ) -> Result<WriteOutcome, DbError> {
         let (doc, write) = resource
             .prepare_write(key, &body, &pre)
             .map_err(DbError::from)?;
         let versions = if_versions(&pre);
         let params = write_params(&write, key, &doc, &versions);
-        let client = self.client().await?;
-        let row = if matches!(resource.shape, Shape::Kv) {
-            let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
-            client.query_opt(&stmt, &params).await
-        } else {
+        let mut client = self.client().await?;
+        let row = match &commit {
+            Commit::AsConfigured if matches!(resource.shape, Shape::Kv) => {
+                let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
+                client.query_opt(&stmt, &params).await.map_err(classify)?
+            }
             // A table write's SQL depends on which columns the body has: an unnamed statement,
             // so clients cannot grow the statement caches without bound.
-            client.query_opt(write.sql.as_str(), &params).await
-        }
-        .map_err(classify)?;
+            Commit::AsConfigured => client
+                .query_opt(write.sql.as_str(), &params)
+                .await
+                .map_err(classify)?,
+            Commit::Synchronous { .. } => {
+                let tx = client.transaction().await.map_err(classify)?;
+                commit.apply(&tx).await?;
+                let row = tx
+                    .query_opt(write.sql.as_str(), &params)
+                    .await
+                    .map_err(classify)?;
+                tx.commit().await.map_err(classify)?;
+                row
+            }
+        };
         Ok(match row {
             Some(row) => WriteOutcome::Written(written(&row)),
             None => WriteOutcome::PreconditionFailed,
@@ -400,9 +418,11 @@ impl Db {
         resource: &Resource,
         key: &KeyParam,
         pre: Precondition,
+        commit: Commit,
     ) -> Result<DeleteOutcome, DbError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(classify)?;
+        commit.apply(&tx).await?;
         let deleted = match &pre {
             Precondition::Versions(versions) => {
                 let stmt = tx
@@ -454,7 +474,11 @@ impl Db {
     /// # Errors
     /// [`TxFailed`] with the index of the operation that failed (`None`: the connection or
     /// the commit); nothing was committed.
-    pub async fn transact(&self, ops: &[TxItem<'_>]) -> Result<Vec<TxDone>, TxFailed> {
+    pub async fn transact(
+        &self,
+        ops: &[TxItem<'_>],
+        commit: Commit,
+    ) -> Result<Vec<TxDone>, TxFailed> {
         let at = |index| {
             move |e: DbError| TxFailed {
                 index,
@@ -467,6 +491,7 @@ impl Db {
             .await
             .map_err(classify)
             .map_err(at(None))?;
+        commit.apply(&tx).await.map_err(at(None))?;
         let mut done = Vec::with_capacity(ops.len());
         for (i, item) in ops.iter().enumerate() {
             let here = at(Some(i));
@@ -925,6 +950,101 @@ pub async fn connect_dedicated(
     }
 }
 
+/// How a client's write commits: whether it waits for the relay as a synchronous standby,
+/// which confirms a position only once every live instance has applied it ("committed
+/// means evicted", ARCHITECTURE "Synchronous mode"). See Postgres' `synchronous_commit` in
+/// "Write Ahead Log" and "Synchronous Replication".
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Commit {
+    /// The session's `synchronous_commit`: the server's, the database's or the role's
+    /// setting (`ALTER ROLE syncar SET synchronous_commit = ...`).
+    #[default]
+    AsConfigured,
+    /// `synchronous_commit = on` for the write's transaction, once Postgres says, in the
+    /// same transaction, that the relay streaming from `slot` is a synchronous standby
+    /// (see [`relay_waited_for`]); else the transaction is rolled back with
+    /// [`DbError::NotSynchronous`].
+    Synchronous {
+        /// The `wal` source's replication slot, whose walsender is the relay's.
+        slot: String,
+        /// The relay this instance heard last said it was a synchronous standby (its
+        /// heartbeat's `sync`): counts only while no relay streams (one is being replaced).
+        heard_synchronous: bool,
+    },
+}
+
+impl Commit {
+    /// Prepares the transaction for this choice: for [`Commit::Synchronous`], sets
+    /// `synchronous_commit` and checks the relay in one round trip.
+    async fn apply(&self, tx: &deadpool_postgres::Transaction<'_>) -> Result<(), DbError> {
+        let Commit::Synchronous {
+            slot,
+            heard_synchronous,
+        } = self
+        else {
+            return Ok(());
+        };
+        let row = tx
+            .query_one(
+                "SELECT set_config('synchronous_commit', 'on', true), \
+                        r.state, r.sync_state \
+                 FROM (SELECT 1) AS one LEFT JOIN (pg_replication_slots s \
+                       JOIN pg_stat_replication r ON r.pid = s.active_pid) \
+                   ON s.slot_name = $1",
+                &[slot],
+            )
+            .await
+            .map_err(classify)?;
+        relay_waited_for(
+            row.get::<_, Option<String>>(1).as_deref(),
+            row.get::<_, Option<String>>(2).as_deref(),
+            *heard_synchronous,
+        )
+        .map_err(DbError::NotSynchronous)
+    }
+}
+
+/// Whether a commit with `synchronous_commit = on` waits for the relay, from its walsender's
+/// `state` and `sync_state` in `pg_stat_replication` (both `None`: no relay streams from the
+/// slot now):
+/// - streaming and `sync`: Postgres waits for its confirmation;
+/// - streaming and anything else (`async`, `potential`, `quorum`: another standby's
+///   confirmation may be enough): it does not; the error says what to change;
+/// - no relay streaming (one is being replaced, or catching up): Postgres holds a commit
+///   until enough synchronous standbys confirm it, so it waits for the next relay, if the
+///   last one heard was synchronous (`heard_synchronous`);
+/// - streaming without a visible `sync_state`: the role cannot see it (it needs
+///   `pg_read_all_stats`, or to be the relay's role).
+///
+/// # Errors
+/// Why the commit would not wait for the relay, for the client (503 `not_synchronous`).
+pub fn relay_waited_for(
+    state: Option<&str>,
+    sync_state: Option<&str>,
+    heard_synchronous: bool,
+) -> Result<(), String> {
+    const NAME_IT: &str = "name the relay in synchronous_standby_names (application_name \
+                           syncar-relay, e.g. '\"syncar-relay\"'); see the README's \
+                           \"Committed means evicted\"";
+    match (state, sync_state) {
+        (Some("streaming"), Some("sync")) => Ok(()),
+        (Some("streaming"), Some(other)) => Err(format!(
+            "consistency=strong needs the relay to be a synchronous standby, and Postgres \
+             counts it {other}: {NAME_IT}"
+        )),
+        (Some("streaming"), None) => Err(
+            "consistency=strong: this role cannot see the relay's sync_state in \
+             pg_stat_replication; grant it pg_read_all_stats, or run the relay as this role"
+                .into(),
+        ),
+        _ if heard_synchronous => Ok(()),
+        _ => Err(format!(
+            "consistency=strong: no relay streams now, and the last one heard was not a \
+             synchronous standby (or none was heard yet): {NAME_IT}"
+        )),
+    }
+}
+
 /// A select-list item that makes the statement's own (implicit) transaction commit without
 /// waiting for a synchronous standby, as [`own_bookkeeping`] does for a transaction, in the
 /// same round trip.
@@ -1009,5 +1129,31 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
     } else {
         class("internal");
         DbError::Internal(format!("{reason} [{sqlstate}]"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relay_waited_for;
+
+    #[test]
+    fn a_strong_write_commits_only_where_postgres_waits_for_the_relay() {
+        let streaming = Some("streaming");
+        assert!(relay_waited_for(streaming, Some("sync"), false).is_ok());
+        for state in ["async", "potential", "quorum"] {
+            let e = relay_waited_for(streaming, Some(state), true).unwrap_err();
+            assert!(
+                e.contains(state) && e.contains("synchronous_standby_names"),
+                "{state}: {e}"
+            );
+        }
+        let e = relay_waited_for(streaming, None, true).unwrap_err();
+        assert!(e.contains("pg_read_all_stats"), "{e}");
+        // No relay streaming: Postgres holds the commit for the next one only if the last
+        // was synchronous.
+        for state in [None, Some("catchup"), Some("startup")] {
+            assert!(relay_waited_for(state, None, true).is_ok(), "{state:?}");
+            assert!(relay_waited_for(state, None, false).is_err(), "{state:?}");
+        }
     }
 }

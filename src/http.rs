@@ -11,6 +11,7 @@
 
 mod admin;
 mod batch;
+mod consistency;
 mod document;
 mod error;
 mod metrics;

@@ -21,7 +21,8 @@ use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed, Message, Op};
 use crate::db::{
-    Db, DbError, DeleteOutcome, PostgresIdentity, TxDone, TxFailed, TxItem, TxOp, WriteOutcome,
+    Commit, Db, DbError, DeleteOutcome, PostgresIdentity, TxDone, TxFailed, TxItem, TxOp,
+    WriteOutcome,
 };
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored, L2};
@@ -830,8 +831,9 @@ impl Tiers {
         Some(offer)
     }
 
-    /// Writes one document: Postgres (acknowledged at commit), then Redis (and the message
-    /// telling the other instances), then L1.
+    /// Writes one document: Postgres (acknowledged at commit, which with
+    /// [`Commit::Synchronous`] waits for every live instance to have applied it), then Redis
+    /// (and the message telling the other instances), then L1.
     ///
     /// Run it to completion (spawned): a write abandoned between commit and cache updates
     /// would leave Redis behind until its repair.
@@ -843,9 +845,13 @@ impl Tiers {
         doc: &DocRef,
         body: crate::model::JsonText,
         pre: Precondition,
+        commit: Commit,
     ) -> Result<WriteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-        let mut outcome = self.db.put(&doc.resource, &doc.key, body, pre).await?;
+        let mut outcome = self
+            .db
+            .put(&doc.resource, &doc.key, body, pre, commit)
+            .await?;
         if let WriteOutcome::Written(w) = &mut outcome {
             self.saw(w.version);
             let copy = Cached::value(w.version, w.doc.clone());
@@ -881,9 +887,14 @@ impl Tiers {
     ///
     /// # Errors
     /// Postgres' failure; nothing was committed.
-    pub async fn delete(&self, doc: &DocRef, pre: Precondition) -> Result<DeleteOutcome, DbError> {
+    pub async fn delete(
+        &self,
+        doc: &DocRef,
+        pre: Precondition,
+        commit: Commit,
+    ) -> Result<DeleteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-        let mut outcome = self.db.delete(&doc.resource, &doc.key, pre).await?;
+        let mut outcome = self.db.delete(&doc.resource, &doc.key, pre, commit).await?;
         if let DeleteOutcome::Deleted { version } = &mut outcome {
             self.saw(*version);
             let absent = Cached::absent(*version);
@@ -1057,7 +1068,11 @@ impl Tiers {
     ///
     /// # Errors
     /// The operation that failed, and why; nothing was committed.
-    pub async fn transact(&self, ops: &[(DocRef, TxOp)]) -> Result<Vec<TxDone>, TxFailed> {
+    pub async fn transact(
+        &self,
+        ops: &[(DocRef, TxOp)],
+        commit: Commit,
+    ) -> Result<Vec<TxDone>, TxFailed> {
         let started: Vec<Started> = ops
             .iter()
             .map(|(doc, _)| self.started(doc, self.l1.as_ref().map(L1::generation)))
@@ -1070,7 +1085,7 @@ impl Tiers {
                 op,
             })
             .collect();
-        let done = self.db.transact(&items).await?;
+        let done = self.db.transact(&items, commit).await?;
         for (((doc, _), outcome), generation) in ops.iter().zip(&done).zip(started) {
             let (copy, op) = match outcome {
                 TxDone::Written(w) => (Cached::value(w.version, w.doc.clone()), Op::Put),

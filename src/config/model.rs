@@ -209,6 +209,12 @@ pub struct FeedsConfig {
     /// `server.request_timeout`.
     #[serde(with = "humantime_serde")]
     pub min_lsn_wait: Duration,
+    /// Every write through syncar (PUT, DELETE, a transaction) returns only once every live
+    /// instance has applied it, as with `?consistency=strong` (which a write may still turn
+    /// off with `?consistency=default`): its commit waits for the relay as a synchronous
+    /// standby. Needs the `wal` source and the relay named in `synchronous_standby_names`;
+    /// otherwise writes are refused (503 `not_synchronous`, saying what to change).
+    pub synchronous_writes: bool,
 }
 
 /// See [`FeedsConfig::postgres_source`].
@@ -254,6 +260,7 @@ impl Default for FeedsConfig {
             replay_margin: Duration::from_secs(10),
             max_backoff: Duration::from_secs(5),
             min_lsn_wait: Duration::from_millis(500),
+            synchronous_writes: false,
         }
     }
 }

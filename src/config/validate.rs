@@ -220,6 +220,21 @@ impl Config {
                     .into(),
             );
         }
+        if f.synchronous_writes
+            && !matches!(
+                f.postgres_source,
+                PostgresSource::Wal | PostgresSource::Auto
+            )
+        {
+            bad(
+                "feeds.synchronous_writes",
+                format!(
+                    "needs postgres_source = \"wal\" (the relay as a synchronous standby); \
+                     {} has no acknowledgement from the instances for a commit to wait for",
+                    f.postgres_source.as_str()
+                ),
+            );
+        }
         if !f.wal_slot.is_empty() && !is_identifier(&f.wal_slot) {
             bad(
                 "feeds.wal_slot",

@@ -16,7 +16,7 @@ use super::position;
 use super::request::{read_json, read_options, target, write_precondition, Target};
 use super::response::{etag, json_response, JSON};
 use super::state::HttpState;
-use crate::db::{DeleteOutcome, WriteOutcome};
+use crate::db::{Commit, DeleteOutcome, WriteOutcome};
 use crate::model::State;
 use crate::resource::{DocRef, Precondition};
 use crate::tiers::ReadOptions;
@@ -34,10 +34,13 @@ enum DocumentRequest {
         doc: DocRef,
         pre: Precondition,
         body: crate::model::JsonText,
+        /// `consistency=strong` (see [`super::consistency`]).
+        commit: Commit,
     },
     Delete {
         target: Target,
         pre: Precondition,
+        commit: Commit,
     },
 }
 
@@ -49,13 +52,22 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, rest: &str
             options,
             if_none_match,
         } => get(state, target, options, if_none_match).await,
-        DocumentRequest::Put { doc, pre, body } => {
+        DocumentRequest::Put {
+            doc,
+            pre,
+            body,
+            commit,
+        } => {
             can_hold(&pre)?;
-            put(state, doc, pre, body).await
+            put(state, doc, pre, body, commit).await
         }
-        DocumentRequest::Delete { target, pre } => {
+        DocumentRequest::Delete {
+            target,
+            pre,
+            commit,
+        } => {
             can_hold(&pre)?;
-            delete(state, target, pre).await
+            delete(state, target, pre, commit).await
         }
     }
 }
@@ -77,6 +89,7 @@ async fn parse(
     Ok(match method {
         Method::PUT => {
             let pre = write_precondition(req.headers(), true, target.doc.resource.shape_epoch())?;
+            let commit = super::consistency::commit(state, req.uri().query())?;
             let body = tokio::time::timeout(
                 server.request_timeout,
                 read_json(req, server.max_body_bytes),
@@ -87,10 +100,12 @@ async fn parse(
                 doc: target.doc,
                 pre,
                 body,
+                commit,
             }
         }
         Method::DELETE => DocumentRequest::Delete {
             pre: write_precondition(req.headers(), false, target.doc.resource.shape_epoch())?,
+            commit: super::consistency::commit(state, req.uri().query())?,
             target,
         },
         _ => DocumentRequest::Read {
@@ -185,17 +200,19 @@ async fn put(
     doc: DocRef,
     pre: Precondition,
     body: crate::model::JsonText,
+    commit: Commit,
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
     let write = |doc: DocRef, body: crate::model::JsonText| {
         let pre = pre.clone();
+        let commit = commit.clone();
         async move {
             let tiers = state.tiers.clone();
             // Spawned so a client hanging up (or the deadline) cannot stop the write between
             // commit and cache updates; the tracker lets shutdown wait for it.
             let task = state
                 .writes
-                .spawn(async move { tiers.put(&doc, body, pre).await });
+                .spawn(async move { tiers.put(&doc, body, pre, commit).await });
             tokio::time::timeout(timeout, task)
                 .await
                 .map_err(deadline(timeout))?
@@ -230,17 +247,18 @@ async fn put(
 }
 
 /// DELETE: 204 with the ETag of the delete, 404 when absent.
-async fn delete(state: &HttpState, target: Target, pre: Precondition) -> Answer {
+async fn delete(state: &HttpState, target: Target, pre: Precondition, commit: Commit) -> Answer {
     let timeout = state.config.server.request_timeout;
     let Target { doc, key } = target;
     let name = format!("{}/{key}", doc.resource.name);
     let write = |doc: DocRef| {
         let pre = pre.clone();
+        let commit = commit.clone();
         async move {
             let tiers = state.tiers.clone();
             let task = state
                 .writes
-                .spawn(async move { tiers.delete(&doc, pre).await });
+                .spawn(async move { tiers.delete(&doc, pre, commit).await });
             tokio::time::timeout(timeout, task)
                 .await
                 .map_err(deadline(timeout))?

@@ -78,6 +78,11 @@ pub enum ApiError {
     PreconditionFailed(String),
     #[error("{0}")]
     Unavailable(String),
+    /// A write asked to return only once every live instance applied it
+    /// (`consistency=strong`, `feeds.synchronous_writes`), and this instance cannot see a
+    /// relay Postgres waits for: why. Nothing was written.
+    #[error("{0}")]
+    NotSynchronous(String),
     #[error("not ready: {0}")]
     Starting(String),
     #[error("request timed out after {0:?}")]
@@ -115,6 +120,7 @@ impl ApiError {
             Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             PreconditionFailed(_) => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            NotSynchronous(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_synchronous"),
             Starting(_) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
             Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -143,7 +149,10 @@ impl ApiError {
             ApiError::MethodNotAllowed(allow) => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(allow));
             }
-            ApiError::Unavailable(_) | ApiError::Starting(_) | ApiError::SchemaChanged(_) => {
+            ApiError::Unavailable(_)
+            | ApiError::Starting(_)
+            | ApiError::SchemaChanged(_)
+            | ApiError::NotSynchronous(_) => {
                 let secs = state.config.postgres.retry_after.as_secs().max(1);
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
@@ -198,6 +207,7 @@ impl From<DbError> for ApiError {
                 "the resource's table changed and no longer fits: {m}"
             )),
             DbError::UnknownColumn(m) => ApiError::Unprocessable(m),
+            DbError::NotSynchronous(m) => ApiError::NotSynchronous(m),
             DbError::Internal(m) => ApiError::Internal(m),
         }
     }

@@ -90,6 +90,38 @@ pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
     Ok(options)
 }
 
+/// A write's query: `consistency=strong|default` only (see [`super::consistency`]);
+/// `None` when it does not say. Anything else is an error, as on a read.
+///
+/// # Errors
+/// 400 for an unknown parameter or a bad value.
+pub fn write_consistency(query: Option<&str>) -> Result<Option<bool>, ApiError> {
+    let mut strong = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match (name, value) {
+            ("consistency", "strong") => strong = Some(true),
+            ("consistency", "default") => strong = Some(false),
+            ("consistency", _) => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "consistency must be strong (return once every instance applied the \
+                     write) or default, not {value:?}"
+                )))
+            }
+            _ => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown query parameter {name:?} on a write; known: consistency"
+                )))
+            }
+        }
+    }
+    Ok(strong)
+}
+
 /// Percent-decodes and checks a key: UTF-8, not empty, no NUL, within the limit.
 ///
 /// # Errors
@@ -368,6 +400,26 @@ mod tests {
             decode_key(&"%41".repeat(200), 100),
             Err(ApiError::KeyTooLong(_))
         ));
+    }
+
+    #[test]
+    fn write_consistency_parses() {
+        assert_eq!(write_consistency(None).unwrap(), None);
+        assert_eq!(write_consistency(Some("")).unwrap(), None);
+        assert_eq!(
+            write_consistency(Some("consistency=strong")).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            write_consistency(Some("consistency=default")).unwrap(),
+            Some(false)
+        );
+        for bad in ["consistency=", "consistency=eventual", "min_lsn=0/1", "x"] {
+            assert!(
+                matches!(write_consistency(Some(bad)), Err(ApiError::InvalidQuery(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

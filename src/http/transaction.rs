@@ -88,6 +88,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
         return Err(ApiError::MethodNotAllowed(ALLOW_BATCH));
     }
     let catalog = state.catalog()?;
+    let commit = super::consistency::commit(state, req.uri().query())?;
     let server = &state.config.server;
     let timeout = server.request_timeout;
     let max_key_bytes = server.max_key_bytes;
@@ -106,18 +107,21 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
         ));
     }
     let ops = operations(&catalog, &tx, max_key_bytes)?;
-    let run = |ops: Vec<(DocRef, TxOp)>| async move {
-        let tiers = state.tiers.clone();
-        // Spawned, as a single write: a client hanging up cannot stop it between the commit
-        // and the cache updates.
-        let task = state.writes.spawn(async move {
-            let result = tiers.transact(&ops).await;
-            (ops, result)
-        });
-        tokio::time::timeout(timeout, task)
-            .await
-            .map_err(|_| ApiError::Timeout(timeout))?
-            .map_err(|e| ApiError::Internal(e.to_string()))
+    let run = |ops: Vec<(DocRef, TxOp)>| {
+        let commit = commit.clone();
+        async move {
+            let tiers = state.tiers.clone();
+            // Spawned, as a single write: a client hanging up cannot stop it between the commit
+            // and the cache updates.
+            let task = state.writes.spawn(async move {
+                let result = tiers.transact(&ops, commit).await;
+                (ops, result)
+            });
+            tokio::time::timeout(timeout, task)
+                .await
+                .map_err(|_| ApiError::Timeout(timeout))?
+                .map_err(|e| ApiError::Internal(e.to_string()))
+        }
     };
     let (ops, result) = match run(ops).await? {
         // Rolled back as a whole: once more on the catalog read again (see

@@ -1197,3 +1197,168 @@ async fn a_synchronous_relay_killed_or_its_redis_restarted_stalls_commits_bounde
     }
     eprintln!("the longest commit through both faults waited {longest:?}");
 }
+
+/// `?consistency=strong` on syncar's own writes, and `feeds.synchronous_writes` for all of
+/// them, where the server's commits do not wait (`synchronous_commit = local`): a PUT, a
+/// DELETE and a transaction so made return only once every instance applied them (b hears
+/// Redis through a 40 ms delay line, so without the wait the other would serve its old copy
+/// right after). With the relay no longer a synchronous standby such a write is refused,
+/// 503 `not_synchronous`, and writes nothing; on another source it is refused too.
+#[tokio::test]
+async fn strong_writes_return_once_every_instance_applied_them() {
+    let env = Env::new_on_postgres_with("-c synchronous_commit=local").await;
+    let pg = env.pg().await;
+    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    // a writes strongly by configuration; b by asking.
+    let a = env
+        .start(|c| {
+            wal(c);
+            c.feeds.synchronous_writes = true;
+        })
+        .await;
+    let redis: SocketAddr = env
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap();
+    let line = crate::support::Proxy::start(redis).await;
+    let b = env
+        .on_redis(format!("redis://{}", line.addr))
+        .start(|c| {
+            wal(c);
+            c.feeds.relay = false;
+        })
+        .await;
+    for i in [&a, &b] {
+        eventually(WINDOW, "the relay waits for the instances", || async {
+            (i.readyz().await["feeds"]["postgres"]["relay"]["sync"] == true).then_some(())
+        })
+        .await;
+    }
+    let v = a.put("/v1/kv/s", "0").await.etag_version();
+    sees(&b, "/v1/kv/s", v).await;
+    line.delay(Duration::from_millis(40));
+    let in_l1 = |i: &'static str, instance: &Instance| {
+        let addr = instance.addr();
+        async move {
+            eventually(WINDOW, &format!("the key in {i}'s L1"), || async {
+                let r = request(addr, "GET", "/v1/kv/s", &[], None).await;
+                (r.header("x-cache") == Some("l1")).then_some(())
+            })
+            .await;
+        }
+    };
+    for round in 0..5 {
+        in_l1("a", &a).await;
+        in_l1("b", &b).await;
+        // By configuration, from a; read on b, which hears it 40 ms late.
+        let v = a.put("/v1/kv/s", &format!("{round}")).await.etag_version();
+        assert_eq!(b.get("/v1/kv/s").await.etag_version(), v, "round {round}");
+        in_l1("a", &a).await;
+        in_l1("b", &b).await;
+        // Asked for, from b; read on a.
+        let r = request(
+            b.addr(),
+            "PUT",
+            "/v1/kv/s?consistency=strong",
+            &[],
+            Some(format!("\"b{round}\"").as_bytes()),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.code());
+        assert_eq!(a.get("/v1/kv/s").await.etag_version(), r.etag_version());
+    }
+    in_l1("b", &b).await;
+    let r = request(a.addr(), "DELETE", "/v1/kv/s", &[], None).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(b.get("/v1/kv/s").await.status, 404, "deleted, strongly");
+    b.put("/v1/kv/t", "1").await;
+    in_l1("b", &b).await;
+    let body = serde_json::json!({"operations": [
+        {"op": "put", "resource": "kv", "key": "s", "document": "tx"},
+        {"op": "delete", "resource": "kv", "key": "t"},
+    ]});
+    let r = request(
+        a.addr(),
+        "POST",
+        "/v1",
+        &[],
+        Some(body.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.code());
+    assert_eq!(b.get("/v1/kv/s").await.json(), "tx");
+    // The same transaction through b, opted out: it commits as the session does.
+    let r = request(
+        b.addr(),
+        "POST",
+        "/v1?consistency=default",
+        &[],
+        Some(body.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.code());
+    line.delay(Duration::ZERO);
+
+    // The relay no longer a synchronous standby: strong writes are refused, not weakened.
+    pg.batch_execute("ALTER SYSTEM RESET synchronous_standby_names")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    eventually(WINDOW, "the relay sees itself asynchronous", || async {
+        (b.readyz().await["feeds"]["postgres"]["relay"]["sync"] == false).then_some(())
+    })
+    .await;
+    let before: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 's'").await;
+    for (i, path) in [(&a, "/v1/kv/s"), (&b, "/v1/kv/s?consistency=strong")] {
+        let r = i.put(path, "\"refused\"").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.code(), "not_synchronous");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(
+            message.contains("synchronous_standby_names") && message.contains("async"),
+            "{message}"
+        );
+    }
+    let after: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 's'").await;
+    assert_eq!(before, after, "a refused strong write wrote nothing");
+    let r = request(
+        a.addr(),
+        "PUT",
+        "/v1/kv/s?consistency=default",
+        &[],
+        Some(b"1"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "opted out of the configuration");
+    let r = request(
+        b.addr(),
+        "PUT",
+        "/v1/kv/s?consistency=eventual",
+        &[],
+        Some(b"1"),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.code(), "invalid_query");
+
+    // The changes log has no acknowledgement from the instances to wait for.
+    let other = Env::new().await.start(|_| {}).await;
+    let r = request(
+        other.addr(),
+        "PUT",
+        "/v1/kv/x?consistency=strong",
+        &[],
+        Some(b"1"),
+    )
+    .await;
+    assert_eq!(r.status, 503);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("changes_log"));
+    assert_eq!(other.get("/v1/kv/x").await.status, 404, "nothing written");
+}
