@@ -24,7 +24,8 @@
 //! `cluster` is a Redis Cluster of three masters with a replica each, `redis.mode = "cluster"`;
 //! then `pubsub-kill` kills every subscribed connection on every master, and `redis-restart`
 //! SIGKILLs the master serving bucket 0, waits for its replica to take over, and 1 s later
-//! starts the node again, to rejoin as a replica).
+//! starts the node again, to rejoin as a replica), `--baseline PATH` (another syncar binary
+//! run in each mode too, just before this one: a before-and-after in one run).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
@@ -132,6 +133,10 @@ struct Args {
     zipf: f64,
     /// `--redis`: one node (`false`), a Redis Cluster (`true`), or both in turn.
     redis: Vec<bool>,
+    /// `--baseline PATH`: another syncar binary (say, the release build of the commit before
+    /// a change) run in each mode too, just before this one, for a before-and-after in one
+    /// run; its rows are labelled `mode@baseline`.
+    baseline: Option<PathBuf>,
 }
 
 impl Args {
@@ -155,6 +160,7 @@ impl Args {
             ],
             zipf: 1.0,
             redis: vec![false],
+            baseline: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -182,6 +188,11 @@ impl Args {
                             other => panic!("--redis takes single and cluster, not {other:?}"),
                         })
                         .collect();
+                }
+                "--baseline" => {
+                    let path = PathBuf::from(value());
+                    assert!(path.is_file(), "--baseline: no syncar binary at {path:?}");
+                    a.baseline = Some(path);
                 }
                 other => panic!("unknown option {other}"),
             }
@@ -460,17 +471,29 @@ async fn main() {
         } else {
             Redis::Single(servers::RedisServer::start())
         });
+        let bins: Vec<(&std::path::Path, bool)> = args
+            .baseline
+            .iter()
+            .map(|b| (b.as_path(), true))
+            .chain([(bin.as_path(), false)])
+            .collect();
         for mode in &args.modes {
-            let n = results.len();
-            let mut result = run_mode(&args, *mode, n, &bin, servers.pg_port, &redis, &out).await;
-            if args.redis.len() > 1 {
-                result.label = format!(
-                    "{}@{}",
-                    mode.name(),
-                    if cluster { "cluster" } else { "single" }
-                );
+            for &(bin, baseline) in &bins {
+                let n = results.len();
+                let mut result =
+                    run_mode(&args, *mode, n, bin, servers.pg_port, &redis, &out).await;
+                if args.redis.len() > 1 {
+                    result.label = format!(
+                        "{}@{}",
+                        mode.name(),
+                        if cluster { "cluster" } else { "single" }
+                    );
+                }
+                if baseline {
+                    result.label = format!("{}@baseline", result.label);
+                }
+                results.push(result);
             }
-            results.push(result);
         }
     }
     report(&args, &results, &out);

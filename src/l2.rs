@@ -1060,6 +1060,46 @@ impl L2 {
         ttl: Duration,
         message: &str,
     ) -> Result<Stored, L2Error> {
+        let channel = self.channel_of(key);
+        self.offer_then_publish(generation, key, copy, ttl, &channel, message)
+            .await
+    }
+
+    /// Whether [`L2::offer_and_publish_on`] can publish on any channel: not in a cluster,
+    /// where a script may publish only on a sharded channel of its key's hash slot.
+    pub fn publishes_anywhere(&self) -> bool {
+        self.cluster.is_none()
+    }
+
+    /// [`L2::offer`] of `key` in the resource's current generation, then `message` published
+    /// on `channel` in the same round trip: the relay's last change of a batch carries the
+    /// batch's message, so that instances hear it one round trip sooner, never before Redis
+    /// holds it. Only where [`L2::publishes_anywhere`].
+    ///
+    /// # Errors
+    /// The command's failure: neither happened, or both did and the answer was lost.
+    pub async fn offer_and_publish_on(
+        &self,
+        key: &CacheKey,
+        copy: &Cached,
+        ttl: Duration,
+        channel: &str,
+        message: &str,
+    ) -> Result<Stored, L2Error> {
+        let generation = self.generation(key.resource());
+        self.offer_then_publish(generation, key, copy, ttl, channel, message)
+            .await
+    }
+
+    async fn offer_then_publish(
+        &self,
+        generation: i64,
+        key: &CacheKey,
+        copy: &Cached,
+        ttl: Duration,
+        channel: &str,
+        message: &str,
+    ) -> Result<Stored, L2Error> {
         let mut conn = self.conn();
         let (kind, doc): (&str, &[u8]) = match &copy.state {
             State::Value(doc) => ("v", doc),
@@ -1078,7 +1118,7 @@ impl L2 {
             .arg(kind)
             .arg(body)
             .arg(ttl_ms)
-            .arg(self.channel_of(key))
+            .arg(channel)
             .arg(message)
             .arg(self.publish_command());
         let outcome: i64 = self

@@ -778,10 +778,32 @@ impl Session {
         };
         let changes = std::mem::take(&mut self.pending);
         if !changes.is_empty() {
-            ctx.tiers
-                .apply_to_redis(catalog, &changes)
-                .await
-                .map_err(|e| format!("applying changes to redis failed: {e}"))?;
+            // One piece (the common case): its message goes out with the last change, one
+            // round trip sooner; else every piece once all of Redis is applied.
+            let channel = relay_channel(&ctx.config.redis.key_prefix);
+            let whole = (changes.len() <= CHANGES_PER_MESSAGE)
+                .then(|| {
+                    serde_json::to_string(&Relayed::Changes {
+                        changes: changes.clone(),
+                        lsn: Some(lsn.to_string()),
+                    })
+                })
+                .transpose()
+                .map_err(|e| e.to_string())?;
+            let published = match &whole {
+                Some(message) => ctx
+                    .tiers
+                    .apply_and_publish(catalog, &changes, &channel, message)
+                    .await
+                    .map_err(|e| format!("applying changes to redis failed: {e}"))?,
+                None => {
+                    ctx.tiers
+                        .apply_to_redis(catalog, &changes)
+                        .await
+                        .map_err(|e| format!("applying changes to redis failed: {e}"))?;
+                    false
+                }
+            };
             for m in &changes {
                 let op = match m.op {
                     Op::Put => "put",
@@ -791,7 +813,8 @@ impl Session {
                 metrics::counter!(RELAY_CHANGES, "op" => op).increment(1);
             }
             let pieces = changes.len().div_ceil(CHANGES_PER_MESSAGE);
-            for (i, chunk) in changes.chunks(CHANGES_PER_MESSAGE).enumerate() {
+            let unpublished = if published { &[][..] } else { &changes[..] };
+            for (i, chunk) in unpublished.chunks(CHANGES_PER_MESSAGE).enumerate() {
                 // Only the last piece completes the batch's position.
                 let last = i + 1 == pieces;
                 publish(

@@ -1229,6 +1229,44 @@ impl Tiers {
             .await
     }
 
+    /// [`Tiers::apply_to_redis`], then `message` published on `channel`, the last change
+    /// and the message in one round trip where Redis allows it (not a cluster, the last
+    /// change a key's): instances hear the batch one round trip sooner, and never before
+    /// Redis holds all of it. Returns whether `message` went out; if not, the caller
+    /// publishes it.
+    ///
+    /// # Errors
+    /// The first Redis failure: the message may or may not have gone out, and the relay
+    /// acknowledges nothing (the changes come again).
+    pub async fn apply_and_publish(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+        channel: &str,
+        message: &str,
+    ) -> Result<bool, L2Error> {
+        let last = changes.last().and_then(|change| {
+            let copy = invalidation(change)?;
+            let resource = catalog.get(&change.resource)?;
+            let ck = CacheKey::new(&resource.name, change.key.as_deref()?);
+            Some((copy, resource, ck))
+        });
+        let Some((copy, resource, ck)) = last.filter(|_| self.l2.publishes_anywhere()) else {
+            self.apply_to_redis(catalog, changes).await?;
+            return Ok(false);
+        };
+        if let Some(high) = changes.iter().map(|c| c.version).max() {
+            self.saw(Version(high));
+        }
+        self.apply_to_redis(catalog, &changes[..changes.len() - 1])
+            .await?;
+        self.flights.forget(&ck);
+        self.l2
+            .offer_and_publish_on(&ck, &copy, l2_ttl(resource, &copy), channel, message)
+            .await?;
+        Ok(true)
+    }
+
     /// Claims (or extends) the relay's lease in Redis for `holder`; see [`L2::claim`].
     ///
     /// # Errors
