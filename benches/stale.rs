@@ -1069,6 +1069,8 @@ fn analyse(
             .filter(|r| r.start >= from && r.start < to)
             .collect();
         let mut ages = Vec::new();
+        // Stale reads whose first newer write was plain SQL (the rest: writes through syncar).
+        let mut after_sql = 0usize;
         let mut latencies: Vec<f64> = Vec::new();
         let mut l1 = 0usize;
         for r in &in_phase {
@@ -1082,6 +1084,7 @@ fn analyse(
             if let Some(w) = ws.get(first_newer) {
                 if w.ack < r.start {
                     ages.push((r.start - w.ack) as f64 / 1e6);
+                    after_sql += w.sql_us.is_some() as usize;
                 }
             }
         }
@@ -1100,6 +1103,7 @@ fn analyse(
             "reads_per_sec": in_phase.len() as f64 / secs,
             "writes_per_sec": writes_in_phase as f64 / secs,
             "stale": ages.len(),
+            "stale_after_sql": after_sql,
             "stale_rate": ages.len() as f64 / n,
             "stale_over_1ms": over(1.0),
             "stale_over_10ms": over(10.0),
@@ -1172,6 +1176,13 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
         println!(
             "{:<19} plain-SQL commits as their writers waited: p50 {:.2} ms, p99 {:.2} ms ({} commits)",
             r.label, r.sql_commit_ms.0, r.sql_commit_ms.1, r.sql_commit_ms.2
+        );
+        let sum = |field: &str| -> u64 { r.phases.iter().filter_map(|p| p[field].as_u64()).sum() };
+        println!(
+            "{:<19} stale reads, all phases: {} after a plain-SQL write, {} after a write through syncar",
+            r.label,
+            sum("stale_after_sql"),
+            sum("stale") - sum("stale_after_sql")
         );
     }
     let json = json!({
