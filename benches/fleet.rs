@@ -36,6 +36,10 @@
 //! Then the hot-key run (`hot_key.rs`): Postgres reads per write of a key every instance
 //! reads at once, with fill leases and without.
 //!
+//! With `--sources wal-sync` (`wal` with the relay named in `synchronous_standby_names` for
+//! that run, so each commit returns once every instance applied it), the writer's commit
+//! latency at this fleet size, beside `wal`'s in the same run.
+//!
 //! Options (defaults in brackets): `--instances 30`, `--sources wal,changes_log`,
 //! `--keys 200`, `--idle-secs 10`, `--write-secs 10`, `--writes-per-sec 100`,
 //! `--hot-rounds 20` (0: no hot-key run), `--only hot-key` (that run alone). Needs the
@@ -74,6 +78,9 @@ use tokio::net::TcpStream;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Source {
     Wal,
+    /// `wal` with the relay named in `synchronous_standby_names`: a commit returns once every
+    /// instance has applied it.
+    WalSync,
     ChangesLog,
 }
 
@@ -81,15 +88,29 @@ impl Source {
     fn name(self) -> &'static str {
         match self {
             Source::Wal => "wal",
+            Source::WalSync => "wal-sync",
             Source::ChangesLog => "changes_log",
         }
+    }
+
+    /// `feeds.postgres_source`.
+    fn config_name(self) -> &'static str {
+        match self {
+            Source::Wal | Source::WalSync => "wal",
+            Source::ChangesLog => "changes_log",
+        }
+    }
+
+    fn relays(self) -> bool {
+        self != Source::ChangesLog
     }
 
     fn parse(s: &str) -> Source {
         match s {
             "wal" => Source::Wal,
+            "wal-sync" => Source::WalSync,
             "changes_log" => Source::ChangesLog,
-            other => panic!("unknown source {other:?}: use wal or changes_log"),
+            other => panic!("unknown source {other:?}: use wal, wal-sync or changes_log"),
         }
     }
 }
@@ -263,7 +284,7 @@ impl Fleet {
                  [cache]\nl1_max_bytes = 8388608\n{cache}\
                  [redis]\nkey_prefix = \"{db}:\"\n[feeds]\npostgres_source = \"{}\"\n\
                  [log]\nlevel = \"warn\"\n",
-                source.name()
+                source.config_name()
             ),
         )
         .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
@@ -807,6 +828,8 @@ struct Writes {
     delays: Delays,
     /// Evictions each instance counted.
     per_instance: Vec<u64>,
+    /// Each UPDATE's commit as the writer waited, in ms, sorted.
+    commit_ms: Vec<f64>,
     redis_calls: BTreeMap<String, u64>,
     redis_secs: f64,
 }
@@ -833,16 +856,20 @@ async fn write_window(args: &Args, url: &str, ports: &[u16], redis: &mut RedisWa
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.writes_per_sec));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut writes = 0u64;
+    let mut commit_ms = Vec::new();
     while t0.elapsed() < args.write {
         tick.tick().await;
         let key = format!("k{}", writes as usize % args.keys + 1);
+        let started = Instant::now();
         let n = pg
             .execute(&update, &[&key, &(writes as i64)])
             .await
             .unwrap_or_else(|e| panic!("UPDATE of {key}: {e}"));
+        commit_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(n, 1, "the UPDATE of {key} changed {n} rows");
         writes += 1;
     }
+    commit_ms.sort_by(f64::total_cmp);
     let secs = t0.elapsed().as_secs_f64();
     // Closed now: a backend that exits flushes its statistics at once, not in the idle window.
     drop(update);
@@ -866,6 +893,7 @@ async fn write_window(args: &Args, url: &str, ports: &[u16], redis: &mut RedisWa
         secs,
         delays,
         per_instance,
+        commit_ms,
         redis_calls: calls_between(&r0, &r1),
         redis_secs,
     }
@@ -978,6 +1006,8 @@ impl SourceResult {
                 "evictions_expected": w.writes * self.instances as u64,
                 "evictions_per_instance_min": w.per_instance.iter().min(),
                 "evictions_per_instance_max": w.per_instance.iter().max(),
+                "commit_p50_ms": quantile(&w.commit_ms, 0.5),
+                "commit_p99_ms": quantile(&w.commit_ms, 0.99),
                 "commit_to_eviction_p50_ms": ms(0.5),
                 "commit_to_eviction_p99_ms": ms(0.99),
                 "commit_to_eviction_buckets": w.delays.sorted().iter()
@@ -993,6 +1023,12 @@ impl SourceResult {
             },
         })
     }
+}
+
+/// The `q` quantile of `sorted` (nearest rank), if any.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    let last = sorted.len().checked_sub(1)?;
+    Some(sorted[((q * last as f64).round() as usize).min(last)])
 }
 
 #[tokio::main]
@@ -1029,6 +1065,23 @@ async fn run_source(
 ) -> SourceResult {
     let started = Instant::now();
     let db = format!("fleet_{}_{n}", std::process::id());
+    // The relay as a synchronous standby for this source's run only (the server is shared).
+    let synchronous = |names: &'static str| async move {
+        let admin = format!("postgres://postgres@127.0.0.1:{pg_port}/postgres");
+        let (pg, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
+        let driver = tokio::spawn(conn);
+        pg.batch_execute(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"))
+            .await
+            .unwrap_or_else(|e| panic!("setting synchronous_standby_names: {e}"));
+        pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+        drop(pg);
+        let _ = driver.await;
+    };
+    if source == Source::WalSync {
+        synchronous("\"syncar-relay\"").await;
+    }
     let (mut fleet, redis_server, watch) = Fleet::start(
         bin,
         pg_port,
@@ -1048,9 +1101,10 @@ async fn run_source(
     );
 
     // The instance left alone in the second idle window: the relay with `wal`.
-    let relay = match source {
-        Source::ChangesLog => None,
-        Source::Wal => Some(find_relay(&fleet).await),
+    let relay = if source.relays() {
+        Some(find_relay(&fleet).await)
+    } else {
+        None
     };
     let keep = relay.as_ref().map_or(0, |(_, i)| *i);
 
@@ -1122,7 +1176,10 @@ async fn run_source(
         one_idle.pg_rate()
     );
     fleet.stop_where(|_| true);
-    if source == Source::Wal {
+    if source == Source::WalSync {
+        synchronous("").await;
+    }
+    if source.relays() {
         // The slot would retain WAL for nobody for the rest of the run.
         let _ = watch
             .pg
@@ -1238,7 +1295,13 @@ fn report(args: &Args, results: &[SourceResult], out: &Path) {
     );
     for r in results {
         println!(
-            "\n{}: {} writes in {:.1} s ({:.0}/s); evictions per instance {}..{}; Postgres backends {:?}; \
+            "\n{}: plain-SQL commits as the writer waited: p50 {:.2} ms, p99 {:.2} ms",
+            r.source.name(),
+            quantile(&r.writes.commit_ms, 0.5).unwrap_or(0.0),
+            quantile(&r.writes.commit_ms, 0.99).unwrap_or(0.0),
+        );
+        println!(
+            "{}: {} writes in {:.1} s ({:.0}/s); evictions per instance {}..{}; Postgres backends {:?}; \
              Redis clients {} ({} subscribed){}",
             r.source.name(),
             r.writes.writes,
