@@ -1072,9 +1072,11 @@ async fn run_source(
             .await
             .unwrap_or_else(|e| panic!("connecting to {admin}: {e}"));
         let driver = tokio::spawn(conn);
-        pg.batch_execute(&format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"))
-            .await
-            .unwrap_or_else(|e| panic!("setting synchronous_standby_names: {e}"));
+        pg.batch_execute(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{names}'"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("setting synchronous_standby_names: {e}"));
         pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
         drop(pg);
         let _ = driver.await;

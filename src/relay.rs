@@ -340,6 +340,11 @@ async fn stream(
         .await
         .map_err(|e| format!("setting lock_timeout failed: {e}"))?;
     // Prepared once: an unnamed statement costs a second round trip each time.
+    // Prepared once too: it runs every `relay_lease / 4`.
+    let sync_state = client
+        .prepare(confirm::SYNC_STATE)
+        .await
+        .map_err(|e| format!("preparing the sync_state query failed: {e}"))?;
     let heartbeat = client
         .prepare("SELECT pg_logical_emit_message(false, $1, $2)")
         .await
@@ -373,7 +378,7 @@ async fn stream(
                 }
                 // Whether Postgres waits for this relay's confirmations (the operator named
                 // it in synchronous_standby_names); and instances gone silent are dropped.
-                match synchronous(&client, slot).await {
+                match synchronous(&client, &sync_state, slot).await {
                     // Not streaming yet: what Postgres says of it now proves nothing.
                     Ok(None) => {}
                     Ok(Some(now)) if Some(now) != known_synchronous => {

@@ -140,6 +140,11 @@ fn confirmable(
     }
 }
 
+/// The walsender's `state` and `sync_state` of the slot named `$1`, for [`synchronous`]
+/// (prepared once per relay term).
+pub(super) const SYNC_STATE: &str = "SELECT r.state, r.sync_state FROM pg_replication_slots s \
+     JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1";
+
 /// Whether Postgres may wait for the stream of `slot` as a synchronous standby:
 /// `sync_state` `sync`, `quorum` or `potential` in `pg_stat_replication` (a potential
 /// standby takes over from a synchronous one without warning). `None` while the stream is
@@ -150,15 +155,10 @@ fn confirmable(
 /// Postgres failing.
 pub(super) async fn synchronous(
     client: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
     slot: &str,
 ) -> Result<Option<bool>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
-            "SELECT r.state, r.sync_state FROM pg_replication_slots s \
-             JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
-            &[&slot],
-        )
-        .await?;
+    let row = client.query_opt(statement, &[&slot]).await?;
     let Some(row) = row else {
         return Ok(None);
     };
