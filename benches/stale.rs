@@ -1096,6 +1096,12 @@ fn analyse(
             .iter()
             .filter(|w| w.ack >= from && w.ack < to.min(writes_end))
             .count();
+        let mut sql_ms: Vec<f64> = writes
+            .iter()
+            .filter(|w| w.ack >= from && w.ack < to.min(writes_end))
+            .filter_map(|w| w.sql_us.map(|us| us as f64 / 1000.0))
+            .collect();
+        sql_ms.sort_by(f64::total_cmp);
         phases.push(json!({
             "phase": name,
             "reads": in_phase.len(),
@@ -1104,6 +1110,8 @@ fn analyse(
             "writes_per_sec": writes_in_phase as f64 / secs,
             "stale": ages.len(),
             "stale_after_sql": after_sql,
+            "sql_commit_p50_ms": percentile(&sql_ms, 0.5),
+            "sql_commit_p99_ms": percentile(&sql_ms, 0.99),
             "stale_rate": ages.len() as f64 / n,
             "stale_over_1ms": over(1.0),
             "stale_over_10ms": over(10.0),
@@ -1177,6 +1185,14 @@ fn report(args: &Args, results: &[ModeResult], out: &std::path::Path) {
             "{:<19} plain-SQL commits as their writers waited: p50 {:.2} ms, p99 {:.2} ms ({} commits)",
             r.label, r.sql_commit_ms.0, r.sql_commit_ms.1, r.sql_commit_ms.2
         );
+        if let Some(steady) = r.phases.first() {
+            println!(
+                "{:<19} plain-SQL commits in the steady phase: p50 {:.2} ms, p99 {:.2} ms",
+                r.label,
+                steady["sql_commit_p50_ms"].as_f64().unwrap_or(0.0),
+                steady["sql_commit_p99_ms"].as_f64().unwrap_or(0.0)
+            );
+        }
         let sum = |field: &str| -> u64 { r.phases.iter().filter_map(|p| p[field].as_u64()).sum() };
         println!(
             "{:<19} stale reads, all phases: {} after a plain-SQL write, {} after a write through syncar",
