@@ -22,7 +22,8 @@
 //! `--value-bytes 200`, `--pool 16`, `--rounds 3` (of every trigger variant, interleaved;
 //! each trigger figure is the median of its rounds), `--only batch` (the batch rows alone),
 //! `--only unix` (the Unix-socket rows alone), `--only put` (where a PUT's time goes,
-//! `hot/put.rs`).
+//! `hot/put.rs`), `--only network` (the hit and the PUT with Postgres and Redis behind a
+//! delay line, `hot/network.rs`), `--delay-ms 0.25` (that line's delay each way).
 //! Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
@@ -38,6 +39,12 @@ mod unix;
 
 #[path = "hot/put.rs"]
 mod put;
+
+#[path = "hot/network.rs"]
+mod network;
+
+#[path = "common/delay.rs"]
+mod delay;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -59,6 +66,10 @@ struct Args {
     only_unix: bool,
     /// `--only put`: the PUT breakdown alone.
     only_put: bool,
+    /// `--only network`: the hit and the PUT across a delay line (`hot/network.rs`).
+    only_network: bool,
+    /// `--delay-ms`: the delay line's delay in each direction, in ms.
+    delay_ms: f64,
 }
 
 impl Args {
@@ -73,6 +84,8 @@ impl Args {
             only_batch: false,
             only_unix: false,
             only_put: false,
+            only_network: false,
+            delay_ms: 0.25,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -91,8 +104,10 @@ impl Args {
                     "batch" => a.only_batch = true,
                     "unix" => a.only_unix = true,
                     "put" => a.only_put = true,
-                    other => panic!("--only takes batch, unix or put, not {other}"),
+                    "network" => a.only_network = true,
+                    other => panic!("--only takes batch, unix, put or network, not {other}"),
                 },
+                "--delay-ms" => a.delay_ms = v().parse().unwrap(),
                 other => panic!("unknown option {other}"),
             }
         }
@@ -318,6 +333,27 @@ fn redis_benchmark(port: u16, args: &Args) -> Figures {
 
 /// `redis-benchmark` GET on `port`, or on the Unix socket `socket` when given.
 fn redis_benchmark_at(port: u16, socket: Option<&Path>, args: &Args) -> Figures {
+    // About as long as the other runs.
+    redis_benchmark_with(
+        port,
+        socket,
+        args.connections,
+        60_000 * args.secs as usize,
+        true,
+        args,
+    )
+}
+
+/// `redis-benchmark` GET with `connections` clients and `requests` requests in all, after
+/// SETting the keys first when `prefill`.
+fn redis_benchmark_with(
+    port: u16,
+    socket: Option<&Path>,
+    connections: usize,
+    requests: usize,
+    prefill: bool,
+    args: &Args,
+) -> Figures {
     let rb = need("redis-benchmark", "redis-tools");
     let common = |test: &str, n: usize| {
         let mut c = Command::new(&rb);
@@ -325,7 +361,7 @@ fn redis_benchmark_at(port: u16, socket: Option<&Path>, args: &Args) -> Figures 
             Some(path) => c.arg("-s").arg(path),
             None => c.args(["-p", &port.to_string()]),
         };
-        c.args(["-c", &args.connections.to_string()])
+        c.args(["-c", &connections.to_string()])
             .args([
                 "-n",
                 &n.to_string(),
@@ -338,9 +374,10 @@ fn redis_benchmark_at(port: u16, socket: Option<&Path>, args: &Args) -> Figures 
             .output()
             .expect("run redis-benchmark")
     };
-    common("set", args.keys * 20);
-    // About as long as the other runs.
-    let out = common("get", 60_000 * args.secs as usize);
+    if prefill {
+        common("set", args.keys * 20);
+    }
+    let out = common("get", requests);
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
     let rps: f64 = text
         .lines()
@@ -538,6 +575,7 @@ fn print_batch(rows: &[batch::Row]) {
 }
 
 fn main() {
+    delay::serve_if_asked();
     let args = Args::parse();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
@@ -546,6 +584,10 @@ fn main() {
     need("wrk", "wrk");
     need("redis-benchmark", "redis-tools");
     pgbench();
+    if args.only_network {
+        network::run(&args, &bin, &out);
+        return;
+    }
     let servers = servers::servers();
     let redis = servers::RedisServer::start();
     let db = format!("hot_{}", std::process::id());

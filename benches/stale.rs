@@ -25,11 +25,16 @@
 //! then `pubsub-kill` kills every subscribed connection on every master, and `redis-restart`
 //! SIGKILLs the master serving bucket 0, waits for its replica to take over, and 1 s later
 //! starts the node again, to rejoin as a replica), `--baseline PATH` (another syncar binary
-//! run in each mode too, just before this one: a before-and-after in one run).
+//! run in each mode too, just before this one: a before-and-after in one run),
+//! `--delay-ms 0` (Postgres and Redis behind delay lines of this many ms each way for the
+//! instances and the plain-SQL writers, `common/delay.rs`; one Redis node only).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
 mod servers;
+
+#[path = "common/delay.rs"]
+mod delay;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -137,6 +142,9 @@ struct Args {
     /// a change) run in each mode too, just before this one, for a before-and-after in one
     /// run; its rows are labelled `mode@baseline`.
     baseline: Option<PathBuf>,
+    /// `--delay-ms`: Postgres and Redis behind delay lines of this many ms each way, for
+    /// the instances and the plain-SQL writers (0: none). One Redis node only.
+    delay_ms: f64,
 }
 
 impl Args {
@@ -161,6 +169,7 @@ impl Args {
             zipf: 1.0,
             redis: vec![false],
             baseline: None,
+            delay_ms: 0.0,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -189,6 +198,7 @@ impl Args {
                         })
                         .collect();
                 }
+                "--delay-ms" => a.delay_ms = value().parse().unwrap(),
                 "--baseline" => {
                     let path = PathBuf::from(value());
                     assert!(path.is_file(), "--baseline: no syncar binary at {path:?}");
@@ -198,6 +208,10 @@ impl Args {
             }
         }
         assert!(a.instances >= 2 && a.writers >= 1 && a.keys >= a.writers);
+        assert!(
+            a.delay_ms == 0.0 || a.redis == [false],
+            "--delay-ms puts one Redis node behind a delay line: use --redis single"
+        );
         a
     }
 }
@@ -362,6 +376,8 @@ struct Cluster {
     config: PathBuf,
     pg_url: String,
     redis: Arc<Redis>,
+    /// The Redis URL instances use, when not Redis' own (a delay line in front of it).
+    redis_url: Option<String>,
     ports: Vec<u16>,
     children: Mutex<Vec<Option<Child>>>,
 }
@@ -374,7 +390,10 @@ impl Cluster {
             .arg(&self.config)
             .env("SYNCAR_LISTEN", format!("127.0.0.1:{}", self.ports[i]))
             .env("SYNCAR_POSTGRES_URL", &self.pg_url)
-            .env("SYNCAR_REDIS_URL", self.redis.url())
+            .env(
+                "SYNCAR_REDIS_URL",
+                self.redis_url.clone().unwrap_or_else(|| self.redis.url()),
+            )
             .env("SYNCAR_INSTANCE", format!("bench-{i}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -448,6 +467,7 @@ struct ModeResult {
 
 #[tokio::main]
 async fn main() {
+    delay::serve_if_asked();
     let args = Args::parse();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
     let servers = servers::servers();
@@ -524,7 +544,20 @@ async fn run_mode(
         .batch_execute(&format!("ALTER DATABASE {db} SET synchronous_commit = on"))
         .await
         .unwrap();
-    let pg_url = format!("postgres://postgres@127.0.0.1:{pg_port}/{db}");
+    // With --delay-ms, everyone but the benchmark's own fault injection reaches Postgres and
+    // Redis across delay lines, held until the mode ends.
+    let lines = (args.delay_ms > 0.0).then(|| {
+        let one_way = Duration::from_secs_f64(args.delay_ms / 1000.0);
+        let redis_port = redis.masters()[0];
+        (
+            delay::DelayLine::spawn(pg_port, one_way, servers::free_port()),
+            delay::DelayLine::spawn(redis_port, one_way, servers::free_port()),
+        )
+    });
+    let pg_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{db}",
+        lines.as_ref().map_or(pg_port, |(pg, _)| pg.port)
+    );
     let (pg_feed, redis_feed) = mode.feeds();
     let config = out.join(format!("{}.toml", mode.name()));
     std::fs::write(
@@ -544,6 +577,9 @@ async fn run_mode(
         config,
         pg_url: pg_url.clone(),
         redis: redis.clone(),
+        redis_url: lines
+            .as_ref()
+            .map(|(_, r)| format!("redis://127.0.0.1:{}", r.port)),
         ports,
         children: Mutex::new(Vec::new()),
     });
@@ -716,6 +752,15 @@ async fn run_mode(
 
     tokio::time::sleep(args.settle).await;
     let (audit_stale_keys, audit_checked) = audit(&cluster, &pg_url).await;
+    if let Some((pg, redis)) = &lines {
+        eprintln!(
+            "[{}] the delay lines used {:.1} s of CPU (Postgres {:.1}, Redis {:.1})",
+            mode.name(),
+            pg.cpu_secs() + redis.cpu_secs(),
+            pg.cpu_secs(),
+            redis.cpu_secs()
+        );
+    }
     let coherence_raw = scrape_delays(&cluster).await;
     if mode == Mode::FullWalSync {
         // Before the relay goes: commits of the next mode must not wait for it.

@@ -1,0 +1,266 @@
+//! `--only network`: the hit and the PUT with a network between the tiers. Postgres (with
+//! `fsync`, `synchronous_commit` and `full_page_writes` on, as in production) and Redis sit
+//! behind delay lines (`common/delay.rs`, `--delay-ms` each way, 0.25 ms by default: a 0.5 ms
+//! round trip, one zone) while syncar and the load generators stay local, as a sidecar is.
+//! Side by side in one run:
+//! 1. the line alone: `redis-benchmark` GET on one connection, straight to Redis and across
+//!    the line (what the line adds beyond its delay, with nothing else running);
+//! 2. an L1 hit (wrk) against a GET to Redis across the line (`redis-benchmark`), on one
+//!    connection and on `--connections`;
+//! 3. a PUT through syncar (wrk) against the upsert-and-commit it wraps (pgbench, prepared)
+//!    across the line, on one connection and at the pool size.
+//!
+//! Each row says the lines' CPU per operation. Goals (issue #27): an L1 hit's p50 at least
+//! 20 times below a Redis GET's across the line; a PUT's p50 at most 1.2 times the upsert's.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::delay::DelayLine;
+use super::{
+    pgbench, pgbench_run, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk, Args,
+    Children, Figures,
+};
+
+/// One measured row and the delay lines' CPU per operation, in µs.
+struct Row {
+    figures: Figures,
+    line_cpu_us: f64,
+}
+
+pub fn run(args: &Args, bin: &Path, out: &Path) {
+    let one_way = Duration::from_secs_f64(args.delay_ms / 1000.0);
+    let round_trip_ms = 2.0 * args.delay_ms;
+    let pg_port =
+        servers::postgres_with("-c fsync=on -c synchronous_commit=on -c full_page_writes=on");
+    let redis = servers::RedisServer::start();
+    let pg_line = DelayLine::spawn(pg_port, one_way, servers::free_port());
+    let redis_line = DelayLine::spawn(redis.port, one_way, servers::free_port());
+    let lines = [&pg_line, &redis_line];
+    let line_cpu = || lines.iter().map(|l| l.cpu_secs()).sum::<f64>();
+    let measure = |run: &dyn Fn() -> Figures, secs: f64| -> Row {
+        let before = line_cpu();
+        let figures = run();
+        let ops = (figures.rps * secs).max(1.0);
+        Row {
+            line_cpu_us: (line_cpu() - before) * 1e6 / ops,
+            figures,
+        }
+    };
+    // As many requests as a run's time allows at one per round trip (redis-benchmark runs
+    // a count, not a time).
+    let link_requests = |conns: usize| {
+        ((args.secs as f64 * 1000.0 / (round_trip_ms + 0.05)) * conns as f64) as usize
+    };
+    let secs = args.secs as f64;
+    let mut rows = Vec::new();
+
+    // 1. The line alone.
+    let direct = redis_benchmark_with(redis.port, None, 1, 20_000 * args.secs as usize, true, args);
+    let mut row = measure(
+        &|| redis_benchmark_with(redis_line.port, None, 1, link_requests(1), false, args),
+        secs,
+    );
+    let line_added_ms = row.figures.p50_ms - direct.p50_ms;
+    row.figures.name = "redis GET across the line, 1 conn".into();
+    rows.push(Row {
+        figures: Figures {
+            name: "redis GET straight, 1 conn".into(),
+            ..direct
+        },
+        line_cpu_us: 0.0,
+    });
+    rows.push(row);
+
+    // syncar behind both lines.
+    let db = format!("hot_net_{}", std::process::id());
+    psql(pg_port, "postgres", &format!("CREATE DATABASE {db}"));
+    let config = out.join("network.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nworker_threads = 2\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n\
+             [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n",
+            args.pool
+        ),
+    )
+    .unwrap();
+    let port = servers::free_port();
+    let _children = Children(vec![spawn_syncar(
+        bin,
+        &config,
+        port,
+        &format!("postgres://postgres@127.0.0.1:{}/{db}", pg_line.port),
+        &format!("redis://127.0.0.1:{}", redis_line.port),
+    )]);
+    wait_ready(port);
+    let filler = "x".repeat(args.value_bytes.saturating_sub(12));
+    let body = format!("{{\"v\":\"{filler}\"}}");
+    psql(
+        pg_port,
+        &db,
+        &format!(
+            "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '{body}'::jsonb FROM generate_series(1, {}) i",
+            args.keys
+        ),
+    );
+    let (c, k, s) = (args.connections, args.keys, args.secs);
+    wrk("warm", port, "GET", "", k, c, 3, out);
+
+    // 2. The hit.
+    for conns in [1, c] {
+        rows.push(measure(
+            &|| {
+                wrk(
+                    &format!("syncar GET, L1 hit, {conns} conn"),
+                    port,
+                    "GET",
+                    "",
+                    k,
+                    conns,
+                    s,
+                    out,
+                )
+            },
+            secs,
+        ));
+        let mut row = measure(
+            &|| {
+                redis_benchmark_with(
+                    redis_line.port,
+                    None,
+                    conns,
+                    link_requests(conns),
+                    false,
+                    args,
+                )
+            },
+            secs,
+        );
+        row.figures.name = format!("redis GET across the line, {conns} conn");
+        rows.push(row);
+    }
+
+    // 3. The PUT.
+    let upsert = format!(
+        "\\set id random(1, {k})\nINSERT INTO syncar_kv (key, value) VALUES ('k' || :id, '{body}') \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value;\n"
+    );
+    for conns in [1, args.pool] {
+        rows.push(measure(
+            &|| {
+                wrk(
+                    &format!("syncar PUT, {conns} conn"),
+                    port,
+                    "PUT",
+                    &body,
+                    k,
+                    conns,
+                    s,
+                    out,
+                )
+            },
+            secs,
+        ));
+        rows.push(measure(
+            &|| {
+                pgbench_run(
+                    &format!("postgres upsert+commit across the line, {conns} conn"),
+                    pg_line.port,
+                    &db,
+                    &upsert,
+                    conns,
+                    s,
+                    out,
+                )
+            },
+            secs,
+        ));
+    }
+
+    println!(
+        "\nnetwork: Postgres (fsync on) and Redis behind delay lines of {} ms each way ({round_trip_ms} ms round trip)",
+        args.delay_ms
+    );
+    println!(
+        "{:<48} {:>9} {:>8} {:>8} {:>8}  {:>14}",
+        "run", "req/s", "p50 ms", "p99 ms", "p99.9", "line CPU µs/op"
+    );
+    for r in &rows {
+        let f = &r.figures;
+        println!(
+            "{:<48} {:>9.0} {:>8.3} {:>8.3} {:>8.3}  {:>14.1}",
+            f.name, f.rps, f.p50_ms, f.p99_ms, f.p999_ms, r.line_cpu_us
+        );
+    }
+    println!(
+        "the line alone adds {line_added_ms:.3} ms at p50 to a Redis GET on one connection \
+         (its delay: {round_trip_ms} ms)"
+    );
+    let find = |name: &str| {
+        &rows
+            .iter()
+            .find(|r| r.figures.name == name)
+            .unwrap_or_else(|| panic!("no row {name}"))
+            .figures
+    };
+    let mut goals = Vec::new();
+    for conns in [1, c] {
+        let (hit, get) = (
+            find(&format!("syncar GET, L1 hit, {conns} conn")),
+            find(&format!("redis GET across the line, {conns} conn")),
+        );
+        let ratio = get.p50_ms / hit.p50_ms;
+        println!(
+            "{conns} conn: Redis GET across the line / L1 hit: p50 {ratio:.1}x, throughput {:.2}x \
+             (goal: p50 at least 20x)",
+            hit.rps / get.rps
+        );
+        goals.push(json!({"what": format!("L1 hit p50 vs Redis GET across the line, {conns} conn"), "ratio": ratio, "goal": ">= 20"}));
+    }
+    for conns in [1, args.pool] {
+        let (put, upsert) = (
+            find(&format!("syncar PUT, {conns} conn")),
+            find(&format!(
+                "postgres upsert+commit across the line, {conns} conn"
+            )),
+        );
+        let ratio = put.p50_ms / upsert.p50_ms;
+        println!(
+            "{conns} conn: PUT / upsert+commit: p50 {ratio:.2}x, p99 {:.2}x (goal: p50 at most 1.2x)",
+            put.p99_ms / upsert.p99_ms
+        );
+        goals.push(json!({"what": format!("PUT p50 / upsert+commit p50, {conns} conn"), "ratio": ratio, "goal": "<= 1.2"}));
+    }
+    let json = json!({
+        "delay_ms_each_way": args.delay_ms,
+        "line_added_ms_p50": line_added_ms,
+        "rows": rows.iter().map(|r| {
+            let mut v: Value = r.figures.json();
+            v["line_cpu_us_per_op"] = json!(r.line_cpu_us);
+            v
+        }).collect::<Vec<_>>(),
+        "goals": goals,
+    });
+    let path = out.join("results-network.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nwrote {}", path.display());
+}
+
+/// `sql` on `database` of the Postgres on `port`, straight (not across a line).
+fn psql(port: u16, database: &str, sql: &str) {
+    let bindir = pgbench().parent().unwrap().to_path_buf();
+    let o = Command::new(bindir.join("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-d", database, "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
