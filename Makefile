@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl check-k8s check-modules examples
+.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl bench-relay check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -59,6 +59,12 @@ bench-fleet:
 bench-install:
 	scripts/dev-services.sh install
 	cargo bench --bench install -- $(BENCH_ARGS)
+
+# How many row changes per second one relay carries, and its lag, under multi-row UPDATEs at
+# increasing rates (options: BENCH_ARGS="--rates 5000,20000 --rows-per-statement 500").
+bench-relay:
+	scripts/dev-services.sh install
+	cargo bench --bench relay -- $(BENCH_ARGS)
 
 # How long after an ALTER TABLE commits three instances serve the new shape, per source
 # (options: BENCH_ARGS="--rounds N").

@@ -92,6 +92,47 @@ redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'PX', AR
 return 1
 ";
 
+/// [`OFFER_SCRIPT`] for many keys in one call: `KEYS[i]` takes `ARGV[4i]` .. `ARGV[4i+3]`
+/// (version, kind, document, ttl ms) under the same rule, then, when `ARGV[2]` is not
+/// empty, `ARGV[2]` is published on channel `ARGV[1]` with command `ARGV[3]`. Not in a
+/// cluster (its keys span hash slots). Returns how many keys were applied.
+const OFFER_MANY_SCRIPT: &str = r"
+local applied = 0
+for i = 1, #KEYS do
+  local v, kind, doc, ttl = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3]
+  local take = true
+  local cur = redis.call('GET', KEYS[i])
+  if cur then
+    local sep = string.find(cur, ':', 1, true)
+    if sep then
+      local cv = string.sub(cur, 1, sep - 1)
+      local cmp
+      if #cv ~= #v then
+        cmp = (#v > #cv) and 1 or -1
+      elseif v == cv then
+        cmp = 0
+      else
+        cmp = (v > cv) and 1 or -1
+      end
+      if cmp < 0 then
+        take = false
+      elseif cmp == 0 then
+        local ck = string.sub(cur, sep + 1, sep + 1)
+        if ck ~= 'i' or kind == 'i' then take = false end
+      end
+    end
+  end
+  if take then
+    redis.call('SET', KEYS[i], v .. ':' .. kind .. ':' .. doc, 'PX', ttl)
+    applied = applied + 1
+  end
+end
+if ARGV[2] ~= '' then
+  redis.call(ARGV[3], ARGV[1], ARGV[2])
+end
+return applied
+";
+
 /// Raises field `ARGV[1]` of hash `KEYS[1]` to `ARGV[2]` unless it holds a larger number
 /// already (compared as decimal strings, like versions); returns the value in force.
 const RAISE_SCRIPT: &str = r"
@@ -360,6 +401,7 @@ pub struct L2 {
     connect_timeout: Duration,
     retry_interval: Duration,
     script: Arc<Script>,
+    offer_many_script: Arc<Script>,
     raise_script: Arc<Script>,
     claim_script: Arc<Script>,
     release_script: Arc<Script>,
@@ -553,6 +595,7 @@ impl L2 {
             connect_timeout: config.connect_timeout,
             retry_interval: config.retry_interval,
             script: Arc::new(Script::new(OFFER_SCRIPT)),
+            offer_many_script: Arc::new(Script::new(OFFER_MANY_SCRIPT)),
             raise_script: Arc::new(Script::new(RAISE_SCRIPT)),
             claim_script: Arc::new(Script::new(CLAIM_SCRIPT)),
             release_script: Arc::new(Script::new(RELEASE_SCRIPT)),
@@ -1088,6 +1131,48 @@ impl L2 {
     ) -> Result<Stored, L2Error> {
         let generation = self.generation(key.resource());
         self.offer_then_publish(generation, key, copy, ttl, channel, message)
+            .await
+    }
+
+    /// [`L2::offer`] of many keys, each in its resource's current generation, in one script
+    /// call, then `message` published on `channel` in the same call when it is not empty.
+    /// Only where [`L2::publishes_anywhere`] (one node: a script may name keys of any slot).
+    /// Returns how many were applied (the others: Redis held as new or newer).
+    ///
+    /// # Errors
+    /// The command's failure: none of it happened, or all of it did and the answer was lost.
+    pub async fn offer_many(
+        &self,
+        copies: &[(CacheKey, Cached, Duration)],
+        channel: &str,
+        message: &str,
+    ) -> Result<u64, L2Error> {
+        debug_assert!(self.publishes_anywhere());
+        let mut conn = self.conn();
+        let mut invocation = self.offer_many_script.prepare_invoke();
+        invocation
+            .arg(channel)
+            .arg(message)
+            .arg(self.publish_command());
+        for (key, copy, ttl) in copies {
+            let (kind, doc): (&str, &[u8]) = match &copy.state {
+                State::Value(doc) => ("v", doc),
+                State::Absent => ("a", b""),
+                State::Invalidated => ("i", b""),
+            };
+            let mut body = Vec::with_capacity(doc.len() + 16);
+            body.extend_from_slice(copy.at_ms.to_string().as_bytes());
+            body.push(b':');
+            body.extend_from_slice(doc);
+            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            invocation
+                .key(self.redis_key_in(self.generation(key.resource()), key))
+                .arg(copy.version.0)
+                .arg(kind)
+                .arg(body)
+                .arg(ttl_ms);
+        }
+        self.run("offer_many", invocation.invoke_async(&mut conn))
             .await
     }
 

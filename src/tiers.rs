@@ -45,6 +45,11 @@ pub use repairs::Repairs;
 /// newer versions.
 pub const APPLY_CONCURRENCY: usize = 64;
 
+/// Keys per script call when the relay applies a batch to one Redis node
+/// ([`L2::offer_many`]): large enough that a 100-row statement is one call, small enough
+/// that one call holds Redis for about a millisecond at most.
+pub const OFFER_CHUNK: usize = 256;
+
 /// See [`Tiers::started`].
 #[derive(Clone, Copy, Debug)]
 struct Started {
@@ -1189,8 +1194,13 @@ impl Tiers {
     /// when the relay's message reaches them), and a feed that recovers replays the changes
     /// log this way.
     ///
-    /// Concurrently: order does not matter (Redis takes only strictly newer versions) and the
-    /// connection pipelines what is in flight; one by one, a large log took seconds.
+    /// On one Redis node the keys go in script calls of [`OFFER_CHUNK`] keys each
+    /// ([`L2::offer_many`]), concurrently; in a cluster (keys of many hash slots) one call
+    /// per key, concurrently: order does not matter (Redis takes only strictly newer
+    /// versions) and the connection pipelines what is in flight; one by one, a large log
+    /// took seconds. Each key lands in its resource's generation as known before the
+    /// batch's flushes are applied: a copy older than a flush of the same batch is never
+    /// read again, a newer one is only missed once.
     ///
     /// # Errors
     /// The first Redis failure: the relay acknowledges nothing and the changes come again.
@@ -1199,41 +1209,13 @@ impl Tiers {
         catalog: &Catalog,
         changes: &[Message],
     ) -> Result<(), L2Error> {
-        use futures_util::TryStreamExt;
-        if let Some(high) = changes.iter().map(|c| c.version).max() {
-            self.saw(Version(high));
-        }
-        futures_util::stream::iter(changes.iter().map(Ok))
-            .try_for_each_concurrent(APPLY_CONCURRENCY, |change| async move {
-                let (Some(copy), Some(key)) = (invalidation(change), &change.key) else {
-                    if !catalog.knows(&change.resource) {
-                        return Ok(());
-                    }
-                    return self
-                        .l2
-                        .raise_generation(&change.resource, change.version)
-                        .await
-                        .map(|_| ());
-                };
-                let Some(resource) = catalog.get(&change.resource) else {
-                    return Ok(());
-                };
-                let ck = CacheKey::new(&resource.name, key);
-                // Whatever it does to Redis, a load in flight here may predate this change.
-                self.flights.forget(&ck);
-                self.l2
-                    .offer(&ck, &copy, l2_ttl(resource, &copy))
-                    .await
-                    .map(|_| ())
-            })
-            .await
+        self.apply_batch(catalog, changes, None).await.map(|_| ())
     }
 
-    /// [`Tiers::apply_to_redis`], then `message` published on `channel`, the last change
-    /// and the message in one round trip where Redis allows it (not a cluster, the last
-    /// change a key's): instances hear the batch one round trip sooner, and never before
-    /// Redis holds all of it. Returns whether `message` went out; if not, the caller
-    /// publishes it.
+    /// [`Tiers::apply_to_redis`], then `message` published on `channel`, in the script call
+    /// of the last keys where Redis allows it (one node, no flush in the batch): instances
+    /// hear the batch one round trip sooner, and never before Redis holds all of it. Returns
+    /// whether `message` went out; if not, the caller publishes it.
     ///
     /// # Errors
     /// The first Redis failure: the message may or may not have gone out, and the relay
@@ -1245,26 +1227,63 @@ impl Tiers {
         channel: &str,
         message: &str,
     ) -> Result<bool, L2Error> {
-        let last = changes.last().and_then(|change| {
-            let copy = invalidation(change)?;
-            let resource = catalog.get(&change.resource)?;
-            let ck = CacheKey::new(&resource.name, change.key.as_deref()?);
-            Some((copy, resource, ck))
-        });
-        let Some((copy, resource, ck)) = last.filter(|_| self.l2.publishes_anywhere()) else {
-            self.apply_to_redis(catalog, changes).await?;
-            return Ok(false);
-        };
+        self.apply_batch(catalog, changes, Some((channel, message)))
+            .await
+    }
+
+    async fn apply_batch(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+        publish: Option<(&str, &str)>,
+    ) -> Result<bool, L2Error> {
+        use futures_util::TryStreamExt;
         if let Some(high) = changes.iter().map(|c| c.version).max() {
             self.saw(Version(high));
         }
-        self.apply_to_redis(catalog, &changes[..changes.len() - 1])
-            .await?;
-        self.flights.forget(&ck);
-        self.l2
-            .offer_and_publish_on(&ck, &copy, l2_ttl(resource, &copy), channel, message)
-            .await?;
-        Ok(true)
+        let mut copies = Vec::new();
+        let mut flushes = Vec::new();
+        for change in changes {
+            match (invalidation(change), &change.key) {
+                (Some(copy), Some(key)) => {
+                    let Some(resource) = catalog.get(&change.resource) else {
+                        continue;
+                    };
+                    let ck = CacheKey::new(&resource.name, key);
+                    // Whatever it does to Redis, a load in flight here may predate this change.
+                    self.flights.forget(&ck);
+                    let ttl = l2_ttl(resource, &copy);
+                    copies.push((ck, copy, ttl));
+                }
+                _ if catalog.knows(&change.resource) => flushes.push(change),
+                _ => {}
+            }
+        }
+        // The message rides with the last keys only when nothing follows them.
+        let riding = publish.filter(|_| flushes.is_empty() && !copies.is_empty());
+        if self.l2.publishes_anywhere() {
+            let chunks: Vec<_> = copies.chunks(OFFER_CHUNK).collect();
+            if let Some((last, rest)) = chunks.split_last() {
+                futures_util::future::try_join_all(
+                    rest.iter().map(|chunk| self.l2.offer_many(chunk, "", "")),
+                )
+                .await?;
+                let (channel, message) = riding.unwrap_or(("", ""));
+                self.l2.offer_many(last, channel, message).await?;
+            }
+        } else {
+            futures_util::stream::iter(copies.iter().map(Ok))
+                .try_for_each_concurrent(APPLY_CONCURRENCY, |(ck, copy, ttl)| async move {
+                    self.l2.offer(ck, copy, *ttl).await.map(|_| ())
+                })
+                .await?;
+        }
+        for change in flushes {
+            self.l2
+                .raise_generation(&change.resource, change.version)
+                .await?;
+        }
+        Ok(riding.is_some() && self.l2.publishes_anywhere())
     }
 
     /// Claims (or extends) the relay's lease in Redis for `holder`; see [`L2::claim`].
