@@ -306,7 +306,9 @@ async fn stream(
             repl.abort();
             return Err("START_REPLICATION timed out".into());
         }
-        Ok(Err(PgWireError::Server(m))) if m.contains("55006") => {
+        // object_in_use. pgwire-replication keeps a server error's fields only as text, with
+        // the code written as `SQLSTATE 55006` (`ErrorFields::to_error_string`).
+        Ok(Err(PgWireError::Server(m))) if m.contains("SQLSTATE 55006") => {
             return Err(format!("another relay still streams the slot: {m}"));
         }
         Ok(Err(e)) => return Err(format!("START_REPLICATION failed: {e}")),
