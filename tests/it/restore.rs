@@ -264,3 +264,77 @@ async fn postgres_restored_from_a_backup_is_noticed_when_the_feeds_reconnect() {
         i.sees("/v1/kv/r", later, WINDOW).await;
     }
 }
+
+/// A read while this instance does not trust Redis yet (Redis restarted empty, and the
+/// guard's check held up: another instance holds the state row it must update) fills no
+/// copy into Redis: the generations known here may be older than the ones about to be
+/// raised, and the copy would land where nobody reads. Once the guard has run, reads fill
+/// Redis again, in the generation it raised.
+#[tokio::test]
+async fn no_fill_lands_in_redis_before_the_guard_trusts_it() {
+    let server = RedisServer::start();
+    let env = Env::new().await.on_redis(server.url());
+    let a = env.start(|_| {}).await;
+    let v = a.put("/v1/kv/x", "1").await.etag_version();
+    assert!(
+        env.redis_entry("kv", "x").await.is_some(),
+        "written to redis"
+    );
+    let old_key = env.redis_key("kv", "x").await;
+
+    // Another session holds the row the guard updates when it meets a new incarnation.
+    let mut holder = env.pg().await;
+    let hold = holder.transaction().await.unwrap();
+    let row: Option<String> = hold
+        .query_opt(
+            "SELECT value FROM syncar_state WHERE name = $1 FOR UPDATE",
+            &[&format!("redis_run_id:{}", env.prefix)],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    assert!(
+        row.is_some(),
+        "the guard recorded the incarnation it trusts"
+    );
+    server.restart(); // empty: a new incarnation
+    let tiers = a.state().tiers.clone();
+    eventually(WINDOW, "redis distrusted", || {
+        let tiers = tiers.clone();
+        async move { (!tiers.redis_trusted()).then_some(()) }
+    })
+    .await;
+    for _ in 0..5 {
+        let r = a.get("/v1/kv/x").await;
+        assert_eq!(r.etag_version(), v);
+        assert_eq!(
+            r.header("x-cache"),
+            Some("db"),
+            "an untrusted redis is not read"
+        );
+    }
+    assert!(!tiers.redis_trusted(), "still held up by the locked row");
+    // A tombstone may be there (the changes log's replay after the outage writes the
+    // changes' tombstones, which are safe anywhere); a copy of the document must not.
+    let entry = match redis_command(&server.url(), &["GET", &old_key]).await {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).unwrap(),
+        _ => String::new(),
+    };
+    assert!(
+        entry.split(':').nth(1) != Some("v"),
+        "a fill landed in {old_key} before the guard ran: {entry}"
+    );
+
+    hold.commit().await.unwrap();
+    eventually(WINDOW, "redis trusted again", || {
+        let tiers = tiers.clone();
+        async move { tiers.redis_trusted().then_some(()) }
+    })
+    .await;
+    eventually(WINDOW, "a fill in the raised generation", || async {
+        let _ = a.get("/v1/kv/x").await;
+        let key = env.redis_key("kv", "x").await;
+        (key != old_key && env.redis_entry("kv", "x").await.is_some()).then_some(())
+    })
+    .await;
+}
