@@ -1,0 +1,191 @@
+//! Applying the feeds' messages: to L1 (and Redis, for the feeds that must tell it), and
+//! the relay's batches to Redis with their message.
+
+use crate::coherence::{Feed, Message, Op};
+use crate::l1::Offer;
+use crate::l2::L2Error;
+use crate::model::{CacheKey, Version};
+use crate::resource::Catalog;
+
+use super::{invalidation, l1_ttl, l2_ttl, Tiers, APPLY_CONCURRENCY, OFFER_CHUNK};
+
+impl Tiers {
+    /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
+    /// message's version in L1, and, from the Postgres feed, in Redis too, which repairs Redis
+    /// after writes that never went through syncar. A flush empties L1 and raises the
+    /// resource's generation in Redis. Returns whether it taught anything new (false for
+    /// duplicates and for versions older than what is known: no-ops).
+    pub async fn apply(&self, catalog: &Catalog, message: &Message, feed: Feed) -> bool {
+        self.apply_to(catalog, message, feed == Feed::Postgres)
+            .await
+    }
+
+    /// Applies a change the relay has already applied to Redis (the `wal` source): L1 only,
+    /// and for a flush, the generation the relay raised.
+    pub async fn apply_relayed(&self, catalog: &Catalog, message: &Message) -> bool {
+        self.apply_to(catalog, message, false).await
+    }
+
+    pub(super) async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
+        if invalidation(message).is_none() && catalog.knows(&message.resource) {
+            // A resource-wide flush, of a resource served or left out (a left-out one's
+            // copies must not come back when it is served again). The new generation first,
+            // so that nothing read from Redis after L1 is emptied comes from the old one.
+            self.saw(Version(message.version));
+            let name = &message.resource;
+            self.l2.note_generation(name, message.version);
+            // L1 holds nothing of a left-out resource that will be served (it is emptied
+            // when the resource is served again): a table that no longer fits, flushed at
+            // each of its writes, does not empty L1 for the others.
+            if let (Some(l1), Some(_)) = (&self.l1, catalog.get(name)) {
+                l1.clear();
+            }
+            if redis {
+                if let Err(e) = self.l2.raise_generation(name, message.version).await {
+                    tracing::warn!(resource = %name, error = %e, "raising a resource's generation in redis failed");
+                }
+            }
+            // A flush may be a table's new shape (or a TRUNCATE: a recheck finds nothing).
+            self.catalog.request_recheck();
+            self.watch.change(name, None, message.version, Op::Flush);
+            return true;
+        }
+        let Some(resource) = catalog.get(&message.resource) else {
+            return false; // not a resource of this instance
+        };
+        self.saw(Version(message.version));
+        let Some(copy) = invalidation(message) else {
+            return false;
+        };
+        let Some(key) = &message.key else {
+            return false;
+        };
+        let ck = CacheKey::new(&resource.name, key);
+        // New to this instance: judged by L1 when there is one, else by Redis.
+        let mut fresh = None;
+        if let Some(l1) = &self.l1 {
+            fresh = Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)) == Offer::Applied);
+        }
+        // Whatever it taught L1, a load in flight may predate this change.
+        self.flights.forget(&ck);
+        if redis {
+            let result = if self.l2.available() {
+                self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await
+            } else {
+                Err(L2Error::Skipped)
+            };
+            match result {
+                Ok(applied) => fresh = fresh.or(Some(applied)),
+                // Redis must still learn of it (a plain-SQL write has no other way there).
+                Err(_) => self
+                    .repairs
+                    .push(ck.clone(), copy.clone(), resource.ttl.tombstone_ttl),
+            }
+        }
+        // Without L1 nothing tells a change from its second delivery: every one is sent.
+        let fresh = fresh.unwrap_or(self.l1.is_none());
+        if fresh {
+            self.watch
+                .change(&resource.name, Some(key), message.version, message.op);
+        }
+        fresh
+    }
+
+    /// Applies committed changes to Redis only: a tombstone (or absence) per key, a
+    /// generation raise per flush, each landing only where Redis holds something older. The
+    /// relay of the `wal` source applies its stream this way (instances apply it to their L1
+    /// when the relay's message reaches them), and a feed that recovers replays the changes
+    /// log this way.
+    ///
+    /// On one Redis node the keys go in script calls of [`OFFER_CHUNK`] keys each
+    /// ([`L2::offer_many`]), concurrently; in a cluster (keys of many hash slots) one call
+    /// per key, concurrently: order does not matter (Redis takes only strictly newer
+    /// versions) and the connection pipelines what is in flight; one by one, a large log
+    /// took seconds. Each key lands in its resource's generation as known before the
+    /// batch's flushes are applied: a copy older than a flush of the same batch is never
+    /// read again, a newer one is only missed once.
+    ///
+    /// # Errors
+    /// The first Redis failure: the relay acknowledges nothing and the changes come again.
+    pub async fn apply_to_redis(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+    ) -> Result<(), L2Error> {
+        self.apply_batch(catalog, changes, None).await.map(|_| ())
+    }
+
+    /// [`Tiers::apply_to_redis`], then `message` published on `channel`, in the script call
+    /// of the last keys where Redis allows it (one node, no flush in the batch): instances
+    /// hear the batch one round trip sooner, and never before Redis holds all of it. Returns
+    /// whether `message` went out; if not, the caller publishes it.
+    ///
+    /// # Errors
+    /// The first Redis failure: the message may or may not have gone out, and the relay
+    /// acknowledges nothing (the changes come again).
+    pub async fn apply_and_publish(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+        channel: &str,
+        message: &str,
+    ) -> Result<bool, L2Error> {
+        self.apply_batch(catalog, changes, Some((channel, message)))
+            .await
+    }
+
+    pub(super) async fn apply_batch(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+        publish: Option<(&str, &str)>,
+    ) -> Result<bool, L2Error> {
+        use futures_util::TryStreamExt;
+        if let Some(high) = changes.iter().map(|c| c.version).max() {
+            self.saw(Version(high));
+        }
+        let mut copies = Vec::new();
+        let mut flushes = Vec::new();
+        for change in changes {
+            match (invalidation(change), &change.key) {
+                (Some(copy), Some(key)) => {
+                    let Some(resource) = catalog.get(&change.resource) else {
+                        continue;
+                    };
+                    let ck = CacheKey::new(&resource.name, key);
+                    // Whatever it does to Redis, a load in flight here may predate this change.
+                    self.flights.forget(&ck);
+                    let ttl = l2_ttl(resource, &copy);
+                    copies.push((ck, copy, ttl));
+                }
+                _ if catalog.knows(&change.resource) => flushes.push(change),
+                _ => {}
+            }
+        }
+        // The message rides with the last keys only when nothing follows them.
+        let riding = publish.filter(|_| flushes.is_empty() && !copies.is_empty());
+        if self.l2.publishes_anywhere() {
+            let chunks: Vec<_> = copies.chunks(OFFER_CHUNK).collect();
+            if let Some((last, rest)) = chunks.split_last() {
+                futures_util::future::try_join_all(
+                    rest.iter().map(|chunk| self.l2.offer_many(chunk, "", "")),
+                )
+                .await?;
+                let (channel, message) = riding.unwrap_or(("", ""));
+                self.l2.offer_many(last, channel, message).await?;
+            }
+        } else {
+            futures_util::stream::iter(copies.iter().map(Ok))
+                .try_for_each_concurrent(APPLY_CONCURRENCY, |(ck, copy, ttl)| async move {
+                    self.l2.offer(ck, copy, *ttl).await.map(|_| ())
+                })
+                .await?;
+        }
+        for change in flushes {
+            self.l2
+                .raise_generation(&change.resource, change.version)
+                .await?;
+        }
+        Ok(riding.is_some() && self.l2.publishes_anywhere())
+    }
+}

@@ -1,0 +1,447 @@
+//! The read path: L1, then Redis under a fill lease, then Postgres, each tier filled in the
+//! generation the read began in; one key or many (a batch get).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::db::DbError;
+use crate::l1::Offer;
+use crate::l2::{L2Error, Stored};
+use crate::model::{CacheKey, Cached, Tier, Version};
+use crate::resource::{DocRef, KeyParam, Resource};
+use crate::telemetry::{FILLS_REJECTED, FILL_LEASES};
+
+use super::{l1_ttl, l2_ttl, KeyReport, L2Read, ReadOptions, ReadResult, Started, Tiers};
+
+/// The longest pause between two polls of Redis while another instance holds a key's fill
+/// lease.
+const FILL_LEASE_POLL_MAX: Duration = Duration::from_millis(8);
+
+impl Tiers {
+    /// What every tier holds for `doc`, read-only, for the debug view: L1's entry (`None`
+    /// when L1 is off), Redis' entry and its key, Postgres' current version and the
+    /// document's length in bytes. Changes nothing, fills nothing.
+    pub async fn inspect(&self, doc: &DocRef) -> KeyReport {
+        let l1 = self.l1.as_ref().map(|l1| l1.inspect(&doc.ck));
+        let (redis, postgres) = tokio::join!(
+            self.l2.inspect(&doc.ck),
+            self.db.get(&doc.resource, &doc.key)
+        );
+        KeyReport {
+            l1,
+            l1_usable: self.coherence.l1_usable(),
+            redis_key: self.l2.redis_key(&doc.ck),
+            redis,
+            postgres: postgres.map(|row| row.map(|(v, body)| (v, body.len()))),
+        }
+    }
+
+    /// The L1 answer for a read, if L1 is usable and holds a servable copy fresh enough for
+    /// `options`; `None` means [`Tiers::get_below_l1`] must run.
+    pub async fn l1_hit(&self, doc: &DocRef, options: ReadOptions) -> Option<ReadResult> {
+        if options.strong || !self.coherence.l1_usable() {
+            return None;
+        }
+        let copy = self.l1.as_ref()?.get(&doc.ck)?;
+        let fresh = options.min_version.is_none_or(|min| copy.version >= min);
+        if !copy.is_servable() || !fresh {
+            return None;
+        }
+        self.counters.l1_hit.increment(1);
+        self.sample(doc, Tier::L1, &copy);
+        Some(ReadResult {
+            cached: copy,
+            tier: Tier::L1,
+        })
+    }
+
+    /// Reads one document through the tiers.
+    ///
+    /// # Concurrency
+    /// Concurrent misses of one key share one load (see [`SingleFlight`]); a write or an
+    /// invalidation of the key detaches the load in flight, so nobody asking afterwards gets
+    /// a result read before it.
+    ///
+    /// # Errors
+    /// Only when Postgres had to be asked and failed; Redis failures fall through to Postgres.
+    pub async fn get(&self, doc: &DocRef, options: ReadOptions) -> Result<ReadResult, DbError> {
+        match self.l1_hit(doc, options).await {
+            Some(hit) => Ok(hit),
+            None => self.get_below_l1(doc, options).await,
+        }
+    }
+
+    /// The rest of [`Tiers::get`] once [`Tiers::l1_hit`] found nothing: what may wait on Redis
+    /// and Postgres (the HTTP layer puts only this part under the request deadline).
+    ///
+    /// # Errors
+    /// As [`Tiers::get`].
+    pub async fn get_below_l1(
+        &self,
+        doc: &DocRef,
+        options: ReadOptions,
+    ) -> Result<ReadResult, DbError> {
+        let generation = self.started(doc, self.usable_l1());
+        if options.strong {
+            return self.load_db(doc, generation).await;
+        }
+        if generation.l1.is_some() {
+            self.counters.l1_miss.increment(1);
+        }
+        let read = self
+            .flights
+            .run(&doc.ck, self.load(doc, generation))
+            .await?;
+        if options
+            .min_version
+            .is_none_or(|min| read.cached.version >= min)
+        {
+            return Ok(read);
+        }
+        // The shared load was older than this caller needs (it joined a load started before
+        // its write): Postgres has it.
+        self.load_db(doc, generation).await
+    }
+
+    /// Loads from Redis, else Postgres, filling the tiers above, each in the generation the
+    /// read began in.
+    ///
+    /// # Fill leases
+    /// With `cache.fill_lease`, a Redis miss claims the key's fill lease in Redis first
+    /// (Meta's memcache leases, "Scaling Memcache at Facebook", NSDI 2013, 3.2.1): the
+    /// instance that gets it reads Postgres and fills Redis as without leases, then gives it
+    /// up; one that does not polls Redis (after 1, 2, 4, 8, 8... ms) until a copy it may serve
+    /// appears there or the lease's time has passed, and then reads Postgres itself. So a
+    /// hot key missed by every instance at once (after a plain-SQL write, or at a cold start)
+    /// costs Postgres one read instead of one per instance, and an instance that dies holding
+    /// the lease delays the others by at most the lease. Copies found by polling pass the same
+    /// checks as any Redis hit; coherence never rests on the lease, only the load count does.
+    pub(super) async fn load(
+        &self,
+        doc: &DocRef,
+        generation: Started,
+    ) -> Result<ReadResult, DbError> {
+        if !self.coherence.l2_trusted() {
+            return self.load_db(doc, generation).await;
+        }
+        match self.read_l2(doc, generation).await {
+            L2Read::Hit(hit) => return Ok(hit),
+            L2Read::Failed => return self.load_db_after_miss(doc, generation).await,
+            L2Read::Missed => {}
+        }
+        let Some(lease) = self.fill_lease else {
+            return self.load_db_after_miss(doc, generation).await;
+        };
+        // `.` is in no resource name: this never names a document's Redis key.
+        let name = format!("fill.lease:{}", doc.ck);
+        // A holder per claim, not per instance: two loads of one key here (a detached flight
+        // and its successor) must not extend or release each other's lease.
+        let holder = format!(
+            "{}#{}",
+            self.instance_id,
+            self.lease_claims.fetch_add(1, Ordering::Relaxed)
+        );
+        match self.l2.claim(&name, &holder, lease).await {
+            Ok(true) => {
+                metrics::counter!(FILL_LEASES, "outcome" => "held").increment(1);
+                let read = self.load_db_after_miss(doc, generation).await;
+                // Given up in the background: the answer does not wait for it, and if it
+                // fails the lease expires by itself.
+                let l2 = self.l2.clone();
+                tokio::spawn(async move { l2.release(&name, &holder).await });
+                return read;
+            }
+            Ok(false) => {}
+            Err(_) => return self.load_db_after_miss(doc, generation).await,
+        }
+        let deadline = tokio::time::Instant::now() + lease;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause)).await;
+            pause = (pause * 2).min(FILL_LEASE_POLL_MAX);
+            match self.read_l2(doc, generation).await {
+                L2Read::Hit(hit) => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "waited").increment(1);
+                    return Ok(hit);
+                }
+                L2Read::Failed => break,
+                L2Read::Missed if tokio::time::Instant::now() >= deadline => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "timed_out").increment(1);
+                    break;
+                }
+                // The holder gave up without a copy this read may serve (its read failed,
+                // or Redis refused its fill): no use waiting out the lease.
+                L2Read::Missed if matches!(self.l2.read(&name).await, Ok(None)) => {
+                    metrics::counter!(FILL_LEASES, "outcome" => "timed_out").increment(1);
+                    break;
+                }
+                L2Read::Missed => {}
+            }
+        }
+        self.load_db_after_miss(doc, generation).await
+    }
+
+    /// [`Tiers::load_db`] for a read Redis did not answer (counted as its miss).
+    pub(super) async fn load_db_after_miss(
+        &self,
+        doc: &DocRef,
+        generation: Started,
+    ) -> Result<ReadResult, DbError> {
+        self.counters.l2_miss.increment(1);
+        self.load_db(doc, generation).await
+    }
+
+    /// The Redis answer for a read, or why there is none.
+    pub(super) async fn read_l2(&self, doc: &DocRef, generation: Started) -> L2Read {
+        let (resource, ck) = (&doc.resource, &doc.ck);
+        if resource.shape_epoch() > self.l2.generation(&resource.name) {
+            // The catalog already has the table's new shape, and the flush that retires the
+            // old one's copies has not reached this instance yet: Redis may hold copies of
+            // the old shape, which the new ETag must not name.
+            return L2Read::Failed;
+        }
+        match self.l2.get(ck).await {
+            Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
+                // A committed write of this key has not reached Redis yet.
+                L2Read::Missed
+            }
+            Ok(Some(copy)) if copy.is_servable() => {
+                match self.fill_l1(resource, ck, &copy, generation.l1).await {
+                    Some(Offer::Refused(known)) if known.version > copy.version => {
+                        // L1 knows Redis is behind: go to the source.
+                        L2Read::Missed
+                    }
+                    _ => {
+                        self.counters.l2_hit.increment(1);
+                        self.sample(doc, Tier::L2, &copy);
+                        L2Read::Hit(ReadResult {
+                            cached: copy,
+                            tier: Tier::L2,
+                        })
+                    }
+                }
+            }
+            Ok(_) => L2Read::Missed,
+            Err(L2Error::Skipped) => L2Read::Failed,
+            Err(e) => {
+                tracing::debug!(resource = %resource.name, error = %e, "redis read failed; reading postgres");
+                L2Read::Failed
+            }
+        }
+    }
+
+    /// Reads Postgres and offers the result to Redis and L1.
+    pub(super) async fn load_db(
+        &self,
+        doc: &DocRef,
+        generation: Started,
+    ) -> Result<ReadResult, DbError> {
+        let copy = self.read_postgres(doc).await?;
+        Ok(self.filled_from_postgres(doc, copy, generation).await)
+    }
+
+    /// What was read from Postgres (`copy`) offered to Redis and then L1, each in the
+    /// generation the read began in; answered with whatever they say.
+    pub(super) async fn filled_from_postgres(
+        &self,
+        doc: &DocRef,
+        copy: Cached,
+        generation: Started,
+    ) -> ReadResult {
+        let (resource, ck) = (&doc.resource, &doc.ck);
+        self.counters.db_hit.increment(1);
+        let mut newer_exists = false;
+        // Only into a Redis this instance trusts: until the guard has checked it, the
+        // generations known here may be older than Redis' (an instance that just started
+        // knows none), and the copy would land under one nobody reads. A fill only adds a
+        // copy, so skipping it is always safe; writes are never skipped.
+        if self.l2.available() && self.l2.trusted() {
+            match self
+                .l2
+                .offer_checked(generation.l2, ck, &copy, l2_ttl(resource, &copy))
+                .await
+            {
+                Ok(Stored::Applied | Stored::AlreadyHeld) => {}
+                Ok(Stored::Newer) => {
+                    metrics::counter!(FILLS_REJECTED, "tier" => "l2").increment(1);
+                    // Redis holds a newer version: L1 must not take an older one.
+                    newer_exists = true;
+                }
+                Err(e) => {
+                    tracing::debug!(resource = %resource.name, error = %e, "redis fill failed")
+                }
+            }
+        }
+        // Postgres is the truth as of this read: answer with it even if a tier refuses it
+        // because a newer write landed meanwhile.
+        if !newer_exists {
+            self.fill_l1(resource, ck, &copy, generation.l1).await;
+        }
+        ReadResult {
+            cached: copy,
+            tier: Tier::Db,
+        }
+    }
+
+    /// Reads many documents of one resource, answering each as [`Tiers::get`] would, in the
+    /// order asked: one L1 pass; one Redis `MGET` for what L1 did not answer; then, for what
+    /// is still missing, the loads already in flight for those keys are joined and the rest
+    /// read in one Postgres query (`= ANY($1)`); every fill goes through the same versioned
+    /// offers as a single read. `options` apply to every key.
+    ///
+    /// # Errors
+    /// Per key: only when Postgres had to be asked and failed.
+    pub async fn get_many(
+        &self,
+        docs: &[DocRef],
+        options: ReadOptions,
+    ) -> Vec<Result<ReadResult, DbError>> {
+        let mut answers: Vec<Option<Result<ReadResult, DbError>>> = vec![None; docs.len()];
+        let mut missing = Vec::new();
+        for (i, doc) in docs.iter().enumerate() {
+            match self.l1_hit(doc, options).await {
+                Some(hit) => answers[i] = Some(Ok(hit)),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            return answers.into_iter().flatten().collect();
+        }
+        let started: Vec<Started> = missing
+            .iter()
+            .map(|&i| self.started(&docs[i], self.usable_l1()))
+            .collect();
+        if !options.strong {
+            let l1_misses = started.iter().filter(|s| s.l1.is_some()).count();
+            self.counters.l1_miss.increment(l1_misses as u64);
+        }
+        // Redis, for everything L1 did not answer.
+        let mut below = Vec::new();
+        let fresh = |copy: &Cached| options.min_version.is_none_or(|min| copy.version >= min);
+        let from_redis = if options.strong || !self.coherence.l2_trusted() {
+            None
+        } else {
+            let keys: Vec<(&CacheKey, i64)> = missing
+                .iter()
+                .zip(&started)
+                .map(|(&i, s)| (&docs[i].ck, s.l2))
+                .collect();
+            self.l2.get_many(&keys).await.ok()
+        };
+        for (j, &i) in missing.iter().enumerate() {
+            let doc = &docs[i];
+            // As in `read_l2`: no Redis copy of a resource whose new shape's flush has not
+            // arrived yet.
+            let copy = from_redis
+                .as_ref()
+                .and_then(|copies| copies[j].clone())
+                .filter(|_| doc.resource.shape_epoch() <= started[j].l2);
+            let hit = match copy {
+                Some(copy)
+                    if copy.is_servable()
+                        && fresh(&copy)
+                        && !self.repairs.pending_above(&doc.ck, copy.version) =>
+                {
+                    match self
+                        .fill_l1(&doc.resource, &doc.ck, &copy, started[j].l1)
+                        .await
+                    {
+                        // L1 knows Redis is behind: go to the source.
+                        Some(Offer::Refused(known)) if known.version > copy.version => None,
+                        _ => Some(copy),
+                    }
+                }
+                _ => None,
+            };
+            match hit {
+                Some(copy) => {
+                    self.counters.l2_hit.increment(1);
+                    self.sample(doc, Tier::L2, &copy);
+                    answers[i] = Some(Ok(ReadResult {
+                        cached: copy,
+                        tier: Tier::L2,
+                    }));
+                }
+                None => {
+                    if from_redis.is_some() {
+                        self.counters.l2_miss.increment(1);
+                    }
+                    below.push(j);
+                }
+            }
+        }
+        // Postgres: join the loads in flight, read the rest at once.
+        let (joined, queried): (Vec<usize>, Vec<usize>) = below
+            .into_iter()
+            .partition(|&j| !options.strong && self.flights.is_running(&docs[missing[j]].ck));
+        let joins = joined.iter().map(|&j| {
+            let doc = &docs[missing[j]];
+            let generation = started[j];
+            async move {
+                let read = self
+                    .flights
+                    .run(&doc.ck, self.load(doc, generation))
+                    .await?;
+                if fresh(&read.cached) {
+                    Ok(read)
+                } else {
+                    self.load_db(doc, generation).await
+                }
+            }
+        });
+        let joined_answers = futures_util::future::join_all(joins).await;
+        for (&j, answer) in joined.iter().zip(joined_answers) {
+            answers[missing[j]] = Some(answer);
+        }
+        if !queried.is_empty() {
+            let resource = &docs[missing[queried[0]]].resource;
+            let keys: Vec<&KeyParam> = queried.iter().map(|&j| &docs[missing[j]].key).collect();
+            match self.db.get_many(resource, &keys).await {
+                Ok(rows) => {
+                    let fills = queried.iter().map(|&j| {
+                        let doc = &docs[missing[j]];
+                        // `get`, not `remove`: a key asked twice (or `7` and `07`) is one row.
+                        let copy = match rows.get(&doc.key.to_string()) {
+                            Some((version, body)) => {
+                                self.saw(*version);
+                                Cached::value(*version, body.clone())
+                            }
+                            None => Cached::absent(Version::NONE),
+                        };
+                        self.filled_from_postgres(doc, copy, started[j])
+                    });
+                    let filled = futures_util::future::join_all(fills).await;
+                    for (&j, read) in queried.iter().zip(filled) {
+                        answers[missing[j]] = Some(Ok(read));
+                    }
+                }
+                Err(e) => {
+                    for &j in &queried {
+                        answers[missing[j]] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(DbError::Internal("a key was not answered".into()))))
+            .collect()
+    }
+
+    /// Offers a copy to L1 (if it is to be filled), counting refusals.
+    pub(super) async fn fill_l1(
+        &self,
+        resource: &Resource,
+        ck: &CacheKey,
+        copy: &Cached,
+        generation: Option<u32>,
+    ) -> Option<Offer> {
+        let l1 = self.l1.as_ref()?;
+        let generation = generation?;
+        let offer = l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, copy));
+        if matches!(offer, Offer::Refused(_)) {
+            metrics::counter!(FILLS_REJECTED, "tier" => "l1").increment(1);
+        }
+        Some(offer)
+    }
+}
