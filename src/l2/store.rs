@@ -139,30 +139,11 @@ impl L2 {
             .await
     }
 
-    /// Whether [`L2::offer_and_publish_on`] can publish on any channel: not in a cluster,
-    /// where a script may publish only on a sharded channel of its key's hash slot.
+    /// Whether [`L2::offer_many`] can be used (with a message on any channel): not in a
+    /// cluster, where a script's keys must share a hash slot and it may publish only on a
+    /// sharded channel of that slot.
     pub fn publishes_anywhere(&self) -> bool {
         self.cluster.is_none()
-    }
-
-    /// [`L2::offer`] of `key` in the resource's current generation, then `message` published
-    /// on `channel` in the same round trip: the relay's last change of a batch carries the
-    /// batch's message, so that instances hear it one round trip sooner, never before Redis
-    /// holds it. Only where [`L2::publishes_anywhere`].
-    ///
-    /// # Errors
-    /// The command's failure: neither happened, or both did and the answer was lost.
-    pub async fn offer_and_publish_on(
-        &self,
-        key: &CacheKey,
-        copy: &Cached,
-        ttl: Duration,
-        channel: &str,
-        message: &str,
-    ) -> Result<Stored, L2Error> {
-        let generation = self.generation(key.resource());
-        self.offer_then_publish(generation, key, copy, ttl, channel, message)
-            .await
     }
 
     /// [`L2::offer`] of many keys, each in its resource's current generation, in one script
