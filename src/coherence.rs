@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::locks::MutexExt;
 use crate::model::now_ms;
 use crate::telemetry::FEED_UP;
 
@@ -302,7 +303,7 @@ pub struct RelayStatus {
 impl Coherence {
     /// Records what a relayed heartbeat said.
     pub fn note_relay(&self, relay: &str, lag_ms: u64, lag_bytes: Option<i64>, sync: bool) {
-        *self.relay.lock().unwrap_or_else(|e| e.into_inner()) = Some(RelayStatus {
+        *self.relay.locked() = Some(RelayStatus {
             relay: relay.to_string(),
             lag_ms,
             lag_bytes,
@@ -312,7 +313,7 @@ impl Coherence {
 
     /// What the last relayed heartbeat said, if one came.
     pub fn relay_status(&self) -> Option<RelayStatus> {
-        self.relay.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.relay.locked().clone()
     }
 
     pub fn new(postgres: bool, redis: bool, trust_redis: bool) -> Self {

@@ -61,6 +61,7 @@ use redis::{
 };
 
 use crate::config::{RedisConfig, RedisMode};
+use crate::locks::{MutexExt, RwLockExt};
 use crate::model::CacheKey;
 use crate::telemetry::REDIS_ERRORS;
 use crate::tls::{redis_certificates, with_hint};
@@ -515,20 +516,12 @@ impl L2 {
 
     /// A handle on the command connection to the current node (or the cluster).
     fn conn(&self) -> Conn {
-        self.link
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .conn
-            .clone()
+        self.link.read_locked().conn.clone()
     }
 
     /// A client for the current node, for connections of their own (subscriptions).
     fn client(&self) -> redis::Client {
-        self.link
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .client
-            .clone()
+        self.link.read_locked().client.clone()
     }
 
     /// Whether Redis is found through Sentinel (`redis.mode = "sentinel"`).
@@ -543,19 +536,12 @@ impl L2 {
 
     /// Why the Sentinels were last asked in vain (`None`: they answered, or no Sentinel).
     pub fn sentinel_error(&self) -> Option<String> {
-        self.sentinel_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.sentinel_error.locked().clone()
     }
 
     /// The address (`host:port`) commands go to.
     pub fn node(&self) -> String {
-        self.link
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .addr
-            .clone()
+        self.link.read_locked().addr.clone()
     }
 
     /// With `redis.mode = "sentinel"`, asks the Sentinels which node is the master and, if it
@@ -583,10 +569,7 @@ impl L2 {
                 Ok(Ok(client)) => Ok(client),
             }
         };
-        *self
-            .sentinel_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = asked.as_ref().err().map(ToString::to_string);
+        *self.sentinel_error.locked() = asked.as_ref().err().map(ToString::to_string);
         let client = asked?;
         let addr = client.get_connection_info().addr().to_string();
         if addr == self.node() {
@@ -597,10 +580,7 @@ impl L2 {
         // Distrusted before the move (no read goes to the new node unchecked) and after it
         // (a check that began before the move grants no trust).
         self.distrust();
-        let was = std::mem::replace(
-            &mut *self.link.write().unwrap_or_else(|e| e.into_inner()),
-            link,
-        );
+        let was = std::mem::replace(&mut *self.link.write_locked(), link);
         self.named.store(true, Ordering::SeqCst);
         self.distrust();
         // Subscriptions on the old node would go on hearing a node nobody publishes to any
@@ -626,12 +606,7 @@ impl L2 {
     /// # Errors
     /// Why Redis cannot be used.
     pub async fn ping(&self) -> Result<(), L2Error> {
-        if let Some(misfit) = self
-            .misfit
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(misfit) = self.misfit.locked().clone() {
             return Err(L2Error::Redis(misfit));
         }
         let mut conn = self.conn();

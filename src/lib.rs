@@ -23,8 +23,9 @@
 //! - [`audit`]: the consistency auditor's sampling and judgement (the check is in `tiers`).
 //! - [`watch`]: the change stream apps watch: ids, the resume ring, resets.
 //! - [`tls`]: `sslmode` and certificates for Postgres, `rediss://` for Redis, with rustls.
-//! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`app`]: settings, logs and
-//!   metrics, keeping secrets out of both, waiting between retries, and start-up/shutdown.
+//! - [`config`], [`telemetry`], [`redact`], [`backoff`], [`locks`], [`app`]: settings, logs
+//!   and metrics, keeping secrets out of both, waiting between retries, locks a panic cannot
+//!   poison for good, and start-up/shutdown.
 //!
 //! `ARCHITECTURE.md` gives the bird's-eye view and the invariants.
 
@@ -38,6 +39,7 @@ pub mod feed;
 pub mod http;
 pub mod l1;
 pub mod l2;
+pub mod locks;
 pub mod model;
 pub mod redact;
 pub mod relay;

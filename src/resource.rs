@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::config::{PostgresSource, TtlConfig};
+use crate::locks::{MutexExt, RwLockExt};
 use crate::model::{CacheKey, JsonText};
 
 /// The resources this instance serves, resolved against the live schema.
@@ -188,29 +189,21 @@ impl CatalogCell {
     /// # Errors
     /// [`NotReady`] with the last reason they are not.
     pub fn get(&self) -> Result<Arc<Catalog>, NotReady> {
-        match &*self.catalog.read().unwrap_or_else(|e| e.into_inner()) {
+        match &*self.catalog.read_locked() {
             Some(c) => Ok(c.clone()),
-            None => Err(NotReady(
-                self.not_ready
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            )),
+            None => Err(NotReady(self.not_ready.locked().clone())),
         }
     }
 
     /// Whether the catalog is loaded.
     pub fn is_loaded(&self) -> bool {
-        self.catalog
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.catalog.read_locked().is_some()
     }
 
     /// Publishes the first loaded catalog; later calls change nothing (see
     /// [`CatalogCell::replace`]).
     pub fn set(&self, catalog: Catalog) {
-        let mut slot = self.catalog.write().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.catalog.write_locked();
         if slot.is_none() {
             *slot = Some(Arc::new(catalog));
         }
@@ -218,12 +211,12 @@ impl CatalogCell {
 
     /// Publishes a catalog read again after a table changed.
     pub fn replace(&self, catalog: Catalog) {
-        *self.catalog.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(catalog));
+        *self.catalog.write_locked() = Some(Arc::new(catalog));
     }
 
     /// Records why the catalog could not be loaded yet.
     pub fn not_ready(&self, reason: String) {
-        *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        *self.not_ready.locked() = reason;
     }
 
     /// Asks the schema task to compare the tables' shapes with the catalog's (a flush was

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
+use crate::locks::MutexExt;
 use tokio::sync::OnceCell;
 
 pub struct SingleFlight<K, V> {
@@ -32,7 +33,7 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// that one and returns a clone of its result. `load` is not polled when unused.
     pub async fn run<F: Future<Output = V>>(&self, key: &K, load: F) -> V {
         let cell = {
-            let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.inflight.locked();
             map.entry(key.clone()).or_default().clone()
         };
         let guard = Leave {
@@ -49,20 +50,20 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
     /// it, later callers start a new load. Called when `key` changed, so that nobody who asks
     /// after the change gets a result read before it.
     pub fn forget(&self, key: &K) {
-        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.inflight.locked();
         map.remove(key);
     }
 
     /// Whether a load of `key` is in flight (a batch then joins it rather than load the key
     /// again).
     pub fn is_running(&self, key: &K) -> bool {
-        let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.inflight.locked();
         map.contains_key(key)
     }
 
     /// Callers currently waiting on (or running) the load of `key`. For tests.
     pub fn waiters(&self, key: &K) -> usize {
-        let map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.inflight.locked();
         map.get(key).map_or(0, |cell| Arc::strong_count(cell) - 1)
     }
 }
@@ -77,11 +78,7 @@ struct Leave<'a, K: Hash + Eq + Clone, V> {
 
 impl<K: Hash + Eq + Clone, V> Drop for Leave<'_, K, V> {
     fn drop(&mut self) {
-        let mut map = self
-            .flight
-            .inflight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut map = self.flight.inflight.locked();
         let ours = map.get(self.key).is_some_and(|c| Arc::ptr_eq(c, self.cell));
         // strong_count: the map's and ours, when nobody else waits.
         if ours && (self.cell.initialized() || Arc::strong_count(self.cell) <= 2) {

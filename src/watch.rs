@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::coherence::Op;
+use crate::locks::MutexExt;
 
 /// Events kept for resuming.
 pub const RING: usize = 4096;
@@ -96,7 +97,7 @@ impl WatchHub {
 
     /// Publishes a change applied here.
     pub fn change(&self, resource: &str, key: Option<&str>, version: i64, op: Op) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.ring.locked();
         // Numbered and sent under the lock (a send never waits): watchers get ids in order,
         // so one that skips what it has seen skips nothing new.
         let change = Arc::new(Change {
@@ -122,7 +123,7 @@ impl WatchHub {
     }
 
     pub fn reset(&self, reason: &str) {
-        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ring = self.ring.locked();
         ring.clear();
         self.reset_at
             .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
@@ -172,7 +173,7 @@ impl WatchHub {
         else {
             return reset("Last-Event-ID is not from this instance's current process");
         };
-        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = self.ring.locked();
         if n < self.reset_at.load(Ordering::SeqCst) {
             drop(ring);
             return reset("this instance could not vouch for every change since Last-Event-ID");

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
+use crate::locks::RwLockExt;
 use crate::model::CacheKey;
 
 use super::{bucket_of, L2Error, L2};
@@ -35,14 +36,14 @@ impl L2 {
 
     /// The generation of `resource` as this instance knows it.
     pub fn generation(&self, resource: &str) -> i64 {
-        let generations = self.generations.read().unwrap_or_else(|e| e.into_inner());
+        let generations = self.generations.read_locked();
         generations.get(resource).copied().unwrap_or(0)
     }
 
     /// Takes `generation` for `resource` if it is newer than the one known here (another
     /// instance raised it in Redis).
     pub fn note_generation(&self, resource: &str, generation: i64) {
-        let mut generations = self.generations.write().unwrap_or_else(|e| e.into_inner());
+        let mut generations = self.generations.write_locked();
         let current = generations.entry(resource.to_string()).or_insert(0);
         *current = (*current).max(generation);
     }

@@ -8,6 +8,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{AsyncCommands, Value};
 
+use crate::locks::MutexExt;
 use crate::tls::with_hint;
 
 use super::{Conn, L2Error, RedisIdentity, Shard, L2};
@@ -48,7 +49,7 @@ impl L2 {
                 self.node()
             )
         });
-        *self.misfit.lock().unwrap_or_else(|e| e.into_inner()) = misfit.clone();
+        *self.misfit.locked() = misfit.clone();
         if let Some(misfit) = misfit {
             return Err(L2Error::Redis(misfit));
         }
@@ -241,17 +242,14 @@ impl L2 {
 
     /// The `run_id` trusted last, if any.
     pub fn incarnation(&self) -> Option<String> {
-        self.incarnation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.incarnation.locked().clone()
     }
 
     /// Reads may use Redis again: it is the incarnation `run_id` (checked, or made safe by
     /// raising every generation), unless a failure came after the check began (`checked`,
     /// from [`L2::distrusts`] before it): then it stays distrusted and the guard checks again.
     pub fn trust(&self, run_id: Option<&str>, checked: u64) {
-        *self.incarnation.lock().unwrap_or_else(|e| e.into_inner()) = run_id.map(String::from);
+        *self.incarnation.locked() = run_id.map(String::from);
         if self.distrusts.load(Ordering::SeqCst) == checked {
             self.trusted.store(true, Ordering::SeqCst);
         } else {

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::l2::L2;
+use crate::locks::MutexExt;
 use crate::model::{CacheKey, Cached, Version};
 use crate::telemetry::{L2_REPAIRS, L2_REPAIR_QUEUE};
 
@@ -42,7 +43,7 @@ impl Repairs {
 
     /// Remembers a repair, keeping the newer one if the key is already queued.
     pub fn push(&self, key: CacheKey, copy: Cached, ttl: Duration) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.locked();
         match pending.get(&key) {
             Some((queued, _)) if !copy.supersedes(queued) => {}
             Some(_) => {
@@ -76,7 +77,7 @@ impl Repairs {
         if self.is_empty() {
             return false;
         }
-        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let pending = self.pending.locked();
         pending.get(key).is_some_and(|(c, _)| c.version > version)
     }
 
@@ -121,7 +122,7 @@ impl Repairs {
     /// only once its repair is applied (and no newer one was queued meanwhile).
     async fn drain(&self, l2: &L2) -> bool {
         let batch: Vec<_> = {
-            let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let pending = self.pending.locked();
             pending
                 .iter()
                 .map(|(k, (c, ttl))| (k.clone(), c.clone(), *ttl))
@@ -134,7 +135,7 @@ impl Repairs {
                 return false;
             }
             metrics::counter!(L2_REPAIRS, "result" => "applied").increment(1);
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending.locked();
             if pending.get(&key).is_some_and(|(queued, _)| *queued == copy) {
                 pending.remove(&key);
             }
