@@ -356,7 +356,7 @@ async fn stream(
     let mut session = Session {
         epoch,
         // Until Postgres is seen to say otherwise, the relay may be a synchronous standby.
-        confirmations: Confirmations::new(feeds.lease),
+        confirmations: Confirmations::new(feeds.lease, feeds.relay_lease / 4),
         ..Session::default()
     };
     let mut renew = ticker(feeds.relay_lease / 4);

@@ -167,16 +167,7 @@ impl L2 {
             .arg(message)
             .arg(self.publish_command());
         for (key, copy, ttl) in copies {
-            let (kind, doc): (&str, &[u8]) = match &copy.state {
-                State::Value(doc) => ("v", doc),
-                State::Absent => ("a", b""),
-                State::Invalidated => ("i", b""),
-            };
-            let mut body = Vec::with_capacity(doc.len() + 16);
-            body.extend_from_slice(copy.at_ms.to_string().as_bytes());
-            body.push(b':');
-            body.extend_from_slice(doc);
-            let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let (kind, body, ttl_ms) = script_args(copy, *ttl);
             invocation
                 .key(self.redis_key_in(self.generation(key.resource()), key))
                 .arg(copy.version.0)
@@ -198,16 +189,7 @@ impl L2 {
         message: &str,
     ) -> Result<Stored, L2Error> {
         let mut conn = self.conn();
-        let (kind, doc): (&str, &[u8]) = match &copy.state {
-            State::Value(doc) => ("v", doc),
-            State::Absent => ("a", b""),
-            State::Invalidated => ("i", b""),
-        };
-        let mut body = Vec::with_capacity(doc.len() + 16);
-        body.extend_from_slice(copy.at_ms.to_string().as_bytes());
-        body.push(b':');
-        body.extend_from_slice(doc);
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (kind, body, ttl_ms) = script_args(copy, ttl);
         let mut invocation = self.script.prepare_invoke();
         invocation
             .key(self.redis_key_in(generation, key))
@@ -291,6 +273,22 @@ impl L2 {
 }
 
 /// Parses `{version}:{kind}:{at_ms}:{document}`.
+/// A copy as the offer scripts take it: its kind (`v`, `a` or `i`), `{at_ms}:{document}`,
+/// and the TTL in ms (at least 1). See the module's "Encoding".
+fn script_args(copy: &Cached, ttl: Duration) -> (&'static str, Vec<u8>, u64) {
+    let (kind, doc): (&str, &[u8]) = match &copy.state {
+        State::Value(doc) => ("v", doc),
+        State::Absent => ("a", b""),
+        State::Invalidated => ("i", b""),
+    };
+    let mut body = Vec::with_capacity(doc.len() + 16);
+    body.extend_from_slice(copy.at_ms.to_string().as_bytes());
+    body.push(b':');
+    body.extend_from_slice(doc);
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+    (kind, body, ttl_ms)
+}
+
 fn decode(raw: &[u8]) -> Option<Cached> {
     let mut parts = raw.splitn(4, |&b| b == b':');
     let version: i64 = std::str::from_utf8(parts.next()?).ok()?.parse().ok()?;

@@ -33,15 +33,23 @@ pub(super) struct Confirmations {
     floor: Option<Lsn>,
     /// What each instance reported applying (an LSN as a number), and when the report came.
     reports: HashMap<String, (u64, Instant)>,
+    /// How often, at the longest, the relay's loop looks at its confirmations when it runs
+    /// (the lease's renewal); a longer gap between two looks means the relay itself did not
+    /// run (starved of CPU, paused), see [`Confirmations::confirm`].
+    turn: Duration,
+    /// When the confirmations were last looked at.
+    last_look: Option<Instant>,
 }
 
 impl Confirmations {
     /// A term's start: synchronous until Postgres is seen to say otherwise (a commit may be
-    /// waiting for this relay already), instances reporting within `lease`.
-    pub(super) fn new(lease: Duration) -> Self {
+    /// waiting for this relay already), instances reporting within `lease`; the relay's loop
+    /// looks at least every `turn` while it runs.
+    pub(super) fn new(lease: Duration, turn: Duration) -> Self {
         Confirmations {
             synchronous: Some(lease),
             since: Some(Instant::now()),
+            turn,
             ..Confirmations::default()
         }
     }
@@ -79,12 +87,13 @@ impl Confirmations {
         let Some(published) = self.published else {
             return;
         };
+        let now = Instant::now();
+        self.look(now);
         let lsn = match self.synchronous {
             None => published.as_u64(),
             Some(lease) => {
-                let now = Instant::now();
                 self.reports
-                    .retain(|_, (_, seen)| now.duration_since(*seen) <= lease);
+                    .retain(|_, (_, seen)| now.saturating_duration_since(*seen) <= lease);
                 let waiting = self.since.is_some_and(|s| now.duration_since(s) < lease);
                 confirmable(
                     published.as_u64(),
@@ -111,9 +120,32 @@ impl Confirmations {
             return;
         };
         let now = Instant::now();
+        self.look(now);
         let entry = self.reports.entry(instance.to_string()).or_insert((0, now));
         *entry = (entry.0.max(lsn), now);
         self.confirm(repl);
+    }
+}
+
+impl Confirmations {
+    /// Notes that the relay looks at its confirmations at `now`. A relay that did not run
+    /// for a while (its process starved of CPU or paused: more than two turns since its last
+    /// look) has not read the reports sent meanwhile, so that time is not the instances'
+    /// silence: every report is taken as that much younger. An instance is left out only
+    /// after a lease of the relay's own running without a word from it; otherwise a relay
+    /// waking from a stall would drop every instance at once and confirm what none has
+    /// applied, while they still hold leases from its heartbeats.
+    fn look(&mut self, now: Instant) {
+        let stalled = self
+            .last_look
+            .map(|last| now.saturating_duration_since(last))
+            .filter(|gap| *gap > 2 * self.turn);
+        self.last_look = Some(now);
+        if let Some(gap) = stalled {
+            for (_, seen) in self.reports.values_mut() {
+                *seen += gap;
+            }
+        }
     }
 }
 
@@ -174,7 +206,32 @@ pub(super) async fn synchronous(
 
 #[cfg(test)]
 mod tests {
-    use super::confirmable;
+    use super::{confirmable, Confirmations};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_stall_of_the_relay_is_not_the_instances_silence() {
+        let lease = Duration::from_secs(1);
+        let mut c = Confirmations::new(lease, Duration::from_millis(500));
+        let t0 = Instant::now();
+        c.look(t0);
+        c.reports.insert("b".into(), (7, t0));
+        // Looked at every turn: the report ages as time passes.
+        c.look(t0 + Duration::from_millis(400));
+        assert_eq!(c.reports["b"].1, t0);
+        // Then 3 s without a look: the relay did not run; the report is taken as 3 s younger.
+        let woke = t0 + Duration::from_millis(3400);
+        c.look(woke);
+        let seen = c.reports["b"].1;
+        assert!(
+            woke.saturating_duration_since(seen) <= lease,
+            "b still waited for"
+        );
+        assert_eq!(
+            woke.saturating_duration_since(seen),
+            Duration::from_millis(400)
+        );
+    }
 
     #[test]
     fn a_synchronous_relay_confirms_what_every_reporting_instance_applied() {

@@ -30,6 +30,34 @@ async fn sees_absent(instance: &Instance, path: &str) {
     instance.sees_absent(path, WINDOW).await;
 }
 
+/// Names the relay in `synchronous_standby_names`: from now on Postgres holds a commit that
+/// waits (`synchronous_commit = on`) until the relay confirms it.
+async fn name_the_relay(pg: &tokio_postgres::Client) {
+    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
+        .await
+        .unwrap();
+    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+}
+
+/// An instance on `wal` that never relays and hears Redis through a proxy (`delay` it to
+/// make its evictions, and its reports to the relay, come late).
+async fn behind_a_line(env: &Env) -> (crate::support::Proxy, Instance) {
+    let redis: SocketAddr = env
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap();
+    let line = crate::support::Proxy::start(redis).await;
+    let instance = env
+        .on_redis(format!("redis://{}", line.addr))
+        .start(|c| {
+            wal(c);
+            c.feeds.relay = false;
+        })
+        .await;
+    (line, instance)
+}
+
 /// TRUNCATE is seen by every source (the WAL says it; the log-based sources get a trigger):
 /// every copy, in every L1 and in Redis, is gone, and the table refills normally.
 #[tokio::test]
@@ -973,25 +1001,10 @@ async fn min_lsn_gives_a_plain_sql_writer_its_own_write_on_every_instance() {
 async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
     let env = Env::new_on_postgres_with("-c synchronous_commit=on").await;
     let pg = env.pg().await;
-    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
-        .await
-        .unwrap();
-    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    name_the_relay(&pg).await;
     let a = env.start(wal).await;
     // b hears Redis through a delay line: its evictions, and its reports, come late.
-    let redis: SocketAddr = env
-        .redis_url
-        .trim_start_matches("redis://")
-        .parse()
-        .unwrap();
-    let line = crate::support::Proxy::start(redis).await;
-    let b = env
-        .on_redis(format!("redis://{}", line.addr))
-        .start(|c| {
-            wal(c);
-            c.feeds.relay = false;
-        })
-        .await;
+    let (line, b) = behind_a_line(&env).await;
     let sync: String = eventually(WINDOW, "the relay is the synchronous standby", || async {
         let state: Option<String> = pg
             .query_opt(
@@ -1093,10 +1106,7 @@ async fn a_synchronous_relay_killed_or_its_redis_restarted_stalls_commits_bounde
     let redis = RedisServer::start();
     let env = env.on_redis(redis.url());
     let pg = env.pg().await;
-    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
-        .await
-        .unwrap();
-    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    name_the_relay(&pg).await;
     let mut first = Process::spawn(&env, "serve", "first", true);
     first.ready().await;
     let others = [
@@ -1208,10 +1218,7 @@ async fn a_synchronous_relay_killed_or_its_redis_restarted_stalls_commits_bounde
 async fn strong_writes_return_once_every_instance_applied_them() {
     let env = Env::new_on_postgres_with("-c synchronous_commit=local").await;
     let pg = env.pg().await;
-    pg.batch_execute("ALTER SYSTEM SET synchronous_standby_names = '\"syncar-relay\"'")
-        .await
-        .unwrap();
-    pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    name_the_relay(&pg).await;
     // a writes strongly by configuration; b by asking.
     let a = env
         .start(|c| {
@@ -1219,19 +1226,7 @@ async fn strong_writes_return_once_every_instance_applied_them() {
             c.feeds.synchronous_writes = true;
         })
         .await;
-    let redis: SocketAddr = env
-        .redis_url
-        .trim_start_matches("redis://")
-        .parse()
-        .unwrap();
-    let line = crate::support::Proxy::start(redis).await;
-    let b = env
-        .on_redis(format!("redis://{}", line.addr))
-        .start(|c| {
-            wal(c);
-            c.feeds.relay = false;
-        })
-        .await;
+    let (line, b) = behind_a_line(&env).await;
     for i in [&a, &b] {
         eventually(WINDOW, "the relay waits for the instances", || async {
             (i.readyz().await["feeds"]["postgres"]["relay"]["sync"] == true).then_some(())
