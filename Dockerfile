@@ -14,7 +14,7 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs benches/fleet.rs \
-       benches/install.rs benches/ddl.rs \
+       benches/install.rs benches/ddl.rs benches/relay.rs \
     && cargo build --release --locked --bin syncar \
     && rm -rf src benches
 
@@ -24,7 +24,7 @@ COPY src ./src
 COPY docs/openapi.json ./docs/openapi.json
 RUN mkdir -p benches \
     && touch benches/stale.rs benches/hot.rs benches/micro.rs benches/memory.rs benches/fleet.rs \
-       benches/install.rs benches/ddl.rs \
+       benches/install.rs benches/ddl.rs benches/relay.rs \
         src/main.rs src/lib.rs \
     && cargo build --release --locked --bin syncar \
     && install -m 0755 target/release/syncar /usr/local/bin/syncar
