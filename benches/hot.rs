@@ -574,6 +574,21 @@ fn print_batch(rows: &[batch::Row]) {
     println!("(goal: batch >= 10x sequential from L1, >= 5x from Postgres)");
 }
 
+/// `sql` on `database` of the Postgres on `port`, with psql from Postgres' own bindir.
+fn psql(port: u16, database: &str, sql: &str) {
+    let bindir = pgbench().parent().unwrap().to_path_buf();
+    let o = Command::new(bindir.join("psql"))
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-d", database, "-c", sql])
+        .output()
+        .expect("psql");
+    assert!(
+        o.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn main() {
     delay::serve_if_asked();
     let args = Args::parse();
@@ -591,26 +606,7 @@ fn main() {
     let servers = servers::servers();
     let redis = servers::RedisServer::start();
     let db = format!("hot_{}", std::process::id());
-    let psql = |sql: &str, database: &str| {
-        let bindir = pgbench().parent().unwrap().to_path_buf();
-        let o = Command::new(bindir.join("psql"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &servers.pg_port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-d", database, "-c", sql])
-            .output()
-            .expect("psql");
-        assert!(
-            o.status.success(),
-            "{sql}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
+    let psql = |sql: &str, database: &str| psql(servers.pg_port, database, sql);
     psql(&format!("CREATE DATABASE {db}"), "postgres");
     let pg_url = format!("postgres://postgres@127.0.0.1:{}/{db}", servers.pg_port);
 

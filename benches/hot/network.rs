@@ -14,14 +14,13 @@
 //! 20 times below a Redis GET's across the line; a PUT's p50 at most 1.2 times the upsert's.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::delay::DelayLine;
 use super::{
-    pgbench, pgbench_run, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk, Args,
+    pgbench_run, psql, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk, Args,
     Children, Figures,
 };
 
@@ -248,19 +247,4 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     let path = out.join("results-network.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
-}
-
-/// `sql` on `database` of the Postgres on `port`, straight (not across a line).
-fn psql(port: u16, database: &str, sql: &str) {
-    let bindir = pgbench().parent().unwrap().to_path_buf();
-    let o = Command::new(bindir.join("psql"))
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-d", database, "-c", sql])
-        .output()
-        .expect("psql");
-    assert!(
-        o.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
