@@ -1,0 +1,20 @@
+//! What the relay is handed at start: the narrow context every room of the relay shares.
+//! Knows nothing of the stream.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::redact::Secrets;
+use crate::resource::CatalogCell;
+use crate::tiers::Tiers;
+
+/// What the relay may use.
+pub struct RelayContext {
+    pub config: Arc<Config>,
+    /// Where changes are applied (Redis) and published.
+    pub tiers: Tiers,
+    pub catalog: Arc<CatalogCell>,
+    pub secrets: Secrets,
+    /// This instance's id: the lease's holder, and the heartbeats' author.
+    pub instance_id: String,
+}

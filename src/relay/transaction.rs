@@ -1,0 +1,338 @@
+//! One transaction of the stream: its row changes taken as they arrive, and at its commit
+//! the messages they make, checked against what the triggers announced. Knows nothing of
+//! Redis or of publishing.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::coherence::{Message, Op};
+use crate::resource::Catalog;
+
+use super::error::RelayError;
+use super::pgoutput::{Change, Column};
+use super::relations::{Keyed, Relations};
+use super::sql::Sql;
+
+/// What one transaction said, kept until its commit.
+#[derive(Default)]
+pub(super) struct Transaction {
+    /// When it committed, in microseconds since the Unix epoch.
+    commit_time_us: Option<i64>,
+    /// What inserts and updates changed, turned into messages as they arrive: only keys and
+    /// versions are kept, never a row, so a transaction of 100 000 rows costs megabytes.
+    changes: Vec<Message>,
+    /// Rows deleted (the key when the WAL names it) and resources truncated, resolved at
+    /// commit against `announced`.
+    deleted: Vec<(String, Option<String>)>,
+    truncated: Vec<String>,
+    /// Resources whose triggers' announcements cannot be checked against the WAL: their key
+    /// is outside the replica identity, so the WAL names neither deleted nor moved keys.
+    unverifiable: HashSet<String>,
+    /// Resources with a row the WAL does not key (an unchanged TOASTed key): flushed.
+    unkeyed: Vec<String>,
+    /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
+    /// or `{"resource", "truncate": version}`.
+    announced: Vec<serde_json::Value>,
+}
+
+/// The messages a committed transaction makes: what [`Transaction::receive`] made of its
+/// inserts and updates, an absence per deleted key (at the version its trigger announced), a
+/// flush per truncated resource.
+///
+/// Any database user may emit a logical message, so announcements are taken only where the
+/// WAL agrees: a deleted key the WAL shows deleted in this transaction (or any, for a
+/// resource whose key the WAL cannot name), a truncation the WAL shows, a version above 0.
+/// What the triggers did not announce (they were disabled, or did not exist yet) takes a
+/// fresh version: later than anything cached, so no older copy survives it, at the price of
+/// a few misses.
+///
+/// # Errors
+/// Taking a fresh version failed.
+pub(super) async fn changes_of(
+    txn: Transaction,
+    catalog: &Catalog,
+    client: &tokio_postgres::Client,
+    sql: &Sql,
+) -> Result<Vec<Message>, RelayError> {
+    let announced = Announced::read(&txn.announced, catalog);
+    let mut out = Resolved {
+        messages: txn.changes,
+        flushed: HashSet::new(),
+        ts: txn.commit_time_us,
+        client,
+        sql,
+    };
+    out.unverifiable_deletes(&announced, &txn.unverifiable);
+    out.deleted(txn.deleted, &announced, &txn.unverifiable)
+        .await?;
+    let flushes = txn.truncated.into_iter().chain(txn.unkeyed);
+    out.truncated(flushes, &announced).await?;
+    out.announced_flushes(announced.flushes).await?;
+    Ok(out.messages)
+}
+
+/// A message of the relay's (no instance sent it) at `ts_us`.
+pub(super) fn change(
+    resource: &str,
+    key: Option<String>,
+    version: i64,
+    op: Op,
+    ts_us: Option<i64>,
+) -> Message {
+    Message {
+        resource: resource.to_string(),
+        key,
+        version,
+        op,
+        ts_us,
+        instance: None,
+    }
+}
+
+/// What a transaction's syncar messages announce, as far as they are well-formed.
+struct Announced {
+    /// Deleted keys' versions, by resource and key (versions above 0 only).
+    deletes: HashMap<(String, String), i64>,
+    /// Truncations' versions, by resource (versions above 0 only).
+    truncates: HashMap<String, i64>,
+    /// Resources of the catalog to flush (a table changed under its trigger, or a new shape).
+    flushes: Vec<String>,
+}
+
+/// The messages of one commit being resolved, with the flushes already made.
+struct Resolved<'a> {
+    messages: Vec<Message>,
+    /// Resources flushed already: one flush each is enough.
+    flushed: HashSet<String>,
+    ts: Option<i64>,
+    client: &'a tokio_postgres::Client,
+    sql: &'a Sql,
+}
+
+impl Transaction {
+    /// A transaction that commits at `commit_time_us` (microseconds since the Unix epoch).
+    pub(super) fn begin(commit_time_us: i64) -> Self {
+        Transaction {
+            commit_time_us: Some(commit_time_us),
+            ..Transaction::default()
+        }
+    }
+
+    /// Takes one of the transaction's syncar messages (see `announced`).
+    pub(super) fn announce(&mut self, message: serde_json::Value) {
+        self.announced.push(message);
+    }
+
+    /// Takes one row change: inserts and updates become messages at once (a tombstone at the
+    /// row's version; a moved key also an absence at that version); deletes and truncations
+    /// wait for the commit, where the triggers' announcements give their versions.
+    pub(super) fn receive(&mut self, row: Change, relations: &Relations) {
+        let ts = self.commit_time_us;
+        let relation = match &row {
+            Change::Insert { relation, .. }
+            | Change::Update { relation, .. }
+            | Change::Delete { relation, .. } => Some(*relation),
+            _ => None,
+        };
+        if let Some(m) = relation.and_then(|id| relations.get(id)) {
+            if m.at.is_none() {
+                // The stream cannot name this table's keys or versions: flush it.
+                return self.unkeyed.push(m.resource.clone());
+            }
+        }
+        match row {
+            Change::Insert { relation, new } => {
+                if let Some(m) = relations.get(relation) {
+                    match m.key_version(&new) {
+                        Keyed::Row(key, version) => {
+                            self.changes
+                                .push(change(&m.resource, Some(key), version, Op::Put, ts))
+                        }
+                        Keyed::Unknown => self.unkeyed.push(m.resource.clone()),
+                        Keyed::NullKey => {}
+                    }
+                }
+            }
+            Change::Update { relation, old, new } => {
+                self.receive_update(relation, old, new, relations)
+            }
+            Change::Delete { relation, old } => {
+                if let Some(m) = relations.get(relation) {
+                    if !m.key_in_identity {
+                        self.unverifiable.insert(m.resource.clone());
+                    }
+                    let key =
+                        m.at.and_then(|(key, _)| old.get(key))
+                            .and_then(Column::text)
+                            .map(str::to_string);
+                    self.deleted.push((m.resource.clone(), key));
+                }
+            }
+            Change::Truncate { relations: ids } => {
+                for id in ids {
+                    if let Some(m) = relations.get(id) {
+                        self.truncated.push(m.resource.clone());
+                    }
+                }
+            }
+            Change::Relation(_) | Change::Other(_) => {}
+        }
+    }
+
+    /// Takes an UPDATE: a tombstone at the row's version, and an absence at that version
+    /// where its key moved.
+    fn receive_update(
+        &mut self,
+        relation: u32,
+        old: Option<Vec<Column>>,
+        new: Vec<Column>,
+        relations: &Relations,
+    ) {
+        let ts = self.commit_time_us;
+        let Some(m) = relations.get(relation) else {
+            return;
+        };
+        if !m.key_in_identity {
+            self.unverifiable.insert(m.resource.clone());
+        }
+        let (key, version) = match m.key_version(&new) {
+            Keyed::Row(key, version) => (key, version),
+            Keyed::Unknown => return self.unkeyed.push(m.resource.clone()),
+            Keyed::NullKey => return,
+        };
+        // The old identity comes only when it changed: a moved key is deleted, at
+        // the version of the row that left it.
+        let key_at = m.at.map_or(usize::MAX, |(key, _)| key);
+        let moved_from = old
+            .as_ref()
+            .and_then(|old| old.get(key_at))
+            .and_then(Column::text)
+            .filter(|old_key| *old_key != key)
+            .map(str::to_string);
+        if let Some(old_key) = moved_from {
+            self.changes
+                .push(change(&m.resource, Some(old_key), version, Op::Delete, ts));
+        }
+        self.changes
+            .push(change(&m.resource, Some(key), version, Op::Put, ts));
+    }
+}
+
+impl Announced {
+    /// Reads the syncar messages of a transaction, skipping what is malformed.
+    fn read(announced: &[serde_json::Value], catalog: &Catalog) -> Self {
+        let mut out = Announced {
+            deletes: HashMap::new(),
+            truncates: HashMap::new(),
+            flushes: Vec::new(),
+        };
+        for a in announced {
+            let Some(resource) = a.get("resource").and_then(|r| r.as_str()) else {
+                continue;
+            };
+            if let Some(deletes) = a.get("deletes").and_then(|d| d.as_array()) {
+                for d in deletes {
+                    if let (Some(key), Some(version)) = (
+                        d.get(0).and_then(|k| k.as_str()),
+                        d.get(1).and_then(|v| v.as_i64()).filter(|v| *v > 0),
+                    ) {
+                        out.deletes
+                            .insert((resource.to_string(), key.to_string()), version);
+                    }
+                }
+            }
+            if let Some(version) = a
+                .get("truncate")
+                .and_then(|v| v.as_i64())
+                .filter(|v| *v > 0)
+            {
+                out.truncates.insert(resource.to_string(), version);
+            }
+            // A trigger that found its table changed under it, or a table's new shape: a
+            // flush at a version taken here (never one a message names: anyone may emit one,
+            // and a generation raised to a forged, huge version would never rise again).
+            if a.get("flush").and_then(|f| f.as_bool()) == Some(true) && catalog.knows(resource) {
+                out.flushes.push(resource.to_string());
+            }
+        }
+        out
+    }
+}
+
+impl Resolved<'_> {
+    fn push(&mut self, resource: &str, key: Option<String>, version: i64, op: Op) {
+        self.messages
+            .push(change(resource, key, version, op, self.ts));
+    }
+
+    /// Deletes and moved keys the WAL cannot name: the triggers' word is all there is.
+    fn unverifiable_deletes(&mut self, announced: &Announced, unverifiable: &HashSet<String>) {
+        for ((resource, key), version) in &announced.deletes {
+            if unverifiable.contains(resource) {
+                self.push(resource, Some(key.clone()), *version, Op::Delete);
+            }
+        }
+    }
+
+    /// The rows the WAL shows deleted: an absence at the announced version, else a
+    /// tombstone at a fresh one; a flush where the WAL does not name the key.
+    async fn deleted(
+        &mut self,
+        deleted: Vec<(String, Option<String>)>,
+        announced: &Announced,
+        unverifiable: &HashSet<String>,
+    ) -> Result<(), RelayError> {
+        for (resource, key) in deleted {
+            if unverifiable.contains(&resource) {
+                continue; // announced above; unannounced ones cannot be told apart
+            }
+            let version = key
+                .as_ref()
+                .and_then(|k| announced.deletes.get(&(resource.clone(), k.clone())));
+            match (key, version) {
+                (Some(key), Some(version)) => self.push(&resource, Some(key), *version, Op::Delete),
+                (Some(key), None) => {
+                    let version = self.sql.next_version(self.client).await?;
+                    self.push(&resource, Some(key), version, Op::Put);
+                }
+                (None, _) => {
+                    if self.flushed.insert(resource.clone()) {
+                        let version = self.sql.next_version(self.client).await?;
+                        self.push(&resource, None, version, Op::Flush);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The resources truncated (at the announced version, else a fresh one) or unkeyed (at
+    /// a fresh one): a flush each.
+    async fn truncated(
+        &mut self,
+        resources: impl Iterator<Item = String>,
+        announced: &Announced,
+    ) -> Result<(), RelayError> {
+        for resource in resources {
+            if !self.flushed.insert(resource.clone()) {
+                continue;
+            }
+            let version = match announced.truncates.get(&resource) {
+                Some(version) => *version,
+                None => self.sql.next_version(self.client).await?,
+            };
+            self.push(&resource, None, version, Op::Flush);
+        }
+        Ok(())
+    }
+
+    /// The flushes the triggers asked for, at fresh versions.
+    async fn announced_flushes(&mut self, resources: Vec<String>) -> Result<(), RelayError> {
+        for resource in resources {
+            if self.flushed.insert(resource.clone()) {
+                let version = self.sql.next_version(self.client).await?;
+                self.push(&resource, None, version, Op::Flush);
+            }
+        }
+        Ok(())
+    }
+}
