@@ -603,7 +603,8 @@ impl Proxy {
         self.reset();
     }
 
-    /// Adds `delay` before every forwarded chunk, both ways (a slow server or link).
+    /// Holds every forwarded chunk for `delay`, both ways (a slow server or link), without
+    /// serializing them: chunks in flight overlap, as on a real link.
     pub fn delay(&self, delay: Duration) {
         self.delay_ms
             .store(delay.as_millis() as u64, Ordering::SeqCst);
@@ -647,23 +648,38 @@ async fn forward(
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if blackhole.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
+    // A delay line, not a slow pipe: each chunk is held for the delay from when it was
+    // read, so chunks in flight do not add up (a sleep per chunk would cap a connection at
+    // one chunk per delay, and a busy one would fall further behind without bound).
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let read = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if blackhole.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+            let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
+            if tx
+                .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
         }
-        let delay = delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+    };
+    let write = async move {
+        while let Some((release, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(release).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
+    };
+    tokio::join!(read, write);
 }
 
 impl Drop for Proxy {
