@@ -10,6 +10,7 @@
 //! moment L1 is bypassed (and, for the Postgres feed, Redis too, unless configured to trust
 //! it).
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -121,6 +122,21 @@ pub enum Relayed {
         /// [`crate::feed::relayed::applied_channel`]).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         sync: bool,
+        /// While `sync`: the instances the relay waits for, each with the sequence number
+        /// of the last report it heard from it. An instance uses L1 only while heartbeats
+        /// list it, and counts its lease from the report echoed ([`ReportAnchors`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        listed: Option<BTreeMap<String, u64>>,
+    },
+    /// A synchronous relay's answer to the instances' reports, sent a few ms after it heard
+    /// the first report of a heartbeat's position (between heartbeats): the instances it
+    /// waits for, as in [`Relayed::Heartbeat`]'s `listed`. An instance's lease may then count
+    /// from its report at once instead of at the next heartbeat.
+    Listed {
+        /// The relay's instance id.
+        relay: String,
+        /// Every instance it waits for, with the number of its last report heard.
+        listed: BTreeMap<String, u64>,
     },
     /// The relay lost its stream (or stops): changes committed from now on reach instances
     /// only once a relay streams again. Instances stop trusting L1 at once instead of at
@@ -145,6 +161,59 @@ impl Relayed {
             changes.retain(|m| (m.key.is_some() || m.op == Op::Flush) && m.version > 0);
         }
         Ok(relayed)
+    }
+}
+
+/// What an instance's lease may count from while a synchronous relay waits for it (the
+/// `wal` source with the relay named in `synchronous_standby_names`).
+///
+/// The relay stops waiting for an instance a lease after the last report it heard from it
+/// (by its own clock, `feeds.lease`), and from then on confirms commits this instance may
+/// not have applied. So the instance's lease must end before that: it counts from no later
+/// than the sending of a report the relay echoes (in a heartbeat's listing). The relay
+/// heard that report after it was sent, so it waits for this instance at least a lease
+/// past then. A report lost (the relay's subscription was being renewed, or the relay
+/// changed) shortens the lease instead of outliving the relay's wait, and an instance the
+/// relay has not heard yet (it just joined) does not use L1 before the relay waits for it.
+///
+/// Reports are numbered in the order they are sent on one connection, so the relay hears
+/// them in that order and echoes the last one's number; numbers are never reused within a
+/// process, whose instance id is its own.
+#[derive(Debug, Default)]
+pub struct ReportAnchors {
+    /// The number of the last report.
+    last: u64,
+    /// Reports not echoed yet: (number, when it was sent, a [`mono_ms`] value).
+    sent: VecDeque<(u64, u64)>,
+}
+
+impl ReportAnchors {
+    /// Reports kept waiting for an echo; older ones are forgotten (a lease then counts
+    /// from none of them: shorter, never longer).
+    const KEPT: usize = 64;
+
+    /// Numbers a report about to be sent at `sent_at` ([`mono_ms`]).
+    pub fn report(&mut self, sent_at: u64) -> u64 {
+        self.last += 1;
+        self.sent.push_back((self.last, sent_at));
+        if self.sent.len() > Self::KEPT {
+            self.sent.pop_front();
+        }
+        self.last
+    }
+
+    /// The relay echoes report `seq` (the last it heard from this instance): when it was
+    /// sent, the latest point a lease may count from; `None` if it is not kept (echoed
+    /// already, or forgotten).
+    pub fn echoed(&mut self, seq: u64) -> Option<u64> {
+        let sent_at = self
+            .sent
+            .iter()
+            .filter(|(n, _)| *n <= seq)
+            .map(|(_, at)| *at)
+            .max();
+        self.sent.retain(|(n, _)| *n > seq);
+        sent_at
     }
 }
 
@@ -298,17 +367,15 @@ pub struct RelayStatus {
     pub lag_bytes: Option<i64>,
     /// The relay is a synchronous standby and waits for this instance's reports.
     pub sync: bool,
+    /// While `sync`: the heartbeat listed this instance, so the relay waits for it (L1 is
+    /// used only then, see [`ReportAnchors`]). Always false otherwise.
+    pub listed: bool,
 }
 
 impl Coherence {
     /// Records what a relayed heartbeat said.
-    pub fn note_relay(&self, relay: &str, lag_ms: u64, lag_bytes: Option<i64>, sync: bool) {
-        *self.relay.locked() = Some(RelayStatus {
-            relay: relay.to_string(),
-            lag_ms,
-            lag_bytes,
-            sync,
-        });
+    pub fn note_relay(&self, status: RelayStatus) {
+        *self.relay.locked() = Some(status);
     }
 
     /// What the last relayed heartbeat said, if one came.
@@ -429,6 +496,47 @@ impl Coherence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lease_counts_only_from_a_report_the_relay_heard() {
+        let mut anchors = ReportAnchors::default();
+        let first = anchors.report(100);
+        let second = anchors.report(120);
+        let third = anchors.report(350);
+        assert_eq!((first, second, third), (1, 2, 3));
+        assert_eq!(anchors.echoed(0), None, "nothing heard yet");
+        assert_eq!(
+            anchors.echoed(second),
+            Some(120),
+            "the third report was not heard: it vouches for nothing yet"
+        );
+        assert_eq!(anchors.echoed(second), None, "an echo counts once");
+        assert_eq!(anchors.echoed(third), Some(350));
+        // A relay that never echoes: what is kept stays bounded, and the oldest go first.
+        for at in 0..1000 {
+            anchors.report(at);
+        }
+        assert_eq!(anchors.sent.len(), ReportAnchors::KEPT);
+        assert_eq!(anchors.echoed(4), None, "forgotten: no lease from it");
+    }
+
+    #[test]
+    fn a_heartbeat_lists_the_instances_a_synchronous_relay_waits_for() {
+        let hb = br#"{"kind":"heartbeat","relay":"r","lag_ms":3,"lag_bytes":null,"sync":true,"listed":{"a":4,"b":9}}"#;
+        match Relayed::parse(hb).unwrap() {
+            Relayed::Heartbeat { listed, sync, .. } => {
+                assert!(sync);
+                assert_eq!(listed.unwrap().get("b"), Some(&9));
+            }
+            other => panic!("{other:?}"),
+        }
+        // A relay of an earlier release lists nobody.
+        let old = br#"{"kind":"heartbeat","relay":"r","lag_ms":3,"lag_bytes":null,"sync":true}"#;
+        assert!(matches!(
+            Relayed::parse(old).unwrap(),
+            Relayed::Heartbeat { listed: None, .. }
+        ));
+    }
 
     #[test]
     fn messages_parse_and_bad_ones_are_errors() {

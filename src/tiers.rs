@@ -390,6 +390,29 @@ impl Tiers {
         self.l2.read(RELAY_LEASE).await
     }
 
+    /// Records the instances that may hold a lease from the synchronous relay's heartbeats
+    /// (their ids), for `ttl`: a relay that takes over waits for their reports before it
+    /// confirms anything (see `relay::confirm`).
+    ///
+    /// # Errors
+    /// Redis failing: the heartbeat must then list nobody.
+    pub async fn record_relay_listing(&self, ids: &[String], ttl: Duration) -> Result<(), L2Error> {
+        self.l2.write_for(RELAY_LISTED, &ids.join(" "), ttl).await
+    }
+
+    /// The instances the last synchronous relay recorded (see
+    /// [`Tiers::record_relay_listing`]); `None` when none is recorded.
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn relay_listing(&self) -> Result<Option<Vec<String>>, L2Error> {
+        Ok(self
+            .l2
+            .read(RELAY_LISTED)
+            .await?
+            .map(|ids| ids.split_whitespace().map(str::to_string).collect()))
+    }
+
     /// The epoch of the replication slot whose changes Redis holds (see
     /// [`crate::schema::capture::STATE_TABLE`]); `None` when no relay has fed it yet.
     ///
@@ -641,6 +664,8 @@ impl Tiers {
 
 /// The Redis key (under the prefix) of the relay's lease.
 const RELAY_LEASE: &str = "relay";
+/// The Redis key (under the prefix) listing the instances a synchronous relay waits for.
+const RELAY_LISTED: &str = "relay-listed";
 /// The Redis key (under the prefix) naming the slot epoch whose changes Redis holds.
 const SLOT_EPOCH: &str = "slot_epoch";
 

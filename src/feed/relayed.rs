@@ -24,18 +24,23 @@ use tokio_util::sync::CancellationToken;
 use super::context::FeedContext;
 use super::driver::{handle_relayed, Source};
 use crate::backoff::ticker;
-use crate::coherence::{mono_ms, Feed, Relayed as Payload};
+use crate::coherence::{mono_ms, Feed, RelayStatus, Relayed as Payload, ReportAnchors};
 use crate::telemetry::{FEED_MALFORMED, WAL_LAG_BYTES, WAL_LAG_SECONDS};
 
 /// The subscription to the relay's channel.
 pub struct Relayed {
     channel: String,
+    /// The reports sent to a synchronous relay, and where each lets the lease count from
+    /// once echoed. Kept across sessions: a report's number is never reused, so an echo
+    /// meant for an earlier session's report cannot vouch for a later one.
+    anchors: ReportAnchors,
 }
 
 impl Relayed {
     pub fn new(ctx: &FeedContext) -> Self {
         Relayed {
             channel: relay_channel(&ctx.config.redis.key_prefix),
+            anchors: ReportAnchors::default(),
         }
     }
 }
@@ -58,9 +63,11 @@ fn alive_check(heartbeat: std::time::Duration) -> std::time::Duration {
     (heartbeat / 5).max(std::time::Duration::from_millis(10))
 }
 
-/// The channel on which instances report the position they applied (`"{instance} {lsn}"`,
-/// the LSN as a number) while the relay is a synchronous standby: it confirms a position to
-/// Postgres only once every instance that reported within its lease has applied it.
+/// The channel on which instances report the position they applied (`"{instance} {lsn}
+/// {seq}"`: the LSN as a number, and the report's number, see
+/// [`crate::coherence::ReportAnchors`]) while the relay is a synchronous standby: it
+/// confirms a position to Postgres only once every instance that reported within its lease
+/// has applied it.
 pub fn applied_channel(prefix: &str) -> String {
     format!("{prefix}relay-applied")
 }
@@ -86,29 +93,28 @@ impl Source for Relayed {
         let mut up = false;
         // Whether the relay, a synchronous standby, waits for this instance's reports.
         let mut reporting = false;
+        let anchors = &mut self.anchors;
+        // The last synchronous heartbeat's emission: an echo between heartbeats vouches
+        // for no later than that.
+        let mut emitted: Option<u64> = None;
         // The slot epoch the relay's positions are of (see `Relayed::Heartbeat::epoch`).
         let mut relay_epoch: Option<i64> = None;
-        let applied = applied_channel(&config.redis.key_prefix);
+        // Reports go out in order, beside the loop: a slow round trip to Redis must not
+        // hold up the messages (nor, behind them, this instance's lease).
+        let (reports, queued) = tokio::sync::mpsc::unbounded_channel();
+        let reporter = send_reports(ctx, applied_channel(&config.redis.key_prefix), queued);
+        tokio::pin!(reporter);
+        // Whether this session had its first heartbeat (for the alive check, which runs
+        // beside the loop for the same reason as the reports).
+        let caught_up = std::sync::atomic::AtomicBool::new(false);
+        let alive = watch_relay_alive(ctx, &caught_up);
+        tokio::pin!(alive);
         let mut tick = ticker(config.feeds.heartbeat_interval);
-        let mut alive_tick = ticker(alive_check(config.feeds.heartbeat_interval));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = alive_tick.tick() => {
-                    // A relay killed without a word is gone from Redis at once: no need to
-                    // wait out the lease (bench-stale: reads stale for up to a second on
-                    // every instance after a relay's SIGKILL), nor for the next heartbeat's
-                    // time: commits made meanwhile reach nobody.
-                    if let (true, Some(relay)) = (up, ctx.coherence.relay_status()) {
-                        let alive = relay_alive_channel(&config.redis.key_prefix, &relay.relay);
-                        if let Ok(0) = ctx.tiers.subscribers(&alive).await {
-                            if feed.is_up() {
-                                feed.set_down(&format!("the relay {} is gone", relay.relay));
-                            }
-                            feed.revoke();
-                        }
-                    }
-                }
+                () = &mut reporter => {}
+                () = &mut alive => {}
                 _ = tick.tick() => {
                     if mono_ms() > feed.valid_until() {
                         let reason = format!(
@@ -141,12 +147,22 @@ impl Source for Relayed {
                             if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
                                 ctx.coherence.applied(lsn.as_u64());
                                 ctx.tiers.watch().position(lsn.as_u64());
-                                if reporting && !report(ctx, &applied, lsn).await {
-                                    // The relay stops waiting for a silent instance after
-                                    // its lease: this one must not use L1 meanwhile.
-                                    feed.set_down("cannot report to the synchronous relay");
-                                    feed.revoke();
+                                if reporting {
+                                    report(ctx, &reports, lsn, anchors);
                                 }
+                            }
+                        }
+                        Payload::Listed { relay, listed } => {
+                            // Only the relay whose heartbeats we hear waits for us.
+                            let current = ctx.coherence.relay_status().map(|r| r.relay);
+                            let echoed = listed
+                                .get(&ctx.instance_id)
+                                .and_then(|seq| anchors.echoed(*seq));
+                            if let (true, true, Some(sent), Some(emitted)) =
+                                (up, current.as_deref() == Some(relay.as_str()), echoed, emitted)
+                            {
+                                feed.heartbeat_back(emitted.min(sent), lease);
+                                feed.set_up();
                             }
                         }
                         Payload::Gap { relay } => {
@@ -158,7 +174,8 @@ impl Source for Relayed {
                                 feed.revoke();
                             }
                         }
-                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync, epoch } => {
+                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync, epoch, listed } => {
+                            let arrived = mono_ms();
                             reporting = sync;
                             if epoch != relay_epoch {
                                 // Another slot (a new one, or a Postgres restored or
@@ -173,20 +190,28 @@ impl Source for Relayed {
                             if let Some(bytes) = lag_bytes {
                                 metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
                             }
-                            ctx.coherence.note_relay(&relay, lag_ms, lag_bytes, sync);
+                            let is_listed = sync
+                                && listed.as_ref().is_some_and(|l| l.contains_key(&ctx.instance_id));
+                            ctx.coherence.note_relay(RelayStatus {
+                                relay,
+                                lag_ms,
+                                lag_bytes,
+                                sync,
+                                listed: is_listed,
+                            });
                             if !up {
                                 // Everything published from now on reaches us; what came
-                                // before is in Redis already, and L1 forgets it.
+                                // before is in Redis already, and L1 forgets it. The
+                                // session's first lease was a grace to wait for this
+                                // heartbeat, not a vouching: a lagging stream must count.
                                 ctx.tiers
                                     .load_generations()
                                     .await
                                     .map_err(|e| format!("reading generations failed: {e}"))?;
                                 ctx.tiers.flush_l1(Feed::Postgres);
-                            }
-                            if !up {
-                                // The session's first lease was a grace to wait for this
-                                // heartbeat, not a vouching: a lagging stream must count.
                                 feed.revoke();
+                                up = true;
+                                caught_up.store(true, std::sync::atomic::Ordering::SeqCst);
                             }
                             let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
                             if let Some(lsn) = lsn {
@@ -195,19 +220,30 @@ impl Source for Relayed {
                                 // writer's position is reached within a heartbeat.
                                 ctx.tiers.watch().position(lsn.as_u64());
                             }
-                            // A synchronous relay waits for this instance's reports, and
-                            // stops waiting after its lease: no report, no L1.
-                            let reported = match (reporting, lsn) {
-                                (true, Some(lsn)) => report(ctx, &applied, lsn).await,
-                                _ => true,
-                            };
-                            if reported {
-                                feed.heartbeat_back(mono_ms().saturating_sub(lag_ms), lease);
+                            // The lease counts from the heartbeat's emission: everything
+                            // committed before it has reached this instance.
+                            let emission = arrived.saturating_sub(lag_ms);
+                            emitted = reporting.then_some(emission);
+                            if !reporting {
+                                feed.heartbeat_back(emission, lease);
                                 feed.set_up();
-                                up = true;
-                            } else {
-                                feed.set_down("cannot report to the synchronous relay");
-                                feed.revoke();
+                                continue;
+                            }
+                            // A synchronous relay waits for this instance only while it
+                            // hears from it: the lease counts from no later than a report
+                            // it echoes (see `ReportAnchors`).
+                            if let Some(lsn) = lsn {
+                                report(ctx, &reports, lsn, anchors);
+                            }
+                            let echoed = listed
+                                .as_ref()
+                                .and_then(|l| l.get(&ctx.instance_id))
+                                .and_then(|seq| anchors.echoed(*seq));
+                            // Not listed (yet): the lease runs out unless a later message
+                            // echoes a report; L1 waits for that.
+                            if let Some(sent) = echoed {
+                                feed.heartbeat_back(emission.min(sent), lease);
+                                feed.set_up();
                             }
                         }
                     }
@@ -217,17 +253,62 @@ impl Source for Relayed {
     }
 }
 
-/// Tells the relay that this instance has applied every change up to `lsn` (see
-/// [`applied_channel`]). A report lost is made good by the next one: the relay waits, and
-/// drops an instance that stays silent for its lease (by then it no longer uses L1).
-/// Returns whether the report went out.
-async fn report(ctx: &FeedContext, channel: &str, lsn: Lsn) -> bool {
-    let payload = format!("{} {}", ctx.instance_id, lsn.as_u64());
-    match ctx.tiers.publish(channel, payload).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "reporting the applied position failed");
-            false
+/// Every [`alive_check`], once the session had its first heartbeat: asks Redis whether the
+/// relay it hears still holds its alive subscription, and if not takes the feed down. A
+/// relay killed without a word is gone from Redis at once: no need to wait out the lease
+/// (bench-stale: reads stale for up to a second on every instance after a relay's
+/// SIGKILL), nor for the next heartbeat's time: commits made meanwhile reach nobody. Never
+/// returns while the session lasts.
+async fn watch_relay_alive(ctx: &FeedContext, caught_up: &std::sync::atomic::AtomicBool) {
+    let mut tick = ticker(alive_check(ctx.config.feeds.heartbeat_interval));
+    let feed = &ctx.coherence.postgres;
+    loop {
+        tick.tick().await;
+        let Some(relay) = ctx.coherence.relay_status() else {
+            continue;
+        };
+        if !caught_up.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        let alive = relay_alive_channel(&ctx.config.redis.key_prefix, &relay.relay);
+        if let Ok(0) = ctx.tiers.subscribers(&alive).await {
+            if feed.is_up() {
+                feed.set_down(&format!("the relay {} is gone", relay.relay));
+            }
+            feed.revoke();
         }
     }
+}
+
+/// Queues a report to the relay that this instance has applied every change up to `lsn`,
+/// numbered (see [`applied_channel`] and [`ReportAnchors`]; the time it is queued, no later
+/// than its sending, is what a lease may count from once it is echoed).
+fn report(
+    ctx: &FeedContext,
+    reports: &tokio::sync::mpsc::UnboundedSender<String>,
+    lsn: Lsn,
+    anchors: &mut ReportAnchors,
+) {
+    let seq = anchors.report(mono_ms());
+    let _ = reports.send(format!("{} {} {seq}", ctx.instance_id, lsn.as_u64()));
+}
+
+/// Sends the queued reports in order, on one connection. A report lost is made good by the
+/// next one: the relay waits, and drops an instance that stays silent for its lease (by
+/// then it no longer uses L1, see [`ReportAnchors`]); a failed one takes the feed down at
+/// once. Never returns while the session lasts.
+async fn send_reports(
+    ctx: &FeedContext,
+    channel: String,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(report) = queued.recv().await {
+        if let Err(e) = ctx.tiers.publish(&channel, report).await {
+            tracing::debug!(error = %e, "reporting the applied position failed");
+            let feed = &ctx.coherence.postgres;
+            feed.set_down("cannot report to the synchronous relay");
+            feed.revoke();
+        }
+    }
+    std::future::pending().await
 }

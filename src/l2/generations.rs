@@ -140,6 +140,20 @@ impl L2 {
             .await
     }
 
+    /// Sets `{prefix}{name}` to `value` for `ttl` (`SET PX`).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn write_for(&self, name: &str, value: &str, ttl: Duration) -> Result<(), L2Error> {
+        let mut conn = self.conn();
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.run(
+            "set",
+            conn.pset_ex(format!("{}{name}", self.prefix), value, ms),
+        )
+        .await
+    }
+
     pub(super) fn generations_key(&self) -> String {
         format!("{}generations", self.prefix)
     }

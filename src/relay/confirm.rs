@@ -4,7 +4,7 @@
 //! synchronous standby, once every live instance has applied it too ("committed means
 //! evicted"; see ARCHITECTURE "Synchronous mode" and Postgres' "Synchronous Replication").
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pgwire_replication::{Lsn, ReplicationClient};
@@ -26,19 +26,41 @@ pub(super) struct Confirmations {
     /// positions are confirmed only once applied by every instance that reported within
     /// that lease.
     synchronous: Option<Duration>,
-    /// Since when it is synchronous: for one lease after that, no report means "not heard
-    /// yet", not "no instance", and nothing past what was confirmed then is confirmed.
+    /// Since when it is synchronous: for one lease after that, an instance that may hold a
+    /// lease has perhaps not reported yet, and nothing past what was confirmed then is
+    /// confirmed, unless every instance the last relay listed (`expected`) has reported.
     since: Option<Instant>,
+    /// The instances the previous synchronous relay listed (read from Redis at the term's
+    /// start, see [`Confirmations::expect`]): only they may hold a lease it granted. `None`
+    /// when not known (none recorded, or this relay was asynchronous until now and its own
+    /// heartbeats vouched for every instance): then the wait lasts the whole lease.
+    expected: Option<HashSet<String>>,
     /// What was confirmed when it became synchronous.
     floor: Option<Lsn>,
-    /// What each instance reported applying (an LSN as a number), and when the report came.
-    reports: HashMap<String, (u64, Instant)>,
+    /// What each instance reported: the position it applied, its report's number, and when
+    /// the report came.
+    reports: HashMap<String, Report>,
+    /// The position of the last heartbeat published: the first report of each instance
+    /// at or past it calls for an echo (see [`Confirmations::reported`]).
+    beat: u64,
     /// How often, at the longest, the relay's loop looks at its confirmations when it runs
     /// (the lease's renewal); a longer gap between two looks means the relay itself did not
     /// run (starved of CPU, paused), see [`Confirmations::confirm`].
     turn: Duration,
     /// When the confirmations were last looked at.
     last_look: Option<Instant>,
+}
+
+/// An instance's last report.
+#[derive(Clone, Copy, Debug)]
+struct Report {
+    /// The highest position it reported applying (an LSN as a number).
+    applied: u64,
+    /// The number of its last report (see [`crate::coherence::ReportAnchors`]); 0 from an
+    /// instance of an earlier release, which numbers none.
+    seq: u64,
+    /// When the relay read it.
+    seen: Instant,
 }
 
 impl Confirmations {
@@ -59,13 +81,55 @@ impl Confirmations {
         self.synchronous.is_some()
     }
 
-    /// Starts (`Some(lease)`) or stops waiting for the instances' reports.
+    /// Starts (`Some(lease)`) or stops waiting for the instances' reports. Starting, it
+    /// waits a lease for every instance (its asynchronous heartbeats vouched for them all).
     pub(super) fn set_synchronous(&mut self, lease: Option<Duration>) {
         if lease.is_some() && self.synchronous.is_none() {
             self.since = Some(Instant::now());
             self.floor = self.confirmed;
+            self.expected = None;
         }
         self.synchronous = lease;
+    }
+
+    /// The instances the previous synchronous relay listed, as recorded in Redis (`None`:
+    /// nothing recorded). The term's first lease ends early once each has reported.
+    pub(super) fn expect(&mut self, listed: Option<Vec<String>>) {
+        self.expected = listed.map(|l| l.into_iter().collect());
+    }
+
+    /// What a heartbeat lists while synchronous (`None` otherwise): every instance waited
+    /// for, with the number of its last report (see [`crate::coherence::ReportAnchors`]).
+    pub(super) fn listed(&mut self) -> Option<BTreeMap<String, u64>> {
+        let lease = self.synchronous?;
+        let now = Instant::now();
+        self.look(now);
+        self.forget_silent(now, lease);
+        Some(
+            self.reports
+                .iter()
+                .map(|(id, r)| (id.clone(), r.seq))
+                .collect(),
+        )
+    }
+
+    /// The instances that may hold a lease while this relay is synchronous, to record in
+    /// Redis for a successor: those it lists, and while its first lease lasts, those its
+    /// predecessor listed that have not reported yet.
+    pub(super) fn to_record(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.reports.keys().cloned().collect();
+        if self.waiting(Instant::now()) {
+            if let Some(expected) = &self.expected {
+                ids.extend(
+                    expected
+                        .iter()
+                        .filter(|id| !self.reports.contains_key(*id))
+                        .cloned(),
+                );
+            }
+        }
+        ids.sort();
+        ids
     }
 
     /// Everything up to `lsn` is in Redis and published (`carried`: by a message that
@@ -92,13 +156,12 @@ impl Confirmations {
         let lsn = match self.synchronous {
             None => published.as_u64(),
             Some(lease) => {
-                self.reports
-                    .retain(|_, (_, seen)| now.saturating_duration_since(*seen) <= lease);
-                let waiting = self.since.is_some_and(|s| now.duration_since(s) < lease);
+                self.forget_silent(now, lease);
+                let waiting = self.waiting(now);
                 confirmable(
                     published.as_u64(),
                     self.carried.map(Lsn::as_u64),
-                    self.reports.values().map(|r| r.0),
+                    self.reports.values().map(|r| r.applied),
                     waiting.then(|| self.floor.map_or(0, Lsn::as_u64)),
                 )
             }
@@ -109,21 +172,79 @@ impl Confirmations {
         }
     }
 
-    /// An instance's report of the position it applied (`"{instance} {lsn}"`, see
-    /// [`crate::feed::relayed::applied_channel`]); anything else is ignored.
-    pub(super) fn reported(&mut self, repl: &ReplicationClient, payload: &[u8]) {
-        let text = String::from_utf8_lossy(payload);
-        let Some((instance, lsn)) = text.split_once(' ') else {
-            return;
+    /// An instance's report of the position it applied (`"{instance} {lsn} {seq}"`, see
+    /// [`crate::feed::relayed::applied_channel`]; an earlier release sends no `seq`);
+    /// anything else is ignored.
+    ///
+    /// Returns whether an echo is due: the relay is synchronous and this is the
+    /// instance's first report of the last heartbeat's position (it counts its lease from
+    /// the report once echoed, see [`crate::coherence::ReportAnchors`]).
+    pub(super) fn reported(&mut self, repl: &ReplicationClient, payload: &[u8]) -> bool {
+        let Some(reached_beat) = self.note_report(payload, Instant::now()) else {
+            return false;
         };
-        let Ok(lsn) = lsn.parse::<u64>() else {
-            return;
-        };
-        let now = Instant::now();
-        self.look(now);
-        let entry = self.reports.entry(instance.to_string()).or_insert((0, now));
-        *entry = (entry.0.max(lsn), now);
         self.confirm(repl);
+        reached_beat && self.is_synchronous()
+    }
+
+    /// A heartbeat at `lsn` was published.
+    pub(super) fn beat(&mut self, lsn: Lsn) {
+        self.beat = self.beat.max(lsn.as_u64());
+    }
+}
+
+impl Confirmations {
+    /// Records a report read at `now`: whether it is the instance's first to reach the
+    /// last heartbeat's position, `None` if it is not a report.
+    fn note_report(&mut self, payload: &[u8], now: Instant) -> Option<bool> {
+        let text = String::from_utf8_lossy(payload);
+        let mut parts = text.split(' ');
+        let (Some(instance), Some(Ok(applied))) =
+            (parts.next(), parts.next().map(str::parse::<u64>))
+        else {
+            return None;
+        };
+        let seq = parts
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
+        self.look(now);
+        let report = self.reports.entry(instance.to_string()).or_insert(Report {
+            applied: 0,
+            seq,
+            seen: now,
+        });
+        let before = report.applied;
+        // Reports come in the order the instance sent them (one connection): the last
+        // one's number is the one to echo.
+        *report = Report {
+            applied: report.applied.max(applied),
+            seq,
+            seen: now,
+        };
+        Some(self.beat > 0 && before < self.beat && applied >= self.beat)
+    }
+
+    /// Stops waiting for instances silent for `lease`: by then their own leases ran out.
+    fn forget_silent(&mut self, now: Instant, lease: Duration) {
+        self.reports
+            .retain(|_, r| now.saturating_duration_since(r.seen) <= lease);
+    }
+
+    /// Whether the term's (or the synchronous mode's) first lease still holds back
+    /// confirmations: it has not elapsed, and some instance that may hold a lease from an
+    /// earlier relay has not reported yet (all of them, when which ones is not known).
+    fn waiting(&self, now: Instant) -> bool {
+        let (Some(since), Some(lease)) = (self.since, self.synchronous) else {
+            return false;
+        };
+        if now.saturating_duration_since(since) >= lease {
+            return false;
+        }
+        match &self.expected {
+            None => true,
+            Some(expected) => !expected.iter().all(|id| self.reports.contains_key(id)),
+        }
     }
 }
 
@@ -142,20 +263,20 @@ impl Confirmations {
             .filter(|gap| *gap > 2 * self.turn);
         self.last_look = Some(now);
         if let Some(gap) = stalled {
-            for (_, seen) in self.reports.values_mut() {
-                *seen += gap;
+            for report in self.reports.values_mut() {
+                report.seen += gap;
             }
         }
     }
 }
 
 /// What a relay that is a synchronous standby may confirm:
-/// - the least position applied by the instances that reported within their lease
+/// - while it waits for the first reports of its term (`waiting`: an instance holding a
+///   lease from an earlier relay has not reported yet), what was confirmed before;
+/// - else the least position applied by the instances that reported within their lease
 ///   (`applied`), and past it up to `published` once they have all applied what the last
 ///   carrying message carried (`carried`: the positions after it changed nothing they hold);
-/// - with no instance reporting, `published`, unless the relay became synchronous less than
-///   a lease ago (`waiting`: the reports may not have come yet), then what was confirmed
-///   when it did.
+/// - with no instance reporting, `published`.
 ///
 /// An instance silent for its lease is left out: by then its own feed lease has run out
 /// and it bypasses L1, so a change it missed is not served from it.
@@ -165,8 +286,11 @@ fn confirmable(
     applied: impl Iterator<Item = u64>,
     waiting: Option<u64>,
 ) -> u64 {
+    if let Some(floor) = waiting {
+        return floor.min(published);
+    }
     match applied.min() {
-        None => waiting.unwrap_or(published),
+        None => published,
         Some(least) if carried.is_none_or(|c| least >= c) => published,
         Some(least) => least.min(published),
     }
@@ -206,7 +330,7 @@ pub(super) async fn synchronous(
 
 #[cfg(test)]
 mod tests {
-    use super::{confirmable, Confirmations};
+    use super::{confirmable, Confirmations, Report};
     use std::time::{Duration, Instant};
 
     #[test]
@@ -215,14 +339,21 @@ mod tests {
         let mut c = Confirmations::new(lease, Duration::from_millis(500));
         let t0 = Instant::now();
         c.look(t0);
-        c.reports.insert("b".into(), (7, t0));
+        c.reports.insert(
+            "b".into(),
+            Report {
+                applied: 7,
+                seq: 1,
+                seen: t0,
+            },
+        );
         // Looked at every turn: the report ages as time passes.
         c.look(t0 + Duration::from_millis(400));
-        assert_eq!(c.reports["b"].1, t0);
+        assert_eq!(c.reports["b"].seen, t0);
         // Then 3 s without a look: the relay did not run; the report is taken as 3 s younger.
         let woke = t0 + Duration::from_millis(3400);
         c.look(woke);
-        let seen = c.reports["b"].1;
+        let seen = c.reports["b"].seen;
         assert!(
             woke.saturating_duration_since(seen) <= lease,
             "b still waited for"
@@ -262,6 +393,76 @@ mod tests {
             60,
             "no report yet within the lease: what was confirmed before"
         );
-        assert_eq!(confirmable(100, Some(90), [90].into_iter(), Some(60)), 100);
+        assert_eq!(
+            confirmable(100, Some(90), [90].into_iter(), Some(60)),
+            60,
+            "some reported, not every one that may hold a lease"
+        );
+        assert_eq!(confirmable(100, Some(90), [90].into_iter(), None), 100);
+    }
+
+    #[test]
+    fn a_new_term_waits_for_the_instances_its_predecessor_listed() {
+        let lease = Duration::from_secs(1);
+        let mut c = Confirmations::new(lease, Duration::from_millis(500));
+        let t0 = c.since.unwrap();
+        assert!(c.waiting(t0), "nothing known: the whole lease");
+        c.expect(Some(vec!["a".into(), "b".into()]));
+        assert!(c.note_report(b"a 50 7", t0).is_some());
+        assert!(c.waiting(t0), "b may still hold a lease");
+        assert_eq!(c.to_record(), ["a", "b"], "b passed on to a successor");
+        assert!(c.note_report(b"b 40 3", t0).is_some());
+        assert!(!c.waiting(t0), "every listed instance reported");
+        assert_eq!(c.to_record(), ["a", "b"]);
+        // Nothing recorded: the lease runs out before anything new is confirmed.
+        let mut c = Confirmations::new(lease, Duration::from_millis(500));
+        let t0 = c.since.unwrap();
+        c.note_report(b"a 50 7", t0);
+        assert!(c.waiting(t0 + Duration::from_millis(999)));
+        assert!(!c.waiting(t0 + lease));
+        // Becoming synchronous within a term: every instance may hold an asynchronous lease.
+        let mut c = Confirmations::new(lease, Duration::from_millis(500));
+        c.expect(Some(vec![]));
+        c.set_synchronous(None);
+        c.set_synchronous(Some(lease));
+        assert!(c.waiting(c.since.unwrap()));
+    }
+
+    #[test]
+    fn a_heartbeat_lists_the_last_report_of_every_instance_heard_within_the_lease() {
+        let lease = Duration::from_secs(1);
+        let mut c = Confirmations::new(lease, Duration::from_secs(5));
+        let now = Instant::now();
+        assert_eq!(
+            c.note_report(b"a 50 7", now),
+            Some(false),
+            "no heartbeat yet"
+        );
+        assert!(
+            c.note_report(b"a 40 8", now).is_some(),
+            "a lower position is still a report"
+        );
+        assert!(
+            c.note_report(b"old 60", now).is_some(),
+            "an earlier release numbers none"
+        );
+        assert_eq!(c.note_report(b"garbage", now), None);
+        assert_eq!(c.note_report(b"b x 1", now), None);
+        let listed = c.listed().unwrap();
+        assert_eq!(listed.get("a"), Some(&8), "the last report's number");
+        assert_eq!(c.reports["a"].applied, 50, "applied never moves back");
+        assert_eq!(listed.get("old"), Some(&0));
+        // The first report of each instance to reach a heartbeat's position calls for an
+        // echo, once.
+        c.beat(pgwire_replication::Lsn::from_u64(55));
+        assert_eq!(c.note_report(b"a 55 9", now), Some(true));
+        assert_eq!(c.note_report(b"a 56 10", now), Some(false));
+        c.reports.get_mut("old").unwrap().seen = now - 2 * lease;
+        assert!(
+            !c.listed().unwrap().contains_key("old"),
+            "silent for its lease"
+        );
+        c.set_synchronous(None);
+        assert_eq!(c.listed(), None, "an asynchronous relay lists nobody");
     }
 }

@@ -2,6 +2,8 @@
 //! does to it: transactions gathered to their commit, committed changes applied and
 //! published, then their position acknowledged. Knows nothing of the term's timers.
 
+use std::collections::BTreeMap;
+
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationEvent};
 
 use crate::coherence::{mono_ms, Message, Relayed};
@@ -161,6 +163,7 @@ impl Session {
             self.confirmations.advance(repl, lsn, false);
             return Ok(());
         };
+        let listed = listing(ctx, &mut self.confirmations).await;
         publish(
             ctx,
             Relayed::Heartbeat {
@@ -170,10 +173,12 @@ impl Session {
                 lsn: Some(lsn.to_string()),
                 epoch: Some(self.epoch),
                 sync: self.confirmations.is_synchronous(),
+                listed,
             },
         )
         .await?;
         // Published: instances report this position.
+        self.confirmations.beat(lsn);
         self.confirmations.advance(repl, lsn, true);
         Ok(())
     }
@@ -195,5 +200,29 @@ impl Session {
         self.pending_lsn = Some(end_lsn);
         self.pending_transactions += 1;
         Ok(())
+    }
+}
+
+/// What a heartbeat or an echo lists while the relay is synchronous (see
+/// [`Confirmations::listed`]), once the instances that may hold a lease from it are recorded
+/// in Redis for a successor (for two leases: the longest a lease it grants can last after
+/// the record, and some). `None` when asynchronous, or when the record failed: then no
+/// instance counts a lease from this message.
+pub(super) async fn listing(
+    ctx: &RelayContext,
+    confirmations: &mut Confirmations,
+) -> Option<BTreeMap<String, u64>> {
+    let listed = confirmations.listed()?;
+    let record = confirmations.to_record();
+    match ctx
+        .tiers
+        .record_relay_listing(&record, 2 * ctx.config.feeds.lease)
+        .await
+    {
+        Ok(()) => Some(listed),
+        Err(e) => {
+            tracing::debug!(error = %e, "recording the instances waited for failed");
+            None
+        }
     }
 }

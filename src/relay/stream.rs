@@ -11,6 +11,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationEvent};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::ticker;
+use crate::coherence::Relayed;
 use crate::config::PostgresSource;
 use crate::feed::relayed::{applied_channel, relay_alive_channel};
 use crate::resource::Catalog;
@@ -18,15 +19,27 @@ use crate::schema::capture::slot_lag;
 use crate::schema::shape::ShapeCheck;
 use crate::telemetry::{RELAY_ACTIVE, RELAY_SYNCHRONOUS, WAL_LAG_BYTES};
 
+use super::apply::publish;
 use super::confirm::{self, synchronous, Confirmations};
 use super::context::RelayContext;
 use super::error::RelayError;
 use super::heartbeat;
-use super::session::Session;
+use super::session::{listing, Session};
 use super::sql::Sql;
 
 /// Stream events taken into one batch at most (only what has already arrived is taken).
 const BATCH_EVENTS: usize = 4096;
+
+/// How long the relay gathers the instances' reports of a heartbeat before it echoes them.
+const ECHO_DELAY: Duration = Duration::from_millis(5);
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// One term's stream and everything its loop uses.
 pub(super) struct Stream<'a> {
@@ -47,6 +60,9 @@ pub(super) struct Stream<'a> {
     heartbeat: tokio_postgres::Statement,
     /// What Postgres said of this relay's sync_state, once it streams.
     known_synchronous: Option<bool>,
+    /// When the instances' reports are to be echoed ([`Relayed::Listed`]): a few ms after
+    /// the first report of a heartbeat's position, so one echo answers a fleet's reports.
+    echo_at: Option<tokio::time::Instant>,
     session: Session,
     shape_check: ShapeCheck,
 }
@@ -82,6 +98,13 @@ impl<'a> Stream<'a> {
         metrics::gauge!(RELAY_ACTIVE).set(1.0);
         tracing::info!(slot = %catalog.capture.slot, instance = %ctx.instance_id, "relaying the WAL");
         let (sync_state, heartbeat) = prepare(&client).await?;
+        let mut confirmations = Confirmations::new(feeds.lease, feeds.relay_lease / 4);
+        // Who may hold a lease from the previous synchronous relay's heartbeats: this term
+        // confirms nothing new until they have reported (or a lease has passed).
+        match ctx.tiers.relay_listing().await {
+            Ok(listed) => confirmations.expect(listed),
+            Err(e) => tracing::debug!(error = %e, "reading the instances waited for failed"),
+        }
         Ok(Stream {
             ctx,
             catalog,
@@ -93,11 +116,9 @@ impl<'a> Stream<'a> {
             sync_state,
             heartbeat,
             known_synchronous: None,
+            echo_at: None,
             // Until Postgres is seen to say otherwise, the relay may be a synchronous standby.
-            session: Session::new(
-                epoch,
-                Confirmations::new(feeds.lease, feeds.relay_lease / 4),
-            ),
+            session: Session::new(epoch, confirmations),
             shape_check: ShapeCheck::new(Duration::ZERO),
         })
     }
@@ -117,6 +138,7 @@ impl<'a> Stream<'a> {
                 _ = self.alive.next() => return Err(RelayError::AliveClosed),
                 _ = renew.tick() => self.renew().await?,
                 report = self.reports.next() => self.take_report(report)?,
+                _ = sleep_until_some(self.echo_at) => self.echo().await?,
                 _ = beat.tick() => self.emit_heartbeat().await?,
                 _ = shapes.tick() => self.check_shapes().await,
                 _ = measure.tick() => self.measure_lag().await?,
@@ -202,9 +224,23 @@ impl<'a> Stream<'a> {
     /// Takes an instance's report of what it applied.
     fn take_report(&mut self, report: Option<redis::Msg>) -> Result<(), RelayError> {
         let report = report.ok_or(RelayError::ReportsClosed)?;
-        self.session
+        let echo = self
+            .session
             .confirmations
             .reported(&self.repl, report.get_payload_bytes());
+        if echo && self.echo_at.is_none() {
+            self.echo_at = Some(tokio::time::Instant::now() + ECHO_DELAY);
+        }
+        Ok(())
+    }
+
+    /// Echoes the reports heard (see [`Relayed::Listed`]).
+    async fn echo(&mut self) -> Result<(), RelayError> {
+        self.echo_at = None;
+        if let Some(listed) = listing(self.ctx, &mut self.session.confirmations).await {
+            let relay = self.ctx.instance_id.clone();
+            publish(self.ctx, Relayed::Listed { relay, listed }).await?;
+        }
         Ok(())
     }
 

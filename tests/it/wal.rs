@@ -39,6 +39,69 @@ async fn name_the_relay(pg: &tokio_postgres::Client) {
     pg.batch_execute("SELECT pg_reload_conf()").await.unwrap();
 }
 
+/// Under a synchronous relay an instance uses L1 only once the relay waits for it: one that
+/// joins (here hearing Redis 60 ms late, so its first reports come late) is listed by a
+/// heartbeat before its feed is up, and the relay records whom it waits for, for a
+/// successor.
+#[tokio::test]
+async fn a_joining_instance_uses_l1_only_once_the_synchronous_relay_waits_for_it() {
+    let env = Env::new_on_postgres_with("-c synchronous_commit=on").await;
+    let pg = env.pg().await;
+    name_the_relay(&pg).await;
+    let a = env.start(wal).await;
+    eventually(WINDOW, "the relay waits for a", || async {
+        let relay = &a.readyz().await["feeds"]["postgres"]["relay"];
+        (relay["sync"] == true && relay["listed"] == true).then_some(())
+    })
+    .await;
+    let redis: SocketAddr = env
+        .redis_url
+        .trim_start_matches("redis://")
+        .parse()
+        .unwrap();
+    let line = crate::support::Proxy::start(redis).await;
+    line.delay(Duration::from_millis(60));
+    let c = env
+        .on_redis(format!("redis://{}", line.addr))
+        .start(|c| {
+            wal(c);
+            c.feeds.relay = false;
+        })
+        .await;
+    let first_up = eventually(WINDOW, "c's feed up", || async {
+        let feed = c.readyz().await["feeds"]["postgres"].clone();
+        (feed["up"] == true).then_some(feed)
+    })
+    .await;
+    assert_eq!(first_up["relay"]["sync"], true);
+    assert_eq!(
+        first_up["relay"]["listed"], true,
+        "c used L1 before the relay waited for it: {first_up}"
+    );
+    let mut redis = env.redis().await;
+    let listed: String = redis::cmd("GET")
+        .arg(format!("{}relay-listed", env.prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(listed.split_whitespace().count(), 2, "a and c: {listed}");
+    // And a commit then waits for c too: it never serves the older copy after it returns.
+    let v = a.put("/v1/kv/j", "0").await.etag_version();
+    sees(&c, "/v1/kv/j", v).await;
+    for round in 1..6 {
+        eventually(WINDOW, "the key in c's L1", || async {
+            (c.get("/v1/kv/j").await.header("x-cache") == Some("l1")).then_some(())
+        })
+        .await;
+        let v: i64 = query_value(
+            &pg,
+            &format!("UPDATE syncar_kv SET value = '{round}' WHERE key = 'j' RETURNING version"),
+        )
+        .await;
+        assert_eq!(c.get("/v1/kv/j").await.etag_version(), v, "round {round}");
+    }
+}
+
 /// An instance on `wal` that never relays and hears Redis through a proxy (`delay` it to
 /// make its evictions, and its reports to the relay, come late).
 async fn behind_a_line(env: &Env) -> (crate::support::Proxy, Instance) {
