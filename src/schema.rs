@@ -7,15 +7,24 @@
 pub mod capture;
 pub mod catalog;
 pub mod changes;
+mod columns;
 mod error;
+mod install;
+mod lock;
 pub mod migrate;
 mod names;
+mod objects;
+mod script;
 pub mod shape;
+mod source;
 mod table;
 mod triggers;
+mod uninstall;
 
 pub use catalog::{check, load_catalog, Check};
 pub use changes::{changes_since, current_xmin, prune_changes, ChangesQuery};
 pub use error::SchemaError;
-pub use migrate::{migrate, one_line, plan, uninstall, Migration, Script};
+pub use migrate::{migrate, plan, Migration};
 pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};
+pub use script::{one_line, Block, Script};
+pub use uninstall::uninstall;

@@ -6,9 +6,9 @@ use tokio_postgres::GenericClient;
 use super::capture;
 use super::error::SchemaError;
 use super::names::{wanted_triggers, VERSION_SEQUENCE};
-use super::table::{fit, table_oid, Identity};
+use super::table::{fit, table_oid, Identity, TableInfo};
 use super::triggers::function_name;
-use crate::config::Config;
+use crate::config::{Config, ResourceConfig};
 use crate::resource::{quote_ident, Catalog, Column, Resource};
 
 /// Resolves the configured resources (and `kv`) against the live schema. A configured table
@@ -131,32 +131,8 @@ pub async fn check(
         .await
         .map_err(pg("starting a read-only transaction"))?;
     let mut report = Check::default();
-    let schema = &config.postgres.schema;
-    let migrated = table_oid(&tx, schema, VERSION_SEQUENCE, "S")
-        .await?
-        .is_some();
-    if migrated {
-        report.notes.push(format!("schema {schema} is migrated"));
-    } else {
-        report.notes.push(format!(
-            "schema {schema} is not migrated yet: `syncar migrate` (or serve, with \
-             postgres.migrate_on_start) installs it"
-        ));
-    }
-    let mut tables = Vec::new();
-    for r in &config.resources {
-        match fit(&tx, r).await {
-            Ok((info, key_type)) => {
-                report.notes.push(format!(
-                    "resource {:?}: table {}.{}, key {:?} ({key_type:?})",
-                    r.name, r.schema, r.table, r.key
-                ));
-                tables.push((r, info));
-            }
-            Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
-            Err(e) => return Err(e),
-        }
-    }
+    let migrated = check_migrated(&tx, &config.postgres.schema, &mut report).await?;
+    let tables = check_tables(&tx, config, &mut report).await?;
     let described: Vec<_> = tables.iter().map(|(r, info)| (*r, info)).collect();
     match capture::resolve(&tx, config, &described).await {
         Ok((source, reason)) => report
@@ -173,8 +149,69 @@ pub async fn check(
         Err(SchemaError::Invalid(_)) => Vec::new(), // reported above
         Err(e) => return Err(e),
     };
+    let fitting: Vec<&ResourceConfig> = tables.iter().map(|(r, _)| *r).collect();
+    report_plan(&planned, &fitting, config, migrated, &mut report);
+    Ok(report)
+}
+
+/// Whether syncar's sequence is there, said in `report`.
+async fn check_migrated(
+    client: &impl GenericClient,
+    schema: &str,
+    report: &mut Check,
+) -> Result<bool, SchemaError> {
+    let migrated = table_oid(client, schema, VERSION_SEQUENCE, "S")
+        .await?
+        .is_some();
+    if migrated {
+        report.notes.push(format!("schema {schema} is migrated"));
+    } else {
+        report.notes.push(format!(
+            "schema {schema} is not migrated yet: `syncar migrate` (or serve, with \
+             postgres.migrate_on_start) installs it"
+        ));
+    }
+    Ok(migrated)
+}
+
+/// Each configured table that fits, as the catalog describes it; each that does not is a
+/// problem in `report`.
+async fn check_tables<'a>(
+    client: &impl GenericClient,
+    config: &'a Config,
+    report: &mut Check,
+) -> Result<Vec<(&'a ResourceConfig, TableInfo)>, SchemaError> {
+    let mut tables = Vec::new();
+    for r in &config.resources {
+        match fit(client, r).await {
+            Ok((info, key_type)) => {
+                report.notes.push(format!(
+                    "resource {:?}: table {}.{}, key {:?} ({key_type:?})",
+                    r.name, r.schema, r.table, r.key
+                ));
+                tables.push((r, info));
+            }
+            Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(tables)
+}
+
+/// What the migration would still do (`planned`, as [`super::plan`] words it), said per
+/// table of `tables` in `report`: a problem where `serve` would leave the table out (a
+/// version column or a trigger missing, once the schema is migrated or when `serve` does
+/// not migrate), else a note; the rest of the plan in one note.
+fn report_plan(
+    planned: &[String],
+    tables: &[&ResourceConfig],
+    config: &Config,
+    migrated: bool,
+    report: &mut Check,
+) {
+    let schema = &config.postgres.schema;
     let mut attributed = vec![false; planned.len()];
-    for (r, _) in &tables {
+    for r in tables {
         let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
         let functions = ["syncar_stamp", "syncar_announce", "syncar_truncate"]
             .map(|f| format!("{schema}.{}()", function_name(f, &r.name)));
@@ -219,5 +256,4 @@ pub async fn check(
             .notes
             .push(format!("the migration would also: {}", rest.join("; ")));
     }
-    Ok(report)
 }

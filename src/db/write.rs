@@ -1,0 +1,260 @@
+//! Document writes: one put or delete in its own transaction, or a client's transaction of
+//! several, each committed as [`Commit`] says. Reads nothing but what a write returns.
+
+use tokio_postgres::types::ToSql;
+
+use crate::model::{JsonText, Version};
+use crate::resource::{KeyParam, Param, Precondition, Resource, Shape, WriteSql};
+
+use super::commit::Commit;
+use super::error::{classify, DbError};
+use super::{
+    key_param, versioned_doc, Db, DeleteOutcome, TxDone, TxFailed, TxItem, TxOp, TxWhy,
+    WriteOutcome, Written,
+};
+
+impl Db {
+    /// Writes one document in its own transaction; returns once it is committed.
+    ///
+    /// # Errors
+    /// A classified [`DbError`]; [`DbError::Rejected`] carries Postgres' reason.
+    pub async fn put(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        body: JsonText,
+        pre: Precondition,
+        commit: Commit,
+    ) -> Result<WriteOutcome, DbError> {
+        let (doc, write) = resource
+            .prepare_write(key, &body, &pre)
+            .map_err(DbError::from)?;
+        let versions = if_versions(&pre);
+        let params = write_params(&write, key, &doc, &versions);
+        let mut client = self.client().await?;
+        let row = match &commit {
+            Commit::AsConfigured if matches!(resource.shape, Shape::Kv) => {
+                let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
+                client.query_opt(&stmt, &params).await.map_err(classify)?
+            }
+            // A table write's SQL depends on which columns the body has: an unnamed statement,
+            // so clients cannot grow the statement caches without bound.
+            Commit::AsConfigured => client
+                .query_opt(write.sql.as_str(), &params)
+                .await
+                .map_err(classify)?,
+            Commit::Synchronous { .. } => {
+                let tx = client.transaction().await.map_err(classify)?;
+                commit.apply(&tx).await?;
+                let row = tx
+                    .query_opt(write.sql.as_str(), &params)
+                    .await
+                    .map_err(classify)?;
+                tx.commit().await.map_err(classify)?;
+                row
+            }
+        };
+        Ok(match row {
+            Some(row) => WriteOutcome::Written(written(&row)),
+            None => WriteOutcome::PreconditionFailed,
+        })
+    }
+
+    /// Deletes one document; returns once it is committed, with the delete's own version.
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub async fn delete(
+        &self,
+        resource: &Resource,
+        key: &KeyParam,
+        pre: Precondition,
+        commit: Commit,
+    ) -> Result<DeleteOutcome, DbError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        commit.apply(&tx).await?;
+        let deleted = match &pre {
+            Precondition::Versions(versions) => {
+                let stmt = tx
+                    .prepare_cached(&resource.delete_sql(true))
+                    .await
+                    .map_err(classify)?;
+                tx.query_opt(&stmt, &[key_param(key), versions])
+                    .await
+                    .map_err(classify)?
+            }
+            _ => {
+                let stmt = tx
+                    .prepare_cached(&resource.delete_sql(false))
+                    .await
+                    .map_err(classify)?;
+                tx.query_opt(&stmt, &[key_param(key)])
+                    .await
+                    .map_err(classify)?
+            }
+        };
+        if deleted.is_none() {
+            tx.rollback().await.map_err(classify)?;
+            return Ok(match pre {
+                Precondition::None => DeleteOutcome::NotFound,
+                _ => DeleteOutcome::PreconditionFailed,
+            });
+        }
+        // The notify trigger took the delete's version with nextval() in this session, after
+        // the row was gone: currval() is that version.
+        let stmt = tx
+            .prepare_cached(&format!("SELECT currval({})", self.sequence_literal()))
+            .await
+            .map_err(classify)?;
+        let tombstone: i64 = tx.query_one(&stmt, &[]).await.map_err(classify)?.get(0);
+        tx.commit().await.map_err(classify)?;
+        Ok(DeleteOutcome::Deleted {
+            version: Version(tombstone),
+        })
+    }
+
+    /// Runs `ops` in one transaction, in order, all or nothing: the first that cannot be done
+    /// (its precondition fails, Postgres rejects its document) rolls everything back and is
+    /// named by its index. A delete of an absent key without a precondition is not a failure:
+    /// [`TxDone::NotFound`].
+    ///
+    /// # Errors
+    /// [`TxFailed`] with the index of the operation that failed (`None`: the connection or
+    /// the commit); nothing was committed.
+    pub async fn transact(
+        &self,
+        ops: &[TxItem<'_>],
+        commit: Commit,
+    ) -> Result<Vec<TxDone>, TxFailed> {
+        let at = |index| {
+            move |e: DbError| TxFailed {
+                index,
+                why: TxWhy::Db(e),
+            }
+        };
+        let mut client = self.client().await.map_err(at(None))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(classify)
+            .map_err(at(None))?;
+        commit.apply(&tx).await.map_err(at(None))?;
+        let mut done = Vec::with_capacity(ops.len());
+        for (i, item) in ops.iter().enumerate() {
+            let outcome = match item.op {
+                TxOp::Put { body, pre } => put_in(&tx, item, body, pre).await,
+                TxOp::Delete { pre } => self.delete_in(&tx, item, pre).await,
+            };
+            done.push(outcome.map_err(|why| TxFailed {
+                index: Some(i),
+                why,
+            })?);
+        }
+        tx.commit().await.map_err(classify).map_err(at(None))?;
+        Ok(done)
+    }
+
+    /// One delete of a transaction ([`Db::transact`]), in `tx`: its version, or
+    /// [`TxDone::NotFound`] for an absent key without a precondition.
+    ///
+    /// # Errors
+    /// [`TxWhy::Precondition`] when `pre` does not hold; a classified [`DbError`].
+    async fn delete_in(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        item: &TxItem<'_>,
+        pre: &Precondition,
+    ) -> Result<TxDone, TxWhy> {
+        let conditional = matches!(pre, Precondition::Versions(_));
+        let sql = item.resource.delete_sql(conditional);
+        let deleted = match pre {
+            Precondition::Versions(v) => {
+                tx.query_opt(sql.as_str(), &[key_param(item.key), v]).await
+            }
+            _ => tx.query_opt(sql.as_str(), &[key_param(item.key)]).await,
+        }
+        .map_err(failed)?;
+        match (deleted, pre) {
+            (None, Precondition::None) => Ok(TxDone::NotFound),
+            (None, _) => Err(TxWhy::Precondition),
+            (Some(_), _) => {
+                // The delete trigger took the delete's version in this session.
+                let version: i64 = tx
+                    .query_one(&format!("SELECT currval({})", self.sequence_literal()), &[])
+                    .await
+                    .map_err(failed)?
+                    .get(0);
+                Ok(TxDone::Deleted {
+                    version: Version(version),
+                })
+            }
+        }
+    }
+}
+
+/// One put of a transaction ([`Db::transact`]), in `tx`.
+///
+/// # Errors
+/// [`TxWhy::Precondition`] when `pre` does not hold; a classified [`DbError`], the
+/// document's own ([`DbError::Rejected`], [`DbError::UnknownColumn`]) included.
+async fn put_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    item: &TxItem<'_>,
+    body: &JsonText,
+    pre: &Precondition,
+) -> Result<TxDone, TxWhy> {
+    let (doc, write) = item
+        .resource
+        .prepare_write(item.key, body, pre)
+        .map_err(|e| TxWhy::Db(DbError::from(e)))?;
+    let versions = if_versions(pre);
+    let params = write_params(&write, item.key, &doc, &versions);
+    let row = tx
+        .query_opt(write.sql.as_str(), &params)
+        .await
+        .map_err(failed)?
+        .ok_or(TxWhy::Precondition)?;
+    Ok(TxDone::Written(written(&row)))
+}
+
+/// A statement of a transaction that failed, classified.
+fn failed(e: tokio_postgres::Error) -> TxWhy {
+    TxWhy::Db(classify(e))
+}
+
+/// What a write's `RETURNING version, document, created` says.
+fn written(row: &tokio_postgres::Row) -> Written {
+    let (version, doc) = versioned_doc(row);
+    Written {
+        version,
+        doc,
+        created: row.get(2),
+    }
+}
+
+/// The versions `If-Match` names (none, unused, without one).
+fn if_versions(pre: &Precondition) -> &[i64] {
+    match pre {
+        Precondition::Versions(v) => v,
+        _ => &[],
+    }
+}
+
+/// A write's bind parameters, in the order its SQL takes them.
+fn write_params<'a>(
+    write: &WriteSql,
+    key: &'a KeyParam,
+    doc: &'a String,
+    versions: &'a &[i64],
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    write
+        .params
+        .iter()
+        .map(|p| match p {
+            Param::Key => key_param(key),
+            Param::Doc => doc as &(dyn ToSql + Sync),
+            Param::Versions => versions as &(dyn ToSql + Sync),
+        })
+        .collect()
+}

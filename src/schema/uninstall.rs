@@ -1,0 +1,203 @@
+//! `syncar uninstall`: removes what makes syncar cost every writer and the primary's disk
+//! (triggers, their functions, the publication, the replication slot), as named phases.
+//! Keeps every row: version columns, the sequence, `syncar_kv`, the changes log and the
+//! state table stay.
+
+use super::capture::{self, STATE_TABLE};
+use super::error::SchemaError;
+use super::lock::{begin_locked, LockRetries};
+use super::names::{LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_TRIGGER};
+use super::objects::kv_resource;
+use super::table::table_oid;
+use super::triggers::function_name;
+use crate::config::{Config, ResourceConfig};
+use crate::resource::quote_ident;
+
+/// `syncar uninstall`: removes what makes syncar cost every writer and the primary's disk:
+/// the triggers on every configured table (and `kv`), their functions, the publication and
+/// the replication slot. Keeps the data: version columns, the sequence, `syncar_kv`, the
+/// changes log and the state table stay (a later `migrate` adopts them again).
+///
+/// Returns what it removed, one line per object.
+///
+/// # Errors
+/// The slot is being streamed (stop every instance first), or Postgres failing.
+pub async fn uninstall(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let mut retries = LockRetries::new();
+    loop {
+        match uninstall_once(client, config).await {
+            Err(e) if retries.again(&e, "uninstall", client, config).await => {}
+            result => return result,
+        }
+    }
+}
+
+/// One run of the uninstall: the slot first (outside any transaction), then, under the
+/// migration lock, the publication, each table's triggers and functions, and the recorded
+/// source.
+async fn uninstall_once(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Vec<String>, SchemaError> {
+    let schema = &config.postgres.schema;
+    let mut changes = Vec::new();
+    let slot = capture::slot_name(&*client, config).await?;
+    refuse_a_streamed_slot(client, &slot).await?;
+    if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
+        changes.push(change);
+    }
+    let tx = begin_locked(client, false).await?;
+    drop_publication(&tx, &config.feeds.wal_publication, &mut changes).await?;
+    let kv = kv_resource(schema);
+    for r in std::iter::once(&kv).chain(&config.resources) {
+        drop_table_triggers(&tx, schema, r, &mut changes).await?;
+    }
+    forget_the_source(&tx, schema).await?;
+    tx.commit().await.map_err(pg("committing the uninstall"))?;
+    Ok(changes)
+}
+
+/// A statement of the uninstall that failed while `doing`.
+fn pg(doing: &'static str) -> impl Fn(tokio_postgres::Error) -> SchemaError {
+    move |source| SchemaError::Postgres { doing, source }
+}
+
+/// Refuses to go on while a relay streams from `slot`: every instance must stop first.
+async fn refuse_a_streamed_slot(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<(), SchemaError> {
+    let active: Option<bool> = client
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(pg("looking up the replication slot"))?
+        .map(|r| r.get(0));
+    if active == Some(true) {
+        return Err(SchemaError::Invalid(format!(
+            "replication slot {slot} is being streamed by a relay: stop every syncar instance \
+             (and `syncar relay`) first"
+        )));
+    }
+    Ok(())
+}
+
+/// Drops the `wal` source's publication, if there is one.
+async fn drop_publication(
+    tx: &tokio_postgres::Transaction<'_>,
+    publication: &str,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    let published: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?
+        .get(0);
+    if published {
+        tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(publication)))
+            .await
+            .map_err(pg("dropping the publication"))?;
+        changes.push(format!("dropped publication {publication}"));
+    }
+    Ok(())
+}
+
+/// Drops syncar's triggers (this release's and earlier ones') from `r`'s table, if it
+/// exists, then its trigger functions that no trigger uses any more.
+async fn drop_table_triggers(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    r: &ResourceConfig,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    let Some(oid) = table_oid(tx, &r.schema, &r.table, "r").await? else {
+        return Ok(());
+    };
+    let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+    for trigger in std::iter::once(STAMP_TRIGGER)
+        .chain(LOG_TRIGGERS)
+        .chain([LEGACY_NOTIFY_TRIGGER])
+    {
+        let exists: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1 AND tgname = $2)",
+                &[&oid, &trigger],
+            )
+            .await
+            .map_err(pg("looking up triggers"))?
+            .get(0);
+        if exists {
+            tx.batch_execute(&format!("DROP TRIGGER {trigger} ON {qualified}"))
+                .await
+                .map_err(pg("dropping a trigger"))?;
+            changes.push(format!("dropped trigger {trigger} on {qualified}"));
+        }
+    }
+    for function in [
+        function_name("syncar_stamp", &r.name),
+        function_name("syncar_announce", &r.name),
+        function_name("syncar_truncate", &r.name),
+    ] {
+        drop_unused_function(tx, schema, &function, changes).await?;
+    }
+    Ok(())
+}
+
+/// Drops the trigger function `function` unless a trigger still uses it.
+async fn drop_unused_function(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+    function: &str,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    let unused: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = $2) AND NOT EXISTS (SELECT 1 FROM pg_trigger t \
+             JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = $2)",
+            &[&schema, &function],
+        )
+        .await
+        .map_err(pg("looking up trigger functions"))?
+        .get(0);
+    if unused {
+        tx.batch_execute(&format!(
+            "DROP FUNCTION {}.{}()",
+            quote_ident(schema),
+            quote_ident(function)
+        ))
+        .await
+        .map_err(pg("dropping trigger functions"))?;
+        changes.push(format!("dropped function {schema}.{function}()"));
+    }
+    Ok(())
+}
+
+/// Clears the recorded source from the state table, so that a later `migrate` decides
+/// again. (An install by an earlier release has no state table.)
+async fn forget_the_source(
+    tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
+) -> Result<(), SchemaError> {
+    if table_oid(tx, schema, STATE_TABLE, "r").await?.is_some() {
+        tx.execute(
+            &format!(
+                "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason')",
+                quote_ident(schema)
+            ),
+            &[],
+        )
+        .await
+        .map_err(pg("clearing the state table"))?;
+    }
+    Ok(())
+}
