@@ -61,7 +61,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, name: &str
     let mut refused: Vec<Option<ApiError>> = Vec::with_capacity(keys.len());
     for key in &keys {
         match check_key(key, server.max_key_bytes)
-            .and_then(|()| DocRef::new(&resource, key).map_err(ApiError::InvalidKey))
+            .and_then(|()| DocRef::new(&resource, key).map_err(ApiError::from))
         {
             Ok(doc) => {
                 docs.push(doc);

@@ -313,7 +313,7 @@ pub(super) async fn on_new_shape(state: &HttpState, doc: &DocRef) -> Result<DocR
             Some(reason) => ApiError::ResourceUnavailable(reason.to_string()),
             None => ApiError::UnknownResource(name.clone()),
         })?;
-    DocRef::new(resource, &doc.key.to_string()).map_err(ApiError::InvalidKey)
+    DocRef::new(resource, &doc.key.to_string()).map_err(ApiError::from)
 }
 
 /// 412 at once when `If-Match` names no ETag that can be current (see

@@ -11,7 +11,7 @@ use http_body_util::Full;
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::DbError;
-use crate::resource::{NotReady, Precondition};
+use crate::resource::{KeyError, NotReady, Precondition};
 
 pub(super) const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
 pub(super) const ALLOW_READ: &str = "GET, HEAD";
@@ -216,5 +216,11 @@ impl From<DbError> for ApiError {
 impl From<NotReady> for ApiError {
     fn from(e: NotReady) -> Self {
         ApiError::Starting(e.0)
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        ApiError::InvalidKey(e.to_string())
     }
 }

@@ -35,7 +35,7 @@ pub fn target(catalog: &Catalog, rest: &str, max_key_bytes: usize) -> Result<Tar
             None => ApiError::UnknownResource(name.to_string()),
         })?;
     let key = decode_key(raw_key, max_key_bytes)?;
-    let doc = DocRef::new(resource, &key).map_err(ApiError::InvalidKey)?;
+    let doc = DocRef::new(resource, &key).map_err(ApiError::from)?;
     Ok(Target { doc, key })
 }
 

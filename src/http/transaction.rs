@@ -201,7 +201,7 @@ fn operations(
             .map_err(named)?;
         check_key(&o.key, max_key_bytes).map_err(named)?;
         let doc = DocRef::new(resource, &o.key)
-            .map_err(ApiError::InvalidKey)
+            .map_err(ApiError::from)
             .map_err(named)?;
         let pre = |allow_create_only| {
             precondition(
