@@ -1,0 +1,309 @@
+//! The long-lived tasks start-up spawns besides the listeners and the feeds: the schema
+//! task (migrate, load the catalog, follow the tables' shapes), the auditor, the Redis guard,
+//! the changes log's pruning and the metrics' upkeep. Each ends on its shutdown token; none
+//! is spawned here (start-up spawns them all, in one place).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::commands::with_connection;
+use crate::backoff::{jitter, ticker, Backoff};
+use crate::config::Config;
+use crate::db::Db;
+use crate::redact::Secrets;
+use crate::resource::CatalogCell;
+use crate::schema::{load_catalog, migrate};
+use crate::telemetry::{error_chain, L1_BYTES, L1_ENTRIES};
+use crate::tiers::Tiers;
+
+/// Longest pause between attempts to migrate and load the schema.
+const SCHEMA_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Migrates (unless disabled) and loads the catalog, retrying with backoff until it works;
+/// then follows the tables' shapes ([`follow_shapes`]).
+pub(super) async fn schema_task(
+    config: Arc<Config>,
+    catalog: Arc<CatalogCell>,
+    db: Db,
+    tiers: Tiers,
+    secrets: Secrets,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), SCHEMA_MAX_BACKOFF);
+    let mut last_error = String::new();
+    loop {
+        let attempt = with_connection(&config, |mut client| {
+            let config = config.clone();
+            async move {
+                let (changes, differences) = if config.postgres.migrate_on_start {
+                    (migrate(&mut client, &config).await?.changes, Vec::new())
+                } else {
+                    // Installed by the DBA: say what differs from what this configuration
+                    // needs, each difference by name.
+                    (
+                        Vec::new(),
+                        crate::schema::plan(&mut client, &config).await?.0.changes,
+                    )
+                };
+                let catalog = load_catalog(&client, &config).await?;
+                Ok((changes, differences, catalog))
+            }
+        });
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match result {
+            Ok((changes, differences, loaded)) => {
+                for change in &changes {
+                    tracing::info!(change = %change, "migrated");
+                }
+                for difference in &differences {
+                    tracing::warn!(
+                        missing = %difference,
+                        "postgres.migrate_on_start = false and the installed schema differs \
+                         from what this configuration needs; `syncar migrate --print-sql` \
+                         prints the SQL that fixes it"
+                    );
+                }
+                for (resource, reason) in loaded.all_unavailable() {
+                    tracing::error!(
+                        resource,
+                        reason = %secrets.scrub(reason),
+                        "resource unavailable: its requests answer 503 until the table is fixed"
+                    );
+                }
+                catalog.set(loaded);
+                tracing::info!("schema ready; serving documents");
+                return follow_shapes(&config, &catalog, &db, &tiers, &secrets, &shutdown).await;
+            }
+            Err(e) => {
+                let message = secrets.scrub(&error_chain(&e));
+                if message != last_error {
+                    tracing::warn!(error = %message, "schema not ready; retrying");
+                    last_error = message.clone();
+                }
+                catalog.not_ready(message);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next_pause()) => {}
+        }
+    }
+}
+
+/// The shortest time between two shape rechecks.
+const RECHECK_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often the tables' shapes are compared with the catalog's when nothing asked: a
+/// safety net under the flushes that announce a change (see [`crate::schema::shape`]).
+const SHAPES_RECHECK: Duration = Duration::from_secs(30);
+
+/// Loads the catalog again whenever a configured table's live shape differs from the one
+/// the catalog was read in: when asked ([`CatalogCell::request_recheck`]: a flush was heard,
+/// a statement found a column missing), and every [`SHAPES_RECHECK`]. A resource whose table
+/// no longer fits goes unavailable with the reason, one that fits again comes back; the
+/// others are untouched. Copies of the old shape are retired by the flush the change was
+/// announced with, not here.
+async fn follow_shapes(
+    config: &Config,
+    catalog: &CatalogCell,
+    db: &Db,
+    tiers: &Tiers,
+    secrets: &Secrets,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = catalog.recheck_requested() => {}
+            _ = tokio::time::sleep(jitter(SHAPES_RECHECK, 0.2)) => {}
+        };
+        // A table that no longer fits is flushed at each write: at most one check per
+        // RECHECK_PAUSE whatever asks (requests meanwhile are folded into this one).
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(RECHECK_PAUSE) => {}
+        }
+        let covered = catalog.requests_made();
+        let Ok(current) = catalog.get() else {
+            continue;
+        };
+        let reloaded = match db.table_shapes(&config.resources).await {
+            Ok(live) if live == current.shapes => Ok(None),
+            Ok(_) => {
+                // Told of the change by a trigger's flush (or a failed statement) before
+                // the relay or a poller looked: announce it, so that a change undone
+                // before they look is announced too, and every instance follows it back.
+                if let Err(e) = db
+                    .announce_shape_changes(config, current.capture.source)
+                    .await
+                {
+                    tracing::warn!(error = %secrets.scrub(&e), "announcing a table's new shape failed");
+                }
+                db.load_catalog(config).await.map(Some)
+            }
+            Err(e) => Err(e),
+        };
+        match reloaded {
+            Ok(Some(loaded)) => {
+                for r in &config.resources {
+                    let (was, now) = (current.unavailable(&r.name), loaded.unavailable(&r.name));
+                    match (was, now) {
+                        (_, Some(reason)) if was != now => tracing::error!(
+                            resource = %r.name,
+                            reason = %secrets.scrub(reason),
+                            "resource unavailable after its table changed: its requests answer \
+                             503 until the table fits again"
+                        ),
+                        (Some(_), None) => {
+                            tracing::info!(resource = %r.name, "resource available again")
+                        }
+                        _ if current.shapes.get(&r.name) != loaded.shapes.get(&r.name) => {
+                            tracing::info!(resource = %r.name, "resource reloaded: its table changed")
+                        }
+                        _ => {}
+                    }
+                }
+                catalog.replace(loaded);
+                // After the new catalog is in place: reads from now on name the new shape's
+                // ETag, and what L1 holds may be of the old one.
+                tiers.clear_l1_for_new_shapes();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %secrets.scrub(&e), "checking the tables' shapes failed")
+            }
+        }
+        catalog.rechecked(covered);
+    }
+}
+
+/// Re-checks sampled cached reads against Postgres ([`Tiers::audit`]), starting at most
+/// `per_second` checks a second; samples that arrive while 32 checks wait out their lease are
+/// dropped, never queued without bound.
+pub(super) async fn audit_task(
+    tiers: Tiers,
+    mut samples: tokio::sync::mpsc::Receiver<crate::audit::Sample>,
+    per_second: u32,
+    lease: Duration,
+    shutdown: CancellationToken,
+) {
+    let pause = Duration::from_secs(1) / per_second.max(1);
+    let mut checks = tokio::task::JoinSet::new();
+    loop {
+        let sample = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            sample = samples.recv() => match sample {
+                Some(sample) => sample,
+                None => return,
+            },
+        };
+        while checks.try_join_next().is_some() {}
+        if checks.len() < AUDIT_CONCURRENT_CHECKS {
+            let tiers = tiers.clone();
+            checks.spawn(async move { tiers.audit(sample, lease).await });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Audit checks in flight at most (most finish at once; a suspicious one waits a lease).
+const AUDIT_CONCURRENT_CHECKS: usize = 32;
+
+/// Checks which Redis incarnation answers once per `every` (the lease: a restarted or
+/// failed-over Redis is noticed within it even when no command failed), and at once when a
+/// command failed or the Redis feed went down; reads skip Redis until it has (see
+/// [`Tiers::secure_redis`]). Then records this instance's high-water version in Redis (for
+/// [`Tiers::secure_postgres`] on instances that start later).
+pub(super) async fn redis_guard(
+    tiers: Tiers,
+    catalog: Arc<CatalogCell>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), every);
+    let mut pause = Duration::ZERO;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tiers.redis_distrusted() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let Ok(catalog) = catalog.get() else {
+            pause = Duration::from_millis(50);
+            continue;
+        };
+        if let Err(e) = tiers.follow_redis_master().await {
+            tracing::debug!(error = %e, "asking the Redis Sentinels for the master failed");
+        }
+        pause = match tiers.secure_redis(&catalog).await {
+            Ok(_) => {
+                tiers.report_high_water().await;
+                backoff.reset();
+                jitter(every, 0.2)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "checking redis' incarnation failed; retrying");
+                backoff.next_pause()
+            }
+        };
+    }
+}
+
+/// Prunes the changes log now and then; one instance at a time does the work.
+pub(super) async fn prune_task(
+    tiers: Tiers,
+    catalog: Arc<CatalogCell>,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jitter(every, 0.2)) => {}
+        }
+        match catalog.get() {
+            // Nothing writes the log with the wal source: idle instances ask Postgres nothing.
+            Ok(c) if c.capture.source == crate::config::PostgresSource::Wal => return,
+            Ok(_) => {}
+            Err(_) => continue,
+        }
+        match tiers.prune_changes_log(retention).await {
+            Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "pruning the changes log failed"),
+        }
+    }
+}
+
+/// The exporter starts no task of its own: keep its histograms fresh and publish L1's size.
+pub(super) async fn upkeep_task(
+    tiers: Tiers,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) {
+    // The exporter keeps every histogram sample until upkeep folds them into buckets: at tens
+    // of thousands of requests a second, five seconds' worth took a runtime thread for
+    // hundreds of milliseconds. Often, and on a blocking thread, it never stalls requests.
+    let mut tick = ticker(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let handle = metrics.clone();
+        let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
+        if let Some((entries, bytes)) = tiers.l1_size() {
+            metrics::gauge!(L1_ENTRIES).set(entries as f64);
+            metrics::gauge!(L1_BYTES).set(bytes as f64);
+        }
+    }
+}
