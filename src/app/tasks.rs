@@ -250,7 +250,7 @@ pub(super) async fn redis_guard(
                 jitter(every, 0.2)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "checking redis' incarnation failed; retrying");
+                tracing::debug!(error = %error_chain(&e), "checking redis' incarnation failed; retrying");
                 backoff.next_pause()
             }
         };

@@ -5,9 +5,9 @@ use crate::coherence::{Message, Op};
 use crate::db::PostgresIdentity;
 use crate::model::{now_ms, Version};
 use crate::resource::Catalog;
-use crate::telemetry::TIER_RESETS;
+use crate::telemetry::{error_chain, TIER_RESETS};
 
-use super::{RedisCheck, Tiers};
+use super::{GuardError, RedisCheck, Tiers};
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
 /// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
@@ -74,19 +74,18 @@ impl Tiers {
     ///
     /// # Errors
     /// Redis or Postgres failing: Redis stays distrusted, and the guard retries.
-    pub async fn secure_redis(&self, catalog: &Catalog) -> Result<RedisCheck, String> {
+    pub async fn secure_redis(&self, catalog: &Catalog) -> Result<RedisCheck, GuardError> {
         // A failure after this point may come from yet another incarnation: then the trust
         // below is not granted, and the guard checks again.
         let checked = self.l2.distrusts();
-        let id = self.l2.identity().await.map_err(|e| e.to_string())?;
+        let id = self.l2.identity().await?;
         if self.l2.follows_sentinel() && (!self.l2.master_named() || id.role != "master") {
             // A demoted master keeps its run_id: without this, it would pass as the same
             // incarnation while the Sentinels have moved on.
-            return Err(format!(
-                "redis node {} is not a master the Sentinels name (role {:?})",
-                self.l2.node(),
-                id.role
-            ));
+            return Err(GuardError::NotMaster {
+                node: self.l2.node(),
+                role: id.role,
+            });
         }
         let Some(run_id) = id.run_id.clone() else {
             if !self.l2.trusted() {
@@ -107,18 +106,23 @@ impl Tiers {
             .db
             .once_per_state(&name, &run_id, |version| async move {
                 for resource in &resources {
+                    // `once_per_state` takes the reset's failure as text (`db.rs`).
                     l2.raise_generation(resource, version.0)
                         .await
-                        .map_err(|e| format!("raising {resource}'s generation failed: {e}"))?;
+                        .map_err(|source| {
+                            error_chain(&GuardError::RaiseGeneration {
+                                resource: resource.clone(),
+                                source,
+                            })
+                        })?;
                 }
                 Ok(())
             })
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         self.l2
             .load_generations()
             .await
-            .map_err(|e| format!("reading generations failed: {e}"))?;
+            .map_err(GuardError::Generations)?;
         if known.is_some() {
             if let Some(l1) = &self.l1 {
                 l1.clear();
@@ -166,7 +170,7 @@ impl Tiers {
     ///
     /// # Errors
     /// Postgres failing, or the reset failing (the caller retries).
-    pub async fn secure_postgres(&self) -> Result<Option<Version>, String> {
+    pub async fn secure_postgres(&self) -> Result<Option<Version>, GuardError> {
         // Everything seen before the sequence is read cannot be above it, unless it went
         // back: the high-water mark first (read after, a write committed meanwhile would look
         // like a sequence gone back).
@@ -176,7 +180,7 @@ impl Tiers {
             .and_then(|h| h.parse().ok())
             .unwrap_or(0);
         let high = self.high_water().max(Version(recorded_high));
-        let id = self.db.identity().await.map_err(|e| e.to_string())?;
+        let id = self.db.identity().await?;
         let timeline = recorded("timeline");
         let moved = timeline_moved(&id, timeline.as_deref());
         // The slot followed, and on the timeline left the primary held decoding back for
@@ -240,18 +244,22 @@ impl Tiers {
     ///
     /// # Errors
     /// Postgres or Redis failing: the caches are not known clean, so the caller retries.
-    pub async fn postgres_went_back(&self, high: Version, why: &str) -> Result<Version, String> {
-        self.db
-            .advance_sequence(high)
-            .await
-            .map_err(|e| e.to_string())?;
-        let version = self.db.next_version().await.map_err(|e| e.to_string())?;
-        let catalog = self.catalog.get().map_err(|e| e.to_string())?;
+    pub async fn postgres_went_back(
+        &self,
+        high: Version,
+        why: &str,
+    ) -> Result<Version, GuardError> {
+        self.db.advance_sequence(high).await?;
+        let version = self.db.next_version().await?;
+        let catalog = self.catalog.get()?;
         for resource in catalog.all_names() {
             self.l2
                 .raise_generation(&resource, version.0)
                 .await
-                .map_err(|e| format!("raising {resource}'s generation failed: {e}"))?;
+                .map_err(|source| GuardError::RaiseGeneration {
+                    resource: resource.clone(),
+                    source,
+                })?;
             let flush = Message {
                 resource: resource.clone(),
                 key: None,
