@@ -12,6 +12,7 @@
 pub mod changes;
 mod context;
 mod driver;
+mod error;
 pub mod notify;
 pub mod redis;
 pub mod relayed;
@@ -24,6 +25,7 @@ use crate::config::PostgresSource;
 
 pub use context::FeedContext;
 pub use driver::feed_id;
+pub use error::FeedError;
 
 /// Runs the Postgres feed until `shutdown`, with the source the schema was migrated for
 /// (known once the catalog is loaded).

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
+use super::error::FeedError;
 use crate::backoff::Backoff;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::config::PostgresSource;
@@ -34,7 +35,7 @@ pub(crate) trait Source: Send {
         ctx: &FeedContext,
         shutdown: &CancellationToken,
         last_good: Option<u64>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), FeedError>> + Send;
 }
 
 /// Waits until the catalog is loaded; `None` on shutdown.
@@ -99,10 +100,10 @@ impl Supervisor {
     async fn failed(
         &mut self,
         ctx: &FeedContext,
-        reason: &str,
+        reason: &FeedError,
         shutdown: &CancellationToken,
     ) -> bool {
-        let reason = ctx.secrets.scrub(reason);
+        let reason = ctx.secrets.scrub(&error_chain(reason));
         if self.feed == Feed::Redis {
             // Redis may come back as another incarnation: reads skip it until the guard
             // (or this feed's recovery) has checked.
@@ -151,14 +152,14 @@ pub(crate) async fn recover(
     ctx: &FeedContext,
     feed: Feed,
     last_good: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), FeedError> {
     let feeds = &ctx.config.feeds;
     let retention = feeds.changes_retention;
     let ago = match last_good {
         Some(since) => Duration::from_millis(mono_ms().saturating_sub(since)) + feeds.replay_margin,
         None => retention,
     };
-    let catalog = ctx.catalog.get().map_err(|e| e.to_string())?;
+    let catalog = ctx.catalog.get()?;
     let tiers = &ctx.tiers;
     match feed {
         // Before anything is replayed into it or read from it: is it the Redis it was?
@@ -170,17 +171,20 @@ pub(crate) async fn recover(
         // Nothing to replay: the relay applies every change to Redis, at least once.
     } else if ago > retention {
         // The log no longer covers the outage: Redis cannot be repaired key by key.
-        let removed = tiers.flush_redis().await.map_err(|e| e.to_string())?;
+        let removed = tiers
+            .flush_redis()
+            .await
+            .map_err(|source| FeedError::Redis {
+                what: "dropping the key prefix",
+                source,
+            })?;
         tracing::warn!(
             feed = feed.as_str(),
             removed,
             "outage longer than feeds.changes_retention; dropped the key prefix from redis"
         );
     } else {
-        let replayed = tiers
-            .replay_changes_log(&catalog, ago)
-            .await
-            .map_err(|e| error_chain(&e))?;
+        let replayed = tiers.replay_changes_log(&catalog, ago).await?;
         tracing::info!(
             feed = feed.as_str(),
             replayed,
@@ -191,18 +195,21 @@ pub(crate) async fn recover(
     tiers
         .load_generations()
         .await
-        .map_err(|e| format!("reading generations failed: {e}"))?;
+        .map_err(|source| FeedError::Redis {
+            what: "reading generations",
+            source,
+        })?;
     tiers.flush_l1(feed);
     Ok(())
 }
 
 /// Opens the Postgres feed's own connection (`postgres.listen_url`, else `url`), recording
 /// whether Postgres could be reached at all.
-pub(crate) async fn connect_postgres(ctx: &FeedContext) -> Result<Dedicated, String> {
+pub(crate) async fn connect_postgres(ctx: &FeedContext) -> Result<Dedicated, FeedError> {
     let postgres = &ctx.config.postgres;
     let result = connect_dedicated(postgres, postgres.listen_url.as_deref(), "syncar-listen")
         .await
-        .map_err(|e| e.to_string());
+        .map_err(FeedError::Connect);
     ctx.coherence.set_postgres_unreachable(result.is_err());
     result
 }
@@ -233,7 +240,7 @@ pub(crate) async fn on_heartbeat(
     phase: &mut Phase,
     payload: &[u8],
     last_good: Option<u64>,
-) -> Result<(), String> {
+) -> Result<(), FeedError> {
     let lease = ctx.config.feeds.lease;
     let Some(sent) = std::str::from_utf8(payload)
         .ok()

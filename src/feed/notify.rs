@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
+use super::error::FeedError;
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
 use crate::config::PostgresSource;
@@ -44,7 +45,7 @@ impl Source for Notify {
         ctx: &FeedContext,
         shutdown: &CancellationToken,
         last_good: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), FeedError> {
         let config = &ctx.config;
         let heartbeat_channel = self.heartbeat_channel.as_str();
         let (client, mut connection) = connect_postgres(ctx).await?;
@@ -79,8 +80,11 @@ impl Source for Notify {
             )),
         )
         .await
-        .map_err(|_| "LISTEN timed out".to_string())?
-        .map_err(|e| format!("LISTEN failed: {e}"))?;
+        .map_err(|_| FeedError::Timeout { what: "LISTEN" })?
+        .map_err(|source| FeedError::Postgres {
+            what: "LISTEN",
+            source,
+        })?;
 
         let heartbeat_sql = format!(
             "SELECT pg_notify($1, $2) FROM {}.{STATE_TABLE} \
@@ -98,7 +102,7 @@ impl Source for Notify {
                 _ = tick.tick() => {
                     shapes.run(&client, config, PostgresSource::Notify, lease).await;
                     if mono_ms() > feed_state.valid_until() {
-                        return Err(format!("heartbeat not back within {lease:?}"));
+                        return Err(FeedError::Silent { what: "heartbeat not back", lease });
                     }
                     // Bounded so a half-open socket cannot stall the loop; the lease decides.
                     // Sent only while the schema is migrated for NOTIFY: once another instance
@@ -108,13 +112,13 @@ impl Source for Notify {
                     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
                         [&heartbeat_channel, &payload];
                     let send = client.execute(&heartbeat_sql, &params);
-                    if let Ok(Err(e)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
-                        return Err(format!("heartbeat failed: {e}"));
+                    if let Ok(Err(source)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
+                        return Err(FeedError::Postgres { what: "heartbeat", source });
                     }
                 }
                 notification = rx.recv() => {
                     let Some(n) = notification else {
-                        return Err("listen connection closed".into());
+                        return Err(FeedError::Closed("listen connection"));
                     };
                     if n.channel() == heartbeat_channel {
                         on_heartbeat(ctx, Feed::Postgres, &mut phase, n.payload().as_bytes(), last_good)

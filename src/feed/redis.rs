@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{handle_message, on_heartbeat, Phase, Source};
+use super::error::FeedError;
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed};
 
@@ -37,7 +38,7 @@ impl Source for PubSub {
         ctx: &FeedContext,
         shutdown: &CancellationToken,
         last_good: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), FeedError> {
         let config = &ctx.config;
         let tiers = &ctx.tiers;
         let lease = config.feeds.lease;
@@ -48,7 +49,10 @@ impl Source for PubSub {
                 lease,
             )
             .await
-            .map_err(|e| format!("subscription failed: {e}"))?;
+            .map_err(|source| FeedError::Redis {
+                what: "subscription",
+                source,
+            })?;
         // Each heartbeat round (its payload, the time it went out) and the channels that
         // have yet to bring it back.
         let mut rounds: HashMap<Vec<u8>, HashSet<String>> = HashMap::new();
@@ -62,7 +66,7 @@ impl Source for PubSub {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     if mono_ms() > feed_state.valid_until() {
-                        return Err(format!("heartbeat not back within {lease:?}"));
+                        return Err(FeedError::Silent { what: "heartbeat not back", lease });
                     }
                     // A failed publish shows up as a missing heartbeat; the lease decides.
                     let now = mono_ms();
@@ -84,7 +88,7 @@ impl Source for PubSub {
                 }
                 message = messages.next() => {
                     let Some(message) = message else {
-                        return Err("subscription closed".into());
+                        return Err(FeedError::Closed("subscription"));
                     };
                     let channel = message.get_channel_name();
                     if heartbeat_channels.iter().any(|c| c == channel) {

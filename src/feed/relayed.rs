@@ -80,7 +80,7 @@ impl Source for Relayed {
         ctx: &FeedContext,
         shutdown: &CancellationToken,
         _last_good: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), super::error::FeedError> {
         let config = &ctx.config;
         let lease = config.feeds.lease;
         let mut messages = ctx
@@ -121,7 +121,7 @@ impl Source for Relayed {
                             "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
                         );
                         if !up {
-                            return Err(reason);
+                            return Err(reason.into());
                         }
                         // The subscription lasts: wait for a relay, L1 bypassed meanwhile.
                         feed.set_down(&reason);
