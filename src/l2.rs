@@ -625,7 +625,7 @@ impl L2 {
         )
         .await
         {
-            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string()))),
+            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string(), &e))),
             _ => Err(failed),
         }
     }
@@ -642,7 +642,7 @@ impl L2 {
     ) -> Result<T, L2Error> {
         let result = match tokio::time::timeout(self.timeout, cmd).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string()))),
+            Ok(Err(e)) => Err(L2Error::Redis(with_hint(e.to_string(), &e))),
             Err(_) => Err(L2Error::Timeout(self.timeout)),
         };
         match &result {

@@ -101,7 +101,7 @@ pub async fn connect_dedicated(
 
 /// `e` and its causes, one line, with what to check when it is a TLS failure: a handshake
 /// error says little by itself.
-pub(super) fn explained(e: &dyn std::error::Error) -> String {
+pub(super) fn explained(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -112,5 +112,5 @@ pub(super) fn explained(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
-    with_hint(out)
+    with_hint(out, e)
 }

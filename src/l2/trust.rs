@@ -38,7 +38,7 @@ impl L2 {
             Err(e) if info_refused(&e) => return Ok(RedisIdentity::unknown()),
             Err(e) => {
                 self.distrust();
-                return Err(L2Error::Redis(with_hint(e.to_string())));
+                return Err(L2Error::Redis(with_hint(e.to_string(), &e)));
             }
         };
         let field = |name: &str| info_field(&info, name);
