@@ -42,9 +42,9 @@ impl Config {
                     path: path.clone(),
                     source,
                 })?;
-                Config::parse(&text).map_err(|message| ConfigError::Parse {
+                Config::parse(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
-                    message,
+                    message: e.to_string(),
                 })?
             }
             None => Config::default(),
@@ -56,8 +56,11 @@ impl Config {
     }
 
     /// Parses TOML text; unknown keys are errors.
-    pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+    ///
+    /// # Errors
+    /// The TOML's mistake, with its line, column and the line itself.
+    pub fn parse(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
     }
 
     /// Reads `*_file` settings (mounted Secrets); a file that cannot be read is a problem
@@ -363,19 +366,25 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = Config::parse("[server]\nlisten_addr = \"x\"\n").unwrap_err();
+        let err = Config::parse("[server]\nlisten_addr = \"x\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_addr"), "{err}");
     }
 
     #[test]
     fn a_toml_mistake_is_reported_at_the_key_s_line() {
         let text = "[cache]\nl1 = true\nl1_ttl = \"5 sex\"\n[server]\nlisten = \"127.0.0.1:1\"\n";
-        let err = Config::parse(text).unwrap_err();
+        let err = Config::parse(text).unwrap_err().to_string();
         assert!(err.contains("at line 3, column 10"), "{err}");
         assert!(err.contains("l1_ttl = \"5 sex\""), "{err}");
-        let err = Config::parse("[cache]\nl1 = true\n\nttl_jitter = \"a\"\n").unwrap_err();
+        let err = Config::parse("[cache]\nl1 = true\n\nttl_jitter = \"a\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("at line 4"), "{err}");
-        let err = Config::parse("[cache]\nl1 = true\nl1_tll = \"1s\"\n").unwrap_err();
+        let err = Config::parse("[cache]\nl1 = true\nl1_tll = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("at line 3"), "{err}");
         assert!(
             err.contains("unknown field `l1_tll`, expected one of"),

@@ -186,6 +186,15 @@ pub struct Rank {
     pub known: bool,
 }
 
+/// Why bytes are not one JSON document (400 `malformed_json` for a client).
+#[derive(Debug, thiserror::Error)]
+pub enum MalformedJson {
+    #[error(transparent)]
+    Syntax(#[from] serde_json::Error),
+    #[error(transparent)]
+    Utf8(#[from] std::str::Utf8Error),
+}
+
 /// A request body that is one valid JSON document, kept as its text: checked without
 /// recursion (serde's `IgnoredAny` skips nested values with a heap stack), so a document of
 /// any depth Postgres accepts is accepted, and Postgres alone parses it.
@@ -196,14 +205,15 @@ impl JsonText {
     /// `bytes` if they are exactly one JSON value (whitespace around it allowed).
     ///
     /// # Errors
-    /// What is wrong with the JSON, with its line and column.
-    pub fn parse(bytes: &[u8]) -> Result<JsonText, String> {
-        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| e.to_string())?;
+    /// [`MalformedJson`]: what is wrong with the JSON, with its line and column.
+    pub fn parse(bytes: &[u8]) -> Result<JsonText, MalformedJson> {
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes)?;
         // Valid JSON is valid UTF-8 (strings are checked by the parse, the rest is ASCII).
-        let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+        let text = std::str::from_utf8(bytes)?;
         Ok(JsonText(text.trim().into()))
     }
 
+    /// The document's text, trimmed.
     pub fn as_str(&self) -> &str {
         &self.0
     }

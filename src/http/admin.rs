@@ -53,19 +53,10 @@ pub(super) fn healthz() -> Response<Full<Bytes>> {
 /// deadline.
 pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     let deadline = Duration::from_secs(2);
-    let check = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
-        Ok(Ok(())) => json!({"ok": true}),
-        Ok(Err(e)) => json!({"ok": false, "error": state.secrets.scrub(&e)}),
-        Err(_) => json!({"ok": false, "error": "timed out"}),
-    };
     let tiers = &state.tiers;
     let (pg, redis) = tokio::join!(
-        tokio::time::timeout(deadline, async {
-            tiers.ping_postgres().await.map_err(|e| e.to_string())
-        }),
-        tokio::time::timeout(deadline, async {
-            tiers.ping_redis().await.map_err(|e| e.to_string())
-        }),
+        tokio::time::timeout(deadline, tiers.ping_postgres()),
+        tokio::time::timeout(deadline, tiers.ping_redis()),
     );
     let schema = match state.catalog() {
         Ok(_) => json!({"ok": true}),
@@ -85,7 +76,10 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
             );
         }
     }
-    let (pg, mut redis) = (check(pg), check(redis));
+    let (pg, mut redis) = (
+        check_json(&state.secrets, pg),
+        check_json(&state.secrets, redis),
+    );
     let (node, sentinel_error) = tiers.redis_node();
     redis["node"] = json!(node);
     if let Some(e) = sentinel_error {
@@ -234,6 +228,18 @@ pub(super) async fn debug_key(
 }
 
 /// A feed's state as `/readyz` shows it.
+/// One readiness check as `/readyz` shows it: ok, its error (scrubbed), or timed out.
+fn check_json<E: std::fmt::Display>(
+    secrets: &crate::redact::Secrets,
+    result: Result<Result<(), E>, tokio::time::error::Elapsed>,
+) -> serde_json::Value {
+    match result {
+        Ok(Ok(())) => json!({"ok": true}),
+        Ok(Err(e)) => json!({"ok": false, "error": secrets.scrub(&e.to_string())}),
+        Err(_) => json!({"ok": false, "error": "timed out"}),
+    }
+}
+
 fn feed_json(f: &FeedState, now: u64) -> serde_json::Value {
     json!({
         "enabled": f.enabled(),

@@ -11,6 +11,7 @@ use http_body_util::Full;
 use super::response::json_response;
 use super::state::HttpState;
 use crate::db::DbError;
+use crate::model::MalformedJson;
 use crate::resource::{KeyError, NotReady, Precondition};
 
 pub(super) const ALLOW_DOC: &str = "GET, HEAD, PUT, DELETE";
@@ -222,5 +223,11 @@ impl From<NotReady> for ApiError {
 impl From<KeyError> for ApiError {
     fn from(e: KeyError) -> Self {
         ApiError::InvalidKey(e.to_string())
+    }
+}
+
+impl From<MalformedJson> for ApiError {
+    fn from(e: MalformedJson) -> Self {
+        ApiError::MalformedJson(e.to_string())
     }
 }

@@ -343,7 +343,7 @@ pub(super) async fn read_json(req: Request<Incoming>, max: usize) -> Result<Json
             "the body is empty; send a JSON document".into(),
         ));
     }
-    JsonText::parse(&body).map_err(ApiError::MalformedJson)
+    JsonText::parse(&body).map_err(ApiError::from)
 }
 
 #[cfg(test)]

@@ -214,8 +214,7 @@ fn operations(
         };
         let op = match (o.op.as_str(), o.document) {
             ("put", Some(document)) => TxOp::Put {
-                body: JsonText::parse(document.get().as_bytes())
-                    .map_err(ApiError::MalformedJson)?,
+                body: JsonText::parse(document.get().as_bytes()).map_err(ApiError::from)?,
                 pre: pre(true)?,
             },
             ("put", None) => {
