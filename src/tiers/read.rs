@@ -296,136 +296,21 @@ impl Tiers {
         docs: &[DocRef],
         options: ReadOptions,
     ) -> Vec<Result<ReadResult, DbError>> {
-        let mut answers: Vec<Option<Result<ReadResult, DbError>>> = vec![None; docs.len()];
-        let mut missing = Vec::new();
-        for (i, doc) in docs.iter().enumerate() {
-            match self.l1_hit(doc, options).await {
-                Some(hit) => answers[i] = Some(Ok(hit)),
-                None => missing.push(i),
-            }
-        }
-        if missing.is_empty() {
-            return answers.into_iter().flatten().collect();
-        }
-        let started: Vec<Started> = missing
-            .iter()
-            .map(|&i| self.started(&docs[i], self.usable_l1()))
-            .collect();
-        if !options.strong {
-            let l1_misses = started.iter().filter(|s| s.l1.is_some()).count();
-            self.counters.l1_miss.increment(l1_misses as u64);
-        }
-        // Redis, for everything L1 did not answer.
-        let mut below = Vec::new();
-        let fresh = |copy: &Cached| options.min_version.is_none_or(|min| copy.version >= min);
-        let from_redis = if options.strong || !self.coherence.l2_trusted() {
-            None
-        } else {
-            let keys: Vec<(&CacheKey, i64)> = missing
-                .iter()
-                .zip(&started)
-                .map(|(&i, s)| (&docs[i].ck, s.l2))
-                .collect();
-            self.l2.get_many(&keys).await.ok()
+        let mut batch = BatchRead {
+            tiers: self,
+            options,
+            answers: vec![None; docs.len()],
         };
-        for (j, &i) in missing.iter().enumerate() {
-            let doc = &docs[i];
-            // As in `read_l2`: no Redis copy of a resource whose new shape's flush has not
-            // arrived yet.
-            let copy = from_redis
-                .as_ref()
-                .and_then(|copies| copies[j].clone())
-                .filter(|_| doc.resource.shape_epoch() <= started[j].l2);
-            let hit = match copy {
-                Some(copy)
-                    if copy.is_servable()
-                        && fresh(&copy)
-                        && !self.repairs.pending_above(&doc.ck, copy.version) =>
-                {
-                    match self
-                        .fill_l1(&doc.resource, &doc.ck, &copy, started[j].l1)
-                        .await
-                    {
-                        // L1 knows Redis is behind: go to the source.
-                        Some(Offer::Refused(known)) if known.version > copy.version => None,
-                        _ => Some(copy),
-                    }
-                }
-                _ => None,
-            };
-            match hit {
-                Some(copy) => {
-                    self.counters.l2_hit.increment(1);
-                    self.sample(doc, Tier::L2, &copy);
-                    answers[i] = Some(Ok(ReadResult {
-                        cached: copy,
-                        tier: Tier::L2,
-                    }));
-                }
-                None => {
-                    if from_redis.is_some() {
-                        self.counters.l2_miss.increment(1);
-                    }
-                    below.push(j);
-                }
-            }
+        let misses = batch.answer_from_l1(docs).await;
+        if !misses.is_empty() {
+            let below = batch.answer_from_redis(misses).await;
+            let (joined, queried): (Vec<Miss>, Vec<Miss>) = below
+                .into_iter()
+                .partition(|miss| !options.strong && self.flights.is_running(&miss.doc.ck));
+            batch.join_loads(joined).await;
+            batch.answer_from_postgres(queried).await;
         }
-        // Postgres: join the loads in flight, read the rest at once.
-        let (joined, queried): (Vec<usize>, Vec<usize>) = below
-            .into_iter()
-            .partition(|&j| !options.strong && self.flights.is_running(&docs[missing[j]].ck));
-        let joins = joined.iter().map(|&j| {
-            let doc = &docs[missing[j]];
-            let generation = started[j];
-            async move {
-                let read = self
-                    .flights
-                    .run(&doc.ck, self.load(doc, generation))
-                    .await?;
-                if fresh(&read.cached) {
-                    Ok(read)
-                } else {
-                    self.load_db(doc, generation).await
-                }
-            }
-        });
-        let joined_answers = futures_util::future::join_all(joins).await;
-        for (&j, answer) in joined.iter().zip(joined_answers) {
-            answers[missing[j]] = Some(answer);
-        }
-        if !queried.is_empty() {
-            let resource = &docs[missing[queried[0]]].resource;
-            let keys: Vec<&KeyParam> = queried.iter().map(|&j| &docs[missing[j]].key).collect();
-            match self.db.get_many(resource, &keys).await {
-                Ok(rows) => {
-                    let fills = queried.iter().map(|&j| {
-                        let doc = &docs[missing[j]];
-                        // `get`, not `remove`: a key asked twice (or `7` and `07`) is one row.
-                        let copy = match rows.get(&doc.key.to_string()) {
-                            Some((version, body)) => {
-                                self.saw(*version);
-                                Cached::value(*version, body.clone())
-                            }
-                            None => Cached::absent(Version::NONE),
-                        };
-                        self.filled_from_postgres(doc, copy, started[j])
-                    });
-                    let filled = futures_util::future::join_all(fills).await;
-                    for (&j, read) in queried.iter().zip(filled) {
-                        answers[missing[j]] = Some(Ok(read));
-                    }
-                }
-                Err(e) => {
-                    for &j in &queried {
-                        answers[missing[j]] = Some(Err(e.clone()));
-                    }
-                }
-            }
-        }
-        answers
-            .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(DbError::Internal("a key was not answered".into()))))
-            .collect()
+        batch.finish()
     }
 
     /// Offers a copy to L1 (if it is to be filled), counting refusals.
@@ -444,4 +329,178 @@ impl Tiers {
         }
         Some(offer)
     }
+}
+
+/// One batch get under way ([`Tiers::get_many`]): its answers so far, by position in the
+/// batch. Each phase answers what it can and hands the rest down a tier.
+struct BatchRead<'t> {
+    tiers: &'t Tiers,
+    options: ReadOptions,
+    answers: Vec<Option<Result<ReadResult, DbError>>>,
+}
+
+/// A key of a batch that L1 did not answer: its position in the batch, and the generations
+/// its read began in.
+#[derive(Clone, Copy)]
+struct Miss<'d> {
+    at: usize,
+    doc: &'d DocRef,
+    started: Started,
+}
+
+impl BatchRead<'_> {
+    /// One L1 pass: answers what L1 holds; returns the rest, with the generations their
+    /// reads begin in.
+    async fn answer_from_l1<'d>(&mut self, docs: &'d [DocRef]) -> Vec<Miss<'d>> {
+        let tiers = self.tiers;
+        let mut missing = Vec::new();
+        for (at, doc) in docs.iter().enumerate() {
+            match tiers.l1_hit(doc, self.options).await {
+                Some(hit) => self.answers[at] = Some(Ok(hit)),
+                None => missing.push((at, doc)),
+            }
+        }
+        let misses: Vec<Miss<'d>> = missing
+            .into_iter()
+            .map(|(at, doc)| Miss {
+                at,
+                doc,
+                started: tiers.started(doc, tiers.usable_l1()),
+            })
+            .collect();
+        if !self.options.strong {
+            let l1_misses = misses.iter().filter(|m| m.started.l1.is_some()).count();
+            tiers.counters.l1_miss.increment(l1_misses as u64);
+        }
+        misses
+    }
+
+    /// One Redis `MGET` for `misses` (unless the read is strong or Redis is not trusted):
+    /// answers the servable copies, filling L1; returns what is left for Postgres.
+    async fn answer_from_redis<'d>(&mut self, misses: Vec<Miss<'d>>) -> Vec<Miss<'d>> {
+        let tiers = self.tiers;
+        let asked = !self.options.strong && tiers.coherence.l2_trusted();
+        let copies = if asked {
+            let keys: Vec<(&CacheKey, i64)> = misses
+                .iter()
+                .map(|miss| (&miss.doc.ck, miss.started.l2))
+                .collect();
+            tiers.l2.get_many(&keys).await.ok()
+        } else {
+            None
+        };
+        let mut below = Vec::new();
+        for (j, miss) in misses.into_iter().enumerate() {
+            let copy = copies.as_ref().and_then(|copies| copies[j].clone());
+            match self.servable_from_redis(&miss, copy).await {
+                Some(copy) => {
+                    tiers.counters.l2_hit.increment(1);
+                    tiers.sample(miss.doc, Tier::L2, &copy);
+                    self.answers[miss.at] = Some(Ok(ReadResult {
+                        cached: copy,
+                        tier: Tier::L2,
+                    }));
+                }
+                None => {
+                    if copies.is_some() {
+                        tiers.counters.l2_miss.increment(1);
+                    }
+                    below.push(miss);
+                }
+            }
+        }
+        below
+    }
+
+    /// Redis' `copy` for `miss` if it may be served (offered to L1 on the way), as a single
+    /// read's `read_l2` decides: no copy of a resource whose new shape's flush has not
+    /// arrived yet, none older than `min_version` or than a pending repair, none L1 knows
+    /// to be behind.
+    async fn servable_from_redis(&self, miss: &Miss<'_>, copy: Option<Cached>) -> Option<Cached> {
+        let doc = miss.doc;
+        let copy = copy.filter(|_| doc.resource.shape_epoch() <= miss.started.l2)?;
+        if !copy.is_servable()
+            || !fresh(self.options, &copy)
+            || self.tiers.repairs.pending_above(&doc.ck, copy.version)
+        {
+            return None;
+        }
+        match self
+            .tiers
+            .fill_l1(&doc.resource, &doc.ck, &copy, miss.started.l1)
+            .await
+        {
+            // L1 knows Redis is behind: go to the source.
+            Some(Offer::Refused(known)) if known.version > copy.version => None,
+            _ => Some(copy),
+        }
+    }
+
+    /// Joins the loads already in flight for `joined` (a single read's, or another batch's);
+    /// one that brings a copy older than `min_version` reads Postgres again.
+    async fn join_loads(&mut self, joined: Vec<Miss<'_>>) {
+        let (tiers, options) = (self.tiers, self.options);
+        let joins = joined.iter().map(|miss| async move {
+            let read = tiers
+                .flights
+                .run(&miss.doc.ck, tiers.load(miss.doc, miss.started))
+                .await?;
+            if fresh(options, &read.cached) {
+                Ok(read)
+            } else {
+                tiers.load_db(miss.doc, miss.started).await
+            }
+        });
+        let answers = futures_util::future::join_all(joins).await;
+        for (miss, answer) in joined.iter().zip(answers) {
+            self.answers[miss.at] = Some(answer);
+        }
+    }
+
+    /// Reads `queried` in one Postgres query (`= ANY($1)`) and fills the tiers with what it
+    /// found (an absence for a key it did not find); its failure is every key's answer.
+    async fn answer_from_postgres(&mut self, queried: Vec<Miss<'_>>) {
+        let Some(first) = queried.first() else {
+            return;
+        };
+        let tiers = self.tiers;
+        let keys: Vec<&KeyParam> = queried.iter().map(|miss| &miss.doc.key).collect();
+        let rows = match tiers.db.get_many(&first.doc.resource, &keys).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                for miss in &queried {
+                    self.answers[miss.at] = Some(Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let fills = queried.iter().map(|miss| {
+            // `get`, not `remove`: a key asked twice (or `7` and `07`) is one row.
+            let copy = match rows.get(&miss.doc.key.to_string()) {
+                Some((version, body)) => {
+                    tiers.saw(*version);
+                    Cached::value(*version, body.clone())
+                }
+                None => Cached::absent(Version::NONE),
+            };
+            tiers.filled_from_postgres(miss.doc, copy, miss.started)
+        });
+        let filled = futures_util::future::join_all(fills).await;
+        for (miss, read) in queried.iter().zip(filled) {
+            self.answers[miss.at] = Some(Ok(read));
+        }
+    }
+
+    /// Every answer, in the batch's order.
+    fn finish(self) -> Vec<Result<ReadResult, DbError>> {
+        self.answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(DbError::Internal("a key was not answered".into()))))
+            .collect()
+    }
+}
+
+/// Whether `copy` is as new as `options.min_version` asks.
+fn fresh(options: ReadOptions, copy: &Cached) -> bool {
+    options.min_version.is_none_or(|min| copy.version >= min)
 }
