@@ -68,8 +68,52 @@ pub(super) fn open(
             None => ApiError::UnknownResource(name.to_string()),
         });
     }
+    let prefix = watch_prefix(req.uri().query())?;
+    let hub = state.tiers.watch().clone();
+    if hub.watchers() >= state.config.server.max_watchers {
+        return Err(ApiError::Overloaded);
+    }
+    let last = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok());
+    let mut sub = hub.subscribe(last);
+    // What a fresh watcher should know at once: this instance cannot vouch for changes now.
+    if !state.coherence.l1_usable() && last.is_none() {
+        sub.backlog.push(Event::Reset {
+            reason: "a feed is down; changes may be missed until it is back".into(),
+        });
+    }
+    metrics::gauge!(WATCHERS).increment(1.0);
+    let watcher = Watcher {
+        hub,
+        backlog: sub.backlog.into(),
+        live: sub.live,
+        resource: name.to_string(),
+        prefix,
+        sent: 0,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(watcher, Watcher::next_frame);
+    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+    *resp.status_mut() = StatusCode::OK;
+    let headers = resp.headers_mut();
+    super::position::add_headers(headers, super::position::Waited::now(state));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
+}
+
+/// The key prefix a watch's query asks for (empty: every key).
+///
+/// # Errors
+/// 400 for a prefix that is not UTF-8, or a parameter other than `watch` and `prefix`.
+fn watch_prefix(query: Option<&str>) -> Result<String, ApiError> {
     let mut prefix = String::new();
-    for pair in req.uri().query().unwrap_or_default().split('&') {
+    for pair in query.unwrap_or_default().split('&') {
         match pair.split_once('=') {
             Some(("watch", "true" | "1")) => {}
             Some(("prefix", p)) => {
@@ -86,109 +130,98 @@ pub(super) fn open(
             }
         }
     }
-    let hub = state.tiers.watch().clone();
-    if hub.watchers() >= state.config.server.max_watchers {
-        return Err(ApiError::Overloaded);
+    Ok(prefix)
+}
+
+/// One open stream: what it has yet to send, and what it asked for. Counted in
+/// `syncar_watchers` while it lives.
+struct Watcher {
+    hub: std::sync::Arc<crate::watch::WatchHub>,
+    backlog: std::collections::VecDeque<Event>,
+    live: tokio::sync::broadcast::Receiver<Event>,
+    resource: String,
+    prefix: String,
+    /// The last change sent: live events up to it were in the backlog.
+    sent: u64,
+    /// Sent its last frame (a watcher that fell behind).
+    done: bool,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        metrics::gauge!(WATCHERS).decrement(1.0);
     }
-    let last = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok());
-    let mut sub = hub.subscribe(last);
-    // What a fresh watcher should know at once: this instance cannot vouch for changes now.
-    if !state.coherence.l1_usable() && last.is_none() {
-        sub.backlog.push(Event::Reset {
-            reason: "a feed is down; changes may be missed until it is back".into(),
-        });
-    }
-    let resource = name.to_string();
-    metrics::gauge!(WATCHERS).increment(1.0);
-    struct Watcher {
-        hub: std::sync::Arc<crate::watch::WatchHub>,
-        backlog: std::collections::VecDeque<Event>,
-        live: tokio::sync::broadcast::Receiver<Event>,
-        resource: String,
-        prefix: String,
-        /// The last change sent: live events up to it were in the backlog.
-        sent: u64,
-        done: bool,
-    }
-    impl Drop for Watcher {
-        fn drop(&mut self) {
-            metrics::gauge!(WATCHERS).decrement(1.0);
-        }
-    }
-    let watcher = Watcher {
-        hub,
-        backlog: sub.backlog.into(),
-        live: sub.live,
-        resource,
-        prefix,
-        sent: 0,
-        done: false,
-    };
-    let stream = futures_util::stream::unfold(watcher, |mut w| async move {
-        if w.done {
+}
+
+impl Watcher {
+    /// The stream's next frame: the backlog first, then live events, each one this watcher
+    /// asked for; a keep-alive after [`KEEPALIVE`] of silence; `None` ends the stream.
+    async fn next_frame(mut self) -> Option<(Result<Frame<Bytes>, Infallible>, Watcher)> {
+        if self.done {
             return None;
         }
         loop {
-            let event = match w.backlog.pop_front() {
+            let event = match self.backlog.pop_front() {
                 Some(event) => event,
-                None => match tokio::select! {
-                    _ = w.hub.closed() => return None,
-                    next = tokio::time::timeout(KEEPALIVE, w.live.recv()) => next,
-                } {
-                    Err(_) => {
-                        return Some((Ok(Frame::data(Bytes::from_static(b": keep-alive\n\n"))), w))
-                    }
-                    Ok(Ok(event)) => event,
-                    Ok(Err(RecvError::Lagged(_))) => {
-                        w.done = true;
-                        metrics::counter!(WATCH_RESETS).increment(1);
-                        let text = reset_text("this watcher fell behind; reconnect and re-read");
-                        return Some((Ok(Frame::data(text)), w));
-                    }
-                    Ok(Err(RecvError::Closed)) => return None,
+                None => match self.receive().await? {
+                    Ok(event) => event,
+                    Err(frame) => return Some((Ok(Frame::data(frame)), self)),
                 },
             };
-            match event {
-                Event::Reset { reason } => {
-                    metrics::counter!(WATCH_RESETS).increment(1);
-                    return Some((Ok(Frame::data(reset_text(&reason))), w));
-                }
-                Event::Position(lsn) => {
-                    let text = format!(
-                        "event: position\ndata: {}\n\n",
-                        json!({ "lsn": pgwire_replication::Lsn::from_u64(lsn).to_string() })
-                    );
-                    return Some((Ok(Frame::data(Bytes::from(text))), w));
-                }
-                Event::Change(c) => {
-                    if c.id <= w.sent || !matches(&c, &w.resource, &w.prefix) {
-                        continue;
-                    }
-                    w.sent = c.id;
-                    metrics::counter!(WATCH_EVENTS).increment(1);
-                    let text = format!(
-                        "id: {}\nevent: change\ndata: {}\n\n",
-                        w.hub.id(c.id),
-                        serde_json::to_string(&*c).unwrap_or_default()
-                    );
-                    return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(text))), w));
-                }
+            if let Some(text) = self.render(event) {
+                return Some((Ok(Frame::data(text)), self));
             }
         }
-    });
-    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
-    *resp.status_mut() = StatusCode::OK;
-    let headers = resp.headers_mut();
-    super::position::add_headers(headers, super::position::Waited::now(state));
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    Ok(resp)
+    }
+
+    /// Waits for the next live event. `Err` holds a frame to send instead: a keep-alive
+    /// after [`KEEPALIVE`] of silence, or the reset of a watcher that fell behind (its
+    /// last). `None`: the hub closed.
+    async fn receive(&mut self) -> Option<Result<Event, Bytes>> {
+        let next = tokio::select! {
+            _ = self.hub.closed() => return None,
+            next = tokio::time::timeout(KEEPALIVE, self.live.recv()) => next,
+        };
+        match next {
+            Err(_) => Some(Err(Bytes::from_static(b": keep-alive\n\n"))),
+            Ok(Ok(event)) => Some(Ok(event)),
+            Ok(Err(RecvError::Lagged(_))) => {
+                self.done = true;
+                metrics::counter!(WATCH_RESETS).increment(1);
+                Some(Err(reset_text(
+                    "this watcher fell behind; reconnect and re-read",
+                )))
+            }
+            Ok(Err(RecvError::Closed)) => None,
+        }
+    }
+
+    /// `event` as SSE text; `None` for a change this watcher did not ask for, or was sent
+    /// already from the backlog.
+    fn render(&mut self, event: Event) -> Option<Bytes> {
+        match event {
+            Event::Reset { reason } => {
+                metrics::counter!(WATCH_RESETS).increment(1);
+                Some(reset_text(&reason))
+            }
+            Event::Position(lsn) => Some(Bytes::from(format!(
+                "event: position\ndata: {}\n\n",
+                json!({ "lsn": pgwire_replication::Lsn::from_u64(lsn).to_string() })
+            ))),
+            Event::Change(c) => {
+                if c.id <= self.sent || !matches(&c, &self.resource, &self.prefix) {
+                    return None;
+                }
+                self.sent = c.id;
+                metrics::counter!(WATCH_EVENTS).increment(1);
+                Some(Bytes::from(format!(
+                    "id: {}\nevent: change\ndata: {}\n\n",
+                    self.hub.id(c.id),
+                    serde_json::to_string(&*c).unwrap_or_default()
+                )))
+            }
+        }
+    }
 }
 
 /// Whether `change` is one this watcher asked for (a flush of its resource always is).
@@ -200,6 +233,7 @@ fn matches(change: &Change, resource: &str, prefix: &str) -> bool {
             .is_none_or(|key| key.starts_with(prefix))
 }
 
+/// A `reset` event with its reason.
 fn reset_text(reason: &str) -> Bytes {
     Bytes::from(format!(
         "event: reset\ndata: {}\n\n",
