@@ -66,26 +66,16 @@ fn main() -> ExitCode {
         println!("{}", syncar::http::openapi::document());
         return ExitCode::SUCCESS;
     }
-    let mut config = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("syncar: {}", error_chain(&e));
-            return ExitCode::from(2);
-        }
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(code) => return code,
     };
-    if cli.log_json {
-        config.log.format = LogFormat::Json;
-    }
     telemetry::init_logging(&config.log);
     if let Command::CheckConfig { db: false } = cli.command {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
-        builder.worker_threads(config.server.worker_threads);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match runtime(&config) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("syncar: cannot start the runtime: {e}");
@@ -94,94 +84,139 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve | Command::Relay => {
-                let role = match cli.command {
-                    Command::Relay => Role::Relay,
-                    _ => Role::Sidecar,
-                };
-                match App::start_as(config, role).await {
-                    Ok(app) => {
-                        app.run_until_signal().await;
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %error_chain(&e), "cannot start");
-                        ExitCode::FAILURE
-                    }
-                }
-            }
-            Command::Uninstall => match run_uninstall(&config).await {
-                Ok(changes) if changes.is_empty() => {
-                    println!("nothing to remove");
-                    ExitCode::SUCCESS
-                }
-                Ok(changes) => {
-                    for change in changes {
-                        println!("{change}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => failed(&config, "uninstall failed", &e),
-            },
-            Command::Migrate { print_sql: true } => match run_plan(&config).await {
-                Ok((planned, script)) => {
-                    if script.is_empty() {
-                        println!("-- schema is up to date: nothing to run");
-                    } else {
-                        println!(
-                            "-- syncar migrate --print-sql: what `syncar migrate` would run on \
-                             this database for this configuration."
-                        );
-                        for change in &planned.changes {
-                            println!("--   {}", syncar::schema::one_line(change));
-                        }
-                        println!();
-                        print!("{}", script.to_sql());
-                    }
-                    for reason in &planned.unavailable {
-                        eprintln!("syncar: left out: {reason}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => failed(&config, "cannot plan the migration", &e),
-            },
-            Command::Migrate { print_sql: false } => match run_migration(&config).await {
-                Ok(done) => {
-                    if done.changes.is_empty() {
-                        println!("schema is up to date");
-                    }
-                    for change in done.changes {
-                        println!("{change}");
-                    }
-                    for reason in &done.unavailable {
-                        eprintln!("syncar: left out: {reason}");
-                    }
-                    if done.unavailable.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => failed(&config, "migration failed", &e),
-            },
+            Command::Serve => serve(config, Role::Sidecar).await,
+            Command::Relay => serve(config, Role::Relay).await,
+            Command::Uninstall => uninstall(&config).await,
+            Command::Migrate { print_sql: true } => print_migration(&config).await,
+            Command::Migrate { print_sql: false } => migrate(&config).await,
             Command::Openapi => ExitCode::SUCCESS,
-            Command::CheckConfig { .. } => match run_check(&config).await {
-                Ok(report) => {
-                    println!("configuration is valid");
-                    for note in &report.notes {
-                        println!("{note}");
-                    }
-                    for problem in &report.problems {
-                        eprintln!("syncar: {problem}");
-                    }
-                    if report.problems.is_empty() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
-                }
-                Err(e) => failed(&config, "cannot check against the database", &e),
-            },
+            Command::CheckConfig { .. } => check_against_database(&config).await,
         }
     })
+}
+
+/// The configuration (`--config`, else `SYNCAR_CONFIG`, else the defaults), with the
+/// environment applied and `--log-json` taken into account.
+///
+/// # Errors
+/// Exit code 2 once every problem was reported.
+fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
+    let mut config = Config::load(cli.config.as_deref()).map_err(|e| {
+        eprintln!("syncar: {}", error_chain(&e));
+        ExitCode::from(2)
+    })?;
+    if cli.log_json {
+        config.log.format = LogFormat::Json;
+    }
+    Ok(config)
+}
+
+/// The multi-threaded runtime, with `server.worker_threads` workers when set.
+fn runtime(config: &Config) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        builder.worker_threads(config.server.worker_threads);
+    }
+    builder.enable_all().build()
+}
+
+/// `syncar serve` and `syncar relay`: runs until a signal.
+async fn serve(config: Config, role: Role) -> ExitCode {
+    match App::start_as(config, role).await {
+        Ok(app) => {
+            app.run_until_signal().await;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `syncar uninstall`: prints what was removed.
+async fn uninstall(config: &Config) -> ExitCode {
+    match run_uninstall(config).await {
+        Ok(changes) if changes.is_empty() => {
+            println!("nothing to remove");
+            ExitCode::SUCCESS
+        }
+        Ok(changes) => {
+            for change in changes {
+                println!("{change}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(config, "uninstall failed", &e),
+    }
+}
+
+/// `syncar migrate --print-sql`: prints the SQL the migration would run, changing nothing.
+async fn print_migration(config: &Config) -> ExitCode {
+    match run_plan(config).await {
+        Ok((planned, script)) => {
+            if script.is_empty() {
+                println!("-- schema is up to date: nothing to run");
+            } else {
+                println!(
+                    "-- syncar migrate --print-sql: what `syncar migrate` would run on \
+                     this database for this configuration."
+                );
+                for change in &planned.changes {
+                    println!("--   {}", syncar::schema::one_line(change));
+                }
+                println!();
+                print!("{}", script.to_sql());
+            }
+            for reason in &planned.unavailable {
+                eprintln!("syncar: left out: {reason}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed(config, "cannot plan the migration", &e),
+    }
+}
+
+/// `syncar migrate`: prints what changed; fails when a resource was left out.
+async fn migrate(config: &Config) -> ExitCode {
+    match run_migration(config).await {
+        Ok(done) => {
+            if done.changes.is_empty() {
+                println!("schema is up to date");
+            }
+            for change in done.changes {
+                println!("{change}");
+            }
+            for reason in &done.unavailable {
+                eprintln!("syncar: left out: {reason}");
+            }
+            if done.unavailable.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => failed(config, "migration failed", &e),
+    }
+}
+
+/// `syncar check-config --db`: the configuration against the database, changing nothing.
+async fn check_against_database(config: &Config) -> ExitCode {
+    match run_check(config).await {
+        Ok(report) => {
+            println!("configuration is valid");
+            for note in &report.notes {
+                println!("{note}");
+            }
+            for problem in &report.problems {
+                eprintln!("syncar: {problem}");
+            }
+            if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => failed(config, "cannot check against the database", &e),
+    }
 }

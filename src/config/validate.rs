@@ -295,12 +295,27 @@ impl Config {
         }
     }
 
-    /// `[redis]`: URL, TLS files and key prefix.
+    /// `[redis]`: URL, TLS files ([`Config::check_redis_tls`]), the topology's keys
+    /// ([`Config::check_redis_topology`]) and key prefix.
     fn check_redis(&self, bad: &mut impl FnMut(&str, String)) {
         let r = &self.redis;
         if let Err(e) = redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
             bad("redis.url", format!("not a Redis URL: {e}"));
         }
+        self.check_redis_tls(bad);
+        self.check_redis_topology(bad);
+        if r.key_prefix.is_empty() {
+            bad(
+                "redis.key_prefix",
+                "must not be empty (it keeps syncar's keys apart from others)".into(),
+            );
+        }
+    }
+
+    /// `[redis]`'s TLS files: only with `rediss://`, a client certificate with its key, and
+    /// every file readable.
+    fn check_redis_tls(&self, bad: &mut impl FnMut(&str, String)) {
+        let r = &self.redis;
         let tls = r.url.starts_with("rediss://");
         for (key, file) in [
             ("redis.tls_ca_file", &r.tls_ca_file),
@@ -331,6 +346,12 @@ impl Config {
                 bad("redis.url", e.to_string());
             }
         }
+    }
+
+    /// `redis.mode` and the keys that go with it: Sentinels and the master's name, a
+    /// Cluster's seed nodes, database and key prefix.
+    fn check_redis_topology(&self, bad: &mut impl FnMut(&str, String)) {
+        let r = &self.redis;
         match r.mode {
             RedisMode::Single | RedisMode::Cluster => {
                 for (key, set) in [
@@ -392,12 +413,6 @@ impl Config {
             if !is_host_port(n) {
                 bad("redis.nodes", format!("{n:?} is not host:port"));
             }
-        }
-        if r.key_prefix.is_empty() {
-            bad(
-                "redis.key_prefix",
-                "must not be empty (it keeps syncar's keys apart from others)".into(),
-            );
         }
     }
 
