@@ -15,6 +15,7 @@
 //!   instead of returning the older copy.
 
 mod apply;
+mod error;
 mod guard;
 mod read;
 mod repairs;
@@ -33,7 +34,7 @@ use crate::db::{Db, DbError};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, CatalogCell, DocRef, NotReady, Resource};
+use crate::resource::{Catalog, CatalogCell, DocRef, Resource};
 use crate::single_flight::SingleFlight;
 use crate::telemetry::{
     error_chain, AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, L1_BYPASSED, L1_FLUSHES,
@@ -43,6 +44,7 @@ use crate::watch::WatchHub;
 /// How long past the lease the auditor looks again: an eviction may land just at its end.
 const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
+pub use error::{GuardError, ReplayError};
 pub use repairs::Repairs;
 
 /// Changes applied to the tiers at once (a replay, a poll's batch): their Redis calls share
@@ -121,39 +123,6 @@ pub enum RedisCheck {
     Reset(Version),
     /// Redis refuses `INFO`: trusted without knowing.
     Unknown,
-}
-
-/// Why a guard against a tier that went back in time ([`Tiers::secure_redis`],
-/// [`Tiers::secure_postgres`], [`Tiers::postgres_went_back`]) did not finish: the tier is
-/// not trusted yet, and the caller retries.
-#[derive(Debug, thiserror::Error)]
-pub enum GuardError {
-    #[error(transparent)]
-    Redis(#[from] L2Error),
-    #[error(transparent)]
-    Postgres(#[from] DbError),
-    /// With Sentinel, the node answering is not the master the Sentinels name: a demoted
-    /// master keeps its `run_id`, and would pass as the same incarnation.
-    #[error("redis node {node} is not a master the Sentinels name (role {role:?})")]
-    NotMaster { node: String, role: String },
-    #[error("raising {resource}'s generation failed")]
-    RaiseGeneration {
-        resource: String,
-        #[source]
-        source: L2Error,
-    },
-    #[error("reading generations failed")]
-    Generations(#[source] L2Error),
-    #[error(transparent)]
-    NotReady(#[from] NotReady),
-}
-
-/// The relay (`src/relay.rs`) still returns its errors as text and takes these with `?`.
-/// Remove once it returns a typed error (the relay's split, #26).
-impl From<GuardError> for String {
-    fn from(e: GuardError) -> String {
-        crate::telemetry::error_chain(&e)
-    }
 }
 
 /// What [`Tiers::inspect`] found for one key. Holds no document body beyond L1's own copy.
@@ -701,15 +670,6 @@ const RELAY_LEASE: &str = "relay";
 const RELAY_LISTED: &str = "relay-listed";
 /// The Redis key (under the prefix) naming the slot epoch whose changes Redis holds.
 const SLOT_EPOCH: &str = "slot_epoch";
-
-/// Why a replay of the changes log failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("reading the changes log failed")]
-    Postgres(#[from] DbError),
-    #[error("applying the changes log to redis failed")]
-    Redis(#[from] L2Error),
-}
 
 /// What a message leaves in a tier: a tombstone for a put, the absence for a delete; `None`
 /// for a resource-wide flush.

@@ -7,7 +7,8 @@ use crate::model::{now_ms, Version};
 use crate::resource::Catalog;
 use crate::telemetry::{error_chain, TIER_RESETS};
 
-use super::{GuardError, RedisCheck, Tiers};
+use super::error::GuardError;
+use super::{RedisCheck, Tiers};
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
 /// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
