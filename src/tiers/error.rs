@@ -31,14 +31,6 @@ pub enum GuardError {
     NotReady(#[from] NotReady),
 }
 
-/// The relay (`src/relay.rs`) still returns its errors as text and takes these with `?`.
-/// Remove once it returns a typed error (the relay's split, #26).
-impl From<GuardError> for String {
-    fn from(e: GuardError) -> String {
-        crate::telemetry::error_chain(&e)
-    }
-}
-
 /// Why a replay of the changes log failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
