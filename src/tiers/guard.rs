@@ -5,7 +5,7 @@ use crate::coherence::{Message, Op};
 use crate::db::PostgresIdentity;
 use crate::model::{now_ms, Version};
 use crate::resource::Catalog;
-use crate::telemetry::{error_chain, TIER_RESETS};
+use crate::telemetry::TIER_RESETS;
 
 use super::error::GuardError;
 use super::{RedisCheck, Tiers};
@@ -107,14 +107,11 @@ impl Tiers {
             .db
             .once_per_state(&name, &run_id, |version| async move {
                 for resource in &resources {
-                    // `once_per_state` takes the reset's failure as text (`db.rs`).
                     l2.raise_generation(resource, version.0)
                         .await
-                        .map_err(|source| {
-                            error_chain(&GuardError::RaiseGeneration {
-                                resource: resource.clone(),
-                                source,
-                            })
+                        .map_err(|source| GuardError::RaiseGeneration {
+                            resource: resource.clone(),
+                            source,
                         })?;
                 }
                 Ok(())
