@@ -620,7 +620,7 @@ async fn follow_shapes(
                     .announce_shape_changes(config, current.capture.source)
                     .await
                 {
-                    tracing::warn!(error = %secrets.scrub(&e), "announcing a table's new shape failed");
+                    tracing::warn!(error = %secrets.scrub(&error_chain(&e)), "announcing a table's new shape failed");
                 }
                 db.load_catalog(config).await.map(Some)
             }
@@ -653,7 +653,7 @@ async fn follow_shapes(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %secrets.scrub(&e), "checking the tables' shapes failed")
+                tracing::warn!(error = %secrets.scrub(&error_chain(&e)), "checking the tables' shapes failed")
             }
         }
         catalog.rechecked(covered);
