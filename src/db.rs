@@ -28,7 +28,7 @@ use crate::schema::VERSION_SEQUENCE;
 
 pub use commit::{relay_waited_for, Commit, NotSynchronous};
 pub use connect::{connect_dedicated, pg_config, Dedicated};
-pub use error::{classify, DbError};
+pub use error::{classify, CatalogError, DbError};
 
 use connect::explained;
 

@@ -142,7 +142,7 @@ async fn follow_shapes(
                     .announce_shape_changes(config, current.capture.source)
                     .await
                 {
-                    tracing::warn!(error = %secrets.scrub(&e), "announcing a table's new shape failed");
+                    tracing::warn!(error = %secrets.scrub(&crate::telemetry::error_chain(&e)), "announcing a table's new shape failed");
                 }
                 db.load_catalog(config).await.map(Some)
             }
@@ -175,7 +175,7 @@ async fn follow_shapes(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %secrets.scrub(&e), "checking the tables' shapes failed")
+                tracing::warn!(error = %secrets.scrub(&crate::telemetry::error_chain(&e)), "checking the tables' shapes failed")
             }
         }
         catalog.rechecked(covered);

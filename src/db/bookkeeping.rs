@@ -13,7 +13,7 @@ use crate::resource::{quote_ident, KeyParam, Resource};
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
 
-use super::error::{classify, DbError};
+use super::error::{classify, CatalogError, DbError};
 use super::{key_param, versioned_doc, Db, PostgresIdentity, ResetFailed};
 
 impl Db {
@@ -260,55 +260,48 @@ impl Db {
     /// connection.
     ///
     /// # Errors
-    /// Postgres failing, as a message.
+    /// No connection, or Postgres failing.
     pub async fn table_shapes(
         &self,
         resources: &[crate::config::ResourceConfig],
-    ) -> Result<crate::schema::shape::Shapes, String> {
-        let client = self.client().await.map_err(|e| e.to_string())?;
-        crate::schema::shape::fingerprints(&**client, &self.schema, resources)
-            .await
-            .map_err(|e| crate::telemetry::error_chain(&e))
+    ) -> Result<crate::schema::shape::Shapes, CatalogError> {
+        let client = self.client().await?;
+        Ok(crate::schema::shape::fingerprints(&**client, &self.schema, resources).await?)
     }
 
     /// Announces each configured table whose shape changed since last announced (see
     /// [`crate::schema::shape::announce_changes`]), on a pooled connection.
     ///
     /// # Errors
-    /// Postgres failing, as a message.
+    /// No connection, or Postgres failing.
     pub async fn announce_shape_changes(
         &self,
         config: &crate::config::Config,
         source: crate::config::PostgresSource,
-    ) -> Result<Vec<String>, String> {
-        let mut client = self.client().await.map_err(|e| e.to_string())?;
-        let tx = own_bookkeeping(&mut client)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut client = self.client().await?;
+        let tx = own_bookkeeping(&mut client).await?;
         let announced = crate::schema::shape::announce_changes(
             &*tx,
             &config.postgres.schema,
             source,
             &config.resources,
         )
-        .await
-        .map_err(|e| crate::telemetry::error_chain(&e))?;
-        tx.commit().await.map_err(|e| e.to_string())?;
+        .await?;
+        tx.commit().await.map_err(classify)?;
         Ok(announced)
     }
 
     /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
     ///
     /// # Errors
-    /// Postgres failing, or the schema no longer migrated, as a message.
+    /// No connection, Postgres failing, or the schema no longer migrated.
     pub async fn load_catalog(
         &self,
         config: &crate::config::Config,
-    ) -> Result<crate::resource::Catalog, String> {
-        let client = self.client().await.map_err(|e| e.to_string())?;
-        crate::schema::load_catalog(&**client, config)
-            .await
-            .map_err(|e| crate::telemetry::error_chain(&e))
+    ) -> Result<crate::resource::Catalog, CatalogError> {
+        let client = self.client().await?;
+        Ok(crate::schema::load_catalog(&**client, config).await?)
     }
 }
 

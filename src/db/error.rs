@@ -34,6 +34,18 @@ pub enum DbError {
     Internal(String),
 }
 
+/// The schema read, or a change of shape announced, through the pool failed
+/// ([`crate::db::Db::table_shapes`], `announce_shape_changes`, `load_catalog`).
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// No pooled connection, or its transaction failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The schema could not be read, or is no longer migrated.
+    #[error(transparent)]
+    Schema(#[from] crate::schema::SchemaError),
+}
+
 /// The one place a Postgres error gets its meaning for clients, by its SQLSTATE (a code,
 /// or its class where every code of the class means the same here).
 pub fn classify(e: tokio_postgres::Error) -> DbError {
