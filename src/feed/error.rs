@@ -55,19 +55,4 @@ pub enum FeedError {
     /// The catalog is not loaded yet.
     #[error(transparent)]
     NotReady(#[from] NotReady),
-    /// A reason given as text, by the relay's channel (`relayed.rs`, to be typed).
-    #[error("{0}")]
-    Relayed(String),
-}
-
-impl From<String> for FeedError {
-    fn from(reason: String) -> Self {
-        FeedError::Relayed(reason)
-    }
-}
-
-impl From<&str> for FeedError {
-    fn from(reason: &str) -> Self {
-        FeedError::Relayed(reason.to_string())
-    }
 }

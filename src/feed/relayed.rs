@@ -17,12 +17,16 @@
 //! vanishing, when its process died) only takes the feed down, L1 bypassed; the next
 //! heartbeat brings it back without emptying L1.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use futures_util::StreamExt;
 use pgwire_replication::Lsn;
 use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
 use super::driver::{handle_relayed, Source};
+use super::error::FeedError;
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed, RelayStatus, Relayed as Payload, ReportAnchors};
 use crate::telemetry::{FEED_MALFORMED, WAL_LAG_BYTES, WAL_LAG_SECONDS};
@@ -80,33 +84,34 @@ impl Source for Relayed {
         ctx: &FeedContext,
         shutdown: &CancellationToken,
         _last_good: Option<u64>,
-    ) -> Result<(), super::error::FeedError> {
+    ) -> Result<(), FeedError> {
         let config = &ctx.config;
         let lease = config.feeds.lease;
         let mut messages = ctx
             .tiers
             .subscribe(std::slice::from_ref(&self.channel), lease)
             .await
-            .map_err(|e| format!("subscription to the relay failed: {e}"))?;
-        let feed = &ctx.coherence.postgres;
-        feed.grant(lease);
-        let mut up = false;
-        // Whether the relay, a synchronous standby, waits for this instance's reports.
-        let mut reporting = false;
-        let anchors = &mut self.anchors;
-        // The last synchronous heartbeat's emission: an echo between heartbeats vouches
-        // for no later than that.
-        let mut emitted: Option<u64> = None;
-        // The slot epoch the relay's positions are of (see `Relayed::Heartbeat::epoch`).
-        let mut relay_epoch: Option<i64> = None;
+            .map_err(|source| FeedError::Redis {
+                what: "subscribing to the relay",
+                source,
+            })?;
+        ctx.coherence.postgres.grant(lease);
         // Reports go out in order, beside the loop: a slow round trip to Redis must not
         // hold up the messages (nor, behind them, this instance's lease).
         let (reports, queued) = tokio::sync::mpsc::unbounded_channel();
         let reporter = send_reports(ctx, applied_channel(&config.redis.key_prefix), queued);
         tokio::pin!(reporter);
-        // Whether this session had its first heartbeat (for the alive check, which runs
-        // beside the loop for the same reason as the reports).
-        let caught_up = std::sync::atomic::AtomicBool::new(false);
+        let caught_up = AtomicBool::new(false);
+        let mut listening = Listening {
+            ctx,
+            anchors: &mut self.anchors,
+            reports,
+            caught_up: &caught_up,
+            reporting: false,
+            emitted: None,
+            relay_epoch: None,
+        };
+        // The alive check runs beside the loop too, for the same reason.
         let alive = watch_relay_alive(ctx, &caught_up);
         tokio::pin!(alive);
         let mut tick = ticker(config.feeds.heartbeat_interval);
@@ -115,141 +120,236 @@ impl Source for Relayed {
                 _ = shutdown.cancelled() => return Ok(()),
                 () = &mut reporter => {}
                 () = &mut alive => {}
-                _ = tick.tick() => {
-                    if mono_ms() > feed.valid_until() {
-                        let reason = format!(
-                            "no heartbeat from the relay within {lease:?} (no relay, or it lags)"
-                        );
-                        if !up {
-                            return Err(reason.into());
-                        }
-                        // The subscription lasts: wait for a relay, L1 bypassed meanwhile.
-                        feed.set_down(&reason);
-                    }
-                }
+                _ = tick.tick() => listening.check_lease()?,
                 message = messages.next() => {
-                    let Some(message) = message else {
-                        return Err("subscription to the relay closed".into());
-                    };
-                    let payload = match Payload::parse(message.get_payload_bytes()) {
-                        Ok(p) => p,
+                    let message = message.ok_or(FeedError::Closed("the subscription to the relay"))?;
+                    match Payload::parse(message.get_payload_bytes()) {
+                        Ok(payload) => listening.take(payload).await?,
                         Err(e) => {
                             metrics::counter!(FEED_MALFORMED, "feed" => "postgres").increment(1);
                             tracing::debug!(feed = "postgres", error = %e, "ignoring a malformed relay message");
-                            continue;
-                        }
-                    };
-                    match payload {
-                        Payload::Changes { changes, lsn } => {
-                            for change in changes {
-                                handle_relayed(ctx, change).await;
-                            }
-                            if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
-                                ctx.coherence.applied(lsn.as_u64());
-                                ctx.tiers.watch().position(lsn.as_u64());
-                                if reporting {
-                                    report(ctx, &reports, lsn, anchors);
-                                }
-                            }
-                        }
-                        Payload::Listed { relay, listed } => {
-                            // Only the relay whose heartbeats we hear waits for us.
-                            let current = ctx.coherence.relay_status().map(|r| r.relay);
-                            let echoed = listed
-                                .get(&ctx.instance_id)
-                                .and_then(|seq| anchors.echoed(*seq));
-                            if let (true, true, Some(sent), Some(emitted)) =
-                                (up, current.as_deref() == Some(relay.as_str()), echoed, emitted)
-                            {
-                                feed.heartbeat_back(emitted.min(sent), lease);
-                                feed.set_up();
-                            }
-                        }
-                        Payload::Gap { relay } => {
-                            // Only the relay whose heartbeats we trust can say it stopped: an
-                            // earlier one's word comes after its successor took over.
-                            let current = ctx.coherence.relay_status().map(|r| r.relay);
-                            if up && current.as_deref() == Some(relay.as_str()) {
-                                feed.set_down(&format!("the relay {relay} lost its stream"));
-                                feed.revoke();
-                            }
-                        }
-                        Payload::Heartbeat { relay, lag_ms, lag_bytes, lsn, sync, epoch, listed } => {
-                            let arrived = mono_ms();
-                            reporting = sync;
-                            if epoch != relay_epoch {
-                                // Another slot (a new one, or a Postgres restored or
-                                // failed over without its slot): its positions may lie
-                                // below the ones applied so far, which prove nothing now.
-                                if relay_epoch.is_some() {
-                                    ctx.coherence.forget_applied();
-                                }
-                                relay_epoch = epoch;
-                            }
-                            metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
-                            if let Some(bytes) = lag_bytes {
-                                metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
-                            }
-                            let is_listed = sync
-                                && listed.as_ref().is_some_and(|l| l.contains_key(&ctx.instance_id));
-                            ctx.coherence.note_relay(RelayStatus {
-                                relay,
-                                lag_ms,
-                                lag_bytes,
-                                sync,
-                                listed: is_listed,
-                            });
-                            if !up {
-                                // Everything published from now on reaches us; what came
-                                // before is in Redis already, and L1 forgets it. The
-                                // session's first lease was a grace to wait for this
-                                // heartbeat, not a vouching: a lagging stream must count.
-                                ctx.tiers
-                                    .load_generations()
-                                    .await
-                                    .map_err(|e| format!("reading generations failed: {e}"))?;
-                                ctx.tiers.flush_l1(Feed::Postgres);
-                                feed.revoke();
-                                up = true;
-                                caught_up.store(true, std::sync::atomic::Ordering::SeqCst);
-                            }
-                            let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
-                            if let Some(lsn) = lsn {
-                                ctx.coherence.applied(lsn.as_u64());
-                                // Watchers' watermark moves on when nothing else does: a
-                                // writer's position is reached within a heartbeat.
-                                ctx.tiers.watch().position(lsn.as_u64());
-                            }
-                            // The lease counts from the heartbeat's emission: everything
-                            // committed before it has reached this instance.
-                            let emission = arrived.saturating_sub(lag_ms);
-                            emitted = reporting.then_some(emission);
-                            if !reporting {
-                                feed.heartbeat_back(emission, lease);
-                                feed.set_up();
-                                continue;
-                            }
-                            // A synchronous relay waits for this instance only while it
-                            // hears from it: the lease counts from no later than a report
-                            // it echoes (see `ReportAnchors`).
-                            if let Some(lsn) = lsn {
-                                report(ctx, &reports, lsn, anchors);
-                            }
-                            let echoed = listed
-                                .as_ref()
-                                .and_then(|l| l.get(&ctx.instance_id))
-                                .and_then(|seq| anchors.echoed(*seq));
-                            // Not listed (yet): the lease runs out unless a later message
-                            // echoes a report; L1 waits for that.
-                            if let Some(sent) = echoed {
-                                feed.heartbeat_back(emission.min(sent), lease);
-                                feed.set_up();
-                            }
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// One session's state while it hears the relay's channel.
+struct Listening<'a> {
+    ctx: &'a FeedContext,
+    /// The reports sent to a synchronous relay (kept across sessions, see [`Relayed`]).
+    anchors: &'a mut ReportAnchors,
+    /// Where reports are queued for [`send_reports`].
+    reports: tokio::sync::mpsc::UnboundedSender<String>,
+    /// The session had its first heartbeat: L1 was emptied and everything published since
+    /// reached it (read by [`watch_relay_alive`] too).
+    caught_up: &'a AtomicBool,
+    /// The relay, a synchronous standby, waits for this instance's reports.
+    reporting: bool,
+    /// The last synchronous heartbeat's emission ([`mono_ms`]): an echo between heartbeats
+    /// vouches for no later than that.
+    emitted: Option<u64>,
+    /// The slot epoch the relay's positions are of (see `Relayed::Heartbeat::epoch`).
+    relay_epoch: Option<i64>,
+}
+
+impl Listening<'_> {
+    fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::SeqCst)
+    }
+
+    /// At every heartbeat interval: a lease run out ends a session that never heard a
+    /// heartbeat; once caught up, the subscription lasts and L1 is bypassed meanwhile.
+    ///
+    /// # Errors
+    /// No heartbeat yet within the lease.
+    fn check_lease(&self) -> Result<(), FeedError> {
+        let feed = &self.ctx.coherence.postgres;
+        if mono_ms() <= feed.valid_until() {
+            return Ok(());
+        }
+        let lease = self.ctx.config.feeds.lease;
+        if !self.caught_up() {
+            return Err(FeedError::Silent {
+                what: "no heartbeat from the relay (no relay, or it lags)",
+                lease,
+            });
+        }
+        feed.set_down(&if self.reporting {
+            format!("the synchronous relay has not echoed this instance's reports within {lease:?}")
+        } else {
+            format!("no heartbeat from the relay within {lease:?} (no relay, or it lags)")
+        });
+        Ok(())
+    }
+
+    /// Takes one message from the relay.
+    ///
+    /// # Errors
+    /// The generations cannot be read at the first heartbeat.
+    async fn take(&mut self, payload: Payload) -> Result<(), FeedError> {
+        match payload {
+            Payload::Changes { changes, lsn } => {
+                for change in changes {
+                    handle_relayed(self.ctx, change).await;
+                }
+                if let Some(lsn) = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()) {
+                    self.applied(lsn);
+                    if self.reporting {
+                        self.report(lsn);
+                    }
+                }
+            }
+            Payload::Listed { relay, listed } => self.echoed(&relay, &listed),
+            Payload::Gap { relay } => {
+                // Only the relay whose heartbeats we trust can say it stopped: an earlier
+                // one's word comes after its successor took over.
+                if self.caught_up() && self.is_current(&relay) {
+                    let feed = &self.ctx.coherence.postgres;
+                    feed.set_down(&format!("the relay {relay} lost its stream"));
+                    feed.revoke();
+                }
+            }
+            Payload::Heartbeat {
+                relay,
+                lag_ms,
+                lag_bytes,
+                lsn,
+                sync,
+                epoch,
+                listed,
+            } => {
+                let arrived = mono_ms();
+                self.reporting = sync;
+                self.note_epoch(epoch);
+                metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
+                if let Some(bytes) = lag_bytes {
+                    metrics::gauge!(WAL_LAG_BYTES).set(bytes as f64);
+                }
+                let me = &self.ctx.instance_id;
+                self.ctx.coherence.note_relay(RelayStatus {
+                    relay,
+                    lag_ms,
+                    lag_bytes,
+                    sync,
+                    listed: sync && listed.as_ref().is_some_and(|l| l.contains_key(me)),
+                });
+                if !self.caught_up() {
+                    self.catch_up().await?;
+                }
+                let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok());
+                if let Some(lsn) = lsn {
+                    // Watchers' watermark moves on when nothing else does: a writer's
+                    // position is reached within a heartbeat.
+                    self.applied(lsn);
+                }
+                // The lease counts from the heartbeat's emission: everything committed
+                // before it has reached this instance.
+                self.vouch(arrived.saturating_sub(lag_ms), lsn, listed.as_ref());
+            }
+        }
+        Ok(())
+    }
+
+    /// A heartbeat emitted at `emission` came, at `lsn`, listing `listed` if synchronous:
+    /// an asynchronous relay's heartbeat grants a lease from its emission; a synchronous
+    /// relay waits for this instance only while it hears from it, so the lease counts from
+    /// no later than a report it echoes (see [`ReportAnchors`]), and an instance not listed
+    /// (yet) waits for that before it uses L1.
+    fn vouch(&mut self, emission: u64, lsn: Option<Lsn>, listed: Option<&BTreeMap<String, u64>>) {
+        let feed = &self.ctx.coherence.postgres;
+        let lease = self.ctx.config.feeds.lease;
+        if !self.reporting {
+            self.emitted = None;
+            feed.heartbeat_back(emission, lease);
+            feed.set_up();
+            return;
+        }
+        self.emitted = Some(emission);
+        if let Some(lsn) = lsn {
+            self.report(lsn);
+        }
+        let echoed = listed
+            .and_then(|l| l.get(&self.ctx.instance_id))
+            .and_then(|seq| self.anchors.echoed(*seq));
+        if let Some(sent) = echoed {
+            feed.heartbeat_back(emission.min(sent), lease);
+            feed.set_up();
+        }
+    }
+
+    /// The synchronous relay's echo between heartbeats (see [`Payload::Listed`]).
+    fn echoed(&mut self, relay: &str, listed: &BTreeMap<String, u64>) {
+        // Only the relay whose heartbeats we hear waits for us.
+        if !self.caught_up() || !self.reporting || !self.is_current(relay) {
+            return;
+        }
+        let echoed = listed
+            .get(&self.ctx.instance_id)
+            .and_then(|seq| self.anchors.echoed(*seq));
+        if let (Some(sent), Some(emitted)) = (echoed, self.emitted) {
+            let feed = &self.ctx.coherence.postgres;
+            feed.heartbeat_back(emitted.min(sent), self.ctx.config.feeds.lease);
+            feed.set_up();
+        }
+    }
+
+    /// The session's first heartbeat: everything published from now on reaches us; what
+    /// came before is in Redis already, and L1 forgets it. The session's first lease was a
+    /// grace to wait for this heartbeat, not a vouching: a lagging stream must count.
+    ///
+    /// # Errors
+    /// Reading the generations failed.
+    async fn catch_up(&mut self) -> Result<(), FeedError> {
+        self.ctx
+            .tiers
+            .load_generations()
+            .await
+            .map_err(|source| FeedError::Redis {
+                what: "reading generations",
+                source,
+            })?;
+        self.ctx.tiers.flush_l1(Feed::Postgres);
+        self.ctx.coherence.postgres.revoke();
+        self.caught_up.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Another slot (a new one, or a Postgres restored or failed over without its slot):
+    /// its positions may lie below the ones applied so far, which prove nothing now.
+    fn note_epoch(&mut self, epoch: Option<i64>) {
+        if epoch != self.relay_epoch {
+            if self.relay_epoch.is_some() {
+                self.ctx.coherence.forget_applied();
+            }
+            self.relay_epoch = epoch;
+        }
+    }
+
+    /// Everything up to `lsn` has been applied here.
+    fn applied(&self, lsn: Lsn) {
+        self.ctx.coherence.applied(lsn.as_u64());
+        self.ctx.tiers.watch().position(lsn.as_u64());
+    }
+
+    /// Whether `relay` is the one whose heartbeats this instance hears.
+    fn is_current(&self, relay: &str) -> bool {
+        self.ctx
+            .coherence
+            .relay_status()
+            .is_some_and(|r| r.relay == relay)
+    }
+
+    /// Queues a report that this instance has applied every change up to `lsn`, numbered
+    /// (see [`applied_channel`] and [`ReportAnchors`]; the time it is queued, no later than
+    /// its sending, is what a lease may count from once it is echoed).
+    fn report(&mut self, lsn: Lsn) {
+        let seq = self.anchors.report(mono_ms());
+        let _ = self
+            .reports
+            .send(format!("{} {} {seq}", self.ctx.instance_id, lsn.as_u64()));
     }
 }
 
@@ -259,7 +359,7 @@ impl Source for Relayed {
 /// (bench-stale: reads stale for up to a second on every instance after a relay's
 /// SIGKILL), nor for the next heartbeat's time: commits made meanwhile reach nobody. Never
 /// returns while the session lasts.
-async fn watch_relay_alive(ctx: &FeedContext, caught_up: &std::sync::atomic::AtomicBool) {
+async fn watch_relay_alive(ctx: &FeedContext, caught_up: &AtomicBool) {
     let mut tick = ticker(alive_check(ctx.config.feeds.heartbeat_interval));
     let feed = &ctx.coherence.postgres;
     loop {
@@ -267,7 +367,7 @@ async fn watch_relay_alive(ctx: &FeedContext, caught_up: &std::sync::atomic::Ato
         let Some(relay) = ctx.coherence.relay_status() else {
             continue;
         };
-        if !caught_up.load(std::sync::atomic::Ordering::SeqCst) {
+        if !caught_up.load(Ordering::SeqCst) {
             continue;
         }
         let alive = relay_alive_channel(&ctx.config.redis.key_prefix, &relay.relay);
@@ -278,19 +378,6 @@ async fn watch_relay_alive(ctx: &FeedContext, caught_up: &std::sync::atomic::Ato
             feed.revoke();
         }
     }
-}
-
-/// Queues a report to the relay that this instance has applied every change up to `lsn`,
-/// numbered (see [`applied_channel`] and [`ReportAnchors`]; the time it is queued, no later
-/// than its sending, is what a lease may count from once it is echoed).
-fn report(
-    ctx: &FeedContext,
-    reports: &tokio::sync::mpsc::UnboundedSender<String>,
-    lsn: Lsn,
-    anchors: &mut ReportAnchors,
-) {
-    let seq = anchors.report(mono_ms());
-    let _ = reports.send(format!("{} {} {seq}", ctx.instance_id, lsn.as_u64()));
 }
 
 /// Sends the queued reports in order, on one connection. A report lost is made good by the
