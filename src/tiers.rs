@@ -32,7 +32,7 @@ use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed, Message, Op};
 use crate::db::{Db, DbError};
-use crate::l1::{Offer, L1};
+use crate::l1::L1;
 use crate::l2::{L2Error, L2};
 use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
 use crate::resource::{Catalog, CatalogCell, DocRef, Resource};
@@ -574,14 +574,17 @@ impl Tiers {
     }
 
     /// The copy L1 holds for `ck` in its current generation, tombstones included, without
-    /// counting a hit (for inspection: tests, debugging).
+    /// counting a hit. A test hook: only with the `test-hooks` feature, which the
+    /// integration tests turn on and a build of the binary never does.
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn peek_l1(&self, ck: &CacheKey) -> Option<Cached> {
         self.l1.as_ref()?.get(ck)
     }
 
     /// Offers `copy` to L1 directly, as an invalidation or write would (for tests that force
-    /// an interleaving). `None` without an L1.
-    pub fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<Offer> {
+    /// an interleaving). `None` without an L1. A test hook, like [`Tiers::peek_l1`].
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<crate::l1::Offer> {
         Some(self.l1.as_ref()?.offer(ck, copy, ttl))
     }
 
