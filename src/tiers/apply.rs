@@ -7,7 +7,8 @@ use crate::l2::L2Error;
 use crate::model::{CacheKey, Version};
 use crate::resource::Catalog;
 
-use super::{invalidation, l1_ttl, l2_ttl, Tiers, APPLY_CONCURRENCY, OFFER_CHUNK};
+use super::decide::{effect, invalidation, news, Effect};
+use super::{l1_ttl, l2_ttl, Tiers, APPLY_CONCURRENCY, OFFER_CHUNK};
 
 impl Tiers {
     /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
@@ -27,47 +28,30 @@ impl Tiers {
     }
 
     pub(super) async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
-        if invalidation(message).is_none() && catalog.knows(&message.resource) {
-            // A resource-wide flush, of a resource served or left out (a left-out one's
-            // copies must not come back when it is served again). The new generation first,
-            // so that nothing read from Redis after L1 is emptied comes from the old one.
-            self.saw(Version(message.version));
-            let name = &message.resource;
-            self.l2.note_generation(name, message.version);
-            // L1 holds nothing of a left-out resource that will be served (it is emptied
-            // when the resource is served again): a table that no longer fits, flushed at
-            // each of its writes, does not empty L1 for the others.
-            if let (Some(l1), Some(_)) = (&self.l1, catalog.get(name)) {
-                l1.clear();
+        let served = catalog.get(&message.resource);
+        let known = catalog.knows(&message.resource);
+        let (copy, key) = match effect(message, known, served.is_some()) {
+            Effect::Flush { clear_l1 } => return self.apply_flush(message, clear_l1, redis).await,
+            Effect::Ignore => return false, // not a resource of this instance
+            Effect::Seen => {
+                self.saw(Version(message.version));
+                return false;
             }
-            if redis {
-                if let Err(e) = self.l2.raise_generation(name, message.version).await {
-                    tracing::warn!(resource = %name, error = %e, "raising a resource's generation in redis failed");
-                }
-            }
-            // A flush may be a table's new shape (or a TRUNCATE: a recheck finds nothing).
-            self.catalog.request_recheck();
-            self.watch.change(name, None, message.version, Op::Flush);
-            return true;
-        }
-        let Some(resource) = catalog.get(&message.resource) else {
-            return false; // not a resource of this instance
+            Effect::Key { copy, key } => (copy, key),
+        };
+        let Some(resource) = served else {
+            return false; // `effect` names a key only of a served resource
         };
         self.saw(Version(message.version));
-        let Some(copy) = invalidation(message) else {
-            return false;
-        };
-        let Some(key) = &message.key else {
-            return false;
-        };
         let ck = CacheKey::new(&resource.name, key);
         // New to this instance: judged by L1 when there is one, else by Redis.
-        let mut fresh = None;
-        if let Some(l1) = &self.l1 {
-            fresh = Some(l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)) == Offer::Applied);
-        }
+        let l1 = self
+            .l1
+            .as_ref()
+            .map(|l1| l1.offer(&ck, copy.clone(), l1_ttl(resource, &copy)) == Offer::Applied);
         // Whatever it taught L1, a load in flight may predate this change.
         self.flights.forget(&ck);
+        let mut redis_applied = None;
         if redis {
             let result = if self.l2.available() {
                 self.l2.offer(&ck, &copy, l2_ttl(resource, &copy)).await
@@ -75,20 +59,41 @@ impl Tiers {
                 Err(L2Error::Skipped)
             };
             match result {
-                Ok(applied) => fresh = fresh.or(Some(applied)),
+                Ok(applied) => redis_applied = Some(applied),
                 // Redis must still learn of it (a plain-SQL write has no other way there).
                 Err(_) => self
                     .repairs
                     .push(ck.clone(), copy.clone(), resource.ttl.tombstone_ttl),
             }
         }
-        // Without L1 nothing tells a change from its second delivery: every one is sent.
-        let fresh = fresh.unwrap_or(self.l1.is_none());
+        let fresh = news(l1, redis_applied);
         if fresh {
             self.watch
                 .change(&resource.name, Some(key), message.version, message.op);
         }
         fresh
+    }
+
+    /// A resource-wide flush, of a resource served or left out (a left-out one's copies
+    /// must not come back when it is served again). The new generation first, so that
+    /// nothing read from Redis after L1 is emptied comes from the old one. L1 is emptied
+    /// only for a served resource (`clear_l1`, see [`Effect::Flush`]).
+    async fn apply_flush(&self, message: &Message, clear_l1: bool, redis: bool) -> bool {
+        self.saw(Version(message.version));
+        let name = &message.resource;
+        self.l2.note_generation(name, message.version);
+        if let (Some(l1), true) = (&self.l1, clear_l1) {
+            l1.clear();
+        }
+        if redis {
+            if let Err(e) = self.l2.raise_generation(name, message.version).await {
+                tracing::warn!(resource = %name, error = %e, "raising a resource's generation in redis failed");
+            }
+        }
+        // A flush may be a table's new shape (or a TRUNCATE: a recheck finds nothing).
+        self.catalog.request_recheck();
+        self.watch.change(name, None, message.version, Op::Flush);
+        true
     }
 
     /// Applies committed changes to Redis only: a tombstone (or absence) per key, a
