@@ -194,3 +194,176 @@ impl Tiers {
         Ok(riding.is_some() && self.l2.publishes_anywhere())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fill/invalidate race (ARCHITECTURE.md, "Read path") on a real L1, without Redis or
+    //! Postgres: commits, reads that start (capturing the truth and L1's generation), their
+    //! fills landing, the messages of two feeds delivered (each in commit order, as one
+    //! feed's messages of one key are; the two feeds at their own pace), and flushes, in any
+    //! interleaving.
+
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use proptest::prelude::*;
+
+    use crate::coherence::{Message, Op};
+    use crate::l1::{Offer, L1};
+    use crate::model::{CacheKey, Cached, Version};
+
+    use super::invalidation;
+
+    const TTL: Duration = Duration::from_secs(3600);
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// A write commits the next version (a put, or a delete); its message is queued on
+        /// both feeds.
+        Commit { delete: bool },
+        /// A read loads the truth as of now, in L1's current generation.
+        StartRead,
+        /// The oldest message queued on one of the two feeds reaches L1.
+        Deliver(bool),
+        /// A started read (picked by index) offers its copy to L1.
+        Land(usize),
+        /// A flush or a feed coming back empties L1.
+        Clear,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => any::<bool>().prop_map(|delete| Step::Commit { delete }),
+            3 => Just(Step::StartRead),
+            4 => any::<bool>().prop_map(Step::Deliver),
+            4 => any::<usize>().prop_map(Step::Land),
+            1 => Just(Step::Clear),
+        ]
+    }
+
+    /// One key's history and what is in flight towards L1.
+    struct Race {
+        l1: L1,
+        ck: CacheKey,
+        /// What Postgres holds now.
+        truth: Cached,
+        /// Each feed's messages not delivered yet, oldest first.
+        queued: [std::collections::VecDeque<Message>; 2],
+        reads: Vec<(Cached, u32)>,
+        /// The newest message L1 was told since it was last emptied.
+        told: Option<Version>,
+    }
+
+    impl Race {
+        fn new() -> Self {
+            Race {
+                l1: L1::new(1 << 20),
+                ck: CacheKey::new("users", "k"),
+                truth: Cached::absent(Version::NONE),
+                queued: Default::default(),
+                reads: Vec::new(),
+                told: None,
+            }
+        }
+
+        fn run(&mut self, step: Step) -> Result<(), TestCaseError> {
+            match step {
+                Step::Commit { delete } => {
+                    let v = Version(self.truth.version.0 + 1);
+                    self.truth = if delete {
+                        Cached::absent(v)
+                    } else {
+                        Cached::value(v, Bytes::from(v.to_string()))
+                    };
+                    let op = if delete { Op::Delete } else { Op::Put };
+                    let message = Message {
+                        resource: "users".into(),
+                        key: Some("k".into()),
+                        version: v.0,
+                        op,
+                        ts_us: None,
+                        instance: None,
+                    };
+                    for feed in &mut self.queued {
+                        feed.push_back(message.clone());
+                    }
+                }
+                Step::StartRead => self.reads.push((self.truth.clone(), self.l1.generation())),
+                Step::Deliver(feed) if !self.queued[usize::from(feed)].is_empty() => {
+                    let message = self.queued[usize::from(feed)]
+                        .pop_front()
+                        .expect("not empty");
+                    let copy = invalidation(&message).expect("a key's message");
+                    self.l1.offer(&self.ck, copy, TTL);
+                    self.told = self.told.max(Some(Version(message.version)));
+                }
+                Step::Land(i) if !self.reads.is_empty() => {
+                    let (copy, generation) = self.reads.remove(i % self.reads.len());
+                    let cleared = generation != self.l1.generation();
+                    let offer = self.l1.offer_in(generation, &self.ck, copy, TTL);
+                    if cleared {
+                        prop_assert!(matches!(offer, Offer::Refused(_)), "a fill across a clear");
+                    }
+                }
+                Step::Deliver(_) | Step::Land(_) => {}
+                Step::Clear => {
+                    self.l1.clear();
+                    self.told = None;
+                }
+            }
+            self.check()
+        }
+
+        /// L1 never holds a copy older than a message it was told since it was emptied.
+        fn check(&self) -> Result<(), TestCaseError> {
+            let held = self.l1.get(&self.ck);
+            if let Some(told) = self.told {
+                let held = held.as_ref().map(|h| h.version);
+                prop_assert!(held >= Some(told), "held {held:?}, told {told}");
+            }
+            if let Some(held) = held.filter(Cached::is_servable) {
+                prop_assert!(
+                    held.version <= self.truth.version,
+                    "a version never committed"
+                );
+            }
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Any interleaving leaves L1, once every message and fill has arrived, holding
+        /// nothing, a tombstone (a miss), or the last commit: never a copy older than it, and
+        /// the last commit itself whenever its message arrived since L1 was last emptied.
+        #[test]
+        fn fills_and_messages_in_any_interleaving_leave_l1_at_the_last_commit_or_empty(
+            steps in proptest::collection::vec(step(), 0..40),
+        ) {
+            let mut race = Race::new();
+            for step in steps {
+                race.run(step)?;
+            }
+            for feed in [false, true] {
+                while !race.queued[usize::from(feed)].is_empty() {
+                    race.run(Step::Deliver(feed))?;
+                }
+            }
+            while !race.reads.is_empty() {
+                race.run(Step::Land(0))?;
+            }
+            let held = race.l1.get(&race.ck);
+            if race.told == Some(race.truth.version) {
+                // The last commit's message arrived since the last clear.
+                prop_assert_eq!(held.as_ref().map(|h| h.version), Some(race.truth.version));
+            }
+            match held {
+                None => prop_assert!(race.told.is_none(), "a message told since the last clear"),
+                Some(held) if held.is_servable() => prop_assert_eq!(held, race.truth.clone()),
+                // A message older than the truth, arrived after a clear: only a miss.
+                Some(tombstone) => prop_assert!(tombstone.version <= race.truth.version),
+            }
+        }
+    }
+}
