@@ -199,9 +199,9 @@ impl Tiers {
 mod tests {
     //! The fill/invalidate race (ARCHITECTURE.md, "Read path") on a real L1, without Redis or
     //! Postgres: commits, reads that start (capturing the truth and L1's generation), their
-    //! fills landing, the messages of two feeds delivered (each in commit order, as one
-    //! feed's messages of one key are; the two feeds at their own pace), and flushes, in any
-    //! interleaving.
+    //! fills landing, writers offering their commits, the messages of two feeds delivered
+    //! (each in commit order, as one feed's messages of one key are; the two feeds at their
+    //! own pace), and flushes, in any interleaving.
 
     use std::time::Duration;
 
@@ -213,6 +213,7 @@ mod tests {
     use crate::model::{CacheKey, Cached, Version};
 
     use super::invalidation;
+    use crate::tiers::decide::{conflict, regression, Regression};
 
     const TTL: Duration = Duration::from_secs(3600);
 
@@ -229,6 +230,9 @@ mod tests {
         Land(usize),
         /// A flush or a feed coming back empties L1.
         Clear,
+        /// A write through this instance (the last commit) offers its copy to L1, in the
+        /// generation its write began in (picked by index among those not settled yet).
+        Settle(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -238,6 +242,7 @@ mod tests {
             4 => any::<bool>().prop_map(Step::Deliver),
             4 => any::<usize>().prop_map(Step::Land),
             1 => Just(Step::Clear),
+            2 => any::<usize>().prop_map(Step::Settle),
         ]
     }
 
@@ -250,6 +255,8 @@ mod tests {
         /// Each feed's messages not delivered yet, oldest first.
         queued: [std::collections::VecDeque<Message>; 2],
         reads: Vec<(Cached, u32)>,
+        /// Commits not yet offered to L1 by their writer, with the generation it began in.
+        writes: Vec<(Cached, u32)>,
         /// The newest message L1 was told since it was last emptied.
         told: Option<Version>,
     }
@@ -262,6 +269,7 @@ mod tests {
                 truth: Cached::absent(Version::NONE),
                 queued: Default::default(),
                 reads: Vec::new(),
+                writes: Vec::new(),
                 told: None,
             }
         }
@@ -269,6 +277,7 @@ mod tests {
         fn run(&mut self, step: Step) -> Result<(), TestCaseError> {
             match step {
                 Step::Commit { delete } => {
+                    let began = self.l1.generation();
                     let v = Version(self.truth.version.0 + 1);
                     self.truth = if delete {
                         Cached::absent(v)
@@ -287,6 +296,7 @@ mod tests {
                     for feed in &mut self.queued {
                         feed.push_back(message.clone());
                     }
+                    self.writes.push((self.truth.clone(), began));
                 }
                 Step::StartRead => self.reads.push((self.truth.clone(), self.l1.generation())),
                 Step::Deliver(feed) if !self.queued[usize::from(feed)].is_empty() => {
@@ -305,13 +315,37 @@ mod tests {
                         prop_assert!(matches!(offer, Offer::Refused(_)), "a fill across a clear");
                     }
                 }
-                Step::Deliver(_) | Step::Land(_) => {}
+                Step::Settle(i) if !self.writes.is_empty() => {
+                    let (copy, generation) = self.writes.remove(i % self.writes.len());
+                    self.settle(copy, generation)?;
+                }
+                Step::Deliver(_) | Step::Land(_) | Step::Settle(_) => {}
                 Step::Clear => {
                     self.l1.clear();
                     self.told = None;
                 }
             }
             self.check()
+        }
+
+        /// As `Tiers::settle` and `repair_regression` judge a write L1 refused: Postgres never
+        /// went back here, so whatever L1 holds against the write is a later commit, never a
+        /// regression (which would restamp the key, or reset every resource).
+        fn settle(&mut self, copy: Cached, generation: u32) -> Result<(), TestCaseError> {
+            if let Offer::Refused(_) = self.l1.offer_in(generation, &self.ck, copy.clone(), TTL) {
+                if let Some(c) = conflict(&copy, self.l1.get(&self.ck)) {
+                    let row = self.truth.doc().map(|_| self.truth.version);
+                    let judged = regression(c, self.truth.version, row);
+                    prop_assert_eq!(
+                        judged,
+                        Regression::LaterCommit,
+                        "{:?} against {:?}",
+                        c,
+                        copy
+                    );
+                }
+            }
+            Ok(())
         }
 
         /// L1 never holds a copy older than a message it was told since it was emptied.
@@ -338,12 +372,15 @@ mod tests {
         /// nothing, a tombstone (a miss), or the last commit: never a copy older than it, and
         /// the last commit itself whenever its message arrived since L1 was last emptied.
         #[test]
-        fn fills_and_messages_in_any_interleaving_leave_l1_at_the_last_commit_or_empty(
+        fn fills_writes_and_messages_in_any_interleaving_leave_l1_at_the_last_commit_or_empty(
             steps in proptest::collection::vec(step(), 0..40),
         ) {
             let mut race = Race::new();
             for step in steps {
                 race.run(step)?;
+            }
+            while !race.writes.is_empty() {
+                race.run(Step::Settle(0))?;
             }
             for feed in [false, true] {
                 while !race.queued[usize::from(feed)].is_empty() {
