@@ -199,9 +199,9 @@ impl Tiers {
 mod tests {
     //! The fill/invalidate race (ARCHITECTURE.md, "Read path") on a real L1, without Redis or
     //! Postgres: commits, reads that start (capturing the truth and L1's generation), their
-    //! fills landing, writers offering their commits, the messages of two feeds delivered
-    //! (each in commit order, as one feed's messages of one key are; the two feeds at their
-    //! own pace), and flushes, in any interleaving.
+    //! fills landing, Redis hits judged, writers offering their commits, the messages of two
+    //! feeds delivered (each in commit order, as one feed's messages of one key are; the two
+    //! feeds at their own pace), and flushes, in any interleaving.
 
     use std::time::Duration;
 
@@ -213,7 +213,9 @@ mod tests {
     use crate::model::{CacheKey, Cached, Version};
 
     use super::invalidation;
-    use crate::tiers::decide::{conflict, regression, Regression};
+    use crate::tiers::decide::{
+        conflict, l1_knows_newer, redis_may_answer, regression, Regression,
+    };
 
     const TTL: Duration = Duration::from_secs(3600);
 
@@ -224,7 +226,9 @@ mod tests {
         Commit { delete: bool },
         /// A read loads the truth as of now, in L1's current generation.
         StartRead,
-        /// The oldest message queued on one of the two feeds reaches L1.
+        /// The oldest message queued on one of the two feeds reaches L1: `false` the
+        /// Postgres feed's (which tells L1 before Redis), `true` the Redis feed's (published
+        /// once Redis took the copy, as the relay and writers do).
         Deliver(bool),
         /// A started read (picked by index) offers its copy to L1.
         Land(usize),
@@ -233,6 +237,10 @@ mod tests {
         /// A write through this instance (the last commit) offers its copy to L1, in the
         /// generation its write began in (picked by index among those not settled yet).
         Settle(usize),
+        /// A read finds Redis holding one of the key's states (picked by index), no older
+        /// than the Redis feed's messages delivered but perhaps behind the Postgres feed's,
+        /// and judges it as `Tiers::read_l2` does, offering it to L1.
+        RedisHit(usize),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -243,6 +251,7 @@ mod tests {
             4 => any::<usize>().prop_map(Step::Land),
             1 => Just(Step::Clear),
             2 => any::<usize>().prop_map(Step::Settle),
+            2 => any::<usize>().prop_map(Step::RedisHit),
         ]
     }
 
@@ -252,6 +261,12 @@ mod tests {
         ck: CacheKey,
         /// What Postgres holds now.
         truth: Cached,
+        /// Every state the key had, the first (never written) included: the state at
+        /// version `n` is `history[n]`.
+        history: Vec<Cached>,
+        /// The newest message delivered on the Redis feed, clears notwithstanding: Redis
+        /// holds that version or a newer one.
+        redis_floor: Version,
         /// Each feed's messages not delivered yet, oldest first.
         queued: [std::collections::VecDeque<Message>; 2],
         reads: Vec<(Cached, u32)>,
@@ -267,6 +282,8 @@ mod tests {
                 l1: L1::new(1 << 20),
                 ck: CacheKey::new("users", "k"),
                 truth: Cached::absent(Version::NONE),
+                history: vec![Cached::absent(Version::NONE)],
+                redis_floor: Version::NONE,
                 queued: Default::default(),
                 reads: Vec::new(),
                 writes: Vec::new(),
@@ -297,6 +314,7 @@ mod tests {
                         feed.push_back(message.clone());
                     }
                     self.writes.push((self.truth.clone(), began));
+                    self.history.push(self.truth.clone());
                 }
                 Step::StartRead => self.reads.push((self.truth.clone(), self.l1.generation())),
                 Step::Deliver(feed) if !self.queued[usize::from(feed)].is_empty() => {
@@ -306,6 +324,9 @@ mod tests {
                     let copy = invalidation(&message).expect("a key's message");
                     self.l1.offer(&self.ck, copy, TTL);
                     self.told = self.told.max(Some(Version(message.version)));
+                    if feed {
+                        self.redis_floor = self.redis_floor.max(Version(message.version));
+                    }
                 }
                 Step::Land(i) if !self.reads.is_empty() => {
                     let (copy, generation) = self.reads.remove(i % self.reads.len());
@@ -318,6 +339,11 @@ mod tests {
                 Step::Settle(i) if !self.writes.is_empty() => {
                     let (copy, generation) = self.writes.remove(i % self.writes.len());
                     self.settle(copy, generation)?;
+                }
+                Step::RedisHit(i) => {
+                    let floor = self.redis_floor.0 as usize;
+                    let copy = self.history[floor + i % (self.history.len() - floor)].clone();
+                    self.redis_hit(copy)?;
                 }
                 Step::Deliver(_) | Step::Land(_) | Step::Settle(_) => {}
                 Step::Clear => {
@@ -348,6 +374,26 @@ mod tests {
             Ok(())
         }
 
+        /// A Redis copy is served only if L1, offered it in the read's generation, does not
+        /// know a newer version: so never one older than a message L1 was told meanwhile.
+        fn redis_hit(&mut self, copy: Cached) -> Result<(), TestCaseError> {
+            if !redis_may_answer(&copy, None, false) {
+                return Ok(());
+            }
+            let offer = self
+                .l1
+                .offer_in(self.l1.generation(), &self.ck, copy.clone(), TTL);
+            let refused = match offer {
+                Offer::Refused(rank) => Some(rank),
+                Offer::Applied => None,
+            };
+            if !l1_knows_newer(copy.version, refused) {
+                let told = self.told.unwrap_or(Version::NONE);
+                prop_assert!(copy.version >= told, "served {copy:?} after {told}");
+            }
+            Ok(())
+        }
+
         /// L1 never holds a copy older than a message it was told since it was emptied.
         fn check(&self) -> Result<(), TestCaseError> {
             let held = self.l1.get(&self.ck);
@@ -372,7 +418,7 @@ mod tests {
         /// nothing, a tombstone (a miss), or the last commit: never a copy older than it, and
         /// the last commit itself whenever its message arrived since L1 was last emptied.
         #[test]
-        fn fills_writes_and_messages_in_any_interleaving_leave_l1_at_the_last_commit_or_empty(
+        fn reads_writes_and_messages_in_any_interleaving_leave_l1_at_the_last_commit_or_empty(
             steps in proptest::collection::vec(step(), 0..40),
         ) {
             let mut race = Race::new();
