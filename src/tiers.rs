@@ -4,8 +4,10 @@
 //!
 //! One room per concept, each an `impl Tiers` block: `read` (the read path), `write`
 //! (the write path), `apply` (the feeds' messages and the relay's batches), `guard`
-//! (tiers that went back in time), `repairs` (the Redis repair queue). This file holds the
-//! state, the types the rooms share and the forwards to L2 and Db.
+//! (tiers that went back in time), `repairs` (the Redis repair queue). What their async code
+//! decides is asked of `decide`: pure functions over versions and copies, tested without
+//! servers. This file holds the state, the types the rooms share and the forwards to L2
+//! and Db.
 //!
 //! # Invariants
 //! - A write is acknowledged only after Postgres committed it.
