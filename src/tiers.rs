@@ -4,8 +4,10 @@
 //!
 //! One room per concept, each an `impl Tiers` block: `read` (the read path), `write`
 //! (the write path), `apply` (the feeds' messages and the relay's batches), `guard`
-//! (tiers that went back in time), `repairs` (the Redis repair queue). This file holds the
-//! state, the types the rooms share and the forwards to L2 and Db.
+//! (tiers that went back in time), `repairs` (the Redis repair queue). What their async code
+//! decides is asked of `decide`: pure functions over versions and copies, tested without
+//! servers. This file holds the state, the types the rooms share and the forwards to L2
+//! and Db.
 //!
 //! # Invariants
 //! - A write is acknowledged only after Postgres committed it.
@@ -15,6 +17,7 @@
 //!   instead of returning the older copy.
 
 mod apply;
+mod decide;
 mod error;
 mod guard;
 mod read;
@@ -30,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditTap, Sample, Verdict};
 use crate::backoff::jitter;
-use crate::coherence::{Coherence, Feed, Message, Op};
+use crate::coherence::{Coherence, Feed};
 use crate::db::{Db, DbError};
 use crate::l1::L1;
 use crate::l2::{L2Error, L2};
@@ -45,6 +48,7 @@ use crate::watch::WatchHub;
 /// How long past the lease the auditor looks again: an eviction may land just at its end.
 const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
+use decide::Conflict;
 pub use error::{GuardError, ReplayError};
 pub use repairs::Repairs;
 
@@ -148,23 +152,6 @@ enum L2Read {
     Missed,
     /// Redis was skipped or failed: no use waiting for it.
     Failed,
-}
-
-/// What a tier held that refused a just-committed copy (see `Tiers::settle`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Conflict {
-    /// A newer version.
-    Newer(Version),
-    /// The same version with other content: the sequence handed it out twice.
-    Collision(Version),
-}
-
-impl Conflict {
-    fn version(self) -> Version {
-        match self {
-            Conflict::Newer(v) | Conflict::Collision(v) => v,
-        }
-    }
 }
 
 /// Hot-path counters, registered once (a label lookup per read costs more than an L1 hit).
@@ -601,17 +588,6 @@ impl Tiers {
             }
             None => Cached::absent(Version::NONE),
         })
-    }
-}
-
-/// What a message leaves in a tier: a tombstone for a put, the absence for a delete; `None`
-/// for a resource-wide flush.
-fn invalidation(message: &Message) -> Option<Cached> {
-    let version = Version(message.version);
-    match message.op {
-        Op::Put => Some(Cached::invalidated(version)),
-        Op::Delete => Some(Cached::absent(version)),
-        Op::Flush => None,
     }
 }
 

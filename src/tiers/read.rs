@@ -7,10 +7,11 @@ use std::time::Duration;
 use crate::db::DbError;
 use crate::l1::Offer;
 use crate::l2::{L2Error, Stored};
-use crate::model::{CacheKey, Cached, Tier, Version};
+use crate::model::{CacheKey, Cached, Rank, Tier, Version};
 use crate::resource::{DocRef, KeyParam, Resource};
 use crate::telemetry::{FILLS_REJECTED, FILL_LEASES};
 
+use super::decide::{fresh_enough, l1_answers, l1_knows_newer, redis_may_answer, shape_ahead};
 use super::{l1_ttl, l2_ttl, KeyReport, L2Read, ReadOptions, ReadResult, Started, Tiers};
 
 /// The longest pause between two polls of Redis while another instance holds a key's fill
@@ -43,8 +44,7 @@ impl Tiers {
             return None;
         }
         let copy = self.l1.as_ref()?.get(&doc.ck)?;
-        let fresh = options.min_version.is_none_or(|min| copy.version >= min);
-        if !copy.is_servable() || !fresh {
+        if !l1_answers(&copy, options.min_version) {
             return None;
         }
         self.counters.l1_hit.increment(1);
@@ -92,10 +92,7 @@ impl Tiers {
             .flights
             .run(&doc.ck, self.load(doc, generation))
             .await?;
-        if options
-            .min_version
-            .is_none_or(|min| read.cached.version >= min)
-        {
+        if fresh_enough(&read.cached, options.min_version) {
             return Ok(read);
         }
         // The shared load was older than this caller needs (it joined a load started before
@@ -194,32 +191,29 @@ impl Tiers {
     /// The Redis answer for a read, or why there is none.
     pub(super) async fn read_l2(&self, doc: &DocRef, generation: Started) -> L2Read {
         let (resource, ck) = (&doc.resource, &doc.ck);
-        if resource.shape_epoch() > self.l2.generation(&resource.name) {
+        if shape_ahead(resource.shape_epoch(), self.l2.generation(&resource.name)) {
             // The catalog already has the table's new shape, and the flush that retires the
             // old one's copies has not reached this instance yet: Redis may hold copies of
             // the old shape, which the new ETag must not name.
             return L2Read::Failed;
         }
         match self.l2.get(ck).await {
-            Ok(Some(copy)) if self.repairs.pending_above(ck, copy.version) => {
-                // A committed write of this key has not reached Redis yet.
-                L2Read::Missed
-            }
-            Ok(Some(copy)) if copy.is_servable() => {
-                match self.fill_l1(resource, ck, &copy, generation.l1).await {
-                    Some(Offer::Refused(known)) if known.version > copy.version => {
-                        // L1 knows Redis is behind: go to the source.
-                        L2Read::Missed
-                    }
-                    _ => {
-                        self.counters.l2_hit.increment(1);
-                        self.sample(doc, Tier::L2, &copy);
-                        L2Read::Hit(ReadResult {
-                            cached: copy,
-                            tier: Tier::L2,
-                        })
-                    }
+            // Not a tombstone, and no committed write of this key still on its way to Redis
+            // (`min_version` is checked once the load, which others may share, is done).
+            Ok(Some(copy))
+                if redis_may_answer(&copy, None, self.repairs.pending_above(ck, copy.version)) =>
+            {
+                let offer = self.fill_l1(resource, ck, &copy, generation.l1).await;
+                if l1_knows_newer(copy.version, refused(offer)) {
+                    // L1 knows Redis is behind: go to the source.
+                    return L2Read::Missed;
                 }
+                self.counters.l2_hit.increment(1);
+                self.sample(doc, Tier::L2, &copy);
+                L2Read::Hit(ReadResult {
+                    cached: copy,
+                    tier: Tier::L2,
+                })
             }
             Ok(_) => L2Read::Missed,
             Err(L2Error::Skipped) => L2Read::Failed,
@@ -418,22 +412,17 @@ impl BatchRead<'_> {
     /// to be behind.
     async fn servable_from_redis(&self, miss: &Miss<'_>, copy: Option<Cached>) -> Option<Cached> {
         let doc = miss.doc;
-        let copy = copy.filter(|_| doc.resource.shape_epoch() <= miss.started.l2)?;
-        if !copy.is_servable()
-            || !fresh(self.options, &copy)
-            || self.tiers.repairs.pending_above(&doc.ck, copy.version)
-        {
+        let copy = copy.filter(|_| !shape_ahead(doc.resource.shape_epoch(), miss.started.l2))?;
+        let pending = self.tiers.repairs.pending_above(&doc.ck, copy.version);
+        if !redis_may_answer(&copy, self.options.min_version, pending) {
             return None;
         }
-        match self
+        let offer = self
             .tiers
             .fill_l1(&doc.resource, &doc.ck, &copy, miss.started.l1)
-            .await
-        {
-            // L1 knows Redis is behind: go to the source.
-            Some(Offer::Refused(known)) if known.version > copy.version => None,
-            _ => Some(copy),
-        }
+            .await;
+        // L1 knows Redis is behind: go to the source.
+        (!l1_knows_newer(copy.version, refused(offer))).then_some(copy)
     }
 
     /// Joins the loads already in flight for `joined` (a single read's, or another batch's);
@@ -445,7 +434,7 @@ impl BatchRead<'_> {
                 .flights
                 .run(&miss.doc.ck, tiers.load(miss.doc, miss.started))
                 .await?;
-            if fresh(options, &read.cached) {
+            if fresh_enough(&read.cached, options.min_version) {
                 Ok(read)
             } else {
                 tiers.load_db(miss.doc, miss.started).await
@@ -500,7 +489,10 @@ impl BatchRead<'_> {
     }
 }
 
-/// Whether `copy` is as new as `options.min_version` asks.
-fn fresh(options: ReadOptions, copy: &Cached) -> bool {
-    options.min_version.is_none_or(|min| copy.version >= min)
+/// The rank L1 refused an offer with, if it did.
+fn refused(offer: Option<Offer>) -> Option<Rank> {
+    match offer {
+        Some(Offer::Refused(rank)) => Some(rank),
+        _ => None,
+    }
 }

@@ -10,6 +10,7 @@ use crate::model::{now_ms, Cached, State, Version};
 use crate::resource::{DocRef, Precondition};
 use crate::telemetry::{L2_WRITE_FAILURES, VERSION_REGRESSIONS};
 
+use super::decide::{conflict, op_of, regression, repair_marker, Regression};
 use super::{l1_ttl, l2_ttl, Conflict, Started, Tiers};
 
 impl Tiers {
@@ -52,11 +53,7 @@ impl Tiers {
                         w.doc = body.clone();
                     }
                     let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-                    let op = if fresh.is_servable() && fresh.doc().is_some() {
-                        Op::Put
-                    } else {
-                        Op::Delete
-                    };
+                    let op = op_of(&fresh);
                     self.settle(doc, fresh, op, generation).await;
                 }
             }
@@ -91,11 +88,7 @@ impl Tiers {
                 if let Some(fresh) = repaired {
                     *version = fresh.version;
                     let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
-                    let op = if fresh.doc().is_some() {
-                        Op::Put
-                    } else {
-                        Op::Delete
-                    };
+                    let op = op_of(&fresh);
                     self.settle(doc, fresh, op, generation).await;
                 }
             }
@@ -152,12 +145,8 @@ impl Tiers {
                 metrics::counter!(L2_WRITE_FAILURES).increment(1);
                 tracing::warn!(resource = %resource.name, version = %copy.version, error = %e,
                     "redis update failed after commit; queued for repair");
-                let repair = match copy.state {
-                    State::Value(_) => Cached::invalidated(copy.version),
-                    _ => copy.clone(),
-                };
                 self.repairs
-                    .push(ck.clone(), repair, resource.ttl.tombstone_ttl);
+                    .push(ck.clone(), repair_marker(&copy), resource.ttl.tombstone_ttl);
             }
         }
         let mut applied = true;
@@ -176,17 +165,7 @@ impl Tiers {
             self.watch
                 .change(&resource.name, Some(key), copy.version.0, op);
         }
-        held.into_iter()
-            .filter_map(|h| {
-                if h.version > copy.version {
-                    Some(Conflict::Newer(h.version))
-                } else if h.version == copy.version && h.is_servable() && h.state != copy.state {
-                    Some(Conflict::Collision(h.version))
-                } else {
-                    None
-                }
-            })
-            .max_by_key(|c| c.version())
+        conflict(&copy, held)
     }
 
     /// A write committed at `written`, but a tier holds `conflict`: a newer version, or the
@@ -208,14 +187,13 @@ impl Tiers {
         let identity = self.db.identity().await?;
         let current = self.db.get(&doc.resource, &doc.key).await?;
         let current_version = current.as_ref().map(|(v, _)| *v);
-        let sequence_behind =
-            identity.last_version < seen || matches!(conflict, Conflict::Collision(_));
-        // The row exists below a cached version: that version never committed for it (or a
-        // delete's version outran a re-insert's, see ARCHITECTURE.md's known limits).
-        let row_behind = current_version.is_some_and(|v| v < seen);
-        if !sequence_behind && !row_behind {
-            return Ok(None); // a later commit got to the tiers first
-        }
+        let sequence_behind = match regression(conflict, identity.last_version, current_version) {
+            Regression::LaterCommit => return Ok(None), // a later commit got to the tiers first
+            // The row exists below a cached version: that version never committed for it
+            // (or a delete's version outran a re-insert's, see ARCHITECTURE.md's known limits).
+            Regression::Restamp => false,
+            Regression::ResetThenRestamp => true,
+        };
         metrics::counter!(VERSION_REGRESSIONS).increment(1);
         tracing::error!(
             resource = %doc.resource.name,
