@@ -192,14 +192,23 @@ pub(crate) async fn recover(
             "replayed the changes log into redis"
         );
     }
-    tiers
+    start_over(ctx, feed).await
+}
+
+/// What every change reaching L1 from now on builds on: the resources' generations re-read
+/// from Redis, then L1 emptied of what `feed` vouched for.
+///
+/// # Errors
+/// Redis failing to give the generations.
+pub(super) async fn start_over(ctx: &FeedContext, feed: Feed) -> Result<(), FeedError> {
+    ctx.tiers
         .load_generations()
         .await
         .map_err(|source| FeedError::Redis {
             what: "reading generations",
             source,
         })?;
-    tiers.flush_l1(feed);
+    ctx.tiers.flush_l1(feed);
     Ok(())
 }
 

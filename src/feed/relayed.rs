@@ -25,7 +25,7 @@ use pgwire_replication::Lsn;
 use tokio_util::sync::CancellationToken;
 
 use super::context::FeedContext;
-use super::driver::{handle_relayed, Source};
+use super::driver::{handle_relayed, start_over, Source};
 use super::error::FeedError;
 use crate::backoff::ticker;
 use crate::coherence::{mono_ms, Feed, RelayStatus, Relayed as Payload, ReportAnchors};
@@ -303,15 +303,7 @@ impl Listening<'_> {
     /// # Errors
     /// Reading the generations failed.
     async fn catch_up(&mut self) -> Result<(), FeedError> {
-        self.ctx
-            .tiers
-            .load_generations()
-            .await
-            .map_err(|source| FeedError::Redis {
-                what: "reading generations",
-                source,
-            })?;
-        self.ctx.tiers.flush_l1(Feed::Postgres);
+        start_over(self.ctx, Feed::Postgres).await?;
         self.ctx.coherence.postgres.revoke();
         self.caught_up.store(true, Ordering::SeqCst);
         Ok(())

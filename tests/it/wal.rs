@@ -54,20 +54,7 @@ async fn a_joining_instance_uses_l1_only_once_the_synchronous_relay_waits_for_it
         (relay["sync"] == true && relay["listed"] == true).then_some(())
     })
     .await;
-    let redis: SocketAddr = env
-        .redis_url
-        .trim_start_matches("redis://")
-        .parse()
-        .unwrap();
-    let line = crate::support::Proxy::start(redis).await;
-    line.delay(Duration::from_millis(60));
-    let c = env
-        .on_redis(format!("redis://{}", line.addr))
-        .start(|c| {
-            wal(c);
-            c.feeds.relay = false;
-        })
-        .await;
+    let (_line, c) = behind_a_line_of(&env, Duration::from_millis(60)).await;
     let first_up = eventually(WINDOW, "c's feed up", || async {
         let feed = c.readyz().await["feeds"]["postgres"].clone();
         (feed["up"] == true).then_some(feed)
@@ -105,12 +92,19 @@ async fn a_joining_instance_uses_l1_only_once_the_synchronous_relay_waits_for_it
 /// An instance on `wal` that never relays and hears Redis through a proxy (`delay` it to
 /// make its evictions, and its reports to the relay, come late).
 async fn behind_a_line(env: &Env) -> (crate::support::Proxy, Instance) {
+    behind_a_line_of(env, Duration::ZERO).await
+}
+
+/// [`behind_a_line`], the line holding every chunk for `delay` from the start (its first
+/// reports come late too).
+async fn behind_a_line_of(env: &Env, delay: Duration) -> (crate::support::Proxy, Instance) {
     let redis: SocketAddr = env
         .redis_url
         .trim_start_matches("redis://")
         .parse()
         .unwrap();
     let line = crate::support::Proxy::start(redis).await;
+    line.delay(delay);
     let instance = env
         .on_redis(format!("redis://{}", line.addr))
         .start(|c| {
