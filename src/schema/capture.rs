@@ -268,14 +268,7 @@ pub(super) async fn publication_change(
 ) -> Result<Option<(String, String)>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let lists = server_version_num(client).await? >= 150_000;
-    let exists: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await
-        .map_err(pg("looking up the publication"))?
-        .get(0);
+    let exists = publication_exists(client, publication).await?;
     let mut wanted: Vec<Published> = tables
         .iter()
         .map(|(s, t, cols)| {
@@ -675,4 +668,25 @@ pub async fn slot_lag(
         bytes: r.get(0),
         lost: r.get(1),
     }))
+}
+
+/// Whether the publication `name` exists.
+///
+/// # Errors
+/// Postgres failing.
+pub(crate) async fn publication_exists(
+    client: &impl GenericClient,
+    name: &str,
+) -> Result<bool, SchemaError> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&name],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the publication",
+            source,
+        })?
+        .get(0))
 }

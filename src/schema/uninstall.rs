@@ -93,14 +93,7 @@ async fn drop_publication(
     publication: &str,
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
-    let published: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
-            &[&publication],
-        )
-        .await
-        .map_err(pg("looking up the publication"))?
-        .get(0);
+    let published = capture::publication_exists(tx, publication).await?;
     if published {
         tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(publication)))
             .await
