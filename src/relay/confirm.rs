@@ -296,16 +296,14 @@ fn confirmable(
     }
 }
 
-/// The walsender's `state` and `sync_state` of the slot named `$1`, for [`synchronous`]
-/// (prepared once per relay term).
-pub(super) const SYNC_STATE: &str = "SELECT r.state, r.sync_state FROM pg_replication_slots s \
-     JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1";
+/// The walsender's `state`, `sync_state` and whether its flush position is valid, for the
+/// slot named `$1` (see [`synchronous`]; prepared once per relay term).
+pub(super) const SYNC_STATE: &str = "SELECT r.state, r.sync_state, r.flush_lsn IS NOT NULL \
+     FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+     WHERE s.slot_name = $1";
 
-/// Whether Postgres may wait for the stream of `slot` as a synchronous standby:
-/// `sync_state` `sync`, `quorum` or `potential` in `pg_stat_replication` (a potential
-/// standby takes over from a synchronous one without warning). `None` while the stream is
-/// not `streaming` yet: Postgres counts only streaming standbys, so what it says then proves
-/// nothing.
+/// Whether Postgres may wait for the stream of `slot` as a synchronous standby (see
+/// [`says_synchronous`]); `None` when what `pg_stat_replication` shows of it proves nothing.
 ///
 /// # Errors
 /// Postgres failing.
@@ -315,23 +313,58 @@ pub(super) async fn synchronous(
     slot: &str,
 ) -> Result<Option<bool>, tokio_postgres::Error> {
     let row = client.query_opt(statement, &[&slot]).await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let (state, sync_state): (Option<String>, Option<String>) = (row.get(0), row.get(1));
-    if state.as_deref() != Some("streaming") {
-        return Ok(None);
+    Ok(row.and_then(|row| {
+        let (state, sync_state, flushed): (Option<String>, Option<String>, bool) =
+            (row.get(0), row.get(1), row.get(2));
+        says_synchronous(state.as_deref(), sync_state.as_deref(), flushed)
+    }))
+}
+
+/// What a walsender's row of `pg_stat_replication` says of whether Postgres may wait for it
+/// as a synchronous standby: `sync_state` `sync`, `quorum` or `potential` (a potential
+/// standby takes over from a synchronous one without warning). `None` when the row proves
+/// nothing:
+/// - `state` is not `streaming`: Postgres counts only streaming standbys;
+/// - no flush position was reported yet (`flushed` false: `flush_lsn` is NULL): Postgres
+///   shows such a walsender as `async` whatever `synchronous_standby_names` says
+///   (`pg_stat_get_wal_senders` in walsender.c gives it priority 0, meant for
+///   pg_basebackup), yet takes it as a synchronous standby the moment it reports one. A
+///   relay's new term reports none before its first confirmation: taking that `async` at
+///   its word, it confirmed on publish for a whole renewal, commits returning before the
+///   instances had applied them.
+fn says_synchronous(state: Option<&str>, sync_state: Option<&str>, flushed: bool) -> Option<bool> {
+    if state != Some("streaming") || !flushed {
+        return None;
     }
-    Ok(Some(matches!(
-        sync_state.as_deref(),
-        Some("sync" | "quorum" | "potential")
-    )))
+    Some(matches!(sync_state, Some("sync" | "quorum" | "potential")))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{confirmable, Confirmations, Report};
+    use super::{confirmable, says_synchronous, Confirmations, Report};
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_walsender_that_reported_no_flush_position_proves_nothing() {
+        let streaming = Some("streaming");
+        for sync_state in ["sync", "quorum", "potential"] {
+            assert_eq!(
+                says_synchronous(streaming, Some(sync_state), true),
+                Some(true)
+            );
+        }
+        assert_eq!(
+            says_synchronous(streaming, Some("async"), true),
+            Some(false)
+        );
+        assert_eq!(
+            says_synchronous(streaming, Some("async"), false),
+            None,
+            "Postgres shows a walsender without a flush position as async"
+        );
+        assert_eq!(says_synchronous(Some("catchup"), Some("sync"), true), None);
+        assert_eq!(says_synchronous(None, None, false), None);
+    }
 
     #[test]
     fn a_stall_of_the_relay_is_not_the_instances_silence() {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig};
+use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig};
 use tokio_postgres::error::SqlState;
 
 use crate::config::Config;
@@ -17,7 +17,8 @@ use super::error::RelayError;
 const STATUS_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Opens the replication connection to the host `client` reached (see [`connected_host`])
-/// and starts streaming the catalog's slot.
+/// and starts streaming the catalog's slot, reporting its `confirmed_flush_lsn` as flushed
+/// from the start (see [`confirmed_flush`]).
 ///
 /// # Errors
 /// The URL not parsing, the connection failing, Postgres refusing START_REPLICATION (the
@@ -29,7 +30,11 @@ pub(super) async fn start_replication(
     catalog: &Catalog,
 ) -> Result<ReplicationClient, RelayError> {
     let host = connected_host(client, config).await;
-    let mut repl = ReplicationClient::connect(replication_config(config, catalog, host)?)
+    let mut settings = replication_config(config, catalog, host)?;
+    if let Some(lsn) = confirmed_flush(client, &catalog.capture.slot).await? {
+        settings = settings.with_ack_lsn(lsn);
+    }
+    let mut repl = ReplicationClient::connect(settings)
         .await
         .map_err(|source| RelayError::Replication {
             doing: "replication connect",
@@ -50,6 +55,36 @@ pub(super) async fn start_replication(
         }),
         Ok(Ok(())) => Ok(repl),
     }
+}
+
+/// The slot's `confirmed_flush_lsn`, which a new term reports as flushed before it confirms
+/// anything itself. Without a flush position Postgres shows the walsender as `async` in
+/// `pg_stat_replication` whatever `synchronous_standby_names` says, and counts it as no
+/// standby yet (`pg_stat_get_wal_senders` and `SyncRepGetCandidateStandbys` in Postgres'
+/// walsender.c and syncrep.c skip an invalid flush position): with it, the view says at once
+/// whether Postgres waits for this relay, for the relay itself and for a strong write's
+/// check. Everything up to that position was confirmed by an earlier term, so saying it
+/// again releases nothing new. `None` when the slot is gone (START_REPLICATION then says so).
+///
+/// # Errors
+/// Postgres failing.
+async fn confirmed_flush(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<Lsn>, RelayError> {
+    let row = client
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| RelayError::Postgres {
+            doing: "reading the slot's confirmed_flush_lsn",
+            source,
+        })?;
+    Ok(row
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .and_then(|text| Lsn::parse(&text).ok()))
 }
 
 /// The SQLSTATE of a server's error, as pgwire-replication (0.5) keeps it: a

@@ -30,6 +30,9 @@ use super::sql::Sql;
 /// Stream events taken into one batch at most (only what has already arrived is taken).
 const BATCH_EVENTS: usize = 4096;
 
+/// How often the relay asks Postgres whether it waits for it, until Postgres has said.
+const SETTLE: Duration = Duration::from_millis(50);
+
 /// How long the relay gathers the instances' reports of a heartbeat before it echoes them.
 const ECHO_DELAY: Duration = Duration::from_millis(5);
 
@@ -127,6 +130,10 @@ impl<'a> Stream<'a> {
     pub(super) async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         let feeds = &self.ctx.config.feeds;
         let mut renew = ticker(feeds.relay_lease / 4);
+        // Until Postgres has said whether it waits for this relay, it is asked more often:
+        // meanwhile the relay takes itself for a synchronous standby (instances use L1 only
+        // once it echoes their reports), which an asynchronous one should stop doing soon.
+        let mut settle = ticker(SETTLE);
         let mut beat = ticker(feeds.heartbeat_interval);
         let mut measure = ticker(Duration::from_secs(5));
         // Tables changed by a DDL that no write follows show up in no Relation message: look.
@@ -137,6 +144,9 @@ impl<'a> Stream<'a> {
                 // Without it instances would take this relay for dead: end the term.
                 _ = self.alive.next() => return Err(RelayError::AliveClosed),
                 _ = renew.tick() => self.renew().await?,
+                _ = settle.tick(), if self.known_synchronous.is_none() => {
+                    self.observe_sync_state().await;
+                }
                 report = self.reports.next() => self.take_report(report)?,
                 _ = sleep_until_some(self.echo_at) => self.echo().await?,
                 _ = beat.tick() => self.emit_heartbeat().await?,
