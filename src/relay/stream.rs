@@ -130,10 +130,12 @@ impl<'a> Stream<'a> {
     pub(super) async fn run(&mut self, shutdown: &CancellationToken) -> Result<(), RelayError> {
         let feeds = &self.ctx.config.feeds;
         let mut renew = ticker(feeds.relay_lease / 4);
-        // Until Postgres has said whether it waits for this relay, it is asked more often:
-        // meanwhile the relay takes itself for a synchronous standby (instances use L1 only
-        // once it echoes their reports), which an asynchronous one should stop doing soon.
+        // Until Postgres has said whether it waits for this relay, it is asked more often
+        // (for a lease at most: a role that cannot see the view never will): meanwhile the
+        // relay takes itself for a synchronous standby (instances use L1 only once it echoes
+        // their reports), which an asynchronous one should stop doing soon.
         let mut settle = ticker(SETTLE);
+        let settling_until = tokio::time::Instant::now() + feeds.lease;
         let mut beat = ticker(feeds.heartbeat_interval);
         let mut measure = ticker(Duration::from_secs(5));
         // Tables changed by a DDL that no write follows show up in no Relation message: look.
@@ -144,7 +146,8 @@ impl<'a> Stream<'a> {
                 // Without it instances would take this relay for dead: end the term.
                 _ = self.alive.next() => return Err(RelayError::AliveClosed),
                 _ = renew.tick() => self.renew().await?,
-                _ = settle.tick(), if self.known_synchronous.is_none() => {
+                _ = settle.tick(), if self.known_synchronous.is_none()
+                    && tokio::time::Instant::now() < settling_until => {
                     self.observe_sync_state().await;
                 }
                 report = self.reports.next() => self.take_report(report)?,
