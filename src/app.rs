@@ -154,9 +154,9 @@ impl App {
             let status = match self.state.catalog.get() {
                 Ok(_) if !self.state.coherence.all_up() => ReadyError::FeedDown,
                 Ok(_)
-                    if !self.state.tiers.redis_trusted()
+                    if !self.state.probes.redis_trusted()
                         && (self.state.config.feeds.redis
-                            || self.state.tiers.ping_redis().await.is_ok()) =>
+                            || self.state.probes.ping_redis().await.is_ok()) =>
                 {
                     ReadyError::RedisUnchecked
                 }
@@ -326,6 +326,7 @@ fn http_state(
         coherence: parts.coherence.clone(),
         config: config.clone(),
         tiers: parts.tiers.clone(),
+        probes: parts.tiers.probes(),
         catalog: parts.catalog.clone(),
         metrics,
         http_metrics: HttpMetrics::new(),
@@ -415,7 +416,7 @@ fn spawn_tasks(
     ));
     // The triggers log every change whatever the feeds: always prune.
     tasks.spawn(tasks::prune_task(
-        tiers.clone(),
+        parts.schema_db.clone(),
         catalog.clone(),
         config.feeds.changes_retention,
         shutdown.clone(),

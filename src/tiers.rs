@@ -20,6 +20,7 @@ mod apply;
 mod decide;
 mod error;
 mod guard;
+mod probes;
 mod read;
 mod relay;
 mod repairs;
@@ -50,6 +51,7 @@ const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
 use decide::Conflict;
 pub use error::{GuardError, ReplayError};
+pub use probes::Probes;
 pub use repairs::Repairs;
 
 /// Changes applied to the tiers at once (a replay, a poll's batch): their Redis calls share
@@ -366,17 +368,6 @@ impl Tiers {
         self.l2.follow_master().await
     }
 
-    /// The Redis node commands go to (`host:port`), and why the Sentinels were last asked in
-    /// vain, if they were; for `/readyz`.
-    pub fn redis_node(&self) -> (String, Option<String>) {
-        (self.l2.node(), self.l2.sentinel_error())
-    }
-
-    /// Whether reads may use Redis now (see [`Tiers::secure_redis`]).
-    pub fn redis_trusted(&self) -> bool {
-        self.l2.trusted()
-    }
-
     /// Distrusts Redis (reads skip it) until [`Tiers::secure_redis`] has run.
     pub fn distrust_redis(&self) {
         self.l2.distrust();
@@ -464,29 +455,9 @@ impl Tiers {
             .map(|l1| (l1.entry_count(), l1.weighted_size()))
     }
 
-    /// `SELECT 1` through the pool.
-    ///
-    /// # Errors
-    /// Why Postgres cannot be used.
-    pub async fn ping_postgres(&self) -> Result<(), DbError> {
-        self.db.ping().await
-    }
-
-    /// `PING` on the command connection.
-    ///
-    /// # Errors
-    /// Why Redis cannot be used.
-    pub async fn ping_redis(&self) -> Result<(), L2Error> {
-        self.l2.ping().await
-    }
-
-    /// Prunes the changes log past `retention` (one instance at a time does the work);
-    /// returns the rows deleted.
-    ///
-    /// # Errors
-    /// Postgres failing.
-    pub async fn prune_changes_log(&self, retention: Duration) -> Result<u64, DbError> {
-        self.db.prune_changes(retention).await
+    /// The readiness checks of the stores (`/readyz`), built once at start-up.
+    pub fn probes(&self) -> Probes {
+        Probes::new(self.l2.clone(), self.db.clone())
     }
 
     /// Publishes `payload` on `channel` (heartbeats).

@@ -259,7 +259,7 @@ pub(super) async fn redis_guard(
 
 /// Prunes the changes log now and then; one instance at a time does the work.
 pub(super) async fn prune_task(
-    tiers: Tiers,
+    db: Db,
     catalog: Arc<CatalogCell>,
     retention: Duration,
     shutdown: CancellationToken,
@@ -276,7 +276,7 @@ pub(super) async fn prune_task(
             Ok(_) => {}
             Err(_) => continue,
         }
-        match tiers.prune_changes_log(retention).await {
+        match db.prune_changes(retention).await {
             Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "pruning the changes log failed"),

@@ -375,5 +375,5 @@ async fn a_cluster_node_with_mode_single_is_reported() {
         error.contains("is a Redis Cluster node: set redis.mode = \"cluster\""),
         "{error}"
     );
-    assert!(!a.state().tiers.redis_trusted(), "never trusted");
+    assert!(!a.state().probes.redis_trusted(), "never trusted");
 }
