@@ -409,7 +409,7 @@ fn spawn_tasks(
         ));
     }
     tasks.spawn(tasks::redis_guard(
-        tiers.clone(),
+        tiers.guards(),
         catalog.clone(),
         config.feeds.lease,
         shutdown.clone(),
@@ -439,6 +439,7 @@ fn spawn_relay_and_feeds(
         let relay = Arc::new(RelayContext {
             config: config.clone(),
             tiers: parts.tiers.clone(),
+            guards: parts.tiers.guards(),
             catalog: parts.catalog.clone(),
             secrets: parts.secrets.clone(),
             instance_id: parts.instance_id.clone(),
@@ -449,6 +450,7 @@ fn spawn_relay_and_feeds(
         config: config.clone(),
         coherence: parts.coherence.clone(),
         tiers: parts.tiers.clone(),
+        guards: parts.tiers.guards(),
         catalog: parts.catalog.clone(),
         secrets: parts.secrets.clone(),
         instance_id: parts.instance_id.clone(),

@@ -24,23 +24,22 @@ mod probes;
 mod read;
 mod relay;
 mod repairs;
+mod shared;
 mod write;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditTap, Sample, Verdict};
-use crate::backoff::jitter;
 use crate::coherence::{Coherence, Feed};
 use crate::db::{Db, DbError};
 use crate::l1::L1;
 use crate::l2::{L2Error, L2};
-use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, CatalogCell, DocRef, Resource};
-use crate::single_flight::SingleFlight;
+use crate::model::{now_ms, CacheKey, Cached, Tier, Version};
+use crate::resource::{Catalog, CatalogCell, DocRef};
 use crate::telemetry::{
     error_chain, AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, L1_BYPASSED, L1_FLUSHES,
 };
@@ -51,31 +50,17 @@ const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
 use decide::Conflict;
 pub use error::{GuardError, ReplayError};
+pub use guard::{Guards, RedisCheck};
 pub use probes::Probes;
 pub use repairs::Repairs;
-
-/// Changes applied to the tiers at once (a replay, a poll's batch): their Redis calls share
-/// one pipelined connection, and order does not matter since every tier takes only strictly
-/// newer versions.
-pub const APPLY_CONCURRENCY: usize = 64;
-
-/// Keys per script call when the relay applies a batch to one Redis node
-/// ([`L2::offer_many`]): large enough that a 100-row statement is one call, small enough
-/// that one call holds Redis for about a millisecond at most.
-pub const OFFER_CHUNK: usize = 256;
+use shared::{l1_ttl, l2_ttl, Flights, HighWater};
+pub use shared::{ReadResult, APPLY_CONCURRENCY, OFFER_CHUNK};
 
 /// See [`Tiers::started`].
 #[derive(Clone, Copy, Debug)]
 struct Started {
     l1: Option<u32>,
     l2: i64,
-}
-
-/// A servable copy and the tier that answered.
-#[derive(Clone, Debug)]
-pub struct ReadResult {
-    pub cached: Cached,
-    pub tier: Tier,
 }
 
 /// How fresh a read must be (query parameters of a GET).
@@ -99,14 +84,13 @@ pub struct Tiers {
     coherence: Arc<Coherence>,
     /// Identifies this instance's messages on the Redis feed.
     instance_id: Arc<str>,
-    flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
+    flights: Arc<Flights>,
     repairs: Arc<Repairs>,
     counters: Arc<Counters>,
     /// The resources, for resets that cover them all.
     catalog: Arc<CatalogCell>,
-    /// The highest version this instance has seen anywhere (reads, writes, messages): a
-    /// version sequence behind it went back in time.
-    high_water: Arc<AtomicI64>,
+    /// The highest version this instance has seen anywhere (reads, writes, messages).
+    high_water: HighWater,
     /// The high-water version last recorded in Redis by this instance.
     reported_high_water: Arc<AtomicI64>,
     /// Where sampled cached reads go for the auditor; `None`: no auditor.
@@ -117,19 +101,6 @@ pub struct Tiers {
     fill_lease: Option<Duration>,
     /// Fill leases claimed here so far: each claim's holder is unique.
     lease_claims: Arc<AtomicU64>,
-}
-
-/// What [`Tiers::secure_redis`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RedisCheck {
-    /// The incarnation trusted already.
-    Same,
-    /// A new incarnation another instance already made safe.
-    Adopted,
-    /// A new incarnation: every resource's generation raised to this version.
-    Reset(Version),
-    /// Redis refuses `INFO`: trusted without knowing.
-    Unknown,
 }
 
 /// What [`Tiers::inspect`] found for one key. Holds no document body beyond L1's own copy.
@@ -195,11 +166,11 @@ impl Tiers {
             db,
             coherence,
             instance_id: instance_id.into(),
-            flights: Arc::new(SingleFlight::default()),
+            flights: Arc::new(Flights::default()),
             repairs: Arc::new(Repairs::new(repair_queue_max)),
             counters: Arc::new(Counters::new()),
             catalog,
-            high_water: Arc::new(AtomicI64::new(0)),
+            high_water: HighWater::default(),
             reported_high_water: Arc::new(AtomicI64::new(0)),
             audit: None,
             watch: Arc::new(WatchHub::new(1024)),
@@ -249,7 +220,7 @@ impl Tiers {
     /// a copy it would still serve is counted stale, logged with its versions and ages, and
     /// repaired (a tombstone at the newer version, so the next read goes to Postgres).
     /// A cache ahead of Postgres is logged at error level and makes this instance check
-    /// whether Postgres went back ([`Tiers::secure_postgres`]).
+    /// whether Postgres went back ([`Guards::secure_postgres`]).
     pub async fn audit(&self, sample: Sample, lease: Duration) {
         let Ok(postgres) = self.db.get(&sample.doc.resource, &sample.doc.key).await else {
             return; // not a check: Postgres did not answer
@@ -268,7 +239,7 @@ impl Tiers {
                     postgres = postgres.map(|v| v.0),
                     "audit: a cache served a version Postgres does not have"
                 );
-                if let Err(e) = self.secure_postgres().await {
+                if let Err(e) = self.guards().secure_postgres().await {
                     tracing::warn!(error = %error_chain(&e), "audit: checking whether postgres went back failed");
                 }
             }
@@ -313,23 +284,27 @@ impl Tiers {
 
     /// Notes a version seen in any tier or message (see `high_water`).
     fn saw(&self, version: Version) {
-        self.high_water.fetch_max(version.0, Ordering::Relaxed);
-    }
-
-    /// Raises the high-water version recorded in Redis to this instance's, if it moved since
-    /// the last report, so that instances starting later know it too.
-    pub async fn report_high_water(&self) {
-        let high = self.high_water.load(Ordering::Relaxed);
-        if high > self.reported_high_water.load(Ordering::Relaxed)
-            && self.l2.raise_high_water(high).await.is_ok()
-        {
-            self.reported_high_water.fetch_max(high, Ordering::Relaxed);
-        }
+        self.high_water.saw(version);
     }
 
     /// The highest version this instance has seen.
-    pub fn high_water(&self) -> Version {
-        Version(self.high_water.load(Ordering::Relaxed))
+    fn high_water(&self) -> Version {
+        self.high_water.get()
+    }
+
+    /// The guards against tiers that went back in time, over these tiers' pieces. Built
+    /// once at start-up for the Redis guard, the feeds and the relay.
+    pub fn guards(&self) -> Guards {
+        Guards {
+            l1: self.l1.clone(),
+            l2: self.l2.clone(),
+            db: self.db.clone(),
+            high_water: self.high_water.clone(),
+            reported_high_water: self.reported_high_water.clone(),
+            watch: self.watch.clone(),
+            catalog: self.catalog.clone(),
+            instance_id: self.instance_id.clone(),
+        }
     }
 
     /// The feeds' state these tiers obey.
@@ -358,24 +333,9 @@ impl Tiers {
         }
     }
 
-    /// With Sentinel, moves to the master the Sentinels name if it changed (see
-    /// [`L2::follow_master`]); Redis is then distrusted until [`Tiers::secure_redis`] has
-    /// checked it. Whether it moved.
-    ///
-    /// # Errors
-    /// No Sentinel named a master that answers as one.
-    pub async fn follow_redis_master(&self) -> Result<bool, L2Error> {
-        self.l2.follow_master().await
-    }
-
-    /// Distrusts Redis (reads skip it) until [`Tiers::secure_redis`] has run.
+    /// Distrusts Redis (reads skip it) until [`Guards::secure_redis`] has run.
     pub fn distrust_redis(&self) {
         self.l2.distrust();
-    }
-
-    /// Completes when Redis has been distrusted (one waiter: the Redis guard).
-    pub async fn redis_distrusted(&self) {
-        self.l2.distrusted().await;
     }
 
     /// Records that this timeline's primary guards a failover (see
@@ -559,26 +519,5 @@ impl Tiers {
             }
             None => Cached::absent(Version::NONE),
         })
-    }
-}
-
-/// How long a copy lives in L1. Values and cached absences are jittered; tombstones are not,
-/// so none lives shorter than the configured `tombstone_ttl` the config check relies on.
-fn l1_ttl(resource: &Resource, copy: &Cached) -> Duration {
-    let t = &resource.ttl;
-    match (&copy.state, copy.version) {
-        (State::Value(_), _) => jitter(t.l1_ttl, t.ttl_jitter),
-        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
-        _ => t.tombstone_ttl,
-    }
-}
-
-/// How long a copy lives in Redis; see [`l1_ttl`].
-fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
-    let t = &resource.ttl;
-    match (&copy.state, copy.version) {
-        (State::Value(_), _) => jitter(t.l2_ttl, t.ttl_jitter),
-        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
-        _ => t.tombstone_ttl,
     }
 }

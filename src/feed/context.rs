@@ -6,7 +6,7 @@ use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::redact::Secrets;
 use crate::resource::CatalogCell;
-use crate::tiers::Tiers;
+use crate::tiers::{Guards, Tiers};
 
 /// What a feed may use, and nothing more (the way a vector source gets a `SourceContext`).
 pub struct FeedContext {
@@ -15,6 +15,9 @@ pub struct FeedContext {
     pub coherence: Arc<Coherence>,
     /// Where changes are applied and replayed.
     pub tiers: Tiers,
+    /// Checks Redis and Postgres when the feed comes back (and the poller when
+    /// transaction ids went back).
+    pub guards: Guards,
     /// Messages name resources; none is applied before the catalog is loaded.
     pub catalog: Arc<CatalogCell>,
     /// Scrubbed from every reason a feed logs.

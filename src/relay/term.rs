@@ -86,11 +86,11 @@ async fn check_source(client: &tokio_postgres::Client, schema: &str) -> Result<(
 /// Never stream into a Redis incarnation that may hold older data than it should, nor
 /// from a Postgres that went back in time unnoticed.
 async fn secure_tiers(ctx: &RelayContext, catalog: &Catalog) -> Result<(), RelayError> {
-    ctx.tiers
+    ctx.guards
         .secure_redis(catalog)
         .await
         .map_err(|e| RelayError::SecureRedis(e.into()))?;
-    ctx.tiers
+    ctx.guards
         .secure_postgres()
         .await
         .map_err(|e| RelayError::SecurePostgres(e.into()))?;

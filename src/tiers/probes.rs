@@ -39,7 +39,7 @@ impl Probes {
         (self.l2.node(), self.l2.sentinel_error())
     }
 
-    /// Whether reads may use Redis now (see [`crate::tiers::Tiers::secure_redis`]).
+    /// Whether reads may use Redis now (see [`crate::tiers::Guards::secure_redis`]).
     pub fn redis_trusted(&self) -> bool {
         self.l2.trusted()
     }
