@@ -438,7 +438,7 @@ fn spawn_relay_and_feeds(
     if config.feeds.postgres && config.feeds.relay {
         let relay = Arc::new(RelayContext {
             config: config.clone(),
-            tiers: parts.tiers.clone(),
+            redis: parts.tiers.relay_redis(),
             guards: parts.tiers.guards(),
             catalog: parts.catalog.clone(),
             secrets: parts.secrets.clone(),
@@ -449,7 +449,7 @@ fn spawn_relay_and_feeds(
     let feeds = Arc::new(FeedContext {
         config: config.clone(),
         coherence: parts.coherence.clone(),
-        tiers: parts.tiers.clone(),
+        tiers: parts.tiers.feed_tiers(),
         guards: parts.tiers.guards(),
         catalog: parts.catalog.clone(),
         secrets: parts.secrets.clone(),

@@ -62,7 +62,7 @@ async fn prepare(
     slot::record_failover_guarded(ctx, client, &gaps).await;
     // The tombstones below go under each resource's current generation, which this process
     // may never have read (`syncar relay` runs no feed).
-    ctx.tiers
+    ctx.redis
         .load_generations()
         .await
         .map_err(|source| RelayError::Redis {
