@@ -154,9 +154,9 @@ impl App {
             let status = match self.state.catalog.get() {
                 Ok(_) if !self.state.coherence.all_up() => ReadyError::FeedDown,
                 Ok(_)
-                    if !self.state.tiers.redis_trusted()
+                    if !self.state.probes.redis_trusted()
                         && (self.state.config.feeds.redis
-                            || self.state.tiers.ping_redis().await.is_ok()) =>
+                            || self.state.probes.ping_redis().await.is_ok()) =>
                 {
                     ReadyError::RedisUnchecked
                 }
@@ -326,6 +326,7 @@ fn http_state(
         coherence: parts.coherence.clone(),
         config: config.clone(),
         tiers: parts.tiers.clone(),
+        probes: parts.tiers.probes(),
         catalog: parts.catalog.clone(),
         metrics,
         http_metrics: HttpMetrics::new(),
@@ -408,14 +409,14 @@ fn spawn_tasks(
         ));
     }
     tasks.spawn(tasks::redis_guard(
-        tiers.clone(),
+        tiers.guards(),
         catalog.clone(),
         config.feeds.lease,
         shutdown.clone(),
     ));
     // The triggers log every change whatever the feeds: always prune.
     tasks.spawn(tasks::prune_task(
-        tiers.clone(),
+        parts.schema_db.clone(),
         catalog.clone(),
         config.feeds.changes_retention,
         shutdown.clone(),
@@ -437,7 +438,8 @@ fn spawn_relay_and_feeds(
     if config.feeds.postgres && config.feeds.relay {
         let relay = Arc::new(RelayContext {
             config: config.clone(),
-            tiers: parts.tiers.clone(),
+            redis: parts.tiers.relay_redis(),
+            guards: parts.tiers.guards(),
             catalog: parts.catalog.clone(),
             secrets: parts.secrets.clone(),
             instance_id: parts.instance_id.clone(),
@@ -447,7 +449,8 @@ fn spawn_relay_and_feeds(
     let feeds = Arc::new(FeedContext {
         config: config.clone(),
         coherence: parts.coherence.clone(),
-        tiers: parts.tiers.clone(),
+        tiers: parts.tiers.feed_tiers(),
+        guards: parts.tiers.guards(),
         catalog: parts.catalog.clone(),
         secrets: parts.secrets.clone(),
         instance_id: parts.instance_id.clone(),

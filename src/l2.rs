@@ -318,7 +318,7 @@ pub struct L2 {
     generations: Arc<RwLock<HashMap<String, i64>>>,
     /// Whether reads may use Redis: the server answering is the incarnation checked last
     /// (see [`L2::identity`]). Cleared by any failed command and by the Redis feed going
-    /// down; set again by the Redis guard ([`crate::tiers::Tiers::secure_redis`]).
+    /// down; set again by the Redis guard ([`crate::tiers::Guards::secure_redis`]).
     trusted: Arc<AtomicBool>,
     /// The `run_id` of the incarnation last trusted.
     incarnation: Arc<Mutex<Option<String>>>,

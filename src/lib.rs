@@ -7,7 +7,8 @@
 //! - [`http`]: the hyper server, routing, document handlers, and the one error-to-status
 //!   mapping.
 //! - [`tiers`]: read-through and write-through across the tiers, and Redis repair; the only
-//!   module that reaches the stores.
+//!   module that reaches the stores, through handles each component gets of its own (the
+//!   feeds', the relay's, the guards, the probes).
 //! - [`feed`]: coherence across instances: the changes-log poller, LISTEN/NOTIFY and Redis
 //!   pub/sub feeds, one run loop for all, replay of the changes log when a feed is back.
 //! - [`relay`]: the `wal` source's relay, elected among instances: streams the WAL, applies

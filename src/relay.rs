@@ -94,14 +94,14 @@ pub async fn run(ctx: Arc<RelayContext>, shutdown: CancellationToken) {
     metrics::gauge!(RELAY_SYNCHRONOUS).set(0.0);
     loop {
         let claimed = ctx
-            .tiers
-            .claim_relay(&ctx.instance_id, feeds.relay_lease)
+            .redis
+            .claim_lease(&ctx.instance_id, feeds.relay_lease)
             .await
             .unwrap_or(false);
         let pause = if claimed {
             let ended = term::serve(&ctx, &catalog, &shutdown).await;
             metrics::gauge!(RELAY_ACTIVE).set(0.0);
-            let _ = ctx.tiers.release_relay(&ctx.instance_id).await;
+            let _ = ctx.redis.release_lease(&ctx.instance_id).await;
             match ended {
                 Ok(()) => return,
                 Err(e) => {

@@ -2,12 +2,16 @@
 //! way back), write-through (Postgres commit first, then Redis, then L1) and the repair of
 //! Redis entries a failed write left behind. Knows nothing about HTTP.
 //!
-//! One room per concept, each an `impl Tiers` block: `read` (the read path), `write`
-//! (the write path), `apply` (the feeds' messages and the relay's batches), `guard`
-//! (tiers that went back in time), `repairs` (the Redis repair queue). What their async code
-//! decides is asked of `decide`: pure functions over versions and copies, tested without
-//! servers. This file holds the state, the types the rooms share and the forwards to L2
-//! and Db.
+//! `Tiers` is the read and write API (the HTTP layer's); its rooms are `impl Tiers` blocks:
+//! `read` (the read path), `write` (the write path). The other components get handles of
+//! their own, built from the same pieces once at start-up, each with a narrow API: the
+//! feeds [`FeedTiers`] (`feed`, with `apply` for their messages), the relay [`RelayRedis`]
+//! (`relay`: its lease, records and publications), the guards against tiers that went back
+//! in time [`Guards`] (`guard`), the readiness checks [`Probes`] (`probes`). Batches of
+//! changes reach Redis through `redis_changes`; `repairs` is the Redis repair queue; what
+//! they all share is in `shared`. What their async code decides is asked of `decide`: pure
+//! functions over versions and copies, tested without servers. This file holds the state,
+//! the types the rooms share, the auditor's check, and the handles' construction.
 //!
 //! # Invariants
 //! - A write is acknowledged only after Postgres committed it.
@@ -19,27 +23,29 @@
 mod apply;
 mod decide;
 mod error;
+mod feed;
 mod guard;
+mod probes;
 mod read;
+mod redis_changes;
 mod relay;
 mod repairs;
+mod shared;
 mod write;
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{self, AuditTap, Sample, Verdict};
-use crate::backoff::jitter;
-use crate::coherence::{Coherence, Feed};
+use crate::coherence::Coherence;
 use crate::db::{Db, DbError};
 use crate::l1::L1;
 use crate::l2::{L2Error, L2};
-use crate::model::{now_ms, CacheKey, Cached, State, Tier, Version};
-use crate::resource::{Catalog, CatalogCell, DocRef, Resource};
-use crate::single_flight::SingleFlight;
+use crate::model::{now_ms, CacheKey, Cached, Tier, Version};
+use crate::resource::{CatalogCell, DocRef};
 use crate::telemetry::{
     error_chain, AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, L1_BYPASSED, L1_FLUSHES,
 };
@@ -50,30 +56,20 @@ const AUDIT_MARGIN: Duration = Duration::from_millis(250);
 
 use decide::Conflict;
 pub use error::{GuardError, ReplayError};
+pub use feed::FeedTiers;
+pub use guard::{Guards, RedisCheck};
+pub use probes::Probes;
+pub use redis_changes::RedisChanges;
+pub use relay::RelayRedis;
 pub use repairs::Repairs;
-
-/// Changes applied to the tiers at once (a replay, a poll's batch): their Redis calls share
-/// one pipelined connection, and order does not matter since every tier takes only strictly
-/// newer versions.
-pub const APPLY_CONCURRENCY: usize = 64;
-
-/// Keys per script call when the relay applies a batch to one Redis node
-/// ([`L2::offer_many`]): large enough that a 100-row statement is one call, small enough
-/// that one call holds Redis for about a millisecond at most.
-pub const OFFER_CHUNK: usize = 256;
+use shared::{l1_ttl, l2_ttl, Flights, HighWater};
+pub use shared::{ReadResult, APPLY_CONCURRENCY, OFFER_CHUNK};
 
 /// See [`Tiers::started`].
 #[derive(Clone, Copy, Debug)]
 struct Started {
     l1: Option<u32>,
     l2: i64,
-}
-
-/// A servable copy and the tier that answered.
-#[derive(Clone, Debug)]
-pub struct ReadResult {
-    pub cached: Cached,
-    pub tier: Tier,
 }
 
 /// How fresh a read must be (query parameters of a GET).
@@ -89,6 +85,9 @@ pub struct ReadOptions {
     pub min_lsn: Option<u64>,
 }
 
+/// The read and write API over the three tiers (the HTTP layer's), and the pieces every
+/// other component's handle is built from ([`Tiers::feed_tiers`], [`Tiers::relay_redis`],
+/// [`Tiers::guards`], [`Tiers::probes`]). Cheap to clone.
 #[derive(Clone)]
 pub struct Tiers {
     l1: Option<L1>,
@@ -97,14 +96,13 @@ pub struct Tiers {
     coherence: Arc<Coherence>,
     /// Identifies this instance's messages on the Redis feed.
     instance_id: Arc<str>,
-    flights: Arc<SingleFlight<CacheKey, Result<ReadResult, DbError>>>,
+    flights: Arc<Flights>,
     repairs: Arc<Repairs>,
     counters: Arc<Counters>,
     /// The resources, for resets that cover them all.
     catalog: Arc<CatalogCell>,
-    /// The highest version this instance has seen anywhere (reads, writes, messages): a
-    /// version sequence behind it went back in time.
-    high_water: Arc<AtomicI64>,
+    /// The highest version this instance has seen anywhere (reads, writes, messages).
+    high_water: HighWater,
     /// The high-water version last recorded in Redis by this instance.
     reported_high_water: Arc<AtomicI64>,
     /// Where sampled cached reads go for the auditor; `None`: no auditor.
@@ -115,19 +113,6 @@ pub struct Tiers {
     fill_lease: Option<Duration>,
     /// Fill leases claimed here so far: each claim's holder is unique.
     lease_claims: Arc<AtomicU64>,
-}
-
-/// What [`Tiers::secure_redis`] found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RedisCheck {
-    /// The incarnation trusted already.
-    Same,
-    /// A new incarnation another instance already made safe.
-    Adopted,
-    /// A new incarnation: every resource's generation raised to this version.
-    Reset(Version),
-    /// Redis refuses `INFO`: trusted without knowing.
-    Unknown,
 }
 
 /// What [`Tiers::inspect`] found for one key. Holds no document body beyond L1's own copy.
@@ -178,6 +163,9 @@ impl Counters {
 }
 
 impl Tiers {
+    /// Tiers over `l1` (`None`: off), `l2` and `db`, obeying the feeds' state `coherence`;
+    /// `instance_id` signs this instance's messages, `repair_queue_max` bounds the Redis
+    /// repair queue (keys), `catalog` names the resources resets cover. Connects nothing.
     pub fn new(
         l1: Option<L1>,
         l2: L2,
@@ -193,11 +181,11 @@ impl Tiers {
             db,
             coherence,
             instance_id: instance_id.into(),
-            flights: Arc::new(SingleFlight::default()),
+            flights: Arc::new(Flights::default()),
             repairs: Arc::new(Repairs::new(repair_queue_max)),
             counters: Arc::new(Counters::new()),
             catalog,
-            high_water: Arc::new(AtomicI64::new(0)),
+            high_water: HighWater::default(),
             reported_high_water: Arc::new(AtomicI64::new(0)),
             audit: None,
             watch: Arc::new(WatchHub::new(1024)),
@@ -247,7 +235,7 @@ impl Tiers {
     /// a copy it would still serve is counted stale, logged with its versions and ages, and
     /// repaired (a tombstone at the newer version, so the next read goes to Postgres).
     /// A cache ahead of Postgres is logged at error level and makes this instance check
-    /// whether Postgres went back ([`Tiers::secure_postgres`]).
+    /// whether Postgres went back ([`Guards::secure_postgres`]).
     pub async fn audit(&self, sample: Sample, lease: Duration) {
         let Ok(postgres) = self.db.get(&sample.doc.resource, &sample.doc.key).await else {
             return; // not a check: Postgres did not answer
@@ -266,7 +254,7 @@ impl Tiers {
                     postgres = postgres.map(|v| v.0),
                     "audit: a cache served a version Postgres does not have"
                 );
-                if let Err(e) = self.secure_postgres().await {
+                if let Err(e) = self.guards().secure_postgres().await {
                     tracing::warn!(error = %error_chain(&e), "audit: checking whether postgres went back failed");
                 }
             }
@@ -311,28 +299,12 @@ impl Tiers {
 
     /// Notes a version seen in any tier or message (see `high_water`).
     fn saw(&self, version: Version) {
-        self.high_water.fetch_max(version.0, Ordering::Relaxed);
-    }
-
-    /// Raises the high-water version recorded in Redis to this instance's, if it moved since
-    /// the last report, so that instances starting later know it too.
-    pub async fn report_high_water(&self) {
-        let high = self.high_water.load(Ordering::Relaxed);
-        if high > self.reported_high_water.load(Ordering::Relaxed)
-            && self.l2.raise_high_water(high).await.is_ok()
-        {
-            self.reported_high_water.fetch_max(high, Ordering::Relaxed);
-        }
+        self.high_water.saw(version);
     }
 
     /// The highest version this instance has seen.
-    pub fn high_water(&self) -> Version {
-        Version(self.high_water.load(Ordering::Relaxed))
-    }
-
-    /// The feeds' state these tiers obey.
-    pub fn coherence(&self) -> &Arc<Coherence> {
-        &self.coherence
+    fn high_water(&self) -> Version {
+        self.high_water.get()
     }
 
     /// The generations a read or write starts in: what it loads or writes lands only there,
@@ -356,90 +328,56 @@ impl Tiers {
         }
     }
 
-    /// With Sentinel, moves to the master the Sentinels name if it changed (see
-    /// [`L2::follow_master`]); Redis is then distrusted until [`Tiers::secure_redis`] has
-    /// checked it. Whether it moved.
-    ///
-    /// # Errors
-    /// No Sentinel named a master that answers as one.
-    pub async fn follow_redis_master(&self) -> Result<bool, L2Error> {
-        self.l2.follow_master().await
-    }
-
-    /// The Redis node commands go to (`host:port`), and why the Sentinels were last asked in
-    /// vain, if they were; for `/readyz`.
-    pub fn redis_node(&self) -> (String, Option<String>) {
-        (self.l2.node(), self.l2.sentinel_error())
-    }
-
-    /// Whether reads may use Redis now (see [`Tiers::secure_redis`]).
-    pub fn redis_trusted(&self) -> bool {
-        self.l2.trusted()
-    }
-
-    /// Distrusts Redis (reads skip it) until [`Tiers::secure_redis`] has run.
-    pub fn distrust_redis(&self) {
-        self.l2.distrust();
-    }
-
-    /// Completes when Redis has been distrusted (one waiter: the Redis guard).
-    pub async fn redis_distrusted(&self) {
-        self.l2.distrusted().await;
-    }
-
-    /// Records that this timeline's primary guards a failover (see
-    /// [`L2::record_failover_guarded`]).
-    ///
-    /// # Errors
-    /// Redis failing.
-    pub async fn record_failover_guarded(&self, timeline: i32) -> Result<(), L2Error> {
-        self.l2.record_failover_guarded(timeline).await
-    }
-
-    /// Reads every resource's generation from Redis; see [`L2::load_generations`].
-    ///
-    /// # Errors
-    /// The command's failure.
-    pub async fn load_generations(&self) -> Result<(), L2Error> {
-        self.l2.load_generations().await
-    }
-
-    /// Repairs Redis from the changes log: every key changed within the last `ago` (by
-    /// Postgres' clock) gets a tombstone of its newest logged version, which lands only where
-    /// Redis holds something older. Returns how many keys were replayed.
-    ///
-    /// # Errors
-    /// Reading the log failed, or the first Redis failure.
-    pub async fn replay_changes_log(
-        &self,
-        catalog: &Catalog,
-        ago: Duration,
-    ) -> Result<usize, ReplayError> {
-        let changes = self.db.changes_since(ago).await?;
-        self.apply_to_redis(catalog, &changes).await?;
-        Ok(changes.len())
-    }
-
-    /// Drops every key under this deployment's prefix from Redis (when a repair key by key is
-    /// no longer possible). Returns how many keys were removed.
-    ///
-    /// # Errors
-    /// The first Redis failure.
-    pub async fn flush_redis(&self) -> Result<u64, L2Error> {
-        self.l2.flush_prefix().await
-    }
-
-    /// Empties L1 (a feed came back: nothing cached before may be served), counted for
-    /// `feed`. Nothing loading before this call lands after it (see [`L1::clear`]).
-    pub fn flush_l1(&self, feed: Feed) {
-        if let Some(l1) = &self.l1 {
-            l1.clear();
-            metrics::counter!(L1_FLUSHES, "feed" => feed.as_str()).increment(1);
+    /// The feeds' handle: their subscriptions and publications, their messages applied,
+    /// the changes log replayed, L1 emptied. Built once at start-up.
+    pub fn feed_tiers(&self) -> FeedTiers {
+        FeedTiers {
+            l1: self.l1.clone(),
+            l2: self.l2.clone(),
+            db: self.db.clone(),
+            flights: self.flights.clone(),
+            repairs: self.repairs.clone(),
+            watch: self.watch.clone(),
+            catalog: self.catalog.clone(),
+            high_water: self.high_water.clone(),
+            changes: self.redis_changes(),
         }
-        self.watch.reset(&format!(
-            "the {} feed came back after an outage; re-read",
-            feed.as_str()
-        ));
+    }
+
+    /// The relay's handle to Redis: its lease, its records, its publications, its changes
+    /// applied. Built once at start-up.
+    pub fn relay_redis(&self) -> RelayRedis {
+        RelayRedis::new(self.l2.clone(), self.redis_changes())
+    }
+
+    /// The guards against tiers that went back in time, over these tiers' pieces. Built
+    /// once at start-up for the Redis guard, the feeds and the relay.
+    pub fn guards(&self) -> Guards {
+        Guards {
+            l1: self.l1.clone(),
+            l2: self.l2.clone(),
+            db: self.db.clone(),
+            high_water: self.high_water.clone(),
+            reported_high_water: self.reported_high_water.clone(),
+            watch: self.watch.clone(),
+            catalog: self.catalog.clone(),
+            instance_id: self.instance_id.clone(),
+        }
+    }
+
+    /// The readiness checks of the stores (`/readyz`).
+    pub fn probes(&self) -> Probes {
+        Probes::new(self.l2.clone(), self.db.clone())
+    }
+
+    /// Batches of committed changes applied to Redis, sharing these tiers' loads in flight
+    /// and high-water version.
+    fn redis_changes(&self) -> RedisChanges {
+        RedisChanges::new(
+            self.l2.clone(),
+            self.flights.clone(),
+            self.high_water.clone(),
+        )
     }
 
     /// Empties L1 because the catalog was read again after a table changed shape: copies
@@ -452,101 +390,11 @@ impl Tiers {
         }
     }
 
-    /// Tells watchers this instance can no longer vouch that it hears every change.
-    pub fn watch_reset(&self, reason: &str) {
-        self.watch.reset(reason);
-    }
-
     /// L1's entries and weighted bytes, if there is an L1.
     pub fn l1_size(&self) -> Option<(u64, u64)> {
         self.l1
             .as_ref()
             .map(|l1| (l1.entry_count(), l1.weighted_size()))
-    }
-
-    /// `SELECT 1` through the pool.
-    ///
-    /// # Errors
-    /// Why Postgres cannot be used.
-    pub async fn ping_postgres(&self) -> Result<(), DbError> {
-        self.db.ping().await
-    }
-
-    /// `PING` on the command connection.
-    ///
-    /// # Errors
-    /// Why Redis cannot be used.
-    pub async fn ping_redis(&self) -> Result<(), L2Error> {
-        self.l2.ping().await
-    }
-
-    /// Prunes the changes log past `retention` (one instance at a time does the work);
-    /// returns the rows deleted.
-    ///
-    /// # Errors
-    /// Postgres failing.
-    pub async fn prune_changes_log(&self, retention: Duration) -> Result<u64, DbError> {
-        self.db.prune_changes(retention).await
-    }
-
-    /// Publishes `payload` on `channel` (heartbeats).
-    ///
-    /// # Errors
-    /// The command's failure.
-    pub async fn publish(&self, channel: &str, payload: String) -> Result<(), L2Error> {
-        self.l2.publish(channel, payload).await
-    }
-
-    /// A Redis subscription of its own to `channels`; see [`L2::subscribe`].
-    ///
-    /// # Errors
-    /// Connecting or subscribing failed or timed out.
-    pub async fn subscribe(
-        &self,
-        channels: &[String],
-        timeout: Duration,
-    ) -> Result<futures_util::stream::BoxStream<'static, redis::Msg>, L2Error> {
-        self.l2.subscribe(channels, timeout).await
-    }
-
-    /// A subscription to `channels` with heartbeat channels of its own; see
-    /// [`L2::subscribe_with_heartbeats`].
-    ///
-    /// # Errors
-    /// Reading the layout, connecting or subscribing failed or timed out.
-    pub async fn subscribe_with_heartbeats(
-        &self,
-        channels: &[String],
-        suffix: &str,
-        timeout: Duration,
-    ) -> Result<
-        (
-            futures_util::stream::BoxStream<'static, redis::Msg>,
-            Vec<String>,
-        ),
-        L2Error,
-    > {
-        self.l2
-            .subscribe_with_heartbeats(channels, suffix, timeout)
-            .await
-    }
-
-    /// Every channel writes are announced on; see [`L2::invalidation_channels`].
-    pub fn invalidation_channels(&self) -> Vec<String> {
-        self.l2.invalidation_channels()
-    }
-
-    /// How many connections subscribe to `channel`; see [`L2::subscribers`].
-    ///
-    /// # Errors
-    /// The command's failure.
-    pub async fn subscribers(&self, channel: &str) -> Result<u64, L2Error> {
-        self.l2.subscribers(channel).await
-    }
-
-    /// The channel writes through syncar are announced on.
-    pub fn invalidation_channel(&self) -> String {
-        self.l2.invalidation_channel()
     }
 
     /// Runs the Redis repair loop until `shutdown`, then makes a last attempt bounded by
@@ -555,7 +403,8 @@ impl Tiers {
         self.repairs.run(&self.l2, shutdown, final_drain).await;
     }
 
-    /// Keys waiting for a Redis repair.
+    /// Keys waiting for a Redis repair. A test hook, like [`Tiers::peek_l1`].
+    #[cfg(any(test, feature = "test-hooks"))]
     pub fn pending_repairs(&self) -> usize {
         self.repairs.len()
     }
@@ -588,26 +437,5 @@ impl Tiers {
             }
             None => Cached::absent(Version::NONE),
         })
-    }
-}
-
-/// How long a copy lives in L1. Values and cached absences are jittered; tombstones are not,
-/// so none lives shorter than the configured `tombstone_ttl` the config check relies on.
-fn l1_ttl(resource: &Resource, copy: &Cached) -> Duration {
-    let t = &resource.ttl;
-    match (&copy.state, copy.version) {
-        (State::Value(_), _) => jitter(t.l1_ttl, t.ttl_jitter),
-        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
-        _ => t.tombstone_ttl,
-    }
-}
-
-/// How long a copy lives in Redis; see [`l1_ttl`].
-fn l2_ttl(resource: &Resource, copy: &Cached) -> Duration {
-    let t = &resource.ttl;
-    match (&copy.state, copy.version) {
-        (State::Value(_), _) => jitter(t.l2_ttl, t.ttl_jitter),
-        (State::Absent, Version::NONE) => jitter(t.negative_ttl, t.ttl_jitter),
-        _ => t.tombstone_ttl,
     }
 }

@@ -16,7 +16,7 @@ use crate::redact::Secrets;
 use crate::resource::CatalogCell;
 use crate::schema::{load_catalog, migrate};
 use crate::telemetry::{error_chain, L1_BYTES, L1_ENTRIES};
-use crate::tiers::Tiers;
+use crate::tiers::{Guards, Tiers};
 
 /// Longest pause between attempts to migrate and load the schema.
 const SCHEMA_MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -220,10 +220,10 @@ const AUDIT_CONCURRENT_CHECKS: usize = 32;
 /// Checks which Redis incarnation answers once per `every` (the lease: a restarted or
 /// failed-over Redis is noticed within it even when no command failed), and at once when a
 /// command failed or the Redis feed went down; reads skip Redis until it has (see
-/// [`Tiers::secure_redis`]). Then records this instance's high-water version in Redis (for
-/// [`Tiers::secure_postgres`] on instances that start later).
+/// [`Guards::secure_redis`]). Then records this instance's high-water version in Redis (for
+/// [`Guards::secure_postgres`] on instances that start later).
 pub(super) async fn redis_guard(
-    tiers: Tiers,
+    guards: Guards,
     catalog: Arc<CatalogCell>,
     every: Duration,
     shutdown: CancellationToken,
@@ -233,19 +233,19 @@ pub(super) async fn redis_guard(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tiers.redis_distrusted() => {}
+            _ = guards.redis_distrusted() => {}
             _ = tokio::time::sleep(pause) => {}
         }
         let Ok(catalog) = catalog.get() else {
             pause = Duration::from_millis(50);
             continue;
         };
-        if let Err(e) = tiers.follow_redis_master().await {
+        if let Err(e) = guards.follow_redis_master().await {
             tracing::debug!(error = %e, "asking the Redis Sentinels for the master failed");
         }
-        pause = match tiers.secure_redis(&catalog).await {
+        pause = match guards.secure_redis(&catalog).await {
             Ok(_) => {
-                tiers.report_high_water().await;
+                guards.report_high_water().await;
                 backoff.reset();
                 jitter(every, 0.2)
             }
@@ -259,7 +259,7 @@ pub(super) async fn redis_guard(
 
 /// Prunes the changes log now and then; one instance at a time does the work.
 pub(super) async fn prune_task(
-    tiers: Tiers,
+    db: Db,
     catalog: Arc<CatalogCell>,
     retention: Duration,
     shutdown: CancellationToken,
@@ -276,7 +276,7 @@ pub(super) async fn prune_task(
             Ok(_) => {}
             Err(_) => continue,
         }
-        match tiers.prune_changes_log(retention).await {
+        match db.prune_changes(retention).await {
             Ok(n) if n > 0 => tracing::debug!(deleted = n, "pruned the changes log"),
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "pruning the changes log failed"),

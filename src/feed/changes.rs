@@ -102,11 +102,11 @@ impl ChangesLog {
     ) -> Result<(), FeedError> {
         if let Some(from) = self.xid {
             let xmin = within(lease, "snapshot", current_xmin(client)).await?;
-            let mut went_back = ctx.tiers.secure_postgres().await?.is_some();
+            let mut went_back = ctx.guards.secure_postgres().await?.is_some();
             if xmin < from && !went_back {
                 let why = format!("its transaction ids went back from {from} to {xmin}");
-                ctx.tiers
-                    .postgres_went_back(ctx.tiers.high_water(), &why)
+                ctx.guards
+                    .postgres_went_back(ctx.guards.high_water(), &why)
                     .await?;
                 went_back = true;
             }

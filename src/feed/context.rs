@@ -6,15 +6,18 @@ use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::redact::Secrets;
 use crate::resource::CatalogCell;
-use crate::tiers::Tiers;
+use crate::tiers::{FeedTiers, Guards};
 
 /// What a feed may use, and nothing more (the way a vector source gets a `SourceContext`).
 pub struct FeedContext {
     pub config: Arc<Config>,
     /// The feeds' state, which this feed updates and every reader consults.
     pub coherence: Arc<Coherence>,
-    /// Where changes are applied and replayed.
-    pub tiers: Tiers,
+    /// Its subscriptions and publications; where changes are applied and replayed.
+    pub tiers: FeedTiers,
+    /// Checks Redis and Postgres when the feed comes back (and the poller when
+    /// transaction ids went back).
+    pub guards: Guards,
     /// Messages name resources; none is applied before the catalog is loaded.
     pub catalog: Arc<CatalogCell>,
     /// Scrubbed from every reason a feed logs.

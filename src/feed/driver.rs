@@ -136,8 +136,8 @@ impl Supervisor {
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A feed is back: make sure its tier has not gone back in time (for the Redis feed, a new
-/// incarnation holding older data, [`crate::tiers::Tiers::secure_redis`]; for the Postgres
-/// feed, a restore or failover, [`crate::tiers::Tiers::secure_postgres`]); repair Redis from
+/// incarnation holding older data, [`crate::tiers::Guards::secure_redis`]; for the Postgres
+/// feed, a restore or failover, [`crate::tiers::Guards::secure_postgres`]); repair Redis from
 /// the changes log since shortly before the outage began
 /// (with the `wal` source the relay repairs Redis, so nothing is replayed and Postgres is not
 /// asked), re-read the resources' generations, then empty L1. The caller marks the feed up only once a heartbeat sent after this returned
@@ -163,9 +163,9 @@ pub(crate) async fn recover(
     let tiers = &ctx.tiers;
     match feed {
         // Before anything is replayed into it or read from it: is it the Redis it was?
-        Feed::Redis => tiers.secure_redis(&catalog).await.map(|_| ())?,
+        Feed::Redis => ctx.guards.secure_redis(&catalog).await.map(|_| ())?,
         // A Postgres restored from a backup, or failed over, comes back through here.
-        Feed::Postgres => tiers.secure_postgres().await.map(|_| ())?,
+        Feed::Postgres => ctx.guards.secure_postgres().await.map(|_| ())?,
     }
     if catalog.capture.source == PostgresSource::Wal {
         // Nothing to replay: the relay applies every change to Redis, at least once.

@@ -323,7 +323,7 @@ impl Listening<'_> {
     /// Everything up to `lsn` has been applied here.
     fn applied(&self, lsn: Lsn) {
         self.ctx.coherence.applied(lsn.as_u64());
-        self.ctx.tiers.watch().position(lsn.as_u64());
+        self.ctx.tiers.watch_position(lsn.as_u64());
     }
 
     /// Whether `relay` is the one whose heartbeats this instance hears.

@@ -53,10 +53,10 @@ pub(super) fn healthz() -> Response<Full<Bytes>> {
 /// deadline.
 pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     let deadline = Duration::from_secs(2);
-    let tiers = &state.tiers;
+    let probes = &state.probes;
     let (pg, redis) = tokio::join!(
-        tokio::time::timeout(deadline, tiers.ping_postgres()),
-        tokio::time::timeout(deadline, tiers.ping_redis()),
+        tokio::time::timeout(deadline, probes.ping_postgres()),
+        tokio::time::timeout(deadline, probes.ping_redis()),
     );
     let schema = match state.catalog() {
         Ok(_) => json!({"ok": true}),
@@ -80,7 +80,7 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
         check_json(&state.secrets, pg),
         check_json(&state.secrets, redis),
     );
-    let (node, sentinel_error) = tiers.redis_node();
+    let (node, sentinel_error) = probes.redis_node();
     redis["node"] = json!(node);
     if let Some(e) = sentinel_error {
         redis["sentinel_error"] = json!(state.secrets.scrub(&e));

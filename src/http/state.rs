@@ -1,5 +1,5 @@
-//! What the HTTP layer owns: the tiers it reads and writes through, and its own request
-//! accounting.
+//! What the HTTP layer owns: the tiers it reads and writes through, the stores' probes, and
+//! its own request accounting.
 
 use std::sync::Arc;
 
@@ -13,7 +13,7 @@ use crate::coherence::Coherence;
 use crate::config::Config;
 use crate::redact::Secrets;
 use crate::resource::{Catalog, CatalogCell, NotReady};
-use crate::tiers::Tiers;
+use crate::tiers::{Probes, Tiers};
 
 /// What the HTTP layer needs, owned by it: the tiers to read and write through, and its own
 /// request accounting.
@@ -21,7 +21,10 @@ pub struct HttpState {
     pub config: Arc<Config>,
     /// The configured name (`/readyz`).
     pub instance: String,
+    /// The read and write API.
     pub tiers: Tiers,
+    /// Whether Postgres and Redis answer (`/readyz`).
+    pub probes: Probes,
     /// The feeds' state, reported by `/readyz`.
     pub coherence: Arc<Coherence>,
     /// The resources, once the schema task has loaded them.

@@ -201,7 +201,7 @@ impl L2 {
     /// Records that on `timeline` the relay's slot was a failover slot and the primary held
     /// logical decoding back for a standby (`synchronized_standby_slots`): a standby
     /// promoted from that timeline with a synchronized copy of the slot lacks nothing the
-    /// relay relayed (see `Tiers::secure_postgres`). Field `failover_guarded:{timeline}` of
+    /// relay relayed (see `Guards::secure_postgres`). Field `failover_guarded:{timeline}` of
     /// the Postgres record.
     ///
     /// # Errors

@@ -20,7 +20,7 @@ const CHANGES_PER_MESSAGE: usize = 1000;
 /// Encoding or Redis failing.
 pub(super) async fn publish(ctx: &RelayContext, relayed: Relayed) -> Result<(), RelayError> {
     let payload = serde_json::to_string(&relayed).map_err(RelayError::Encode)?;
-    ctx.tiers
+    ctx.redis
         .publish(&relay_channel(&ctx.config.redis.key_prefix), payload)
         .await
         .map_err(|source| RelayError::Redis {
@@ -58,15 +58,12 @@ pub(super) async fn apply_and_publish(
         .map_err(RelayError::Encode)?;
     let published = match &whole {
         Some(message) => ctx
-            .tiers
+            .redis
             .apply_and_publish(catalog, changes, &channel, message)
             .await
             .map_err(applying)?,
         None => {
-            ctx.tiers
-                .apply_to_redis(catalog, changes)
-                .await
-                .map_err(applying)?;
+            ctx.redis.apply(catalog, changes).await.map_err(applying)?;
             false
         }
     };

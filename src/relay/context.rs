@@ -6,13 +6,15 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::redact::Secrets;
 use crate::resource::CatalogCell;
-use crate::tiers::Tiers;
+use crate::tiers::{Guards, RelayRedis};
 
 /// What the relay may use.
 pub struct RelayContext {
     pub config: Arc<Config>,
-    /// Where changes are applied (Redis) and published.
-    pub tiers: Tiers,
+    /// Its lease, its records in Redis, where changes are applied (Redis) and published.
+    pub redis: RelayRedis,
+    /// Checks Redis and Postgres before a term streams anything.
+    pub guards: Guards,
     pub catalog: Arc<CatalogCell>,
     pub secrets: Secrets,
     /// This instance's id: the lease's holder, and the heartbeats' author.

@@ -215,8 +215,8 @@ pub(super) async fn listing(
     let listed = confirmations.listed()?;
     let record = confirmations.to_record();
     match ctx
-        .tiers
-        .record_relay_listing(&record, 2 * ctx.config.feeds.lease)
+        .redis
+        .record_listing(&record, 2 * ctx.config.feeds.lease)
         .await
     {
         Ok(()) => Some(listed),

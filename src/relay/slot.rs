@@ -101,7 +101,7 @@ pub(super) async fn record_failover_guarded(
 ) {
     if let (Ok(gaps), Some(timeline)) = (gaps, current_timeline(client).await) {
         if gaps.is_empty() && server_version_num(client).await.is_ok_and(|v| v >= 170_000) {
-            if let Err(e) = ctx.tiers.record_failover_guarded(timeline).await {
+            if let Err(e) = ctx.redis.record_failover_guarded(timeline).await {
                 tracing::debug!(error = %e, "cannot record that failover is guarded");
             }
         }
@@ -123,7 +123,7 @@ pub(super) async fn feed_redis_from(
 ) -> Result<(), RelayError> {
     let redis = |doing| move |source| RelayError::Redis { doing, source };
     let fed_by = ctx
-        .tiers
+        .redis
         .fed_by_slot()
         .await
         .map_err(redis("reading the slot redis was fed by"))?;
@@ -136,8 +136,8 @@ pub(super) async fn feed_redis_from(
         .iter()
         .map(|r| change(r, None, version, Op::Flush, None))
         .collect();
-    ctx.tiers
-        .apply_to_redis(catalog, &flushes)
+    ctx.redis
+        .apply(catalog, &flushes)
         .await
         .map_err(redis("flushing redis for a new slot"))?;
     publish(
@@ -148,7 +148,7 @@ pub(super) async fn feed_redis_from(
         },
     )
     .await?;
-    ctx.tiers
+    ctx.redis
         .record_fed_by_slot(epoch)
         .await
         .map_err(redis("recording the slot redis is fed by"))?;

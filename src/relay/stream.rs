@@ -89,12 +89,12 @@ impl<'a> Stream<'a> {
         let subscribing = |doing| move |source| RelayError::Redis { doing, source };
         let alive_channel = relay_alive_channel(&config.redis.key_prefix, &ctx.instance_id);
         let alive = ctx
-            .tiers
+            .redis
             .subscribe(&[alive_channel], feeds.lease)
             .await
             .map_err(subscribing("subscribing to the relay's alive channel"))?;
         let reports = ctx
-            .tiers
+            .redis
             .subscribe(&[applied_channel(&config.redis.key_prefix)], feeds.lease)
             .await
             .map_err(subscribing("subscribing to the instances' reports"))?;
@@ -104,7 +104,7 @@ impl<'a> Stream<'a> {
         let mut confirmations = Confirmations::new(feeds.lease, feeds.relay_lease / 4);
         // Who may hold a lease from the previous synchronous relay's heartbeats: this term
         // confirms nothing new until they have reported (or a lease has passed).
-        match ctx.tiers.relay_listing().await {
+        match ctx.redis.listing().await {
             Ok(listed) => confirmations.expect(listed),
             Err(e) => tracing::debug!(error = %e, "reading the instances waited for failed"),
         }
@@ -183,8 +183,8 @@ impl<'a> Stream<'a> {
     async fn renew(&mut self) -> Result<(), RelayError> {
         let ctx = self.ctx;
         match ctx
-            .tiers
-            .claim_relay(&ctx.instance_id, ctx.config.feeds.relay_lease)
+            .redis
+            .claim_lease(&ctx.instance_id, ctx.config.feeds.relay_lease)
             .await
         {
             Ok(true) => {}

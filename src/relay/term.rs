@@ -62,7 +62,7 @@ async fn prepare(
     slot::record_failover_guarded(ctx, client, &gaps).await;
     // The tombstones below go under each resource's current generation, which this process
     // may never have read (`syncar relay` runs no feed).
-    ctx.tiers
+    ctx.redis
         .load_generations()
         .await
         .map_err(|source| RelayError::Redis {
@@ -86,11 +86,11 @@ async fn check_source(client: &tokio_postgres::Client, schema: &str) -> Result<(
 /// Never stream into a Redis incarnation that may hold older data than it should, nor
 /// from a Postgres that went back in time unnoticed.
 async fn secure_tiers(ctx: &RelayContext, catalog: &Catalog) -> Result<(), RelayError> {
-    ctx.tiers
+    ctx.guards
         .secure_redis(catalog)
         .await
         .map_err(|e| RelayError::SecureRedis(e.into()))?;
-    ctx.tiers
+    ctx.guards
         .secure_postgres()
         .await
         .map_err(|e| RelayError::SecurePostgres(e.into()))?;

@@ -1,5 +1,5 @@
-//! Applying the feeds' messages: to L1 (and Redis, for the feeds that must tell it), and
-//! the relay's batches to Redis with their message.
+//! Applying the feeds' messages, as a room of [`FeedTiers`]: to L1, and to Redis for the
+//! feeds that must tell it. What a message does is asked of `decide`.
 
 use crate::coherence::{Feed, Message, Op};
 use crate::l1::Offer;
@@ -7,10 +7,11 @@ use crate::l2::L2Error;
 use crate::model::{CacheKey, Version};
 use crate::resource::Catalog;
 
-use super::decide::{effect, invalidation, news, Effect};
-use super::{l1_ttl, l2_ttl, Tiers, APPLY_CONCURRENCY, OFFER_CHUNK};
+use super::decide::{effect, news, Effect};
+use super::feed::FeedTiers;
+use super::shared::{l1_ttl, l2_ttl};
 
-impl Tiers {
+impl FeedTiers {
     /// Applies an invalidation from a feed: a tombstone (or, for a delete, an absence) at the
     /// message's version in L1, and, from the Postgres feed, in Redis too, which repairs Redis
     /// after writes that never went through syncar. A flush empties L1 and raises the
@@ -27,14 +28,14 @@ impl Tiers {
         self.apply_to(catalog, message, false).await
     }
 
-    pub(super) async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
+    async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
         let served = catalog.get(&message.resource);
         let known = catalog.knows(&message.resource);
         let (copy, key) = match effect(message, known, served.is_some()) {
             Effect::Flush { clear_l1 } => return self.apply_flush(message, clear_l1, redis).await,
             Effect::Ignore => return false, // not a resource of this instance
             Effect::Seen => {
-                self.saw(Version(message.version));
+                self.high_water.saw(Version(message.version));
                 return false;
             }
             Effect::Key { copy, key } => (copy, key),
@@ -42,7 +43,7 @@ impl Tiers {
         let Some(resource) = served else {
             return false; // `effect` names a key only of a served resource
         };
-        self.saw(Version(message.version));
+        self.high_water.saw(Version(message.version));
         let ck = CacheKey::new(&resource.name, key);
         // New to this instance: judged by L1 when there is one, else by Redis.
         let l1 = self
@@ -79,7 +80,7 @@ impl Tiers {
     /// nothing read from Redis after L1 is emptied comes from the old one. L1 is emptied
     /// only for a served resource (`clear_l1`, see [`Effect::Flush`]).
     async fn apply_flush(&self, message: &Message, clear_l1: bool, redis: bool) -> bool {
-        self.saw(Version(message.version));
+        self.high_water.saw(Version(message.version));
         let name = &message.resource;
         self.l2.note_generation(name, message.version);
         if let (Some(l1), true) = (&self.l1, clear_l1) {
@@ -94,104 +95,6 @@ impl Tiers {
         self.catalog.request_recheck();
         self.watch.change(name, None, message.version, Op::Flush);
         true
-    }
-
-    /// Applies committed changes to Redis only: a tombstone (or absence) per key, a
-    /// generation raise per flush, each landing only where Redis holds something older. The
-    /// relay of the `wal` source applies its stream this way (instances apply it to their L1
-    /// when the relay's message reaches them), and a feed that recovers replays the changes
-    /// log this way.
-    ///
-    /// On one Redis node the keys go in script calls of [`OFFER_CHUNK`] keys each
-    /// ([`L2::offer_many`]), concurrently; in a cluster (keys of many hash slots) one call
-    /// per key, concurrently: order does not matter (Redis takes only strictly newer
-    /// versions) and the connection pipelines what is in flight; one by one, a large log
-    /// took seconds. Each key lands in its resource's generation as known before the
-    /// batch's flushes are applied: a copy older than a flush of the same batch is never
-    /// read again, a newer one is only missed once.
-    ///
-    /// # Errors
-    /// The first Redis failure: the relay acknowledges nothing and the changes come again.
-    pub async fn apply_to_redis(
-        &self,
-        catalog: &Catalog,
-        changes: &[Message],
-    ) -> Result<(), L2Error> {
-        self.apply_batch(catalog, changes, None).await.map(|_| ())
-    }
-
-    /// [`Tiers::apply_to_redis`], then `message` published on `channel`, in the script call
-    /// of the last keys where Redis allows it (one node, no flush in the batch): instances
-    /// hear the batch one round trip sooner, and never before Redis holds all of it. Returns
-    /// whether `message` went out; if not, the caller publishes it.
-    ///
-    /// # Errors
-    /// The first Redis failure: the message may or may not have gone out, and the relay
-    /// acknowledges nothing (the changes come again).
-    pub async fn apply_and_publish(
-        &self,
-        catalog: &Catalog,
-        changes: &[Message],
-        channel: &str,
-        message: &str,
-    ) -> Result<bool, L2Error> {
-        self.apply_batch(catalog, changes, Some((channel, message)))
-            .await
-    }
-
-    pub(super) async fn apply_batch(
-        &self,
-        catalog: &Catalog,
-        changes: &[Message],
-        publish: Option<(&str, &str)>,
-    ) -> Result<bool, L2Error> {
-        use futures_util::TryStreamExt;
-        if let Some(high) = changes.iter().map(|c| c.version).max() {
-            self.saw(Version(high));
-        }
-        let mut copies = Vec::new();
-        let mut flushes = Vec::new();
-        for change in changes {
-            match (invalidation(change), &change.key) {
-                (Some(copy), Some(key)) => {
-                    let Some(resource) = catalog.get(&change.resource) else {
-                        continue;
-                    };
-                    let ck = CacheKey::new(&resource.name, key);
-                    // Whatever it does to Redis, a load in flight here may predate this change.
-                    self.flights.forget(&ck);
-                    let ttl = l2_ttl(resource, &copy);
-                    copies.push((ck, copy, ttl));
-                }
-                _ if catalog.knows(&change.resource) => flushes.push(change),
-                _ => {}
-            }
-        }
-        // The message rides with the last keys only when nothing follows them.
-        let riding = publish.filter(|_| flushes.is_empty() && !copies.is_empty());
-        if self.l2.publishes_anywhere() {
-            let chunks: Vec<_> = copies.chunks(OFFER_CHUNK).collect();
-            if let Some((last, rest)) = chunks.split_last() {
-                futures_util::future::try_join_all(
-                    rest.iter().map(|chunk| self.l2.offer_many(chunk, "", "")),
-                )
-                .await?;
-                let (channel, message) = riding.unwrap_or(("", ""));
-                self.l2.offer_many(last, channel, message).await?;
-            }
-        } else {
-            futures_util::stream::iter(copies.iter().map(Ok))
-                .try_for_each_concurrent(APPLY_CONCURRENCY, |(ck, copy, ttl)| async move {
-                    self.l2.offer(ck, copy, *ttl).await.map(|_| ())
-                })
-                .await?;
-        }
-        for change in flushes {
-            self.l2
-                .raise_generation(&change.resource, change.version)
-                .await?;
-        }
-        Ok(riding.is_some() && self.l2.publishes_anywhere())
     }
 }
 
@@ -212,9 +115,8 @@ mod tests {
     use crate::l1::{Offer, L1};
     use crate::model::{CacheKey, Cached, Version};
 
-    use super::invalidation;
     use crate::tiers::decide::{
-        conflict, l1_knows_newer, redis_may_answer, regression, Regression,
+        conflict, invalidation, l1_knows_newer, redis_may_answer, regression, Regression,
     };
 
     const TTL: Duration = Duration::from_secs(3600);

@@ -6,8 +6,8 @@ use crate::db::DbError;
 use crate::l2::L2Error;
 use crate::resource::NotReady;
 
-/// Why a guard against a tier that went back in time (`Tiers::secure_redis`,
-/// `Tiers::secure_postgres`, `Tiers::postgres_went_back`) did not finish: the tier is not
+/// Why a guard against a tier that went back in time (`Guards::secure_redis`,
+/// `Guards::secure_postgres`, `Guards::postgres_went_back`) did not finish: the tier is not
 /// trusted yet, and the caller retries.
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {

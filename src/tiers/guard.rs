@@ -1,14 +1,54 @@
 //! The guards against tiers that went back in time: a Redis that is a new incarnation, a
-//! Postgres restored, failed over or with its sequence set back.
+//! Postgres restored, failed over or with its sequence set back. A handle of its own,
+//! [`Guards`], shared by the Redis guard task, the feeds, the relay and the auditor. Knows
+//! nothing of reads, writes or feeds' messages.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 
 use crate::coherence::{Message, Op};
-use crate::db::PostgresIdentity;
+use crate::db::{Db, PostgresIdentity};
+use crate::l1::L1;
+use crate::l2::{L2Error, L2};
 use crate::model::{now_ms, Version};
-use crate::resource::Catalog;
+use crate::resource::{Catalog, CatalogCell};
 use crate::telemetry::TIER_RESETS;
+use crate::watch::WatchHub;
 
 use super::error::GuardError;
-use super::{RedisCheck, Tiers};
+use super::shared::HighWater;
+
+/// What [`Guards::secure_redis`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedisCheck {
+    /// The incarnation trusted already.
+    Same,
+    /// A new incarnation another instance already made safe.
+    Adopted,
+    /// A new incarnation: every resource's generation raised to this version.
+    Reset(Version),
+    /// Redis refuses `INFO`: trusted without knowing.
+    Unknown,
+}
+
+/// The guards against a Redis or a Postgres that went back in time, over the pieces they
+/// reset: L1, Redis' generations and trust, the version sequence, the watchers. Cheap to
+/// clone; built once at start-up (see [`crate::tiers::Tiers::guards`]).
+#[derive(Clone)]
+pub struct Guards {
+    pub(super) l1: Option<L1>,
+    pub(super) l2: L2,
+    pub(super) db: Db,
+    pub(super) high_water: HighWater,
+    /// The high-water version last recorded in Redis by this instance.
+    pub(super) reported_high_water: Arc<AtomicI64>,
+    /// Told when a reset empties L1.
+    pub(super) watch: Arc<WatchHub>,
+    /// The resources whose generations a reset raises, and the slot the relay streams.
+    pub(super) catalog: Arc<CatalogCell>,
+    /// The sender of the flushes a reset announces on the Redis feed.
+    pub(super) instance_id: Arc<str>,
+}
 
 /// Why Postgres, as `now` describes it, went back in time against what was recorded
 /// (`system`, `timeline`) and the highest version seen (`high`); empty when it did not.
@@ -62,7 +102,39 @@ fn timeline_moved<'a>(now: &PostgresIdentity, timeline: Option<&'a str>) -> Opti
     }
 }
 
-impl Tiers {
+impl Guards {
+    /// The highest version this instance has seen (see [`Guards::secure_postgres`]).
+    pub fn high_water(&self) -> Version {
+        self.high_water.get()
+    }
+
+    /// Raises the high-water version recorded in Redis to this instance's, if it moved since
+    /// the last report, so that instances starting later know it too. Failures are left for
+    /// the next report.
+    pub async fn report_high_water(&self) {
+        let high = self.high_water.get().0;
+        if high > self.reported_high_water.load(Ordering::Relaxed)
+            && self.l2.raise_high_water(high).await.is_ok()
+        {
+            self.reported_high_water.fetch_max(high, Ordering::Relaxed);
+        }
+    }
+
+    /// With Sentinel, moves to the master the Sentinels name if it changed (see
+    /// [`L2::follow_master`]); Redis is then distrusted until [`Guards::secure_redis`] has
+    /// checked it. Whether it moved.
+    ///
+    /// # Errors
+    /// No Sentinel named a master that answers as one.
+    pub async fn follow_redis_master(&self) -> Result<bool, L2Error> {
+        self.l2.follow_master().await
+    }
+
+    /// Completes when Redis has been distrusted (one waiter: the Redis guard).
+    pub async fn redis_distrusted(&self) {
+        self.l2.distrusted().await;
+    }
+
     /// Makes sure Redis is an incarnation reads may trust, and trusts it; see
     /// [`RedisCheck`]. A new incarnation (a restart, perhaps from an older RDB or AOF; a
     /// failover, perhaps to a lagging replica) may hold copies older than writes already
@@ -163,7 +235,7 @@ impl Tiers {
     /// Redis' `{prefix}postgres` record, any instance) last looked: the same system and
     /// timeline, and a version sequence at or past every version seen. Run when a Postgres
     /// feed (re)connects and when the relay starts, never on an idle timer. When it went
-    /// back, see [`Tiers::postgres_went_back`]. Then records what it found. With Redis down
+    /// back, see [`Guards::postgres_went_back`]. Then records what it found. With Redis down
     /// only this instance's memory is compared.
     ///
     /// # Errors
@@ -177,7 +249,7 @@ impl Tiers {
         let recorded_high: i64 = recorded("high_water")
             .and_then(|h| h.parse().ok())
             .unwrap_or(0);
-        let high = self.high_water().max(Version(recorded_high));
+        let high = self.high_water.get().max(Version(recorded_high));
         let id = self.db.identity().await?;
         let timeline = recorded("timeline");
         let moved = timeline_moved(&id, timeline.as_deref());
@@ -207,11 +279,11 @@ impl Tiers {
         } else {
             Some(self.postgres_went_back(high, &why.join("; ")).await?)
         };
-        self.saw(id.last_version);
+        self.high_water.saw(id.last_version);
         if record.is_some() {
             let _ = self
                 .l2
-                .record_postgres(id.system.as_deref(), id.timeline, self.high_water().0)
+                .record_postgres(id.system.as_deref(), id.timeline, self.high_water.get().0)
                 .await;
         }
         Ok(reset)
@@ -220,7 +292,7 @@ impl Tiers {
     /// Whether the relay's replication slot on this server was synchronized from the primary
     /// it replaced (see [`went_back`]); `false` for the other sources, whose position no
     /// slot keeps, and when it cannot be read.
-    pub(super) async fn slot_followed(&self) -> bool {
+    async fn slot_followed(&self) -> bool {
         let Ok(catalog) = self.catalog.get() else {
             return false;
         };
@@ -275,7 +347,7 @@ impl Tiers {
         }
         self.watch
             .reset("postgres went back in time; every cache was reset");
-        self.saw(version);
+        self.high_water.saw(version);
         let _ = self.l2.raise_high_water(version.0).await;
         metrics::counter!(TIER_RESETS, "tier" => "postgres", "reason" => "went_back").increment(1);
         tracing::error!(

@@ -1,18 +1,36 @@
-//! What the relay keeps in Redis beside the data, as a room of [`Tiers`]: its lease (the
-//! election), whom a synchronous relay waits for (for a successor), and which slot's
-//! changes Redis holds. Knows nothing of the replication stream.
+//! The relay's handle to Redis: its lease (the election), whom a synchronous relay waits
+//! for (for a successor), which slot's changes Redis holds, the generations its tombstones
+//! go under, its publications, and its changes applied. Knows nothing of the replication
+//! stream, of L1 or of Postgres.
 
 use std::time::Duration;
 
-use super::Tiers;
-use crate::l2::L2Error;
+use futures_util::stream::BoxStream;
 
-impl Tiers {
-    /// Claims (or extends) the relay's lease in Redis for `holder`; see [`crate::l2::L2::claim`].
+use super::redis_changes::RedisChanges;
+use crate::coherence::Message;
+use crate::l2::{L2Error, L2};
+use crate::resource::Catalog;
+
+/// What the relay may do to Redis, and nothing more. Cheap to clone; built once at start-up
+/// (see [`crate::tiers::Tiers::relay_redis`]).
+#[derive(Clone)]
+pub struct RelayRedis {
+    l2: L2,
+    changes: RedisChanges,
+}
+
+impl RelayRedis {
+    pub(crate) fn new(l2: L2, changes: RedisChanges) -> Self {
+        RelayRedis { l2, changes }
+    }
+
+    /// Claims (or extends) the relay's lease in Redis for `holder`, for `ttl`; whether
+    /// `holder` holds it now. See [`L2::claim`].
     ///
     /// # Errors
     /// Redis failing: `holder` must assume it does not hold the lease.
-    pub async fn claim_relay(&self, holder: &str, ttl: Duration) -> Result<bool, L2Error> {
+    pub async fn claim_lease(&self, holder: &str, ttl: Duration) -> Result<bool, L2Error> {
         self.l2.claim(RELAY_LEASE, holder, ttl).await
     }
 
@@ -20,15 +38,15 @@ impl Tiers {
     ///
     /// # Errors
     /// Redis failing (the lease then expires by itself).
-    pub async fn release_relay(&self, holder: &str) -> Result<(), L2Error> {
+    pub async fn release_lease(&self, holder: &str) -> Result<(), L2Error> {
         self.l2.release(RELAY_LEASE, holder).await
     }
 
-    /// Who holds the relay's lease now, if anyone.
+    /// Who holds the relay's lease now (its instance id), if anyone.
     ///
     /// # Errors
     /// Redis failing.
-    pub async fn relay_holder(&self) -> Result<Option<String>, L2Error> {
+    pub async fn lease_holder(&self) -> Result<Option<String>, L2Error> {
         self.l2.read(RELAY_LEASE).await
     }
 
@@ -38,16 +56,16 @@ impl Tiers {
     ///
     /// # Errors
     /// Redis failing: the heartbeat must then list nobody.
-    pub async fn record_relay_listing(&self, ids: &[String], ttl: Duration) -> Result<(), L2Error> {
+    pub async fn record_listing(&self, ids: &[String], ttl: Duration) -> Result<(), L2Error> {
         self.l2.write_for(RELAY_LISTED, &ids.join(" "), ttl).await
     }
 
     /// The instances the last synchronous relay recorded (see
-    /// [`Tiers::record_relay_listing`]); `None` when none is recorded.
+    /// [`RelayRedis::record_listing`]); `None` when none is recorded.
     ///
     /// # Errors
     /// Redis failing.
-    pub async fn relay_listing(&self) -> Result<Option<Vec<String>>, L2Error> {
+    pub async fn listing(&self) -> Result<Option<Vec<String>>, L2Error> {
         Ok(self
             .l2
             .read(RELAY_LISTED)
@@ -70,6 +88,72 @@ impl Tiers {
     /// Redis failing.
     pub async fn record_fed_by_slot(&self, epoch: i64) -> Result<(), L2Error> {
         self.l2.write(SLOT_EPOCH, &epoch.to_string()).await
+    }
+
+    /// Records that this timeline's primary guards a failover (see
+    /// [`L2::record_failover_guarded`]).
+    ///
+    /// # Errors
+    /// Redis failing.
+    pub async fn record_failover_guarded(&self, timeline: i32) -> Result<(), L2Error> {
+        self.l2.record_failover_guarded(timeline).await
+    }
+
+    /// Reads every resource's generation from Redis, which the relay's tombstones go under;
+    /// see [`L2::load_generations`].
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn load_generations(&self) -> Result<(), L2Error> {
+        self.l2.load_generations().await
+    }
+
+    /// Publishes `payload` on `channel` (the relay's messages, its heartbeats).
+    ///
+    /// # Errors
+    /// The command's failure.
+    pub async fn publish(&self, channel: &str, payload: String) -> Result<(), L2Error> {
+        self.l2.publish(channel, payload).await
+    }
+
+    /// A Redis subscription of its own to `channels` (the relay's alive channel, the
+    /// instances' reports); see [`L2::subscribe`]. `timeout` bounds connecting and
+    /// subscribing.
+    ///
+    /// # Errors
+    /// Connecting or subscribing failed or timed out.
+    pub async fn subscribe(
+        &self,
+        channels: &[String],
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, redis::Msg>, L2Error> {
+        self.l2.subscribe(channels, timeout).await
+    }
+
+    /// Applies committed changes to Redis; see [`RedisChanges::apply`].
+    ///
+    /// # Errors
+    /// The first Redis failure: the relay acknowledges nothing and the changes come again.
+    pub async fn apply(&self, catalog: &Catalog, changes: &[Message]) -> Result<(), L2Error> {
+        self.changes.apply(catalog, changes).await
+    }
+
+    /// Applies committed changes to Redis with `message` published on `channel` in the
+    /// last call where Redis allows it; whether it went out. See
+    /// [`RedisChanges::apply_and_publish`].
+    ///
+    /// # Errors
+    /// The first Redis failure: the message may or may not have gone out.
+    pub async fn apply_and_publish(
+        &self,
+        catalog: &Catalog,
+        changes: &[Message],
+        channel: &str,
+        message: &str,
+    ) -> Result<bool, L2Error> {
+        self.changes
+            .apply_and_publish(catalog, changes, channel, message)
+            .await
     }
 }
 

@@ -172,7 +172,7 @@ impl Tiers {
     /// same version with other content. When Postgres cannot have that version for the key
     /// (its sequence is behind it, the row is at a lower version, or the version was handed
     /// out twice), the write would be unreadable, even by its writer. Then: if the sequence went
-    /// back, reset every cached resource ([`Tiers::postgres_went_back`], which also moves the
+    /// back, reset every cached resource ([`crate::tiers::Guards::postgres_went_back`], which also moves the
     /// sequence past everything seen); and give the key a fresh version, returned with the
     /// document as Postgres has it (an absence at a fresh version if the row is gone).
     /// Counted in `syncar_version_regressions_total`, logged at error level. `Ok(None)` when
@@ -210,7 +210,7 @@ impl Tiers {
                 "its version sequence is at {} but a cache holds version {} ({:?})",
                 identity.last_version.0, seen.0, conflict
             );
-            if let Err(e) = self.postgres_went_back(high, &why).await {
+            if let Err(e) = self.guards().postgres_went_back(high, &why).await {
                 tracing::error!(error = %e, "resetting the caches failed; advancing the sequence only");
                 self.db.advance_sequence(high).await?;
             }

@@ -494,10 +494,10 @@ async fn with_redis_down_reads_use_postgres_writes_succeed_and_redis_is_repaired
     // generation in force, or every generation was raised past it; either way nothing older
     // than the missed version is reachable.
     let env_here = env.on_redis(redis.url());
-    let tiers = a.state().tiers.clone();
+    let probes = a.state().probes.clone();
     eventually(Duration::from_secs(10), "redis to be trusted again", || {
-        let tiers = tiers.clone();
-        async move { tiers.redis_trusted().then_some(()) }
+        let probes = probes.clone();
+        async move { probes.redis_trusted().then_some(()) }
     })
     .await;
     let entry = env_here.redis_entry("kv", "w").await;

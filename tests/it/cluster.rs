@@ -162,7 +162,13 @@ async fn two_instances_stay_coherent_on_a_cluster() {
     b.sees_absent("/v1/kv/k1", WINDOW).await;
 
     // The prefix flush (for a repair queue that overflowed) reaches every master.
-    let removed = a.state().tiers.flush_redis().await.expect("flushed");
+    let removed = a
+        .state()
+        .tiers
+        .feed_tiers()
+        .flush_redis()
+        .await
+        .expect("flushed");
     assert!(removed >= keys.len() as u64, "removed {removed}");
     for k in &keys {
         assert_eq!(entry(&cluster, &env, k), None, "{k} is gone from Redis");
@@ -375,5 +381,5 @@ async fn a_cluster_node_with_mode_single_is_reported() {
         error.contains("is a Redis Cluster node: set redis.mode = \"cluster\""),
         "{error}"
     );
-    assert!(!a.state().tiers.redis_trusted(), "never trusted");
+    assert!(!a.state().probes.redis_trusted(), "never trusted");
 }

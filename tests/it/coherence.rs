@@ -386,7 +386,7 @@ async fn duplicates_and_older_versions_are_no_ops() {
         ts_us: None,
         instance: None,
     };
-    let tiers = &state.tiers;
+    let tiers = state.tiers.feed_tiers();
     assert!(
         !tiers
             .apply(&catalog, &message(v, Op::Put), Feed::Redis)
@@ -411,7 +411,7 @@ async fn duplicates_and_older_versions_are_no_ops() {
             .await,
         "older: ignored"
     );
-    let held = tiers.peek_l1(&CacheKey::new("kv", "d")).unwrap();
+    let held = state.tiers.peek_l1(&CacheKey::new("kv", "d")).unwrap();
     assert_eq!(held.version, Version(v + 100));
     assert!(!held.is_servable());
     let unknown = Message {

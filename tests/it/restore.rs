@@ -69,7 +69,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_never_read() {
                 assert_eq!(r.json(), serde_json::json!({"v": 2}));
             }
         }
-        let reset = a.state().tiers.redis_trusted() && b.state().tiers.redis_trusted();
+        let reset = a.state().probes.redis_trusted() && b.state().probes.redis_trusted();
         assert!(reset, "{source:?}: redis trusted again once checked");
         a.shutdown().await;
         b.shutdown().await;
@@ -298,10 +298,10 @@ async fn no_fill_lands_in_redis_before_the_guard_trusts_it() {
         "the guard recorded the incarnation it trusts"
     );
     server.restart(); // empty: a new incarnation
-    let tiers = a.state().tiers.clone();
+    let probes = a.state().probes.clone();
     eventually(WINDOW, "redis distrusted", || {
-        let tiers = tiers.clone();
-        async move { (!tiers.redis_trusted()).then_some(()) }
+        let probes = probes.clone();
+        async move { (!probes.redis_trusted()).then_some(()) }
     })
     .await;
     for _ in 0..5 {
@@ -313,7 +313,7 @@ async fn no_fill_lands_in_redis_before_the_guard_trusts_it() {
             "an untrusted redis is not read"
         );
     }
-    assert!(!tiers.redis_trusted(), "still held up by the locked row");
+    assert!(!probes.redis_trusted(), "still held up by the locked row");
     // A tombstone may be there (the changes log's replay after the outage writes the
     // changes' tombstones, which are safe anywhere); a copy of the document must not.
     let entry = match redis_command(&server.url(), &["GET", &old_key]).await {
@@ -327,8 +327,8 @@ async fn no_fill_lands_in_redis_before_the_guard_trusts_it() {
 
     hold.commit().await.unwrap();
     eventually(WINDOW, "redis trusted again", || {
-        let tiers = tiers.clone();
-        async move { tiers.redis_trusted().then_some(()) }
+        let probes = probes.clone();
+        async move { probes.redis_trusted().then_some(()) }
     })
     .await;
     eventually(WINDOW, "a fill in the raised generation", || async {
