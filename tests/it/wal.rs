@@ -1171,7 +1171,7 @@ async fn the_relay_as_a_synchronous_standby_never_deadlocks_syncar() {
 }
 
 /// The relay as a synchronous standby through the faults that replace it: its instance
-/// SIGKILLed mid-run, then Redis restarted empty. A plain-SQL commit waits at most the
+/// SIGKILLed mid-run, then Redis restarted empty, then its walsender terminated. A plain-SQL commit waits at most the
 /// relay's lease (2 s) plus a second before a new relay confirms it (the margin here is
 /// for a loaded machine; bench-stale measures it), and once it returns no instance serves
 /// the older copy, not even one that hears Redis 15 ms late. (A new term once read its
@@ -1287,7 +1287,19 @@ async fn a_synchronous_relay_killed_or_its_redis_restarted_stalls_commits_bounde
         round += 1;
         commit_and_read(&survivors, round).await;
     }
-    eprintln!("the longest commit through both faults waited {longest:?}");
+    // The relay's walsender terminated: its term ends and the next one (the same instance,
+    // or another) confirms nothing an instance has not applied.
+    pg.batch_execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_replication \
+         WHERE application_name = 'syncar-relay'",
+    )
+    .await
+    .unwrap();
+    for _ in 0..30 {
+        round += 1;
+        commit_and_read(&survivors, round).await;
+    }
+    eprintln!("the longest commit through the three faults waited {longest:?}");
 }
 
 /// `?consistency=strong` on syncar's own writes, and `feeds.synchronous_writes` for all of
