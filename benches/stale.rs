@@ -28,6 +28,8 @@
 //! run in each mode too, just before this one: a before-and-after in one run),
 //! `--delay-ms 0` (Postgres and Redis behind delay lines of this many ms each way for the
 //! instances and the plain-SQL writers, `common/delay.rs`; one Redis node only).
+//! `SYNCAR_BENCH_LOGS=/some/dir` keeps each instance's log there (`bench-{i}.log`);
+//! `SYNCAR_BENCH_STALE=1` prints every stale read (key, instance, versions, clock times).
 
 #[path = "../tests/common/servers.rs"]
 #[allow(dead_code)] // the tests use more of it
@@ -233,6 +235,8 @@ struct ReadRec {
     end: u64,
     version: i64,
     l1: bool,
+    /// The instance that answered (its index).
+    instance: u8,
 }
 
 #[derive(Clone, Copy)]
@@ -382,6 +386,19 @@ struct Cluster {
     children: Mutex<Vec<Option<Child>>>,
 }
 
+/// Where instance `i` logs: nowhere, unless `SYNCAR_BENCH_LOGS` names a directory (then
+/// `bench-{i}.log` there, appended to across restarts and modes, at `SYNCAR_LOG`'s level).
+fn bench_log(i: usize) -> Stdio {
+    match std::env::var("SYNCAR_BENCH_LOGS") {
+        Ok(dir) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{dir}/bench-{i}.log"))
+            .map_or_else(|_| Stdio::null(), Stdio::from),
+        Err(_) => Stdio::null(),
+    }
+}
+
 impl Cluster {
     fn spawn(&self, i: usize) -> Child {
         Command::new(&self.bin)
@@ -396,7 +413,7 @@ impl Cluster {
             )
             .env("SYNCAR_INSTANCE", format!("bench-{i}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(bench_log(i))
             .spawn()
             .expect("start syncar")
     }
@@ -594,6 +611,12 @@ async fn run_mode(
         synchronous_relay(&client, &cluster.ports, true).await;
     }
     let clock = Clock(Instant::now());
+    if std::env::var_os("SYNCAR_BENCH_STALE").is_some() {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        eprintln!("clock origin: {} ms since the Unix epoch", unix.as_millis());
+    }
     let keys: Vec<String> = (0..args.keys).map(|i| format!("k{i}")).collect();
 
     // Seed every key through instance 0.
@@ -715,6 +738,7 @@ async fn run_mode(
                         end: clock.ns(),
                         version: a.version.unwrap_or(0),
                         l1: a.l1,
+                        instance: i as u8,
                     }),
                     _ => {
                         errs.push(start);
@@ -1130,6 +1154,24 @@ fn analyse(
                 if w.ack < r.start {
                     ages.push((r.start - w.ack) as f64 / 1e6);
                     after_sql += w.sql_us.is_some() as usize;
+                    if std::env::var_os("SYNCAR_BENCH_STALE").is_some() {
+                        eprintln!(
+                            "stale read: phase {name}, key {}, instance {}, read {} ({}) at \
+                             {} ns, {} acknowledged at {} ns ({})",
+                            r.key,
+                            r.instance,
+                            r.version,
+                            if r.l1 { "L1" } else { "below L1" },
+                            r.start,
+                            w.version,
+                            w.ack,
+                            if w.sql_us.is_some() {
+                                "plain SQL"
+                            } else {
+                                "through syncar"
+                            },
+                        );
+                    }
                 }
             }
         }

@@ -192,6 +192,7 @@ impl Listening<'_> {
     async fn take(&mut self, payload: Payload) -> Result<(), FeedError> {
         match payload {
             Payload::Changes { changes, lsn } => {
+                tracing::trace!(lsn = ?lsn, changes = changes.len(), "relayed changes");
                 for change in changes {
                     handle_relayed(self.ctx, change).await;
                 }
@@ -222,6 +223,7 @@ impl Listening<'_> {
                 listed,
             } => {
                 let arrived = mono_ms();
+                tracing::trace!(relay = %relay, lag_ms, lsn = ?lsn, sync, listed = ?listed, "relay heartbeat");
                 self.reporting = sync;
                 self.note_epoch(epoch);
                 metrics::gauge!(WAL_LAG_SECONDS).set(lag_ms as f64 / 1000.0);
@@ -275,6 +277,10 @@ impl Listening<'_> {
             .and_then(|l| l.get(&self.ctx.instance_id))
             .and_then(|seq| self.anchors.echoed(*seq));
         if let Some(sent) = echoed {
+            tracing::trace!(
+                from = emission.min(sent),
+                "lease renewed by a heartbeat's listing"
+            );
             feed.heartbeat_back(emission.min(sent), lease);
             feed.set_up();
         }
@@ -290,6 +296,7 @@ impl Listening<'_> {
             .get(&self.ctx.instance_id)
             .and_then(|seq| self.anchors.echoed(*seq));
         if let (Some(sent), Some(emitted)) = (echoed, self.emitted) {
+            tracing::trace!(from = emitted.min(sent), "lease renewed by an echo");
             let feed = &self.ctx.coherence.postgres;
             feed.heartbeat_back(emitted.min(sent), self.ctx.config.feeds.lease);
             feed.set_up();

@@ -167,6 +167,14 @@ impl Confirmations {
             }
         };
         if lsn > 0 && self.confirmed.is_none_or(|c| lsn > c.as_u64()) {
+            tracing::trace!(
+                lsn,
+                published = published.as_u64(),
+                carried = ?self.carried.map(Lsn::as_u64),
+                synchronous = self.synchronous.is_some(),
+                instances = self.reports.len(),
+                "confirming a position to postgres"
+            );
             self.confirmed = Some(Lsn::from_u64(lsn));
             repl.update_applied_lsn(Lsn::from_u64(lsn));
         }
@@ -215,6 +223,7 @@ impl Confirmations {
             seen: now,
         });
         let before = report.applied;
+        tracing::trace!(instance, applied, seq, "an instance's report");
         // Reports come in the order the instance sent them (one connection): the last
         // one's number is the one to echo.
         *report = Report {
