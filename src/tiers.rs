@@ -44,7 +44,7 @@ use crate::coherence::Coherence;
 use crate::db::{Db, DbError};
 use crate::l1::L1;
 use crate::l2::{L2Error, L2};
-use crate::model::{now_ms, CacheKey, Cached, Tier, Version};
+use crate::model::{now_ms, Cached, Tier, Version};
 use crate::resource::{CatalogCell, DocRef};
 use crate::telemetry::{
     error_chain, AUDIT_CHECKS, AUDIT_STALE, CACHE_HITS, CACHE_MISSES, L1_BYPASSED, L1_FLUSHES,
@@ -413,14 +413,19 @@ impl Tiers {
     /// counting a hit. A test hook: only with the `test-hooks` feature, which the
     /// integration tests turn on and a build of the binary never does.
     #[cfg(any(test, feature = "test-hooks"))]
-    pub fn peek_l1(&self, ck: &CacheKey) -> Option<Cached> {
+    pub fn peek_l1(&self, ck: &crate::model::CacheKey) -> Option<Cached> {
         self.l1.as_ref()?.get(ck)
     }
 
     /// Offers `copy` to L1 directly, as an invalidation or write would (for tests that force
     /// an interleaving). `None` without an L1. A test hook, like [`Tiers::peek_l1`].
     #[cfg(any(test, feature = "test-hooks"))]
-    pub fn offer_l1(&self, ck: &CacheKey, copy: Cached, ttl: Duration) -> Option<crate::l1::Offer> {
+    pub fn offer_l1(
+        &self,
+        ck: &crate::model::CacheKey,
+        copy: Cached,
+        ttl: Duration,
+    ) -> Option<crate::l1::Offer> {
         Some(self.l1.as_ref()?.offer(ck, copy, ttl))
     }
 

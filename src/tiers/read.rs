@@ -11,7 +11,7 @@ use crate::model::{CacheKey, Cached, Rank, Tier, Version};
 use crate::resource::{DocRef, KeyParam, Resource};
 use crate::telemetry::{FILLS_REJECTED, FILL_LEASES};
 
-use super::decide::{fresh_enough, l1_answers, l1_knows_newer, redis_may_answer, shape_ahead};
+use super::decide::{l1_answers, l1_knows_newer, load_answers, redis_may_answer, shape_ahead};
 use super::{l1_ttl, l2_ttl, KeyReport, L2Read, ReadOptions, ReadResult, Started, Tiers};
 
 /// The longest pause between two polls of Redis while another instance holds a key's fill
@@ -55,6 +55,16 @@ impl Tiers {
         })
     }
 
+    /// The version of the tombstone L1 holds for `ck`, if it holds one: a change this
+    /// instance applied, newer than any copy a load may bring (see [`load_answers`]).
+    fn invalidated_at(&self, ck: &CacheKey) -> Option<Version> {
+        self.l1
+            .as_ref()?
+            .get(ck)
+            .filter(|copy| !copy.is_servable())
+            .map(|copy| copy.version)
+    }
+
     /// Reads one document through the tiers.
     ///
     /// # Concurrency
@@ -92,11 +102,16 @@ impl Tiers {
             .flights
             .run(&doc.ck, self.load(doc, generation))
             .await?;
-        if fresh_enough(&read.cached, options.min_version) {
+        if load_answers(
+            &read.cached,
+            options.min_version,
+            self.invalidated_at(&doc.ck),
+        ) {
             return Ok(read);
         }
         // The shared load was older than this caller needs (it joined a load started before
-        // its write): Postgres has it.
+        // its write, or before a change this instance has applied became visible): Postgres
+        // has it.
         self.load_db(doc, generation).await
     }
 
@@ -434,7 +449,11 @@ impl BatchRead<'_> {
                 .flights
                 .run(&miss.doc.ck, tiers.load(miss.doc, miss.started))
                 .await?;
-            if fresh_enough(&read.cached, options.min_version) {
+            if load_answers(
+                &read.cached,
+                options.min_version,
+                tiers.invalidated_at(&miss.doc.ck),
+            ) {
                 Ok(read)
             } else {
                 tiers.load_db(miss.doc, miss.started).await
