@@ -59,11 +59,16 @@ pub(super) async fn apply_and_publish(
     let published = match &whole {
         Some(message) => ctx
             .redis
+            .changes()
             .apply_and_publish(catalog, changes, &channel, message)
             .await
             .map_err(applying)?,
         None => {
-            ctx.redis.apply(catalog, changes).await.map_err(applying)?;
+            ctx.redis
+                .changes()
+                .apply(catalog, changes)
+                .await
+                .map_err(applying)?;
             false
         }
     };

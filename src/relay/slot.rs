@@ -137,6 +137,7 @@ pub(super) async fn feed_redis_from(
         .map(|r| change(r, None, version, Op::Flush, None))
         .collect();
     ctx.redis
+        .changes()
         .apply(catalog, &flushes)
         .await
         .map_err(redis("flushing redis for a new slot"))?;

@@ -8,9 +8,7 @@ use std::time::Duration;
 use futures_util::stream::BoxStream;
 
 use super::redis_changes::RedisChanges;
-use crate::coherence::Message;
 use crate::l2::{L2Error, L2};
-use crate::resource::Catalog;
 
 /// What the relay may do to Redis, and nothing more. Cheap to clone; built once at start-up
 /// (see [`crate::tiers::Tiers::relay_redis`]).
@@ -40,14 +38,6 @@ impl RelayRedis {
     /// Redis failing (the lease then expires by itself).
     pub async fn release_lease(&self, holder: &str) -> Result<(), L2Error> {
         self.l2.release(RELAY_LEASE, holder).await
-    }
-
-    /// Who holds the relay's lease now (its instance id), if anyone.
-    ///
-    /// # Errors
-    /// Redis failing.
-    pub async fn lease_holder(&self) -> Result<Option<String>, L2Error> {
-        self.l2.read(RELAY_LEASE).await
     }
 
     /// Records the instances that may hold a lease from the synchronous relay's heartbeats
@@ -130,30 +120,10 @@ impl RelayRedis {
         self.l2.subscribe(channels, timeout).await
     }
 
-    /// Applies committed changes to Redis; see [`RedisChanges::apply`].
-    ///
-    /// # Errors
-    /// The first Redis failure: the relay acknowledges nothing and the changes come again.
-    pub async fn apply(&self, catalog: &Catalog, changes: &[Message]) -> Result<(), L2Error> {
-        self.changes.apply(catalog, changes).await
-    }
-
-    /// Applies committed changes to Redis with `message` published on `channel` in the
-    /// last call where Redis allows it; whether it went out. See
-    /// [`RedisChanges::apply_and_publish`].
-    ///
-    /// # Errors
-    /// The first Redis failure: the message may or may not have gone out.
-    pub async fn apply_and_publish(
-        &self,
-        catalog: &Catalog,
-        changes: &[Message],
-        channel: &str,
-        message: &str,
-    ) -> Result<bool, L2Error> {
-        self.changes
-            .apply_and_publish(catalog, changes, channel, message)
-            .await
+    /// Where the relay applies its committed changes to Redis (and publishes a batch with
+    /// its last keys); see [`RedisChanges`].
+    pub fn changes(&self) -> &RedisChanges {
+        &self.changes
     }
 }
 
