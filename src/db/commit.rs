@@ -93,9 +93,17 @@ const NAME_IT: &str = "name the relay in synchronous_standby_names (application_
                        syncar-relay, e.g. '\"syncar-relay\"'); see the README's \
                        \"Committed means evicted\"";
 
+/// Sets `synchronous_commit = on` for the transaction and reads the relay's walsender:
+/// the slot's active walsender in `pg_stat_replication`, or none.
+const CHECK_SQL: &str = "SELECT set_config('synchronous_commit', 'on', true), \
+                                r.state, r.sync_state \
+                         FROM (SELECT 1) AS one LEFT JOIN (pg_replication_slots s \
+                               JOIN pg_stat_replication r ON r.pid = s.active_pid) \
+                           ON s.slot_name = $1";
+
 impl Commit {
-    /// Prepares the transaction for this choice: for [`Commit::Synchronous`], sets
-    /// `synchronous_commit` and checks the relay in one round trip.
+    /// Prepares the transaction for this choice, in one round trip: [`Commit::prepare`],
+    /// then [`Commit::check`].
     ///
     /// # Errors
     /// A classified [`DbError`]; [`DbError::NotSynchronous`] when the commit would not wait
@@ -104,24 +112,53 @@ impl Commit {
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
     ) -> Result<(), DbError> {
-        let Commit::Synchronous {
-            slot,
-            heard_synchronous,
-        } = self
+        let stmt = self.prepare(tx).await?;
+        self.check(tx, stmt.as_ref()).await
+    }
+
+    /// The statement [`Commit::check`] runs, for [`Commit::Synchronous`]: prepared once per
+    /// connection (then cached, no round trip).
+    ///
+    /// # Errors
+    /// A classified [`DbError`].
+    pub(super) async fn prepare(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<Option<tokio_postgres::Statement>, DbError> {
+        match self {
+            Commit::AsConfigured => Ok(None),
+            Commit::Synchronous { .. } => {
+                Ok(Some(tx.prepare_cached(CHECK_SQL).await.map_err(classify)?))
+            }
+        }
+    }
+
+    /// For [`Commit::Synchronous`] (`stmt` from [`Commit::prepare`]): sets
+    /// `synchronous_commit` for the transaction and checks that Postgres waits for the relay
+    /// ([`relay_waited_for`]); nothing for [`Commit::AsConfigured`]. Its request leaves when
+    /// the future is first polled: joined (`tokio::join!`, which polls in order) with the
+    /// write's statements, it goes first, in the same round trip. It only decides whether the
+    /// caller commits, so the write may run before the answer is read.
+    ///
+    /// # Errors
+    /// A classified [`DbError`]; [`DbError::NotSynchronous`] when the commit would not wait
+    /// for the relay: roll back.
+    pub(super) async fn check(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        stmt: Option<&tokio_postgres::Statement>,
+    ) -> Result<(), DbError> {
+        let (
+            Commit::Synchronous {
+                slot,
+                heard_synchronous,
+            },
+            Some(stmt),
+        ) = (self, stmt)
         else {
             return Ok(());
         };
-        let row = tx
-            .query_one(
-                "SELECT set_config('synchronous_commit', 'on', true), \
-                        r.state, r.sync_state \
-                 FROM (SELECT 1) AS one LEFT JOIN (pg_replication_slots s \
-                       JOIN pg_stat_replication r ON r.pid = s.active_pid) \
-                   ON s.slot_name = $1",
-                &[slot],
-            )
-            .await
-            .map_err(classify)?;
+        let row = tx.query_one(stmt, &[slot]).await.map_err(classify)?;
         relay_waited_for(
             row.get::<_, Option<String>>(1).as_deref(),
             row.get::<_, Option<String>>(2).as_deref(),

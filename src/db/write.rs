@@ -43,13 +43,23 @@ impl Db {
                 .query_opt(write.sql.as_str(), &params)
                 .await
                 .map_err(classify)?,
+            // BEGIN, then the check and the write in one round trip, then COMMIT (or a
+            // rollback when the check refuses).
             Commit::Synchronous { .. } => {
                 let tx = client.transaction().await.map_err(classify)?;
-                commit.apply(&tx).await?;
-                let row = tx
-                    .query_opt(write.sql.as_str(), &params)
-                    .await
-                    .map_err(classify)?;
+                let check = commit.prepare(&tx).await?;
+                let stmt = match resource.shape {
+                    Shape::Kv => Some(tx.prepare_cached(&write.sql).await.map_err(classify)?),
+                    _ => None,
+                };
+                let (checked, row) = tokio::join!(commit.check(&tx, check.as_ref()), async {
+                    match &stmt {
+                        Some(stmt) => tx.query_opt(stmt, &params).await,
+                        None => tx.query_opt(write.sql.as_str(), &params).await,
+                    }
+                });
+                checked?;
+                let row = row.map_err(classify)?;
                 tx.commit().await.map_err(classify)?;
                 row
             }
@@ -73,41 +83,41 @@ impl Db {
     ) -> Result<DeleteOutcome, DbError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(classify)?;
-        commit.apply(&tx).await?;
-        let deleted = match &pre {
-            Precondition::Versions(versions) => {
-                let stmt = tx
-                    .prepare_cached(&resource.delete_sql(true))
-                    .await
-                    .map_err(classify)?;
-                tx.query_opt(&stmt, &[key_param(key), versions])
-                    .await
-                    .map_err(classify)?
-            }
-            _ => {
-                let stmt = tx
-                    .prepare_cached(&resource.delete_sql(false))
-                    .await
-                    .map_err(classify)?;
-                tx.query_opt(&stmt, &[key_param(key)])
-                    .await
-                    .map_err(classify)?
-            }
-        };
-        if deleted.is_none() {
+        let check = commit.prepare(&tx).await?;
+        let delete = tx
+            .prepare_cached(&resource.delete_sql(matches!(pre, Precondition::Versions(_))))
+            .await
+            .map_err(classify)?;
+        // The delete trigger takes the delete's version with nextval() in this session, after
+        // the row is gone: currval() right after the delete is that version.
+        let currval = tx
+            .prepare_cached(&format!("SELECT currval({})", self.sequence_literal()))
+            .await
+            .map_err(classify)?;
+        // The check, the delete and currval() in one round trip, in that order (join! polls
+        // in order); currval() fails or reads an older value when nothing was deleted, and is
+        // not read then.
+        let (checked, deleted, tombstone) = tokio::join!(
+            commit.check(&tx, check.as_ref()),
+            async {
+                match &pre {
+                    Precondition::Versions(versions) => {
+                        tx.query_opt(&delete, &[key_param(key), versions]).await
+                    }
+                    _ => tx.query_opt(&delete, &[key_param(key)]).await,
+                }
+            },
+            tx.query_one(&currval, &[]),
+        );
+        checked?;
+        if deleted.map_err(classify)?.is_none() {
             tx.rollback().await.map_err(classify)?;
             return Ok(match pre {
                 Precondition::None => DeleteOutcome::NotFound,
                 _ => DeleteOutcome::PreconditionFailed,
             });
         }
-        // The notify trigger took the delete's version with nextval() in this session, after
-        // the row was gone: currval() is that version.
-        let stmt = tx
-            .prepare_cached(&format!("SELECT currval({})", self.sequence_literal()))
-            .await
-            .map_err(classify)?;
-        let tombstone: i64 = tx.query_one(&stmt, &[]).await.map_err(classify)?.get(0);
+        let tombstone: i64 = tombstone.map_err(classify)?.get(0);
         tx.commit().await.map_err(classify)?;
         Ok(DeleteOutcome::Deleted {
             version: Version(tombstone),

@@ -1412,6 +1412,13 @@ async fn strong_writes_return_once_every_instance_applied_them() {
             "{message}"
         );
     }
+    // A strong DELETE: its statement runs beside the check, in the same round trip, and is
+    // rolled back when the check refuses.
+    for (i, path) in [(&a, "/v1/kv/s"), (&b, "/v1/kv/s?consistency=strong")] {
+        let r = request(i.addr(), "DELETE", path, &[], None).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.code(), "not_synchronous");
+    }
     let after: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 's'").await;
     assert_eq!(before, after, "a refused strong write wrote nothing");
     let r = request(
