@@ -15,7 +15,7 @@ use crate::backoff::Backoff;
 use crate::coherence::{mono_ms, Feed, Message};
 use crate::config::PostgresSource;
 use crate::db::{connect_dedicated, Dedicated};
-use crate::model::now_ms;
+use crate::model::now_us;
 use crate::resource::Catalog;
 use crate::telemetry::{
     error_chain, FEED_DUPLICATES, FEED_INVALIDATIONS, FEED_MALFORMED, PROPAGATION_DELAY,
@@ -314,7 +314,7 @@ pub(crate) async fn handle_relayed(ctx: &FeedContext, message: Message) {
 /// Records how long a change took from its timestamp to being applied here.
 fn record_delay(feed: Feed, ts_us: Option<i64>) {
     if let Some(ts_us) = ts_us {
-        let delay_us = (now_ms() as i64 * 1000).saturating_sub(ts_us).max(0);
+        let delay_us = now_us().saturating_sub(ts_us).max(0);
         metrics::histogram!(PROPAGATION_DELAY, "feed" => feed.as_str())
             .record(delay_us as f64 / 1e6);
     }

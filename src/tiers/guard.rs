@@ -10,7 +10,7 @@ use crate::coherence::{Message, Op};
 use crate::db::{Db, PostgresIdentity};
 use crate::l1::L1;
 use crate::l2::{L2Error, L2};
-use crate::model::{now_ms, Version};
+use crate::model::{now_us, Version};
 use crate::resource::{Catalog, CatalogCell};
 use crate::telemetry::TIER_RESETS;
 use crate::watch::WatchHub;
@@ -335,7 +335,7 @@ impl Guards {
                 key: None,
                 version: version.0,
                 op: Op::Flush,
-                ts_us: Some(now_ms() as i64 * 1000),
+                ts_us: Some(now_us()),
                 instance: Some(self.instance_id.to_string()),
             };
             if let Ok(text) = serde_json::to_string(&flush) {

@@ -6,7 +6,7 @@ use crate::coherence::{Message, Op};
 use crate::db::{Commit, DbError, DeleteOutcome, TxDone, TxFailed, TxItem, TxOp, WriteOutcome};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored};
-use crate::model::{now_ms, Cached, State, Version};
+use crate::model::{now_us, Cached, State, Version};
 use crate::resource::{DocRef, Precondition};
 use crate::telemetry::{L2_WRITE_FAILURES, VERSION_REGRESSIONS};
 
@@ -116,7 +116,7 @@ impl Tiers {
                 key: Some(key.to_string()),
                 version: copy.version.0,
                 op,
-                ts_us: Some(now_ms() as i64 * 1000),
+                ts_us: Some(now_us()),
                 instance: Some(self.instance_id.to_string()),
             })
             .unwrap_or_default()
