@@ -5,7 +5,8 @@
 //! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`
 //! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`), `full-wal`
 //! (`wal`) and `full-wal-sync` (`wal`, the relay named in `synchronous_standby_names`, so a
-//! commit returns once every instance applied it)) N syncar processes of the release binary, and runs a workload through phases:
+//! commit returns once every instance applied it, with `feeds.synchronous_writes` so that
+//! syncar's own writes wait too)) N syncar processes of the release binary, and runs a workload through phases:
 //! steady churn, then each fault followed by recovery (Redis pub/sub connections killed,
 //! LISTEN backends terminated, Redis restarted, one instance SIGKILLed and restarted, the
 //! instance holding the `wal` relay SIGKILLed and restarted (the first instance in modes
@@ -63,7 +64,8 @@ enum Mode {
     /// `full` with `feeds.postgres_source = "wal"`: one relay streams the WAL into Redis.
     FullWal,
     /// `full-wal` with the relay named in `synchronous_standby_names`: a commit returns once
-    /// every instance has applied it.
+    /// every instance has applied it; syncar's own writes ask for it too
+    /// (`feeds.synchronous_writes`).
     FullWalSync,
 }
 
@@ -582,8 +584,10 @@ async fn run_mode(
         format!(
             "[postgres]\npool_size = 8\n[redis]\nkey_prefix = \"{db}:\"\n{redis}\
              [feeds]\npostgres = {pg_feed}\nredis = {redis_feed}\npostgres_source = \"{source}\"\n\
-             [log]\nlevel = \"warn\"\n",
+             synchronous_writes = {sync}\n[log]\nlevel = \"warn\"\n",
             source = mode.postgres_source(),
+            // The mode is for writers that ask: syncar's own writes ask too.
+            sync = mode == Mode::FullWalSync,
             redis = redis.settings(),
         ),
     )
