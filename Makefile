@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl bench-relay check-k8s check-modules examples
+.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl bench-relay bench-stamp check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -71,6 +71,13 @@ bench-relay:
 bench-ddl:
 	scripts/dev-services.sh install
 	cargo bench --bench ddl -- $(BENCH_ARGS)
+
+# Instructions per plain-SQL UPDATE with syncar's version stamp and its parts (a C trigger,
+# a PL/pgSQL call, nextval, syncar's stamp), counted by callgrind: repeatable on a busy machine.
+bench-stamp:
+	scripts/dev-services.sh install
+	command -v valgrind >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind)
+	scripts/stamp-cost.sh
 
 # criterion microbenchmarks of the in-process pieces: L1 lookup, routing and parsing,
 # invalidation parsing (no servers needed).

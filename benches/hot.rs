@@ -23,7 +23,9 @@
 //! each trigger figure is the median of its rounds), `--only batch` (the batch rows alone),
 //! `--only unix` (the Unix-socket rows alone), `--only put` (where a PUT's time goes,
 //! `hot/put.rs`), `--only network` (the hit and the PUT with Postgres and Redis behind a
-//! delay line, `hot/network.rs`), `--delay-ms 0.25` (that line's delay each way).
+//! delay line, `hot/network.rs`), `--delay-ms 0.25` (that line's delay each way), `--only
+//! pinned` (what the `wal` source costs plain-SQL writers with Postgres on a core of its own,
+//! durable commits and not, `hot/pinned.rs`), `--clients 32` (its pgbench clients).
 //! Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
@@ -42,6 +44,9 @@ mod put;
 
 #[path = "hot/network.rs"]
 mod network;
+
+#[path = "hot/pinned.rs"]
+mod pinned;
 
 #[path = "common/delay.rs"]
 mod delay;
@@ -70,6 +75,10 @@ struct Args {
     only_network: bool,
     /// `--delay-ms`: the delay line's delay in each direction, in ms.
     delay_ms: f64,
+    /// `--only pinned`: the writers' cost with Postgres on a core of its own (`hot/pinned.rs`).
+    only_pinned: bool,
+    /// `--clients`: pgbench's clients in `--only pinned`.
+    pinned_clients: usize,
 }
 
 impl Args {
@@ -86,6 +95,8 @@ impl Args {
             only_put: false,
             only_network: false,
             delay_ms: 0.25,
+            only_pinned: false,
+            pinned_clients: 32,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -105,8 +116,12 @@ impl Args {
                     "unix" => a.only_unix = true,
                     "put" => a.only_put = true,
                     "network" => a.only_network = true,
-                    other => panic!("--only takes batch, unix, put or network, not {other}"),
+                    "pinned" => a.only_pinned = true,
+                    other => {
+                        panic!("--only takes batch, unix, put, network or pinned, not {other}")
+                    }
                 },
+                "--clients" => a.pinned_clients = v().parse().unwrap(),
                 "--delay-ms" => a.delay_ms = v().parse().unwrap(),
                 other => panic!("unknown option {other}"),
             }
@@ -601,6 +616,10 @@ fn main() {
     pgbench();
     if args.only_network {
         network::run(&args, &bin, &out);
+        return;
+    }
+    if args.only_pinned {
+        pinned::run(&args, &bin, &out);
         return;
     }
     let servers = servers::servers();

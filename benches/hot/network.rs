@@ -4,9 +4,14 @@
 //! round trip, one zone) while syncar and the load generators stay local, as a sidecar is.
 //! Side by side in one run:
 //! 1. the line alone: `redis-benchmark` GET on one connection, straight to Redis and across
-//!    the line (what the line adds beyond its delay, with nothing else running);
+//!    the line (what the line adds beyond its delay, with nothing else running), and straight
+//!    over Redis' own Unix socket (this machine's floor for one request between two
+//!    processes);
 //! 2. an L1 hit (wrk) against a GET to Redis across the line (`redis-benchmark`), on one
-//!    connection and on `--connections`;
+//!    connection and on `--connections`; and an L1 hit on one connection from a blocking
+//!    client that reads and writes raw HTTP/1.1 (`unix::raw_get_run`, as light as
+//!    `redis-benchmark`), over loopback TCP and over syncar's Unix socket, as an app beside
+//!    the sidecar calls it;
 //! 3. a PUT through syncar (wrk) against the upsert-and-commit it wraps (pgbench, prepared)
 //!    across the line, on one connection and at the pool size.
 //!
@@ -19,6 +24,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::delay::DelayLine;
+use super::unix;
 use super::{
     pgbench_run, psql, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk, Args,
     Children, Figures,
@@ -35,7 +41,14 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     let round_trip_ms = 2.0 * args.delay_ms;
     let pg_port =
         servers::postgres_with("-c fsync=on -c synchronous_commit=on -c full_page_writes=on");
-    let redis = servers::RedisServer::start();
+    let sockets = tempfile::tempdir().unwrap();
+    let redis_socket = unix::socket(sockets.path(), "redis.sock");
+    let redis = servers::RedisServer::start_persistent(&[
+        "--unixsocket",
+        &redis_socket.to_string_lossy(),
+        "--unixsocketperm",
+        "700",
+    ]);
     let pg_line = DelayLine::spawn(pg_port, one_way, servers::free_port());
     let redis_line = DelayLine::spawn(redis.port, one_way, servers::free_port());
     let lines = [&pg_line, &redis_line];
@@ -73,16 +86,35 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         line_cpu_us: 0.0,
     });
     rows.push(row);
+    // The machine's floor for one request between two processes: Redis over its own Unix
+    // socket, one connection.
+    let floor = redis_benchmark_with(
+        redis.port,
+        Some(&redis_socket),
+        1,
+        20_000 * args.secs as usize,
+        false,
+        args,
+    );
+    rows.push(Row {
+        figures: Figures {
+            name: "redis GET straight, Unix socket, 1 conn".into(),
+            ..floor
+        },
+        line_cpu_us: 0.0,
+    });
 
     // syncar behind both lines.
     let db = format!("hot_net_{}", std::process::id());
     psql(pg_port, "postgres", &format!("CREATE DATABASE {db}"));
     let config = out.join("network.toml");
+    let socket = unix::socket(sockets.path(), "syncar.sock");
     std::fs::write(
         &config,
         format!(
-            "[server]\nworker_threads = 2\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n\
+            "[server]\nworker_threads = 2\nlisten_unix = \"{}\"\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n\
              [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n",
+            socket.display(),
             args.pool
         ),
     )
@@ -143,6 +175,35 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         rows.push(row);
     }
 
+    // An app's single call: one connection, a client as light as redis-benchmark, TCP and
+    // the Unix socket.
+    for (name, target) in [
+        (
+            "syncar GET, L1 hit, 1 conn, TCP, raw client",
+            unix::Target::Tcp(port),
+        ),
+        (
+            "syncar GET, L1 hit, 1 conn, Unix socket, raw client",
+            unix::Target::Unix(socket.clone()),
+        ),
+    ] {
+        rows.push(measure(
+            &|| {
+                let run = unix::raw_get_run(&target, k, s);
+                Figures {
+                    name: name.into(),
+                    rps: run.rps,
+                    p50_ms: run.p50_ms,
+                    p99_ms: run.p99_ms,
+                    p999_ms: run.p999_ms,
+                    bypassed: None,
+                    from_l1: None,
+                }
+            },
+            secs,
+        ));
+    }
+
     // 3. The PUT.
     let upsert = format!(
         "\\set id random(1, {k})\nINSERT INTO syncar_kv (key, value) VALUES ('k' || :id, '{body}') \
@@ -185,13 +246,13 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         args.delay_ms
     );
     println!(
-        "{:<48} {:>9} {:>8} {:>8} {:>8}  {:>14}",
+        "{:<58} {:>9} {:>8} {:>8} {:>8}  {:>14}",
         "run", "req/s", "p50 ms", "p99 ms", "p99.9", "line CPU µs/op"
     );
     for r in &rows {
         let f = &r.figures;
         println!(
-            "{:<48} {:>9.0} {:>8.3} {:>8.3} {:>8.3}  {:>14.1}",
+            "{:<58} {:>9.0} {:>8.3} {:>8.3} {:>8.3}  {:>14.1}",
             f.name, f.rps, f.p50_ms, f.p99_ms, f.p999_ms, r.line_cpu_us
         );
     }
@@ -206,6 +267,13 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
             .unwrap_or_else(|| panic!("no row {name}"))
             .figures
     };
+    let floor_ms = find("redis GET straight, Unix socket, 1 conn").p50_ms;
+    let across_ms = find("redis GET across the line, 1 conn").p50_ms;
+    println!(
+        "this machine's floor, a GET straight to Redis over its Unix socket: {floor_ms:.3} ms at \
+         p50; 20x below a GET across the line needs {:.3} ms",
+        across_ms / 20.0
+    );
     let mut goals = Vec::new();
     for conns in [1, c] {
         let (hit, get) = (
@@ -219,6 +287,19 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
             hit.rps / get.rps
         );
         goals.push(json!({"what": format!("L1 hit p50 vs Redis GET across the line, {conns} conn"), "ratio": ratio, "goal": ">= 20"}));
+    }
+    for client in ["TCP", "Unix socket"] {
+        let (hit, get) = (
+            find(&format!("syncar GET, L1 hit, 1 conn, {client}, raw client")),
+            find("redis GET across the line, 1 conn"),
+        );
+        let ratio = get.p50_ms / hit.p50_ms;
+        println!(
+            "1 conn, raw client over {client}: Redis GET across the line / L1 hit: p50 \
+             {ratio:.1}x, p99 {:.1}x (goal: p50 at least 20x)",
+            get.p99_ms / hit.p99_ms
+        );
+        goals.push(json!({"what": format!("L1 hit p50 ({client}, raw client) vs Redis GET across the line, 1 conn"), "ratio": ratio, "goal": ">= 20"}));
     }
     for conns in [1, args.pool] {
         let (put, upsert) = (
@@ -237,6 +318,7 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     let json = json!({
         "delay_ms_each_way": args.delay_ms,
         "line_added_ms_p50": line_added_ms,
+        "floor_ms_p50": floor_ms,
         "rows": rows.iter().map(|r| {
             let mut v: Value = r.figures.json();
             v["line_cpu_us_per_op"] = json!(r.line_cpu_us);
