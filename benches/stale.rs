@@ -6,7 +6,8 @@
 //! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`), `full-wal`
 //! (`wal`) and `full-wal-sync` (`wal`, the relay named in `synchronous_standby_names`, so a
 //! commit returns once every instance applied it, with `feeds.synchronous_writes` so that
-//! syncar's own writes wait too)) N syncar processes of the release binary, and runs a workload through phases:
+//! syncar's own writes wait too) and `full-wal-sync-sql` (the same, with only the plain-SQL
+//! writers waiting)) N syncar processes of the release binary, and runs a workload through phases:
 //! steady churn, then each fault followed by recovery (Redis pub/sub connections killed,
 //! LISTEN backends terminated, Redis restarted, one instance SIGKILLed and restarted, the
 //! instance holding the `wal` relay SIGKILLed and restarted (the first instance in modes
@@ -67,6 +68,9 @@ enum Mode {
     /// every instance has applied it; syncar's own writes ask for it too
     /// (`feeds.synchronous_writes`).
     FullWalSync,
+    /// `full-wal-sync` with only the plain-SQL writers waiting: syncar's writes commit as the
+    /// session does (what `full-wal-sync` was before it set `synchronous_writes`).
+    FullWalSyncSql,
 }
 
 impl Mode {
@@ -79,6 +83,7 @@ impl Mode {
             Mode::FullNotify => "full-notify",
             Mode::FullWal => "full-wal",
             Mode::FullWalSync => "full-wal-sync",
+            Mode::FullWalSyncSql => "full-wal-sync-sql",
         }
     }
 
@@ -87,16 +92,25 @@ impl Mode {
             Mode::TtlOnly => (false, false),
             Mode::RedisFeedOnly => (false, true),
             Mode::PostgresFeedOnly => (true, false),
-            Mode::Full | Mode::FullNotify | Mode::FullWal | Mode::FullWalSync => (true, true),
+            Mode::Full
+            | Mode::FullNotify
+            | Mode::FullWal
+            | Mode::FullWalSync
+            | Mode::FullWalSyncSql => (true, true),
         }
     }
 
     fn postgres_source(self) -> &'static str {
         match self {
             Mode::FullNotify => "notify",
-            Mode::FullWal | Mode::FullWalSync => "wal",
+            Mode::FullWal | Mode::FullWalSync | Mode::FullWalSyncSql => "wal",
             _ => "changes_log",
         }
+    }
+
+    /// Whether the relay is named in `synchronous_standby_names` for the mode's run.
+    fn synchronous(self) -> bool {
+        matches!(self, Mode::FullWalSync | Mode::FullWalSyncSql)
     }
 
     fn parse(s: &str) -> Mode {
@@ -108,6 +122,7 @@ impl Mode {
             "full-notify" => Mode::FullNotify,
             "full-wal" => Mode::FullWal,
             "full-wal-sync" => Mode::FullWalSync,
+            "full-wal-sync-sql" => Mode::FullWalSyncSql,
             other => panic!("unknown mode {other:?}"),
         }
     }
@@ -611,7 +626,7 @@ async fn run_mode(
     for i in 0..args.instances {
         cluster.wait_ready(i).await;
     }
-    if mode == Mode::FullWalSync {
+    if mode.synchronous() {
         synchronous_relay(&client, &cluster.ports, true).await;
     }
     let clock = Clock(Instant::now());
@@ -790,7 +805,7 @@ async fn run_mode(
         );
     }
     let coherence_raw = scrape_delays(&cluster).await;
-    if mode == Mode::FullWalSync {
+    if mode.synchronous() {
         // Before the relay goes: commits of the next mode must not wait for it.
         synchronous_relay(&client, &cluster.ports, false).await;
     }
