@@ -2,72 +2,65 @@
 //! each compares versions (as decimal strings, exactly) inside Redis, so no race between
 //! instances can bring an older copy back.
 
+/// The ranking rule as a Lua function both offer scripts begin with (ARCHITECTURE
+/// "Versions and ranks"): `rank(cur, v, kind)` says whether a copy at version `v` (decimal
+/// string) of kind `kind` may replace `cur`, the stored `version:kind:document` (or `false`
+/// for none): 1 if it ranks above it, 0 if `cur` is newer, 2 if `cur` holds this version
+/// already. Versions compare as decimal strings: longer is larger, then bytewise.
+macro_rules! rank_lua {
+    () => {
+        r"
+local function rank(cur, v, kind)
+  if not cur then return 1 end
+  local sep = string.find(cur, ':', 1, true)
+  if not sep then return 1 end
+  local cv = string.sub(cur, 1, sep - 1)
+  if #cv ~= #v then
+    if #v > #cv then return 1 end
+    return 0
+  end
+  if v == cv then
+    -- at one version, a real copy beats a tombstone, and nothing beats a real copy
+    local ck = string.sub(cur, sep + 1, sep + 1)
+    if ck ~= 'i' or kind == 'i' then return 2 end
+    return 1
+  end
+  if v > cv then return 1 end
+  return 0
+end
+"
+    };
+}
+
 /// Applies `ARGV` (version, kind, document, ttl ms) to `KEYS[1]` if it ranks above what is
 /// there, then, when `ARGV[6]` is not empty, publishes it on channel `ARGV[5]` with command
 /// `ARGV[7]` (`PUBLISH`, or `SPUBLISH` in a cluster, where the channel is in `KEYS[1]`'s hash
 /// slot): one round trip for a write's Redis update and its invalidation message. Returns 1
 /// when applied, 0 when Redis holds a newer version, 2 when it holds this version already.
-pub(super) const OFFER_SCRIPT: &str = r"
+pub(super) const OFFER_SCRIPT: &str = concat!(
+    rank_lua!(),
+    r"
 if ARGV[6] ~= '' then
   redis.call(ARGV[7], ARGV[5], ARGV[6])
 end
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local sep = string.find(cur, ':', 1, true)
-  if sep then
-    local cv = string.sub(cur, 1, sep - 1)
-    local nv = ARGV[1]
-    local cmp
-    if #cv ~= #nv then
-      cmp = (#nv > #cv) and 1 or -1
-    elseif nv == cv then
-      cmp = 0
-    else
-      cmp = (nv > cv) and 1 or -1
-    end
-    if cmp < 0 then return 0 end
-    if cmp == 0 then
-      local ck = string.sub(cur, sep + 1, sep + 1)
-      -- at one version, a real copy beats a tombstone, and nothing beats a real copy
-      if ck ~= 'i' or ARGV[2] == 'i' then return 2 end
-    end
-  end
-end
+local ranked = rank(redis.call('GET', KEYS[1]), ARGV[1], ARGV[2])
+if ranked ~= 1 then return ranked end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2] .. ':' .. ARGV[3], 'PX', ARGV[4])
 return 1
-";
+"
+);
 
 /// [`OFFER_SCRIPT`] for many keys in one call: `KEYS[i]` takes `ARGV[4i]` .. `ARGV[4i+3]`
 /// (version, kind, document, ttl ms) under the same rule, then, when `ARGV[2]` is not
 /// empty, `ARGV[2]` is published on channel `ARGV[1]` with command `ARGV[3]`. Not in a
 /// cluster (its keys span hash slots). Returns how many keys were applied.
-pub(super) const OFFER_MANY_SCRIPT: &str = r"
+pub(super) const OFFER_MANY_SCRIPT: &str = concat!(
+    rank_lua!(),
+    r"
 local applied = 0
 for i = 1, #KEYS do
   local v, kind, doc, ttl = ARGV[4 * i], ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3]
-  local take = true
-  local cur = redis.call('GET', KEYS[i])
-  if cur then
-    local sep = string.find(cur, ':', 1, true)
-    if sep then
-      local cv = string.sub(cur, 1, sep - 1)
-      local cmp
-      if #cv ~= #v then
-        cmp = (#v > #cv) and 1 or -1
-      elseif v == cv then
-        cmp = 0
-      else
-        cmp = (v > cv) and 1 or -1
-      end
-      if cmp < 0 then
-        take = false
-      elseif cmp == 0 then
-        local ck = string.sub(cur, sep + 1, sep + 1)
-        if ck ~= 'i' or kind == 'i' then take = false end
-      end
-    end
-  end
-  if take then
+  if rank(redis.call('GET', KEYS[i]), v, kind) == 1 then
     redis.call('SET', KEYS[i], v .. ':' .. kind .. ':' .. doc, 'PX', ttl)
     applied = applied + 1
   end
@@ -76,7 +69,8 @@ if ARGV[2] ~= '' then
   redis.call(ARGV[3], ARGV[1], ARGV[2])
 end
 return applied
-";
+"
+);
 
 /// Raises field `ARGV[1]` of hash `KEYS[1]` to `ARGV[2]` unless it holds a larger number
 /// already (compared as decimal strings, like versions); returns the value in force.
