@@ -212,6 +212,51 @@ fn pgbench() -> PathBuf {
     }
 }
 
+/// `syncar migrate` with `config` against `pg_url`; panics with its stderr if it fails.
+fn migrate(bin: &Path, config: &Path, pg_url: &str) {
+    let migrated = Command::new(bin)
+        .args(["migrate", "--config"])
+        .arg(config)
+        .env("SYNCAR_POSTGRES_URL", pg_url)
+        .output()
+        .expect("syncar migrate");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+}
+
+/// A `syncar relay` with `config`, its output thrown away; killed when dropped.
+fn spawn_relay(bin: &Path, config: &Path, pg_url: &str, redis_url: &str) -> Children {
+    Children(vec![Command::new(bin)
+        .args(["relay", "--config"])
+        .arg(config)
+        .env("SYNCAR_POSTGRES_URL", pg_url)
+        .env("SYNCAR_REDIS_URL", redis_url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start syncar relay")])
+}
+
+/// Each variant's median round (by throughput), from rounds that each ran every variant in
+/// the same order.
+fn median_rounds(rounds: Vec<Vec<Figures>>) -> Vec<Figures> {
+    (0..rounds[0].len())
+        .map(|v| {
+            let mut runs: Vec<Figures> = rounds.iter().map(|r| r[v].clone()).collect();
+            runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            runs.swap_remove(runs.len() / 2)
+        })
+        .collect()
+}
+
+/// A JSON document of about `bytes` bytes: `{"v":"xxx..."}`.
+fn document(bytes: usize) -> String {
+    format!("{{\"v\":\"{}\"}}", "x".repeat(bytes.saturating_sub(12)))
+}
+
 /// Starts syncar; its warnings go to `syncar-{port}.log` beside the config.
 fn spawn_syncar(bin: &Path, config: &Path, port: u16, pg: &str, redis: &str) -> Child {
     let log = config.with_file_name(format!("syncar-{port}.log"));
@@ -674,8 +719,7 @@ fn main() {
     wait_ready(p3);
 
     // A value of the configured size, as JSON.
-    let filler = "x".repeat(args.value_bytes.saturating_sub(12));
-    let body = format!("{{\"v\":\"{filler}\"}}");
+    let body = document(args.value_bytes);
     eprintln!(
         "hot-path benchmark: {} connections, {}-byte values, {} keys, {} s per run",
         args.connections,
@@ -818,33 +862,13 @@ fn main() {
         ),
     )
     .unwrap();
-    let start_relay = || {
-        Children(vec![Command::new(&bin)
-            .args(["relay", "--config"])
-            .arg(&relay_config)
-            .env("SYNCAR_POSTGRES_URL", &pg_url)
-            .env("SYNCAR_REDIS_URL", redis.url())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start syncar relay")])
-    };
+    let start_relay = || spawn_relay(&bin, &relay_config, &pg_url, &redis.url());
     // Each source's triggers in turn (the migration rewrites them), interleaved with the plain
     // table at every client count so that drifts of the machine hit all alike.
     let migrate = |source: &str| {
         let path = out.join(format!("{source}.toml"));
         std::fs::write(&path, format!("[feeds]\npostgres_source = \"{source}\"\n")).unwrap();
-        let migrated = Command::new(&bin)
-            .args(["migrate", "--config"])
-            .arg(&path)
-            .env("SYNCAR_POSTGRES_URL", &pg_url)
-            .output()
-            .expect("syncar migrate");
-        assert!(
-            migrated.status.success(),
-            "{}",
-            String::from_utf8_lossy(&migrated.stderr)
-        );
+        migrate(&bin, &path, &pg_url);
     };
     let update = |table: &str| {
         format!(
@@ -885,14 +909,7 @@ fn main() {
     // Rounds interleaved, so that drifts of a shared machine hit every variant alike; the
     // median round of each.
     let medians = |run: &dyn Fn(&str) -> Figures| -> Vec<Figures> {
-        let rounds: Vec<Vec<Figures>> = (0..args.rounds.max(1)).map(|_| variants(run)).collect();
-        (0..rounds[0].len())
-            .map(|v| {
-                let mut runs: Vec<Figures> = rounds.iter().map(|r| r[v].clone()).collect();
-                runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-                runs.swap_remove(runs.len() / 2)
-            })
-            .collect()
+        median_rounds((0..args.rounds.max(1)).map(|_| variants(run)).collect())
     };
     let mut triggers = Vec::new();
     for clients in [1, 8, 32] {

@@ -26,8 +26,8 @@ use serde_json::{json, Value};
 use super::delay::DelayLine;
 use super::unix;
 use super::{
-    pgbench_run, psql, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk, Args,
-    Children, Figures,
+    document, pgbench_run, psql, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk,
+    Args, Children, Figures,
 };
 
 /// One measured row and the delay lines' CPU per operation, in µs.
@@ -128,8 +128,7 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         &format!("redis://127.0.0.1:{}", redis_line.port),
     )]);
     wait_ready(port);
-    let filler = "x".repeat(args.value_bytes.saturating_sub(12));
-    let body = format!("{{\"v\":\"{filler}\"}}");
+    let body = document(args.value_bytes);
     psql(
         pg_port,
         &db,

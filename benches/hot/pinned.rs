@@ -16,12 +16,14 @@
 //! case for the ratio). Goal: variant 4 loses at most 10 % against variant 1 at 32 clients.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 
-use super::{pgbench_run, psql, servers, Args, Children, Figures};
+use super::{
+    document, median_rounds, migrate, pgbench_run, psql, servers, spawn_relay, Args, Figures,
+};
 
 /// `taskset -a -p -c {cpus} {pid}`: every thread of `pid` to `cpus`.
 fn pin(pid: u32, cpus: &str) {
@@ -89,19 +91,8 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
         ),
     )
     .unwrap();
-    let migrated = Command::new(bin)
-        .args(["migrate", "--config"])
-        .arg(&config)
-        .env("SYNCAR_POSTGRES_URL", &pg_url)
-        .output()
-        .expect("syncar migrate");
-    assert!(
-        migrated.status.success(),
-        "{}",
-        String::from_utf8_lossy(&migrated.stderr)
-    );
-    let filler = "x".repeat(args.value_bytes.saturating_sub(12));
-    let body = format!("{{\"v\":\"{filler}\"}}");
+    migrate(bin, &config, &pg_url);
+    let body = document(args.value_bytes);
     psql(
         pg_port,
         &db,
@@ -121,15 +112,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
             &db,
             &format!("SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
         );
-        let relay = Children(vec![Command::new(bin)
-            .args(["relay", "--config"])
-            .arg(&config)
-            .env("SYNCAR_POSTGRES_URL", &pg_url)
-            .env("SYNCAR_REDIS_URL", redis.url())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start syncar relay")]);
+        let relay = spawn_relay(bin, &config, &pg_url, &redis.url());
         std::thread::sleep(Duration::from_secs(2));
         relay
     };
@@ -148,7 +131,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
             out,
         )
     };
-    let rounds: Vec<Vec<Figures>> = (0..args.rounds.max(1))
+    let rounds = (0..args.rounds.max(1))
         .map(|_| {
             let plain = run("plain table", "plain_kv");
             let stamped = run("syncar table, slot not read", "syncar_kv");
@@ -159,13 +142,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
             vec![plain, stamped, plain_decoded, stamped_decoded]
         })
         .collect();
-    (0..rounds[0].len())
-        .map(|v| {
-            let mut runs: Vec<Figures> = rounds.iter().map(|r| r[v].clone()).collect();
-            runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            runs.swap_remove(runs.len() / 2)
-        })
-        .collect()
+    median_rounds(rounds)
 }
 
 pub fn run(args: &Args, bin: &Path, out: &Path) {

@@ -29,6 +29,20 @@ pub struct Run {
     pub p999_ms: f64,
 }
 
+impl Run {
+    /// From every request's latency (ms) over `elapsed` seconds.
+    fn from_latencies(mut ms: Vec<f64>, elapsed: f64) -> Run {
+        ms.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
+        Run {
+            rps: ms.len() as f64 / elapsed,
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            p999_ms: at(0.999),
+        }
+    }
+}
+
 async fn connection(target: &Target) -> http1::SendRequest<Full<Bytes>> {
     match target {
         Target::Tcp(port) => {
@@ -100,15 +114,7 @@ fn get_run_on(
         for t in tasks {
             all.extend(t.await.unwrap());
         }
-        let elapsed = start.elapsed().as_secs_f64();
-        all.sort_by(|a, b| a.total_cmp(b));
-        let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-        Run {
-            rps: all.len() as f64 / elapsed,
-            p50_ms: at(0.5),
-            p99_ms: at(0.99),
-            p999_ms: at(0.999),
-        }
+        Run::from_latencies(all, start.elapsed().as_secs_f64())
     })
 }
 
@@ -164,15 +170,7 @@ pub fn raw_get_run(target: &Target, keys: usize, secs: u64) -> Run {
         }
         ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    ms.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| ms[((ms.len() as f64 * q) as usize).min(ms.len() - 1)];
-    Run {
-        rps: ms.len() as f64 / elapsed,
-        p50_ms: at(0.5),
-        p99_ms: at(0.99),
-        p999_ms: at(0.999),
-    }
+    Run::from_latencies(ms, start.elapsed().as_secs_f64())
 }
 
 /// A byte stream the raw client reads and writes: TCP or a Unix socket.
