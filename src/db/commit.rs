@@ -102,8 +102,8 @@ const CHECK_SQL: &str = "SELECT set_config('synchronous_commit', 'on', true), \
                            ON s.slot_name = $1";
 
 impl Commit {
-    /// Prepares the transaction for this choice, in one round trip: [`Commit::prepare`],
-    /// then [`Commit::check`].
+    /// Prepares the transaction for this choice: [`Commit::prepare`], then
+    /// [`Commit::check`] (one round trip once the statement is cached on the connection).
     ///
     /// # Errors
     /// A classified [`DbError`]; [`DbError::NotSynchronous`] when the commit would not wait
