@@ -227,17 +227,39 @@ fn migrate(bin: &Path, config: &Path, pg_url: &str) {
     );
 }
 
-/// A `syncar relay` with `config`, its output thrown away; killed when dropped.
-fn spawn_relay(bin: &Path, config: &Path, pg_url: &str, redis_url: &str) -> Children {
-    Children(vec![Command::new(bin)
+/// A `syncar relay` with `config` for database `db` on the Postgres at `pg_port`, its output
+/// thrown away, killed when dropped; returns once it streams from the database's slot (which
+/// is first advanced to the current WAL position: what earlier runs left there is not this
+/// one's to decode).
+fn start_relay(bin: &Path, config: &Path, pg_port: u16, db: &str, redis_url: &str) -> Children {
+    let slot = format!("syncar_{db}");
+    psql(
+        pg_port,
+        db,
+        &format!("SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
+    );
+    let relay = Children(vec![Command::new(bin)
         .args(["relay", "--config"])
         .arg(config)
-        .env("SYNCAR_POSTGRES_URL", pg_url)
+        .env(
+            "SYNCAR_POSTGRES_URL",
+            format!("postgres://postgres@127.0.0.1:{pg_port}/{db}"),
+        )
         .env("SYNCAR_REDIS_URL", redis_url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start syncar relay")])
+        .expect("start syncar relay")]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let active = format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'");
+    while psql(pg_port, db, &active) != "t" {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never streamed from slot {slot}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    relay
 }
 
 /// Each variant's median round (by throughput), from rounds that each ran every variant in
@@ -635,7 +657,9 @@ fn print_batch(rows: &[batch::Row]) {
 }
 
 /// `sql` on `database` of the Postgres on `port`, with psql from Postgres' own bindir.
-fn psql(port: u16, database: &str, sql: &str) {
+/// Runs `sql` with psql against `database`; returns what it printed (unaligned, tuples
+/// only), trimmed. Panics with psql's stderr if it fails.
+fn psql(port: u16, database: &str, sql: &str) -> String {
     let bindir = pgbench().parent().unwrap().to_path_buf();
     let o = Command::new(bindir.join("psql"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
@@ -647,6 +671,7 @@ fn psql(port: u16, database: &str, sql: &str) {
         "{sql}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
 fn main() {
@@ -862,7 +887,7 @@ fn main() {
         ),
     )
     .unwrap();
-    let start_relay = || spawn_relay(&bin, &relay_config, &pg_url, &redis.url());
+    let decoding_relay = || start_relay(&bin, &relay_config, servers.pg_port, &db, &redis.url());
     // Each source's triggers in turn (the migration rewrites them), interleaved with the plain
     // table at every client count so that drifts of the machine hit all alike.
     let migrate = |source: &str| {
@@ -879,7 +904,6 @@ fn main() {
     // Every variant in turn, the same workload: without triggers, the version stamp alone,
     // wal with the slot not read (the writers' path), wal with a relay decoding meanwhile,
     // changes_log, notify.
-    let slot = format!("syncar_{db}");
     let variants = |run: &dyn Fn(&str) -> Figures| -> Vec<Figures> {
         let measure = |name: &str| {
             vacuum();
@@ -891,13 +915,7 @@ fn main() {
         let stamped = measure("version stamp only");
         migrate("wal");
         let wal_path = measure("wal triggers, slot not read");
-        // What that run left in the slot is not this run's to decode.
-        psql(
-            &format!("SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
-            &db,
-        );
-        let relay = start_relay();
-        std::thread::sleep(Duration::from_secs(2));
+        let relay = decoding_relay();
         let walled = measure("wal triggers + relay");
         drop(relay);
         migrate("changes_log");

@@ -4,10 +4,11 @@
 //! `make bench-stale` (or `cargo bench --bench stale -- [options]`) starts its own Postgres and
 //! Redis, then for each mode (`ttl-only`, `redis-feed-only`, `postgres-feed-only`, `full`
 //! (with `feeds.postgres_source = "changes_log"`), `full-notify` (`notify`), `full-wal`
-//! (`wal`) and `full-wal-sync` (`wal`, the relay named in `synchronous_standby_names`, so a
+//! (`wal`), `full-wal-sync` (`wal`, the relay named in `synchronous_standby_names`, so a
 //! commit returns once every instance applied it, with `feeds.synchronous_writes` so that
 //! syncar's own writes wait too) and `full-wal-sync-sql` (the same, with only the plain-SQL
-//! writers waiting)) N syncar processes of the release binary, and runs a workload through phases:
+//! writers waiting)) N syncar processes of the release binary, and runs a workload through
+//! phases:
 //! steady churn, then each fault followed by recovery (Redis pub/sub connections killed,
 //! LISTEN backends terminated, Redis restarted, one instance SIGKILLed and restarted, the
 //! instance holding the `wal` relay SIGKILLed and restarted (the first instance in modes
@@ -1147,6 +1148,7 @@ fn analyse(
     for v in by_key.values_mut() {
         v.sort_by_key(|w| w.version);
     }
+    let print_stale = std::env::var_os("SYNCAR_BENCH_STALE").is_some();
     let mut all_ages = Vec::new();
     let mut phases = Vec::new();
     for (p, name) in PHASES.iter().enumerate() {
@@ -1173,7 +1175,7 @@ fn analyse(
                 if w.ack < r.start {
                     ages.push((r.start - w.ack) as f64 / 1e6);
                     after_sql += w.sql_us.is_some() as usize;
-                    if std::env::var_os("SYNCAR_BENCH_STALE").is_some() {
+                    if print_stale {
                         eprintln!(
                             "stale read: phase {name}, key {}, instance {}, read {} ({}) at \
                              {} ns, {} acknowledged at {} ns ({})",

@@ -17,12 +17,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::json;
 
 use super::{
-    document, median_rounds, migrate, pgbench_run, psql, servers, spawn_relay, Args, Figures,
+    document, median_rounds, migrate, pgbench_run, psql, servers, start_relay, Args, Figures,
 };
 
 /// `taskset -a -p -c {cpus} {pid}`: every thread of `pid` to `cpus`.
@@ -41,7 +40,7 @@ fn pin(pid: u32, cpus: &str) {
 /// Pins the postmaster listening on `port` and every process it has started to `cpus`;
 /// processes it starts later (backends, walsenders) inherit the postmaster's affinity.
 fn pin_postgres(port: u16, cpus: &str) {
-    let data = query(port, "SHOW data_directory");
+    let data = psql(port, "postgres", "SHOW data_directory");
     let pid_file = std::fs::read_to_string(Path::new(&data).join("postmaster.pid"))
         .expect("read postmaster.pid");
     let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
@@ -53,21 +52,6 @@ fn pin_postgres(port: u16, cpus: &str) {
     for pid in String::from_utf8_lossy(&children.stdout).split_whitespace() {
         pin(pid.parse().unwrap(), cpus);
     }
-}
-
-/// One value from `psql -At` against the `postgres` database.
-fn query(port: u16, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
-        .args(["-At", "-d", "postgres", "-c", sql])
-        .output()
-        .expect("run psql");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// The four variants' medians at one durability setting, in the order of the module's doc.
@@ -104,18 +88,6 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
             keys = args.keys
         ),
     );
-    let slot = format!("syncar_{db}");
-    let start_relay = || {
-        // What earlier variants left in the slot is not this one's to decode.
-        psql(
-            pg_port,
-            &db,
-            &format!("SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
-        );
-        let relay = spawn_relay(bin, &config, &pg_url, &redis.url());
-        std::thread::sleep(Duration::from_secs(2));
-        relay
-    };
     let run = |name: &str, table: &str| {
         psql(pg_port, &db, &format!("VACUUM {table}"));
         pgbench_run(
@@ -135,7 +107,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
         .map(|_| {
             let plain = run("plain table", "plain_kv");
             let stamped = run("syncar table, slot not read", "syncar_kv");
-            let relay = start_relay();
+            let relay = start_relay(bin, &config, pg_port, &db, &redis.url());
             let plain_decoded = run("plain table, relay decoding", "plain_kv");
             let stamped_decoded = run("syncar table, relay decoding", "syncar_kv");
             drop(relay);
