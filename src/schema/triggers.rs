@@ -32,10 +32,13 @@ pub(super) fn function_name(prefix: &str, resource: &str) -> String {
 /// # Schema changes
 /// The function names the version column, and PL/pgSQL resolves names when it runs: after
 /// the column is renamed, `NEW.version` fails with `undefined_column` (or, retyped, with
-/// `datatype_mismatch`), which would fail the writer's statement. The fast path is kept in a
-/// block that catches exactly those, and the
+/// `datatype_mismatch`; retyped to integer, past 2^31 versions, with
+/// `numeric_value_out_of_range`), which would fail the writer's statement. The fast path is
+/// kept in a block that catches exactly those, and the
 /// fallback finds the column by its attribute number (`version_attnum`, fixed for the
-/// column's life) and sets it through `jsonb_populate_record`. A column that is gone leaves
+/// column's life) and sets it through `jsonb_populate_record`, only if it is a bigint (a
+/// dump and restore renumbers the columns: a number must never stamp one of the
+/// customer's). A column that is gone leaves
 /// the row unstamped: the writer's statement never fails because of syncar. (Entering the
 /// block costs a subtransaction start, about 0.3 µs a row here.)
 pub(super) fn stamp_function_body(schema: &str, r: &ResourceConfig, version_attnum: i16) -> String {
@@ -46,9 +49,11 @@ DECLARE
 BEGIN
   BEGIN
     NEW.{col} := nextval({seq});
-  EXCEPTION WHEN undefined_column OR datatype_mismatch OR cannot_coerce THEN
+  EXCEPTION WHEN undefined_column OR datatype_mismatch OR cannot_coerce
+                 OR numeric_value_out_of_range THEN
     SELECT a.attname INTO col FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = {version_attnum} AND NOT a.attisdropped;
+     WHERE a.attrelid = TG_RELID AND a.attnum = {version_attnum} AND NOT a.attisdropped
+       AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype;
     IF FOUND THEN
       BEGIN
         NEW := jsonb_populate_record(NEW, jsonb_build_object(col, nextval({seq})));
