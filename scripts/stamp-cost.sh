@@ -5,7 +5,9 @@
 # "Where the version stamp's cost goes"). `make bench-stamp`.
 #
 # A Postgres of its own (data under a temporary directory); `syncar migrate` installs the
-# `wal` source's triggers on `syncar_kv` (the stamp, exactly as syncar writes it); then, in
+# `wal` source's triggers on `syncar_kv` (the stamp, exactly as syncar writes it), with the
+# PL/pgSQL stamp in database `postgres` and with the C stamp of the syncar_stamp extension
+# (`make stamp-extension` installs it) in database `ext`; then, in
 # single-user mode under callgrind, the same prepared single-row UPDATEs (random keys of
 # 1000, a new jsonb value each) on tables that differ only in their triggers:
 #   plain      no trigger
@@ -13,7 +15,8 @@
 #              suppress_redundant_updates_trigger): the trigger machinery alone
 #   plpgsql    a PL/pgSQL BEFORE ROW trigger that only returns NEW
 #   nextval    a PL/pgSQL trigger setting version := nextval(...), no exception block
-#   syncar     syncar's stamp (nextval inside the block that survives a renamed column)
+#   syncar     syncar's PL/pgSQL stamp (nextval inside the block that survives a renamed column)
+#   extension  syncar's C stamp (postgres.stamp = "extension")
 #   inline     no trigger, version = nextval(...) in the UPDATE itself
 # Prints instructions per UPDATE (the run's total less a run of the PREPARE alone, over the
 # statements) and each variant's share above `plain`. Needs valgrind (Debian package).
@@ -42,8 +45,12 @@ port="$(scripts/dev-services.sh free-ports 1)"
 as_pg "$bin/initdb -D $dir/data -A trust" >/dev/null
 as_pg "$bin/pg_ctl -D $dir/data -o '-p $port -k $dir -c listen_addresses=127.0.0.1 -c wal_level=logical' -l $dir/log -w start" >/dev/null
 psql=(psql -h 127.0.0.1 -p "$port" -U postgres -q -v ON_ERROR_STOP=1 -d postgres)
-printf '[feeds]\npostgres_source = "wal"\n' >"$dir/syncar.toml"
+printf '[postgres]\nstamp = "plpgsql"\n[feeds]\npostgres_source = "wal"\n' >"$dir/syncar.toml"
 SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres" "$syncar" migrate --config "$dir/syncar.toml" >/dev/null
+"${psql[@]}" -c "CREATE DATABASE ext"
+printf '[postgres]\nstamp = "extension"\n[feeds]\npostgres_source = "wal"\n' >"$dir/ext.toml"
+SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/ext" "$syncar" migrate --config "$dir/ext.toml" >/dev/null
+"${psql[@]}" -d ext -c "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i; VACUUM ANALYZE syncar_kv"
 "${psql[@]}" <<'SQL'
 INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i;
 CREATE FUNCTION bare() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
@@ -69,20 +76,20 @@ script() { # table, extra SET clause, statements
   local i
   for ((i = 0; i < $3; i++)); do echo "EXECUTE u($((RANDOM * 32768 + RANDOM)), 'k$((RANDOM % 1000 + 1))')"; done
 }
-count() { # name, table, extra, statements
+count() { # name, table, extra, statements, database
   script "$2" "$3" "$4" >"$dir/$1.sql"
   [ "$(id -u)" -eq 0 ] && chown postgres "$dir/$1.sql"
   as_pg "valgrind --tool=callgrind --callgrind-out-file=$dir/$1.cg $bin/postgres --single -D $dir/data \
-    -c fsync=off -c wal_level=logical postgres <$dir/$1.sql >$dir/$1.log 2>&1"
+    -c fsync=off -c wal_level=logical ${5:-postgres} <$dir/$1.sql >$dir/$1.log 2>&1"
   sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/$1.log"
 }
 base="$(count empty plain '' 0)"
 printf '%-10s %14s %10s\n' variant instr/UPDATE 'vs plain'
 plain=""
 for v in plain:plain: c-trigger:c_trigger: plpgsql:plpgsql: nextval:nextval: syncar:syncar_kv: \
-  "inline:inline:, version = nextval('public.syncar_version_seq')"; do
-  IFS=: read -r name table extra <<<"$v"
-  total="$(count "$name" "$table" "$extra" "$STATEMENTS")"
+  extension:syncar_kv::ext "inline:inline:, version = nextval('public.syncar_version_seq')"; do
+  IFS=: read -r name table extra db <<<"$v"
+  total="$(count "$name" "$table" "$extra" "$STATEMENTS" "$db")"
   per=$(((total - base) / STATEMENTS))
   [ -n "$plain" ] || plain=$per
   printf '%-10s %14d %+9.1f%%\n' "$name" "$per" "$(echo "($per - $plain) * 100 / $plain" | bc -l)"

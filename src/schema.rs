@@ -17,6 +17,7 @@ mod objects;
 mod script;
 pub mod shape;
 mod source;
+mod stamp;
 mod table;
 mod triggers;
 mod uninstall;

@@ -6,14 +6,19 @@
 //! Single-row `UPDATE`s by 32 clients (`--clients`), interleaved rounds (`--rounds`), the
 //! median round of each variant:
 //! 1. a plain table with the same columns and no trigger, the slot not read;
-//! 2. syncar's table with the `wal` source's triggers (the version stamp), the slot not read;
-//! 3. the plain table while a `syncar relay` decodes the slot (the walsender decodes every
+//! 2. syncar's table with the `wal` source's triggers and the PL/pgSQL version stamp
+//!    (`postgres.stamp = "plpgsql"`), the slot not read;
+//! 3. the same with the C stamp of the `syncar_stamp` extension (`"extension"`; `make
+//!    stamp-extension` installs it), in a database of its own;
+//! 4. the plain table while a `syncar relay` decodes the slot (the walsender decodes every
 //!    transaction, published or not);
-//! 4. syncar's table while the relay decodes: what a writer of a cached table pays.
+//! 5. and 6. syncar's table with either stamp while a relay decodes its database's slot:
+//!    what a writer of a cached table pays.
 //!
 //! Twice, side by side: with durable commits (`fsync`, `synchronous_commit` and
 //! `full_page_writes` on, as in production) and without (every commit CPU only: the worst
-//! case for the ratio). Goal: variant 4 loses at most 10 % against variant 1 at 32 clients.
+//! case for the ratio). Goal: variant 5 or 6 loses at most 10 % against variant 1 at 32
+//! clients.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,7 +59,7 @@ fn pin_postgres(port: u16, cpus: &str) {
     }
 }
 
-/// The four variants' medians at one durability setting, in the order of the module's doc.
+/// The six variants' medians at one durability setting, in the order of the module's doc.
 fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
     let settings = if durable {
         "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
@@ -64,36 +69,47 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
     let pg_port = servers::postgres_with(settings);
     pin_postgres(pg_port, "0");
     let redis = servers::RedisServer::start();
-    let db = format!("pinned_{}_{}", std::process::id(), durable);
-    psql(pg_port, "postgres", &format!("CREATE DATABASE {db}"));
-    let pg_url = format!("postgres://postgres@127.0.0.1:{pg_port}/{db}");
-    let config = out.join(format!("pinned-{durable}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nkey_prefix = \"{db}:\"\n[feeds]\npostgres_source = \"wal\"\n[log]\nlevel = \"warn\"\n"
-        ),
-    )
-    .unwrap();
-    migrate(bin, &config, &pg_url);
     let body = document(args.value_bytes);
-    psql(
-        pg_port,
-        &db,
-        &format!(
-            "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '{body}'::jsonb \
-             FROM generate_series(1, {keys}) i; \
-             CREATE TABLE plain_kv (LIKE syncar_kv INCLUDING ALL); \
-             INSERT INTO plain_kv SELECT * FROM syncar_kv;",
-            keys = args.keys
-        ),
-    );
-    let run = |name: &str, table: &str| {
-        psql(pg_port, &db, &format!("VACUUM {table}"));
+    // Two databases, each migrated by syncar with one stamp: the PL/pgSQL one (and the plain
+    // table beside it), and the C one of the syncar_stamp extension.
+    let setup = |stamp: &str| {
+        let db = format!("pinned_{}_{durable}_{stamp}", std::process::id());
+        psql(pg_port, "postgres", &format!("CREATE DATABASE {db}"));
+        let config = out.join(format!("pinned-{durable}-{stamp}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[postgres]\nstamp = \"{stamp}\"\n[redis]\nkey_prefix = \"{db}:\"\n\
+                 [feeds]\npostgres_source = \"wal\"\n[log]\nlevel = \"warn\"\n"
+            ),
+        )
+        .unwrap();
+        migrate(
+            bin,
+            &config,
+            &format!("postgres://postgres@127.0.0.1:{pg_port}/{db}"),
+        );
+        psql(
+            pg_port,
+            &db,
+            &format!(
+                "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '{body}'::jsonb \
+                 FROM generate_series(1, {keys}) i; \
+                 CREATE TABLE plain_kv (LIKE syncar_kv INCLUDING ALL); \
+                 INSERT INTO plain_kv SELECT * FROM syncar_kv;",
+                keys = args.keys
+            ),
+        );
+        (db, config)
+    };
+    let (pl_db, pl_config) = setup("plpgsql");
+    let (c_db, c_config) = setup("extension");
+    let run = |name: &str, db: &str, table: &str| {
+        psql(pg_port, db, &format!("VACUUM {table}"));
         pgbench_run(
             &format!("{name} ({})", if durable { "durable" } else { "fsync off" }),
             pg_port,
-            &db,
+            db,
             &format!(
                 "\\set id random(1, {})\nUPDATE {table} SET value = '{body}' WHERE key = 'k' || :id;\n",
                 args.keys
@@ -105,13 +121,24 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
     };
     let rounds = (0..args.rounds.max(1))
         .map(|_| {
-            let plain = run("plain table", "plain_kv");
-            let stamped = run("syncar table, slot not read", "syncar_kv");
-            let relay = start_relay(bin, &config, pg_port, &db, &redis.url());
-            let plain_decoded = run("plain table, relay decoding", "plain_kv");
-            let stamped_decoded = run("syncar table, relay decoding", "syncar_kv");
+            let plain = run("plain table", &pl_db, "plain_kv");
+            let stamped = run("PL/pgSQL stamp, slot not read", &pl_db, "syncar_kv");
+            let c_stamped = run("C stamp, slot not read", &c_db, "syncar_kv");
+            let relay = start_relay(bin, &pl_config, pg_port, &pl_db, &redis.url());
+            let plain_decoded = run("plain table, relay decoding", &pl_db, "plain_kv");
+            let stamped_decoded = run("PL/pgSQL stamp, relay decoding", &pl_db, "syncar_kv");
             drop(relay);
-            vec![plain, stamped, plain_decoded, stamped_decoded]
+            let relay = start_relay(bin, &c_config, pg_port, &c_db, &redis.url());
+            let c_decoded = run("C stamp, relay decoding", &c_db, "syncar_kv");
+            drop(relay);
+            vec![
+                plain,
+                stamped,
+                c_stamped,
+                plain_decoded,
+                stamped_decoded,
+                c_decoded,
+            ]
         })
         .collect();
     median_rounds(rounds)
@@ -140,35 +167,37 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
          median of {} interleaved rounds of {} s",
         args.pinned_clients, args.rounds, args.secs
     );
-    println!(
-        "{:<12} {:>10} {:>10} {:>7} {:>10} {:>7} {:>10} {:>7}",
-        "commits", "plain", "stamp", "loss", "plain+dec", "loss", "stamp+dec", "loss"
-    );
+    let names = ["plain", "pl", "c", "plain+dec", "pl+dec", "c+dec"];
+    print!("{:<10}", "commits");
+    for (i, name) in names.iter().enumerate() {
+        print!(" {name:>9}");
+        if i > 0 {
+            print!(" {:>6}", "loss");
+        }
+    }
+    println!();
     let mut results = Vec::new();
     for (durable, v) in &table {
         let loss = |f: &Figures| 1.0 - f.rps / v[0].rps;
-        println!(
-            "{:<12} {:>10.0} {:>10.0} {:>6.1}% {:>10.0} {:>6.1}% {:>10.0} {:>6.1}%",
-            if *durable { "durable" } else { "fsync off" },
-            v[0].rps,
-            v[1].rps,
-            loss(&v[1]) * 100.0,
-            v[2].rps,
-            loss(&v[2]) * 100.0,
-            v[3].rps,
-            loss(&v[3]) * 100.0,
-        );
-        results.push(json!({
-            "durable": durable,
-            "plain": v[0].json(),
-            "stamp": v[1].json(), "stamp_loss": loss(&v[1]),
-            "plain_decoded": v[2].json(), "plain_decoded_loss": loss(&v[2]),
-            "stamp_decoded": v[3].json(), "stamp_decoded_loss": loss(&v[3]),
-        }));
+        print!("{:<10}", if *durable { "durable" } else { "fsync off" });
+        for (i, f) in v.iter().enumerate() {
+            print!(" {:>9.0}", f.rps);
+            if i > 0 {
+                print!(" {:>5.1}%", loss(f) * 100.0);
+            }
+        }
+        println!();
+        let mut row = json!({ "durable": durable });
+        for (name, f) in names.iter().zip(v) {
+            row[name] = f.json();
+            row[format!("{name}_loss")] = json!(loss(f));
+        }
+        results.push(row);
     }
     println!(
-        "(stamp: syncar's table with the wal triggers, slot not read; +dec: a relay decoding the \
-         slot meanwhile; loss against the plain table. Goal: stamp+dec loses at most 10%)"
+        "(pl: syncar's table with the PL/pgSQL stamp, c: with the C stamp of extension \
+         syncar_stamp; the slot not read; +dec: a relay decoding the slot meanwhile; loss \
+         against the plain table. Goal: the stamp with a relay decoding loses at most 10%)"
     );
     let path = out.join("results-pinned.json");
     std::fs::write(

@@ -116,6 +116,8 @@ pub struct PostgresConfig {
     pub statement_timeout: Duration,
     /// Run the migration at start (`syncar serve`). Off: the schema must already be installed.
     pub migrate_on_start: bool,
+    /// Which version stamp the migration puts on each cached table; see [`Stamp`].
+    pub stamp: Stamp,
     /// `Retry-After` sent with a 503 when Postgres is unavailable.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
@@ -215,6 +217,33 @@ pub struct FeedsConfig {
     /// standby. Needs the `wal` source and the relay named in `synchronous_standby_names`;
     /// otherwise writes are refused (503 `not_synchronous`, saying what to change).
     pub synchronous_writes: bool,
+}
+
+/// The version stamp: the BEFORE INSERT OR UPDATE row trigger that gives every row written,
+/// by anyone, a fresh version from `syncar_version_seq` (ARCHITECTURE.md, "Versions").
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Stamp {
+    /// The default: the C stamp when Postgres has the `syncar_stamp` extension (installed, or
+    /// available and this role may create it), else PL/pgSQL.
+    Auto,
+    /// A PL/pgSQL function per table, which any Postgres runs (managed services included).
+    Plpgsql,
+    /// The `syncar_stamp` extension's C function (`ext/syncar_stamp`), about half the
+    /// PL/pgSQL stamp's cost to every writer (BENCHMARKS.md, "Where the version stamp's cost
+    /// goes"); the migration fails, saying what to install, where Postgres lacks it.
+    Extension,
+}
+
+impl Stamp {
+    /// The name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stamp::Auto => "auto",
+            Stamp::Plpgsql => "plpgsql",
+            Stamp::Extension => "extension",
+        }
+    }
 }
 
 /// See [`FeedsConfig::postgres_source`].
@@ -473,6 +502,7 @@ impl Default for PostgresConfig {
             pool_timeout: Duration::from_secs(2),
             statement_timeout: Duration::from_secs(5),
             migrate_on_start: true,
+            stamp: Stamp::Auto,
             retry_after: Duration::from_secs(1),
             listen_url: None,
             replication_url: None,

@@ -5,10 +5,12 @@
 
 use super::error::SchemaError;
 use super::names::{
-    wanted_triggers, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_TRIGGER,
-    TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_TRUNCATE, TG_UPDATE, VERSION_SEQUENCE,
+    wanted_triggers, LEGACY_FUNCTIONS, LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_EXTENSION,
+    STAMP_TRIGGER, TG_BEFORE, TG_DELETE, TG_INSERT, TG_ROW, TG_TRUNCATE, TG_UPDATE,
+    VERSION_SEQUENCE,
 };
 use super::script::Sink;
+use super::stamp::StampFunction;
 use super::table::{Identity, TableInfo};
 use super::triggers::{
     announce_function_body, dollar_quote, function_name, stamp_function_body,
@@ -27,8 +29,9 @@ pub(super) struct Table<'a> {
     pub(super) qualified: String,
 }
 
-/// Installs `table`'s trigger functions and triggers for `source`, in `tx`: the functions
-/// at once; the drops of unwanted triggers at once; the statements that create or enable a
+/// Installs `table`'s trigger functions and triggers for `source`, with `stamp` as its
+/// version stamp, in `tx`: the functions at once (the PL/pgSQL stamp's too, the fallback
+/// `postgres.stamp = "plpgsql"` switches to); the drops of unwanted triggers at once; the statements that create or enable a
 /// trigger (which lock out the table's writers until the commit) appended to `locking`, to
 /// run together at the end. Appends a line to `changes` for each change.
 ///
@@ -39,11 +42,12 @@ pub(super) async fn install_table(
     sink: &mut Sink,
     table: &Table<'_>,
     source: PostgresSource,
+    stamp: &StampFunction,
     locking: &mut Vec<String>,
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
     let functions = install_functions(tx, sink, table, source, changes).await?;
-    let all = trigger_specs(&functions);
+    let all = trigger_specs(table, &functions, stamp);
     let wanted = wanted_triggers(source, table.info.identity == Identity::ExcludesKey);
     for spec in all.iter().filter(|t| !wanted.contains(&t.name)) {
         drop_trigger_if_there(tx, sink, table, spec.name, "dropping a trigger", changes).await?;
@@ -103,7 +107,8 @@ pub(super) async fn drop_legacy_functions(
     Ok(())
 }
 
-/// The names of a table's three trigger functions.
+/// The names of a table's three trigger functions, and its version column's attribute
+/// number (0 while the column is still to be added).
 struct Functions {
     /// Stamps each row with a fresh version.
     stamp: String,
@@ -112,6 +117,7 @@ struct Functions {
     /// Announces a TRUNCATE: a function of its own, since an earlier release rolled back to
     /// rewrites `syncar_announce_*` with its own body, which knows no TRUNCATE.
     truncate: String,
+    version_attnum: i16,
 }
 
 /// One of syncar's triggers: its name, definition, and what `pg_trigger` must say of it.
@@ -121,7 +127,10 @@ struct TriggerSpec<'f> {
     timing: &'static str,
     /// `FOR EACH ...`, with the transition tables.
     level: &'static str,
-    function: &'f str,
+    /// The function's schema and name.
+    function: (&'f str, &'f str),
+    /// The arguments the trigger passes it (`pg_trigger.tgargs`).
+    args: Vec<String>,
     /// `pg_trigger.tgtype`.
     tgtype: i16,
     /// `pg_trigger.tgoldtable`, `tgnewtable`.
@@ -129,8 +138,15 @@ struct TriggerSpec<'f> {
 }
 
 /// What `pg_trigger` says of an installed trigger: its function's schema and name, its
-/// type bits, its transition tables.
-type Installed = (String, String, i16, Option<String>, Option<String>);
+/// type bits, its transition tables, its arguments.
+type Installed = (
+    String,
+    String,
+    i16,
+    Option<String>,
+    Option<String>,
+    Vec<String>,
+);
 
 /// Creates or replaces `table`'s three trigger functions where their bodies differ.
 async fn install_functions(
@@ -146,17 +162,18 @@ async fn install_functions(
         PostgresSource::Notify => Announce::Notify,
         _ => Announce::Log,
     };
-    let functions = Functions {
-        stamp: function_name("syncar_stamp", &r.name),
-        announce: function_name("syncar_announce", &r.name),
-        truncate: function_name("syncar_truncate", &r.name),
-    };
     let version_attnum = table
         .info
         .columns
         .iter()
         .find(|c| c.name == r.version_column)
         .map_or(0, |c| c.num);
+    let functions = Functions {
+        stamp: function_name("syncar_stamp", &r.name),
+        announce: function_name("syncar_announce", &r.name),
+        truncate: function_name("syncar_truncate", &r.name),
+        version_attnum,
+    };
     for (function, body) in [
         (
             &functions.stamp,
@@ -178,15 +195,34 @@ async fn install_functions(
     Ok(functions)
 }
 
-/// Every trigger syncar may put on a table; which of them a table gets depends on the
-/// source ([`wanted_triggers`]).
-fn trigger_specs(functions: &Functions) -> [TriggerSpec<'_>; 5] {
+/// Every trigger syncar may put on `table`, with `stamp` as its version stamp; which of them
+/// a table gets depends on the source ([`wanted_triggers`]).
+fn trigger_specs<'f>(
+    table: &'f Table<'_>,
+    functions: &'f Functions,
+    stamp: &'f StampFunction,
+) -> [TriggerSpec<'f>; 5] {
+    let own = |function: &'f str| (table.schema, function);
+    let (stamp_function, stamp_args) = match stamp {
+        StampFunction::Plpgsql => (own(&functions.stamp), Vec::new()),
+        // The C stamp takes by argument what the PL/pgSQL one has written into its body.
+        StampFunction::Extension { schema } => (
+            (schema.as_str(), STAMP_EXTENSION),
+            vec![
+                table.r.version_column.clone(),
+                functions.version_attnum.to_string(),
+                table.schema.to_string(),
+                VERSION_SEQUENCE.to_string(),
+            ],
+        ),
+    };
     [
         TriggerSpec {
             name: STAMP_TRIGGER,
             timing: "BEFORE INSERT OR UPDATE",
             level: "FOR EACH ROW",
-            function: &functions.stamp,
+            function: stamp_function,
+            args: stamp_args,
             tgtype: TG_ROW | TG_BEFORE | TG_INSERT | TG_UPDATE,
             transition: (None, None),
         },
@@ -194,7 +230,8 @@ fn trigger_specs(functions: &Functions) -> [TriggerSpec<'_>; 5] {
             name: LOG_TRIGGERS[0],
             timing: "AFTER INSERT",
             level: "REFERENCING NEW TABLE AS syncar_new FOR EACH STATEMENT",
-            function: &functions.announce,
+            function: own(&functions.announce),
+            args: Vec::new(),
             tgtype: TG_INSERT,
             transition: (None, Some("syncar_new")),
         },
@@ -202,7 +239,8 @@ fn trigger_specs(functions: &Functions) -> [TriggerSpec<'_>; 5] {
             name: LOG_TRIGGERS[1],
             timing: "AFTER UPDATE",
             level: "REFERENCING OLD TABLE AS syncar_old NEW TABLE AS syncar_new FOR EACH STATEMENT",
-            function: &functions.announce,
+            function: own(&functions.announce),
+            args: Vec::new(),
             tgtype: TG_UPDATE,
             transition: (Some("syncar_old"), Some("syncar_new")),
         },
@@ -210,7 +248,8 @@ fn trigger_specs(functions: &Functions) -> [TriggerSpec<'_>; 5] {
             name: LOG_TRIGGERS[2],
             timing: "AFTER DELETE",
             level: "REFERENCING OLD TABLE AS syncar_old FOR EACH STATEMENT",
-            function: &functions.announce,
+            function: own(&functions.announce),
+            args: Vec::new(),
             tgtype: TG_DELETE,
             transition: (Some("syncar_old"), None),
         },
@@ -218,7 +257,8 @@ fn trigger_specs(functions: &Functions) -> [TriggerSpec<'_>; 5] {
             name: LOG_TRIGGERS[3],
             timing: "AFTER TRUNCATE",
             level: "FOR EACH STATEMENT",
-            function: &functions.truncate,
+            function: own(&functions.truncate),
+            args: Vec::new(),
             tgtype: TG_TRUNCATE,
             transition: (None, None),
         },
@@ -270,7 +310,7 @@ async fn install_trigger(
     let current: Option<(Installed, String)> = tx
         .query_opt(
             "SELECT n.nspname::text, p.proname::text, t.tgtype, t.tgoldtable::text, \
-                    t.tgnewtable::text, t.tgenabled::text FROM pg_trigger t \
+                    t.tgnewtable::text, t.tgargs, t.tgenabled::text FROM pg_trigger t \
              JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace \
              WHERE t.tgrelid = $1 AND t.tgname = $2",
             &[&table.info.oid, &trigger],
@@ -282,8 +322,15 @@ async fn install_trigger(
         })?
         .map(|row| {
             (
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4)),
-                row.get(5),
+                (
+                    row.get(0),
+                    row.get(1),
+                    row.get(2),
+                    row.get(3),
+                    row.get(4),
+                    trigger_args(row.get(5)),
+                ),
+                row.get(6),
             )
         });
     if current.is_none()
@@ -293,11 +340,12 @@ async fn install_trigger(
         align_sequence(tx, sink, table).await?;
     }
     let wanted: Installed = (
-        table.schema.to_string(),
-        spec.function.to_string(),
+        spec.function.0.to_string(),
+        spec.function.1.to_string(),
         spec.tgtype,
         spec.transition.0.map(String::from),
         spec.transition.1.map(String::from),
+        spec.args.clone(),
     );
     let (installed, enabled) = match current {
         Some((installed, enabled)) => (Some(installed), enabled),
@@ -306,16 +354,25 @@ async fn install_trigger(
     if installed.as_ref() != Some(&wanted) {
         // Dropped first: CREATE OR REPLACE cannot turn a row trigger into a statement
         // trigger with transition tables.
+        let args: Vec<String> = spec.args.iter().map(|a| quote_literal(a)).collect();
         locking.push(format!(
             "DROP TRIGGER IF EXISTS {trigger} ON {qualified}; \
              CREATE TRIGGER {trigger} {} ON {qualified} {} \
-             EXECUTE FUNCTION {}.{}()",
+             EXECUTE FUNCTION {}.{}({})",
             spec.timing,
             spec.level,
-            quote_ident(table.schema),
-            quote_ident(spec.function)
+            quote_ident(spec.function.0),
+            quote_ident(spec.function.1),
+            args.join(", ")
         ));
-        changes.push(format!("installed trigger {trigger} on {qualified}"));
+        changes.push(match &installed {
+            // One working stamp for another: the table is served meanwhile.
+            Some(was) if trigger == STAMP_TRIGGER && is_stamp(table, was) => format!(
+                "replaced trigger {trigger} on {qualified} with {}",
+                describe_stamp(&wanted)
+            ),
+            _ => format!("installed trigger {trigger} on {qualified}"),
+        });
     }
     if installed.as_ref() != Some(&wanted) || enabled != "A" {
         // Fired whatever session_replication_role says: rows written by logical
@@ -413,4 +470,31 @@ async fn install_function(
     )
     .await?;
     Ok(true)
+}
+
+/// `pg_trigger.tgargs`: each argument ends in a NUL byte.
+fn trigger_args(raw: Vec<u8>) -> Vec<String> {
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+/// Whether `installed` is a version stamp syncar installs on `table` (either kind), as a row
+/// trigger before inserts and updates.
+fn is_stamp(table: &Table<'_>, installed: &Installed) -> bool {
+    let (schema, function, tgtype) = (&installed.0, &installed.1, installed.2);
+    tgtype == TG_ROW | TG_BEFORE | TG_INSERT | TG_UPDATE
+        && (function == STAMP_EXTENSION
+            || (schema == table.schema
+                && *function == function_name("syncar_stamp", &table.r.name)))
+}
+
+/// The stamp `installed` calls, for the changes' lines.
+fn describe_stamp(installed: &Installed) -> &'static str {
+    if installed.1 == STAMP_EXTENSION {
+        "the C stamp of extension syncar_stamp"
+    } else {
+        "the PL/pgSQL stamp"
+    }
 }

@@ -19,6 +19,7 @@ use super::lock::{begin_locked, LockRetries};
 use super::objects::{create_own_objects, kv_resource};
 use super::script::{Script, Sink};
 use super::source::{decide_source, record_source};
+use super::stamp::choose_stamp;
 use super::table::TableInfo;
 use crate::config::{Config, PostgresSource, ResourceConfig};
 use crate::resource::quote_ident;
@@ -113,6 +114,7 @@ fn pending(done: &str) -> String {
         ("installed ", "install "),
         ("created ", "create "),
         ("recreated ", "recreate "),
+        ("replaced ", "replace "),
         ("dropped ", "drop "),
         ("enabled ", "enable "),
         ("postgres source is ", "record postgres source "),
@@ -163,6 +165,7 @@ async fn migrate_once(
         &mut changes,
     )
     .await?;
+    let stamp = choose_stamp(&tx, sink, schema, config.postgres.stamp, &mut changes).await?;
     // The statements that lock a table against its writers, run together at the end.
     let mut locking: Vec<String> = Vec::new();
     for (r, info) in &tables {
@@ -172,7 +175,16 @@ async fn migrate_once(
             info,
             qualified: format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table)),
         };
-        install_table(&tx, sink, &table, source, &mut locking, &mut changes).await?;
+        install_table(
+            &tx,
+            sink,
+            &table,
+            source,
+            &stamp,
+            &mut locking,
+            &mut changes,
+        )
+        .await?;
     }
     let slot = capture::slot_name(&tx, config).await?;
     if source == PostgresSource::Wal {

@@ -16,6 +16,9 @@ pub(super) const LEGACY_FUNCTIONS: [&str; 3] =
 /// outage. `at` is the writer's clock when its trigger ran.
 pub const CHANGES_TABLE: &str = "syncar_changes";
 pub(super) const STAMP_TRIGGER: &str = "syncar_stamp_version";
+/// The optional extension holding the C version stamp (`ext/syncar_stamp`), and its one
+/// function's name.
+pub(super) const STAMP_EXTENSION: &str = "syncar_stamp";
 /// The statement-level triggers that announce what a statement changed, one per event:
 /// Postgres allows transition tables only on single-event triggers. Which of them a table
 /// has depends on the source, see [`wanted_triggers`].

@@ -6,7 +6,7 @@
 use super::capture::{self, STATE_TABLE};
 use super::error::SchemaError;
 use super::lock::{begin_locked, LockRetries};
-use super::names::{LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_TRIGGER};
+use super::names::{LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_EXTENSION, STAMP_TRIGGER};
 use super::objects::kv_resource;
 use super::table::table_oid;
 use super::triggers::function_name;
@@ -14,8 +14,8 @@ use crate::config::{Config, ResourceConfig};
 use crate::resource::quote_ident;
 
 /// `syncar uninstall`: removes what makes syncar cost every writer and the primary's disk:
-/// the triggers on every configured table (and `kv`), their functions, the publication and
-/// the replication slot. Keeps the data: version columns, the sequence, `syncar_kv`, the
+/// the triggers on every configured table (and `kv`), their functions, the `syncar_stamp`
+/// extension once no trigger uses it, the publication and the replication slot. Keeps the data: version columns, the sequence, `syncar_kv`, the
 /// changes log and the state table stay (a later `migrate` adopts them again).
 ///
 /// Returns what it removed, one line per object.
@@ -55,6 +55,7 @@ async fn uninstall_once(
     for r in std::iter::once(&kv).chain(&config.resources) {
         drop_table_triggers(&tx, schema, r, &mut changes).await?;
     }
+    drop_unused_extension(&tx, &mut changes).await?;
     forget_the_source(&tx, schema).await?;
     tx.commit().await.map_err(pg("committing the uninstall"))?;
     Ok(changes)
@@ -99,6 +100,33 @@ async fn drop_publication(
             .await
             .map_err(pg("dropping the publication"))?;
         changes.push(format!("dropped publication {publication}"));
+    }
+    Ok(())
+}
+
+/// Drops the `syncar_stamp` extension (the C stamp) if it is there, no trigger calls its
+/// function any more (a table not configured here may still), and this role owns it.
+async fn drop_unused_extension(
+    tx: &tokio_postgres::Transaction<'_>,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    let unused: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension e WHERE e.extname = $1 \
+                            AND pg_has_role(e.extowner, 'USAGE')) \
+             AND NOT EXISTS (SELECT 1 FROM pg_trigger t JOIN pg_depend d \
+                 ON d.classid = 'pg_proc'::regclass AND d.objid = t.tgfoid AND d.deptype = 'e' \
+                 JOIN pg_extension e ON e.oid = d.refobjid WHERE e.extname = $1)",
+            &[&STAMP_EXTENSION],
+        )
+        .await
+        .map_err(pg("looking up the syncar_stamp extension"))?
+        .get(0);
+    if unused {
+        tx.batch_execute(&format!("DROP EXTENSION {STAMP_EXTENSION}"))
+            .await
+            .map_err(pg("dropping the syncar_stamp extension"))?;
+        changes.push(format!("dropped extension {STAMP_EXTENSION}"));
     }
     Ok(())
 }

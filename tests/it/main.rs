@@ -12,6 +12,7 @@ mod lease;
 mod restore;
 mod schema;
 mod sentinel;
+mod stamp;
 mod support;
 mod tables;
 mod tiers;

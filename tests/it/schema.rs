@@ -267,7 +267,10 @@ async fn generic_triggers_of_earlier_releases_are_replaced_and_dropped_once_unus
             .pg()
             .await
             .query(
-                "SELECT proname::text FROM pg_proc WHERE proname LIKE 'syncar%' ORDER BY 1",
+                // The generated functions: not the C stamp of the syncar_stamp extension.
+                "SELECT proname::text FROM pg_proc p WHERE proname LIKE 'syncar%' \
+                 AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid \
+                 AND d.classid = 'pg_proc'::regclass AND d.deptype = 'e') ORDER BY 1",
                 &[],
             )
             .await
