@@ -50,7 +50,7 @@ SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres" "$syncar" mig
 "${psql[@]}" -c "CREATE DATABASE ext"
 printf '[postgres]\nstamp = "extension"\n[feeds]\npostgres_source = "wal"\n' >"$dir/ext.toml"
 SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/ext" "$syncar" migrate --config "$dir/ext.toml" >/dev/null
-"${psql[@]}" -d ext -c "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i; VACUUM ANALYZE syncar_kv"
+"${psql[@]}" -d ext -c "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i" -c "VACUUM ANALYZE syncar_kv"
 "${psql[@]}" <<'SQL'
 INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i;
 CREATE FUNCTION bare() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;

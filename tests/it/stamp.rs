@@ -267,7 +267,8 @@ async fn either_stamp_survives_its_column_retyped_renamed_or_dropped() {
 /// The C function refuses, with an error and without harm to the server, every way it can
 /// be called wrongly: outside a trigger, as an AFTER, a statement or a DELETE trigger, with
 /// the wrong arguments; and, told of a sequence or a column that is not there or holds no
-/// number, leaves rows unstamped.
+/// number, leaves rows unstamped; and it follows its sequence dropped, created again or
+/// renamed.
 #[tokio::test]
 async fn the_c_stamp_refuses_misuse_with_an_error() {
     let env = Env::new().await;
@@ -359,6 +360,29 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
         let version: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
         assert_eq!(version, 0, "{what}: the row is left unstamped");
     }
+    // The sequence's OID is kept for the session's life, and forgotten when it changes:
+    // dropped and created again by another session, then renamed away by this one.
+    pg.batch_execute(
+        "DROP TRIGGER x ON t; TRUNCATE t; \
+         CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
+         EXECUTE FUNCTION syncar_stamp('version', '2', 'public', 's')",
+    )
+    .await
+    .unwrap();
+    let first: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
+    assert!(first > 0 && first < 1000, "{first}");
+    env.pg()
+        .await
+        .batch_execute("DROP SEQUENCE s; CREATE SEQUENCE s START 1000")
+        .await
+        .unwrap();
+    let second: i64 = query_value(&pg, "UPDATE t SET k = 'a' RETURNING version").await;
+    assert_eq!(second, 1000, "the sequence created again is used");
+    pg.batch_execute("ALTER SEQUENCE s RENAME TO s_old")
+        .await
+        .unwrap();
+    let third: i64 = query_value(&pg, "UPDATE t SET k = 'a' RETURNING version").await;
+    assert_eq!(third, 1000, "a sequence renamed away stamps nothing");
 }
 
 /// Installed by a superuser with the PL/pgSQL stamp, then migrated by a role that owns the
