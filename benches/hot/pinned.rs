@@ -59,8 +59,8 @@ fn pin_postgres(port: u16, cpus: &str) {
     }
 }
 
-/// The six variants' medians at one durability setting, in the order of the module's doc.
-fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
+/// Each round's six variants at one durability setting, in the order of the module's doc.
+fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figures>> {
     let settings = if durable {
         "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
     } else {
@@ -119,14 +119,14 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
             out,
         )
     };
-    let rounds = (0..args.rounds.max(1))
+    (0..args.rounds.max(1))
         .map(|_| {
             let plain = run("plain table", &pl_db, "plain_kv");
-            let stamped = run("PL/pgSQL stamp, slot not read", &pl_db, "syncar_kv");
+            let stamped = run("plpgsql stamp, slot not read", &pl_db, "syncar_kv");
             let c_stamped = run("C stamp, slot not read", &c_db, "syncar_kv");
             let relay = start_relay(bin, &pl_config, pg_port, &pl_db, &redis.url());
             let plain_decoded = run("plain table, relay decoding", &pl_db, "plain_kv");
-            let stamped_decoded = run("PL/pgSQL stamp, relay decoding", &pl_db, "syncar_kv");
+            let stamped_decoded = run("plpgsql stamp, relay decoding", &pl_db, "syncar_kv");
             drop(relay);
             let relay = start_relay(bin, &c_config, pg_port, &c_db, &redis.url());
             let c_decoded = run("C stamp, relay decoding", &c_db, "syncar_kv");
@@ -140,8 +140,17 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Figures> {
                 c_decoded,
             ]
         })
-        .collect();
-    median_rounds(rounds)
+        .collect()
+}
+
+/// The median of `values`, and their least and greatest.
+fn median_and_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
 }
 
 pub fn run(args: &Args, bin: &Path, out: &Path) {
@@ -177,27 +186,51 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     }
     println!();
     let mut results = Vec::new();
-    for (durable, v) in &table {
-        let loss = |f: &Figures| 1.0 - f.rps / v[0].rps;
+    let mut spreads = Vec::new();
+    for (durable, rounds) in &table {
+        let v = median_rounds(rounds.clone());
+        // Each variant's loss against the plain table of its own round (the runs of a round
+        // are seconds apart, so the machine's slower drifts cancel), then the median round.
+        let losses: Vec<(f64, f64, f64)> = (0..names.len())
+            .map(|i| median_and_spread(rounds.iter().map(|r| 1.0 - r[i].rps / r[0].rps).collect()))
+            .collect();
         print!("{:<10}", if *durable { "durable" } else { "fsync off" });
         for (i, f) in v.iter().enumerate() {
             print!(" {:>9.0}", f.rps);
             if i > 0 {
-                print!(" {:>5.1}%", loss(f) * 100.0);
+                print!(" {:>5.1}%", losses[i].0 * 100.0);
             }
         }
         println!();
+        spreads.push(format!(
+            "{}: {}",
+            if *durable { "durable" } else { "fsync off" },
+            names
+                .iter()
+                .zip(&losses)
+                .skip(1)
+                .map(|(n, (_, lo, hi))| format!("{n} {:.1} to {:.1}%", lo * 100.0, hi * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         let mut row = json!({ "durable": durable });
-        for (name, f) in names.iter().zip(v) {
+        for ((name, f), (loss, lo, hi)) in names.iter().zip(&v).zip(&losses) {
             row[name] = f.json();
-            row[format!("{name}_loss")] = json!(loss(f));
+            row[format!("{name}_loss")] = json!(loss);
+            row[format!("{name}_loss_range")] = json!([lo, hi]);
         }
+        row["rounds_rps"] = json!(rounds
+            .iter()
+            .map(|r| r.iter().map(|f| f.rps).collect::<Vec<_>>())
+            .collect::<Vec<_>>());
         results.push(row);
     }
+    println!("loss per round, least to greatest: {}", spreads.join("; "));
     println!(
-        "(pl: syncar's table with the PL/pgSQL stamp, c: with the C stamp of extension \
-         syncar_stamp; the slot not read; +dec: a relay decoding the slot meanwhile; loss \
-         against the plain table. Goal: the stamp with a relay decoding loses at most 10%)"
+        "(TPS: the median round; loss: the median of each round's loss against that round's \
+         plain table. pl: syncar's table with the PL/pgSQL stamp, c: with the C stamp of \
+         extension syncar_stamp; the slot not read; +dec: a relay decoding the slot \
+         meanwhile. Goal: the stamp with a relay decoding loses at most 10%)"
     );
     let path = out.join("results-pinned.json");
     std::fs::write(
