@@ -28,6 +28,8 @@ command -v gcc >/dev/null || {
   echo "error: the C stamp needs gcc; run: apt-get install -y gcc make" >&2
   exit 1
 }
+# Clean first: objects built against another server's headers must not be installed here.
+make -s -C ext/syncar_stamp clean >/dev/null
 make -s -C ext/syncar_stamp PG_CONFIG="$bin/pg_config" >/dev/null
 if [ -w "$("$bin/pg_config" --pkglibdir)" ]; then
   make -s -C ext/syncar_stamp PG_CONFIG="$bin/pg_config" install >/dev/null

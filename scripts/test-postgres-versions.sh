@@ -48,3 +48,22 @@ for major in "${majors[@]}"; do
   echo "test-postgres-versions: $("$bin/postgres" --version), tests ${filters[*]}"
   PG_BINDIR="$(cd "$bin" && pwd)" cargo test --test it -- "${filters[@]}"
 done
+# The C stamp (ext/syncar_stamp) on a second major: npm's packages come without headers, but
+# PyPI's pgserver wheel ships Postgres 16.2 with its headers and pg_config. The extension is
+# built against it and installed into that copy, and the stamp tests run on its server.
+if [[ " ${majors[*]} " == *" 16 "* ]]; then
+  dir="$root/pgserver-16"
+  bin="$dir/pgserver/pginstall/bin"
+  if [ ! -x "$bin/pg_config" ]; then
+    echo "test-postgres-versions: installing pgserver==0.1.4 (PyPI) for Postgres 16's headers"
+    rm -rf "$dir" && mkdir -p "$dir"
+    python3 -m pip download --quiet --no-deps "pgserver==0.1.4" -d "$dir"
+    python3 -m zipfile -e "$dir"/pgserver-0.1.4-*.whl "$dir"
+    chmod -R a+rX "$dir" && chmod a+x "$bin"/*
+  fi
+  make -s -C ext/syncar_stamp clean >/dev/null
+  make -s -C ext/syncar_stamp PG_CONFIG="$(cd "$bin" && pwd)/pg_config" install >/dev/null
+  make -s -C ext/syncar_stamp clean >/dev/null
+  echo "test-postgres-versions: $("$bin/postgres" --version) (pgserver), tests stamp::"
+  PG_BINDIR="$(cd "$bin" && pwd)" cargo test --test it -- stamp::
+fi

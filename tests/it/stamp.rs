@@ -4,8 +4,9 @@
 //! refuses misuse with an error instead of taking the server down.
 //!
 //! Needs the extension installed into the Postgres the tests start (`make stamp-extension`,
-//! which `make test` runs first): not part of `scripts/test-postgres-versions.sh`, whose
-//! servers from the npm registry come without the headers to build it.
+//! which `make test` runs first). `scripts/test-postgres-versions.sh` runs these on
+//! Postgres 16 too, with the extension built against PyPI's `pgserver` (the npm registry's
+//! servers come without headers).
 
 use std::time::Duration;
 
