@@ -133,6 +133,13 @@ pub async fn check(
     let mut report = Check::default();
     let migrated = check_migrated(&tx, &config.postgres.schema, &mut report).await?;
     let tables = check_tables(&tx, config, &mut report).await?;
+    if migrated {
+        let kv = table_oid(&tx, &config.postgres.schema, "syncar_kv", "r").await?;
+        let oids: Vec<u32> = tables.iter().map(|(_, info)| info.oid).chain(kv).collect();
+        report
+            .notes
+            .push(super::stamp::describe(&tx, config.postgres.stamp, &oids).await?);
+    }
     let described: Vec<_> = tables.iter().map(|(r, info)| (*r, info)).collect();
     match capture::resolve(&tx, config, &described).await {
         Ok((source, reason)) => report

@@ -2,8 +2,10 @@
 //! the C function of the `syncar_stamp` extension (`ext/syncar_stamp`), created here where
 //! Postgres has it and this role may. Decided once per migration, for every table.
 
+use tokio_postgres::GenericClient;
+
 use super::error::SchemaError;
-use super::names::STAMP_EXTENSION;
+use super::names::{STAMP_EXTENSION, STAMP_TRIGGER};
 use super::script::Sink;
 use crate::config::Stamp;
 use crate::resource::quote_ident;
@@ -93,8 +95,53 @@ pub(super) async fn choose_stamp(
     Ok(StampFunction::Plpgsql)
 }
 
-async fn find(tx: &tokio_postgres::Transaction<'_>) -> Result<Found, SchemaError> {
-    let row = tx
+/// A line for `check-config --db`: which stamp `wanted` asks for, which one the tables
+/// (by OID) have, and what Postgres has of the extension.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn describe(
+    client: &impl GenericClient,
+    wanted: Stamp,
+    tables: &[u32],
+) -> Result<String, SchemaError> {
+    let found = find(client).await?;
+    let (c, plpgsql): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE p.proname = $1), \
+                        count(*) FILTER (WHERE p.proname <> $1) \
+                 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+                 WHERE t.tgrelid = ANY($2) AND t.tgname = $3",
+                &[&STAMP_EXTENSION, &tables, &STAMP_TRIGGER],
+            )
+            .await
+            .map_err(|source| SchemaError::Postgres {
+                doing: "looking up the version stamps",
+                source,
+            })?;
+        (row.get(0), row.get(1))
+    };
+    let extension = match (&found.installed, found.available) {
+        (Some(schema), _) => format!("extension {STAMP_EXTENSION} is installed in schema {schema}"),
+        (None, true) if wanted != Stamp::Plpgsql && found.creatable => format!(
+            "extension {STAMP_EXTENSION} is on the server, not installed: the next migration \
+             installs it"
+        ),
+        (None, true) => format!("extension {STAMP_EXTENSION} is on the server, not installed"),
+        (None, false) => {
+            format!("extension {STAMP_EXTENSION} is not on this server (README \"The C stamp\")")
+        }
+    };
+    Ok(format!(
+        "version stamp (postgres.stamp = {}): the C stamp on {c} table(s), the PL/pgSQL \
+         stamp on {plpgsql}; {extension}",
+        wanted.as_str()
+    ))
+}
+
+async fn find(client: &impl GenericClient) -> Result<Found, SchemaError> {
+    let row = client
         .query_one(
             "SELECT (SELECT n.nspname::text FROM pg_extension e \
                      JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = $1), \

@@ -109,6 +109,15 @@ async fn auto_uses_the_extension_and_swaps_stamps_without_a_gap() {
         .get(0);
     assert!(upserted > updated);
 
+    let check = syncar::app::run_check(&config).await.unwrap();
+    assert!(
+        check.notes.iter().any(|n| n
+            == "version stamp (postgres.stamp = auto): the C stamp on 1 table(s), the PL/pgSQL \
+                stamp on 0; extension syncar_stamp is installed in schema public"),
+        "{:?}",
+        check.notes
+    );
+
     let mut plpgsql = env.config();
     plpgsql.postgres.stamp = Stamp::Plpgsql;
     let (plan, _) = syncar::app::run_plan(&plpgsql).await.unwrap();
