@@ -42,25 +42,79 @@ fn pin(pid: u32, cpus: &str) {
     );
 }
 
-/// Pins the postmaster listening on `port` and every process it has started to `cpus`;
-/// processes it starts later (backends, walsenders) inherit the postmaster's affinity.
-fn pin_postgres(port: u16, cpus: &str) {
+/// The pid of the postmaster listening on `port`.
+fn postmaster(port: u16) -> u32 {
     let data = psql(port, "postgres", "SHOW data_directory");
     let pid_file = std::fs::read_to_string(Path::new(&data).join("postmaster.pid"))
         .expect("read postmaster.pid");
-    let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
-    pin(postmaster, cpus);
-    let children = Command::new("pgrep")
-        .args(["-P", &postmaster.to_string()])
+    pid_file.lines().next().unwrap().trim().parse().unwrap()
+}
+
+/// The processes `pid` has started and not yet reaped.
+fn children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
         .output()
         .expect("run pgrep (Debian package procps)");
-    for pid in String::from_utf8_lossy(&children.stdout).split_whitespace() {
-        pin(pid.parse().unwrap(), cpus);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect()
+}
+
+/// Pins the postmaster listening on `port` and every process it has started to `cpus`;
+/// processes it starts later (backends, walsenders) inherit the postmaster's affinity.
+fn pin_postgres(port: u16, cpus: &str) {
+    let postmaster = postmaster(port);
+    pin(postmaster, cpus);
+    for pid in children(postmaster) {
+        pin(pid, cpus);
     }
 }
 
+/// CPU time, in clock ticks, from `/proc/{pid}/stat`: the process' own (`utime`, `stime`)
+/// and, with `reaped`, that of its children it has waited for (`cutime`, `cstime`). 0 for a
+/// process gone meanwhile.
+fn cpu_ticks(pid: u32, reaped: bool) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The fields after the command's closing parenthesis, from `state` (field 3) on.
+    let fields: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime, stime, cutime, cstime are fields 14 to 17 (proc(5)).
+    let own = fields[10] + fields[11];
+    if reaped {
+        own + fields[12] + fields[13]
+    } else {
+        own
+    }
+}
+
+/// CPU seconds Postgres has used so far: the postmaster's own, every child's it has reaped
+/// (backends of finished connections included), every running child's.
+fn postgres_cpu_secs(postmaster: u32) -> f64 {
+    let ticks = cpu_ticks(postmaster, true)
+        + children(postmaster)
+            .into_iter()
+            .map(|pid| cpu_ticks(pid, false))
+            .sum::<u64>();
+    // Linux reports these in USER_HZ, 100 a second on every architecture it runs on.
+    ticks as f64 / 100.0
+}
+
+/// One round: each variant's figures, and the CPU Postgres spent per transaction, in µs.
+#[derive(Clone)]
+struct Round {
+    figures: Vec<Figures>,
+    cpu_us: Vec<f64>,
+}
+
 /// Each round's six variants at one durability setting, in the order of the module's doc.
-fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figures>> {
+fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Round> {
     let settings = if durable {
         "-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
     } else {
@@ -68,6 +122,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figure
     };
     let pg_port = servers::postgres_with(settings);
     pin_postgres(pg_port, "0");
+    let postmaster = postmaster(pg_port);
     let redis = servers::RedisServer::start();
     let body = document(args.value_bytes);
     // Two databases, each migrated by syncar with one stamp: the PL/pgSQL one (and the plain
@@ -106,7 +161,8 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figure
     let (c_db, c_config) = setup("extension");
     let run = |name: &str, db: &str, table: &str| {
         psql(pg_port, db, &format!("VACUUM {table}"));
-        pgbench_run(
+        let before = postgres_cpu_secs(postmaster);
+        let figures = pgbench_run(
             &format!("{name} ({})", if durable { "durable" } else { "fsync off" }),
             pg_port,
             db,
@@ -117,7 +173,12 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figure
             args.pinned_clients,
             args.secs,
             out,
-        )
+        );
+        // pgbench's backends have exited; let the postmaster reap them into its own count.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let cpu = postgres_cpu_secs(postmaster) - before;
+        let transactions = figures.rps * args.secs as f64;
+        (figures, cpu / transactions * 1e6)
     };
     (0..args.rounds.max(1))
         .map(|_| {
@@ -131,14 +192,18 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Vec<Figure
             let relay = start_relay(bin, &c_config, pg_port, &c_db, &redis.url());
             let c_decoded = run("C stamp, relay decoding", &c_db, "syncar_kv");
             drop(relay);
-            vec![
+            let runs = [
                 plain,
                 stamped,
                 c_stamped,
                 plain_decoded,
                 stamped_decoded,
                 c_decoded,
-            ]
+            ];
+            Round {
+                figures: runs.iter().map(|r| r.0.clone()).collect(),
+                cpu_us: runs.iter().map(|r| r.1).collect(),
+            }
         })
         .collect()
 }
@@ -187,13 +252,52 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     println!();
     let mut results = Vec::new();
     let mut spreads = Vec::new();
+    let mut cpu_lines = Vec::new();
     for (durable, rounds) in &table {
-        let v = median_rounds(rounds.clone());
+        let v = median_rounds(rounds.iter().map(|r| r.figures.clone()).collect());
         // Each variant's loss against the plain table of its own round (the runs of a round
         // are seconds apart, so the machine's slower drifts cancel), then the median round.
         let losses: Vec<(f64, f64, f64)> = (0..names.len())
-            .map(|i| median_and_spread(rounds.iter().map(|r| 1.0 - r[i].rps / r[0].rps).collect()))
+            .map(|i| {
+                median_and_spread(
+                    rounds
+                        .iter()
+                        .map(|r| 1.0 - r.figures[i].rps / r.figures[0].rps)
+                        .collect(),
+                )
+            })
             .collect();
+        // Postgres' CPU per transaction: what a variant costs the primary, whatever else the
+        // machine does meanwhile (wall-clock throughput is what suffers from that).
+        let cpu: Vec<(f64, f64, f64)> = (0..names.len())
+            .map(|i| median_and_spread(rounds.iter().map(|r| r.cpu_us[i]).collect()))
+            .collect();
+        let cpu_cost: Vec<(f64, f64, f64)> = (0..names.len())
+            .map(|i| {
+                median_and_spread(
+                    rounds
+                        .iter()
+                        .map(|r| r.cpu_us[i] / r.cpu_us[0] - 1.0)
+                        .collect(),
+                )
+            })
+            .collect();
+        cpu_lines.push(format!(
+            "{:<10} {}",
+            if *durable { "durable" } else { "fsync off" },
+            names
+                .iter()
+                .zip(&cpu)
+                .zip(&cpu_cost)
+                .map(|((n, (us, _, _)), (cost, lo, hi))| format!(
+                    "{n} {us:.0} ({:+.1}%, {:+.1} to {:+.1})",
+                    cost * 100.0,
+                    lo * 100.0,
+                    hi * 100.0
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
         print!("{:<10}", if *durable { "durable" } else { "fsync off" });
         for (i, f) in v.iter().enumerate() {
             print!(" {:>9.0}", f.rps);
@@ -214,18 +318,30 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
                 .join(", ")
         ));
         let mut row = json!({ "durable": durable });
-        for ((name, f), (loss, lo, hi)) in names.iter().zip(&v).zip(&losses) {
+        for (i, ((name, f), (loss, lo, hi))) in names.iter().zip(&v).zip(&losses).enumerate() {
             row[name] = f.json();
             row[format!("{name}_loss")] = json!(loss);
             row[format!("{name}_loss_range")] = json!([lo, hi]);
+            row[format!("{name}_cpu_us_per_tx")] = json!(cpu[i].0);
+            row[format!("{name}_cpu_cost")] = json!(cpu_cost[i].0);
+            row[format!("{name}_cpu_cost_range")] = json!([cpu_cost[i].1, cpu_cost[i].2]);
         }
         row["rounds_rps"] = json!(rounds
             .iter()
-            .map(|r| r.iter().map(|f| f.rps).collect::<Vec<_>>())
+            .map(|r| r.figures.iter().map(|f| f.rps).collect::<Vec<_>>())
             .collect::<Vec<_>>());
+        row["rounds_cpu_us_per_tx"] =
+            json!(rounds.iter().map(|r| r.cpu_us.clone()).collect::<Vec<_>>());
         results.push(row);
     }
     println!("loss per round, least to greatest: {}", spreads.join("; "));
+    println!(
+        "Postgres CPU per transaction, µs (median round; its cost above the plain table's, \
+         median and range over the rounds):"
+    );
+    for line in &cpu_lines {
+        println!("{line}");
+    }
     println!(
         "(TPS: the median round; loss: the median of each round's loss against that round's \
          plain table. pl: syncar's table with the PL/pgSQL stamp, c: with the C stamp of \
