@@ -31,9 +31,10 @@ pub(super) struct Table<'a> {
 
 /// Installs `table`'s trigger functions and triggers for `source`, with `stamp` as its
 /// version stamp, in `tx`: the functions at once (the PL/pgSQL stamp's too, the fallback
-/// `postgres.stamp = "plpgsql"` switches to); the drops of unwanted triggers at once; the statements that create or enable a
-/// trigger (which lock out the table's writers until the commit) appended to `locking`, to
-/// run together at the end. Appends a line to `changes` for each change.
+/// `postgres.stamp = "plpgsql"` switches to); the drops of unwanted triggers at once; the
+/// statements that create or enable a trigger (which lock out the table's writers until the
+/// commit) appended to `locking`, to run together at the end. Appends a line to `changes`
+/// for each change.
 ///
 /// # Errors
 /// Postgres failing.
@@ -472,12 +473,15 @@ async fn install_function(
     Ok(true)
 }
 
-/// `pg_trigger.tgargs`: each argument ends in a NUL byte.
+/// `pg_trigger.tgargs`: each argument ends in a NUL byte (an empty one included).
 fn trigger_args(raw: Vec<u8>) -> Vec<String> {
-    raw.split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
+    let mut args: Vec<String> = raw
+        .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect()
+        .collect();
+    // What follows the last NUL: nothing.
+    args.pop();
+    args
 }
 
 /// Whether `installed` is a version stamp syncar installs on `table` (either kind), as a row
