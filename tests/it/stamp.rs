@@ -108,6 +108,21 @@ async fn auto_uses_the_extension_and_swaps_stamps_without_a_gap() {
     .await[0]
         .get(0);
     assert!(upserted > updated);
+    // One statement, many rows: one resolution, a version per row.
+    sql(
+        &env,
+        "INSERT INTO syncar_kv (key, value) VALUES ('b', '1'), ('c', '1')",
+    )
+    .await;
+    let mut versions: Vec<i64> = sql(&env, "UPDATE syncar_kv SET value = '4' RETURNING version")
+        .await
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    assert_eq!(versions.len(), 3, "{versions:?}");
+    assert!(versions[0] > upserted, "{versions:?}");
 
     let check = syncar::app::run_check(&config).await.unwrap();
     assert!(
