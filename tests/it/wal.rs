@@ -817,9 +817,9 @@ async fn auto_keeps_the_changes_log_of_an_earlier_install() {
     );
 }
 
-/// A DELETE racing a re-INSERT of its key (an UPDATE holds the row, a DELETE queues behind
-/// it, an INSERT of the same key after): the insert took its version before the delete took
-/// the delete's, yet commits after it. The relay sees the commits in order and gives the
+/// A DELETE racing a re-INSERT of its key: the insert took its version before the delete
+/// took the delete's, yet commits after it (held there, deterministically, by a trigger of
+/// the test's after syncar's stamp). The relay sees the commits in order and gives the
 /// re-inserted row a fresh version, so every instance serves it at once, not a 404 for
 /// `tombstone_ttl`.
 #[tokio::test]
@@ -866,55 +866,44 @@ async fn a_row_reinserted_behind_a_racing_delete_is_served() {
             .await
         }
     };
-    let mut raced = None;
-    for _ in 0..5 {
-        // The row served (after a try without a race it was inserted again just now: a
-        // read may still find the delete's absence).
-        eventually(WINDOW, "the row served", || async {
-            (a.get("/v1/items/1").await.status == 200).then_some(())
-        })
-        .await;
-        let holder = env.pg().await;
-        holder
-            .batch_execute("BEGIN; UPDATE items SET name = 'held' WHERE id = 1")
+    // The insert takes its version in syncar's stamp, then a trigger of the test's (fired
+    // after it: triggers fire in name order) holds it on an advisory lock while the delete
+    // takes its own version and commits.
+    let hold = env.pg().await;
+    hold.batch_execute(
+        "CREATE FUNCTION hold_insert() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_advisory_xact_lock(7269); RETURN NEW; END $$; \
+         CREATE TRIGGER zz_hold_insert BEFORE INSERT ON items FOR EACH ROW \
+         EXECUTE FUNCTION hold_insert(); \
+         SELECT pg_advisory_lock(7269)",
+    )
+    .await
+    .unwrap();
+    let inserter = env.pg().await;
+    let insert = tokio::spawn(async move {
+        inserter
+            .query_one(
+                "INSERT INTO items VALUES (1, 'again') RETURNING version",
+                &[],
+            )
             .await
-            .unwrap();
-        let deleter = env.pg().await;
-        let delete = tokio::spawn(async move {
-            deleter
-                .batch_execute("DELETE FROM items WHERE id = 1")
-                .await
-        });
-        waiting("DELETE FROM items").await;
-        let inserter = env.pg().await;
-        let insert = tokio::spawn(async move {
-            inserter
-                .query_one(
-                    "INSERT INTO items VALUES (1, 'again') RETURNING version",
-                    &[],
-                )
-                .await
-        });
-        waiting("INSERT INTO items").await;
-        holder.batch_execute("COMMIT").await.unwrap();
-        delete.await.unwrap().unwrap();
-        match insert.await.unwrap() {
-            Ok(row) => {
-                raced = Some(row.get::<_, i64>(0));
-                break;
-            }
-            // The insert looked again before the delete took the row: no race this time.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                env.pg()
-                    .await
-                    .batch_execute("INSERT INTO items VALUES (1, 'one') ON CONFLICT DO NOTHING")
-                    .await
-                    .unwrap();
-            }
-            Err(e) => panic!("the insert failed: {e}"),
-        }
-    }
-    let inserted = raced.expect("the race happened within five tries");
+    });
+    waiting("INSERT INTO items").await;
+    env.pg()
+        .await
+        .batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .unwrap();
+    let deleted: i64 =
+        query_value(&env.pg().await, "SELECT last_value FROM syncar_version_seq").await;
+    hold.batch_execute("SELECT pg_advisory_unlock(7269)")
+        .await
+        .unwrap();
+    let inserted: i64 = insert.await.unwrap().unwrap().get(0);
+    assert!(
+        inserted < deleted,
+        "the insert took its version ({inserted}) before the delete took its own ({deleted})"
+    );
     for i in [&a, &b] {
         eventually(WINDOW, "the re-inserted row", || async {
             let r = i.get("/v1/items/1").await;
