@@ -12,9 +12,17 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// A Postgres string literal (standard_conforming_strings on): `it's` becomes `'it''s'`.
+/// A Postgres string literal, read the same whatever `standard_conforming_strings` says:
+/// `it's` becomes `'it''s'`, and text with a backslash an `E'...'` literal with it doubled.
 pub fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+    let body = text.replace('\'', "''");
+    if text.contains('\\') {
+        // E'' reads backslashes the same whatever standard_conforming_strings says (as
+        // Postgres' own quote_literal() writes them).
+        format!("E'{}'", body.replace('\\', "\\\\"))
+    } else {
+        format!("'{body}'")
+    }
 }
 
 #[cfg(test)]
@@ -25,5 +33,6 @@ mod tests {
     fn identifiers_and_literals_are_quoted() {
         assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
     }
 }

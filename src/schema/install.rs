@@ -178,7 +178,7 @@ async fn install_functions(
     for (function, body) in [
         (
             &functions.stamp,
-            stamp_function_body(schema, r, version_attnum),
+            stamp_function_body(schema, r, version_attnum, table.info.oid),
         ),
         (
             &functions.announce,
@@ -212,6 +212,7 @@ fn trigger_specs<'f>(
             vec![
                 table.r.version_column.clone(),
                 functions.version_attnum.to_string(),
+                table.info.oid.to_string(),
                 table.schema.to_string(),
                 VERSION_SEQUENCE.to_string(),
             ],

@@ -49,8 +49,26 @@ pub(super) async fn choose_stamp(
         return Ok(StampFunction::Plpgsql);
     }
     let found = find(tx).await?;
-    if let Some(schema) = found.installed {
-        return Ok(StampFunction::Extension { schema });
+    match found.installed {
+        Some(schema) if found.available => return Ok(StampFunction::Extension { schema }),
+        // Installed, but its files are not on this server (a failover to a host without
+        // the package): triggers calling it would fail every write. Back to PL/pgSQL.
+        Some(_) if wanted == Stamp::Extension => {
+            return Err(SchemaError::Invalid(format!(
+                "extension {STAMP_EXTENSION} is installed in this database but its files are \
+                 not on this server (a failover to a host without them?): install them (`make \
+                 -C ext/syncar_stamp install`, README \"The C stamp\"), or set \
+                 postgres.stamp = \"auto\", which goes back to the PL/pgSQL stamp meanwhile"
+            )))
+        }
+        Some(_) => {
+            tracing::warn!(
+                "extension {STAMP_EXTENSION} is installed but its files are not on this server: \
+                 the PL/pgSQL stamp replaces it"
+            );
+            return Ok(StampFunction::Plpgsql);
+        }
+        None => {}
     }
     if found.available && found.creatable {
         sink.run(

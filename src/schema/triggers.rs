@@ -36,12 +36,18 @@ pub(super) fn function_name(prefix: &str, resource: &str) -> String {
 /// `numeric_value_out_of_range`), which would fail the writer's statement. The fast path is
 /// kept in a block that catches exactly those, and the
 /// fallback finds the column by its attribute number (`version_attnum`, fixed for the
-/// column's life) and sets it through `jsonb_populate_record`, only if it is a bigint (a
-/// dump and restore renumbers the columns: a number must never stamp one of the
+/// column's life) and sets it through `jsonb_populate_record`, only if it is a bigint of
+/// the table the function was made for (`table_oid`: a dump and restore renumbers the
+/// columns and gives the table a new OID; a number must never stamp one of the
 /// customer's). A column that is gone leaves
 /// the row unstamped: the writer's statement never fails because of syncar. (Entering the
 /// block costs a subtransaction start, about 0.3 µs a row here.)
-pub(super) fn stamp_function_body(schema: &str, r: &ResourceConfig, version_attnum: i16) -> String {
+pub(super) fn stamp_function_body(
+    schema: &str,
+    r: &ResourceConfig,
+    version_attnum: i16,
+    table_oid: u32,
+) -> String {
     format!(
         "
 DECLARE
@@ -52,7 +58,8 @@ BEGIN
   EXCEPTION WHEN undefined_column OR datatype_mismatch OR cannot_coerce
                  OR numeric_value_out_of_range THEN
     SELECT a.attname INTO col FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = TG_RELID AND a.attnum = {version_attnum} AND NOT a.attisdropped
+     WHERE a.attrelid = TG_RELID AND TG_RELID = {table_oid} AND a.attnum = {version_attnum}
+       AND NOT a.attisdropped
        AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype;
     IF FOUND THEN
       BEGIN

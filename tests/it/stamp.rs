@@ -78,13 +78,15 @@ async fn auto_uses_the_extension_and_swaps_stamps_without_a_gap() {
             .any(|c| c == "created extension syncar_stamp in schema public"),
         "{changes:?}"
     );
+    let kv: u32 = query_value(&env.pg().await, "SELECT 'syncar_kv'::regclass::oid").await;
     assert_eq!(
         installed_stamp(&env, "syncar_kv").await,
         (
             "syncar_stamp".into(),
-            "version\\0003\\000public\\000syncar_version_seq\\000".into()
+            format!("version\\0003\\000{kv}\\000public\\000syncar_version_seq\\000")
         ),
-        "the C stamp, told the version column by name and attribute number, and the sequence"
+        "the C stamp, told the version column by name and attribute number, the table's OID \
+         and the sequence"
     );
     let inserted: i64 = sql(
         &env,
@@ -226,6 +228,36 @@ async fn either_stamp_survives_its_column_retyped_renamed_or_dropped() {
             .get(0);
         assert!(stamped > before, "{stamp:?}: stamped");
 
+        // The same trigger on another table (as after a dump and restore, which gives the
+        // table a new OID and renumbers its columns): no column named `version`, and its
+        // third column, a bigint of the customer's, is not stamped.
+        let (function, args) = installed_stamp(&env, "items").await;
+        let args: Vec<String> = args
+            .split("\\000")
+            .filter(|a| !a.is_empty())
+            .map(|a| format!("'{a}'"))
+            .collect();
+        env.pg()
+            .await
+            .batch_execute(&format!(
+                "CREATE TABLE other (id integer, name text, amount bigint); \
+                 CREATE TRIGGER x BEFORE INSERT ON other FOR EACH ROW \
+                 EXECUTE FUNCTION {function}({})",
+                args.join(", ")
+            ))
+            .await
+            .unwrap();
+        let amount: i64 = sql(
+            &env,
+            "INSERT INTO other VALUES (1, 'a', 5) RETURNING amount",
+        )
+        .await[0]
+            .get(0);
+        assert_eq!(
+            amount, 5,
+            "{stamp:?}: a column of another table is never stamped"
+        );
+
         sql(&env, "ALTER TABLE items ALTER COLUMN version TYPE integer").await;
         let before = last_version(&env).await;
         let stamped: i32 = sql(
@@ -292,7 +324,8 @@ async fn either_stamp_survives_its_column_retyped_renamed_or_dropped() {
 /// The C function refuses, with an error and without harm to the server, every way it can
 /// be called wrongly: outside a trigger, as an AFTER, a statement or a DELETE trigger, with
 /// the wrong arguments; and, told of a sequence or a column that is not there or holds no
-/// number, leaves rows unstamped; and it follows its sequence dropped, created again or
+/// number, or told of a renamed column on a table that is not its own (restored: a new
+/// OID), leaves rows unstamped; and it follows its sequence dropped, created again or
 /// renamed.
 #[tokio::test]
 async fn the_c_stamp_refuses_misuse_with_an_error() {
@@ -330,22 +363,22 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
     for (trigger, message) in [
         (
             "CREATE TRIGGER x AFTER UPDATE ON t FOR EACH ROW \
-             EXECUTE FUNCTION syncar_stamp('version', '2', 'public', 's')",
+             EXECUTE FUNCTION syncar_stamp('version', '2', '0', 'public', 's')",
             "must be fired BEFORE INSERT OR UPDATE",
         ),
         (
             "CREATE TRIGGER x BEFORE UPDATE ON t FOR EACH STATEMENT \
-             EXECUTE FUNCTION syncar_stamp('version', '2', 'public', 's')",
+             EXECUTE FUNCTION syncar_stamp('version', '2', '0', 'public', 's')",
             "must be fired BEFORE INSERT OR UPDATE",
         ),
         (
             "CREATE TRIGGER x BEFORE DELETE ON t FOR EACH ROW \
-             EXECUTE FUNCTION syncar_stamp('version', '2', 'public', 's')",
+             EXECUTE FUNCTION syncar_stamp('version', '2', '0', 'public', 's')",
             "must be fired BEFORE INSERT OR UPDATE",
         ),
         (
             "CREATE TRIGGER x BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION syncar_stamp()",
-            "takes 4 arguments",
+            "takes 5 arguments",
         ),
     ] {
         pg.batch_execute(&format!(
@@ -355,26 +388,39 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
         .unwrap();
         refused("UPDATE t SET k = 'a'; DELETE FROM t", message).await;
     }
+    let t: u32 = query_value(&pg, "SELECT 't'::regclass::oid").await;
     for (args, what) in [
         (
-            "'version', '2', 'public', 'no_such_sequence'",
+            "'version', '2', '{t}', 'public', 'no_such_sequence'",
             "a missing sequence",
         ),
-        ("'version', '2', 'no_such_schema', 's'", "a missing schema"),
-        ("'nothing', '99', 'public', 's'", "a missing column"),
         (
-            "'nothing', 'not a number', 'public', 's'",
+            "'version', '2', '{t}', 'no_such_schema', 's'",
+            "a missing schema",
+        ),
+        (
+            "'version', '2', '{t}', 'public', 't'",
+            "a table where the sequence should be",
+        ),
+        ("'nothing', '99', '{t}', 'public', 's'", "a missing column"),
+        (
+            "'nothing', 'not a number', '{t}', 'public', 's'",
             "a bad attribute number",
         ),
         (
-            "'nothing', '1', 'public', 's'",
+            "'nothing', '1', '{t}', 'public', 's'",
             "a renamed column (the key) that is no bigint",
         ),
         (
-            "'k', '2', 'public', 's'",
+            "'nothing', '2', '0', 'public', 's'",
+            "a renamed bigint of another table (restored: its OID changed)",
+        ),
+        (
+            "'k', '2', '{t}', 'public', 's'",
             "a column named so (the key) of a type holding no number",
         ),
     ] {
+        let args = args.replace("{t}", &t.to_string());
         pg.batch_execute(&format!(
             "DROP TRIGGER IF EXISTS x ON t; TRUNCATE t; \
              CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
@@ -385,13 +431,23 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
         let version: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
         assert_eq!(version, 0, "{what}: the row is left unstamped");
     }
-    // The sequence's OID is kept for the session's life, and forgotten when it changes:
-    // dropped and created again by another session, then renamed away by this one.
-    pg.batch_execute(
+    // The same renamed bigint on the table the trigger was made for: stamped.
+    pg.batch_execute(&format!(
         "DROP TRIGGER x ON t; TRUNCATE t; \
          CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
-         EXECUTE FUNCTION syncar_stamp('version', '2', 'public', 's')",
-    )
+         EXECUTE FUNCTION syncar_stamp('nothing', '2', '{t}', 'public', 's')"
+    ))
+    .await
+    .unwrap();
+    let version: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
+    assert!(version > 0, "found by its attribute number");
+    // The sequence's OID is kept for the session's life, and forgotten when it changes:
+    // dropped and created again by another session, then renamed away by this one.
+    pg.batch_execute(&format!(
+        "DROP TRIGGER x ON t; TRUNCATE t; \
+         CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
+         EXECUTE FUNCTION syncar_stamp('version', '2', '{t}', 'public', 's')"
+    ))
     .await
     .unwrap();
     let first: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
