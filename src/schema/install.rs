@@ -16,7 +16,7 @@ use super::triggers::{
     announce_function_body, dollar_quote, function_name, stamp_function_body,
     truncate_function_body, Announce,
 };
-use crate::config::{PostgresSource, ResourceConfig};
+use crate::config::{PostgresSource, ResourceConfig, KV_RESOURCE};
 use crate::resource::{quote_ident, quote_literal};
 
 /// One configured table (or `kv`) the migration installs on.
@@ -119,6 +119,9 @@ struct Functions {
     /// rewrites `syncar_announce_*` with its own body, which knows no TRUNCATE.
     truncate: String,
     version_attnum: i16,
+    /// The table's OID, on which alone the stamp may find a renamed version column by its
+    /// attribute number; 0 for none.
+    fallback_oid: u32,
 }
 
 /// One of syncar's triggers: its name, definition, and what `pg_trigger` must say of it.
@@ -169,16 +172,24 @@ async fn install_functions(
         .iter()
         .find(|c| c.name == r.version_column)
         .map_or(0, |c| c.num);
+    // `syncar_kv`'s version column is syncar's own, never renamed, and a plan may write its
+    // triggers before the table exists (no OID yet): no fallback there.
+    let fallback_oid = if r.name == KV_RESOURCE {
+        0
+    } else {
+        table.info.oid
+    };
     let functions = Functions {
         stamp: function_name("syncar_stamp", &r.name),
         announce: function_name("syncar_announce", &r.name),
         truncate: function_name("syncar_truncate", &r.name),
         version_attnum,
+        fallback_oid,
     };
     for (function, body) in [
         (
             &functions.stamp,
-            stamp_function_body(schema, r, version_attnum, table.info.oid),
+            stamp_function_body(schema, r, version_attnum, fallback_oid),
         ),
         (
             &functions.announce,
@@ -212,7 +223,7 @@ fn trigger_specs<'f>(
             vec![
                 table.r.version_column.clone(),
                 functions.version_attnum.to_string(),
-                table.info.oid.to_string(),
+                functions.fallback_oid.to_string(),
                 table.schema.to_string(),
                 VERSION_SEQUENCE.to_string(),
             ],
