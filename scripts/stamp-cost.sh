@@ -77,6 +77,7 @@ script() { # table, extra SET clause, statements
   for ((i = 0; i < $3; i++)); do echo "EXECUTE u($((RANDOM * 32768 + RANDOM)), 'k$((RANDOM % 1000 + 1))')"; done
 }
 count() { # name, table, extra, statements, database
+  RANDOM=27 # the same keys and values for every variant and every run
   script "$2" "$3" "$4" >"$dir/$1.sql"
   [ "$(id -u)" -eq 0 ] && chown postgres "$dir/$1.sql"
   as_pg "valgrind --tool=callgrind --callgrind-out-file=$dir/$1.cg $bin/postgres --single -D $dir/data \
