@@ -162,6 +162,7 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Round> {
     let run = |name: &str, db: &str, table: &str| {
         psql(pg_port, db, &format!("VACUUM {table}"));
         let before = postgres_cpu_secs(postmaster);
+        let children_before = children(postmaster).len();
         let figures = pgbench_run(
             &format!("{name} ({})", if durable { "durable" } else { "fsync off" }),
             pg_port,
@@ -174,8 +175,11 @@ fn measure(args: &Args, bin: &Path, out: &Path, durable: bool) -> Vec<Round> {
             args.secs,
             out,
         );
-        // pgbench's backends have exited; let the postmaster reap them into its own count.
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Until the postmaster has reaped pgbench's backends, their CPU is in no count.
+        let reaped = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while children(postmaster).len() > children_before && std::time::Instant::now() < reaped {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let cpu = postgres_cpu_secs(postmaster) - before;
         let transactions = figures.rps * args.secs as f64;
         (figures, cpu / transactions * 1e6)

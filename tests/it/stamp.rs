@@ -420,37 +420,15 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
             "a column named so (the key) of a type holding no number",
         ),
     ] {
-        let args = args.replace("{t}", &t.to_string());
-        pg.batch_execute(&format!(
-            "DROP TRIGGER IF EXISTS x ON t; TRUNCATE t; \
-             CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
-             EXECUTE FUNCTION syncar_stamp({args})"
-        ))
-        .await
-        .unwrap();
-        let version: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
+        let version = stamped_insert(&pg, &args.replace("{t}", &t.to_string())).await;
         assert_eq!(version, 0, "{what}: the row is left unstamped");
     }
     // The same renamed bigint on the table the trigger was made for: stamped.
-    pg.batch_execute(&format!(
-        "DROP TRIGGER x ON t; TRUNCATE t; \
-         CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
-         EXECUTE FUNCTION syncar_stamp('nothing', '2', '{t}', 'public', 's')"
-    ))
-    .await
-    .unwrap();
-    let version: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
+    let version = stamped_insert(&pg, &format!("'nothing', '2', '{t}', 'public', 's'")).await;
     assert!(version > 0, "found by its attribute number");
     // The sequence's OID is kept for the session's life, and forgotten when it changes:
     // dropped and created again by another session, then renamed away by this one.
-    pg.batch_execute(&format!(
-        "DROP TRIGGER x ON t; TRUNCATE t; \
-         CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
-         EXECUTE FUNCTION syncar_stamp('version', '2', '{t}', 'public', 's')"
-    ))
-    .await
-    .unwrap();
-    let first: i64 = query_value(&pg, "INSERT INTO t VALUES ('a') RETURNING version").await;
+    let first = stamped_insert(&pg, &format!("'version', '2', '{t}', 'public', 's'")).await;
     assert!(first > 0 && first < 1000, "{first}");
     env.pg()
         .await
@@ -464,6 +442,19 @@ async fn the_c_stamp_refuses_misuse_with_an_error() {
         .unwrap();
     let third: i64 = query_value(&pg, "UPDATE t SET k = 'a' RETURNING version").await;
     assert_eq!(third, 1000, "a sequence renamed away stamps nothing");
+}
+
+/// Puts `syncar_stamp({args})` on table `t` (emptied) as its only stamp trigger, inserts a
+/// row, and returns its version (0: unstamped).
+async fn stamped_insert(pg: &tokio_postgres::Client, args: &str) -> i64 {
+    pg.batch_execute(&format!(
+        "DROP TRIGGER IF EXISTS x ON t; TRUNCATE t; \
+         CREATE TRIGGER x BEFORE INSERT OR UPDATE ON t FOR EACH ROW \
+         EXECUTE FUNCTION syncar_stamp({args})"
+    ))
+    .await
+    .unwrap();
+    query_value(pg, "INSERT INTO t VALUES ('a') RETURNING version").await
 }
 
 /// Installed by a superuser with the PL/pgSQL stamp, then migrated by a role that owns the
