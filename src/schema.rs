@@ -28,4 +28,5 @@ pub use error::SchemaError;
 pub use migrate::{migrate, plan, Migration};
 pub use names::{CHANGES_TABLE, NOTIFY_CHANNEL, VERSION_SEQUENCE};
 pub use script::{one_line, Block, Script};
+pub use stamp::broken_c_stamp;
 pub use uninstall::uninstall;

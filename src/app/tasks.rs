@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::commands::with_connection;
 use crate::backoff::{jitter, ticker, Backoff};
-use crate::config::Config;
+use crate::config::{Config, Stamp};
 use crate::db::Db;
 use crate::redact::Secrets;
 use crate::resource::CatalogCell;
@@ -178,7 +178,59 @@ async fn follow_shapes(
                 tracing::warn!(error = %secrets.scrub(&crate::telemetry::error_chain(&e)), "checking the tables' shapes failed")
             }
         }
+        heal_stamp(config, db, secrets).await;
         catalog.rechecked(covered);
+    }
+}
+
+/// Puts the PL/pgSQL stamp back on the configured tables whose C stamp cannot run on this
+/// Postgres server (README "The C stamp"): its library does not load, so every write to
+/// them fails, the customer's own included (a promoted standby without the package). Checked
+/// at every recheck: within [`SHAPES_RECHECK`], at once when a write through syncar met it
+/// (which then retries), and when Postgres moved to a new timeline. Whatever
+/// `postgres.stamp` asks: a failing customer statement is worse than a slower stamp.
+async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) {
+    let why = match db.broken_c_stamp(config).await {
+        Ok(Some(why)) => why,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %secrets.scrub(&error_chain(&e)), "checking the C version stamp failed");
+            return;
+        }
+    };
+    if !config.postgres.migrate_on_start {
+        tracing::error!(
+            why = %why,
+            "the C version stamp's library does not load on this Postgres server: every write \
+             to the tables it stamps fails, the customer's own included. With \
+             postgres.migrate_on_start = false syncar changes nothing: run `syncar migrate` \
+             with postgres.stamp = \"plpgsql\", or install the library on this server \
+             (README \"The C stamp\")"
+        );
+        return;
+    }
+    tracing::error!(
+        why = %why,
+        "the C version stamp's library does not load on this Postgres server: every write to \
+         the tables it stamps fails; putting the PL/pgSQL stamp on them"
+    );
+    let mut plpgsql = config.clone();
+    plpgsql.postgres.stamp = Stamp::Plpgsql;
+    let migrated = with_connection(&plpgsql, |mut client| {
+        let plpgsql = plpgsql.clone();
+        async move { Ok(migrate(&mut client, &plpgsql).await?) }
+    })
+    .await;
+    match migrated {
+        Ok(migration) => {
+            for change in &migration.changes {
+                tracing::info!(change = %change, "migrated");
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %secrets.scrub(&error_chain(&e)),
+            "putting the PL/pgSQL stamp back failed; retrying at the next recheck"
+        ),
     }
 }
 

@@ -231,7 +231,9 @@ pub enum Stamp {
     Plpgsql,
     /// The `syncar_stamp` extension's C function (`ext/syncar_stamp`), about half the
     /// PL/pgSQL stamp's cost to every writer (BENCHMARKS.md, "Where the version stamp's cost
-    /// goes"); the migration fails, saying what to install, where Postgres lacks it.
+    /// goes"); the migration fails, saying what to install, where Postgres lacks it. A
+    /// running instance still puts the PL/pgSQL stamp back where the library stops loading
+    /// (a promoted standby without it), since every write would fail otherwise.
     Extension,
 }
 

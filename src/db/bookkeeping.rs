@@ -292,6 +292,30 @@ impl Db {
         Ok(announced)
     }
 
+    /// Why the C version stamp cannot run on this server, when a configured table or
+    /// `syncar_kv` has it as its stamp (see [`crate::schema::broken_c_stamp`]: every write to
+    /// such a table fails until the PL/pgSQL stamp replaces it); `None` otherwise. On a pooled
+    /// connection, in a transaction that changes nothing.
+    ///
+    /// # Errors
+    /// No connection, or Postgres failing.
+    pub async fn broken_c_stamp(
+        &self,
+        config: &crate::config::Config,
+    ) -> Result<Option<String>, CatalogError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        let tables: Vec<(String, String)> = config
+            .resources
+            .iter()
+            .map(|r| (r.schema.clone(), r.table.clone()))
+            .chain([(config.postgres.schema.clone(), "syncar_kv".to_string())])
+            .collect();
+        let broken = crate::schema::broken_c_stamp(&*tx, &tables).await?;
+        tx.rollback().await.map_err(classify)?;
+        Ok(broken)
+    }
+
     /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
     ///
     /// # Errors

@@ -67,12 +67,14 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
         SqlState::UNDEFINED_TABLE,
         SqlState::UNDEFINED_FUNCTION,
         SqlState::DATATYPE_MISMATCH,
+        SqlState::UNDEFINED_FILE,
     ]
     .contains(code)
     {
         // 42703, 42P01, 42883, 42804: syncar's SQL names what the catalog said, and the
         // table no longer has it (a column renamed or dropped, the table renamed, a type
-        // changed so that an operator or cast is gone).
+        // changed so that an operator or cast is gone). 58P01: a trigger's library does not
+        // load (the C stamp on a server without it), which the recheck mends.
         class("schema_changed");
         DbError::SchemaChanged(format!("{reason} [{sqlstate}]"))
     } else if *code == SqlState::UNIQUE_VIOLATION {

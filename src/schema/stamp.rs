@@ -24,7 +24,8 @@ pub(super) enum StampFunction {
 struct Found {
     /// The schema it is installed in.
     installed: Option<String>,
-    /// Whether its files are on the server (`pg_available_extensions`).
+    /// Whether its files are on the server: its control file (`pg_available_extensions`)
+    /// and, once installed, its library, which the probe loads ([`unloadable`]).
     available: bool,
     /// Whether this role may create it: a superuser, or CREATE on the database (the extension
     /// is trusted).
@@ -51,20 +52,20 @@ pub(super) async fn choose_stamp(
     let found = find(tx).await?;
     match found.installed {
         Some(schema) if found.available => return Ok(StampFunction::Extension { schema }),
-        // Installed, but its files are not on this server (a failover to a host without
-        // the package): triggers calling it would fail every write. Back to PL/pgSQL.
+        // Installed, but its library does not load on this server (a failover to a host
+        // without the package): triggers calling it fail every write. Back to PL/pgSQL.
         Some(_) if wanted == Stamp::Extension => {
             return Err(SchemaError::Invalid(format!(
-                "extension {STAMP_EXTENSION} is installed in this database but its files are \
-                 not on this server (a failover to a host without them?): install them (`make \
+                "extension {STAMP_EXTENSION} is installed in this database but its library does \
+                 not load on this server (a failover to a host without it?): install it (`make \
                  -C ext/syncar_stamp install`, README \"The C stamp\"), or set \
                  postgres.stamp = \"auto\", which goes back to the PL/pgSQL stamp meanwhile"
             )))
         }
         Some(_) => {
             tracing::warn!(
-                "extension {STAMP_EXTENSION} is installed but its files are not on this server: \
-                 the PL/pgSQL stamp replaces it"
+                "extension {STAMP_EXTENSION} is installed but its library does not load on this \
+                 server: the PL/pgSQL stamp replaces it"
             );
             return Ok(StampFunction::Plpgsql);
         }
@@ -141,7 +142,14 @@ pub(super) async fn describe(
         (row.get(0), row.get(1))
     };
     let extension = match (&found.installed, found.available) {
-        (Some(schema), _) => format!("extension {STAMP_EXTENSION} is installed in schema {schema}"),
+        (Some(schema), true) => {
+            format!("extension {STAMP_EXTENSION} is installed in schema {schema}")
+        }
+        (Some(schema), false) => format!(
+            "extension {STAMP_EXTENSION} is installed in schema {schema}, but its library does \
+             not load on this server (README \"The C stamp\"): the next migration puts the \
+             PL/pgSQL stamp on its tables"
+        ),
         (None, true) if wanted != Stamp::Plpgsql && found.creatable => format!(
             "extension {STAMP_EXTENSION} is on the server, not installed: the next migration \
              installs it"
@@ -158,6 +166,84 @@ pub(super) async fn describe(
     ))
 }
 
+/// Why the C stamp cannot run on this server, when a version stamp trigger of one of
+/// `tables` (schema, name) calls it: its library does not load (a promoted standby without
+/// the package, a library of another version). Every write to those tables fails meanwhile
+/// (SQLSTATE 58P01 `undefined_file`), the customer's own included: the caller swaps the
+/// PL/pgSQL stamp in. `None` when no such trigger exists or the library loads. Run it in a
+/// transaction (the probe is rolled back to a savepoint).
+///
+/// # Errors
+/// Postgres failing.
+pub async fn broken_c_stamp(
+    client: &impl GenericClient,
+    tables: &[(String, String)],
+) -> Result<Option<String>, SchemaError> {
+    let (schemas, names): (Vec<&str>, Vec<&str>) =
+        tables.iter().map(|(s, t)| (s.as_str(), t.as_str())).unzip();
+    let row = client
+        .query_opt(
+            "SELECT fn.nspname::text FROM pg_trigger t \
+             JOIN pg_class c ON c.oid = t.tgrelid \
+             JOIN pg_namespace cn ON cn.oid = c.relnamespace \
+             JOIN pg_proc p ON p.oid = t.tgfoid \
+             JOIN pg_namespace fn ON fn.oid = p.pronamespace \
+             JOIN pg_language l ON l.oid = p.prolang \
+             WHERE t.tgname = $1 AND p.proname = $2 AND l.lanname = 'c' \
+               AND (cn.nspname::text, c.relname::text) IN \
+                   (SELECT * FROM unnest($3::text[], $4::text[])) \
+             LIMIT 1",
+            &[&STAMP_TRIGGER, &STAMP_EXTENSION, &schemas, &names],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the C version stamp's triggers",
+            source,
+        })?;
+    match row {
+        Some(row) => unloadable(client, &row.get::<_, String>(0)).await,
+        None => Ok(None),
+    }
+}
+
+/// Why the extension's function in `schema` cannot be loaded, or `None` when it can: it is
+/// called outside a trigger, which makes Postgres load its library first; a library that
+/// loads then refuses the call ("must be fired BEFORE INSERT OR UPDATE"), one that does not
+/// fails with 58P01 (`undefined_file`: not on this server) or 42883 (`undefined_function`:
+/// a library without the function). In a transaction: the probe runs under a savepoint.
+async fn unloadable(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<Option<String>, SchemaError> {
+    use tokio_postgres::error::SqlState;
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    client
+        .batch_execute("SAVEPOINT syncar_stamp_probe")
+        .await
+        .map_err(pg("probing the C version stamp"))?;
+    let call = format!("SELECT {}.{STAMP_EXTENSION}()", quote_ident(schema));
+    let missing = match client.query(&call, &[]).await {
+        Err(e) => match e.as_db_error() {
+            Some(db)
+                if [SqlState::UNDEFINED_FILE, SqlState::UNDEFINED_FUNCTION].contains(db.code()) =>
+            {
+                Some(format!("{} [{}]", db.message(), db.code().code()))
+            }
+            Some(_) => None,
+            None => return Err(pg("probing the C version stamp")(e)),
+        },
+        Ok(_) => None,
+    };
+    client
+        .batch_execute(
+            "ROLLBACK TO SAVEPOINT syncar_stamp_probe; RELEASE SAVEPOINT syncar_stamp_probe",
+        )
+        .await
+        .map_err(pg("probing the C version stamp"))?;
+    Ok(missing)
+}
+
+/// In a transaction ([`unloadable`]).
 async fn find(client: &impl GenericClient) -> Result<Found, SchemaError> {
     let row = client
         .query_one(
@@ -173,9 +259,17 @@ async fn find(client: &impl GenericClient) -> Result<Found, SchemaError> {
             doing: "looking up the syncar_stamp extension",
             source,
         })?;
+    let installed: Option<String> = row.get(0);
+    let mut available: bool = row.get(1);
+    if let (Some(schema), true) = (&installed, available) {
+        if let Some(why) = unloadable(client, schema).await? {
+            tracing::debug!(why = %why, "the syncar_stamp extension's library does not load");
+            available = false;
+        }
+    }
     Ok(Found {
-        installed: row.get(0),
-        available: row.get(1),
+        installed,
+        available,
         creatable: row.get(2),
     })
 }

@@ -265,6 +265,11 @@ impl Guards {
             high,
             followed,
         );
+        if moved.is_some() || !why.is_empty() {
+            // Another server answers: its version stamp's library may not load there
+            // (README "The C stamp"); the schema task checks and mends it.
+            self.catalog.request_recheck();
+        }
         if let (Some(was), true) = (moved, why.is_empty()) {
             tracing::warn!(
                 from = %was,

@@ -114,6 +114,50 @@ async fn a_promoted_standby_keeps_the_caches_when_the_slot_followed_or_says_why_
     }
     let before = generations(&env).await;
 
+    // Where the C stamp is in use, the standby lacks its library (README "The C stamp"):
+    // its library path, changed on the primary, replays to the standby, and Postgres fails
+    // to load it there as it would a missing file. Every write to syncar_kv then fails,
+    // the customer's own included, until syncar, told by the new timeline, puts the
+    // PL/pgSQL stamp back.
+    let c_stamp = {
+        let primary = env.pg().await;
+        let function: String = query_value(
+            &primary,
+            "SELECT p.proname::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = 'syncar_kv'::regclass AND t.tgname = 'syncar_stamp_version'",
+        )
+        .await;
+        if function == "syncar_stamp" {
+            let gone = "$libdir/syncar_stamp_not_on_the_standby";
+            primary
+                .execute(
+                    "UPDATE pg_proc SET probin = $1 WHERE proname = 'syncar_stamp'",
+                    &[&gone],
+                )
+                .await
+                .unwrap();
+            let standby = format!(
+                "postgres://postgres@127.0.0.1:{}/{}",
+                pair.standby_port,
+                db.split('?').next().unwrap()
+            );
+            let (client, conn) = tokio_postgres::connect(&standby, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            eventually(WINDOW, "the standby replays the change", || async {
+                let probin: String = query_value(
+                    &client,
+                    "SELECT probin FROM pg_proc WHERE proname = 'syncar_stamp'",
+                )
+                .await;
+                (probin == gone).then_some(())
+            })
+            .await;
+        }
+        function == "syncar_stamp"
+    };
+
     pair.kill_primary();
     let promoted = Instant::now();
     pair.promote_standby();
@@ -133,6 +177,20 @@ async fn a_promoted_standby_keeps_the_caches_when_the_slot_followed_or_says_why_
     .await;
     let sql2: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'sql'").await;
     assert!(sql2 > sql);
+    if c_stamp {
+        let function: String = query_value(
+            &pg,
+            "SELECT p.proname::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = 'syncar_kv'::regclass AND t.tgname = 'syncar_stamp_version'",
+        )
+        .await;
+        assert_eq!(function, "syncar_stamp_kv", "the PL/pgSQL stamp is back");
+        eprintln!(
+            "failover without the C stamp's library: the customer's writes succeed again \
+             {:?} after the promotion began",
+            promoted.elapsed()
+        );
+    }
     let put2 = eventually(WINDOW, "a PUT through syncar succeeds", || async {
         let r = b.put("/v1/kv/put", r#"{"n":2}"#).await;
         (r.status == 200 || r.status == 201).then(|| r.etag_version())

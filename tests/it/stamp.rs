@@ -202,8 +202,8 @@ async fn items_instance(env: &Env, stamp: Stamp) -> Instance {
         .await;
     let (function, _) = installed_stamp(env, "items").await;
     let want = match stamp {
-        Stamp::Extension => "syncar_stamp",
-        _ => "syncar_stamp_items",
+        Stamp::Extension | Stamp::Auto => "syncar_stamp",
+        Stamp::Plpgsql => "syncar_stamp_items",
     };
     assert_eq!(function, want, "{stamp:?}");
     i
@@ -319,6 +319,106 @@ async fn either_stamp_survives_its_column_retyped_renamed_or_dropped() {
         a.sees("/v1/kv/still", v, WINDOW).await;
         a.shutdown().await;
     }
+}
+
+/// Points the C stamp's function at `library` (`pg_proc.probin`): a name no file has makes
+/// Postgres fail to load it exactly as on a server without the extension's files (a
+/// promoted standby without the package): SQLSTATE 58P01 at every call.
+async fn point_library_at(env: &Env, library: &str) {
+    env.pg()
+        .await
+        .execute(
+            "UPDATE pg_proc SET probin = $1 WHERE proname = 'syncar_stamp'",
+            &[&library],
+        )
+        .await
+        .unwrap();
+}
+
+/// A server on which the C stamp's library does not load fails every write to the tables
+/// it stamps, the customer's own included. syncar puts the PL/pgSQL stamp back: at once when
+/// a write through it meets the failure (that write then succeeds), and at a migration
+/// (`auto`) while the library stays missing; `extension` refuses, saying why; once the
+/// library loads again, `auto` takes the C stamp back.
+#[tokio::test]
+async fn a_server_without_the_c_stamps_library_gets_the_plpgsql_stamp_back() {
+    let env = Env::new().await;
+    require_extension(&env).await;
+    let a = items_instance(&env, Stamp::Auto).await;
+    let library: String = query_value(
+        &env.pg().await,
+        "SELECT probin FROM pg_proc WHERE proname = 'syncar_stamp'",
+    )
+    .await;
+    point_library_at(&env, "$libdir/syncar_stamp_not_here").await;
+    let failed = env
+        .pg()
+        .await
+        .batch_execute("UPDATE items SET name = 'x' WHERE id = 1")
+        .await
+        .expect_err("a stamp whose library does not load fails the customer's statement");
+    assert_eq!(failed.code().map(|c| c.code()), Some("58P01"), "{failed:?}");
+
+    // A write through syncar meets it: the instance swaps the stamp and runs the write again.
+    let put = a.put("/v1/items/1", r#"{"name": "one again"}"#).await;
+    assert_eq!(put.status, 200, "{put:?}");
+    assert_eq!(
+        installed_stamp(&env, "items").await.0,
+        "syncar_stamp_items",
+        "the PL/pgSQL stamp is back"
+    );
+    assert_eq!(
+        installed_stamp(&env, "syncar_kv").await.0,
+        "syncar_stamp_kv",
+        "on every table syncar stamps"
+    );
+    let before = last_version(&env).await;
+    let stamped: i64 = sql(
+        &env,
+        "UPDATE items SET name = 'x' WHERE id = 1 RETURNING version",
+    )
+    .await[0]
+        .get(0);
+    assert!(stamped > before, "the customer's writes are stamped again");
+    a.sees("/v1/items/1", stamped, WINDOW).await;
+
+    let config = a.state().config.as_ref().clone();
+    let mut extension = config.clone();
+    extension.postgres.stamp = Stamp::Extension;
+    let refused = syncar::app::run_migration(&extension)
+        .await
+        .expect_err("postgres.stamp = \"extension\" without a library that loads");
+    assert!(
+        format!("{refused:?}").contains("does not load on this server"),
+        "{refused:?}"
+    );
+    let check = syncar::app::run_check(&config).await.unwrap();
+    assert!(
+        check
+            .notes
+            .iter()
+            .any(|n| n.contains("the C stamp on 0 table(s)") && n.contains("does not load")),
+        "{:?}",
+        check.notes
+    );
+    assert!(
+        syncar::app::run_migration(&config)
+            .await
+            .unwrap()
+            .changes
+            .is_empty(),
+        "auto keeps the PL/pgSQL stamp while the library does not load"
+    );
+
+    point_library_at(&env, &library).await;
+    let changes = syncar::app::run_migration(&config).await.unwrap().changes;
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.contains("on \"public\".\"items\" with the C stamp")),
+        "{changes:?}"
+    );
+    a.shutdown().await;
 }
 
 /// The C function refuses, with an error and without harm to the server, every way it can
