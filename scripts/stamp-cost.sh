@@ -18,6 +18,10 @@
 #   syncar     syncar's PL/pgSQL stamp (nextval inside the block that survives a renamed column)
 #   extension  syncar's C stamp (postgres.stamp = "extension")
 #   inline     no trigger, version = nextval(...) in the UPDATE itself
+#   log        syncar's PL/pgSQL stamp and the changes_log source's statement trigger, as
+#              migrated: SECURITY DEFINER with a pinned search_path (database `log`)
+#   log-invoker the same trigger function run as the writer (database `loginv`): what
+#              SECURITY DEFINER costs
 # Prints instructions per UPDATE (the run's total less a run of the PREPARE alone, over the
 # statements) and each variant's share above `plain`. Needs valgrind (Debian package).
 set -euo pipefail
@@ -50,6 +54,13 @@ SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/postgres" "$syncar" mig
 "${psql[@]}" -c "CREATE DATABASE ext"
 printf '[postgres]\nstamp = "extension"\n[feeds]\npostgres_source = "wal"\n' >"$dir/ext.toml"
 SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/ext" "$syncar" migrate --config "$dir/ext.toml" >/dev/null
+for db in log loginv; do
+  "${psql[@]}" -c "CREATE DATABASE $db"
+  printf '[postgres]\nstamp = "plpgsql"\n[feeds]\npostgres_source = "changes_log"\n' >"$dir/$db.toml"
+  SYNCAR_POSTGRES_URL="postgres://postgres@127.0.0.1:$port/$db" "$syncar" migrate --config "$dir/$db.toml" >/dev/null
+  "${psql[@]}" -d "$db" -c "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i" -c "VACUUM ANALYZE syncar_kv"
+done
+"${psql[@]}" -d loginv -c "ALTER FUNCTION public.syncar_announce_kv() SECURITY INVOKER RESET search_path"
 "${psql[@]}" -d ext -c "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i" -c "VACUUM ANALYZE syncar_kv"
 "${psql[@]}" <<'SQL'
 INSERT INTO syncar_kv (key, value) SELECT 'k' || i, jsonb_build_object('v', i) FROM generate_series(1, 1000) i;
@@ -85,14 +96,15 @@ count() { # name, table, extra, statements, database
   sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$dir/$1.log"
 }
 base="$(count empty plain '' 0)"
-printf '%-10s %14s %10s\n' variant instr/UPDATE 'vs plain'
+printf '%-11s %14s %10s\n' variant instr/UPDATE 'vs plain'
 plain=""
 for v in plain:plain: c-trigger:c_trigger: plpgsql:plpgsql: nextval:nextval: syncar:syncar_kv: \
-  extension:syncar_kv::ext "inline:inline:, version = nextval('public.syncar_version_seq')"; do
+  extension:syncar_kv::ext "inline:inline:, version = nextval('public.syncar_version_seq')" \
+  log:syncar_kv::log log-invoker:syncar_kv::loginv; do
   IFS=: read -r name table extra db <<<"$v"
   total="$(count "$name" "$table" "$extra" "$STATEMENTS" "$db")"
   per=$(((total - base) / STATEMENTS))
   [ -n "$plain" ] || plain=$per
-  printf '%-10s %14d %+9.1f%%\n' "$name" "$per" "$(echo "($per - $plain) * 100 / $plain" | bc -l)"
+  printf '%-11s %14d %+9.1f%%\n' "$name" "$per" "$(echo "($per - $plain) * 100 / $plain" | bc -l)"
 done
 echo "(Postgres $("$bin/postgres" --version | awk '{print $3}'), $STATEMENTS prepared single-row UPDATEs per variant, single-user mode, callgrind)"

@@ -186,21 +186,32 @@ async fn install_functions(
         version_attnum,
         fallback_oid,
     };
-    for (function, body) in [
+    // The log-writing announcements insert into the changes log, which a writer's role has
+    // no grant on: they run as their owner (see [`Security::Definer`]). With `wal` they
+    // take versions and emit messages, which any role may.
+    let announcing = if announce == Announce::Wal {
+        Security::Invoker
+    } else {
+        Security::Definer
+    };
+    for (function, body, security) in [
         (
             &functions.stamp,
             stamp_function_body(schema, r, version_attnum, fallback_oid),
+            Security::Invoker,
         ),
         (
             &functions.announce,
             announce_function_body(schema, r, announce),
+            announcing,
         ),
         (
             &functions.truncate,
             truncate_function_body(schema, r, announce),
+            announcing,
         ),
     ] {
-        if install_function(tx, sink, schema, function, &body).await? {
+        if install_function(tx, sink, schema, function, &body, security).await? {
             changes.push(format!("installed function {schema}.{function}()"));
         }
     }
@@ -449,39 +460,75 @@ async fn versioned_by_syncar(
     Ok(default.is_some_and(|d| d.contains(VERSION_SEQUENCE)))
 }
 
-/// Creates or replaces a trigger function unless its body is already `body`. Returns whether
-/// it changed anything.
+/// Whose privileges a trigger function runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Security {
+    /// The writer's (the default): what it does, any role may.
+    Invoker,
+    /// Its owner's, the role that migrated, which owns syncar's objects (`SECURITY DEFINER`):
+    /// for what a writer's role was never granted (inserting into the changes log), so that
+    /// an application's writes that worked before syncar was installed keep working. Hardened
+    /// as Postgres' "Writing SECURITY DEFINER Functions Safely" says: `search_path` pinned to
+    /// `pg_catalog, pg_temp` (the body names syncar's tables with their schema), and EXECUTE
+    /// revoked from PUBLIC, so that no one can attach it to a table of theirs to write the log
+    /// (Postgres checks EXECUTE when a trigger is created, not when it fires).
+    Definer,
+}
+
+/// Creates or replaces a trigger function unless it is already `body` with `security`.
+/// Returns whether it changed anything.
 async fn install_function(
     tx: &tokio_postgres::Transaction<'_>,
     sink: &mut Sink,
     schema: &str,
     name: &str,
     body: &str,
+    security: Security,
 ) -> Result<bool, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let current: Option<String> = tx
+    const PINNED: &str = "search_path=pg_catalog, pg_temp";
+    let current: Option<(String, bool, Option<Vec<String>>, bool)> = tx
         .query_opt(
-            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+            "SELECT p.prosrc, p.prosecdef, p.proconfig, \
+                    has_function_privilege('public', p.oid, 'EXECUTE') \
+             FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
              WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
             &[&schema, &name],
         )
         .await
         .map_err(pg("looking up trigger functions"))?
-        .map(|row| row.get(0));
-    if current.as_deref() == Some(body) {
-        return Ok(false);
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)));
+    let wanted = match security {
+        Security::Invoker => (false, None, None),
+        // (Whether PUBLIC may execute an invoker's function does not matter: it runs
+        // with the writer's own privileges.)
+        Security::Definer => (true, Some(vec![PINNED.to_string()]), Some(false)),
+    };
+    if let Some((source, definer, config, public)) = &current {
+        if source == body
+            && *definer == wanted.0
+            && *config == wanted.1
+            && wanted.2.is_none_or(|p| p == *public)
+        {
+            return Ok(false);
+        }
     }
-    sink.run(
-        tx,
-        format!(
-            "CREATE OR REPLACE FUNCTION {}.{}() RETURNS trigger LANGUAGE plpgsql AS {}",
-            quote_ident(schema),
-            quote_ident(name),
-            dollar_quote(body)
-        ),
-        "creating trigger functions",
-    )
-    .await?;
+    let function = format!("{}.{}()", quote_ident(schema), quote_ident(name));
+    let attributes = match security {
+        Security::Invoker => "SECURITY INVOKER",
+        Security::Definer => "SECURITY DEFINER SET search_path = pg_catalog, pg_temp",
+    };
+    let mut sql = format!(
+        "CREATE OR REPLACE FUNCTION {function} RETURNS trigger LANGUAGE plpgsql {attributes} \
+         AS {}",
+        dollar_quote(body)
+    );
+    if security == Security::Definer {
+        sql.push_str(&format!(
+            "; REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC"
+        ));
+    }
+    sink.run(tx, sql, "creating trigger functions").await?;
     Ok(true)
 }
 

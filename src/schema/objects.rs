@@ -110,27 +110,56 @@ async fn create_schema(
     Ok(())
 }
 
-/// The one sequence every version comes from.
+/// The one sequence every version comes from, with USAGE granted to PUBLIC.
+///
+/// Every role that writes a cached table calls `nextval` on it: the version column's
+/// default, the version stamp and the delete and truncate announcements run as the writer.
+/// Without USAGE an application's own INSERT, UPDATE or DELETE, which worked before syncar
+/// was installed, would fail with `permission denied for sequence`. USAGE allows `nextval`
+/// and `currval` only, never `setval`: any role can take versions (as any writer of a table
+/// with an identity column takes its values), none can move the sequence back, which is
+/// what coherence rests on.
 async fn create_sequence(
     tx: &tokio_postgres::Transaction<'_>,
     sink: &mut Sink,
     schema: &str,
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
-    if table_oid(tx, schema, VERSION_SEQUENCE, "S")
-        .await?
-        .is_none()
-    {
+    let sequence = format!("{}.{VERSION_SEQUENCE}", quote_ident(schema));
+    let granted = match table_oid(tx, schema, VERSION_SEQUENCE, "S").await? {
+        Some(oid) => tx
+            .query_one(
+                "SELECT has_sequence_privilege('public', $1::oid, 'USAGE')",
+                &[&oid],
+            )
+            .await
+            .map_err(|source| SchemaError::Postgres {
+                doing: "reading the version sequence's privileges",
+                source,
+            })?
+            .get::<_, bool>(0),
+        None => {
+            sink.run(
+                tx,
+                format!("CREATE SEQUENCE IF NOT EXISTS {sequence}"),
+                "creating the version sequence",
+            )
+            .await?;
+            changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
+            false
+        }
+    };
+    if !granted {
         sink.run(
             tx,
-            format!(
-                "CREATE SEQUENCE IF NOT EXISTS {}.{VERSION_SEQUENCE}",
-                quote_ident(schema)
-            ),
-            "creating the version sequence",
+            format!("GRANT USAGE ON SEQUENCE {sequence} TO PUBLIC"),
+            "granting USAGE on the version sequence",
         )
         .await?;
-        changes.push(format!("created sequence {schema}.{VERSION_SEQUENCE}"));
+        changes.push(format!(
+            "granted USAGE on sequence {schema}.{VERSION_SEQUENCE} to PUBLIC (every writer of a \
+             cached table takes versions from it)"
+        ));
     }
     Ok(())
 }

@@ -164,20 +164,21 @@ async fn a_table_not_migrated_is_named_with_what_it_lacks() {
 }
 
 /// The grants README "Least privileges" lists, for a runtime role `{role}` and another
-/// application's writer `{writer}`, on the default schema `public`.
+/// application's writer `{writer}` (which had its grants on `orders` before syncar came),
+/// on the default schema `public`.
 const GRANTS: &str = "\
     GRANT USAGE ON SCHEMA public TO {role}, {writer}; \
     GRANT SELECT, INSERT, UPDATE, DELETE ON orders, syncar_kv TO {role}; \
     GRANT SELECT, INSERT, UPDATE ON syncar_state TO {role}; \
     GRANT SELECT, INSERT, DELETE ON syncar_changes TO {role}; \
     GRANT USAGE, SELECT, UPDATE ON SEQUENCE syncar_version_seq TO {role}; \
-    GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {writer}; \
-    GRANT USAGE ON SEQUENCE syncar_version_seq TO {writer}; \
-    GRANT INSERT ON syncar_changes TO {writer}";
+    GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {writer}";
 
 /// The DBA installs with the printed SQL; syncar runs as a role with only the grants README
 /// "Least privileges" lists (and REPLICATION for `wal`): it serves, writes, and hears another
-/// application's writer, whose role has only its own grants plus the two the triggers need.
+/// application's writer, whose role keeps only the grants it had on its table: its inserts,
+/// updates and deletes succeed, stamped and heard. The functions that write the changes log
+/// for it cannot be put on a table of its own (to forge changes).
 #[tokio::test]
 async fn a_least_privileged_role_serves_what_the_dba_installed() {
     for source in [PostgresSource::Wal, PostgresSource::ChangesLog] {
@@ -237,6 +238,41 @@ async fn a_least_privileged_role_serves_what_the_dba_installed() {
             .unwrap();
         let v2: i64 = query_value(&pg, "SELECT version FROM orders WHERE id = 1").await;
         a.sees("/v1/orders/1", v2, Duration::from_secs(10)).await;
+        let v3: i64 = query_value(
+            &as_writer,
+            "INSERT INTO orders (id, total) VALUES (2, 5) RETURNING version",
+        )
+        .await;
+        assert!(v3 > v2, "{source:?}: the writer's insert is stamped");
+        a.sees("/v1/orders/2", v3, Duration::from_secs(10)).await;
+        as_writer
+            .execute("DELETE FROM orders WHERE id = 2", &[])
+            .await
+            .unwrap();
+        a.sees_absent("/v1/orders/2", Duration::from_secs(10)).await;
+        pg.batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {writer}"))
+            .await
+            .unwrap();
+        as_writer
+            .batch_execute("CREATE TABLE mine (id int PRIMARY KEY, version bigint)")
+            .await
+            .unwrap();
+        let announce: String = query_value(
+            &pg,
+            "SELECT p.proname::text FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid \
+             WHERE t.tgrelid = 'orders'::regclass AND t.tgname = 'syncar_log_delete'",
+        )
+        .await;
+        let forged = as_writer
+            .batch_execute(&format!(
+                "CREATE TRIGGER forge AFTER DELETE ON mine REFERENCING OLD TABLE AS syncar_old \
+                 FOR EACH STATEMENT EXECUTE FUNCTION {announce}()"
+            ))
+            .await;
+        if source == PostgresSource::ChangesLog {
+            let e = forged.expect_err("the log's writer runs as its owner: not for anyone's table");
+            assert_eq!(e.code().map(|c| c.code()), Some("42501"), "{e:?}");
+        }
         a.shutdown().await;
     }
 }
