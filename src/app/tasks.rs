@@ -178,8 +178,43 @@ async fn follow_shapes(
                 tracing::warn!(error = %secrets.scrub(&crate::telemetry::error_chain(&e)), "checking the tables' shapes failed")
             }
         }
+        republish(config, catalog, db, secrets).await;
         heal_stamp(config, db, secrets).await;
         catalog.rechecked(covered);
+    }
+}
+
+/// Keeps the `wal` source's publication to the tables Postgres lets it publish
+/// ([`crate::schema::republish`]): a table that lost its replica identity out (else the
+/// customer's UPDATE and DELETE on it fail), one that has it again back, with a flush. The
+/// catalog is read again after a change (the flush makes the other instances do the same).
+async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Secrets) {
+    let Ok(current) = catalog.get() else {
+        return;
+    };
+    if current.capture.source != crate::config::PostgresSource::Wal {
+        return;
+    }
+    if !config.postgres.migrate_on_start {
+        // The DBA's to change; the reason each resource is unavailable says what to do.
+        return;
+    }
+    match db
+        .republish(config, &current.capture.publication, current.unpublished())
+        .await
+    {
+        Ok(changes) if changes.is_empty() => {}
+        Ok(changes) => {
+            for change in &changes {
+                tracing::warn!(change = %change, "publication changed");
+            }
+            catalog.request_recheck();
+        }
+        Err(e) => tracing::error!(
+            error = %secrets.scrub(&error_chain(&e)),
+            "keeping the publication to tables with a replica identity failed; retrying at the \
+             next recheck"
+        ),
     }
 }
 

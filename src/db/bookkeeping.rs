@@ -316,6 +316,25 @@ impl Db {
         Ok(broken)
     }
 
+    /// Keeps the `wal` source's publication to the tables Postgres lets it publish (see
+    /// [`crate::schema::republish`]): returns a line per change. On a pooled connection, in
+    /// a transaction of syncar's own bookkeeping.
+    ///
+    /// # Errors
+    /// No connection, or Postgres failing.
+    pub async fn republish(
+        &self,
+        config: &crate::config::Config,
+        publication: &str,
+        unpublished: &[String],
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut client = self.client().await?;
+        let tx = own_bookkeeping(&mut client).await?;
+        let changes = crate::schema::republish(&tx, config, publication, unpublished).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(changes)
+    }
+
     /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
     ///
     /// # Errors

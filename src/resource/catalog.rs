@@ -20,6 +20,9 @@ pub struct Catalog {
     /// Configured resources left out, by name, with why (their table does not exist or does
     /// not fit): requests to them answer 503 `resource_unavailable` with the reason.
     unavailable: HashMap<String, String>,
+    /// Resources left out only because their table is not in the `wal` source's publication
+    /// (taken out while it had no replica identity): the schema task publishes them again.
+    unpublished: Vec<String>,
     /// Each configured resource's table fingerprint when this catalog was read (see
     /// `schema::shape`): a live one that differs means the table changed since.
     pub shapes: Shapes,
@@ -75,6 +78,7 @@ impl Catalog {
                 .collect(),
             capture: Capture::default(),
             unavailable: HashMap::new(),
+            unpublished: Vec::new(),
             shapes: HashMap::new(),
         }
     }
@@ -94,6 +98,20 @@ impl Catalog {
     pub fn with_unavailable(mut self, unavailable: Vec<(String, String)>) -> Self {
         self.unavailable.extend(unavailable);
         self
+    }
+
+    /// The same catalog, noting the left-out resources whose tables fit but are not
+    /// published (see [`Catalog::unpublished`]).
+    pub fn with_unpublished(mut self, unpublished: Vec<String>) -> Self {
+        self.unpublished = unpublished;
+        self
+    }
+
+    /// Resources whose tables fit in every way but one: they are not in the `wal` source's
+    /// publication (syncar took them out while they had no replica identity, see
+    /// `schema::republish`). Empty for the other sources.
+    pub fn unpublished(&self) -> &[String] {
+        &self.unpublished
     }
 
     /// Why the configured resource `name` is left out, if it is.

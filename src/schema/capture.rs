@@ -73,7 +73,10 @@ pub(super) async fn resolve(
             "max_replication_slots and max_wal_senders must be at least 1 (a restart)".into(),
         );
     }
-    for (r, info) in tables {
+    // Configured `wal`: a table without one is left out of the publication and unavailable
+    // (see `schema::republish`), the others served. `auto` deciding now takes the changes
+    // log, which serves every table.
+    for (r, info) in tables.iter().filter(|_| configured == PostgresSource::Auto) {
         if info.identity == Identity::Missing {
             missing.push(format!(
                 "table {}.{} has no replica identity, and a published table without one \

@@ -37,6 +37,12 @@ pub async fn load_catalog(
     let shapes = super::shape::fingerprints(client, schema, &config.resources).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     let mut unavailable = Vec::new();
+    let mut unpublished = Vec::new();
+    let published = if capture.source == crate::config::PostgresSource::Wal {
+        Some(super::republish::published(client, &capture.publication).await?)
+    } else {
+        None
+    };
     for r in &config.resources {
         let (info, key_type) = match fit(client, r).await {
             Ok(fits) => fits,
@@ -69,6 +75,29 @@ pub async fn load_catalog(
             ));
             continue;
         }
+        if let Some(published) = &published {
+            let qualified = format!("{}.{}", r.schema, r.table);
+            if info.identity == Identity::Missing {
+                unavailable.push((
+                    r.name.clone(),
+                    super::republish::no_identity_reason(&qualified, &capture.publication),
+                ));
+                continue;
+            }
+            if !published.contains(&(r.schema.clone(), r.table.clone())) {
+                unavailable.push((
+                    r.name.clone(),
+                    format!(
+                        "table {qualified} is not in publication {}, so its changes are not \
+                         relayed: syncar publishes it again (with postgres.migrate_on_start; \
+                         else run `syncar migrate`)",
+                        capture.publication
+                    ),
+                ));
+                unpublished.push(r.name.clone());
+                continue;
+            }
+        }
         let columns = info
             .columns
             .iter()
@@ -100,7 +129,8 @@ pub async fn load_catalog(
     Ok(Catalog::new(resources)
         .with_shapes(shapes)
         .with_capture(capture)
-        .with_unavailable(unavailable))
+        .with_unavailable(unavailable)
+        .with_unpublished(unpublished))
 }
 
 /// What `syncar check-config --db` found: each configured resource checked against the live

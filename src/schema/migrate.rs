@@ -20,7 +20,7 @@ use super::objects::{create_own_objects, kv_resource};
 use super::script::{Script, Sink};
 use super::source::{decide_source, record_source};
 use super::stamp::choose_stamp;
-use super::table::TableInfo;
+use super::table::{Identity, TableInfo};
 use crate::config::{Config, PostgresSource, ResourceConfig};
 use crate::resource::quote_ident;
 
@@ -150,7 +150,7 @@ async fn migrate_once(
     let kv = kv_resource(schema);
     let Described {
         tables,
-        unavailable,
+        mut unavailable,
     } = describe_tables(&tx, sink, config, &kv, &mut changes).await?;
     let described: Vec<(&ResourceConfig, &TableInfo)> =
         tables.iter().map(|(r, info)| (*r, info)).collect();
@@ -189,6 +189,18 @@ async fn migrate_once(
     let slot = capture::slot_name(&tx, config).await?;
     if source == PostgresSource::Wal {
         publish(&tx, sink, config, &described, &mut changes).await?;
+        for (r, info) in &described {
+            if info.identity == Identity::Missing {
+                unavailable.push(format!(
+                    "resource {:?}: {}",
+                    r.name,
+                    super::republish::no_identity_reason(
+                        &format!("{}.{}", r.schema, r.table),
+                        &config.feeds.wal_publication
+                    )
+                ));
+            }
+        }
     }
     // Last, in one round trip: creating a trigger locks out the table's writers (SHARE ROW
     // EXCLUSIVE) until the commit, so little else of the migration runs while they wait
@@ -219,8 +231,11 @@ async fn publish(
     tables: &[(&ResourceConfig, &TableInfo)],
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
+    // A table without a replica identity is left out: published, its UPDATE and DELETE
+    // would fail (see `schema::republish`, which puts it back once it has one).
     let published: Vec<capture::Published> = tables
         .iter()
+        .filter(|(_, info)| info.identity != Identity::Missing)
         .map(|(r, _)| (r.schema.clone(), r.table.clone(), None))
         .collect();
     if let Some((sql, change)) =

@@ -483,6 +483,80 @@ async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
     }
 }
 
+/// The primary key dropped with nothing in its place (the first step of a migration that
+/// replaces it), under the `wal` source: Postgres refuses UPDATE and DELETE on a published
+/// table without a replica identity, so syncar takes the table out of its publication and
+/// the customer's statements work again within a shape check; the resource is unavailable
+/// saying why, and `kv` keeps serving. The key back: the table is published again and
+/// served, with every change made meanwhile. An instance started meanwhile starts.
+#[tokio::test]
+async fn a_primary_key_dropped_under_the_wal_source_never_fails_the_customers_writes() {
+    let env = items_env().await;
+    let (a, b) = fleet(&env, PostgresSource::Wal).await;
+    serves(&a, "/v1/items/1", "item 1", |d| d["name"] == "one").await;
+
+    // The key stays unique (an index of its own), but the table has no replica identity.
+    sql(
+        &env,
+        "CREATE UNIQUE INDEX items_id ON items (id); \
+         ALTER TABLE items DROP CONSTRAINT items_pkey",
+    )
+    .await;
+    let dropped = std::time::Instant::now();
+    let pg = env.pg().await;
+    eventually(WINDOW, "the customer's UPDATE works again", || async {
+        pg.batch_execute("UPDATE items SET name = 'ONE' WHERE id = 1")
+            .await
+            .ok()
+    })
+    .await;
+    eprintln!(
+        "the customer's UPDATEs failed for {:?} after the primary key was dropped",
+        dropped.elapsed()
+    );
+    sql(&env, "DELETE FROM items WHERE id = 3").await;
+    for i in [&a, &b] {
+        unavailable(i, "items", "replica identity").await;
+    }
+    kv_keeps_l1(&a, &b, "identity").await;
+    // Nothing unique on the key any more: still unpublished, still writable.
+    sql(&env, "DROP INDEX items_id").await;
+    sql(&env, "UPDATE items SET name = 'ONE' WHERE id = 1").await;
+    unavailable(&a, "items", "unique index").await;
+    // A restart meanwhile: the instance starts, `items` unavailable, the rest served.
+    let c = env
+        .start(|c| {
+            c.feeds.postgres_source = PostgresSource::Wal;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+        })
+        .await;
+    unavailable(&c, "items", "unique index").await;
+    c.shutdown().await;
+
+    sql(&env, "ALTER TABLE items ADD PRIMARY KEY (id)").await;
+    for i in [&a, &b] {
+        serves(i, "/v1/items/1", "the update made while unpublished", |d| {
+            d["name"] == "ONE"
+        })
+        .await;
+        eventually(WINDOW, "the delete made while unpublished", || async {
+            (i.get("/v1/items/3").await.status == 404).then_some(())
+        })
+        .await;
+    }
+    sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
+    for i in [&a, &b] {
+        serves(i, "/v1/items/1", "a change relayed again", |d| {
+            d["name"] == "uno"
+        })
+        .await;
+    }
+    kv_keeps_l1(&a, &b, "identity-back").await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// syncar's own version column renamed, then dropped: the customer's writes succeed (the
 /// stamp finds the column by its attribute number, then leaves rows unstamped), and the
 /// resource goes unavailable saying so.

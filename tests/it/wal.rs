@@ -360,7 +360,8 @@ async fn an_instance_whose_subscription_dropped_catches_up() {
 
 /// `auto` picks `wal` where the server allows it, and says so; a table without a replica
 /// identity (a published table without one refuses UPDATE and DELETE) makes it fall back to
-/// the changes log, saying why; `wal` configured there is refused with what to change.
+/// the changes log, saying why; `wal` configured there leaves that table out of the
+/// publication and unavailable, saying why, and serves the rest.
 #[tokio::test]
 async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
     let env = Env::new().await;
@@ -403,15 +404,47 @@ async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
     );
     a.shutdown().await;
 
+    // `wal` configured: the table without a replica identity is left out of the publication
+    // (published, its UPDATE and DELETE would fail) and unavailable, saying why; the others
+    // are served.
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute("CREATE TABLE nopk (id int NOT NULL UNIQUE, name text)")
+        .await
+        .unwrap();
     let mut config = env.config();
     with_nopk(&mut config);
     config.feeds.postgres_source = PostgresSource::Wal;
-    let err = syncar::app::run_migration(&config).await.unwrap_err();
-    let err = syncar::telemetry::error_chain(&err);
+    let migration = syncar::app::run_migration(&config).await.unwrap();
     assert!(
-        err.contains("postgres_source = \"wal\"") && err.contains("REPLICA IDENTITY"),
-        "{err}"
+        migration
+            .unavailable
+            .iter()
+            .any(|u| u.contains("nopk") && u.contains("REPLICA IDENTITY")),
+        "{:?}",
+        migration.unavailable
     );
+    let a = env.start_with(config).await;
+    let nopk = &a.readyz().await["resources"]["nopk"];
+    assert_eq!(nopk["ok"], false, "{nopk}");
+    assert!(
+        nopk["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("replica identity"),
+        "{nopk}"
+    );
+    env.pg()
+        .await
+        .batch_execute(
+            "INSERT INTO nopk VALUES (1, 'a'); UPDATE nopk SET name = 'b'; DELETE FROM nopk",
+        )
+        .await
+        .expect("the customer's statements on the table left out succeed");
+    let v = a.put("/v1/kv/served", "1").await.etag_version();
+    a.sees("/v1/kv/served", v, Duration::from_secs(5)).await;
+    a.shutdown().await;
 }
 
 /// A role that may not replicate: `auto` falls back to the changes log and names the grant

@@ -1,0 +1,160 @@
+//! The `wal` source's publication kept to the tables Postgres lets it publish.
+//!
+//! # Why
+//! Postgres refuses UPDATE and DELETE on a table that a publication publishes without a
+//! replica identity ("cannot update table ... because it does not have a replica identity
+//! and publishes updates"; Postgres docs, "Logical Replication: Publication"). A customer
+//! who drops a cached table's primary key with nothing in its place (the first step of a
+//! migration that replaces it) would have every UPDATE and DELETE of that table fail
+//! because syncar published it. So the schema task takes such a table out of the
+//! publication as soon as a shape check sees it (the resource is unavailable meanwhile,
+//! saying why), and puts it back, with a flush of the resource in the same transaction, once
+//! it has an identity again: every change made while it was out is retired with the flush,
+//! and every change after it is relayed.
+//!
+//! Between the customer's DDL and the schema task's next look (a shape check of the relay,
+//! every `feeds.lease / 2`, then the flush it announces) the customer's UPDATE and DELETE
+//! still fail: closing that window needs an event trigger, which needs a superuser.
+
+use std::collections::HashSet;
+
+use tokio_postgres::GenericClient;
+
+use super::capture::MESSAGE_PREFIX;
+use super::error::SchemaError;
+use super::names::{MIGRATION_LOCK, STAMP_TRIGGER};
+use crate::config::Config;
+use crate::resource::{quote_ident, quote_literal};
+
+/// The tables (schema, name) in `publication`.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn published(
+    client: &impl GenericClient,
+    publication: &str,
+) -> Result<HashSet<(String, String)>, SchemaError> {
+    Ok(client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
+             WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the publication",
+            source,
+        })?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect())
+}
+
+/// Why a resource whose table `qualified` has no replica identity is left out.
+pub(super) fn no_identity_reason(qualified: &str, publication: &str) -> String {
+    format!(
+        "table {qualified} has no replica identity (its primary key was dropped?), and \
+         Postgres refuses UPDATE and DELETE on a published table without one: syncar takes it \
+         out of publication {publication} (with postgres.migrate_on_start) so that they \
+         work; add a primary key, or ALTER TABLE ... REPLICA IDENTITY USING INDEX or FULL, and \
+         it is published and served again"
+    )
+}
+
+/// Takes out of the publication every configured table it publishes that has no replica
+/// identity, and puts back the tables of `unpublished` (resources whose tables fit in every
+/// other way, [`crate::resource::Catalog::unpublished`]) that have one again, each with a
+/// flush of its resource in the same transaction. Returns a line per change. Does nothing
+/// while a migration holds its lock (the migration publishes the same way), or where the
+/// publication is gone.
+///
+/// # Errors
+/// Postgres failing (this role may not alter the publication: not its owner).
+pub async fn republish(
+    tx: &tokio_postgres::Transaction<'_>,
+    config: &Config,
+    publication: &str,
+    unpublished: &[String],
+) -> Result<Vec<String>, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let locked: bool = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(pg("taking the migration lock"))?
+        .get(0);
+    if !locked {
+        return Ok(Vec::new());
+    }
+    let (names, schemas, tables): (Vec<&str>, Vec<&str>, Vec<&str>) = config
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.schema.as_str(), r.table.as_str()))
+        .fold(
+            (vec![], vec![], vec![]),
+            |(mut n, mut s, mut t), (a, b, c)| {
+                n.push(a);
+                s.push(b);
+                t.push(c);
+                (n, s, t)
+            },
+        );
+    let rows = tx
+        .query(
+            "SELECT t.name, \
+               coalesce(c.relreplident = 'f' \
+                 OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i \
+                     WHERE i.indrelid = c.oid AND i.indisprimary)) \
+                 OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i \
+                     WHERE i.indrelid = c.oid AND i.indisreplident)), false), \
+               EXISTS (SELECT 1 FROM pg_publication_rel pr \
+                 JOIN pg_publication p ON p.oid = pr.prpubid \
+                 WHERE p.pubname = $4 AND pr.prrelid = c.oid), \
+               EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = c.oid AND tg.tgname = $5) \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS t(name, schema, tab) \
+             JOIN pg_namespace n ON n.nspname = t.schema \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tab \
+               AND c.relkind IN ('r', 'p') \
+             WHERE EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $4)",
+            &[&names, &schemas, &tables, &publication, &STAMP_TRIGGER],
+        )
+        .await
+        .map_err(pg("looking up the published tables' replica identities"))?;
+    let mut changes = Vec::new();
+    for row in rows {
+        let (name, identity, published, migrated): (String, bool, bool, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        let Some(r) = config.resources.iter().find(|r| r.name == name) else {
+            continue;
+        };
+        let qualified = format!("{}.{}", quote_ident(&r.schema), quote_ident(&r.table));
+        let p = quote_ident(publication);
+        if published && !identity {
+            tx.batch_execute(&format!("ALTER PUBLICATION {p} DROP TABLE {qualified}"))
+                .await
+                .map_err(pg(
+                    "taking a table without replica identity out of the publication",
+                ))?;
+            changes.push(format!(
+                "took {qualified} out of publication {publication}: it has no replica identity, \
+                 and Postgres would refuse its UPDATE and DELETE"
+            ));
+        } else if !published && identity && migrated && unpublished.contains(&name) {
+            // In one transaction: every change after this commit is relayed, and the flush,
+            // at this commit, retires whatever a cache held of the table before.
+            tx.batch_execute(&format!(
+                "ALTER PUBLICATION {p} ADD TABLE {qualified}; \
+                 SELECT pg_logical_emit_message(true, {prefix}, \
+                 json_build_object('resource', {resource}, 'flush', true)::text)",
+                prefix = quote_literal(MESSAGE_PREFIX),
+                resource = quote_literal(&name),
+            ))
+            .await
+            .map_err(pg("publishing a table again"))?;
+            changes.push(format!(
+                "put {qualified} back in publication {publication}: it has a replica identity \
+                 again"
+            ));
+        }
+    }
+    Ok(changes)
+}
