@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::coherence::{Message, Op, Relayed};
 use crate::resource::Catalog;
 use crate::schema::capture::{
-    ensure_slot, failover_gaps, new_slot_epoch, server_version_num, slot_epoch, SlotState,
+    ensure_slot, failover_gaps, new_slot_epoch, retention_gap, server_version_num, slot_epoch,
+    SlotState,
 };
 use crate::schema::SchemaError;
 use crate::telemetry::error_chain;
@@ -21,6 +22,8 @@ use super::transaction::change;
 /// Whether what keeps the slot from following a failover was logged at warn level already
 /// (each relay term would say it again).
 static FAILOVER_WARNED: AtomicBool = AtomicBool::new(false);
+/// Whether this process warned that nothing bounds the WAL the slot keeps.
+static RETENTION_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// Makes sure `slot` exists, saying why when it had to be created again.
 ///
@@ -73,6 +76,18 @@ pub(super) async fn failover_gaps_logged(
         Err(ref e) => tracing::debug!(error = %error_chain(e), "cannot read the failover settings"),
     }
     gaps
+}
+
+/// Warns, once per process, when nothing bounds the WAL the slot keeps
+/// ([`crate::schema::capture::retention_gap`]).
+pub(super) async fn retention_gap_logged(client: &tokio_postgres::Client, slot: &str) {
+    match retention_gap(client).await {
+        Ok(Some(gap)) if !RETENTION_WARNED.swap(true, Ordering::Relaxed) => {
+            tracing::warn!(slot = %slot, "{gap}");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %error_chain(&e), "cannot read max_slot_wal_keep_size"),
+    }
 }
 
 /// The slot's epoch, recorded now for a slot from before epochs were recorded (what fed

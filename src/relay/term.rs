@@ -57,6 +57,7 @@ async fn prepare(
     check_source(client, schema).await?;
     slot::ensure(client, schema, slot).await?;
     let gaps = slot::failover_gaps_logged(client, slot).await;
+    slot::retention_gap_logged(client, slot).await;
     let epoch = slot::epoch(client, schema).await?;
     secure_tiers(ctx, catalog).await?;
     slot::record_failover_guarded(ctx, client, &gaps).await;

@@ -544,6 +544,33 @@ pub async fn failover_gaps(
     Ok(gaps)
 }
 
+/// What to do when nothing bounds the WAL the relay's slot keeps: `max_slot_wal_keep_size`
+/// is -1 (Postgres' default), so while no relay confirms (every instance stopped, or left
+/// running without Redis) the primary keeps every WAL segment until its disk is full, and
+/// then fails every statement. `None` when it is bounded.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn retention_gap(client: &impl GenericClient) -> Result<Option<String>, SchemaError> {
+    let keep: String = client
+        .query_one("SELECT current_setting('max_slot_wal_keep_size')", &[])
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading max_slot_wal_keep_size",
+            source,
+        })?
+        .get(0);
+    Ok((keep.trim() == "-1").then(|| {
+        "max_slot_wal_keep_size is -1: while no relay reads the replication slot (every \
+         instance stopped, or Redis down), the primary keeps all its WAL until the disk is \
+         full and every statement fails; set it within the disk you can spare (ALTER SYSTEM \
+         SET max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf(); on a managed service, \
+         its parameter), after which Postgres invalidates the slot instead and syncar flushes \
+         the caches and recreates it (README \"Caring for the slot\")"
+            .to_string()
+    }))
+}
+
 /// Records a fresh version as the slot's epoch (see [`STATE_TABLE`]) and returns it.
 ///
 /// # Errors

@@ -172,9 +172,16 @@ pub async fn check(
     }
     let described: Vec<_> = tables.iter().map(|(r, info)| (*r, info)).collect();
     match capture::resolve(&tx, config, &described).await {
-        Ok((source, reason)) => report
-            .notes
-            .push(format!("postgres source: {} ({reason})", source.as_str())),
+        Ok((source, reason)) => {
+            report
+                .notes
+                .push(format!("postgres source: {} ({reason})", source.as_str()));
+            if source == crate::config::PostgresSource::Wal {
+                if let Some(gap) = capture::retention_gap(&tx).await? {
+                    report.notes.push(format!("warning: {gap}"));
+                }
+            }
+        }
         Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
         Err(e) => return Err(e),
     }

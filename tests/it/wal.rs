@@ -1480,3 +1480,26 @@ async fn strong_writes_return_once_every_instance_applied_them() {
         .contains("changes_log"));
     assert_eq!(other.get("/v1/kv/x").await.status, 404, "nothing written");
 }
+
+/// Nothing bounding the WAL the slot keeps (`max_slot_wal_keep_size = -1`, Postgres'
+/// default) is said by `check-config --db`, with what to set; a bounded one is not.
+#[tokio::test]
+async fn check_config_warns_when_nothing_bounds_the_slots_wal() {
+    for (env, unbounded) in [
+        (
+            Env::new_on_postgres_with("-c max_slot_wal_keep_size=-1").await,
+            true,
+        ),
+        (Env::new().await, false),
+    ] {
+        let mut config = env.config();
+        config.feeds.postgres_source = PostgresSource::Wal;
+        syncar::app::run_migration(&config).await.unwrap();
+        let check = syncar::app::run_check(&config).await.unwrap();
+        let warned = check
+            .notes
+            .iter()
+            .any(|n| n.starts_with("warning: max_slot_wal_keep_size is -1"));
+        assert_eq!(warned, unbounded, "{:?}", check.notes);
+    }
+}
