@@ -6,6 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::coherence::{Message, Op};
 use crate::resource::Catalog;
+use crate::schema::FLUSH_ABOVE_KEYS;
 
 use super::error::RelayError;
 use super::pgoutput::{Change, Column};
@@ -28,7 +29,13 @@ pub(super) struct Transaction {
     /// is outside the replica identity, so the WAL names neither deleted nor moved keys.
     unverifiable: HashSet<String>,
     /// Resources with a row the WAL does not key (an unchanged TOASTed key): flushed.
-    unkeyed: Vec<String>,
+    unkeyed: HashSet<String>,
+    /// Keys taken so far per resource (inserts, updates, deletes), up to
+    /// [`FLUSH_ABOVE_KEYS`].
+    keys: HashMap<String, usize>,
+    /// Resources that passed [`FLUSH_ABOVE_KEYS`] in this transaction: flushed at its commit,
+    /// none of their keys kept.
+    overflowed: HashSet<String>,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -55,18 +62,30 @@ pub(super) async fn changes_of(
 ) -> Result<Vec<Message>, RelayError> {
     let announced = Announced::read(&txn.announced, catalog);
     let mut out = Resolved {
-        messages: txn.changes,
+        messages: Vec::new(),
         flushed: HashSet::new(),
         ts: txn.commit_time_us,
         client,
         sql,
     };
+    // Flushes first: a resource flushed by this commit needs none of its keys' messages.
+    let flushes = txn
+        .truncated
+        .into_iter()
+        .chain(txn.unkeyed)
+        .chain(txn.overflowed);
+    out.truncated(flushes, &announced).await?;
+    out.announced_flushes(announced.flushes.clone()).await?;
+    let flushed = std::mem::take(&mut out.flushed);
+    out.messages.extend(
+        txn.changes
+            .into_iter()
+            .filter(|m| !flushed.contains(&m.resource)),
+    );
+    out.flushed = flushed;
     out.unverifiable_deletes(&announced, &txn.unverifiable);
     out.deleted(txn.deleted, &announced, &txn.unverifiable)
         .await?;
-    let flushes = txn.truncated.into_iter().chain(txn.unkeyed);
-    out.truncated(flushes, &announced).await?;
-    out.announced_flushes(announced.flushes).await?;
     Ok(out.messages)
 }
 
@@ -117,6 +136,25 @@ impl Transaction {
         }
     }
 
+    /// Whether a key of `resource` is to be kept: false once the transaction changed more
+    /// than [`FLUSH_ABOVE_KEYS`] of its keys, when the keys kept so far are dropped and the
+    /// resource is flushed at the commit instead.
+    fn keep_key(&mut self, resource: &str) -> bool {
+        if self.overflowed.contains(resource) {
+            return false;
+        }
+        let n = self.keys.entry(resource.to_string()).or_default();
+        *n += 1;
+        if *n <= FLUSH_ABOVE_KEYS {
+            return true;
+        }
+        self.keys.remove(resource);
+        self.changes.retain(|m| m.resource != resource);
+        self.deleted.retain(|(r, _)| r != resource);
+        self.overflowed.insert(resource.to_string());
+        false
+    }
+
     /// Takes one of the transaction's syncar messages (see `announced`).
     pub(super) fn announce(&mut self, message: serde_json::Value) {
         self.announced.push(message);
@@ -136,7 +174,11 @@ impl Transaction {
         if let Some(m) = relation.and_then(|id| relations.get(id)) {
             if m.at.is_none() {
                 // The stream cannot name this table's keys or versions: flush it.
-                return self.unkeyed.push(m.resource.clone());
+                self.unkeyed.insert(m.resource.clone());
+                return;
+            }
+            if !self.keep_key(&m.resource) {
+                return; // flushed at the commit
             }
         }
         match row {
@@ -147,7 +189,9 @@ impl Transaction {
                             self.changes
                                 .push(change(&m.resource, Some(key), version, Op::Put, ts))
                         }
-                        Keyed::Unknown => self.unkeyed.push(m.resource.clone()),
+                        Keyed::Unknown => {
+                            self.unkeyed.insert(m.resource.clone());
+                        }
                         Keyed::NullKey => {}
                     }
                 }
@@ -196,7 +240,10 @@ impl Transaction {
         }
         let (key, version) = match m.key_version(&new) {
             Keyed::Row(key, version) => (key, version),
-            Keyed::Unknown => return self.unkeyed.push(m.resource.clone()),
+            Keyed::Unknown => {
+                self.unkeyed.insert(m.resource.clone());
+                return;
+            }
             Keyed::NullKey => return,
         };
         // The old identity comes only when it changed: a moved key is deleted, at
@@ -267,7 +314,7 @@ impl Resolved<'_> {
     /// Deletes and moved keys the WAL cannot name: the triggers' word is all there is.
     fn unverifiable_deletes(&mut self, announced: &Announced, unverifiable: &HashSet<String>) {
         for ((resource, key), version) in &announced.deletes {
-            if unverifiable.contains(resource) {
+            if unverifiable.contains(resource) && !self.flushed.contains(resource) {
                 self.push(resource, Some(key.clone()), *version, Op::Delete);
             }
         }
@@ -282,8 +329,8 @@ impl Resolved<'_> {
         unverifiable: &HashSet<String>,
     ) -> Result<(), RelayError> {
         for (resource, key) in deleted {
-            if unverifiable.contains(&resource) {
-                continue; // announced above; unannounced ones cannot be told apart
+            if unverifiable.contains(&resource) || self.flushed.contains(&resource) {
+                continue; // announced above (or flushed); unannounced ones cannot be told apart
             }
             let version = key
                 .as_ref()

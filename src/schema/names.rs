@@ -16,6 +16,15 @@ pub(super) const LEGACY_FUNCTIONS: [&str; 3] =
 /// outage. `at` is the writer's clock when its trigger ran.
 pub const CHANGES_TABLE: &str = "syncar_changes";
 pub(super) const STAMP_TRIGGER: &str = "syncar_stamp_version";
+/// Keys of one resource changed by one statement (the `wal` source's delete triggers) or one
+/// transaction (the relay) above which the resource is flushed instead of each key being
+/// invalidated. A bulk statement (an UPDATE or DELETE of a whole table) would otherwise make
+/// the trigger write one logical message naming every key (past about 40 million keys
+/// larger than Postgres' 1 GB limit for a value, which would fail the customer's
+/// statement), hold every key in the relay's memory until the commit, and keep Redis and
+/// every instance busy with it, one script call per 256 keys, while every other table's
+/// changes wait behind it. A flush is one message; the cache refills on demand.
+pub const FLUSH_ABOVE_KEYS: usize = 10_000;
 /// The optional extension holding the C version stamp (`ext/syncar_stamp`), and its one
 /// function's name.
 pub(super) const STAMP_EXTENSION: &str = "syncar_stamp";

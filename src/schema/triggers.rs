@@ -2,7 +2,9 @@
 //! SQL text only; [`super::migrate`] installs it.
 
 use super::capture::MESSAGE_PREFIX;
-use super::names::{CHANGES_TABLE, LEGACY_FUNCTIONS, NOTIFY_CHANNEL, VERSION_SEQUENCE};
+use super::names::{
+    CHANGES_TABLE, FLUSH_ABOVE_KEYS, LEGACY_FUNCTIONS, NOTIFY_CHANNEL, VERSION_SEQUENCE,
+};
 use crate::config::ResourceConfig;
 use crate::resource::{quote_ident, quote_literal};
 
@@ -124,8 +126,8 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
     let (insert, update, delete) = match mode {
         Announce::Wal => (
             "    NULL;".to_string(),
-            emit_deletes(r, &moved_only),
-            emit_deletes(r, &deletes),
+            emit_deletes(schema, r, &moved_only),
+            emit_deletes(schema, r, &deletes),
         ),
         _ => {
             let notify = mode == Announce::Notify;
@@ -218,12 +220,24 @@ fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> 
 /// One transactional logical decoding message naming every deleted key of the statement
 /// and the version its delete took: `{"resource", "deletes": [[key, version], ...]}`. The
 /// relay reads it at the transaction's commit, beside the pgoutput rows. Nothing is emitted
-/// for a statement that deleted nothing.
-fn emit_deletes(r: &ResourceConfig, deletes: &str) -> String {
+/// for a statement that deleted nothing; a flush of the resource for one that changed more
+/// than [`FLUSH_ABOVE_KEYS`] rows (the relay flushes it too).
+fn emit_deletes(schema: &str, r: &ResourceConfig, deletes: &str) -> String {
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
     format!(
-        "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+        "    IF (SELECT count(*) FROM syncar_old) > {FLUSH_ABOVE_KEYS} THEN
+{flush}
+    ELSE
+      PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
          {resource}, 'deletes', json_agg(json_build_array(d.key, d.version)))::text) \
-         FROM ({deletes}) d HAVING count(*) > 0;",
+         FROM ({deletes}) d HAVING count(*) > 0;
+    END IF;",
+        flush = flush(
+            schema,
+            r,
+            Announce::Wal,
+            &format!("'flush', true, 'version', nextval({seq})")
+        ),
         prefix = quote_literal(MESSAGE_PREFIX),
         resource = quote_literal(&r.name),
     )

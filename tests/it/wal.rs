@@ -1503,3 +1503,103 @@ async fn check_config_warns_when_nothing_bounds_the_slots_wal() {
         assert_eq!(warned, unbounded, "{:?}", check.notes);
     }
 }
+
+/// `kv`'s generation as Redis holds it.
+async fn kv_generation(env: &Env) -> Option<String> {
+    let mut conn = env.redis().await;
+    redis::cmd("HGET")
+        .arg(format!("{}generations", env.prefix))
+        .arg("kv")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A bulk statement, changing more than `FLUSH_ABOVE_KEYS` rows of one table, flushes its
+/// resource (its generation raised) instead of invalidating each key: the relay keeps no key
+/// of it, and the delete trigger emits one flush where it would have named every key in one
+/// message (read back from the WAL through a slot of the test's own). Every instance then
+/// serves what Postgres holds. A smaller statement is invalidated key by key, no flush.
+#[tokio::test]
+async fn a_bulk_statement_flushes_its_resource_instead_of_every_key() {
+    let env = Env::new().await;
+    let a = env.start(wal).await;
+    let pg = env.pg().await;
+    let bulk = syncar::schema::FLUSH_ABOVE_KEYS + 500;
+    let initial = kv_generation(&env).await;
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) \
+         SELECT 'k' || i, '{\"n\": 1}' FROM generate_series(1, $1::int) i",
+        &[&(bulk as i32)],
+    )
+    .await
+    .unwrap();
+    eventually(WINDOW, "the bulk INSERT flushed kv", || async {
+        (kv_generation(&env).await != initial).then_some(())
+    })
+    .await;
+    let v1: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'k1'").await;
+    sees(&a, "/v1/kv/k1", v1).await;
+    let small = a.put("/v1/kv/small", "1").await.etag_version();
+    sees(&a, "/v1/kv/small", small).await;
+
+    // Small: key by key.
+    let before = kv_generation(&env).await;
+    pg.batch_execute("UPDATE syncar_kv SET value = '2' WHERE key = 'small'")
+        .await
+        .unwrap();
+    let small2: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'small'").await;
+    sees(&a, "/v1/kv/small", small2).await;
+    assert_eq!(kv_generation(&env).await, before, "no flush for one key");
+
+    // A bulk UPDATE: flushed.
+    pg.batch_execute("UPDATE syncar_kv SET value = '{\"n\": 2}' WHERE key LIKE 'k%'")
+        .await
+        .unwrap();
+    let v2: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'k1'").await;
+    sees(&a, "/v1/kv/k1", v2).await;
+    let flushed = eventually(WINDOW, "the bulk UPDATE flushed kv", || async {
+        let now = kv_generation(&env).await;
+        (now != before).then_some(now)
+    })
+    .await;
+
+    // A bulk DELETE: the trigger emits a flush, not a message of every key.
+    let slot = format!("peek_{}", env.prefix.trim_end_matches(':'));
+    pg.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    pg.batch_execute("DELETE FROM syncar_kv WHERE key LIKE 'k%'")
+        .await
+        .unwrap();
+    sees_absent(&a, "/v1/kv/k1").await;
+    sees(&a, "/v1/kv/small", small2).await;
+    eventually(WINDOW, "the bulk DELETE flushed kv", || async {
+        (kv_generation(&env).await != flushed).then_some(())
+    })
+    .await;
+    let row = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE position(convert_to('\"deletes\"', 'UTF8') IN data) > 0), \
+                    count(*) FILTER (WHERE position(convert_to('\"flush\"', 'UTF8') IN data) > 0), \
+                    coalesce(max(length(data)), 0) \
+             FROM pg_logical_slot_peek_binary_changes($1, NULL, NULL, 'proto_version', '1', \
+                  'publication_names', 'syncar', 'messages', 'true')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    let (deletes, flushes, largest): (i64, i64, i32) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        (deletes, flushes),
+        (0, 1),
+        "one flush message, no message naming the keys"
+    );
+    assert!(largest < 1000, "no message of every key: {largest} bytes");
+}
