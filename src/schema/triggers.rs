@@ -129,14 +129,11 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
             emit_deletes(schema, r, &moved_only),
             emit_deletes(schema, r, &deletes),
         ),
-        _ => {
-            let notify = mode == Announce::Notify;
-            (
-                send(schema, r, notify, &puts),
-                send(schema, r, notify, &moved),
-                send(schema, r, notify, &deletes),
-            )
-        }
+        _ => (
+            send_bounded(schema, r, mode, &puts),
+            send_bounded(schema, r, mode, &moved),
+            send_bounded(schema, r, mode, &deletes),
+        ),
     };
     // The fallback names no column of the table: a resource-wide flush. With `wal` the
     // version is taken (and ignored by the relay) so that syncar's own DELETE, which reads the
@@ -152,6 +149,7 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
 DECLARE
   r record;
   payload text;
+  n bigint;
 BEGIN
   BEGIN
   IF TG_OP = 'INSERT' THEN
@@ -213,6 +211,7 @@ fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> 
                 "SELECT nextval({}) AS version, NULL::text AS key, 'flush' AS op",
                 quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
             ),
+            None,
         ),
     }
 }
@@ -243,11 +242,38 @@ fn emit_deletes(schema: &str, r: &ResourceConfig, deletes: &str) -> String {
     )
 }
 
+/// [`send`] for a statement's changes; with `notify`, bounded: past [`FLUSH_ABOVE_KEYS`] of
+/// them, one flush of the resource after those already sent. A whole-table UPDATE or DELETE
+/// would otherwise queue a notification per key, which past Postgres' 8 GB queue fails the
+/// customer's commit; the bound is a counter in the loop. The changes log is not bounded: a
+/// row per key makes a bulk statement slower, never fail, and bounding it (a `LIMIT` on its
+/// insert) cost a single-row UPDATE 4 % more instructions (`make bench-stamp`).
+fn send_bounded(schema: &str, r: &ResourceConfig, mode: Announce, changes: &str) -> String {
+    if mode != Announce::Notify {
+        return send(schema, r, false, changes, None);
+    }
+    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let overflow = flush(
+        schema,
+        r,
+        mode,
+        &format!("'flush', true, 'version', nextval({seq})"),
+    );
+    send(schema, r, true, changes, Some(&overflow))
+}
+
 /// The statements logging (and with `notify` announcing) the changes `changes` selects
 /// (`version`, `key`, `op`). A NOTIFY payload that would pass Postgres' 8000-byte limit
 /// becomes a resource-wide `flush` instead of failing the writer's transaction; the log has
-/// no such limit.
-fn send(schema: &str, r: &ResourceConfig, notify: bool, changes: &str) -> String {
+/// no such limit. With `overflow` (and `notify`), the loop runs `overflow` and stops once
+/// past [`FLUSH_ABOVE_KEYS`] changes (the function declares `n`).
+fn send(
+    schema: &str,
+    r: &ResourceConfig,
+    notify: bool,
+    changes: &str,
+    overflow: Option<&str>,
+) -> String {
     let log = format!("{}.{CHANGES_TABLE}", quote_ident(schema));
     let resource = quote_literal(&r.name);
     if !notify {
@@ -263,9 +289,23 @@ fn send(schema: &str, r: &ResourceConfig, notify: bool, changes: &str) -> String
              'op', {op}, 'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text"
         )
     };
+    let (start, bound) = match overflow {
+        Some(overflow) => (
+            "    n := 0;\n".to_string(),
+            format!(
+                "      n := n + 1;
+      IF n > {FLUSH_ABOVE_KEYS} THEN
+{overflow}
+        EXIT;
+      END IF;
+"
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
     format!(
-        "    FOR r IN {changes} LOOP
-      payload := {};
+        "{start}    FOR r IN {changes} LOOP
+{bound}      payload := {};
       IF octet_length(payload) <= 7900 THEN
         INSERT INTO {log} (version, resource, key, op) VALUES (r.version, {resource}, r.key, r.op);
       ELSE

@@ -1603,3 +1603,63 @@ async fn a_bulk_statement_flushes_its_resource_instead_of_every_key() {
     );
     assert!(largest < 1000, "no message of every key: {largest} bytes");
 }
+
+/// With `notify`, a bulk statement (more than `FLUSH_ABOVE_KEYS` rows) queues no more than
+/// that many notifications and then one flush of its resource (a notification per key would
+/// fail the customer's commit past Postgres' 8 GB queue), and every instance serves what
+/// Postgres holds after it; one row still announces its key.
+#[tokio::test]
+async fn a_bulk_statement_under_notify_is_bounded_by_a_flush() {
+    let env = Env::new().await;
+    let a = env
+        .start(|c| c.feeds.postgres_source = PostgresSource::Notify)
+        .await;
+    let pg = env.pg().await;
+    let limit = syncar::schema::FLUSH_ABOVE_KEYS;
+    // What the statement `sql` logs (and notifies): (op, key) of each, in version order.
+    let logged = |sql: &str| {
+        let (pg, sql) = (&pg, sql.to_string());
+        async move {
+            let last: i64 = query_value(
+                pg,
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM syncar_version_seq",
+            )
+            .await;
+            pg.batch_execute(&sql).await.unwrap();
+            pg.query(
+                "SELECT op, key FROM syncar_changes WHERE resource = 'kv' AND version > $1 \
+                 ORDER BY version",
+                &[&last],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, Option<String>>(1)))
+            .collect::<Vec<_>>()
+        }
+    };
+    let bounded = |rows: Vec<(String, Option<String>)>| {
+        assert_eq!(rows.len(), limit + 1, "{limit} keys, then the flush");
+        assert_eq!(rows.last().unwrap(), &("flush".to_string(), None));
+    };
+    bounded(
+        logged(&format!(
+            "INSERT INTO syncar_kv (key, value) SELECT 'k' || i, '1' \
+             FROM generate_series(1, {}) i",
+            limit + 500
+        ))
+        .await,
+    );
+    let v1: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'k1'").await;
+    sees(&a, "/v1/kv/k1", v1).await;
+    bounded(logged("UPDATE syncar_kv SET value = '2' WHERE key LIKE 'k%'").await);
+    let v2: i64 = query_value(&pg, "SELECT version FROM syncar_kv WHERE key = 'k1'").await;
+    sees(&a, "/v1/kv/k1", v2).await;
+    assert_eq!(
+        logged("UPDATE syncar_kv SET value = '3' WHERE key = 'k2'").await,
+        vec![("put".to_string(), Some("k2".to_string()))],
+    );
+    bounded(logged("DELETE FROM syncar_kv WHERE key LIKE 'k%'").await);
+    sees_absent(&a, "/v1/kv/k1").await;
+    a.shutdown().await;
+}
