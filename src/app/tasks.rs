@@ -148,8 +148,10 @@ async fn follow_shapes(
             }
             Err(e) => Err(e),
         };
+        let mut check_stamp = catalog.take_stamp_suspect();
         match reloaded {
             Ok(Some(loaded)) => {
+                check_stamp = true;
                 for r in &config.resources {
                     let (was, now) = (current.unavailable(&r.name), loaded.unavailable(&r.name));
                     match (was, now) {
@@ -179,7 +181,9 @@ async fn follow_shapes(
             }
         }
         republish(config, catalog, db, secrets).await;
-        heal_stamp(config, db, secrets).await;
+        if check_stamp {
+            heal_stamp(config, db, secrets).await;
+        }
         catalog.rechecked(covered);
     }
 }
@@ -221,9 +225,11 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
 /// Puts the PL/pgSQL stamp back on the configured tables whose C stamp cannot run on this
 /// Postgres server (README "The C stamp"): its library does not load, so every write to
 /// them fails, the customer's own included (a promoted standby without the package). Checked
-/// at every recheck: within [`SHAPES_RECHECK`], at once when a write through syncar met it
-/// (which then retries), and when Postgres moved to a new timeline. Whatever
-/// `postgres.stamp` asks: a failing customer statement is worse than a slower stamp.
+/// when the stamp is suspected ([`CatalogCell::suspect_stamp`]: Postgres moved to a new
+/// timeline, or a write through syncar failed as on a changed table, which then retries)
+/// and when a table changed shape; not at every recheck, since the probe is an error in
+/// Postgres' log. Whatever `postgres.stamp` asks: a failing customer statement is worse
+/// than a slower stamp.
 async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) {
     let why = match db.broken_c_stamp(config).await {
         Ok(Some(why)) => why,

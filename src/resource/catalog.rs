@@ -183,6 +183,9 @@ pub struct CatalogCell {
     /// Recheck requests made so far, and the last one a finished check covered.
     requested: AtomicU64,
     rechecked: tokio::sync::watch::Sender<u64>,
+    /// Whether the next recheck also checks that the C version stamp loads (see
+    /// [`CatalogCell::suspect_stamp`]).
+    stamp_suspect: std::sync::atomic::AtomicBool,
 }
 
 /// The catalog is not loaded yet: Postgres is unreachable, the schema is not migrated, or a
@@ -200,7 +203,22 @@ impl CatalogCell {
             recheck: tokio::sync::Notify::new(),
             requested: AtomicU64::new(0),
             rechecked: tokio::sync::watch::channel(0).0,
+            stamp_suspect: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Asks the schema task to check, at its next recheck (requested here), that the C
+    /// version stamp's library loads: another server answers (a new timeline), or a statement
+    /// failed as on a changed table (58P01 among them). Only then, since the check calls the
+    /// function outside a trigger, which Postgres logs as an error.
+    pub fn suspect_stamp(&self) {
+        self.stamp_suspect.store(true, Ordering::SeqCst);
+        self.request_recheck();
+    }
+
+    /// Whether the stamp was suspected since the last call (the schema task).
+    pub fn take_stamp_suspect(&self) -> bool {
+        self.stamp_suspect.swap(false, Ordering::SeqCst)
     }
 
     /// The resources, once loaded.
@@ -268,6 +286,7 @@ impl CatalogCell {
     /// after this call has run. Returns whether one did.
     pub async fn recheck_and_wait(&self, limit: std::time::Duration) -> bool {
         let mut done = self.rechecked.subscribe();
+        self.stamp_suspect.store(true, Ordering::SeqCst);
         let wanted = self.request_recheck();
         tokio::time::timeout(limit, done.wait_for(|n| *n >= wanted))
             .await

@@ -23,7 +23,8 @@ pub(super) const STAMP_TRIGGER: &str = "syncar_stamp_version";
 /// larger than Postgres' 1 GB limit for a value, which would fail the customer's
 /// statement), hold every key in the relay's memory until the commit, and keep Redis and
 /// every instance busy with it, one script call per 256 keys, while every other table's
-/// changes wait behind it. A flush is one message; the cache refills on demand.
+/// changes wait behind it. A flush is one message; it empties every instance's whole L1 (as
+/// a TRUNCATE does), which refills on demand.
 pub const FLUSH_ABOVE_KEYS: usize = 10_000;
 /// The optional extension holding the C version stamp (`ext/syncar_stamp`), and its one
 /// function's name.

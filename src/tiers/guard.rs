@@ -268,7 +268,7 @@ impl Guards {
         if moved.is_some() || !why.is_empty() {
             // Another server answers: its version stamp's library may not load there
             // (README "The C stamp"); the schema task checks and mends it.
-            self.catalog.request_recheck();
+            self.catalog.suspect_stamp();
         }
         if let (Some(was), true) = (moved, why.is_empty()) {
             tracing::warn!(
