@@ -203,6 +203,11 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
         // The DBA's to change; the reason each resource is unavailable says what to do.
         return;
     }
+    if current.all_unavailable().is_empty() {
+        // Every table fits, its replica identity included, and is published: nothing to
+        // do, and nothing asked of Postgres.
+        return;
+    }
     match db
         .republish(config, &current.capture.publication, current.unpublished())
         .await
