@@ -77,6 +77,9 @@ struct Args {
     delay_ms: f64,
     /// `--only pinned`: the writers' cost with Postgres on a core of its own (`hot/pinned.rs`).
     only_pinned: bool,
+    /// `--only tcp`: an L1 hit over TCP with `wrk` against `redis-benchmark` GET, `--rounds`
+    /// times, with two workers and wrk's two threads, and with one worker and one thread.
+    only_tcp: bool,
     /// `--clients`: pgbench's clients in `--only pinned`.
     pinned_clients: usize,
 }
@@ -96,6 +99,7 @@ impl Args {
             only_network: false,
             delay_ms: 0.25,
             only_pinned: false,
+            only_tcp: false,
             pinned_clients: 32,
         };
         let mut it = std::env::args().skip(1);
@@ -117,8 +121,9 @@ impl Args {
                     "put" => a.only_put = true,
                     "network" => a.only_network = true,
                     "pinned" => a.only_pinned = true,
+                    "tcp" => a.only_tcp = true,
                     other => {
-                        panic!("--only takes batch, unix, put, network or pinned, not {other}")
+                        panic!("--only takes batch, unix, put, network, pinned or tcp, not {other}")
                     }
                 },
                 "--clients" => a.pinned_clients = v().parse().unwrap(),
@@ -315,6 +320,77 @@ fn wait_ready(port: u16) {
     }
 }
 
+/// `--only tcp`: an L1 hit over loopback TCP with `wrk` against `redis-benchmark` GET on the
+/// same Redis, interleaved for `--rounds` rounds: syncar with two workers under wrk's two
+/// threads (the other rows' setup), and with one worker under one thread, as Redis (one
+/// thread) runs under `redis-benchmark` (one thread). Medians of the rounds, and each
+/// round's ratios.
+fn tcp_rows(two: u16, one: u16, redis: &servers::RedisServer, args: &Args, out: &Path) {
+    let (c, s, k) = (args.connections, args.secs, args.keys);
+    let mut rows: Vec<[Figures; 3]> = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        let r = redis_benchmark(redis.port, args);
+        let w2 = wrk_threads(
+            "syncar GET, L1 hit, 2 workers, wrk -t2",
+            two,
+            "GET",
+            "",
+            k,
+            c,
+            2,
+            s,
+            out,
+        );
+        let w1 = wrk_threads(
+            "syncar GET, L1 hit, 1 worker, wrk -t1",
+            one,
+            "GET",
+            "",
+            k,
+            c,
+            1,
+            s,
+            out,
+        );
+        rows.push([r, w2, w1]);
+    }
+    let median = |i: usize, f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = rows.iter().map(|r| f(&r[i])).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "\n{:<44} {:>10} {:>9} {:>9}",
+        "L1 hit over TCP and Redis GET (median)", "req/s", "p50 ms", "p99 ms"
+    );
+    for (i, name) in [
+        "redis-benchmark GET",
+        "syncar GET, L1 hit, 2 workers, wrk -t2",
+        "syncar GET, L1 hit, 1 worker, wrk -t1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        println!(
+            "{:<44} {:>10.0} {:>9.3} {:>9.3}",
+            name,
+            median(i, |f| f.rps),
+            median(i, |f| f.p50_ms),
+            median(i, |f| f.p99_ms)
+        );
+    }
+    for (n, r) in rows.iter().enumerate() {
+        println!(
+            "round {}: throughput / Redis: 2 workers {:.2}x (p99 {:.2}x), 1 worker {:.2}x (p99 {:.2}x)",
+            n + 1,
+            r[1].rps / r[0].rps,
+            r[1].p99_ms / r[0].p99_ms,
+            r[2].rps / r[0].rps,
+            r[2].p99_ms / r[0].p99_ms
+        );
+    }
+}
+
 /// Runs wrk with a Lua script that picks random keys and prints the figures we need.
 #[allow(clippy::too_many_arguments)] // one run's settings, read at the call sites
 fn wrk(
@@ -324,6 +400,32 @@ fn wrk(
     body: &str,
     keys: usize,
     conns: usize,
+    secs: u64,
+    dir: &Path,
+) -> Figures {
+    wrk_threads(
+        name,
+        port,
+        method,
+        body,
+        keys,
+        conns,
+        conns.min(2),
+        secs,
+        dir,
+    )
+}
+
+/// [`wrk`] with `threads` threads.
+#[allow(clippy::too_many_arguments)] // one run's settings, read at the call sites
+fn wrk_threads(
+    name: &str,
+    port: u16,
+    method: &str,
+    body: &str,
+    keys: usize,
+    conns: usize,
+    threads: usize,
     secs: u64,
     dir: &Path,
 ) -> Figures {
@@ -367,7 +469,7 @@ end
     .unwrap();
     let out = Command::new(need("wrk", "wrk"))
         .args([
-            &format!("-t{}", conns.min(2)),
+            &format!("-t{threads}"),
             &format!("-c{conns}"),
             &format!("-d{secs}s"),
             "-s",
@@ -768,6 +870,10 @@ fn main() {
     // would turn hits into misses).
     if args.only_unix {
         unix_rows(p1, &syncar_socket, &redis_unix, &redis_socket, &args);
+        return;
+    }
+    if args.only_tcp {
+        tcp_rows(p1, p3, &redis, &args, &out);
         return;
     }
     if args.only_put {
