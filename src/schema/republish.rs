@@ -85,19 +85,7 @@ pub async fn republish(
     if !locked {
         return Ok(Vec::new());
     }
-    let (names, schemas, tables): (Vec<&str>, Vec<&str>, Vec<&str>) = config
-        .resources
-        .iter()
-        .map(|r| (r.name.as_str(), r.schema.as_str(), r.table.as_str()))
-        .fold(
-            (vec![], vec![], vec![]),
-            |(mut n, mut s, mut t), (a, b, c)| {
-                n.push(a);
-                s.push(b);
-                t.push(c);
-                (n, s, t)
-            },
-        );
+    let (names, schemas, tables) = super::shape::table_arrays(&config.resources);
     let rows = tx
         .query(
             "SELECT t.name, \

@@ -90,6 +90,19 @@ impl ShapeCheck {
     }
 }
 
+/// The resources' names, schemas and tables as three arrays, the bind parameters of a query
+/// over `unnest($1::text[], $2::text[], $3::text[])`.
+pub(super) fn table_arrays(resources: &[ResourceConfig]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+    resources
+        .iter()
+        .fold((vec![], vec![], vec![]), |(mut n, mut s, mut t), r| {
+            n.push(r.name.as_str());
+            s.push(r.schema.as_str());
+            t.push(r.table.as_str());
+            (n, s, t)
+        })
+}
+
 /// The shape of every table in `resources`, in one query.
 ///
 /// # Errors
@@ -99,18 +112,7 @@ pub async fn fingerprints(
     schema: &str,
     resources: &[ResourceConfig],
 ) -> Result<Shapes, SchemaError> {
-    let (names, schemas, tables): (Vec<&str>, Vec<&str>, Vec<&str>) = resources
-        .iter()
-        .map(|r| (r.name.as_str(), r.schema.as_str(), r.table.as_str()))
-        .fold(
-            (vec![], vec![], vec![]),
-            |(mut n, mut s, mut t), (a, b, c)| {
-                n.push(a);
-                s.push(b);
-                t.push(c);
-                (n, s, t)
-            },
-        );
+    let (names, schemas, tables) = table_arrays(resources);
     // The epoch is read in the same snapshot as the fingerprint: a catalog read between a
     // change and its announcement holds the old epoch and the new fingerprint, and the
     // announcement's recheck then finds the epoch changed.

@@ -56,6 +56,20 @@ async fn sql(env: &Env, statement: &str) -> Vec<tokio_postgres::Row> {
         .unwrap_or_else(|e| panic!("the customer's statement failed: {statement}: {e:?}"))
 }
 
+/// The customer updates item 1: returns the version it was stamped with, after checking
+/// that the stamp took a version from the sequence (`what` says which case).
+async fn stamped_update(env: &Env, what: &str) -> i64 {
+    let before = last_version(env).await;
+    let stamped: i64 = sql(
+        env,
+        "UPDATE items SET name = 'x' WHERE id = 1 RETURNING version",
+    )
+    .await[0]
+        .get(0);
+    assert!(stamped > before, "{what}: stamped");
+    stamped
+}
+
 /// The sequence's last value.
 async fn last_version(env: &Env) -> i64 {
     query_value(&env.pg().await, "SELECT last_value FROM syncar_version_seq").await
@@ -219,14 +233,7 @@ async fn either_stamp_survives_its_column_retyped_renamed_or_dropped() {
         let env = Env::new().await;
         require_extension(&env).await;
         let a = items_instance(&env, stamp).await;
-        let before = last_version(&env).await;
-        let stamped: i64 = sql(
-            &env,
-            "UPDATE items SET name = 'x' WHERE id = 1 RETURNING version",
-        )
-        .await[0]
-            .get(0);
-        assert!(stamped > before, "{stamp:?}: stamped");
+        stamped_update(&env, &format!("{stamp:?}")).await;
 
         // The same trigger on another table (as after a dump and restore, which gives the
         // table a new OID and renumbers its columns): no column named `version`, and its
@@ -372,14 +379,7 @@ async fn a_server_without_the_c_stamps_library_gets_the_plpgsql_stamp_back() {
         "syncar_stamp_kv",
         "on every table syncar stamps"
     );
-    let before = last_version(&env).await;
-    let stamped: i64 = sql(
-        &env,
-        "UPDATE items SET name = 'x' WHERE id = 1 RETURNING version",
-    )
-    .await[0]
-        .get(0);
-    assert!(stamped > before, "the customer's writes are stamped again");
+    let stamped = stamped_update(&env, "the customer's writes, the PL/pgSQL stamp back").await;
     a.sees("/v1/items/1", stamped, WINDOW).await;
 
     let config = a.state().config.as_ref().clone();

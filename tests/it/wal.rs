@@ -379,12 +379,17 @@ async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
     );
     a.shutdown().await;
 
-    let env = Env::new().await;
-    env.pg()
-        .await
-        .batch_execute("CREATE TABLE nopk (id int NOT NULL UNIQUE, name text)")
-        .await
-        .unwrap();
+    // A table whose key is unique but that has no replica identity.
+    let nopk_env = || async {
+        let env = Env::new().await;
+        env.pg()
+            .await
+            .batch_execute("CREATE TABLE nopk (id int NOT NULL UNIQUE, name text)")
+            .await
+            .unwrap();
+        env
+    };
+    let env = nopk_env().await;
     let with_nopk = |c: &mut syncar::Config| {
         c.resources
             .push(crate::support::resource("nopk", "id", "version"));
@@ -407,12 +412,7 @@ async fn auto_picks_wal_where_it_can_and_says_why_not_elsewhere() {
     // `wal` configured: the table without a replica identity is left out of the publication
     // (published, its UPDATE and DELETE would fail) and unavailable, saying why; the others
     // are served.
-    let env = Env::new().await;
-    env.pg()
-        .await
-        .batch_execute("CREATE TABLE nopk (id int NOT NULL UNIQUE, name text)")
-        .await
-        .unwrap();
+    let env = nopk_env().await;
     let mut config = env.config();
     with_nopk(&mut config);
     config.feeds.postgres_source = PostgresSource::Wal;
