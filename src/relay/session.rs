@@ -53,7 +53,7 @@ impl Session {
     pub(super) fn new(epoch: i64, confirmations: Confirmations) -> Self {
         Session {
             relations: Relations::default(),
-            txn: Transaction::default(),
+            txn: Transaction::idle(),
             pending: Vec::new(),
             pending_lsn: None,
             pending_transactions: 0,
@@ -83,7 +83,10 @@ impl Session {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
             } => {
-                self.txn = Transaction::begin(commit_time_micros + POSTGRES_EPOCH_US);
+                self.txn = Transaction::begin(
+                    commit_time_micros + POSTGRES_EPOCH_US,
+                    self.confirmations.is_synchronous(),
+                );
             }
             ReplicationEvent::XLogData { data, .. } => {
                 match pgoutput::decode(data).map_err(RelayError::Decode)? {
@@ -191,7 +194,7 @@ impl Session {
         sql: &Sql,
         end_lsn: Lsn,
     ) -> Result<(), RelayError> {
-        let txn = std::mem::take(&mut self.txn);
+        let txn = std::mem::replace(&mut self.txn, Transaction::idle());
         let mut changes = changes_of(txn, catalog, client, sql).await?;
         self.recent_deletes
             .reinserted_after_delete(&mut changes, catalog, client, sql)

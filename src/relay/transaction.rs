@@ -33,9 +33,12 @@ pub(super) struct Transaction {
     /// Keys taken so far per resource (inserts, updates, deletes), up to
     /// [`FLUSH_ABOVE_KEYS`].
     keys: HashMap<String, usize>,
-    /// Resources that passed [`FLUSH_ABOVE_KEYS`] in this transaction: flushed at its commit,
+    /// Resources that passed `flush_above` keys in this transaction: flushed at its commit,
     /// none of their keys kept.
     overflowed: HashSet<String>,
+    /// Keys of one resource above which it is flushed instead ([`FLUSH_ABOVE_KEYS`]; none
+    /// while the relay may be a synchronous standby, see [`Transaction::begin`]).
+    flush_above: usize,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -69,13 +72,15 @@ pub(super) async fn changes_of(
         sql,
     };
     // Flushes first: a resource flushed by this commit needs none of its keys' messages.
-    let flushes = txn
-        .truncated
+    // Only a truncation the WAL shows takes the version its trigger announced; the others
+    // take fresh ones (an announced version could be anyone's).
+    out.truncated(txn.truncated.into_iter(), &announced).await?;
+    let fresh = txn
+        .unkeyed
         .into_iter()
-        .chain(txn.unkeyed)
-        .chain(txn.overflowed);
-    out.truncated(flushes, &announced).await?;
-    out.announced_flushes(announced.flushes.clone()).await?;
+        .chain(txn.overflowed)
+        .chain(announced.flushes.iter().cloned());
+    out.fresh_flushes(fresh.collect()).await?;
     let flushed = std::mem::take(&mut out.flushed);
     out.messages.extend(
         txn.changes
@@ -128,16 +133,33 @@ struct Resolved<'a> {
 }
 
 impl Transaction {
+    /// What the session holds before its first `Begin`: nothing is ever flushed for size.
+    pub(super) fn idle() -> Self {
+        Transaction {
+            flush_above: usize::MAX,
+            ..Transaction::default()
+        }
+    }
+
     /// A transaction that commits at `commit_time_us` (microseconds since the Unix epoch).
-    pub(super) fn begin(commit_time_us: i64) -> Self {
+    /// `synchronous`: the relay may be a synchronous standby. Then a bulk transaction keeps
+    /// its keys: Postgres shows its commit only once every instance has applied it, and a
+    /// flush, unlike a tombstone per key, would let a read in between fill the old rows
+    /// under the new generation, where nothing would retire them.
+    pub(super) fn begin(commit_time_us: i64, synchronous: bool) -> Self {
         Transaction {
             commit_time_us: Some(commit_time_us),
+            flush_above: if synchronous {
+                usize::MAX
+            } else {
+                FLUSH_ABOVE_KEYS
+            },
             ..Transaction::default()
         }
     }
 
     /// Whether a key of `resource` is to be kept: false once the transaction changed more
-    /// than [`FLUSH_ABOVE_KEYS`] of its keys, when the keys kept so far are dropped and the
+    /// than `flush_above` of its keys, when the keys kept so far are dropped and the
     /// resource is flushed at the commit instead.
     fn keep_key(&mut self, resource: &str) -> bool {
         if self.overflowed.contains(resource) {
@@ -145,7 +167,7 @@ impl Transaction {
         }
         let n = self.keys.entry(resource.to_string()).or_default();
         *n += 1;
-        if *n <= FLUSH_ABOVE_KEYS {
+        if *n <= self.flush_above {
             return true;
         }
         self.keys.remove(resource);
@@ -372,8 +394,9 @@ impl Resolved<'_> {
         Ok(())
     }
 
-    /// The flushes the triggers asked for, at fresh versions.
-    async fn announced_flushes(&mut self, resources: Vec<String>) -> Result<(), RelayError> {
+    /// Flushes at fresh versions: the ones the triggers asked for, the resources the WAL
+    /// does not key, those past `flush_above`.
+    async fn fresh_flushes(&mut self, resources: Vec<String>) -> Result<(), RelayError> {
         for resource in resources {
             if self.flushed.insert(resource.clone()) {
                 let version = self.sql.next_version(self.client).await?;

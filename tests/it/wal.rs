@@ -1524,6 +1524,12 @@ async fn kv_generation(env: &Env) -> Option<String> {
 async fn a_bulk_statement_flushes_its_resource_instead_of_every_key() {
     let env = Env::new().await;
     let a = env.start(wal).await;
+    // A relay that may be a synchronous standby keeps every key (a flush would let a read
+    // fill the old rows before Postgres shows the commit): wait until it knows it is not.
+    eventually(WINDOW, "the relay knows it is asynchronous", || async {
+        (a.readyz().await["feeds"]["postgres"]["relay"]["sync"] == false).then_some(())
+    })
+    .await;
     let pg = env.pg().await;
     let bulk = syncar::schema::FLUSH_ABOVE_KEYS + 500;
     let initial = kv_generation(&env).await;
@@ -1661,5 +1667,42 @@ async fn a_bulk_statement_under_notify_is_bounded_by_a_flush() {
     );
     bounded(logged("DELETE FROM syncar_kv WHERE key LIKE 'k%'").await);
     sees_absent(&a, "/v1/kv/k1").await;
+    a.shutdown().await;
+}
+
+/// Under a synchronous relay a bulk statement keeps its keys: no flush, since Postgres shows
+/// the commit only once every instance has applied it, and a flush would let a read in
+/// between fill the old rows under the new generation. Every instance serves the new rows.
+#[tokio::test]
+async fn a_synchronous_relay_invalidates_a_bulk_statement_key_by_key() {
+    let env = Env::new_on_postgres_with("-c synchronous_commit=on").await;
+    let pg = env.pg().await;
+    name_the_relay(&pg).await;
+    let a = env.start(wal).await;
+    eventually(WINDOW, "the relay waits for a", || async {
+        let relay = &a.readyz().await["feeds"]["postgres"]["relay"];
+        (relay["sync"] == true && relay["listed"] == true).then_some(())
+    })
+    .await;
+    pg.execute(
+        "INSERT INTO syncar_kv (key, value) \
+         SELECT 'k' || i, '1' FROM generate_series(1, $1::int) i",
+        &[&((syncar::schema::FLUSH_ABOVE_KEYS + 500) as i32)],
+    )
+    .await
+    .unwrap();
+    let before = kv_generation(&env).await;
+    pg.batch_execute("UPDATE syncar_kv SET value = '2' WHERE key LIKE 'k%'")
+        .await
+        .unwrap();
+    for key in ["k1", "k5000", "k10400"] {
+        let v: i64 = query_value(
+            &pg,
+            &format!("SELECT version FROM syncar_kv WHERE key = '{key}'"),
+        )
+        .await;
+        sees(&a, &format!("/v1/kv/{key}"), v).await;
+    }
+    assert_eq!(kv_generation(&env).await, before, "no flush");
     a.shutdown().await;
 }
