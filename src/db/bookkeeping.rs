@@ -66,7 +66,7 @@ impl Db {
         let row = client
             .query_one(
                 &format!(
-                    "SELECT nextval({}), {LOCAL_COMMIT}",
+                    "SELECT pg_catalog.nextval({}::pg_catalog.regclass), {LOCAL_COMMIT}",
                     self.sequence_literal()
                 ),
                 &[],
@@ -236,10 +236,16 @@ impl Db {
             None
         } else {
             let version = Version(
-                tx.query_one(&format!("SELECT nextval({})", self.sequence_literal()), &[])
-                    .await
-                    .map_err(classify)?
-                    .get(0),
+                tx.query_one(
+                    &format!(
+                        "SELECT pg_catalog.nextval({}::pg_catalog.regclass)",
+                        self.sequence_literal()
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(classify)?
+                .get(0),
             );
             reset(version)
                 .await

@@ -15,7 +15,7 @@ impl Sql {
     pub(super) fn new(schema: &str) -> Self {
         Sql {
             next_version: format!(
-                "SELECT nextval({})",
+                "SELECT pg_catalog.nextval({}::pg_catalog.regclass)",
                 crate::resource::quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
             ),
         }

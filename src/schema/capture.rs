@@ -451,7 +451,7 @@ pub(super) async fn slot_plan(
     };
     let mut statements = vec![format!(
         "INSERT INTO {s}.{STATE_TABLE} (name, value) \
-         SELECT 'slot_epoch', nextval({seq})::text \
+         SELECT 'slot_epoch', pg_catalog.nextval({seq}::pg_catalog.regclass)::text \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
         s = quote_ident(schema),
         seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
@@ -579,7 +579,7 @@ pub async fn new_slot_epoch(client: &impl GenericClient, schema: &str) -> Result
     let epoch: i64 = client
         .query_one(
             &format!(
-                "SELECT nextval({})",
+                "SELECT pg_catalog.nextval({}::pg_catalog.regclass)",
                 quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
             ),
             &[],

@@ -75,7 +75,7 @@ pub(super) async fn add_version_columns(
                 &tx,
                 format!(
                     "ALTER TABLE {qualified} ADD COLUMN {column} bigint; \
-                     ALTER TABLE {qualified} ALTER COLUMN {column} SET DEFAULT nextval({})",
+                     ALTER TABLE {qualified} ALTER COLUMN {column} SET DEFAULT pg_catalog.nextval({}::pg_catalog.regclass)",
                     quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
                 ),
                 "adding a version column",

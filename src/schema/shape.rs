@@ -208,7 +208,7 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
         "WITH recorded AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) VALUES ($1, $2) \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value \
          WHERE st.value IS DISTINCT FROM EXCLUDED.value RETURNING (st.xmax = 0) AS first), \
-         v AS (SELECT first, nextval({seq}) AS version FROM recorded), \
+         v AS (SELECT first, pg_catalog.nextval({seq}::pg_catalog.regclass) AS version FROM recorded), \
          epoch AS (INSERT INTO {s}.{STATE_TABLE} AS st (name, value) \
          SELECT $4, CASE WHEN first THEN '0' ELSE version::text END FROM v \
          ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value RETURNING 1)"

@@ -56,16 +56,16 @@ DECLARE
   col name;
 BEGIN
   BEGIN
-    NEW.{col} := nextval({seq});
+    NEW.{col} := {next};
   EXCEPTION WHEN undefined_column OR datatype_mismatch OR cannot_coerce
                  OR numeric_value_out_of_range THEN
     SELECT a.attname INTO col FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = TG_RELID AND TG_RELID = {table_oid} AND a.attnum = {version_attnum}
+     WHERE a.attrelid = TG_RELID AND TG_RELID = {table_oid}::pg_catalog.oid AND a.attnum = {version_attnum}
        AND NOT a.attisdropped
-       AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype;
+       AND a.atttypid = 'pg_catalog.int8'::pg_catalog.regtype::pg_catalog.oid;
     IF FOUND THEN
       BEGIN
-        NEW := jsonb_populate_record(NEW, jsonb_build_object(col, nextval({seq})));
+        NEW := pg_catalog.jsonb_populate_record(NEW, pg_catalog.jsonb_build_object(col, {next}));
       EXCEPTION WHEN OTHERS THEN
         NULL; -- retyped to what takes no number: left unstamped, the resource unavailable
       END;
@@ -75,7 +75,7 @@ BEGIN
 END
 ",
         col = quote_ident(&r.version_column),
-        seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
+        next = next_version(schema),
     )
 }
 
@@ -106,7 +106,7 @@ pub(super) enum Announce {
 /// changed table raises are caught (42703, 42P01, 42883, 42804, 0A000, 42846).
 pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let key = quote_ident(&r.key);
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let next = next_version(schema);
     // A NULL key (a nullable unique column) names no document: nothing to announce.
     let puts = format!(
         "SELECT n.{ver} AS version, n.{key}::text AS key, 'put' AS op FROM syncar_new n \
@@ -114,7 +114,7 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
         ver = quote_ident(&r.version_column)
     );
     let deletes = format!(
-        "SELECT nextval({seq}) AS version, o.{key}::text AS key, 'delete' AS op FROM syncar_old o \
+        "SELECT {next} AS version, o.{key}::text AS key, 'delete' AS op FROM syncar_old o \
          WHERE o.{key} IS NOT NULL"
     );
     // Keys that no new row has: deleted by this update. (Set semantics: two rows swapping
@@ -142,7 +142,7 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
         schema,
         r,
         mode,
-        &format!("'flush', true, 'version', nextval({seq})"),
+        &format!("'flush', true, 'version', {next}"),
     );
     format!(
         "
@@ -177,8 +177,8 @@ END
 /// takes (every row gone; rows inserted after it take later versions), logged (and with
 /// `notify` announced) or, with `wal`, emitted as a logical decoding message.
 pub(super) fn truncate_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
-    let body = flush(schema, r, mode, &format!("'truncate', nextval({seq})"));
+    let next = next_version(schema);
+    let body = flush(schema, r, mode, &format!("'truncate', {next}"));
     format!(
         "
 DECLARE
@@ -198,7 +198,7 @@ END
 fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> String {
     match mode {
         Announce::Wal => format!(
-            "    PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
+            "    PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.json_build_object('resource', \
              {resource}, {wal_fields})::text);",
             prefix = quote_literal(MESSAGE_PREFIX),
             resource = quote_literal(&r.name),
@@ -208,8 +208,8 @@ fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> 
             r,
             mode == Announce::Notify,
             &format!(
-                "SELECT nextval({}) AS version, NULL::text AS key, 'flush' AS op",
-                quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
+                "SELECT {} AS version, NULL::pg_catalog.text AS key, 'flush' AS op",
+                next_version(schema)
             ),
             None,
         ),
@@ -222,20 +222,20 @@ fn flush(schema: &str, r: &ResourceConfig, mode: Announce, wal_fields: &str) -> 
 /// for a statement that deleted nothing; a flush of the resource for one that changed more
 /// than [`FLUSH_ABOVE_KEYS`] rows (the relay flushes it too).
 fn emit_deletes(schema: &str, r: &ResourceConfig, deletes: &str) -> String {
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let next = next_version(schema);
     format!(
-        "    IF (SELECT count(*) FROM syncar_old) > {FLUSH_ABOVE_KEYS} THEN
+        "    IF (SELECT pg_catalog.count(*) FROM syncar_old) > {FLUSH_ABOVE_KEYS} THEN
 {flush}
     ELSE
-      PERFORM pg_logical_emit_message(true, {prefix}, json_build_object('resource', \
-         {resource}, 'deletes', json_agg(json_build_array(d.key, d.version)))::text) \
-         FROM ({deletes}) d HAVING count(*) > 0;
+      PERFORM pg_catalog.pg_logical_emit_message(true, {prefix}, pg_catalog.json_build_object('resource', \
+         {resource}, 'deletes', pg_catalog.json_agg(pg_catalog.json_build_array(d.key, d.version)))::text) \
+         FROM ({deletes}) d HAVING pg_catalog.count(*) > 0;
     END IF;",
         flush = flush(
             schema,
             r,
             Announce::Wal,
-            &format!("'flush', true, 'version', nextval({seq})")
+            &format!("'flush', true, 'version', {next}")
         ),
         prefix = quote_literal(MESSAGE_PREFIX),
         resource = quote_literal(&r.name),
@@ -252,12 +252,12 @@ fn send_bounded(schema: &str, r: &ResourceConfig, mode: Announce, changes: &str)
     if mode != Announce::Notify {
         return send(schema, r, false, changes, None);
     }
-    let seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"));
+    let next = next_version(schema);
     let overflow = flush(
         schema,
         r,
         mode,
-        &format!("'flush', true, 'version', nextval({seq})"),
+        &format!("'flush', true, 'version', {next}"),
     );
     send(schema, r, true, changes, Some(&overflow))
 }
@@ -285,8 +285,8 @@ fn send(
     let channel = quote_literal(NOTIFY_CHANNEL);
     let payload = |key: &str, op: &str| {
         format!(
-            "json_build_object('resource', {resource}, 'key', {key}, 'version', r.version, \
-             'op', {op}, 'ts_us', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text"
+            "pg_catalog.json_build_object('resource', {resource}, 'key', {key}, 'version', r.version, \
+             'op', {op}, 'ts_us', (extract(epoch FROM pg_catalog.clock_timestamp()) * 1000000::pg_catalog.numeric)::pg_catalog.int8)::pg_catalog.text"
         )
     };
     let (start, bound) = match overflow {
@@ -306,16 +306,30 @@ fn send(
     format!(
         "{start}    FOR r IN {changes} LOOP
 {bound}      payload := {};
-      IF octet_length(payload) <= 7900 THEN
+      IF pg_catalog.octet_length(payload) <= 7900 THEN
         INSERT INTO {log} (version, resource, key, op) VALUES (r.version, {resource}, r.key, r.op);
       ELSE
         payload := {};
         INSERT INTO {log} (version, resource, key, op) VALUES (r.version, {resource}, NULL, 'flush');
       END IF;
-      PERFORM pg_notify({channel}, payload);
+      PERFORM pg_catalog.pg_notify({channel}, payload);
     END LOOP;",
         payload("r.key", "r.op"),
         payload("NULL", "'flush'"),
+    )
+}
+
+/// A call taking the next version: `pg_catalog.nextval` of syncar's sequence as a regclass
+/// constant, every name schema-qualified. The triggers run as whoever writes, under the
+/// writer's `search_path`: an unqualified `nextval('...')` would prefer a `nextval(text)`
+/// that anyone with CREATE on a schema of that path had planted, and run it as the writer
+/// (the class of CVE-2018-1058). The other calls in the bodies are qualified the same way,
+/// and literals compared with catalog columns carry their exact types, so that no operator
+/// planted elsewhere matches better.
+pub(super) fn next_version(schema: &str) -> String {
+    format!(
+        "pg_catalog.nextval({}::pg_catalog.regclass)",
+        quote_literal(&format!("{}.{VERSION_SEQUENCE}", quote_ident(schema)))
     )
 }
 

@@ -301,3 +301,45 @@ async fn a_migration_without_the_privilege_says_what_to_do() {
         "{err}"
     );
 }
+
+/// Functions planted on the writer's `search_path` under the names the triggers call (a
+/// `public.nextval(text)`, which an unqualified `nextval('...')` prefers to the catalog's,
+/// and a `public.json_build_object` of exact argument types: the class of CVE-2018-1058)
+/// are never called by them, with either stamp's source: every name in the generated
+/// bodies is schema-qualified. Each planted function fails if called.
+#[tokio::test]
+async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
+    for source in [PostgresSource::Wal, PostgresSource::ChangesLog] {
+        let env = Env::new().await;
+        let pg = env.pg().await;
+        pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric)")
+            .await
+            .unwrap();
+        let mut config = env.config();
+        config.feeds.postgres_source = source;
+        config.postgres.stamp = syncar::config::Stamp::Plpgsql;
+        config.resources.push(resource("orders", "id", "version"));
+        syncar::app::run_migration(&config).await.unwrap();
+        pg.batch_execute(
+            "CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE sql \
+               AS 'SELECT (1/0)::bigint'; \
+             CREATE FUNCTION public.json_build_object(text, text, text, json) RETURNS json \
+               LANGUAGE sql AS 'SELECT (1/0)::text::json'; \
+             CREATE FUNCTION public.json_build_object(text, text, text, bigint) RETURNS json \
+               LANGUAGE sql AS 'SELECT (1/0)::text::json'",
+        )
+        .await
+        .unwrap();
+        for sql in [
+            "INSERT INTO orders VALUES (1, 1), (2, 2)",
+            "UPDATE orders SET total = 3 WHERE id = 1",
+            "UPDATE orders SET id = 3 WHERE id = 2",
+            "DELETE FROM orders WHERE id = 1",
+            "TRUNCATE orders",
+        ] {
+            pg.batch_execute(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{source:?}: {sql}: {e:?}"));
+        }
+    }
+}
