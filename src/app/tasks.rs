@@ -95,6 +95,9 @@ pub(super) async fn schema_task(
     }
 }
 
+/// How long a C stamp that could not be mended waits for the next try.
+const STAMP_RETRY: Duration = Duration::from_secs(1);
+
 /// The shortest time between two shape rechecks.
 const RECHECK_PAUSE: Duration = Duration::from_millis(50);
 
@@ -116,11 +119,21 @@ async fn follow_shapes(
     secrets: &Secrets,
     shutdown: &CancellationToken,
 ) {
+    // When a C stamp that could not be mended (or was looked at a moment ago) is looked at
+    // again, and when it last was: at most once per STAMP_RETRY, since each look is an
+    // error line in Postgres' log (a storm of statements failing on a changed table
+    // suspects it at every recheck).
+    let mut stamp_retry: Option<tokio::time::Instant> = None;
+    let mut stamp_probed: Option<tokio::time::Instant> = None;
     loop {
+        let wait = match stamp_retry {
+            Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
+            None => jitter(SHAPES_RECHECK, 0.2),
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = catalog.recheck_requested() => {}
-            _ = tokio::time::sleep(jitter(SHAPES_RECHECK, 0.2)) => {}
+            _ = tokio::time::sleep(wait) => {}
         };
         // A table that no longer fits is flushed at each write: at most one check per
         // RECHECK_PAUSE whatever asks (requests meanwhile are folded into this one).
@@ -148,7 +161,8 @@ async fn follow_shapes(
             }
             Err(e) => Err(e),
         };
-        let mut check_stamp = catalog.take_stamp_suspect();
+        let mut check_stamp = catalog.take_stamp_suspect()
+            || stamp_retry.is_some_and(|at| at <= tokio::time::Instant::now());
         match reloaded {
             Ok(Some(loaded)) => {
                 check_stamp = true;
@@ -181,8 +195,16 @@ async fn follow_shapes(
             }
         }
         republish(config, catalog, db, secrets).await;
-        if check_stamp {
-            heal_stamp(config, db, secrets).await;
+        let now = tokio::time::Instant::now();
+        match stamp_probed.map(|at| at + STAMP_RETRY) {
+            Some(next) if check_stamp && next > now => stamp_retry = Some(next),
+            _ if check_stamp => {
+                stamp_probed = Some(now);
+                // Not mended (Postgres failing, the migration's locks busy): tried again
+                // after a pause rather than at once.
+                stamp_retry = (!heal_stamp(config, db, secrets).await).then(|| now + STAMP_RETRY);
+            }
+            _ => {}
         }
         catalog.rechecked(covered);
     }
@@ -219,6 +241,12 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
             }
             catalog.request_recheck();
         }
+        Err(crate::db::CatalogError::Schema(e)) if e.is_lock_timeout() => {
+            // A customer's transaction holds the table: again at once (a recheck is at
+            // least RECHECK_PAUSE away), while its UPDATE and DELETE may be failing.
+            tracing::debug!(error = %e, "the publication's table is locked; retrying");
+            catalog.request_recheck();
+        }
         Err(e) => tracing::error!(
             error = %secrets.scrub(&error_chain(&e)),
             "keeping the publication to tables with a replica identity failed; retrying at the \
@@ -235,13 +263,15 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
 /// and when a table changed shape; not at every recheck, since the probe is an error in
 /// Postgres' log. Whatever `postgres.stamp` asks: a failing customer statement is worse
 /// than a slower stamp.
-async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) {
+///
+/// Returns whether the stamp is known good or was mended (`false`: to try again).
+async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) -> bool {
     let why = match db.broken_c_stamp(config).await {
         Ok(Some(why)) => why,
-        Ok(None) => return,
+        Ok(None) => return true,
         Err(e) => {
             tracing::warn!(error = %secrets.scrub(&error_chain(&e)), "checking the C version stamp failed");
-            return;
+            return false;
         }
     };
     if !config.postgres.migrate_on_start {
@@ -253,7 +283,7 @@ async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) {
              with postgres.stamp = \"plpgsql\", or install the library on this server \
              (README \"The C stamp\")"
         );
-        return;
+        return true; // nothing syncar may do; said once per suspicion
     }
     tracing::error!(
         why = %why,
@@ -272,11 +302,15 @@ async fn heal_stamp(config: &Config, db: &Db, secrets: &Secrets) {
             for change in &migration.changes {
                 tracing::info!(change = %change, "migrated");
             }
+            true
         }
-        Err(e) => tracing::error!(
-            error = %secrets.scrub(&error_chain(&e)),
-            "putting the PL/pgSQL stamp back failed; retrying at the next recheck"
-        ),
+        Err(e) => {
+            tracing::error!(
+                error = %secrets.scrub(&error_chain(&e)),
+                "putting the PL/pgSQL stamp back failed; retrying"
+            );
+            false
+        }
     }
 }
 

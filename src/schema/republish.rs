@@ -85,13 +85,22 @@ pub async fn republish(
     if !locked {
         return Ok(Vec::new());
     }
+    // ALTER PUBLICATION takes a lock on the table: never queue behind a customer's long
+    // transaction (and every statement on the table behind this one); the next recheck tries
+    // again.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = '{}ms'",
+        super::lock::LOCK_TIMEOUT.as_millis()
+    ))
+    .await
+    .map_err(pg("setting lock_timeout"))?;
     let (names, schemas, tables) = super::shape::table_arrays(&config.resources);
     let rows = tx
         .query(
             "SELECT t.name, \
                coalesce(c.relreplident = 'f' \
                  OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i \
-                     WHERE i.indrelid = c.oid AND i.indisprimary)) \
+                     WHERE i.indrelid = c.oid AND i.indisprimary AND i.indimmediate)) \
                  OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i \
                      WHERE i.indrelid = c.oid AND i.indisreplident)), false), \
                EXISTS (SELECT 1 FROM pg_publication_rel pr \

@@ -239,7 +239,9 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// serve the table counts: a customer's own index or trigger does not. The file node counts
 /// because a rewrite that keeps every column's type (`ALTER COLUMN ... TYPE text USING
 /// upper(name)`) changes every row and no version; `VACUUM FULL`, `CLUSTER` and TRUNCATE
-/// change it too, and cost one more flush. The publications the table is in count (the
+/// change it too, and cost one more flush. The primary key and the replica identity's
+/// index count whatever their columns (a table losing a many-column identity must leave the
+/// `wal` publication, see `schema::republish`). The publications the table is in count (the
 /// `wal` source serves a table only while its publication has it, see `schema::republish`;
 /// NULL, and so nothing in the string, for a table in none). Not seen: a change to a type a
 /// column uses (an enum's labels renamed, a composite type's attributes).
@@ -256,7 +258,10 @@ SELECT r.name, (
     (SELECT string_agg(concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
      FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'syncar%'),
     (SELECT 'published:' || string_agg(pr.prpubid::text, ',' ORDER BY pr.prpubid)
-     FROM pg_catalog.pg_publication_rel pr WHERE pr.prrelid = c.oid)))
+     FROM pg_catalog.pg_publication_rel pr WHERE pr.prrelid = c.oid),
+    (SELECT 'identity:' || string_agg(concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident,
+                                                i.indimmediate), ',' ORDER BY i.indexrelid)
+     FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident))))
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname = r.schema AND c.relname = r.tbl AND c.relkind IN ('r', 'p')) AS fingerprint
 FROM unnest($1::text[], $2::text[], $3::text[]) AS r(name, schema, tbl)";

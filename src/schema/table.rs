@@ -181,6 +181,7 @@ pub(super) async fn describe_table(
         Some(num) => client
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 AND i.indisunique \
+                 AND i.indimmediate AND i.indisvalid \
                  AND i.indnkeyatts = 1 AND i.indkey[0] = $2 AND i.indpred IS NULL AND i.indexprs IS NULL)",
                 &[&oid, &num],
             )
@@ -190,14 +191,16 @@ pub(super) async fn describe_table(
         None => false,
     };
     // The replica identity's index (the primary key by default, or the one named by
-    // REPLICA IDENTITY USING INDEX), and its columns.
+    // REPLICA IDENTITY USING INDEX), and its columns. A DEFERRABLE primary key is none:
+    // Postgres uses only an immediate one (and ON CONFLICT refuses a deferrable index as its
+    // arbiter, hence `indimmediate` on the key's index above too).
     let row = client
         .query_one(
             "SELECT c.relreplident::text, \
                     (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
                      WHERE i.indrelid = c.oid \
-                       AND ((c.relreplident = 'd' AND i.indisprimary) \
+                       AND ((c.relreplident = 'd' AND i.indisprimary AND i.indimmediate) \
                             OR (c.relreplident = 'i' AND i.indisreplident))) \
              FROM pg_class c WHERE c.oid = $1",
             &[&oid],

@@ -588,3 +588,49 @@ async fn the_version_column_renamed_or_dropped_fails_no_statement() {
         b.shutdown().await;
     }
 }
+
+/// Replica identities that are not what they seem, under the `wal` source: a DEFERRABLE
+/// primary key (Postgres uses none as the identity) is left out of the publication at
+/// install, and a many-column primary key dropped while the key column keeps a unique
+/// index of its own takes the table out at once. The customer's UPDATE and DELETE work
+/// throughout; the resource is unavailable saying why.
+#[tokio::test]
+async fn identities_postgres_does_not_use_never_fail_the_customers_writes() {
+    let env = Env::new().await;
+    env.pg()
+        .await
+        .batch_execute(
+            "CREATE TABLE deferred (id int PRIMARY KEY DEFERRABLE, name text); \
+             INSERT INTO deferred VALUES (1, 'one'); \
+             CREATE TABLE tenants (tenant int, id int, name text, PRIMARY KEY (tenant, id), \
+                                   UNIQUE (id)); \
+             INSERT INTO tenants VALUES (1, 1, 'one')",
+        )
+        .await
+        .unwrap();
+    let a = env
+        .start(|c| {
+            c.feeds.postgres_source = PostgresSource::Wal;
+            for t in ["deferred", "tenants"] {
+                c.resources
+                    .push(crate::support::resource(t, "id", "version"));
+            }
+        })
+        .await;
+    sql(&env, "UPDATE deferred SET name = 'uno' WHERE id = 1").await;
+    sql(&env, "DELETE FROM deferred WHERE id = 1").await;
+    unavailable(&a, "deferred", "unique index").await;
+    serves(&a, "/v1/tenants/1", "tenant row 1", |d| d["name"] == "one").await;
+
+    sql(&env, "ALTER TABLE tenants DROP CONSTRAINT tenants_pkey").await;
+    let pg = env.pg().await;
+    eventually(WINDOW, "the customer's UPDATE works again", || async {
+        pg.batch_execute("UPDATE tenants SET name = 'uno' WHERE id = 1")
+            .await
+            .ok()
+    })
+    .await;
+    sql(&env, "DELETE FROM tenants WHERE id = 1").await;
+    unavailable(&a, "tenants", "replica identity").await;
+    a.shutdown().await;
+}
