@@ -241,8 +241,24 @@ async fn publish(
     if let Some((sql, change)) =
         capture::publication_change(tx, &config.feeds.wal_publication, &published).await?
     {
+        // A table the publication did not have (taken out while it had no replica
+        // identity, or new): its changes until now were never relayed, so its resource is
+        // flushed at this commit, the moment from which they are.
+        let before = super::republish::published(tx, &config.feeds.wal_publication).await?;
+        let flushes: Vec<String> = tables
+            .iter()
+            .filter(|(r, info)| {
+                info.identity != Identity::Missing
+                    && !before.contains(&(r.schema.clone(), r.table.clone()))
+            })
+            .map(|(r, _)| super::republish::flush_message(&r.name))
+            .collect();
         sink.run(tx, sql, "creating the publication").await?;
         changes.push(change);
+        if !flushes.is_empty() {
+            sink.run(tx, flushes.join("; "), "flushing newly published tables")
+                .await?;
+        }
     }
     Ok(())
 }

@@ -50,6 +50,17 @@ pub(super) async fn published(
         .collect())
 }
 
+/// The statement announcing a flush of `resource` through the WAL, as a shape change does
+/// (the relay gives it a version of its own).
+pub(super) fn flush_message(resource: &str) -> String {
+    format!(
+        "SELECT pg_catalog.pg_logical_emit_message(true, {}, \
+         pg_catalog.json_build_object('resource', {}, 'flush', true)::pg_catalog.text)",
+        quote_literal(MESSAGE_PREFIX),
+        quote_literal(resource),
+    )
+}
+
 /// Why a resource whose table `qualified` has no replica identity is left out.
 pub(super) fn no_identity_reason(qualified: &str, publication: &str) -> String {
     format!(
@@ -139,11 +150,8 @@ pub async fn republish(
             // In one transaction: every change after this commit is relayed, and the flush,
             // at this commit, retires whatever a cache held of the table before.
             tx.batch_execute(&format!(
-                "ALTER PUBLICATION {p} ADD TABLE {qualified}; \
-                 SELECT pg_logical_emit_message(true, {prefix}, \
-                 json_build_object('resource', {resource}, 'flush', true)::text)",
-                prefix = quote_literal(MESSAGE_PREFIX),
-                resource = quote_literal(&name),
+                "ALTER PUBLICATION {p} ADD TABLE {qualified}; {}",
+                flush_message(&name)
             ))
             .await
             .map_err(pg("publishing a table again"))?;

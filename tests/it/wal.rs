@@ -1706,3 +1706,70 @@ async fn a_synchronous_relay_invalidates_a_bulk_statement_key_by_key() {
     assert_eq!(kv_generation(&env).await, before, "no flush");
     a.shutdown().await;
 }
+
+/// A migration that puts a table back in the publication (taken out while it had no
+/// replica identity) flushes its resource in the same transaction: its changes until then
+/// were never relayed. Read back from the WAL through a slot of the test's own.
+#[tokio::test]
+async fn a_migration_publishing_a_table_again_flushes_it() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE items (id int NOT NULL, name text); \
+         CREATE UNIQUE INDEX items_id ON items (id); \
+         ALTER TABLE items ADD CONSTRAINT items_pkey PRIMARY KEY (id)",
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::Wal;
+    config
+        .resources
+        .push(crate::support::resource("items", "id", "version"));
+    syncar::app::run_migration(&config).await.unwrap();
+    pg.batch_execute("ALTER TABLE items DROP CONSTRAINT items_pkey")
+        .await
+        .unwrap();
+    let out = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        out.unavailable
+            .iter()
+            .any(|u| u.contains("replica identity")),
+        "{out:?}"
+    );
+    pg.batch_execute("ALTER TABLE items ADD PRIMARY KEY (id)")
+        .await
+        .unwrap();
+    let slot = format!("peek_{}", env.prefix.trim_end_matches(':'));
+    pg.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await
+    .unwrap();
+    let out = syncar::app::run_migration(&config).await.unwrap();
+    let flushes: i64 = query_value(
+        &pg,
+        &format!(
+            "SELECT count(*) FILTER (WHERE position(convert_to('\"flush\" : true', 'UTF8') IN data) > 0 \
+                                 AND position(convert_to('\"items\"', 'UTF8') IN data) > 0) \
+             FROM pg_logical_slot_peek_binary_changes('{slot}', NULL, NULL, 'proto_version', '1', \
+                  'publication_names', 'syncar', 'messages', 'true')"
+        ),
+    )
+    .await;
+    pg.execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .unwrap();
+    assert!(
+        out.changes
+            .iter()
+            .any(|c| c.contains("publication syncar names")),
+        "{:?}",
+        out.changes
+    );
+    assert_eq!(
+        flushes, 1,
+        "one flush of items with its return to the publication"
+    );
+}
