@@ -18,6 +18,18 @@ impl Version {
     /// The version of "this key has never been seen": older than every real version, so any
     /// write beats a cached absence read before it.
     pub const NONE: Version = Version(0);
+
+    /// No real version reaches it: syncar's sequence would need 2^62 (4.6 × 10^18) `nextval`
+    /// calls. A message naming one is forged (anyone may emit a logical message or a NOTIFY)
+    /// and ignored: taken for real, it would raise the high-water mark, and Postgres' sequence
+    /// with it once the guard saw the sequence "behind" it, to where the next `nextval` fails
+    /// every write to a cached table (the sequence's maximum is 2^63 - 1).
+    pub const IMPLAUSIBLE: Version = Version(1 << 62);
+
+    /// Whether this could be a version Postgres handed out (below [`Version::IMPLAUSIBLE`]).
+    pub fn plausible(self) -> bool {
+        self < Version::IMPLAUSIBLE
+    }
 }
 
 impl fmt::Display for Version {

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::coherence::{Message, Op};
+use crate::model::Version;
 use crate::resource::Catalog;
 use crate::schema::FLUSH_ABOVE_KEYS;
 
@@ -302,7 +303,9 @@ impl Announced {
                 for d in deletes {
                     if let (Some(key), Some(version)) = (
                         d.get(0).and_then(|k| k.as_str()),
-                        d.get(1).and_then(|v| v.as_i64()).filter(|v| *v > 0),
+                        d.get(1)
+                            .and_then(|v| v.as_i64())
+                            .filter(|v| *v > 0 && Version(*v).plausible()),
                     ) {
                         out.deletes
                             .insert((resource.to_string(), key.to_string()), version);
@@ -312,7 +315,7 @@ impl Announced {
             if let Some(version) = a
                 .get("truncate")
                 .and_then(|v| v.as_i64())
-                .filter(|v| *v > 0)
+                .filter(|v| *v > 0 && Version(*v).plausible())
             {
                 out.truncates.insert(resource.to_string(), version);
             }

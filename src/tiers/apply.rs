@@ -29,6 +29,11 @@ impl FeedTiers {
     }
 
     async fn apply_to(&self, catalog: &Catalog, message: &Message, redis: bool) -> bool {
+        if !Version(message.version).plausible() {
+            tracing::warn!(resource = %message.resource, version = message.version,
+                "ignored a message naming a version Postgres cannot have handed out (forged?)");
+            return false;
+        }
         let served = catalog.get(&message.resource);
         let known = catalog.knows(&message.resource);
         let (copy, key) = match effect(message, known, served.is_some()) {

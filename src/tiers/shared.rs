@@ -39,9 +39,12 @@ pub(crate) type Flights = SingleFlight<CacheKey, Result<ReadResult, DbError>>;
 pub(crate) struct HighWater(Arc<AtomicI64>);
 
 impl HighWater {
-    /// Notes a version seen in any tier or message.
+    /// Notes a version seen in any tier or message; an implausible one is not noted
+    /// ([`Version::IMPLAUSIBLE`]).
     pub(crate) fn saw(&self, version: Version) {
-        self.0.fetch_max(version.0, Ordering::Relaxed);
+        if version.plausible() {
+            self.0.fetch_max(version.0, Ordering::Relaxed);
+        }
     }
 
     /// The highest version seen so far.

@@ -816,6 +816,28 @@ async fn forged_messages_in_the_wal_change_nothing() {
             .is_none_or(|g| g.parse::<i64>().unwrap() > 0),
         "no forged generation: {generation:?}"
     );
+
+    // A real delete announced at a forged, huge version (by a role that may delete): taken
+    // as unannounced (a fresh version), so no instance and no guard ever sees the huge one,
+    // and the sequence stays where it was (raised there, its next nextval would fail every
+    // write to a cached table).
+    pg.batch_execute(
+        "BEGIN; DELETE FROM syncar_kv WHERE key = 'f'; \
+         SELECT pg_logical_emit_message(true, 'syncar', \
+           '{\"resource\": \"kv\", \"deletes\": [[\"f\", 9223372036854775000]]}'); \
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    for i in [&a, &b] {
+        sees_absent(i, "/v1/kv/f").await;
+    }
+    let v3 = a.put("/v1/kv/f", "3").await.etag_version();
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/f", v3).await;
+    }
+    let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
+    assert!(last < 1 << 40, "the sequence was not moved: {last}");
 }
 
 /// A database migrated by an earlier release (the changes log, no recorded source) keeps the
