@@ -53,7 +53,7 @@ impl Session {
     pub(super) fn new(epoch: i64, confirmations: Confirmations) -> Self {
         Session {
             relations: Relations::default(),
-            txn: Transaction::idle(),
+            txn: Transaction::default(),
             pending: Vec::new(),
             pending_lsn: None,
             pending_transactions: 0,
@@ -194,7 +194,7 @@ impl Session {
         sql: &Sql,
         end_lsn: Lsn,
     ) -> Result<(), RelayError> {
-        let txn = std::mem::replace(&mut self.txn, Transaction::idle());
+        let txn = std::mem::take(&mut self.txn);
         let mut changes = changes_of(txn, catalog, client, sql).await?;
         self.recent_deletes
             .reinserted_after_delete(&mut changes, catalog, client, sql)

@@ -34,12 +34,12 @@ pub(super) struct Transaction {
     /// Keys taken so far per resource (inserts, updates, deletes), up to
     /// [`FLUSH_ABOVE_KEYS`].
     keys: HashMap<String, usize>,
-    /// Resources that passed `flush_above` keys in this transaction: flushed at its commit,
-    /// none of their keys kept.
+    /// Resources that passed [`FLUSH_ABOVE_KEYS`] keys in this transaction: flushed at its
+    /// commit, none of their keys kept.
     overflowed: HashSet<String>,
-    /// Keys of one resource above which it is flushed instead ([`FLUSH_ABOVE_KEYS`]; none
-    /// while the relay may be a synchronous standby, see [`Transaction::begin`]).
-    flush_above: usize,
+    /// Whether a resource past [`FLUSH_ABOVE_KEYS`] keys is flushed instead (never while the
+    /// relay may be a synchronous standby, see [`Transaction::begin`]; nor before a `Begin`).
+    flush_for_size: bool,
     /// The syncar messages of the transaction: `{"resource", "deletes": [[key, version]]}`
     /// or `{"resource", "truncate": version}`.
     announced: Vec<serde_json::Value>,
@@ -134,14 +134,6 @@ struct Resolved<'a> {
 }
 
 impl Transaction {
-    /// What the session holds before its first `Begin`: nothing is ever flushed for size.
-    pub(super) fn idle() -> Self {
-        Transaction {
-            flush_above: usize::MAX,
-            ..Transaction::default()
-        }
-    }
-
     /// A transaction that commits at `commit_time_us` (microseconds since the Unix epoch).
     /// `synchronous`: the relay may be a synchronous standby. Then a bulk transaction keeps
     /// its keys: Postgres shows its commit only once every instance has applied it, and a
@@ -150,25 +142,28 @@ impl Transaction {
     pub(super) fn begin(commit_time_us: i64, synchronous: bool) -> Self {
         Transaction {
             commit_time_us: Some(commit_time_us),
-            flush_above: if synchronous {
-                usize::MAX
-            } else {
-                FLUSH_ABOVE_KEYS
-            },
+            flush_for_size: !synchronous,
             ..Transaction::default()
         }
     }
 
     /// Whether a key of `resource` is to be kept: false once the transaction changed more
-    /// than `flush_above` of its keys, when the keys kept so far are dropped and the
-    /// resource is flushed at the commit instead.
+    /// than [`FLUSH_ABOVE_KEYS`] of its keys (with `flush_for_size`), when the keys kept so
+    /// far are dropped and the resource is flushed at the commit instead.
     fn keep_key(&mut self, resource: &str) -> bool {
+        if !self.flush_for_size {
+            return true;
+        }
         if self.overflowed.contains(resource) {
             return false;
         }
-        let n = self.keys.entry(resource.to_string()).or_default();
+        // Counted without allocating past a resource's first key: this runs for every row.
+        let n = match self.keys.get_mut(resource) {
+            Some(n) => n,
+            None => self.keys.entry(resource.to_string()).or_default(),
+        };
         *n += 1;
-        if *n <= self.flush_above {
+        if *n <= FLUSH_ABOVE_KEYS {
             return true;
         }
         self.keys.remove(resource);
@@ -398,7 +393,7 @@ impl Resolved<'_> {
     }
 
     /// Flushes at fresh versions: the ones the triggers asked for, the resources the WAL
-    /// does not key, those past `flush_above`.
+    /// does not key, those past [`FLUSH_ABOVE_KEYS`].
     async fn fresh_flushes(&mut self, resources: Vec<String>) -> Result<(), RelayError> {
         for resource in resources {
             if self.flushed.insert(resource.clone()) {

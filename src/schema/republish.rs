@@ -23,6 +23,7 @@ use tokio_postgres::GenericClient;
 use super::capture::MESSAGE_PREFIX;
 use super::error::SchemaError;
 use super::names::{MIGRATION_LOCK, STAMP_TRIGGER};
+use super::table::IDENTITY_INDEX;
 use crate::config::Config;
 use crate::resource::{quote_ident, quote_literal};
 
@@ -108,12 +109,10 @@ pub async fn republish(
     let (names, schemas, tables) = super::shape::table_arrays(&config.resources);
     let rows = tx
         .query(
-            "SELECT t.name, \
-               coalesce(c.relreplident = 'f' \
-                 OR (c.relreplident = 'd' AND EXISTS (SELECT 1 FROM pg_index i \
-                     WHERE i.indrelid = c.oid AND i.indisprimary AND i.indimmediate)) \
-                 OR (c.relreplident = 'i' AND EXISTS (SELECT 1 FROM pg_index i \
-                     WHERE i.indrelid = c.oid AND i.indisreplident)), false), \
+            &format!(
+                "SELECT t.name, \
+               coalesce(c.relreplident = 'f' OR EXISTS (SELECT 1 FROM pg_index i \
+                 WHERE i.indrelid = c.oid AND {IDENTITY_INDEX}), false), \
                EXISTS (SELECT 1 FROM pg_publication_rel pr \
                  JOIN pg_publication p ON p.oid = pr.prpubid \
                  WHERE p.pubname = $4 AND pr.prrelid = c.oid), \
@@ -122,7 +121,8 @@ pub async fn republish(
              JOIN pg_namespace n ON n.nspname = t.schema \
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tab \
                AND c.relkind IN ('r', 'p') \
-             WHERE EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $4)",
+             WHERE EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $4)"
+            ),
             &[&names, &schemas, &tables, &publication, &STAMP_TRIGGER],
         )
         .await

@@ -17,6 +17,12 @@ pub(super) struct TableInfo {
     pub(super) identity: Identity,
 }
 
+/// Whether index `i` of table `c` (`pg_index i`, `pg_class c`) is the replica identity's:
+/// the primary key by default, if immediate (Postgres uses no DEFERRABLE one), or the index
+/// named by REPLICA IDENTITY USING INDEX. Shared by the catalog and `schema::republish`.
+pub(super) const IDENTITY_INDEX: &str = "((c.relreplident = 'd' AND i.indisprimary \
+     AND i.indimmediate) OR (c.relreplident = 'i' AND i.indisreplident))";
+
 /// A table's replica identity, as far as the `wal` source cares (Postgres docs, `ALTER TABLE
 /// ... REPLICA IDENTITY`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,13 +202,13 @@ pub(super) async fn describe_table(
     // arbiter, hence `indimmediate` on the key's index above too).
     let row = client
         .query_one(
+            &format!(
             "SELECT c.relreplident::text, \
                     (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
-                     WHERE i.indrelid = c.oid \
-                       AND ((c.relreplident = 'd' AND i.indisprimary AND i.indimmediate) \
-                            OR (c.relreplident = 'i' AND i.indisreplident))) \
-             FROM pg_class c WHERE c.oid = $1",
+                     WHERE i.indrelid = c.oid AND {IDENTITY_INDEX}) \
+             FROM pg_class c WHERE c.oid = $1"
+            ),
             &[&oid],
         )
         .await
