@@ -26,6 +26,8 @@
 //! delay line, `hot/network.rs`), `--delay-ms 0.25` (that line's delay each way), `--only
 //! pinned` (what the `wal` source costs plain-SQL writers with Postgres on a core of its own,
 //! durable commits and not, `hot/pinned.rs`), `--clients 32` (its pgbench clients).
+//! `SYNCAR_BENCH_BIN=/path/to/syncar` measures that build instead of this one (an earlier
+//! commit's release binary, for a before-and-after).
 //! Needs `wrk` (Debian package `wrk`), `redis-benchmark`
 //! (`redis-tools`) and `pgbench` (`postgresql`).
 
@@ -429,6 +431,25 @@ fn wrk_threads(
     secs: u64,
     dir: &Path,
 ) -> Figures {
+    wrk_on(
+        name, port, "kv", method, body, keys, conns, threads, secs, dir,
+    )
+}
+
+/// [`wrk_threads`] on the keys `k1`..`k{keys}` of `resource`.
+#[allow(clippy::too_many_arguments)] // one run's settings, read at the call sites
+pub(crate) fn wrk_on(
+    name: &str,
+    port: u16,
+    resource: &str,
+    method: &str,
+    body: &str,
+    keys: usize,
+    conns: usize,
+    threads: usize,
+    secs: u64,
+    dir: &Path,
+) -> Figures {
     // Measure L1 only while it is in use: after a heavy Postgres run the feeds may still be
     // recovering (a poll slower than the lease takes a feed down).
     wait_ready(port);
@@ -444,7 +465,7 @@ local body = [[{body}]]
 local requests = {{}}
 init = function(args)
   for i = 1, {keys} do
-    local path = "/v1/kv/k" .. i
+    local path = "/v1/{resource}/k" .. i
     if "{method}" == "PUT" then
       requests[i] = wrk.format("PUT", path, {{["Content-Type"] = "application/json"}}, body)
     else
@@ -779,7 +800,12 @@ fn psql(port: u16, database: &str, sql: &str) -> String {
 fn main() {
     delay::serve_if_asked();
     let args = Args::parse();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_syncar"));
+    // SYNCAR_BENCH_BIN: another build of syncar to measure (an earlier commit's, for a
+    // before-and-after), instead of this one's.
+    let bin = std::env::var_os("SYNCAR_BENCH_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_syncar")),
+        PathBuf::from,
+    );
     let out = PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
         .join("bench-hot");
     std::fs::create_dir_all(&out).unwrap();

@@ -144,6 +144,20 @@ pub fn key_param(key: &KeyParam) -> &(dyn ToSql + Sync) {
     }
 }
 
+/// A bind parameter with the type its SQL casts it to (every `$n` of syncar's statements
+/// carries a cast), so an unnamed statement is parsed, bound and executed in one round trip
+/// (tokio-postgres' `query_typed`) instead of being prepared first, a round trip of its own.
+pub(crate) type Typed<'a> = (&'a (dyn ToSql + Sync), tokio_postgres::types::Type);
+
+/// The key as syncar's statements cast it: `$n::text` or `$n::int8`.
+pub(crate) fn typed_key(key: &KeyParam) -> Typed<'_> {
+    let ty = match key {
+        KeyParam::Text(_) => tokio_postgres::types::Type::TEXT,
+        KeyParam::Int(_) => tokio_postgres::types::Type::INT8,
+    };
+    (key_param(key), ty)
+}
+
 impl Db {
     /// Builds the pool; connections open lazily, so Postgres may still be down.
     ///

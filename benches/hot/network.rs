@@ -13,7 +13,8 @@
 //!    `redis-benchmark`), over loopback TCP and over syncar's Unix socket, as an app beside
 //!    the sidecar calls it;
 //! 3. a PUT through syncar (wrk) against the upsert-and-commit it wraps (pgbench, prepared)
-//!    across the line, on one connection and at the pool size.
+//!    across the line, on one connection and at the pool size; and on one connection on a
+//!    table of the app's own (`items`), whose PUT statement is built per request.
 //!
 //! Each row says the lines' CPU per operation. Goals (issue #27): an L1 hit's p50 at least
 //! 20 times below a Redis GET's across the line; a PUT's p50 at most 1.2 times the upsert's.
@@ -107,13 +108,21 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     // syncar behind both lines.
     let db = format!("hot_net_{}", std::process::id());
     psql(pg_port, "postgres", &format!("CREATE DATABASE {db}"));
+    // A table of the app's own beside `kv`: its PUTs are built per request (the body names
+    // the columns), not prepared once.
+    psql(
+        pg_port,
+        &db,
+        "CREATE TABLE items (id text PRIMARY KEY, v text)",
+    );
     let config = out.join("network.toml");
     let socket = unix::socket(sockets.path(), "syncar.sock");
     std::fs::write(
         &config,
         format!(
             "[server]\nworker_threads = 2\nlisten_unix = \"{}\"\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n\
-             [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n",
+             [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n\
+             [[resource]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\n",
             socket.display(),
             args.pool
         ),
@@ -240,6 +249,43 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         ));
     }
 
+    // The same on the app's table, one connection.
+    let table_upsert = format!(
+        "\\set id random(1, {k})\nINSERT INTO items (id, v) SELECT 'k' || :id, v FROM \
+         json_populate_record(NULL::items, '{body}') ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v;\n"
+    );
+    rows.push(measure(
+        &|| {
+            super::wrk_on(
+                "syncar PUT, table, 1 conn",
+                port,
+                "items",
+                "PUT",
+                &body,
+                k,
+                1,
+                1,
+                s,
+                out,
+            )
+        },
+        secs,
+    ));
+    rows.push(measure(
+        &|| {
+            pgbench_run(
+                "postgres upsert+commit on the table across the line, 1 conn",
+                pg_line.port,
+                &db,
+                &table_upsert,
+                1,
+                s,
+                out,
+            )
+        },
+        secs,
+    ));
+
     println!(
         "\nnetwork: Postgres (fsync on) and Redis behind delay lines of {} ms each way ({round_trip_ms} ms round trip)",
         args.delay_ms
@@ -314,6 +360,16 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         );
         goals.push(json!({"what": format!("PUT p50 / upsert+commit p50, {conns} conn"), "ratio": ratio, "goal": "<= 1.2"}));
     }
+    let (put, upsert) = (
+        find("syncar PUT, table, 1 conn"),
+        find("postgres upsert+commit on the table across the line, 1 conn"),
+    );
+    let ratio = put.p50_ms / upsert.p50_ms;
+    println!(
+        "1 conn, the app's table: PUT / upsert+commit: p50 {ratio:.2}x, p99 {:.2}x (goal: p50 at most 1.2x)",
+        put.p99_ms / upsert.p99_ms
+    );
+    goals.push(json!({"what": "PUT p50 / upsert+commit p50, the app's table, 1 conn", "ratio": ratio, "goal": "<= 1.2"}));
     let json = json!({
         "delay_ms_each_way": args.delay_ms,
         "line_added_ms_p50": line_added_ms,

@@ -14,7 +14,7 @@ use crate::schema::capture::STATE_TABLE;
 use crate::schema::{changes_since, prune_changes, VERSION_SEQUENCE};
 
 use super::error::{classify, CatalogError, DbError};
-use super::{key_param, versioned_doc, Db, PostgresIdentity, ResetFailed};
+use super::{typed_key, versioned_doc, Db, PostgresIdentity, ResetFailed};
 
 impl Db {
     /// `SELECT 1` through the pool, for `/readyz`.
@@ -176,7 +176,7 @@ impl Db {
         let mut client = self.client().await?;
         let tx = own_bookkeeping(&mut client).await?;
         let row = tx
-            .query_opt(resource.restamp_sql().as_str(), &[key_param(key)])
+            .query_typed_opt(resource.restamp_sql().as_str(), &[typed_key(key)])
             .await
             .map_err(classify)?;
         tx.commit().await.map_err(classify)?;

@@ -1,7 +1,7 @@
 //! Document writes: one put or delete in its own transaction, or a client's transaction of
 //! several, each committed as [`Commit`] says. Reads nothing but what a write returns.
 
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::model::{JsonText, Version};
 use crate::resource::{KeyParam, Param, Precondition, Resource, Shape, WriteSql};
@@ -9,8 +9,8 @@ use crate::resource::{KeyParam, Param, Precondition, Resource, Shape, WriteSql};
 use super::commit::Commit;
 use super::error::{classify, DbError};
 use super::{
-    key_param, versioned_doc, Db, DeleteOutcome, TxDone, TxFailed, TxItem, TxOp, TxWhy,
-    WriteOutcome, Written,
+    key_param, typed_key, versioned_doc, Db, DeleteOutcome, TxDone, TxFailed, TxItem, TxOp, TxWhy,
+    Typed, WriteOutcome, Written,
 };
 
 impl Db {
@@ -35,12 +35,16 @@ impl Db {
         let row = match &commit {
             Commit::AsConfigured if matches!(resource.shape, Shape::Kv) => {
                 let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
-                client.query_opt(&stmt, &params).await.map_err(classify)?
+                client
+                    .query_opt(&stmt, &untyped(&params))
+                    .await
+                    .map_err(classify)?
             }
             // A table write's SQL depends on which columns the body has: an unnamed statement,
-            // so clients cannot grow the statement caches without bound.
+            // so clients cannot grow the statement caches without bound, sent with its
+            // parameters' types in the same round trip as its execution.
             Commit::AsConfigured => client
-                .query_opt(write.sql.as_str(), &params)
+                .query_typed_opt(write.sql.as_str(), &params)
                 .await
                 .map_err(classify)?,
             // BEGIN, then the check and the write in one round trip, then COMMIT (or a
@@ -54,8 +58,8 @@ impl Db {
                 };
                 let (checked, row) = tokio::join!(commit.check(&tx, check.as_ref()), async {
                     match &stmt {
-                        Some(stmt) => tx.query_opt(stmt, &params).await,
-                        None => tx.query_opt(write.sql.as_str(), &params).await,
+                        Some(stmt) => tx.query_opt(stmt, &untyped(&params)).await,
+                        None => tx.query_typed_opt(write.sql.as_str(), &params).await,
                     }
                 });
                 checked?;
@@ -180,9 +184,19 @@ impl Db {
         let sql = item.resource.delete_sql(conditional);
         let deleted = match pre {
             Precondition::Versions(v) => {
-                tx.query_opt(sql.as_str(), &[key_param(item.key), v]).await
+                tx.query_typed_opt(
+                    sql.as_str(),
+                    &[
+                        typed_key(item.key),
+                        (v as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+                    ],
+                )
+                .await
             }
-            _ => tx.query_opt(sql.as_str(), &[key_param(item.key)]).await,
+            _ => {
+                tx.query_typed_opt(sql.as_str(), &[typed_key(item.key)])
+                    .await
+            }
         }
         .map_err(failed)?;
         match (deleted, pre) {
@@ -191,7 +205,7 @@ impl Db {
             (Some(_), _) => {
                 // The delete trigger took the delete's version in this session.
                 let version: i64 = tx
-                    .query_one(&format!("SELECT currval({})", self.sequence_literal()), &[])
+                    .query_typed_one(&format!("SELECT currval({})", self.sequence_literal()), &[])
                     .await
                     .map_err(failed)?
                     .get(0);
@@ -221,7 +235,7 @@ async fn put_in(
     let versions = if_versions(pre);
     let params = write_params(&write, item.key, &doc, &versions);
     let row = tx
-        .query_opt(write.sql.as_str(), &params)
+        .query_typed_opt(write.sql.as_str(), &params)
         .await
         .map_err(failed)?
         .ok_or(TxWhy::Precondition)?;
@@ -251,20 +265,26 @@ fn if_versions(pre: &Precondition) -> &[i64] {
     }
 }
 
-/// A write's bind parameters, in the order its SQL takes them.
+/// A write's bind parameters, in the order its SQL takes them: `$n::text` or `$n::int8` for
+/// the key, `$n::text` for the document, `$n::int8[]` for the versions.
 fn write_params<'a>(
     write: &WriteSql,
     key: &'a KeyParam,
     doc: &'a String,
     versions: &'a &[i64],
-) -> Vec<&'a (dyn ToSql + Sync)> {
+) -> Vec<Typed<'a>> {
     write
         .params
         .iter()
         .map(|p| match p {
-            Param::Key => key_param(key),
-            Param::Doc => doc as &(dyn ToSql + Sync),
-            Param::Versions => versions as &(dyn ToSql + Sync),
+            Param::Key => typed_key(key),
+            Param::Doc => (doc as &(dyn ToSql + Sync), Type::TEXT),
+            Param::Versions => (versions as &(dyn ToSql + Sync), Type::INT8_ARRAY),
         })
         .collect()
+}
+
+/// The parameters alone, for a prepared statement (which knows their types).
+fn untyped<'a>(params: &[Typed<'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    params.iter().map(|(p, _)| *p).collect()
 }
