@@ -86,18 +86,45 @@ impl Db {
         commit: Commit,
     ) -> Result<DeleteOutcome, DbError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(classify)?;
-        let check = commit.prepare(&tx).await?;
-        let delete = tx
-            .prepare_cached(&resource.delete_sql(matches!(pre, Precondition::Versions(_))))
-            .await
-            .map_err(classify)?;
+        let delete_sql = resource.delete_sql(matches!(pre, Precondition::Versions(_)));
         // The delete trigger takes the delete's version with nextval() in this session, after
         // the row is gone: currval() right after the delete is that version.
-        let currval = tx
-            .prepare_cached(&format!("SELECT currval({})", self.sequence_literal()))
-            .await
-            .map_err(classify)?;
+        let currval_sql = format!("SELECT currval({})", self.sequence_literal());
+        if commit == Commit::AsConfigured {
+            // No transaction of its own: the delete commits on its own (autocommit), and
+            // currval() is the session's, so it still reads the version the delete's trigger
+            // took. Both in one round trip where BEGIN, the pair and COMMIT took three.
+            let delete = client.prepare_cached(&delete_sql).await.map_err(classify)?;
+            let currval = client
+                .prepare_cached(&currval_sql)
+                .await
+                .map_err(classify)?;
+            let (deleted, tombstone) = tokio::join!(
+                async {
+                    match &pre {
+                        Precondition::Versions(versions) => {
+                            client.query_opt(&delete, &[key_param(key), versions]).await
+                        }
+                        _ => client.query_opt(&delete, &[key_param(key)]).await,
+                    }
+                },
+                client.query_one(&currval, &[]),
+            );
+            if deleted.map_err(classify)?.is_none() {
+                return Ok(match pre {
+                    Precondition::None => DeleteOutcome::NotFound,
+                    _ => DeleteOutcome::PreconditionFailed,
+                });
+            }
+            let tombstone: i64 = tombstone.map_err(classify)?.get(0);
+            return Ok(DeleteOutcome::Deleted {
+                version: Version(tombstone),
+            });
+        }
+        let tx = client.transaction().await.map_err(classify)?;
+        let check = commit.prepare(&tx).await?;
+        let delete = tx.prepare_cached(&delete_sql).await.map_err(classify)?;
+        let currval = tx.prepare_cached(&currval_sql).await.map_err(classify)?;
         // The check, the delete and currval() in one round trip, in that order (join! polls
         // in order); currval() fails or reads an older value when nothing was deleted, and is
         // not read then.
