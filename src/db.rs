@@ -206,6 +206,16 @@ impl Db {
     fn sequence_literal(&self) -> String {
         quote_literal(&format!("{}.{VERSION_SEQUENCE}", self.schema))
     }
+
+    /// `SELECT currval(...)` of the version sequence, qualified: an unqualified `currval`
+    /// with a string literal would prefer a `currval(text)` planted on the session's
+    /// `search_path` to the catalog's `currval(regclass)` (CVE-2018-1058).
+    fn currval_sql(&self) -> String {
+        format!(
+            "SELECT pg_catalog.currval({}::pg_catalog.regclass)",
+            self.sequence_literal()
+        )
+    }
 }
 
 /// Reads retried on a connection of their own at once, at most (see [`Db::get`]).

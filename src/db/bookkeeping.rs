@@ -152,7 +152,7 @@ impl Db {
         let moved = client
             .query_opt(
                 &format!(
-                    "SELECT setval({seq}, $1), {LOCAL_COMMIT} FROM {}.{} WHERE last_value < $1",
+                    "SELECT pg_catalog.setval({seq}::pg_catalog.regclass, $1), {LOCAL_COMMIT} FROM {}.{} WHERE last_value < $1",
                     quote_ident(&self.schema),
                     quote_ident(VERSION_SEQUENCE)
                 ),

@@ -89,7 +89,7 @@ impl Db {
         let delete_sql = resource.delete_sql(matches!(pre, Precondition::Versions(_)));
         // The delete trigger takes the delete's version with nextval() in this session, after
         // the row is gone: currval() right after the delete is that version.
-        let currval_sql = format!("SELECT currval({})", self.sequence_literal());
+        let currval_sql = self.currval_sql();
         if commit == Commit::AsConfigured {
             // No transaction of its own: the delete commits on its own (autocommit), and
             // currval() is the session's, so it still reads the version the delete's trigger
@@ -232,7 +232,7 @@ impl Db {
             (Some(_), _) => {
                 // The delete trigger took the delete's version in this session.
                 let version: i64 = tx
-                    .query_typed_one(&format!("SELECT currval({})", self.sequence_literal()), &[])
+                    .query_typed_one(&self.currval_sql(), &[])
                     .await
                     .map_err(failed)?
                     .get(0);

@@ -13,11 +13,23 @@ use super::definition::{
 use super::quote::{join, quote_literal};
 use crate::model::JsonText;
 
+/// Equality as the catalog defines it, whatever the session's `search_path` holds. These
+/// statements run with the session's `search_path` (they fire the app's own triggers, which
+/// may rely on it), and an operator planted in a schema on it whose argument types fit
+/// better (`=(varchar, text)` beside the catalog's `text = text`) would be chosen over the
+/// catalog's: the class of CVE-2018-1058. Functions are qualified for the same reason
+/// (`pg_catalog.to_jsonb` against a planted `to_jsonb(the_table)`). Casts and type names
+/// need nothing: `pg_catalog` is searched first and a type name has no overloads.
+const EQ: &str = "OPERATOR(pg_catalog.=)";
+
+/// `jsonb - text` as the catalog defines it (see [`EQ`]).
+const MINUS: &str = "OPERATOR(pg_catalog.-)";
+
 impl Resource {
     /// `SELECT version, document` by key (`$1`): built once, served by [`Resource::get_sql`].
     pub(super) fn select_by_key_sql(&self) -> String {
         format!(
-            "SELECT coalesce(t.{ver}, 0), {doc} FROM {table} AS t WHERE t.{key} = $1::{kt}",
+            "SELECT coalesce(t.{ver}, 0), {doc} FROM {table} AS t WHERE t.{key} {EQ} $1::{kt}",
             ver = self.version.quoted,
             doc = self.doc_expr(),
             table = self.table,
@@ -30,7 +42,7 @@ impl Resource {
     /// column's type): the one query of a batch get.
     pub fn get_many_sql(&self) -> String {
         format!(
-            "SELECT t.{key}::text, {ret} FROM {table} AS t WHERE t.{key} = ANY($1::{kt}[])",
+            "SELECT t.{key}::text, {ret} FROM {table} AS t WHERE t.{key} {EQ} ANY($1::{kt}[])",
             key = self.key.quoted,
             ret = self.returning(),
             table = self.table,
@@ -42,14 +54,14 @@ impl Resource {
     /// `int8[]`), returning the old version.
     pub fn delete_sql(&self, if_version: bool) -> String {
         let mut sql = format!(
-            "DELETE FROM {table} AS t WHERE t.{key} = $1::{kt}",
+            "DELETE FROM {table} AS t WHERE t.{key} {EQ} $1::{kt}",
             table = self.table,
             key = self.key.quoted,
             kt = self.key_sql_type(),
         );
         if if_version {
             sql.push_str(&format!(
-                " AND coalesce(t.{}, 0) = ANY($2::int8[])",
+                " AND coalesce(t.{}, 0) {EQ} ANY($2::int8[])",
                 self.version.quoted
             ));
         }
@@ -156,7 +168,7 @@ impl Resource {
             Precondition::None => WriteSql {
                 sql: format!(
                     "INSERT INTO {t} AS t ({k}, value) VALUES ($1::{kt}, $2::text::jsonb) \
-                     ON CONFLICT ({k}) DO UPDATE SET value = EXCLUDED.value RETURNING {ret}, (t.xmax = 0)"
+                     ON CONFLICT ({k}) DO UPDATE SET value = EXCLUDED.value RETURNING {ret}, (t.xmax {EQ} 0)"
                 ),
                 params: vec![Key, Doc],
             },
@@ -169,14 +181,14 @@ impl Resource {
             },
             Precondition::Exists => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} {EQ} $1::{kt} RETURNING {ret}, false"
                 ),
                 params: vec![Key, Doc],
             },
             Precondition::Versions(_) => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} = $1::{kt} \
-                     AND coalesce(t.{ver}, 0) = ANY($3::int8[]) RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET value = $2::text::jsonb WHERE t.{k} {EQ} $1::{kt} \
+                     AND coalesce(t.{ver}, 0) {EQ} ANY($3::int8[]) RETURNING {ret}, false"
                 ),
                 params: vec![Key, Doc, Versions],
             },
@@ -198,7 +210,7 @@ impl Resource {
             .filter(|c| !is_key(c) && !set.iter().any(|s| s.name == c.name))
             .collect();
         let all_non_key: Vec<&Column> = columns.iter().filter(|c| !is_key(c)).collect();
-        let source = format!("jsonb_populate_record(NULL::{t}, $1::text::jsonb)");
+        let source = format!("pg_catalog.jsonb_populate_record(NULL::{t}, $1::text::jsonb)");
         let insert = format!("INSERT INTO {t} AS t ({given}) SELECT {given} FROM {source}");
         // EXCLUDED is the proposed row, defaults included: it replaces every column. A row
         // with no column besides its key is still rewritten, so it takes a new version.
@@ -237,7 +249,7 @@ impl Resource {
         match pre {
             Precondition::None => WriteSql {
                 sql: format!(
-                    "{insert} ON CONFLICT ({k}) DO UPDATE SET {upsert_set} RETURNING {ret}, (t.xmax = 0)"
+                    "{insert} ON CONFLICT ({k}) DO UPDATE SET {upsert_set} RETURNING {ret}, (t.xmax {EQ} 0)"
                 ),
                 params: vec![Doc],
             },
@@ -247,14 +259,14 @@ impl Resource {
             },
             Precondition::Exists => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} {EQ} ${key_at}::{kt} RETURNING {ret}, false"
                 ),
                 params: doc_params(&[Key]),
             },
             Precondition::Versions(_) => WriteSql {
                 sql: format!(
-                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} = ${key_at}::{kt} \
-                     AND coalesce(t.{ver}, 0) = ANY(${ver_at}::int8[]) RETURNING {ret}, false"
+                    "UPDATE {t} AS t SET {update_set} WHERE t.{k} {EQ} ${key_at}::{kt} \
+                     AND coalesce(t.{ver}, 0) {EQ} ANY(${ver_at}::int8[]) RETURNING {ret}, false"
                 ),
                 params: doc_params(&[Key, Versions]),
             },
@@ -266,7 +278,7 @@ impl Resource {
     /// out lower than a cached copy is made newest again.
     pub fn restamp_sql(&self) -> String {
         format!(
-            "UPDATE {table} AS t SET {key} = t.{key} WHERE t.{key} = $1::{kt} RETURNING {ret}",
+            "UPDATE {table} AS t SET {key} = t.{key} WHERE t.{key} {EQ} $1::{kt} RETURNING {ret}",
             table = self.table,
             key = self.key.quoted,
             kt = self.key_sql_type(),
@@ -291,7 +303,7 @@ impl Resource {
         match self.shape {
             Shape::Kv => "t.value::text".into(),
             Shape::Table { .. } => format!(
-                "(to_jsonb(t.*) - {})::text",
+                "(pg_catalog.to_jsonb(t.*) {MINUS} {}::text)::text",
                 quote_literal(&self.version.name)
             ),
         }

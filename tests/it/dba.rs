@@ -343,3 +343,95 @@ async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
         }
     }
 }
+
+/// syncar's own statements on documents (reads, batch reads, writes with and without
+/// `If-Match`, deletes and the `currval()` that reads a delete's version) run with the
+/// session's `search_path`, which the app's triggers may rely on; what is planted on it
+/// (in `public`, which PUBLIC may write to before Postgres 15) is never called by them. Each
+/// planted object is a better match than the catalog's for syncar's arguments: an
+/// `=(varchar, text)` beside the catalog's `text = text` for a `varchar` key, a
+/// `to_jsonb(items)` and a `jsonb_populate_record(items, jsonb)` of the table's own row type
+/// beside the catalog's polymorphic ones, a `currval(text)` for a string literal. Each fails
+/// if called, so every request below would fail without the qualification.
+#[tokio::test]
+async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE items (id varchar(40) PRIMARY KEY, n int); \
+         INSERT INTO items VALUES ('old', 1), ('other', 2)",
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.resources.push(resource("items", "id", "version"));
+    syncar::app::run_migration(&config).await.unwrap();
+    pg.batch_execute(
+        "CREATE FUNCTION public.planted_eq(varchar, text) RETURNS bool LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted = called'; END$$; \
+         CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = text, FUNCTION = public.planted_eq); \
+         CREATE FUNCTION public.to_jsonb(items) RETURNS jsonb LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted to_jsonb called'; END$$; \
+         CREATE FUNCTION public.jsonb_populate_record(items, jsonb) RETURNS items LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted jsonb_populate_record called'; END$$; \
+         CREATE FUNCTION public.currval(text) RETURNS bigint LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted currval called'; END$$",
+    )
+    .await
+    .unwrap();
+    // The planted operator is what an unqualified comparison of this key would take.
+    let hijacked = pg
+        .query_one("SELECT n FROM items WHERE id = 'old'::text", &[])
+        .await
+        .expect_err("an unqualified comparison takes the planted operator");
+    assert!(format!("{hijacked:?}").contains("planted"), "{hijacked:?}");
+
+    let a = env
+        .start(|c| c.resources.push(resource("items", "id", "version")))
+        .await;
+    // A read from Postgres: select by key, the document built by to_jsonb.
+    let old = a.get("/v1/items/old").await;
+    assert_eq!(old.status, 200, "{old:?}");
+    assert_eq!(old.json()["n"], 1);
+    // A batch read from Postgres: = ANY.
+    let batch = crate::support::request(
+        a.addr(),
+        "POST",
+        "/v1/items",
+        &[],
+        Some(br#"{"keys": ["other", "nope"]}"#),
+    )
+    .await;
+    assert_eq!(batch.status, 200, "{batch:?}");
+    assert_eq!(batch.json()["results"][0]["document"]["n"], 2, "{batch:?}");
+    // Writes: the upsert (jsonb_populate_record), If-Match (= on the key and the version).
+    let put = a.put("/v1/items/new", r#"{"n": 3}"#).await;
+    assert_eq!(put.status, 201, "{put:?}");
+    let tag = format!("\"{}\"", put.etag_version());
+    let updated = crate::support::request(
+        a.addr(),
+        "PUT",
+        "/v1/items/new",
+        &[("if-match", &tag)],
+        Some(br#"{"n": 4}"#),
+    )
+    .await;
+    assert_eq!(updated.status, 200, "{updated:?}");
+    // Deletes, with their currval(), plain and with If-Match; and one on kv.
+    let deleted = a.delete("/v1/items/old").await;
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    let tag = format!("\"{}\"", updated.etag_version());
+    let deleted = crate::support::request(
+        a.addr(),
+        "DELETE",
+        "/v1/items/new",
+        &[("if-match", &tag)],
+        None,
+    )
+    .await;
+    assert_eq!(deleted.status, 204, "{deleted:?}");
+    assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
+    assert_eq!(a.delete("/v1/kv/k").await.status, 204);
+    let left: i64 = query_value(&pg, "SELECT count(*) FROM items").await;
+    assert_eq!(left, 1, "only 'other' is left");
+}
