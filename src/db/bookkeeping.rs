@@ -131,7 +131,7 @@ impl Db {
         // Through jsonb: the column does not exist before Postgres 17.
         let synced: Option<bool> = client
             .query_opt(
-                "SELECT (to_jsonb(s) ->> 'synced')::bool FROM pg_replication_slots s \
+                "SELECT (pg_catalog.to_jsonb(s) ->> 'synced')::bool FROM pg_replication_slots s \
                  WHERE slot_name = $1",
                 &[&slot],
             )

@@ -87,7 +87,7 @@ impl Source for Notify {
         })?;
 
         let heartbeat_sql = format!(
-            "SELECT pg_notify($1, $2) FROM {}.{STATE_TABLE} \
+            "SELECT pg_catalog.pg_notify($1::text, $2::text) FROM {}.{STATE_TABLE} \
              WHERE name = 'source' AND value = 'notify'",
             quote_ident(&config.postgres.schema)
         );

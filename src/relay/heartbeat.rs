@@ -10,7 +10,8 @@ use crate::schema::capture::MESSAGE_PREFIX;
 use super::error::RelayError;
 
 /// The statement that emits a heartbeat (prepared once per term).
-pub(super) const EMIT: &str = "SELECT pg_logical_emit_message(false, $1, $2)";
+pub(super) const EMIT: &str =
+    "SELECT pg_catalog.pg_logical_emit_message(false, $1::text, $2::text)";
 
 /// Heartbeats kept as this term's own, at most.
 const REMEMBERED: usize = 64;

@@ -290,7 +290,7 @@ pub(super) async fn publication_change(
         client
             .query(
                 "SELECT p.schemaname::text, p.tablename::text, \
-                        CASE WHEN array_length(p.attnames, 1) = (SELECT count(*) FROM pg_attribute a \
+                        CASE WHEN pg_catalog.array_length(p.attnames, 1) = (SELECT count(*) FROM pg_attribute a \
                              JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
                              WHERE n.nspname = p.schemaname AND c.relname = p.tablename \
                                AND a.attnum > 0 AND NOT a.attisdropped) \
@@ -458,19 +458,19 @@ pub(super) async fn slot_plan(
     )];
     if state == SlotState::Recreated {
         statements.push(format!(
-            "SELECT pg_drop_replication_slot({})",
+            "SELECT pg_catalog.pg_drop_replication_slot({})",
             quote_literal(slot)
         ));
     }
     statements.push(if server_version_num(client).await? >= 170_000 {
         // slot_name, plugin, temporary, twophase, failover
         format!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)",
+            "SELECT pg_catalog.pg_create_logical_replication_slot({}, 'pgoutput', false, false, true)",
             quote_literal(slot)
         )
     } else {
         format!(
-            "SELECT pg_create_logical_replication_slot({}, 'pgoutput')",
+            "SELECT pg_catalog.pg_create_logical_replication_slot({}, 'pgoutput')",
             quote_literal(slot)
         )
     });
@@ -511,7 +511,7 @@ pub async fn failover_gaps(
     let mut gaps = Vec::new();
     let failover: Option<bool> = client
         .query_opt(
-            "SELECT (to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s \
+            "SELECT (pg_catalog.to_jsonb(s) ->> 'failover')::bool FROM pg_replication_slots s \
              WHERE slot_name = $1",
             &[&slot],
         )
@@ -640,7 +640,12 @@ pub(super) async fn idle_slot(
             source,
         })?
         .get(0);
-    Ok(idle.then(|| format!("SELECT pg_drop_replication_slot({})", quote_literal(slot))))
+    Ok(idle.then(|| {
+        format!(
+            "SELECT pg_catalog.pg_drop_replication_slot({})",
+            quote_literal(slot)
+        )
+    }))
 }
 
 /// Drops the slot if it exists and nobody streams it: a slot nobody reads retains WAL until
@@ -654,7 +659,7 @@ pub(super) async fn drop_idle_slot(
 ) -> Result<Option<String>, SchemaError> {
     let dropped = client
         .query_opt(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+            "SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
              WHERE slot_name = $1 AND NOT active AND database = current_database()",
             &[&slot],
         )

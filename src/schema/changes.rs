@@ -44,7 +44,7 @@ pub async fn prune_changes(
     client
         .execute(
             &format!(
-                "WITH lock AS (SELECT pg_try_advisory_xact_lock($1) AS held) \
+                "WITH lock AS (SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8) AS held) \
                  DELETE FROM {}.{CHANGES_TABLE} \
                  WHERE (SELECT held FROM lock) AND at < clock_timestamp() - make_interval(secs => $2)",
                 quote_ident(schema)

@@ -424,7 +424,7 @@ async fn align_sequence(
     sink.run(
         tx,
         format!(
-            "SELECT setval({seq}, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
+            "SELECT pg_catalog.setval({seq}::pg_catalog.regclass, m) FROM (SELECT max({col}) AS m FROM {qualified}) x \
              WHERE m >= (SELECT last_value FROM {s}.{VERSION_SEQUENCE})",
             seq = quote_literal(&format!("{schema}.{VERSION_SEQUENCE}")),
             col = quote_ident(&table.r.version_column),

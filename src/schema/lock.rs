@@ -40,9 +40,12 @@ pub(super) async fn begin_locked(
         .start()
         .await
         .map_err(pg("starting the migration"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(pg("taking the migration lock"))?;
+    tx.execute(
+        "SELECT pg_catalog.pg_advisory_xact_lock($1::int8)",
+        &[&MIGRATION_LOCK],
+    )
+    .await
+    .map_err(pg("taking the migration lock"))?;
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = '{}ms'",
         LOCK_TIMEOUT.as_millis()

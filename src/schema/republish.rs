@@ -90,7 +90,10 @@ pub async fn republish(
 ) -> Result<Vec<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
     let locked: bool = tx
-        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .query_one(
+            "SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8)",
+            &[&MIGRATION_LOCK],
+        )
         .await
         .map_err(pg("taking the migration lock"))?
         .get(0);

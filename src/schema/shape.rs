@@ -215,8 +215,8 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
     );
     match source {
         PostgresSource::Wal | PostgresSource::Auto => format!(
-            "{recorded} SELECT pg_logical_emit_message(true, {prefix}, \
-             json_build_object('resource', $3::text, 'flush', true)::text) FROM v",
+            "{recorded} SELECT pg_catalog.pg_logical_emit_message(true, {prefix}, \
+             pg_catalog.json_build_object('resource', $3::text, 'flush', true)::text) FROM v",
             prefix = quote_literal(MESSAGE_PREFIX)
         ),
         PostgresSource::ChangesLog => format!(
@@ -226,7 +226,7 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
         PostgresSource::Notify => format!(
             "{recorded}, logged AS (INSERT INTO {s}.{CHANGES_TABLE} (version, resource, key, op) \
              SELECT version, $3::text, NULL, 'flush' FROM v RETURNING version) \
-             SELECT pg_notify({channel}, json_build_object('resource', $3::text, 'key', NULL, \
+             SELECT pg_catalog.pg_notify({channel}, pg_catalog.json_build_object('resource', $3::text, 'key', NULL, \
              'version', version, 'op', 'flush', 'ts_us', \
              (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text) FROM logged",
             channel = quote_literal(NOTIFY_CHANNEL)
@@ -247,19 +247,19 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// column uses (an enum's labels renamed, a composite type's attributes).
 const FINGERPRINT_SQL: &str = "\
 SELECT r.name, (
-  SELECT md5(concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,
-    (SELECT string_agg(concat_ws(':', a.attnum, a.attname, format_type(a.atttypid, a.atttypmod),
+  SELECT pg_catalog.md5(pg_catalog.concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,
+    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', a.attnum, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
                                  a.attgenerated::text, a.attidentity::text), ',' ORDER BY a.attnum)
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
-    (SELECT string_agg(concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident, i.indkey::text),
+    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident, i.indkey::text),
                        ',' ORDER BY i.indexrelid)
      FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indnkeyatts = 1
        AND i.indpred IS NULL AND i.indexprs IS NULL),
-    (SELECT string_agg(concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
+    (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
      FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'syncar%'),
-    (SELECT 'published:' || string_agg(pr.prpubid::text, ',' ORDER BY pr.prpubid)
+    (SELECT 'published:' || pg_catalog.string_agg(pr.prpubid::text, ',' ORDER BY pr.prpubid)
      FROM pg_catalog.pg_publication_rel pr WHERE pr.prrelid = c.oid),
-    (SELECT 'identity:' || string_agg(concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident,
+    (SELECT 'identity:' || pg_catalog.string_agg(pg_catalog.concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident,
                                                 i.indimmediate), ',' ORDER BY i.indexrelid)
      FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident))))
   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

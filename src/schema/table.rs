@@ -204,7 +204,7 @@ pub(super) async fn describe_table(
         .query_one(
             &format!(
             "SELECT c.relreplident::text, \
-                    (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
+                    (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum) FROM pg_index i \
                      JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
                      WHERE i.indrelid = c.oid AND {IDENTITY_INDEX}) \
              FROM pg_class c WHERE c.oid = $1"

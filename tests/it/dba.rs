@@ -351,8 +351,12 @@ async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
 /// planted object is a better match than the catalog's for syncar's arguments: an
 /// `=(varchar, text)` beside the catalog's `text = text` for a `varchar` key, a
 /// `to_jsonb(items)` and a `jsonb_populate_record(items, jsonb)` of the table's own row type
-/// beside the catalog's polymorphic ones, a `currval(text)` for a string literal. Each fails
-/// if called, so every request below would fail without the qualification.
+/// beside the catalog's polymorphic ones, a `currval(text)` for a string literal; and for
+/// what an instance reads of the catalog when it starts (its migration, the table's key and
+/// identity, its shape's fingerprint), an `array_agg(text)`, a `concat_ws` of the exact
+/// argument types the fingerprint passes, a `pg_advisory_xact_lock(text)` for an untyped
+/// parameter. Each fails if called, so the start or a request below would fail without the
+/// qualification.
 #[tokio::test]
 async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
     let env = Env::new().await;
@@ -375,7 +379,14 @@ async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
          CREATE FUNCTION public.jsonb_populate_record(items, jsonb) RETURNS items LANGUAGE plpgsql \
            AS $$BEGIN RAISE EXCEPTION 'planted jsonb_populate_record called'; END$$; \
          CREATE FUNCTION public.currval(text) RETURNS bigint LANGUAGE plpgsql \
-           AS $$BEGIN RAISE EXCEPTION 'planted currval called'; END$$",
+           AS $$BEGIN RAISE EXCEPTION 'planted currval called'; END$$; \
+         CREATE FUNCTION public.planted_agg(text[], text) RETURNS text[] LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted array_agg called'; END$$; \
+         CREATE AGGREGATE public.array_agg(text) (SFUNC = public.planted_agg, STYPE = text[]); \
+         CREATE FUNCTION public.concat_ws(text, smallint, name, text, text, text) RETURNS text \
+           LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'planted concat_ws called'; END$$; \
+         CREATE FUNCTION public.pg_advisory_xact_lock(text) RETURNS void LANGUAGE plpgsql \
+           AS $$BEGIN RAISE EXCEPTION 'planted pg_advisory_xact_lock called'; END$$",
     )
     .await
     .unwrap();
