@@ -182,15 +182,38 @@ impl Db {
             .map_err(at(None))?;
         commit.apply(&tx).await.map_err(at(None))?;
         let mut done = Vec::with_capacity(ops.len());
-        for (i, item) in ops.iter().enumerate() {
-            let outcome = match item.op {
-                TxOp::Put { body, pre } => put_in(&tx, item, body, pre).await,
-                TxOp::Delete { pre } => self.delete_in(&tx, item, pre).await,
-            };
-            done.push(outcome.map_err(|why| TxFailed {
-                index: Some(i),
-                why,
-            })?);
+        let mut i = 0;
+        while i < ops.len() {
+            let item = &ops[i];
+            if let TxOp::Delete { pre } = item.op {
+                let outcome = self.delete_in(&tx, item, pre).await;
+                done.push(outcome.map_err(|why| TxFailed {
+                    index: Some(i),
+                    why,
+                })?);
+                i += 1;
+                continue;
+            }
+            // A run of puts goes out in one round trip, in order: each put's answer decides
+            // nothing for the next (a failure rolls everything back and names the first).
+            // Once one fails, Postgres refuses the rest of the run as an aborted
+            // transaction's; their errors are never read.
+            let end = ops[i..]
+                .iter()
+                .position(|o| !matches!(o.op, TxOp::Put { .. }))
+                .map_or(ops.len(), |n| i + n);
+            let outcomes = in_order(ops[i..end].iter().map(|item| match item.op {
+                TxOp::Put { body, pre } => put_in(&tx, item, body, pre),
+                TxOp::Delete { .. } => unreachable!("a run holds puts only"),
+            }))
+            .await;
+            for (j, outcome) in outcomes.into_iter().enumerate() {
+                done.push(outcome.map_err(|why| TxFailed {
+                    index: Some(i + j),
+                    why,
+                })?);
+            }
+            i = end;
         }
         tx.commit().await.map_err(classify).map_err(at(None))?;
         Ok(done)
@@ -242,6 +265,31 @@ impl Db {
             }
         }
     }
+}
+
+/// Runs `futures` to completion, polling them in the order given each time: a statement
+/// leaves when its future is first polled, so they reach Postgres, one connection's
+/// pipeline, in that order (as `tokio::join!` does for a fixed number).
+async fn in_order<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    use futures_util::future::{maybe_done, MaybeDone};
+    use std::future::Future;
+    let mut all: Vec<std::pin::Pin<Box<MaybeDone<F>>>> =
+        futures.map(|f| Box::pin(maybe_done(f))).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for f in &mut all {
+            pending |= f.as_mut().poll(cx).is_pending();
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    all.iter_mut()
+        .map(|f| f.as_mut().take_output().expect("every future is done"))
+        .collect()
 }
 
 /// One put of a transaction ([`Db::transact`]), in `tx`.

@@ -1023,6 +1023,45 @@ async fn a_transaction_commits_all_or_nothing() {
         .as_str()
         .unwrap()
         .starts_with("operation 0 (put orders/8)"));
+    // Puts in a row go out together: the first that fails is named, not one after it that
+    // Postgres refused as part of an aborted transaction, and nothing is written.
+    let rejected = tx(json!({"operations": [
+        {"op": "put", "resource": "orders", "key": "8", "document": {"total": 1}},
+        {"op": "put", "resource": "orders", "key": "9", "document": {"total": "lots"}},
+        {"op": "put", "resource": "orders", "key": "10", "document": {"total": 1}},
+    ]}))
+    .await;
+    assert_eq!(rejected.status, 422, "{rejected:?}");
+    assert!(
+        rejected.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("operation 1 (put orders/9)"),
+        "{rejected:?}"
+    );
+    let written: i64 = query_value(
+        &env.pg().await,
+        "SELECT count(*) FROM orders WHERE id IN (8, 9, 10)",
+    )
+    .await;
+    assert_eq!(written, 0, "nothing written");
+    // ... and run in the order given.
+    let twice = tx(json!({"operations": [
+        {"op": "put", "resource": "orders", "key": "11", "document": {"total": 1}},
+        {"op": "put", "resource": "orders", "key": "11", "document": {"total": 2}},
+    ]}))
+    .await;
+    assert_eq!(twice.status, 200, "{twice:?}");
+    let results = twice.json()["results"].clone();
+    assert_eq!(results[0]["status"], 201, "{results}");
+    assert_eq!(results[1]["status"], 200, "{results}");
+    assert!(results[1]["version"].as_i64() > results[0]["version"].as_i64());
+    let total: String = query_value(
+        &env.pg().await,
+        "SELECT total::text FROM orders WHERE id = 11",
+    )
+    .await;
+    assert_eq!(total, "2");
     for (body, code) in [
         (
             json!({"operations": [{"op": "patch", "resource": "kv", "key": "x"}]}),
