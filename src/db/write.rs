@@ -91,15 +91,19 @@ impl Db {
         // the row is gone: currval() right after the delete is that version.
         let currval_sql = self.currval_sql();
         if commit == Commit::AsConfigured {
-            // No transaction of its own: the delete commits on its own (autocommit), and
-            // currval() is the session's, so it still reads the version the delete's trigger
-            // took. Both in one round trip where BEGIN, the pair and COMMIT took three.
+            // BEGIN, the delete, currval() and COMMIT in one round trip, where BEGIN, the
+            // pair and COMMIT took three. One transaction still: behind a pooler in
+            // transaction mode (PgBouncer) currval() must run on the delete's backend, and a
+            // failed delete or currval() must not leave the row gone with no version known.
+            // All four leave on the first poll (join! polls in order), so the transaction
+            // always ends: COMMIT of a transaction that failed rolls it back, without error.
             let delete = client.prepare_cached(&delete_sql).await.map_err(classify)?;
             let currval = client
                 .prepare_cached(&currval_sql)
                 .await
                 .map_err(classify)?;
-            let (deleted, tombstone) = tokio::join!(
+            let (begun, deleted, tombstone, committed) = tokio::join!(
+                client.batch_execute("BEGIN"),
                 async {
                     match &pre {
                         Precondition::Versions(versions) => {
@@ -109,14 +113,21 @@ impl Db {
                     }
                 },
                 client.query_one(&currval, &[]),
+                client.batch_execute("COMMIT"),
             );
+            begun.map_err(classify)?;
             if deleted.map_err(classify)?.is_none() {
+                // Nothing deleted; currval() may have failed the transaction, which COMMIT
+                // then rolled back.
+                committed.map_err(classify)?;
                 return Ok(match pre {
                     Precondition::None => DeleteOutcome::NotFound,
                     _ => DeleteOutcome::PreconditionFailed,
                 });
             }
+            // A failed currval() rolled the delete back: its error is the answer.
             let tombstone: i64 = tombstone.map_err(classify)?.get(0);
+            committed.map_err(classify)?;
             return Ok(DeleteOutcome::Deleted {
                 version: Version(tombstone),
             });
