@@ -11,7 +11,7 @@ use crate::resource::{KeyParam, Resource};
 
 use super::connect::connect_dedicated;
 use super::error::{classify, connection_lost, DbError};
-use super::{key_param, versioned_doc, Db};
+use super::{key_param, typed_key, versioned_doc, Db};
 
 impl Db {
     /// Reads one document: its version and canonical JSON, or `None` when absent.
@@ -41,7 +41,7 @@ impl Db {
                 // Ends once `fresh` is dropped, below.
                 tokio::spawn(connection);
                 let row = fresh
-                    .query_opt(resource.get_sql(), &[key_param(key)])
+                    .query_typed_opt(resource.get_sql(), &[typed_key(key)])
                     .await
                     .map_err(classify)?;
                 Ok(row.as_ref().map(versioned_doc))

@@ -20,7 +20,7 @@ pub async fn changes_since(
 ) -> Result<Vec<Message>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT DISTINCT ON (resource, key) resource, key, version, op FROM {}.{CHANGES_TABLE} \
-         WHERE at >= clock_timestamp() - make_interval(secs => $1) \
+         WHERE at >= clock_timestamp() - pg_catalog.make_interval(secs => $1::pg_catalog.float8) \
          ORDER BY resource, key, version DESC",
         quote_ident(schema)
     );
@@ -46,7 +46,7 @@ pub async fn prune_changes(
             &format!(
                 "WITH lock AS (SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8) AS held) \
                  DELETE FROM {}.{CHANGES_TABLE} \
-                 WHERE (SELECT held FROM lock) AND at < clock_timestamp() - make_interval(secs => $2)",
+                 WHERE (SELECT held FROM lock) AND at < clock_timestamp() - pg_catalog.make_interval(secs => $2::pg_catalog.float8)",
                 quote_ident(schema)
             ),
             &[&(MIGRATION_LOCK + 1), &retention.as_secs_f64()],
@@ -71,7 +71,7 @@ impl ChangesQuery {
         let sql = format!(
             "WITH s AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
              SELECT (SELECT xmin FROM s), c.xid, c.resource, c.key, c.version, c.op, \
-                    (extract(epoch FROM c.at) * 1000000)::bigint, \
+                    (extract(epoch FROM c.at) OPERATOR(pg_catalog.*) 1000000::pg_catalog.numeric)::bigint, \
                     (SELECT value FROM {s}.{STATE_TABLE} WHERE name = 'source') \
              FROM (SELECT 1) one LEFT JOIN {s}.{CHANGES_TABLE} c ON c.xid >= $1 ORDER BY c.xid"
         );

@@ -490,7 +490,7 @@ async fn install_function(
     let current: Option<(String, bool, Option<Vec<String>>, bool)> = tx
         .query_opt(
             "SELECT p.prosrc, p.prosecdef, p.proconfig, \
-                    has_function_privilege('public', p.oid, 'EXECUTE') \
+                    pg_catalog.has_function_privilege('public'::pg_catalog.name, p.oid, 'EXECUTE') \
              FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
              WHERE n.nspname = $1 AND p.proname = $2 AND p.pronargs = 0",
             &[&schema, &name],

@@ -116,7 +116,7 @@ async fn lock_holders(client: &tokio_postgres::Client, config: &Config) -> Strin
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE l.granted AND a.pid <> pg_backend_pid() \
-               AND n.nspname || '.' || c.relname = ANY($1) \
+               AND pg_catalog.concat(n.nspname, '.', c.relname) = ANY($1::pg_catalog.text[]) \
              ORDER BY 4 DESC LIMIT 3",
             &[&tables],
         )

@@ -129,7 +129,7 @@ async fn create_sequence(
     let granted = match table_oid(tx, schema, VERSION_SEQUENCE, "S").await? {
         Some(oid) => tx
             .query_one(
-                "SELECT has_sequence_privilege('public', $1::oid, 'USAGE')",
+                "SELECT pg_catalog.has_sequence_privilege('public'::pg_catalog.name, $1::pg_catalog.oid, 'USAGE')",
                 &[&oid],
             )
             .await

@@ -228,7 +228,7 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
              SELECT version, $3::text, NULL, 'flush' FROM v RETURNING version) \
              SELECT pg_catalog.pg_notify({channel}, pg_catalog.json_build_object('resource', $3::text, 'key', NULL, \
              'version', version, 'op', 'flush', 'ts_us', \
-             (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)::text) FROM logged",
+             (extract(epoch FROM clock_timestamp()) OPERATOR(pg_catalog.*) 1000000::pg_catalog.numeric)::bigint)::text) FROM logged",
             channel = quote_literal(NOTIFY_CHANNEL)
         ),
     }

@@ -250,8 +250,8 @@ async fn find(client: &impl GenericClient) -> Result<Found, SchemaError> {
             "SELECT (SELECT n.nspname::text FROM pg_extension e \
                      JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = $1), \
                     EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = $1), \
-                    current_setting('is_superuser') = 'on' \
-                    OR has_database_privilege(current_database(), 'CREATE')",
+                    pg_catalog.current_setting('is_superuser') = 'on' \
+                    OR pg_catalog.has_database_privilege(pg_catalog.current_database(), 'CREATE')",
             &[&STAMP_EXTENSION],
         )
         .await

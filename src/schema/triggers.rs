@@ -121,7 +121,7 @@ pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Ann
     // keys delete nothing.) A moved row's tombstone is the newer version: the row was
     // stamped by the BEFORE ROW trigger, before this statement trigger calls nextval.
     let moved_only =
-        format!("{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} = o.{key})");
+        format!("{deletes} AND NOT EXISTS (SELECT 1 FROM syncar_new n WHERE n.{key} OPERATOR(pg_catalog.=) o.{key})");
     let moved = format!("{puts} UNION ALL {moved_only}");
     let (insert, update, delete) = match mode {
         Announce::Wal => (

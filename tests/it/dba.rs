@@ -312,16 +312,26 @@ async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
     for source in [PostgresSource::Wal, PostgresSource::ChangesLog] {
         let env = Env::new().await;
         let pg = env.pg().await;
-        pg.batch_execute("CREATE TABLE orders (id int PRIMARY KEY, total numeric)")
-            .await
-            .unwrap();
+        pg.batch_execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, total numeric); \
+             CREATE TABLE codes (id int PRIMARY KEY, code varchar(20) NOT NULL UNIQUE)",
+        )
+        .await
+        .unwrap();
         let mut config = env.config();
         config.feeds.postgres_source = source;
         config.postgres.stamp = syncar::config::Stamp::Plpgsql;
         config.resources.push(resource("orders", "id", "version"));
+        // Keyed by a column outside the replica identity: an UPDATE that moves a key is
+        // announced by comparing old and new keys, `varchar` with `varchar`.
+        config.resources.push(resource("codes", "code", "version"));
         syncar::app::run_migration(&config).await.unwrap();
         pg.batch_execute(
-            "CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE sql \
+            "CREATE FUNCTION public.planted_eq(varchar, varchar) RETURNS bool LANGUAGE sql \
+               AS 'SELECT (1/0) = 1'; \
+             CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, \
+               FUNCTION = public.planted_eq); \
+             CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE sql \
                AS 'SELECT (1/0)::bigint'; \
              CREATE FUNCTION public.json_build_object(text, text, text, json) RETURNS json \
                LANGUAGE sql AS 'SELECT (1/0)::text::json'; \
@@ -336,6 +346,9 @@ async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
             "UPDATE orders SET id = 3 WHERE id = 2",
             "DELETE FROM orders WHERE id = 1",
             "TRUNCATE orders",
+            "INSERT INTO codes VALUES (1, 'a'), (2, 'b')",
+            "UPDATE codes SET code = 'c' WHERE id = 1",
+            "DELETE FROM codes WHERE id = 2",
         ] {
             pg.batch_execute(sql)
                 .await
@@ -355,7 +368,8 @@ async fn the_triggers_call_nothing_planted_on_the_writers_search_path() {
 /// what an instance reads of the catalog when it starts (its migration, the table's key and
 /// identity, its shape's fingerprint), an `array_agg(text)`, a `concat_ws` of the exact
 /// argument types the fingerprint passes, a `pg_advisory_xact_lock(text)` for an untyped
-/// parameter. Each fails if called, so the start or a request below would fail without the
+/// parameter, and privilege checks taking a string literal where the catalog's take a
+/// `name`. Each fails if called, so the start or a request below would fail without the
 /// qualification.
 #[tokio::test]
 async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
@@ -386,7 +400,13 @@ async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
          CREATE FUNCTION public.concat_ws(text, smallint, name, text, text, text) RETURNS text \
            LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'planted concat_ws called'; END$$; \
          CREATE FUNCTION public.pg_advisory_xact_lock(text) RETURNS void LANGUAGE plpgsql \
-           AS $$BEGIN RAISE EXCEPTION 'planted pg_advisory_xact_lock called'; END$$",
+           AS $$BEGIN RAISE EXCEPTION 'planted pg_advisory_xact_lock called'; END$$; \
+         CREATE FUNCTION public.has_sequence_privilege(text, oid, text) RETURNS bool \
+           LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'planted has_sequence_privilege'; END$$; \
+         CREATE FUNCTION public.has_function_privilege(text, oid, text) RETURNS bool \
+           LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'planted has_function_privilege'; END$$; \
+         CREATE FUNCTION public.has_database_privilege(name, text) RETURNS bool \
+           LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'planted has_database_privilege'; END$$",
     )
     .await
     .unwrap();
@@ -443,6 +463,21 @@ async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
     assert_eq!(deleted.status, 204, "{deleted:?}");
     assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
     assert_eq!(a.delete("/v1/kv/k").await.status, 204);
+    // A transaction's put and delete (its own currval()).
+    assert_eq!(a.put("/v1/kv/t", "1").await.status, 201);
+    let tx = crate::support::request(
+        a.addr(),
+        "POST",
+        "/v1",
+        &[],
+        Some(
+            br#"{"operations": [{"op": "put", "resource": "items", "key": "tx", "document": {"n": 5}},
+                {"op": "delete", "resource": "kv", "key": "t"}]}"#,
+        ),
+    )
+    .await;
+    assert_eq!(tx.status, 200, "{tx:?}");
+    assert_eq!(tx.json()["results"][1]["status"], 204, "{tx:?}");
     let left: i64 = query_value(&pg, "SELECT count(*) FROM items").await;
-    assert_eq!(left, 1, "only 'other' is left");
+    assert_eq!(left, 2, "only 'other' and 'tx' are left");
 }
