@@ -32,6 +32,38 @@ impl Version {
     }
 }
 
+/// How far above the highest value read from the version sequence a version that a message
+/// names is taken without reading the sequence again: 2^20 versions.
+pub const VOUCH_SLACK: i64 = 1 << 20;
+
+/// The highest `last_value` read from the version sequence, which vouches for the versions
+/// that messages anyone may send name (a logical message in the WAL, a NOTIFY): a version
+/// above every one the sequence handed out is forged, and taken it would move the sequence
+/// up (the guard raises it past every version seen), as far as a forger likes (below
+/// [`Version::IMPLAUSIBLE`]), where the versions after it soon count as forged themselves.
+/// One above the bound plus [`VOUCH_SLACK`] is taken only once the sequence, read again,
+/// reaches it; so a forger moves the sequence at most [`VOUCH_SLACK`] per message, and
+/// reading it costs a query per 2^20 versions of real traffic.
+#[derive(Debug, Default)]
+pub struct SequenceBound(std::sync::atomic::AtomicI64);
+
+impl SequenceBound {
+    /// Whether `version` is within the slack of the highest value read.
+    pub fn vouches(&self, version: i64) -> bool {
+        version
+            <= self
+                .0
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .saturating_add(VOUCH_SLACK)
+    }
+
+    /// Notes a value read from the sequence (or handed out by it).
+    pub fn learn(&self, last_value: i64) {
+        self.0
+            .fetch_max(last_value, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

@@ -15,24 +15,61 @@ use super::context::FeedContext;
 use super::driver::{connect_postgres, handle_message, on_heartbeat, AbortOnDrop, Phase, Source};
 use super::error::FeedError;
 use crate::backoff::ticker;
+use crate::coherence::Message;
 use crate::coherence::{mono_ms, Feed};
 use crate::config::PostgresSource;
+use crate::model::SequenceBound;
 use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::shape::ShapeCheck;
-use crate::schema::NOTIFY_CHANNEL;
+use crate::schema::{NOTIFY_CHANNEL, VERSION_SEQUENCE};
 
 /// The LISTEN source, with this process's heartbeat channel.
 pub struct Notify {
     heartbeat_channel: String,
+    /// What the version sequence was last seen at: vouches for the versions notifications
+    /// name (anyone who can connect may NOTIFY).
+    bound: SequenceBound,
 }
 
 impl Notify {
     pub fn new(ctx: &FeedContext) -> Self {
         Notify {
             heartbeat_channel: format!("syncar_hb_{}", ctx.feed_id),
+            bound: SequenceBound::default(),
         }
     }
+}
+
+/// Whether the version a notification names is one the sequence reached (see
+/// [`SequenceBound`]): read again only when it is beyond what it was last seen at plus the
+/// slack. A payload that does not parse passes, for [`handle_message`] to count.
+///
+/// # Errors
+/// Reading the sequence failed.
+async fn vouched(
+    client: &tokio_postgres::Client,
+    last_value_sql: &str,
+    bound: &SequenceBound,
+    payload: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let Ok(message) = Message::parse(payload.as_bytes()) else {
+        return Ok(true);
+    };
+    if bound.vouches(message.version) {
+        return Ok(true);
+    }
+    let last: i64 = client.query_typed_one(last_value_sql, &[]).await?.get(0);
+    bound.learn(last);
+    if message.version > last {
+        tracing::warn!(
+            version = message.version,
+            sequence = last,
+            "ignored a notification naming a version the version sequence never reached (forged?)"
+        );
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 impl Source for Notify {
@@ -91,6 +128,11 @@ impl Source for Notify {
              WHERE name = 'source' AND value = 'notify'",
             quote_ident(&config.postgres.schema)
         );
+        let last_value_sql = format!(
+            "SELECT last_value FROM {}.{}",
+            quote_ident(&config.postgres.schema),
+            quote_ident(VERSION_SEQUENCE)
+        );
         let feed_state = &ctx.coherence.postgres;
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;
@@ -123,7 +165,10 @@ impl Source for Notify {
                     if n.channel() == heartbeat_channel {
                         on_heartbeat(ctx, Feed::Postgres, &mut phase, n.payload().as_bytes(), last_good)
                             .await?;
-                    } else {
+                    } else if vouched(&client, &last_value_sql, &self.bound, n.payload())
+                        .await
+                        .map_err(|source| FeedError::Postgres { what: "reading the version sequence", source })?
+                    {
                         handle_message(ctx, Feed::Postgres, n.payload().as_bytes()).await;
                     }
                 }

@@ -1,6 +1,7 @@
 //! The relay's own statements on the plain Postgres connection that take versions. Knows
 //! nothing of the replication stream.
 
+use crate::model::SequenceBound;
 use crate::schema::VERSION_SEQUENCE;
 
 use super::error::RelayError;
@@ -8,6 +9,9 @@ use super::error::RelayError;
 /// The relay's own SQL, written once per term for the schema.
 pub(super) struct Sql {
     next_version: String,
+    last_value: String,
+    /// What the sequence was last seen at: vouches for the versions messages announce.
+    pub(super) bound: SequenceBound,
 }
 
 impl Sql {
@@ -18,7 +22,33 @@ impl Sql {
                 "SELECT pg_catalog.nextval({}::pg_catalog.regclass)",
                 crate::resource::quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
             ),
+            last_value: format!(
+                "SELECT last_value FROM {}.{}",
+                crate::resource::quote_ident(schema),
+                crate::resource::quote_ident(VERSION_SEQUENCE)
+            ),
+            bound: SequenceBound::default(),
         }
+    }
+
+    /// The sequence's `last_value`: no version handed out so far is above it.
+    ///
+    /// # Errors
+    /// Postgres failing.
+    pub(super) async fn last_value(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<i64, RelayError> {
+        let last: i64 = client
+            .query_typed_one(&self.last_value, &[])
+            .await
+            .map_err(|source| RelayError::Postgres {
+                doing: "reading the version sequence",
+                source,
+            })?
+            .get(0);
+        self.bound.learn(last);
+        Ok(last)
     }
 
     /// A version newer than any taken so far.
@@ -29,13 +59,15 @@ impl Sql {
         &self,
         client: &tokio_postgres::Client,
     ) -> Result<i64, RelayError> {
-        Ok(client
-            .query_one(&self.next_version, &[])
+        let version: i64 = client
+            .query_typed_one(&self.next_version, &[])
             .await
             .map_err(|source| RelayError::Postgres {
                 doing: "taking a version",
                 source,
             })?
-            .get(0))
+            .get(0);
+        self.bound.learn(version);
+        Ok(version)
     }
 }

@@ -64,7 +64,8 @@ pub(super) async fn changes_of(
     client: &tokio_postgres::Client,
     sql: &Sql,
 ) -> Result<Vec<Message>, RelayError> {
-    let announced = Announced::read(&txn.announced, catalog);
+    let mut announced = Announced::read(&txn.announced, catalog);
+    announced.vouch(client, sql).await?;
     let mut out = Resolved {
         messages: Vec::new(),
         flushed: HashSet::new(),
@@ -322,6 +323,47 @@ impl Announced {
             }
         }
         out
+    }
+}
+
+impl Announced {
+    /// Forgets the announced versions the sequence never reached (see
+    /// [`crate::model::SequenceBound`]):
+    /// their deletes and truncations take fresh versions, as unannounced ones do. Reads the
+    /// sequence only when one is beyond what it was last seen at plus the slack.
+    ///
+    /// # Errors
+    /// Reading the sequence failed.
+    async fn vouch(
+        &mut self,
+        client: &tokio_postgres::Client,
+        sql: &Sql,
+    ) -> Result<(), RelayError> {
+        let highest = self
+            .deletes
+            .values()
+            .chain(self.truncates.values())
+            .copied()
+            .max();
+        if highest.is_none_or(|v| sql.bound.vouches(v)) {
+            return Ok(());
+        }
+        let last = sql.last_value(client).await?;
+        let vouched = |what: &str, v: &i64| {
+            let ok = *v <= last;
+            if !ok {
+                tracing::warn!(
+                    version = *v,
+                    sequence = last,
+                    announced = what,
+                    "ignored an announced version the version sequence never reached (forged?)"
+                );
+            }
+            ok
+        };
+        self.deletes.retain(|_, v| vouched("delete", v));
+        self.truncates.retain(|_, v| vouched("truncate", v));
+        Ok(())
     }
 }
 

@@ -457,3 +457,42 @@ async fn min_version_and_strong_reads() {
     assert_eq!(bad.status, 400);
     assert_eq!(bad.code(), "invalid_query");
 }
+
+/// Anyone who can connect may NOTIFY: a notification naming a version the sequence never
+/// reached (just below 2^62, where a version still counts as one Postgres could hand out)
+/// is ignored. Taken, it was a tombstone above every version of its key in every tier, and
+/// the next write of the key moved the sequence up to it (the guard raises it past every
+/// version seen), where the versions after it soon counted as forged everywhere and every
+/// change after them went unannounced.
+#[tokio::test]
+async fn a_notification_naming_a_version_the_sequence_never_reached_is_ignored() {
+    let env = Env::new().await;
+    let [a, b, _] = three(&env, |c| c.feeds.postgres_source = PostgresSource::Notify).await;
+    let v1 = a.put("/v1/kv/n", "1").await.etag_version();
+    sees(&b, "/v1/kv/n", v1).await;
+    let pg = env.pg().await;
+    let forged = json!({"resource": "kv", "key": "n", "version": 4_611_686_018_427_386_904_i64,
+        "op": "delete"});
+    pg.execute(
+        "SELECT pg_notify('syncar_invalidations', $1)",
+        &[&forged.to_string()],
+    )
+    .await
+    .unwrap();
+    // A notification sent after it arrives after it: once this one is applied, the forged
+    // one was judged.
+    let v2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'n' RETURNING version",
+    )
+    .await;
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/n", v2).await;
+    }
+    let v3 = a.put("/v1/kv/n", "3").await.etag_version();
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/n", v3).await;
+    }
+    let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
+    assert!(last < 1 << 40, "the sequence was not moved: {last}");
+}

@@ -830,6 +830,39 @@ async fn forged_messages_in_the_wal_change_nothing() {
     }
     let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
     assert!(last < 1 << 40, "the sequence was not moved: {last}");
+
+    // The same just below 2^62, where a version still counts as one Postgres could have
+    // handed out: a write of the key then finds every tier holding a version above its own,
+    // and the guard moves the sequence up, but never past 2^61, which leaves the versions
+    // after it plausible for longer than any database lives. Moved to 2^62 - 1000, the
+    // 1000th version after it would be ignored by every instance as forged, and every
+    // change after it with it.
+    pg.batch_execute(
+        "BEGIN; DELETE FROM syncar_kv WHERE key = 'f'; \
+         SELECT pg_logical_emit_message(true, 'syncar', \
+           '{\"resource\": \"kv\", \"deletes\": [[\"f\", 4611686018427386904]]}'); \
+         COMMIT",
+    )
+    .await
+    .unwrap();
+    for i in [&a, &b] {
+        sees_absent(i, "/v1/kv/f").await;
+    }
+    let put = a.put("/v1/kv/f", "4").await;
+    assert!(put.status < 300, "{put:?}");
+    let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
+    assert!(last <= 1 << 61, "the sequence stays below 2^61: {last}");
+    // Coherence holds after it: a plain-SQL write of another key reaches every instance.
+    let vg = a.put("/v1/kv/g", "1").await.etag_version();
+    sees(&b, "/v1/kv/g", vg).await;
+    let vg2: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '2' WHERE key = 'g' RETURNING version",
+    )
+    .await;
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/g", vg2).await;
+    }
 }
 
 /// A database migrated by an earlier release (the changes log, no recorded source) keeps the
