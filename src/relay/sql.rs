@@ -39,16 +39,8 @@ impl Sql {
         &self,
         client: &tokio_postgres::Client,
     ) -> Result<i64, RelayError> {
-        let last: i64 = client
-            .query_typed_one(&self.last_value, &[])
+        self.sequence(client, &self.last_value, "reading the version sequence")
             .await
-            .map_err(|source| RelayError::Postgres {
-                doing: "reading the version sequence",
-                source,
-            })?
-            .get(0);
-        self.bound.learn(last);
-        Ok(last)
     }
 
     /// A version newer than any taken so far.
@@ -59,15 +51,24 @@ impl Sql {
         &self,
         client: &tokio_postgres::Client,
     ) -> Result<i64, RelayError> {
-        let version: i64 = client
-            .query_typed_one(&self.next_version, &[])
+        self.sequence(client, &self.next_version, "taking a version")
             .await
-            .map_err(|source| RelayError::Postgres {
-                doing: "taking a version",
-                source,
-            })?
+    }
+
+    /// Runs `sql`, which reads one value of the sequence (no version handed out so far is
+    /// above it), and notes it in the bound.
+    async fn sequence(
+        &self,
+        client: &tokio_postgres::Client,
+        sql: &str,
+        doing: &'static str,
+    ) -> Result<i64, RelayError> {
+        let value: i64 = client
+            .query_typed_one(sql, &[])
+            .await
+            .map_err(|source| RelayError::Postgres { doing, source })?
             .get(0);
-        self.bound.learn(version);
-        Ok(version)
+        self.bound.learn(value);
+        Ok(value)
     }
 }
