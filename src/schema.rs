@@ -27,7 +27,9 @@ pub use catalog::{check, load_catalog, Check};
 pub use changes::{changes_since, current_xmin, prune_changes, ChangesQuery};
 pub use error::SchemaError;
 pub use migrate::{migrate, plan, Migration};
-pub use names::{CHANGES_TABLE, FLUSH_ABOVE_KEYS, NOTIFY_CHANNEL, VERSION_SEQUENCE};
+pub use names::{
+    last_value_sql, CHANGES_TABLE, FLUSH_ABOVE_KEYS, NOTIFY_CHANNEL, VERSION_SEQUENCE,
+};
 pub use republish::republish;
 pub use script::{one_line, Block, Script};
 pub use stamp::broken_c_stamp;

@@ -90,6 +90,14 @@ impl Db {
         // The delete trigger takes the delete's version with nextval() in this session, after
         // the row is gone: currval() right after the delete is that version.
         let currval_sql = self.currval_sql();
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![key_param(key)];
+        if let Precondition::Versions(versions) = &pre {
+            params.push(versions);
+        }
+        let nothing_deleted = || match &pre {
+            Precondition::None => DeleteOutcome::NotFound,
+            _ => DeleteOutcome::PreconditionFailed,
+        };
         if commit == Commit::AsConfigured {
             // BEGIN, the delete, currval() and COMMIT in one round trip, where BEGIN, the
             // pair and COMMIT took three. One transaction still: behind a pooler in
@@ -104,14 +112,7 @@ impl Db {
                 .map_err(classify)?;
             let (begun, deleted, tombstone, committed) = tokio::join!(
                 client.batch_execute("BEGIN"),
-                async {
-                    match &pre {
-                        Precondition::Versions(versions) => {
-                            client.query_opt(&delete, &[key_param(key), versions]).await
-                        }
-                        _ => client.query_opt(&delete, &[key_param(key)]).await,
-                    }
-                },
+                client.query_opt(&delete, &params),
                 client.query_one(&currval, &[]),
                 client.batch_execute("COMMIT"),
             );
@@ -120,10 +121,7 @@ impl Db {
                 // Nothing deleted; currval() may have failed the transaction, which COMMIT
                 // then rolled back.
                 committed.map_err(classify)?;
-                return Ok(match pre {
-                    Precondition::None => DeleteOutcome::NotFound,
-                    _ => DeleteOutcome::PreconditionFailed,
-                });
+                return Ok(nothing_deleted());
             }
             // A failed currval() rolled the delete back: its error is the answer.
             let tombstone: i64 = tombstone.map_err(classify)?.get(0);
@@ -141,23 +139,13 @@ impl Db {
         // not read then.
         let (checked, deleted, tombstone) = tokio::join!(
             commit.check(&tx, check.as_ref()),
-            async {
-                match &pre {
-                    Precondition::Versions(versions) => {
-                        tx.query_opt(&delete, &[key_param(key), versions]).await
-                    }
-                    _ => tx.query_opt(&delete, &[key_param(key)]).await,
-                }
-            },
+            tx.query_opt(&delete, &params),
             tx.query_one(&currval, &[]),
         );
         checked?;
         if deleted.map_err(classify)?.is_none() {
             tx.rollback().await.map_err(classify)?;
-            return Ok(match pre {
-                Precondition::None => DeleteOutcome::NotFound,
-                _ => DeleteOutcome::PreconditionFailed,
-            });
+            return Ok(nothing_deleted());
         }
         let tombstone: i64 = tombstone.map_err(classify)?.get(0);
         tx.commit().await.map_err(classify)?;

@@ -22,7 +22,7 @@ use crate::model::SequenceBound;
 use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::shape::ShapeCheck;
-use crate::schema::{NOTIFY_CHANNEL, VERSION_SEQUENCE};
+use crate::schema::{last_value_sql, NOTIFY_CHANNEL};
 
 /// The LISTEN source, with this process's heartbeat channel.
 pub struct Notify {
@@ -128,11 +128,7 @@ impl Source for Notify {
              WHERE name = 'source' AND value = 'notify'",
             quote_ident(&config.postgres.schema)
         );
-        let last_value_sql = format!(
-            "SELECT last_value FROM {}.{}",
-            quote_ident(&config.postgres.schema),
-            quote_ident(VERSION_SEQUENCE)
-        );
+        let last_value_sql = last_value_sql(&config.postgres.schema);
         let feed_state = &ctx.coherence.postgres;
         feed_state.grant(lease);
         let mut phase = Phase::Connecting;

@@ -22,11 +22,7 @@ impl Sql {
                 "SELECT pg_catalog.nextval({}::pg_catalog.regclass)",
                 crate::resource::quote_literal(&format!("{schema}.{VERSION_SEQUENCE}"))
             ),
-            last_value: format!(
-                "SELECT last_value FROM {}.{}",
-                crate::resource::quote_ident(schema),
-                crate::resource::quote_ident(VERSION_SEQUENCE)
-            ),
+            last_value: crate::schema::last_value_sql(schema),
             bound: SequenceBound::default(),
         }
     }

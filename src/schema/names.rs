@@ -8,6 +8,16 @@
 pub const NOTIFY_CHANNEL: &str = "syncar_invalidations";
 /// The one sequence every version comes from.
 pub const VERSION_SEQUENCE: &str = "syncar_version_seq";
+
+/// `SELECT last_value` of the version sequence in `schema`: no version handed out so far is
+/// above it (what vouches for a version a message names, see `model::SequenceBound`).
+pub fn last_value_sql(schema: &str) -> String {
+    format!(
+        "SELECT last_value FROM {}.{}",
+        crate::resource::quote_ident(schema),
+        crate::resource::quote_ident(VERSION_SEQUENCE)
+    )
+}
 /// Generic trigger functions of earlier releases, replaced by per-resource ones and dropped
 /// by the migration once no trigger uses them.
 pub(super) const LEGACY_FUNCTIONS: [&str; 3] =
