@@ -162,14 +162,8 @@ async fn two_instances_stay_coherent_on_a_cluster() {
     b.sees_absent("/v1/kv/k1", WINDOW).await;
 
     // The prefix flush (for a repair queue that overflowed) reaches every master.
-    let removed = a
-        .state()
-        .tiers
-        .feed_tiers()
-        .flush_redis()
-        .await
-        .expect("flushed");
-    assert!(removed >= keys.len() as u64, "removed {removed}");
+    let (removed, retried) = a.flush_redis().await;
+    assert!(retried || removed >= keys.len() as u64, "removed {removed}");
     for k in &keys {
         assert_eq!(entry(&cluster, &env, k), None, "{k} is gone from Redis");
     }

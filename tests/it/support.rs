@@ -280,6 +280,28 @@ impl Instance {
         .await;
     }
 
+    /// Drops this deployment's key prefix from Redis the way a feed's recovery does, and
+    /// as it does, tries again after a failure (a 250 ms command timeout on a machine
+    /// busy with the rest of the suite) for at most five seconds. Returns how many keys the
+    /// try that succeeded removed, and whether an earlier one failed (and may have removed
+    /// some already).
+    pub async fn flush_redis(&self) -> (u64, bool) {
+        let tiers = self.state().tiers.feed_tiers();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut retried = false;
+        loop {
+            match tiers.flush_redis().await {
+                Ok(n) => return (n, retried),
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("flush_redis failed, trying again: {e}");
+                    retried = true;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("flush_redis kept failing: {e}"),
+            }
+        }
+    }
+
     /// Waits until `feed` reports `up` (true or false), returning how long it took.
     pub async fn feed_becomes(&self, feed: &str, up: bool, timeout: Duration) -> Duration {
         let start = Instant::now();

