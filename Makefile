@@ -24,9 +24,11 @@ run: services-up
 	@echo
 	env $(DEV_ENV) SYNCAR_LISTEN=$(SYNCAR_LISTEN) SYNCAR_ADMIN_LISTEN=$(SYNCAR_ADMIN_LISTEN) $(or $(CARGO_TARGET_DIR),target)/release/syncar serve --config $(CONFIG)
 
-# The stamp tests (tests/it/stamp.rs) need the C stamp installed into the Postgres the tests
-# start (Debian's): stamp-extension does that first.
+# The servers the tests start (Postgres, Redis, a Redis Cluster, PgBouncer) installed from
+# Debian if absent; the stamp tests (tests/it/stamp.rs) need the C stamp installed into the
+# Postgres the tests start (Debian's): stamp-extension does that first.
 test: stamp-extension
+	scripts/dev-services.sh install-test
 	cargo test
 
 # The C version stamp (ext/syncar_stamp) built and installed into Debian's Postgres (installs

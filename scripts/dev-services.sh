@@ -5,7 +5,9 @@
 #   scripts/dev-services.sh up      install the Debian packages if absent, start both
 #   scripts/dev-services.sh down    stop both
 #   scripts/dev-services.sh env     print the SYNCAR_* variables pointing at them
-#   scripts/dev-services.sh install install the Debian packages if absent (for tests, benches)
+#   scripts/dev-services.sh install install the Debian packages if absent (for benches)
+#   scripts/dev-services.sh install-test  those and what the tests start besides (redis-cli
+#                                   for a Redis Cluster, psql, PgBouncer)
 #   scripts/dev-services.sh free-ports N  print N distinct loopback ports nothing uses now
 set -euo pipefail
 
@@ -27,6 +29,11 @@ install_packages() {
   local need=()
   [ -n "$(pg_bindir)" ] && [ -x "$(pg_bindir)/initdb" ] || need+=(postgresql)
   command -v redis-server >/dev/null || need+=(redis-server)
+  if [ "${1:-}" = tests ]; then
+    command -v redis-cli >/dev/null || need+=(redis-tools)
+    command -v psql >/dev/null || need+=(postgresql-client)
+    [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null || need+=(pgbouncer)
+  fi
   if [ ${#need[@]} -gt 0 ]; then
     echo "installing ${need[*]} (Debian packages)"
     if [ "$(id -u)" -ne 0 ]; then
@@ -101,6 +108,7 @@ case "${1:-}" in
   down) down ;;
   env) env_vars ;;
   install) install_packages ;;
+  install-test) install_packages tests ;;
   free-ports) free_ports "${2:-1}" ;;
-  *) echo "usage: $0 up|down|env|install|free-ports [N]" >&2; exit 2 ;;
+  *) echo "usage: $0 up|down|env|install|install-test|free-ports [N]" >&2; exit 2 ;;
 esac

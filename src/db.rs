@@ -164,10 +164,10 @@ impl Db {
     /// # Errors
     /// Only an unusable URL, which config validation already rules out.
     pub fn new(config: &PostgresConfig) -> Result<Self, DbError> {
-        let (pg, tls) = pg_config(config)?;
-        let manager = Manager::from_config(
+        let (pg, _) = pg_config(config)?;
+        let manager = Manager::from_connect(
             pg,
-            tls,
+            connect::PoolConnect::new(config)?,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

@@ -485,6 +485,85 @@ fn append(path: &Path, text: &str) {
     }
 }
 
+/// A PgBouncer of its own on a free port in front of the shared Postgres, pooling in
+/// `pool_mode` (`session` or `transaction`) with at most `pool_size` server connections per
+/// database, trusting every client as Postgres does; stopped on drop. syncar connects through it as a deployment whose `postgres.url` names a
+/// PgBouncer does.
+pub struct PgBouncer {
+    pub port: u16,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl PgBouncer {
+    pub fn start(pool_mode: &str, pool_size: usize) -> PgBouncer {
+        let pg_port = servers().pg_port;
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| {
+                panic!("pgbouncer not found: install it with `apt-get install pgbouncer`")
+            });
+        let dir = tempfile::Builder::new()
+            .prefix("syncar-test-pgbouncer-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        for _ in 0..5 {
+            let port = free_port();
+            std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+            std::fs::write(
+                dir.join("pgbouncer.ini"),
+                format!(
+                    "[databases]\n* = host=127.0.0.1 port={pg_port}\n\
+                     [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                     unix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
+                     pool_mode = {pool_mode}\nmax_client_conn = 500\ndefault_pool_size = {pool_size}\n\
+                     logfile = {log}\n{user}",
+                    // PgBouncer refuses to run as root; started as root, it changes to
+                    // `user` once it has read its files.
+                    user = if is_root() { "user = postgres\n" } else { "" },
+                    users = dir.join("users.txt").display(),
+                    log = dir.join("pgbouncer.log").display(),
+                ),
+            )
+            .unwrap();
+            if is_root() {
+                chown_postgres(&dir);
+            }
+            let mut child = Command::new(&bin)
+                .arg(dir.join("pgbouncer.ini"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("run pgbouncer");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return PgBouncer { port, child, dir };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited: the port was taken
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let log = std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default();
+        panic!("pgbouncer would not start:\n{log}");
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A redis-server of its own, stopped on drop; restartable on the same port.
 pub struct RedisServer {
     pub port: u16,

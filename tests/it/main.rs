@@ -9,6 +9,7 @@ mod ddl;
 mod failover;
 mod hostile;
 mod lease;
+mod pgbouncer;
 mod restore;
 mod schema;
 mod sentinel;

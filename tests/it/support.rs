@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 #[path = "../common/servers.rs"]
 mod servers;
 pub use servers::{
-    free_port, servers, tls_servers, PostgresPair, RedisCluster, RedisServer, SentinelGroup,
-    TlsServers,
+    free_port, servers, tls_servers, PgBouncer, PostgresPair, RedisCluster, RedisServer,
+    SentinelGroup, TlsServers,
 };
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
