@@ -6,12 +6,14 @@
 //! state table, the changes log, shapes). Beside them, leaves the rooms share: `error.rs`
 //! the one place a Postgres error is classified ([`DbError`], [`classify`]), `connect.rs`
 //! the driver's settings, TLS and connections of their own ([`connect_dedicated`]),
-//! `commit.rs` how a client's write commits ([`Commit`]).
+//! `commit.rs` how a client's write commits ([`Commit`]), `pooler.rs` whether a pooler in
+//! front of Postgres mixes up sessions' prepared statements ([`check_pooler`]).
 
 mod bookkeeping;
 mod commit;
 mod connect;
 mod error;
+mod pooler;
 mod read;
 mod write;
 
@@ -29,6 +31,7 @@ use crate::schema::VERSION_SEQUENCE;
 pub use commit::{relay_waited_for, Commit, NotSynchronous};
 pub use connect::{connect_dedicated, pg_config, Dedicated};
 pub use error::{classify, CatalogError, DbError};
+pub use pooler::{check as check_pooler, POOLER_HINT};
 
 use connect::explained;
 

@@ -79,6 +79,13 @@ where
         .await
         .map_err(MigrateError::Connect)?;
     let driver = tokio::spawn(connection);
+    // Before anything runs through it: not behind a pooler that would send syncar's
+    // statements to other clients' sessions.
+    if let Err(e) = crate::db::check_pooler(&config.postgres, &client).await {
+        drop(client);
+        let _ = driver.await;
+        return Err(MigrateError::Connect(e));
+    }
     let result = f(client).await;
     // The client was moved into `f` and dropped there, which ends the connection.
     let _ = driver.await;

@@ -77,6 +77,18 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
         // load (the C stamp on a server without it), which the recheck mends.
         class("schema_changed");
         DbError::SchemaChanged(format!("{reason} [{sqlstate}]"))
+    } else if [
+        SqlState::INVALID_SQL_STATEMENT_NAME,
+        SqlState::DUPLICATE_PSTATEMENT,
+    ]
+    .contains(code)
+        || (*code == SqlState::PROTOCOL_VIOLATION && db.message().contains("prepared statement"))
+    {
+        // 26000 "prepared statement sN does not exist", 42P05 "already exists", 08P01 "bind
+        // message supplies 2 parameters, but prepared statement requires 1": syncar's
+        // statements met a session that is not the one they were prepared on.
+        class("pooler");
+        DbError::Unavailable(format!("{reason} [{sqlstate}]: {}", super::POOLER_HINT))
     } else if *code == SqlState::UNIQUE_VIOLATION {
         class("rejected");
         DbError::Conflict(reason)

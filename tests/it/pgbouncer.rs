@@ -81,3 +81,68 @@ async fn syncar_works_through_pgbouncer_in_session_pooling() {
     let url = through(&env, &bouncer);
     exercise(&env, &url, syncar::config::PostgresSource::ChangesLog).await;
 }
+
+/// PgBouncer 1.18 in transaction pooling lends one server session to any client between
+/// transactions and passes statement names through: syncar's prepared statements could run
+/// on another client's session (another instance's `s5`, prepared from other SQL). syncar
+/// finds out before it runs anything, and stays not ready with the reason; nothing of its
+/// schema is installed.
+#[tokio::test]
+async fn a_transaction_pool_that_passes_statement_names_through_is_refused_with_the_reason() {
+    let bouncer = PgBouncer::start("transaction", 2);
+    let env = Env::new().await;
+    let mut config = env.config();
+    config.postgres.url = through(&env, &bouncer);
+    crate::support::init_logging();
+    let app = syncar::App::start(config.clone()).await.expect("starts");
+    let state = app.state().clone();
+    let reason = crate::support::eventually(WINDOW, "a reason", || async {
+        let reason = state.catalog().err()?.to_string();
+        (reason != "not ready: connecting to postgres").then_some(reason)
+    })
+    .await;
+    assert!(
+        reason.contains("max_prepared_statements") && reason.contains("transaction"),
+        "{reason}"
+    );
+    assert!(app.ready(Duration::from_millis(200)).await.is_err());
+    app.shutdown().await;
+    let installed: i64 = crate::support::query_value(
+        &env.pg().await,
+        "SELECT count(*) FROM pg_class WHERE relname = 'syncar_kv'",
+    )
+    .await;
+    assert_eq!(installed, 0, "nothing was installed through the pooler");
+
+    // The command line says the same.
+    let refused = syncar::app::run_migration(&config)
+        .await
+        .expect_err("refused");
+    assert!(
+        refused.to_string().contains("cannot connect")
+            && syncar::telemetry::error_chain(&refused).contains("max_prepared_statements"),
+        "{}",
+        syncar::telemetry::error_chain(&refused)
+    );
+}
+
+/// Where the check cannot tell (the pooler gave the second connection another server
+/// session), a statement that meets a session it was not prepared on fails with the same
+/// explanation, as a 503's reason, not an internal error.
+#[tokio::test]
+async fn a_statement_missing_from_its_session_is_explained() {
+    let env = Env::new().await;
+    let e = env
+        .pg()
+        .await
+        .batch_execute("DEALLOCATE s999999")
+        .await
+        .expect_err("no such statement");
+    match syncar::db::classify(e) {
+        syncar::db::DbError::Unavailable(reason) => {
+            assert!(reason.contains("26000"), "{reason}");
+            assert!(reason.contains(syncar::db::POOLER_HINT), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
