@@ -18,6 +18,9 @@ fn through(env: &Env, bouncer: &PgBouncer) -> String {
     )
 }
 
+/// Two instances whose `postgres.url` is `url`: writes through either and plain SQL past
+/// them reach both. With the `wal` source the relay's replication connection goes to
+/// Postgres itself (`postgres.replication_url`), as a pooler carries none.
 async fn exercise(env: &Env, url: &str, source: syncar::config::PostgresSource) {
     env.pg()
         .await
@@ -27,6 +30,9 @@ async fn exercise(env: &Env, url: &str, source: syncar::config::PostgresSource) 
     let config = |c: &mut syncar::Config| {
         c.postgres.url = url.to_string();
         c.feeds.postgres_source = source;
+        if source == syncar::config::PostgresSource::Wal {
+            c.postgres.replication_url = Some(env.pg_url.clone());
+        }
         c.resources
             .push(crate::support::resource("items", "id", "version"));
     };
@@ -80,6 +86,14 @@ async fn syncar_works_through_pgbouncer_in_session_pooling() {
     let env = Env::new().await;
     let url = through(&env, &bouncer);
     exercise(&env, &url, syncar::config::PostgresSource::ChangesLog).await;
+}
+
+#[tokio::test]
+async fn the_wal_source_works_with_its_relay_beside_pgbouncer() {
+    let bouncer = PgBouncer::start("session", 20);
+    let env = Env::new().await;
+    let url = through(&env, &bouncer);
+    exercise(&env, &url, syncar::config::PostgresSource::Wal).await;
 }
 
 /// PgBouncer 1.18 in transaction pooling lends one server session to any client between
