@@ -195,6 +195,7 @@ async fn follow_shapes(
             }
         }
         republish(config, catalog, db, secrets).await;
+        rearm(config, catalog, secrets).await;
         let now = tokio::time::Instant::now();
         match stamp_probed.map(|at| at + STAMP_RETRY) {
             Some(next) if check_stamp && next > now => stamp_retry = Some(next),
@@ -251,6 +252,39 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
             error = %secrets.scrub(&error_chain(&e)),
             "keeping the publication to tables with a replica identity failed; retrying at the \
              next recheck"
+        ),
+    }
+}
+
+/// Enables syncar's triggers `ALWAYS` again where they are enabled for some sessions only
+/// ([`crate::resource::Catalog::disarmed`]: `ALTER TABLE ... ENABLE TRIGGER ALL` after a
+/// bulk load leaves them so), by a migration, with `postgres.migrate_on_start`; the catalog
+/// is read again after a change (the change of shape makes the other instances do the
+/// same). A disabled trigger is left alone: the customer disabled it, and the resource
+/// stays unavailable until it is enabled.
+async fn rearm(config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
+    let Ok(current) = catalog.get() else {
+        return;
+    };
+    if current.disarmed().is_empty() || !config.postgres.migrate_on_start {
+        // Nothing to do, or the DBA's to do: the reason each resource is unavailable says
+        // what.
+        return;
+    }
+    let migrated = with_connection(config, |mut client| async move {
+        Ok(migrate(&mut client, config).await?)
+    })
+    .await;
+    match migrated {
+        Ok(migration) => {
+            for change in &migration.changes {
+                tracing::warn!(change = %change, "migrated");
+            }
+            catalog.request_recheck();
+        }
+        Err(e) => tracing::error!(
+            error = %secrets.scrub(&error_chain(&e)),
+            "enabling syncar's triggers always again failed; retrying at the next recheck"
         ),
     }
 }

@@ -23,6 +23,10 @@ pub struct Catalog {
     /// Resources left out only because their table is not in the `wal` source's publication
     /// (taken out while it had no replica identity): the schema task publishes them again.
     unpublished: Vec<String>,
+    /// Resources left out only because a trigger of syncar's on their table is enabled but
+    /// not `ALWAYS` (`ALTER TABLE ... ENABLE TRIGGER ALL` after a bulk load leaves it so):
+    /// the schema task enables them always again.
+    disarmed: Vec<String>,
     /// Each configured resource's table fingerprint when this catalog was read (see
     /// `schema::shape`): a live one that differs means the table changed since.
     pub shapes: Shapes,
@@ -79,6 +83,7 @@ impl Catalog {
             capture: Capture::default(),
             unavailable: HashMap::new(),
             unpublished: Vec::new(),
+            disarmed: Vec::new(),
             shapes: HashMap::new(),
         }
     }
@@ -105,6 +110,21 @@ impl Catalog {
     pub fn with_unpublished(mut self, unpublished: Vec<String>) -> Self {
         self.unpublished = unpublished;
         self
+    }
+
+    /// The same catalog, noting the left-out resources whose only fault is a trigger of
+    /// syncar's enabled but not always (see [`Catalog::disarmed`]).
+    pub fn with_disarmed(mut self, disarmed: Vec<String>) -> Self {
+        self.disarmed = disarmed;
+        self
+    }
+
+    /// Resources whose tables fit in every way but one: a trigger of syncar's on them is
+    /// enabled for ordinary sessions only (`tgenabled` `O`) or for replicas only (`R`), so
+    /// some writers would change rows unversioned and unannounced. A migration enables it
+    /// `ALWAYS` again, as syncar installed it.
+    pub fn disarmed(&self) -> &[String] {
+        &self.disarmed
     }
 
     /// Resources whose tables fit in every way but one: they are not in the `wal` source's

@@ -38,6 +38,7 @@ pub async fn load_catalog(
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     let mut unavailable = Vec::new();
     let mut unpublished = Vec::new();
+    let mut disarmed = Vec::new();
     let published = if capture.source == crate::config::PostgresSource::Wal {
         Some(super::republish::published(client, &capture.publication).await?)
     } else {
@@ -53,15 +54,21 @@ pub async fn load_catalog(
             Err(e) => return Err(e),
         };
         let wanted = wanted_triggers(capture.source, info.identity == Identity::ExcludesKey);
-        let installed: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_trigger WHERE tgrelid = $1 AND tgname = ANY($2)",
+        // Each wanted trigger's name and `tgenabled` (`A` always, as syncar installs them;
+        // `O` origin and local sessions only; `R` replicas only; `D` disabled).
+        let installed: Vec<(String, String)> = client
+            .query(
+                "SELECT tgname::pg_catalog.text, tgenabled::pg_catalog.text \
+                 FROM pg_catalog.pg_trigger \
+                 WHERE tgrelid = $1 AND tgname OPERATOR(pg_catalog.=) ANY($2) ORDER BY tgname",
                 &[&info.oid, &wanted],
             )
             .await
             .map_err(pg("looking up triggers"))?
-            .get(0);
-        if installed != wanted.len() as i64
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        if installed.len() != wanted.len()
             || !info.columns.iter().any(|c| c.name == r.version_column)
         {
             // Fits, but not migrated (left out by a migration while it did not fit, or
@@ -73,6 +80,15 @@ pub async fn load_catalog(
                     r.schema, r.table
                 ),
             ));
+            continue;
+        }
+        if let Some(reason) = trigger_fault(&r.schema, &r.table, &installed) {
+            // Writes the trigger does not see change rows without a version or an
+            // announcement: no cached copy could be trusted.
+            if !installed.iter().any(|(_, enabled)| enabled == "D") {
+                disarmed.push(r.name.clone());
+            }
+            unavailable.push((r.name.clone(), reason));
             continue;
         }
         if let Some(published) = &published {
@@ -130,7 +146,44 @@ pub async fn load_catalog(
         .with_shapes(shapes)
         .with_capture(capture)
         .with_unavailable(unavailable)
-        .with_unpublished(unpublished))
+        .with_unpublished(unpublished)
+        .with_disarmed(disarmed))
+}
+
+/// Why syncar's triggers on `schema.table` (`installed`: name and `tgenabled`) do not see
+/// every write, if they do not: one disabled (`D`: `ALTER TABLE ... DISABLE TRIGGER`, as
+/// for a bulk load), or enabled for some sessions only (`O`, what `ENABLE TRIGGER ALL`
+/// leaves, skips writers with `session_replication_role = replica`, such as a logical
+/// replication subscriber or `pg_restore --disable-triggers`; `R` fires for those only).
+fn trigger_fault(schema: &str, table: &str, installed: &[(String, String)]) -> Option<String> {
+    let qualified = format!("{schema}.{table}");
+    let disabled: Vec<&str> = installed
+        .iter()
+        .filter(|(_, enabled)| enabled == "D")
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !disabled.is_empty() {
+        return Some(format!(
+            "trigger {} on {qualified} is disabled (ALTER TABLE ... DISABLE TRIGGER): writes \
+             change rows without a version syncar sees; the resource is served again once \
+             it is enabled (ALTER TABLE {qualified} ENABLE TRIGGER ALL)",
+            disabled.join(", ")
+        ));
+    }
+    let partial: Vec<&str> = installed
+        .iter()
+        .filter(|(_, enabled)| enabled != "A")
+        .map(|(name, _)| name.as_str())
+        .collect();
+    (!partial.is_empty()).then(|| {
+        format!(
+            "trigger {} on {qualified} is not enabled ALWAYS (as ENABLE TRIGGER ALL leaves \
+             it): writers with session_replication_role = replica would bypass it; syncar \
+             enables it always again (with postgres.migrate_on_start; else run `syncar \
+             migrate`)",
+            partial.join(", ")
+        )
+    })
 }
 
 /// What `syncar check-config --db` found: each configured resource checked against the live

@@ -107,10 +107,13 @@ pub(super) enum Announce {
 pub(super) fn announce_function_body(schema: &str, r: &ResourceConfig, mode: Announce) -> String {
     let key = quote_ident(&r.key);
     let next = next_version(schema);
-    // A NULL key (a nullable unique column) names no document: nothing to announce.
+    // A NULL key (a nullable unique column) names no document: nothing to announce. A NULL
+    // version (the stamp disabled on its own, or a row never stamped that a writer changed
+    // with it disabled) is announced at a fresh one: the log's version is NOT NULL, and the
+    // writer's statement must not fail for it.
     let puts = format!(
-        "SELECT n.{ver} AS version, n.{key}::text AS key, 'put' AS op FROM syncar_new n \
-         WHERE n.{key} IS NOT NULL",
+        "SELECT COALESCE(n.{ver}, {next}) AS version, n.{key}::text AS key, 'put' AS op \
+         FROM syncar_new n WHERE n.{key} IS NOT NULL",
         ver = quote_ident(&r.version_column)
     );
     let deletes = format!(

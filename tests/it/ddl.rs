@@ -634,3 +634,95 @@ async fn identities_postgres_does_not_use_never_fail_the_customers_writes() {
     unavailable(&a, "tenants", "replica identity").await;
     a.shutdown().await;
 }
+
+/// The triggers of syncar's, as a bulk load or a restore tool treats them: disabled (`ALTER
+/// TABLE ... DISABLE TRIGGER ALL`), then enabled again with `ENABLE TRIGGER ALL`, which
+/// leaves them enabled for ordinary sessions only. While one is disabled the resource is
+/// unavailable with the reason (writes change rows without a version syncar sees), and
+/// every customer statement succeeds, the stamp disabled alone included (a row changed
+/// unstamped is announced at a fresh version); once enabled, syncar enables them ALWAYS
+/// again (a writer with `session_replication_role = replica` is versioned too) and serves
+/// what the rows hold, never the copy cached before.
+#[tokio::test]
+async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
+        }
+        sql(&env, "ALTER TABLE items DISABLE TRIGGER ALL").await;
+        for i in [&a, &b] {
+            let reason = unavailable(i, "items", "disabled").await;
+            assert!(
+                reason.contains("ENABLE TRIGGER ALL"),
+                "{source:?}: {reason}"
+            );
+        }
+        kv_keeps_l1(&a, &b, "during").await;
+        sql(&env, "UPDATE items SET name = 'bulk' WHERE id = 1").await;
+        sql(&env, "INSERT INTO items VALUES (4, 'four')").await;
+        sql(&env, "ALTER TABLE items ENABLE TRIGGER ALL").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the bulk load's row", |d| {
+                d["name"] == "bulk"
+            })
+            .await;
+            serves(i, "/v1/items/4", "the bulk load's new row", |d| {
+                d["name"] == "four"
+            })
+            .await;
+        }
+        let modes: Vec<String> = env
+            .pg()
+            .await
+            .query(
+                "SELECT tgenabled::text FROM pg_trigger \
+                 WHERE tgrelid = 'items'::regclass AND tgname LIKE 'syncar%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            !modes.is_empty() && modes.iter().all(|m| m == "A"),
+            "{source:?}: enabled always again: {modes:?}"
+        );
+        // A replica-role writer (a subscriber, a restore) is versioned and reaches both.
+        sql(
+            &env,
+            "BEGIN; SET LOCAL session_replication_role = replica; \
+             UPDATE items SET name = 'replica' WHERE id = 2; COMMIT",
+        )
+        .await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/2", "the replica's write", |d| {
+                d["name"] == "replica"
+            })
+            .await;
+        }
+
+        // The stamp alone disabled: no statement fails, even on a row never stamped.
+        sql(
+            &env,
+            "ALTER TABLE items DISABLE TRIGGER syncar_stamp_version; \
+             UPDATE items SET name = 'unstamped' WHERE id = 3; \
+             UPDATE items SET name = 'unstamped' WHERE id = 1",
+        )
+        .await;
+        unavailable(&a, "items", "syncar_stamp_version").await;
+        sql(
+            &env,
+            "ALTER TABLE items ENABLE ALWAYS TRIGGER syncar_stamp_version",
+        )
+        .await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/3", "row 3", |d| d["name"] == "unstamped").await;
+            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "unstamped").await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
