@@ -31,7 +31,7 @@ use crate::schema::VERSION_SEQUENCE;
 pub use commit::{relay_waited_for, Commit, NotSynchronous};
 pub use connect::{connect_dedicated, pg_config, Dedicated};
 pub use error::{classify, CatalogError, DbError};
-pub use pooler::{check as check_pooler, POOLER_HINT};
+pub use pooler::{check as check_pooler, PoolerError, POOLER_HINT};
 
 use connect::explained;
 

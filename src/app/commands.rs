@@ -13,6 +13,9 @@ pub enum MigrateError {
     Connect(#[source] crate::db::DbError),
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    /// `postgres.url` leads to a pooler syncar cannot run behind, or the check failed.
+    #[error(transparent)]
+    Pooler(#[from] crate::db::PoolerError),
 }
 
 /// Runs `syncar uninstall` once, on a connection of its own.
@@ -84,7 +87,7 @@ where
     if let Err(e) = crate::db::check_pooler(&config.postgres, &client).await {
         drop(client);
         let _ = driver.await;
-        return Err(MigrateError::Connect(e));
+        return Err(e.into());
     }
     let result = f(client).await;
     // The client was moved into `f` and dropped there, which ends the connection.

@@ -2,7 +2,7 @@
 //! timeout, the primary among several hosts), TLS from the URL, and connections of their own
 //! outside the pool. Runs no statement itself.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio_postgres::config::TargetSessionAttrs;
@@ -10,6 +10,7 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::PostgresConfig;
+use crate::locks::MutexExt;
 use crate::tls::{with_hint, PostgresTls};
 
 use super::error::DbError;
@@ -27,8 +28,8 @@ pub type Dedicated = (
 /// The driver configuration: timeouts, keepalives and a server-side statement timeout, so no
 /// call can hang forever; and the TLS connector the URL's `sslmode` and certificates call for
 /// (see [`crate::tls`]). The statement timeout travels as a startup option (`-c
-/// statement_timeout=…`, after the URL's own `options`); [`without_own_options`] gives the
-/// same configuration without it, for a pooler that refuses it (see [`refused_options`]).
+/// statement_timeout=…`, after the URL's own `options`), which a pooler may refuse: the
+/// connections syncar opens then go without it (see [`connect_dedicated`]).
 ///
 /// # Errors
 /// An unparsable URL, or TLS settings that cannot be used.
@@ -42,15 +43,6 @@ pub fn pg_config(
 }
 
 /// [`pg_config`] without the startup options syncar adds: the URL's own `options` only.
-///
-/// # Errors
-/// As [`pg_config`].
-fn without_own_options(
-    config: &PostgresConfig,
-) -> Result<(tokio_postgres::Config, MakeRustlsConnect), DbError> {
-    plain_config(config)
-}
-
 fn plain_config(
     config: &PostgresConfig,
 ) -> Result<(tokio_postgres::Config, MakeRustlsConnect), DbError> {
@@ -88,70 +80,112 @@ fn add_option(pg: &mut tokio_postgres::Config, option: &str) {
     pg.options(options.trim());
 }
 
-/// Whether the server refused the connection for its startup `options`: PgBouncer before
-/// 1.20 takes no `options` at all ("unsupported startup parameter: options"), later ones
-/// only the parameters it tracks ("unsupported options startup parameter: …"), both with
-/// SQLSTATE 08P01 (`protocol_violation`). Postgres itself takes any `-c` a role may set.
-pub(super) fn refused_options(e: &tokio_postgres::Error) -> bool {
+/// Whether the server refused the connection for its startup `options` (SQLSTATE 08P01,
+/// `protocol_violation`): PgBouncer before 1.20 takes no `options` at all ("unsupported
+/// startup parameter: options"), later ones (and the poolers built like them) only the
+/// parameters they track ("unsupported startup parameter in options: statement_timeout").
+/// Postgres itself takes any `-c` a role may set. The text is matched because the code is
+/// shared with every other startup refusal (a `replication` parameter included), and
+/// PgBouncer's messages are not translated.
+fn refused_options(e: &tokio_postgres::Error) -> bool {
     e.as_db_error().is_some_and(|db| {
         db.code() == &tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
-            && db.message().contains("startup parameter")
+            && names_options(db.message())
     })
 }
 
-/// Says once per process that syncar's sessions run without the settings it sends at
-/// startup, and what to do instead.
-fn warn_options_refused(e: &tokio_postgres::Error) {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    WARNED.call_once(|| {
-        tracing::warn!(
-            error = %e,
-            "postgres (a pooler in front of it, such as PgBouncer) refused syncar's startup \
-             options; connecting without them: syncar's sessions keep the role's \
-             statement_timeout (postgres.statement_timeout is not applied) and its own \
-             commits outside a transaction the role's synchronous_commit. Set them for \
-             syncar's role (ALTER ROLE ... SET statement_timeout = '5s'), or let PgBouncer \
-             pass them (track_extra_parameters = statement_timeout, synchronous_commit)"
-        );
-    });
+/// Whether a startup refusal's `message` is about the `options` parameter.
+fn names_options(message: &str) -> bool {
+    message.starts_with("unsupported startup parameter: options")
+        || message.starts_with("unsupported startup parameter in options")
 }
 
-/// Connects with `pg`; when a pooler refuses its startup options ([`refused_options`]),
-/// once more with `plain` (the URL's own options only), warning once. `refused` remembers
-/// the answer, so a pool tries its options once, not on every connection.
+/// The URLs (`postgres.url`, `postgres.listen_url`) whose server refused syncar's startup
+/// options, for the process' life: each is asked with them once, then connected to
+/// without them (a pooler does not start taking them while syncar runs; a restart asks
+/// again).
+static REFUSED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn refused_before(url: &str) -> bool {
+    REFUSED.locked().iter().any(|u| u == url)
+}
+
+/// Notes that `url`'s server refused syncar's startup options, warning the first time.
+fn note_refusal(url: &str, e: &tokio_postgres::Error) {
+    let mut refused = REFUSED.locked();
+    if refused.iter().any(|u| u == url) {
+        return;
+    }
+    refused.push(url.to_string());
+    tracing::warn!(
+        error = %e,
+        "postgres (a pooler in front of it, such as PgBouncer) refused syncar's startup \
+         options; connecting without them: syncar's sessions keep the role's \
+         statement_timeout (postgres.statement_timeout is not applied) and its own commits \
+         outside a transaction the role's synchronous_commit. Set them for syncar's role \
+         (ALTER ROLE ... SET statement_timeout = '5s'); README \"Behind PgBouncer\""
+    );
+}
+
+/// Connects with `pg`, or with `plain` (the URL's own options only) where the server at
+/// `url` refuses syncar's startup options ([`refused_options`]): at once when it did before,
+/// else after trying. Each try is bounded by `limit`.
 async fn connect_or_without_options<T>(
     pg: &tokio_postgres::Config,
     plain: &tokio_postgres::Config,
     tls: T,
-    refused: &AtomicBool,
+    url: &str,
+    limit: Duration,
 ) -> Result<
     (
         tokio_postgres::Client,
         tokio_postgres::Connection<tokio_postgres::Socket, T::Stream>,
     ),
-    tokio_postgres::Error,
+    DbError,
 >
 where
     T: MakeTlsConnect<tokio_postgres::Socket> + Clone,
 {
-    if !refused.load(Ordering::Relaxed) {
-        match pg.connect(tls.clone()).await {
-            Err(e) if refused_options(&e) => {
-                warn_options_refused(&e);
-                refused.store(true, Ordering::Relaxed);
-            }
-            other => return other,
+    let failed = |e: Option<tokio_postgres::Error>| match e {
+        Some(e) => DbError::Unavailable(format!("connect failed: {}", explained(&e))),
+        None => DbError::Unavailable("connect timed out".into()),
+    };
+    if !refused_before(url) {
+        match try_connect(pg, tls.clone(), limit).await {
+            Err(Some(e)) if refused_options(&e) => note_refusal(url, &e),
+            other => return other.map_err(failed),
         }
     }
-    plain.connect(tls).await
+    try_connect(plain, tls, limit).await.map_err(failed)
 }
 
-/// How the pool opens its connections: with syncar's startup options, or without them once a
-/// pooler refused them (see [`connect_or_without_options`]).
+/// One connect, bounded by `limit`: its error, or `None` when it timed out.
+async fn try_connect<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    limit: Duration,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, T::Stream>,
+    ),
+    Option<tokio_postgres::Error>,
+>
+where
+    T: MakeTlsConnect<tokio_postgres::Socket>,
+{
+    match tokio::time::timeout(limit, config.connect(tls)).await {
+        Ok(result) => result.map_err(Some),
+        Err(_) => Err(None),
+    }
+}
+
+/// How the pool opens its connections: with syncar's startup options, or without them where
+/// a pooler refused them (see [`connect_or_without_options`]).
 pub(super) struct PoolConnect {
-    pub(super) tls: MakeRustlsConnect,
-    pub(super) plain: tokio_postgres::Config,
-    pub(super) refused: AtomicBool,
+    tls: MakeRustlsConnect,
+    plain: tokio_postgres::Config,
+    url: String,
 }
 
 impl PoolConnect {
@@ -160,11 +194,11 @@ impl PoolConnect {
     /// # Errors
     /// As [`pg_config`].
     pub(super) fn new(config: &PostgresConfig) -> Result<Self, DbError> {
-        let (plain, tls) = without_own_options(config)?;
+        let (plain, tls) = plain_config(config)?;
         Ok(PoolConnect {
             tls,
             plain,
-            refused: AtomicBool::new(false),
+            url: config.url.clone(),
         })
     }
 }
@@ -179,13 +213,17 @@ impl deadpool_postgres::Connect for PoolConnect {
     > {
         let pg_config = pg_config.clone();
         Box::pin(async move {
-            let (client, connection) = connect_or_without_options(
-                &pg_config,
-                &self.plain,
-                self.tls.clone(),
-                &self.refused,
-            )
-            .await?;
+            // The pool's create timeout bounds both tries.
+            let (client, connection) = match refused_before(&self.url) {
+                true => self.plain.connect(self.tls.clone()).await?,
+                false => match pg_config.connect(self.tls.clone()).await {
+                    Err(e) if refused_options(&e) => {
+                        note_refusal(&self.url, &e);
+                        self.plain.connect(self.tls.clone()).await?
+                    }
+                    other => other?,
+                },
+            };
             let task = tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     tracing::warn!(target: "deadpool.postgres", "Connection error: {}", e);
@@ -200,12 +238,12 @@ impl deadpool_postgres::Connect for PoolConnect {
 /// named `application_name` in `pg_stat_activity`; `url` overrides `config.url` (a feed's
 /// `postgres.listen_url`). Its commits never wait for a synchronous standby
 /// (`synchronous_commit=local` among its startup options; see
-/// [`crate::db::own_bookkeeping`]); a pooler that refuses startup options gets a connection
-/// without them ([`refused_options`], warned once).
+/// [`crate::db::own_bookkeeping`]). A server that refuses startup options (a pooler such as
+/// PgBouncer) gets a connection without them, warned once per URL.
 ///
 /// # Errors
-/// An unparsable URL, or the connection failing; a connect past `connect_timeout` is
-/// [`DbError::Unavailable`].
+/// An unparsable URL, or the connection failing; a try past `connect_timeout` (two tries
+/// where the options are refused the first time) is [`DbError::Unavailable`].
 pub async fn connect_dedicated(
     config: &PostgresConfig,
     url: Option<&str>,
@@ -216,23 +254,13 @@ pub async fn connect_dedicated(
         config.url = url.to_string();
     }
     let (mut pg, tls) = pg_config(&config)?;
-    let (mut plain, _) = without_own_options(&config)?;
+    let (mut plain, _) = plain_config(&config)?;
     pg.application_name(application_name);
     plain.application_name(application_name);
     // Dedicated connections do syncar's own work only (the relay, the feeds, migrations):
     // none of their commits may wait for a synchronous standby.
     add_option(&mut pg, "-c synchronous_commit=local");
-    // One connection: ask with the options each time (the pool remembers instead).
-    let refused = AtomicBool::new(false);
-    let connect = connect_or_without_options(&pg, &plain, tls, &refused);
-    match tokio::time::timeout(config.connect_timeout, connect).await {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(DbError::Unavailable(format!(
-            "connect failed: {}",
-            explained(&e)
-        ))),
-        Err(_) => Err(DbError::Unavailable("connect timed out".into())),
-    }
+    connect_or_without_options(&pg, &plain, tls, &config.url, config.connect_timeout).await
 }
 
 /// `e` and its causes, one line, with what to check when it is a TLS failure: a handshake
@@ -249,4 +277,21 @@ pub(super) fn explained(e: &(dyn std::error::Error + 'static)) -> String {
         source = s.source();
     }
     with_hint(out, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_options;
+
+    #[test]
+    fn only_a_refusal_of_the_options_counts() {
+        // PgBouncer 1.18, and 1.20 or later (and Neon's and Supabase's poolers).
+        assert!(names_options("unsupported startup parameter: options"));
+        assert!(names_options(
+            "unsupported startup parameter in options: statement_timeout"
+        ));
+        // A replication connection through PgBouncer: not about the options.
+        assert!(!names_options("unsupported startup parameter: replication"));
+        assert!(!names_options("invalid startup packet layout"));
+    }
 }

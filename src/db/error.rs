@@ -82,11 +82,13 @@ pub fn classify(e: tokio_postgres::Error) -> DbError {
         SqlState::DUPLICATE_PSTATEMENT,
     ]
     .contains(code)
-        || (*code == SqlState::PROTOCOL_VIOLATION && db.message().contains("prepared statement"))
+        || (*code == SqlState::PROTOCOL_VIOLATION && db.routine() == Some("exec_bind_message"))
     {
-        // 26000 "prepared statement sN does not exist", 42P05 "already exists", 08P01 "bind
-        // message supplies 2 parameters, but prepared statement requires 1": syncar's
-        // statements met a session that is not the one they were prepared on.
+        // 26000 "prepared statement sN does not exist", 42P05 "already exists", 08P01 from
+        // binding ("bind message supplies 2 parameters, but prepared statement requires 1";
+        // told by the server's routine, which is never translated): syncar's statements
+        // met a session that is not the one they were prepared on. syncar runs no SQL-level
+        // PREPARE or DEALLOCATE of its own.
         class("pooler");
         DbError::Unavailable(format!("{reason} [{sqlstate}]: {}", super::POOLER_HINT))
     } else if *code == SqlState::UNIQUE_VIOLATION {

@@ -15,11 +15,11 @@
 //! [`check`] finds out before anything runs: a statement prepared on one connection, looked
 //! for from a second one in `pg_prepared_statements`. Seen there under the driver's name,
 //! the two connections share a session that keeps the driver's names: refused. Seen under
-//! another name (`PGBOUNCER_12`), the pooler keeps statements apart: fine. Not seen: each connection has a
-//! session of its own, or the pooler gave the second one another server session this time
-//! (PgBouncer reuses the one freed last, so a pool that is not busy answers truly); the
-//! errors a shared session gives are then classified with the same explanation
-//! ([`super::classify`]).
+//! another name (`PGBOUNCER_12`), the pooler keeps statements apart: fine. Not seen: each
+//! connection has a session of its own, or the pooler lent the second one another server
+//! session this time (PgBouncer lends the one freed last, so a pool that is not busy
+//! answers truly); the errors a shared session gives are then classified with the same
+//! explanation ([`super::classify`]).
 
 use tokio_postgres::types::Type;
 
@@ -36,15 +36,40 @@ pub const POOLER_HINT: &str = "postgres.url seems to lead to a pooler that lends
      a session pool or at Postgres, or use PgBouncer 1.21 or later with \
      max_prepared_statements above 0 (README \"Behind PgBouncer\")";
 
-/// How many times the second connection looks for the first one's statement.
+/// Why [`check`] did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolerError {
+    /// The second connection found the first one's statement under the driver's name.
+    #[error("{POOLER_HINT}")]
+    SharesStatements,
+    /// The check itself failed (Postgres or the pooler failing, or too slow).
+    #[error("checking for a pooler in front of postgres")]
+    Check(#[source] DbError),
+}
+
+/// How many times the second connection looks for the first one's statement: on a busy
+/// pool each look may be lent another server session.
 const LOOKS: usize = 3;
 
 /// Checks that `first` (a connection to `config.url`) and the connections after it do not
 /// share server sessions that keep the driver's statement names (see the module's docs).
+/// Each statement is bounded by `postgres.statement_timeout`, the second connection by
+/// `postgres.connect_timeout` (a full pool makes clients wait).
 ///
 /// # Errors
-/// [`DbError::Unavailable`] with [`POOLER_HINT`] when they do; Postgres failing.
-pub async fn check(config: &PostgresConfig, first: &tokio_postgres::Client) -> Result<(), DbError> {
+/// [`PoolerError::SharesStatements`] when they do; [`PoolerError::Check`] when the check
+/// could not be made.
+pub async fn check(
+    config: &PostgresConfig,
+    first: &tokio_postgres::Client,
+) -> Result<(), PoolerError> {
+    let limit = config.statement_timeout;
+    let bounded = |e: Option<tokio_postgres::Error>| {
+        PoolerError::Check(match e {
+            Some(e) => classify(e),
+            None => DbError::Unavailable(format!("no answer within {limit:?}")),
+        })
+    };
     // Unique, so that nothing else's statement can be taken for it.
     let marker = format!(
         "SELECT 1 /* syncar session probe {} {} */",
@@ -55,20 +80,30 @@ pub async fn check(config: &PostgresConfig, first: &tokio_postgres::Client) -> R
             .unwrap_or_default()
     );
     // Kept until the end: dropping it closes it.
-    let _statement = first.prepare(&marker).await.map_err(classify)?;
-    let (second, connection) = connect_dedicated(config, None, "syncar").await?;
+    let _statement = within(limit, first.prepare(&marker))
+        .await
+        .map_err(bounded)?;
+    let (second, connection) = connect_dedicated(config, None, "syncar")
+        .await
+        .map_err(PoolerError::Check)?;
     let driver = tokio::spawn(connection);
+    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&marker, Type::TEXT)];
     let mut seen = None;
     for _ in 0..LOOKS {
         // Typed: one message, unnamed, so the look itself cannot be sent astray.
-        let rows = second
-            .query_typed(
-                "SELECT name FROM pg_catalog.pg_prepared_statements \
-                 WHERE statement OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-                &[(&marker, Type::TEXT)],
-            )
-            .await
-            .map_err(classify)?;
+        let look = second.query_typed(
+            "SELECT name FROM pg_catalog.pg_prepared_statements \
+             WHERE statement OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+            &params,
+        );
+        let rows = match within(limit, look).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                drop(second);
+                let _ = driver.await;
+                return Err(bounded(e));
+            }
+        };
         if let Some(row) = rows.first() {
             seen = Some(row.get::<_, String>(0));
             break;
@@ -77,8 +112,19 @@ pub async fn check(config: &PostgresConfig, first: &tokio_postgres::Client) -> R
     drop(second);
     let _ = driver.await;
     match seen {
-        Some(name) if is_driver_name(&name) => Err(DbError::Unavailable(POOLER_HINT.into())),
+        Some(name) if is_driver_name(&name) => Err(PoolerError::SharesStatements),
         _ => Ok(()),
+    }
+}
+
+/// `query` bounded by `limit`: its error, or `None` when it timed out.
+async fn within<T>(
+    limit: std::time::Duration,
+    query: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Option<tokio_postgres::Error>> {
+    match tokio::time::timeout(limit, query).await {
+        Ok(result) => result.map_err(Some),
+        Err(_) => Err(None),
     }
 }
 

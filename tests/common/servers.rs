@@ -485,10 +485,9 @@ fn append(path: &Path, text: &str) {
     }
 }
 
-/// A PgBouncer of its own on a free port in front of the shared Postgres, pooling in
-/// `pool_mode` (`session` or `transaction`) with at most `pool_size` server connections per
-/// database, trusting every client as Postgres does; stopped on drop. syncar connects through it as a deployment whose `postgres.url` names a
-/// PgBouncer does.
+/// A PgBouncer of its own on a free port in front of the shared Postgres, trusting every
+/// client as Postgres does; stopped on drop. syncar connects through it as a deployment
+/// whose `postgres.url` names a PgBouncer does.
 pub struct PgBouncer {
     pub port: u16,
     child: Child,
@@ -496,63 +495,74 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
+    /// Starts one pooling in `pool_mode` (`session` or `transaction`) with at most
+    /// `pool_size` server connections per database. A missing binary fails with the package
+    /// to install.
     pub fn start(pool_mode: &str, pool_size: usize) -> PgBouncer {
         let pg_port = servers().pg_port;
         let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .unwrap_or_else(|| {
-                panic!("pgbouncer not found: install it with `apt-get install pgbouncer`")
-            });
+            .unwrap_or_else(|| PathBuf::from("pgbouncer"));
         let dir = tempfile::Builder::new()
             .prefix("syncar-test-pgbouncer-")
             .tempdir()
             .expect("temp dir")
             .keep();
+        let log = dir.join("pgbouncer.log");
         for _ in 0..5 {
             let port = free_port();
             std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
-            std::fs::write(
-                dir.join("pgbouncer.ini"),
-                format!(
-                    "[databases]\n* = host=127.0.0.1 port={pg_port}\n\
-                     [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
-                     unix_socket_dir =\nauth_type = trust\nauth_file = {users}\n\
-                     pool_mode = {pool_mode}\nmax_client_conn = 500\ndefault_pool_size = {pool_size}\n\
-                     logfile = {log}\n{user}",
-                    // PgBouncer refuses to run as root; started as root, it changes to
-                    // `user` once it has read its files.
-                    user = if is_root() { "user = postgres\n" } else { "" },
-                    users = dir.join("users.txt").display(),
-                    log = dir.join("pgbouncer.log").display(),
-                ),
-            )
-            .unwrap();
+            let settings = [
+                "[databases]".to_string(),
+                format!("* = host=127.0.0.1 port={pg_port}"),
+                "[pgbouncer]".into(),
+                "listen_addr = 127.0.0.1".into(),
+                format!("listen_port = {port}"),
+                "unix_socket_dir =".into(),
+                "auth_type = trust".into(),
+                format!("auth_file = {}", dir.join("users.txt").display()),
+                format!("pool_mode = {pool_mode}"),
+                "max_client_conn = 500".into(),
+                format!("default_pool_size = {pool_size}"),
+                format!("logfile = {}", log.display()),
+                // PgBouncer refuses to run as root; started as root, it changes to `user`
+                // once it has read its files.
+                if is_root() { "user = postgres" } else { "" }.into(),
+            ];
+            std::fs::write(dir.join("pgbouncer.ini"), settings.join("\n") + "\n").unwrap();
+            let _ = std::fs::remove_file(&log);
             if is_root() {
                 chown_postgres(&dir);
             }
+            let stderr = std::fs::File::create(dir.join("stderr")).expect("a stderr file");
             let mut child = Command::new(&bin)
                 .arg(dir.join("pgbouncer.ini"))
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(stderr)
                 .spawn()
-                .expect("run pgbouncer");
+                .unwrap_or_else(|e| {
+                    panic!("pgbouncer not found ({e}): install it with `apt-get install pgbouncer`")
+                });
+            // Listening on the port itself, not another process that took it meanwhile.
+            let listening = format!("listening on 127.0.0.1:{port}");
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return PgBouncer { port, child, dir };
-                }
                 if let Ok(Some(_)) = child.try_wait() {
-                    break; // exited: the port was taken
+                    break; // exited: the port was taken, or a setting refused
+                }
+                if std::fs::read_to_string(&log).is_ok_and(|l| l.contains(&listening)) {
+                    return PgBouncer { port, child, dir };
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = child.kill();
             let _ = child.wait();
         }
-        let log = std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default();
-        panic!("pgbouncer would not start:\n{log}");
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        let stderr = std::fs::read_to_string(dir.join("stderr")).unwrap_or_default();
+        panic!("pgbouncer would not start:\n{log}\n{stderr}");
     }
 }
 
