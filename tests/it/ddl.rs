@@ -726,3 +726,43 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
         b.shutdown().await;
     }
 }
+
+/// Partitioning a cached table the usual way: a partitioned parent created beside it, the
+/// table attached as its partition. Statements naming the parent fire the row triggers of
+/// the partition but not its statement triggers, which announce changes; so the resource
+/// goes unavailable with the reason (syncar serves no partition), the customer's writes
+/// through the parent succeed, the other resources serve on, and once the table is
+/// detached again it serves what its rows then hold.
+#[tokio::test]
+async fn a_table_attached_as_a_partition_goes_unavailable_until_detached() {
+    for source in SOURCES {
+        let env = items_env().await;
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
+        }
+        sql(
+            &env,
+            "CREATE TABLE items_all (id integer NOT NULL, name text, version bigint) \
+             PARTITION BY RANGE (id); \
+             ALTER TABLE items_all ATTACH PARTITION items FOR VALUES FROM (0) TO (1000)",
+        )
+        .await;
+        for i in [&a, &b] {
+            unavailable(i, "items", "partition").await;
+        }
+        sql(&env, "UPDATE items_all SET name = 'parent' WHERE id = 1").await;
+        sql(&env, "DELETE FROM items_all WHERE id = 2").await;
+        kv_keeps_l1(&a, &b, "partitioned").await;
+        sql(&env, "ALTER TABLE items_all DETACH PARTITION items").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the parent's write", |d| {
+                d["name"] == "parent"
+            })
+            .await;
+            i.sees_absent("/v1/items/2", WINDOW).await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
