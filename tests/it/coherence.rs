@@ -496,3 +496,69 @@ async fn a_notification_naming_a_version_the_sequence_never_reached_is_ignored()
     let last: i64 = query_value(&pg, "SELECT last_value FROM syncar_version_seq").await;
     assert!(last < 1 << 40, "the sequence was not moved: {last}");
 }
+
+/// `MERGE` (Postgres 15 and later), as an ETL job writes: one statement that updates,
+/// deletes and inserts rows of a cached table. Each change reaches every instance on every
+/// source (the statement's triggers see its transition tables as they see an INSERT's,
+/// UPDATE's and DELETE's). On Postgres 14 `MERGE` does not exist, which is all the test
+/// checks there.
+#[tokio::test]
+async fn a_merge_that_updates_deletes_and_inserts_reaches_every_instance() {
+    for source in [
+        PostgresSource::Wal,
+        PostgresSource::ChangesLog,
+        PostgresSource::Notify,
+    ] {
+        let env = Env::new().await;
+        let pg = env.pg().await;
+        pg.batch_execute(
+            "CREATE TABLE items (id integer PRIMARY KEY, v text); \
+             INSERT INTO items VALUES (1, 'one'), (2, 'two')",
+        )
+        .await
+        .unwrap();
+        let merge = "MERGE INTO items t \
+             USING (VALUES (1, 'merged'), (2, NULL), (3, 'new')) AS s(id, v) ON t.id = s.id \
+             WHEN MATCHED AND s.v IS NULL THEN DELETE \
+             WHEN MATCHED THEN UPDATE SET v = s.v \
+             WHEN NOT MATCHED THEN INSERT (id, v) VALUES (s.id, s.v)";
+        let major: i32 =
+            query_value(&pg, "SELECT current_setting('server_version_num')::int").await;
+        if major < 150000 {
+            let e = pg
+                .batch_execute(merge)
+                .await
+                .expect_err("no MERGE before 15");
+            assert!(e.to_string().contains("syntax"), "{e}");
+            return;
+        }
+        let instances = three(&env, |c| {
+            c.feeds.postgres_source = source;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+        })
+        .await;
+        for i in &instances {
+            for key in 1..=3 {
+                let path = format!("/v1/items/{key}");
+                // Twice: the second read is L1's (or its absence's) copy.
+                i.get(&path).await;
+                i.get(&path).await;
+            }
+        }
+        pg.batch_execute(merge).await.unwrap();
+        for i in &instances {
+            eventually(WINDOW, "the MERGE's update and insert", || async {
+                let one = i.get("/v1/items/1").await;
+                let three = i.get("/v1/items/3").await;
+                (one.json()["v"] == "merged" && three.status == 200 && three.json()["v"] == "new")
+                    .then_some(())
+            })
+            .await;
+            sees_absent(i, "/v1/items/2").await;
+        }
+        for i in instances {
+            i.shutdown().await;
+        }
+    }
+}
