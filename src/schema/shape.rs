@@ -20,7 +20,6 @@
 //! or the changes log), so every instance and the relay hear it like a TRUNCATE, and each
 //! reloads its catalog on hearing it.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::GenericClient;
@@ -36,10 +35,15 @@ pub use crate::resource::{Shapes, TableShape};
 /// whoever polls Postgres already (the relay, or a `changes_log` or `notify` feed), and
 /// announces each change to the fleet ([`announce_changes`]). A failure is logged once and
 /// is never fatal to the caller: the stream's own messages still tell of most changes.
+/// Lives as long as the connection it runs on: its statement is prepared there once, so a
+/// check costs Postgres one execution of a plan it keeps, not a parse and a plan of a
+/// catalog query every `every` on every instance.
 pub struct ShapeCheck {
     every: Duration,
     last: Option<Instant>,
     failing: bool,
+    /// [`check_sql`], prepared on the caller's connection at the first check.
+    statement: Option<tokio_postgres::Statement>,
 }
 
 impl ShapeCheck {
@@ -49,6 +53,7 @@ impl ShapeCheck {
             every,
             last: None,
             failing: false,
+            statement: None,
         }
     }
 
@@ -70,7 +75,7 @@ impl ShapeCheck {
             return;
         }
         self.last = Some(Instant::now());
-        let check = announce_changes(client, &config.postgres.schema, source, &config.resources);
+        let check = self.check(client, config, source);
         match tokio::time::timeout(limit, check).await {
             Ok(Ok(changed)) => {
                 self.failing = false;
@@ -88,6 +93,48 @@ impl ShapeCheck {
             Err(_) => tracing::debug!("checking the tables' shapes timed out"),
         }
     }
+
+    /// [`announce_changes`], with the statement prepared on `client` once.
+    async fn check(
+        &mut self,
+        client: &impl GenericClient,
+        config: &Config,
+        source: PostgresSource,
+    ) -> Result<Vec<String>, SchemaError> {
+        let schema = &config.postgres.schema;
+        let statement = match &self.statement {
+            Some(statement) => statement.clone(),
+            None => {
+                let statement = client.prepare(&check_sql(schema)).await.map_err(|source| {
+                    SchemaError::Postgres {
+                        doing: "preparing the check of the tables' shapes",
+                        source,
+                    }
+                })?;
+                self.statement.insert(statement).clone()
+            }
+        };
+        let (names, schemas, tables) = table_arrays(&config.resources);
+        let rows = client
+            .query(&statement, &[&names, &schemas, &tables])
+            .await
+            .map_err(|source| SchemaError::Postgres {
+                doing: "reading the tables' shapes",
+                source,
+            })?;
+        announce_differing(client, schema, source, &rows).await
+    }
+}
+
+/// One row per configured resource: `name`, its live `fingerprint` (NULL: no such table) and
+/// the one last announced (the state table's `shape:{name}`; NULL: none yet), for the
+/// arrays `$1`, `$2`, `$3` of [`table_arrays`].
+fn check_sql(schema: &str) -> String {
+    format!(
+        "SELECT f.name, f.fingerprint, (SELECT st.value FROM {}.{STATE_TABLE} st \
+         WHERE st.name = 'shape:' || f.name) FROM ({FINGERPRINT_SQL}) f",
+        quote_ident(schema)
+    )
 }
 
 /// The resources' names, schemas and tables as three arrays, the bind parameters of a query
@@ -154,39 +201,55 @@ pub async fn announce_changes(
     source: PostgresSource,
     resources: &[ResourceConfig],
 ) -> Result<Vec<String>, SchemaError> {
-    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let live = fingerprints(client, schema, resources).await?;
-    let state = format!("{}.{STATE_TABLE}", quote_ident(schema));
-    let recorded: HashMap<String, String> = client
-        .query(
-            &format!("SELECT name, value FROM {state} WHERE name LIKE 'shape:%'"),
-            &[],
-        )
+    let (names, schemas, tables) = table_arrays(resources);
+    let rows = client
+        .query(&check_sql(schema), &[&names, &schemas, &tables])
         .await
-        .map_err(pg("reading the recorded shapes"))?
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading the tables' shapes",
+            source,
+        })?;
+    announce_differing(client, schema, source, &rows).await
+}
+
+/// For each row of [`check_sql`] whose live fingerprint differs from the one recorded:
+/// records it and announces a flush through `source`'s stream ([`announce_sql`]). Returns
+/// the resources announced.
+///
+/// # Errors
+/// Postgres failing; a resource announced before the failure stays announced.
+async fn announce_differing(
+    client: &impl GenericClient,
+    schema: &str,
+    source: PostgresSource,
+    rows: &[tokio_postgres::Row],
+) -> Result<Vec<String>, SchemaError> {
+    let mut differing: Vec<(String, String)> = rows
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .filter_map(|row| {
+            let name: String = row.get(0);
+            let live = row
+                .get::<_, Option<String>>(1)
+                .unwrap_or_else(|| "missing".into());
+            let recorded: Option<String> = row.get(2);
+            (recorded.as_ref() != Some(&live)).then_some((name, live))
+        })
         .collect();
+    differing.sort();
     let mut announced = Vec::new();
-    let mut names: Vec<&String> = live.keys().collect();
-    names.sort();
-    for name in names {
-        let value = live[name]
-            .fingerprint
-            .clone()
-            .unwrap_or_else(|| "missing".into());
+    for (name, value) in differing {
         let key = format!("shape:{name}");
-        if recorded.get(&key) == Some(&value) {
-            continue;
-        }
         let sql = announce_sql(schema, source);
         let epoch_key = format!("shape_epoch:{name}");
         let rows = client
-            .execute(sql.as_str(), &[&key, &value, name, &epoch_key])
+            .execute(sql.as_str(), &[&key, &value, &name, &epoch_key])
             .await
-            .map_err(pg("announcing a table's new shape"))?;
+            .map_err(|source| SchemaError::Postgres {
+                doing: "announcing a table's new shape",
+                source,
+            })?;
         if rows > 0 {
-            announced.push(name.clone());
+            announced.push(name);
         }
     }
     Ok(announced)
