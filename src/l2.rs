@@ -299,6 +299,9 @@ pub struct L2 {
     /// A node that does not fit `redis.mode` (a cluster node with `single`), as the last
     /// identity check found; [`L2::ping`] reports it.
     misfit: Arc<Mutex<Option<String>>>,
+    /// What the last identity check found wrong with Redis' `maxmemory-policy` for syncar
+    /// (see [`L2::eviction_warning`]), with the policy.
+    eviction: Arc<Mutex<Option<String>>>,
     manager_config: ConnectionManagerConfig,
     prefix: Arc<str>,
     timeout: Duration,
@@ -489,6 +492,7 @@ impl L2 {
             link: Arc::new(RwLock::new(link)),
             cluster,
             misfit: Arc::default(),
+            eviction: Arc::default(),
             sentinel,
             sentinel_error: Arc::default(),
             named: Arc::new(AtomicBool::new(false)),
@@ -599,6 +603,14 @@ impl L2 {
     pub fn available(&self) -> bool {
         let until = self.skip_until.load(Ordering::Relaxed);
         until == 0 || self.now_ms() >= until
+    }
+
+    /// Why the `maxmemory-policy` the last identity check found (on any master) may evict
+    /// what syncar needs kept, if it may (`allkeys-*`: the generations and records, which
+    /// have no TTL; `volatile-ttl` and `volatile-random`: fresh tombstones); for `/readyz`.
+    /// `None` for `noeviction`, `volatile-lru` and `volatile-lfu`, or where `INFO` is refused.
+    pub fn eviction_warning(&self) -> Option<String> {
+        self.eviction.locked().clone()
     }
 
     /// `PING`, for `/readyz` and to probe recovery.

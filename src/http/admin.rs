@@ -85,6 +85,9 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     if let Some(e) = sentinel_error {
         redis["sentinel_error"] = json!(state.secrets.scrub(&e));
     }
+    if let Some(warning) = probes.redis_eviction_warning() {
+        redis["warning"] = json!(state.secrets.scrub(&warning));
+    }
     let coherence = &state.coherence;
     let now = crate::model::now_ms();
     // `since_unix_ms`: when the feed last went up or down (Unix time, ms); `for_ms`: how

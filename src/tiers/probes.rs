@@ -39,6 +39,12 @@ impl Probes {
         (self.l2.node(), self.l2.sentinel_error())
     }
 
+    /// Why Redis' `maxmemory-policy` may evict what syncar needs kept, if it may (see
+    /// [`crate::l2::L2::eviction_warning`]).
+    pub fn redis_eviction_warning(&self) -> Option<String> {
+        self.l2.eviction_warning()
+    }
+
     /// Whether reads may use Redis now (see [`crate::tiers::Guards::secure_redis`]).
     pub fn redis_trusted(&self) -> bool {
         self.l2.trusted()

@@ -8,7 +8,7 @@ use syncar::l1::Offer;
 use syncar::l2::L2;
 use syncar::model::{CacheKey, Cached, Version};
 
-use crate::support::{query_value, Env};
+use crate::support::{eventually, query_value, Env, RedisServer};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -233,4 +233,29 @@ async fn the_prefix_flush_removes_this_prefix_only() {
         );
     }
     assert_eq!(env.redis_get(&other).await.as_deref(), Some("kept"));
+}
+
+/// A Redis whose `maxmemory-policy` may evict what syncar needs kept (here `allkeys-lru`,
+/// which may evict the generations: keys without a TTL) is reported in `/readyz`, saying what
+/// to set; the default `noeviction` is not.
+#[tokio::test]
+async fn a_redis_that_may_evict_syncars_generations_is_reported() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    let checks = a.readyz().await["checks"]["redis"].clone();
+    assert_eq!(checks["ok"], true, "{checks}");
+    assert!(checks.get("warning").is_none(), "{checks}");
+
+    let lru = RedisServer::start_persistent(&["--maxmemory-policy", "allkeys-lru"]);
+    let b = env.on_redis(lru.url()).start(|_| {}).await;
+    let warning = eventually(Duration::from_secs(10), "the eviction warning", || async {
+        b.readyz().await["checks"]["redis"]["warning"]
+            .as_str()
+            .map(String::from)
+    })
+    .await;
+    assert!(
+        warning.contains("allkeys-lru") && warning.contains("volatile-lru"),
+        "{warning}"
+    );
 }
