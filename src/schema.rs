@@ -14,6 +14,7 @@ mod lock;
 pub mod migrate;
 mod names;
 mod objects;
+mod rearm;
 mod republish;
 mod script;
 pub mod shape;
@@ -30,6 +31,7 @@ pub use migrate::{migrate, plan, Migration};
 pub use names::{
     last_value_sql, CHANGES_TABLE, FLUSH_ABOVE_KEYS, NOTIFY_CHANNEL, VERSION_SEQUENCE,
 };
+pub use rearm::rearm;
 pub use republish::republish;
 pub use script::{one_line, Block, Script};
 pub use stamp::broken_c_stamp;

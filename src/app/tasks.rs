@@ -195,7 +195,7 @@ async fn follow_shapes(
             }
         }
         republish(config, catalog, db, secrets).await;
-        rearm(config, catalog, secrets).await;
+        rearm(config, catalog, db, secrets).await;
         let now = tokio::time::Instant::now();
         match stamp_probed.map(|at| at + STAMP_RETRY) {
             Some(next) if check_stamp && next > now => stamp_retry = Some(next),
@@ -258,11 +258,11 @@ async fn republish(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Se
 
 /// Enables syncar's triggers `ALWAYS` again where they are enabled for some sessions only
 /// ([`crate::resource::Catalog::disarmed`]: `ALTER TABLE ... ENABLE TRIGGER ALL` after a
-/// bulk load leaves them so), by a migration, with `postgres.migrate_on_start`; the catalog
-/// is read again after a change (the change of shape makes the other instances do the
-/// same). A disabled trigger is left alone: the customer disabled it, and the resource
-/// stays unavailable until it is enabled.
-async fn rearm(config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
+/// bulk load leaves them so; [`crate::schema::rearm`]), with `postgres.migrate_on_start`;
+/// the catalog is read again after a change (the change of shape makes the other instances
+/// do the same). A disabled trigger is left alone: the customer disabled it, and the
+/// resource stays unavailable until it is enabled.
+async fn rearm(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Secrets) {
     let Ok(current) = catalog.get() else {
         return;
     };
@@ -271,16 +271,19 @@ async fn rearm(config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
         // what.
         return;
     }
-    let migrated = with_connection(config, |mut client| async move {
-        Ok(migrate(&mut client, config).await?)
-    })
-    .await;
-    match migrated {
-        Ok(migration) => {
-            for change in &migration.changes {
-                tracing::warn!(change = %change, "migrated");
+    match db.rearm(config, current.disarmed()).await {
+        Ok(changes) if changes.is_empty() => {}
+        Ok(changes) => {
+            for change in &changes {
+                tracing::warn!(change = %change, "trigger changed");
             }
             catalog.request_recheck();
+        }
+        Err(crate::db::CatalogError::Schema(e)) if e.is_lock_timeout() => {
+            // A customer's transaction holds the table: at the next recheck (one asked for
+            // by a flush, or the periodic one), not at once, since each try queues the
+            // table's writers behind it for up to lock_timeout.
+            tracing::debug!(error = %e, "the table is locked; enabling its triggers later");
         }
         Err(e) => tracing::error!(
             error = %secrets.scrub(&error_chain(&e)),

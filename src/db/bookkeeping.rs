@@ -341,6 +341,24 @@ impl Db {
         Ok(changes)
     }
 
+    /// syncar's triggers on the tables of `disarmed` enabled `ALWAYS` again (see
+    /// [`crate::schema::rearm`]), in a transaction of its own on a pooled connection.
+    /// Returns a line per trigger.
+    ///
+    /// # Errors
+    /// No connection, or Postgres failing (a lock timeout included).
+    pub async fn rearm(
+        &self,
+        config: &crate::config::Config,
+        disarmed: &[String],
+    ) -> Result<Vec<String>, CatalogError> {
+        let mut client = self.client().await?;
+        let tx = own_bookkeeping(&mut client).await?;
+        let changes = crate::schema::rearm(&tx, config, disarmed).await?;
+        tx.commit().await.map_err(classify)?;
+        Ok(changes)
+    }
+
     /// The catalog read again (see [`crate::schema::load_catalog`]), on a pooled connection.
     ///
     /// # Errors

@@ -398,7 +398,9 @@ async fn install_trigger(
             _ => format!("installed trigger {trigger} on {qualified}"),
         });
     }
-    if installed.as_ref() != Some(&wanted) || enabled != "A" {
+    // A trigger the customer disabled (`D`, for a bulk load) stays disabled: its resource is
+    // unavailable until they enable it (see `catalog::trigger_fault`).
+    if installed.as_ref() != Some(&wanted) || (enabled != "A" && enabled != "D") {
         // Fired whatever session_replication_role says: rows written by logical
         // replication apply or a restore tool take a version and are announced too.
         locking.push(format!(

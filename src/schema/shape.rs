@@ -115,13 +115,18 @@ impl ShapeCheck {
             }
         };
         let (names, schemas, tables) = table_arrays(&config.resources);
-        let rows = client
-            .query(&statement, &[&names, &schemas, &tables])
-            .await
-            .map_err(|source| SchemaError::Postgres {
-                doing: "reading the tables' shapes",
-                source,
-            })?;
+        let rows = match client.query(&statement, &[&names, &schemas, &tables]).await {
+            Ok(rows) => rows,
+            Err(source) => {
+                // Prepared again at the next check: a statement the server no longer takes
+                // (its plan's result type changed under it) must not stop every check after.
+                self.statement = None;
+                return Err(SchemaError::Postgres {
+                    doing: "reading the tables' shapes",
+                    source,
+                });
+            }
+        };
         announce_differing(client, schema, source, &rows).await
     }
 }
@@ -308,10 +313,10 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// PARTITION`, as when an existing table is partitioned: statements naming the new parent
 /// fire no statement trigger of the partition's, so the resource must go unavailable);
 /// nothing is added to an ordinary table's string, whose fingerprint stays as it was. The
-/// publications the table is in count (the
-/// `wal` source serves a table only while its publication has it, see `schema::republish`;
-/// NULL, and so nothing in the string, for a table in none). Not seen: a change to a type a
-/// column uses (an enum's labels renamed, a composite type's attributes).
+/// publications the table is in count (the `wal` source serves a table only while its
+/// publication has it, see `schema::republish`; NULL, and so nothing in the string, for a
+/// table in none). Not seen: a change to a type a column uses (an enum's labels renamed, a
+/// composite type's attributes).
 const FINGERPRINT_SQL: &str = "\
 SELECT r.name, (
   SELECT pg_catalog.md5(pg_catalog.concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,

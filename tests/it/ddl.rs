@@ -647,7 +647,19 @@ async fn identities_postgres_does_not_use_never_fail_the_customers_writes() {
 async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again() {
     for source in SOURCES {
         let env = items_env().await;
-        let (a, b) = fleet(&env, source).await;
+        sql(
+            &env,
+            "CREATE TABLE others (id integer PRIMARY KEY, name text)",
+        )
+        .await;
+        let configure = |c: &mut syncar::Config| {
+            c.feeds.postgres_source = source;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+            c.resources
+                .push(crate::support::resource("others", "id", "version"));
+        };
+        let (a, b) = (env.start(configure).await, env.start(configure).await);
         for i in [&a, &b] {
             serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
         }
@@ -662,6 +674,10 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
         kv_keeps_l1(&a, &b, "during").await;
         sql(&env, "UPDATE items SET name = 'bulk' WHERE id = 1").await;
         sql(&env, "INSERT INTO items VALUES (4, 'four')").await;
+        // Another table's bulk load goes on meanwhile: what syncar enables again below is
+        // items' triggers only.
+        sql(&env, "ALTER TABLE others DISABLE TRIGGER ALL").await;
+        unavailable(&a, "others", "disabled").await;
         sql(&env, "ALTER TABLE items ENABLE TRIGGER ALL").await;
         for i in [&a, &b] {
             serves(i, "/v1/items/1", "the bulk load's row", |d| {
@@ -690,6 +706,24 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
             !modes.is_empty() && modes.iter().all(|m| m == "A"),
             "{source:?}: enabled always again: {modes:?}"
         );
+        let others: Vec<String> = env
+            .pg()
+            .await
+            .query(
+                "SELECT tgenabled::text FROM pg_trigger \
+                 WHERE tgrelid = 'others'::regclass AND tgname LIKE 'syncar%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(
+            !others.is_empty() && others.iter().all(|m| m == "D"),
+            "{source:?}: the other table's triggers stay disabled: {others:?}"
+        );
+        unavailable(&b, "others", "disabled").await;
         // A replica-role writer (a subscriber, a restore) is versioned and reaches both.
         sql(
             &env,
