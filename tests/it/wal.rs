@@ -1026,7 +1026,14 @@ async fn a_row_reinserted_behind_a_racing_delete_is_served() {
 async fn min_lsn_gives_a_plain_sql_writer_its_own_write_on_every_instance() {
     let env = Env::new().await;
     let a = env.start(wal).await;
-    let b = env.start(wal).await;
+    // Longer than the default 500 ms: on a machine busy with the whole suite the relay once
+    // took longer to apply a write, and the read (right, from Postgres) said `unmet`.
+    let b = env
+        .start(|c| {
+            wal(c);
+            c.feeds.min_lsn_wait = Duration::from_secs(2);
+        })
+        .await;
     let v0 = a.put("/v1/kv/r", "0").await.etag_version();
     sees(&b, "/v1/kv/r", v0).await;
     let pg = env.pg().await;
