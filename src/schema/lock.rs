@@ -55,6 +55,37 @@ pub(super) async fn begin_locked(
     Ok(tx)
 }
 
+/// In `tx`, the migration lock if no one holds it, then a `lock_timeout` of
+/// [`LOCK_TIMEOUT`]: for the schema task's small repairs (publishing a table again, enabling
+/// a trigger always), which a running migration does the same way and which a customer's
+/// lock on the table defers rather than queues. Returns whether the lock was taken (`false`:
+/// do nothing now).
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn try_migration_lock(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<bool, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let locked: bool = tx
+        .query_one(
+            "SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8)",
+            &[&MIGRATION_LOCK],
+        )
+        .await
+        .map_err(pg("taking the migration lock"))?
+        .get(0);
+    if locked {
+        tx.batch_execute(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            LOCK_TIMEOUT.as_millis()
+        ))
+        .await
+        .map_err(pg("setting lock_timeout"))?;
+    }
+    Ok(locked)
+}
+
 impl LockRetries {
     /// Starts counting the time allowed, now.
     pub(super) fn new() -> Self {

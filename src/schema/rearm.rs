@@ -13,7 +13,6 @@
 //! fingerprint, so the fleet reloads the resource with a flush.
 
 use super::error::SchemaError;
-use super::names::MIGRATION_LOCK;
 use crate::config::Config;
 use crate::resource::quote_ident;
 
@@ -32,23 +31,9 @@ pub async fn rearm(
     disarmed: &[String],
 ) -> Result<Vec<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let locked: bool = tx
-        .query_one(
-            "SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8)",
-            &[&MIGRATION_LOCK],
-        )
-        .await
-        .map_err(pg("taking the migration lock"))?
-        .get(0);
-    if !locked {
+    if !super::lock::try_migration_lock(tx).await? {
         return Ok(Vec::new());
     }
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        super::lock::LOCK_TIMEOUT.as_millis()
-    ))
-    .await
-    .map_err(pg("setting lock_timeout"))?;
     let mut changes = Vec::new();
     for r in config
         .resources

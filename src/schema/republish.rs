@@ -22,7 +22,7 @@ use tokio_postgres::GenericClient;
 
 use super::capture::MESSAGE_PREFIX;
 use super::error::SchemaError;
-use super::names::{MIGRATION_LOCK, STAMP_TRIGGER};
+use super::names::STAMP_TRIGGER;
 use super::table::IDENTITY_INDEX;
 use crate::config::Config;
 use crate::resource::{quote_ident, quote_literal};
@@ -89,26 +89,12 @@ pub async fn republish(
     unpublished: &[String],
 ) -> Result<Vec<String>, SchemaError> {
     let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let locked: bool = tx
-        .query_one(
-            "SELECT pg_catalog.pg_try_advisory_xact_lock($1::int8)",
-            &[&MIGRATION_LOCK],
-        )
-        .await
-        .map_err(pg("taking the migration lock"))?
-        .get(0);
-    if !locked {
-        return Ok(Vec::new());
-    }
     // ALTER PUBLICATION takes a lock on the table: never queue behind a customer's long
     // transaction (and every statement on the table behind this one); the next recheck tries
     // again.
-    tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = '{}ms'",
-        super::lock::LOCK_TIMEOUT.as_millis()
-    ))
-    .await
-    .map_err(pg("setting lock_timeout"))?;
+    if !super::lock::try_migration_lock(tx).await? {
+        return Ok(Vec::new());
+    }
     let (names, schemas, tables) = super::shape::table_arrays(&config.resources);
     let rows = tx
         .query(
