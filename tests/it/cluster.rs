@@ -164,8 +164,16 @@ async fn two_instances_stay_coherent_on_a_cluster() {
     // The prefix flush (for a repair queue that overflowed) reaches every master.
     let (removed, retried) = a.flush_redis().await;
     assert!(retried || removed >= keys.len() as u64, "removed {removed}");
+    // A write's own message (or the delete's absence, written by its task after the
+    // commit) may land after the flush: it leaves a tombstone (`{version}:i:`) or an absence
+    // (`{version}:a:`), never a document.
     for k in &keys {
-        assert_eq!(entry(&cluster, &env, k), None, "{k} is gone from Redis");
+        let left = entry(&cluster, &env, k);
+        assert!(
+            left.as_deref()
+                .is_none_or(|e| matches!(e.split(':').nth(1), Some("i" | "a"))),
+            "{k}'s document is gone from Redis: {left:?}"
+        );
     }
 }
 
