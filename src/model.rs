@@ -62,6 +62,25 @@ impl SequenceBound {
         self.0
             .fetch_max(last_value, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// The rule both readers of forgeable messages (the relay, the `notify` feed) follow:
+    /// `None` when `highest` is within what the bound vouches for (nothing read), else the
+    /// sequence's `last_value` as `read` gives it, learned; a version above it is forged.
+    ///
+    /// # Errors
+    /// `read`'s.
+    pub async fn reach<E>(
+        &self,
+        highest: i64,
+        read: impl std::future::Future<Output = Result<i64, E>>,
+    ) -> Result<Option<i64>, E> {
+        if self.vouches(highest) {
+            return Ok(None);
+        }
+        let last = read.await?;
+        self.learn(last);
+        Ok(Some(last))
+    }
 }
 
 impl fmt::Display for Version {

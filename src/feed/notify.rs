@@ -56,20 +56,21 @@ async fn vouched(
     let Ok(message) = Message::parse(payload.as_bytes()) else {
         return Ok(true);
     };
-    if bound.vouches(message.version) {
-        return Ok(true);
+    let read = async {
+        let row = client.query_typed_one(last_value_sql, &[]).await?;
+        Ok::<i64, tokio_postgres::Error>(row.get(0))
+    };
+    match bound.reach(message.version, read).await? {
+        Some(last) if message.version > last => {
+            tracing::warn!(
+                version = message.version,
+                sequence = last,
+                "ignored a notification naming a version the version sequence never reached (forged?)"
+            );
+            Ok(false)
+        }
+        _ => Ok(true),
     }
-    let last: i64 = client.query_typed_one(last_value_sql, &[]).await?.get(0);
-    bound.learn(last);
-    if message.version > last {
-        tracing::warn!(
-            version = message.version,
-            sequence = last,
-            "ignored a notification naming a version the version sequence never reached (forged?)"
-        );
-        return Ok(false);
-    }
-    Ok(true)
 }
 
 impl Source for Notify {

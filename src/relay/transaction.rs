@@ -339,16 +339,18 @@ impl Announced {
         client: &tokio_postgres::Client,
         sql: &Sql,
     ) -> Result<(), RelayError> {
-        let highest = self
+        let Some(highest) = self
             .deletes
             .values()
             .chain(self.truncates.values())
             .copied()
-            .max();
-        if highest.is_none_or(|v| sql.bound.vouches(v)) {
+            .max()
+        else {
             return Ok(());
-        }
-        let last = sql.last_value(client).await?;
+        };
+        let Some(last) = sql.bound.reach(highest, sql.last_value(client)).await? else {
+            return Ok(());
+        };
         let vouched = |what: &str, v: &i64| {
             let ok = *v <= last;
             if !ok {
