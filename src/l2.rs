@@ -37,6 +37,7 @@
 //! subscriptions; `trust` identity and trust; `generations` key names, generations and
 //! leases.
 
+mod eviction;
 mod generations;
 mod pubsub;
 mod scripts;
@@ -605,10 +606,11 @@ impl L2 {
         until == 0 || self.now_ms() >= until
     }
 
-    /// Why the `maxmemory-policy` the last identity check found (on any master) may evict
-    /// what syncar needs kept, if it may (`allkeys-*`: the generations and records, which
-    /// have no TTL; `volatile-ttl` and `volatile-random`: fresh tombstones); for `/readyz`.
-    /// `None` for `noeviction`, `volatile-lru` and `volatile-lfu`, or where `INFO` is refused.
+    /// Why the `maxmemory-policy` the last identity check read (`INFO memory`, each master of
+    /// a cluster) may evict what syncar needs kept, if it may: `allkeys-*` the generations
+    /// and records, which have no TTL; `volatile-ttl`, `volatile-lfu` and `volatile-random`
+    /// fresh tombstones (see the `eviction` module); for `/readyz`. `None` for `noeviction`
+    /// and `volatile-lru`, without a `maxmemory`, or where `INFO memory` is not answered.
     pub fn eviction_warning(&self) -> Option<String> {
         self.eviction.locked().clone()
     }

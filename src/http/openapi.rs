@@ -35,8 +35,9 @@ pub struct BatchResults {
     pub results: Vec<BatchResult>,
 }
 
-/// `/readyz`: each check `{ok, error}`, each resource `{ok, error}`, each feed `{enabled,
-/// up, since_unix_ms, for_ms}`.
+/// `/readyz`: each check `{ok, error}` (Redis's also `node`, and `sentinel_error` and
+/// `warning` when there is one), each resource `{ok, error}`, each feed `{enabled, up,
+/// since_unix_ms, for_ms}`.
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,

@@ -19,6 +19,8 @@ impl L2 {
     /// # Errors
     /// The command's failure (a refused `INFO` is not one: `run_id` is then `None`).
     pub async fn identity(&self) -> Result<RedisIdentity, L2Error> {
+        // A diagnostic beside the identity, whatever the identity turns out to be.
+        self.check_eviction().await;
         if let Conn::Cluster(conn) = self.conn() {
             return self.cluster_identity(conn).await;
         }
@@ -29,7 +31,6 @@ impl L2 {
                 .arg("server")
                 .arg("replication")
                 .arg("cluster")
-                .arg("memory")
                 .query_async(&mut conn),
         )
         .await
@@ -54,7 +55,6 @@ impl L2 {
         if let Some(misfit) = misfit {
             return Err(L2Error::Redis(misfit));
         }
-        self.note_eviction(&self.node(), field("maxmemory_policy").as_deref());
         Ok(RedisIdentity {
             run_id: field("run_id"),
             role: field("role").unwrap_or_default(),
@@ -83,7 +83,6 @@ impl L2 {
     ) -> Result<RedisIdentity, L2Error> {
         let shards = self.shards().await?;
         let mut run_ids = Vec::with_capacity(shards.len());
-        let mut policies = Vec::with_capacity(shards.len());
         let mut repl_offset = 0;
         for shard in &shards {
             let node = format!("{}:{}", shard.host, shard.port);
@@ -97,7 +96,7 @@ impl L2 {
                     .await?;
             }
             let mut info = redis::cmd("INFO");
-            info.arg("server").arg("replication").arg("memory");
+            info.arg("server").arg("replication");
             let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
                 host: shard.host.clone(),
                 port: shard.port,
@@ -125,15 +124,6 @@ impl L2 {
                 .unwrap_or(0);
             let run_id = info_field(&text, "run_id").unwrap_or_default();
             run_ids.push(format!("{node}={run_id}"));
-            policies.push((node, info_field(&text, "maxmemory_policy")));
-        }
-        // The first master whose policy is a risk speaks for the cluster.
-        match policies
-            .iter()
-            .find(|(_, policy)| policy.as_deref().and_then(eviction_risk).is_some())
-        {
-            Some((node, policy)) => self.note_eviction(node, policy.as_deref()),
-            None => self.note_eviction("", None),
         }
         run_ids.sort();
         Ok(RedisIdentity {
@@ -295,52 +285,7 @@ fn info_refused(e: &redis::RedisError) -> bool {
 }
 
 /// Field `name` of an `INFO` reply.
-/// Why Redis' `maxmemory-policy` `policy` may evict what syncar needs kept under memory
-/// pressure, if it may. syncar's entries may go (a miss); what must stay is what keeps an
-/// older copy from coming back: the generations hash and the records (no TTL: evicted only
-/// by an `allkeys-*` policy; without the generations an instance reads the entries a flush
-/// retired), and a fresh tombstone (a short TTL: the first key `volatile-ttl` evicts, any
-/// key to `volatile-random`; without it a fill that read before the write lands after it).
-/// `volatile-lru` and `volatile-lfu` evict entries least used first, never a key without a
-/// TTL; `noeviction` refuses writes instead (syncar then repairs them as after any Redis
-/// failure). See Redis' "Key eviction".
-fn eviction_risk(policy: &str) -> Option<&'static str> {
-    match policy {
-        "allkeys-lru" | "allkeys-lfu" | "allkeys-random" => Some(
-            "may evict keys without a TTL, syncar's generations among them: an instance could \
-             then read copies a flush retired",
-        ),
-        "volatile-ttl" | "volatile-random" => {
-            Some("may evict a fresh tombstone: a slow fill could then bring back an older copy")
-        }
-        _ => None,
-    }
-}
-
-impl L2 {
-    /// Records what `node`'s `maxmemory-policy` means for syncar (see [`eviction_risk`]),
-    /// warning when it becomes a risk.
-    fn note_eviction(&self, node: &str, policy: Option<&str>) {
-        let warning = policy.and_then(|p| {
-            eviction_risk(p).map(|why| {
-                format!(
-                    "redis at {node} has maxmemory-policy {p}, which {why}; set it to \
-                     noeviction, volatile-lru or volatile-lfu (README \"Redis' memory\")"
-                )
-            })
-        });
-        let mut current = self.eviction.locked();
-        if warning.is_some() && *current != warning {
-            tracing::warn!(
-                warning = warning.as_deref().unwrap_or_default(),
-                "redis may evict what syncar needs"
-            );
-        }
-        *current = warning;
-    }
-}
-
-fn info_field(info: &str, name: &str) -> Option<String> {
+pub(super) fn info_field(info: &str, name: &str) -> Option<String> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(|v| v.trim().to_string())
@@ -381,25 +326,4 @@ fn parse_cluster_slots(reply: Value) -> Option<Vec<Shard>> {
         }
     }
     Some(shards)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::eviction_risk;
-
-    #[test]
-    fn only_policies_that_can_evict_bookkeeping_or_tombstones_are_risks() {
-        for safe in ["noeviction", "volatile-lru", "volatile-lfu"] {
-            assert_eq!(eviction_risk(safe), None, "{safe}");
-        }
-        for risky in [
-            "allkeys-lru",
-            "allkeys-lfu",
-            "allkeys-random",
-            "volatile-ttl",
-            "volatile-random",
-        ] {
-            assert!(eviction_risk(risky).is_some(), "{risky}");
-        }
-    }
 }

@@ -235,9 +235,10 @@ async fn the_prefix_flush_removes_this_prefix_only() {
     assert_eq!(env.redis_get(&other).await.as_deref(), Some("kept"));
 }
 
-/// A Redis whose `maxmemory-policy` may evict what syncar needs kept (here `allkeys-lru`,
-/// which may evict the generations: keys without a TTL) is reported in `/readyz`, saying what
-/// to set; the default `noeviction` is not.
+/// A Redis whose `maxmemory-policy` may evict what syncar needs kept (here `allkeys-lru`
+/// under a `maxmemory`, which may evict the generations: keys without a TTL) is reported in
+/// `/readyz`, saying what to set, until the policy is changed; the default `noeviction` is
+/// not.
 #[tokio::test]
 async fn a_redis_that_may_evict_syncars_generations_is_reported() {
     let env = Env::new().await;
@@ -246,7 +247,12 @@ async fn a_redis_that_may_evict_syncars_generations_is_reported() {
     assert_eq!(checks["ok"], true, "{checks}");
     assert!(checks.get("warning").is_none(), "{checks}");
 
-    let lru = RedisServer::start_persistent(&["--maxmemory-policy", "allkeys-lru"]);
+    let lru = RedisServer::start_persistent(&[
+        "--maxmemory",
+        "100mb",
+        "--maxmemory-policy",
+        "allkeys-lru",
+    ]);
     let b = env.on_redis(lru.url()).start(|_| {}).await;
     let warning = eventually(Duration::from_secs(10), "the eviction warning", || async {
         b.readyz().await["checks"]["redis"]["warning"]
@@ -258,4 +264,18 @@ async fn a_redis_that_may_evict_syncars_generations_is_reported() {
         warning.contains("allkeys-lru") && warning.contains("volatile-lru"),
         "{warning}"
     );
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query_async(&mut env.on_redis(lru.url()).redis().await)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "the warning gone", || async {
+        b.readyz().await["checks"]["redis"]
+            .get("warning")
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
