@@ -88,29 +88,25 @@ pub async fn check(
         .map_err(PoolerError::Check)?;
     let driver = tokio::spawn(connection);
     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] = [(&marker, Type::TEXT)];
-    let mut seen = None;
-    for _ in 0..LOOKS {
-        // Typed: one message, unnamed, so the look itself cannot be sent astray.
-        let look = second.query_typed(
-            "SELECT name FROM pg_catalog.pg_prepared_statements \
-             WHERE statement OPERATOR(pg_catalog.=) $1::pg_catalog.text",
-            &params,
-        );
-        let rows = match within(limit, look).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                drop(second);
-                let _ = driver.await;
-                return Err(bounded(e));
+    let looks = async {
+        for _ in 0..LOOKS {
+            // Typed: one message, unnamed, so the look itself cannot be sent astray.
+            let look = second.query_typed(
+                "SELECT name FROM pg_catalog.pg_prepared_statements \
+                 WHERE statement OPERATOR(pg_catalog.=) $1::pg_catalog.text",
+                &params,
+            );
+            if let Some(row) = within(limit, look).await?.first() {
+                return Ok(Some(row.get::<_, String>(0)));
             }
-        };
-        if let Some(row) = rows.first() {
-            seen = Some(row.get::<_, String>(0));
-            break;
         }
-    }
+        Ok(None)
+    };
+    let seen = looks.await;
+    // The second connection ends here, whatever the looks found.
     drop(second);
     let _ = driver.await;
+    let seen = seen.map_err(bounded)?;
     match seen {
         Some(name) if is_driver_name(&name) => Err(PoolerError::SharesStatements),
         _ => Ok(()),

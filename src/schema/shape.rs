@@ -114,17 +114,13 @@ impl ShapeCheck {
                 self.statement.insert(statement).clone()
             }
         };
-        let (names, schemas, tables) = table_arrays(&config.resources);
-        let rows = match client.query(&statement, &[&names, &schemas, &tables]).await {
+        let rows = match shape_rows(client, &statement, &config.resources).await {
             Ok(rows) => rows,
-            Err(source) => {
+            Err(e) => {
                 // Prepared again at the next check: a statement the server no longer takes
                 // (its plan's result type changed under it) must not stop every check after.
                 self.statement = None;
-                return Err(SchemaError::Postgres {
-                    doing: "reading the tables' shapes",
-                    source,
-                });
+                return Err(e);
             }
         };
         announce_differing(client, schema, source, &rows).await
@@ -164,7 +160,6 @@ pub async fn fingerprints(
     schema: &str,
     resources: &[ResourceConfig],
 ) -> Result<Shapes, SchemaError> {
-    let (names, schemas, tables) = table_arrays(resources);
     // The epoch is read in the same snapshot as the fingerprint: a catalog read between a
     // change and its announcement holds the old epoch and the new fingerprint, and the
     // announcement's recheck then finds the epoch changed.
@@ -173,13 +168,7 @@ pub async fn fingerprints(
          WHERE st.name = 'shape_epoch:' || f.name), '0') FROM ({FINGERPRINT_SQL}) f",
         quote_ident(schema)
     );
-    let rows = client
-        .query(&sql, &[&names, &schemas, &tables])
-        .await
-        .map_err(|source| SchemaError::Postgres {
-            doing: "reading the tables' shapes",
-            source,
-        })?;
+    let rows = shape_rows(client, sql.as_str(), resources).await?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -206,15 +195,31 @@ pub async fn announce_changes(
     source: PostgresSource,
     resources: &[ResourceConfig],
 ) -> Result<Vec<String>, SchemaError> {
+    let rows = shape_rows(client, check_sql(schema).as_str(), resources).await?;
+    announce_differing(client, schema, source, &rows).await
+}
+
+/// The rows of `statement` (SQL over [`FINGERPRINT_SQL`], or its prepared form) for the
+/// arrays of `resources` ([`table_arrays`]).
+///
+/// # Errors
+/// Postgres failing.
+async fn shape_rows<T>(
+    client: &impl GenericClient,
+    statement: &T,
+    resources: &[ResourceConfig],
+) -> Result<Vec<tokio_postgres::Row>, SchemaError>
+where
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
     let (names, schemas, tables) = table_arrays(resources);
-    let rows = client
-        .query(&check_sql(schema), &[&names, &schemas, &tables])
+    client
+        .query(statement, &[&names, &schemas, &tables])
         .await
         .map_err(|source| SchemaError::Postgres {
             doing: "reading the tables' shapes",
             source,
-        })?;
-    announce_differing(client, schema, source, &rows).await
+        })
 }
 
 /// For each row of [`check_sql`] whose live fingerprint differs from the one recorded:

@@ -88,6 +88,22 @@ async fn kv_keeps_l1(a: &Instance, b: &Instance, key: &str) {
     assert_eq!(b.readyz().await["feeds"]["postgres"]["up"], true);
 }
 
+/// The `tgenabled` of each of syncar's triggers on `table` (`A` always, `O`, `R`, `D`).
+async fn trigger_modes(env: &Env, table: &str) -> Vec<String> {
+    env.pg()
+        .await
+        .query(
+            "SELECT tgenabled::text FROM pg_trigger \
+             WHERE tgrelid = $1::text::regclass AND tgname LIKE 'syncar%'",
+            &[&table],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The slot's confirmed position, as a number of bytes.
 async fn confirmed_lsn(env: &Env) -> i64 {
     query_value(
@@ -689,36 +705,12 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
             })
             .await;
         }
-        let modes: Vec<String> = env
-            .pg()
-            .await
-            .query(
-                "SELECT tgenabled::text FROM pg_trigger \
-                 WHERE tgrelid = 'items'::regclass AND tgname LIKE 'syncar%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let modes = trigger_modes(&env, "items").await;
         assert!(
             !modes.is_empty() && modes.iter().all(|m| m == "A"),
             "{source:?}: enabled always again: {modes:?}"
         );
-        let others: Vec<String> = env
-            .pg()
-            .await
-            .query(
-                "SELECT tgenabled::text FROM pg_trigger \
-                 WHERE tgrelid = 'others'::regclass AND tgname LIKE 'syncar%'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let others = trigger_modes(&env, "others").await;
         assert!(
             !others.is_empty() && others.iter().all(|m| m == "D"),
             "{source:?}: the other table's triggers stay disabled: {others:?}"
