@@ -47,7 +47,7 @@ pub(super) async fn schema_task(
                         crate::schema::plan(&mut client, &config).await?.0.changes,
                     )
                 };
-                let catalog = load_catalog(&client, &config).await?;
+                let catalog = load_catalog(&mut client, &config).await?;
                 Ok((changes, differences, catalog))
             }
         });

@@ -367,8 +367,8 @@ impl Db {
         &self,
         config: &crate::config::Config,
     ) -> Result<crate::resource::Catalog, CatalogError> {
-        let client = self.client().await?;
-        Ok(crate::schema::load_catalog(&**client, config).await?)
+        let mut client = self.client().await?;
+        Ok(crate::schema::load_catalog(&mut client, config).await?)
     }
 }
 

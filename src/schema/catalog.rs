@@ -15,9 +15,36 @@ use crate::resource::{quote_ident, Catalog, Column, Resource};
 /// that does not exist or does not fit is left out of the catalog and listed in
 /// [`Catalog::unavailable`] with the reason; the other resources serve.
 ///
+/// Everything is read in one snapshot (a read-only `REPEATABLE READ` transaction): the
+/// tables' shapes and the facts the catalog draws from them are of one moment. Read in
+/// statements of their own, a catalog could hold a fingerprint from before a change and a
+/// fact from after it (a trigger disabled); when the change was undone before anyone looked
+/// again, the live fingerprint then equalled the catalog's, and no recheck ever read the
+/// table again: the resource stayed unavailable.
+///
 /// # Errors
 /// [`SchemaError::NotMigrated`] when syncar's objects are missing.
 pub async fn load_catalog(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+) -> Result<Catalog, SchemaError> {
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(pg("starting the catalog's snapshot"))?;
+    let catalog = read_catalog(&tx, config).await?;
+    tx.commit()
+        .await
+        .map_err(pg("ending the catalog's snapshot"))?;
+    Ok(catalog)
+}
+
+/// [`load_catalog`]'s reads, on `client` (a transaction: one snapshot).
+async fn read_catalog(
     client: &impl GenericClient,
     config: &Config,
 ) -> Result<Catalog, SchemaError> {
@@ -32,8 +59,6 @@ pub async fn load_catalog(
         )));
     }
     let capture = capture::load(client, config).await?;
-    // Read before the tables: a change between the two reads shows up as a difference at
-    // the next check, never as a catalog that looks newer than it is.
     let shapes = super::shape::fingerprints(client, schema, &config.resources).await?;
     let mut resources = vec![Resource::kv(schema, config.cache.ttl.clone())];
     let mut unavailable = Vec::new();
