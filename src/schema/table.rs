@@ -147,19 +147,31 @@ pub(super) async fn describe_table(
     // Changes are logged by statement-level triggers, which Postgres fires only on the table
     // a statement names: writes naming a partition would bypass its parent's, and writes
     // naming the parent its partitions'. Refused rather than half-covered.
-    let partitioned: bool = client
+    let kind = client
         .query_one(
-            "SELECT relkind::text = 'p' OR relispartition FROM pg_class WHERE oid = $1",
+            "SELECT relkind::text = 'p' OR relispartition, relpersistence::text \
+             FROM pg_class WHERE oid = $1",
             &[&oid],
         )
         .await
-        .map_err(pg)?
-        .get(0);
-    if partitioned {
+        .map_err(pg)?;
+    if kind.get::<_, bool>(0) {
         return Err(SchemaError::Invalid(format!(
             "resource {:?}: table {}.{} is partitioned or a partition, which syncar does not \
              support yet (a write naming a partition would not be logged)",
             r.name, r.schema, r.table
+        )));
+    }
+    // An unlogged table is emptied by crash recovery and is empty on a promoted standby,
+    // with no trigger firing: every cached copy would outlive its row. Postgres refuses to
+    // publish one (the `wal` source could not relay it either); Debezium cannot capture it.
+    if kind.get::<_, String>(1) != "p" {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: table {}.{} is UNLOGGED (or temporary): a crash or a failover \
+             empties it without any trigger firing, so no cached copy of its rows could be \
+             trusted; served once it is logged (ALTER TABLE {}.{} SET LOGGED, then `syncar \
+             migrate` if it was never migrated)",
+            r.name, r.schema, r.table, r.schema, r.table
         )));
     }
     let rows = client

@@ -796,3 +796,64 @@ async fn a_table_attached_as_a_partition_goes_unavailable_until_detached() {
         b.shutdown().await;
     }
 }
+
+/// An unlogged table is emptied by crash recovery (and is empty on a promoted standby) with
+/// no trigger firing, so syncar serves none: one configured from the start is left out with
+/// the reason while the others serve (the `wal` source's migration does not try to publish
+/// it, which Postgres would refuse), and a served table set `UNLOGGED` goes unavailable
+/// until it is logged again, the customer's statements succeeding throughout. Under `wal`
+/// Postgres itself refuses `SET UNLOGGED` on a published table.
+#[tokio::test]
+async fn an_unlogged_table_is_left_out_with_its_reason() {
+    for source in SOURCES {
+        let env = items_env().await;
+        sql(
+            &env,
+            "CREATE UNLOGGED TABLE notes (id integer PRIMARY KEY, body text); \
+             INSERT INTO notes VALUES (1, 'note')",
+        )
+        .await;
+        let configure = |c: &mut syncar::Config| {
+            c.feeds.postgres_source = source;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+            c.resources
+                .push(crate::support::resource("notes", "id", "version"));
+        };
+        let (a, b) = (env.start(configure).await, env.start(configure).await);
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
+            let reason = unavailable(i, "notes", "UNLOGGED").await;
+            assert!(reason.contains("SET LOGGED"), "{source:?}: {reason}");
+            assert_eq!(i.get("/v1/notes/1").await.status, 503, "{source:?}");
+        }
+        if source == PostgresSource::Wal {
+            let e = env
+                .pg()
+                .await
+                .batch_execute("ALTER TABLE items SET UNLOGGED")
+                .await
+                .expect_err("Postgres refuses to unlog a published table");
+            assert!(
+                format!("{e:?}").contains("publication"),
+                "{source:?}: {e:?}"
+            );
+        } else {
+            sql(&env, "ALTER TABLE items SET UNLOGGED").await;
+            sql(&env, "UPDATE items SET name = 'unlogged' WHERE id = 1").await;
+            for i in [&a, &b] {
+                unavailable(i, "items", "UNLOGGED").await;
+            }
+            kv_keeps_l1(&a, &b, "unlogged").await;
+            sql(&env, "ALTER TABLE items SET LOGGED").await;
+            for i in [&a, &b] {
+                serves(i, "/v1/items/1", "the write made while unlogged", |d| {
+                    d["name"] == "unlogged"
+                })
+                .await;
+            }
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
