@@ -196,6 +196,7 @@ async fn follow_shapes(
         }
         republish(config, catalog, db, secrets).await;
         rearm(config, catalog, db, secrets).await;
+        install_new(config, catalog, secrets).await;
         let now = tokio::time::Instant::now();
         match stamp_probed.map(|at| at + STAMP_RETRY) {
             Some(next) if check_stamp && next > now => stamp_retry = Some(next),
@@ -288,6 +289,51 @@ async fn rearm(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Secret
         Err(e) => tracing::error!(
             error = %secrets.scrub(&error_chain(&e)),
             "enabling syncar's triggers always again failed; retrying at the next recheck"
+        ),
+    }
+}
+
+/// How long the schema task gives a migration installing a table that came to fit: the
+/// tables' other changes wait for it meanwhile.
+const INSTALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Runs the migration when a configured table fits but carries none of syncar's triggers
+/// ([`crate::resource::Catalog::uninstalled`]: created after the migration ran, as when the
+/// app's own schema migration runs beside syncar's rollout, dropped and created again, or
+/// made to fit since: a unique index on its key, `SET LOGGED`), with
+/// `postgres.migrate_on_start`: what a restart would do, without one. The migration's
+/// lock makes the fleet run it once; the new triggers change the table's shape, so every
+/// instance reloads it with a flush. Failing (a lock held by a customer's transaction
+/// beyond the migration's retries, a role that may not alter the table), it is tried again
+/// at the next recheck.
+async fn install_new(config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
+    let Ok(current) = catalog.get() else {
+        return;
+    };
+    if current.uninstalled().is_empty() || !config.postgres.migrate_on_start {
+        return;
+    }
+    let migrated = with_connection(config, |mut client| async move {
+        Ok(migrate(&mut client, config).await?)
+    });
+    match tokio::time::timeout(INSTALL_LIMIT, migrated).await {
+        Ok(Ok(migration)) => {
+            for change in &migration.changes {
+                tracing::info!(change = %change, "migrated");
+            }
+            if !migration.changes.is_empty() {
+                catalog.request_recheck();
+            }
+        }
+        Ok(Err(e)) => tracing::error!(
+            resources = ?current.uninstalled(),
+            error = %secrets.scrub(&error_chain(&e)),
+            "installing syncar on tables that came to fit failed; retrying at the next recheck"
+        ),
+        Err(_) => tracing::warn!(
+            resources = ?current.uninstalled(),
+            "installing syncar on tables that came to fit took longer than {INSTALL_LIMIT:?}; \
+             retrying at the next recheck"
         ),
     }
 }

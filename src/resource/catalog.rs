@@ -27,6 +27,10 @@ pub struct Catalog {
     /// not `ALWAYS` (`ALTER TABLE ... ENABLE TRIGGER ALL` after a bulk load leaves it so):
     /// the schema task enables them always again.
     disarmed: Vec<String>,
+    /// Resources left out because their table, which fits, carries none of syncar's
+    /// triggers: created or made to fit after the migration ran (see
+    /// [`Catalog::uninstalled`]).
+    uninstalled: Vec<String>,
     /// Each configured resource's table fingerprint when this catalog was read (see
     /// `schema::shape`): a live one that differs means the table changed since.
     pub shapes: Shapes,
@@ -84,6 +88,7 @@ impl Catalog {
             unavailable: HashMap::new(),
             unpublished: Vec::new(),
             disarmed: Vec::new(),
+            uninstalled: Vec::new(),
             shapes: HashMap::new(),
         }
     }
@@ -117,6 +122,21 @@ impl Catalog {
     pub fn with_disarmed(mut self, disarmed: Vec<String>) -> Self {
         self.disarmed = disarmed;
         self
+    }
+
+    /// The same catalog, noting the left-out resources whose tables fit but carry none of
+    /// syncar's triggers (see [`Catalog::uninstalled`]).
+    pub fn with_uninstalled(mut self, uninstalled: Vec<String>) -> Self {
+        self.uninstalled = uninstalled;
+        self
+    }
+
+    /// Resources whose tables fit but carry none of syncar's triggers: the table was
+    /// created, or made to fit (a unique index on the key added, `SET LOGGED`), after the
+    /// migration ran, or dropped and created again. A migration installs them, as it would
+    /// at the next start.
+    pub fn uninstalled(&self) -> &[String] {
+        &self.uninstalled
     }
 
     /// Resources whose tables fit in every way but one: a trigger of syncar's on them is

@@ -64,6 +64,7 @@ async fn read_catalog(
     let mut unavailable = Vec::new();
     let mut unpublished = Vec::new();
     let mut disarmed = Vec::new();
+    let mut uninstalled = Vec::new();
     let published = if capture.source == crate::config::PostgresSource::Wal {
         Some(super::republish::published(client, &capture.publication).await?)
     } else {
@@ -97,12 +98,25 @@ async fn read_catalog(
             || !info.columns.iter().any(|c| c.name == r.version_column)
         {
             // Fits, but not migrated (left out by a migration while it did not fit, or
-            // created since): this resource waits for `syncar migrate`, the others serve.
+            // created since): this resource waits for a migration, the others serve. One
+            // that has none of syncar's triggers is installed by the schema task (with
+            // `migrate_on_start`); one that lost some of them or its version column is the
+            // DBA's to look at.
+            let installs = installed.is_empty() && config.postgres.migrate_on_start;
+            if installed.is_empty() {
+                uninstalled.push(r.name.clone());
+            }
             unavailable.push((
                 r.name.clone(),
                 format!(
-                    "table {}.{} lacks its version column or triggers; run `syncar migrate`",
-                    r.schema, r.table
+                    "table {}.{} lacks its version column or triggers; {}",
+                    r.schema,
+                    r.table,
+                    if installs {
+                        "syncar installs them (postgres.migrate_on_start; or run `syncar migrate`)"
+                    } else {
+                        "run `syncar migrate`"
+                    }
                 ),
             ));
             continue;
@@ -172,7 +186,8 @@ async fn read_catalog(
         .with_capture(capture)
         .with_unavailable(unavailable)
         .with_unpublished(unpublished)
-        .with_disarmed(disarmed))
+        .with_disarmed(disarmed)
+        .with_uninstalled(uninstalled))
 }
 
 /// Why syncar's triggers on `schema.table` (`installed`: name and `tgenabled`) do not see

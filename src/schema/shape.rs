@@ -322,7 +322,9 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// changes too; counted on its own, a change of persistence made in place is seen as well).
 /// The publications the table is in count (the `wal` source serves a table only while its
 /// publication has it, see `schema::republish`; NULL, and so nothing in the string, for a
-/// table in none). Not seen: a change to a type a column uses (an enum's labels renamed, a
+/// table in none). A unique index counts once valid (`CREATE UNIQUE INDEX CONCURRENTLY`
+/// shows it invalid while it is built, then makes it valid and changes nothing else; a
+/// failed build leaves it invalid, which the key check refuses). Not seen: a change to a type a column uses (an enum's labels renamed, a
 /// composite type's attributes).
 const FINGERPRINT_SQL: &str = "\
 SELECT r.name, (
@@ -333,7 +335,7 @@ SELECT r.name, (
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
     (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident, i.indkey::text),
                        ',' ORDER BY i.indexrelid)
-     FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indnkeyatts = 1
+     FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
        AND i.indpred IS NULL AND i.indexprs IS NULL),
     (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
      FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'syncar%'),

@@ -408,7 +408,7 @@ async fn column_changes_are_served_and_written_without_a_restart() {
 /// The table renamed, its key's unique index dropped, its key retyped to what syncar cannot
 /// key, the table dropped and created again: the customer's statements succeed, the
 /// resource goes unavailable with the reason, and comes back when the table fits again (a
-/// recreated table once `syncar migrate` has run).
+/// recreated table once the fleet has installed syncar on it again).
 #[tokio::test]
 async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
     for source in SOURCES {
@@ -473,13 +473,7 @@ async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
         )
         .await;
         sql(&env, "UPDATE items SET name = 'newer one' WHERE id = 1").await;
-        unavailable(&b, "items", "syncar migrate").await;
-        let mut config = env.config();
-        config.feeds.postgres_source = source;
-        config
-            .resources
-            .push(crate::support::resource("items", "id", "version"));
-        syncar::app::run_migration(&config).await.unwrap();
+        // Installed by the fleet (postgres.migrate_on_start), as a restart would.
         for i in [&a, &b] {
             serves(i, "/v1/items/1", "the recreated table", |d| {
                 d["name"] == "newer one"
@@ -852,6 +846,103 @@ async fn an_unlogged_table_is_left_out_with_its_reason() {
                 })
                 .await;
             }
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// The unique index the reason asks for, added the way a busy table gets one: `CREATE
+/// UNIQUE INDEX CONCURRENTLY`, which shows the index invalid for as long as older writers
+/// hold the table, then makes it valid. The resource serves once it is valid; the change of
+/// validity alone (nothing else in the table's shape changes then) must be seen.
+#[tokio::test]
+async fn a_unique_index_built_concurrently_is_served_once_valid() {
+    for source in SOURCES {
+        let env = items_env().await;
+        sql(&env, "ALTER TABLE items DROP CONSTRAINT items_pkey").await;
+        if source == PostgresSource::Wal {
+            sql(&env, "ALTER TABLE items REPLICA IDENTITY FULL").await;
+        }
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            unavailable(i, "items", "unique index").await;
+        }
+        // An older writer holds the table: the build waits for it with its index invalid.
+        let writer = env.pg().await;
+        writer
+            .batch_execute("BEGIN; UPDATE items SET name = 'held' WHERE id = 1")
+            .await
+            .unwrap();
+        let build = {
+            let pg = env.pg().await;
+            tokio::spawn(async move {
+                pg.batch_execute("CREATE UNIQUE INDEX CONCURRENTLY items_id ON items (id)")
+                    .await
+            })
+        };
+        eventually(WINDOW, "the index under construction", || async {
+            let rows = env
+                .pg()
+                .await
+                .query(
+                    "SELECT 1 FROM pg_index WHERE indexrelid = 'items_id'::regclass \
+                     AND NOT indisvalid",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (!rows.is_empty()).then_some(())
+        })
+        .await;
+        // Long enough for every shape check to see the invalid index (lease / 2).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        for i in [&a, &b] {
+            unavailable(i, "items", "unique index").await;
+        }
+        writer.batch_execute("COMMIT").await.unwrap();
+        build.await.unwrap().expect("the index is built");
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the held writer's row", |d| {
+                d["name"] == "held"
+            })
+            .await;
+        }
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
+
+/// A configured table the app's own schema migration creates after syncar started (the two
+/// roll out together): unavailable saying it does not exist, then installed by the fleet
+/// and served, without a restart; the other resources serve throughout.
+#[tokio::test]
+async fn a_table_created_after_the_fleet_started_is_installed_and_served() {
+    for source in SOURCES {
+        let env = Env::new().await;
+        let (a, b) = fleet(&env, source).await;
+        for i in [&a, &b] {
+            unavailable(i, "items", "does not exist").await;
+        }
+        kv_keeps_l1(&a, &b, "before").await;
+        sql(
+            &env,
+            "CREATE TABLE items (id integer PRIMARY KEY, name text); \
+             INSERT INTO items VALUES (1, 'one')",
+        )
+        .await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "the new table's row", |d| {
+                d["name"] == "one"
+            })
+            .await;
+        }
+        sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
+        for i in [&a, &b] {
+            serves(i, "/v1/items/1", "a change of the new table", |d| {
+                d["name"] == "uno"
+            })
+            .await;
         }
         a.shutdown().await;
         b.shutdown().await;
