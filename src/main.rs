@@ -171,6 +171,9 @@ async fn print_migration(config: &Config) -> ExitCode {
             for reason in &planned.unavailable {
                 eprintln!("syncar: left out: {reason}");
             }
+            for warning in &planned.warnings {
+                eprintln!("syncar: warning: {warning}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => failed(config, "cannot plan the migration", &e),
@@ -189,6 +192,9 @@ async fn migrate(config: &Config) -> ExitCode {
             }
             for reason in &done.unavailable {
                 eprintln!("syncar: left out: {reason}");
+            }
+            for warning in &done.warnings {
+                eprintln!("syncar: warning: {warning}");
             }
             if done.unavailable.is_empty() {
                 ExitCode::SUCCESS

@@ -37,18 +37,17 @@ pub(super) async fn schema_task(
         let attempt = with_connection(&config, |mut client| {
             let config = config.clone();
             async move {
-                let (changes, differences) = if config.postgres.migrate_on_start {
-                    (migrate(&mut client, &config).await?.changes, Vec::new())
+                let (changes, differences, warnings) = if config.postgres.migrate_on_start {
+                    let migration = migrate(&mut client, &config).await?;
+                    (migration.changes, Vec::new(), migration.warnings)
                 } else {
                     // Installed by the DBA: say what differs from what this configuration
                     // needs, each difference by name.
-                    (
-                        Vec::new(),
-                        crate::schema::plan(&mut client, &config).await?.0.changes,
-                    )
+                    let planned = crate::schema::plan(&mut client, &config).await?.0;
+                    (Vec::new(), planned.changes, planned.warnings)
                 };
                 let catalog = load_catalog(&mut client, &config).await?;
-                Ok((changes, differences, catalog))
+                Ok((changes, differences, warnings, catalog))
             }
         });
         let result = tokio::select! {
@@ -56,9 +55,12 @@ pub(super) async fn schema_task(
             r = attempt => r,
         };
         match result {
-            Ok((changes, differences, loaded)) => {
+            Ok((changes, differences, warnings, loaded)) => {
                 for change in &changes {
                     tracing::info!(change = %change, "migrated");
+                }
+                for warning in &warnings {
+                    tracing::warn!(warning = %warning, "another publication carries syncar's tables");
                 }
                 for difference in &differences {
                     tracing::warn!(

@@ -571,6 +571,55 @@ pub async fn retention_gap(client: &impl GenericClient) -> Result<Option<String>
     }))
 }
 
+/// The customer's publications that carry syncar's own tables to their subscribers: one
+/// `FOR ALL TABLES`, or one that lists them (`FOR TABLES IN SCHEMA`, or by name), other than
+/// syncar's `own` (the `wal` source's, which publishes `syncar_kv` on purpose). Such a
+/// publication picks up syncar's tables at the install, and a Postgres subscriber that does
+/// not have them stops applying every change ("logical replication target relation ...
+/// does not exist", see Postgres' "Logical Replication" chapter, "Restrictions"). Returns a
+/// warning naming them and what to do, or `None`. Inside the migration's transaction the
+/// new tables are seen already; before the install, a `FOR ALL TABLES` one is.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn sharing_publications(
+    client: &impl GenericClient,
+    schema: &str,
+    own: &str,
+) -> Result<Option<String>, SchemaError> {
+    let tables = [STATE_TABLE, super::names::CHANGES_TABLE, "syncar_kv"];
+    let names: Vec<String> = client
+        .query(
+            "SELECT p.pubname::pg_catalog.text FROM pg_catalog.pg_publication p \
+             WHERE p.pubname OPERATOR(pg_catalog.<>) $3 AND (p.puballtables OR EXISTS ( \
+               SELECT 1 FROM pg_catalog.pg_publication_tables t \
+               WHERE t.pubname OPERATOR(pg_catalog.=) p.pubname \
+                 AND t.schemaname OPERATOR(pg_catalog.=) $1 \
+                 AND t.tablename::pg_catalog.text OPERATOR(pg_catalog.=) ANY($2::pg_catalog.text[]))) \
+             ORDER BY 1",
+            &[&schema, &&tables[..], &own],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up publications",
+            source,
+        })?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok((!names.is_empty()).then(|| {
+        format!(
+            "publication {} carries syncar's own tables ({schema}.{}) to its subscribers (FOR \
+             ALL TABLES, or listing them): a Postgres subscriber without these tables stops \
+             replicating at their first change (\"logical replication target relation ... does \
+             not exist\"); create them on each subscriber (their DDL is in `syncar migrate \
+             --print-sql`), or publish your tables by name (README \"Other publications\")",
+            names.join(", "),
+            tables.join(&format!(", {schema}."))
+        )
+    }))
+}
+
 /// Records a fresh version as the slot's epoch (see [`STATE_TABLE`]) and returns it.
 ///
 /// # Errors

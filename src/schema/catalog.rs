@@ -278,6 +278,12 @@ pub async fn check(
         Err(SchemaError::Invalid(reason)) => report.problems.push(reason),
         Err(e) => return Err(e),
     }
+    let schema = &config.postgres.schema;
+    if let Some(shared) =
+        capture::sharing_publications(&tx, schema, &config.feeds.wal_publication).await?
+    {
+        report.notes.push(format!("warning: {shared}"));
+    }
     tx.rollback().await.map_err(pg("ending the check"))?;
     // Per table, what the migration would still do: `serve` leaves out a table without its
     // version column or triggers, whatever the sequence says.

@@ -81,6 +81,9 @@ pub struct Migration {
     pub changes: Vec<String>,
     /// Configured resources it left out, each with why (a table that does not exist…).
     pub unavailable: Vec<String>,
+    /// What the operator should know and syncar cannot change: another publication
+    /// carrying syncar's tables ([`capture::sharing_publications`]).
+    pub warnings: Vec<String>,
 }
 
 /// A migration refused for want of a privilege (SQLSTATE 42501) said with what to do: the
@@ -210,11 +213,16 @@ async fn migrate_once(
             .await?;
     }
     drop_legacy_functions(&tx, sink, schema, &mut changes).await?;
+    let warnings = capture::sharing_publications(&tx, schema, &config.feeds.wal_publication)
+        .await?
+        .into_iter()
+        .collect();
     sink.commit(tx, "committing the migration").await?;
     settle_slot(client, sink, schema, source, &slot, &mut changes).await?;
     Ok(Migration {
         changes,
         unavailable,
+        warnings,
     })
 }
 

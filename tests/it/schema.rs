@@ -621,3 +621,68 @@ async fn a_migration_waiting_for_a_lock_never_holds_readers_behind_it() {
         done.changes
     );
 }
+
+/// A publication of the customer's own that carries syncar's tables to its subscribers
+/// (`FOR ALL TABLES`, `FOR TABLES IN SCHEMA`) is named, with what to do, by `migrate`,
+/// `migrate --print-sql` and `check-config --db`: a Postgres subscriber without syncar's
+/// tables would stop replicating at their first change. One that publishes the customer's
+/// tables by name is not, nor syncar's own `wal` publication.
+#[tokio::test]
+async fn a_publication_that_carries_syncars_tables_is_named() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY); CREATE PUBLICATION by_name FOR TABLE orders",
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.feeds.postgres_source = syncar::config::PostgresSource::Wal;
+    let (planned, _) = syncar::app::run_plan(&config).await.unwrap();
+    assert!(planned.warnings.is_empty(), "{:?}", planned.warnings);
+    let migrated = syncar::app::run_migration(&config).await.unwrap();
+    assert!(migrated.warnings.is_empty(), "{:?}", migrated.warnings);
+
+    pg.batch_execute("CREATE PUBLICATION everything FOR ALL TABLES")
+        .await
+        .unwrap();
+    let (planned, _) = syncar::app::run_plan(&config).await.unwrap();
+    let check = syncar::app::run_check(&config).await.unwrap();
+    let migrated = syncar::app::run_migration(&config).await.unwrap();
+    for (what, warnings) in [
+        ("plan", planned.warnings),
+        ("migrate", migrated.warnings),
+        (
+            "check-config",
+            check
+                .notes
+                .into_iter()
+                .filter(|n| n.starts_with("warning: publication"))
+                .collect(),
+        ),
+    ] {
+        assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+        assert!(
+            warnings[0].contains("publication everything ")
+                && warnings[0].contains("syncar_changes")
+                && warnings[0].contains("create them on each subscriber"),
+            "{what}: {warnings:?}"
+        );
+    }
+
+    let server: i32 = query_value(&pg, "SELECT current_setting('server_version_num')::int").await;
+    if server >= 150_000 {
+        pg.batch_execute(
+            "DROP PUBLICATION everything; CREATE PUBLICATION public_schema FOR TABLES IN SCHEMA public",
+        )
+        .await
+        .unwrap();
+        let migrated = syncar::app::run_migration(&config).await.unwrap();
+        assert!(
+            migrated.warnings.len() == 1
+                && migrated.warnings[0].contains("publication public_schema "),
+            "{:?}",
+            migrated.warnings
+        );
+    }
+}
