@@ -21,7 +21,8 @@ use crate::resource::quote_ident;
 /// Returns what it removed, one line per object.
 ///
 /// # Errors
-/// The slot is being streamed (stop every instance first), or Postgres failing.
+/// The slot is being streamed or another syncar is connected (stop every instance first),
+/// or Postgres failing.
 pub async fn uninstall(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -46,6 +47,7 @@ async fn uninstall_once(
     let mut changes = Vec::new();
     let slot = capture::slot_name(&*client, config).await?;
     refuse_a_streamed_slot(client, &slot).await?;
+    refuse_running_instances(client).await?;
     if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
         changes.push(change);
     }
@@ -86,6 +88,57 @@ async fn refuse_a_streamed_slot(
         )));
     }
     Ok(())
+}
+
+/// The `application_name`s syncar's own connections carry: the pool's and the commands'
+/// (unless the URL names another), each instance's feed, the relay's.
+const OWN_APPLICATION_NAMES: [&str; 3] = ["syncar", "syncar-listen", "syncar-relay"];
+
+/// Refuses to go on while another syncar is connected to this database (its connections'
+/// `application_name`s in `pg_stat_activity`, which every role may read): a running
+/// instance would go on serving copies that nothing evicts any more once the triggers are
+/// gone, and with `postgres.migrate_on_start` it installs syncar on its tables again.
+async fn refuse_running_instances(client: &tokio_postgres::Client) -> Result<(), SchemaError> {
+    let mut others = running_instances(client).await?;
+    // A connection just closed (this command's own pooler check) leaves its backend listed
+    // for the moment it takes to exit: looked at again before refusing.
+    for _ in 0..5 {
+        if others.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        others = running_instances(client).await?;
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(SchemaError::Invalid(format!(
+        "syncar is still connected to this database: {}; stop every syncar instance (and \
+         `syncar relay`, and any other `syncar` command) first: a running instance would go \
+         on serving copies nothing evicts once the triggers are gone, or install them again",
+        others.join(", ")
+    )))
+}
+
+/// The other backends of this database that carry one of [`OWN_APPLICATION_NAMES`], each
+/// said with its pid and client address.
+async fn running_instances(client: &tokio_postgres::Client) -> Result<Vec<String>, SchemaError> {
+    Ok(client
+        .query(
+            "SELECT pg_catalog.concat(application_name, ' (pid ', pid, ', from ', \
+                    coalesce(pg_catalog.host(client_addr), 'a local socket'), ')') \
+             FROM pg_catalog.pg_stat_activity \
+             WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database() \
+               AND pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
+               AND application_name OPERATOR(pg_catalog.=) ANY($1::pg_catalog.text[]) \
+             ORDER BY pid",
+            &[&&OWN_APPLICATION_NAMES[..]],
+        )
+        .await
+        .map_err(pg("looking for running instances"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// Drops the `wal` source's publication, if there is one.

@@ -686,3 +686,34 @@ async fn a_publication_that_carries_syncars_tables_is_named() {
         );
     }
 }
+
+/// `syncar uninstall` refuses while an instance is connected (its triggers gone, it would go
+/// on serving copies nothing evicts, or install them again), naming the connections; once
+/// every instance has stopped it removes what it installed.
+#[tokio::test]
+async fn uninstall_refuses_while_an_instance_is_connected() {
+    let env = Env::new().await;
+    let a = env.start(|_| {}).await;
+    assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
+    let config = env.config();
+    let refused = syncar::app::run_uninstall(&config)
+        .await
+        .expect_err("refused while an instance runs");
+    let said = format!("{refused:#}");
+    assert!(
+        said.contains("still connected") && said.contains("syncar-listen"),
+        "{said}"
+    );
+    let triggers: i64 = query_value(
+        &env.pg().await,
+        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'syncar%'",
+    )
+    .await;
+    assert!(triggers > 0, "nothing removed");
+    a.shutdown().await;
+    let removed = syncar::app::run_uninstall(&config).await.unwrap();
+    assert!(
+        removed.iter().any(|c| c.starts_with("dropped trigger")),
+        "{removed:?}"
+    );
+}
