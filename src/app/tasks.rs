@@ -127,6 +127,7 @@ async fn follow_shapes(
     // suspects it at every recheck).
     let mut stamp_retry: Option<tokio::time::Instant> = None;
     let mut stamp_probed: Option<tokio::time::Instant> = None;
+    let mut install = InstallNew::default();
     loop {
         let wait = match stamp_retry {
             Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
@@ -198,7 +199,6 @@ async fn follow_shapes(
         }
         republish(config, catalog, db, secrets).await;
         rearm(config, catalog, db, secrets).await;
-        install_new(config, catalog, secrets).await;
         let now = tokio::time::Instant::now();
         match stamp_probed.map(|at| at + STAMP_RETRY) {
             Some(next) if check_stamp && next > now => stamp_retry = Some(next),
@@ -210,6 +210,9 @@ async fn follow_shapes(
             }
             _ => {}
         }
+        // After the stamp is mended: customers' writes may be failing on it, and this may
+        // take up to INSTALL_LIMIT.
+        install.run(config, catalog, secrets).await;
         catalog.rechecked(covered);
     }
 }
@@ -299,44 +302,89 @@ async fn rearm(config: &Config, catalog: &CatalogCell, db: &Db, secrets: &Secret
 /// tables' other changes wait for it meanwhile.
 const INSTALL_LIMIT: Duration = Duration::from_secs(10);
 
-/// Runs the migration when a configured table fits but carries none of syncar's triggers
-/// ([`crate::resource::Catalog::uninstalled`]: created after the migration ran, as when the
-/// app's own schema migration runs beside syncar's rollout, dropped and created again, or
-/// made to fit since: a unique index on its key, `SET LOGGED`), with
-/// `postgres.migrate_on_start`: what a restart would do, without one. The migration's
-/// lock makes the fleet run it once; the new triggers change the table's shape, so every
-/// instance reloads it with a flush. Failing (a lock held by a customer's transaction
-/// beyond the migration's retries, a role that may not alter the table), it is tried again
-/// at the next recheck.
-async fn install_new(config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
-    let Ok(current) = catalog.get() else {
-        return;
-    };
-    if current.uninstalled().is_empty() || !config.postgres.migrate_on_start {
-        return;
-    }
-    let migrated = with_connection(config, |mut client| async move {
-        Ok(migrate(&mut client, config).await?)
-    });
-    match tokio::time::timeout(INSTALL_LIMIT, migrated).await {
-        Ok(Ok(migration)) => {
-            for change in &migration.changes {
-                tracing::info!(change = %change, "migrated");
-            }
-            if !migration.changes.is_empty() {
-                catalog.request_recheck();
-            }
+/// The longest pause between two tries of [`InstallNew::run`] that failed.
+const INSTALL_MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Installs syncar on configured tables that came to fit, with `postgres.migrate_on_start`
+/// ([`InstallNew::run`]), pausing longer after each failure.
+struct InstallNew {
+    /// No try before this, after a failure.
+    not_before: Option<tokio::time::Instant>,
+    backoff: Backoff,
+    /// The last failure said, so that a repeated one is not said again at error level.
+    last_error: String,
+}
+
+impl Default for InstallNew {
+    fn default() -> Self {
+        InstallNew {
+            not_before: None,
+            backoff: Backoff::new(Duration::from_secs(1), INSTALL_MAX_BACKOFF),
+            last_error: String::new(),
         }
-        Ok(Err(e)) => tracing::error!(
-            resources = ?current.uninstalled(),
-            error = %secrets.scrub(&error_chain(&e)),
-            "installing syncar on tables that came to fit failed; retrying at the next recheck"
-        ),
-        Err(_) => tracing::warn!(
-            resources = ?current.uninstalled(),
-            "installing syncar on tables that came to fit took longer than {INSTALL_LIMIT:?}; \
-             retrying at the next recheck"
-        ),
+    }
+}
+
+impl InstallNew {
+    /// Runs the migration when a configured table fits but carries none of syncar's
+    /// triggers ([`crate::resource::Catalog::uninstalled`]: created after the migration
+    /// ran, as when the app's own schema migration runs beside syncar's rollout, dropped and
+    /// created again, or made to fit since: a unique index on its key, `SET LOGGED`): what
+    /// a restart would do, without one. Only where syncar is still installed (never after
+    /// `syncar uninstall`, which also refuses while an instance is connected). The
+    /// migration's lock makes the fleet run it once; the new triggers change the table's
+    /// shape, so every instance reloads it with a flush. A failure (a customer's lock held
+    /// past the migration's retries, a role that may not alter the table) is tried again
+    /// at a recheck after a pause that doubles up to [`INSTALL_MAX_BACKOFF`].
+    async fn run(&mut self, config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
+        let Ok(current) = catalog.get() else {
+            return;
+        };
+        if current.uninstalled().is_empty() || !config.postgres.migrate_on_start {
+            return;
+        }
+        if self
+            .not_before
+            .is_some_and(|at| at > tokio::time::Instant::now())
+        {
+            return;
+        }
+        let migrated = with_connection(config, |mut client| async move {
+            if !crate::schema::capture::installed(&client, &config.postgres.schema).await? {
+                return Ok(None);
+            }
+            Ok(Some(migrate(&mut client, config).await?))
+        });
+        let failure = match tokio::time::timeout(INSTALL_LIMIT, migrated).await {
+            Ok(Ok(migration)) => {
+                for change in migration.iter().flat_map(|m| &m.changes) {
+                    tracing::info!(change = %change, "migrated");
+                }
+                if migration.is_some_and(|m| !m.changes.is_empty()) {
+                    catalog.request_recheck();
+                }
+                self.not_before = None;
+                self.backoff.reset();
+                self.last_error.clear();
+                return;
+            }
+            Ok(Err(e)) => secrets.scrub(&error_chain(&e)),
+            Err(_) => format!("the migration took longer than {INSTALL_LIMIT:?}"),
+        };
+        let pause = self.backoff.next_pause();
+        self.not_before = Some(tokio::time::Instant::now() + pause);
+        if failure != self.last_error {
+            tracing::error!(
+                resources = ?current.uninstalled(),
+                error = %failure,
+                retry_in_s = pause.as_secs(),
+                "installing syncar on tables that came to fit failed; they stay unavailable \
+                 until it succeeds"
+            );
+            self.last_error = failure;
+        } else {
+            tracing::debug!(error = %failure, "installing syncar on tables that came to fit failed again");
+        }
     }
 }
 

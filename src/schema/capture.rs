@@ -179,6 +179,20 @@ pub(super) async fn load(
     })
 }
 
+/// Whether syncar is installed on this database: its state table records the source it was
+/// migrated for (`syncar uninstall` forgets it). The schema task asks before it installs a
+/// table that came to fit, so as never to undo an uninstall.
+///
+/// # Errors
+/// Postgres failing.
+pub async fn installed(client: &impl GenericClient, schema: &str) -> Result<bool, SchemaError> {
+    match read_state(client, schema).await {
+        Ok(state) => Ok(state.contains_key("source")),
+        Err(SchemaError::NotMigrated(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 async fn read_state(
     client: &impl GenericClient,
     schema: &str,
@@ -612,8 +626,9 @@ pub async fn sharing_publications(
             "publication {} carries syncar's own tables ({schema}.{}) to its subscribers (FOR \
              ALL TABLES, or listing them): a Postgres subscriber without these tables stops \
              replicating at their first change (\"logical replication target relation ... does \
-             not exist\"); create them on each subscriber (their DDL is in `syncar migrate \
-             --print-sql`), or publish your tables by name (README \"Other publications\")",
+             not exist\"); create them on each subscriber first (`pg_dump --schema-only \
+             --table '{schema}.syncar_*'` prints them), or publish your tables by name \
+             (README \"Other publications\")",
             names.join(", "),
             tables.join(&format!(", {schema}."))
         )

@@ -150,6 +150,12 @@ async fn migrate_once(
     );
     let schema = &config.postgres.schema;
     let found = create_own_objects(&tx, sink, schema, &mut changes).await?;
+    // Here, before any table of the customer's is locked, and with syncar's tables already
+    // created in this transaction (a publication listing them by schema sees them).
+    let warnings = capture::sharing_publications(&tx, schema, &config.feeds.wal_publication)
+        .await?
+        .into_iter()
+        .collect();
     let kv = kv_resource(schema);
     let Described {
         tables,
@@ -213,10 +219,6 @@ async fn migrate_once(
             .await?;
     }
     drop_legacy_functions(&tx, sink, schema, &mut changes).await?;
-    let warnings = capture::sharing_publications(&tx, schema, &config.feeds.wal_publication)
-        .await?
-        .into_iter()
-        .collect();
     sink.commit(tx, "committing the migration").await?;
     settle_slot(client, sink, schema, source, &slot, &mut changes).await?;
     Ok(Migration {

@@ -27,7 +27,10 @@ use super::table::IDENTITY_INDEX;
 use crate::config::Config;
 use crate::resource::{quote_ident, quote_literal};
 
-/// The tables (schema, name) in `publication`.
+/// The tables (schema, name) in `publication`, which names its tables (`FOR TABLE`, as
+/// syncar creates it). Read from `pg_publication_rel` in plain SQL, so that in the catalog's
+/// one snapshot (see `load_catalog`) it agrees with the shape fingerprint, which reads the
+/// same table: `pg_publication_tables` reads it with Postgres' newest catalog snapshot.
 ///
 /// # Errors
 /// Postgres failing.
@@ -37,8 +40,12 @@ pub(super) async fn published(
 ) -> Result<HashSet<(String, String)>, SchemaError> {
     Ok(client
         .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables \
-             WHERE pubname = $1",
+            "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text \
+             FROM pg_catalog.pg_publication p \
+             JOIN pg_catalog.pg_publication_rel pr ON pr.prpubid OPERATOR(pg_catalog.=) p.oid \
+             JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) pr.prrelid \
+             JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+             WHERE p.pubname OPERATOR(pg_catalog.=) $1",
             &[&publication],
         )
         .await
