@@ -669,6 +669,16 @@ pub async fn recorded_source(
     Ok(read_state(client, schema).await?.remove("source"))
 }
 
+/// The statement that forgets the slot's epoch (the slot was dropped by syncar itself: a
+/// source switched away from `wal`, or an uninstall), so that the next slot is said to be
+/// created, not found missing.
+pub(super) fn forget_slot_epoch(schema: &str) -> String {
+    format!(
+        "DELETE FROM {}.{STATE_TABLE} WHERE name = 'slot_epoch'",
+        quote_ident(schema)
+    )
+}
+
 /// The version taken when the current slot was created, if recorded.
 ///
 /// # Errors

@@ -210,6 +210,15 @@ async fn migrate_once(
                 ));
             }
         }
+    } else {
+        unpublish(
+            &tx,
+            sink,
+            &config.feeds.wal_publication,
+            source,
+            &mut changes,
+        )
+        .await?;
     }
     // Last, in one round trip: creating a trigger locks out the table's writers (SHARE ROW
     // EXCLUSIVE) until the commit, so little else of the migration runs while they wait
@@ -273,6 +282,33 @@ async fn publish(
     Ok(())
 }
 
+/// Drops the `wal` source's publication when the schema is migrated for another `source`
+/// (switched from `wal`): nothing reads it any more, and Postgres would go on refusing
+/// UPDATE and DELETE on any of its tables that loses its replica identity (which only the
+/// `wal` source's schema task takes out of it), and `SET UNLOGGED` on all of them.
+async fn unpublish(
+    tx: &tokio_postgres::Transaction<'_>,
+    sink: &mut Sink,
+    publication: &str,
+    source: PostgresSource,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    if !capture::publication_exists(tx, publication).await? {
+        return Ok(());
+    }
+    sink.run(
+        tx,
+        format!("DROP PUBLICATION {}", quote_ident(publication)),
+        "dropping the publication",
+    )
+    .await?;
+    changes.push(format!(
+        "dropped publication {publication}: the {} source does not read it",
+        source.as_str()
+    ));
+    Ok(())
+}
+
 /// The replication slot, once the migration's transaction is over (Postgres refuses to
 /// create one in a transaction that wrote): for `wal`, created where missing or
 /// invalidated; for the other sources, an idle syncar slot dropped, which would retain WAL
@@ -314,6 +350,14 @@ async fn settle_slot(
         );
         sink.run(client, sql, "dropping the replication slot")
             .await?;
+        // Forgotten with it: a slot created if `wal` comes back is a new one, not one that
+        // went missing (a failover it did not follow).
+        sink.run(
+            client,
+            capture::forget_slot_epoch(schema),
+            "forgetting the slot's epoch",
+        )
+        .await?;
         changes.push(format!("dropped replication slot {slot}"));
     }
     Ok(())

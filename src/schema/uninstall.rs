@@ -257,7 +257,8 @@ async fn drop_unused_function(
 }
 
 /// Clears the recorded source from the state table, so that a later `migrate` decides
-/// again. (An install by an earlier release has no state table.)
+/// again, and the slot's epoch (the slot is gone: a later one is new, not missing). (An
+/// install by an earlier release has no state table.)
 async fn forget_the_source(
     tx: &tokio_postgres::Transaction<'_>,
     schema: &str,
@@ -265,7 +266,7 @@ async fn forget_the_source(
     if table_oid(tx, schema, STATE_TABLE, "r").await?.is_some() {
         tx.execute(
             &format!(
-                "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason')",
+                "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason', 'slot_epoch')",
                 quote_ident(schema)
             ),
             &[],

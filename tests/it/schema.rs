@@ -717,3 +717,63 @@ async fn uninstall_refuses_while_an_instance_is_connected() {
         "{removed:?}"
     );
 }
+
+/// A schema migrated for `wal`, then for `changes_log`: the publication goes with the slot
+/// (left behind, it made Postgres refuse the customer's UPDATE on a table that lost its
+/// replica identity, which only the `wal` source's schema task takes out of it), and going
+/// back to `wal` creates a slot said to be new, not one found missing.
+#[tokio::test]
+async fn leaving_the_wal_source_drops_its_publication_and_slot() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items VALUES (1, 'one')",
+    )
+    .await
+    .unwrap();
+    let config = |source| {
+        let mut c = env.config();
+        c.feeds.postgres_source = source;
+        c.resources
+            .push(crate::support::resource("items", "id", "version"));
+        c
+    };
+    use syncar::config::PostgresSource::{ChangesLog, Wal};
+    syncar::app::run_migration(&config(Wal)).await.unwrap();
+    let publications = || async {
+        query_value::<i64>(
+            &env.pg().await,
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'syncar'",
+        )
+        .await
+    };
+    assert_eq!(publications().await, 1);
+    let switched = syncar::app::run_migration(&config(ChangesLog))
+        .await
+        .unwrap()
+        .changes;
+    for what in ["dropped publication syncar", "dropped replication slot"] {
+        assert!(
+            switched.iter().any(|c| c.starts_with(what)),
+            "{what}: {switched:?}"
+        );
+    }
+    assert_eq!(publications().await, 0);
+    pg.batch_execute(
+        "ALTER TABLE items REPLICA IDENTITY NOTHING; UPDATE items SET name = 'uno' WHERE id = 1",
+    )
+    .await
+    .expect("the customer's UPDATE succeeds");
+    pg.batch_execute("ALTER TABLE items REPLICA IDENTITY DEFAULT")
+        .await
+        .unwrap();
+    let back = syncar::app::run_migration(&config(Wal))
+        .await
+        .unwrap()
+        .changes;
+    assert!(
+        back.iter()
+            .any(|c| c.starts_with("created replication slot") && !c.contains("not on this server")),
+        "{back:?}"
+    );
+}
