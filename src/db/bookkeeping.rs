@@ -44,14 +44,71 @@ impl Db {
     ///
     /// # Errors
     /// A classified [`DbError`].
+    /// A publication of the customer's that publishes deletes of the changes log (`FOR ALL
+    /// TABLES`) makes Postgres refuse the prune, since the log has no replica identity; the
+    /// log then grew without end. The log is given `REPLICA IDENTITY FULL` then (a catalog
+    /// change to syncar's own table, under a short `lock_timeout`), said once at warn
+    /// level, and the prune runs again; a role that may not do it is told what the DBA
+    /// should run, at every prune.
     pub async fn prune_changes(&self, retention: Duration) -> Result<u64, DbError> {
         let mut client = self.client().await?;
-        let tx = own_bookkeeping(&mut client).await?;
-        let pruned = prune_changes(&*tx, &self.schema, retention)
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)?;
-        Ok(pruned)
+        let mut identity_given = false;
+        loop {
+            let tx = own_bookkeeping(&mut client).await?;
+            match prune_changes(&*tx, &self.schema, retention).await {
+                Ok(pruned) => {
+                    tx.commit().await.map_err(classify)?;
+                    return Ok(pruned);
+                }
+                Err(e) if !identity_given && lacks_replica_identity(&e) => {
+                    drop(tx);
+                    self.give_changes_log_identity(&mut client).await?;
+                    identity_given = true;
+                }
+                Err(e) => return Err(classify(e)),
+            }
+        }
+    }
+
+    /// `ALTER TABLE syncar_changes REPLICA IDENTITY FULL`, for [`Db::prune_changes`].
+    async fn give_changes_log_identity(
+        &self,
+        client: &mut deadpool_postgres::Object,
+    ) -> Result<(), DbError> {
+        let table = format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(crate::schema::CHANGES_TABLE)
+        );
+        let tx = own_bookkeeping(client).await?;
+        let altered = tx
+            .batch_execute(&format!(
+                "SET LOCAL lock_timeout = '50ms'; ALTER TABLE {table} REPLICA IDENTITY FULL"
+            ))
+            .await;
+        match altered {
+            Ok(()) => {
+                tx.commit().await.map_err(classify)?;
+                tracing::warn!(
+                    table = %table,
+                    "a publication publishes deletes of syncar's changes log, which had no \
+                     replica identity, so Postgres refused its pruning: gave it REPLICA \
+                     IDENTITY FULL (see README \"Other publications\")"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    table = %table,
+                    error = %crate::telemetry::error_chain(&e),
+                    "a publication publishes deletes of syncar's changes log, which has no \
+                     replica identity, so Postgres refuses its pruning and it grows without \
+                     end; this role could not change it: run ALTER TABLE {table} REPLICA \
+                     IDENTITY FULL as its owner, or leave the table out of the publication"
+                );
+                Err(classify(e))
+            }
+        }
     }
 
     /// Takes a fresh version from the sequence row of its own. `nextval` takes a
@@ -394,4 +451,14 @@ async fn own_bookkeeping(
         .await
         .map_err(classify)?;
     Ok(tx)
+}
+
+/// Whether `e` is Postgres refusing a DELETE on a table that is published with deletes
+/// and has no replica identity (SQLSTATE 55000, "... does not have a replica identity and
+/// publishes deletes").
+fn lacks_replica_identity(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.code() == &tokio_postgres::error::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE
+            && db.message().contains("replica identity")
+    })
 }

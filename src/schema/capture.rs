@@ -627,8 +627,8 @@ pub async fn sharing_publications(
              ALL TABLES, or listing them): a Postgres subscriber without these tables stops \
              replicating at their first change (\"logical replication target relation ... does \
              not exist\"); create them on each subscriber first (`pg_dump --schema-only \
-             --table '{schema}.syncar_*'` prints them), or publish your tables by name \
-             (README \"Other publications\")",
+             --table '{schema}.syncar_*'` prints them; leave out its CREATE TRIGGER lines), \
+             or publish your tables by name (README \"Other publications\")",
             names.join(", "),
             tables.join(&format!(", {schema}."))
         )
