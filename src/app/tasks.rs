@@ -172,6 +172,18 @@ async fn follow_shapes(
                 for r in &config.resources {
                     let (was, now) = (current.unavailable(&r.name), loaded.unavailable(&r.name));
                     match (was, now) {
+                        (_, Some(reason))
+                            if was != now
+                                && config.postgres.migrate_on_start
+                                && loaded.uninstalled().contains(&r.name) =>
+                        {
+                            // Fixed by this task in a moment, not by the customer.
+                            tracing::info!(
+                                resource = %r.name,
+                                reason = %secrets.scrub(reason),
+                                "resource unavailable until syncar is installed on its table"
+                            )
+                        }
                         (_, Some(reason)) if was != now => tracing::error!(
                             resource = %r.name,
                             reason = %secrets.scrub(reason),

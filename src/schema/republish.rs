@@ -72,11 +72,11 @@ pub(super) fn flush_message(resource: &str) -> String {
 /// Why a resource whose table `qualified` has no replica identity is left out.
 pub(super) fn no_identity_reason(qualified: &str, publication: &str) -> String {
     format!(
-        "table {qualified} has no replica identity (its primary key was dropped?), and \
-         Postgres refuses UPDATE and DELETE on a published table without one: syncar takes it \
+        "table {qualified} has no replica identity (no primary key, or it was dropped), and \
+         Postgres refuses UPDATE and DELETE on a published table without one: syncar leaves it \
          out of publication {publication} (with postgres.migrate_on_start) so that they \
-         work; add a primary key, or ALTER TABLE ... REPLICA IDENTITY USING INDEX or FULL, and \
-         it is published and served again"
+         work; add a primary key, or ALTER TABLE {qualified} REPLICA IDENTITY FULL (or USING \
+         INDEX, on a unique index of NOT NULL columns), and it is published and served"
     )
 }
 
@@ -152,8 +152,7 @@ pub async fn republish(
             .await
             .map_err(pg("publishing a table again"))?;
             changes.push(format!(
-                "put {qualified} back in publication {publication}: it has a replica identity \
-                 again"
+                "put {qualified} in publication {publication}: it has a replica identity"
             ));
         }
     }

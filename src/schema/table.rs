@@ -78,8 +78,10 @@ pub(super) fn key_column(info: &TableInfo, r: &ResourceConfig) -> Result<KeyType
         return Err(SchemaError::Invalid(format!(
             "resource {:?}: key column {:?} of {}.{} has no unique index of its own (a primary \
              key or unique index on that column alone, without a WHERE), which every write \
-             needs: add one, e.g. ALTER TABLE {table} ADD PRIMARY KEY ({key}), or on a table in \
-             use CREATE UNIQUE INDEX CONCURRENTLY ON {table} ({key})",
+             needs (with the wal source, a table without a primary key also needs a replica \
+             identity: ALTER TABLE {table} REPLICA IDENTITY FULL): add one, e.g. ALTER TABLE \
+             {table} ADD PRIMARY KEY ({key}), or on a table in use CREATE UNIQUE INDEX \
+             CONCURRENTLY ON {table} ({key})",
             r.name, r.key, r.schema, r.table
         )));
     }
