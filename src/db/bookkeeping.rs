@@ -42,73 +42,52 @@ impl Db {
     /// Prunes the changes log past `retention`, unless another instance is doing it; returns
     /// the rows deleted.
     ///
+    /// A publication of the customer's that publishes deletes of the changes log (`FOR ALL
+    /// TABLES`) makes Postgres refuse the prune, since the log has no replica identity unless
+    /// the migration gave it one (see `schema::capture::sharing_publications`): said at warn
+    /// level, with what to run, at most every [`PRUNE_REFUSED_EVERY`].
+    ///
     /// # Errors
     /// A classified [`DbError`].
-    /// A publication of the customer's that publishes deletes of the changes log (`FOR ALL
-    /// TABLES`) makes Postgres refuse the prune, since the log has no replica identity; the
-    /// log then grew without end. The log is given `REPLICA IDENTITY FULL` then (a catalog
-    /// change to syncar's own table, under a short `lock_timeout`), said once at warn
-    /// level, and the prune runs again; a role that may not do it is told what the DBA
-    /// should run, at every prune.
     pub async fn prune_changes(&self, retention: Duration) -> Result<u64, DbError> {
         let mut client = self.client().await?;
-        let mut identity_given = false;
-        loop {
-            let tx = own_bookkeeping(&mut client).await?;
-            match prune_changes(&*tx, &self.schema, retention).await {
-                Ok(pruned) => {
-                    tx.commit().await.map_err(classify)?;
-                    return Ok(pruned);
+        let tx = own_bookkeeping(&mut client).await?;
+        let pruned = match prune_changes(&*tx, &self.schema, retention).await {
+            Ok(pruned) => pruned,
+            Err(e) => {
+                if lacks_replica_identity(&e) {
+                    self.say_prune_refused(&e);
                 }
-                Err(e) if !identity_given && lacks_replica_identity(&e) => {
-                    drop(tx);
-                    self.give_changes_log_identity(&mut client).await?;
-                    identity_given = true;
-                }
-                Err(e) => return Err(classify(e)),
+                return Err(classify(e));
             }
-        }
+        };
+        tx.commit().await.map_err(classify)?;
+        Ok(pruned)
     }
 
-    /// `ALTER TABLE syncar_changes REPLICA IDENTITY FULL`, for [`Db::prune_changes`].
-    async fn give_changes_log_identity(
-        &self,
-        client: &mut deadpool_postgres::Object,
-    ) -> Result<(), DbError> {
+    /// The warning of [`Db::prune_changes`] when Postgres refuses it for want of a replica
+    /// identity, at most every [`PRUNE_REFUSED_EVERY`] per process.
+    fn say_prune_refused(&self, e: &tokio_postgres::Error) {
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = crate::coherence::mono_ms().max(1);
+        let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+        if last != 0 && now.saturating_sub(last) < PRUNE_REFUSED_EVERY.as_millis() as u64 {
+            return;
+        }
+        LAST.store(now, std::sync::atomic::Ordering::Relaxed);
         let table = format!(
             "{}.{}",
             quote_ident(&self.schema),
             quote_ident(crate::schema::CHANGES_TABLE)
         );
-        let tx = own_bookkeeping(client).await?;
-        let altered = tx
-            .batch_execute(&format!(
-                "SET LOCAL lock_timeout = '50ms'; ALTER TABLE {table} REPLICA IDENTITY FULL"
-            ))
-            .await;
-        match altered {
-            Ok(()) => {
-                tx.commit().await.map_err(classify)?;
-                tracing::warn!(
-                    table = %table,
-                    "a publication publishes deletes of syncar's changes log, which had no \
-                     replica identity, so Postgres refused its pruning: gave it REPLICA \
-                     IDENTITY FULL (see README \"Other publications\")"
-                );
-                Ok(())
-            }
-            Err(e) => {
-                tracing::warn!(
-                    table = %table,
-                    error = %crate::telemetry::error_chain(&e),
-                    "a publication publishes deletes of syncar's changes log, which has no \
-                     replica identity, so Postgres refuses its pruning and it grows without \
-                     end; this role could not change it: run ALTER TABLE {table} REPLICA \
-                     IDENTITY FULL as its owner, or leave the table out of the publication"
-                );
-                Err(classify(e))
-            }
-        }
+        tracing::warn!(
+            error = %crate::telemetry::error_chain(e),
+            "a publication publishes deletes of syncar's changes log, which has no replica \
+             identity, so Postgres refuses its pruning and the log grows without end: run \
+             `syncar migrate` (it gives the log REPLICA IDENTITY FULL where such a publication \
+             exists), or ALTER TABLE {table} REPLICA IDENTITY FULL as its owner, or leave the \
+             table out of the publication (README \"Other publications\")"
+        );
     }
 
     /// Takes a fresh version from the sequence row of its own. `nextval` takes a
@@ -452,6 +431,9 @@ async fn own_bookkeeping(
         .map_err(classify)?;
     Ok(tx)
 }
+
+/// How often a prune refused for want of a replica identity is said at warn level.
+const PRUNE_REFUSED_EVERY: Duration = Duration::from_secs(600);
 
 /// Whether `e` is Postgres refusing a DELETE on a table that is published with deletes
 /// and has no replica identity (SQLSTATE 55000, "... does not have a replica identity and

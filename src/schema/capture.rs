@@ -179,6 +179,46 @@ pub(super) async fn load(
     })
 }
 
+/// The statement giving the changes log `REPLICA IDENTITY FULL`, where a publication that
+/// publishes deletes carries it (one of [`sharing_publications`]) and it has no replica
+/// identity yet: without one, Postgres refuses syncar's pruning of the log ("does not have
+/// a replica identity and publishes deletes") and the log grows without end. `None` when
+/// there is nothing to do (or no log yet: a plan on a fresh database).
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn changes_log_identity(
+    client: &impl GenericClient,
+    schema: &str,
+) -> Result<Option<String>, SchemaError> {
+    let needed: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
+               JOIN pg_catalog.pg_publication_tables t \
+                 ON t.schemaname OPERATOR(pg_catalog.=) n.nspname \
+                AND t.tablename OPERATOR(pg_catalog.=) c.relname \
+               JOIN pg_catalog.pg_publication p ON p.pubname OPERATOR(pg_catalog.=) t.pubname \
+               WHERE n.nspname OPERATOR(pg_catalog.=) $1 \
+                 AND c.relname OPERATOR(pg_catalog.=) $2 \
+                 AND p.pubdelete AND c.relreplident OPERATOR(pg_catalog.<>) 'f')",
+            &[&schema, &super::names::CHANGES_TABLE],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the changes log's publications",
+            source,
+        })?
+        .get(0);
+    Ok(needed.then(|| {
+        format!(
+            "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
+            quote_ident(schema),
+            quote_ident(super::names::CHANGES_TABLE)
+        )
+    }))
+}
+
 /// Whether syncar is installed on this database: its state table records the source it was
 /// migrated for (`syncar uninstall` forgets it). The schema task asks before it installs a
 /// table that came to fit, so as never to undo an uninstall.

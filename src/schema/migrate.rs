@@ -16,6 +16,7 @@ use super::columns::{add_version_columns, describe_tables, Described};
 use super::error::SchemaError;
 use super::install::{drop_legacy_functions, install_table, Table};
 use super::lock::{begin_locked, LockRetries};
+use super::names::CHANGES_TABLE;
 use super::objects::{create_own_objects, kv_resource};
 use super::script::{Script, Sink};
 use super::source::{decide_source, record_source};
@@ -219,6 +220,15 @@ async fn migrate_once(
             &mut changes,
         )
         .await?;
+    }
+    if let Some(sql) = capture::changes_log_identity(&tx, schema).await? {
+        // ACCESS EXCLUSIVE on the log, which every announcing trigger writes: with the
+        // other locking statements, for the last moment of the transaction.
+        locking.push(sql);
+        changes.push(format!(
+            "set replica identity full on {schema}.{CHANGES_TABLE}: a publication publishes \
+             its deletes, which Postgres refuses without one"
+        ));
     }
     // Last, in one round trip: creating a trigger locks out the table's writers (SHARE ROW
     // EXCLUSIVE) until the commit, so little else of the migration runs while they wait

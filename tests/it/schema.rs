@@ -780,36 +780,48 @@ async fn leaving_the_wal_source_drops_its_publication_and_slot() {
 
 /// A publication of the customer's `FOR ALL TABLES` publishes deletes of the changes log,
 /// which has no replica identity, so Postgres refuses its pruning and the log grew without
-/// end: the pruner gives it `REPLICA IDENTITY FULL` and prunes.
+/// end: the migration gives it `REPLICA IDENTITY FULL` where such a publication exists (at
+/// start, or run again once one was created), and the log is pruned.
 #[tokio::test]
 async fn the_changes_log_is_pruned_under_a_publication_of_all_tables() {
     let env = Env::new().await;
     let pg = env.pg().await;
-    pg.batch_execute("CREATE PUBLICATION everything FOR ALL TABLES")
-        .await
-        .unwrap();
-    let a = env
-        .start(|c| {
-            c.feeds.postgres_source = PostgresSource::ChangesLog;
-            // Pruned every retention / 10, at least every second.
-            c.feeds.changes_retention = Duration::from_secs(10);
-            c.feeds.replay_margin = Duration::from_secs(2);
-            c.cache.ttl.l2_ttl = Duration::from_secs(10);
-        })
-        .await;
+    let configure = |c: &mut syncar::Config| {
+        c.feeds.postgres_source = PostgresSource::ChangesLog;
+        // Pruned every retention / 10, at least every second.
+        c.feeds.changes_retention = Duration::from_secs(10);
+        c.feeds.replay_margin = Duration::from_secs(2);
+        c.cache.ttl.l2_ttl = Duration::from_secs(10);
+    };
+    let a = env.start(configure).await;
     pg.batch_execute(
-        "INSERT INTO syncar_changes (at, version, resource, key, op) \
+        "CREATE PUBLICATION everything FOR ALL TABLES; \
+         INSERT INTO syncar_changes (at, version, resource, key, op) \
          VALUES (now() - interval '1 hour', 1, 'kv', 'old', 'put')",
     )
     .await
     .unwrap();
-    crate::support::eventually(Duration::from_secs(15), "the old entry pruned", || async {
-        let old: i64 = query_value(
+    let old = || async {
+        query_value::<i64>(
             &env.pg().await,
             "SELECT count(*) FROM syncar_changes WHERE key = 'old'",
         )
-        .await;
-        (old == 0).then_some(())
+        .await
+    };
+    // Several prunes later, refused by Postgres.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(old().await, 1, "Postgres refuses the prune");
+    let mut config = env.config();
+    configure(&mut config);
+    let migrated = syncar::app::run_migration(&config).await.unwrap().changes;
+    assert!(
+        migrated
+            .iter()
+            .any(|c| c.starts_with("set replica identity full on public.syncar_changes")),
+        "{migrated:?}"
+    );
+    crate::support::eventually(Duration::from_secs(15), "the old entry pruned", || async {
+        (old().await == 0).then_some(())
     })
     .await;
     let identity: String = query_value(
