@@ -12,8 +12,10 @@ use crate::config::{Config, PostgresSource, ResourceConfig};
 use crate::resource::{quote_ident, quote_literal, Capture};
 
 /// `name → value` rows recording what the migration installed: `source`, `source_reason`,
-/// and `slot_epoch`, the version taken when the current slot was created (a Redis fed by an
-/// older slot may have missed changes).
+/// `slot_epoch`, the version taken when the current slot was created (a Redis fed by an
+/// older slot may have missed changes), and `publication`, the one syncar created for the
+/// `wal` source (the only one it ever drops). The schema task adds `shape:{resource}` and
+/// `shape_epoch:{resource}` (see `schema::shape`).
 pub const STATE_TABLE: &str = "syncar_state";
 
 /// The prefix of every logical decoding message syncar emits (heartbeats, and the DELETE and
@@ -295,6 +297,40 @@ pub(super) async fn write_state(
             source,
         })?;
     Ok(())
+}
+
+/// One value of the state table, if recorded.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn read_state_value(
+    client: &impl GenericClient,
+    schema: &str,
+    name: &str,
+) -> Result<Option<String>, SchemaError> {
+    Ok(client
+        .query_opt(
+            &format!(
+                "SELECT value FROM {}.{STATE_TABLE} WHERE name OPERATOR(pg_catalog.=) $1",
+                quote_ident(schema)
+            ),
+            &[&name],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "reading the state table",
+            source,
+        })?
+        .map(|row| row.get(0)))
+}
+
+/// The statement that forgets the state table's `name`.
+pub(super) fn delete_state_sql(schema: &str, name: &str) -> String {
+    format!(
+        "DELETE FROM {}.{STATE_TABLE} WHERE name = {}",
+        quote_ident(schema),
+        quote_literal(name)
+    )
 }
 
 /// [`write_state`] as one statement with its values written in, for a migration's script.

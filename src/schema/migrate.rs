@@ -153,10 +153,11 @@ async fn migrate_once(
     let found = create_own_objects(&tx, sink, schema, &mut changes).await?;
     // Here, before any table of the customer's is locked, and with syncar's tables already
     // created in this transaction (a publication listing them by schema sees them).
-    let warnings = capture::sharing_publications(&tx, schema, &config.feeds.wal_publication)
-        .await?
-        .into_iter()
-        .collect();
+    let mut warnings: Vec<String> =
+        capture::sharing_publications(&tx, schema, &config.feeds.wal_publication)
+            .await?
+            .into_iter()
+            .collect();
     let kv = kv_resource(schema);
     let Described {
         tables,
@@ -199,6 +200,21 @@ async fn migrate_once(
     let slot = capture::slot_name(&tx, config).await?;
     if source == PostgresSource::Wal {
         publish(&tx, sink, config, &described, &mut changes).await?;
+        // (A plan on a fresh database has only planned the state table.)
+        let recorded = if found.state_table || !sink.is_plan() {
+            capture::read_state_value(&tx, schema, OWN_PUBLICATION).await?
+        } else {
+            None
+        };
+        own_publication(
+            &tx,
+            sink,
+            schema,
+            &config.feeds.wal_publication,
+            recorded,
+            &mut changes,
+        )
+        .await?;
         for (r, info) in &described {
             if info.identity == Identity::Missing {
                 unavailable.push(format!(
@@ -211,15 +227,17 @@ async fn migrate_once(
                 ));
             }
         }
-    } else {
-        unpublish(
-            &tx,
-            sink,
-            &config.feeds.wal_publication,
+    } else if found.state_table {
+        let publication = &config.feeds.wal_publication;
+        let target = Unpublish {
+            schema,
+            publication,
+            slot: &slot,
             source,
-            &mut changes,
-        )
-        .await?;
+        };
+        if let Some(warning) = unpublish(&tx, sink, target, &mut changes).await? {
+            warnings.push(warning);
+        }
     }
     if let Some(sql) = capture::changes_log_identity(&tx, schema).await? {
         // ACCESS EXCLUSIVE on the log, which every announcing trigger writes: with the
@@ -292,23 +310,107 @@ async fn publish(
     Ok(())
 }
 
-/// Drops the `wal` source's publication when the schema is migrated for another `source`
-/// (switched from `wal`): nothing reads it any more, and Postgres would go on refusing
-/// UPDATE and DELETE on any of its tables that loses its replica identity (which only the
-/// `wal` source's schema task takes out of it), and `SET UNLOGGED` on all of them.
-async fn unpublish(
+/// The state table's name for the publication syncar created for the `wal` source: only
+/// that one is ever dropped (a publication of the customer's may share the configured name,
+/// and one of another deployment the database).
+const OWN_PUBLICATION: &str = "publication";
+
+/// Records `publication` as syncar's own (see [`OWN_PUBLICATION`]) where the state table
+/// says otherwise (`recorded`): a fresh install, or one by an earlier release.
+async fn own_publication(
     tx: &tokio_postgres::Transaction<'_>,
     sink: &mut Sink,
+    schema: &str,
     publication: &str,
-    source: PostgresSource,
+    recorded: Option<String>,
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
-    if !capture::publication_exists(tx, publication).await? {
+    if recorded.as_deref() == Some(publication) {
         return Ok(());
     }
     sink.run(
         tx,
-        format!("DROP PUBLICATION {}", quote_ident(publication)),
+        capture::write_state_sql(schema, OWN_PUBLICATION, publication),
+        "recording the publication",
+    )
+    .await?;
+    changes.push(format!(
+        "recorded publication {publication} as syncar's own"
+    ));
+    Ok(())
+}
+
+/// What [`unpublish`] looks at.
+struct Unpublish<'a> {
+    schema: &'a str,
+    publication: &'a str,
+    /// The `wal` source's slot: while a relay streams it, the publication is kept.
+    slot: &'a str,
+    /// The source the schema is migrated for now.
+    source: PostgresSource,
+}
+
+/// Drops the publication syncar created for the `wal` source (recorded, see
+/// [`OWN_PUBLICATION`]) when the schema is migrated for another source (switched from
+/// `wal`): nothing reads it any more, and Postgres would go on refusing UPDATE and DELETE on
+/// any of its tables that loses its replica identity (which only the `wal` source's schema
+/// task takes out of it), and `SET UNLOGGED` on all of them. Kept, with a warning, while a
+/// relay still streams the slot (a later migration drops it: the record stays) or when this
+/// role may not drop it. Returns the warning.
+async fn unpublish(
+    tx: &tokio_postgres::Transaction<'_>,
+    sink: &mut Sink,
+    target: Unpublish<'_>,
+    changes: &mut Vec<String>,
+) -> Result<Option<String>, SchemaError> {
+    let Unpublish {
+        schema,
+        publication,
+        slot,
+        source,
+    } = target;
+    if capture::read_state_value(tx, schema, OWN_PUBLICATION)
+        .await?
+        .as_deref()
+        != Some(publication)
+    {
+        return Ok(None);
+    }
+    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
+    let row = tx
+        .query_opt(
+            "SELECT pg_catalog.pg_has_role(p.pubowner, 'USAGE'), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s \
+                            WHERE s.slot_name OPERATOR(pg_catalog.=) $2 AND s.active) \
+             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) $1",
+            &[&publication, &slot],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?;
+    let forget = capture::delete_state_sql(schema, OWN_PUBLICATION);
+    let Some(row) = row else {
+        // Gone already: only the record is left.
+        sink.run(tx, forget, "forgetting the publication").await?;
+        return Ok(None);
+    };
+    let (owned, streamed): (bool, bool) = (row.get(0), row.get(1));
+    if streamed {
+        return Ok(Some(format!(
+            "publication {publication} is kept while a relay still streams slot {slot}: stop \
+             it; the next migration drops the publication"
+        )));
+    }
+    if !owned {
+        return Ok(Some(format!(
+            "publication {publication}, which syncar created for the wal source, is not \
+             needed by the {} source: drop it as its owner (DROP PUBLICATION {})",
+            source.as_str(),
+            quote_ident(publication)
+        )));
+    }
+    sink.run(
+        tx,
+        format!("DROP PUBLICATION {}; {forget}", quote_ident(publication)),
         "dropping the publication",
     )
     .await?;
@@ -316,7 +418,7 @@ async fn unpublish(
         "dropped publication {publication}: the {} source does not read it",
         source.as_str()
     ));
-    Ok(())
+    Ok(None)
 }
 
 /// The replication slot, once the migration's transaction is over (Postgres refuses to

@@ -776,6 +776,85 @@ async fn leaving_the_wal_source_drops_its_publication_and_slot() {
             .any(|c| c.starts_with("created replication slot") && !c.contains("not on this server")),
         "{back:?}"
     );
+
+    // While a relay streams the slot, the publication is kept, saying so; the next
+    // migration once it stopped drops it.
+    let relay = env
+        .start(|c| {
+            c.feeds.postgres_source = Wal;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+        })
+        .await;
+    crate::support::eventually(Duration::from_secs(10), "the slot streamed", || async {
+        let active: bool = query_value(
+            &env.pg().await,
+            "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots",
+        )
+        .await;
+        active.then_some(())
+    })
+    .await;
+    let kept = syncar::app::run_migration(&config(ChangesLog))
+        .await
+        .unwrap();
+    assert!(
+        kept.warnings
+            .iter()
+            .any(|w| w.contains("kept while a relay still streams")),
+        "{:?}",
+        kept.warnings
+    );
+    assert_eq!(publications().await, 1);
+    relay.shutdown().await;
+    crate::support::eventually(Duration::from_secs(10), "the slot let go", || async {
+        let active: bool = query_value(
+            &env.pg().await,
+            "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots",
+        )
+        .await;
+        (!active).then_some(())
+    })
+    .await;
+    let dropped = syncar::app::run_migration(&config(ChangesLog))
+        .await
+        .unwrap()
+        .changes;
+    assert!(
+        dropped
+            .iter()
+            .any(|c| c.starts_with("dropped publication syncar")),
+        "{dropped:?}"
+    );
+    assert_eq!(publications().await, 0);
+}
+
+/// A publication of the customer's that happens to have the name syncar's `wal` source
+/// would use is never dropped by a deployment on another source: only the one syncar
+/// created and recorded is.
+#[tokio::test]
+async fn a_customers_publication_of_the_same_name_is_never_dropped() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    pg.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY); CREATE PUBLICATION syncar FOR TABLE orders",
+    )
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.feeds.postgres_source = syncar::config::PostgresSource::ChangesLog;
+    let migrated = syncar::app::run_migration(&config).await.unwrap();
+    assert!(
+        !migrated.changes.iter().any(|c| c.contains("publication")),
+        "{:?}",
+        migrated.changes
+    );
+    let left: i64 = query_value(
+        &pg,
+        "SELECT count(*) FROM pg_publication WHERE pubname = 'syncar'",
+    )
+    .await;
+    assert_eq!(left, 1);
 }
 
 /// A publication of the customer's `FOR ALL TABLES` publishes deletes of the changes log,
