@@ -40,8 +40,14 @@ enum Command {
         print_sql: bool,
     },
     /// Remove the triggers, their functions, the publication and the replication slot;
-    /// keep the data (version columns, sequence, kv table, changes log).
-    Uninstall,
+    /// keep the data (version columns, sequence, kv table, changes log). Refused while
+    /// syncar is connected to the database.
+    Uninstall {
+        /// Go on although connections named syncar are open (another deployment's, or a
+        /// pooler's idle backends); a relay streaming the slot still refuses it.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the OpenAPI document of the HTTP API (docs/openapi.json holds a copy).
     Openapi,
     /// Validate the configuration and exit; with --db, also check it against the database
@@ -86,7 +92,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(config, Role::Sidecar).await,
             Command::Relay => serve(config, Role::Relay).await,
-            Command::Uninstall => uninstall(&config).await,
+            Command::Uninstall { force } => uninstall(&config, force).await,
             Command::Migrate { print_sql: true } => print_migration(&config).await,
             Command::Migrate { print_sql: false } => migrate(&config).await,
             Command::Openapi => ExitCode::SUCCESS,
@@ -135,8 +141,8 @@ async fn serve(config: Config, role: Role) -> ExitCode {
 }
 
 /// `syncar uninstall`: prints what was removed.
-async fn uninstall(config: &Config) -> ExitCode {
-    match run_uninstall(config).await {
+async fn uninstall(config: &Config, force: bool) -> ExitCode {
+    match run_uninstall(config, force).await {
         Ok(changes) if changes.is_empty() => {
             println!("nothing to remove");
             ExitCode::SUCCESS

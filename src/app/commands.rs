@@ -18,13 +18,15 @@ pub enum MigrateError {
     Pooler(#[from] crate::db::PoolerError),
 }
 
-/// Runs `syncar uninstall` once, on a connection of its own.
+/// Runs `syncar uninstall` once, on a connection of its own; `force` goes on although
+/// connections named syncar are open (see [`crate::schema::uninstall`]).
 ///
 /// # Errors
-/// Postgres unreachable, the slot still streamed, or Postgres failing.
-pub async fn run_uninstall(config: &Config) -> Result<Vec<String>, MigrateError> {
+/// Postgres unreachable, the slot still streamed, syncar still connected (without
+/// `force`), or Postgres failing.
+pub async fn run_uninstall(config: &Config, force: bool) -> Result<Vec<String>, MigrateError> {
     with_connection(config, |mut client| async move {
-        crate::schema::uninstall(&mut client, config)
+        crate::schema::uninstall(&mut client, config, force)
             .await
             .map_err(MigrateError::from)
     })

@@ -20,16 +20,21 @@ use crate::resource::quote_ident;
 ///
 /// Returns what it removed, one line per object.
 ///
+/// `force` skips the look for other syncar connections (those of another deployment on
+/// the same database, or backends a pooler keeps under syncar's `application_name`); a
+/// relay streaming the slot still refuses it.
+///
 /// # Errors
 /// The slot is being streamed or another syncar is connected (stop every instance first),
 /// or Postgres failing.
 pub async fn uninstall(
     client: &mut tokio_postgres::Client,
     config: &Config,
+    force: bool,
 ) -> Result<Vec<String>, SchemaError> {
     let mut retries = LockRetries::new();
     loop {
-        match uninstall_once(client, config).await {
+        match uninstall_once(client, config, force).await {
             Err(e) if retries.again(&e, "uninstall", client, config).await => {}
             result => return result,
         }
@@ -42,12 +47,15 @@ pub async fn uninstall(
 async fn uninstall_once(
     client: &mut tokio_postgres::Client,
     config: &Config,
+    force: bool,
 ) -> Result<Vec<String>, SchemaError> {
     let schema = &config.postgres.schema;
     let mut changes = Vec::new();
     let slot = capture::slot_name(&*client, config).await?;
     refuse_a_streamed_slot(client, &slot).await?;
-    refuse_running_instances(client).await?;
+    if !force {
+        refuse_running_instances(client).await?;
+    }
     if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
         changes.push(change);
     }
@@ -115,7 +123,8 @@ async fn refuse_running_instances(client: &tokio_postgres::Client) -> Result<(),
     Err(SchemaError::Invalid(format!(
         "syncar is still connected to this database: {}; stop every syncar instance (and \
          `syncar relay`, and any other `syncar` command) first: a running instance would go \
-         on serving copies nothing evicts once the triggers are gone, or install them again",
+         on serving copies nothing evicts once the triggers are gone, or install them again \
+         (`--force` if these are another deployment's, or a pooler's idle backends)",
         others.join(", ")
     )))
 }

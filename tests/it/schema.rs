@@ -688,15 +688,15 @@ async fn a_publication_that_carries_syncars_tables_is_named() {
 }
 
 /// `syncar uninstall` refuses while an instance is connected (its triggers gone, it would go
-/// on serving copies nothing evicts, or install them again), naming the connections; once
-/// every instance has stopped it removes what it installed.
+/// on serving copies nothing evicts, or install them again), naming the connections;
+/// `--force` goes on.
 #[tokio::test]
 async fn uninstall_refuses_while_an_instance_is_connected() {
     let env = Env::new().await;
     let a = env.start(|_| {}).await;
     assert_eq!(a.put("/v1/kv/k", "1").await.status, 201);
     let config = env.config();
-    let refused = syncar::app::run_uninstall(&config)
+    let refused = syncar::app::run_uninstall(&config, false)
         .await
         .expect_err("refused while an instance runs");
     let said = format!("{refused:#}");
@@ -710,12 +710,13 @@ async fn uninstall_refuses_while_an_instance_is_connected() {
     )
     .await;
     assert!(triggers > 0, "nothing removed");
-    a.shutdown().await;
-    let removed = syncar::app::run_uninstall(&config).await.unwrap();
+    // Forced (the connections another deployment's, say), it goes on.
+    let removed = syncar::app::run_uninstall(&config, true).await.unwrap();
     assert!(
         removed.iter().any(|c| c.starts_with("dropped trigger")),
         "{removed:?}"
     );
+    a.shutdown().await;
 }
 
 /// A schema migrated for `wal`, then for `changes_log`: the publication goes with the slot

@@ -182,7 +182,7 @@ async fn auto_uses_the_extension_and_swaps_stamps_without_a_gap() {
             .is_empty(),
         "a second run changes nothing"
     );
-    let removed = syncar::app::run_uninstall(&config).await.unwrap();
+    let removed = syncar::app::run_uninstall(&config, false).await.unwrap();
     assert!(
         removed
             .iter()

@@ -524,7 +524,7 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
     )
     .await
     .unwrap();
-    let removed = syncar::app::run_uninstall(&config).await.unwrap();
+    let removed = syncar::app::run_uninstall(&config, false).await.unwrap();
     for what in [
         "dropped replication slot",
         "dropped publication syncar",
@@ -554,7 +554,7 @@ async fn uninstall_removes_the_slot_the_publication_and_the_triggers() {
         (0, 0, 0, 1),
         "nothing of syncar's is left but the data"
     );
-    assert!(syncar::app::run_uninstall(&config)
+    assert!(syncar::app::run_uninstall(&config, false)
         .await
         .unwrap()
         .is_empty());
