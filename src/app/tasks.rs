@@ -60,7 +60,7 @@ pub(super) async fn schema_task(
                     tracing::info!(change = %change, "migrated");
                 }
                 for warning in &warnings {
-                    tracing::warn!(warning = %warning, "another publication carries syncar's tables");
+                    tracing::warn!(warning = %warning, "the migration found what it may not change");
                 }
                 for difference in &differences {
                     tracing::warn!(

@@ -181,43 +181,135 @@ pub(super) async fn load(
     })
 }
 
+/// The state table's name for the publication syncar created for the `wal` source: only
+/// that one is ever dropped (a publication of the customer's may share the configured name,
+/// and one of another deployment the database).
+pub(super) const OWN_PUBLICATION: &str = "publication";
+
+/// The publication syncar created for the `wal` source, as [`own_publication`] finds it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum OwnPublication {
+    /// None recorded (and no fallback): nothing of syncar's to drop.
+    NoneRecorded,
+    /// Recorded, but no longer there: only the record is left.
+    Gone(String),
+    /// A relay streams the slot: dropping it would break that relay for good (pgoutput
+    /// decodes each change with the catalog as of that change).
+    Streamed(String),
+    /// This role may not drop it (not a member of its owner).
+    NotOwned(String),
+    /// Syncar's, there, idle, and this role's to drop.
+    Droppable(String),
+}
+
+/// The publication syncar created for the `wal` source (the state table's
+/// [`OWN_PUBLICATION`]; where none is recorded, `fallback`: an install by an earlier
+/// release, which recorded none), and whether it may be dropped now: not while `slot` is
+/// streamed, and only by a member of its owner.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn own_publication(
+    client: &impl GenericClient,
+    schema: &str,
+    fallback: Option<&str>,
+    slot: &str,
+) -> Result<OwnPublication, SchemaError> {
+    let recorded = read_state_value(client, schema, OWN_PUBLICATION).await?;
+    let Some(name) = recorded.or(fallback.map(str::to_string)) else {
+        return Ok(OwnPublication::NoneRecorded);
+    };
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.pg_has_role(p.pubowner, 'USAGE'), \
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s \
+                            WHERE s.slot_name OPERATOR(pg_catalog.=) $2 AND s.active) \
+             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) $1",
+            &[&name, &slot],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up the publication",
+            source,
+        })?;
+    Ok(
+        match row.map(|r| (r.get::<_, bool>(0), r.get::<_, bool>(1))) {
+            None => OwnPublication::Gone(name),
+            Some((_, true)) => OwnPublication::Streamed(name),
+            Some((false, _)) => OwnPublication::NotOwned(name),
+            Some((true, false)) => OwnPublication::Droppable(name),
+        },
+    )
+}
+
 /// The statement giving the changes log `REPLICA IDENTITY FULL`, where a publication that
 /// publishes deletes carries it (one of [`sharing_publications`]) and it has no replica
-/// identity yet: without one, Postgres refuses syncar's pruning of the log ("does not have
-/// a replica identity and publishes deletes") and the log grows without end. `None` when
-/// there is nothing to do (or no log yet: a plan on a fresh database).
+/// identity: without one, Postgres refuses syncar's pruning of the log ("does not have a
+/// replica identity and publishes deletes") and the log grows without end. `Err` with a
+/// warning instead when this role may not alter the log (not a member of its owner: an
+/// install by an administrator, served by a smaller role), so that the migration never
+/// fails for it; `None` when there is nothing to do. On a database where the log is only
+/// planned (`--print-sql` before the install), a publication `FOR ALL TABLES` that
+/// publishes deletes is what would carry it.
 ///
 /// # Errors
 /// Postgres failing.
 pub(super) async fn changes_log_identity(
     client: &impl GenericClient,
     schema: &str,
-) -> Result<Option<String>, SchemaError> {
-    let needed: bool = client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class c \
+) -> Result<Option<Result<String, String>>, SchemaError> {
+    let pg = |source| SchemaError::Postgres {
+        doing: "looking up the changes log's publications",
+        source,
+    };
+    let table = format!(
+        "{}.{}",
+        quote_ident(schema),
+        quote_ident(super::names::CHANGES_TABLE)
+    );
+    let statement = format!("ALTER TABLE {table} REPLICA IDENTITY FULL");
+    if table_oid(client, schema, super::names::CHANGES_TABLE, "r")
+        .await?
+        .is_none()
+    {
+        let all: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication \
+                 WHERE puballtables AND pubdelete)",
+                &[],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        return Ok(all.then_some(Ok(statement)));
+    }
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') FROM pg_catalog.pg_class c \
                JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace \
-               JOIN pg_catalog.pg_publication_tables t \
-                 ON t.schemaname OPERATOR(pg_catalog.=) n.nspname \
-                AND t.tablename OPERATOR(pg_catalog.=) c.relname \
-               JOIN pg_catalog.pg_publication p ON p.pubname OPERATOR(pg_catalog.=) t.pubname \
-               WHERE n.nspname OPERATOR(pg_catalog.=) $1 \
-                 AND c.relname OPERATOR(pg_catalog.=) $2 \
-                 AND p.pubdelete AND c.relreplident OPERATOR(pg_catalog.<>) 'f')",
+               WHERE n.nspname OPERATOR(pg_catalog.=) $1 AND c.relname OPERATOR(pg_catalog.=) $2 \
+                 AND (c.relreplident OPERATOR(pg_catalog.=) 'n' \
+                      OR (c.relreplident OPERATOR(pg_catalog.=) 'd' AND NOT EXISTS ( \
+                          SELECT 1 FROM pg_catalog.pg_index i \
+                          WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisprimary))) \
+                 AND EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables t \
+                   JOIN pg_catalog.pg_publication p ON p.pubname OPERATOR(pg_catalog.=) t.pubname \
+                   WHERE t.schemaname OPERATOR(pg_catalog.=) n.nspname \
+                     AND t.tablename OPERATOR(pg_catalog.=) c.relname AND p.pubdelete)",
             &[&schema, &super::names::CHANGES_TABLE],
         )
         .await
-        .map_err(|source| SchemaError::Postgres {
-            doing: "looking up the changes log's publications",
-            source,
-        })?
-        .get(0);
-    Ok(needed.then(|| {
-        format!(
-            "ALTER TABLE {}.{} REPLICA IDENTITY FULL",
-            quote_ident(schema),
-            quote_ident(super::names::CHANGES_TABLE)
-        )
+        .map_err(pg)?;
+    Ok(row.map(|row| {
+        if row.get::<_, bool>(0) {
+            Ok(statement)
+        } else {
+            Err(format!(
+                "a publication publishes deletes of {table}, which has no replica identity, so \
+                 Postgres refuses syncar's pruning of it and it grows without end; this role does \
+                 not own it: run {statement} as its owner"
+            ))
+        }
     }))
 }
 

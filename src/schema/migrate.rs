@@ -11,7 +11,7 @@
 //! no lock beyond the migration's own advisory lock. Concurrent instances starting together
 //! serialize on that lock.
 
-use super::capture::{self, SlotState};
+use super::capture::{self, OwnPublication, SlotState};
 use super::columns::{add_version_columns, describe_tables, Described};
 use super::error::SchemaError;
 use super::install::{drop_legacy_functions, install_table, Table};
@@ -82,8 +82,10 @@ pub struct Migration {
     pub changes: Vec<String>,
     /// Configured resources it left out, each with why (a table that does not exist…).
     pub unavailable: Vec<String>,
-    /// What the operator should know and syncar cannot change: another publication
-    /// carrying syncar's tables ([`capture::sharing_publications`]).
+    /// What the operator should know and this migration did not change: another
+    /// publication carrying syncar's tables ([`capture::sharing_publications`]), the
+    /// changes log's replica identity this role may not set, a publication syncar created
+    /// that it keeps for now or may not drop.
     pub warnings: Vec<String>,
 }
 
@@ -121,6 +123,8 @@ fn pending(done: &str) -> String {
         ("replaced ", "replace "),
         ("dropped ", "drop "),
         ("enabled ", "enable "),
+        ("recorded ", "record "),
+        ("forgot ", "forget "),
         ("postgres source is ", "record postgres source "),
         ("publication ", "make publication "),
     ] {
@@ -202,19 +206,20 @@ async fn migrate_once(
         publish(&tx, sink, config, &described, &mut changes).await?;
         // (A plan on a fresh database has only planned the state table.)
         let recorded = if found.state_table || !sink.is_plan() {
-            capture::read_state_value(&tx, schema, OWN_PUBLICATION).await?
+            capture::read_state_value(&tx, schema, capture::OWN_PUBLICATION).await?
         } else {
             None
         };
-        own_publication(
-            &tx,
-            sink,
-            schema,
-            &config.feeds.wal_publication,
-            recorded,
-            &mut changes,
-        )
-        .await?;
+        let publication = &config.feeds.wal_publication;
+        if let Some(old) = recorded.as_ref().filter(|old| *old != publication) {
+            warnings.push(format!(
+                "publication {old}, which syncar created for the wal source, is no longer used \
+                 now that feeds.wal_publication names {publication}: drop it once no relay \
+                 streams it (DROP PUBLICATION {})",
+                quote_ident(old)
+            ));
+        }
+        record_own_publication(&tx, sink, schema, publication, recorded, &mut changes).await?;
         for (r, info) in &described {
             if info.identity == Identity::Missing {
                 unavailable.push(format!(
@@ -228,25 +233,22 @@ async fn migrate_once(
             }
         }
     } else if found.state_table {
-        let publication = &config.feeds.wal_publication;
-        let target = Unpublish {
-            schema,
-            publication,
-            slot: &slot,
-            source,
-        };
-        if let Some(warning) = unpublish(&tx, sink, target, &mut changes).await? {
+        if let Some(warning) = unpublish(&tx, sink, schema, &slot, source, &mut changes).await? {
             warnings.push(warning);
         }
     }
-    if let Some(sql) = capture::changes_log_identity(&tx, schema).await? {
-        // ACCESS EXCLUSIVE on the log, which every announcing trigger writes: with the
-        // other locking statements, for the last moment of the transaction.
-        locking.push(sql);
-        changes.push(format!(
-            "set replica identity full on {schema}.{CHANGES_TABLE}: a publication publishes \
-             its deletes, which Postgres refuses without one"
-        ));
+    match capture::changes_log_identity(&tx, schema).await? {
+        Some(Ok(sql)) => {
+            // ACCESS EXCLUSIVE on the log, which every announcing trigger writes: with the
+            // other locking statements, for the last moment of the transaction.
+            locking.push(sql);
+            changes.push(format!(
+                "set replica identity full on {schema}.{CHANGES_TABLE}: a publication \
+                 publishes its deletes, which Postgres refuses without one"
+            ));
+        }
+        Some(Err(warning)) => warnings.push(warning),
+        None => {}
     }
     // Last, in one round trip: creating a trigger locks out the table's writers (SHARE ROW
     // EXCLUSIVE) until the commit, so little else of the migration runs while they wait
@@ -310,14 +312,9 @@ async fn publish(
     Ok(())
 }
 
-/// The state table's name for the publication syncar created for the `wal` source: only
-/// that one is ever dropped (a publication of the customer's may share the configured name,
-/// and one of another deployment the database).
-const OWN_PUBLICATION: &str = "publication";
-
-/// Records `publication` as syncar's own (see [`OWN_PUBLICATION`]) where the state table
+/// Records `publication` as syncar's own (see [`capture::OWN_PUBLICATION`]) where the state table
 /// says otherwise (`recorded`): a fresh install, or one by an earlier release.
-async fn own_publication(
+async fn record_own_publication(
     tx: &tokio_postgres::Transaction<'_>,
     sink: &mut Sink,
     schema: &str,
@@ -330,7 +327,7 @@ async fn own_publication(
     }
     sink.run(
         tx,
-        capture::write_state_sql(schema, OWN_PUBLICATION, publication),
+        capture::write_state_sql(schema, capture::OWN_PUBLICATION, publication),
         "recording the publication",
     )
     .await?;
@@ -340,85 +337,53 @@ async fn own_publication(
     Ok(())
 }
 
-/// What [`unpublish`] looks at.
-struct Unpublish<'a> {
-    schema: &'a str,
-    publication: &'a str,
-    /// The `wal` source's slot: while a relay streams it, the publication is kept.
-    slot: &'a str,
-    /// The source the schema is migrated for now.
-    source: PostgresSource,
-}
-
-/// Drops the publication syncar created for the `wal` source (recorded, see
-/// [`OWN_PUBLICATION`]) when the schema is migrated for another source (switched from
-/// `wal`): nothing reads it any more, and Postgres would go on refusing UPDATE and DELETE on
-/// any of its tables that loses its replica identity (which only the `wal` source's schema
-/// task takes out of it), and `SET UNLOGGED` on all of them. Kept, with a warning, while a
-/// relay still streams the slot (a later migration drops it: the record stays) or when this
-/// role may not drop it. Returns the warning.
+/// Drops the publication syncar created for the `wal` source ([`capture::own_publication`],
+/// under whatever name it was created) when the schema is migrated for `source`, another
+/// source (switched from `wal`): nothing reads it any more, and Postgres would go on
+/// refusing UPDATE and DELETE on any of its tables that loses its replica identity (which
+/// only the `wal` source's schema task takes out of it), and `SET UNLOGGED` on all of them.
+/// Kept, with a warning, while a relay still streams `slot` (a later migration drops it:
+/// the record stays) or when this role may not drop it. Returns the warning.
 async fn unpublish(
     tx: &tokio_postgres::Transaction<'_>,
     sink: &mut Sink,
-    target: Unpublish<'_>,
+    schema: &str,
+    slot: &str,
+    source: PostgresSource,
     changes: &mut Vec<String>,
 ) -> Result<Option<String>, SchemaError> {
-    let Unpublish {
-        schema,
-        publication,
-        slot,
-        source,
-    } = target;
-    if capture::read_state_value(tx, schema, OWN_PUBLICATION)
-        .await?
-        .as_deref()
-        != Some(publication)
-    {
-        return Ok(None);
-    }
-    let pg = |doing| move |source| SchemaError::Postgres { doing, source };
-    let row = tx
-        .query_opt(
-            "SELECT pg_catalog.pg_has_role(p.pubowner, 'USAGE'), \
-                    EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s \
-                            WHERE s.slot_name OPERATOR(pg_catalog.=) $2 AND s.active) \
-             FROM pg_catalog.pg_publication p WHERE p.pubname OPERATOR(pg_catalog.=) $1",
-            &[&publication, &slot],
-        )
-        .await
-        .map_err(pg("looking up the publication"))?;
-    let forget = capture::delete_state_sql(schema, OWN_PUBLICATION);
-    let Some(row) = row else {
-        // Gone already: only the record is left.
-        sink.run(tx, forget, "forgetting the publication").await?;
-        return Ok(None);
-    };
-    let (owned, streamed): (bool, bool) = (row.get(0), row.get(1));
-    if streamed {
-        return Ok(Some(format!(
-            "publication {publication} is kept while a relay still streams slot {slot}: stop \
-             it; the next migration drops the publication"
-        )));
-    }
-    if !owned {
-        return Ok(Some(format!(
-            "publication {publication}, which syncar created for the wal source, is not \
-             needed by the {} source: drop it as its owner (DROP PUBLICATION {})",
+    let forget = capture::delete_state_sql(schema, capture::OWN_PUBLICATION);
+    match capture::own_publication(tx, schema, None, slot).await? {
+        OwnPublication::NoneRecorded => Ok(None),
+        OwnPublication::Gone(name) => {
+            sink.run(tx, forget, "forgetting the publication").await?;
+            changes.push(format!("forgot publication {name}: it no longer exists"));
+            Ok(None)
+        }
+        OwnPublication::Streamed(name) => Ok(Some(format!(
+            "publication {name} is kept while a relay still streams slot {slot}: stop it; the \
+             next migration drops the publication"
+        ))),
+        OwnPublication::NotOwned(name) => Ok(Some(format!(
+            "publication {name}, which syncar created for the wal source, is not needed by the \
+             {} source: drop it as its owner (DROP PUBLICATION {})",
             source.as_str(),
-            quote_ident(publication)
-        )));
+            quote_ident(&name)
+        ))),
+        OwnPublication::Droppable(name) => {
+            sink.run(
+                tx,
+                format!("DROP PUBLICATION {}; {forget}", quote_ident(&name)),
+                "dropping the publication",
+            )
+            .await?;
+            changes.push(format!(
+                "dropped publication {name}: the {} source does not read it",
+                source.as_str()
+            ));
+            Ok(None)
+        }
     }
-    sink.run(
-        tx,
-        format!("DROP PUBLICATION {}; {forget}", quote_ident(publication)),
-        "dropping the publication",
-    )
-    .await?;
-    changes.push(format!(
-        "dropped publication {publication}: the {} source does not read it",
-        source.as_str()
-    ));
-    Ok(None)
 }
 
 /// The replication slot, once the migration's transaction is over (Postgres refuses to

@@ -3,7 +3,7 @@
 //! Keeps every row: version columns, the sequence, `syncar_kv`, the changes log and the
 //! state table stay.
 
-use super::capture::{self, STATE_TABLE};
+use super::capture::{self, OwnPublication, STATE_TABLE};
 use super::error::SchemaError;
 use super::lock::{begin_locked, LockRetries};
 use super::names::{LEGACY_NOTIFY_TRIGGER, LOG_TRIGGERS, STAMP_EXTENSION, STAMP_TRIGGER};
@@ -60,7 +60,14 @@ async fn uninstall_once(
         changes.push(change);
     }
     let tx = begin_locked(client, false).await?;
-    drop_publication(&tx, &config.feeds.wal_publication, &mut changes).await?;
+    drop_publication(
+        &tx,
+        schema,
+        &config.feeds.wal_publication,
+        &slot,
+        &mut changes,
+    )
+    .await?;
     let kv = kv_resource(schema);
     for r in std::iter::once(&kv).chain(&config.resources) {
         drop_table_triggers(&tx, schema, r, &mut changes).await?;
@@ -150,19 +157,61 @@ async fn running_instances(client: &tokio_postgres::Client) -> Result<Vec<String
         .collect())
 }
 
-/// Drops the `wal` source's publication, if there is one.
+/// Drops the publication syncar created for the `wal` source ([`capture::own_publication`]);
+/// where nothing recorded it (an install by an earlier release), the configured one if
+/// the source was `wal` or no state table says otherwise. A publication of the customer's
+/// that shares the name is left alone.
+///
+/// # Errors
+/// The publication is this role's to drop but another role owns it, or Postgres failing.
 async fn drop_publication(
     tx: &tokio_postgres::Transaction<'_>,
+    schema: &str,
     publication: &str,
+    slot: &str,
     changes: &mut Vec<String>,
 ) -> Result<(), SchemaError> {
-    let published = capture::publication_exists(tx, publication).await?;
-    if published {
-        tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(publication)))
-            .await
-            .map_err(pg("dropping the publication"))?;
-        changes.push(format!("dropped publication {publication}"));
+    let fallback = if table_oid(tx, schema, STATE_TABLE, "r").await?.is_none() {
+        // No state table: an install by a release that kept none; the old rule.
+        if capture::publication_exists(tx, publication).await? {
+            drop_it(tx, publication, changes).await?;
+        }
+        return Ok(());
+    } else if capture::read_state_value(tx, schema, "source")
+        .await?
+        .as_deref()
+        == Some("wal")
+    {
+        Some(publication)
+    } else {
+        None
+    };
+    match capture::own_publication(tx, schema, fallback, slot).await? {
+        OwnPublication::NoneRecorded | OwnPublication::Gone(_) => Ok(()),
+        OwnPublication::Droppable(name) => drop_it(tx, &name, changes).await,
+        OwnPublication::Streamed(name) => Err(SchemaError::Invalid(format!(
+            "publication {name}'s slot {slot} is being streamed by a relay: stop every syncar \
+             instance (and `syncar relay`) first"
+        ))),
+        OwnPublication::NotOwned(name) => Err(SchemaError::Invalid(format!(
+            "publication {name}, which syncar created, is owned by a role this one is not a \
+             member of: run the uninstall as its owner, or DROP PUBLICATION {} as its owner \
+             first",
+            quote_ident(&name)
+        ))),
     }
+}
+
+/// `DROP PUBLICATION name`, said in `changes`.
+async fn drop_it(
+    tx: &tokio_postgres::Transaction<'_>,
+    name: &str,
+    changes: &mut Vec<String>,
+) -> Result<(), SchemaError> {
+    tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(name)))
+        .await
+        .map_err(pg("dropping the publication"))?;
+    changes.push(format!("dropped publication {name}"));
     Ok(())
 }
 
@@ -266,8 +315,9 @@ async fn drop_unused_function(
 }
 
 /// Clears the recorded source from the state table, so that a later `migrate` decides
-/// again, and the slot's epoch (the slot is gone: a later one is new, not missing). (An
-/// install by an earlier release has no state table.)
+/// again, the slot's epoch (the slot is gone: a later one is new, not missing) and the
+/// publication syncar created (gone too). (An install by an earlier release has no state
+/// table.)
 async fn forget_the_source(
     tx: &tokio_postgres::Transaction<'_>,
     schema: &str,
@@ -275,7 +325,8 @@ async fn forget_the_source(
     if table_oid(tx, schema, STATE_TABLE, "r").await?.is_some() {
         tx.execute(
             &format!(
-                "DELETE FROM {}.{STATE_TABLE} WHERE name IN ('source', 'source_reason', 'slot_epoch')",
+                "DELETE FROM {}.{STATE_TABLE} \
+                 WHERE name IN ('source', 'source_reason', 'slot_epoch', 'publication')",
                 quote_ident(schema)
             ),
             &[],

@@ -481,3 +481,41 @@ async fn syncar_s_statements_call_nothing_planted_on_its_search_path() {
     let left: i64 = query_value(&pg, "SELECT count(*) FROM items").await;
     assert_eq!(left, 2, "only 'other' and 'tx' are left");
 }
+
+/// A publication `FOR ALL TABLES` created after the DBA installed: the migration run by a
+/// role that does not own the changes log cannot give it the replica identity its pruning
+/// then needs, so it says what the owner should run, and fails for nothing.
+#[tokio::test]
+async fn a_migration_by_a_role_that_does_not_own_the_log_warns_instead_of_failing() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
+    let (role, writer) = (format!("{db}_syncar"), format!("{db}_writer"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric); \
+         CREATE ROLE {role} LOGIN; CREATE ROLE {writer} LOGIN"
+    ))
+    .await
+    .unwrap();
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::ChangesLog;
+    config.resources.push(resource("orders", "id", "version"));
+    syncar::app::run_migration(&config).await.unwrap();
+    pg.batch_execute(&format!(
+        "{}; CREATE PUBLICATION everything FOR ALL TABLES",
+        GRANTS.replace("{role}", &role).replace("{writer}", &writer)
+    ))
+    .await
+    .unwrap();
+    config.postgres.url = env.pg_url.replace("postgres@", &format!("{role}@"));
+    let migrated = syncar::app::run_migration(&config).await.unwrap();
+    assert!(migrated.changes.is_empty(), "{:?}", migrated.changes);
+    assert!(
+        migrated
+            .warnings
+            .iter()
+            .any(|w| w.contains("does not own it") && w.contains("REPLICA IDENTITY FULL")),
+        "{:?}",
+        migrated.warnings
+    );
+}

@@ -831,8 +831,8 @@ async fn leaving_the_wal_source_drops_its_publication_and_slot() {
 }
 
 /// A publication of the customer's that happens to have the name syncar's `wal` source
-/// would use is never dropped by a deployment on another source: only the one syncar
-/// created and recorded is.
+/// would use is never dropped by a deployment on another source, by its migration or its
+/// uninstall: only the one syncar created and recorded is.
 #[tokio::test]
 async fn a_customers_publication_of_the_same_name_is_never_dropped() {
     let env = Env::new().await;
@@ -850,12 +850,20 @@ async fn a_customers_publication_of_the_same_name_is_never_dropped() {
         "{:?}",
         migrated.changes
     );
-    let left: i64 = query_value(
-        &pg,
-        "SELECT count(*) FROM pg_publication WHERE pubname = 'syncar'",
-    )
-    .await;
-    assert_eq!(left, 1);
+    let left = || async {
+        query_value::<i64>(
+            &env.pg().await,
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'syncar'",
+        )
+        .await
+    };
+    assert_eq!(left().await, 1);
+    let removed = syncar::app::run_uninstall(&config, false).await.unwrap();
+    assert!(
+        !removed.iter().any(|c| c.contains("publication")),
+        "{removed:?}"
+    );
+    assert_eq!(left().await, 1, "the uninstall leaves it too");
 }
 
 /// A publication of the customer's `FOR ALL TABLES` publishes deletes of the changes log,
