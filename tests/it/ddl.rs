@@ -61,6 +61,13 @@ async fn serves(i: &Instance, path: &str, what: &str, check: impl Fn(&Value) -> 
     .await
 }
 
+/// [`serves`] on each instance of `fleet`.
+async fn all_serve(fleet: &[&Instance], path: &str, what: &str, check: impl Fn(&Value) -> bool) {
+    for i in fleet {
+        serves(i, path, what, &check).await;
+    }
+}
+
 /// Waits until `/readyz` on `i` reports `resource` unavailable for a reason that contains
 /// `because`, and returns the reason.
 async fn unavailable(i: &Instance, resource: &str, because: &str) -> String {
@@ -124,9 +131,7 @@ async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
     for source in SOURCES {
         let env = items_env().await;
         let (a, b) = fleet(&env, source).await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/2", "item 2", |d| d["name"] == "two").await;
-        }
+        all_serve(&[&a, &b], "/v1/items/2", "item 2", |d| d["name"] == "two").await;
         sql(&env, "ALTER TABLE items RENAME COLUMN id TO ident").await;
         sql(&env, "DELETE FROM items WHERE ident = 1").await;
         sql(&env, "UPDATE items SET name = 'TWO' WHERE ident = 2").await;
@@ -171,12 +176,13 @@ async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
         // At once, before any instance (or the relay) has read the catalog again: the
         // change must still reach everyone, and the ones after it too.
         sql(&env, "UPDATE items SET name = 'w10' WHERE id = 3").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/3", "item 3 after the rename back", |d| {
-                d["name"] == "w10"
-            })
-            .await;
-        }
+        all_serve(
+            &[&a, &b],
+            "/v1/items/3",
+            "item 3 after the rename back",
+            |d| d["name"] == "w10",
+        )
+        .await;
         // Keyed again, not flushed at each change: once the flushes of the change itself
         // are through, item 2 stays in L1 while 3 changes.
         let mut keyed = false;
@@ -191,12 +197,10 @@ async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
             )
             .await;
             let name = format!("w{n}");
-            for i in [&a, &b] {
-                serves(i, "/v1/items/3", "a later change of item 3", |d| {
-                    d["name"] == name
-                })
-                .await;
-            }
+            all_serve(&[&a, &b], "/v1/items/3", "a later change of item 3", |d| {
+                d["name"] == name
+            })
+            .await;
             if b.get("/v1/items/2").await.header("x-cache") == Some("l1") {
                 keyed = true;
                 break;
@@ -216,12 +220,10 @@ async fn renaming_the_key_column_fails_no_statement_and_stalls_nothing_else() {
         }
         // Changes after it are relayed per key again.
         sql(&env, "UPDATE items SET name = 'two again' WHERE id = 2").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/2", "item 2 updated", |d| {
-                d["name"] == "two again"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/2", "item 2 updated", |d| {
+            d["name"] == "two again"
+        })
+        .await;
         kv_keeps_l1(&a, &b, "after").await;
         a.shutdown().await;
         b.shutdown().await;
@@ -245,12 +247,13 @@ async fn column_changes_are_served_and_written_without_a_restart() {
         let before = a.get("/v1/items/1").await;
         let old_etag = before.header("etag").unwrap().to_string();
         sql(&env, "ALTER TABLE items ADD COLUMN price integer DEFAULT 5").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "the new column in a cached row", |d| {
-                d["price"] == 5
-            })
-            .await;
-        }
+        all_serve(
+            &[&a, &b],
+            "/v1/items/1",
+            "the new column in a cached row",
+            |d| d["price"] == 5,
+        )
+        .await;
         // One version, two renderings: the ETag tells them apart, and a client holding the
         // old one gets the new body, not a 304.
         let after = eventually(WINDOW, "the new shape's ETag", || async {
@@ -353,30 +356,27 @@ async fn column_changes_are_served_and_written_without_a_restart() {
         }
 
         // A rewrite that keeps the column's type changes every row and no version.
-        for i in [&a, &b] {
-            serves(i, "/v1/items/3", "item 3", |d| d["title"] == "three").await;
-        }
+        all_serve(&[&a, &b], "/v1/items/3", "item 3", |d| {
+            d["title"] == "three"
+        })
+        .await;
         sql(
             &env,
             "ALTER TABLE items ALTER COLUMN title TYPE text USING upper(title)",
         )
         .await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/3", "the rewritten column", |d| {
-                d["title"] == "THREE"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/3", "the rewritten column", |d| {
+            d["title"] == "THREE"
+        })
+        .await;
 
         sql(&env, "ALTER TABLE items DROP COLUMN title").await;
         let put = b.put("/v1/items/3", r#"{"price": 1}"#).await;
         assert_eq!(put.status, 200, "{source:?}: {put:?}");
-        for i in [&a, &b] {
-            serves(i, "/v1/items/3", "the dropped column gone", |d| {
-                d == &json!({"id": 3, "price": 1})
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/3", "the dropped column gone", |d| {
+            d == &json!({"id": 3, "price": 1})
+        })
+        .await;
 
         sql(
             &env,
@@ -420,12 +420,13 @@ async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
         sql(&env, "UPDATE items_old SET name = 'ONE' WHERE id = 1").await;
         unavailable(&a, "items", "does not exist").await;
         sql(&env, "ALTER TABLE items_old RENAME TO items").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "the update made while renamed", |d| {
-                d["name"] == "ONE"
-            })
-            .await;
-        }
+        all_serve(
+            &[&a, &b],
+            "/v1/items/1",
+            "the update made while renamed",
+            |d| d["name"] == "ONE",
+        )
+        .await;
 
         // A unique index on the key stands in for the primary key first (a table published
         // for `wal` without a replica identity would refuse its own UPDATEs: Postgres' rule).
@@ -450,12 +451,13 @@ async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
         sql(&env, "DELETE FROM items WHERE id = 3").await;
         unavailable(&b, "items", "unique index").await;
         sql(&env, "ALTER TABLE items ADD PRIMARY KEY (id)").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "served on the primary key again", |d| {
-                d["name"] == "uno"
-            })
-            .await;
-        }
+        all_serve(
+            &[&a, &b],
+            "/v1/items/1",
+            "served on the primary key again",
+            |d| d["name"] == "uno",
+        )
+        .await;
 
         sql(&env, "ALTER TABLE items ALTER COLUMN id TYPE numeric").await;
         sql(&env, "INSERT INTO items VALUES (5, 'five')").await;
@@ -474,19 +476,18 @@ async fn table_and_key_changes_make_the_resource_unavailable_until_it_fits() {
         .await;
         sql(&env, "UPDATE items SET name = 'newer one' WHERE id = 1").await;
         // Installed by the fleet (postgres.migrate_on_start), as a restart would.
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "the recreated table", |d| {
-                d["name"] == "newer one"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "the recreated table", |d| {
+            d["name"] == "newer one"
+        })
+        .await;
         sql(&env, "UPDATE items SET name = 'newest one' WHERE id = 1").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "a change of the recreated table", |d| {
-                d["name"] == "newest one"
-            })
-            .await;
-        }
+        all_serve(
+            &[&a, &b],
+            "/v1/items/1",
+            "a change of the recreated table",
+            |d| d["name"] == "newest one",
+        )
+        .await;
         kv_keeps_l1(&a, &b, "tables").await;
         a.shutdown().await;
         b.shutdown().await;
@@ -556,12 +557,10 @@ async fn a_primary_key_dropped_under_the_wal_source_never_fails_the_customers_wr
         .await;
     }
     sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
-    for i in [&a, &b] {
-        serves(i, "/v1/items/1", "a change relayed again", |d| {
-            d["name"] == "uno"
-        })
-        .await;
-    }
+    all_serve(&[&a, &b], "/v1/items/1", "a change relayed again", |d| {
+        d["name"] == "uno"
+    })
+    .await;
     kv_keeps_l1(&a, &b, "identity-back").await;
     a.shutdown().await;
     b.shutdown().await;
@@ -670,9 +669,7 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
                 .push(crate::support::resource("others", "id", "version"));
         };
         let (a, b) = (env.start(configure).await, env.start(configure).await);
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "row 1", |d| d["name"] == "one").await;
         sql(&env, "ALTER TABLE items DISABLE TRIGGER ALL").await;
         for i in [&a, &b] {
             let reason = unavailable(i, "items", "disabled").await;
@@ -717,12 +714,10 @@ async fn disabled_or_half_enabled_triggers_are_noticed_and_enabled_always_again(
              UPDATE items SET name = 'replica' WHERE id = 2; COMMIT",
         )
         .await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/2", "the replica's write", |d| {
-                d["name"] == "replica"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/2", "the replica's write", |d| {
+            d["name"] == "replica"
+        })
+        .await;
 
         // The stamp alone disabled: no statement fails, even on a row never stamped.
         sql(
@@ -762,9 +757,7 @@ async fn a_table_attached_as_a_partition_goes_unavailable_until_detached() {
     for source in SOURCES {
         let env = items_env().await;
         let (a, b) = fleet(&env, source).await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "row 1", |d| d["name"] == "one").await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "row 1", |d| d["name"] == "one").await;
         sql(
             &env,
             "CREATE TABLE items_all (id integer NOT NULL, name text, version bigint) \
@@ -840,12 +833,13 @@ async fn an_unlogged_table_is_left_out_with_its_reason() {
             }
             kv_keeps_l1(&a, &b, "unlogged").await;
             sql(&env, "ALTER TABLE items SET LOGGED").await;
-            for i in [&a, &b] {
-                serves(i, "/v1/items/1", "the write made while unlogged", |d| {
-                    d["name"] == "unlogged"
-                })
-                .await;
-            }
+            all_serve(
+                &[&a, &b],
+                "/v1/items/1",
+                "the write made while unlogged",
+                |d| d["name"] == "unlogged",
+            )
+            .await;
         }
         a.shutdown().await;
         b.shutdown().await;
@@ -902,12 +896,10 @@ async fn a_unique_index_built_concurrently_is_served_once_valid() {
         }
         writer.batch_execute("COMMIT").await.unwrap();
         build.await.unwrap().expect("the index is built");
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "the held writer's row", |d| {
-                d["name"] == "held"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "the held writer's row", |d| {
+            d["name"] == "held"
+        })
+        .await;
         a.shutdown().await;
         b.shutdown().await;
     }
@@ -931,19 +923,15 @@ async fn a_table_created_after_the_fleet_started_is_installed_and_served() {
              INSERT INTO items VALUES (1, 'one')",
         )
         .await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "the new table's row", |d| {
-                d["name"] == "one"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "the new table's row", |d| {
+            d["name"] == "one"
+        })
+        .await;
         sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
-        for i in [&a, &b] {
-            serves(i, "/v1/items/1", "a change of the new table", |d| {
-                d["name"] == "uno"
-            })
-            .await;
-        }
+        all_serve(&[&a, &b], "/v1/items/1", "a change of the new table", |d| {
+            d["name"] == "uno"
+        })
+        .await;
         a.shutdown().await;
         b.shutdown().await;
     }
