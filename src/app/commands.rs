@@ -23,7 +23,7 @@ pub enum MigrateError {
 ///
 /// # Errors
 /// Postgres unreachable, the slot still streamed, syncar still connected (without
-/// `force`), or Postgres failing.
+/// `force`), syncar's publication owned by another role, or Postgres failing.
 pub async fn run_uninstall(config: &Config, force: bool) -> Result<Vec<String>, MigrateError> {
     with_connection(config, |mut client| async move {
         crate::schema::uninstall(&mut client, config, force)

@@ -112,7 +112,10 @@ const SHAPES_RECHECK: Duration = Duration::from_secs(30);
 /// a statement found a column missing), and every [`SHAPES_RECHECK`]. A resource whose table
 /// no longer fits goes unavailable with the reason, one that fits again comes back; the
 /// others are untouched. Copies of the old shape are retired by the flush the change was
-/// announced with, not here.
+/// announced with, not here. After each recheck: the `wal` publication kept to tables with
+/// a replica identity ([`republish`]), syncar's triggers enabled always ([`rearm`]), the C
+/// stamp mended where it does not load ([`heal_stamp`]), and syncar installed on tables that
+/// came to fit ([`InstallNew`]).
 async fn follow_shapes(
     config: &Config,
     catalog: &CatalogCell,

@@ -44,8 +44,8 @@ impl Db {
     ///
     /// A publication of the customer's that publishes deletes of the changes log (`FOR ALL
     /// TABLES`) makes Postgres refuse the prune, since the log has no replica identity unless
-    /// the migration gave it one (see `schema::capture::sharing_publications`): said at warn
-    /// level, with what to run, at most every [`PRUNE_REFUSED_EVERY`].
+    /// the migration gave it one (`schema::capture::changes_log_identity`): said at warn
+    /// level, with what to run, at most every `PRUNE_REFUSED_EVERY` (10 min).
     ///
     /// # Errors
     /// A classified [`DbError`].

@@ -14,7 +14,8 @@ use crate::resource::{quote_ident, quote_literal, Capture};
 /// `name → value` rows recording what the migration installed: `source`, `source_reason`,
 /// `slot_epoch`, the version taken when the current slot was created (a Redis fed by an
 /// older slot may have missed changes), and `publication`, the one syncar created for the
-/// `wal` source (the only one it ever drops). The schema task adds `shape:{resource}` and
+/// `wal` source (the one a migration to another source, or an uninstall, drops). The schema
+/// task adds `shape:{resource}` and
 /// `shape_epoch:{resource}` (see `schema::shape`).
 pub const STATE_TABLE: &str = "syncar_state";
 
@@ -181,9 +182,11 @@ pub(super) async fn load(
     })
 }
 
-/// The state table's name for the publication syncar created for the `wal` source: only
-/// that one is ever dropped (a publication of the customer's may share the configured name,
-/// and one of another deployment the database).
+/// The state table's name for the publication syncar created for the `wal` source: the one
+/// a migration to another source or an uninstall drops (a publication of the customer's may
+/// share the configured name, and one of another deployment the database). Only the
+/// uninstall of an install that has no state table at all (an early release) falls back on
+/// the configured name.
 pub(super) const OWN_PUBLICATION: &str = "publication";
 
 /// The publication syncar created for the `wal` source, as [`own_publication`] finds it.

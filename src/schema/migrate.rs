@@ -27,9 +27,13 @@ use crate::resource::quote_ident;
 
 /// Installs or repairs everything versioning needs, in one transaction: the sequence, the
 /// state table, the changes log, the kv table, version columns, the triggers of the resolved
-/// source (`auto` resolves here, see [`capture::resolve`]), and for `wal` the publication.
-/// Then, outside that transaction, the `wal` source's replication slot (created if missing or
+/// source (`auto` resolves here, see [`capture::resolve`]), and for `wal` the publication
+/// (recorded as syncar's own in the state table); for the other sources, the publication
+/// syncar created for `wal` dropped (`unpublish`); the changes log's replica identity where
+/// a publication publishes its deletes (`capture::changes_log_identity`). Then, outside
+/// that transaction, the `wal` source's replication slot (created if missing or
 /// invalidated); other sources drop an idle syncar slot, which would retain WAL for nobody.
+/// What it may not change is in [`Migration::warnings`].
 ///
 /// A configured table that does not exist or does not fit (its key, its version column) is
 /// left out, with the reason in [`Migration::unavailable`]: the other resources do not go

@@ -171,8 +171,9 @@ pub(super) async fn describe_table(
         return Err(SchemaError::Invalid(format!(
             "resource {:?}: table {}.{} is UNLOGGED (or temporary): a crash or a failover \
              empties it without any trigger firing, so no cached copy of its rows could be \
-             trusted; served once it is logged (ALTER TABLE {}.{} SET LOGGED, then `syncar \
-             migrate` if it was never migrated)",
+             trusted; served once it is logged (ALTER TABLE {}.{} SET LOGGED; syncar then \
+             installs on it where it never did, with postgres.migrate_on_start, else run \
+             `syncar migrate`)",
             r.name, r.schema, r.table, r.schema, r.table
         )));
     }

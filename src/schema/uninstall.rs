@@ -25,8 +25,9 @@ use crate::resource::quote_ident;
 /// relay streaming the slot still refuses it.
 ///
 /// # Errors
-/// The slot is being streamed or another syncar is connected (stop every instance first),
-/// or Postgres failing.
+/// The slot is being streamed or another syncar is connected (stop every instance first);
+/// syncar's publication is owned by a role this one is not a member of (the idle slot is
+/// dropped by then); or Postgres failing.
 pub async fn uninstall(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -158,12 +159,14 @@ async fn running_instances(client: &tokio_postgres::Client) -> Result<Vec<String
 }
 
 /// Drops the publication syncar created for the `wal` source ([`capture::own_publication`]);
-/// where nothing recorded it (an install by an earlier release), the configured one if
-/// the source was `wal` or no state table says otherwise. A publication of the customer's
-/// that shares the name is left alone.
+/// where nothing recorded it (an install by an earlier release), the configured one if the
+/// recorded source is `wal`, or if there is no state table at all (an early release: the
+/// old rule, which cannot tell a customer's publication of the same name). Otherwise a
+/// publication of the customer's that shares the name is left alone.
 ///
 /// # Errors
-/// The publication is this role's to drop but another role owns it, or Postgres failing.
+/// A relay streams its slot; another role owns it (this one not a member); or Postgres
+/// failing.
 async fn drop_publication(
     tx: &tokio_postgres::Transaction<'_>,
     schema: &str,
