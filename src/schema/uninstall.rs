@@ -26,8 +26,8 @@ use crate::resource::quote_ident;
 ///
 /// # Errors
 /// The slot is being streamed or another syncar is connected (stop every instance first);
-/// syncar's publication is owned by a role this one is not a member of (the idle slot is
-/// dropped by then); or Postgres failing.
+/// syncar's publication is owned by a role this one is not a member of; or Postgres
+/// failing.
 pub async fn uninstall(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -42,9 +42,10 @@ pub async fn uninstall(
     }
 }
 
-/// One run of the uninstall: the slot first (outside any transaction), then, under the
-/// migration lock, the publication, each table's triggers and functions, and the recorded
-/// source.
+/// One run of the uninstall: the refusals first (a streamed slot, running instances, a
+/// publication this role may not drop), then the slot (outside any transaction), then,
+/// under the migration lock, the publication, each table's triggers and functions, and the
+/// recorded source.
 async fn uninstall_once(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -57,18 +58,21 @@ async fn uninstall_once(
     if !force {
         refuse_running_instances(client).await?;
     }
+    // Before anything is removed: a publication this role may not drop refuses it all.
+    let publication =
+        publication_to_drop(&*client, schema, &config.feeds.wal_publication, &slot).await?;
     if let Some(change) = capture::drop_idle_slot(&*client, &slot).await? {
         changes.push(change);
     }
     let tx = begin_locked(client, false).await?;
-    drop_publication(
-        &tx,
-        schema,
-        &config.feeds.wal_publication,
-        &slot,
-        &mut changes,
-    )
-    .await?;
+    if let Some(name) = publication {
+        if capture::publication_exists(&tx, &name).await? {
+            tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(&name)))
+                .await
+                .map_err(pg("dropping the publication"))?;
+            changes.push(format!("dropped publication {name}"));
+        }
+    }
     let kv = kv_resource(schema);
     for r in std::iter::once(&kv).chain(&config.resources) {
         drop_table_triggers(&tx, schema, r, &mut changes).await?;
@@ -158,29 +162,25 @@ async fn running_instances(client: &tokio_postgres::Client) -> Result<Vec<String
         .collect())
 }
 
-/// Drops the publication syncar created for the `wal` source ([`capture::own_publication`]);
-/// where nothing recorded it (an install by an earlier release), the configured one if the
-/// recorded source is `wal`, or if there is no state table at all (an early release: the
-/// old rule, which cannot tell a customer's publication of the same name). Otherwise a
-/// publication of the customer's that shares the name is left alone.
+/// The publication to drop: the one syncar created for the `wal` source
+/// ([`capture::own_publication`]); where nothing recorded it (an install by an earlier
+/// release), the configured one if the recorded source is `wal`, or if there is no state
+/// table at all (an early release: the old rule, which cannot tell a customer's publication
+/// of the same name). Otherwise none: a publication of the customer's that shares the name
+/// is left alone.
 ///
 /// # Errors
 /// A relay streams its slot; another role owns it (this one not a member); or Postgres
 /// failing.
-async fn drop_publication(
-    tx: &tokio_postgres::Transaction<'_>,
+async fn publication_to_drop(
+    client: &impl tokio_postgres::GenericClient,
     schema: &str,
     publication: &str,
     slot: &str,
-    changes: &mut Vec<String>,
-) -> Result<(), SchemaError> {
-    let fallback = if table_oid(tx, schema, STATE_TABLE, "r").await?.is_none() {
-        // No state table: an install by a release that kept none; the old rule.
-        if capture::publication_exists(tx, publication).await? {
-            drop_it(tx, publication, changes).await?;
-        }
-        return Ok(());
-    } else if capture::read_state_value(tx, schema, "source")
+) -> Result<Option<String>, SchemaError> {
+    let fallback = if table_oid(client, schema, STATE_TABLE, "r").await?.is_none() {
+        return Ok(Some(publication.to_string()));
+    } else if capture::read_state_value(client, schema, "source")
         .await?
         .as_deref()
         == Some("wal")
@@ -189,9 +189,9 @@ async fn drop_publication(
     } else {
         None
     };
-    match capture::own_publication(tx, schema, fallback, slot).await? {
-        OwnPublication::NoneRecorded | OwnPublication::Gone(_) => Ok(()),
-        OwnPublication::Droppable(name) => drop_it(tx, &name, changes).await,
+    match capture::own_publication(client, schema, fallback, slot).await? {
+        OwnPublication::NoneRecorded | OwnPublication::Gone(_) => Ok(None),
+        OwnPublication::Droppable(name) => Ok(Some(name)),
         OwnPublication::Streamed(name) => Err(SchemaError::Invalid(format!(
             "publication {name}'s slot {slot} is being streamed by a relay: stop every syncar \
              instance (and `syncar relay`) first"
@@ -203,19 +203,6 @@ async fn drop_publication(
             quote_ident(&name)
         ))),
     }
-}
-
-/// `DROP PUBLICATION name`, said in `changes`.
-async fn drop_it(
-    tx: &tokio_postgres::Transaction<'_>,
-    name: &str,
-    changes: &mut Vec<String>,
-) -> Result<(), SchemaError> {
-    tx.batch_execute(&format!("DROP PUBLICATION {}", quote_ident(name)))
-        .await
-        .map_err(pg("dropping the publication"))?;
-    changes.push(format!("dropped publication {name}"));
-    Ok(())
 }
 
 /// Drops the `syncar_stamp` extension (the C stamp) if it is there, no trigger calls its

@@ -519,3 +519,51 @@ async fn a_migration_by_a_role_that_does_not_own_the_log_warns_instead_of_failin
         migrated.warnings
     );
 }
+
+/// `syncar uninstall` by a role that may not drop syncar's publication (another role owns
+/// it) refuses before it removes anything: the slot, the triggers and the publication stay.
+#[tokio::test]
+async fn an_uninstall_that_may_not_drop_the_publication_removes_nothing() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
+    let role = format!("{db}_small");
+    let mut config = env.config();
+    config.feeds.postgres_source = PostgresSource::Wal;
+    syncar::app::run_migration(&config).await.unwrap();
+    pg.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; \
+         GRANT SELECT ON syncar_state TO {role}"
+    ))
+    .await
+    .unwrap();
+    let counts = || async {
+        let pg = env.pg().await;
+        let row = pg
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()), \
+                        (SELECT count(*) FROM pg_publication), \
+                        (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'syncar%')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, i64>(1),
+            row.get::<_, i64>(2),
+        )
+    };
+    let before = counts().await;
+    assert!(before.0 == 1 && before.1 == 1 && before.2 > 0, "{before:?}");
+    let mut small = config.clone();
+    small.postgres.url = env.pg_url.replace("postgres@", &format!("{role}@"));
+    let refused = syncar::app::run_uninstall(&small, false)
+        .await
+        .expect_err("another role owns the publication");
+    assert!(
+        format!("{refused:#}").contains("owned by a role"),
+        "{refused:#}"
+    );
+    assert_eq!(counts().await, before, "nothing removed");
+}
