@@ -323,8 +323,8 @@ pub(super) async fn changes_log_identity(
 /// # Errors
 /// Postgres failing.
 pub async fn installed(client: &impl GenericClient, schema: &str) -> Result<bool, SchemaError> {
-    match read_state(client, schema).await {
-        Ok(state) => Ok(state.contains_key("source")),
+    match recorded_source(client, schema).await {
+        Ok(source) => Ok(source.is_some()),
         Err(SchemaError::NotMigrated(_)) => Ok(false),
         Err(e) => Err(e),
     }
@@ -838,16 +838,6 @@ pub async fn recorded_source(
     schema: &str,
 ) -> Result<Option<String>, SchemaError> {
     Ok(read_state(client, schema).await?.remove("source"))
-}
-
-/// The statement that forgets the slot's epoch (the slot was dropped by syncar itself: a
-/// source switched away from `wal`, or an uninstall), so that the next slot is said to be
-/// created, not found missing.
-pub(super) fn forget_slot_epoch(schema: &str) -> String {
-    format!(
-        "DELETE FROM {}.{STATE_TABLE} WHERE name = 'slot_epoch'",
-        quote_ident(schema)
-    )
 }
 
 /// The version taken when the current slot was created, if recorded.

@@ -435,7 +435,7 @@ async fn settle_slot(
         // went missing (a failover it did not follow).
         sink.run(
             client,
-            capture::forget_slot_epoch(schema),
+            capture::delete_state_sql(schema, "slot_epoch"),
             "forgetting the slot's epoch",
         )
         .await?;

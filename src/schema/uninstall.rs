@@ -180,11 +180,7 @@ async fn publication_to_drop(
 ) -> Result<Option<String>, SchemaError> {
     let fallback = if table_oid(client, schema, STATE_TABLE, "r").await?.is_none() {
         return Ok(Some(publication.to_string()));
-    } else if capture::read_state_value(client, schema, "source")
-        .await?
-        .as_deref()
-        == Some("wal")
-    {
+    } else if capture::recorded_source(client, schema).await?.as_deref() == Some("wal") {
         Some(publication)
     } else {
         None
