@@ -436,7 +436,8 @@ fn wrk_threads(
     )
 }
 
-/// [`wrk_threads`] on the keys `k1`..`k{keys}` of `resource`.
+/// [`wrk_threads`] on the keys `k1`..`k{keys}` of `resource`, which may end in a query sent
+/// with every request (`kv?consistency=eventual`).
 #[allow(clippy::too_many_arguments)] // one run's settings, read at the call sites
 pub(crate) fn wrk_on(
     name: &str,
@@ -454,6 +455,9 @@ pub(crate) fn wrk_on(
     // recovering (a poll slower than the lease takes a feed down).
     wait_ready(port);
     let before = read_counts(port);
+    let (resource, query) = resource
+        .split_once('?')
+        .map_or((resource, String::new()), |(r, q)| (r, format!("?{q}")));
     let script = dir.join(format!("{}.lua", name.replace(' ', "_")));
     std::fs::write(
         &script,
@@ -465,7 +469,7 @@ local body = [[{body}]]
 local requests = {{}}
 init = function(args)
   for i = 1, {keys} do
-    local path = "/v1/{resource}/k" .. i
+    local path = "/v1/{resource}/k" .. i .. "{query}"
     if "{method}" == "PUT" then
       requests[i] = wrk.format("PUT", path, {{["Content-Type"] = "application/json"}}, body)
     else

@@ -11,12 +11,13 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use super::consistency::{run_write, WriteMode};
 use super::error::{Answer, ApiError, ALLOW_DOC};
 use super::position;
 use super::request::{read_json, read_options, target, write_precondition, Target};
 use super::response::{etag, json_response, JSON};
 use super::state::HttpState;
-use crate::db::{Commit, DeleteOutcome, WriteOutcome};
+use crate::db::{DeleteOutcome, WriteOutcome};
 use crate::model::State;
 use crate::resource::{DocRef, Precondition};
 use crate::tiers::ReadOptions;
@@ -34,13 +35,13 @@ enum DocumentRequest {
         doc: DocRef,
         pre: Precondition,
         body: crate::model::JsonText,
-        /// `consistency=strong` (see [`super::consistency`]).
-        commit: Commit,
+        /// `consistency=` (see [`super::consistency`]).
+        mode: WriteMode,
     },
     Delete {
         target: Target,
         pre: Precondition,
-        commit: Commit,
+        mode: WriteMode,
     },
 }
 
@@ -56,18 +57,14 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>, rest: &str
             doc,
             pre,
             body,
-            commit,
+            mode,
         } => {
             can_hold(&pre)?;
-            put(state, doc, pre, body, commit).await
+            put(state, doc, pre, body, mode).await
         }
-        DocumentRequest::Delete {
-            target,
-            pre,
-            commit,
-        } => {
+        DocumentRequest::Delete { target, pre, mode } => {
             can_hold(&pre)?;
-            delete(state, target, pre, commit).await
+            delete(state, target, pre, mode).await
         }
     }
 }
@@ -89,7 +86,7 @@ async fn parse(
     Ok(match method {
         Method::PUT => {
             let pre = write_precondition(req.headers(), true, target.doc.resource.shape_epoch())?;
-            let commit = super::consistency::commit(state, req.uri().query())?;
+            let mode = super::consistency::mode(state, req.uri().query())?;
             let body = tokio::time::timeout(
                 server.request_timeout,
                 read_json(req, server.max_body_bytes),
@@ -100,12 +97,12 @@ async fn parse(
                 doc: target.doc,
                 pre,
                 body,
-                commit,
+                mode,
             }
         }
         Method::DELETE => DocumentRequest::Delete {
             pre: write_precondition(req.headers(), false, target.doc.resource.shape_epoch())?,
-            commit: super::consistency::commit(state, req.uri().query())?,
+            mode: super::consistency::mode(state, req.uri().query())?,
             target,
         },
         _ => DocumentRequest::Read {
@@ -200,24 +197,15 @@ async fn put(
     doc: DocRef,
     pre: Precondition,
     body: crate::model::JsonText,
-    commit: Commit,
+    mode: WriteMode,
 ) -> Answer {
     let timeout = state.config.server.request_timeout;
     let write = |doc: DocRef, body: crate::model::JsonText| {
-        let pre = pre.clone();
-        let commit = commit.clone();
-        async move {
-            let tiers = state.tiers.clone();
-            // Spawned so a client hanging up (or the deadline) cannot stop the write between
-            // commit and cache updates; the tracker lets shutdown wait for it.
-            let task = state
-                .writes
-                .spawn(async move { tiers.put(&doc, body, pre, commit).await });
-            tokio::time::timeout(timeout, task)
-                .await
-                .map_err(deadline(timeout))?
-                .map_err(|e| ApiError::Internal(e.to_string()))
-        }
+        let (pre, commit) = (pre.clone(), mode.commit.clone());
+        let tiers = state.tiers.clone();
+        run_write(state, mode.eventual, timeout, move |early| async move {
+            tiers.put(&doc, body, pre, commit, early).await
+        })
     };
     let (resource, outcome) = match write(doc.clone(), body.clone()).await? {
         Err(e) if e.may_be_schema_change() => {
@@ -247,23 +235,16 @@ async fn put(
 }
 
 /// DELETE: 204 with the ETag of the delete, 404 when absent.
-async fn delete(state: &HttpState, target: Target, pre: Precondition, commit: Commit) -> Answer {
+async fn delete(state: &HttpState, target: Target, pre: Precondition, mode: WriteMode) -> Answer {
     let timeout = state.config.server.request_timeout;
     let Target { doc, key } = target;
     let name = format!("{}/{key}", doc.resource.name);
     let write = |doc: DocRef| {
-        let pre = pre.clone();
-        let commit = commit.clone();
-        async move {
-            let tiers = state.tiers.clone();
-            let task = state
-                .writes
-                .spawn(async move { tiers.delete(&doc, pre, commit).await });
-            tokio::time::timeout(timeout, task)
-                .await
-                .map_err(deadline(timeout))?
-                .map_err(|e| ApiError::Internal(e.to_string()))
-        }
+        let (pre, commit) = (pre.clone(), mode.commit.clone());
+        let tiers = state.tiers.clone();
+        run_write(state, mode.eventual, timeout, move |early| async move {
+            tiers.delete(&doc, pre, commit, early).await
+        })
     };
     let (resource, outcome) = match write(doc.clone()).await? {
         Err(e) if e.may_be_schema_change() => {

@@ -51,14 +51,23 @@ pub struct Readiness {
     pub feeds: serde_json::Value,
 }
 
-/// `consistency=strong`: on a read, read Postgres and refresh the tiers; on a write, return
-/// once every live instance has applied it (see `http::consistency`).
+/// `consistency=strong` on a read: read Postgres and refresh the tiers.
 #[derive(ToSchema)]
 #[schema(rename_all = "lowercase")]
-#[allow(dead_code)] // a schema only: the parsers are `request::read_options` and `write_consistency`
+#[allow(dead_code)] // a schema only: the parser is `request::read_options`
 pub enum Consistency {
     Strong,
     Default,
+}
+
+/// `consistency=` on a write: when it answers (see `http::consistency`).
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // a schema only: the parser is `request::write_consistency`
+pub enum WriteConsistency {
+    Eventual,
+    Default,
+    Strong,
 }
 
 #[utoipa::path(
@@ -114,7 +123,7 @@ fn head_document() {}
         ("resource" = String, Path), ("key" = String, Path),
         ("If-Match" = Option<String>, Header, description = "\"N\" (or an ETag \"N-E\"): only if the current version is N (and the table's shape E); a list, \"N\", \"M\": only if the current ETag is one of them; *: only if it exists."),
         ("If-None-Match" = Option<String>, Header, description = "*: only if it does not exist."),
-        ("consistency" = Option<Consistency>, Query, description = "A write: strong returns only once every live instance has applied it (its commit waits for the relay as a synchronous standby; 503 not_synchronous, nothing written, when Postgres does not count the relay one); default opts out of feeds.synchronous_writes."),
+        ("consistency" = Option<WriteConsistency>, Query, description = "When the write answers. default: once Postgres committed it and Redis and this instance's L1 hold it. eventual: once Postgres committed it and this instance's L1 holds it; Redis and the other instances follow behind the answer (read it elsewhere with min_version set to the answered version). strong: only once every live instance has applied it (its commit waits for the relay as a synchronous standby; 503 not_synchronous, nothing written, when Postgres does not count the relay one). default and eventual opt out of feeds.synchronous_writes."),
     ),
     request_body(content = Value, description = "Any JSON for kv; a row as a JSON object for a table."),
     responses(
@@ -137,7 +146,7 @@ fn put_document() {}
     params(
         ("resource" = String, Path), ("key" = String, Path),
         ("If-Match" = Option<String>, Header),
-        ("consistency" = Option<Consistency>, Query, description = "As for a PUT."),
+        ("consistency" = Option<WriteConsistency>, Query, description = "As for a PUT."),
     ),
     responses(
         (status = 204, description = "Deleted."),
@@ -176,7 +185,7 @@ fn batch_get() {}
     path = "/v1",
     summary = "Write several documents, on one or several resources, in one Postgres transaction: all or nothing.",
     description = "Operations run in order; the first that fails rolls everything back and is named in the error. The caches are updated after the commit, as for single writes.",
-    params(("consistency" = Option<Consistency>, Query, description = "As for a PUT: strong returns once every live instance has applied the whole transaction.")),
+    params(("consistency" = Option<WriteConsistency>, Query, description = "As for a PUT: strong returns once every live instance has applied the whole transaction; eventual once every operation is in this instance's L1.")),
     request_body = Transaction,
     responses(
         (status = 200, description = "Committed: one result per operation, in order.", body = TxResults),
@@ -243,7 +252,8 @@ fn openapi() {}
         TxResult,
         TxResults,
         Readiness,
-        Consistency
+        Consistency,
+        WriteConsistency
     ))
 )]
 struct ApiDoc;

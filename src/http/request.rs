@@ -90,13 +90,28 @@ pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
     Ok(options)
 }
 
-/// A write's query: `consistency=strong|default` only (see [`super::consistency`]);
-/// `None` when it does not say. Anything else is an error, as on a read.
+/// How a write asks to be acknowledged (`consistency=` on a PUT, DELETE or transaction; the
+/// names of Dapr's state API). See [`super::consistency`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteConsistency {
+    /// Answered once Postgres committed and this instance's L1 holds the write; Redis and the
+    /// other instances follow behind the answer.
+    Eventual,
+    /// Answered once Postgres committed and Redis and this instance's L1 hold the write
+    /// (opts a write out of `feeds.synchronous_writes`).
+    Default,
+    /// Answered once every live instance has applied the write.
+    Strong,
+}
+
+/// A write's query: `consistency=eventual|default|strong` only (see
+/// [`super::consistency`]); `None` when it does not say. Anything else is an error, as on a
+/// read.
 ///
 /// # Errors
 /// 400 for an unknown parameter or a bad value.
-pub fn write_consistency(query: Option<&str>) -> Result<Option<bool>, ApiError> {
-    let mut strong = None;
+pub fn write_consistency(query: Option<&str>) -> Result<Option<WriteConsistency>, ApiError> {
+    let mut asked = None;
     for pair in query
         .unwrap_or_default()
         .split('&')
@@ -104,12 +119,14 @@ pub fn write_consistency(query: Option<&str>) -> Result<Option<bool>, ApiError> 
     {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match (name, value) {
-            ("consistency", "strong") => strong = Some(true),
-            ("consistency", "default") => strong = Some(false),
+            ("consistency", "eventual") => asked = Some(WriteConsistency::Eventual),
+            ("consistency", "default") => asked = Some(WriteConsistency::Default),
+            ("consistency", "strong") => asked = Some(WriteConsistency::Strong),
             ("consistency", _) => {
                 return Err(ApiError::InvalidQuery(format!(
-                    "consistency must be strong (return once every instance applied the \
-                     write) or default, not {value:?}"
+                    "consistency must be eventual (answer once committed, Redis and the \
+                     other instances behind the answer), default, or strong (answer once \
+                     every instance applied the write), not {value:?}"
                 )))
             }
             _ => {
@@ -119,7 +136,7 @@ pub fn write_consistency(query: Option<&str>) -> Result<Option<bool>, ApiError> 
             }
         }
     }
-    Ok(strong)
+    Ok(asked)
 }
 
 /// Percent-decodes and checks a key: UTF-8, not empty, no NUL, within the limit.
@@ -408,13 +425,17 @@ mod tests {
         assert_eq!(write_consistency(Some("")).unwrap(), None);
         assert_eq!(
             write_consistency(Some("consistency=strong")).unwrap(),
-            Some(true)
+            Some(WriteConsistency::Strong)
         );
         assert_eq!(
             write_consistency(Some("consistency=default")).unwrap(),
-            Some(false)
+            Some(WriteConsistency::Default)
         );
-        for bad in ["consistency=", "consistency=eventual", "min_lsn=0/1", "x"] {
+        assert_eq!(
+            write_consistency(Some("consistency=eventual")).unwrap(),
+            Some(WriteConsistency::Eventual)
+        );
+        for bad in ["consistency=", "consistency=weak", "min_lsn=0/1", "x"] {
             assert!(
                 matches!(write_consistency(Some(bad)), Err(ApiError::InvalidQuery(_))),
                 "{bad}"

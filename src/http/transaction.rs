@@ -18,6 +18,7 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::consistency::run_write;
 use super::document::can_hold;
 use super::error::{Answer, ApiError, ALLOW_BATCH};
 use super::request::{check_key, precondition, read_json, BodyKey};
@@ -88,7 +89,7 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
         return Err(ApiError::MethodNotAllowed(ALLOW_BATCH));
     }
     let catalog = state.catalog()?;
-    let commit = super::consistency::commit(state, req.uri().query())?;
+    let mode = super::consistency::mode(state, req.uri().query())?;
     let server = &state.config.server;
     let timeout = server.request_timeout;
     let max_key_bytes = server.max_key_bytes;
@@ -108,30 +109,25 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
     }
     let ops = operations(&catalog, &tx, max_key_bytes)?;
     let run = |ops: Vec<(DocRef, TxOp)>| {
-        let commit = commit.clone();
-        async move {
-            let tiers = state.tiers.clone();
-            // Spawned, as a single write: a client hanging up cannot stop it between the commit
-            // and the cache updates.
-            let task = state.writes.spawn(async move {
-                let result = tiers.transact(&ops, commit).await;
-                (ops, result)
-            });
-            tokio::time::timeout(timeout, task)
+        let commit = mode.commit.clone();
+        let tiers = state.tiers.clone();
+        // A failure hands the operations back: a failed precondition is named by them.
+        run_write(state, mode.eventual, timeout, move |early| async move {
+            tiers
+                .transact(&ops, commit, early)
                 .await
-                .map_err(|_| ApiError::Timeout(timeout))?
-                .map_err(|e| ApiError::Internal(e.to_string()))
-        }
+                .map_err(|failed| (ops, failed))
+        })
     };
-    let (ops, result) = match run(ops).await? {
+    let result = match run(ops).await? {
         // Rolled back as a whole: once more on the catalog read again (see
         // `document::on_new_shape`).
-        (
+        Err((
             _,
-            Err(TxFailed {
+            TxFailed {
                 why: TxWhy::Db(e), ..
-            }),
-        ) if e.may_be_schema_change() => {
+            },
+        )) if e.may_be_schema_change() => {
             if !state.catalog.recheck_and_wait(timeout).await {
                 return Err(ApiError::SchemaChanged(format!(
                     "a statement failed as on a changed table ({e}), and the tables could not \
@@ -142,11 +138,11 @@ pub(super) async fn handle(state: &HttpState, req: Request<Incoming>) -> Answer 
         }
         done => done,
     };
-    let done = result.map_err(|failed| {
+    let done = result.map_err(|(ops, failed)| {
         let e = match failed.why {
             TxWhy::Precondition => {
-                let (TxOp::Put { pre, .. } | TxOp::Delete { pre }) =
-                    &ops[failed.index.unwrap_or(0)].1;
+                let op: &TxOp = &ops[failed.index.unwrap_or(0)].1;
+                let (TxOp::Put { pre, .. } | TxOp::Delete { pre }) = op;
                 ApiError::precondition_failed(pre)
             }
             TxWhy::Db(e) => ApiError::from(e),

@@ -13,10 +13,24 @@ use crate::telemetry::{L2_WRITE_FAILURES, VERSION_REGRESSIONS};
 use super::decide::{conflict, op_of, regression, repair_marker, Regression};
 use super::{l1_ttl, l2_ttl, Conflict, Started, Tiers};
 
+/// Where a write sends its outcome as soon as Postgres has committed it and this
+/// instance's L1 holds it, before Redis and the other instances hear of it
+/// (`consistency=eventual`, [`crate::tiers::Tiers::put`]); `None` answers once every tier
+/// is updated. Nothing is sent for a write that did not commit (an error, a failed
+/// precondition, a delete of an absent key): the caller then waits for the write itself.
+pub type Early<T> = Option<tokio::sync::oneshot::Sender<T>>;
+
 impl Tiers {
     /// Writes one document: Postgres (acknowledged at commit, which with
     /// [`Commit::Synchronous`] waits for every live instance to have applied it), then Redis
     /// (and the message telling the other instances), then L1.
+    ///
+    /// With `early` (`consistency=eventual`) the order after the commit is L1, then the
+    /// outcome sent to `early`, then Redis and the message: the client hears of the write one
+    /// Redis round trip sooner, this instance serves it at once, and another instance may
+    /// serve the version it replaced until Redis and the message reach it (the same window
+    /// a plain-SQL writer's commit has until the Postgres feed evicts it). A conflict found
+    /// in Redis is repaired after the answer, which carries the committed version.
     ///
     /// Run it to completion (spawned): a write abandoned between commit and cache updates
     /// would leave Redis behind until its repair.
@@ -29,6 +43,7 @@ impl Tiers {
         body: crate::model::JsonText,
         pre: Precondition,
         commit: Commit,
+        early: Early<WriteOutcome>,
     ) -> Result<WriteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
         let mut outcome = self
@@ -38,7 +53,13 @@ impl Tiers {
         if let WriteOutcome::Written(w) = &mut outcome {
             self.saw(w.version);
             let copy = Cached::value(w.version, w.doc.clone());
-            if let Some(conflict) = self.settle(doc, copy, Op::Put, generation).await {
+            let answer = early.map(|tx| {
+                let outcome = WriteOutcome::Written(w.clone());
+                move || {
+                    let _ = tx.send(outcome);
+                }
+            });
+            if let Some(conflict) = self.settle(doc, copy, Op::Put, generation, answer).await {
                 // Committed already: a failed repair is logged, never the write's answer.
                 let repaired = self
                     .repair_regression(doc, w.version, conflict)
@@ -54,7 +75,7 @@ impl Tiers {
                     }
                     let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
                     let op = op_of(&fresh);
-                    self.settle(doc, fresh, op, generation).await;
+                    self.settle(doc, fresh, op, generation, None::<fn()>).await;
                 }
             }
         }
@@ -62,7 +83,8 @@ impl Tiers {
     }
 
     /// Deletes one document: Postgres (acknowledged at commit), then a versioned absence in
-    /// Redis and L1 that refuses any older fill still in flight.
+    /// Redis and L1 that refuses any older fill still in flight. `early` as for
+    /// [`Tiers::put`]: the absence in L1, the answer, then Redis.
     ///
     /// # Errors
     /// Postgres' failure; nothing was committed.
@@ -71,13 +93,23 @@ impl Tiers {
         doc: &DocRef,
         pre: Precondition,
         commit: Commit,
+        early: Early<DeleteOutcome>,
     ) -> Result<DeleteOutcome, DbError> {
         let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
         let mut outcome = self.db.delete(&doc.resource, &doc.key, pre, commit).await?;
         if let DeleteOutcome::Deleted { version } = &mut outcome {
             self.saw(*version);
             let absent = Cached::absent(*version);
-            if let Some(conflict) = self.settle(doc, absent, Op::Delete, generation).await {
+            let answer = early.map(|tx| {
+                let outcome = DeleteOutcome::Deleted { version: *version };
+                move || {
+                    let _ = tx.send(outcome);
+                }
+            });
+            if let Some(conflict) = self
+                .settle(doc, absent, Op::Delete, generation, answer)
+                .await
+            {
                 let repaired = self
                     .repair_regression(doc, *version, conflict)
                     .await
@@ -89,7 +121,7 @@ impl Tiers {
                     *version = fresh.version;
                     let generation = self.started(doc, self.l1.as_ref().map(L1::generation));
                     let op = op_of(&fresh);
-                    self.settle(doc, fresh, op, generation).await;
+                    self.settle(doc, fresh, op, generation, None::<fn()>).await;
                 }
             }
         }
@@ -99,16 +131,42 @@ impl Tiers {
     /// Brings Redis and L1 up to a committed copy and tells the other instances. A Redis
     /// failure is queued for repair, never returned: the write is committed and is
     /// acknowledged. (The Postgres feed tells the other instances in that case.)
+    ///
+    /// Without `answer`: Redis (with the message), then L1. With it: L1, then `answer`
+    /// called, then Redis; each tier compares versions on its own, so the order decides only
+    /// who sees the copy first.
     pub(super) async fn settle(
         &self,
         doc: &DocRef,
         copy: Cached,
         op: Op,
         generation: Started,
+        answer: Option<impl FnOnce()>,
     ) -> Option<Conflict> {
-        let (resource, ck) = (&doc.resource, &doc.ck);
         // A load in flight may have read before this commit: nobody asking from now on joins it.
-        self.flights.forget(ck);
+        self.flights.forget(&doc.ck);
+        let mut held = Vec::new();
+        if let Some(answer) = answer {
+            held.extend(self.settle_l1(doc, &copy, op, generation));
+            answer();
+            held.extend(self.settle_l2(doc, &copy, op, generation).await);
+        } else {
+            held.extend(self.settle_l2(doc, &copy, op, generation).await);
+            held.extend(self.settle_l1(doc, &copy, op, generation));
+        }
+        conflict(&copy, held)
+    }
+
+    /// Offers a committed copy to Redis with the message telling the other instances (queued
+    /// for repair if Redis fails); what Redis holds instead when it refuses the copy.
+    async fn settle_l2(
+        &self,
+        doc: &DocRef,
+        copy: &Cached,
+        op: Op,
+        generation: Started,
+    ) -> Option<Cached> {
+        let (resource, ck) = (&doc.resource, &doc.ck);
         let message = if self.coherence.redis.enabled() {
             let key = ck.as_str().split_once(':').map_or("", |(_, k)| k);
             serde_json::to_string(&Message {
@@ -125,7 +183,7 @@ impl Tiers {
         };
         let result = if self.l2.available() {
             self.l2
-                .offer_and_publish(generation.l2, ck, &copy, l2_ttl(resource, &copy), &message)
+                .offer_and_publish(generation.l2, ck, copy, l2_ttl(resource, copy), &message)
                 .await
         } else {
             Err(L2Error::Skipped)
@@ -133,39 +191,43 @@ impl Tiers {
         // A tier that refuses a just-committed copy holds a newer version (a later commit
         // that got there first, or a version Postgres never reached: it went back), or the
         // same version with other content (the sequence handed it out twice).
-        let mut held = Vec::new();
         match result {
             Ok(Stored::Newer | Stored::AlreadyHeld) => {
-                if let Ok(Some((copy, _))) = self.l2.inspect(ck).await {
-                    held.push(copy);
-                }
+                self.l2.inspect(ck).await.ok().flatten().map(|(c, _)| c)
             }
-            Ok(Stored::Applied) => {}
+            Ok(Stored::Applied) => None,
             Err(e) => {
                 metrics::counter!(L2_WRITE_FAILURES).increment(1);
                 tracing::warn!(resource = %resource.name, version = %copy.version, error = %e,
                     "redis update failed after commit; queued for repair");
                 self.repairs
-                    .push(ck.clone(), repair_marker(&copy), resource.ttl.tombstone_ttl);
+                    .push(ck.clone(), repair_marker(copy), resource.ttl.tombstone_ttl);
+                None
             }
         }
-        let mut applied = true;
+    }
+
+    /// Offers a committed copy to L1 and, once it holds it (or there is no L1), tells the
+    /// watchers; what L1 holds instead when it refuses the copy.
+    fn settle_l1(
+        &self,
+        doc: &DocRef,
+        copy: &Cached,
+        op: Op,
+        generation: Started,
+    ) -> Option<Cached> {
+        let (resource, ck) = (&doc.resource, &doc.ck);
         if let (Some(l1), Some(generation)) = (&self.l1, generation.l1) {
             if let Offer::Refused(_) =
-                l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, &copy))
+                l1.offer_in(generation, ck, copy.clone(), l1_ttl(resource, copy))
             {
-                applied = false;
-                if let Some(cached) = l1.get(ck) {
-                    held.push(cached);
-                }
+                return l1.get(ck);
             }
         }
-        if applied {
-            let key = ck.as_str().split_once(':').map_or("", |(_, k)| k);
-            self.watch
-                .change(&resource.name, Some(key), copy.version.0, op);
-        }
-        conflict(&copy, held)
+        let key = ck.as_str().split_once(':').map_or("", |(_, k)| k);
+        self.watch
+            .change(&resource.name, Some(key), copy.version.0, op);
+        None
     }
 
     /// A write committed at `written`, but a tier holds `conflict`: a newer version, or the
@@ -224,7 +286,9 @@ impl Tiers {
     }
 
     /// Runs `ops` in one Postgres transaction, all or nothing ([`Db::transact`]); once it is
-    /// committed, updates Redis and L1 for each as a single write would, in order.
+    /// committed, updates Redis and L1 for each as a single write would, in order. With
+    /// `early`, every operation's L1 first, then the outcome sent, then Redis for each (as
+    /// [`Tiers::put`]).
     ///
     /// # Errors
     /// The operation that failed, and why; nothing was committed.
@@ -232,6 +296,7 @@ impl Tiers {
         &self,
         ops: &[(DocRef, TxOp)],
         commit: Commit,
+        early: Early<Vec<TxDone>>,
     ) -> Result<Vec<TxDone>, TxFailed> {
         let started: Vec<Started> = ops
             .iter()
@@ -246,17 +311,46 @@ impl Tiers {
             })
             .collect();
         let done = self.db.transact(&items, commit).await?;
-        for (((doc, _), outcome), generation) in ops.iter().zip(&done).zip(started) {
-            let (copy, op) = match outcome {
-                TxDone::Written(w) => (Cached::value(w.version, w.doc.clone()), Op::Put),
-                TxDone::Deleted { version } => (Cached::absent(*version), Op::Delete),
-                TxDone::NotFound => continue,
-            };
-            self.saw(copy.version);
-            if let Some(conflict) = self.settle(doc, copy, op, generation).await {
-                // A tier ahead of Postgres: the next check of Postgres' history (a feed
-                // reconnecting, the auditor) deals with it; a single write repairs at once.
-                tracing::warn!(resource = %doc.resource.name, ?conflict, "a transaction's write was refused by a cache");
+        let copies: Vec<_> = ops
+            .iter()
+            .zip(&done)
+            .zip(started)
+            .filter_map(|(((doc, _), outcome), generation)| {
+                let (copy, op) = match outcome {
+                    TxDone::Written(w) => (Cached::value(w.version, w.doc.clone()), Op::Put),
+                    TxDone::Deleted { version } => (Cached::absent(*version), Op::Delete),
+                    TxDone::NotFound => return None,
+                };
+                self.saw(copy.version);
+                Some((doc, copy, op, generation))
+            })
+            .collect();
+        // A tier ahead of Postgres: the next check of Postgres' history (a feed reconnecting,
+        // the auditor) deals with it; a single write repairs at once.
+        let refused = |doc: &DocRef, conflict: Conflict| {
+            tracing::warn!(resource = %doc.resource.name, ?conflict, "a transaction's write was refused by a cache");
+        };
+        match early {
+            None => {
+                for (doc, copy, op, generation) in copies {
+                    if let Some(c) = self.settle(doc, copy, op, generation, None::<fn()>).await {
+                        refused(doc, c);
+                    }
+                }
+            }
+            Some(tx) => {
+                let mut held = Vec::with_capacity(copies.len());
+                for (doc, copy, op, generation) in &copies {
+                    self.flights.forget(&doc.ck);
+                    held.push(self.settle_l1(doc, copy, *op, *generation));
+                }
+                let _ = tx.send(done.clone());
+                for ((doc, copy, op, generation), l1) in copies.iter().zip(held) {
+                    let l2 = self.settle_l2(doc, copy, *op, *generation).await;
+                    if let Some(c) = conflict(copy, l1.into_iter().chain(l2)) {
+                        refused(doc, c);
+                    }
+                }
             }
         }
         Ok(done)

@@ -458,6 +458,144 @@ async fn min_version_and_strong_reads() {
     assert_eq!(bad.code(), "invalid_query");
 }
 
+/// Pauses Redis' writes (scripts and PUBLISH included) for `ms`; reads still answer.
+async fn pause_redis_writes(env: &Env, ms: u64) {
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("WRITE")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_eventual_write_answers_at_commit_and_reaches_redis_and_the_others_behind_it() {
+    eventual_writes(PostgresSource::Wal).await;
+}
+
+#[tokio::test]
+async fn an_eventual_write_answers_at_commit_with_the_changes_log() {
+    eventual_writes(PostgresSource::ChangesLog).await;
+}
+
+/// `consistency=eventual`: the answer comes once Postgres committed and the writer's L1 holds
+/// the write; Redis and the other instances get it behind the answer. Redis is made to hold
+/// every write (`CLIENT PAUSE ... WRITE`, with a Redis timeout longer than the pause): a
+/// default write answers only once Redis holds it, an eventual one while Redis still holds
+/// the version before.
+async fn eventual_writes(source: PostgresSource) {
+    let env = Env::new().await;
+    let config = |c: &mut syncar::Config| {
+        c.feeds.postgres_source = source;
+        c.redis.timeout = Duration::from_secs(30);
+    };
+    let [a, b, _c] = three(&env, config).await;
+    let v1 = a.put("/v1/kv/e", "1").await.etag_version();
+    sees(&b, "/v1/kv/e", v1).await;
+
+    // The control: a default write waits for Redis.
+    pause_redis_writes(&env, 1500).await;
+    let v2 = a.put("/v1/kv/e", "2").await.etag_version();
+    assert_eq!(
+        redis_version(&env, "e").await,
+        Some(v2),
+        "a default write answers once Redis holds it"
+    );
+    sees(&b, "/v1/kv/e", v2).await;
+
+    pause_redis_writes(&env, 3000).await;
+    let r = a.put("/v1/kv/e?consistency=eventual", "3").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let v3 = r.etag_version();
+    assert!(v3 > v2);
+    assert_eq!(
+        redis_version(&env, "e").await,
+        Some(v2),
+        "an eventual write answers before Redis holds it"
+    );
+    let own = a.get("/v1/kv/e").await;
+    assert_eq!(
+        (own.etag_version(), own.json()),
+        (v3, json!(3)),
+        "its writer serves it at once"
+    );
+    let elsewhere = b.get(&format!("/v1/kv/e?min_version={v3}")).await;
+    assert_eq!(
+        elsewhere.etag_version(),
+        v3,
+        "read-your-writes elsewhere with min_version"
+    );
+    // Behind the answer: Redis, and every instance.
+    eventually(WINDOW, "redis holds the eventual write", || async {
+        (redis_version(&env, "e").await == Some(v3)).then_some(())
+    })
+    .await;
+    sees(&b, "/v1/kv/e", v3).await;
+
+    // A delete and a transaction, the same way.
+    pause_redis_writes(&env, 1000).await;
+    let d = a.delete("/v1/kv/e?consistency=eventual").await;
+    assert_eq!(d.status, 204, "{:?}", d.body);
+    let v4 = d.etag_version();
+    assert_eq!(
+        redis_version(&env, "e").await,
+        Some(v3),
+        "answered before Redis"
+    );
+    assert_eq!(a.get("/v1/kv/e").await.status, 404);
+    eventually(WINDOW, "redis holds the delete", || async {
+        (redis_version(&env, "e").await == Some(v4)).then_some(())
+    })
+    .await;
+    sees_absent(&b, "/v1/kv/e").await;
+    let tx = json!({"operations": [
+        {"op": "put", "resource": "kv", "key": "t1", "document": "x"},
+        {"op": "put", "resource": "kv", "key": "t2", "document": "y"},
+    ]});
+    pause_redis_writes(&env, 1000).await;
+    let r = request(
+        a.addr(),
+        "POST",
+        "/v1?consistency=eventual",
+        &[],
+        Some(tx.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        redis_version(&env, "t2").await,
+        None,
+        "answered before Redis"
+    );
+    for (key, doc) in [("t1", "x"), ("t2", "y")] {
+        let version = r.json()["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["key"] == key)
+            .unwrap()["version"]
+            .as_i64()
+            .unwrap();
+        assert_eq!(a.get(&format!("/v1/kv/{key}")).await.json(), json!(doc));
+        sees(&b, &format!("/v1/kv/{key}"), version).await;
+    }
+
+    // What did not commit is answered as always, not early.
+    let failed = request(
+        a.addr(),
+        "PUT",
+        "/v1/kv/t1?consistency=eventual",
+        &[("if-match", "\"1\"")],
+        Some(b"\"z\""),
+    )
+    .await;
+    assert_eq!(failed.status, 412, "{:?}", failed.body);
+    let bad = a.put("/v1/kv/e?consistency=weak", "1").await;
+    assert_eq!((bad.status, bad.code().as_str()), (400, "invalid_query"));
+}
+
 /// Anyone who can connect may NOTIFY: a notification naming a version the sequence never
 /// reached (just below 2^62, where a version still counts as one Postgres could hand out)
 /// is ignored. Taken, it was a tombstone above every version of its key in every tier, and
