@@ -1514,6 +1514,15 @@ async fn strong_writes_return_once_every_instance_applied_them() {
         Some(b"1"),
     )
     .await;
+    assert_eq!(r.status, 200, "eventual opts out too");
+    let r = request(
+        b.addr(),
+        "PUT",
+        "/v1/kv/s?consistency=weak",
+        &[],
+        Some(b"1"),
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.code(), "invalid_query");
 
