@@ -136,6 +136,13 @@ async fn follow_shapes(
             Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
             None => jitter(SHAPES_RECHECK, 0.2),
         };
+        // A failed install is tried again after its pause, not only at the next recheck.
+        let wait = match install.not_before {
+            Some(at) if at > tokio::time::Instant::now() => {
+                wait.min(at.saturating_duration_since(tokio::time::Instant::now()))
+            }
+            _ => wait,
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = catalog.recheck_requested() => {}
@@ -349,13 +356,18 @@ impl InstallNew {
     /// `syncar uninstall`, which also refuses while an instance is connected). The
     /// migration's lock makes the fleet run it once; the new triggers change the table's
     /// shape, so every instance reloads it with a flush. A failure (a customer's lock held
-    /// past the migration's retries, a role that may not alter the table) is tried again
-    /// at a recheck after a pause that doubles up to [`INSTALL_MAX_BACKOFF`].
+    /// past the migration's retries, the migration's own lock held by another session past
+    /// `postgres.statement_timeout`, a role that may not alter the table) is tried again
+    /// after a pause that doubles up to [`INSTALL_MAX_BACKOFF`] (the schema task wakes for
+    /// it).
     async fn run(&mut self, config: &Config, catalog: &CatalogCell, secrets: &Secrets) {
         let Ok(current) = catalog.get() else {
             return;
         };
         if current.uninstalled().is_empty() || !config.postgres.migrate_on_start {
+            // Nothing (left) to install: a later table starts from the first pause.
+            self.not_before = None;
+            self.backoff.reset();
             return;
         }
         if self

@@ -908,6 +908,70 @@ async fn a_unique_index_built_concurrently_is_served_once_valid() {
 /// A configured table the app's own schema migration creates after syncar started (the two
 /// roll out together): unavailable saying it does not exist, then installed by the fleet
 /// and served, without a restart; the other resources serve throughout.
+/// The install of a table that came to fit waits for the migration's advisory lock (one
+/// migration at a time across the fleet). While another session holds it, each try gives
+/// up inside Postgres (`postgres.statement_timeout`), not only on syncar's side: a backend
+/// left waiting would take the lock once free and migrate for a client long gone, and the
+/// tries that follow would pile up beside it. Once the lock is free, the table is installed
+/// and served after the retry's pause, not at the next recheck (30 s).
+#[tokio::test]
+async fn an_install_waiting_for_the_migration_lock_gives_up_inside_postgres() {
+    let env = Env::new().await;
+    let (a, b) = fleet(&env, PostgresSource::Wal).await;
+    let holder = env.pg().await;
+    holder
+        .execute("SELECT pg_advisory_lock(x'73796e636172'::int8)", &[])
+        .await
+        .unwrap();
+    sql(
+        &env,
+        "CREATE TABLE items (id integer PRIMARY KEY, name text); \
+         INSERT INTO items VALUES (1, 'one')",
+    )
+    .await;
+    let pg = env.pg().await;
+    let waiting = || async {
+        pg.query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND classid::int8 = x'7379'::int8 AND objid::int8 = x'6e636172'::int8",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i32>(0))
+        .collect::<Vec<i32>>()
+    };
+    let first = eventually(
+        Duration::from_secs(40),
+        "an install waiting for the lock",
+        || async { waiting().await.first().copied() },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "the waiting install to give up while the lock is still held",
+        || async { (!waiting().await.contains(&first)).then_some(()) },
+    )
+    .await;
+    for i in [&a, &b] {
+        unavailable(i, "items", "").await;
+    }
+    holder
+        .execute("SELECT pg_advisory_unlock(x'73796e636172'::int8)", &[])
+        .await
+        .unwrap();
+    all_serve(
+        &[&a, &b],
+        "/v1/items/1",
+        "the table, once the lock is free",
+        |d| d["name"] == "one",
+    )
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_table_created_after_the_fleet_started_is_installed_and_served() {
     for source in SOURCES {
