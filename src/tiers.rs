@@ -98,6 +98,8 @@ pub struct Tiers {
     instance_id: Arc<str>,
     flights: Arc<Flights>,
     repairs: Arc<Repairs>,
+    /// Writes answered before Redis holds them (`consistency=eventual`).
+    unsettled: Arc<write::Unsettled>,
     counters: Arc<Counters>,
     /// The resources, for resets that cover them all.
     catalog: Arc<CatalogCell>,
@@ -183,6 +185,7 @@ impl Tiers {
             instance_id: instance_id.into(),
             flights: Arc::new(Flights::default()),
             repairs: Arc::new(Repairs::new(repair_queue_max)),
+            unsettled: Arc::default(),
             counters: Arc::new(Counters::new()),
             catalog,
             high_water: HighWater::default(),

@@ -9,12 +9,14 @@
 //!   client gets 503 `not_synchronous` saying what to change. Only the `wal` source can give
 //!   it: the `changes_log` and `notify` sources have no acknowledgement from the instances
 //!   that Postgres could wait for.
-//! - `default` (or nothing): the write returns once Postgres committed it and Redis and this
-//!   instance's L1 hold it; the other instances' L1 copies are evicted by the message that
-//!   follows. Opts a write out of `feeds.synchronous_writes`.
-//! - `eventual`: the write returns once Postgres committed it and this instance's L1 holds
-//!   it; Redis and the message follow behind the answer, one Redis round trip sooner
-//!   ([`crate::tiers::Tiers::put`]). Any source.
+//! - `default` (or nothing, without `feeds.synchronous_writes`): the write returns once
+//!   Postgres committed it and Redis and this instance's L1 hold it; the other instances'
+//!   L1 copies are evicted by the message that follows. Opts a write out of
+//!   `feeds.synchronous_writes`.
+//! - `eventual`: the write returns once Postgres committed it and this instance will serve
+//!   it (its L1 holds it, and no older Redis copy is served here meanwhile); Redis and the
+//!   message follow behind the answer, one Redis round trip sooner
+//!   ([`crate::tiers::Tiers::put`]). Any source; opts out of `feeds.synchronous_writes`.
 
 use std::future::Future;
 use std::time::Duration;

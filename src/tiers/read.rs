@@ -203,6 +203,13 @@ impl Tiers {
         self.load_db(doc, generation).await
     }
 
+    /// Whether Redis' copy of `key` at `version` is behind a write committed here: one whose
+    /// Redis update failed and waits for repair, or one answered before its Redis step
+    /// (`consistency=eventual`) still on its way. Such a copy is not served.
+    pub(super) fn behind_a_write(&self, key: &CacheKey, version: Version) -> bool {
+        self.repairs.pending_above(key, version) || self.unsettled.above(key, version)
+    }
+
     /// The Redis answer for a read, or why there is none.
     pub(super) async fn read_l2(&self, doc: &DocRef, generation: Started) -> L2Read {
         let (resource, ck) = (&doc.resource, &doc.ck);
@@ -216,7 +223,7 @@ impl Tiers {
             // Not a tombstone, and no committed write of this key still on its way to Redis
             // (`min_version` is checked once the load, which others may share, is done).
             Ok(Some(copy))
-                if redis_may_answer(&copy, None, self.repairs.pending_above(ck, copy.version)) =>
+                if redis_may_answer(&copy, None, self.behind_a_write(ck, copy.version)) =>
             {
                 let offer = self.fill_l1(resource, ck, &copy, generation.l1).await;
                 if l1_knows_newer(copy.version, refused(offer)) {
@@ -428,7 +435,7 @@ impl BatchRead<'_> {
     async fn servable_from_redis(&self, miss: &Miss<'_>, copy: Option<Cached>) -> Option<Cached> {
         let doc = miss.doc;
         let copy = copy.filter(|_| !shape_ahead(doc.resource.shape_epoch(), miss.started.l2))?;
-        let pending = self.tiers.repairs.pending_above(&doc.ck, copy.version);
+        let pending = self.tiers.behind_a_write(&doc.ck, copy.version);
         if !redis_may_answer(&copy, self.options.min_version, pending) {
             return None;
         }

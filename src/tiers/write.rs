@@ -6,7 +6,12 @@ use crate::coherence::{Message, Op};
 use crate::db::{Commit, DbError, DeleteOutcome, TxDone, TxFailed, TxItem, TxOp, WriteOutcome};
 use crate::l1::{Offer, L1};
 use crate::l2::{L2Error, Stored};
-use crate::model::{now_us, Cached, State, Version};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::locks::MutexExt;
+use crate::model::{now_us, CacheKey, Cached, State, Version};
 use crate::resource::{DocRef, Precondition};
 use crate::telemetry::{L2_WRITE_FAILURES, VERSION_REGRESSIONS};
 
@@ -20,6 +25,54 @@ use super::{l1_ttl, l2_ttl, Conflict, Started, Tiers};
 /// precondition, a delete of an absent key): the caller then waits for the write itself.
 pub type Early<T> = Option<tokio::sync::oneshot::Sender<T>>;
 
+/// Keys of writes answered before Redis holds them (`consistency=eventual`), each with the
+/// highest such version: until its Redis step is done, a Redis copy of the key below that
+/// version is not served by this instance (the read goes to Postgres). So the writer's
+/// instance never answers the version its write replaced, even where L1 does not hold the
+/// write (off, bypassed while a feed is down, emptied meanwhile), and even when its Redis
+/// commands do not reach Redis in the order they were sent (a script sent again after
+/// `NOSCRIPT`). Redis' own failures are covered by [`super::Repairs`] once the step ends.
+#[derive(Default)]
+pub(super) struct Unsettled {
+    keys: Mutex<HashMap<CacheKey, (Version, usize)>>,
+    /// `keys.len()`, read without the lock on every Redis read.
+    count: AtomicUsize,
+}
+
+impl Unsettled {
+    /// A write of `key` at `version` is answered before its Redis step.
+    fn mark(&self, key: &CacheKey, version: Version) {
+        let mut keys = self.keys.locked();
+        let entry = keys.entry(key.clone()).or_insert((version, 0));
+        entry.0 = entry.0.max(version);
+        entry.1 += 1;
+        self.count.store(keys.len(), Ordering::Relaxed);
+    }
+
+    /// One write of `key` finished its Redis step (applied, refused or queued for repair).
+    fn unmark(&self, key: &CacheKey) {
+        let mut keys = self.keys.locked();
+        if let Some(entry) = keys.get_mut(key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
+                keys.remove(key);
+            }
+        }
+        self.count.store(keys.len(), Ordering::Relaxed);
+    }
+
+    /// Whether a write of `key` above `version` was answered and Redis may not hold it yet.
+    pub(super) fn above(&self, key: &CacheKey, version: Version) -> bool {
+        if self.count.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.keys
+            .locked()
+            .get(key)
+            .is_some_and(|(v, _)| *v > version)
+    }
+}
+
 impl Tiers {
     /// Writes one document: Postgres (acknowledged at commit, which with
     /// [`Commit::Synchronous`] waits for every live instance to have applied it), then Redis
@@ -27,10 +80,12 @@ impl Tiers {
     ///
     /// With `early` (`consistency=eventual`) the order after the commit is L1, then the
     /// outcome sent to `early`, then Redis and the message: the client hears of the write one
-    /// Redis round trip sooner, this instance serves it at once, and another instance may
-    /// serve the version it replaced until Redis and the message reach it (the same window
-    /// a plain-SQL writer's commit has until the Postgres feed evicts it). A conflict found
-    /// in Redis is repaired after the answer, which carries the committed version.
+    /// Redis round trip sooner, this instance serves it at once (its key marked in
+    /// [`Unsettled`] meanwhile), and another instance may serve the version it replaced
+    /// until Redis and the message reach it (the same window a plain-SQL writer's commit has
+    /// until the Postgres feed evicts it). A conflict L1 shows is repaired before the
+    /// answer, as by default; one found in Redis after it (the answer carries the committed
+    /// version).
     ///
     /// Run it to completion (spawned): a write abandoned between commit and cache updates
     /// would leave Redis behind until its repair.
@@ -132,9 +187,10 @@ impl Tiers {
     /// failure is queued for repair, never returned: the write is committed and is
     /// acknowledged. (The Postgres feed tells the other instances in that case.)
     ///
-    /// Without `answer`: Redis (with the message), then L1. With it: L1, then `answer`
-    /// called, then Redis; each tier compares versions on its own, so the order decides only
-    /// who sees the copy first.
+    /// Without `answer`: Redis (with the message), then L1. With it: L1, then, unless L1
+    /// holds a conflicting copy, the key marked in [`Unsettled`] and `answer` called, then
+    /// Redis (and the mark lifted); each tier compares versions on its own, so the order
+    /// decides only who sees the copy first.
     pub(super) async fn settle(
         &self,
         doc: &DocRef,
@@ -148,8 +204,17 @@ impl Tiers {
         let mut held = Vec::new();
         if let Some(answer) = answer {
             held.extend(self.settle_l1(doc, &copy, op, generation));
-            answer();
+            // L1 holding a newer version (or another document at this one) is a conflict
+            // that the write's repair may answer for: then the answer waits for it.
+            let early = conflict(&copy, held.iter().cloned()).is_none();
+            if early {
+                self.unsettled.mark(&doc.ck, copy.version);
+                answer();
+            }
             held.extend(self.settle_l2(doc, &copy, op, generation).await);
+            if early {
+                self.unsettled.unmark(&doc.ck);
+            }
         } else {
             held.extend(self.settle_l2(doc, &copy, op, generation).await);
             held.extend(self.settle_l1(doc, &copy, op, generation));
@@ -343,10 +408,13 @@ impl Tiers {
                 for (doc, copy, op, generation) in &copies {
                     self.flights.forget(&doc.ck);
                     held.push(self.settle_l1(doc, copy, *op, *generation));
+                    self.unsettled.mark(&doc.ck, copy.version);
                 }
+                // A transaction repairs no conflict (above): it answers whatever L1 held.
                 let _ = tx.send(done.clone());
                 for ((doc, copy, op, generation), l1) in copies.iter().zip(held) {
                     let l2 = self.settle_l2(doc, copy, *op, *generation).await;
+                    self.unsettled.unmark(&doc.ck);
                     if let Some(c) = conflict(copy, l1.into_iter().chain(l2)) {
                         refused(doc, c);
                     }
@@ -354,5 +422,27 @@ impl Tiers {
             }
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsettled_marks_the_highest_version_until_every_write_of_the_key_is_done() {
+        let marks = Unsettled::default();
+        let (k, other) = (CacheKey::new("kv", "k"), CacheKey::new("kv", "o"));
+        assert!(!marks.above(&k, Version(1)));
+        marks.mark(&k, Version(5));
+        marks.mark(&k, Version(3));
+        assert!(marks.above(&k, Version(4)), "below the highest write");
+        assert!(!marks.above(&k, Version(5)), "Redis at the write's version");
+        assert!(!marks.above(&other, Version(1)));
+        marks.unmark(&k);
+        assert!(marks.above(&k, Version(4)), "one write still on its way");
+        marks.unmark(&k);
+        assert!(!marks.above(&k, Version(4)));
+        assert_eq!(marks.count.load(Ordering::Relaxed), 0);
     }
 }

@@ -472,24 +472,37 @@ async fn pause_redis_writes(env: &Env, ms: u64) {
 
 #[tokio::test]
 async fn an_eventual_write_answers_at_commit_and_reaches_redis_and_the_others_behind_it() {
-    eventual_writes(PostgresSource::Wal).await;
+    eventual_writes(Some(PostgresSource::Wal)).await;
 }
 
 #[tokio::test]
 async fn an_eventual_write_answers_at_commit_with_the_changes_log() {
-    eventual_writes(PostgresSource::ChangesLog).await;
+    eventual_writes(Some(PostgresSource::ChangesLog)).await;
+}
+
+/// Without a Postgres feed nothing but the write itself brings it to Redis: Redis must end
+/// up holding its value.
+#[tokio::test]
+async fn an_eventual_write_brings_its_value_to_redis_behind_the_answer() {
+    eventual_writes(None).await;
 }
 
 /// `consistency=eventual`: the answer comes once Postgres committed and the writer's L1 holds
 /// the write; Redis and the other instances get it behind the answer. Redis is made to hold
-/// every write (`CLIENT PAUSE ... WRITE`, with a Redis timeout longer than the pause): a
-/// default write answers only once Redis holds it, an eventual one while Redis still holds
-/// the version before.
-async fn eventual_writes(source: PostgresSource) {
+/// every write (`CLIENT PAUSE ... WRITE`, with a Redis timeout and leases longer than the
+/// pause, so every feed stays up and L1 in use): a default write answers only once Redis
+/// holds it, an eventual one while Redis still holds the version before. `source`: the
+/// Postgres feed's, `None` for none.
+async fn eventual_writes(source: Option<PostgresSource>) {
     let env = Env::new().await;
     let config = |c: &mut syncar::Config| {
-        c.feeds.postgres_source = source;
+        match source {
+            Some(source) => c.feeds.postgres_source = source,
+            None => c.feeds.postgres = false,
+        }
         c.redis.timeout = Duration::from_secs(30);
+        c.feeds.lease = Duration::from_secs(30);
+        c.feeds.relay_lease = Duration::from_secs(30);
     };
     let [a, b, _c] = three(&env, config).await;
     let v1 = a.put("/v1/kv/e", "1").await.etag_version();
@@ -517,9 +530,9 @@ async fn eventual_writes(source: PostgresSource) {
     );
     let own = a.get("/v1/kv/e").await;
     assert_eq!(
-        (own.etag_version(), own.json()),
-        (v3, json!(3)),
-        "its writer serves it at once"
+        (own.etag_version(), own.json(), own.header("x-cache")),
+        (v3, json!(3), Some("l1")),
+        "its writer serves it at once, from L1"
     );
     let elsewhere = b.get(&format!("/v1/kv/e?min_version={v3}")).await;
     assert_eq!(
@@ -532,21 +545,63 @@ async fn eventual_writes(source: PostgresSource) {
         (redis_version(&env, "e").await == Some(v3)).then_some(())
     })
     .await;
+    if source.is_none() {
+        assert_eq!(
+            env.redis_entry("kv", "e").await.as_deref(),
+            Some(format!("{v3}:v:3").as_str()),
+            "the write's own value, nothing else wrote it"
+        );
+    }
     sees(&b, "/v1/kv/e", v3).await;
+
+    // Where L1 does not hold the write (here: no L1), the writer's instance still never
+    // answers the version it replaced, even when its Redis commands reach Redis out of
+    // order: after SCRIPT FLUSH the write's script call comes back NOSCRIPT and is sent
+    // again, behind the read that follows the answer.
+    let d = env
+        .start(|c| {
+            config(c);
+            c.cache.l1 = false;
+        })
+        .await;
+    assert_eq!(d.get("/v1/kv/e").await.etag_version(), v3);
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    pause_redis_writes(&env, 1500).await;
+    let v4 = d
+        .put("/v1/kv/e?consistency=eventual", "4")
+        .await
+        .etag_version();
+    let own = d.get("/v1/kv/e").await;
+    assert_eq!(
+        (own.etag_version(), own.json()),
+        (v4, json!(4)),
+        "the writer's instance, without L1: {:?}",
+        own.header("x-cache")
+    );
+    eventually(WINDOW, "redis holds d's write", || async {
+        (redis_version(&env, "e").await == Some(v4)).then_some(())
+    })
+    .await;
+    sees(&a, "/v1/kv/e", v4).await;
 
     // A delete and a transaction, the same way.
     pause_redis_writes(&env, 1000).await;
-    let d = a.delete("/v1/kv/e?consistency=eventual").await;
-    assert_eq!(d.status, 204, "{:?}", d.body);
-    let v4 = d.etag_version();
+    let del = a.delete("/v1/kv/e?consistency=eventual").await;
+    assert_eq!(del.status, 204, "{:?}", del.body);
+    let v5 = del.etag_version();
     assert_eq!(
         redis_version(&env, "e").await,
-        Some(v3),
+        Some(v4),
         "answered before Redis"
     );
     assert_eq!(a.get("/v1/kv/e").await.status, 404);
     eventually(WINDOW, "redis holds the delete", || async {
-        (redis_version(&env, "e").await == Some(v4)).then_some(())
+        (redis_version(&env, "e").await == Some(v5)).then_some(())
     })
     .await;
     sees_absent(&b, "/v1/kv/e").await;
@@ -578,7 +633,11 @@ async fn eventual_writes(source: PostgresSource) {
             .unwrap()["version"]
             .as_i64()
             .unwrap();
-        assert_eq!(a.get(&format!("/v1/kv/{key}")).await.json(), json!(doc));
+        let own = a.get(&format!("/v1/kv/{key}")).await;
+        assert_eq!(
+            (own.json(), own.header("x-cache")),
+            (json!(doc), Some("l1"))
+        );
         sees(&b, &format!("/v1/kv/{key}"), version).await;
     }
 
