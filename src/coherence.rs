@@ -243,6 +243,8 @@ pub struct FeedState {
     /// [`mono_ms`] until which the last heartbeat that came back vouches for the feed: its
     /// send time plus the lease.
     valid_until: AtomicU64,
+    /// Why the feed's last session ended, while it is down (for `/readyz`).
+    down_reason: std::sync::Mutex<Option<String>>,
 }
 
 impl FeedState {
@@ -253,6 +255,7 @@ impl FeedState {
             up: AtomicBool::new(false),
             since_ms: AtomicU64::new(now_ms()),
             valid_until: AtomicU64::new(0),
+            down_reason: std::sync::Mutex::new(None),
         };
         if enabled {
             metrics::gauge!(FEED_UP, "feed" => feed.as_str()).set(0.0);
@@ -297,8 +300,23 @@ impl FeedState {
         self.since_ms.load(Ordering::SeqCst)
     }
 
-    /// Marks the feed down (logged once per outage). Returns whether it was up.
+    /// Why the feed is down, for `/readyz`: why its last session ended (each failed try
+    /// replaces it), or its lease running out before its task noticed; `None` while it is up
+    /// or before its first session ended (connecting).
+    pub fn down_reason(&self) -> Option<String> {
+        if self.is_up() {
+            return None;
+        }
+        if self.up.load(Ordering::SeqCst) {
+            return Some("no heartbeat back within the lease".to_string());
+        }
+        self.down_reason.locked().clone()
+    }
+
+    /// Marks the feed down (logged once per outage) for `reason`, kept for `/readyz` until
+    /// it is up again. Returns whether it was up.
     pub fn set_down(&self, reason: &str) -> bool {
+        *self.down_reason.locked() = Some(reason.to_string());
         let was_up = self.up.swap(false, Ordering::SeqCst);
         if was_up {
             self.since_ms.store(now_ms(), Ordering::SeqCst);
@@ -309,6 +327,7 @@ impl FeedState {
     }
 
     pub(crate) fn set_up(&self) {
+        *self.down_reason.locked() = None;
         if !self.up.swap(true, Ordering::SeqCst) {
             let down_for = now_ms().saturating_sub(self.since_unix_ms());
             self.since_ms.store(now_ms(), Ordering::SeqCst);

@@ -8,6 +8,7 @@
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
+use tokio_postgres::types::Type;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,14 @@ use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::shape::ShapeCheck;
 use crate::schema::{last_value_sql, NOTIFY_CHANNEL};
+
+/// Why the feed went down when no heartbeat came back since its LISTEN: behind a pooler in
+/// transaction pooling (PgBouncer), LISTEN runs in a server session the connection only
+/// borrowed for that statement, and the notifications go to that session, not to syncar.
+const NEVER_BACK: &str = "no heartbeat came back since LISTEN (if postgres.listen_url, or \
+     postgres.url without it, leads to a pooler in transaction pooling, LISTEN has no session \
+     of its own there: point postgres.listen_url at a session pool or at Postgres; README \
+     \"Behind PgBouncer\")";
 
 /// The LISTEN source, with this process's heartbeat channel.
 pub struct Notify {
@@ -111,10 +120,13 @@ impl Source for Notify {
         let _driver = AbortOnDrop(driver);
 
         let lease = config.feeds.lease;
-        tokio::time::timeout(
+        // One query string, one server session even behind a pooler: the backend that
+        // listens, whose pid every heartbeat checks.
+        let listened = tokio::time::timeout(
             lease,
-            client.batch_execute(&format!(
-                "LISTEN {NOTIFY_CHANNEL}; LISTEN {heartbeat_channel}"
+            client.simple_query(&format!(
+                "LISTEN {NOTIFY_CHANNEL}; LISTEN {heartbeat_channel}; \
+                 SELECT pg_catalog.pg_backend_pid()"
             )),
         )
         .await
@@ -122,10 +134,16 @@ impl Source for Notify {
         .map_err(|source| FeedError::Postgres {
             what: "LISTEN",
             source,
-        })?;
+        })?
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        });
 
         let heartbeat_sql = format!(
-            "SELECT pg_catalog.pg_notify($1::text, $2::text) FROM {}.{STATE_TABLE} \
+            "SELECT pg_catalog.pg_notify($1::text, $2::text), \
+             pg_catalog.pg_backend_pid()::text FROM {}.{STATE_TABLE} \
              WHERE name = 'source' AND value = 'notify'",
             quote_ident(&config.postgres.schema)
         );
@@ -141,18 +159,40 @@ impl Source for Notify {
                 _ = tick.tick() => {
                     shapes.run(&client, config, PostgresSource::Notify, lease).await;
                     if mono_ms() > feed_state.valid_until() {
-                        return Err(FeedError::Silent { what: "heartbeat not back", lease });
+                        // None ever came back on this connection: the likeliest cause is a
+                        // pooler that ran LISTEN in a session this connection no longer has.
+                        let what = if matches!(phase, Phase::Connecting) {
+                            NEVER_BACK
+                        } else {
+                            "heartbeat not back"
+                        };
+                        return Err(FeedError::Silent { what, lease });
                     }
                     // Bounded so a half-open socket cannot stall the loop; the lease decides.
                     // Sent only while the schema is migrated for NOTIFY: once another instance
                     // migrated it to another source, the triggers notify nothing, and the
                     // missing heartbeats take this feed down.
                     let payload = mono_ms().to_string();
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                        [&heartbeat_channel, &payload];
-                    let send = client.execute(&heartbeat_sql, &params);
-                    if let Ok(Err(source)) = tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
-                        return Err(FeedError::Postgres { what: "heartbeat", source });
+                    // Unnamed, typed: one round trip, and nothing a pooler could send to
+                    // another session by name.
+                    let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
+                        [(&heartbeat_channel, Type::TEXT), (&payload, Type::TEXT)];
+                    let send = client.query_typed_opt(&heartbeat_sql, &params);
+                    match tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
+                        Ok(Err(source)) => return Err(FeedError::Postgres { what: "heartbeat", source }),
+                        Ok(Ok(Some(row))) => {
+                            // Another backend than the one that listens: this connection is
+                            // lent sessions by a pooler, and notifications go to a session
+                            // it may not hold.
+                            let backend: String = row.get(1);
+                            if let Some(listened) = listened.as_deref().filter(|l| *l != backend) {
+                                return Err(FeedError::SessionChanged {
+                                    listened: listened.to_string(),
+                                    now: backend,
+                                });
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 notification = rx.recv() => {

@@ -244,12 +244,16 @@ fn check_json<E: std::fmt::Display>(
 }
 
 fn feed_json(f: &FeedState, now: u64) -> serde_json::Value {
-    json!({
+    let mut feed = json!({
         "enabled": f.enabled(),
         "up": f.is_up(),
         "since_unix_ms": f.since_unix_ms(),
         "for_ms": now.saturating_sub(f.since_unix_ms()),
-    })
+    });
+    if let Some(reason) = f.down_reason().filter(|_| f.enabled()) {
+        feed["reason"] = json!(reason);
+    }
+    feed
 }
 
 pub(super) fn scrape(state: &HttpState) -> Response<Full<Bytes>> {
