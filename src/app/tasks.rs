@@ -368,6 +368,7 @@ impl InstallNew {
             // Nothing (left) to install: a later table starts from the first pause.
             self.not_before = None;
             self.backoff.reset();
+            self.last_error.clear();
             return;
         }
         if self

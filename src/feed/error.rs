@@ -36,16 +36,6 @@ pub enum FeedError {
     /// What proves delivery (`what`: a heartbeat, a poll) did not come within the lease.
     #[error("{what} within {lease:?}")]
     Silent { what: &'static str, lease: Duration },
-    /// The `notify` source's connection reached another Postgres backend than the one
-    /// that ran its LISTEN (pids): a pooler in transaction pooling lends it sessions, and
-    /// the notifications go to a session it may not hold.
-    #[error(
-        "the LISTEN connection reached backend {now} after listening on backend {listened}: \
-         a pooler in transaction pooling lends it server sessions, and notifications go to \
-         the one that listened. Point postgres.listen_url at a session pool or at Postgres \
-         (README \"Behind PgBouncer\")"
-    )]
-    SessionChanged { listened: String, now: String },
     /// The connection or subscription the feed reads (`0`: which) ended.
     #[error("{0} closed")]
     Closed(&'static str),

@@ -19,19 +19,21 @@ use crate::backoff::ticker;
 use crate::coherence::Message;
 use crate::coherence::{mono_ms, Feed};
 use crate::config::PostgresSource;
+use crate::db::connect_dedicated;
 use crate::model::SequenceBound;
 use crate::resource::quote_ident;
 use crate::schema::capture::STATE_TABLE;
 use crate::schema::shape::ShapeCheck;
 use crate::schema::{last_value_sql, NOTIFY_CHANNEL};
 
-/// Why the feed went down when no heartbeat came back since its LISTEN: behind a pooler in
-/// transaction pooling (PgBouncer), LISTEN runs in a server session the connection only
-/// borrowed for that statement, and the notifications go to that session, not to syncar.
+/// Why the feed went down when no heartbeat came back since its LISTEN although each was
+/// sent: behind a pooler in transaction pooling, LISTEN runs in a server session the
+/// connection only borrowed for that statement, and notifications from other sessions reach
+/// it while no client holds it, where the pooler drops them.
 const NEVER_BACK: &str = "no heartbeat came back since LISTEN (if postgres.listen_url, or \
      postgres.url without it, leads to a pooler in transaction pooling, LISTEN has no session \
-     of its own there: point postgres.listen_url at a session pool or at Postgres; README \
-     \"Behind PgBouncer\")";
+     of its own there and notifications are dropped: point postgres.listen_url at a session \
+     pool or at Postgres; README \"Behind PgBouncer\")";
 
 /// The LISTEN source, with this process's heartbeat channel.
 pub struct Notify {
@@ -120,13 +122,10 @@ impl Source for Notify {
         let _driver = AbortOnDrop(driver);
 
         let lease = config.feeds.lease;
-        // One query string, one server session even behind a pooler: the backend that
-        // listens, whose pid every heartbeat checks.
-        let listened = tokio::time::timeout(
+        tokio::time::timeout(
             lease,
-            client.simple_query(&format!(
-                "LISTEN {NOTIFY_CHANNEL}; LISTEN {heartbeat_channel}; \
-                 SELECT pg_catalog.pg_backend_pid()"
+            client.batch_execute(&format!(
+                "LISTEN {NOTIFY_CHANNEL}; LISTEN {heartbeat_channel}"
             )),
         )
         .await
@@ -134,16 +133,21 @@ impl Source for Notify {
         .map_err(|source| FeedError::Postgres {
             what: "LISTEN",
             source,
-        })?
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-            _ => None,
-        });
+        })?;
+        // The heartbeat leaves from another session, on `postgres.url`: it reaches the
+        // listener as a customer's notification does. Sent on the listening session itself,
+        // Postgres would hand it back at the end of its own transaction, which proves nothing
+        // about notifications from elsewhere: behind a pooler in transaction pooling those
+        // reach a server session that no client holds, and are dropped ("got packet 'A' from
+        // server when not linked"), while its own came back every time.
+        let (sender, sender_connection) =
+            connect_dedicated(&config.postgres, None, "syncar-listen")
+                .await
+                .map_err(FeedError::Connect)?;
+        let _sender_driver = AbortOnDrop(tokio::spawn(sender_connection));
 
         let heartbeat_sql = format!(
-            "SELECT pg_catalog.pg_notify($1::text, $2::text), \
-             pg_catalog.pg_backend_pid()::text FROM {}.{STATE_TABLE} \
+            "SELECT pg_catalog.pg_notify($1::text, $2::text) FROM {}.{STATE_TABLE} \
              WHERE name = 'source' AND value = 'notify'",
             quote_ident(&config.postgres.schema)
         );
@@ -153,15 +157,17 @@ impl Source for Notify {
         let mut phase = Phase::Connecting;
         let mut tick = ticker(config.feeds.heartbeat_interval);
         let mut shapes = ShapeCheck::new(lease / 2);
+        // The last heartbeat query found the schema migrated for another source.
+        let mut unsent = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     shapes.run(&client, config, PostgresSource::Notify, lease).await;
                     if mono_ms() > feed_state.valid_until() {
-                        // None ever came back on this connection: the likeliest cause is a
-                        // pooler that ran LISTEN in a session this connection no longer has.
-                        let what = if matches!(phase, Phase::Connecting) {
+                        let what = if unsent {
+                            "heartbeat not sent: the schema is no longer migrated for notify"
+                        } else if matches!(phase, Phase::Connecting) {
                             NEVER_BACK
                         } else {
                             "heartbeat not back"
@@ -171,28 +177,16 @@ impl Source for Notify {
                     // Bounded so a half-open socket cannot stall the loop; the lease decides.
                     // Sent only while the schema is migrated for NOTIFY: once another instance
                     // migrated it to another source, the triggers notify nothing, and the
-                    // missing heartbeats take this feed down.
+                    // missing heartbeats take this feed down. Unnamed and typed: one round
+                    // trip, and nothing a pooler could send to another session by name.
                     let payload = mono_ms().to_string();
-                    // Unnamed, typed: one round trip, and nothing a pooler could send to
-                    // another session by name.
                     let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 2] =
                         [(&heartbeat_channel, Type::TEXT), (&payload, Type::TEXT)];
-                    let send = client.query_typed_opt(&heartbeat_sql, &params);
+                    let send = sender.query_typed_opt(&heartbeat_sql, &params);
                     match tokio::time::timeout(config.feeds.heartbeat_interval, send).await {
                         Ok(Err(source)) => return Err(FeedError::Postgres { what: "heartbeat", source }),
-                        Ok(Ok(Some(row))) => {
-                            // Another backend than the one that listens: this connection is
-                            // lent sessions by a pooler, and notifications go to a session
-                            // it may not hold.
-                            let backend: String = row.get(1);
-                            if let Some(listened) = listened.as_deref().filter(|l| *l != backend) {
-                                return Err(FeedError::SessionChanged {
-                                    listened: listened.to_string(),
-                                    now: backend,
-                                });
-                            }
-                        }
-                        _ => {}
+                        Ok(Ok(row)) => unsent = row.is_none(),
+                        Err(_) => {}
                     }
                 }
                 notification = rx.recv() => {

@@ -91,7 +91,7 @@ pub(super) async fn readyz(state: &HttpState) -> Response<Full<Bytes>> {
     let coherence = &state.coherence;
     let now = crate::model::now_ms();
     // `since_unix_ms`: when the feed last went up or down (Unix time, ms); `for_ms`: how
-    // long ago that was (ms).
+    // long ago that was (ms); `reason`, while it is down: why its last try ended.
     let feed = |f: &FeedState| feed_json(f, now);
     let mut postgres_feed = feed(&coherence.postgres);
     if let Ok(catalog) = state.catalog() {

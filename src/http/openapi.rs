@@ -37,7 +37,7 @@ pub struct BatchResults {
 
 /// `/readyz`: each check `{ok, error}` (Redis's also `node`, and `sentinel_error` and
 /// `warning` when there is one), each resource `{ok, error}`, each feed `{enabled, up,
-/// since_unix_ms, for_ms}`.
+/// since_unix_ms, for_ms}` and, while it is down, `reason`.
 #[derive(Serialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,
