@@ -134,14 +134,17 @@ impl Source for Notify {
             what: "LISTEN",
             source,
         })?;
-        // The heartbeat leaves from another session, on `postgres.url`: it reaches the
+        // The heartbeat leaves from another session (on the same URL): it reaches the
         // listener as a customer's notification does. Sent on the listening session itself,
         // Postgres would hand it back at the end of its own transaction, which proves nothing
         // about notifications from elsewhere: behind a pooler in transaction pooling those
         // reach a server session that no client holds, and are dropped ("got packet 'A' from
-        // server when not linked"), while its own came back every time.
+        // server when not linked"), while its own came back every time. (Through such a
+        // pool this connection's statement may even run in the listening server session:
+        // its notification then goes to this connection, not to the listener.)
+        let postgres = &config.postgres;
         let (sender, sender_connection) =
-            connect_dedicated(&config.postgres, None, "syncar-listen")
+            connect_dedicated(postgres, postgres.listen_url.as_deref(), "syncar-heartbeat")
                 .await
                 .map_err(FeedError::Connect)?;
         let _sender_driver = AbortOnDrop(tokio::spawn(sender_connection));
