@@ -554,54 +554,19 @@ async fn eventual_writes(source: Option<PostgresSource>) {
     }
     sees(&b, "/v1/kv/e", v3).await;
 
-    // Where L1 does not hold the write (here: no L1), the writer's instance still never
-    // answers the version it replaced, even when its Redis commands reach Redis out of
-    // order: after SCRIPT FLUSH the write's script call comes back NOSCRIPT and is sent
-    // again, behind the read that follows the answer.
-    let d = env
-        .start(|c| {
-            config(c);
-            c.cache.l1 = false;
-        })
-        .await;
-    assert_eq!(d.get("/v1/kv/e").await.etag_version(), v3);
-    let mut redis = env.redis().await;
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    pause_redis_writes(&env, 1500).await;
-    let v4 = d
-        .put("/v1/kv/e?consistency=eventual", "4")
-        .await
-        .etag_version();
-    let own = d.get("/v1/kv/e").await;
-    assert_eq!(
-        (own.etag_version(), own.json()),
-        (v4, json!(4)),
-        "the writer's instance, without L1: {:?}",
-        own.header("x-cache")
-    );
-    eventually(WINDOW, "redis holds d's write", || async {
-        (redis_version(&env, "e").await == Some(v4)).then_some(())
-    })
-    .await;
-    sees(&a, "/v1/kv/e", v4).await;
-
     // A delete and a transaction, the same way.
     pause_redis_writes(&env, 1000).await;
     let del = a.delete("/v1/kv/e?consistency=eventual").await;
     assert_eq!(del.status, 204, "{:?}", del.body);
-    let v5 = del.etag_version();
+    let v4 = del.etag_version();
     assert_eq!(
         redis_version(&env, "e").await,
-        Some(v4),
+        Some(v3),
         "answered before Redis"
     );
     assert_eq!(a.get("/v1/kv/e").await.status, 404);
     eventually(WINDOW, "redis holds the delete", || async {
-        (redis_version(&env, "e").await == Some(v5)).then_some(())
+        (redis_version(&env, "e").await == Some(v4)).then_some(())
     })
     .await;
     sees_absent(&b, "/v1/kv/e").await;
@@ -653,6 +618,42 @@ async fn eventual_writes(source: Option<PostgresSource>) {
     assert_eq!(failed.status, 412, "{:?}", failed.body);
     let bad = a.put("/v1/kv/e?consistency=weak", "1").await;
     assert_eq!((bad.status, bad.code().as_str()), (400, "invalid_query"));
+
+    // Where L1 does not hold the write (here: no L1), the writer's instance still never
+    // answers the version it replaced, even when its Redis commands reach Redis out of
+    // order: after SCRIPT FLUSH the write's script call comes back NOSCRIPT and is sent
+    // again, behind the read that follows the answer. Last: a relay whose script calls
+    // meet NOSCRIPT may drop its stream once (the feeds go down and L1 is emptied).
+    let d = env
+        .start(|c| {
+            config(c);
+            c.cache.l1 = false;
+        })
+        .await;
+    assert_eq!(d.get("/v1/kv/t1").await.json(), json!("x"));
+    let mut redis = env.redis().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    pause_redis_writes(&env, 1500).await;
+    let v5 = d
+        .put("/v1/kv/t1?consistency=eventual", "4")
+        .await
+        .etag_version();
+    let own = d.get("/v1/kv/t1").await;
+    assert_eq!(
+        (own.etag_version(), own.json()),
+        (v5, json!(4)),
+        "the writer's instance, without L1: {:?}",
+        own.header("x-cache")
+    );
+    eventually(WINDOW, "redis holds d's write", || async {
+        (redis_version(&env, "t1").await == Some(v5)).then_some(())
+    })
+    .await;
+    sees(&a, "/v1/kv/t1", v5).await;
 }
 
 /// Anyone who can connect may NOTIFY: a notification naming a version the sequence never
