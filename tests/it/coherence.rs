@@ -458,7 +458,8 @@ async fn min_version_and_strong_reads() {
     assert_eq!(bad.code(), "invalid_query");
 }
 
-/// Pauses Redis' writes (scripts and PUBLISH included) for `ms`; reads still answer.
+/// Pauses Redis' writes (scripts and PUBLISH included) for `ms`; reads still answer. The
+/// whole server: only on a Redis of the test's own.
 async fn pause_redis_writes(env: &Env, ms: u64) {
     let mut redis = env.redis().await;
     let _: () = redis::cmd("CLIENT")
@@ -494,7 +495,10 @@ async fn an_eventual_write_brings_its_value_to_redis_behind_the_answer() {
 /// holds it, an eventual one while Redis still holds the version before. `source`: the
 /// Postgres feed's, `None` for none.
 async fn eventual_writes(source: Option<PostgresSource>) {
-    let env = Env::new().await;
+    // A Redis of its own: CLIENT PAUSE and SCRIPT FLUSH act on the whole server, and every
+    // other test running meanwhile would stall or meet NOSCRIPT.
+    let redis_server = RedisServer::start();
+    let env = Env::new().await.on_redis(redis_server.url());
     let config = |c: &mut syncar::Config| {
         match source {
             Some(source) => c.feeds.postgres_source = source,
