@@ -132,15 +132,14 @@ async fn follow_shapes(
     let mut stamp_probed: Option<tokio::time::Instant> = None;
     let mut install = InstallNew::default();
     loop {
+        let now = tokio::time::Instant::now();
         let wait = match stamp_retry {
-            Some(at) => at.saturating_duration_since(tokio::time::Instant::now()),
+            Some(at) => at.saturating_duration_since(now),
             None => jitter(SHAPES_RECHECK, 0.2),
         };
         // A failed install is tried again after its pause, not only at the next recheck.
         let wait = match install.not_before {
-            Some(at) if at > tokio::time::Instant::now() => {
-                wait.min(at.saturating_duration_since(tokio::time::Instant::now()))
-            }
+            Some(at) if at > now => wait.min(at - now),
             _ => wait,
         };
         tokio::select! {

@@ -191,10 +191,16 @@ async fn a_listen_through_a_transaction_pool_is_explained() {
         reason.contains("since LISTEN") && reason.contains("transaction pooling"),
         "{reason}"
     );
-    // Long enough for a heartbeat sent on the listening session to have brought it up.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let ready = a.readyz().await;
-    assert_eq!(ready["feeds"]["postgres"]["up"], false, "{ready}");
+    // Down for two leases on the feed's own clock (a heartbeat sent on the listening
+    // session came back within one), and never up meanwhile.
+    let lease_ms = a.state().config.feeds.lease.as_millis() as u64;
+    crate::support::eventually(WINDOW, "the feed down for two leases", || async {
+        let ready = a.readyz().await;
+        let feed = &ready["feeds"]["postgres"];
+        assert_eq!(feed["up"], false, "{ready}");
+        (feed["for_ms"].as_u64().unwrap_or_default() > 2 * lease_ms).then_some(())
+    })
+    .await;
     a.put("/v1/kv/k", "1").await;
     for _ in 0..2 {
         assert_ne!(
