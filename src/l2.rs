@@ -57,8 +57,8 @@ use redis::sentinel::{
     SentinelClient, SentinelClientBuilder, SentinelNodeConnectionInfo, SentinelServerType,
 };
 use redis::{
-    ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, Script, TlsCertificates,
-    TlsMode, Value,
+    ConnectionAddr, ConnectionInfo, IntoConnectionInfo, ProtocolVersion, TlsCertificates, TlsMode,
+    Value,
 };
 
 use crate::config::{RedisConfig, RedisMode};
@@ -67,7 +67,9 @@ use crate::model::CacheKey;
 use crate::telemetry::REDIS_ERRORS;
 use crate::tls::{redis_certificates, with_hint};
 
-use scripts::{CLAIM_SCRIPT, OFFER_MANY_SCRIPT, OFFER_SCRIPT, RAISE_SCRIPT, RELEASE_SCRIPT};
+use scripts::{
+    LuaScript, CLAIM_SCRIPT, OFFER_MANY_SCRIPT, OFFER_SCRIPT, RAISE_SCRIPT, RELEASE_SCRIPT,
+};
 
 /// What an offer to Redis did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,11 +310,11 @@ pub struct L2 {
     timeout: Duration,
     connect_timeout: Duration,
     retry_interval: Duration,
-    script: Arc<Script>,
-    offer_many_script: Arc<Script>,
-    raise_script: Arc<Script>,
-    claim_script: Arc<Script>,
-    release_script: Arc<Script>,
+    script: Arc<LuaScript>,
+    offer_many_script: Arc<LuaScript>,
+    raise_script: Arc<LuaScript>,
+    claim_script: Arc<LuaScript>,
+    release_script: Arc<LuaScript>,
     /// Milliseconds since `epoch` until which reads skip Redis; 0 when healthy.
     skip_until: Arc<AtomicU64>,
     /// Notified when a command succeeds after a failure: Redis is back.
@@ -503,11 +505,11 @@ impl L2 {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             retry_interval: config.retry_interval,
-            script: Arc::new(Script::new(OFFER_SCRIPT)),
-            offer_many_script: Arc::new(Script::new(OFFER_MANY_SCRIPT)),
-            raise_script: Arc::new(Script::new(RAISE_SCRIPT)),
-            claim_script: Arc::new(Script::new(CLAIM_SCRIPT)),
-            release_script: Arc::new(Script::new(RELEASE_SCRIPT)),
+            script: Arc::new(LuaScript::new(OFFER_SCRIPT)),
+            offer_many_script: Arc::new(LuaScript::new(OFFER_MANY_SCRIPT)),
+            raise_script: Arc::new(LuaScript::new(RAISE_SCRIPT)),
+            claim_script: Arc::new(LuaScript::new(CLAIM_SCRIPT)),
+            release_script: Arc::new(LuaScript::new(RELEASE_SCRIPT)),
             skip_until: Arc::new(AtomicU64::new(0)),
             recovered: Arc::new(tokio::sync::Notify::new()),
             epoch: Instant::now(),

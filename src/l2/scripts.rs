@@ -102,3 +102,90 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// A Lua script syncar runs in Redis: sent by its SHA1 digest (`EVALSHA`), and with its text
+/// (`EVAL`) when Redis answers `NOSCRIPT`.
+///
+/// Redis' script cache is neither persisted nor replicated: a restart, a failover to a
+/// replica or `SCRIPT FLUSH` empties it. redis-rs' `Script` then loads the script
+/// (`SCRIPT LOAD`) and sends `EVALSHA` once more, which fails when a second flush falls
+/// between the two (for the relay a failed apply ends its term: the fleet's Postgres feed
+/// goes down and every L1 is emptied) and always when the Redis user may not run `SCRIPT`
+/// (an ACL such as `+@all -script`, which keeps `SCRIPT FLUSH` and `SCRIPT KILL` from an
+/// application). `EVAL` runs the script and caches it in one command: nothing can come
+/// between, and it needs only the scripting commands. A `NOSCRIPT` answer means the script
+/// did not run, so sending it again cannot apply anything twice. (Redis' own advice in the
+/// error: "Please use EVAL"; "Scripting with Lua", section "Script cache", in Redis' docs.)
+pub(super) struct LuaScript {
+    code: &'static str,
+    /// The SHA1 digest of `code`, in hex, as `SCRIPT LOAD` answers it.
+    hash: String,
+}
+
+impl LuaScript {
+    pub(super) fn new(code: &'static str) -> LuaScript {
+        LuaScript {
+            code,
+            hash: redis::Script::new(code).get_hash().to_owned(),
+        }
+    }
+
+    /// A call of this script, to which keys and arguments are added in order.
+    pub(super) fn prepare_invoke(&self) -> ScriptCall<'_> {
+        ScriptCall {
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// One call of a [`LuaScript`]: its keys (`KEYS`) and arguments (`ARGV`).
+pub(super) struct ScriptCall<'a> {
+    script: &'a LuaScript,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl ScriptCall<'_> {
+    pub(super) fn key(&mut self, key: impl redis::ToRedisArgs) -> &mut Self {
+        key.write_redis_args(&mut self.keys);
+        self
+    }
+
+    pub(super) fn arg(&mut self, arg: impl redis::ToRedisArgs) -> &mut Self {
+        arg.write_redis_args(&mut self.args);
+        self
+    }
+
+    /// `EVALSHA`, then `EVAL` if Redis does not hold the script.
+    ///
+    /// # Errors
+    /// Redis' error for the call (`NOSCRIPT` never: the script's text follows it).
+    pub(super) async fn invoke_async<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self
+            .command("EVALSHA", &self.script.hash)
+            .query_async(conn)
+            .await
+        {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.command("EVAL", self.script.code)
+                    .query_async(conn)
+                    .await
+            }
+            done => done,
+        }
+    }
+
+    fn command(&self, name: &str, script: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd(name);
+        cmd.arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+}

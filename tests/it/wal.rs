@@ -242,6 +242,87 @@ async fn a_terminated_replication_connection_comes_back_and_loses_nothing() {
     }
 }
 
+/// A Redis user that may not run `SCRIPT` (`+@all -script`, which keeps `SCRIPT FLUSH` from an
+/// application), and the script cache emptied under the fleet twice: every script goes by
+/// `EVAL` when Redis answers `NOSCRIPT` (redis-rs' own reload is a `SCRIPT LOAD`, refused
+/// here, and a second flush between its load and its retry fails the call). The relay is
+/// elected, every PUT reaches Redis, and a plain-SQL write every instance's L1.
+#[tokio::test]
+async fn a_redis_user_without_script_runs_every_script_after_the_cache_is_flushed() {
+    let server = RedisServer::start();
+    let mut admin = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let flush = |mut admin: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+    };
+    redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "app",
+            "on",
+            ">app-secret",
+            "~*",
+            "&*",
+            "+@all",
+            "-script",
+        ])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let env = Env::new()
+        .await
+        .on_redis(format!("redis://app:app-secret@127.0.0.1:{}", server.port));
+    let a = env.start(wal).await;
+    let b = env.start(wal).await;
+    for i in [&a, &b] {
+        i.feed_becomes("postgres", true, WINDOW).await;
+    }
+    let redis_version = || async {
+        env.redis_entry("kv", "s")
+            .await
+            .map(|e| e.split(':').next().unwrap().parse::<i64>().unwrap())
+    };
+    let v1 = a.put("/v1/kv/s", "1").await.etag_version();
+    assert_eq!(redis_version().await, Some(v1), "the PUT reached Redis");
+    sees(&b, "/v1/kv/s", v1).await;
+
+    flush(admin.clone()).await;
+    let v2 = a.put("/v1/kv/s", "2").await.etag_version();
+    assert_eq!(
+        redis_version().await,
+        Some(v2),
+        "the PUT after SCRIPT FLUSH reached Redis"
+    );
+    sees(&b, "/v1/kv/s", v2).await;
+
+    flush(admin).await;
+    let pg = env.pg().await;
+    let v3: i64 = query_value(
+        &pg,
+        "UPDATE syncar_kv SET value = '3' WHERE key = 's' RETURNING version",
+    )
+    .await;
+    for i in [&a, &b] {
+        sees(i, "/v1/kv/s", v3).await;
+        let r = i.get("/v1/kv/s").await;
+        assert_eq!(r.header("x-cache"), Some("l1"), "L1 in use: {:?}", r.body);
+    }
+    eventually(WINDOW, "the relay's apply in Redis", || async {
+        (redis_version().await == Some(v3)).then_some(())
+    })
+    .await;
+    for i in [&a, &b] {
+        i.feed_becomes("postgres", true, WINDOW).await;
+    }
+}
+
 /// The slot dropped under a running relay, with a change committed that the new slot will
 /// never stream: the relay recreates the slot, sees that Redis was fed by another one, and
 /// flushes every resource, so the change is not missed.
