@@ -84,6 +84,10 @@ struct Args {
     only_tcp: bool,
     /// `--clients`: pgbench's clients in `--only pinned`.
     pinned_clients: usize,
+    /// `--pin` with `--only network`: the far side (Postgres, Redis, the delay lines and a
+    /// relay of its own) on CPU 0, syncar and the load generators on the others, as
+    /// deployed: the tiers a network away do not run on the sidecar's cores.
+    pin: bool,
 }
 
 impl Args {
@@ -103,10 +107,15 @@ impl Args {
             only_pinned: false,
             only_tcp: false,
             pinned_clients: 32,
+            pin: false,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
             if flag == "--bench" {
+                continue;
+            }
+            if flag == "--pin" {
+                a.pin = true;
                 continue;
             }
             let mut v = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));

@@ -39,6 +39,7 @@
 mod servers;
 
 #[path = "common/delay.rs"]
+#[allow(dead_code)] // the hot benchmark uses more of it
 mod delay;
 
 use std::collections::HashMap;

@@ -55,6 +55,11 @@ impl DelayLine {
         DelayLine { port, child }
     }
 
+    /// The line's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// CPU time the line has used so far (user + system), in seconds.
     pub fn cpu_secs(&self) -> f64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))

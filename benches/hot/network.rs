@@ -18,6 +18,11 @@
 //!    and on one connection on a table of the app's own (`items`), whose PUT statement is
 //!    built per request.
 //!
+//! `--pin` runs the far side as deployed, on a core of its own: Postgres (and every process
+//! it starts), Redis, both delay lines and a relay of its own (`syncar relay`, across the
+//! lines) on CPU 0; syncar (`feeds.relay = false`), this benchmark and its clients on the
+//! others. Unpinned, everything shares every core and the one syncar is also the relay.
+//!
 //! Each row says the lines' CPU per operation. Goals (issue #27): an L1 hit's p50 at least
 //! 20 times below a Redis GET's across the line; a PUT's p50 at most 1.2 times the upsert's.
 
@@ -27,11 +32,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::delay::DelayLine;
-use super::unix;
 use super::{
     document, pgbench_run, psql, redis_benchmark_with, servers, spawn_syncar, wait_ready, wrk,
     Args, Children, Figures,
 };
+use super::{pinned, unix};
 
 /// One measured row and the delay lines' CPU per operation, in µs.
 struct Row {
@@ -39,9 +44,31 @@ struct Row {
     line_cpu_us: f64,
 }
 
+/// With `--pin`: the far side's CPUs and the near side's (`taskset` lists).
+struct Sides {
+    far: &'static str,
+    near: String,
+}
+
 pub fn run(args: &Args, bin: &Path, out: &Path) {
     let one_way = Duration::from_secs_f64(args.delay_ms / 1000.0);
     let round_trip_ms = 2.0 * args.delay_ms;
+    let sides = args.pin.then(|| {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(
+            cpus >= 2,
+            "--pin needs two cores (the far side on one, syncar on the others); this machine has {cpus}"
+        );
+        let near = if cpus == 2 {
+            "1".to_string()
+        } else {
+            format!("1-{}", cpus - 1)
+        };
+        // This process and everything it starts (syncar, wrk, pgbench, redis-benchmark) on
+        // the near side; the far side's processes are moved once started.
+        pinned::pin(std::process::id(), &near);
+        Sides { far: "0", near }
+    });
     let pg_port =
         servers::postgres_with("-c fsync=on -c synchronous_commit=on -c full_page_writes=on");
     let sockets = tempfile::tempdir().unwrap();
@@ -54,6 +81,13 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     ]);
     let pg_line = DelayLine::spawn(pg_port, one_way, servers::free_port());
     let redis_line = DelayLine::spawn(redis.port, one_way, servers::free_port());
+    if let Some(sides) = &sides {
+        pinned::pin_postgres(pg_port, sides.far);
+        pinned::pin(redis.pid().expect("Redis runs"), sides.far);
+        for line in [&pg_line, &redis_line] {
+            pinned::pin(line.pid(), sides.far);
+        }
+    }
     let lines = [&pg_line, &redis_line];
     let line_cpu = || lines.iter().map(|l| l.cpu_secs()).sum::<f64>();
     let measure = |run: &dyn Fn() -> Figures, secs: f64| -> Row {
@@ -119,11 +153,18 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     );
     let config = out.join("network.toml");
     let socket = unix::socket(sockets.path(), "syncar.sock");
+    // Pinned, the relay is a process of its own on the far side (as one pod's sidecar, or a
+    // `syncar relay` Deployment, is to the writer's): this syncar does not stand for it.
+    let feeds = if sides.is_some() {
+        "[feeds]\nrelay = false\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &config,
         format!(
             "[server]\nworker_threads = 2\nlisten_unix = \"{}\"\n[postgres]\npool_size = {}\n[redis]\nkey_prefix = \"{db}:\"\n\
-             [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n\
+             [cache]\nl1 = true\n[log]\nlevel = \"warn\"\n{feeds}\
              [[resource]]\nname = \"items\"\ntable = \"items\"\nkey = \"id\"\n",
             socket.display(),
             args.pool
@@ -131,13 +172,17 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     )
     .unwrap();
     let port = servers::free_port();
-    let _children = Children(vec![spawn_syncar(
-        bin,
-        &config,
-        port,
-        &format!("postgres://postgres@127.0.0.1:{}/{db}", pg_line.port),
-        &format!("redis://127.0.0.1:{}", redis_line.port),
-    )]);
+    let pg_url = format!("postgres://postgres@127.0.0.1:{}/{db}", pg_line.port);
+    let redis_url = format!("redis://127.0.0.1:{}", redis_line.port);
+    let mut children = Vec::new();
+    if let Some(sides) = &sides {
+        super::migrate(bin, &config, &pg_url);
+        let mut relay = super::start_relay(bin, &config, pg_line.port, &db, &redis_url);
+        pinned::pin(relay.0[0].id(), sides.far);
+        children.append(&mut relay.0);
+    }
+    children.push(spawn_syncar(bin, &config, port, &pg_url, &redis_url));
+    let _children = Children(children);
     wait_ready(port);
     let body = document(args.value_bytes);
     psql(
@@ -309,6 +354,13 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
         "\nnetwork: Postgres (fsync on) and Redis behind delay lines of {} ms each way ({round_trip_ms} ms round trip)",
         args.delay_ms
     );
+    if let Some(sides) = &sides {
+        println!(
+            "pinned: Postgres, Redis, the delay lines and the relay on CPU {}; syncar (not the relay), \
+             this benchmark and its clients on CPU {}",
+            sides.far, sides.near
+        );
+    }
     println!(
         "{:<58} {:>9} {:>8} {:>8} {:>8}  {:>14}",
         "run", "req/s", "p50 ms", "p99 ms", "p99.9", "line CPU µs/op"
@@ -391,6 +443,7 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     goals.push(json!({"what": "PUT p50 / upsert+commit p50, the app's table, 1 conn", "ratio": ratio, "goal": "<= 1.2"}));
     let json = json!({
         "delay_ms_each_way": args.delay_ms,
+        "pinned": sides.as_ref().map(|s| json!({"far": s.far, "near": s.near})),
         "line_added_ms_p50": line_added_ms,
         "floor_ms_p50": floor_ms,
         "rows": rows.iter().map(|r| {

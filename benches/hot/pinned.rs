@@ -30,7 +30,7 @@ use super::{
 };
 
 /// `taskset -a -p -c {cpus} {pid}`: every thread of `pid` to `cpus`.
-fn pin(pid: u32, cpus: &str) {
+pub(super) fn pin(pid: u32, cpus: &str) {
     let out = Command::new("taskset")
         .args(["-a", "-p", "-c", cpus, &pid.to_string()])
         .output()
@@ -64,7 +64,7 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// Pins the postmaster listening on `port` and every process it has started to `cpus`;
 /// processes it starts later (backends, walsenders) inherit the postmaster's affinity.
-fn pin_postgres(port: u16, cpus: &str) {
+pub(super) fn pin_postgres(port: u16, cpus: &str) {
     let postmaster = postmaster(port);
     pin(postmaster, cpus);
     for pid in children(postmaster) {

@@ -671,6 +671,12 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id, while it runs.
+    #[allow(dead_code)] // the benchmarks pin it
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+
     /// Whether it runs (was not killed).
     pub fn is_running(&self) -> bool {
         self.child.lock().unwrap().is_some()
