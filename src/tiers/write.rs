@@ -39,14 +39,34 @@ pub(super) struct Unsettled {
     count: AtomicUsize,
 }
 
+/// One write's mark in [`Unsettled`], lifted when dropped: once its Redis step ends, or
+/// when the write's task unwinds from a panic first (a mark left behind would send every
+/// read of the key below it to Postgres for the process' life).
+#[must_use = "the mark is lifted when this is dropped"]
+pub(super) struct Mark<'a> {
+    marks: &'a Unsettled,
+    key: CacheKey,
+}
+
+impl Drop for Mark<'_> {
+    fn drop(&mut self) {
+        self.marks.unmark(&self.key);
+    }
+}
+
 impl Unsettled {
-    /// A write of `key` at `version` is answered before its Redis step.
-    fn mark(&self, key: &CacheKey, version: Version) {
+    /// A write of `key` at `version` is answered before its Redis step; the mark holds
+    /// until the returned [`Mark`] is dropped.
+    fn mark(&self, key: &CacheKey, version: Version) -> Mark<'_> {
         let mut keys = self.keys.locked();
         let entry = keys.entry(key.clone()).or_insert((version, 0));
         entry.0 = entry.0.max(version);
         entry.1 += 1;
         self.count.store(keys.len(), Ordering::Relaxed);
+        Mark {
+            marks: self,
+            key: key.clone(),
+        }
     }
 
     /// One write of `key` finished its Redis step (applied, refused or queued for repair).
@@ -207,14 +227,12 @@ impl Tiers {
             // L1 holding a newer version (or another document at this one) is a conflict
             // that the write's repair may answer for: then the answer waits for it.
             let early = conflict(&copy, held.iter().cloned()).is_none();
+            let mark = early.then(|| self.unsettled.mark(&doc.ck, copy.version));
             if early {
-                self.unsettled.mark(&doc.ck, copy.version);
                 answer();
             }
             held.extend(self.settle_l2(doc, &copy, op, generation).await);
-            if early {
-                self.unsettled.unmark(&doc.ck);
-            }
+            drop(mark);
         } else {
             held.extend(self.settle_l2(doc, &copy, op, generation).await);
             held.extend(self.settle_l1(doc, &copy, op, generation));
@@ -407,14 +425,14 @@ impl Tiers {
                 let mut held = Vec::with_capacity(copies.len());
                 for (doc, copy, op, generation) in &copies {
                     self.flights.forget(&doc.ck);
-                    held.push(self.settle_l1(doc, copy, *op, *generation));
-                    self.unsettled.mark(&doc.ck, copy.version);
+                    let l1 = self.settle_l1(doc, copy, *op, *generation);
+                    held.push((l1, self.unsettled.mark(&doc.ck, copy.version)));
                 }
                 // A transaction repairs no conflict (above): it answers whatever L1 held.
                 let _ = tx.send(done.clone());
-                for ((doc, copy, op, generation), l1) in copies.iter().zip(held) {
+                for ((doc, copy, op, generation), (l1, mark)) in copies.iter().zip(held) {
                     let l2 = self.settle_l2(doc, copy, *op, *generation).await;
-                    self.unsettled.unmark(&doc.ck);
+                    drop(mark);
                     if let Some(c) = conflict(copy, l1.into_iter().chain(l2)) {
                         refused(doc, c);
                     }
@@ -434,15 +452,29 @@ mod tests {
         let marks = Unsettled::default();
         let (k, other) = (CacheKey::new("kv", "k"), CacheKey::new("kv", "o"));
         assert!(!marks.above(&k, Version(1)));
-        marks.mark(&k, Version(5));
-        marks.mark(&k, Version(3));
+        let five = marks.mark(&k, Version(5));
+        let three = marks.mark(&k, Version(3));
         assert!(marks.above(&k, Version(4)), "below the highest write");
         assert!(!marks.above(&k, Version(5)), "Redis at the write's version");
         assert!(!marks.above(&other, Version(1)));
-        marks.unmark(&k);
+        drop(five);
         assert!(marks.above(&k, Version(4)), "one write still on its way");
-        marks.unmark(&k);
+        drop(three);
         assert!(!marks.above(&k, Version(4)));
+        assert_eq!(marks.count.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_write_that_panics_before_its_redis_step_ends_lifts_its_mark() {
+        let marks = Unsettled::default();
+        let k = CacheKey::new("kv", "k");
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _mark = marks.mark(&k, Version(7));
+            assert!(marks.above(&k, Version(6)));
+            panic!("the Redis step panicked");
+        }));
+        assert!(unwound.is_err());
+        assert!(!marks.above(&k, Version(6)), "the mark outlived the write");
         assert_eq!(marks.count.load(Ordering::Relaxed), 0);
     }
 }
