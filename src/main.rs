@@ -77,6 +77,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init_logging(&config.log);
+    telemetry::install_panic_hook();
     if let Command::CheckConfig { db: false } = cli.command {
         println!("configuration is valid");
         return ExitCode::SUCCESS;

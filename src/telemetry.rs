@@ -87,6 +87,8 @@ pub const AUDIT_STALE: &str = "syncar_audit_stale_total";
 pub const POSTGRES_READ_RETRIES: &str = "syncar_postgres_read_retries_total";
 /// Postgres errors by `class` (`unavailable`, `rejected`, `internal`).
 pub const POSTGRES_ERRORS: &str = "syncar_postgres_errors_total";
+/// Panics, whichever thread or task: see [`install_panic_hook`].
+pub const PANICS: &str = "syncar_panics_total";
 
 /// Latency buckets, in seconds: a local L1 hit is tens of microseconds, a Postgres write
 /// milliseconds.
@@ -122,6 +124,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route, method and status");
+    describe_counter!(PANICS, "panics, in any thread or task");
     describe_histogram!(
         HTTP_DURATION,
         Unit::Seconds,
@@ -239,6 +242,40 @@ pub fn init_logging(config: &LogConfig) {
     };
 }
 
+/// Reports every panic in the log, as an `error` event in the configured format (its
+/// message, `location` and `thread`, and `backtrace` when `RUST_BACKTRACE` asks for one),
+/// and counts it in [`PANICS`], instead of Rust's default report: a line of plain text on
+/// stderr that a JSON log pipeline cannot parse. Install after [`init_logging`].
+///
+/// A panic in a task ends that task alone (tokio catches it): a request's gets a 500, but a
+/// write's Redis step behind an `eventual` answer has no client left to tell, and a
+/// background task's has none at all. The counter is what an alert can watch for.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(report_panic));
+}
+
+fn report_panic(info: &std::panic::PanicHookInfo<'_>) {
+    metrics::counter!(PANICS).increment(1);
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)");
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("(unnamed)");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(panic = message, location, thread, %backtrace, "panicked");
+    } else {
+        tracing::error!(panic = message, location, thread, "panicked");
+    }
+}
+
 /// `error: cause: cause`, for one-line logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -249,4 +286,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_counted_and_logged() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let previous = std::panic::take_hook();
+        install_panic_hook();
+        // The hook runs on the panicking thread: this one, inside the local recorder.
+        metrics::with_local_recorder(&recorder, || {
+            let unwound = std::panic::catch_unwind(|| panic!("a test panic"));
+            assert!(unwound.is_err());
+        });
+        std::panic::set_hook(previous);
+        let text = handle.render();
+        assert!(
+            text.lines().any(|l| l == "syncar_panics_total 1"),
+            "not counted: {text}"
+        );
+    }
 }
