@@ -157,6 +157,10 @@ mod tests {
         );
         assert_eq!(documented.audit, AuditConfig::default());
         assert_eq!(
+            documented.feeds.write_default(),
+            FeedsConfig::default().write_default()
+        );
+        assert_eq!(
             documented.redis.key_prefix,
             RedisConfig::default().key_prefix
         );
@@ -279,6 +283,42 @@ mod tests {
                 "resource[1].version_column",
             ],
         );
+    }
+
+    #[test]
+    fn a_write_consistency_the_source_or_the_older_setting_contradicts_is_refused() {
+        refuses(
+            "[feeds]\nsynchronous_writes = true\nwrite_consistency = \"eventual\"\n",
+            &["feeds.write_consistency", "older spelling"],
+        );
+        refuses(
+            "[feeds]\npostgres_source = \"notify\"\nwrite_consistency = \"strong\"\n",
+            &["feeds.write_consistency", "postgres_source = \"wal\""],
+        );
+        refuses(
+            "[feeds]\npostgres_source = \"changes_log\"\nsynchronous_writes = true\n",
+            &["feeds.synchronous_writes"],
+        );
+        for (text, default) in [
+            ("", WriteConsistency::Default),
+            (
+                "[feeds]\nwrite_consistency = \"eventual\"\n",
+                WriteConsistency::Eventual,
+            ),
+            (
+                "[feeds]\nsynchronous_writes = true\n",
+                WriteConsistency::Strong,
+            ),
+            (
+                "[feeds]\nsynchronous_writes = true\nwrite_consistency = \"strong\"\n",
+                WriteConsistency::Strong,
+            ),
+        ] {
+            let config = Config::parse(text).unwrap();
+            config.validate().unwrap();
+            assert_eq!(config.feeds.write_default(), default, "{text}");
+        }
+        assert!(Config::parse("[feeds]\nwrite_consistency = \"weak\"\n").is_err());
     }
 
     #[test]

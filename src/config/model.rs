@@ -215,8 +215,52 @@ pub struct FeedsConfig {
     /// instance has applied it, as with `?consistency=strong` (which a write may still turn
     /// off with `?consistency=default`): its commit waits for the relay as a synchronous
     /// standby. Needs the `wal` source and the relay named in `synchronous_standby_names`;
-    /// otherwise writes are refused (503 `not_synchronous`, saying what to change).
+    /// otherwise writes are refused (503 `not_synchronous`, saying what to change). The
+    /// older spelling of `write_consistency = "strong"`.
     pub synchronous_writes: bool,
+    /// When a write through syncar that does not say (`?consistency=`) answers: `default`,
+    /// `eventual` (at commit, Redis and the other instances behind the answer) or `strong`
+    /// (as `synchronous_writes`). A write's own `?consistency=` wins.
+    pub write_consistency: WriteConsistency,
+}
+
+/// When a write answers (`?consistency=` on a PUT, DELETE or transaction, and
+/// [`FeedsConfig::write_consistency`]; the names of Dapr's state API). See
+/// `http/consistency.rs`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteConsistency {
+    /// Once Postgres committed and this instance's L1 holds the write; Redis and the other
+    /// instances follow behind the answer.
+    Eventual,
+    /// Once Postgres committed and Redis and this instance's L1 hold the write.
+    #[default]
+    Default,
+    /// Once every live instance has applied the write.
+    Strong,
+}
+
+impl WriteConsistency {
+    /// The name in the configuration and in `?consistency=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteConsistency::Eventual => "eventual",
+            WriteConsistency::Default => "default",
+            WriteConsistency::Strong => "strong",
+        }
+    }
+}
+
+impl FeedsConfig {
+    /// How a write that does not say answers: `strong` with `synchronous_writes`, else
+    /// `write_consistency`.
+    pub fn write_default(&self) -> WriteConsistency {
+        if self.synchronous_writes {
+            WriteConsistency::Strong
+        } else {
+            self.write_consistency
+        }
+    }
 }
 
 /// The version stamp: the BEFORE INSERT OR UPDATE row trigger that gives every row written,
@@ -292,6 +336,7 @@ impl Default for FeedsConfig {
             max_backoff: Duration::from_secs(5),
             min_lsn_wait: Duration::from_millis(500),
             synchronous_writes: false,
+            write_consistency: WriteConsistency::Default,
         }
     }
 }

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::model::is_resource_name;
-use super::{Config, ConfigError, PostgresSource, RedisMode, ENV_AUTH_TOKEN, KV_RESOURCE};
+use super::{
+    Config, ConfigError, PostgresSource, RedisMode, WriteConsistency, ENV_AUTH_TOKEN, KV_RESOURCE,
+};
 use crate::tls::{redis_certificates, PostgresTls};
 
 /// The longest `cache.fill_lease`: past it, a wait for another instance's load is no
@@ -222,12 +224,31 @@ impl Config {
         }
         if f.synchronous_writes
             && !matches!(
+                f.write_consistency,
+                WriteConsistency::Default | WriteConsistency::Strong
+            )
+        {
+            bad(
+                "feeds.write_consistency",
+                format!(
+                    "is {:?} while feeds.synchronous_writes = true, its older spelling of \
+                     \"strong\": set one of them",
+                    f.write_consistency.as_str()
+                ),
+            );
+        }
+        if f.write_default() == WriteConsistency::Strong
+            && !matches!(
                 f.postgres_source,
                 PostgresSource::Wal | PostgresSource::Auto
             )
         {
             bad(
-                "feeds.synchronous_writes",
+                if f.synchronous_writes {
+                    "feeds.synchronous_writes"
+                } else {
+                    "feeds.write_consistency"
+                },
                 format!(
                     "needs postgres_source = \"wal\" (the relay as a synchronous standby); \
                      {} has no acknowledgement from the instances for a commit to wait for",

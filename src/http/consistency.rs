@@ -1,22 +1,21 @@
 //! `consistency=` on a write (PUT, DELETE, a transaction), with the names of Dapr's state
-//! API:
+//! API; a write that does not say answers as `feeds.write_consistency` says (`default`
+//! unless set; `feeds.synchronous_writes = true` is its older spelling of `strong`):
 //!
-//! - `strong`, or `feeds.synchronous_writes` for every write: the write returns only once
-//!   every live instance has applied it, the guarantee a plain-SQL writer gets from the relay
-//!   as a synchronous standby ("committed means evicted", ARCHITECTURE "Synchronous mode").
-//!   Its transaction commits with `synchronous_commit = on`, after Postgres said in the same
-//!   transaction that the relay is a synchronous standby; else nothing is written and the
-//!   client gets 503 `not_synchronous` saying what to change. Only the `wal` source can give
-//!   it: the `changes_log` and `notify` sources have no acknowledgement from the instances
-//!   that Postgres could wait for.
-//! - `default` (or nothing, without `feeds.synchronous_writes`): the write returns once
-//!   Postgres committed it and Redis and this instance's L1 hold it; the other instances'
-//!   L1 copies are evicted by the message that follows. Opts a write out of
-//!   `feeds.synchronous_writes`.
+//! - `strong`: the write returns only once every live instance has applied it, the
+//!   guarantee a plain-SQL writer gets from the relay as a synchronous standby ("committed
+//!   means evicted", ARCHITECTURE "Synchronous mode"). Its transaction commits with
+//!   `synchronous_commit = on`, after Postgres said in the same transaction that the relay
+//!   is a synchronous standby; else nothing is written and the client gets 503
+//!   `not_synchronous` saying what to change. Only the `wal` source can give it: the
+//!   `changes_log` and `notify` sources have no acknowledgement from the instances that
+//!   Postgres could wait for.
+//! - `default`: the write returns once Postgres committed it and Redis and this instance's
+//!   L1 hold it; the other instances' L1 copies are evicted by the message that follows.
 //! - `eventual`: the write returns once Postgres committed it and this instance will serve
 //!   it (its L1 holds it, and no older Redis copy is served here meanwhile); Redis and the
 //!   message follow behind the answer, one Redis round trip sooner
-//!   ([`crate::tiers::Tiers::put`]). Any source; opts out of `feeds.synchronous_writes`.
+//!   ([`crate::tiers::Tiers::put`]). Any source.
 
 use std::future::Future;
 use std::time::Duration;
@@ -44,13 +43,9 @@ pub(super) struct WriteMode {
 /// `consistency=strong` on a source that cannot give it; 503 `starting` before the schema
 /// is loaded.
 pub(super) fn mode(state: &HttpState, query: Option<&str>) -> Result<WriteMode, ApiError> {
-    let asked = write_consistency(query)?;
-    let strong = match asked {
-        Some(WriteConsistency::Strong) => true,
-        Some(WriteConsistency::Default | WriteConsistency::Eventual) => false,
-        None => state.config.feeds.synchronous_writes,
-    };
-    let eventual = asked == Some(WriteConsistency::Eventual);
+    let asked = write_consistency(query)?.unwrap_or(state.config.feeds.write_default());
+    let strong = asked == WriteConsistency::Strong;
+    let eventual = asked == WriteConsistency::Eventual;
     if !strong {
         return Ok(WriteMode {
             commit: Commit::AsConfigured,

@@ -92,17 +92,7 @@ pub fn read_options(query: Option<&str>) -> Result<ReadOptions, ApiError> {
 
 /// How a write asks to be acknowledged (`consistency=` on a PUT, DELETE or transaction; the
 /// names of Dapr's state API). See [`super::consistency`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum WriteConsistency {
-    /// Answered once Postgres committed and this instance's L1 holds the write; Redis and the
-    /// other instances follow behind the answer.
-    Eventual,
-    /// Answered once Postgres committed and Redis and this instance's L1 hold the write
-    /// (opts a write out of `feeds.synchronous_writes`).
-    Default,
-    /// Answered once every live instance has applied the write.
-    Strong,
-}
+pub use crate::config::WriteConsistency;
 
 /// A write's query: `consistency=eventual|default|strong` only (see
 /// [`super::consistency`]); `None` when it does not say. Anything else is an error, as on a

@@ -481,6 +481,48 @@ async fn an_eventual_write_answers_at_commit_with_the_changes_log() {
     eventual_writes(Some(PostgresSource::ChangesLog)).await;
 }
 
+/// `feeds.write_consistency = "eventual"`: a write that does not say answers at commit, one
+/// with `?consistency=default` once Redis holds it.
+#[tokio::test]
+async fn a_configured_eventual_default_answers_writes_that_do_not_say_at_commit() {
+    let redis_server = RedisServer::start();
+    let env = Env::new().await.on_redis(redis_server.url());
+    let config = |c: &mut syncar::Config| {
+        c.feeds.postgres_source = PostgresSource::Wal;
+        c.feeds.write_consistency = syncar::config::WriteConsistency::Eventual;
+        c.redis.timeout = Duration::from_secs(30);
+        c.feeds.lease = Duration::from_secs(30);
+        c.feeds.relay_lease = Duration::from_secs(30);
+    };
+    let [a, b, _c] = three(&env, config).await;
+    let v1 = a.put("/v1/kv/w", "1").await.etag_version();
+    sees(&b, "/v1/kv/w", v1).await;
+
+    pause_redis_writes(&env, 3000).await;
+    let v2 = a.put("/v1/kv/w", "2").await.etag_version();
+    assert_eq!(
+        redis_version(&env, "w").await,
+        Some(v1),
+        "a write that does not say answers before Redis holds it"
+    );
+    eventually(WINDOW, "redis holds the write", || async {
+        (redis_version(&env, "w").await == Some(v2)).then_some(())
+    })
+    .await;
+
+    pause_redis_writes(&env, 1500).await;
+    let v3 = a
+        .put("/v1/kv/w?consistency=default", "3")
+        .await
+        .etag_version();
+    assert_eq!(
+        redis_version(&env, "w").await,
+        Some(v3),
+        "?consistency=default answers once Redis holds it"
+    );
+    sees(&b, "/v1/kv/w", v3).await;
+}
+
 /// Without a Postgres feed nothing but the write itself brings it to Redis: Redis must end
 /// up holding its value.
 #[tokio::test]
@@ -626,8 +668,7 @@ async fn eventual_writes(source: Option<PostgresSource>) {
     // Where L1 does not hold the write (here: no L1), the writer's instance still never
     // answers the version it replaced, even when its Redis commands reach Redis out of
     // order: after SCRIPT FLUSH the write's script call comes back NOSCRIPT and is sent
-    // again, behind the read that follows the answer. Last: a relay whose script calls
-    // meet NOSCRIPT may drop its stream once (the feeds go down and L1 is emptied).
+    // again with the script's text (EVAL), behind the read that follows the answer.
     let d = env
         .start(|c| {
             config(c);
