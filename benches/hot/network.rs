@@ -54,16 +54,7 @@ pub fn run(args: &Args, bin: &Path, out: &Path) {
     let one_way = Duration::from_secs_f64(args.delay_ms / 1000.0);
     let round_trip_ms = 2.0 * args.delay_ms;
     let sides = args.pin.then(|| {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert!(
-            cpus >= 2,
-            "--pin needs two cores (the far side on one, syncar on the others); this machine has {cpus}"
-        );
-        let near = if cpus == 2 {
-            "1".to_string()
-        } else {
-            format!("1-{}", cpus - 1)
-        };
+        let near = pinned::all_but_cpu_0("--pin (the far side)");
         // This process and everything it starts (syncar, wrk, pgbench, redis-benchmark) on
         // the near side; the far side's processes are moved once started.
         pinned::pin(std::process::id(), &near);

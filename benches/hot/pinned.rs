@@ -222,19 +222,25 @@ fn median_and_spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
-pub fn run(args: &Args, bin: &Path, out: &Path) {
+/// Every CPU but CPU 0, as a `taskset` list; `what` needs two cores at least (what runs on
+/// CPU 0, and the rest).
+pub(super) fn all_but_cpu_0(what: &str) -> String {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(
         cpus >= 2,
-        "--only pinned needs two cores (Postgres on one, the rest on the others); this machine has {cpus}"
+        "{what} needs two cores (one on CPU 0, the rest on the others); this machine has {cpus}"
     );
-    // This process and everything it starts from now on (pgbench, Redis, the relay) off
-    // Postgres' core.
-    let others = if cpus == 2 {
+    if cpus == 2 {
         "1".to_string()
     } else {
         format!("1-{}", cpus - 1)
-    };
+    }
+}
+
+pub fn run(args: &Args, bin: &Path, out: &Path) {
+    // This process and everything it starts from now on (pgbench, Redis, the relay) off
+    // Postgres' core.
+    let others = all_but_cpu_0("--only pinned (Postgres)");
     pin(std::process::id(), &others);
     let mut table = Vec::new();
     for durable in [true, false] {
