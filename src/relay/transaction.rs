@@ -25,6 +25,15 @@ pub(super) struct Transaction {
     /// Rows deleted (the key when the WAL names it) and resources truncated, resolved at
     /// commit against `announced`.
     deleted: Vec<(String, Option<String>)>,
+    /// The keys among `deleted`, by resource and key, to tell a put after them.
+    deleted_keys: HashSet<(String, String)>,
+    /// Keys deleted and then written again in this transaction, in the WAL's order: their
+    /// row exists at the commit, so their delete makes no absence. Its version may be
+    /// above the row's: a DELETE and an INSERT of the key in one statement (`WITH d AS
+    /// (DELETE ... RETURNING ...) INSERT ... SELECT ... FROM d`) stamp the row in its BEFORE
+    /// trigger, while the delete's statement trigger, which takes the delete's version,
+    /// runs at the statement's end; the absence would outrank the live row in every tier.
+    reinserted: HashSet<(String, String)>,
     truncated: Vec<String>,
     /// Resources whose triggers' announcements cannot be checked against the WAL: their key
     /// is outside the replica identity, so the WAL names neither deleted nor moved keys.
@@ -91,7 +100,7 @@ pub(super) async fn changes_of(
     );
     out.flushed = flushed;
     out.unverifiable_deletes(&announced, &txn.unverifiable);
-    out.deleted(txn.deleted, &announced, &txn.unverifiable)
+    out.deleted(txn.deleted, &announced, &txn.unverifiable, &txn.reinserted)
         .await?;
     Ok(out.messages)
 }
@@ -170,6 +179,8 @@ impl Transaction {
         self.keys.remove(resource);
         self.changes.retain(|m| m.resource != resource);
         self.deleted.retain(|(r, _)| r != resource);
+        self.deleted_keys.retain(|(r, _)| r != resource);
+        self.reinserted.retain(|(r, _)| r != resource);
         self.overflowed.insert(resource.to_string());
         false
     }
@@ -205,6 +216,7 @@ impl Transaction {
                 if let Some(m) = relations.get(relation) {
                     match m.key_version(&new) {
                         Keyed::Row(key, version) => {
+                            self.written_again(&m.resource, &key);
                             self.changes
                                 .push(change(&m.resource, Some(key), version, Op::Put, ts))
                         }
@@ -227,6 +239,11 @@ impl Transaction {
                         m.at.and_then(|(key, _)| old.get(key))
                             .and_then(Column::text)
                             .map(str::to_string);
+                    if let Some(key) = &key {
+                        let deleted = (m.resource.clone(), key.clone());
+                        self.reinserted.remove(&deleted);
+                        self.deleted_keys.insert(deleted);
+                    }
                     self.deleted.push((m.resource.clone(), key));
                 }
             }
@@ -278,8 +295,20 @@ impl Transaction {
             self.changes
                 .push(change(&m.resource, Some(old_key), version, Op::Delete, ts));
         }
+        self.written_again(&m.resource, &key);
         self.changes
             .push(change(&m.resource, Some(key), version, Op::Put, ts));
+    }
+
+    /// Notes a put of `key`: after a delete of it in this transaction, it is `reinserted`.
+    fn written_again(&mut self, resource: &str, key: &str) {
+        if self.deleted_keys.is_empty() {
+            return;
+        }
+        let written = (resource.to_string(), key.to_string());
+        if self.deleted_keys.contains(&written) {
+            self.reinserted.insert(written);
+        }
     }
 }
 
@@ -385,16 +414,23 @@ impl Resolved<'_> {
     }
 
     /// The rows the WAL shows deleted: an absence at the announced version, else a
-    /// tombstone at a fresh one; a flush where the WAL does not name the key.
+    /// tombstone at a fresh one; a flush where the WAL does not name the key. Nothing for a
+    /// key `reinserted` later in the transaction: its put says what the commit left.
     async fn deleted(
         &mut self,
         deleted: Vec<(String, Option<String>)>,
         announced: &Announced,
         unverifiable: &HashSet<String>,
+        reinserted: &HashSet<(String, String)>,
     ) -> Result<(), RelayError> {
         for (resource, key) in deleted {
             if unverifiable.contains(&resource) || self.flushed.contains(&resource) {
                 continue; // announced above (or flushed); unannounced ones cannot be told apart
+            }
+            if let Some(k) = &key {
+                if reinserted.contains(&(resource.clone(), k.clone())) {
+                    continue;
+                }
             }
             let version = key
                 .as_ref()
