@@ -17,7 +17,8 @@ mod pooler;
 mod read;
 mod write;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -44,6 +45,33 @@ pub struct Db {
     config: Arc<PostgresConfig>,
     /// Reads retried on a connection of their own at once, at most.
     retries: Arc<tokio::sync::Semaphore>,
+    /// Each resource's share of the pool: at most [`Db::share`] of its connections at once
+    /// for one resource's reads and writes (see [`Db::client_for`]), by resource name.
+    shares: Arc<Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>,
+    /// Connections one resource may hold at once: the pool but a quarter of it (rounded
+    /// down) kept for the others; the whole pool up to 3 connections.
+    share: usize,
+}
+
+/// A pooled connection taken for one resource's read or write, with one of the resource's
+/// shares of the pool (given back with the connection). Derefs to the connection.
+pub(crate) struct Leased {
+    client: deadpool_postgres::Object,
+    _share: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Leased {
+    type Target = deadpool_postgres::Object;
+
+    fn deref(&self) -> &Self::Target {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Leased {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.client
+    }
 }
 
 /// A committed write.
@@ -188,6 +216,47 @@ impl Db {
             schema: config.schema.clone(),
             config: Arc::new(config.clone()),
             retries: Arc::new(tokio::sync::Semaphore::new(READ_RETRIES)),
+            shares: Arc::default(),
+            share: (config.pool_size - config.pool_size / 4).max(1),
+        })
+    }
+
+    /// A connection from the pool for a read or write of `resource`, within its share: a
+    /// quarter of the pool is always left to the other resources. A customer's lock on a
+    /// table (a `LOCK TABLE`, an `ALTER TABLE` waiting for its own) holds every statement on
+    /// it until `postgres.statement_timeout`; without a share, the reads of one locked table
+    /// took every connection and the other resources' misses and writes timed out waiting
+    /// for one (the bulkhead of "Release It!", applied per table).
+    ///
+    /// # Errors
+    /// [`DbError::Unavailable`]: the resource's share stayed taken, or no connection could be
+    /// had, within `postgres.pool_timeout`.
+    async fn client_for(&self, resource: &str) -> Result<Leased, DbError> {
+        let share = {
+            let mut shares = self.shares.lock().unwrap_or_else(|e| e.into_inner());
+            shares
+                .entry(resource.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.share)))
+                .clone()
+        };
+        let permit =
+            match tokio::time::timeout(self.config.pool_timeout, share.acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    metrics::counter!(crate::telemetry::POSTGRES_ERRORS, "class" => "unavailable")
+                        .increment(1);
+                    return Err(DbError::Unavailable(format!(
+                    "all {} connections resource {resource} may hold (the pool but a quarter kept \
+                     for the others) stayed busy \
+                     for postgres.pool_timeout ({} ms): a lock on its table?",
+                    self.share,
+                    self.config.pool_timeout.as_millis()
+                )));
+                }
+            };
+        Ok(Leased {
+            client: self.client().await?,
+            _share: permit,
         })
     }
 

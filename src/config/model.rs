@@ -103,7 +103,8 @@ pub struct PostgresConfig {
     pub url: String,
     /// Schema holding syncar's own objects: the version sequence, trigger functions, `syncar_kv`.
     pub schema: String,
-    /// Connections in the pool.
+    /// Connections in the pool. One resource's reads and writes leave a quarter of them
+    /// (rounded down) to the others, so that a lock on one table cannot take them all.
     pub pool_size: usize,
     /// Timeout for opening a connection.
     #[serde(with = "humantime_serde")]

@@ -23,7 +23,7 @@ impl Db {
         resource: &Resource,
         key: &KeyParam,
     ) -> Result<Option<(Version, Bytes)>, DbError> {
-        let client = self.client().await?;
+        let client = self.client_for(&resource.name).await?;
         match get_on(&client, resource, key).await {
             // The backend died under the read (terminated, restarted, failed over): a read is
             // idempotent, so it is tried once more, on a connection opened for it (the pool's
@@ -61,7 +61,7 @@ impl Db {
         resource: &Resource,
         keys: &[&KeyParam],
     ) -> Result<HashMap<String, (Version, Bytes)>, DbError> {
-        let client = self.client().await?;
+        let client = self.client_for(&resource.name).await?;
         let ints: Vec<i64>;
         let texts: Vec<&str>;
         let param: &(dyn ToSql + Sync) = if keys.iter().all(|k| matches!(k, KeyParam::Int(_))) {

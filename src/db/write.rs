@@ -31,7 +31,7 @@ impl Db {
             .map_err(DbError::from)?;
         let versions = if_versions(&pre);
         let params = write_params(&write, key, &doc, &versions);
-        let mut client = self.client().await?;
+        let mut client = self.client_for(&resource.name).await?;
         let row = match &commit {
             Commit::AsConfigured if matches!(resource.shape, Shape::Kv) => {
                 let stmt = client.prepare_cached(&write.sql).await.map_err(classify)?;
@@ -85,7 +85,7 @@ impl Db {
         pre: Precondition,
         commit: Commit,
     ) -> Result<DeleteOutcome, DbError> {
-        let mut client = self.client().await?;
+        let mut client = self.client_for(&resource.name).await?;
         let delete_sql = resource.delete_sql(matches!(pre, Precondition::Versions(_)));
         // The delete trigger takes the delete's version with nextval() in this session, after
         // the row is gone: currval() right after the delete is that version.

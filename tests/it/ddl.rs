@@ -1002,3 +1002,67 @@ async fn a_table_created_after_the_fleet_started_is_installed_and_served() {
         b.shutdown().await;
     }
 }
+
+/// A customer's lock on one table (`LOCK TABLE`, or an `ALTER TABLE` waiting for its own)
+/// holds every read of it that reaches Postgres until `statement_timeout`. Those reads leave
+/// a quarter of the pool to the others: their misses and writes go on meanwhile
+/// (before, the locked table's reads took every connection and `kv`'s PUTs and reads
+/// answered 503 after `pool_timeout`).
+#[tokio::test]
+async fn reads_held_by_a_lock_on_one_table_leave_the_pool_to_the_others() {
+    let env = items_env().await;
+    let a = env
+        .start(|c| {
+            c.postgres.pool_size = 4;
+            c.resources
+                .push(crate::support::resource("items", "id", "version"));
+        })
+        .await;
+    let locker = env.pg().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let addr = a.addr();
+    let held: Vec<_> = (0..6)
+        .map(|i| {
+            tokio::spawn(async move {
+                let path = format!("/v1/items/{}?consistency=strong", i % 3 + 1);
+                request(addr, "GET", &path, &[], None).await.status
+            })
+        })
+        .collect();
+    let waiting = || async {
+        query_value::<i64>(
+            &env.pg().await,
+            "SELECT pg_catalog.count(*) FROM pg_catalog.pg_stat_activity \
+             WHERE datname = pg_catalog.current_database() AND wait_event_type = 'Lock' \
+               AND query LIKE '%items%' AND query NOT LIKE '%pg_stat_activity%'",
+        )
+        .await
+    };
+    eventually(
+        Duration::from_secs(10),
+        "items' reads waiting on the lock",
+        || async { (waiting().await >= 2).then_some(()) },
+    )
+    .await;
+    let put = a.put("/v1/kv/free", "1").await;
+    assert!(put.status == 200 || put.status == 201, "{:?}", put.body);
+    let read = a.get("/v1/kv/free?consistency=strong").await;
+    assert_eq!(
+        (read.status, read.json()),
+        (200, json!(1)),
+        "kv read from Postgres"
+    );
+    assert_eq!(waiting().await, 3, "three of the pool's 4, no more");
+    locker.batch_execute("COMMIT").await.unwrap();
+    for r in held {
+        let status = r.await.unwrap();
+        assert!(
+            status == 200 || status == 503,
+            "a read of the locked table: {status}"
+        );
+    }
+    assert_eq!(a.get("/v1/items/1").await.status, 200);
+}
