@@ -65,6 +65,11 @@ async fn read_catalog(
     let mut unpublished = Vec::new();
     let mut disarmed = Vec::new();
     let mut uninstalled = Vec::new();
+    let narrowed = if capture.source == crate::config::PostgresSource::Wal {
+        super::republish::unpublished_actions(client, &capture.publication).await?
+    } else {
+        String::new()
+    };
     let published = if capture.source == crate::config::PostgresSource::Wal {
         Some(super::republish::published(client, &capture.publication).await?)
     } else {
@@ -136,6 +141,13 @@ async fn read_catalog(
                 unavailable.push((
                     r.name.clone(),
                     super::republish::no_identity_reason(&qualified, &capture.publication),
+                ));
+                continue;
+            }
+            if !narrowed.is_empty() {
+                unavailable.push((
+                    r.name.clone(),
+                    super::republish::narrowed_reason(&capture.publication, &narrowed),
                 ));
                 continue;
             }

@@ -12,6 +12,11 @@
 //! it has an identity again: every change made while it was out is retired with the flush,
 //! and every change after it is relayed.
 //!
+//! The publication must also publish every kind of change: narrowed (its `publish` option)
+//! it no longer carries what it leaves out, so every resource is unavailable
+//! ([`unpublished_actions`]) until the task sets the option back, with a flush of every
+//! resource in the same transaction.
+//!
 //! Between the customer's DDL and the schema task's next look (a shape check of the relay,
 //! every `feeds.lease / 2`, then the flush it announces) the customer's UPDATE and DELETE
 //! still fail: closing that window needs an event trigger, which needs a superuser.
@@ -56,6 +61,41 @@ pub(super) async fn published(
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect())
+}
+
+/// What `publication` does not publish of `insert, update, delete, truncate` (its `publish`
+/// option), comma-separated; empty when it publishes all four, or does not exist. A DBA may
+/// narrow it (`ALTER PUBLICATION ... SET (publish = 'insert, truncate')`, to let UPDATEs
+/// through on a table without a replica identity): then the relay never hears the changes
+/// it leaves out, and no cached copy could be trusted.
+///
+/// # Errors
+/// Postgres failing.
+pub(super) async fn unpublished_actions(
+    client: &impl GenericClient,
+    publication: &str,
+) -> Result<String, SchemaError> {
+    let row = client
+        .query_opt(
+            "SELECT pg_catalog.concat_ws(', ', CASE WHEN NOT pubinsert THEN 'insert' END,                CASE WHEN NOT pubupdate THEN 'update' END, CASE WHEN NOT pubdelete THEN 'delete' END,                CASE WHEN NOT pubtruncate THEN 'truncate' END)              FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|source| SchemaError::Postgres {
+            doing: "looking up what the publication publishes",
+            source,
+        })?;
+    Ok(row.map(|r| r.get(0)).unwrap_or_default())
+}
+
+/// Why every resource is unavailable while its publication leaves `missing` out.
+pub(super) fn narrowed_reason(publication: &str, missing: &str) -> String {
+    format!(
+        "publication {publication} does not publish {missing} (its publish option was \
+         changed), so those changes are not relayed: syncar sets it back to insert, update, \
+         delete, truncate and flushes (with postgres.migrate_on_start; else ALTER PUBLICATION \
+         {publication} SET (publish = 'insert, update, delete, truncate'))"
+    )
 }
 
 /// The statement announcing a flush of `resource` through the WAL, as a shape change does
@@ -124,6 +164,33 @@ pub async fn republish(
         .await
         .map_err(pg("looking up the published tables' replica identities"))?;
     let mut changes = Vec::new();
+    // A publication narrowed under the fleet: set back, with a flush of every resource it
+    // publishes in the same transaction (what it left out meanwhile was never relayed).
+    let missing = unpublished_actions(tx, publication).await?;
+    if !missing.is_empty() {
+        let p = quote_ident(publication);
+        let sql =
+            format!("ALTER PUBLICATION {p} SET (publish = 'insert, update, delete, truncate')");
+        // `kv` too: its table is in the publication, and plain-SQL writers may write it.
+        let mut sql = format!("{sql}; {}", flush_message(crate::config::KV_RESOURCE));
+        let mut flushed = vec![crate::config::KV_RESOURCE.to_string()];
+        for row in &rows {
+            let (name, published): (String, bool) = (row.get(0), row.get(2));
+            if published {
+                sql.push_str("; ");
+                sql.push_str(&flush_message(&name));
+                flushed.push(name);
+            }
+        }
+        tx.batch_execute(&sql)
+            .await
+            .map_err(pg("setting the publication's publish option back"))?;
+        changes.push(format!(
+            "publication {publication} did not publish {missing}: set back to insert, update, \
+             delete, truncate, and flushed {}",
+            flushed.join(", ")
+        ));
+    }
     for row in rows {
         let (name, identity, published, migrated): (String, bool, bool, bool) =
             (row.get(0), row.get(1), row.get(2), row.get(3));

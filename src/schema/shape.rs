@@ -322,7 +322,9 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// changes too; counted on its own, a change of persistence made in place is seen as well).
 /// The publications the table is in count (the `wal` source serves a table only while its
 /// publication has it, see `schema::republish`; NULL, and so nothing in the string, for a
-/// table in none). A unique index counts once valid (`CREATE UNIQUE INDEX CONCURRENTLY`
+/// table in none), each marked `:narrowed` while it does not publish all of insert, update,
+/// delete and truncate (nothing added otherwise: a fingerprint taken before the mark
+/// existed stays the same). A unique index counts once valid (`CREATE UNIQUE INDEX CONCURRENTLY`
 /// shows it invalid while it is built, then makes it valid and changes nothing else; a
 /// failed build leaves it invalid, which the key check refuses). Not seen: a change to a type a column uses (an enum's labels renamed, a
 /// composite type's attributes).
@@ -339,8 +341,11 @@ SELECT r.name, (
        AND i.indpred IS NULL AND i.indexprs IS NULL),
     (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', t.tgname, t.tgfoid, t.tgenabled::text), ',' ORDER BY t.tgname)
      FROM pg_catalog.pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname LIKE 'syncar%'),
-    (SELECT 'published:' || pg_catalog.string_agg(pr.prpubid::text, ',' ORDER BY pr.prpubid)
-     FROM pg_catalog.pg_publication_rel pr WHERE pr.prrelid = c.oid),
+    (SELECT 'published:' || pg_catalog.string_agg(pr.prpubid::text ||
+              CASE WHEN p.pubinsert AND p.pubupdate AND p.pubdelete AND p.pubtruncate THEN '' ELSE ':narrowed' END,
+              ',' ORDER BY pr.prpubid)
+     FROM pg_catalog.pg_publication_rel pr JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+     WHERE pr.prrelid = c.oid),
     (SELECT 'identity:' || pg_catalog.string_agg(pg_catalog.concat_ws(':', i.indexrelid, i.indisprimary, i.indisreplident,
                                                 i.indimmediate), ',' ORDER BY i.indexrelid)
      FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident))))

@@ -1066,3 +1066,46 @@ async fn reads_held_by_a_lock_on_one_table_leave_the_pool_to_the_others() {
     }
     assert_eq!(a.get("/v1/items/1").await.status, 200);
 }
+
+/// The publication's `publish` option narrowed under the fleet (as a DBA might, to let
+/// UPDATEs through on a table without a replica identity): the table's UPDATEs and DELETEs
+/// no longer reached the relay, and every instance served what it had cached, for the TTL,
+/// with `/readyz` all ok. syncar sets the option back with a flush, and what changed
+/// meanwhile is served.
+#[tokio::test]
+async fn a_publication_narrowed_to_inserts_is_set_back_and_flushed() {
+    let env = items_env().await;
+    let (a, b) = fleet(&env, PostgresSource::Wal).await;
+    all_serve(&[&a, &b], "/v1/items/1", "row 1", |d| d["name"] == "one").await;
+    sql(
+        &env,
+        "ALTER PUBLICATION syncar SET (publish = 'insert, truncate')",
+    )
+    .await;
+    sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
+    sql(&env, "DELETE FROM items WHERE id = 2").await;
+    all_serve(&[&a, &b], "/v1/items/1", "the update made meanwhile", |d| {
+        d["name"] == "uno"
+    })
+    .await;
+    for i in [&a, &b] {
+        i.sees_absent("/v1/items/2", WINDOW).await;
+    }
+    eventually(WINDOW, "the publish option set back", || async {
+        let everything: bool = query_value(
+            &env.pg().await,
+            "SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate FROM pg_publication \
+             WHERE pubname = 'syncar'",
+        )
+        .await;
+        everything.then_some(())
+    })
+    .await;
+    // Relayed again: a change after it reaches both, with L1 in use.
+    sql(&env, "UPDATE items SET name = 'eins' WHERE id = 1").await;
+    all_serve(&[&a, &b], "/v1/items/1", "a later update", |d| {
+        d["name"] == "eins"
+    })
+    .await;
+    kv_keeps_l1(&a, &b, "after").await;
+}
