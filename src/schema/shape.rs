@@ -320,6 +320,8 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// nothing is added to an ordinary table's string, whose fingerprint stays as it was. Being
 /// unlogged counts the same way (`SET UNLOGGED` rewrites the table today, so its file node
 /// changes too; counted on its own, a change of persistence made in place is seen as well).
+/// Inheritance children count, by their number (nothing for none: the table is then not
+/// served, see `table::describe_table`).
 /// The publications the table is in count (the `wal` source serves a table only while its
 /// publication has it, see `schema::republish`; NULL, and so nothing in the string, for a
 /// table in none), each marked `:narrowed` while it does not publish all of insert, update,
@@ -332,6 +334,7 @@ const FINGERPRINT_SQL: &str = "\
 SELECT r.name, (
   SELECT pg_catalog.md5(pg_catalog.concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,
     CASE WHEN c.relispartition THEN 'partition' END, CASE WHEN c.relpersistence <> 'p' THEN 'unlogged' END,
+    (SELECT 'children:' || pg_catalog.count(*) FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid HAVING pg_catalog.count(*) > 0),
     (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', a.attnum, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
                                  a.attgenerated::text, a.attidentity::text), ',' ORDER BY a.attnum)
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),

@@ -1109,3 +1109,36 @@ async fn a_publication_narrowed_to_inserts_is_set_back_and_flushed() {
     .await;
     kv_keeps_l1(&a, &b, "after").await;
 }
+
+/// A served table given an inheritance child (`CREATE TABLE ... INHERITS`): a read of the
+/// table returns the child's rows, whose writes fire none of syncar's triggers and are not
+/// relayed (a child's row was served unchanged after its UPDATE and DELETE). The resource is
+/// unavailable while the table has children, saying why; the customer's statements succeed;
+/// it is served again once it has none.
+#[tokio::test]
+async fn a_table_given_inheritance_children_is_unavailable_until_it_has_none() {
+    let env = items_env().await;
+    let (a, b) = fleet(&env, PostgresSource::Wal).await;
+    all_serve(&[&a, &b], "/v1/items/1", "row 1", |d| d["name"] == "one").await;
+    sql(&env, "CREATE TABLE items_archive () INHERITS (items)").await;
+    sql(
+        &env,
+        "INSERT INTO items_archive (id, name) VALUES (500, 'archived')",
+    )
+    .await;
+    for i in [&a, &b] {
+        unavailable(i, "items", "inheritance children").await;
+    }
+    kv_keeps_l1(&a, &b, "during").await;
+    sql(&env, "UPDATE items SET name = 'changed' WHERE id = 500").await;
+    sql(&env, "DELETE FROM items WHERE id = 500").await;
+    sql(&env, "UPDATE items SET name = 'uno' WHERE id = 1").await;
+    sql(&env, "ALTER TABLE items_archive NO INHERIT items").await;
+    all_serve(&[&a, &b], "/v1/items/1", "row 1 changed meanwhile", |d| {
+        d["name"] == "uno"
+    })
+    .await;
+    for i in [&a, &b] {
+        i.sees_absent("/v1/items/500", WINDOW).await;
+    }
+}
