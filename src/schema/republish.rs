@@ -77,7 +77,11 @@ pub(super) async fn unpublished_actions(
 ) -> Result<String, SchemaError> {
     let row = client
         .query_opt(
-            "SELECT pg_catalog.concat_ws(', ', CASE WHEN NOT pubinsert THEN 'insert' END,                CASE WHEN NOT pubupdate THEN 'update' END, CASE WHEN NOT pubdelete THEN 'delete' END,                CASE WHEN NOT pubtruncate THEN 'truncate' END)              FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) $1",
+            "SELECT pg_catalog.concat_ws(', ', CASE WHEN NOT pubinsert THEN 'insert' END, \
+               CASE WHEN NOT pubupdate THEN 'update' END, \
+               CASE WHEN NOT pubdelete THEN 'delete' END, \
+               CASE WHEN NOT pubtruncate THEN 'truncate' END) \
+             FROM pg_catalog.pg_publication WHERE pubname OPERATOR(pg_catalog.=) $1",
             &[&publication],
         )
         .await
