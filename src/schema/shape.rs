@@ -321,7 +321,8 @@ fn announce_sql(schema: &str, source: PostgresSource) -> String {
 /// unlogged counts the same way (`SET UNLOGGED` rewrites the table today, so its file node
 /// changes too; counted on its own, a change of persistence made in place is seen as well).
 /// Inheritance children count, by their number (nothing for none: the table is then not
-/// served, see `table::describe_table`).
+/// served, see `table::describe_table`), and row-level security turned on, forced or not
+/// (nothing while it is off: whether it filters this role is `describe_table`'s).
 /// The publications the table is in count (the `wal` source serves a table only while its
 /// publication has it, see `schema::republish`; NULL, and so nothing in the string, for a
 /// table in none), each marked `:narrowed` while it does not publish all of insert, update,
@@ -335,6 +336,7 @@ SELECT r.name, (
   SELECT pg_catalog.md5(pg_catalog.concat_ws('/', c.oid::text, c.relfilenode::text, c.relkind::text, c.relreplident::text,
     CASE WHEN c.relispartition THEN 'partition' END, CASE WHEN c.relpersistence <> 'p' THEN 'unlogged' END,
     (SELECT 'children:' || pg_catalog.count(*) FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid HAVING pg_catalog.count(*) > 0),
+    CASE WHEN c.relrowsecurity THEN 'rls:' || c.relforcerowsecurity::text END,
     (SELECT pg_catalog.string_agg(pg_catalog.concat_ws(':', a.attnum, a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
                                  a.attgenerated::text, a.attidentity::text), ',' ORDER BY a.attnum)
      FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),

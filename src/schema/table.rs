@@ -152,7 +152,8 @@ pub(super) async fn describe_table(
     let kind = client
         .query_one(
             "SELECT relkind::text = 'p' OR relispartition, relpersistence::text, \
-                    EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid) \
+                    EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhparent = c.oid), \
+                    pg_catalog.row_security_active(c.oid) \
              FROM pg_class c WHERE c.oid = $1",
             &[&oid],
         )
@@ -174,6 +175,18 @@ pub(super) async fn describe_table(
              a read of it returns their rows too, but their writes fire none of syncar's \
              triggers on it and are not relayed, so no cached copy of them could be trusted; \
              served once it has none (ALTER TABLE <child> NO INHERIT {}.{})",
+            r.name, r.schema, r.table, r.schema, r.table
+        )));
+    }
+    // Row-level security that applies to this role filters what it reads: a cached copy,
+    // or a 404, would be this role's view of the table, served to every reader (Redis is
+    // shared with instances whose roles may see every row).
+    if kind.get::<_, bool>(3) {
+        return Err(SchemaError::Invalid(format!(
+            "resource {:?}: row-level security filters what this instance's role reads of \
+             table {}.{}, so what it cached would be that role's view of the table, not the \
+             table; served once it does not (a role with BYPASSRLS, the table's owner without \
+             FORCE ROW LEVEL SECURITY, or ALTER TABLE {}.{} DISABLE ROW LEVEL SECURITY)",
             r.name, r.schema, r.table, r.schema, r.table
         )));
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use syncar::config::PostgresSource;
 
-use crate::support::{query_value, resource, Env};
+use crate::support::{eventually, query_value, resource, Env};
 
 fn psql(url: &str, sql: &str) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
@@ -566,4 +566,76 @@ async fn an_uninstall_that_may_not_drop_the_publication_removes_nothing() {
         "{refused:#}"
     );
     assert_eq!(counts().await, before, "nothing removed");
+}
+
+/// Row-level security that filters what an instance's role reads of a served table: that
+/// instance would cache its filtered view (404s for the rows it may not see) in the Redis
+/// every instance reads. The resource is unavailable on that instance, saying why, while an
+/// instance whose role sees every row serves on; served again once the table's row security
+/// is off.
+#[tokio::test]
+async fn row_level_security_makes_a_resource_unavailable_where_it_filters() {
+    let env = Env::new().await;
+    let pg = env.pg().await;
+    let db: String = query_value(&pg, "SELECT current_database()::text").await;
+    let (role, writer) = (format!("{db}_rls"), format!("{db}_rls_writer"));
+    pg.batch_execute(&format!(
+        "CREATE TABLE orders (id int PRIMARY KEY, total numeric); \
+         INSERT INTO orders VALUES (1, 1), (2, 2); \
+         CREATE ROLE {role} LOGIN; CREATE ROLE {writer} LOGIN"
+    ))
+    .await
+    .unwrap();
+    let source = PostgresSource::ChangesLog;
+    let a = env
+        .start(|c| {
+            c.feeds.postgres_source = source;
+            c.resources.push(resource("orders", "id", "version"));
+        })
+        .await;
+    pg.batch_execute(&GRANTS.replace("{role}", &role).replace("{writer}", &writer))
+        .await
+        .unwrap();
+    let url = env.pg_url.replace("postgres@", &format!("{role}@"));
+    let c = env
+        .start(|cfg| {
+            cfg.postgres.url = url.clone();
+            cfg.feeds.postgres_source = source;
+            cfg.resources.push(resource("orders", "id", "version"));
+            cfg.postgres.migrate_on_start = false;
+        })
+        .await;
+    assert_eq!(c.get("/v1/orders/2").await.status, 200);
+    pg.batch_execute(
+        "ALTER TABLE orders ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY only_one ON orders USING (id = 1)",
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "orders unavailable on c",
+        || async {
+            let ready = c.readyz().await;
+            let r = &ready["resources"]["orders"];
+            let reason = r["error"].as_str().unwrap_or_default();
+            (r["ok"] == false && reason.contains("row-level security")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(c.get("/v1/orders/2").await.status, 503);
+    assert_eq!(
+        a.get("/v1/orders/2").await.status,
+        200,
+        "a's role sees every row"
+    );
+    pg.batch_execute("ALTER TABLE orders DISABLE ROW LEVEL SECURITY")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "orders served on c again",
+        || async { (c.get("/v1/orders/2").await.status == 200).then_some(()) },
+    )
+    .await;
 }
