@@ -65,15 +65,14 @@ async fn read_catalog(
     let mut unpublished = Vec::new();
     let mut disarmed = Vec::new();
     let mut uninstalled = Vec::new();
-    let narrowed = if capture.source == crate::config::PostgresSource::Wal {
-        super::republish::unpublished_actions(client, &capture.publication).await?
+    // With `wal`: the tables the publication has, and what of a change it leaves out.
+    let (published, narrowed) = if capture.source == crate::config::PostgresSource::Wal {
+        (
+            Some(super::republish::published(client, &capture.publication).await?),
+            super::republish::unpublished_actions(client, &capture.publication).await?,
+        )
     } else {
-        String::new()
-    };
-    let published = if capture.source == crate::config::PostgresSource::Wal {
-        Some(super::republish::published(client, &capture.publication).await?)
-    } else {
-        None
+        (None, String::new())
     };
     for r in &config.resources {
         let (info, key_type) = match fit(client, r).await {

@@ -227,10 +227,11 @@ impl Tiers {
             // L1 holding a newer version (or another document at this one) is a conflict
             // that the write's repair may answer for: then the answer waits for it.
             let early = conflict(&copy, held.iter().cloned()).is_none();
-            let mark = early.then(|| self.unsettled.mark(&doc.ck, copy.version));
-            if early {
+            let mark = early.then(|| {
+                let mark = self.unsettled.mark(&doc.ck, copy.version);
                 answer();
-            }
+                mark
+            });
             held.extend(self.settle_l2(doc, &copy, op, generation).await);
             drop(mark);
         } else {
